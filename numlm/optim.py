@@ -60,7 +60,7 @@ def _adam_update_numba(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, de
     bc2 = 1 - beta2 ** step
     w1 = 1 - beta1
     adam_update_kernel(
-        p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
+        p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), t(1),
         t(1 - lr * weight_decay), t(weight_decay), t(w1), abs(w1) < 0.5, t(beta2), t(1 - beta2),
         t(-(lr / bc1)), t(bc2 ** 0.5), t(eps),
         weight_decay != 0 and decoupled, weight_decay != 0 and not decoupled)

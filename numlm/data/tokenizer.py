@@ -1,0 +1,311 @@
+"""A thin wrapper around the `tokenizers` package: BERT WordPiece and GPT-2 byte-level BPE.
+
+The wrapped ``tokenizers.Tokenizer`` does all the work; this class trains the two standard
+pipelines, loads transformers-format ``tokenizer.json`` files, finds the special ids by name and
+returns padded int64 NumPy batches shaped (B, T).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")   # ids 0..4 when trained here
+GPT_EOS = "<|endoftext|>"
+_NAMES = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]",
+          "eos": GPT_EOS}
+
+
+def _files(files):
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    files = [str(f) for f in files]
+    if not files:
+        raise ValueError("files must name at least one file, got an empty list")
+    for f in files:
+        if not os.path.isfile(f):
+            raise ValueError(f"files: {f!r} does not exist or is not a file")
+    if all(os.path.getsize(f) == 0 for f in files):
+        raise ValueError(f"files {files!r} are empty: nothing to train the tokenizer on")
+    return files
+
+
+def _check_vocab_size(vocab_size, minimum):
+    if not isinstance(vocab_size, (int, np.integer)) or vocab_size < minimum:
+        raise ValueError(f"vocab_size must be an int >= {minimum}, got {vocab_size!r}")
+
+
+def _wordpiece_pipeline(lowercase):
+    tk = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    tk.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                               strip_accents=None, lowercase=lowercase)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.decoder = decoders.WordPiece(prefix="##")
+    return tk
+
+
+def _wordpiece_finish(tk):
+    cls, sep = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tk
+
+
+def _bpe_pipeline():
+    tk = tokenizers.Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tk
+
+
+def _wordpiece_trainer(vocab_size, min_frequency):
+    _check_vocab_size(vocab_size, len(BERT_SPECIALS) + 1)
+    return trainers.WordPieceTrainer(vocab_size=int(vocab_size), min_frequency=int(min_frequency),
+                                     special_tokens=list(BERT_SPECIALS),
+                                     continuing_subword_prefix="##", show_progress=False)
+
+
+def _bpe_trainer(vocab_size, min_frequency):
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    _check_vocab_size(vocab_size, len(alphabet) + 1)
+    return trainers.BpeTrainer(vocab_size=int(vocab_size), min_frequency=int(min_frequency),
+                               special_tokens=[GPT_EOS], initial_alphabet=alphabet,
+                               show_progress=False)
+
+
+class Tokenizer:
+    """Wraps a ``tokenizers.Tokenizer`` (kept without its own padding/truncation in ``.backend``)."""
+
+    def __init__(self, backend: tokenizers.Tokenizer):
+        if not isinstance(backend, tokenizers.Tokenizer):
+            raise ValueError(f"backend must be a tokenizers.Tokenizer, got {type(backend).__name__}")
+        backend.no_padding()
+        backend.no_truncation()
+        self.backend = backend
+        self._ids = {k: backend.token_to_id(name) for k, name in _NAMES.items()}
+
+    # ---- training -------------------------------------------------------------------------
+    @classmethod
+    def train_wordpiece(cls, files, vocab_size, lowercase=True, min_frequency=2):
+        """BERT WordPiece: [PAD] [UNK] [CLS] [SEP] [MASK] get ids 0..4."""
+        tk = _wordpiece_pipeline(lowercase)
+        tk.train(_files(files), _wordpiece_trainer(vocab_size, min_frequency))
+        return cls(_wordpiece_finish(tk))
+
+    @classmethod
+    def train_wordpiece_from_iterator(cls, texts, vocab_size, lowercase=True, min_frequency=2):
+        tk = _wordpiece_pipeline(lowercase)
+        tk.train_from_iterator(_texts(texts), _wordpiece_trainer(vocab_size, min_frequency))
+        return cls(_wordpiece_finish(tk))
+
+    @classmethod
+    def train_bpe(cls, files, vocab_size, min_frequency=2):
+        """GPT-2 byte-level BPE with one special token <|endoftext|> (id 0)."""
+        tk = _bpe_pipeline()
+        tk.train(_files(files), _bpe_trainer(vocab_size, min_frequency))
+        return cls(tk)
+
+    @classmethod
+    def train_bpe_from_iterator(cls, texts, vocab_size, min_frequency=2):
+        tk = _bpe_pipeline()
+        tk.train_from_iterator(_texts(texts), _bpe_trainer(vocab_size, min_frequency))
+        return cls(tk)
+
+    # ---- files ----------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path):
+        """Load a tokenizers/transformers ``tokenizer.json``."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"path: tokenizer file {str(path)!r} does not exist")
+        try:
+            return cls(tokenizers.Tokenizer.from_file(str(path)))
+        except Exception as e:  # the Rust side raises its own exception type
+            raise ValueError(f"path: {str(path)!r} is not a valid tokenizer.json ({e})") from e
+
+    @classmethod
+    def from_dir(cls, model_dir):
+        """Load a Hugging Face model directory: tokenizer.json, else vocab.txt or vocab.json+merges.txt."""
+        d = Path(model_dir)
+        if not d.is_dir():
+            raise ValueError(f"model_dir: {str(d)!r} is not a directory")
+        if (d / "tokenizer.json").is_file():
+            return cls.from_file(d / "tokenizer.json")
+        config = {}
+        if (d / "tokenizer_config.json").is_file():
+            config = json.loads((d / "tokenizer_config.json").read_text())
+        if (d / "vocab.txt").is_file():
+            tk = _wordpiece_pipeline(bool(config.get("do_lower_case", True)))
+            tk.model = models.WordPiece.from_file(str(d / "vocab.txt"), unk_token="[UNK]")
+            return cls(_wordpiece_finish(tk))
+        if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+            tk = _bpe_pipeline()
+            tk.model = models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt"))
+            return cls(tk)
+        raise ValueError(f"model_dir: {str(d)!r} has no tokenizer.json, vocab.txt or vocab.json")
+
+    def save(self, path):
+        """Write tokenizer.json (+ tokenizer_config.json beside it); `path` is a directory or a .json file."""
+        path = Path(path)
+        if path.suffix == ".json":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            file, folder = path, path.parent
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            file, folder = path / "tokenizer.json", path
+        self.backend.save(str(file))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        for key in ("pad", "unk", "cls", "sep", "mask"):
+            if self._ids[key] is not None:
+                config[f"{key}_token"] = _NAMES[key]
+        if self.eos_id is not None:
+            config.update(bos_token=GPT_EOS, eos_token=GPT_EOS)
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return file
+
+    # ---- vocabulary -----------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    pad_id = property(lambda self: self._ids["pad"])
+    unk_id = property(lambda self: self._ids["unk"])
+    cls_id = property(lambda self: self._ids["cls"])
+    sep_id = property(lambda self: self._ids["sep"])
+    mask_id = property(lambda self: self._ids["mask"])
+    eos_id = property(lambda self: self._ids["eos"])
+
+    @property
+    def special_ids(self) -> set:
+        ids = {i for i in self._ids.values() if i is not None}
+        ids |= {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        return ids
+
+    def token_to_id(self, token):
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, i):
+        return self.backend.id_to_token(int(i))
+
+    def __len__(self):
+        return self.vocab_size
+
+    def __repr__(self):
+        kind = type(self.backend.model).__name__
+        return f"Tokenizer({kind}, vocab_size={self.vocab_size})"
+
+    # ---- encoding -------------------------------------------------------------------------
+    def encode(self, text, pair=None, add_special_tokens=True) -> list:
+        """text (and pair) -> token ids, with the post-processor's specials when asked."""
+        _check_text("text", text)
+        if pair is not None:
+            _check_text("pair", pair)
+        return self.backend.encode(text, pair, add_special_tokens=add_special_tokens).ids
+
+    def encode_many(self, texts, add_special_tokens=False) -> list:
+        """Many texts -> list of id lists, in parallel on the Rust side (no padding)."""
+        texts = _texts_list("texts", texts)
+        encs = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return [e.ids for e in encs]
+
+    def encode_batch(self, texts, pairs=None, max_length=None, padding=True, truncation=True,
+                     padding_side="right", add_special_tokens=True):
+        """texts (B,) -> dict(input_ids, attention_mask, token_type_ids), each int64 (B, T).
+
+        padding: True pads to the longest row, "max_length" to `max_length`, False returns lists
+        of 1-D int64 arrays. truncation (with max_length) trims the longest sequence first."""
+        texts = _texts_list("texts", texts)
+        if pairs is not None:
+            pairs = _texts_list("pairs", pairs)
+            if len(pairs) != len(texts):
+                raise ValueError(f"pairs must have len(texts)={len(texts)} entries, got {len(pairs)}")
+        if padding not in (True, False, "longest", "max_length"):
+            raise ValueError(f"padding must be True, False, 'longest' or 'max_length', got {padding!r}")
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        if max_length is not None and (not isinstance(max_length, (int, np.integer)) or max_length < 1):
+            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+        if padding == "max_length" and max_length is None:
+            raise ValueError("padding='max_length' needs max_length")
+        if truncation and max_length is not None:
+            n_special = self.backend.num_special_tokens_to_add(pairs is not None) if add_special_tokens else 0
+            if max_length <= n_special + (pairs is not None):
+                raise ValueError(f"max_length={max_length} is too small: the special tokens alone "
+                                 f"take {n_special}")
+        inputs = texts if pairs is None else list(zip(texts, pairs))
+        if truncation and max_length is not None:
+            self.backend.enable_truncation(int(max_length), strategy="longest_first")
+        try:
+            encs = self.backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
+        finally:
+            self.backend.no_truncation()
+        rows = [(e.ids, e.type_ids) for e in encs]
+        if padding is False:
+            return {"input_ids": [np.array(i, np.int64) for i, _ in rows],
+                    "attention_mask": [np.ones(len(i), np.int64) for i, _ in rows],
+                    "token_type_ids": [np.array(t, np.int64) for _, t in rows]}
+        longest = max((len(i) for i, _ in rows), default=0)
+        T = max_length if padding == "max_length" else longest
+        if T < longest:  # only when truncation=False and a row exceeds max_length
+            raise ValueError(f"a row has {longest} tokens > max_length={max_length} and truncation=False")
+        B = len(rows)
+        pad = next((i for i in (self.pad_id, self.eos_id) if i is not None), 0)
+        input_ids = np.full((B, T), pad, np.int64)                       # (B, T)
+        attention_mask = np.zeros((B, T), np.int64)
+        token_type_ids = np.zeros((B, T), np.int64)
+        for b, (ids, types) in enumerate(rows):
+            n = len(ids)
+            s = slice(0, n) if padding_side == "right" else slice(T - n, T)
+            input_ids[b, s] = ids
+            token_type_ids[b, s] = types
+            attention_mask[b, s] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "token_type_ids": token_type_ids}
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+            raise ValueError(f"ids must be a 1-D sequence of ints, got shape {ids.shape} dtype {ids.dtype}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"ids must lie in [0, {self.vocab_size}), got range "
+                             f"[{ids.min()}, {ids.max()}]")
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, rows, skip_special_tokens=True) -> list:
+        return [self.decode(r, skip_special_tokens) for r in rows]
+
+
+def _check_text(name, text):
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be a str, got {type(text).__name__}")
+
+
+def _texts_list(name, texts):
+    if isinstance(texts, str):
+        raise ValueError(f"{name} must be a list of str, got a single str")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"{name}[{i}] must be a str, got {type(t).__name__}")
+    return texts
+
+
+def _texts(texts):
+    """Training iterator; refuses an empty corpus instead of training a specials-only vocabulary."""
+    if isinstance(texts, str):
+        raise ValueError("texts must be an iterable of str, got a single str")
+    it = iter(texts)
+    first = next(it, None)
+    if first is None:
+        raise ValueError("texts is empty: nothing to train the tokenizer on")
+
+    def gen():
+        yield first
+        yield from it
+    return gen()

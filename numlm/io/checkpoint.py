@@ -1,0 +1,113 @@
+"""Read and write transformers' checkpoint files. Errors name the file and what is wrong with it."""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+CONFIG = "config.json"
+
+
+def _dir(path):
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint path {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"checkpoint path {str(path)!r} is not a directory")
+    return path
+
+
+def read_config(path):
+    """config.json of a model directory as a dict."""
+    f = _dir(path) / CONFIG
+    if not f.is_file():
+        raise ValueError(f"no config.json in {str(path)!r}")
+    try:
+        cfg = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(f)!r} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{str(f)!r} must hold a JSON object")
+    return cfg
+
+
+def _atomic_write(path, write):
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_config(cfg, path):
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+    _atomic_write(path / CONFIG, lambda t: Path(t).write_text(text))
+
+
+def _load_file(f):
+    try:
+        return load_file(str(f))
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        raise ValueError(f"cannot read safetensors file {str(f)!r}: {e}") from None
+
+
+def load_safetensors(path):
+    """{key: array} from model.safetensors, or from the shards a model.safetensors.index.json lists."""
+    d = _dir(path)
+    if (d / WEIGHTS).is_file():
+        return _load_file(d / WEIGHTS)
+    if (d / INDEX).is_file():
+        try:
+            index = json.loads((d / INDEX).read_text())
+            weight_map = index["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{str(d / INDEX)!r} is not a valid safetensors index: {e}") from None
+        state = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (d / shard).is_file():
+                raise ValueError(f"shard {shard!r} listed in {INDEX} is missing from {str(d)!r}")
+            state.update(_load_file(d / shard))
+        missing = sorted(set(weight_map) - set(state))
+        if missing:
+            raise ValueError(f"keys listed in {INDEX} but absent from the shards: {missing}")
+        return state
+    raise ValueError(f"no {WEIGHTS} or {INDEX} in {str(path)!r}")
+
+
+def save_safetensors(state, path, max_shard_bytes=None):
+    """Write {key: array} as model.safetensors, or as shards plus an index when larger than max_shard_bytes."""
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: np.ascontiguousarray(v) for k, v in state.items()}
+    meta = {"format": "pt"}  # transformers expects this marker
+    total = sum(v.nbytes for v in state.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        _atomic_write(d / WEIGHTS, lambda t: save_file(state, t, metadata=meta))
+        return
+    shards, cur, size = [], {}, 0
+    for k, v in state.items():
+        if cur and size + v.nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += v.nbytes
+    shards.append(cur)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _atomic_write(d / name, lambda t, s=shard: save_file(s, t, metadata=meta))
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    _atomic_write(d / INDEX, lambda t: Path(t).write_text(json.dumps(index, indent=2) + "\n"))

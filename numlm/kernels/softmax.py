@@ -1,0 +1,93 @@
+"""Numba softmax rows, and the fused scale + mask + softmax of attention, rows in parallel."""
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True, parallel=True)
+def softmax_rows(x):
+    N, V = x.shape
+    y = np.empty_like(x)
+    for n in prange(N):
+        m = x[n, 0]
+        for j in range(1, V):
+            if x[n, j] > m:
+                m = x[n, j]
+        s = 0.0
+        for j in range(V):
+            e = np.exp(x[n, j] - m)
+            y[n, j] = e
+            s += e
+        for j in range(V):
+            y[n, j] /= s
+    return y
+
+
+@njit(cache=True, parallel=True)
+def softmax_backward_rows(dy, y):
+    N, V = y.shape
+    dx = np.empty_like(y)
+    for n in prange(N):
+        s = 0.0
+        for j in range(V):
+            s += dy[n, j] * y[n, j]
+        for j in range(V):
+            dx[n, j] = y[n, j] * (dy[n, j] - s)
+    return dx
+
+
+@njit(cache=True, parallel=True)
+def masked_softmax_kernel(scores, scale, codes, lowest, causal_fill):
+    """p = softmax(where(code == 1, scores * scale, fill)) per row of (B, H, Tq, Tk);
+    codes (Bc, Hc, Tq, Tk) int8 with Bc in {1, B}, Hc in {1, H}: 1 allowed, 0 -> lowest, 2 -> causal_fill."""
+    B, H, Tq, Tk = scores.shape
+    Bc, Hc = codes.shape[0], codes.shape[1]
+    p = np.empty_like(scores)
+    for r in prange(B * H * Tq):
+        b = r // (H * Tq)
+        h = (r // Tq) % H
+        i = r % Tq
+        cb = b if Bc > 1 else 0
+        ch = h if Hc > 1 else 0
+        m = lowest
+        for j in range(Tk):
+            c = codes[cb, ch, i, j]
+            if c == 1:
+                s = scores[b, h, i, j] * scale
+            elif c == 0:
+                s = lowest
+            else:
+                s = causal_fill
+            p[b, h, i, j] = s
+            if s > m:
+                m = s
+        tot = 0.0
+        for j in range(Tk):
+            e = np.exp(p[b, h, i, j] - m)
+            p[b, h, i, j] = e
+            tot += e
+        for j in range(Tk):
+            p[b, h, i, j] /= tot
+    return p
+
+
+@njit(cache=True, parallel=True)
+def masked_softmax_backward_kernel(dp, p, scale, codes):
+    """ds = where(code == 1, p (dp - sum(dp p)), 0) * scale"""
+    B, H, Tq, Tk = p.shape
+    Bc, Hc = codes.shape[0], codes.shape[1]
+    ds = np.empty_like(p)
+    for r in prange(B * H * Tq):
+        b = r // (H * Tq)
+        h = (r // Tq) % H
+        i = r % Tq
+        cb = b if Bc > 1 else 0
+        ch = h if Hc > 1 else 0
+        s = 0.0
+        for j in range(Tk):
+            s += dp[b, h, i, j] * p[b, h, i, j]
+        for j in range(Tk):
+            if codes[cb, ch, i, j] == 1:
+                ds[b, h, i, j] = p[b, h, i, j] * (dp[b, h, i, j] - s) * scale
+            else:
+                ds[b, h, i, j] = 0.0
+    return ds

@@ -1,0 +1,221 @@
+"""What every numlm model shares: transformers-keyed state dicts and gradients, loading and saving
+checkpoints, outputs with transformers' field names, and the dropout generator."""
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..io import read_config, write_config, load_safetensors, save_safetensors
+from ..nn import Module, Linear, Embedding, LayerNorm
+
+ARCHITECTURES = {}  # transformers architecture name -> numlm class
+
+
+def register(cls):
+    ARCHITECTURES[cls.__name__] = cls
+    return cls
+
+
+class ModelOutput(dict):
+    """A dict whose keys are also attributes, named as transformers names them (loss, logits,
+    last_hidden_state, pooler_output, hidden_states, attentions, ...). Absent fields read as None."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self.get(name)
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+
+def parse_dtype(dtype):
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    return dt
+
+
+class PreTrainedModel(Module):
+    """Subclasses set `config_class`, `base_model_prefix` (the backbone attribute, "bert" or
+    "transformer"; empty for a bare backbone), build their modules in __init__, then call post_init()."""
+
+    config_class = None
+    base_model_prefix = ""
+    ignore_on_load = ()     # regexes of checkpoint keys dropped silently (old buffers)
+    unused_on_load = ()     # regexes of checkpoint keys this class does not use (warned, not an error)
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tied = {}          # alias key -> source key (transformers' tied weights)
+        self.rng = None
+        self._last = None       # output and inputs of the last forward, for backward()
+
+    # ---- construction -------------------------------------------------------------------------
+    def post_init(self, seed=0, dtype=np.float32):
+        self.init_weights(np.random.default_rng(seed))
+        self.set_seed(seed)
+        self.astype(parse_dtype(dtype))
+
+    def init_weights(self, rng):
+        """transformers' _init_weights: normal(0, initializer_range) matrices and embeddings, zero
+        biases, LayerNorm 1 and 0, padding row of an embedding zero."""
+        std = self.config.initializer_range
+        for _, m in self.modules():
+            if isinstance(m, Linear):
+                m.params["weight"][...] = rng.normal(0.0, std, m.params["weight"].shape)
+                if "bias" in m.params:
+                    m.params["bias"][...] = 0
+            elif isinstance(m, Embedding):
+                m.params["weight"][...] = rng.normal(0.0, std, m.params["weight"].shape)
+                if m.padding_idx is not None:
+                    m.params["weight"][m.padding_idx] = 0
+            elif isinstance(m, LayerNorm):
+                m.params["weight"][...] = 1
+                m.params["bias"][...] = 0
+
+    def set_seed(self, seed):
+        """One numpy Generator, shared by every dropout in the model, seeded with `seed`."""
+        self.rng = np.random.default_rng(seed)
+        for _, m in self.modules():
+            if m is not self and hasattr(m, "rng"):
+                m.rng = self.rng
+
+    # ---- transformers-keyed views -------------------------------------------------------------
+    def _slots(self):
+        """{transformers key: (module, param name, transposed)} for every parameter (aliases excluded)."""
+        out = {}
+        for prefix, m in self.modules():
+            for k in m.params:
+                key = f"{prefix}.{k}" if prefix else k
+                out[key] = (m, k, isinstance(m, Linear) and m.torch_layout and k == "weight")
+        return out
+
+    def _export(self, which):
+        out = {}
+        for key, (m, k, t) in self._slots().items():
+            a = getattr(m, which)[k]
+            out[key] = a.T.copy() if t else a.copy()
+        for alias, source in self.tied.items():
+            out[alias] = out[source]
+        return out
+
+    def state_dict(self):
+        """{transformers state_dict key: array} in transformers' layouts, tied aliases included."""
+        return self._export("params")
+
+    def gradients(self):
+        """{transformers state_dict key: gradient}; a tied alias carries the total gradient of its source."""
+        return self._export("grads")
+
+    def load_state_dict(self, state, strict=True):
+        """Copy {transformers key: array} into the parameters (cast to the model's dtype).
+        Returns (missing, unexpected) key lists; with strict=True either one is an error."""
+        slots = self._slots()
+        missing = sorted(k for k in slots if k not in state and not self._alias_for(k, state))
+        unexpected = sorted(k for k in state if k not in slots and k not in self.tied)
+        if strict and (missing or unexpected):
+            raise ValueError(f"state dict does not match {type(self).__name__}: missing keys {missing}, "
+                             f"unexpected keys {unexpected}")
+        bad = []
+        for key, (m, k, t) in slots.items():
+            a = state.get(key)
+            if a is None:
+                a = self._alias_for(key, state)
+            if a is None:
+                continue
+            a = np.asarray(a)
+            want = m.params[k].shape[::-1] if t else m.params[k].shape
+            if a.shape != want:
+                bad.append(f"{key}: expected {want}, got {a.shape}")
+                continue
+            m.params[k][...] = a.T if t else a
+        if bad:
+            raise ValueError("checkpoint tensors with the wrong shape: " + "; ".join(bad))
+        return missing, unexpected
+
+    def _alias_for(self, key, state):
+        for alias, source in self.tied.items():
+            if source == key and alias in state:
+                return state[alias]
+        return None
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    @classmethod
+    def from_config_dict(cls, cfg, **overrides):
+        return cls.config_class.from_dict({**cfg, **overrides})
+
+    @classmethod
+    def from_pretrained(cls, path, dtype="float32", seed=0, **config_overrides):
+        """Load a transformers model directory (config.json + model.safetensors or shards) into this
+        class. Head weights the checkpoint lacks are initialised (seeded) with a warning naming them;
+        any other missing, unexpected or wrongly shaped tensor is an error listing them."""
+        dtype = parse_dtype(dtype)
+        config = cls.from_config_dict(read_config(path), **config_overrides)
+        model = cls(config, seed=seed)
+        model._load_checkpoint(load_safetensors(path), path)
+        model.astype(dtype)
+        return model.eval()
+
+    def _is_head_key(self, key):
+        p = self.base_model_prefix
+        return (bool(p) and not key.startswith(p + ".")) or ".pooler." in key or key.startswith("pooler.")
+
+    def _load_checkpoint(self, state, path):
+        state = {k: v for k, v in state.items() if not any(re.search(r, k) for r in self.ignore_on_load)}
+        slots = self._slots()
+        p = self.base_model_prefix
+        backbone = getattr(self, p, None) if p else None
+        if p and backbone is not None:  # a task model: add the prefix to a bare backbone checkpoint
+            if not any(k.startswith(p + ".") for k in state) and any(f"{p}.{k}" in slots for k in state):
+                state = {(f"{p}.{k}" if f"{p}.{k}" in slots else k): v for k, v in state.items()}
+        elif p:  # a bare backbone: strip the prefix of a task checkpoint, set its heads aside
+            if any(k.startswith(p + ".") for k in state):
+                heads = sorted(k for k in state if not k.startswith(p + "."))
+                if heads:
+                    warnings.warn(f"{type(self).__name__} does not use these weights of {str(path)!r}: {heads}")
+                state = {k[len(p) + 1:]: v for k, v in state.items() if k.startswith(p + ".")}
+        missing = [k for k in slots if k not in state and self._alias_for(k, state) is None]
+        unexpected = [k for k in state if k not in slots and k not in self.tied]
+        unused = [k for k in unexpected if any(re.search(r, k) for r in self.unused_on_load)
+                  or (p and backbone is not None and self._is_head_key(k))]
+        unexpected = [k for k in unexpected if k not in unused]
+        new = [k for k in missing if self._is_head_key(k)]
+        missing = [k for k in missing if k not in new]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {str(path)!r} does not fit {type(self).__name__}: "
+                             f"missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}")
+        if unused:
+            warnings.warn(f"{type(self).__name__} does not use these weights of {str(path)!r}: {sorted(unused)}")
+        if new:
+            warnings.warn(f"{type(self).__name__}: weights not in {str(path)!r} were newly initialised: "
+                          f"{sorted(new)}")
+        self.load_state_dict({k: v for k, v in state.items() if k in slots or k in self.tied}, strict=False)
+
+    def save_pretrained(self, path, max_shard_bytes=None):
+        """Write config.json and model.safetensors as transformers does (float32 unless the model is
+        float64; tied aliases left out) so transformers' from_pretrained loads the directory."""
+        path = Path(path)
+        state = {k: v for k, v in self.state_dict().items() if k not in self.tied}
+        cfg = self.config.to_dict()
+        cfg["architectures"] = [type(self).__name__]
+        cfg["dtype"] = str(self.dtype)
+        save_safetensors(state, path, max_shard_bytes)
+        write_config(cfg, path)
+
+    # ---- the forward/backward contract --------------------------------------------------------
+    def backward(self, grad=None):
+        raise NotImplementedError
+
+
+def from_pretrained(path, dtype="float32", **kwargs):
+    """Load any supported transformers checkpoint, choosing the class from config.json's `architectures`."""
+    cfg = read_config(path)
+    archs = cfg.get("architectures") or []
+    for a in archs:
+        if a in ARCHITECTURES:
+            return ARCHITECTURES[a].from_pretrained(path, dtype=dtype, **kwargs)
+    raise ValueError(f"config.json of {str(path)!r} names architectures {archs}; numlm supports "
+                     f"{sorted(ARCHITECTURES)}")

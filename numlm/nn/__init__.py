@@ -1,0 +1,6 @@
+"""Modules: parameters, gradients and the forward/backward contract, and the layers built from ops."""
+from .module import Module, ModuleList
+from .layers import Linear, Embedding, LayerNorm, Dropout, Activation, Attention, split_heads, merge_heads
+
+__all__ = ["Module", "ModuleList", "Linear", "Embedding", "LayerNorm", "Dropout", "Activation",
+           "Attention", "split_heads", "merge_heads"]

@@ -1,0 +1,48 @@
+"""Argument checks shared by the ops: every bad input becomes a ValueError naming the argument."""
+import numpy as np
+
+FLOATS = (np.float32, np.float64)
+
+
+def float_array(name, x, min_ndim=1):
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if x.dtype not in FLOATS:
+        raise ValueError(f"{name} must be float32 or float64, got dtype {x.dtype}")
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {x.shape}")
+    return x
+
+
+def same_dtype(**arrays):
+    items = [(k, v) for k, v in arrays.items() if v is not None]
+    dtypes = {v.dtype for _, v in items}
+    if len(dtypes) > 1:
+        desc = ", ".join(f"{k}: {v.dtype}" for k, v in items)
+        raise ValueError(f"dtypes must match ({desc})")
+
+
+def shape_is(name, x, shape):
+    if x.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {x.shape}")
+
+
+def int_array(name, x):
+    x = np.asarray(x)
+    if x.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integers, got dtype {x.dtype}")
+    return x
+
+
+def ids_in_range(name, ids, n, allow=None):
+    """ids must lie in [0, n); `allow` is one extra permitted value (an ignore index)."""
+    ids = int_array(name, ids)
+    bad = (ids < 0) | (ids >= n)
+    if allow is not None:
+        bad &= ids != allow
+    if bad.any():
+        first = ids[bad].flat[0]
+        extra = f" (or {allow})" if allow is not None else ""
+        raise ValueError(f"{name} must lie in [0, {n}){extra}; found {first} at index "
+                         f"{tuple(int(i) for i in np.argwhere(bad)[0])}")
+    return ids

@@ -1,0 +1,98 @@
+"""Elementwise activations. Each caches its input and recomputes what backward needs."""
+import math
+
+import numpy as np
+
+from ._check import float_array
+from .. import kernels
+from ..kernels.activations import gelu_kernel, gelu_backward_kernel
+
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_erf = np.frompyfunc(math.erf, 1, 1)  # NumPy has no erf; libm's, elementwise (the definition)
+
+
+def erf(x):
+    """erf elementwise in x's dtype (the NumPy path is exact but slow; the Numba path is the fast one)."""
+    return _erf(x).astype(x.dtype) if x.ndim else x.dtype.type(math.erf(x))
+
+
+def gelu_forward(x):
+    """y = 0.5 x (1 + erf(x / sqrt(2)))            exact GELU (BERT's "gelu")
+    x: (N) -> y: (N)"""
+    float_array("x", x, 0)
+    if kernels.numba_enabled():
+        return gelu_kernel(np.ascontiguousarray(x).reshape(-1), False).reshape(x.shape), (x, False)
+    return 0.5 * x * (1.0 + erf(x * INV_SQRT_2)), (x, False)
+
+
+def gelu_tanh_forward(x):
+    """y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))     tanh GELU (GPT's, transformers' gelu_new)
+    x: (N) -> y: (N)"""
+    float_array("x", x, 0)
+    if kernels.numba_enabled():
+        return gelu_kernel(np.ascontiguousarray(x).reshape(-1), True).reshape(x.shape), (x, True)
+    return 0.5 * x * (1.0 + np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))), (x, True)
+
+
+def gelu_backward(dy, cache):
+    """erf form:  dy/dx = Phi(x) + x phi(x) = 0.5 (1 + erf(x/sqrt 2)) + x exp(-x^2/2) / sqrt(2 pi)
+    tanh form: u = sqrt(2/pi)(x + 0.044715 x^3), t = tanh(u):
+               dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)"""
+    x, approximate = cache
+    if kernels.numba_enabled():
+        dy1 = np.ascontiguousarray(dy, dtype=x.dtype).reshape(-1)
+        return gelu_backward_kernel(dy1, np.ascontiguousarray(x).reshape(-1), approximate).reshape(x.shape)
+    if approximate:
+        t = np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
+        dydx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+    else:
+        dydx = 0.5 * (1.0 + erf(x * INV_SQRT_2)) + x * np.exp(-0.5 * x * x) * INV_SQRT_2PI
+    return dy * dydx
+
+
+gelu_tanh_backward = gelu_backward
+
+
+def tanh_forward(x):
+    """y = tanh(x)      x: (N) -> y: (N)"""
+    float_array("x", x, 0)
+    y = np.tanh(x)
+    return y, y
+
+
+def tanh_backward(dy, cache):
+    """dy/dx = 1 - tanh(x)^2 = 1 - y^2   (caches y)"""
+    y = cache
+    return dy * (1.0 - y * y)
+
+
+def relu_forward(x):
+    """y = max(x, 0)    x: (N) -> y: (N)"""
+    float_array("x", x, 0)
+    return np.maximum(x, 0), x > 0
+
+
+def relu_backward(dy, cache):
+    """dy/dx = 1 where x > 0 else 0"""
+    return dy * cache
+
+
+# transformers' activation names -> (forward, backward). "gelu" is the erf form in BERT and GPT-2;
+# OpenAI GPT maps its own "gelu" to the tanh form (its model code translates before lookup).
+ACTIVATIONS = {
+    "gelu": (gelu_forward, gelu_backward),
+    "gelu_new": (gelu_tanh_forward, gelu_backward),
+    "gelu_pytorch_tanh": (gelu_tanh_forward, gelu_backward),
+    "gelu_fast": (gelu_tanh_forward, gelu_backward),
+    "relu": (relu_forward, relu_backward),
+    "tanh": (tanh_forward, tanh_backward),
+}
+
+
+def activation(name):
+    """(forward, backward) for a transformers activation name; unknown names are refused."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; numlm supports {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]

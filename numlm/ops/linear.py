@@ -1,0 +1,33 @@
+"""Linear map. numlm keeps every weight as (C_in, C_out) so the forward is one BLAS call, x @ W."""
+import numpy as np
+
+from ._check import float_array, same_dtype
+
+
+def linear_forward(x, w, b=None):
+    """y = x W + b
+    x: (N, C_in)  w: (C_in, C_out)  b: (C_out,) or None  ->  y: (N, C_out)"""
+    float_array("x", x)
+    float_array("w", w, 2)
+    same_dtype(x=x, w=w, b=b)
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(f"x has {x.shape[-1]} input channels (shape {x.shape}) but w expects "
+                         f"{w.shape[0]} (shape {w.shape})")
+    if b is not None and b.shape != (w.shape[1],):
+        raise ValueError(f"b must have shape ({w.shape[1]},), got {b.shape}")
+    y = x @ w  # (N, C_out)
+    if b is not None:
+        y += b
+    return y, (x, w, b is not None)
+
+
+def linear_backward(dy, cache):
+    """forward: y = x W + b;  so  dx = dy W^T,  dW = x^T dy (summed over N),  db = sum_N dy
+    dy: (N, C_out)  ->  dx: (N, C_in), dw: (C_in, C_out), db: (C_out,) or None"""
+    x, w, has_bias = cache
+    dx = dy @ w.T  # (N, C_in)
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dw = x2.T @ dy2  # (C_in, C_out)
+    db = dy2.sum(axis=0) if has_bias else None
+    return dx, dw, db

@@ -1,0 +1,65 @@
+"""Losses: cross-entropy from logits with an ignore index, and mean squared error."""
+import numpy as np
+
+from ._check import float_array, ids_in_range
+from .. import kernels
+from ..kernels.losses import cross_entropy_kernel, cross_entropy_backward_kernel
+
+
+def cross_entropy_forward(logits, targets, ignore_index=-100):
+    """loss = (1/M) sum over n with targets[n] != ignore_index of  logsumexp(logits[n]) - logits[n, targets[n]]
+    logits: (N, V)  targets: (N) ints in [0, V) or ignore_index  ->  loss: () in logits' dtype
+    M counts the non-ignored targets of the whole batch (one mean, as transformers). When every
+    target is ignored the loss is 0 and its gradient is 0, so such a batch leaves training unchanged."""
+    float_array("logits", logits)
+    V = logits.shape[-1]
+    targets = ids_in_range("targets", targets, V, allow=ignore_index)
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets must have shape {logits.shape[:-1]} to match logits {logits.shape}, "
+                         f"got {targets.shape}")
+    x = np.ascontiguousarray(logits).reshape(-1, V)  # (N, V)
+    t = targets.reshape(-1).astype(np.int64)
+    valid = t != ignore_index
+    count = int(valid.sum())
+    if kernels.numba_enabled():
+        losses, probs = cross_entropy_kernel(x, t, valid)
+    else:
+        m = x.max(axis=-1, keepdims=True)
+        e = np.exp(x - m)
+        s = e.sum(axis=-1, keepdims=True)
+        probs = e / s  # (N, V)
+        lse = (m + np.log(s))[:, 0]
+        losses = np.where(valid, lse - x[np.arange(len(t)), np.where(valid, t, 0)], 0)
+    loss = logits.dtype.type(losses.sum() / count) if count else logits.dtype.type(0.0)
+    return loss, (probs, t, valid, count, logits.shape)
+
+
+def cross_entropy_backward(dloss, cache):
+    """dlogits[n] = dloss * (softmax(logits[n]) - onehot(targets[n])) / M   for non-ignored n, else 0"""
+    probs, t, valid, count, shape = cache
+    if count == 0:
+        return np.zeros(shape, dtype=probs.dtype)
+    c = probs.dtype.type(float(dloss) / count)
+    if kernels.numba_enabled():
+        return cross_entropy_backward_kernel(probs, t, valid, c).reshape(shape)
+    d = probs * c
+    rows = np.nonzero(valid)[0]
+    d[rows, t[rows]] -= c
+    d[~valid] = 0
+    return d.reshape(shape)
+
+
+def mse_forward(pred, target):
+    """loss = mean((pred - target)^2)      pred, target: (N) -> loss: ()"""
+    float_array("pred", pred, 0)
+    target = np.asarray(target, dtype=pred.dtype)
+    if target.shape != pred.shape:
+        raise ValueError(f"target must have shape {pred.shape} to match pred, got {target.shape}")
+    diff = pred - target
+    return pred.dtype.type(np.mean(diff * diff)), diff
+
+
+def mse_backward(dloss, cache):
+    """dpred = dloss * 2 (pred - target) / N"""
+    diff = cache
+    return diff * diff.dtype.type(2.0 * float(dloss) / diff.size)
