@@ -66,7 +66,7 @@ def run(cls, params, grads_seq, numba, **kw):
     return params
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 40), decoupled=st.booleans(),
        beta1=st.sampled_from([0.0, 0.3, 0.9]), wd=st.sampled_from([0.0, 0.1]),
        dtype=st.sampled_from([np.float32, np.float64]))
@@ -82,10 +82,8 @@ def test_numba_matches_numpy(seed, n, decoupled, beta1, wd, dtype):
     b = run(cls, {k: v.copy() for k, v in init.items()}, grads_seq, False, **kw)
     for k in shapes:
         assert a[k].dtype == dtype
-        if dtype == np.float64:
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-12, atol=0)
-        else:
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=0)
+        # same operation order, no FMA contraction: identical, stronger than the 1e-12 asked
+        assert np.array_equal(a[k], b[k]), k
 
 
 def test_non_contiguous_param_uses_numpy_path(numba_mode):
@@ -322,17 +320,20 @@ def test_unknown_schedule_lists_valid_names():
 def test_schedule_properties(warmup, extra, name):
     total = warmup + extra
     f = get_schedule(name, warmup, total)
-    ramp = [f(t) for t in range(warmup + 1)]
+    ramp = [f(t) for t in range(warmup)]
     assert all(a < b for a, b in zip(ramp, ramp[1:]))           # warmup strictly increasing
-    assert ramp[-1] == 1.0
-    after = [f(t) for t in range(warmup, total + 3)]
-    assert all(0.0 <= x <= 1.0 for x in after)
-    if name != "constant_with_warmup":
-        assert all(a >= b for a, b in zip(after, after[1:]))      # non-increasing after warmup
-        if extra > 0:
-            assert f(total) == pytest.approx(0.0, abs=1e-15)    # ends at 0
+    assert all(0.0 <= x < 1.0 for x in ramp)
+    assert all(0.0 <= f(t) <= 1.0 for t in range(total + 50))    # cosine too (past total)
+    if extra > 0:
+        assert f(warmup) == 1.0
+        if name != "constant_with_warmup":
+            decay = [f(t) for t in range(warmup, total + 1)]
+            assert all(a >= b for a, b in zip(decay, decay[1:]))  # then non-increasing
+            assert f(total) == pytest.approx(0.0, abs=1e-15)     # ending at 0
     if name == "linear":
-        assert f(total + 5) == 0.0
+        assert f(total) == f(total + 7) == 0.0
+    if name == "constant_with_warmup":
+        assert f(total + 7) == 1.0
 
 
 # ---------------------------------------------------------------- gradient clipping
@@ -349,8 +350,11 @@ def test_clip_grad_norm_properties(seed, scale, max_norm, dtype):
     after = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values()))
     rtol = 1e-6 if dtype == np.float64 else 1e-5
     if max_norm / (norm + 1e-6) < 1:
-        # the 1e-6 in the denominator makes the clipped norm max_norm * norm / (norm + 1e-6)
-        assert after == pytest.approx(max_norm, rel=rtol)
+        # the 1e-6 in the denominator makes the clipped norm max_norm * norm / (norm + 1e-6),
+        # within 1e-6 relative of max_norm once norm >= 1
+        assert after == pytest.approx(max_norm * norm / (norm + 1e-6), rel=rtol / 100)
+        if norm >= 1:
+            assert after == pytest.approx(max_norm, rel=1e-6 if dtype == np.float64 else 1e-5)
         for k in grads:    # one common factor for all grads: direction kept
             np.testing.assert_allclose(grads[k], before[k] * (max_norm / (norm + 1e-6)),
                                        rtol=rtol)

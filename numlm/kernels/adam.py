@@ -10,10 +10,11 @@ import numpy as np
 
 
 @numba.njit(cache=True)
-def adam_update_kernel(p, g, m, v, one, decay, l2, w1, small, beta2, c2, neg_step_size, bc2_sqrt, eps,
-                       has_decay, has_l2):
+def adam_update_kernel(p, g, m, v, one, decay, l2, w1, small, beta2, c2, neg_step_size, bc2_sqrt,
+                       eps, has_decay, has_l2):
     """p, g, m, v: 1-D contiguous arrays of one dtype, p, m, v updated in place.
-    one = 1 (typed: an int literal would promote float32 to float64), decay = 1 - lr*wd (AdamW), l2 = wd (Adam), w1 = 1 - beta1, c2 = 1 - beta2,
+    one = 1 in the arrays' dtype (an int literal would promote float32 to float64),
+    decay = 1 - lr*wd (AdamW), l2 = wd (Adam), w1 = 1 - beta1, c2 = 1 - beta2,
     neg_step_size = -lr / (1 - beta1**t), bc2_sqrt = (1 - beta2**t)**0.5."""
     for i in range(p.shape[0]):
         pi = p[i]
