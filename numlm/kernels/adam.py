@@ -9,7 +9,8 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True)
+# error_model="numpy": IEEE division without numba's zero check, which blocks SIMD (4.5x here)
+@numba.njit(cache=True, error_model="numpy")
 def adam_update_kernel(p, g, m, v, one, decay, l2, w1, small, beta2, c2, neg_step_size, bc2_sqrt,
                        eps, has_decay, has_l2):
     """p, g, m, v: 1-D contiguous arrays of one dtype, p, m, v updated in place.
