@@ -113,13 +113,16 @@ def play_text(markdown: str, stage_directions=False) -> str:
             if stage_directions:
                 out.append(strip_markdown(" ".join(l.strip() for l in lines)))
             continue
-        m = _SPEAKER.match(lines[0].strip())
-        if m:
-            if speaker is not None:
-                out.append(speaker)
-            speaker, lines = m.group(1).strip() + ":", lines[1:]
         speech = []
         for line in lines:
+            m = _SPEAKER.match(line.strip())         # usually a paragraph's first line, not always
+            if m:
+                if speech:
+                    out.append("\n".join(([speaker] if speaker else []) + speech))
+                elif speaker is not None:
+                    out.append(speaker)
+                speaker, speech = m.group(1).strip() + ":", []
+                continue
             if not stage_directions:
                 line = _INLINE_DIRECTION.sub("", line)
             line = strip_markdown(line).strip()
