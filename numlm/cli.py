@@ -1,0 +1,209 @@
+"""The `numlm` command."""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _fail(msg):
+    print(f"numlm: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_demo(a):
+    """Train a byte-level BPE tokenizer and a small GPT-2 on Shakespeare (or Python's docs), then sample."""
+    from .recipes import pretrain
+    t0 = time.perf_counter()
+    model, tok, res = pretrain("gpt2", size="mini", data=a.data, vocab_size=a.vocab_size, out_dir=a.out,
+                               block_size=128, batch_size=16, seed=a.seed, time_budget=a.minutes * 60,
+                               lr=1e-3)
+    print(f"validation loss {res['initial']['val_loss']:.3f} -> {res['val_loss']:.3f} nats "
+          f"(perplexity {res['initial']['val_ppl']:.0f} -> {res['val_ppl']:.1f}); "
+          f"{res['tokens']:,} tokens in {res['time']:.0f} s ({res['tokens'] / res['time']:,.0f} tokens/s)")
+    print(f"model and tokenizer saved to {res['model_dir']}")
+    _samples(model, tok, a.seed)
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _samples(model, tok, seed, prompts=("ROMEO:", "First Citizen:\n", "The king")):
+    try:
+        from .generate import generate
+    except ImportError:
+        return
+    rng = np.random.default_rng(seed)
+    model.eval()
+    for p in prompts:
+        ids = np.array([tok.encode(p)], dtype=np.int64)
+        out = generate(model, ids, max_new_tokens=60, do_sample=True, top_k=40, temperature=0.8, rng=rng,
+                       eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
+        seqs = out.sequences if hasattr(out, "sequences") else out
+        print("-" * 60)
+        print(tok.decode(list(seqs[0]), skip_special_tokens=True))
+    print("-" * 60)
+
+
+def cmd_pretrain(a):
+    from .recipes import pretrain
+    _, _, res = pretrain(a.arch, size=a.size, config_path=a.config, data=a.data, tokenizer_path=a.tokenizer,
+                         vocab_size=a.vocab_size, out_dir=a.out, block_size=a.block_size,
+                         batch_size=a.batch_size, steps=a.steps, lr=a.lr, warmup=a.warmup, seed=a.seed,
+                         dtype=a.dtype, resume=a.resume, grad_accum=a.grad_accum,
+                         time_budget=None if a.minutes is None else a.minutes * 60)
+    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=1))
+    return 0
+
+
+def cmd_tokenizer_train(a):
+    from .data import Tokenizer, read_texts
+    from .recipes import load_corpus, train_tokenizer
+    name, docs = load_corpus(a.data)
+    tok = train_tokenizer("bert" if a.kind == "wordpiece" else "gpt2", docs, a.vocab_size)
+    path = tok.save(a.out)
+    print(f"{a.kind} tokenizer with {tok.vocab_size} tokens trained on {name}, saved to {path}")
+    return 0
+
+
+def cmd_prepare(a):
+    from .data import Tokenizer, prepare
+    from .recipes import load_corpus
+    tok = Tokenizer.from_file(a.tokenizer)
+    name, docs = load_corpus(a.data)
+    meta = prepare(docs, tok, a.out)
+    print(f"{meta['length']:,} tokens from {meta['num_documents']} documents of {name} -> {a.out} ({meta['dtype']})")
+    return 0
+
+
+def cmd_eval(a):
+    from .data import Tokenizer
+    from .models import from_pretrained
+    from .recipes import load_corpus, GPTData, BertData
+    model = from_pretrained(a.model, dtype=a.dtype)
+    tok = Tokenizer.from_dir(a.model)
+    if tok.vocab_size != model.config.vocab_size:
+        return _fail(f"the tokenizer in {a.model} has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
+    name, docs = load_corpus(a.data)
+    if type(model).__name__ == "BertForPreTraining":
+        data = BertData(docs, tok, a.block_size, a.batch_size, a.seed, val_batches=a.batches)
+    else:
+        from .data import pack_documents
+        toks = pack_documents([tok.encode(d, add_special_tokens=False) for d in docs], tok.eos_id or 0)
+        data = GPTData(toks, None, a.block_size, a.batch_size, a.seed, val_batches=a.batches)
+    print(json.dumps(data.evaluate(model), indent=1))
+    return 0
+
+
+def cmd_gradcheck(a):
+    """Check every op's hand-written backward against central differences and print the errors."""
+    from . import ops
+    from .gradcheck import gradcheck
+    rng = np.random.default_rng(a.seed)
+    x = rng.standard_normal((2, 5, 8))
+    q, k, v = (rng.standard_normal((2, 2, 5, 4)) for _ in range(3))
+    cases = {
+        "linear": (ops.linear_forward, ops.linear_backward, (x, rng.standard_normal((8, 6)), rng.standard_normal(6)), {}),
+        "embedding": (ops.embedding_forward, ops.embedding_backward, (rng.integers(0, 9, (2, 5)), rng.standard_normal((9, 4))), {}),
+        "layernorm": (ops.layernorm_forward, ops.layernorm_backward, (x, rng.standard_normal(8), rng.standard_normal(8)), {}),
+        "gelu (erf)": (ops.gelu_forward, ops.gelu_backward, (x,), {}),
+        "gelu (tanh)": (ops.gelu_tanh_forward, ops.gelu_tanh_backward, (x,), {}),
+        "softmax": (ops.softmax_forward, ops.softmax_backward, (x * 5,), {}),
+        "attention (causal + padding)": (ops.attention_forward, ops.attention_backward,
+                                         (q, k, v, np.array([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]])), {"causal": True}),
+        "dropout": (ops.dropout_forward, ops.dropout_backward, (x, 0.2, np.random.default_rng(0)), {}),
+        "cross-entropy": (ops.cross_entropy_forward, ops.cross_entropy_backward,
+                          (rng.standard_normal((6, 11)) * 4, np.array([1, 3, -100, 10, 0, 2])), {}),
+    }
+    print(f"{'op':32s} {'input':8s} {'max relative error':>20s}")
+    worst = 0.0
+    for name, (f, b, inputs, kw) in cases.items():
+        for inp, err in gradcheck(f, inputs, b, kwargs=kw).items():
+            worst = max(worst, err)
+            print(f"{name:32s} {inp:8s} {err:20.2e}")
+    print(f"worst error {worst:.2e} (float64 central differences, random upstream gradient)")
+    return 0 if worst < 1e-6 else 1
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="numlm", description="BERT and GPT in plain NumPy: pre-train, evaluate, "
+                                "generate and check gradients.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="train a tokenizer and a small GPT-2 on Shakespeare, then print samples")
+    d.add_argument("--data", help="a text file or folder instead of the default corpus")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--minutes", type=float, default=3.5, help="training time budget")
+    d.add_argument("--vocab-size", type=int, default=4096)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=cmd_demo)
+
+    t = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = t.add_subparsers(dest="tokenizer_command", required=True)
+    tt = tsub.add_parser("train", help="train a WordPiece (BERT) or byte-level BPE (GPT) tokenizer")
+    tt.add_argument("--kind", choices=["bpe", "wordpiece"], default="bpe")
+    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--data", help="text file or folder (default: the default corpus)")
+    tt.add_argument("--out", required=True, help="tokenizer.json path or folder")
+    tt.set_defaults(fn=cmd_tokenizer_train)
+
+    pr = sub.add_parser("prepare", help="tokenize a corpus once into a memory-mapped token file")
+    pr.add_argument("--tokenizer", required=True)
+    pr.add_argument("--data")
+    pr.add_argument("--out", required=True, help="token file (.bin)")
+    pr.set_defaults(fn=cmd_prepare)
+
+    pt = sub.add_parser("pretrain", help="pre-train BERT (MLM + NSP) or GPT (causal LM) from scratch")
+    pt.add_argument("--arch", choices=["bert", "gpt2", "openai-gpt"], default="gpt2")
+    pt.add_argument("--size", choices=["tiny", "mini", "small", "base"], default="mini")
+    pt.add_argument("--config", help="a transformers config.json instead of --size")
+    pt.add_argument("--data", help="text file or folder (default: the default corpus)")
+    pt.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one)")
+    pt.add_argument("--vocab-size", type=int, default=8192)
+    pt.add_argument("--out", default="runs/pretrain")
+    pt.add_argument("--steps", type=int, default=300)
+    pt.add_argument("--minutes", type=float, help="size the run to this time budget instead of --steps")
+    pt.add_argument("--batch-size", type=int, default=16)
+    pt.add_argument("--block-size", type=int, default=128)
+    pt.add_argument("--grad-accum", type=int, default=1)
+    pt.add_argument("--lr", type=float)
+    pt.add_argument("--warmup", type=int)
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    pt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    pt.set_defaults(fn=cmd_pretrain)
+
+    e = sub.add_parser("eval", help="validation loss and perplexity of a saved model")
+    e.add_argument("model", help="model directory (config.json, model.safetensors, tokenizer.json)")
+    e.add_argument("--data")
+    e.add_argument("--block-size", type=int, default=128)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--batches", type=int, default=16)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    e.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("gradcheck", help="check every op's backward against numerical gradients")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_gradcheck)
+
+    try:
+        from .cli_inference import add_parsers
+    except ImportError:
+        pass
+    else:
+        add_parsers(sub)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ValueError as e:
+        return _fail(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

