@@ -44,6 +44,10 @@ def _output_value(out):
         return np.asarray(loss, dtype=np.float64)
     if isinstance(out, np.ndarray) or np.isscalar(out):
         return np.asarray(out, dtype=np.float64)
+    if isinstance(out, dict):  # a model output without loss: its first array (transformers' to_tuple()[0])
+        for v in out.values():
+            if isinstance(v, np.ndarray):
+                return np.asarray(v, dtype=np.float64)
     raise ValueError(f"cannot check gradients of an output of type {type(out).__name__}: expected an array, "
                      "a scalar or a model output with .loss")
 
