@@ -205,6 +205,11 @@ class PreTrainedModel(Module):
         save_safetensors(state, path, max_shard_bytes)
         write_config(cfg, path)
 
+    def generate(self, *args, **kwargs):
+        """numlm.generate.generate(self, ...): KV-cache decoding with transformers' arguments."""
+        from ..generate import generate
+        return generate(self, *args, **kwargs)
+
     # ---- the forward/backward contract --------------------------------------------------------
     def backward(self, grad=None):
         raise NotImplementedError

@@ -1,0 +1,436 @@
+"""Decoding with a KV cache, as transformers' `generate` does it: greedy, sampling (temperature, top-k,
+top-p, repetition penalty) and beam search, with EOS / max-length stopping and left-padded batches.
+
+The model contract (GPT2LMHeadModel, OpenAIGPTLMHeadModel or anything alike):
+    out = model(input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False)
+    out.logits: (B, T, V); with use_cache=True, out.past_key_values: one (k, v) per layer, (B, H, T, D).
+The prompt is run once (prefill), then each step feeds only the new token; its attention reads the
+cached keys and values, O(T) per step. Position ids are cumsum(mask) - 1 (1 at pads), as in transformers.
+
+Exactly like transformers, next-token logits are cast to float32 before any processing, so beam
+scores are float32 sums of float32 log-probabilities."""
+import warnings
+
+import numpy as np
+
+from .models.base import ModelOutput
+
+NEG = np.float32(-1.0e9)  # transformers' "very large negative" for beams that must not be chosen
+
+
+# ---- logits processors (transformers' order: repetition penalty, temperature, top-k, top-p) --------------
+def repetition_penalty(scores, input_ids, penalty):
+    """s[b, t] = s / penalty if s > 0 else s * penalty,  for every token t in input_ids[b] (pads too).
+    scores: (B, V)  input_ids: (B, T) -> (B, V)"""
+    rows = np.arange(scores.shape[0])[:, None]
+    s = scores[rows, input_ids]                                     # (B, T)
+    out = scores.copy()
+    out[rows, input_ids] = np.where(s < 0, s * penalty, s / penalty).astype(scores.dtype)
+    return out
+
+
+def temperature_scale(scores, temperature):
+    """s / temperature.    scores: (B, V) -> (B, V)"""
+    return scores / scores.dtype.type(temperature)
+
+
+def top_k_filter(scores, top_k, min_tokens_to_keep=1):
+    """s where s >= (k-th largest s of its row) else -inf;  k = min(max(top_k, min_keep), V).
+    scores: (B, V) -> (B, V)"""
+    V = scores.shape[-1]
+    k = min(max(int(top_k), min_tokens_to_keep), V)
+    kth = -np.partition(-scores, k - 1, axis=-1)[:, k - 1:k]         # (B, 1)
+    return np.where(scores < kth, scores.dtype.type(-np.inf), scores)
+
+
+def top_p_filter(scores, top_p, min_tokens_to_keep=1):
+    """Nucleus: sort ascending, drop tokens whose cumulative softmax is <= 1 - top_p (the low tail),
+    always keeping the `min_tokens_to_keep` most likely.    scores: (B, V) -> (B, V)"""
+    order = np.argsort(scores, axis=-1, kind="stable")              # (B, V) ascending
+    s = np.take_along_axis(scores, order, axis=-1)
+    cum = np.cumsum(softmax(s), axis=-1, dtype=scores.dtype)
+    drop_sorted = cum <= scores.dtype.type(1 - top_p)
+    drop_sorted[:, -min_tokens_to_keep:] = False
+    drop = np.empty_like(drop_sorted)
+    np.put_along_axis(drop, order, drop_sorted, axis=-1)
+    return np.where(drop, scores.dtype.type(-np.inf), scores)
+
+
+def softmax(x):
+    """exp(x - max) / sum(exp(x - max)) over the last axis, in x's dtype.    (..., V) -> (..., V)"""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(x):
+    """x - max - log(sum(exp(x - max))) over the last axis, in x's dtype.    (..., V) -> (..., V)"""
+    s = x - x.max(axis=-1, keepdims=True)
+    return s - np.log(np.exp(s).sum(axis=-1, keepdims=True))
+
+
+def process_logits(scores, input_ids, do_sample, temperature=1.0, top_k=None, top_p=1.0,
+                   repetition_penalty_=1.0, min_tokens_to_keep=1):
+    """transformers' LogitsProcessorList for these options, in its order. scores: (B, V) float32."""
+    if repetition_penalty_ != 1.0:
+        scores = repetition_penalty(scores, input_ids, repetition_penalty_)
+    if do_sample:
+        if temperature != 1.0:
+            scores = temperature_scale(scores, temperature)
+        if top_k is not None and top_k < scores.shape[-1]:
+            scores = top_k_filter(scores, top_k, min_tokens_to_keep)
+        if top_p < 1.0:
+            scores = top_p_filter(scores, top_p, min_tokens_to_keep)
+    return scores
+
+
+def sample_tokens(probs, rng):
+    """One draw per row from the categorical probs (inverse CDF).    probs: (B, V) -> (B,) int64"""
+    cdf = np.cumsum(probs.astype(np.float64), axis=-1)              # (B, V)
+    u = rng.random(probs.shape[0]) * cdf[:, -1]                     # (B,)
+    return np.argmax(cdf > u[:, None], axis=-1).astype(np.int64)
+
+
+# ---- the model step ---------------------------------------------------------------------------------
+def _map_cache(past, fn):
+    """Apply fn to every array of a (nested tuple) KV cache."""
+    if isinstance(past, np.ndarray):
+        return fn(past)
+    return tuple(_map_cache(p, fn) for p in past)
+
+
+def _step(model, ids, mask, pos, past, use_cache):
+    """Next-token logits as float32 (as transformers casts them) and the new cache.
+    ids, pos: (B, T_new)  mask: (B, T_total) or None -> (B, V), cache"""
+    out = model(ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=use_cache)
+    logits = np.asarray(out.logits)[:, -1, :].astype(np.float32)   # (B, V)
+    return logits, (out.past_key_values if use_cache else None)
+
+
+def _position_limit(config):
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        v = getattr(config, name, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def has_lm_head(model):
+    """Causal LMs: transformers' *LMHeadModel classes, or a model with an `lm_head` (module or tied key)."""
+    return (type(model).__name__.endswith("LMHeadModel") or getattr(model, "lm_head", None) is not None
+            or "lm_head.weight" in (getattr(model, "tied", None) or {}))
+
+
+def _as_ids(input_ids):
+    try:
+        ids = np.asarray(input_ids)
+    except ValueError as e:
+        raise ValueError(f"input_ids must be a rectangular (B, T) array of token ids ({e})") from None
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must have shape (B, T) or (T,), got shape {ids.shape}")
+    if ids.size == 0:
+        raise ValueError(f"input_ids: empty prompt (shape {ids.shape}); give at least one token per row")
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
+    return ids.astype(np.int64)
+
+
+def _eos_list(eos):
+    if eos is None:
+        return []
+    if isinstance(eos, (int, np.integer)):
+        return [int(eos)]
+    return [int(e) for e in eos]
+
+
+# ---- generate ---------------------------------------------------------------------------------------
+def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_length=None,
+             do_sample=False, num_beams=1, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0,
+             length_penalty=1.0, early_stopping=False, num_return_sequences=1, eos_token_id=None,
+             pad_token_id=None, use_cache=True, rng=None, seed=None, streamer=None, output_scores=False,
+             return_dict_in_generate=False):
+    """transformers' `generate` for decoder-only LMs: greedy (default), sampling (`do_sample=True`) or beam
+    search (`num_beams > 1`). input_ids: (B, T) or (T,) int; attention_mask (B, T) 0/1, left padding.
+
+    Returns the sequences (B * num_return_sequences, T + new) int64 (prompt included; rows that finished
+    are filled with pad_token_id), or with return_dict_in_generate=True a ModelOutput with `sequences`,
+    `scores` (with output_scores: per step the processed float32 next-token scores (B, V)) and, for beam
+    search, `sequences_scores` (float32 sum of generated log-probs / generated length ** length_penalty).
+
+    top_k=None disables top-k (transformers' default is 50 when sampling); eos_token_id (one id or a list)
+    and pad_token_id default to the model config's (pad falls back to the first eos). Sampling draws from
+    `rng` (a numpy Generator) or default_rng(seed). `streamer`: a callable given each step's new tokens
+    (B,) as they are produced (or an object with put(tokens) / end(), like transformers' streamers)."""
+    if not has_lm_head(model):
+        raise ValueError(f"model: {type(model).__name__} has no language-modeling head; generate needs a "
+                         "causal LM such as GPT2LMHeadModel or OpenAIGPTLMHeadModel")
+    config = getattr(model, "config", None)
+    ids = _as_ids(input_ids)
+    B, T0 = ids.shape
+    V = getattr(config, "vocab_size", None)
+    if V is not None and (ids.min() < 0 or ids.max() >= V):
+        raise ValueError(f"input_ids must lie in [0, {V}), got range [{ids.min()}, {ids.max()}]")
+
+    # options, checked as transformers' GenerationConfig.validate does
+    if not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
+        raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+    if not isinstance(num_return_sequences, (int, np.integer)) or num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be an integer >= 1, got {num_return_sequences!r}")
+    if num_beams > 1 and num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences={num_return_sequences} must be <= num_beams={num_beams}")
+    if num_beams == 1 and not do_sample and num_return_sequences > 1:
+        raise ValueError(f"greedy search returns one sequence per prompt; num_return_sequences="
+                         f"{num_return_sequences} needs do_sample=True or num_beams >= num_return_sequences")
+    if do_sample:
+        if not (isinstance(temperature, (int, float, np.floating)) and temperature > 0):
+            raise ValueError(f"temperature must be a float > 0 when sampling, got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1 (or None to disable), got {top_k!r}")
+        if not (isinstance(top_p, (int, float, np.floating)) and 0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+    if not (isinstance(repetition_penalty, (int, float, np.floating)) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be a float > 0, got {repetition_penalty!r}")
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    if streamer is not None and num_beams > 1:
+        raise ValueError("streamer is not supported with beam search (num_beams > 1): beams change until the end")
+
+    # lengths
+    if max_new_tokens is not None:
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        max_length = T0 + int(max_new_tokens)
+    elif max_length is None:
+        max_length = 20  # transformers' GenerationConfig default
+    elif not isinstance(max_length, (int, np.integer)) or max_length <= T0:
+        raise ValueError(f"max_length={max_length!r} must exceed the prompt length {T0} "
+                         "(or pass max_new_tokens)")
+    if max_length <= T0:
+        warnings.warn(f"the prompt ({T0} tokens) is already max_length={max_length} long; nothing generated")
+        return ModelOutput(sequences=ids) if return_dict_in_generate else ids
+    limit = _position_limit(config)
+    if limit is not None and T0 > limit:
+        raise ValueError(f"input_ids: prompt of {T0} tokens is longer than the model's position table "
+                         f"({limit} positions)")
+    if limit is not None and max_length > limit:
+        raise ValueError(f"max_new_tokens/max_length: generating up to {max_length} tokens would overflow the "
+                         f"model's position table ({limit} positions); at most {limit - T0} new tokens fit")
+
+    # special tokens
+    if eos_token_id is None:
+        eos_token_id = getattr(config, "eos_token_id", None)
+    eos = _eos_list(eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+    if pad_token_id is None and eos:
+        pad_token_id = eos[0]
+    if pad_token_id is None:
+        pad_token_id = 0
+
+    # attention mask: given, or inferred from pads as transformers does when pad != eos
+    if attention_mask is None:
+        if pad_token_id in ids and pad_token_id not in eos:
+            mask = (ids != pad_token_id).astype(np.int64)
+        else:
+            mask = np.ones_like(ids)
+    else:
+        mask = np.asarray(attention_mask)
+        if mask.ndim == 1:
+            mask = mask[None, :]
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {ids.shape}, got {mask.shape}")
+        mask = (mask != 0).astype(np.int64)
+    if not mask.any(axis=1).all():
+        raise ValueError(f"attention_mask: rows {np.flatnonzero(~mask.any(axis=1)).tolist()} have no tokens")
+    if B > 1 and (mask[:, -1] == 0).any():
+        warnings.warn("a prompt is right-padded; decoder-only generation expects left padding")
+
+    if do_sample and rng is None:
+        rng = np.random.default_rng(seed)
+    if num_beams > 1:
+        seqs, seq_scores, scores = _beam_search(
+            model, ids, mask, max_length, num_beams, num_return_sequences, length_penalty, early_stopping,
+            eos, pad_token_id, use_cache, do_sample, temperature, top_k, top_p, repetition_penalty, rng)
+    else:
+        if num_return_sequences > 1:  # transformers repeats every prompt row
+            ids = np.repeat(ids, num_return_sequences, axis=0)
+            mask = np.repeat(mask, num_return_sequences, axis=0)
+        seqs, scores = _sample(model, ids, mask, max_length, eos, pad_token_id, use_cache, do_sample,
+                               temperature, top_k, top_p, repetition_penalty, rng, streamer)
+        seq_scores = None
+    if not return_dict_in_generate:
+        return seqs
+    out = ModelOutput(sequences=seqs)
+    if output_scores:
+        out.scores = scores
+    if seq_scores is not None:
+        out.sequences_scores = seq_scores
+    return out
+
+
+def _positions(mask):
+    """cumsum(mask) - 1, with 1 at pads (transformers' prepare_inputs_for_generation).  (B, T) -> (B, T)"""
+    pos = np.cumsum(mask, axis=1) - 1
+    pos[mask == 0] = 1
+    return pos
+
+
+def _model_inputs(seqs, mask, pos, cur, past):
+    """First step: the whole prompt; later steps: only the newest token (the cache has the rest).
+    The mask is omitted where it is all ones (the causal mask alone gives the same numbers)."""
+    m = mask[:, :cur]
+    m = None if m.all() else m
+    if past is None:
+        return seqs[:, :cur], m, pos[:, :cur]
+    return seqs[:, cur - 1:cur], m, pos[:, cur - 1:cur]
+
+
+def _sample(model, ids, mask, max_length, eos, pad, use_cache, do_sample, temperature, top_k, top_p,
+            penalty, rng, streamer):
+    """transformers' _sample: one token per row per step; greedy when do_sample is False."""
+    B, T0 = ids.shape
+    seqs = np.full((B, max_length), pad, dtype=np.int64)            # (B, T_max)
+    seqs[:, :T0] = ids
+    full_mask = np.ones((B, max_length), dtype=np.int64)
+    full_mask[:, :T0] = mask
+    pos = _positions(full_mask)                                     # (B, T_max)
+    unfinished = np.ones(B, dtype=bool)
+    eos_arr = np.array(eos, dtype=np.int64)
+    scores, past, cur = [], None, T0
+    put = getattr(streamer, "put", streamer)
+    while cur < max_length:
+        x, m, p = _model_inputs(seqs, full_mask, pos, cur, past if use_cache else None)
+        logits, past = _step(model, x, m, p, past, use_cache)      # (B, V)
+        s = process_logits(logits, seqs[:, :cur], do_sample, temperature, top_k, top_p, penalty)
+        scores.append(s)
+        if do_sample:
+            tokens = sample_tokens(softmax(s), rng)
+        else:
+            tokens = np.argmax(s, axis=-1)
+        tokens = np.where(unfinished, tokens, pad)                  # (B,)
+        seqs[:, cur] = tokens
+        cur += 1
+        if put is not None:
+            put(tokens.copy())
+        if eos_arr.size:
+            unfinished &= ~np.isin(tokens, eos_arr)
+        if not unfinished.any():
+            break
+    if hasattr(streamer, "end"):
+        streamer.end()
+    return seqs[:, :cur], tuple(scores)
+
+
+def _gather_beams(x, idx):
+    """x[b, idx[b, j], ...]:  x (B, K, ...)  idx (B, K') -> (B, K', ...)"""
+    return x[np.arange(x.shape[0])[:, None], idx]
+
+
+def _topk_desc(x, k):
+    """Indices of the k largest entries of each row, largest first (ties: lower index first)."""
+    return np.argsort(-x, axis=-1, kind="stable")[:, :k]
+
+
+def _beam_search(model, ids, mask, max_length, K, n_return, length_penalty, early_stopping, eos, pad,
+                 use_cache, do_sample, temperature, top_k, top_p, penalty, rng):
+    """transformers 5's vectorized _beam_search: keep the K best running beams; every step take the
+    top (2 or 1 + n_eos) * K continuations, move the ones that hit EOS / max length into the K finished
+    hypotheses scored sum(log p) / generated_length ** length_penalty. All scores float32."""
+    B, T0 = ids.shape
+    f32 = np.float32
+    n_keep = max(2, 1 + len(eos)) * K
+    top_num_beam_mask = np.arange(n_keep) < K                       # (n_keep,)
+    eos_arr = np.array(eos, dtype=np.int64)
+
+    running_seqs = np.full((B, K, max_length), pad, dtype=np.int64)   # (B, K, T_max)
+    running_seqs[:, :, :T0] = ids[:, None, :]
+    sequences = running_seqs.copy()
+    running_scores = np.zeros((B, K), dtype=f32)
+    running_scores[:, 1:] = NEG                                     # only beam 0 starts live
+    beam_scores = np.full((B, K), NEG, dtype=f32)
+    finished = np.zeros((B, K), dtype=bool)
+    improvable = np.ones((B, 1), dtype=bool)
+    hits = np.zeros((B, K), dtype=bool)
+    running_idx = np.full((B, K, max_length - T0), -1, dtype=np.int64)
+    beam_idx = running_idx.copy()
+
+    full_mask = np.ones((B * K, max_length), dtype=np.int64)
+    full_mask[:, :T0] = np.repeat(mask, K, axis=0)
+    pos = _positions(full_mask)
+    scores, past, cur = [], None, T0
+    while cur < max_length:
+        flat = running_seqs.reshape(B * K, max_length)
+        if past is None and use_cache:  # prefill once per prompt, then copy the cache to its K beams
+            logits, past = _step(model, ids, None if mask.all() else mask, pos[::K, :T0], None, True)
+            logits = np.repeat(logits, K, axis=0)
+            past = _map_cache(past, lambda a: np.repeat(a, K, axis=0))
+        else:
+            x, m, p = _model_inputs(flat, full_mask, pos, cur, past if use_cache else None)
+            logits, past = _step(model, x, m, p, past, use_cache)  # (B*K, V)
+        V = logits.shape[-1]
+        logp = log_softmax(logits)
+        logp = process_logits(logp, flat[:, :cur], do_sample, temperature, top_k, top_p, penalty,
+                              min_tokens_to_keep=2)
+        scores.append(logp)
+        acc = (logp.reshape(B, K, V) + running_scores[:, :, None]).reshape(B, K * V)   # (B, K*V)
+
+        # c. the top n_keep continuations over all beams
+        if do_sample:  # sampling without replacement = top-k of log p + Gumbel noise
+            g = acc.astype(np.float64) - np.log(-np.log(rng.random(acc.shape)))
+            top = _topk_desc(g, n_keep)
+        else:
+            top = _topk_desc(acc, n_keep)                           # (B, n_keep)
+        topk_logp = np.take_along_axis(acc, top, axis=1)
+        src = top // V
+        topk_seqs = _gather_beams(running_seqs, src)                # (B, n_keep, T_max)
+        topk_seqs[:, :, cur] = top % V
+        topk_idx = _gather_beams(running_idx, src)
+        topk_idx[:, :, cur - T0] = src + np.arange(B)[:, None] * K
+
+        # d. which continuations stop here (EOS or max length)
+        hits = np.isin(topk_seqs[:, :, cur], eos_arr) if eos_arr.size else np.zeros_like(topk_logp, dtype=bool)
+        if cur + 1 >= max_length:
+            hits = np.ones_like(hits)
+
+        # e. the K best that go on
+        live_logp = topk_logp + hits.astype(f32) * NEG
+        nxt = _topk_desc(live_logp, K)
+        running_seqs = _gather_beams(topk_seqs, nxt)
+        running_scores = _gather_beams(live_logp, nxt)
+        running_idx = _gather_beams(topk_idx, nxt)
+
+        # f. merge the ones that stopped into the finished hypotheses
+        just_done = hits & top_num_beam_mask[None, :]
+        done_scores = topk_logp / f32((cur + 1 - T0) ** length_penalty)
+        full = finished.all(axis=-1, keepdims=True) & (early_stopping is True)
+        done_scores = done_scores + full.astype(f32) * NEG
+        done_scores = done_scores + (~improvable).astype(f32) * NEG
+        done_scores = done_scores + (~just_done).astype(f32) * NEG
+        merged_scores = np.concatenate([beam_scores, done_scores], axis=1)
+        best = _topk_desc(merged_scores, K)
+        sequences = _gather_beams(np.concatenate([sequences, topk_seqs], axis=1), best)
+        beam_scores = _gather_beams(merged_scores, best)
+        beam_idx = _gather_beams(np.concatenate([beam_idx, topk_idx], axis=1), best)
+        finished = _gather_beams(np.concatenate([finished, just_done], axis=1), best)
+
+        # g. reorder the cache to the surviving beams; stop when nothing can improve
+        if use_cache:
+            order = running_idx[:, :, cur - T0].reshape(B * K)
+            past = _map_cache(past, lambda a: a[order])
+        cur += 1
+        if early_stopping == "never" and length_penalty > 0.0:
+            best_len = max_length - T0
+        else:
+            best_len = cur - T0
+        best_running = running_scores[:, :1] / f32(best_len ** length_penalty)
+        worst_done = np.where(finished, beam_scores.min(axis=1, keepdims=True), NEG)
+        improvable = improvable & (best_running > worst_done).any(axis=-1, keepdims=True)
+        if not (improvable.any() and not (finished.all() and early_stopping is True) and not hits.all()):
+            break
+
+    sequences = sequences[:, :n_return].reshape(B * n_return, max_length)
+    seq_scores = beam_scores[:, :n_return].reshape(B * n_return)
+    beam_idx = beam_idx[:, :n_return].reshape(B * n_return, -1)
+    out_len = T0 + int((beam_idx != -1).sum(axis=1).max())
+    return sequences[:, :out_len], seq_scores, tuple(scores)
