@@ -161,7 +161,8 @@ class PreTrainedModel(Module):
 
     def _is_head_key(self, key):
         p = self.base_model_prefix
-        return (bool(p) and not key.startswith(p + ".")) or ".pooler." in key or key.startswith("pooler.")
+        task = bool(p) and getattr(self, p, None) is not None  # a bare backbone has no head keys
+        return (task and not key.startswith(p + ".")) or ".pooler." in key or key.startswith("pooler.")
 
     def _load_checkpoint(self, state, path):
         state = {k: v for k, v in state.items() if not any(re.search(r, k) for r in self.ignore_on_load)}
