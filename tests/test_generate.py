@@ -1,0 +1,393 @@
+"""Decoding: against transformers' generate on the fixture models, against brute force and plain
+reference loops on a small table model, and statistically for sampling."""
+import itertools
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import numlm
+from numlm.generate import (generate, repetition_penalty, temperature_scale, top_k_filter, top_p_filter)
+from numlm.models import ModelOutput
+
+from conftest import FIXTURES
+
+GEN = FIXTURES / "generate"
+HF = FIXTURES / "hf"
+MODELS = ["gpt2-tiny", "openai-gpt-tiny"]
+
+
+class TableLM:
+    """A stand-in causal LM whose logits depend on the whole visible history through its cache:
+    logits[b, t] = A[id_t] + P[pos_t] + S[(sum of unmasked ids up to t) % M].
+    The cache is one (k, v) pair holding the ids seen so far, (B, 1, T, 1), so a beam reorder that
+    forgets to move it changes the numbers."""
+
+    M = 5
+
+    def __init__(self, V=7, n_positions=32, seed=0, scale=2.0, eos_token_id=None, pad_token_id=None):
+        rng = np.random.default_rng(seed)
+        self.A = rng.normal(size=(V, V)) * scale
+        self.P = rng.normal(size=(n_positions, V)) * scale
+        self.S = rng.normal(size=(self.M, V)) * scale
+        self.config = SimpleNamespace(vocab_size=V, n_positions=n_positions, eos_token_id=eos_token_id,
+                                      pad_token_id=pad_token_id)
+        self.lm_head = "table"
+        self.calls = []  # (T_new, T_total) per forward
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                 use_cache=False):
+        ids = np.asarray(input_ids)
+        B, T = ids.shape
+        past = np.zeros((B, 0), np.int64) if past_key_values is None else \
+            past_key_values[0][0][:, 0, :, 0].astype(np.int64)
+        seen = np.concatenate([past, ids], axis=1)                  # (B, T_total)
+        Tt = seen.shape[1]
+        mask = np.ones((B, Tt), np.int64) if attention_mask is None else np.asarray(attention_mask)
+        assert mask.shape == (B, Tt)
+        pos = np.arange(Tt - T, Tt)[None].repeat(B, 0) if position_ids is None else np.asarray(position_ids)
+        hist = np.cumsum(seen * mask, axis=1)[:, -T:] % self.M
+        self.calls.append((T, Tt))
+        out = ModelOutput(logits=self.A[ids] + self.P[pos] + self.S[hist])
+        if use_cache:
+            k = seen[:, None, :, None].astype(np.float64)
+            out.past_key_values = ((k, k.copy()),)
+        return out
+
+
+def f32_logits(model, seq):
+    """float32 next-token logits of one unpadded row, from a full forward."""
+    return model(np.asarray(seq)[None]).logits[0, -1].astype(np.float32)
+
+
+def load(name):
+    return numlm.from_pretrained(HF / name, dtype="float64"), np.load(GEN / name / "reference.npz")
+
+
+# ---- transformers' generate on the fixture models ----------------------------------------------------
+@pytest.mark.parametrize("name", MODELS)
+def test_greedy_matches_transformers(name):
+    model, ref = load(name)
+    out = generate(model, ref["prompt_ids"], ref["prompt_attention_mask"], max_new_tokens=12, pad_token_id=0,
+                   eos_token_id=98, return_dict_in_generate=True, output_scores=True)
+    np.testing.assert_array_equal(out.sequences, ref["greedy_sequences"])
+    np.testing.assert_allclose(np.stack(out.scores, axis=1), ref["greedy_scores"], rtol=0, atol=1e-5)
+    # the method and the package-level function are the same decoder
+    np.testing.assert_array_equal(model.generate(ref["prompt_ids"], ref["prompt_attention_mask"],
+                                                 max_new_tokens=12, pad_token_id=0, eos_token_id=98),
+                                  ref["greedy_sequences"])
+    np.testing.assert_array_equal(numlm.generate(model, ref["prompt_ids"], ref["prompt_attention_mask"],
+                                                 max_new_tokens=12, pad_token_id=0, eos_token_id=98,
+                                                 use_cache=False), ref["greedy_sequences"])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_beam_matches_transformers(name):
+    model, ref = load(name)
+    out = generate(model, ref["beam_prompt_ids"], num_beams=4, num_return_sequences=4, max_new_tokens=10,
+                   length_penalty=1.0, early_stopping=False, eos_token_id=98, pad_token_id=0,
+                   return_dict_in_generate=True)
+    np.testing.assert_array_equal(out.sequences, ref["beam_sequences"])
+    assert out.sequences_scores.dtype == np.float32
+    np.testing.assert_allclose(out.sequences_scores, ref["beam_sequence_scores"], rtol=0, atol=1e-5)
+    again = generate(model, ref["beam_prompt_ids"], num_beams=4, num_return_sequences=4, max_new_tokens=10,
+                     eos_token_id=98, pad_token_id=0, use_cache=False, return_dict_in_generate=True)
+    np.testing.assert_array_equal(again.sequences, ref["beam_sequences"])
+    np.testing.assert_allclose(again.sequences_scores, ref["beam_sequence_scores"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_cached_logits_equal_full_forward(name):
+    """Prefill + one token per step with the cache == a full forward over the whole sequence, float64,
+    every step, left-padded rows included (compared at real tokens)."""
+    model, ref = load(name)
+    seqs, mask0 = ref["greedy_sequences"], ref["prompt_attention_mask"]
+    B, T0 = mask0.shape
+    mask = np.concatenate([mask0, np.ones((B, seqs.shape[1] - T0), np.int64)], axis=1)
+    pos = np.cumsum(mask, axis=1) - 1
+    pos[mask == 0] = 1
+    out = model(seqs[:, :T0], attention_mask=mask[:, :T0], position_ids=pos[:, :T0], use_cache=True)
+    past, cached = out.past_key_values, [out.logits[:, -1]]
+    for t in range(T0, seqs.shape[1] - 1):
+        out = model(seqs[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                    past_key_values=past, use_cache=True)
+        assert out.past_key_values[0][0].shape[2] == t + 1
+        past = out.past_key_values
+        cached.append(out.logits[:, -1])
+    full = model(seqs[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1]).logits
+    for i, t in enumerate(range(T0 - 1, seqs.shape[1] - 1)):
+        np.testing.assert_allclose(cached[i], full[:, t], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_top_k_1_sampling_is_greedy(name):
+    model, ref = load(name)
+    out = generate(model, ref["prompt_ids"], ref["prompt_attention_mask"], max_new_tokens=12, pad_token_id=0,
+                   eos_token_id=98, do_sample=True, top_k=1, temperature=0.7, seed=3)
+    np.testing.assert_array_equal(out, ref["greedy_sequences"])
+
+
+# ---- the table model: reference loops and brute force ------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), lengths=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+       new=st.integers(1, 8), use_eos=st.booleans())
+def test_greedy_left_padded_equals_each_row_alone(seed, lengths, new, use_eos):
+    """A batch with left padding decodes every row exactly as that row alone, unpadded; rows that hit
+    EOS are then filled with pad. The reference loop is a plain full-forward argmax."""
+    V = 6
+    eos = 2 if use_eos else None
+    model = TableLM(V=V, seed=seed)
+    rng = np.random.default_rng(seed)
+    rows = [rng.integers(0, V, n) for n in lengths]
+    T0 = max(lengths)
+    pad = 5
+    ids = np.full((len(rows), T0), pad)
+    mask = np.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, T0 - len(r):], mask[b, T0 - len(r):] = r, 1
+    got = generate(model, ids, mask, max_new_tokens=new, eos_token_id=eos, pad_token_id=pad)
+    expect = []
+    for r in rows:
+        seq, done = list(r), False
+        for _ in range(new):
+            tok = pad if done else int(np.argmax(f32_logits(model, seq)))
+            seq.append(tok)
+            done = done or tok == eos
+        expect.append(seq[len(r):])
+    expect = np.array(expect)
+    if eos is not None:  # generation stops once every row has finished
+        stop = max((list(e).index(eos) + 1 if eos in e else new) for e in expect)
+        expect = expect[:, :stop]
+    np.testing.assert_array_equal(got[:, T0:], expect)
+    np.testing.assert_array_equal(got[:, :T0], ids)
+
+
+def test_cache_feeds_one_token_per_step():
+    model = TableLM(seed=1)
+    generate(model, [[1, 2, 3, 4]], max_new_tokens=6)
+    assert model.calls == [(4, 4)] + [(1, 5 + i) for i in range(5)]
+    model.calls.clear()
+    generate(model, [[1, 2, 3, 4]], max_new_tokens=3, use_cache=False)
+    assert model.calls == [(4, 4), (5, 5), (6, 6)]
+
+
+def all_hypotheses(model, prompt, V, n, eos):
+    """Every continuation up to n tokens (ending at EOS or at length n) with its float32 sum of
+    float32 log-probabilities."""
+    out = []
+    for L in range(1, n + 1):
+        for cont in itertools.product(range(V), repeat=L):
+            if eos is not None and (eos in cont[:-1] or (L < n and cont[-1] != eos)):
+                continue
+            if eos is None and L < n:
+                continue
+            seq, total = list(prompt), np.float32(0)
+            for tok in cont:
+                z = f32_logits(model, seq)
+                lp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+                total = np.float32(total + lp[tok])
+                seq.append(tok)
+            out.append((cont, total))
+    return out
+
+
+@pytest.mark.parametrize("eos", [None, 0])
+def test_wide_beam_is_exhaustive(eos):
+    """With num_beams = V^(n-1) beam search keeps every prefix, so its hypotheses are the exact best
+    of all continuations: scored sum(log p) / length^length_penalty."""
+    V, n, prompt = 3, 3, [1, 0]  # no pad (V - 1) in the prompt, else the mask is inferred from it
+    K = V ** (n - 1)
+    lp = 1.0 if eos is None else 0.0
+    model = TableLM(V=V, seed=7, scale=1.0)
+    out = generate(model, prompt, num_beams=K, num_return_sequences=K, max_new_tokens=n, eos_token_id=eos,
+                   pad_token_id=V - 1, length_penalty=lp, early_stopping="never" if eos is not None else False,
+                   return_dict_in_generate=True)
+    hyps = all_hypotheses(model, prompt, V, n, eos)
+    scored = sorted(((total / np.float32(len(c) ** lp), c) for c, total in hyps), key=lambda x: -x[0])[:K]
+    np.testing.assert_allclose(out.sequences_scores, [s for s, _ in scored], rtol=0, atol=1e-6)
+    for row, (_, cont) in zip(out.sequences, scored):
+        assert tuple(row[2:2 + len(cont)]) == cont
+        assert (row[2 + len(cont):] == V - 1).all()  # pad after EOS
+
+
+def test_beam_cache_reorder_matches_no_cache():
+    model = TableLM(V=9, seed=4, eos_token_id=3)
+    ids = np.array([[0, 0, 5, 6], [1, 2, 7, 8]])
+    mask = np.array([[0, 0, 1, 1], [1, 1, 1, 1]])
+    kw = dict(num_beams=3, num_return_sequences=2, max_new_tokens=7, pad_token_id=0, return_dict_in_generate=True)
+    a = generate(model, ids, mask, **kw)
+    b = generate(model, ids, mask, use_cache=False, **kw)
+    np.testing.assert_array_equal(a.sequences, b.sequences)
+    np.testing.assert_array_equal(a.sequences_scores, b.sequences_scores)
+
+
+def test_beam_of_one_is_greedy():
+    model = TableLM(V=8, seed=2)
+    greedy = generate(model, [[3, 1]], max_new_tokens=6)
+    np.testing.assert_array_equal(generate(model, [[3, 1]], max_new_tokens=6, num_beams=1), greedy)
+
+
+# ---- sampling ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_sample_frequencies_match_softmax(temperature):
+    """Empirical first-token frequencies match softmax(logits / T) within 5 binomial sigmas."""
+    V, N = 7, 20_000
+    model = TableLM(V=V, seed=5, scale=1.0)
+    prompt = np.array([[4, 2, 6]] * N)
+    out = generate(model, prompt, max_new_tokens=1, do_sample=True, top_k=None, temperature=temperature, seed=11)
+    z = f32_logits(model, [4, 2, 6]).astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    counts = np.bincount(out[:, -1], minlength=V)
+    sigma = np.sqrt(N * p * (1 - p))
+    assert (np.abs(counts - N * p) <= 5 * sigma + 1).all(), (counts, N * p)
+
+
+@settings(max_examples=15, deadline=None)
+@given(top_p=st.floats(0.05, 0.95), seed=st.integers(0, 1000))
+def test_top_p_never_samples_outside_nucleus(top_p, seed):
+    """Every sampled token's more-likely tokens hold < top_p of the probability (sorted cumulative)."""
+    V = 10
+    model = TableLM(V=V, seed=seed, scale=1.5)
+    prompt = np.array([[1, 2]] * 300)
+    out = generate(model, prompt, max_new_tokens=3, do_sample=True, top_k=None, top_p=top_p, seed=seed)
+    for b in range(0, 300, 7):
+        for t in range(2, out.shape[1]):
+            z = f32_logits(model, out[b, :t]).astype(np.float64)
+            p = np.exp(z - z.max())
+            p /= p.sum()
+            tok = out[b, t]
+            assert p[p > p[tok]].sum() < top_p + 1e-5
+
+
+def test_top_k_samples_only_top_k():
+    V = 12
+    model = TableLM(V=V, seed=9, scale=1.0)
+    out = generate(model, np.array([[3]] * 500), max_new_tokens=1, do_sample=True, top_k=3, seed=0)
+    z = f32_logits(model, [3])
+    allowed = set(np.argsort(-z)[:3].tolist())
+    assert set(out[:, 1].tolist()) == allowed  # all three appear in 500 draws, nothing else
+
+
+def test_same_seed_same_tokens():
+    model = TableLM(V=11, seed=3, scale=0.5)
+    kw = dict(max_new_tokens=10, do_sample=True, top_k=None)
+    a = generate(model, [[1, 2, 3]] * 4, seed=123, **kw)
+    b = generate(model, [[1, 2, 3]] * 4, rng=np.random.default_rng(123), **kw)
+    c = generate(model, [[1, 2, 3]] * 4, seed=124, **kw)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+
+
+def test_num_return_sequences_sampling_repeats_rows():
+    model = TableLM(V=11, seed=3, scale=0.5)
+    out = generate(model, [[1, 2], [3, 4]], max_new_tokens=4, do_sample=True, num_return_sequences=3, seed=0)
+    assert out.shape == (6, 6)
+    np.testing.assert_array_equal(out[:3, :2], [[1, 2]] * 3)
+    np.testing.assert_array_equal(out[3:, :2], [[3, 4]] * 3)
+
+
+def test_processors_formulas():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(3, 9)).astype(np.float32)
+    np.testing.assert_array_equal(temperature_scale(s, 0.5), s / np.float32(0.5))
+    ids = np.array([[1, 1, 4], [0, 8, 2], [5, 5, 5]])
+    r = repetition_penalty(s, ids, 1.3)
+    for b in range(3):
+        for v in range(9):
+            want = (s[b, v] * np.float32(1.3) if s[b, v] < 0 else s[b, v] / np.float32(1.3)) if v in ids[b] else s[b, v]
+            assert r[b, v] == np.float32(want)
+    k = top_k_filter(s, 4)
+    for b in range(3):
+        kept = np.isfinite(k[b])
+        assert kept.sum() == 4 and set(np.flatnonzero(kept)) == set(np.argsort(-s[b])[:4])
+    p = top_p_filter(s, 0.6)
+    for b in range(3):
+        probs = np.exp(s[b] - s[b].max()); probs /= probs.sum()
+        order = np.argsort(-probs)
+        before = np.concatenate([[0], np.cumsum(probs[order])[:-1]])   # mass of strictly more likely tokens
+        np.testing.assert_array_equal(np.isfinite(p[b, order]), before < 0.6)
+
+
+def test_repetition_penalty_in_generate():
+    """With a huge penalty greedy decoding never repeats a token it has already seen."""
+    model = TableLM(V=12, seed=6, scale=0.5)
+    out = generate(model, [[1, 2]], max_new_tokens=8, repetition_penalty=1e6)
+    assert len(set(out[0].tolist())) == out.shape[1]
+
+
+# ---- streaming, lengths, special tokens --------------------------------------------------------------
+def test_streamer_gets_tokens_as_produced():
+    model = TableLM(V=9, seed=8)
+    got = []
+    out = generate(model, [[1, 2], [3, 4]], max_new_tokens=5,
+                   streamer=lambda t: got.append((t.copy(), len(model.calls))))
+    np.testing.assert_array_equal(np.stack([g for g, _ in got], axis=1), out[:, 2:])
+    assert [n for _, n in got] == [1, 2, 3, 4, 5]  # each step's tokens arrive before the next forward
+
+    class S:
+        def __init__(self):
+            self.toks, self.ended = [], False
+        def put(self, t):
+            self.toks.append(t)
+        def end(self):
+            self.ended = True
+    s = S()
+    out = generate(model, [[1, 2]], max_new_tokens=4, streamer=s)
+    assert s.ended and np.concatenate(s.toks).tolist() == out[0, 2:].tolist()
+
+
+def test_lengths_and_defaults():
+    model = TableLM(V=9, seed=8, eos_token_id=None)
+    assert generate(model, [[1, 2, 3]]).shape == (1, 20)               # transformers' max_length=20
+    assert generate(model, [[1, 2, 3]], max_length=7).shape == (1, 7)
+    assert generate(model, [[1, 2, 3]], max_length=30, max_new_tokens=2).shape == (1, 5)  # new wins
+
+
+def test_eos_stops_and_pad_defaults_to_eos():
+    model = TableLM(V=9, seed=8)
+    free = generate(model, [[1, 2], [5, 6]], max_new_tokens=8)
+    eos = int(free[0, 4])                                                # row 0's third new token
+    model.config.eos_token_id = eos
+    out = generate(model, [[1, 2], [5, 6]], max_new_tokens=8)
+    stop0 = list(out[0, 2:]).index(eos)
+    assert (out[0, 2 + stop0 + 1:] == eos).all()                         # filled with pad == eos
+    np.testing.assert_array_equal(out[0, :2 + stop0 + 1], free[0, :2 + stop0 + 1])
+    # several EOS ids
+    out2 = generate(model, [[1, 2]], max_new_tokens=8, eos_token_id=[99, int(free[0, 2])], pad_token_id=0)
+    assert out2.shape == (1, 3)
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(input_ids=np.zeros((1, 0), np.int64)), "empty prompt"),
+    (dict(input_ids=[[]]), "empty prompt"),
+    (dict(input_ids=[list(range(5)) * 7]), "position table"),
+    (dict(max_new_tokens=40), "overflow"),
+    (dict(num_beams=0), "num_beams"),
+    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+    (dict(do_sample=True, top_p=0.0), "top_p"),
+    (dict(do_sample=True, top_p=1.5), "top_p"),
+    (dict(do_sample=True, top_k=0), "top_k"),
+    (dict(do_sample=True, temperature=0.0), "temperature"),
+    (dict(do_sample=True, temperature=-1.0), "temperature"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(input_ids=[[1, 2, 99]]), "input_ids"),
+    (dict(attention_mask=[[1, 1]]), "attention_mask"),
+    (dict(streamer=print, num_beams=2), "streamer"),
+])
+def test_bad_input(kwargs, match):
+    model = TableLM(V=9, n_positions=32)
+    args = dict(input_ids=[[1, 2, 3]], max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        generate(model, **args)
+
+
+def test_model_without_lm_head():
+    seqcls = numlm.from_pretrained(HF / "gpt2-tiny-seqcls")
+    with pytest.raises(ValueError, match="language-modeling head"):
+        generate(seqcls, [[1, 2, 3]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="language-modeling head"):
+        numlm.from_pretrained(HF / "bert-tiny").generate([[1, 2, 3]], max_new_tokens=2)
