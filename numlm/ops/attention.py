@@ -45,11 +45,9 @@ def attention_allowed(attention_mask, B, Tq, Tk, causal, causal_fill=None):
         elif m.ndim == 4:
             if m.dtype != np.bool_:
                 raise ValueError(f"a 4-D attention_mask must be boolean, got dtype {m.dtype}")
-            try:
-                np.broadcast_shapes(m.shape, (B, 1, Tq, Tk))
-            except ValueError:
+            if m.shape[0] not in (1, B) or m.shape[2] not in (1, Tq) or m.shape[3] not in (1, Tk):
                 raise ValueError(f"attention_mask of shape {m.shape} does not broadcast to "
-                                 f"(B, H, T_q, T_k) = ({B}, H, {Tq}, {Tk})") from None
+                                 f"(B, H, T_q, T_k) = ({B}, H, {Tq}, {Tk})")
             codes = m
         else:
             raise ValueError(f"attention_mask must be (B, T_k) or 4-D boolean, got shape {m.shape}")
@@ -84,6 +82,9 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     codes = attention_allowed(attention_mask, B, Tq, Tk, causal, causal_fill)
+    if codes is not None and codes.shape[1] not in (1, H):
+        raise ValueError(f"attention_mask of shape {np.shape(attention_mask)} does not broadcast to "
+                         f"(B, H, T_q, T_k) = ({B}, {H}, {Tq}, {Tk})")
     lowest = np.finfo(q.dtype).min
     fill = np.finfo(q.dtype).min if causal_fill is None else causal_fill
 
