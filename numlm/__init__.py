@@ -9,9 +9,10 @@ from .models.gpt import (GPT2Config, OpenAIGPTConfig, GPT2Model, GPT2LMHeadModel
                          GPT2DoubleHeadsModel, OpenAIGPTModel, OpenAIGPTLMHeadModel, OpenAIGPTDoubleHeadsModel)
 
 from .generate import generate  # noqa: E402  (the function; the module stays numlm.generate in sys.modules)
+from .inference import fill_mask, predict, classify, sentence_embeddings, embed  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ops", "nn", "gradcheck", "generate", "numba_enabled", "set_numba", "from_pretrained", "ModelOutput",
+__all__ = ["ops", "nn", "gradcheck", "generate", "fill_mask", "predict", "classify", "sentence_embeddings", "embed", "numba_enabled", "set_numba", "from_pretrained", "ModelOutput",
            "BertConfig", "BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForNextSentencePrediction",
            "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering",
            "GPT2Config", "OpenAIGPTConfig", "GPT2Model", "GPT2LMHeadModel", "GPT2ForSequenceClassification",
