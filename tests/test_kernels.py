@@ -1,0 +1,161 @@
+"""Numba kernels give the NumPy path's numbers: every op's forward and backward on both paths.
+(The Adam kernel is checked bit for bit in tests/test_optim.py.)"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from numlm import kernels, ops
+from numlm.kernels import set_numba
+
+TOL = {np.float64: 1e-12, np.float32: 2e-6}
+seeds = st.integers(0, 2**32 - 1)
+dtypes = st.sampled_from([np.float32, np.float64])
+lead_dims = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
+
+
+def both_paths(run):
+    """run() on the Numba path and on the NumPy path; returns the two results."""
+    out = []
+    for flag in (True, False):
+        previous = set_numba(flag)
+        try:
+            out.append(run())
+        finally:
+            set_numba(previous)
+    return out
+
+
+def assert_close(a, b, dtype):
+    """max |a - b| / max |b| within the dtype's tolerance, array by array; dtypes kept."""
+    a = a if isinstance(a, tuple) else (a,)
+    b = b if isinstance(b, tuple) else (b,)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if y is None:
+            assert x is None
+            continue
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.shape == y.shape and x.dtype == y.dtype == dtype, (x.shape, y.shape, x.dtype, y.dtype)
+        scale = np.abs(y).max(initial=0.0)
+        if dtype == np.float32:
+            # float32 exp/erf rounding differs by an ulp between the paths; on an array that is all
+            # tiny (a saturated softmax gradient) that ulp is no longer relative to anything O(1)
+            scale = max(scale, 1.0)
+        diff = np.abs(x.astype(np.float64) - y.astype(np.float64)).max(initial=0.0)
+        assert diff <= TOL[dtype] * scale, (diff, scale)
+
+
+def fwd_bwd(forward, backward, args, dout_seed, **kw):
+    def run():
+        out, cache = forward(*args, **kw)
+        dout = np.random.default_rng(dout_seed).standard_normal(np.shape(out)).astype(out.dtype)
+        grads = backward(dout, cache)
+        return (out,) + (grads if isinstance(grads, tuple) else (grads,))
+    return run
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, lead=lead_dims, C=st.integers(1, 40), dtype=dtypes, scale=st.sampled_from([1.0, 100.0]))
+def test_layernorm_parity(seed, lead, C, dtype, scale):
+    rng = np.random.default_rng(seed)
+    x = (scale * rng.standard_normal(lead + (C,)) + 3.0).astype(dtype)
+    g, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    nb, npy = both_paths(fwd_bwd(ops.layernorm_forward, ops.layernorm_backward, (x, g, b), seed, eps=1e-5))
+    assert_close(nb, npy, dtype)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, lead=lead_dims, V=st.integers(1, 50), dtype=dtypes, scale=st.sampled_from([1.0, 1e3]))
+def test_softmax_parity(seed, lead, V, dtype, scale):
+    x = (scale * np.random.default_rng(seed).standard_normal(lead + (V,))).astype(dtype)
+    nb, npy = both_paths(fwd_bwd(ops.softmax_forward, ops.softmax_backward, (x,), seed))
+    assert_close(nb, npy, dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, lead=lead_dims, dtype=dtypes, tanh_form=st.booleans())
+def test_gelu_parity(seed, lead, dtype, tanh_form):
+    x = np.asarray(4 * np.random.default_rng(seed).standard_normal(lead + (3,))).astype(dtype)
+    fwd = ops.gelu_tanh_forward if tanh_form else ops.gelu_forward
+    nb, npy = both_paths(fwd_bwd(fwd, ops.gelu_backward, (x,), seed))
+    assert_close(nb, npy, dtype)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, lead=lead_dims, V=st.integers(1, 30), dtype=dtypes, scale=st.sampled_from([1.0, 1e3]),
+       ignore=st.sampled_from([0.0, 0.3, 1.0]))
+def test_cross_entropy_parity(seed, lead, V, dtype, scale, ignore):
+    rng = np.random.default_rng(seed)
+    logits = (scale * rng.standard_normal(lead + (V,))).astype(dtype)
+    t = np.where(rng.random(lead) < ignore, -100, rng.integers(0, V, lead))
+    nb, npy = both_paths(fwd_bwd(ops.cross_entropy_forward, ops.cross_entropy_backward, (logits, t), seed))
+    assert_close(nb, npy, dtype)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, lead=lead_dims, V=st.integers(1, 20), C=st.integers(1, 20), dtype=dtypes,
+       pad=st.booleans())
+def test_embedding_parity(seed, lead, V, C, dtype, pad):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, V, lead + (5,))  # repeated ids: the scatter-add must sum them
+    w = rng.standard_normal((V, C)).astype(dtype)
+    nb, npy = both_paths(fwd_bwd(ops.embedding_forward, ops.embedding_backward, (ids, w), seed,
+                                 padding_idx=0 if pad else None))
+    assert_close(nb, npy, dtype)
+
+
+MASKS = ["none", "causal", "padding", "bool4d", "openai_left", "kv_cache", "dropout"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=seeds, B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, 9), D=st.integers(1, 8),
+       dtype=dtypes, kind=st.sampled_from(MASKS))
+def test_attention_parity(seed, B, H, T, D, dtype, kind):
+    rng = np.random.default_rng(seed)
+    Tq = max(1, T // 2) if kind == "kv_cache" else T
+    q = rng.standard_normal((B, H, Tq, D)).astype(dtype)
+    k, v = (rng.standard_normal((B, H, T, D)).astype(dtype) for _ in range(2))
+    n_pad = rng.integers(0, T + 1, B)[:, None]
+    kw = {"none": {}, "causal": {"causal": True}, "kv_cache": {"causal": True},
+          "padding": {"attention_mask": (np.arange(T) < T - n_pad).astype(np.int64)},
+          "bool4d": {"attention_mask": rng.random((B, H, Tq, T)) < 0.5},
+          "openai_left": {"attention_mask": (np.arange(T) >= n_pad).astype(np.int64), "causal": True,
+                          "causal_fill": -1e4},
+          "dropout": {"dropout_p": 0.2, "scale": 0.3}}[kind]
+
+    def run():
+        extra = {"rng": np.random.default_rng(seed)} if kind == "dropout" else {}
+        return fwd_bwd(ops.attention_forward, ops.attention_backward, (q, k, v), seed, **kw, **extra)()
+
+    nb, npy = both_paths(run)
+    assert_close(nb, npy, dtype)
+
+
+def test_switch_and_env():
+    previous = set_numba(False)
+    assert not kernels.numba_enabled()
+    assert set_numba(True) is False and kernels.numba_enabled()
+    set_numba(previous)
+    code = "from numlm import kernels; print(kernels.numba_enabled())"
+    env = dict(os.environ, NUMLM_NUMBA="0", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("numba", [True, False], ids=["numba", "numpy"])
+def test_float32_stays_float32(numba):
+    previous = set_numba(numba)
+    try:
+        x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+        g = np.ones(4, np.float32)
+        for out, cache in (ops.layernorm_forward(x, g, g), ops.softmax_forward(x), ops.gelu_forward(x),
+                           ops.gelu_tanh_forward(x)):
+            assert out.dtype == np.float32
+        loss, cache = ops.cross_entropy_forward(x, np.zeros((2, 3), int))
+        assert loss.dtype == np.float32 and ops.cross_entropy_backward(1.0, cache).dtype == np.float32
+    finally:
+        set_numba(previous)
