@@ -1,0 +1,132 @@
+"""The public gradcheck: it passes correct gradients, catches wrong ones, and works on user ops."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from numlm import ops
+from numlm.gradcheck import gradcheck
+
+
+def square_forward(x, w):
+    """y = (x * w)^2    a user-defined op pair"""
+    y = (x * w) ** 2
+    return y, (x, w)
+
+
+def square_backward(dy, cache):
+    x, w = cache
+    return dy * 2 * x * w * w, dy * 2 * x * x * w
+
+
+def square_backward_missing_2(dy, cache):
+    x, w = cache
+    return dy * x * w * w, dy * 2 * x * x * w
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 6))
+def test_user_op_passes_and_wrong_factor_is_caught(seed, n):
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal(n) + 0.1, rng.standard_normal(n) + 0.1
+    good = gradcheck(square_forward, (x, w), square_backward)
+    assert set(good) == {"x", "w"} and max(good.values()) < 1e-8
+    bad = gradcheck(square_forward, (x, w), square_backward_missing_2)
+    # the analytic x-gradient is half the true one: relative error 1/2 at the largest entry
+    assert abs(bad["x"] - 0.5) < 1e-6 and bad["w"] < 1e-8
+
+
+def test_inputs_are_restored():
+    x = np.random.default_rng(0).standard_normal((3, 4))
+    x0 = x.copy()
+    gradcheck(ops.softmax_forward, (x,), ops.softmax_backward)
+    np.testing.assert_array_equal(x, x0)
+
+
+def test_random_dout_catches_what_all_ones_would_not():
+    """With dout = 1 softmax's input gradient is 0 whatever backward returns; gradcheck's random
+    dout exposes a backward that forgot the - sum(dy y) term."""
+    def wrong(dy, y):
+        return y * dy
+
+    x = np.random.default_rng(1).standard_normal((2, 5))
+    assert gradcheck(ops.softmax_forward, (x,), wrong)["x"] > 0.01
+
+
+def test_max_entries_samples():
+    calls = []
+
+    def forward(x):
+        calls.append(1)
+        return x * 3.0, None
+
+    def backward(dy, cache):
+        return dy * 3.0
+
+    x = np.random.default_rng(2).standard_normal(1000)
+    err = gradcheck(forward, (x,), backward, max_entries=7)
+    assert err["x"] < 1e-9
+    assert len(calls) == 1 + 2 * 7  # one analytic pass, two forwards per checked entry
+
+
+def test_max_entries_still_catches_a_wrong_entry():
+    def backward(dy, cache):
+        g = dy * 3.0
+        return g * np.where(np.arange(g.size) % 2 == 0, 1.0, 0.5)  # every other entry wrong
+
+    x = np.random.default_rng(3).standard_normal(100)
+    assert gradcheck(lambda x: (x * 3.0, None), (x,), backward, max_entries=10)["x"] > 0.1
+
+
+def test_dict_inputs_and_kwargs():
+    rng = np.random.default_rng(4)
+    inputs = {"x": rng.standard_normal((2, 3)), "gamma": rng.standard_normal(3), "beta": rng.standard_normal(3)}
+    err = gradcheck(ops.layernorm_forward, inputs, ops.layernorm_backward, kwargs={"eps": 1e-3})
+    assert set(err) == {"x", "gamma", "beta"} and max(err.values()) < 1e-7
+
+
+def test_scalar_output_and_integer_inputs_pass_through():
+    rng = np.random.default_rng(5)
+    logits, targets = rng.standard_normal((4, 3)), np.array([0, 2, -100, 1])
+    err = gradcheck(ops.cross_entropy_forward, (logits, targets), ops.cross_entropy_backward)
+    assert set(err) == {"logits"} and err["logits"] < 1e-7
+
+
+def test_error_is_relative_to_largest_entry():
+    """A gradient off by delta at one entry reports delta / max |gradient|."""
+    def forward(x):
+        return x * np.array([1.0, 10.0]), None
+
+    def backward(dy, cache):
+        return dy * np.array([1.0, 10.0]) + np.array([1e-3, 0.0])
+
+    x = np.array([0.3, -0.2])
+    dout = np.random.default_rng(0).standard_normal(2)  # gradcheck's own dout for seed=0
+    g = np.abs(dout * np.array([1.0, 10.0]))
+    err = gradcheck(forward, (x,), backward, seed=0)["x"]
+    expect = 1e-3 / max(g.max(), abs(dout[0] + 1e-3), g[1])
+    assert math.isclose(err, expect, rel_tol=1e-5)
+
+
+def test_float32_inputs_refused():
+    with pytest.raises(ValueError, match=r"float64 inputs; x is float32"):
+        gradcheck(ops.softmax_forward, (np.zeros((2, 3), np.float32),), ops.softmax_backward)
+
+
+def test_missing_backward_refused():
+    with pytest.raises(ValueError, match="backward"):
+        gradcheck(ops.softmax_forward, (np.zeros((2, 3)),))
+
+
+def test_wrong_gradient_shape_refused():
+    with pytest.raises(ValueError, match=r"analytic gradient for x has shape \(3,\), expected \(2, 3\)"):
+        gradcheck(ops.softmax_forward, (np.zeros((2, 3)),), lambda dy, c: np.zeros(3))
+
+
+def test_dropout_generator_rewound():
+    """A Generator among the kwargs is rewound before every forward, so the mask is fixed."""
+    x = np.random.default_rng(6).standard_normal((4, 5))
+    err = gradcheck(ops.dropout_forward, (x,), ops.dropout_backward,
+                    kwargs={"p": 0.5, "rng": np.random.default_rng(7)})
+    assert err["x"] < 1e-9
