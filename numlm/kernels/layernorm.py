@@ -2,8 +2,12 @@
 import numpy as np
 from numba import njit, prange
 
+# reassociation only: lets LLVM vectorize the row sums (rounding moves by ulps, far inside the 1e-12
+# parity); no nnan/ninf (masked scores are finite but inputs may not be), no FMA contraction
+FAST = {"reassoc"}
 
-@njit(cache=True, parallel=True)
+
+@njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
 def layernorm_forward_kernel(x, gamma, beta, eps):
     N, C = x.shape
     y = np.empty_like(x)
@@ -28,7 +32,7 @@ def layernorm_forward_kernel(x, gamma, beta, eps):
     return y, xhat, rstd
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
 def layernorm_backward_kernel(dy, xhat, rstd, gamma):
     N, C = dy.shape
     dx = np.empty_like(dy)
@@ -44,11 +48,11 @@ def layernorm_backward_kernel(dy, xhat, rstd, gamma):
                 g = dy[n, c] * gamma[c]
                 a += g
                 b += g * xhat[n, c]
-                pg[k, c] += dy[n, c] * xhat[n, c]
-                pb[k, c] += dy[n, c]
             a /= C
             b /= C
             r = rstd[n]
             for c in range(C):
                 dx[n, c] = r * (dy[n, c] * gamma[c] - a - xhat[n, c] * b)
+                pg[k, c] += dy[n, c] * xhat[n, c]
+                pb[k, c] += dy[n, c]
     return dx, pg.sum(axis=0), pb.sum(axis=0)

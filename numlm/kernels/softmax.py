@@ -2,8 +2,10 @@
 import numpy as np
 from numba import njit, prange
 
+from .layernorm import FAST
 
-@njit(cache=True, parallel=True)
+
+@njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
 def softmax_rows(x):
     N, V = x.shape
     y = np.empty_like(x)
@@ -22,7 +24,7 @@ def softmax_rows(x):
     return y
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
 def softmax_backward_rows(dy, y):
     N, V = y.shape
     dx = np.empty_like(y)
@@ -35,7 +37,7 @@ def softmax_backward_rows(dy, y):
     return dx
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
 def masked_softmax_kernel(scores, scale, codes, lowest, causal_fill):
     """p = softmax(where(code == 1, scores * scale, fill)) per row of (B, H, Tq, Tk);
     codes (Bc, Hc, Tq, Tk) int8 with Bc in {1, B}, Hc in {1, H}: 1 allowed, 0 -> lowest, 2 -> causal_fill."""
@@ -70,7 +72,7 @@ def masked_softmax_kernel(scores, scale, codes, lowest, causal_fill):
     return p
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
 def masked_softmax_backward_kernel(dp, p, scale, codes):
     """ds = where(code == 1, p (dp - sum(dp p)), 0) * scale"""
     B, H, Tq, Tk = p.shape
