@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from numlm import ops
@@ -70,7 +71,9 @@ def timing_table(repeat, shape=(16, 128, 768)):
             finally:
                 set_numba(previous)
         rows.append((name, t[False], t[True]))
-    print(f"forward+backward, float32 {shape}, median ms")
+    load = os.getloadavg()[0]
+    print(f"forward+backward, float32 {shape}, median ms; numba threads {numba.get_num_threads()}, "
+          f"load average {load:.1f} on {os.cpu_count()} cores (parallel kernels suffer when it exceeds them)")
     print(f"{'op':<14}{'NumPy':>10}{'Numba':>10}{'speedup':>9}")
     for name, a, b in rows:
         print(f"{name:<14}{a * 1e3:>10.2f}{b * 1e3:>10.2f}{a / b:>8.1f}x")

@@ -88,6 +88,10 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
     for i in floating:
         if values[i].dtype != np.float64:
             raise ValueError(f"gradcheck needs float64 inputs; {names[i]} is {values[i].dtype}")
+        if not values[i].flags.c_contiguous:  # perturbed through a flat view, which must not be a copy
+            values[i] = np.ascontiguousarray(values[i])
+            if kw:
+                kw[names[i]] = values[i]
     is_module = hasattr(fn, "parameters") and hasattr(fn, "backward") and backward is None
     if not is_module and backward is None:
         raise ValueError("pass the analytic backward for an op, or a Module")

@@ -54,6 +54,12 @@ def test_random_dout_catches_what_all_ones_would_not():
     assert gradcheck(ops.softmax_forward, (x,), wrong)["x"] > 0.01
 
 
+def test_non_contiguous_inputs():
+    x = np.random.default_rng(8).standard_normal((5, 4)).T  # a transposed view
+    assert gradcheck(ops.softmax_forward, (x,), ops.softmax_backward)["x"] < 1e-7
+    assert gradcheck(ops.softmax_forward, {"x": x}, ops.softmax_backward)["x"] < 1e-7
+
+
 def test_max_entries_samples():
     calls = []
 
