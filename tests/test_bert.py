@@ -344,6 +344,8 @@ def test_bert_base_parameter_count():
 def test_config_refuses(field, value, match):
     with pytest.raises(ValueError, match=match):
         BertConfig.from_dict(dict(TINY_CFG, **{field: value}))
+    with pytest.raises(ValueError, match=match):
+        BertConfig(**dict(TINY_CFG, **{field: value}))
 
 
 def test_config_reads_transformers_json():

@@ -50,6 +50,9 @@ class BertConfig(Config):
     problem_type: Optional[str] = None
     extra: dict = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self):
+        self.validate()  # direct construction is checked as from_dict is
+
     @classmethod
     def from_dict(cls, d):
         if isinstance(d, dict) and "num_labels" not in d and isinstance(d.get("id2label"), dict):
