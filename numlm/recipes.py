@@ -121,8 +121,11 @@ def make_bert_batch(pairs, tok, max_length, rng):
 class GPTData:
     """Token stream for causal-LM training and fixed validation blocks."""
 
-    def __init__(self, tokens, doc_starts, block_size, batch_size, seed, val_fraction=0.05, val_batches=8):
-        train, val = split_tokens(tokens, val_fraction, doc_starts)
+    def __init__(self, tokens, doc_starts, block_size, batch_size, seed, val_fraction=0.1, val_batches=8):
+        try:
+            train, val = split_tokens(tokens, val_fraction, doc_starts)
+        except ValueError:  # too few documents to cut between them: cut inside one
+            train, val = split_tokens(tokens, val_fraction)
         if len(val) < block_size + 1:
             raise ValueError(f"the validation split has {len(val)} tokens, fewer than block_size={block_size}")
         self.stream = TokenStream(train, block_size, batch_size, rng=np.random.default_rng(seed))

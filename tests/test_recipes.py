@@ -1,0 +1,122 @@
+"""Pre-training recipes and the numlm command, end to end on a small corpus."""
+import json
+
+import numpy as np
+import pytest
+
+from numlm.cli import main
+from numlm.recipes import pretrain
+
+TEXT = """\
+ROMEO: But soft, what light through yonder window breaks?
+It is the east, and Juliet is the sun.
+JULIET: O Romeo, Romeo, wherefore art thou Romeo?
+Deny thy father and refuse thy name.
+"""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    lines = TEXT.splitlines()
+    for i in range(40):
+        (d / f"doc{i}.txt").write_text("\n".join(rng.permutation(lines)) + "\n")
+    return d
+
+
+def quiet(*a, **k):
+    pass
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "openai-gpt", "bert"])
+def test_pretrain_runs_and_lowers_loss(arch, corpus, tmp_path):
+    model, tok, res = pretrain(arch, size="tiny", data=corpus, vocab_size=300, out_dir=tmp_path, block_size=32,
+                               batch_size=4, steps=30, lr=3e-3, seed=0, log=quiet, progress=False)
+    assert res["val_loss"] < res["initial"]["val_loss"] - 0.5
+    d = tmp_path / "model"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in d.iterdir()}
+    from numlm import from_pretrained
+    again = from_pretrained(d)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(again.state_dict()[k], v)
+
+
+def test_eval_command_matches_training_eval(corpus, tmp_path, capsys):
+    pretrain("gpt2", size="tiny", data=corpus, vocab_size=300, out_dir=tmp_path, block_size=16, batch_size=4,
+             steps=5, log=quiet, progress=False)
+    assert main(["eval", str(tmp_path / "model"), "--data", str(corpus), "--block-size", "16",
+                 "--batch-size", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert np.isfinite(out["val_loss"]) and abs(out["val_ppl"] - np.exp(out["val_loss"])) < 1e-6 * out["val_ppl"]
+
+
+def test_cli_resume_continues(corpus, tmp_path, capsys):
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--data", str(corpus), "--vocab-size", "300",
+            "--out", str(tmp_path), "--block-size", "16", "--batch-size", "4", "--steps", "6"]
+    assert main(args) == 0
+    first = last_json(capsys.readouterr().out)
+    assert main(args + ["--resume"]) == 0   # already at max_steps: resumes and stops at once
+    second = last_json(capsys.readouterr().out)
+    assert first["step"] == second["step"] == 6
+    assert second["tokens"] == first["tokens"]
+
+
+def last_json(text):
+    return json.loads(text[text.rindex("\n{") + 1:] if "\n{" in text else text[text.index("{"):])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/no/such/corpus"], "does not exist"),
+    (["--arch", "gpt2", "--block-size", "100", "--size", "tiny", "--config", "CFG_SMALL_POS"], "position table"),
+    (["--config", "CFG_BAD_HEADS"], "multiple of n_head"),
+])
+def test_pretrain_bad_input(args, message, corpus, tmp_path, capsys):
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps({"model_type": "gpt2", "vocab_size": 300, "n_positions": 32, "n_embd": 16,
+                                 "n_layer": 1, "n_head": 2}))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model_type": "gpt2", "vocab_size": 300, "n_positions": 32, "n_embd": 18,
+                               "n_layer": 1, "n_head": 4}))
+    args = [{"CFG_SMALL_POS": str(small), "CFG_BAD_HEADS": str(bad)}.get(a, a) for a in args]
+    if "--data" not in args:
+        args += ["--data", str(corpus)]
+    code = main(["pretrain", "--out", str(tmp_path / "run"), "--vocab-size", "300", "--steps", "2"] + args)
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_tokenizer_vocab_mismatch_refused(corpus, tmp_path, capsys):
+    assert main(["tokenizer", "train", "--kind", "bpe", "--vocab-size", "350", "--data", str(corpus),
+                 "--out", str(tmp_path / "tok.json")]) == 0
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model_type": "gpt2", "vocab_size": 300, "n_positions": 32, "n_embd": 16,
+                               "n_layer": 1, "n_head": 2}))
+    code = main(["pretrain", "--config", str(cfg), "--tokenizer", str(tmp_path / "tok.json"), "--data",
+                 str(corpus), "--out", str(tmp_path / "run"), "--block-size", "16", "--steps", "2"])
+    assert code == 2 and "vocab_size" in capsys.readouterr().err
+
+
+def test_resume_with_other_arch_refused_and_checkpoint_untouched(corpus, tmp_path, capsys):
+    base = ["pretrain", "--size", "tiny", "--data", str(corpus), "--vocab-size", "300", "--out", str(tmp_path),
+            "--block-size", "16", "--batch-size", "4", "--steps", "2"]
+    assert main(base + ["--arch", "gpt2"]) == 0
+    ck = sorted((tmp_path / "checkpoints").iterdir())
+    stamp = {f: f.read_bytes() for c in ck for f in c.iterdir()}
+    assert main(base + ["--arch", "bert", "--resume"]) == 2
+    assert "GPT2LMHeadModel" in capsys.readouterr().err
+    assert {f: f.read_bytes() for c in ck for f in c.iterdir()} == stamp
+
+
+def test_empty_corpus_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["pretrain", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "empty" in err or "no text" in err
+
+
+def test_gradcheck_command(capsys):
+    assert main(["gradcheck"]) == 0
+    out = capsys.readouterr().out
+    worst = float(out.strip().splitlines()[-1].split()[2])
+    assert worst < 1e-7
