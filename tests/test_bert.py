@@ -120,6 +120,36 @@ def test_backward_with_given_gradient_matches_loss():
         assert np.allclose(g1[k], g2[k], rtol=1e-12, atol=1e-15), k
 
 
+def _ce_grad_np(logits, t, ignore=-100):
+    """d mean CE / d logits = (softmax - onehot) / (number of non-ignored targets), 0 on ignored rows."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+    keep = t != ignore
+    p[np.nonzero(keep)[0], t[keep]] -= 1
+    p[~keep] = 0
+    return p / keep.sum()
+
+
+def test_pretraining_backward_tuple_matches_loss():
+    ref = np.load(TINY / "reference.npz", allow_pickle=False)
+    model = numlm.from_pretrained(TINY, dtype="float64")
+    out = model(ref["input_ids"], **fixture_inputs(ref))
+    model.backward()
+    g1 = model.gradients()
+    V = out.prediction_logits.shape[-1]
+    dpred = _ce_grad_np(out.prediction_logits.reshape(-1, V), ref["labels"].reshape(-1)).reshape(out.prediction_logits.shape)
+    dseq = _ce_grad_np(out.seq_relationship_logits, ref["next_sentence_label"])
+    model.zero_grad()
+    model.backward((dpred, dseq))
+    g2 = model.gradients()
+    for k in g1:
+        assert np.allclose(g1[k], g2[k], rtol=1e-11, atol=1e-16), k
+    # a single array is d prediction_logits alone: the NSP head then gets no gradient
+    model.zero_grad()
+    model.backward(dpred)
+    assert not model.gradients()["cls.seq_relationship.weight"].any()
+
+
 # ---------------------------------------------------------------- numerical gradient checks
 
 TINY_CFG = dict(vocab_size=23, hidden_size=8, num_attention_heads=2, num_hidden_layers=2, intermediate_size=12,
