@@ -488,7 +488,8 @@ class _TiedLMHead:
 
     @staticmethod
     def forward(h, table):
-        return h @ table.params["weight"].T  # (..., V)
+        W = table.params["weight"]
+        return (h.reshape(-1, W.shape[1]) @ W.T).reshape(h.shape[:-1] + (W.shape[0],))  # (..., V)
 
     @staticmethod
     def backward(dlogits, h, table):
@@ -497,7 +498,7 @@ class _TiedLMHead:
         V, C = W.shape
         d2 = dlogits.reshape(-1, V)
         table.grads["weight"] += d2.T @ h.reshape(-1, C)  # (V, C)
-        return dlogits @ W  # (..., C)
+        return (d2 @ W).reshape(h.shape)  # (..., C)
 
 
 class _LMHeadMixin:

@@ -15,7 +15,8 @@ def linear_forward(x, w, b=None):
                          f"{w.shape[0]} (shape {w.shape})")
     if b is not None and b.shape != (w.shape[1],):
         raise ValueError(f"b must have shape ({w.shape[1]},), got {b.shape}")
-    y = x @ w  # (N, C_out)
+    # one (N, C_in) @ (C_in, C_out) product: a stacked (B, T, C) @ W would be B smaller ones
+    y = (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1] + (w.shape[1],))  # (N, C_out)
     if b is not None:
         y += b
     return y, (x, w, b is not None)
@@ -25,9 +26,9 @@ def linear_backward(dy, cache):
     """forward: y = x W + b;  so  dx = dy W^T,  dW = x^T dy (summed over N),  db = sum_N dy
     dy: (N, C_out)  ->  dx: (N, C_in), dw: (C_in, C_out), db: (C_out,) or None"""
     x, w, has_bias = cache
-    dx = dy @ w.T  # (N, C_in)
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
+    dx = (dy2 @ w.T).reshape(x.shape)  # (N, C_in)
     dw = x2.T @ dy2  # (C_in, C_out)
     db = dy2.sum(axis=0) if has_bias else None
     return dx, dw, db
