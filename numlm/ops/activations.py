@@ -5,7 +5,8 @@ import numpy as np
 
 from ._check import float_array
 from .. import kernels
-from ..kernels.activations import gelu_kernel, gelu_backward_kernel
+from ..kernels.activations import (gelu_tanh_inner, gelu_tanh_outer, gelu_tanh_backward_kernel,
+                                  gelu_erf_kernel, gelu_erf_backward_kernel)
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -23,8 +24,10 @@ def gelu_forward(x):
     x: (N) -> y: (N)"""
     float_array("x", x, 0)
     if kernels.numba_enabled():
-        return gelu_kernel(np.ascontiguousarray(x).reshape(-1), False).reshape(x.shape), (x, False)
-    return 0.5 * x * (1.0 + erf(x * INV_SQRT_2)), (x, False)
+        f = x.dtype.type
+        y = gelu_erf_kernel(np.ascontiguousarray(x).reshape(-1), f(0.5), f(1.0), f(INV_SQRT_2))
+        return y.reshape(x.shape), (x, False, None)
+    return 0.5 * x * (1.0 + erf(x * INV_SQRT_2)), (x, False, None)
 
 
 def gelu_tanh_forward(x):
@@ -32,20 +35,33 @@ def gelu_tanh_forward(x):
     x: (N) -> y: (N)"""
     float_array("x", x, 0)
     if kernels.numba_enabled():
-        return gelu_kernel(np.ascontiguousarray(x).reshape(-1), True).reshape(x.shape), (x, True)
-    return 0.5 * x * (1.0 + np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))), (x, True)
+        f = x.dtype.type
+        x1 = np.ascontiguousarray(x).reshape(-1)
+        t = np.tanh(gelu_tanh_inner(x1, f(SQRT_2_OVER_PI), f(0.044715)))  # numpy's SIMD tanh
+        y = gelu_tanh_outer(x1, t, f(0.5), f(1.0))
+        return y.reshape(x.shape), (x, True, t)  # keeps t: backward needs it, tanh is the costly part
+    return 0.5 * x * (1.0 + np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))), (x, True, None)
 
 
 def gelu_backward(dy, cache):
     """erf form:  dy/dx = Phi(x) + x phi(x) = 0.5 (1 + erf(x/sqrt 2)) + x exp(-x^2/2) / sqrt(2 pi)
     tanh form: u = sqrt(2/pi)(x + 0.044715 x^3), t = tanh(u):
                dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)"""
-    x, approximate = cache
+    x, approximate, t = cache
     if kernels.numba_enabled():
+        f = x.dtype.type
         dy1 = np.ascontiguousarray(dy, dtype=x.dtype).reshape(-1)
-        return gelu_backward_kernel(dy1, np.ascontiguousarray(x).reshape(-1), approximate).reshape(x.shape)
+        x1 = np.ascontiguousarray(x).reshape(-1)
+        if approximate:
+            if t is None:
+                t = np.tanh(gelu_tanh_inner(x1, f(SQRT_2_OVER_PI), f(0.044715)))
+            dx = gelu_tanh_backward_kernel(dy1, x1, t.reshape(-1), f(0.5), f(1.0), f(SQRT_2_OVER_PI),
+                                           f(3 * 0.044715))
+        else:
+            dx = gelu_erf_backward_kernel(dy1, x1, f(0.5), f(1.0), f(INV_SQRT_2), f(INV_SQRT_2PI))
+        return dx.reshape(x.shape)
     if approximate:
-        t = np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
+        t = np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)) if t is None else t.reshape(x.shape)
         dydx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
     else:
         dydx = 0.5 * (1.0 + erf(x * INV_SQRT_2)) + x * np.exp(-0.5 * x * x) * INV_SQRT_2PI
