@@ -239,26 +239,29 @@ def test_gradcheck_seqcls_losses(num_labels, problem_type, labels):
     check_model(model, dict(inputs, labels=labels))
 
 
-class _LastHidden(Module):
-    """Exposes BertModel's last_hidden_state as an array so gradcheck projects a random gradient on it."""
+class _BothOutputs(Module):
+    """BertModel's last_hidden_state and pooler_output as one array (B, T + 1, C), so gradcheck projects a
+    random gradient on both and backward((d last_hidden_state, d pooler_output)) is checked."""
 
     def __init__(self, bert):
         super().__init__()
         self.bert = bert
 
     def forward(self, **kw):
-        return self.bert(**kw).last_hidden_state
+        out = self.bert(**kw)
+        return np.concatenate([out.last_hidden_state, out.pooler_output[:, None]], axis=1)
 
     def backward(self, d):
-        self.bert.backward(d)
+        self.bert.backward((d[:, :-1], d[:, -1]))
 
 
 def test_gradcheck_bert_model_backward_grad():
-    bert = BertModel(TINY_CFG, seed=5, dtype="float64", add_pooling_layer=False).train()
+    bert = BertModel(TINY_CFG, seed=5, dtype="float64").train()
     _, inputs = tiny_inputs(3)
-    errors = numlm.gradcheck(_LastHidden(bert), inputs, max_entries=6, eps=1e-5)
-    errors = {k: v for k, v in errors.items() if "key.bias" not in k}  # structurally zero, see above
-    assert max(errors.values()) < 1e-7, errors
+    for fn in (bert, _BothOutputs(bert)):  # bert alone: d last_hidden_state only
+        errors = numlm.gradcheck(fn, inputs, max_entries=6, eps=1e-5)
+        errors = {k: v for k, v in errors.items() if "key.bias" not in k}  # structurally zero, see above
+        assert len(errors) == len(bert.parameters()) - 2 and max(errors.values()) < 1e-7, errors
 
 
 # ---------------------------------------------------------------- losses as transformers defines them
@@ -550,3 +553,16 @@ def test_all_minilm_l6_v2_sentence_similarity():
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     sim = emb @ emb.T
     assert sim[0, 1] > 0.6 and sim[0, 1] > sim[0, 2] + 0.3 and sim[1, 1] > sim[1, 2] + 0.3
+
+
+def test_fully_masked_row_attends_uniformly():
+    """transformers adds finfo.min to masked scores, which absorbs the score: a row with no real token
+    gets a uniform 1/T softmax over all keys (not NaN); other rows see only their real keys."""
+    _, inputs = tiny_inputs(8, B=2, T=5)
+    inputs["attention_mask"] = np.array([[0, 0, 0, 0, 0], [1, 1, 1, 0, 0]])
+    for dtype in ("float64", "float32"):
+        out = BertModel(TINY_CFG, seed=9, dtype=dtype)(**inputs, output_attentions=True)
+        for a in out.attentions:
+            np.testing.assert_allclose(a[0], 1 / 5, rtol=1e-6)
+            assert np.all(a[1, ..., 3:] == 0)
+        assert np.isfinite(out.last_hidden_state).all()
