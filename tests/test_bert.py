@@ -566,3 +566,19 @@ def test_fully_masked_row_attends_uniformly():
             np.testing.assert_allclose(a[0], 1 / 5, rtol=1e-6)
             assert np.all(a[1, ..., 3:] == 0)
         assert np.isfinite(out.last_hidden_state).all()
+
+
+def test_bce_with_logits_op():
+    """The op behind multi_label_classification: value from the sigmoid form, gradient numerically."""
+    from numlm.ops import bce_with_logits_forward, bce_with_logits_backward
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 3)) * 3, rng.random((4, 3))
+    loss, _ = bce_with_logits_forward(x, y)
+    s = 1 / (1 + np.exp(-x))
+    assert abs(loss - np.mean(-y * np.log(s) - (1 - y) * np.log(1 - s))) < 1e-14
+    err = numlm.gradcheck(lambda a: bce_with_logits_forward(a, y), (x,), bce_with_logits_backward)
+    assert max(err.values()) < 1e-8
+    big, _ = bce_with_logits_forward(np.array([800.0, -800.0]), np.array([0.0, 1.0]))
+    assert big == 800.0  # no overflow
+    with pytest.raises(ValueError, match="target"):
+        bce_with_logits_forward(x, y[:2])

@@ -15,7 +15,8 @@ from typing import Optional
 import numpy as np
 
 from ..nn import Module, ModuleList, Linear, Embedding, LayerNorm, Dropout, Activation, Attention
-from ..ops import (ACTIVATIONS, cross_entropy_forward, cross_entropy_backward, mse_forward, mse_backward)
+from ..ops import (ACTIVATIONS, cross_entropy_forward, cross_entropy_backward, mse_forward, mse_backward,
+                   bce_with_logits_forward, bce_with_logits_backward)
 from ..ops._check import ids_in_range, int_array
 from .base import PreTrainedModel, ModelOutput, register, parse_dtype
 from .config import Config
@@ -608,20 +609,6 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
         if grad is not None:
             dlogits = _check_grad("logits", grad, out.logits)
         self.bert.backward_from(None, self.cls.seq_relationship.backward(dlogits))
-
-
-def bce_with_logits_forward(x, y):
-    """loss = mean(max(x, 0) - x y + log(1 + exp(-|x|)))   (= mean of -y log s(x) - (1-y) log(1-s(x)))
-    x, y: (N, K) -> loss: ()"""
-    loss = np.mean(np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x))))
-    return x.dtype.type(loss), (x, y)
-
-
-def bce_with_logits_backward(dloss, cache):
-    """dx = dloss (sigmoid(x) - y) / N"""
-    x, y = cache
-    s = 0.5 * (1.0 + np.tanh(0.5 * x))  # sigmoid without overflow
-    return (s - y) * x.dtype.type(float(dloss) / x.size)
 
 
 @register

@@ -18,7 +18,8 @@ from .activations import (
 from .softmax import softmax_forward, softmax_backward
 from .attention import attention_forward, attention_backward, attention_allowed
 from .dropout import dropout_forward, dropout_backward
-from .losses import cross_entropy_forward, cross_entropy_backward, mse_forward, mse_backward
+from .losses import (cross_entropy_forward, cross_entropy_backward, mse_forward, mse_backward,
+                     bce_with_logits_forward, bce_with_logits_backward)
 
 __all__ = [n for n in dir() if n.endswith(("_forward", "_backward"))] + [
     "ACTIVATIONS", "activation", "attention_allowed"]

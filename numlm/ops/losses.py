@@ -63,3 +63,22 @@ def mse_backward(dloss, cache):
     """dpred = dloss * 2 (pred - target) / N"""
     diff = cache
     return diff * diff.dtype.type(2.0 * float(dloss) / diff.size)
+
+
+def bce_with_logits_forward(logits, target):
+    """loss = mean(max(x, 0) - x y + log(1 + exp(-|x|)))  = mean(-y log s(x) - (1 - y) log(1 - s(x))), s = sigmoid
+    logits, target: (N) with target in [0, 1]  ->  loss: ()   (transformers' BCEWithLogitsLoss, mean)"""
+    float_array("logits", logits, 0)
+    y = np.asarray(target, dtype=logits.dtype)
+    if y.shape != logits.shape:
+        raise ValueError(f"target must have shape {logits.shape} to match logits, got {y.shape}")
+    x = logits
+    loss = np.mean(np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x))))
+    return logits.dtype.type(loss), (x, y)
+
+
+def bce_with_logits_backward(dloss, cache):
+    """dx = dloss (sigmoid(x) - y) / N"""
+    x, y = cache
+    s = 0.5 * (1.0 + np.tanh(0.5 * x))  # sigmoid, no overflow for large |x|
+    return (s - y) * x.dtype.type(float(dloss) / x.size)
