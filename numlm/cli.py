@@ -21,7 +21,8 @@ def cmd_demo(a):
                                block_size=128, batch_size=16, seed=a.seed, time_budget=a.minutes * 60,
                                lr=1e-3)
     print(f"validation loss {res['initial']['val_loss']:.3f} -> {res['val_loss']:.3f} nats "
-          f"(perplexity {res['initial']['val_ppl']:.0f} -> {res['val_ppl']:.1f}); "
+          f"(perplexity {res['initial']['val_ppl']:.0f} -> {res['val_ppl']:.1f}; unigram baseline "
+          f"{res['unigram_loss']:.3f}); "
           f"{res['tokens']:,} tokens in {res['time']:.0f} s ({res['tokens'] / res['time']:,.0f} tokens/s)")
     print(f"model and tokenizer saved to {res['model_dir']}")
     _samples(model, tok, a.seed)

@@ -131,6 +131,10 @@ class GPTData:
         self.stream = TokenStream(train, block_size, batch_size, rng=np.random.default_rng(seed))
         self.val = list(sequential_blocks(val, block_size, batch_size))[:val_batches]
         self.train_tokens, self.val_tokens = len(train), len(val)
+        # the baseline a model must beat: cross-entropy of the training unigram distribution on validation
+        counts = np.bincount(np.asarray(train), minlength=int(max(np.max(train), np.max(val))) + 1) + 1.0
+        logp = np.log(counts / counts.sum())
+        self.unigram_loss = float(-logp[np.asarray(val)].mean())
 
     def evaluate(self, model):
         model.eval()
@@ -225,12 +229,13 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
         tokens_path = out / "data" / "tokens.bin"
         meta = prepare(docs, tokenizer, tokens_path)
         data_ = GPTData(load_tokens(tokens_path), load_document_starts(tokens_path), block_size, batch_size, seed)
-        log(f"data: {meta['length']:,} tokens ({data_.train_tokens:,} train, {data_.val_tokens:,} validation)")
+        log(f"data: {meta['length']:,} tokens ({data_.train_tokens:,} train, {data_.val_tokens:,} validation); "
+            f"unigram baseline {data_.unigram_loss:.3f} nats")
     model = model_class(arch)(cfg, seed=seed)
     model.astype(dtype)
     log(f"model: {type(model).__name__}, {model.num_parameters() / 1e6:.2f} M parameters, {dtype}")
     if time_budget is not None:
-        steps = calibrate_steps(model, data_.stream, time_budget - (time.perf_counter() - t0), log)
+        steps = calibrate_steps(model, data_.stream, t0 + time_budget, log)
     lr = lr if lr is not None else (1e-3 if size in ("tiny", "mini") else 5e-4)
     warmup = warmup if warmup is not None else max(1, min(100, steps // 10))
     tc = TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, warmup=warmup, schedule="cosine",
@@ -251,6 +256,8 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     tokenizer.save(final)
     result["model_dir"] = str(final)
     result["train_tokens"] = data_.train_tokens
+    if hasattr(data_, "unigram_loss"):
+        result["unigram_loss"] = data_.unigram_loss
     return model, tokenizer, result
 
 
@@ -258,9 +265,10 @@ def _fmt(d):
     return ", ".join(f"{k} {v:.4f}" for k, v in d.items() if isinstance(v, float))
 
 
-def calibrate_steps(model, stream, seconds, log=print):
-    """How many optimizer steps fit in `seconds`, from the time of a few real steps (the first,
-    which compiles the kernels, excluded). The stream and model are restored afterwards."""
+def calibrate_steps(model, stream, deadline, log=print):
+    """How many optimizer steps fit before `deadline` (a time.perf_counter() value), from the time
+    of a few real steps (the first, which may compile the kernels, excluded); evaluation and saving
+    get a tenth of the time. The stream and model are restored afterwards."""
     from .optim import AdamW
     state = stream.state_dict()
     params = {k: v.copy() for k, v in model.parameters().items()}
@@ -279,6 +287,7 @@ def calibrate_steps(model, stream, seconds, log=print):
     model.zero_grad()
     stream.load_state_dict(state)
     per_step = float(np.median(times[1:]))
+    seconds = deadline - time.perf_counter()
     steps = max(10, int(seconds * 0.9 / per_step))
-    log(f"calibration: {per_step:.3f} s per step -> {steps} steps for {seconds:.0f} s")
+    log(f"calibration: {per_step:.3f} s per step -> {steps} steps in the {seconds:.0f} s left")
     return steps
