@@ -405,7 +405,9 @@ class BertLMPredictionHead(Module):
         t = self.transform(h)
         W = self._word[0].params["weight"]  # (V, C)
         self.cache = t
-        return t @ W.T + self.params["bias"]  # (B, T, V)
+        logits = t.reshape(-1, W.shape[1]) @ W.T  # one (B*T, C) @ (C, V) product
+        logits += self.params["bias"]
+        return logits.reshape(t.shape[:-1] + (W.shape[0],))  # (B, T, V)
 
     def backward(self, dlogits):  # (B, T, V) -> (B, T, C)
         t = self.cache
@@ -415,7 +417,7 @@ class BertLMPredictionHead(Module):
         d2, t2 = dlogits.reshape(-1, V), t.reshape(-1, C)
         emb.grads["weight"] += d2.T @ t2  # (V, C), added to the lookup's gradient: the total
         self.grads["bias"] += d2.sum(axis=0)
-        return self.transform.backward(dlogits @ emb.params["weight"])  # (B, T, C)
+        return self.transform.backward((d2 @ emb.params["weight"]).reshape(t.shape))  # (B, T, C)
 
 
 class BertOnlyMLMHead(Module):
