@@ -1,0 +1,95 @@
+"""`numlm generate` and `numlm fill-mask`: registered on the main parser by add_parsers(subparsers).
+Both read a model directory (numlm's own checkpoints or transformers directories with a tokenizer)."""
+import sys
+
+import numpy as np
+
+
+def _load(model_dir, dtype):
+    from .data.tokenizer import Tokenizer
+    from .models import from_pretrained
+    model = from_pretrained(model_dir, dtype=dtype).eval()
+    tok = Tokenizer.from_dir(model_dir)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer in {model_dir} has {tok.vocab_size} tokens, the model only "
+                         f"{model.config.vocab_size}")
+    return model, tok
+
+
+class TextStreamer:
+    """Prints the decoded text of row 0 as tokens arrive: decodes everything generated so far and
+    writes only the new characters (byte-level BPE pieces join up across tokens)."""
+
+    def __init__(self, tok, out=None):
+        self.tok, self.out, self.ids, self.shown = tok, out or sys.stdout, [], ""
+
+    def put(self, tokens):
+        self.ids.append(int(np.asarray(tokens).reshape(-1)[0]))
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next byte
+            return
+        self.out.write(text[len(self.shown):])
+        self.out.flush()
+        self.shown = text
+
+    def end(self):
+        text = self.tok.decode(self.ids)
+        self.out.write(text[len(self.shown):] + "\n")
+        self.out.flush()
+
+
+def cmd_generate(a):
+    from .generate import generate
+    model, tok = _load(a.model, a.dtype)
+    ids = tok.encode(a.prompt, add_special_tokens=False)
+    if not ids:
+        raise ValueError("--prompt: the prompt encodes to no tokens")
+    eos = tok.eos_id if tok.eos_id is not None else getattr(model.config, "eos_token_id", None)
+    kw = dict(max_new_tokens=a.max_new_tokens, num_beams=a.num_beams, eos_token_id=eos,
+              pad_token_id=tok.pad_id if tok.pad_id is not None else eos, repetition_penalty=a.repetition_penalty)
+    if a.temperature is not None or a.top_k is not None or a.top_p is not None or a.sample:
+        kw.update(do_sample=True, temperature=1.0 if a.temperature is None else a.temperature,
+                  top_k=a.top_k, top_p=1.0 if a.top_p is None else a.top_p, seed=a.seed)
+    sys.stdout.write(a.prompt)
+    sys.stdout.flush()
+    if a.num_beams > 1:  # beams change until the end: print the winner
+        out = generate(model, [ids], **kw)
+        print(tok.decode(out[0, len(ids):]))
+    else:
+        generate(model, [ids], streamer=TextStreamer(tok), **kw)
+    return 0
+
+
+def cmd_fill_mask(a):
+    from .inference import fill_mask
+    model, tok = _load(a.model, a.dtype)
+    text = a.text.replace("<mask>", "[MASK]")
+    for i, row in enumerate(fill_mask(model, tok, text, top_k=a.top_k)):
+        if i:
+            print()
+        for r in row:
+            print(f"{r['score']:.4f}  {r['token']:<15s} {r['sequence']}")
+    return 0
+
+
+def add_parsers(sub):
+    g = sub.add_parser("generate", help="generate text with a GPT model (KV cache), streaming it as it comes")
+    g.add_argument("model", help="model directory (config.json, model.safetensors, tokenizer)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=50)
+    g.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
+    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    g.add_argument("--top-p", type=float, help="sample from the nucleus holding probability p")
+    g.add_argument("--sample", action="store_true", help="sample (temperature 1) instead of greedy")
+    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    g.set_defaults(fn=cmd_generate)
+
+    f = sub.add_parser("fill-mask", help="the most likely tokens for each [MASK] of a text (BERT)")
+    f.add_argument("model", help="model directory (BertForMaskedLM / BertForPreTraining + tokenizer)")
+    f.add_argument("text", help="text with one or more [MASK]")
+    f.add_argument("--top-k", type=int, default=5)
+    f.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    f.set_defaults(fn=cmd_fill_mask)

@@ -1,0 +1,71 @@
+"""`numlm generate` / `numlm fill-mask` on small saved models with their tokenizers."""
+import numpy as np
+import pytest
+
+from numlm.cli import main
+from numlm.data.tokenizer import Tokenizer
+from numlm.generate import generate
+from numlm.inference import fill_mask
+from numlm.models import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, from_pretrained
+
+TEXTS = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog", "the mat is on the floor",
+         "dogs and cats sit on mats"] * 4
+
+
+@pytest.fixture(scope="module")
+def gpt_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpt")
+    tok = Tokenizer.train_bpe_from_iterator(TEXTS, vocab_size=280, min_frequency=1)
+    cfg = GPT2Config(vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=2, n_head=2,
+                     eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
+    GPT2LMHeadModel(cfg, seed=2, dtype="float32").save_pretrained(d)
+    tok.save(d)
+    return d
+
+
+def test_generate_greedy_streams_the_decoded_text(gpt_dir, capsys):
+    assert main(["generate", str(gpt_dir), "--prompt", "the cat", "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out
+    model, tok = from_pretrained(gpt_dir), Tokenizer.from_dir(gpt_dir)
+    ids = tok.encode("the cat", add_special_tokens=False)
+    out = generate(model, [ids], max_new_tokens=6, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
+    assert printed == "the cat" + tok.decode(out[0, len(ids):]) + "\n"
+
+
+def test_generate_sampling_and_beams(gpt_dir, capsys):
+    args = ["generate", str(gpt_dir), "--prompt", "a dog", "--max-new-tokens", "5"]
+    assert main(args + ["--temperature", "0.8", "--top-k", "5", "--seed", "3"]) == 0
+    a = capsys.readouterr().out
+    assert main(args + ["--temperature", "0.8", "--top-k", "5", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == a  # same seed, same text
+    model, tok = from_pretrained(gpt_dir), Tokenizer.from_dir(gpt_dir)
+    ids = tok.encode("a dog", add_special_tokens=False)
+    out = generate(model, [ids], max_new_tokens=5, do_sample=True, temperature=0.8, top_k=5, seed=3,
+                   eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
+    assert a == "a dog" + tok.decode(out[0, len(ids):]) + "\n"
+    assert main(args + ["--num-beams", "3"]) == 0
+    out = generate(model, [ids], max_new_tokens=5, num_beams=3, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
+    assert capsys.readouterr().out == "a dog" + tok.decode(out[0, len(ids):]) + "\n"
+
+
+def test_generate_bad_input_is_a_clear_error(gpt_dir, capsys):
+    assert main(["generate", str(gpt_dir), "--prompt", "the cat", "--max-new-tokens", "100"]) == 2
+    assert "position table" in capsys.readouterr().err
+    assert main(["generate", str(gpt_dir), "--prompt", "the cat", "--top-p", "1.5"]) == 2
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_fill_mask_command(tmp_path, capsys):
+    tok = Tokenizer.train_wordpiece_from_iterator(TEXTS, vocab_size=60, min_frequency=1)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=32)
+    BertForMaskedLM(cfg, seed=1, dtype="float32").save_pretrained(tmp_path)
+    tok.save(tmp_path)
+    assert main(["fill-mask", str(tmp_path), "the [MASK] sat on the mat", "--top-k", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    want = fill_mask(from_pretrained(tmp_path), tok, "the [MASK] sat on the mat", top_k=3)[0]
+    assert len(lines) == 3
+    for line, r in zip(lines, want):
+        score, token = line.split()[:2]
+        assert token == r["token"] and float(score) == pytest.approx(r["score"], abs=1e-4)
+        assert line.endswith(r["sequence"])
