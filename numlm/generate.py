@@ -11,6 +11,8 @@ Exactly like transformers, next-token logits are cast to float32 before any proc
 scores are float32 sums of float32 log-probabilities."""
 import warnings
 
+import inspect
+
 import numpy as np
 
 from .models.base import ModelOutput
@@ -98,10 +100,19 @@ def _map_cache(past, fn):
     return tuple(_map_cache(p, fn) for p in past)
 
 
+def _keeps_logits(model):
+    """Whether the model can compute logits for the last position only (transformers' logits_to_keep)."""
+    try:
+        return "logits_to_keep" in inspect.signature(getattr(model, "forward", model)).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _step(model, ids, mask, pos, past, use_cache):
     """Next-token logits as float32 (as transformers casts them) and the new cache.
     ids, pos: (B, T_new)  mask: (B, T_total) or None -> (B, V), cache"""
-    out = model(ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=use_cache)
+    keep = {"logits_to_keep": 1} if _keeps_logits(model) else {}
+    out = model(ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=use_cache, **keep)
     logits = np.asarray(out.logits)[:, -1, :].astype(np.float32)   # (B, V)
     return logits, (out.past_key_values if use_cache else None)
 

@@ -375,3 +375,30 @@ def test_bad_inputs_raise_clear_errors():
         dh(ids[None], mc_token_ids=np.array([[3]]))
     with pytest.raises(ValueError, match="mc_labels must have shape"):
         dh(ids[None], mc_labels=np.array([[0]]))
+
+
+@pytest.mark.parametrize("openai", [False, True])
+def test_logits_to_keep_slices_logits_and_backward(openai):
+    """logits_to_keep=k computes only the last k positions; backward through them equals a full
+    backward whose logits gradient is zero elsewhere."""
+    cls = OpenAIGPTLMHeadModel if openai else GPT2LMHeadModel
+    model = tiny(cls, seed=3).eval()
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 7))
+    full = model(ids).logits
+    kept = model(ids, logits_to_keep=2).logits
+    assert kept.shape == (2, 2, model.config.vocab_size)
+    np.testing.assert_array_equal(kept, full[:, -2:])
+    g = np.random.default_rng(1).standard_normal(kept.shape)
+    model.zero_grad()
+    model(ids, logits_to_keep=2)
+    model.backward(g)
+    part = model.gradients()
+    gfull = np.zeros_like(full)
+    gfull[:, -2:] = g
+    model.zero_grad()
+    model(ids)
+    model.backward(gfull)
+    for k, v in model.gradients().items():
+        np.testing.assert_allclose(part[k], v, rtol=1e-12, atol=1e-14, err_msg=k)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, labels=ids, logits_to_keep=1)

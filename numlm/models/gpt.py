@@ -351,6 +351,7 @@ class _GPTBackbone(_GPTPreTrainedModel):
             raise ValueError(f"past_key_values must be a tuple of {cfg.n_layer} (key, value) pairs, got "
                              f"{type(past).__name__} of length {len(past) if hasattr(past, '__len__') else '?'}")
         Tp = None
+        dtype = self._tables()[0].params["weight"].dtype  # (self.dtype walks every module)
         for i, kv in enumerate(past):
             if not isinstance(kv, (tuple, list)) or len(kv) != 2:
                 raise ValueError(f"past_key_values[{i}] must be a (key, value) pair")
@@ -358,8 +359,8 @@ class _GPTBackbone(_GPTPreTrainedModel):
                 if not isinstance(a, np.ndarray) or a.ndim != 4 or a.shape[:2] != (B, H) or a.shape[3] != D:
                     raise ValueError(f"past_key_values[{i}] {name} must have shape (B, H, T_past, D) = "
                                      f"({B}, {H}, T_past, {D}), got {getattr(a, 'shape', type(a).__name__)}")
-                if a.dtype != self.dtype:
-                    raise ValueError(f"past_key_values[{i}] {name} has dtype {a.dtype}, the model {self.dtype}")
+                if a.dtype != dtype:
+                    raise ValueError(f"past_key_values[{i}] {name} has dtype {a.dtype}, the model {dtype}")
                 if Tp is None:
                     Tp = a.shape[2]
                 elif a.shape[2] != Tp:
@@ -588,11 +589,20 @@ class _CausalLM(_LMHeadMixin, _GPTPreTrainedModel):
             self.post_init(seed, dtype)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                past_key_values=None, use_cache=False, output_hidden_states=False, output_attentions=False):
+                past_key_values=None, use_cache=False, output_hidden_states=False, output_attentions=False,
+                logits_to_keep=0):
+        """logits_to_keep (transformers' name): 0 computes logits at every position, k > 0 only at the
+        last k (generation needs the last one; the LM head is the largest matmul of a decoding step)."""
+        if not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep needs labels=None: the loss uses the logits of every position")
         t = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, past_key_values,
                              use_cache, output_hidden_states, output_attentions)
         h = t.last_hidden_state
-        logits = self._lm_forward(h)  # (B, T, V)
+        if logits_to_keep:
+            h = h[..., -logits_to_keep:, :]
+        logits = self._lm_forward(h)  # (B, T or logits_to_keep, V)
         out = ModelOutput()
         ce = None
         if labels is not None:
@@ -613,7 +623,13 @@ class _CausalLM(_LMHeadMixin, _GPTPreTrainedModel):
             dlogits = cross_entropy_backward(1.0, ce)
         else:
             dlogits = _check_grad("logits", grad, out.logits)
-        self.transformer.backward_from(self._lm_backward(dlogits, h))
+        dh = self._lm_backward(dlogits, h)
+        full = self.transformer._last.last_hidden_state
+        if dh.shape != full.shape:  # logits_to_keep: earlier positions get no gradient from the head
+            dfull = np.zeros_like(full)
+            dfull[..., -dh.shape[-2]:, :] = dh
+            dh = dfull
+        self.transformer.backward_from(dh)
 
 
 class _DoubleHeads(_LMHeadMixin, _GPTPreTrainedModel):
