@@ -12,6 +12,34 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _enabled = os.environ.get("NUMLM_NUMBA", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+# Below this many elements a parallel kernel runs on one thread: waking Numba's sleeping workers
+# costs ~0.4 ms, more than the whole of a small kernel (a decoding step's LayerNorm is 768 floats).
+PARALLEL_MIN_ELEMENTS = 1 << 16
+
+
+def adaptive(kernel):
+    """Wrap a parallel Numba kernel so small inputs run single-threaded; `.kernel` is the original."""
+    import functools
+
+    import numba
+    import numpy as np
+
+    @functools.wraps(kernel.py_func)
+    def call(*args):
+        work = max((a.size for a in args if isinstance(a, np.ndarray)), default=0)
+        if work >= PARALLEL_MIN_ELEMENTS:
+            return kernel(*args)
+        n = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            return kernel(*args)
+        finally:
+            numba.set_num_threads(n)
+
+    call.kernel = kernel
+    return call
+
+
 def numba_enabled():
     """True when ops dispatch to the Numba kernels."""
     return _enabled

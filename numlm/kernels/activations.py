@@ -9,7 +9,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from . import adaptive
 
+
+@adaptive
 @njit(cache=True, parallel=True)
 def gelu_tanh_inner(x, k, c):
     """u = k (x + c x^3)"""
@@ -20,6 +23,7 @@ def gelu_tanh_inner(x, k, c):
     return u
 
 
+@adaptive
 @njit(cache=True, parallel=True)
 def gelu_tanh_outer(x, t, half, one):
     """y = 0.5 x (1 + t)"""
@@ -29,6 +33,7 @@ def gelu_tanh_outer(x, t, half, one):
     return y
 
 
+@adaptive
 @njit(cache=True, parallel=True)
 def gelu_tanh_backward_kernel(dy, x, t, half, one, k, c3):
     """dx = dy (0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3c x^2))"""
@@ -40,6 +45,7 @@ def gelu_tanh_backward_kernel(dy, x, t, half, one, k, c3):
     return dx
 
 
+@adaptive
 @njit(cache=True, parallel=True)
 def gelu_erf_kernel(x, half, one, inv_sqrt2):
     """y = 0.5 x (1 + erf(x / sqrt 2))"""
@@ -50,6 +56,7 @@ def gelu_erf_kernel(x, half, one, inv_sqrt2):
     return y
 
 
+@adaptive
 @njit(cache=True, parallel=True)
 def gelu_erf_backward_kernel(dy, x, half, one, inv_sqrt2, inv_sqrt2pi):
     """dx = dy (0.5 (1 + erf(x / sqrt 2)) + x exp(-x^2 / 2) / sqrt(2 pi))"""

@@ -2,7 +2,10 @@
 import numpy as np
 from numba import njit, prange
 
+from . import adaptive
 
+
+@adaptive
 @njit(cache=True, parallel=True)
 def embedding_scatter_add(ids, dout, V):
     N, C = dout.shape

@@ -2,11 +2,14 @@
 import numpy as np
 from numba import njit, prange
 
+from . import adaptive
+
 # reassociation only: lets LLVM vectorize the row sums (rounding moves by ulps, far inside the 1e-12
 # parity); no nnan/ninf (masked scores are finite but inputs may not be), no FMA contraction
 FAST = {"reassoc"}
 
 
+@adaptive
 @njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
 def layernorm_forward_kernel(x, gamma, beta, eps):
     N, C = x.shape
@@ -32,6 +35,7 @@ def layernorm_forward_kernel(x, gamma, beta, eps):
     return y, xhat, rstd
 
 
+@adaptive
 @njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
 def layernorm_backward_kernel(dy, xhat, rstd, gamma):
     N, C = dy.shape

@@ -2,7 +2,10 @@
 import numpy as np
 from numba import njit, prange
 
+from . import adaptive
 
+
+@adaptive
 @njit(cache=True, parallel=True)
 def cross_entropy_kernel(x, t, valid):
     N, V = x.shape
@@ -25,6 +28,7 @@ def cross_entropy_kernel(x, t, valid):
     return losses, probs
 
 
+@adaptive
 @njit(cache=True, parallel=True)
 def cross_entropy_backward_kernel(probs, t, valid, c):
     N, V = probs.shape

@@ -2,9 +2,12 @@
 import numpy as np
 from numba import njit, prange
 
+from . import adaptive
+
 from .layernorm import FAST
 
 
+@adaptive
 @njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
 def softmax_rows(x):
     N, V = x.shape
@@ -24,6 +27,7 @@ def softmax_rows(x):
     return y
 
 
+@adaptive
 @njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
 def softmax_backward_rows(dy, y):
     N, V = y.shape
@@ -37,6 +41,7 @@ def softmax_backward_rows(dy, y):
     return dx
 
 
+@adaptive
 @njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
 def masked_softmax_kernel(scores, scale, codes, lowest, causal_fill):
     """p = softmax(where(code == 1, scores * scale, fill)) per row of (B, H, Tq, Tk);
@@ -72,6 +77,7 @@ def masked_softmax_kernel(scores, scale, codes, lowest, causal_fill):
     return p
 
 
+@adaptive
 @njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
 def masked_softmax_backward_kernel(dp, p, scale, codes):
     """ds = where(code == 1, p (dp - sum(dp p)), 0) * scale"""
