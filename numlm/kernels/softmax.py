@@ -43,9 +43,10 @@ def softmax_backward_rows(dy, y):
 
 @adaptive
 @njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
-def masked_softmax_kernel(scores, scale, codes, lowest, causal_fill):
-    """p = softmax(where(code == 1, scores * scale, fill)) per row of (B, H, Tq, Tk);
-    codes (Bc, Hc, Tq, Tk) int8 with Bc in {1, B}, Hc in {1, H}: 1 allowed, 0 -> lowest, 2 -> causal_fill."""
+def masked_shift_kernel(scores, scale, codes, lowest, causal_fill):
+    """s = where(code == 1, scores * scale, fill) minus its row max, per row of (B, H, Tq, Tk);
+    codes (Bc, Hc, Tq, Tk) int8 with Bc in {1, B}, Hc in {1, H}: 1 allowed, 0 -> lowest, 2 -> causal_fill.
+    The op then takes numpy's SIMD exp and normalize_rows."""
     B, H, Tq, Tk = scores.shape
     Bc, Hc = codes.shape[0], codes.shape[1]
     p = np.empty_like(scores)
@@ -65,16 +66,23 @@ def masked_softmax_kernel(scores, scale, codes, lowest, causal_fill):
             else:
                 s = causal_fill
             p[b, h, i, j] = s
-            if s > m:
-                m = s
-        tot = 0.0
+            m = max(m, s)
         for j in range(Tk):
-            e = np.exp(p[b, h, i, j] - m)
-            p[b, h, i, j] = e
-            tot += e
-        for j in range(Tk):
-            p[b, h, i, j] /= tot
+            p[b, h, i, j] -= m
     return p
+
+
+@adaptive
+@njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
+def normalize_rows(e):
+    """e[n] /= sum(e[n]), in place, rows of a 2-D array"""
+    N, V = e.shape
+    for n in prange(N):
+        s = e[n, 0] * 0
+        for j in range(V):
+            s += e[n, j]
+        for j in range(V):
+            e[n, j] /= s
 
 
 @adaptive

@@ -12,7 +12,7 @@ import numpy as np
 
 from ._check import float_array, same_dtype
 from .. import kernels
-from ..kernels.softmax import masked_softmax_kernel, masked_softmax_backward_kernel
+from ..kernels.softmax import masked_shift_kernel, normalize_rows, masked_softmax_backward_kernel
 
 # mask codes per (query, key): 1 allowed, 0 masked (finfo.min), 2 future key in OpenAI style (-1e4)
 MASKED, ALLOWED, FUTURE = 0, 1, 2
@@ -91,8 +91,10 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
     scores = q @ k.swapaxes(-1, -2)  # (B, H, Tq, Tk)
     if kernels.numba_enabled():
         c = codes if codes is not None else np.ones((1, 1, Tq, Tk), dtype=np.int8)
-        probs = masked_softmax_kernel(scores, q.dtype.type(scale), np.ascontiguousarray(c),
-                                      q.dtype.type(lowest), q.dtype.type(fill))
+        probs = masked_shift_kernel(scores, q.dtype.type(scale), np.ascontiguousarray(c),
+                                    q.dtype.type(lowest), q.dtype.type(fill))  # (B, H, Tq, Tk) s - max
+        np.exp(probs, out=probs)  # numpy's SIMD exp
+        normalize_rows(probs.reshape(-1, Tk))
     else:
         s = scores * q.dtype.type(scale)
         if codes is not None:

@@ -3,7 +3,7 @@ import numpy as np
 
 from ._check import float_array, ids_in_range
 from .. import kernels
-from ..kernels.losses import cross_entropy_kernel, cross_entropy_backward_kernel
+from ..kernels.losses import shift_rows, cross_entropy_finish, cross_entropy_backward_kernel
 
 
 def cross_entropy_forward(logits, targets, ignore_index=-100):
@@ -22,7 +22,9 @@ def cross_entropy_forward(logits, targets, ignore_index=-100):
     valid = t != ignore_index
     count = int(valid.sum())
     if kernels.numba_enabled():
-        losses, probs = cross_entropy_kernel(x, t, valid)
+        probs, m = shift_rows(x)  # (N, V) x - max, (N,)
+        np.exp(probs, out=probs)  # numpy's SIMD exp
+        losses = cross_entropy_finish(probs, x, m, t, valid)
     else:
         m = x.max(axis=-1, keepdims=True)
         e = np.exp(x - m)
