@@ -20,6 +20,7 @@ from numlm.models import GPT2LMHeadModel, BertForPreTraining
 from numlm.models.gpt import GPT2Config
 from numlm.models.bert import BertConfig
 from numlm.optim import AdamW
+from numlm.train import reuse_freed_memory
 
 WORKLOADS = {
     "gpt-mini": dict(arch="gpt", L=4, d=256, H=4, ff=1024, T=128, V=8192, B=16),
@@ -73,6 +74,7 @@ def bench(name, steps, warmup=2):
 
 
 def main():
+    reuse_freed_memory()  # what numlm's Trainer does
     ap = argparse.ArgumentParser()
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--steps", type=int, default=8)

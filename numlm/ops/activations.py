@@ -6,7 +6,8 @@ import numpy as np
 from ._check import float_array
 from .. import kernels
 from ..kernels.activations import (gelu_tanh_inner, gelu_tanh_outer, gelu_tanh_backward_kernel,
-                                  gelu_erf_kernel, gelu_erf_backward_kernel)
+                                  gelu_erf_kernel, gelu_erf_backward_kernel, neg_half_square,
+                                  gelu_erf_f32_kernel, gelu_erf_f32_backward_kernel, AS_P, AS_A)
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -19,13 +20,22 @@ def erf(x):
     return _erf(x).astype(x.dtype) if x.ndim else x.dtype.type(math.erf(x))
 
 
+def _as_consts(f):
+    return (f(AS_P),) + tuple(f(a) for a in AS_A)
+
+
 def gelu_forward(x):
     """y = 0.5 x (1 + erf(x / sqrt(2)))            exact GELU (BERT's "gelu")
     x: (N) -> y: (N)"""
     float_array("x", x, 0)
     if kernels.numba_enabled():
         f = x.dtype.type
-        y = gelu_erf_kernel(np.ascontiguousarray(x).reshape(-1), f(0.5), f(1.0), f(INV_SQRT_2))
+        x1 = np.ascontiguousarray(x).reshape(-1)
+        if x.dtype == np.float32:  # a vectorised erf to float32 accuracy, around numpy's SIMD exp
+            e = np.exp(neg_half_square(x1, f(-0.5)))
+            y = gelu_erf_f32_kernel(x1, e, f(0.5), f(1.0), f(2.0), f(INV_SQRT_2), *_as_consts(f))
+            return y.reshape(x.shape), (x, False, e)
+        y = gelu_erf_kernel(x1, f(0.5), f(1.0), f(INV_SQRT_2))
         return y.reshape(x.shape), (x, False, None)
     return 0.5 * x * (1.0 + erf(x * INV_SQRT_2)), (x, False, None)
 
@@ -57,6 +67,10 @@ def gelu_backward(dy, cache):
                 t = np.tanh(gelu_tanh_inner(x1, f(SQRT_2_OVER_PI), f(0.044715)))
             dx = gelu_tanh_backward_kernel(dy1, x1, t.reshape(-1), f(0.5), f(1.0), f(SQRT_2_OVER_PI),
                                            f(3 * 0.044715))
+        elif x.dtype == np.float32:
+            e = np.exp(neg_half_square(x1, f(-0.5))) if t is None else t
+            dx = gelu_erf_f32_backward_kernel(dy1, x1, e, f(0.5), f(1.0), f(2.0), f(INV_SQRT_2),
+                                              f(INV_SQRT_2PI), *_as_consts(f))
         else:
             dx = gelu_erf_backward_kernel(dy1, x1, f(0.5), f(1.0), f(INV_SQRT_2), f(INV_SQRT_2PI))
         return dx.reshape(x.shape)
