@@ -50,7 +50,7 @@ def gelu_tanh_forward(x):
         t = np.tanh(gelu_tanh_inner(x1, f(SQRT_2_OVER_PI), f(0.044715)))  # numpy's SIMD tanh
         y = gelu_tanh_outer(x1, t, f(0.5), f(1.0))
         return y.reshape(x.shape), (x, True, t)  # keeps t: backward needs it, tanh is the costly part
-    return 0.5 * x * (1.0 + np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))), (x, True, None)
+    return 0.5 * x * (1.0 + np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))), (x, True, None)
 
 
 def gelu_backward(dy, cache):
@@ -75,7 +75,7 @@ def gelu_backward(dy, cache):
             dx = gelu_erf_backward_kernel(dy1, x1, f(0.5), f(1.0), f(INV_SQRT_2), f(INV_SQRT_2PI))
         return dx.reshape(x.shape)
     if approximate:
-        t = np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)) if t is None else t.reshape(x.shape)
+        t = np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)) if t is None else t.reshape(x.shape)
         dydx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
     else:
         dydx = 0.5 * (1.0 + erf(x * INV_SQRT_2)) + x * np.exp(-0.5 * x * x) * INV_SQRT_2PI

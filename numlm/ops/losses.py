@@ -3,7 +3,8 @@ import numpy as np
 
 from ._check import float_array, ids_in_range
 from .. import kernels
-from ..kernels.losses import shift_rows, cross_entropy_finish, cross_entropy_backward_kernel
+from ..kernels.softmax import shift_rows
+from ..kernels.losses import cross_entropy_finish, cross_entropy_backward_kernel
 
 
 def cross_entropy_forward(logits, targets, ignore_index=-100):

@@ -3,7 +3,7 @@ import numpy as np
 
 from ._check import float_array
 from .. import kernels
-from ..kernels.softmax import softmax_rows, softmax_backward_rows
+from ..kernels.softmax import shift_rows, normalize_rows, softmax_backward_rows
 
 
 def softmax_forward(x):
@@ -12,7 +12,9 @@ def softmax_forward(x):
     float_array("x", x)
     if kernels.numba_enabled():
         V = x.shape[-1]
-        y = softmax_rows(np.ascontiguousarray(x).reshape(-1, V))
+        y, _ = shift_rows(np.ascontiguousarray(x).reshape(-1, V))  # (N, V) x - max
+        np.exp(y, out=y)  # numpy's SIMD exp
+        normalize_rows(y)
         return y.reshape(x.shape), y.reshape(x.shape)
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     y = e / e.sum(axis=-1, keepdims=True)
