@@ -3,7 +3,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -59,7 +58,6 @@ def cmd_pretrain(a):
 
 
 def cmd_tokenizer_train(a):
-    from .data import Tokenizer, read_texts
     from .recipes import load_corpus, train_tokenizer
     name, docs = load_corpus(a.data)
     tok = train_tokenizer("bert" if a.kind == "wordpiece" else "gpt2", docs, a.vocab_size)

@@ -1,8 +1,6 @@
 """Pre-training recipes: corpus -> tokenizer -> token data -> model -> Trainer, for GPT-2, GPT-1
 and BERT. The `numlm` command is a thin layer over these functions."""
-import json
 import math
-import sys
 import time
 from pathlib import Path
 

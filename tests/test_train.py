@@ -1,6 +1,5 @@
 """The training loop: bit-exact resume, atomic checkpoints, divergence, accumulation, metrics."""
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ from numlm.data import TokenStream
 from numlm.models import GPT2LMHeadModel, BertForPreTraining
 from numlm.models.gpt import GPT2Config
 from numlm.train import (Trainer, TrainConfig, TrainingDiverged, latest_checkpoint, list_checkpoints,
-                         load_checkpoint, save_checkpoint)
+                         load_checkpoint)
 from numlm.optim import AdamW
 
 V, T, B = 40, 12, 3

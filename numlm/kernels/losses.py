@@ -5,7 +5,6 @@ from numba import njit, prange
 
 from . import adaptive
 from .layernorm import FAST
-from .softmax import shift_rows  # noqa: F401  (the op's first step)
 
 
 @adaptive

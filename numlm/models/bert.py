@@ -18,7 +18,7 @@ from ..nn import Module, ModuleList, Linear, Embedding, LayerNorm, Dropout, Acti
 from ..ops import (ACTIVATIONS, cross_entropy_forward, cross_entropy_backward, mse_forward, mse_backward,
                    bce_with_logits_forward, bce_with_logits_backward)
 from ..ops._check import ids_in_range, int_array
-from .base import PreTrainedModel, ModelOutput, register, parse_dtype
+from .base import PreTrainedModel, ModelOutput, register
 from .config import Config
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
@@ -53,20 +53,6 @@ class BertConfig(Config):
 
     def __post_init__(self):
         self.validate()  # direct construction is checked as from_dict is
-
-    @classmethod
-    def from_dict(cls, d):
-        if isinstance(d, dict) and "num_labels" not in d and isinstance(d.get("id2label"), dict):
-            d = {**d, "num_labels": len(d["id2label"])}  # transformers derives num_labels from id2label
-        return super().from_dict(d)
-
-    def to_dict(self):
-        d = super().to_dict()
-        id2label = d.get("id2label")
-        if not isinstance(id2label, dict) or len(id2label) != self.num_labels:
-            d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
-            d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
-        return d
 
     def validate(self):
         self._positive("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",

@@ -15,6 +15,8 @@ class Config:
     def from_dict(cls, d):
         if not isinstance(d, dict):
             raise ValueError(f"config must be a dict, got {type(d).__name__}")
+        if "num_labels" not in d and isinstance(d.get("id2label"), dict):
+            d = {**d, "num_labels": len(d["id2label"])}  # transformers derives num_labels from id2label
         if d.get("model_type", cls.model_type) != cls.model_type:
             raise ValueError(f"config model_type {d.get('model_type')!r} does not match {cls.model_type!r}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
@@ -31,6 +33,10 @@ class Config:
         d = dict(self.extra)
         d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
         d["model_type"] = self.model_type
+        n = d.get("num_labels")
+        if n is not None and not (isinstance(d.get("id2label"), dict) and len(d["id2label"]) == n):
+            d["id2label"] = {str(i): f"LABEL_{i}" for i in range(n)}  # what transformers writes
+            d["label2id"] = {f"LABEL_{i}": i for i in range(n)}
         return d
 
     def validate(self):

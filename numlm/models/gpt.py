@@ -51,20 +51,6 @@ class _GPTConfigBase(Config):
     num_labels: int = 2
     problem_type: Optional[str] = None
 
-    @classmethod
-    def from_dict(cls, d):
-        if isinstance(d, dict) and "num_labels" not in d and isinstance(d.get("id2label"), dict):
-            d = {**d, "num_labels": len(d["id2label"])}  # transformers derives num_labels from id2label
-        return super().from_dict(d)
-
-    def to_dict(self):
-        d = super().to_dict()
-        id2label = d.get("id2label")
-        if not isinstance(id2label, dict) or len(id2label) != self.num_labels:
-            d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
-            d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
-        return d
-
     @property
     def hidden_size(self):
         return self.n_embd
@@ -430,6 +416,7 @@ class GPT2Model(_GPTBackbone):
     Returns last_hidden_state (B, T, C) [+ past_key_values, hidden_states, attentions]."""
 
     config_class = GPT2Config
+    token_table = "wte"
 
     def __init__(self, config, seed=0, dtype="float32", init=True):
         super().__init__(config)
@@ -454,6 +441,7 @@ class OpenAIGPTModel(_GPTBackbone):
     """GPT-1 decoder: tokens_embed, positions_embed, post-LN blocks h.0..h.{L-1}, no final LayerNorm."""
 
     config_class = OpenAIGPTConfig
+    token_table = "tokens_embed"
 
     def __init__(self, config, seed=0, dtype="float32", init=True):
         super().__init__(config)
@@ -507,7 +495,7 @@ class _LMHeadMixin:
 
     def _build_lm_head(self):
         cfg = self.config
-        tok_key = self._token_table_key()
+        tok_key = self._backbone_class.token_table
         if cfg.tie_word_embeddings:
             self.lm_head = None
             self.tied = {"lm_head.weight": f"transformer.{tok_key}.weight"}
@@ -525,7 +513,7 @@ class _LMHeadMixin:
         return self.lm_head.backward(dlogits)
 
     def _token_table(self):
-        return getattr(self.transformer, self._token_table_key())
+        return getattr(self.transformer, self._backbone_class.token_table)
 
 
 class SequenceSummary(Module):
@@ -582,6 +570,10 @@ class SequenceSummary(Module):
 class _CausalLM(_LMHeadMixin, _GPTPreTrainedModel):
     """backbone + tied LM head;  out.loss = causal-LM cross-entropy of labels (unshifted)."""
 
+    def __init__(self, config, seed=0, dtype="float32", init=True):
+        super().__init__(config)
+        self._make(seed, dtype, init)
+
     def _make(self, seed, dtype, init):
         self.transformer = self._backbone_class(self.config, init=False)
         self._build_lm_head()
@@ -636,6 +628,10 @@ class _DoubleHeads(_LMHeadMixin, _GPTPreTrainedModel):
     """backbone + tied LM head + multiple-choice head on (B, N, T) inputs.
     out.loss = LM loss, out.mc_loss = CE(mc_logits (B, N), mc_labels (B,)); backward() takes the
     gradient of lm_coef * loss + mc_loss (GPT-1's L3 = L2 + lambda L1)."""
+
+    def __init__(self, config, seed=0, dtype="float32", init=True):
+        super().__init__(config)
+        self._make(seed, dtype, init)
 
     def _make(self, seed, dtype, init):
         self.config.num_labels = 1  # as transformers: the summary projects to one score per choice
@@ -706,25 +702,11 @@ class GPT2LMHeadModel(_CausalLM):
     _backbone_class = GPT2Model
     init_weights = _gpt2_init
 
-    def __init__(self, config, seed=0, dtype="float32", init=True):
-        super().__init__(config)
-        self._make(seed, dtype, init)
-
-    def _token_table_key(self):
-        return "wte"
-
 
 @register
 class OpenAIGPTLMHeadModel(_CausalLM):
     config_class = OpenAIGPTConfig
     _backbone_class = OpenAIGPTModel
-
-    def __init__(self, config, seed=0, dtype="float32", init=True):
-        super().__init__(config)
-        self._make(seed, dtype, init)
-
-    def _token_table_key(self):
-        return "tokens_embed"
 
 
 @register
@@ -733,25 +715,11 @@ class GPT2DoubleHeadsModel(_DoubleHeads):
     _backbone_class = GPT2Model
     init_weights = _gpt2_init
 
-    def __init__(self, config, seed=0, dtype="float32", init=True):
-        super().__init__(config)
-        self._make(seed, dtype, init)
-
-    def _token_table_key(self):
-        return "wte"
-
 
 @register
 class OpenAIGPTDoubleHeadsModel(_DoubleHeads):
     config_class = OpenAIGPTConfig
     _backbone_class = OpenAIGPTModel
-
-    def __init__(self, config, seed=0, dtype="float32", init=True):
-        super().__init__(config)
-        self._make(seed, dtype, init)
-
-    def _token_table_key(self):
-        return "tokens_embed"
 
 
 @register

@@ -1,6 +1,4 @@
 """Inverted dropout with an explicit, seeded numpy Generator."""
-import numpy as np
-
 from ._check import float_array
 
 

@@ -1,6 +1,4 @@
 """Linear map. numlm keeps every weight as (C_in, C_out) so the forward is one BLAS call, x @ W."""
-import numpy as np
-
 from ._check import float_array, same_dtype
 
 
