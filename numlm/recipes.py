@@ -234,7 +234,8 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     log(f"model: {type(model).__name__}, {model.num_parameters() / 1e6:.2f} M parameters, {dtype}")
     if time_budget is not None:
         steps = calibrate_steps(model, data_.stream, t0 + time_budget, log)
-    lr = lr if lr is not None else (1e-3 if size in ("tiny", "mini") else 5e-4)
+    if lr is None:  # post-LN BERT stalls at the unigram solution at GPT's small-model rate
+        lr = 3e-4 if arch == "bert" else (1e-3 if size in ("tiny", "mini") else 5e-4)
     warmup = warmup if warmup is not None else max(1, min(100, steps // 10))
     tc = TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, warmup=warmup, schedule="cosine",
                      eval_every=eval_every or max(1, steps // 5), save_every=save_every or max(1, steps // 2),
