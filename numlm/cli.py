@@ -133,7 +133,7 @@ def build_parser():
     d = sub.add_parser("demo", help="train a tokenizer and a small GPT-2 on Shakespeare, then print samples")
     d.add_argument("--data", help="a text file or folder instead of the default corpus")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--minutes", type=float, default=3.5, help="training time budget")
+    d.add_argument("--minutes", type=float, default=4.25, help="time budget from start to the end of training")
     d.add_argument("--vocab-size", type=int, default=4096)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_demo)
