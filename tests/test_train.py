@@ -231,3 +231,22 @@ def test_bad_train_config():
         TrainConfig(max_steps=0).validate()
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(schedule="triangle").validate()
+
+
+def test_loss_curve_png_written_when_matplotlib_is_there(tmp_path, monkeypatch):
+    from numlm.train import plot_metrics
+    t = Trainer(tiny_gpt(), stream(), config(tmp_path, max_steps=4, eval_every=2, log_every=1),
+                evaluate=lambda m: {"val_loss": 3.0})
+    t.run()
+    png = tmp_path / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert plot_metrics(tmp_path) is None and not png.exists()
