@@ -136,3 +136,17 @@ def test_dropout_generator_rewound():
     err = gradcheck(ops.dropout_forward, (x,), ops.dropout_backward,
                     kwargs={"p": 0.5, "rng": np.random.default_rng(7)})
     assert err["x"] < 1e-9
+
+
+def test_examples_run_and_report_what_they_claim():
+    """examples/gradcheck_rmsnorm.py: the correct backward passes, the wrong one is caught."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).parent.parent / "examples" / "gradcheck_rmsnorm.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True).stdout
+    lines = {l.split()[0] + " " + l.split()[1]: l for l in out.splitlines()}
+    correct = [float(v) for v in lines["correct backward"].split()[3::2]]
+    wrong_x = float(lines["wrong backward"].split()[3])
+    model = float(lines["tiny GPT-2"].split()[-1])
+    assert max(correct) < 1e-7 and wrong_x > 0.1 and model < 1e-7
