@@ -70,8 +70,11 @@ def cmd_prepare(a):
     from .data import Tokenizer, prepare
     from .recipes import load_corpus
     tok = Tokenizer.from_file(a.tokenizer)
-    name, docs = load_corpus(a.data)
-    meta = prepare(docs, tok, a.out)
+    if a.data is not None:  # streamed file by file: the corpus need not fit in memory
+        name, meta = a.data, prepare(a.data, tok, a.out)
+    else:
+        name, docs = load_corpus(None)
+        meta = prepare(docs, tok, a.out)
     print(f"{meta['length']:,} tokens from {meta['num_documents']} documents of {name} -> {a.out} ({meta['dtype']})")
     return 0
 

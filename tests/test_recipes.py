@@ -146,3 +146,20 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     ck = out / "checkpoints" / f"step-{step:07d}"
     assert (ck / "model.safetensors").is_file() and (ck / "trainer_state.json").is_file()
     assert json.loads((ck / "trainer_state.json").read_text())["step"] == step >= 20
+
+
+def test_prepare_command_streams_a_folder_and_leaves_nothing_on_error(corpus, tmp_path, capsys):
+    from numlm.data import Tokenizer, load_tokens, read_texts
+    tok_path = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", "--kind", "bpe", "--vocab-size", "300", "--data", str(corpus),
+                 "--out", str(tok_path)]) == 0
+    out = tmp_path / "tokens.bin"
+    assert main(["prepare", "--tokenizer", str(tok_path), "--data", str(corpus), "--out", str(out)]) == 0
+    tok = Tokenizer.from_file(tok_path)
+    expected = [i for d in read_texts(corpus) for i in tok.encode(d, add_special_tokens=False) + [tok.eos_id]]
+    np.testing.assert_array_equal(load_tokens(out), expected)
+    (tmp_path / "empty").mkdir()
+    bad = tmp_path / "bad.bin"
+    assert main(["prepare", "--tokenizer", str(tok_path), "--data", str(tmp_path / "empty"), "--out", str(bad)]) == 2
+    assert "no text" in capsys.readouterr().err
+    assert not list(tmp_path.glob("bad.bin*"))

@@ -1,6 +1,6 @@
 """Data: tokenizers (wrapping the `tokenizers` package), corpora, MLM/NSP/causal-LM batches."""
 from .tokenizer import Tokenizer, BERT_SPECIALS, GPT_EOS
-from .corpus import (read_texts, strip_markdown, play_text, shakespeare_texts, pydoc_texts,
+from .corpus import (read_texts, iter_texts, strip_markdown, play_text, shakespeare_texts, pydoc_texts,
                      default_corpus)
 from .pretrain import (
     IGNORE_INDEX, NSPPair, as_rng, mask_tokens, tokenize_documents, nsp_pairs, nsp_batch,

@@ -70,9 +70,9 @@ def _read(path: Path, strip_md: bool) -> str:
     return strip_markdown(text) if strip_md and path.suffix.lower() == ".md" else text
 
 
-def read_texts(path, suffixes=TEXT_SUFFIXES, strip_md=True) -> list:
-    """A text file -> [its text]; a folder -> one document per *.txt / *.md file under it (sorted).
-    Markdown files are passed through `strip_markdown` unless strip_md=False. Empty files are skipped."""
+def iter_texts(path, suffixes=TEXT_SUFFIXES, strip_md=True):
+    """The documents of read_texts one at a time, so a corpus larger than memory can be streamed
+    (numlm.data.prepare does). Raises when the path does not exist or holds no text."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"path {str(p)!r} does not exist")
@@ -80,10 +80,20 @@ def read_texts(path, suffixes=TEXT_SUFFIXES, strip_md=True) -> list:
         files = [p]
     else:
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
-    docs = [t for t in (_read(f, strip_md) for f in files) if t.strip()]
-    if not docs:
+    n = 0
+    for f in files:
+        text = _read(f, strip_md)
+        if text.strip():
+            n += 1
+            yield text
+    if not n:
         raise ValueError(f"path {str(p)!r} holds no text (looked for {', '.join(suffixes)} files)")
-    return docs
+
+
+def read_texts(path, suffixes=TEXT_SUFFIXES, strip_md=True) -> list:
+    """A text file -> [its text]; a folder -> one document per *.txt / *.md file under it (sorted).
+    Markdown files are passed through `strip_markdown` unless strip_md=False. Empty files are skipped."""
+    return list(iter_texts(path, suffixes, strip_md))
 
 
 # ---- Shakespeare ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ batch is a pure function of (data, rng state). Arrays are int64 (B, T) as transf
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -301,9 +302,9 @@ def prepare(texts_or_paths, tokenizer, out_path, separator="auto", batch_docs=25
 
     texts_or_paths: a path (file or folder, via read_texts), or a list whose str items are
     document texts and whose Path items are files or folders."""
-    from .corpus import read_texts
+    from .corpus import read_texts, iter_texts
     if isinstance(texts_or_paths, (str, os.PathLike)):
-        docs = read_texts(texts_or_paths)
+        docs = iter_texts(texts_or_paths)  # one file in memory at a time
     else:
         docs = []
         for item in texts_or_paths:
@@ -314,8 +315,9 @@ def prepare(texts_or_paths, tokenizer, out_path, separator="auto", batch_docs=25
                     docs.append(item)
             else:
                 raise ValueError(f"texts_or_paths items must be str or Path, got {type(item).__name__}")
-    if not docs:
-        raise ValueError("texts_or_paths holds no text (empty corpus)")
+        if not docs:
+            raise ValueError("texts_or_paths holds no text (empty corpus)")
+        docs = iter(docs)
     if separator == "auto":
         separator = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id
     V = tokenizer.vocab_size
@@ -323,16 +325,22 @@ def prepare(texts_or_paths, tokenizer, out_path, separator="auto", batch_docs=25
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     starts, n = [], 0
-    with open(out_path, "wb") as f:
-        for s in range(0, len(docs), batch_docs):
-            for ids in tokenizer.encode_many(docs[s:s + batch_docs], add_special_tokens=False):
-                if separator is not None:
-                    ids = ids + [separator]
-                starts.append(n)
-                np.asarray(ids, dtype).tofile(f)
-                n += len(ids)
-    if n == 0:
-        raise ValueError("texts_or_paths tokenized to zero tokens")
+    tmp = out_path.with_name(out_path.name + ".tmp")  # renamed into place once complete
+    try:
+        with open(tmp, "wb") as f:
+            while chunk := list(itertools.islice(docs, batch_docs)):
+                for ids in tokenizer.encode_many(chunk, add_special_tokens=False):
+                    if separator is not None:
+                        ids = ids + [separator]
+                    starts.append(n)
+                    np.asarray(ids, dtype).tofile(f)
+                    n += len(ids)
+        if n == 0:
+            raise ValueError("texts_or_paths tokenized to zero tokens")
+        os.replace(tmp, out_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     meta = {"dtype": dtype.name, "length": n, "num_documents": len(starts), "vocab_size": V,
             "separator_id": separator}
     _sidecar(out_path).write_text(json.dumps(meta, indent=2) + "\n")
