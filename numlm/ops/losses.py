@@ -1,10 +1,20 @@
 """Losses: cross-entropy from logits with an ignore index, and mean squared error."""
+from typing import NamedTuple
+
 import numpy as np
 
 from ._check import float_array, ids_in_range
 from .. import kernels
 from ..kernels.softmax import shift_rows
 from ..kernels.losses import cross_entropy_finish, cross_entropy_backward_kernel
+
+
+class CrossEntropyCache(NamedTuple):
+    probs: np.ndarray      # (N, V) softmax of the logits
+    targets: np.ndarray    # (N,) int64
+    valid: np.ndarray      # (N,) bool, targets != ignore_index
+    count: int             # number of valid targets (the mean's denominator)
+    shape: tuple           # the logits' shape
 
 
 def cross_entropy_forward(logits, targets, ignore_index=-100):
@@ -34,12 +44,12 @@ def cross_entropy_forward(logits, targets, ignore_index=-100):
         lse = (m + np.log(s))[:, 0]
         losses = np.where(valid, lse - x[np.arange(len(t)), np.where(valid, t, 0)], 0)
     loss = logits.dtype.type(losses.sum() / count) if count else logits.dtype.type(0.0)
-    return loss, (probs, t, valid, count, logits.shape)
+    return loss, CrossEntropyCache(probs, t, valid, count, logits.shape)
 
 
 def cross_entropy_backward(dloss, cache):
     """dlogits[n] = dloss * (softmax(logits[n]) - onehot(targets[n])) / M   for non-ignored n, else 0"""
-    probs, t, valid, count, shape = cache
+    probs, t, valid, count, shape = cache.probs, cache.targets, cache.valid, cache.count, cache.shape
     if count == 0:
         return np.zeros(shape, dtype=probs.dtype)
     c = probs.dtype.type(float(dloss) / count)
