@@ -105,7 +105,7 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
     if dropout_p > 0.0:
         if rng is None:
             raise ValueError("attention dropout needs a numpy.random.Generator (rng)")
-        keep = (rng.random(probs.shape) >= dropout_p).astype(q.dtype) * q.dtype.type(1.0 / (1.0 - dropout_p))
+        keep = (rng.random(probs.shape, dtype=q.dtype) >= dropout_p) * q.dtype.type(1.0 / (1.0 - dropout_p))
         out = (probs * keep) @ v  # (B, H, Tq, D)
     else:
         out = probs @ v

@@ -12,7 +12,7 @@ def dropout_forward(x, p, rng=None, training=True):
         return x, None
     if rng is None:
         raise ValueError("dropout in training needs a numpy.random.Generator (rng)")
-    keep = (rng.random(x.shape) >= p).astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
+    keep = (rng.random(x.shape, dtype=x.dtype) >= p) * x.dtype.type(1.0 / (1.0 - p))  # draws in x's dtype
     return x * keep, keep
 
 
