@@ -13,7 +13,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..ops._check import int_array
+
 IGNORE_INDEX = -100
+_int_ids = int_array
 
 
 def as_rng(rng):
@@ -23,13 +26,6 @@ def as_rng(rng):
     if rng is None or isinstance(rng, (int, np.integer)):
         return np.random.default_rng(rng)
     raise ValueError(f"rng must be a numpy Generator or an int seed, got {type(rng).__name__}")
-
-
-def _int_ids(name, x):
-    x = np.asarray(x)
-    if x.dtype.kind not in "iu":
-        raise ValueError(f"{name} must hold integers, got dtype {x.dtype}")
-    return x
 
 
 def _positive_int(name, v):

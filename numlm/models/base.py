@@ -8,6 +8,7 @@ import numpy as np
 
 from ..io import read_config, write_config, load_safetensors, save_safetensors
 from ..nn import Module, Linear, Embedding, LayerNorm
+from ..ops._check import int_array
 
 ARCHITECTURES = {}  # transformers architecture name -> numlm class
 
@@ -28,6 +29,21 @@ class ModelOutput(dict):
 
     def __setattr__(self, name, value):
         self[name] = value
+
+
+def as_ids(name, x):
+    """Token ids, labels or positions as int64; anything not integer is refused naming `name`."""
+    return int_array(name, x).astype(np.int64, copy=False)
+
+
+def check_grad(name, grad, ref):
+    """A gradient handed to backward(grad): the shape and a floating dtype of the output `ref`."""
+    grad = np.asarray(grad)
+    if grad.shape != ref.shape:
+        raise ValueError(f"gradient of {name} must have shape {ref.shape}, got {grad.shape}")
+    if grad.dtype.kind != "f":
+        raise ValueError(f"gradient of {name} must be floating point, got dtype {grad.dtype}")
+    return grad.astype(ref.dtype, copy=False)
 
 
 def parse_dtype(dtype):

@@ -17,8 +17,8 @@ import numpy as np
 from ..nn import Module, ModuleList, Linear, Embedding, LayerNorm, Dropout, Activation, Attention
 from ..ops import (ACTIVATIONS, cross_entropy_forward, cross_entropy_backward, mse_forward, mse_backward,
                    bce_with_logits_forward, bce_with_logits_backward)
-from ..ops._check import ids_in_range, int_array
-from .base import PreTrainedModel, ModelOutput, register
+from ..ops._check import ids_in_range
+from .base import PreTrainedModel, ModelOutput, register, as_ids, check_grad
 from .config import Config
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
@@ -229,18 +229,6 @@ class BertPooler(Module):
 
 # ---------------------------------------------------------------------------------------- checks
 
-def _as_ids(name, x):
-    x = int_array(name, x)
-    return x.astype(np.int64, copy=False)
-
-
-def _check_grad(name, g, like):
-    g = np.asarray(g)
-    if g.shape != like.shape:
-        raise ValueError(f"gradient of {name} must have shape {like.shape}, got {g.shape}")
-    return g.astype(like.dtype, copy=False)
-
-
 class BertPreTrainedModel(PreTrainedModel):
     config_class = BertConfig
     base_model_prefix = "bert"
@@ -281,7 +269,7 @@ class BertModel(BertPreTrainedModel):
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, position_ids):
         cfg = self.config
-        input_ids = _as_ids("input_ids", input_ids)
+        input_ids = as_ids("input_ids", input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (B, T), got {input_ids.shape}")
         B, T = input_ids.shape
@@ -293,13 +281,13 @@ class BertModel(BertPreTrainedModel):
         ids_in_range("input_ids", input_ids, cfg.vocab_size)
         if token_type_ids is None:
             token_type_ids = np.zeros((B, T), dtype=np.int64)
-        token_type_ids = _as_ids("token_type_ids", token_type_ids)
+        token_type_ids = as_ids("token_type_ids", token_type_ids)
         if token_type_ids.shape != (B, T):
             raise ValueError(f"token_type_ids must have shape {(B, T)} like input_ids, got {token_type_ids.shape}")
         ids_in_range("token_type_ids", token_type_ids, cfg.type_vocab_size)
         if position_ids is None:
             position_ids = np.arange(T, dtype=np.int64)[None]  # (1, T): padding does not shift positions
-        position_ids = _as_ids("position_ids", position_ids)
+        position_ids = as_ids("position_ids", position_ids)
         if position_ids.ndim == 1:
             position_ids = position_ids[None]
         if position_ids.shape not in ((B, T), (1, T)):
@@ -341,8 +329,8 @@ class BertModel(BertPreTrainedModel):
         dpooled = None
         if isinstance(grad, tuple):
             grad, dpooled = grad
-        self.backward_from(None if grad is None else _check_grad("last_hidden_state", grad, last.last_hidden_state),
-                           None if dpooled is None else _check_grad("pooler_output", dpooled, last.pooler_output))
+        self.backward_from(None if grad is None else check_grad("last_hidden_state", grad, last.last_hidden_state),
+                           None if dpooled is None else check_grad("pooler_output", dpooled, last.pooler_output))
 
     def backward_from(self, dh=None, dpooled=None):
         """Backpropagate d last_hidden_state (B, T, C) and/or d pooler_output (B, C) to every parameter."""
@@ -430,7 +418,7 @@ TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weigh
 
 
 def _check_labels(name, labels, shape, n, allow=-100):
-    labels = _as_ids(name, labels)
+    labels = as_ids(name, labels)
     if labels.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {labels.shape}")
     return ids_in_range(name, labels, n, allow=allow)
@@ -514,9 +502,9 @@ class BertForPreTraining(BertPreTrainedModel):
         else:
             dlogits, dseq = grad if isinstance(grad, tuple) else (grad, None)
             if dlogits is not None:
-                dlogits = _check_grad("prediction_logits", dlogits, out.prediction_logits)
+                dlogits = check_grad("prediction_logits", dlogits, out.prediction_logits)
             if dseq is not None:
-                dseq = _check_grad("seq_relationship_logits", dseq, out.seq_relationship_logits)
+                dseq = check_grad("seq_relationship_logits", dseq, out.seq_relationship_logits)
         dh = None if dlogits is None else self.cls.predictions.backward(dlogits)
         dpooled = None if dseq is None else self.cls.seq_relationship.backward(dseq)
         self.bert.backward_from(dh, dpooled)
@@ -558,7 +546,7 @@ class BertForMaskedLM(BertPreTrainedModel):
                 _no_loss("labels")
             dlogits = _ce_grad(cache, out.logits.shape)
         else:
-            dlogits = _check_grad("logits", grad, out.logits)
+            dlogits = check_grad("logits", grad, out.logits)
         self.bert.backward_from(self.cls.predictions.backward(dlogits))
 
 
@@ -595,7 +583,7 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
         if grad is None and cache is None:
             _no_loss("labels")
         if grad is not None:
-            dlogits = _check_grad("logits", grad, out.logits)
+            dlogits = check_grad("logits", grad, out.logits)
         self.bert.backward_from(None, self.cls.seq_relationship.backward(dlogits))
 
 
@@ -666,7 +654,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
     def backward(self, grad=None):
         out, cache = self._need_last()
         if grad is not None:
-            dlogits = _check_grad("logits", grad, out.logits)
+            dlogits = check_grad("logits", grad, out.logits)
         elif cache is None:
             _no_loss("labels")
         elif cache[0] == "ce":
@@ -710,7 +698,7 @@ class BertForTokenClassification(BertPreTrainedModel):
     def backward(self, grad=None):
         out, cache = self._need_last()
         if grad is not None:
-            dlogits = _check_grad("logits", grad, out.logits)
+            dlogits = check_grad("logits", grad, out.logits)
         elif cache is None:
             _no_loss("labels")
         else:
@@ -748,7 +736,7 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         if start_positions is not None:
             pos = []
             for name, p in (("start_positions", start_positions), ("end_positions", end_positions)):
-                p = _as_ids(name, p)
+                p = as_ids(name, p)
                 if p.shape not in ((B,), (B, 1)):
                     raise ValueError(f"{name} must have shape {(B,)}, got {p.shape}")
                 pos.append(np.clip(p.reshape(B), 0, T))  # out-of-range spans -> T, then ignored
@@ -770,8 +758,8 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         else:
             if not isinstance(grad, tuple) or len(grad) != 2:
                 raise ValueError("BertForQuestionAnswering.backward(grad) takes (d start_logits, d end_logits)")
-            ds = _check_grad("start_logits", grad[0], out.start_logits)
-            de = _check_grad("end_logits", grad[1], out.end_logits)
+            ds = check_grad("start_logits", grad[0], out.start_logits)
+            de = check_grad("end_logits", grad[1], out.end_logits)
         dlogits = np.stack([ds, de], axis=-1)  # (B, T, 2)
         self.bert.backward_from(self.qa_outputs.backward(dlogits))
 

@@ -15,8 +15,8 @@ import numpy as np
 from ..nn import Module, ModuleList, Linear, Embedding, LayerNorm, Dropout, Activation, Attention
 from ..ops import (ACTIVATIONS, embedding_forward, embedding_backward, cross_entropy_forward,
                    cross_entropy_backward, mse_forward, mse_backward)
-from ..ops._check import ids_in_range, int_array
-from .base import ModelOutput, PreTrainedModel, register
+from ..ops._check import ids_in_range
+from .base import ModelOutput, PreTrainedModel, register, as_ids, check_grad
 from .config import Config
 
 IGNORE_INDEX = -100
@@ -230,25 +230,11 @@ class OpenAIGPTBlock(Module):
 
 # ---------------------------------------------------------------------------------------- input checks
 
-def _ids(name, x):
-    x = int_array(name, x)
-    return x.astype(np.int64, copy=False)
-
-
-def _check_grad(name, grad, ref):
-    grad = np.asarray(grad)
-    if grad.shape != ref.shape:
-        raise ValueError(f"gradient of {name} must have shape {ref.shape}, got {grad.shape}")
-    if grad.dtype.kind != "f":
-        raise ValueError(f"gradient of {name} must be floating point, got dtype {grad.dtype}")
-    return grad.astype(ref.dtype, copy=False)
-
-
 def _causal_lm_loss(logits, labels, vocab_size):
     """loss = mean over (b, t) with labels[b, t+1] != -100 of CE(logits[b, t], labels[b, t+1])
     transformers' shift, written as targets aligned with logits (the last position is ignored), so
     no (B, T-1, V) copy of the logits is made. In the logits' dtype."""
-    labels = _ids("labels", labels)
+    labels = as_ids("labels", labels)
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels must have the shape of input_ids {logits.shape[:-1]}, got {labels.shape}")
     ids_in_range("labels", labels, vocab_size, allow=IGNORE_INDEX)
@@ -290,7 +276,7 @@ class _GPTBackbone(_GPTPreTrainedModel):
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, past_key_values):
         cfg = self.config
-        input_ids = _ids("input_ids", input_ids)
+        input_ids = as_ids("input_ids", input_ids)
         if input_ids.ndim < 2 or input_ids.shape[-1] == 0 or input_ids.size == 0:
             raise ValueError(f"input_ids must have shape (B, T) or (B, N, T) with T >= 1, got {input_ids.shape}")
         shape = input_ids.shape
@@ -314,14 +300,14 @@ class _GPTBackbone(_GPTPreTrainedModel):
             if attention_mask.all():
                 attention_mask = None  # nothing masked: the plain causal mask
         if token_type_ids is not None:
-            token_type_ids = _ids("token_type_ids", token_type_ids)
+            token_type_ids = as_ids("token_type_ids", token_type_ids)
             if token_type_ids.shape != shape:
                 raise ValueError(f"token_type_ids must have the shape of input_ids {shape}, got {token_type_ids.shape}")
             token_type_ids = token_type_ids.reshape(B, T)
             ids_in_range("token_type_ids", token_type_ids, cfg.vocab_size)  # looked up in the token table
         if position_ids is None:
             position_ids = np.arange(past_len, past_len + T, dtype=np.int64)[None]  # padding does not shift
-        position_ids = _ids("position_ids", position_ids)
+        position_ids = as_ids("position_ids", position_ids)
         if position_ids.shape[-1:] != (T,) or position_ids.size not in (T, B * T):
             raise ValueError(f"position_ids must have shape {shape}, {(1, T)} or {(T,)}, got {position_ids.shape}")
         position_ids = np.broadcast_to(position_ids.reshape(-1, T), (B, T))
@@ -392,7 +378,7 @@ class _GPTBackbone(_GPTPreTrainedModel):
         last = self._need_last()
         if grad is None:
             raise ValueError(f"{type(self).__name__} has no loss; pass d last_hidden_state to backward(grad)")
-        self.backward_from(_check_grad("last_hidden_state", grad, last.last_hidden_state))
+        self.backward_from(check_grad("last_hidden_state", grad, last.last_hidden_state))
 
     def backward_from(self, dh):
         C = dh.shape[-1]
@@ -614,7 +600,7 @@ class _CausalLM(_LMHeadMixin, _GPTPreTrainedModel):
                 raise ValueError("backward() without a gradient needs a forward with labels (out.loss)")
             dlogits = cross_entropy_backward(1.0, ce)
         else:
-            dlogits = _check_grad("logits", grad, out.logits)
+            dlogits = check_grad("logits", grad, out.logits)
         dh = self._lm_backward(dlogits, h)
         full = self.transformer._last.last_hidden_state
         if dh.shape != full.shape:  # logits_to_keep: earlier positions get no gradient from the head
@@ -644,12 +630,12 @@ class _DoubleHeads(_LMHeadMixin, _GPTPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 mc_token_ids=None, mc_labels=None, past_key_values=None, use_cache=False,
                 output_hidden_states=False, output_attentions=False, lm_coef=1.0):
-        ids = _ids("input_ids", input_ids)
+        ids = as_ids("input_ids", input_ids)
         if ids.ndim != 3:
             raise ValueError(f"input_ids must have shape (B, num_choices, T), got {ids.shape}")
         B, N, T = ids.shape
         if mc_token_ids is not None:
-            mc_token_ids = _ids("mc_token_ids", mc_token_ids)
+            mc_token_ids = as_ids("mc_token_ids", mc_token_ids)
             if mc_token_ids.shape != (B, N):
                 raise ValueError(f"mc_token_ids must have shape {(B, N)}, got {mc_token_ids.shape}")
             ids_in_range("mc_token_ids", mc_token_ids, T)
@@ -664,7 +650,7 @@ class _DoubleHeads(_LMHeadMixin, _GPTPreTrainedModel):
         if labels is not None:
             out.loss, ce = _causal_lm_loss(logits, labels, self.config.vocab_size)
         if mc_labels is not None:
-            mc_labels = _ids("mc_labels", mc_labels)
+            mc_labels = as_ids("mc_labels", mc_labels)
             if mc_labels.shape != (B,):
                 raise ValueError(f"mc_labels must have shape {(B,)}, got {mc_labels.shape}")
             if mc_logits.shape != (B, N):
@@ -688,8 +674,8 @@ class _DoubleHeads(_LMHeadMixin, _GPTPreTrainedModel):
             dlogits = cross_entropy_backward(lm_coef, ce) if ce is not None else None
             dmc = cross_entropy_backward(1.0, mc) if mc is not None else None
         else:
-            dlogits = None if grad is None else _check_grad("logits", grad, out.logits)
-            dmc = None if mc_grad is None else _check_grad("mc_logits", mc_grad, out.mc_logits)
+            dlogits = None if grad is None else check_grad("logits", grad, out.logits)
+            dmc = None if mc_grad is None else check_grad("mc_logits", mc_grad, out.mc_logits)
         dh = np.zeros_like(h) if dlogits is None else self._lm_backward(dlogits, h)
         if dmc is not None:
             dh += self.multiple_choice_head.backward(dmc.reshape(sshape))
@@ -751,7 +737,7 @@ class GPT2ForSequenceClassification(_GPTPreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 past_key_values=None, use_cache=False, output_hidden_states=False, output_attentions=False):
-        ids = _ids("input_ids", input_ids)
+        ids = as_ids("input_ids", input_ids)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (B, T), got {ids.shape}")
         t = self.transformer(ids, attention_mask, token_type_ids, position_ids, past_key_values,
@@ -783,7 +769,7 @@ class GPT2ForSequenceClassification(_GPTPreTrainedModel):
             else:
                 cfg.problem_type = "multi_label_classification"
         if cfg.problem_type == "single_label_classification":
-            labels = _ids("labels", labels)
+            labels = as_ids("labels", labels)
             if labels.shape != (B,):
                 raise ValueError(f"labels must have shape {(B,)} for single-label classification, got {labels.shape}")
             ids_in_range("labels", labels, K, allow=IGNORE_INDEX)
@@ -807,7 +793,7 @@ class GPT2ForSequenceClassification(_GPTPreTrainedModel):
             dlogits = (cross_entropy_backward(1.0, c) if kind == "ce"
                        else mse_backward(1.0, c).reshape(out.logits.shape))
         else:
-            dlogits = _check_grad("logits", grad, out.logits)
+            dlogits = check_grad("logits", grad, out.logits)
         dpooled = self.score.backward(dlogits)  # (B, C)
         dh = np.zeros(hshape, dtype=dpooled.dtype)
         dh[np.arange(hshape[0]), idx] = dpooled
