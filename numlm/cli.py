@@ -18,7 +18,7 @@ def cmd_demo(a):
     t0 = time.perf_counter()
     model, tok, res = pretrain("gpt2", size="mini", data=a.data, vocab_size=a.vocab_size, out_dir=a.out,
                                block_size=128, batch_size=16, seed=a.seed, time_budget=a.minutes * 60,
-                               lr=1e-3)
+                               lr=1e-3, overwrite=True)  # the demo's folder is its own
     print(f"validation loss {res['initial']['val_loss']:.3f} -> {res['val_loss']:.3f} nats "
           f"(perplexity {res['initial']['val_ppl']:.0f} -> {res['val_ppl']:.1f}; unigram baseline "
           f"{res['unigram_loss']:.3f}); "
@@ -51,7 +51,7 @@ def cmd_pretrain(a):
     _, _, res = pretrain(a.arch, size=a.size, config_path=a.config, data=a.data, tokenizer_path=a.tokenizer,
                          vocab_size=a.vocab_size, out_dir=a.out, block_size=a.block_size,
                          batch_size=a.batch_size, steps=a.steps, lr=a.lr, warmup=a.warmup, seed=a.seed,
-                         dtype=a.dtype, resume=a.resume, grad_accum=a.grad_accum,
+                         dtype=a.dtype, resume=a.resume, overwrite=a.overwrite, grad_accum=a.grad_accum,
                          time_budget=None if a.minutes is None else a.minutes * 60)
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=1))
     return 0
@@ -174,6 +174,7 @@ def build_parser():
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     pt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    pt.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run")
     pt.set_defaults(fn=cmd_pretrain)
 
     e = sub.add_parser("eval", help="validation loss and perplexity of a saved model")

@@ -1,6 +1,7 @@
 """Pre-training recipes: corpus -> tokenizer -> token data -> model -> Trainer, for GPT-2, GPT-1
 and BERT. The `numlm` command is a thin layer over these functions."""
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 from .data import (Tokenizer, default_corpus, read_texts, prepare, load_tokens, load_document_starts,
                    split_tokens, split_documents, tokenize_documents, nsp_pairs, nsp_batch, mask_tokens,
                    TokenStream, sequential_blocks)
-from .train import Trainer, TrainConfig, latest_checkpoint, read_checkpoint_state
+from .train import Trainer, TrainConfig, latest_checkpoint, list_checkpoints, read_checkpoint_state
 
 ARCHS = ("gpt2", "openai-gpt", "bert")
 # (layers, hidden, heads); intermediate = 4 * hidden
@@ -191,12 +192,21 @@ class BertData:
 def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_path=None, vocab_size=8192,
              out_dir="runs/numlm", block_size=128, batch_size=16, steps=300, lr=None, warmup=None,
              seed=0, dtype="float32", resume=False, time_budget=None, log=print, progress=True,
-             eval_every=None, save_every=None, grad_accum=1):
+             eval_every=None, save_every=None, grad_accum=1, overwrite=False):
     """Pre-train a model from scratch; returns (model, tokenizer, result dict). `time_budget`
-    (seconds) sizes the number of steps from a measured step time instead of `steps`."""
+    (seconds) sizes the number of steps from a measured step time instead of `steps`.
+    A folder that already holds a run's checkpoints is continued with resume=True, started again
+    with overwrite=True (its checkpoints and metrics are deleted), and otherwise refused."""
     out = Path(out_dir)
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    earlier = list_checkpoints(out)
+    if earlier and not resume:
+        if not overwrite:
+            raise ValueError(f"{str(out)!r} already holds a run (checkpoint {earlier[-1].name}); pass --resume "
+                             f"to continue it, --overwrite to start again, or another --out")
+        shutil.rmtree(out / "checkpoints")
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     if resume:
         ck = latest_checkpoint(out)
         if ck is None:

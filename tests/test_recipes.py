@@ -163,3 +163,19 @@ def test_prepare_command_streams_a_folder_and_leaves_nothing_on_error(corpus, tm
     assert main(["prepare", "--tokenizer", str(tok_path), "--data", str(tmp_path / "empty"), "--out", str(bad)]) == 2
     assert "no text" in capsys.readouterr().err
     assert not list(tmp_path.glob("bad.bin*"))
+
+
+def test_fresh_run_into_an_earlier_run_is_refused_unless_overwrite(corpus, tmp_path, capsys):
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--data", str(corpus), "--vocab-size", "300",
+            "--out", str(tmp_path), "--block-size", "16", "--batch-size", "4", "--steps", "4"]
+    assert main(args) == 0
+    ck = tmp_path / "checkpoints" / "step-0000004"
+    stamp = (ck / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(args[:-1] + ["2"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (ck / "model.safetensors").read_bytes() == stamp
+    assert main(args[:-1] + ["2", "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 2
