@@ -16,6 +16,7 @@ import inspect
 import numpy as np
 
 from .models.base import ModelOutput
+from .ops import softmax_forward
 
 NEG = np.float32(-1.0e9)  # transformers' "very large negative" for beams that must not be chosen
 
@@ -59,9 +60,8 @@ def top_p_filter(scores, top_p, min_tokens_to_keep=1):
 
 
 def softmax(x):
-    """exp(x - max) / sum(exp(x - max)) over the last axis, in x's dtype.    (..., V) -> (..., V)"""
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    """exp(x - max) / sum(exp(x - max)) over the last axis, in x's dtype (numlm.ops).    (..., V) -> (..., V)"""
+    return softmax_forward(np.ascontiguousarray(x))[0]
 
 
 def log_softmax(x):
