@@ -37,9 +37,11 @@ def _error(analytic, numeric, idx):
     return float(np.abs(a - numeric).max(initial=0.0) / scale)
 
 
-def _output_value(out):
-    """The array a forward produced: a model output's loss, or the array itself."""
-    loss = getattr(out, "loss", None)
+def _output_value(out, module=None):
+    """The array a forward produced: what the model's backward() differentiates (its `objective`,
+    e.g. lm_coef * loss + mc_loss), a model output's loss, or the array itself."""
+    objective = getattr(module, "objective", None)
+    loss = objective(out) if objective is not None else getattr(out, "loss", None)
     if loss is not None:
         return np.asarray(loss, dtype=np.float64)
     if isinstance(out, np.ndarray) or np.isscalar(out):
@@ -61,7 +63,8 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
         ``backward(dout, cache)`` returning one gradient per floating-point input, in order;
       * a Module (a layer or a whole model): ``out = fn(*inputs, **kwargs)`` then
         ``fn.backward(dout)`` returning the input gradient(s), or ``fn.backward()`` when the output
-        has a ``.loss``; every parameter of the module is checked too (``check_params``).
+        has a ``.loss`` (for models, the scalar their ``objective(out)`` names); every parameter
+        of the module is checked too (``check_params``).
     ``inputs`` is a tuple of positional arguments or a dict of keyword arguments; integer arrays
     (token ids, labels, masks) pass through unchecked. Floating-point inputs and module parameters
     must be float64. ``max_entries`` checks that many random entries per array instead of all
@@ -114,8 +117,10 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
     # analytic pass
     res = call()
     out, cache = (res if not is_module else (res, None))
-    value = _output_value(out)
-    has_loss = is_module and getattr(out, "loss", None) is not None
+    module = fn if is_module else None
+    value = _output_value(out, module)
+    scalar = getattr(module, "objective", None)
+    has_loss = is_module and (scalar(out) if scalar is not None else getattr(out, "loss", None)) is not None
     dout = None if has_loss else rng.standard_normal(value.shape)
     if is_module:
         fn.zero_grad()
@@ -134,8 +139,8 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
         if j < len(grads) and grads[j] is not None:
             analytic[names[i]] = (values[i], np.asarray(grads[j], dtype=np.float64))
 
-    def objective():
-        v = _output_value(call() if is_module else call()[0])
+    def perturbed():
+        v = _output_value(call(), module) if is_module else _output_value(call()[0])
         return float(v) if dout is None else float(np.sum(v * dout))
 
     errors = {}
@@ -150,9 +155,9 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
         for n, i in enumerate(idx):
             old = flat[i]
             flat[i] = old + eps
-            fp = objective()
+            fp = perturbed()
             flat[i] = old - eps
-            fm = objective()
+            fm = perturbed()
             flat[i] = old
             numeric[n] = (fp - fm) / (2 * eps)
         errors[name] = _error(g, numeric, idx)

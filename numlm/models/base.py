@@ -228,6 +228,11 @@ class PreTrainedModel(Module):
         return generate(self, *args, **kwargs)
 
     # ---- the forward/backward contract --------------------------------------------------------
+    def objective(self, out):
+        """The scalar that backward() with no argument differentiates, from this forward's output
+        (out.loss; the double-heads models override it). None when the forward had no labels."""
+        return out.loss
+
     def backward(self, grad=None):
         raise NotImplementedError
 

@@ -665,6 +665,13 @@ class _DoubleHeads(_LMHeadMixin, _GPTPreTrainedModel):
         self._last = (out, h, s.shape, ce, mc, float(lm_coef))
         return out
 
+    def objective(self, out):
+        """lm_coef * loss + mc_loss (either part absent without its labels): what backward() differentiates."""
+        lm_coef = self._need_last()[5]
+        if out.loss is None and out.mc_loss is None:
+            return None
+        return (0.0 if out.loss is None else lm_coef * out.loss) + (0.0 if out.mc_loss is None else out.mc_loss)
+
     def backward(self, grad=None, mc_grad=None):
         """No arguments: d (lm_coef * loss + mc_loss). Else grad = d logits and/or mc_grad = d mc_logits."""
         out, h, sshape, ce, mc, lm_coef = self._need_last()
