@@ -20,10 +20,17 @@ class TextStreamer:
     """Prints the decoded text of row 0 as tokens arrive: decodes everything generated so far and
     writes only the new characters (byte-level BPE pieces join up across tokens)."""
 
-    def __init__(self, tok, out=None):
+    def __init__(self, tok, out=None, prefix=""):
         self.tok, self.out, self.ids, self.shown = tok, out or sys.stdout, [], ""
+        self.prefix = prefix  # the prompt, written with the first token (after generate checked its input)
+
+    def _start(self):
+        if self.prefix:
+            self.out.write(self.prefix)
+            self.prefix = ""
 
     def put(self, tokens):
+        self._start()
         self.ids.append(int(np.asarray(tokens).reshape(-1)[0]))
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next byte
@@ -33,6 +40,7 @@ class TextStreamer:
         self.shown = text
 
     def end(self):
+        self._start()
         text = self.tok.decode(self.ids)
         self.out.write(text[len(self.shown):] + "\n")
         self.out.flush()
@@ -50,13 +58,11 @@ def cmd_generate(a):
     if a.temperature is not None or a.top_k is not None or a.top_p is not None or a.sample:
         kw.update(do_sample=True, temperature=1.0 if a.temperature is None else a.temperature,
                   top_k=a.top_k, top_p=1.0 if a.top_p is None else a.top_p, seed=a.seed)
-    sys.stdout.write(a.prompt)
-    sys.stdout.flush()
     if a.num_beams > 1:  # beams change until the end: print the winner
         out = generate(model, [ids], **kw)
-        print(tok.decode(out[0, len(ids):]))
+        print(a.prompt + tok.decode(out[0, len(ids):]))
     else:
-        generate(model, [ids], streamer=TextStreamer(tok), **kw)
+        generate(model, [ids], streamer=TextStreamer(tok, prefix=a.prompt), **kw)
     return 0
 
 
