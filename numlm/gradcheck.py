@@ -37,11 +37,16 @@ def _error(analytic, numeric, idx):
     return float(np.abs(a - numeric).max(initial=0.0) / scale)
 
 
-def _output_value(out, module=None):
-    """The array a forward produced: what the model's backward() differentiates (its `objective`,
-    e.g. lm_coef * loss + mc_loss), a model output's loss, or the array itself."""
+def _loss(out, module):
+    """The scalar a module's backward() differentiates: its `objective(out)` (e.g. lm_coef * loss +
+    mc_loss), else out.loss; None when the forward had none."""
     objective = getattr(module, "objective", None)
-    loss = objective(out) if objective is not None else getattr(out, "loss", None)
+    return objective(out) if objective is not None else getattr(out, "loss", None)
+
+
+def _output_value(out, module=None):
+    """The array a forward produced: its loss (see _loss), or the array itself."""
+    loss = _loss(out, module)
     if loss is not None:
         return np.asarray(loss, dtype=np.float64)
     if isinstance(out, np.ndarray) or np.isscalar(out):
@@ -119,8 +124,7 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
     out, cache = (res if not is_module else (res, None))
     module = fn if is_module else None
     value = _output_value(out, module)
-    scalar = getattr(module, "objective", None)
-    has_loss = is_module and (scalar(out) if scalar is not None else getattr(out, "loss", None)) is not None
+    has_loss = is_module and _loss(out, module) is not None
     dout = None if has_loss else rng.standard_normal(value.shape)
     if is_module:
         fn.zero_grad()
