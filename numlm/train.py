@@ -211,6 +211,10 @@ class Trainer:
         return self.step
 
     # -- one optimizer step
+    def _diverged(self, what):
+        raise TrainingDiverged(f"{what} at step {self.step + 1}; stopping. The last good checkpoint in "
+                               f"{str(self.out / 'checkpoints')!r} is intact.")
+
     def train_step(self):
         model, cfg = self.model, self.cfg
         model.train()
@@ -219,10 +223,9 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             batch = self.stream.next_batch()
             out = model(**batch)
-            loss = float(out.loss)
+            loss = float(model.objective(out))  # the scalar backward() differentiates
             if not math.isfinite(loss):
-                raise TrainingDiverged(f"loss is {loss} at step {self.step + 1}; stopping. The last good "
-                                       f"checkpoint in {str(self.out / 'checkpoints')!r} is intact.")
+                self._diverged(f"loss is {loss}")
             model.backward()
             total += loss
             am = batch.get("attention_mask")
@@ -233,8 +236,7 @@ class Trainer:
                 g *= g.dtype.type(1.0 / cfg.grad_accum)
         norm = clip_grad_norm(grads, cfg.clip) if cfg.clip > 0 else float("nan")
         if cfg.clip > 0 and not math.isfinite(norm):
-            raise TrainingDiverged(f"gradient norm is {norm} at step {self.step + 1}; stopping. The last good "
-                                   f"checkpoint in {str(self.out / 'checkpoints')!r} is intact.")
+            self._diverged(f"gradient norm is {norm}")
         lr = cfg.lr * self.schedule(self.step)
         self.optimizer.step(grads, lr=lr)
         self.step += 1
