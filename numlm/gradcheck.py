@@ -103,7 +103,7 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
     is_module = hasattr(fn, "parameters") and hasattr(fn, "backward") and backward is None
     if not is_module and backward is None:
         raise ValueError("pass the analytic backward for an op, or a Module")
-    params = fn.parameters() if (is_module and check_params) else {}
+    params = fn.trainable_parameters() if (is_module and check_params) else {}
     for k, p in params.items():
         if p.dtype != np.float64:
             raise ValueError(f"gradcheck needs a float64 model; parameter {k} is {p.dtype} (use .astype('float64'))")

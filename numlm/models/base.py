@@ -112,10 +112,12 @@ class PreTrainedModel(Module):
     def _export(self, which):
         out = {}
         for key, (m, k, t) in self._slots().items():
-            a = getattr(m, which)[k]
-            out[key] = a.T.copy() if t else a.copy()
+            a = getattr(m, which).get(k)
+            if a is not None:  # a frozen parameter has no gradient
+                out[key] = a.T.copy() if t else a.copy()
         for alias, source in self.tied.items():
-            out[alias] = out[source]
+            if source in out:
+                out[alias] = out[source]
         return out
 
     def state_dict(self):
@@ -123,7 +125,8 @@ class PreTrainedModel(Module):
         return self._export("params")
 
     def gradients(self):
-        """{transformers state_dict key: gradient}; a tied alias carries the total gradient of its source."""
+        """{transformers state_dict key: gradient} of the trainable parameters; a tied alias carries
+        the total gradient of its source."""
         return self._export("grads")
 
     def load_state_dict(self, state, strict=True):

@@ -389,8 +389,10 @@ class BertLMPredictionHead(Module):
         # forward: logits = t W^T + b;  so  dt = dlogits W,  dW = dlogits^T t,  db = sum dlogits
         V, C = emb.params["weight"].shape
         d2, t2 = dlogits.reshape(-1, V), t.reshape(-1, C)
-        emb.grads["weight"] += d2.T @ t2  # (V, C), added to the lookup's gradient: the total
-        self.grads["bias"] += d2.sum(axis=0)
+        if emb.requires_grad("weight"):
+            emb.grads["weight"] += d2.T @ t2  # (V, C), added to the lookup's gradient: the total
+        if self.requires_grad("bias"):
+            self.grads["bias"] += d2.sum(axis=0)
         return self.transform.backward((d2 @ emb.params["weight"]).reshape(t.shape))  # (B, T, C)
 
 

@@ -392,7 +392,7 @@ class _GPTBackbone(_GPTPreTrainedModel):
         tok, posemb = self._tables()
         tok.backward(dh)
         posemb.backward(dh)
-        if self._tt_cache is not None:
+        if self._tt_cache is not None and tok.requires_grad("weight"):
             tok.grads["weight"] += embedding_backward(dh, self._tt_cache)
 
 
@@ -472,7 +472,8 @@ class _TiedLMHead:
         W = table.params["weight"]
         V, C = W.shape
         d2 = dlogits.reshape(-1, V)
-        table.grads["weight"] += d2.T @ h.reshape(-1, C)  # (V, C)
+        if table.requires_grad("weight"):
+            table.grads["weight"] += d2.T @ h.reshape(-1, C)  # (V, C)
         return (d2 @ W).reshape(h.shape)  # (..., C)
 
 

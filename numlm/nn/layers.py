@@ -23,8 +23,9 @@ class Linear(Module):
         return y
 
     def backward(self, dy):
-        dx, dw, db = linear_backward(dy, self.cache)
-        self.grads["weight"] += dw
+        dx, dw, db = linear_backward(dy, self.cache, self.requires_grad("weight"), self.requires_grad("bias"))
+        if dw is not None:
+            self.grads["weight"] += dw
         if db is not None:
             self.grads["bias"] += db
         return dx
@@ -41,7 +42,8 @@ class Embedding(Module):
         return out
 
     def backward(self, dout):
-        self.grads["weight"] += embedding_backward(dout, self.cache)
+        if self.requires_grad("weight"):
+            self.grads["weight"] += embedding_backward(dout, self.cache)
 
 
 class LayerNorm(Module):
@@ -56,9 +58,11 @@ class LayerNorm(Module):
         return y
 
     def backward(self, dy):
-        dx, dg, db = layernorm_backward(dy, self.cache)
-        self.grads["weight"] += dg
-        self.grads["bias"] += db
+        dx, dg, db = layernorm_backward(dy, self.cache)  # dg, db: two sums fused into dx's pass
+        if self.requires_grad("weight"):
+            self.grads["weight"] += dg
+        if self.requires_grad("bias"):
+            self.grads["bias"] += db
         return dx
 
 

@@ -1,12 +1,16 @@
 """Module: named parameters, their gradients (a mirror dict with the same keys), children, and the
-cache of the last forward. One forward, then one backward; gradients accumulate with +=."""
+cache of the last forward. One forward, then one backward; gradients accumulate with +=.
+
+Freezing: a frozen parameter has no entry in `grads`. Its layer then computes no gradient for it
+(only the input gradient), grad_arrays() leaves it out, so clipping and the optimizer never see it,
+and its values stay bit-identical through training."""
 import numpy as np
 
 
 class Module:
     def __init__(self):
         self.params = {}      # name -> ndarray
-        self.grads = {}       # name -> ndarray, same keys and shapes as params
+        self.grads = {}       # name -> ndarray, the trainable params' keys and shapes
         self.training = True
         self.cache = None
 
@@ -31,8 +35,46 @@ class Module:
         return {f"{p}.{k}" if p else k: v for p, m in self.modules() for k, v in m.params.items()}
 
     def grad_arrays(self):
-        """{dotted name: gradient array}, the mirror of parameters()."""
+        """{dotted name: gradient array}, the mirror of trainable_parameters()."""
         return {f"{p}.{k}" if p else k: v for p, m in self.modules() for k, v in m.grads.items()}
+
+    # ---- freezing
+    def requires_grad(self, name):
+        """True unless this module's own parameter `name` is frozen."""
+        return name in self.grads
+
+    def trainable_parameters(self):
+        """{dotted name: array} of the parameters that are not frozen."""
+        return {f"{p}.{k}" if p else k: m.params[k] for p, m in self.modules() for k in m.grads}
+
+    def has_trainable(self):
+        """True if any parameter of this module or a descendant is not frozen."""
+        return any(m.grads for _, m in self.modules())
+
+    def _select(self, names):
+        """(module, local name) for dotted `names` relative to this module (None: every parameter)."""
+        slots = {f"{p}.{k}" if p else k: (m, k) for p, m in self.modules() for k in m.params}
+        if names is None:
+            return list(slots.values())
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in slots]
+        if unknown:
+            raise ValueError(f"no parameter named {unknown[0]!r} in {type(self).__name__}")
+        return [slots[n] for n in names]
+
+    def freeze(self, names=None):
+        """Freeze the parameters `names` (dotted, relative to this module), or all of this module's
+        tree. Their gradient arrays are dropped; returns self."""
+        for m, k in self._select(names):
+            m.grads.pop(k, None)
+        return self
+
+    def unfreeze(self, names=None):
+        """Make the parameters `names` (or all) trainable again, with a zero gradient; returns self."""
+        for m, k in self._select(names):
+            if k not in m.grads:
+                m.grads[k] = np.zeros_like(m.params[k])
+        return self
 
     def zero_grad(self):
         for _, m in self.modules():
@@ -55,7 +97,8 @@ class Module:
         for _, m in self.modules():
             for k in m.params:
                 m.params[k] = np.ascontiguousarray(m.params[k], dtype=dtype)
-                m.grads[k] = np.zeros_like(m.params[k])
+                if k in m.grads:  # frozen parameters stay frozen
+                    m.grads[k] = np.zeros_like(m.params[k])
         return self
 
     @property

@@ -20,13 +20,13 @@ def linear_forward(x, w, b=None):
     return y, (x, w, b is not None)
 
 
-def linear_backward(dy, cache):
+def linear_backward(dy, cache, need_dw=True, need_db=True):
     """forward: y = x W + b;  so  dx = dy W^T,  dW = x^T dy (summed over N),  db = sum_N dy
-    dy: (N, C_out)  ->  dx: (N, C_in), dw: (C_in, C_out), db: (C_out,) or None"""
+    dy: (N, C_out)  ->  dx: (N, C_in), dw: (C_in, C_out), db: (C_out,) or None
+    need_dw / need_db False (a frozen weight or bias) skip that gradient and return None for it."""
     x, w, has_bias = cache
-    x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
     dx = (dy2 @ w.T).reshape(x.shape)  # (N, C_in)
-    dw = x2.T @ dy2  # (C_in, C_out)
-    db = dy2.sum(axis=0) if has_bias else None
+    dw = x.reshape(-1, x.shape[-1]).T @ dy2 if need_dw else None  # (C_in, C_out)
+    db = dy2.sum(axis=0) if has_bias and need_db else None
     return dx, dw, db
