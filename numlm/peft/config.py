@@ -1,0 +1,237 @@
+"""Adapter configs: peft's LoraConfig, PromptTuningConfig, PrefixTuningConfig and AdapterHub's
+bottleneck configs (SeqBnConfig = Pfeiffer, DoubleSeqBnConfig = Houlsby), with the field names and
+defaults of peft 0.21 and adapters 1.3, read from and written to their adapter_config.json."""
+import dataclasses
+from typing import Optional, Union
+
+TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "FEATURE_EXTRACTION")
+# the heads peft trains for a new task (its modules_to_save per task type)
+TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+              "QUESTION_ANS": ["qa_outputs"]}
+# peft's default LoRA targets per model type
+LORA_TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"], "openai-gpt": ["c_attn"]}
+
+
+def _task(task_type):
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise ValueError(f"task_type {task_type!r} is not supported; numlm supports {TASK_TYPES} or None")
+
+
+def _positive_int(name, v):
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """y = x W + b + (lora_alpha / r) * dropout(x) A^T B^T on every module named in target_modules."""
+
+    peft_type = "LORA"
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: Optional[Union[list, str]] = None
+    fan_in_fan_out: bool = False
+    modules_to_save: Optional[list] = None
+    bias: str = "none"
+    task_type: Optional[str] = None
+    init_lora_weights: Union[bool, str] = True
+    use_rslora: bool = False
+    use_dora: bool = False
+    layers_to_transform: Optional[Union[list, int]] = None
+    inference_mode: bool = False
+    base_model_name_or_path: Optional[str] = None
+
+    def __post_init__(self):
+        _positive_int("r", self.r)
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = sorted(self.target_modules)
+        if self.target_modules is not None and not isinstance(self.target_modules, (list, str)):
+            raise ValueError(f"target_modules must be a list of module names or a regex string, "
+                             f"got {type(self.target_modules).__name__}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules is empty: name the modules LoRA adapts (e.g. ['query', 'value'])")
+        if self.bias != "none":
+            raise ValueError(f"LoRA bias={self.bias!r} is not supported; numlm implements bias='none'")
+        if self.use_dora or self.use_rslora:
+            raise ValueError("use_dora / use_rslora are not supported; numlm implements plain LoRA")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights={self.init_lora_weights!r} is not supported; "
+                             "numlm supports True (peft's default), False and 'gaussian'")
+        if self.layers_to_transform is not None:
+            raise ValueError("layers_to_transform is not supported; adapt every layer or use a regex "
+                             "in target_modules")
+        if self.modules_to_save is not None and not isinstance(self.modules_to_save, list):
+            raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        _task(self.task_type)
+
+    @property
+    def scaling(self):
+        return self.lora_alpha / self.r
+
+
+@dataclasses.dataclass
+class PromptTuningConfig:
+    """num_virtual_tokens learned embeddings (n, C) prepended to the word embeddings."""
+
+    peft_type = "PROMPT_TUNING"
+    num_virtual_tokens: int = 20
+    task_type: Optional[str] = None
+    prompt_tuning_init: str = "RANDOM"
+    token_dim: Optional[int] = None
+    num_transformer_submodules: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_layers: Optional[int] = None
+    modules_to_save: Optional[list] = None
+    inference_mode: bool = False
+    base_model_name_or_path: Optional[str] = None
+
+    def __post_init__(self):
+        _positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        if self.prompt_tuning_init != "RANDOM":
+            raise ValueError(f"prompt_tuning_init={self.prompt_tuning_init!r} is not supported; numlm "
+                             "initialises soft prompts at random ('RANDOM')")
+        if self.num_transformer_submodules not in (None, 1):
+            raise ValueError("num_transformer_submodules must be 1 (encoder-only or decoder-only models)")
+        _task(self.task_type)
+
+
+@dataclasses.dataclass
+class PrefixTuningConfig:
+    """num_virtual_tokens learned keys and values per layer, (n, L*2*C), no reparameterization."""
+
+    peft_type = "PREFIX_TUNING"
+    num_virtual_tokens: int = 20
+    task_type: Optional[str] = None
+    prefix_projection: bool = False
+    encoder_hidden_size: Optional[int] = None
+    token_dim: Optional[int] = None
+    num_transformer_submodules: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_layers: Optional[int] = None
+    modules_to_save: Optional[list] = None
+    inference_mode: bool = False
+    base_model_name_or_path: Optional[str] = None
+
+    def __post_init__(self):
+        _positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        if self.prefix_projection:
+            raise ValueError("prefix_projection=True (the MLP reparameterization) is not supported; "
+                             "numlm implements prefix tuning without projection")
+        if self.num_transformer_submodules not in (None, 1):
+            raise ValueError("num_transformer_submodules must be 1 (encoder-only or decoder-only models)")
+        _task(self.task_type)
+
+
+ACTIVATIONS = ("swish", "silu", "relu", "gelu", "gelu_new", "tanh")
+
+
+@dataclasses.dataclass
+class BnConfig:
+    """AdapterHub's bottleneck adapter: a = r + scaling * up(act(down(z))), see numlm.peft.adapter."""
+
+    architecture = "bottleneck"
+    mh_adapter: bool = False
+    output_adapter: bool = True
+    reduction_factor: Union[float, int] = 16
+    non_linearity: str = "relu"
+    original_ln_before: bool = True
+    original_ln_after: bool = True
+    residual_before_ln: Union[bool, str] = True
+    ln_before: bool = False
+    ln_after: bool = False
+    init_weights: str = "bert"
+    is_parallel: bool = False
+    scaling: Union[float, str] = 1.0
+    use_gating: bool = False
+    dropout: float = 0.0
+    leave_out: list = dataclasses.field(default_factory=list)
+    phm_layer: bool = False
+    inv_adapter: Optional[str] = None
+    cross_adapter: bool = False
+    stochastic_depth: float = 0.0
+    extra: dict = dataclasses.field(default_factory=dict)  # AdapterHub fields numlm keeps but does not use
+
+    def __post_init__(self):
+        r = self.reduction_factor
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0:
+            raise ValueError(f"reduction_factor must be a positive number, got {r!r}")
+        if isinstance(r, dict):
+            raise ValueError("a per-layer reduction_factor dict is not supported")
+        if self.non_linearity.lower() not in ACTIVATIONS:
+            raise ValueError(f"adapter non_linearity {self.non_linearity!r} is not supported; numlm supports "
+                             f"{ACTIVATIONS}")
+        if self.residual_before_ln not in (True, False):
+            raise ValueError(f"residual_before_ln={self.residual_before_ln!r} is not supported (True or False)")
+        unknown = [k for k, bad in (("ln_before", self.ln_before), ("ln_after", self.ln_after),
+                                    ("is_parallel", self.is_parallel), ("use_gating", self.use_gating),
+                                    ("phm_layer", self.phm_layer), ("inv_adapter", self.inv_adapter),
+                                    ("cross_adapter", self.cross_adapter),
+                                    ("stochastic_depth", self.stochastic_depth)) if bad]
+        if unknown:
+            raise ValueError(f"adapter config options {unknown} are not supported; numlm implements "
+                             "sequential bottleneck adapters (seq_bn, double_seq_bn)")
+        if isinstance(self.scaling, str) or isinstance(self.scaling, bool):
+            raise ValueError(f"adapter scaling={self.scaling!r} is not supported; give a number")
+        if self.dropout != 0.0:
+            raise ValueError(f"adapter dropout={self.dropout!r} is not supported; numlm's adapters use 0.0")
+        if self.init_weights not in ("bert", "mam_adapter"):
+            raise ValueError(f"adapter init_weights={self.init_weights!r} is not supported ('bert', 'mam_adapter')")
+
+    def bottleneck(self, hidden_size):
+        """The bottleneck width m = C / reduction_factor; C must be divisible by it."""
+        m = hidden_size / self.reduction_factor
+        if m != int(m) or m < 1:
+            raise ValueError(f"reduction_factor {self.reduction_factor} does not divide the hidden size "
+                             f"{hidden_size}")
+        return int(m)
+
+    def to_dict(self):
+        d = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                d[f.name] = getattr(self, f.name)
+        d["architecture"] = self.architecture
+        return d
+
+    @property
+    def peft_type(self):
+        return "BOTTLENECK"
+
+
+@dataclasses.dataclass
+class SeqBnConfig(BnConfig):
+    """Pfeiffer et al. (2020): one adapter after the feed-forward sub-layer, the block's LayerNorm before it."""
+
+    reduction_factor: Union[float, int] = 16
+    non_linearity: str = "relu"
+
+
+@dataclasses.dataclass
+class DoubleSeqBnConfig(BnConfig):
+    """Houlsby et al. (2019): adapters after the attention and after the feed-forward sub-layers."""
+
+    mh_adapter: bool = True
+    original_ln_before: bool = False
+    non_linearity: str = "swish"
+
+
+def bn_config_from_dict(d):
+    """A BnConfig from AdapterHub's adapter_config.json "config" dict (unknown options refused)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"adapter config must be a dict, got {type(d).__name__}")
+    if d.get("architecture", "bottleneck") != "bottleneck":
+        raise ValueError(f"adapter architecture {d.get('architecture')!r} is not supported; numlm supports "
+                         "bottleneck adapters (seq_bn, double_seq_bn)")
+    names = {f.name for f in dataclasses.fields(BnConfig)} - {"extra"}
+    known = {k: v for k, v in d.items() if k in names}
+    # options AdapterHub writes that matter only when their switch (phm_layer, ...) is on
+    extra = {k: v for k, v in d.items() if k not in names and k != "architecture"}
+    if known.get("residual_before_ln") == "post_add":
+        raise ValueError("residual_before_ln='post_add' is not supported")
+    known.setdefault("mh_adapter", False)
+    return BnConfig(**known, extra=extra)

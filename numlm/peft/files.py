@@ -1,0 +1,167 @@
+"""Adapter folders both ways, never a pickle:
+- peft: adapter_config.json + adapter_model.safetensors (keys `base_model.model.<path>.lora_A.weight`,
+  `prompt_embeddings`, heads `base_model.model.classifier.weight` / `base_model.classifier.weight`);
+- AdapterHub: adapter_config.json + adapter.safetensors (+ head_config.json + model_head.safetensors).
+"""
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from .config import LoraConfig, PromptTuningConfig, PrefixTuningConfig, bn_config_from_dict
+
+PEFT_WEIGHTS, PEFT_PICKLE = "adapter_model.safetensors", "adapter_model.bin"
+HUB_WEIGHTS, HUB_PICKLE = "adapter.safetensors", "pytorch_adapter.bin"
+HUB_HEAD, HUB_HEAD_PICKLE, HUB_HEAD_CONFIG = "model_head.safetensors", "pytorch_model_head.bin", "head_config.json"
+CONFIG = "adapter_config.json"
+PEFT_VERSION, ADAPTERS_VERSION = "0.21.2", "adapters.1.3.0"
+
+PEFT_CONFIGS = {"LORA": LoraConfig, "PROMPT_TUNING": PromptTuningConfig, "PREFIX_TUNING": PrefixTuningConfig}
+# adapter_config.json fields numlm reads past: bookkeeping, or options that are off at these values
+PEFT_IGNORED = {"peft_version", "revision", "auto_mapping", "megatron_core", "megatron_config", "qalora_group_size",
+                "tokenizer_name_or_path", "tokenizer_kwargs", "prompt_tuning_init_text", "init_weights",
+                "alpha_pattern", "rank_pattern", "loftq_config", "lora_bias", "use_qalora", "use_bdlora",
+                "ensure_weight_tying", "exclude_modules", "layers_pattern", "target_parameters",
+                "trainable_token_indices", "alora_invocation_tokens", "arrow_config", "corda_config",
+                "eva_config", "kasa_config", "lora_ga_config", "monteclora_config", "velora_config",
+                "layer_replication"}
+
+CONVERT = ("numlm never unpickles; convert it once with torch installed:\n"
+           "  python -c \"import torch; from safetensors.torch import save_file; "
+           "save_file(torch.load('{src}', map_location='cpu'), '{dst}')\"")
+
+
+def _folder(path):
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"adapter folder {str(path)!r} does not exist or is not a directory")
+    return path
+
+
+def folder_kind(path):
+    """"peft" or "adapterhub" from the files present; pickle-only folders are refused, saying how to convert."""
+    path = _folder(path)
+    if (path / PEFT_WEIGHTS).is_file():
+        return "peft"
+    if (path / HUB_WEIGHTS).is_file():
+        return "adapterhub"
+    for pickle, dst in ((PEFT_PICKLE, PEFT_WEIGHTS), (HUB_PICKLE, HUB_WEIGHTS)):
+        if (path / pickle).is_file():
+            src = path / pickle
+            raise ValueError(f"adapter folder {str(path)!r} holds only a pickle ({pickle}), which can run code "
+                             "when loaded. " + CONVERT.format(src=src, dst=path / dst))
+    raise ValueError(f"adapter folder {str(path)!r} has neither {PEFT_WEIGHTS} (peft) nor {HUB_WEIGHTS} (AdapterHub)")
+
+
+def read_json(f):
+    if not f.is_file():
+        raise ValueError(f"no {f.name} in {str(f.parent)!r}")
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(f)!r} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{str(f)!r} must hold a JSON object")
+    return d
+
+
+def peft_config_from_dict(d, where="adapter_config.json"):
+    """A numlm config from peft's adapter_config.json; unknown methods and options are refused."""
+    kind = d.get("peft_type")
+    if kind not in PEFT_CONFIGS:
+        raise ValueError(f"{where}: peft_type {kind!r} is not supported; numlm supports {sorted(PEFT_CONFIGS)}")
+    cls = PEFT_CONFIGS[kind]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k, v in d.items() if k not in names and k != "peft_type" and k not in PEFT_IGNORED
+               and v not in (None, False, {}, [])]
+    if unknown:
+        raise ValueError(f"{where}: options {sorted(unknown)} ({kind}) are not supported by numlm")
+    if kind == "LORA":
+        for k in ("alpha_pattern", "rank_pattern"):
+            if d.get(k):
+                raise ValueError(f"{where}: {k} (per-module ranks or alphas) is not supported")
+        if d.get("lora_bias"):
+            raise ValueError(f"{where}: lora_bias=True is not supported")
+    kwargs = {k: v for k, v in d.items() if k in names}
+    return cls(**kwargs)
+
+
+def peft_config_to_dict(config):
+    d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    d["peft_type"] = config.peft_type
+    d["peft_version"] = PEFT_VERSION
+    d["revision"] = None
+    d["auto_mapping"] = None
+    if config.peft_type == "LORA":
+        d.update(alpha_pattern={}, rank_pattern={}, lora_bias=False, exclude_modules=None,
+                 layers_pattern=None, loftq_config={}, megatron_config=None, megatron_core="megatron.core")
+        if isinstance(d["target_modules"], (set, tuple)):
+            d["target_modules"] = sorted(d["target_modules"])
+    if config.peft_type == "PROMPT_TUNING":
+        d.update(prompt_tuning_init_text=None, tokenizer_name_or_path=None, tokenizer_kwargs=None)
+    return d
+
+
+# AdapterHub's own defaults for the bottleneck options numlm keeps at their off values
+HUB_DEFAULTS = {"adapter_residual_before_ln": False, "cross_adapter": False, "factorized_phm_W": True,
+                "factorized_phm_rule": False, "hypercomplex_nonlinearity": "glorot-uniform",
+                "init_weights_seed": None, "inv_adapter": None, "inv_adapter_reduction_factor": None,
+                "learn_phm": True, "phm_bias": True, "phm_c_init": "normal", "phm_dim": 4,
+                "phm_init_range": 0.0001, "phm_layer": False, "phm_rank": 1, "shared_W_phm": False,
+                "shared_phm_rule": True}
+HUB_FIELDS = ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity", "original_ln_before",
+              "original_ln_after", "residual_before_ln", "ln_before", "ln_after", "init_weights", "is_parallel",
+              "scaling", "use_gating", "dropout", "leave_out", "stochastic_depth")
+
+
+def hub_config_to_dict(config):
+    d = dict(HUB_DEFAULTS)
+    d.update({k: v for k, v in config.extra.items()})
+    for k in HUB_FIELDS:
+        d[k] = getattr(config, k)
+    return dict(sorted(d.items()))
+
+
+def hub_config_from_dict(d, where="adapter_config.json"):
+    cfg = d.get("config")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: no 'config' object (an AdapterHub adapter_config.json has one)")
+    try:  # unknown switches (phm_layer, use_gating, ...) are refused by the config itself
+        return bn_config_from_dict(cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def load_tensors(f):
+    try:
+        return load_file(str(f))
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{str(f)!r} is not a readable safetensors file: {e}") from None
+
+
+def save_tensors(tensors, f):
+    _atomic(f, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp))
+
+
+def write_json(d, f):
+    def w(tmp):
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(d, indent=2, sort_keys=True) + "\n")
+    _atomic(f, w)
+
+
+def _atomic(f, write):
+    f = Path(f)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=f".{f.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, f)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

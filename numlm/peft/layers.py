@@ -1,0 +1,175 @@
+"""The modules peft puts into a model: a LoRA linear in place of a Linear, AdapterHub's bottleneck
+adapter, and the soft prompt / prefix tables. Their dotted names are the adapter files' keys
+(`...query.lora_A.weight`, `...output.adapters.<name>.adapter_down.0.weight`, `prompt_embeddings`).
+
+Frozen parameters have no entry in `grads` (numlm.nn's freezing): their weight gradient is never
+computed, only the input gradient flows through them.
+"""
+import math
+
+import numpy as np
+
+from ..nn import Module, ModuleList, Linear, Dropout
+from .ops import (lora_linear_forward, lora_linear_backward, adapter_block_forward, adapter_block_backward)
+
+
+class LoraLinear(Linear):
+    """y = x W + b + (alpha / r) * dropout(x) A^T B^T  in place of a Linear.
+    It shares the base Linear's weight and bias (same arrays, same key); `lora_A` (C_in -> r) and
+    `lora_B` (r -> C_out) are child Linears in torch's layout, so their keys are peft's
+    (`<module>.lora_A.weight`, (r, C_in); `<module>.lora_B.weight`, (C_out, r)) whatever the base layout."""
+
+    def __init__(self, base, r, alpha, dropout=0.0):
+        Module.__init__(self)
+        self.base_layer_type = type(base)
+        self.torch_layout = base.torch_layout
+        self.params, self.grads = base.params, base.grads  # the base's arrays, frozen or not
+        c_in, c_out = base.params["weight"].shape
+        dtype = base.params["weight"].dtype
+        self.r, self.lora_alpha, self.scaling = r, alpha, alpha / r
+        self.lora_dropout = Dropout(dropout)
+        self.lora_A = Linear(c_in, r, bias=False, dtype=dtype, torch_layout=True)
+        self.lora_B = Linear(r, c_out, bias=False, dtype=dtype, torch_layout=True)
+        self.training = base.training
+
+    def reset_lora(self, rng, init=True):
+        """peft's init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(C_in), 1/sqrt(C_in)) (or N(0, 1/r)
+        for "gaussian"), B = 0, so the adapted model starts equal to the base model."""
+        a = self.lora_A.params["weight"]
+        c_in = a.shape[0]
+        if init == "gaussian":
+            a[...] = rng.normal(0.0, 1.0 / self.r, a.shape)
+        else:
+            bound = 1.0 / math.sqrt(c_in)
+            a[...] = rng.uniform(-bound, bound, a.shape)
+        self.lora_B.params["weight"][...] = 0
+        if init is False:  # peft: B random too, so the adapter is not a no-op (for tests)
+            self.lora_B.params["weight"][...] = rng.uniform(-1, 1, self.lora_B.params["weight"].shape)
+
+    def forward(self, x):  # (..., C_in) -> (..., C_out)
+        xd = self.lora_dropout(x)  # x itself in eval mode or with p = 0
+        y, self.cache = lora_linear_forward(x, self.params["weight"], self.params.get("bias"),
+                                            self.lora_A.params["weight"], self.lora_B.params["weight"],
+                                            self.scaling, None if xd is x else xd)
+        return y
+
+    def backward(self, dy):
+        g = lora_linear_backward(dy, self.cache, "weight" in self.grads, "bias" in self.grads)
+        dx, dw, dbias, da, db = g[:5]
+        if len(g) == 6:  # the LoRA branch saw dropout(x)
+            dx = dx + self.lora_dropout.backward(g[5])
+        if dw is not None:
+            self.grads["weight"] += dw
+        if dbias is not None:
+            self.grads["bias"] += dbias
+        if "weight" in self.lora_A.grads:
+            self.lora_A.grads["weight"] += da
+        if "weight" in self.lora_B.grads:
+            self.lora_B.grads["weight"] += db
+        return dx
+
+    def delta_weight(self):
+        """(alpha / r) * a b in numlm's (C_in, C_out) layout: the update merge adds to W."""
+        a, b = self.lora_A.params["weight"], self.lora_B.params["weight"]
+        return (a @ b) * a.dtype.type(self.scaling)
+
+    def unwrap(self, merge):
+        """The base Linear (sharing this module's weight arrays); with merge, W += (alpha / r) a b."""
+        c_in, c_out = self.params["weight"].shape
+        base = Linear(c_in, c_out, bias="bias" in self.params, dtype=self.params["weight"].dtype,
+                      torch_layout=self.torch_layout)
+        base.params, base.grads = self.params, self.grads
+        if merge:
+            self.params["weight"] += self.delta_weight()
+        base.training = self.training
+        return base
+
+
+class Adapter(Module):
+    """AdapterHub's bottleneck Adapter: adapter_down = [Linear(C, m), act] (key adapter_down.0),
+    adapter_up = Linear(m, C); a = r + scaling * up(act(down(z))). Torch layout keys."""
+
+    def __init__(self, C, m, config, dtype=np.float32):
+        super().__init__()
+        self.config = config
+        self.adapter_down = ModuleList([Linear(C, m, dtype=dtype, torch_layout=True)])
+        self.adapter_up = Linear(m, C, dtype=dtype, torch_layout=True)
+
+    def reset(self, rng):
+        """AdapterHub's init: "bert" = N(0, 0.02) weights, zero biases; "mam_adapter" = kaiming
+        uniform down (a=sqrt(5)), zero up."""
+        d, u = self.adapter_down[0], self.adapter_up
+        if self.config.init_weights == "mam_adapter":
+            c_in = d.params["weight"].shape[0]
+            d.params["weight"][...] = rng.uniform(-1 / math.sqrt(c_in), 1 / math.sqrt(c_in), d.params["weight"].shape)
+            d.params["bias"][...] = rng.uniform(-1 / math.sqrt(c_in), 1 / math.sqrt(c_in), d.params["bias"].shape)
+            u.params["weight"][...] = 0
+            u.params["bias"][...] = 0
+        else:
+            for lin in (d, u):
+                lin.params["weight"][...] = rng.normal(0.0, 0.02, lin.params["weight"].shape)
+                lin.params["bias"][...] = 0
+
+    def weights(self):
+        d, u = self.adapter_down[0].params, self.adapter_up.params
+        return {"wd": d["weight"], "bd": d["bias"], "wu": u["weight"], "bu": u["bias"]}
+
+    def accumulate(self, g):
+        for lin, w, b in ((self.adapter_down[0], "wd", "bd"), (self.adapter_up, "wu", "bu")):
+            if "weight" in lin.grads:
+                lin.grads["weight"] += g[w]
+            if "bias" in lin.grads:
+                lin.grads["bias"] += g[b]
+
+
+class Adapters(Module):
+    """The container AdapterHub puts after a sub-layer (`<path>.adapters.<name>`): one named adapter."""
+
+    def __init__(self, name, adapter):
+        super().__init__()
+        self.name = name
+        setattr(self, name, adapter)
+
+    @property
+    def adapter(self):
+        return getattr(self, self.name)
+
+
+class AdapterJunction(Module):
+    """Where a sub-layer's output h meets the residual x: out = LN(h + x) (post-LN; `ln` the block's
+    LayerNorm module) or h + x (pre-LN), with a bottleneck adapter in between (adapter_block_forward)."""
+
+    def __init__(self, adapters):
+        super().__init__()
+        self.adapters = adapters
+
+    def forward(self, h, x, ln=None):  # h, x: (B, T, C) -> (B, T, C)
+        ad = self.adapters.adapter
+        lnp = None if ln is None else (ln.params["weight"], ln.params["bias"], ln.eps)
+        out, c = adapter_block_forward(h, x, lnp, ad.weights(), ad.config)
+        self.cache = (c, ln)
+        return out
+
+    def backward(self, dout):  # -> dh, dx
+        c, ln = self.cache
+        ad = self.adapters.adapter
+        dh, dx, g, dln = adapter_block_backward(dout, c, ad.config)
+        ad.accumulate(g)
+        if dln is not None:
+            if "weight" in ln.grads:
+                ln.grads["weight"] += dln[0]
+            if "bias" in ln.grads:
+                ln.grads["bias"] += dln[1]
+        return dh, dx
+
+
+class PromptEmbedding(Module):
+    """peft's prompt encoder: one table `prompt_embeddings` (n, W); W = C for prompt tuning,
+    L * 2 * C for prefix tuning. torch.nn.Embedding's init: N(0, 1)."""
+
+    def __init__(self, n, width, dtype=np.float32):
+        super().__init__()
+        self.add_param("prompt_embeddings", np.zeros((n, width), dtype=dtype))
+
+    def reset(self, rng):
+        self.params["prompt_embeddings"][...] = rng.standard_normal(self.params["prompt_embeddings"].shape)
