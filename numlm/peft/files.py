@@ -21,14 +21,11 @@ CONFIG = "adapter_config.json"
 PEFT_VERSION, ADAPTERS_VERSION = "0.21.2", "adapters.1.3.0"
 
 PEFT_CONFIGS = {"LORA": LoraConfig, "PROMPT_TUNING": PromptTuningConfig, "PREFIX_TUNING": PrefixTuningConfig}
-# adapter_config.json fields numlm reads past: bookkeeping, or options that are off at these values
-PEFT_IGNORED = {"peft_version", "revision", "auto_mapping", "megatron_core", "megatron_config", "qalora_group_size",
+# adapter_config.json fields that never change the adapted model's function (bookkeeping, or
+# initialisation only); any other field numlm does not implement is refused unless null / false / empty
+PEFT_IGNORED = {"peft_version", "revision", "auto_mapping", "megatron_core", "qalora_group_size",
                 "tokenizer_name_or_path", "tokenizer_kwargs", "prompt_tuning_init_text", "init_weights",
-                "alpha_pattern", "rank_pattern", "loftq_config", "lora_bias", "use_qalora", "use_bdlora",
-                "ensure_weight_tying", "exclude_modules", "layers_pattern", "target_parameters",
-                "trainable_token_indices", "alora_invocation_tokens", "arrow_config", "corda_config",
-                "eva_config", "kasa_config", "lora_ga_config", "monteclora_config", "velora_config",
-                "layer_replication"}
+                "loftq_config", "eva_config", "corda_config", "lora_ga_config"}
 
 CONVERT = ("numlm never unpickles; convert it once with torch installed:\n"
            "  python -c \"import torch; from safetensors.torch import save_file; "
@@ -80,29 +77,33 @@ def peft_config_from_dict(d, where="adapter_config.json"):
                and v not in (None, False, {}, [])]
     if unknown:
         raise ValueError(f"{where}: options {sorted(unknown)} ({kind}) are not supported by numlm")
-    if kind == "LORA":
-        for k in ("alpha_pattern", "rank_pattern"):
-            if d.get(k):
-                raise ValueError(f"{where}: {k} (per-module ranks or alphas) is not supported")
-        if d.get("lora_bias"):
-            raise ValueError(f"{where}: lora_bias=True is not supported")
     kwargs = {k: v for k, v in d.items() if k in names}
     return cls(**kwargs)
 
 
+# peft 0.21's adapter_config.json fields at their defaults, so a saved file has every field peft writes
+PEFT_DEFAULTS = {
+    "LORA": {"alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+             "bias": "none", "corda_config": None, "ensure_weight_tying": False, "eva_config": None,
+             "exclude_modules": None, "init_lora_weights": True, "kasa_config": None, "layer_replication": None,
+             "layers_pattern": None, "layers_to_transform": None, "loftq_config": {}, "lora_bias": False,
+             "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
+             "monteclora_config": None, "qalora_group_size": 16, "rank_pattern": {}, "revision": None,
+             "target_parameters": None, "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+             "use_qalora": False, "use_rslora": False, "velora_config": None},
+    "PROMPT_TUNING": {"auto_mapping": None, "prompt_tuning_init_text": None, "revision": None,
+                      "tokenizer_kwargs": None, "tokenizer_name_or_path": None},
+    "PREFIX_TUNING": {"auto_mapping": None, "init_weights": None, "revision": None},
+}
+
+
 def peft_config_to_dict(config):
-    d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    d = dict(PEFT_DEFAULTS[config.peft_type])
+    d.update({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
     d["peft_type"] = config.peft_type
     d["peft_version"] = PEFT_VERSION
-    d["revision"] = None
-    d["auto_mapping"] = None
-    if config.peft_type == "LORA":
-        d.update(alpha_pattern={}, rank_pattern={}, lora_bias=False, exclude_modules=None,
-                 layers_pattern=None, loftq_config={}, megatron_config=None, megatron_core="megatron.core")
-        if isinstance(d["target_modules"], (set, tuple)):
-            d["target_modules"] = sorted(d["target_modules"])
-    if config.peft_type == "PROMPT_TUNING":
-        d.update(prompt_tuning_init_text=None, tokenizer_name_or_path=None, tokenizer_kwargs=None)
+    if isinstance(d.get("target_modules"), (set, tuple)):
+        d["target_modules"] = sorted(d["target_modules"])
     return d
 
 

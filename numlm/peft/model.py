@@ -1,5 +1,513 @@
+"""PeftModel: a numlm model with one parameter-efficient adapter, trained and saved as peft or
+AdapterHub would, keyed as in their files.
+
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    out = pm(input_ids=ids, attention_mask=mask, labels=y); pm.backward()
+    pm.gradients()   # {key in adapter_model.safetensors: gradient}, trainable tensors only
+"""
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..models.base import PreTrainedModel, as_ids
+from ..nn import Linear
+from .config import (LoraConfig, PromptTuningConfig, PrefixTuningConfig, BnConfig, TASK_HEADS, LORA_TARGETS)
+from .layers import LoraLinear, PromptEmbedding
+from .ops import prefix_forward, prefix_backward
+from .placement import (set_child, install_adapters, remove_adapters, PromptedEmbedding, PrefixAttention,
+                        word_embedding_path, attention_paths)
+from . import files
+
+CAUSAL_LM_CLASSES = ("GPT2LMHeadModel", "OpenAIGPTLMHeadModel")
+
+
 def export_param(module, name):
     """A parameter in transformers' layout (nn.Linear weights transposed back to (C_out, C_in))."""
-    from ..nn import Linear
     a = module.params[name]
     return a.T.copy() if isinstance(module, Linear) and module.torch_layout and name == "weight" else a.copy()
+
+
+def _import_param(module, name, value, key):
+    """Copy a transformers-layout array into a parameter; a wrong shape is an error naming the key."""
+    p = module.params[name]
+    t = isinstance(module, Linear) and module.torch_layout and name == "weight"
+    want = p.shape[::-1] if t else p.shape
+    value = np.asarray(value)
+    if value.shape != want:
+        raise ValueError(f"adapter tensor {key!r} has shape {value.shape}, but the base model needs {want}")
+    p[...] = value.T if t else value
+
+
+def _model_type(model):
+    return getattr(model.config, "model_type", "")
+
+
+def _matches(path, targets):
+    """peft's rule: a list matches a module whose name is a target or ends with '.' + target;
+    a string is a regex that must match the whole path."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def _freeze_all(model):
+    model.freeze()
+
+
+class PeftModel:
+    """A numlm model with one adapter. `base_model` is the numlm model itself, changed in place
+    (LoRA linears, adapters, prompt table or prefix cores put in); everything not trained is frozen."""
+
+    def __init__(self, model, config, adapter_name="default", seed=0):
+        if not isinstance(model, PreTrainedModel):
+            raise ValueError(f"model must be a numlm model, got {type(model).__name__}")
+        if isinstance(model, PeftModel) or getattr(model, "_peft", None) is not None:
+            raise ValueError("this model already carries an adapter")
+        if not isinstance(config, (LoraConfig, PromptTuningConfig, PrefixTuningConfig, BnConfig)):
+            raise ValueError(f"config must be a LoraConfig, PromptTuningConfig, PrefixTuningConfig, SeqBnConfig or "
+                             f"DoubleSeqBnConfig, got {type(config).__name__}")
+        if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", adapter_name):
+            raise ValueError(f"adapter_name must be an identifier, got {adapter_name!r}")
+        self.base_model = model
+        self.peft_config = config
+        self.adapter_name = adapter_name
+        self.kind = config.peft_type
+        self.library = "adapterhub" if isinstance(config, BnConfig) else "peft"
+        self.prompt = None
+        self._slots = {}      # file key -> (module, parameter name); the trainable tensors
+        self._head_keys = set()
+        self._last = None
+        _check_task(model, self._task_type())
+        rng = np.random.default_rng(seed)
+        dtype = model.dtype
+        _freeze_all(model)
+        if self.kind == "LORA":
+            self._install_lora(rng)
+        elif self.kind in ("PROMPT_TUNING", "PREFIX_TUNING"):
+            self._install_prompt(rng, dtype)
+        else:
+            self._install_bottleneck(rng, dtype)
+        self._install_heads()
+        model._peft = self
+
+    # ---- installing -----------------------------------------------------------------------------
+    def _task_type(self):
+        return getattr(self.peft_config, "task_type", None)
+
+    def _install_lora(self, rng):
+        cfg, model = self.peft_config, self.base_model
+        targets = cfg.target_modules
+        if targets is None:
+            mt = _model_type(model)
+            if mt not in LORA_TARGETS:
+                raise ValueError(f"target_modules is None and numlm has no default for model type {mt!r}")
+            targets = cfg.target_modules = list(LORA_TARGETS[mt])
+        heads = set(TASK_HEADS.get(cfg.task_type, [])) | set(cfg.modules_to_save or [])
+        linears = [(p, m) for p, m in model.modules() if isinstance(m, Linear)]
+        hit = [(p, m) for p, m in linears if _matches(p, targets)
+               and not any(p == h or p.endswith("." + h) for h in heads)]
+        if not hit:
+            names = sorted({p.rsplit(".", 1)[-1] for p, _ in linears})
+            raise ValueError(f"target_modules {targets!r} match no Linear module of {type(model).__name__}; "
+                             f"its Linear modules are named {names}")
+        if isinstance(targets, list):
+            missing = [t for t in targets if not any(p == t or p.endswith("." + t) for p, _ in hit)]
+            if missing and len(missing) == len(targets):
+                raise ValueError(f"target_modules {missing} match no module of {type(model).__name__}")
+        for path, lin in hit:
+            if not lin.torch_layout and not cfg.fan_in_fan_out:
+                warnings.warn(f"{path} is a Conv1D (weight (C_in, C_out)): setting fan_in_fan_out=True, as peft does")
+                cfg.fan_in_fan_out = True
+            elif lin.torch_layout and cfg.fan_in_fan_out:
+                warnings.warn(f"{path} is an nn.Linear: setting fan_in_fan_out=False, as peft does")
+                cfg.fan_in_fan_out = False
+            lora = LoraLinear(lin, cfg.r, cfg.lora_alpha, cfg.lora_dropout)
+            lora.reset_lora(rng, cfg.init_lora_weights)
+            lora.lora_dropout.rng = model.rng
+            set_child(model, path, lora)
+            for sub in ("lora_A", "lora_B"):
+                self._slots[f"base_model.model.{path}.{sub}.weight"] = (getattr(lora, sub), "weight")
+        self._targets = [p for p, _ in hit]
+
+    def _install_prompt(self, rng, dtype):
+        cfg, model = self.peft_config, self.base_model
+        c = model.config
+        C, L, H = c.hidden_size, _layers(c), _heads(c)
+        cfg.token_dim, cfg.num_layers, cfg.num_attention_heads = C, L, H
+        cfg.num_transformer_submodules = 1
+        n = cfg.num_virtual_tokens
+        if n >= _positions(c):
+            raise ValueError(f"num_virtual_tokens {n} leaves no room in the position table "
+                             f"({_positions(c)} positions)")
+        width = C if self.kind == "PROMPT_TUNING" else L * 2 * C
+        if self.kind == "PREFIX_TUNING":
+            cfg.encoder_hidden_size = C
+        self.prompt = PromptEmbedding(n, width, dtype=dtype)
+        self.prompt.reset(rng)
+        self._slots["prompt_embeddings"] = (self.prompt, "prompt_embeddings")
+        if self.kind == "PROMPT_TUNING":
+            path = word_embedding_path(model)
+            self._embed = PromptedEmbedding(_get(model, path))
+            set_child(model, path, self._embed)
+        else:
+            self._cores = []
+            for path in attention_paths(model):
+                core = PrefixAttention(_get(model, path))
+                set_child(model, path, core)
+                self._cores.append(core)
+            if len(self._cores) != L:
+                raise ValueError(f"found {len(self._cores)} attention layers, the config says {L}")
+
+    def _install_bottleneck(self, rng, dtype):
+        model = self.base_model
+        C = model.config.hidden_size
+        made = install_adapters(model, self.adapter_name, self.peft_config, C, rng, dtype)
+        for path, ad in made.items():
+            for sub, lin in (("adapter_down.0", ad.adapter_down[0]), ("adapter_up", ad.adapter_up)):
+                for k in lin.params:
+                    self._slots[f"{path}.{sub}.{k}"] = (lin, k)
+
+    def _install_heads(self):
+        """The task head is trained for the new task (peft's modules_to_save per task type;
+        AdapterHub: a classification / QA head on the model)."""
+        model = self.base_model
+        if self.library == "adapterhub":
+            names = ["classifier", "score", "qa_outputs"]
+        else:
+            names = list(TASK_HEADS.get(self._task_type(), [])) + list(self.peft_config.modules_to_save or [])
+            if self.peft_config.modules_to_save is None and names:
+                self.peft_config.modules_to_save = list(TASK_HEADS.get(self._task_type(), []))
+        prefix = {"LORA": "base_model.model.", "adapterhub": ""}.get(
+            "adapterhub" if self.library == "adapterhub" else self.kind, "base_model.")
+        for path, m in model.modules():
+            if path and any(path == h or path.endswith("." + h) for h in names) and m.params:
+                m.unfreeze()
+                for k in m.params:
+                    key = f"{prefix}{path}.{k}"
+                    self._slots[key] = (m, k)
+                    self._head_keys.add(key)
+        for m, k in self._slots.values():
+            if k not in m.grads:
+                m.grads[k] = np.zeros_like(m.params[k])
+
+    # ---- the forward/backward contract ----------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, position_ids=None,
+                **kwargs):
+        if args_given := [k for k in ("inputs_embeds", "past_key_values") if kwargs.get(k) is not None]:
+            raise ValueError(f"{args_given} are not supported through a PeftModel")
+        if input_ids is None:
+            raise ValueError("input_ids are required")
+        kw = dict(kwargs)
+        if self.kind == "PROMPT_TUNING":
+            return self._prompt_forward(input_ids, attention_mask, labels, token_type_ids, position_ids, kw)
+        if self.kind == "PREFIX_TUNING":
+            return self._prefix_forward(input_ids, attention_mask, labels, token_type_ids, position_ids, kw)
+        for k, v in (("attention_mask", attention_mask), ("labels", labels), ("token_type_ids", token_type_ids),
+                     ("position_ids", position_ids)):
+            if v is not None:
+                kw[k] = v
+        out = self.base_model(input_ids, **kw)
+        self._last = ("plain",)
+        return out
+
+    def _ids(self, input_ids):
+        ids = as_ids("input_ids", input_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (B, T) with prompt or prefix tuning, got {ids.shape}")
+        n, P = self.peft_config.num_virtual_tokens, _positions(self.base_model.config)
+        if n + ids.shape[1] > P:
+            raise ValueError(f"num_virtual_tokens {n} + {ids.shape[1]} tokens = {n + ids.shape[1]} exceed the "
+                             f"position table ({P} positions)")
+        return ids, n
+
+    def _prompt_forward(self, input_ids, attention_mask, labels, token_type_ids, position_ids, kw):
+        """peft: inputs_embeds = [prompt; word(ids)], mask prefixed with n ones, token types with n
+        zeros, a causal LM's labels with n times -100; position ids are ignored (a warning)."""
+        ids, n = self._ids(input_ids)
+        B = ids.shape[0]
+        ids = np.concatenate([np.zeros((B, n), dtype=np.int64), ids], axis=1)  # placeholders for the prompt
+        if attention_mask is not None:
+            kw["attention_mask"] = np.concatenate([np.ones((B, n), dtype=np.int64), np.asarray(attention_mask)], 1)
+        if token_type_ids is not None:
+            kw["token_type_ids"] = np.concatenate([np.zeros((B, n), dtype=np.int64), as_ids("token_type_ids", token_type_ids)], 1)
+        if position_ids is not None:
+            warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
+        if labels is not None:
+            if type(self.base_model).__name__ in CAUSAL_LM_CLASSES or self._task_type() in ("CAUSAL_LM", "TOKEN_CLS"):
+                lab = as_ids("labels", labels)
+                labels = np.concatenate([np.full((B, n), -100, dtype=np.int64), lab], 1)
+            kw["labels"] = labels
+        self._embed.prompt = self.prompt
+        try:
+            out = self.base_model(ids, **kw)
+        finally:
+            self._embed.prompt = None
+        self._last = ("prompt",)
+        return out
+
+    def _prefix_forward(self, input_ids, attention_mask, labels, token_type_ids, position_ids, kw):
+        """peft: past_key_values from the prefix table, mask prefixed with n ones (inside the attention
+        cores), real positions n .. n+T-1 (given position ids are shifted by n)."""
+        ids, n = self._ids(input_ids)
+        B, T = ids.shape
+        c = self.base_model.config
+        past, pc = prefix_forward(self.prompt.params["prompt_embeddings"], B, _layers(c), _heads(c))
+        pos = np.arange(n, n + T, dtype=np.int64)[None] if position_ids is None else as_ids("position_ids", position_ids) + n
+        for k, v in (("attention_mask", attention_mask), ("labels", labels), ("token_type_ids", token_type_ids)):
+            if v is not None:
+                kw[k] = v
+        for core, (pk, pv) in zip(self._cores, past):
+            core.prefix = (pk, pv)
+        try:
+            out = self.base_model(ids, position_ids=pos, **kw)
+        finally:
+            for core in self._cores:
+                core.prefix = None
+        self._last = ("prefix", pc)
+        return out
+
+    def objective(self, out):
+        return self.base_model.objective(out)
+
+    def backward(self, grad=None):
+        """d out.loss (or of the main output, given `grad`) into every trainable tensor."""
+        if self._last is None:
+            raise ValueError("backward() needs a forward pass first")
+        self.base_model.backward(grad) if grad is not None else self.base_model.backward()
+        if self._last[0] == "prefix":
+            dpast = [core.dprefix for core in self._cores]
+            if "prompt_embeddings" in self.prompt.grads:
+                self.prompt.grads["prompt_embeddings"] += prefix_backward(dpast, self._last[1])
+
+    # ---- parameters, gradients ------------------------------------------------------------------
+    def parameters(self):
+        """{file key: array} of the trainable tensors (numlm's layout; what the optimizer updates)."""
+        return {k: m.params[n] for k, (m, n) in self._slots.items() if n in m.grads}
+
+    def grad_arrays(self):
+        """{file key: gradient array}, the mirror of parameters()."""
+        return {k: m.grads[n] for k, (m, n) in self._slots.items() if n in m.grads}
+
+    trainable_parameters = parameters
+
+    def gradients(self):
+        """{key as in the adapter's safetensors file: gradient} (transformers' layout), trainable only."""
+        out = {}
+        for k, (m, n) in self._slots.items():
+            if n in m.grads:
+                g = m.grads[n]
+                out[k] = g.T.copy() if isinstance(m, Linear) and m.torch_layout and n == "weight" else g.copy()
+        return out
+
+    def state_dict(self):
+        """{file key: array} of the adapter (and trained head), transformers' layout."""
+        return {k: export_param(m, n) for k, (m, n) in self._slots.items()}
+
+    def load_state_dict(self, state, strict=True):
+        """Copy {file key: array} into the adapter; unknown keys and wrong shapes name the key."""
+        unknown = sorted(k for k in state if k not in self._slots)
+        missing = sorted(k for k in self._slots if k not in state)
+        if unknown:
+            raise ValueError(f"adapter key {unknown[0]!r} does not fit {type(self.base_model).__name__} with this "
+                             f"adapter (unexpected keys {unknown})")
+        if strict and missing:
+            raise ValueError(f"adapter lacks keys {missing}")
+        for k, v in state.items():
+            m, n = self._slots[k]
+            _import_param(m, n, v, k)
+        return missing, unknown
+
+    def zero_grad(self):
+        self.base_model.zero_grad()
+        if self.prompt is not None:
+            self.prompt.zero_grad()
+
+    def train(self, mode=True):
+        self.base_model.train(mode)
+        if self.prompt is not None:
+            self.prompt.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    @property
+    def rng(self):
+        return self.base_model.rng
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def dtype(self):
+        return self.base_model.dtype
+
+    def get_nb_trainable_parameters(self):
+        """(trainable, all): all counts the base model's parameters and the adapter's."""
+        trainable = sum(a.size for a in self.parameters().values())
+        total = self.base_model.num_parameters() + (0 if self.prompt is None else self.prompt.num_parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self):
+        t, a = self.get_nb_trainable_parameters()
+        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
+
+    # ---- merging --------------------------------------------------------------------------------
+    def merge_and_unload(self):
+        """LoRA only: W += (alpha / r) B A in every adapted linear; returns the plain numlm model
+        (the same object, its LoRA linears replaced by ordinary Linears) with the base model's
+        freezing undone."""
+        if self.kind != "LORA":
+            raise ValueError(f"merge_and_unload needs a LoRA adapter; this one is {self.kind} "
+                             "(prompts, prefixes and bottleneck adapters have no weights to merge)")
+        return self._unload(merge=True)
+
+    def unload(self):
+        """The base model without the adapter (LoRA not merged)."""
+        return self._unload(merge=False)
+
+    def _unload(self, merge):
+        model = self.base_model
+        for path, m in list(model.modules()):
+            if isinstance(m, LoraLinear):
+                set_child(model, path, m.unwrap(merge))
+            elif isinstance(m, PromptedEmbedding):
+                set_child(model, path, m.table)
+            elif isinstance(m, PrefixAttention):
+                set_child(model, path, m.core)
+        remove_adapters(model)
+        model.unfreeze()
+        model._peft = None
+        return model
+
+    # ---- files ----------------------------------------------------------------------------------
+    def save_pretrained(self, path):
+        """The library's own files: peft's adapter_config.json + adapter_model.safetensors, or
+        AdapterHub's adapter_config.json + adapter.safetensors (+ head_config.json + model_head.safetensors).
+        float32 unless the model is float64."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict()
+        model = self.base_model
+        if self.library == "peft":
+            d = files.peft_config_to_dict(self.peft_config)
+            d["inference_mode"] = True
+            d["base_model_name_or_path"] = self.peft_config.base_model_name_or_path
+            files.write_json(d, path / files.CONFIG)
+            files.save_tensors(state, path / files.PEFT_WEIGHTS)
+            return path
+        c = model.config
+        head = {k: v for k, v in state.items() if k in self._head_keys}
+        body = {k: v for k, v in state.items() if k not in self._head_keys}
+        files.write_json({"config": files.hub_config_to_dict(self.peft_config), "hidden_size": c.hidden_size,
+                          "model_class": type(model).__name__, "model_name": getattr(c, "_name_or_path", None),
+                          "model_type": _model_type(model), "name": self.adapter_name,
+                          "version": files.ADAPTERS_VERSION}, path / files.CONFIG)
+        files.save_tensors(body, path / files.HUB_WEIGHTS)
+        if head:
+            n = getattr(c, "num_labels", None)
+            files.write_json({"config": None, "hidden_size": c.hidden_size,
+                              "label2id": {f"LABEL_{i}": i for i in range(n or 0)},
+                              "model_class": type(model).__name__, "model_name": None,
+                              "model_type": _model_type(model), "name": None, "num_labels": n,
+                              "version": files.ADAPTERS_VERSION}, path / files.HUB_HEAD_CONFIG)
+            files.save_tensors(head, path / files.HUB_HEAD)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, model, path, is_trainable=False, adapter_name=None):
+        """Load a peft or an AdapterHub adapter folder onto `model` (a numlm model, changed in place).
+        As peft: frozen for inference unless is_trainable=True."""
+        kind = files.folder_kind(path)
+        path = Path(path)
+        where = str(path / files.CONFIG)
+        d = files.read_json(path / files.CONFIG)
+        if kind == "peft":
+            config = files.peft_config_from_dict(d, where)
+            name = adapter_name or "default"
+            state = files.load_tensors(path / files.PEFT_WEIGHTS)
+        else:
+            config = files.hub_config_from_dict(d, where)
+            mt = d.get("model_type")
+            if mt is not None and mt != _model_type(model):
+                raise ValueError(f"{where}: an adapter for model type {mt!r}, the base model is "
+                                 f"{_model_type(model)!r}")
+            if d.get("hidden_size") not in (None, model.config.hidden_size):
+                raise ValueError(f"{where}: hidden_size {d.get('hidden_size')} does not match the base model's "
+                                 f"{model.config.hidden_size}")
+            name = adapter_name or d.get("name") or "default"
+            state = files.load_tensors(path / files.HUB_WEIGHTS)
+            if (path / files.HUB_HEAD).is_file():
+                state.update(files.load_tensors(path / files.HUB_HEAD))
+            elif (path / files.HUB_HEAD_PICKLE).is_file():
+                raise ValueError(f"adapter folder {str(path)!r} holds its head only as a pickle "
+                                 f"({files.HUB_HEAD_PICKLE}). " + files.CONVERT.format(
+                                     src=path / files.HUB_HEAD_PICKLE, dst=path / files.HUB_HEAD))
+        if getattr(config, "inference_mode", None) is not None:
+            config.inference_mode = not is_trainable
+        pm = cls(model, config, adapter_name=name)
+        try:
+            pm._load_file_state(state, path)
+        except ValueError:
+            pm._unload(merge=False)
+            raise
+        if not is_trainable:
+            for m, n in pm._slots.values():
+                m.grads.pop(n, None)
+        return pm
+
+    def _load_file_state(self, state, path):
+        state = {k: v for k, v in state.items()}
+        unknown = sorted(k for k in state if k not in self._slots)
+        if unknown:
+            raise ValueError(f"adapter {str(path)!r}: key {unknown[0]!r} does not fit {type(self.base_model).__name__} "
+                             f"(no such module or parameter{'; also ' + str(unknown[1:]) if unknown[1:] else ''})")
+        missing = sorted(k for k in self._slots if k not in state and k not in self._head_keys)
+        if missing:
+            raise ValueError(f"adapter {str(path)!r} lacks {missing[0]!r}, which {type(self.base_model).__name__} "
+                             f"with this config needs ({len(missing)} missing)")
+        for k, v in state.items():
+            m, n = self._slots[k]
+            _import_param(m, n, v, k)
+
+
+def get_peft_model(model, config, adapter_name="default", seed=0):
+    """Put the adapter `config` describes into `model` (changed in place) and freeze everything
+    else but the task head; returns the PeftModel. The adapter is initialised as its library
+    does (seeded): LoRA B = 0 and bottleneck adapters near zero start from the base model."""
+    return PeftModel(model, config, adapter_name=adapter_name, seed=seed)
+
+
+TASK_CLASSES = {"SEQ_CLS": "ForSequenceClassification", "TOKEN_CLS": "ForTokenClassification",
+                "QUESTION_ANS": "ForQuestionAnswering", "CAUSAL_LM": "LMHeadModel"}
+
+
+def _check_task(model, task_type):
+    want = TASK_CLASSES.get(task_type)
+    if want is not None and not type(model).__name__.endswith(want):
+        raise ValueError(f"task_type {task_type} needs a *{want} model, got {type(model).__name__}")
+
+
+def _layers(c):
+    return getattr(c, "num_hidden_layers", None) or c.n_layer
+
+
+def _heads(c):
+    return getattr(c, "num_attention_heads", None) or c.n_head
+
+
+def _positions(c):
+    return getattr(c, "max_position_embeddings", None) or c.n_positions
+
+
+def _get(model, path):
+    m = model
+    for part in path.split("."):
+        m = m[int(part)] if part.isdigit() else getattr(m, part)
+    return m

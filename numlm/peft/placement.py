@@ -285,14 +285,16 @@ class PrefixAttention(Attention):
         self.__dict__.update({k: v for k, v in core.__dict__.items() if k not in ("params", "grads")})
         self.params, self.grads = core.params, core.grads
         self.core = core
-        self.prefix = None
+        self.prefix = None      # (pk, pv) while a prefixed forward runs
         self.dprefix = None
+        self._prefixed = False
 
     def children(self):
         return []
 
     def forward(self, q, k, v, attention_mask=None, past=None):
-        if self.prefix is None:
+        self._prefixed = self.prefix is not None
+        if not self._prefixed:
             return self.core.forward(q, k, v, attention_mask, past)
         if past is not None:
             raise ValueError("prefix tuning with a KV cache is not supported")
@@ -313,7 +315,7 @@ class PrefixAttention(Attention):
         return merge_heads(out)
 
     def backward(self, dout):
-        if self.prefix is None:
+        if not self._prefixed:
             return self.core.backward(dout)
         dq, dk, dv, dpk, dpv = prefix_attention_backward(split_heads(dout, self.n_head), self.cache)
         self.dprefix = (dpk, dpv)

@@ -1,0 +1,485 @@
+"""numlm.peft against peft 0.21 and AdapterHub 1.3 (tests/fixtures/peft, float64 references), whole
+adapted models checked by central differences (BERT, GPT-2, GPT-1; every method), merging, freezing,
+files both ways and every refused input."""
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import numlm
+from numlm import peft
+from numlm.optim import AdamW
+
+from conftest import FIXTURES
+
+PEFT = FIXTURES / "peft"
+CASES = {  # fixture -> (base model fixture, class, task)
+    "lora-bert-tiny-seqcls": ("bert-tiny-seqcls", numlm.BertForSequenceClassification),
+    "lora-gpt2-tiny": ("gpt2-tiny", numlm.GPT2LMHeadModel),
+    "prompt-gpt2-tiny": ("gpt2-tiny", numlm.GPT2LMHeadModel),
+    "prefix-gpt2-tiny": ("gpt2-tiny", numlm.GPT2LMHeadModel),
+    "adapter-bert-tiny-seqcls": ("bert-tiny-seqcls", numlm.BertForSequenceClassification),
+}
+
+
+def rel(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+def base(name, dtype="float64"):
+    hf, cls = CASES[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a head newly initialised: the adapter file brings it
+        return cls.from_pretrained(FIXTURES / "hf" / hf, dtype=dtype)
+
+
+def load(name, dtype="float64"):
+    return peft.PeftModel.from_pretrained(base(name, dtype), PEFT / name / "adapter", is_trainable=True)
+
+
+def causal_ce(logits, labels):
+    """Independent float64 causal-LM loss: mean over t of -log softmax(logits[t])[labels[t + 1]]."""
+    x, t = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    keep = t != -100
+    x, t = x[keep], t[keep]
+    m = x.max(-1, keepdims=True)
+    return float(np.mean(np.log(np.exp(x - m).sum(-1)) + m[:, 0] - x[np.arange(len(t)), t]))
+
+
+# ---------------------------------------------------------------------------------------- the five references
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_reference_float64(name):
+    """Logits to 1e-10; loss and every trainable gradient, keyed as in the adapter file, to 1e-10.
+    The three GPT-2 causal-LM references hold a loss transformers 4.57 computed in float32
+    (ForCausalLMLoss casts the logits with .float()): there the loss is checked to 1e-10 against an
+    independent float64 cross-entropy of the reference logits, and loss and gradients against the
+    reference to its float32 precision (the float64 gradients are checked numerically below)."""
+    ref = np.load(PEFT / name / "reference.npz")
+    pm = load(name)
+    out = pm(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"], labels=ref["labels"])
+    assert out.logits.shape == ref["logits"].shape
+    assert rel(out.logits, ref["logits"]) < 1e-10
+    pm.backward()
+    grads = pm.gradients()
+    want = {k[len("grad/"):] for k in ref.files if k.startswith("grad/")}
+    assert set(grads) == want
+    causal = "gpt2" in name
+    if causal:
+        labels = ref["labels"]
+        n = out.logits.shape[1] - labels.shape[1]  # prompt tuning: n virtual positions, labels -100
+        labels = np.concatenate([np.full((labels.shape[0], n), -100), labels], 1)
+        assert rel(out.loss, causal_ce(ref["logits"], labels)) < 1e-10
+        assert rel(out.loss, ref["loss"]) < 1e-6
+    else:
+        assert rel(out.loss, ref["loss"]) < 1e-10
+    tol = 1e-6 if causal else 1e-10
+    for k in want:
+        assert grads[k].shape == ref["grad/" + k].shape, k
+        assert rel(grads[k], ref["grad/" + k]) < tol, k
+
+
+@pytest.mark.parametrize("name", ["lora-bert-tiny-seqcls", "lora-gpt2-tiny"])
+def test_reference_merged_weights(name):
+    """merge_and_unload: W + (alpha/r) B A (nn.Linear) or its transpose (Conv1D) to 1e-12, and the
+    merged plain model gives the adapted logits to 1e-12."""
+    ref = np.load(PEFT / name / "reference.npz")
+    pm = load(name)
+    out = pm(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"])
+    merged = pm.merge_and_unload()
+    assert type(merged) is CASES[name][1]
+    sd = merged.state_dict()
+    keys = [k for k in ref.files if k.startswith("merged/")]
+    assert keys
+    for k in keys:
+        assert rel(sd[k[len("merged/"):]], ref[k]) < 1e-12, k
+    assert not any("lora" in k for k in sd)
+    out2 = merged(ref["input_ids"], attention_mask=ref["attention_mask"])
+    assert rel(out2.logits, out.logits) < 1e-12
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_reference_float32(name):
+    ref = np.load(PEFT / name / "reference.npz")
+    pm = load(name, "float32")
+    out = pm(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"], labels=ref["labels"])
+    assert out.logits.dtype == np.float32
+    assert rel(out.logits, ref["logits"]) < 1e-5
+    assert rel(out.loss, ref["loss"]) < 1e-5
+    pm.backward()
+    grads = pm.gradients()
+    for k in grads:
+        assert grads[k].dtype == np.float32
+        assert rel(grads[k], ref["grad/" + k]) < 1e-4, k  # a sum over B*T float32 products
+
+
+# ---------------------------------------------------------------------------------------- files both ways
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_save_in_the_librarys_files(name, tmp_path):
+    """save_pretrained writes the library's own files with its key names and shapes (those of the
+    library-saved fixture folder) and its config fields; loading them back gives the same logits."""
+    ref = np.load(PEFT / name / "reference.npz")
+    pm = load(name)
+    out = pm(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"])
+    pm.save_pretrained(tmp_path)
+    theirs = sorted(p.name for p in (PEFT / name / "adapter").iterdir() if p.name != "README.md")
+    assert sorted(p.name for p in tmp_path.iterdir()) == theirs
+    from safetensors.numpy import load_file
+    for f in theirs:
+        if f.endswith(".safetensors"):
+            a, b = load_file(str(tmp_path / f)), load_file(str(PEFT / name / "adapter" / f))
+            assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])  # float64 model: saved as float64, unchanged
+        else:
+            mine, lib = json.loads((tmp_path / f).read_text()), json.loads((PEFT / name / "adapter" / f).read_text())
+            cfg_mine, cfg_lib = mine.get("config", mine), lib.get("config", lib)
+            if isinstance(cfg_lib, dict):
+                assert set(cfg_mine) == set(cfg_lib)
+                for k in ("r", "lora_alpha", "target_modules", "fan_in_fan_out", "peft_type", "task_type",
+                          "num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads",
+                          "reduction_factor", "non_linearity", "mh_adapter", "output_adapter",
+                          "original_ln_before", "original_ln_after", "residual_before_ln", "scaling"):
+                    if k in cfg_lib:
+                        assert cfg_mine[k] == cfg_lib[k], k
+    pm2 = peft.PeftModel.from_pretrained(base(name), tmp_path)
+    out2 = pm2(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"])
+    np.testing.assert_array_equal(out2.logits, out.logits)
+    assert pm2.gradients() == {}  # loaded for inference, as peft (is_trainable=False)
+
+
+def test_float32_model_saves_float32(tmp_path):
+    pm = load("lora-bert-tiny-seqcls", "float32")
+    pm.save_pretrained(tmp_path)
+    from safetensors.numpy import load_file
+    assert {v.dtype for v in load_file(str(tmp_path / "adapter_model.safetensors")).values()} == {np.dtype("float32")}
+
+
+def test_pickle_only_folders_refused_with_how_to_convert(tmp_path):
+    for pickle in ("adapter_model.bin", "pytorch_adapter.bin"):
+        d = tmp_path / pickle.split(".")[0]
+        d.mkdir()
+        (d / "adapter_config.json").write_text("{}")
+        (d / pickle).write_bytes(b"\x80\x04K\x01.")
+        with pytest.raises(ValueError, match=rf"(?s)only a pickle \({pickle}\).*never unpickles.*save_file"):
+            peft.PeftModel.from_pretrained(base("lora-bert-tiny-seqcls"), d)
+
+
+# ---------------------------------------------------------------------------------------- training: frozen stays frozen
+
+def _train(pm, ids, mask, labels, steps=3):
+    opt = AdamW(pm.parameters(), lr=1e-2)
+    pm.train()
+    for _ in range(steps):
+        pm.zero_grad()
+        pm(input_ids=ids, attention_mask=mask, labels=labels)
+        pm.backward()
+        opt.step(pm.grad_arrays())
+    return opt
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_frozen_tensors_bit_identical_and_no_moments(name, monkeypatch):
+    """After AdamW steps every base tensor is bit-identical, only trainable tensors changed and have
+    optimizer moments, and no layer computed a weight gradient for a frozen tensor."""
+    ref = np.load(PEFT / name / "reference.npz")
+    pm = load(name)
+    before = {k: v.copy() for k, v in pm.base_model.parameters().items()}
+    adapter_before = {k: v.copy() for k, v in pm.parameters().items()}
+    calls = []
+    import numlm.nn.layers as layers
+    orig = layers.linear_backward
+
+    def spy(dy, cache, need_dw=True, need_db=True):
+        calls.append((cache[1].shape, need_dw))
+        return orig(dy, cache, need_dw, need_db)
+    monkeypatch.setattr(layers, "linear_backward", spy)
+    opt = _train(pm, ref["input_ids"], ref["attention_mask"], ref["labels"])
+    trainable = pm.parameters()
+    ids = {id(a) for a in trainable.values()}
+    for k, v in pm.base_model.parameters().items():
+        if not any(np.shares_memory(v, a) for a in trainable.values()):
+            np.testing.assert_array_equal(v, before[k], err_msg=k)
+    for k, v in trainable.items():
+        assert not np.array_equal(v, adapter_before[k]), k
+    assert set(opt.exp_avg) == set(trainable) == set(pm.grad_arrays())
+    assert ids and calls
+    for shape, need in calls:  # only a trained head's Linear computes a weight gradient
+        assert not need or (name.endswith("seqcls") and shape == (32, 3)), shape
+    grads_base = pm.base_model.grad_arrays()
+    assert set(grads_base) <= {k for k in pm.base_model.parameters()} and len(grads_base) == (
+        len(trainable) - (1 if pm.prompt is not None else 0))
+
+
+def test_fan_in_fan_out_follows_the_layer_as_peft():
+    with pytest.warns(UserWarning, match="is a Conv1D .* setting fan_in_fan_out=True"):
+        pm = peft.get_peft_model(tiny("gpt2"), peft.LoraConfig(target_modules=["c_attn"]))
+    assert pm.peft_config.fan_in_fan_out is True
+    with pytest.warns(UserWarning, match="is an nn.Linear: setting fan_in_fan_out=False"):
+        pm = peft.get_peft_model(tiny("bert"), peft.LoraConfig(target_modules=["query"], fan_in_fan_out=True))
+    assert pm.peft_config.fan_in_fan_out is False
+
+
+def test_print_trainable_parameters(capsys):
+    pm = load("lora-bert-tiny-seqcls")
+    pm.print_trainable_parameters()
+    t = 2 * 2 * (4 * 32 + 32 * 4) + 3 * 32 + 3
+    total = sum(v.size for v in pm.base_model.parameters().values())
+    assert capsys.readouterr().out == (f"trainable params: {t:,d} || all params: {total:,d} || "
+                                       f"trainable%: {100 * t / total:.4f}\n")
+
+
+# ---------------------------------------------------------------------------------------- beyond the fixtures
+
+def tiny(kind, dtype="float64", **extra):
+    if kind == "bert":
+        cfg = numlm.BertConfig(vocab_size=40, hidden_size=12, num_hidden_layers=2, num_attention_heads=3,
+                               intermediate_size=20, max_position_embeddings=24, hidden_dropout_prob=0.0,
+                               attention_probs_dropout_prob=0.0, num_labels=3, **extra)
+        return numlm.BertForSequenceClassification(cfg, seed=1, dtype=dtype)
+    cls = {"gpt2": (numlm.GPT2Config, numlm.GPT2LMHeadModel), "openai-gpt": (numlm.OpenAIGPTConfig,
+                                                                              numlm.OpenAIGPTLMHeadModel)}[kind]
+    cfg = cls[0](vocab_size=40, n_embd=12, n_layer=2, n_head=3, n_positions=24, resid_pdrop=0.0, embd_pdrop=0.0,
+                 attn_pdrop=0.0, **extra)
+    return cls[1](cfg, seed=1, dtype=dtype)
+
+
+def make(kind, method, r=2, n=3):
+    model = tiny(kind)
+    task = "SEQ_CLS" if kind == "bert" else "CAUSAL_LM"
+    targets = {"bert": ["query", "value", "dense"], "gpt2": ["c_attn", "c_fc"], "openai-gpt": ["c_attn", "c_proj"]}
+    cfg = {"lora": lambda: peft.LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=targets[kind], task_type=task,
+                                           fan_in_fan_out=kind != "bert"),
+           "prompt": lambda: peft.PromptTuningConfig(num_virtual_tokens=n, task_type=task),
+           "prefix": lambda: peft.PrefixTuningConfig(num_virtual_tokens=n, task_type=task),
+           "houlsby": lambda: peft.DoubleSeqBnConfig(reduction_factor=2),
+           "pfeiffer": lambda: peft.SeqBnConfig(reduction_factor=3)}[method]()
+    pm = peft.get_peft_model(model, cfg, seed=3)
+    rng = np.random.default_rng(5)
+    for k, v in pm.parameters().items():  # not a no-op adapter
+        v[...] = rng.normal(0, 0.3, v.shape)
+    return pm
+
+
+def inputs(kind, B, T, pad, seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, 40, (B, T))
+    mask = np.ones((B, T), dtype=np.int64)
+    if pad:
+        mask[-1, T - pad:] = 0
+    labels = rng.integers(0, 3, B) if kind == "bert" else np.where(mask == 1, ids, -100)
+    return ids, mask, labels
+
+
+def numeric_check(pm, ids, mask, labels, entries=3, eps=1e-6, seed=0):
+    """Central differences of the loss for a few random entries of every trainable tensor: the worst
+    |numeric - analytic| / (largest analytic entry of that tensor + 1e-3); the 1e-3 keeps the ~1e-10
+    rounding noise of a central difference from dominating a tensor whose gradients are all tiny."""
+    pm.zero_grad()
+    pm(input_ids=ids, attention_mask=mask, labels=labels)
+    pm.backward()
+    grads = {k: g.copy() for k, g in pm.grad_arrays().items()}
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for k, p in pm.parameters().items():
+        flat, g = p.reshape(-1), grads[k].reshape(-1)
+        for i in rng.choice(flat.size, min(entries, flat.size), replace=False):
+            old = flat[i]
+            flat[i] = old + eps
+            fp = float(pm(input_ids=ids, attention_mask=mask, labels=labels).loss)
+            flat[i] = old - eps
+            fm = float(pm(input_ids=ids, attention_mask=mask, labels=labels).loss)
+            flat[i] = old
+            num = (fp - fm) / (2 * eps)
+            worst = max(worst, abs(num - g[i]) / (np.abs(grads[k]).max() + 1e-3))
+    return worst
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "openai-gpt"])
+@pytest.mark.parametrize("method", ["lora", "prompt", "prefix", "houlsby", "pfeiffer"])
+@settings(max_examples=3, deadline=None)
+@given(r=st.integers(1, 3), n=st.integers(1, 4), B=st.integers(1, 2), T=st.integers(2, 5), pad=st.integers(0, 1),
+       seed=st.integers(0, 2**31))
+def test_whole_model_gradcheck(kind, method, r, n, B, T, pad, seed):
+    """Every method on BERT, GPT-2 and GPT-1 (other sizes, targets, ranks, token counts than the
+    references): the trainable gradients of the loss agree with float64 central differences."""
+    pm = make(kind, method, r, n)
+    ids, mask, labels = inputs(kind, B, T, pad, seed)
+    assert numeric_check(pm, ids, mask, labels) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "openai-gpt"])
+def test_merged_equals_unmerged(kind):
+    pm = make(kind, "lora", r=3)
+    ids, mask, _ = inputs(kind, 2, 5, 1, 0)
+    out = pm(input_ids=ids, attention_mask=mask).logits
+    merged = pm.merge_and_unload()
+    assert not any(isinstance(m, peft.model.LoraLinear) for _, m in merged.modules())
+    assert rel(merged(ids, attention_mask=mask).logits, out) < 1e-12
+    assert merged.grad_arrays()  # the plain model trains as a whole again
+
+
+@pytest.mark.parametrize("method", ["houlsby", "pfeiffer", "prompt", "prefix"])
+def test_unload_restores_the_base_model(method):
+    model = tiny("gpt2")
+    ids, mask, _ = inputs("gpt2", 2, 4, 1, 0)
+    want = model(ids, attention_mask=mask).logits
+    pm = peft.get_peft_model(model, make("gpt2", method).peft_config.__class__(
+        **({"num_virtual_tokens": 2} if method in ("prompt", "prefix") else {"reduction_factor": 2})))
+    plain = pm.unload()
+    np.testing.assert_array_equal(plain(ids, attention_mask=mask).logits, want)
+    assert sorted(plain.parameters()) == sorted(tiny("gpt2").parameters())
+
+
+def test_prompt_semantics_bert_pools_first_virtual_token():
+    """BERT SEQ_CLS: the pooler reads position 0, the first virtual token (peft does not move [CLS]);
+    token types get n zeros; positions run 0 .. n+T-1."""
+    pm = make("bert", "prompt", n=2)
+    ids, mask, _ = inputs("bert", 2, 4, 1, 0)
+    out = pm(input_ids=ids, attention_mask=mask, token_type_ids=np.ones_like(ids), output_hidden_states=True)
+    m = pm.base_model
+    P = pm.prompt.params["prompt_embeddings"]
+    emb = m.bert.embeddings
+    W = emb.word_embeddings.params["weight"]
+    e = np.concatenate([np.broadcast_to(P, (2,) + P.shape), W[ids]], 1)
+    e = e + emb.position_embeddings.params["weight"][:6]
+    e = e + emb.token_type_embeddings.params["weight"][np.concatenate([np.zeros((2, 2), int), np.ones_like(ids)], 1)]
+    mu, var = e.mean(-1, keepdims=True), e.var(-1, keepdims=True)
+    h0 = (e - mu) / np.sqrt(var + m.config.layer_norm_eps) * emb.LayerNorm.params["weight"] + emb.LayerNorm.params["bias"]
+    assert rel(out.hidden_states[0], h0) < 1e-12
+    assert out.logits.shape == (2, 3)
+
+
+def test_prefix_positions_start_at_n():
+    """GPT-2 prefix tuning: the real tokens' positions are n .. n+T-1 and logits cover T positions;
+    a zero prefix value with keys that no query prefers changes nothing else."""
+    pm = make("gpt2", "prefix", n=3)
+    ids, mask, _ = inputs("gpt2", 1, 4, 0, 1)
+    out = pm(input_ids=ids)
+    assert out.logits.shape == (1, 4, 40)
+    # the same model without adapter, fed the prefix as its own past keys/values
+    c = pm.base_model.config
+    past, _ = peft.ops.prefix_forward(pm.prompt.params["prompt_embeddings"], 1, c.n_layer, c.n_head)
+    plain = pm.unload()
+    want = plain(ids, past_key_values=tuple((np.ascontiguousarray(k), np.ascontiguousarray(v)) for k, v in past),
+                 attention_mask=np.ones((1, 7), dtype=np.int64))
+    assert rel(out.logits, want.logits) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        peft.LoraConfig(r=0)
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        peft.LoraConfig(r=-2)
+    with pytest.raises(ValueError, match="lora_alpha must be a positive number"):
+        peft.LoraConfig(lora_alpha=0)
+    with pytest.raises(ValueError, match="lora_alpha must be a positive number"):
+        peft.LoraConfig(lora_alpha=-1.0)
+    for cls in (peft.PromptTuningConfig, peft.PrefixTuningConfig):
+        with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer"):
+            cls(num_virtual_tokens=0)
+    with pytest.raises(ValueError, match="task_type 'SEQ2SEQ_LM' is not supported"):
+        peft.LoraConfig(task_type="SEQ2SEQ_LM")
+
+
+def test_target_modules_matching_nothing():
+    with pytest.raises(ValueError, match=r"target_modules \['qkv'\] match no Linear module.*'query'"):
+        peft.get_peft_model(tiny("bert"), peft.LoraConfig(target_modules=["qkv"]))
+
+
+def test_virtual_plus_real_tokens_above_the_position_table():
+    for method in ("prompt", "prefix"):
+        pm = make("gpt2", method, n=4)
+        with pytest.raises(ValueError, match=r"num_virtual_tokens 4 \+ 21 tokens = 25 exceed the position table \(24"):
+            pm(input_ids=np.ones((1, 21), dtype=np.int64))
+    with pytest.raises(ValueError, match="leaves no room in the position table"):
+        peft.get_peft_model(tiny("bert"), peft.PromptTuningConfig(num_virtual_tokens=24))
+
+
+def test_reduction_factor_not_dividing_hidden_size():
+    with pytest.raises(ValueError, match="reduction_factor 5 does not divide the hidden size 12"):
+        peft.get_peft_model(tiny("bert"), peft.DoubleSeqBnConfig(reduction_factor=5))
+    with pytest.raises(ValueError, match="reduction_factor must be a positive number"):
+        peft.SeqBnConfig(reduction_factor=0)
+
+
+def _copy(name, tmp_path):
+    d = tmp_path / name
+    shutil.copytree(PEFT / name / "adapter", d)
+    return d
+
+
+def test_unknown_peft_type_or_config(tmp_path):
+    d = _copy("lora-bert-tiny-seqcls", tmp_path)
+    orig = json.loads((d / "adapter_config.json").read_text())
+    for change, msg in (({"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
+                        ({"use_dora": True}, "use_dora"),
+                        ({"rank_pattern": {"query": 8}}, "rank_pattern"),
+                        ({"layer_replication": [[0, 1]]}, r"options \['layer_replication'\]")):
+        (d / "adapter_config.json").write_text(json.dumps({**orig, **change}))
+        with pytest.raises(ValueError, match=msg):
+            peft.PeftModel.from_pretrained(base("lora-bert-tiny-seqcls"), d)
+    h = _copy("adapter-bert-tiny-seqcls", tmp_path)
+    cfg = json.loads((h / "adapter_config.json").read_text())
+    cfg["config"]["use_gating"] = True
+    (h / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"\['use_gating'\] are not supported"):
+        peft.PeftModel.from_pretrained(base("adapter-bert-tiny-seqcls"), h)
+    cfg["config"].update(use_gating=False, architecture="prefix_tuning")
+    (h / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="architecture 'prefix_tuning' is not supported"):
+        peft.PeftModel.from_pretrained(base("adapter-bert-tiny-seqcls"), h)
+
+
+def test_adapter_not_fitting_the_base_model(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    d = _copy("lora-bert-tiny-seqcls", tmp_path)
+    f = d / "adapter_model.safetensors"
+    state = load_file(str(f))
+    key = "base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight"
+    save_file({**state, key: np.zeros((31, 4))}, str(f))
+    with pytest.raises(ValueError, match=rf"{key}' has shape \(31, 4\), but the base model needs \(32, 4\)"):
+        peft.PeftModel.from_pretrained(base("lora-bert-tiny-seqcls"), d)
+    bad = "base_model.model.bert.encoder.layer.7.attention.self.query.lora_A.weight"
+    save_file({**state, bad: np.zeros((4, 32))}, str(f))
+    with pytest.raises(ValueError, match=rf"key '{bad}' does not fit"):
+        peft.PeftModel.from_pretrained(base("lora-bert-tiny-seqcls"), d)
+    # a GPT-2 adapter onto a GPT-2 of another width
+    with pytest.raises(ValueError, match=r"transformer.h.0.attn.c_attn.lora_A.weight' has shape \(4, 32\), but the "
+                                         r"base model needs \(4, 12\)"):
+        peft.PeftModel.from_pretrained(tiny("gpt2"), PEFT / "lora-gpt2-tiny" / "adapter")
+    with pytest.raises(ValueError, match="prompt_embeddings' has shape \\(5, 32\\), but the base model needs \\(5, 12\\)"):
+        peft.PeftModel.from_pretrained(tiny("gpt2"), PEFT / "prompt-gpt2-tiny" / "adapter")
+    with pytest.raises(ValueError, match="an adapter for model type 'bert', the base model is 'gpt2'"):
+        peft.PeftModel.from_pretrained(tiny("gpt2"), PEFT / "adapter-bert-tiny-seqcls" / "adapter")
+
+
+def test_merge_and_unload_needs_lora():
+    for method in ("prompt", "prefix", "houlsby"):
+        with pytest.raises(ValueError, match="merge_and_unload needs a LoRA adapter"):
+            make("gpt2", method).merge_and_unload()
+
+
+def test_failed_load_leaves_the_base_model_untouched(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    model = base("lora-bert-tiny-seqcls")
+    want = {k: v.copy() for k, v in model.parameters().items()}
+    with pytest.raises(ValueError, match="task_type CAUSAL_LM needs a \\*LMHeadModel model, got BertForSequence"):
+        peft.PeftModel.from_pretrained(model, PEFT / "prompt-gpt2-tiny" / "adapter")
+    d = _copy("lora-bert-tiny-seqcls", tmp_path)
+    state = load_file(str(d / "adapter_model.safetensors"))
+    state["base_model.model.classifier.weight"] = np.zeros((2, 32))
+    save_file(state, str(d / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="classifier.weight' has shape"):
+        peft.PeftModel.from_pretrained(model, d)  # fails after the LoRA linears went in: they come out again
+    assert sorted(model.parameters()) == sorted(want)
+    assert model.grad_arrays().keys() == want.keys()
+    pm = peft.PeftModel.from_pretrained(model, PEFT / "lora-bert-tiny-seqcls" / "adapter")  # still usable
+    assert pm.kind == "LORA"
