@@ -1,15 +1,63 @@
-"""The `numlm` command."""
+"""The `numlm` command. Every error, in any subcommand, reaches the user as one line
+`numlm <command>: error: <what>` with exit code 2 (`--debug` adds the traceback)."""
 import argparse
 import json
+import math
 import sys
 import time
+import traceback
+import warnings
 
 import numpy as np
 
 
-def _fail(msg):
-    print(f"numlm: error: {msg}", file=sys.stderr)
-    return 2
+# ---- argument types: a bad number is refused before anything runs ----------------------------
+def count(minimum=1):
+    """An integer >= minimum."""
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return v
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def number(low=0.0, high=math.inf, low_open=True, high_open=True):
+    """A finite float in the interval (low, high), ends open or closed."""
+    want = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        ok = math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be a finite number in {want}, got {text!r}")
+        return v
+    parse.__name__ = f"number in {want}"
+    return parse
+
+
+positive = number()
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`numlm <command>: error: ...`, exit 2) and the command's name
+    recorded for the errors raised while it runs."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace = namespace if namespace is not None else argparse.Namespace()
+        namespace._prog = self.prog  # a subcommand's parser runs later and overrides this
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message):
+        print(f"{self.prog}: error: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(2)
 
 
 def cmd_demo(a):
@@ -18,7 +66,7 @@ def cmd_demo(a):
     t0 = time.perf_counter()
     model, tok, res = pretrain("gpt2", size="mini", data=a.data, vocab_size=a.vocab_size, out_dir=a.out,
                                block_size=128, batch_size=16, seed=a.seed, time_budget=a.minutes * 60,
-                               lr=1e-3, overwrite=True)  # the demo's folder is its own
+                               lr=1e-3, overwrite=True, encoding=a.encoding)  # the demo's folder is its own
     print(f"validation loss {res['initial']['val_loss']:.3f} -> {res['val_loss']:.3f} nats "
           f"(perplexity {res['initial']['val_ppl']:.0f} -> {res['val_ppl']:.1f}; unigram baseline "
           f"{res['unigram_loss']:.3f}); "
@@ -52,14 +100,14 @@ def cmd_pretrain(a):
                          vocab_size=a.vocab_size, out_dir=a.out, block_size=a.block_size,
                          batch_size=a.batch_size, steps=a.steps, lr=a.lr, warmup=a.warmup, seed=a.seed,
                          dtype=a.dtype, resume=a.resume, overwrite=a.overwrite, grad_accum=a.grad_accum,
-                         time_budget=None if a.minutes is None else a.minutes * 60)
+                         time_budget=None if a.minutes is None else a.minutes * 60, encoding=a.encoding)
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=1))
     return 0
 
 
 def cmd_tokenizer_train(a):
     from .recipes import load_corpus, train_tokenizer
-    name, docs = load_corpus(a.data)
+    name, docs = load_corpus(a.data, a.encoding)
     tok = train_tokenizer("bert" if a.kind == "wordpiece" else "gpt2", docs, a.vocab_size)
     path = tok.save(a.out)
     print(f"{a.kind} tokenizer with {tok.vocab_size} tokens trained on {name}, saved to {path}")
@@ -71,7 +119,7 @@ def cmd_prepare(a):
     from .recipes import load_corpus
     tok = Tokenizer.from_file(a.tokenizer)
     if a.data is not None:  # streamed file by file: the corpus need not fit in memory
-        name, meta = a.data, prepare(a.data, tok, a.out)
+        name, meta = a.data, prepare(a.data, tok, a.out, encoding=a.encoding)
     else:
         name, docs = load_corpus(None)
         meta = prepare(docs, tok, a.out)
@@ -86,8 +134,8 @@ def cmd_eval(a):
     model = from_pretrained(a.model, dtype=a.dtype)
     tok = Tokenizer.from_dir(a.model)
     if tok.vocab_size != model.config.vocab_size:
-        return _fail(f"the tokenizer in {a.model} has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
-    name, docs = load_corpus(a.data)
+        raise ValueError(f"the tokenizer in {a.model} has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
+    name, docs = load_corpus(a.data, a.encoding)
     if type(model).__name__ == "BertForPreTraining":
         data = BertData(docs, tok, a.block_size, a.batch_size, a.seed, val_batches=a.batches)
     else:
@@ -129,23 +177,27 @@ def cmd_gradcheck(a):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="numlm", description="BERT and GPT in plain NumPy: pre-train, evaluate, "
-                                "generate and check gradients.")
+    p = Parser(prog="numlm", description="BERT and GPT in plain NumPy: pre-train, evaluate, "
+               "generate and check gradients.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True)
+    enc = dict(default="utf-8", help="the corpus files' text encoding (default utf-8, read strictly)")
 
     d = sub.add_parser("demo", help="train a tokenizer and a small GPT-2 on Shakespeare, then print samples")
     d.add_argument("--data", help="a text file or folder instead of the default corpus")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--minutes", type=float, default=4.25, help="time budget from start to the end of training")
-    d.add_argument("--vocab-size", type=int, default=4096)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--minutes", type=positive, default=4.25, help="time budget from start to the end of training")
+    d.add_argument("--vocab-size", type=count(1), default=4096)
+    d.add_argument("--encoding", **enc)
+    d.add_argument("--seed", type=count(0), default=0)
     d.set_defaults(fn=cmd_demo)
 
     t = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = t.add_subparsers(dest="tokenizer_command", required=True)
     tt = tsub.add_parser("train", help="train a WordPiece (BERT) or byte-level BPE (GPT) tokenizer")
     tt.add_argument("--kind", choices=["bpe", "wordpiece"], default="bpe")
-    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--vocab-size", type=count(1), default=8192)
+    tt.add_argument("--encoding", **enc)
     tt.add_argument("--data", help="text file or folder (default: the default corpus)")
     tt.add_argument("--out", required=True, help="tokenizer.json path or folder")
     tt.set_defaults(fn=cmd_tokenizer_train)
@@ -153,6 +205,7 @@ def build_parser():
     pr = sub.add_parser("prepare", help="tokenize a corpus once into a memory-mapped token file")
     pr.add_argument("--tokenizer", required=True)
     pr.add_argument("--data")
+    pr.add_argument("--encoding", **enc)
     pr.add_argument("--out", required=True, help="token file (.bin)")
     pr.set_defaults(fn=cmd_prepare)
 
@@ -162,16 +215,17 @@ def build_parser():
     pt.add_argument("--config", help="a transformers config.json instead of --size")
     pt.add_argument("--data", help="text file or folder (default: the default corpus)")
     pt.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one)")
-    pt.add_argument("--vocab-size", type=int, default=8192)
+    pt.add_argument("--vocab-size", type=count(1), default=8192)
+    pt.add_argument("--encoding", **enc)
     pt.add_argument("--out", default="runs/pretrain")
-    pt.add_argument("--steps", type=int, default=300)
-    pt.add_argument("--minutes", type=float, help="size the run to this time budget instead of --steps")
-    pt.add_argument("--batch-size", type=int, default=16)
-    pt.add_argument("--block-size", type=int, default=128)
-    pt.add_argument("--grad-accum", type=int, default=1)
-    pt.add_argument("--lr", type=float)
-    pt.add_argument("--warmup", type=int)
-    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--steps", type=count(1), default=300)
+    pt.add_argument("--minutes", type=positive, help="size the run to this time budget instead of --steps")
+    pt.add_argument("--batch-size", type=count(1), default=16)
+    pt.add_argument("--block-size", type=count(2), default=128)
+    pt.add_argument("--grad-accum", type=count(1), default=1)
+    pt.add_argument("--lr", type=positive)
+    pt.add_argument("--warmup", type=count(0))
+    pt.add_argument("--seed", type=count(0), default=0)
     pt.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     pt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     pt.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run")
@@ -180,15 +234,16 @@ def build_parser():
     e = sub.add_parser("eval", help="validation loss and perplexity of a saved model")
     e.add_argument("model", help="model directory (config.json, model.safetensors, tokenizer.json)")
     e.add_argument("--data")
-    e.add_argument("--block-size", type=int, default=128)
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--batches", type=int, default=16)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--encoding", **enc)
+    e.add_argument("--block-size", type=count(2), default=128)
+    e.add_argument("--batch-size", type=count(1), default=8)
+    e.add_argument("--batches", type=count(1), default=16)
+    e.add_argument("--seed", type=count(0), default=0)
     e.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     e.set_defaults(fn=cmd_eval)
 
     g = sub.add_parser("gradcheck", help="check every op's backward against numerical gradients")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=count(0), default=0)
     g.set_defaults(fn=cmd_gradcheck)
 
     try:
@@ -200,12 +255,46 @@ def build_parser():
     return p
 
 
+def describe(e):
+    """One line saying what went wrong; numlm's own errors already name the file, argument and value."""
+    if isinstance(e, OSError) and e.strerror:
+        files = [str(f) for f in (e.filename, e.filename2) if f]
+        msg = e.strerror + (": " + " -> ".join(repr(f) for f in files) if files else "")
+    elif isinstance(e, (ValueError, RuntimeError)) and str(e):
+        msg = str(e)
+    elif isinstance(e, KeyError):
+        msg = f"missing key {e}"
+    else:
+        msg = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return " ".join(msg.split())
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     try:
-        return args.fn(args)
-    except ValueError as e:
-        return _fail(str(e))
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a one-line usage error already printed
+        return e.code
+    prog = args._prog
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line
+        try:
+            return args.fn(args)
+        except KeyboardInterrupt:
+            if debug:
+                traceback.print_exc()
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:
+            if debug:
+                traceback.print_exc()
+            print(f"{prog}: error: {describe(e)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

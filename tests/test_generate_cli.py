@@ -52,7 +52,7 @@ def test_generate_bad_input_is_a_clear_error(gpt_dir, capsys):
     assert main(["generate", str(gpt_dir), "--prompt", "the cat", "--max-new-tokens", "100"]) == 2
     assert "position table" in capsys.readouterr().err
     assert main(["generate", str(gpt_dir), "--prompt", "the cat", "--top-p", "1.5"]) == 2
-    assert "top_p" in capsys.readouterr().err
+    assert "--top-p" in capsys.readouterr().err
 
 
 def test_fill_mask_command(tmp_path, capsys):

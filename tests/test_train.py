@@ -250,3 +250,66 @@ def test_loss_curve_png_written_when_matplotlib_is_there(tmp_path, monkeypatch):
         return real_import(name, *a, **k)
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     assert plot_metrics(tmp_path) is None and not png.exists()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("clip", float("nan")), ("clip", -1.0), ("lr", float("inf")), ("lr", float("nan")), ("lr", 0.0),
+    ("weight_decay", float("nan")), ("eps", 0.0), ("eps", float("inf")), ("betas", (0.9, float("nan"))),
+    ("betas", (1.0, 0.999)), ("betas", (0.9,)), ("warmup", -1), ("warmup", 1.5), ("max_steps", True),
+    ("grad_accum", 0), ("keep_last", "2"), ("log_every", float("nan")), ("progress", "yes"), ("out_dir", ""),
+])
+def test_train_config_checks_every_number(field, value):
+    """TrainConfig(clip=nan) used to switch clipping off; every field now names its bad value."""
+    with pytest.raises(ValueError, match=field.split("[")[0]):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_and_no_temp_folder(tmp_path, monkeypatch):
+    import errno
+    import numlm.train as train
+    from numlm.train import CheckpointError
+    real = train.save_file
+
+    def full(tensors, path, *a, **k):
+        if "step-0000004" in path:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(tensors, path, *a, **k)
+    monkeypatch.setattr(train, "save_file", full)
+    t = Trainer(tiny_gpt(), stream(), config(tmp_path, max_steps=6, save_every=2))
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*step-0000004'.*No space left on device; "
+                                              r"step-0000002 is intact"):
+        t.run()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000002"]
+    monkeypatch.undo()
+    again = Trainer(tiny_gpt(seed=4), stream(), config(tmp_path, max_steps=6, save_every=2))
+    assert again.resume() == 2
+    again.run()
+    full_run = Trainer(tiny_gpt(), stream(), config(tmp_path / "full", max_steps=6, save_every=2))
+    full_run.run()
+    assert_identical(snapshot(full_run), snapshot(again))
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "truncated optimizer", "bad json", "no data key",
+                                    "bad generator"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(damage, tmp_path):
+    from numlm.train import CheckpointError, CheckpointWarning
+    Trainer(tiny_gpt(), stream(), config(tmp_path, max_steps=4, save_every=2)).run()
+    ck = tmp_path / "checkpoints" / "step-0000004"
+    state = json.loads((ck / "trainer_state.json").read_text())
+    if damage == "truncated weights":
+        (ck / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:50])
+    elif damage == "truncated optimizer":
+        (ck / "optimizer.safetensors").write_bytes(b"")
+    elif damage == "bad json":
+        (ck / "trainer_state.json").write_text('{"step": 4, ')
+    elif damage == "no data key":
+        del state["data"]
+        (ck / "trainer_state.json").write_text(json.dumps(state))
+    else:
+        state["generators"] = {"rng": {"bit_generator": "PCG64", "state": "x"}}
+        (ck / "trainer_state.json").write_text(json.dumps(state))
+    t = Trainer(tiny_gpt(seed=3), stream(), config(tmp_path, max_steps=4, save_every=2))
+    with pytest.warns(CheckpointWarning, match="step-0000004.*resuming from the checkpoint before it"):
+        assert t.resume() == 2
+    with pytest.raises(CheckpointError, match="step-0000004"):   # named explicitly: refused, naming it
+        Trainer(tiny_gpt(), stream(), config(tmp_path, max_steps=4)).resume(ck)

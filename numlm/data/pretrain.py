@@ -290,22 +290,22 @@ def _docs_path(path):
     return Path(path).with_suffix(".docs.npy")
 
 
-def prepare(texts_or_paths, tokenizer, out_path, separator="auto", batch_docs=256):
+def prepare(texts_or_paths, tokenizer, out_path, separator="auto", batch_docs=256, encoding="utf-8"):
     """Tokenize once into a flat token file: out_path (.bin, uint16 if vocab < 65536 else uint32),
     a JSON sidecar (dtype, length, num_documents, vocab_size, separator_id) and <name>.docs.npy
     (int64 start offset of every document). Documents are written in chunks, so the corpus never
     has to fit in memory as ids. separator: "auto" (eos, else [SEP], else none), an id or None.
 
     texts_or_paths: a path (file or folder, via read_texts), or a list whose str items are
-    document texts and whose Path items are files or folders."""
+    document texts and whose Path items are files or folders (decoded strictly in `encoding`)."""
     from .corpus import read_texts, iter_texts
     if isinstance(texts_or_paths, (str, os.PathLike)):
-        docs = iter_texts(texts_or_paths)  # one file in memory at a time
+        docs = iter_texts(texts_or_paths, encoding=encoding)  # one file in memory at a time
     else:
         docs = []
         for item in texts_or_paths:
             if isinstance(item, os.PathLike):
-                docs.extend(read_texts(item))
+                docs.extend(read_texts(item, encoding=encoding))
             elif isinstance(item, str):
                 if item.strip():
                     docs.append(item)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import tokenizers
+
+from .corpus import read_text_file
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")   # ids 0..4 when trained here
@@ -29,6 +31,7 @@ def _files(files):
     for f in files:
         if not os.path.isfile(f):
             raise ValueError(f"files: {f!r} does not exist or is not a file")
+        read_text_file(f, strip_md=False)  # strict UTF-8, no binary files: the trainer reads them as text
     if all(os.path.getsize(f) == 0 for f in files):
         raise ValueError(f"files {files!r} are empty: nothing to train the tokenizer on")
     return files
@@ -300,12 +303,22 @@ def _texts(texts):
     """Training iterator; refuses an empty corpus instead of training a specials-only vocabulary."""
     if isinstance(texts, str):
         raise ValueError("texts must be an iterable of str, got a single str")
-    it = iter(texts)
-    first = next(it, None)
-    if first is None:
-        raise ValueError("texts is empty: nothing to train the tokenizer on")
+    try:
+        it = iter(texts)
+    except TypeError:
+        raise ValueError(f"texts must be an iterable of str, got {type(texts).__name__}") from None
+    for first in it:  # leading empty strings are skipped: a corpus of only those is empty
+        if not isinstance(first, str):
+            raise ValueError(f"texts must hold str, got {type(first).__name__}")
+        if first.strip():
+            break
+    else:
+        raise ValueError("texts is empty (no text other than white space): nothing to train the tokenizer on")
 
     def gen():
         yield first
-        yield from it
+        for i, t in enumerate(it, 1):
+            if not isinstance(t, str):
+                raise ValueError(f"texts must hold str, got {type(t).__name__}")
+            yield t
     return gen()
