@@ -143,8 +143,12 @@ def test_examples_run_and_report_what_they_claim():
     import subprocess
     import sys
     from pathlib import Path
-    script = Path(__file__).parent.parent / "examples" / "gradcheck_rmsnorm.py"
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True).stdout
+    import os
+    root = Path(__file__).parent.parent
+    script = root / "examples" / "gradcheck_rmsnorm.py"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=True,
+                         env=env).stdout
     lines = {l.split()[0] + " " + l.split()[1]: l for l in out.splitlines()}
     correct = [float(v) for v in lines["correct backward"].split()[3::2]]
     wrong_x = float(lines["wrong backward"].split()[3])
