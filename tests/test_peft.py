@@ -483,3 +483,27 @@ def test_failed_load_leaves_the_base_model_untouched(tmp_path):
     assert model.grad_arrays().keys() == want.keys()
     pm = peft.PeftModel.from_pretrained(model, PEFT / "lora-bert-tiny-seqcls" / "adapter")  # still usable
     assert pm.kind == "LORA"
+
+
+def test_prompt_tuning_token_labels_and_gpt2_classifier_pooling():
+    """Per-token labels (masked LM) get n times -100 in front; GPT-2's sequence classifier, which
+    transformers feeds inputs_embeds under peft, pools the last position whatever the padding."""
+    cfg = numlm.BertConfig(vocab_size=40, hidden_size=12, num_hidden_layers=1, num_attention_heads=3,
+                           intermediate_size=20, max_position_embeddings=24)
+    pm = peft.get_peft_model(numlm.BertForMaskedLM(cfg, seed=1, dtype="float64").eval(),
+                             peft.PromptTuningConfig(num_virtual_tokens=2))
+    ids, mask, _ = inputs("bert", 2, 5, 1, 0)
+    labels = np.where(mask == 1, ids, -100)
+    out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits.shape == (2, 7, 40)
+    x, t = out.logits[:, 2:].reshape(-1, 40), labels.reshape(-1)
+    x, t = x[t != -100], t[t != -100]
+    m = x.max(-1, keepdims=True)
+    assert rel(out.loss, np.mean(np.log(np.exp(x - m).sum(-1)) + m[:, 0] - x[np.arange(len(t)), t])) < 1e-12
+    g = numlm.GPT2Config(vocab_size=40, n_embd=12, n_layer=1, n_head=3, n_positions=24, pad_token_id=0, num_labels=3)
+    pm = peft.get_peft_model(numlm.GPT2ForSequenceClassification(g, seed=1, dtype="float64").eval(),
+                             peft.PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_CLS"))
+    out = pm(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    W = pm.base_model.score.params["weight"]  # (C, K)
+    np.testing.assert_allclose(out.logits, out.hidden_states[-1][:, -1] @ W, rtol=1e-12)
+    assert numeric_check(pm, ids, mask, np.array([0, 2])) < 1e-6

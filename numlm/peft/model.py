@@ -20,7 +20,8 @@ from .placement import (set_child, install_adapters, remove_adapters, PromptedEm
                         word_embedding_path, attention_paths)
 from . import files
 
-CAUSAL_LM_CLASSES = ("GPT2LMHeadModel", "OpenAIGPTLMHeadModel")
+# models whose labels are per token: prompt tuning prefixes them with n times -100
+TOKEN_LABEL_CLASSES = ("GPT2LMHeadModel", "OpenAIGPTLMHeadModel", "BertForMaskedLM", "BertForTokenClassification")
 
 
 def export_param(module, name):
@@ -238,15 +239,23 @@ class PeftModel:
         if position_ids is not None:
             warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
         if labels is not None:
-            if type(self.base_model).__name__ in CAUSAL_LM_CLASSES or self._task_type() in ("CAUSAL_LM", "TOKEN_CLS"):
+            if type(self.base_model).__name__ in TOKEN_LABEL_CLASSES:
                 lab = as_ids("labels", labels)
                 labels = np.concatenate([np.full((B, n), -100, dtype=np.int64), lab], 1)
             kw["labels"] = labels
+        model = self.base_model
+        # transformers' GPT2ForSequenceClassification given inputs_embeds (as peft calls it) cannot see
+        # padding and pools the last position
+        last = type(model).__name__ == "GPT2ForSequenceClassification" and model.config.pad_token_id is not None
+        if last:
+            model._pool_index = lambda x: np.full(x.shape[0], x.shape[-1] - 1)
         self._embed.prompt = self.prompt
         try:
-            out = self.base_model(ids, **kw)
+            out = model(ids, **kw)
         finally:
             self._embed.prompt = None
+            if last:
+                del model._pool_index
         self._last = ("prompt",)
         return out
 
