@@ -155,6 +155,53 @@ def _eos_list(eos):
     return [int(e) for e in eos]
 
 
+def _check_args(V, do_sample, temperature, top_k, top_p, repetition_penalty, length_penalty, eos_token_id,
+                pad_token_id, seed, rng, use_cache, output_scores, return_dict_in_generate, attention_mask):
+    """The numbers and flags of generate(), NaN and infinity included (each error names its argument);
+    greedy decoding with a sampling argument warns, as transformers does."""
+    def real(name, v, ok, want):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(v) or not ok(v):
+            raise ValueError(f"{name} must be a finite number{want}, got {v!r}")
+
+    def token(name, v, in_vocab=True):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0 or (in_vocab and V is not None and v >= V):
+            raise ValueError(f"{name} must be a token id in [0, {V}), got {v!r}")
+
+    for name, v in (("do_sample", do_sample), ("use_cache", use_cache), ("output_scores", output_scores),
+                    ("return_dict_in_generate", return_dict_in_generate)):
+        if not isinstance(v, (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False, got {v!r}")
+    real("temperature", temperature, lambda v: v > 0, " > 0")
+    real("top_p", top_p, lambda v: 0 < v <= 1, " in (0, 1]")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 (or None to disable), got {top_k!r}")
+    real("repetition_penalty", repetition_penalty, lambda v: v > 0, " > 0")
+    real("length_penalty", length_penalty, lambda v: True, "")
+    for e in ([eos_token_id] if eos_token_id is None or np.ndim(eos_token_id) == 0 else list(eos_token_id)):
+        if e is not None:
+            token("eos_token_id", e, in_vocab=False)
+            if V is not None and e >= V:
+                warnings.warn(f"eos_token_id {e} is outside the vocabulary [0, {V}): generation never stops at it",
+                              UserWarning, stacklevel=3)
+    if pad_token_id is not None:
+        token("pad_token_id", pad_token_id)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"seed must be an integer >= 0 (or None), got {seed!r}")
+    if rng is not None and not isinstance(rng, np.random.Generator):
+        raise ValueError(f"rng must be a numpy Generator (np.random.default_rng(...)), got {type(rng).__name__}")
+    if attention_mask is not None:
+        m = np.asarray(attention_mask)
+        if m.dtype != np.bool_ and (m.dtype.kind not in "iuf" or not np.isin(m, (0, 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    if not do_sample:
+        given = [f"{n}={v!r}" for n, v, default in (("temperature", temperature, 1.0), ("top_p", top_p, 1.0),
+                                                    ("top_k", top_k, 50)) if v is not None and v != default]
+        if given:
+            warnings.warn(f"do_sample is False, so {', '.join(given)} only matter when sampling: set "
+                          f"do_sample=True or leave them unset", UserWarning, stacklevel=3)
+
+
 # ---- generate ---------------------------------------------------------------------------------------
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_length=None,
              do_sample=False, num_beams=1, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0,
@@ -180,6 +227,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
     ids = _as_ids(input_ids)
     B, T0 = ids.shape
     V = getattr(config, "vocab_size", None)
+    _check_args(V, do_sample, temperature, top_k, top_p, repetition_penalty, length_penalty, eos_token_id,
+                pad_token_id, seed, rng, use_cache, output_scores, return_dict_in_generate, attention_mask)
     if V is not None and (ids.min() < 0 or ids.max() >= V):
         raise ValueError(f"input_ids must lie in [0, {V}), got range [{ids.min()}, {ids.max()}]")
 

@@ -79,6 +79,19 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
     Returns ``{name: error}`` with names from the function's signature (or the dict's keys) and
     ``param:<dotted name>`` for module parameters.
     """
+    if not callable(fn):
+        raise ValueError(f"fn must be an op's forward or a Module, got {type(fn).__name__}")
+    if backward is not None and not callable(backward):
+        raise ValueError(f"backward must be callable, got {type(backward).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not 0 < eps < np.inf:
+        raise ValueError(f"eps must be a finite number > 0 (the central-difference step), got {eps!r}")
+    if max_entries is not None and (isinstance(max_entries, bool) or not isinstance(max_entries, (int, np.integer))
+                                    or max_entries < 1):
+        raise ValueError(f"max_entries must be an integer >= 1 (or None for every entry), got {max_entries!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"kwargs must be a dict, got {type(kwargs).__name__}")
     kwargs = dict(kwargs or {})
     if isinstance(inputs, dict):
         names, args, kw = list(inputs), [], dict(inputs)
@@ -138,6 +151,11 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
         grads = (grads,)
     if is_module and has_loss:
         grads = ()
+    elif (not is_module or floating) and (len(grads) < len(floating)
+                                          or any(g is not None for g in grads[len(floating):])):
+        raise ValueError(f"backward returned {len(grads)} gradient(s) for {len(floating)} floating-point "
+                         f"input(s) ({', '.join(names[i] for i in floating) or 'none'}): it must return one "
+                         f"per floating-point input, in order")
     analytic = {}
     for j, i in enumerate(floating):
         if j < len(grads) and grads[j] is not None:
@@ -149,7 +167,9 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
 
     errors = {}
     targets = [(n, x, g) for n, (x, g) in analytic.items()]
-    targets += [(f"param:{k}", params[k], param_grads[k]) for k in params]
+    targets += [(f"param:{k}", params[k], param_grads[k]) for k in params if k in param_grads]
+    if not targets:
+        raise ValueError("nothing to check: no floating-point input has a gradient and there are no parameters")
     for name, x, g in targets:
         if g.shape != x.shape:
             raise ValueError(f"analytic gradient for {name} has shape {g.shape}, expected {x.shape}")

@@ -72,6 +72,13 @@ def _contiguous(*arrays):
 
 # ---------------------------------------------------------------- optimizers
 
+def _finite(name, v):
+    """float(v) for a finite real number; else a ValueError naming the argument."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
 class Adam:
     """Adam with L2 weight decay added to the gradient (torch.optim.Adam): g <- g + wd p.
     ``no_decay(name, array) -> bool`` picks the parameters that get no weight decay."""
@@ -97,12 +104,14 @@ class Adam:
         self.exp_avg_sq = {}
 
     def _set_hyperparams(self, lr, betas, eps, weight_decay):
-        lr, eps, weight_decay = float(lr), float(eps), float(weight_decay)
+        lr, eps, weight_decay = _finite("lr", lr), _finite("eps", eps), _finite("weight_decay", weight_decay)
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__"):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas}")
-        beta1, beta2 = float(betas[0]), float(betas[1])
+        beta1, beta2 = _finite("betas[0]", betas[0]), _finite("betas[1]", betas[1])
         for i, b in enumerate((beta1, beta2)):
             if not 0.0 <= b < 1.0:
                 raise ValueError(f"betas[{i}] must lie in [0, 1), got {b}")
@@ -128,7 +137,7 @@ class Adam:
     def step(self, grads, lr=None):
         """One update of every parameter named in ``grads`` (others are frozen and skipped).
         ``lr`` overrides the base lr for this step (the loop passes base_lr * schedule(step))."""
-        lr = self.lr if lr is None else float(lr)
+        lr = self.lr if lr is None else _finite("lr", lr)
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         self._check_grads(grads)

@@ -3,11 +3,13 @@ progress, metrics, and checkpoints that resume bit-exactly.
 
 A checkpoint is a folder  <out>/checkpoints/step-0000100/  holding the model (config.json +
 model.safetensors), the optimizer moments (optimizer.safetensors) and trainer_state.json (step,
-optimizer scalars, the dropout and data generators' states, the data position). It is written
+optimizer scalars, the dropout and data generators' states, the data position, and a sha256 of
+every file and of its own content, so a damaged checkpoint is detected, never half-loaded). It is written
 under a temporary name and renamed into place, so a run killed mid-write leaves the previous
 checkpoint intact and no half-written one that looks complete.
 """
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -88,13 +90,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read (damaged, truncated) or written (full disk); names the file."""
 
 
-def list_checkpoints(out_dir):
-    """Checkpoints of a run that were completely written (renamed into place), oldest first."""
+def list_checkpoints(out_dir, complete=True):
+    """Checkpoints of a run, oldest first: those holding trainer_state.json (written last), or with
+    complete=False every step folder (one without it was damaged after it was written)."""
     d = Path(out_dir) / "checkpoints"
     if not d.is_dir():
         return []
     found = [p for p in d.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
-             and p.name[len(CKPT_PREFIX):].isdigit() and (p / "trainer_state.json").is_file()]
+             and p.name[len(CKPT_PREFIX):].isdigit() and (not complete or (p / "trainer_state.json").is_file())]
     return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 
 
@@ -144,6 +147,8 @@ def save_checkpoint(out_dir, step, model, optimizer, extra_state, keep_last=2):
         state = {"step": step, "architecture": type(model).__name__, "optimizer": opt, "generators": gens,
                  "model_rng": model.rng.bit_generator.state if getattr(model, "rng", None) is not None else None,
                  **extra_state}
+        state["files"] = {f.name: _sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        state["state_sha256"] = _state_hash(state)
         with open(tmp / "trainer_state.json", "w") as f:
             f.write(json.dumps(state, indent=1, default=_json_default))
             f.flush()
@@ -170,6 +175,21 @@ def save_checkpoint(out_dir, step, model, optimizer, extra_state, keep_last=2):
     return final
 
 
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _state_hash(state):
+    """sha256 of trainer_state.json's content (without this hash), independent of its layout."""
+    body = {k: v for k, v in state.items() if k != "state_sha256"}
+    canon = json.dumps(json.loads(json.dumps(body, default=_json_default)), sort_keys=True)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
 def _json_default(o):
     if isinstance(o, np.integer):
         return int(o)
@@ -193,6 +213,8 @@ def read_checkpoint_state(path):
         raise CheckpointError(f"{str(f)!r} is damaged: {e}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(f)!r} is damaged: it must hold a JSON object")
+    if "state_sha256" in state and state["state_sha256"] != _state_hash(state):
+        raise CheckpointError(f"{str(f)!r} is damaged: its content does not match its checksum")
     for key in ("step", "architecture", "optimizer"):
         if key not in state:
             raise CheckpointError(f"{str(f)!r} is damaged: no {key!r}")
@@ -220,6 +242,13 @@ def load_checkpoint(path, model, optimizer, stream=None):
     if state.get("architecture") != type(model).__name__:
         raise ValueError(f"checkpoint {str(path)!r} holds a {state.get('architecture')}, "
                          f"not a {type(model).__name__}")
+    files = state.get("files", {})
+    for name, digest in (files.items() if isinstance(files, dict) else ()):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{str(path / name)!r} is missing from the checkpoint")
+        if _sha256(path / name) != digest:
+            raise CheckpointError(f"{str(path / name)!r} is damaged: its content does not match the checksum "
+                                  f"in trainer_state.json")
     try:
         weights = load_safetensors(path)
     except ValueError as e:
@@ -319,7 +348,7 @@ class Trainer:
         """Continue from `path` or the run's latest checkpoint; returns the step reached. A damaged
         latest checkpoint falls back to the one before it, with a warning. metrics.jsonl keeps only
         the rows up to the checkpoint's step, so the history never repeats a step."""
-        candidates = [Path(path)] if path else list_checkpoints(self.out)[::-1]
+        candidates = [Path(path)] if path else list_checkpoints(self.out, complete=False)[::-1]
         if not candidates:
             raise ValueError(f"nothing to resume: no checkpoint in {str(self.out / 'checkpoints')!r}")
         damaged = []

@@ -290,7 +290,7 @@ def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_and_no_temp_fol
 
 
 @pytest.mark.parametrize("damage", ["truncated weights", "truncated optimizer", "bad json", "no data key",
-                                    "bad generator"])
+                                    "bad generator", "one flipped byte"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(damage, tmp_path):
     from numlm.train import CheckpointError, CheckpointWarning
     Trainer(tiny_gpt(), stream(), config(tmp_path, max_steps=4, save_every=2)).run()
@@ -300,13 +300,19 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(damage, tmp_path):
         (ck / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:50])
     elif damage == "truncated optimizer":
         (ck / "optimizer.safetensors").write_bytes(b"")
+    elif damage == "one flipped byte":  # a weight changed, the file still parses: the checksum catches it
+        b = bytearray((ck / "model.safetensors").read_bytes())
+        b[-3] ^= 0x10
+        (ck / "model.safetensors").write_bytes(bytes(b))
     elif damage == "bad json":
         (ck / "trainer_state.json").write_text('{"step": 4, ')
-    elif damage == "no data key":
-        del state["data"]
-        (ck / "trainer_state.json").write_text(json.dumps(state))
-    else:
-        state["generators"] = {"rng": {"bit_generator": "PCG64", "state": "x"}}
+    else:  # consistent checksums: the deeper checks must catch it
+        from numlm.train import _state_hash
+        if damage == "no data key":
+            del state["data"]
+        else:
+            state["generators"] = {"rng": {"bit_generator": "PCG64", "state": "x"}}
+        state["state_sha256"] = _state_hash(state)
         (ck / "trainer_state.json").write_text(json.dumps(state))
     t = Trainer(tiny_gpt(seed=3), stream(), config(tmp_path, max_steps=4, save_every=2))
     with pytest.warns(CheckpointWarning, match="step-0000004.*resuming from the checkpoint before it"):

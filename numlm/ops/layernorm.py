@@ -10,6 +10,8 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
     """y = (x - mean(x)) / sqrt(var(x) + eps) * gamma + beta   over the last axis
     x: (N, C)  gamma, beta: (C,)  ->  y: (N, C)"""
     float_array("x", x)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not 0 < eps < np.inf:
+        raise ValueError(f"eps must be a finite number > 0 (it keeps 1/sqrt(var + eps) finite), got {eps!r}")
     same_dtype(x=x, gamma=gamma, beta=beta)
     C = x.shape[-1]
     if gamma.shape != (C,) or beta.shape != (C,):
