@@ -51,7 +51,11 @@ def make_config(arch, size="mini", vocab_size=8192, block_size=128, config_path=
     """A model config from a named size or a transformers config.json; vocab and positions checked."""
     cls = model_class(arch)
     if config_path is not None:
-        cfg = cls.config_class.from_json(config_path)
+        from .io import read_json
+        try:
+            cfg = cls.config_class.from_dict(read_json(config_path))
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"config {str(config_path)!r}: {e}") from None
     else:
         if size not in SIZES:
             raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")

@@ -319,6 +319,8 @@ def prepare(texts_or_paths, tokenizer, out_path, separator="auto", batch_docs=25
     V = tokenizer.vocab_size
     dtype = np.dtype(np.uint16) if V < 2 ** 16 else np.dtype(np.uint32)
     out_path = Path(out_path)
+    if out_path.is_dir():
+        raise ValueError(f"out_path: {str(out_path)!r} is a folder; give the token file's name (e.g. tokens.bin)")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     starts, n = [], 0
     tmp = out_path.with_name(out_path.name + ".tmp")  # renamed into place once complete
@@ -348,7 +350,8 @@ def load_meta(path):
     side = _sidecar(path)
     if not side.is_file():
         raise ValueError(f"path: no sidecar {str(side)!r} next to the token file")
-    return json.loads(side.read_text())
+    from ..io import read_json
+    return read_json(side)
 
 
 def load_tokens(path):

@@ -142,7 +142,8 @@ class Tokenizer:
             return cls.from_file(d / "tokenizer.json")
         config = {}
         if (d / "tokenizer_config.json").is_file():
-            config = json.loads((d / "tokenizer_config.json").read_text())
+            from ..io import read_json
+            config = read_json(d / "tokenizer_config.json")
         if (d / "vocab.txt").is_file():
             tk = _wordpiece_pipeline(bool(config.get("do_lower_case", True)))
             tk.model = models.WordPiece.from_file(str(d / "vocab.txt"), unk_token="[UNK]")

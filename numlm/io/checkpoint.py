@@ -21,18 +21,34 @@ def _dir(path):
     return path
 
 
+def read_json(f, kind=dict):
+    """A JSON file's content (a `kind`, dict by default); a missing, non-UTF-8 or malformed file is
+    a ValueError naming it."""
+    f = Path(f)
+    try:
+        text = f.read_bytes().decode("utf-8")
+        value = json.loads(text)
+    except FileNotFoundError:
+        raise ValueError(f"{str(f)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{str(f)!r} is a folder, not a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(f)!r} is not valid JSON: byte {e.object[e.start]:#04x} at offset {e.start} "
+                         f"is not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(f)!r} is not valid JSON: {e}") from None
+    if kind is not None and not isinstance(value, kind):
+        raise ValueError(f"{str(f)!r} must hold a JSON {'object' if kind is dict else kind.__name__}, "
+                         f"got {type(value).__name__}")
+    return value
+
+
 def read_config(path):
     """config.json of a model directory as a dict."""
     f = _dir(path) / CONFIG
     if not f.is_file():
         raise ValueError(f"no config.json in {str(path)!r}")
-    try:
-        cfg = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(f)!r} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{str(f)!r} must hold a JSON object")
-    return cfg
+    return read_json(f)
 
 
 def _atomic_write(path, write):
@@ -70,9 +86,9 @@ def load_safetensors(path):
         return _load_file(d / WEIGHTS)
     if (d / INDEX).is_file():
         try:
-            index = json.loads((d / INDEX).read_text())
-            weight_map = index["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            index = read_json(d / INDEX)
+            weight_map = dict(index["weight_map"])
+        except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{str(d / INDEX)!r} is not a valid safetensors index: {e}") from None
         state = {}
         for shard in sorted(set(weight_map.values())):
