@@ -516,7 +516,8 @@ class Trainer:
             result = {"step": self.step, "tokens": self.tokens, "time": time.perf_counter() - start}
             if self.evaluate is not None:
                 final = self._evaluate()
-                self._log({"step": self.step, **final})
+                if self._evaluated != self.step:  # a run resumed at its end has logged it already
+                    self._log({"step": self.step, **final})
                 result.update(final)
             self.save()
         except KeyboardInterrupt:

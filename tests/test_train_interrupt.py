@@ -190,3 +190,13 @@ def test_fresh_trainer_refuses_a_folder_with_an_earlier_runs_metrics(tmp_path):
         t.run()
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 3.0}\n'
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resuming_a_finished_run_adds_no_rows(tmp_path):
+    """Ctrl-C after the last step (while the final model is saved), then --resume: nothing repeats."""
+    trainer("gpt2", tmp_path).run()
+    rows = (tmp_path / "metrics.jsonl").read_text()
+    again = trainer("gpt2", tmp_path)
+    assert again.resume() == STEPS
+    res = again.run()
+    assert (tmp_path / "metrics.jsonl").read_text() == rows and "val_loss" in res
