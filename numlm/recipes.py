@@ -52,8 +52,9 @@ def make_config(arch, size="mini", vocab_size=8192, block_size=128, config_path=
     cls = model_class(arch)
     if config_path is not None:
         from .io import read_json
+        d = read_json(config_path)
         try:
-            cfg = cls.config_class.from_dict(read_json(config_path))
+            cfg = cls.config_class.from_dict(d)
         except (TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"config {str(config_path)!r}: {e}") from None
     else:

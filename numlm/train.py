@@ -342,6 +342,10 @@ class Trainer:
         return {"tokens": self.tokens, "data": self.stream.state_dict(), "train_config": dataclasses.asdict(self.cfg)}
 
     def save(self):
+        """Checkpoint the current step; parameters that are no longer finite are never saved."""
+        bad = next((k for k, v in self.model.parameters().items() if not np.isfinite(v).all()), None)
+        if bad is not None:
+            self._diverged(f"parameter {bad} is not finite after the update", self.step)
         return save_checkpoint(self.out, self.step, self.model, self.optimizer, self.state(), self.cfg.keep_last)
 
     def resume(self, path=None):
@@ -414,13 +418,15 @@ class Trainer:
             raise KeyboardInterrupt
 
     # -- one optimizer step
-    def _diverged(self, what):
-        raise TrainingDiverged(f"{what} at step {self.step + 1}; stopping. The last good checkpoint in "
-                               f"{str(self.out / 'checkpoints')!r} is intact.")
+    def _diverged(self, what, step=None):
+        last = latest_checkpoint(self.out)
+        kept = f"the latest checkpoint, {str(last)!r}, is intact" if last else "no checkpoint was written"
+        raise TrainingDiverged(f"{what} at step {self.step + 1 if step is None else step}; stopping ({kept})")
 
     def train_step(self):
         model, cfg = self.model, self.cfg
         rewind = (self.stream.state_dict(), {k: g.bit_generator.state for k, g in self._generators.items()})
+        errstate = np.seterr(over="ignore", invalid="ignore")  # a non-finite loss or norm is reported below
         try:
             model.train()
             model.zero_grad()
@@ -449,6 +455,8 @@ class Trainer:
             for k, s in rewind[1].items():
                 self._generators[k].bit_generator.state = s
             raise
+        finally:
+            np.seterr(**errstate)
         self._interruptible = False  # from here on the step completes
         self._updating = True
         self.optimizer.step(grads, lr=lr)
@@ -470,7 +478,8 @@ class Trainer:
         self._allow_interrupt()
         try:
             self.model.eval()
-            row = self.evaluate(self.model)
+            with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported by the next step
+                row = self.evaluate(self.model)
         finally:
             self._interruptible = False
             self.model.train()

@@ -319,3 +319,19 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(damage, tmp_path):
         assert t.resume() == 2
     with pytest.raises(CheckpointError, match="step-0000004"):   # named explicitly: refused, naming it
         Trainer(tiny_gpt(), stream(), config(tmp_path, max_steps=4)).resume(ck)
+
+
+def test_parameters_that_are_not_finite_are_never_checkpointed(tmp_path):
+    t = Trainer(tiny_gpt(), stream(), config(tmp_path, max_steps=4, save_every=2))
+    real = t.optimizer.step
+
+    def blow_up(grads, lr=None):
+        real(grads, lr=lr)
+        if t.step == 3:   # the update of step 4 overflows
+            t.model.parameters()["lm_head.weight" if "lm_head.weight" in t.model.parameters()
+                                 else "transformer.wte.weight"][0, 0] = np.inf
+    t.optimizer.step = blow_up
+    with pytest.raises(TrainingDiverged, match=r"is not finite after the update at step 4; stopping \(the latest "
+                                               r"checkpoint, .*step-0000002', is intact\)"):
+        t.run()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002"]

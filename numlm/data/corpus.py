@@ -125,7 +125,7 @@ def iter_texts(path, suffixes=TEXT_SUFFIXES, strip_md=True, encoding="utf-8"):
         except ValueError as e:
             if f is p or "binary file" not in str(e):
                 raise
-            warnings.warn(f"skipping {e}", CorpusWarning, stacklevel=2)
+            warnings.warn(f"{e}; skipped", CorpusWarning, stacklevel=2)
             continue
         if text.strip():
             n += 1
