@@ -246,3 +246,26 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_it_is_used(run_dir, na
         assert snapshot(out) == before
         with pytest.warns(CheckpointWarning, match="step-0000002"):
             assert t.resume() == 1
+
+
+# ---- models --------------------------------------------------------------------------------------------------
+BAD_MODEL_INPUTS = {
+    "input_ids": [np.array([[1.5, 2, 3]]), np.array([[V, 2, 3]]), np.array([[-1, 2, 3]]), np.zeros((1, 0), int),
+                  "abc", np.ones((1, 40), int), [[1, 2], [3]]],
+    "attention_mask": [np.array([[1, 2, 1]]), np.array([[1, np.nan, 1]]), np.array([[1, 1]])],
+    "labels": [np.array([[V, 1, 1]]), np.array([[1.5, 1, 1]]), np.array([[1, 1]])],
+    "position_ids": [np.array([[0, 1, 99]]), np.array([[0, -2, 1]])],
+}
+
+
+@FEW
+@given(arg=st.sampled_from(sorted(BAD_MODEL_INPUTS)), data=st.data(), arch=st.sampled_from(["gpt2", "bert"]))
+def test_models_refuse_bad_inputs(arg, data, arch):
+    from numlm.models import BertForPreTraining
+    from numlm.models.bert import BertConfig
+    model = MODEL if arch == "gpt2" else BertForPreTraining(
+        BertConfig(vocab_size=V, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                   max_position_embeddings=16), seed=0)
+    kw = {"input_ids": np.array([[1, 2, 3]]), arg: data.draw(st.sampled_from(BAD_MODEL_INPUTS[arg]))}
+    with pytest.raises(ValueError):
+        model(**kw)
