@@ -529,6 +529,7 @@ class Trainer:
                     self._log({"step": self.step, **final})
                 result.update(final)
             self.save()
+            self._allow_interrupt()  # a Ctrl-C during the last save is still reported
         except KeyboardInterrupt:
             self._interruptible = False  # a second Ctrl-C must not cut the checkpoint write short
             bar.close()
