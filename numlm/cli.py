@@ -242,9 +242,8 @@ def build_parser():
     e.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     e.set_defaults(fn=cmd_eval)
 
-    g = sub.add_parser("gradcheck", help="check every op's backward against numerical gradients")
-    g.add_argument("--seed", type=count(0), default=0)
-    g.set_defaults(fn=cmd_gradcheck)
+    from .cli_inspect import add_parsers as add_inspect_parsers  # gradcheck, attention, plot
+    add_inspect_parsers(sub)
 
     try:
         from .cli_inference import add_parsers

@@ -13,6 +13,7 @@ from .data import (Tokenizer, default_corpus, read_texts, prepare, load_tokens, 
                    split_tokens, split_documents, tokenize_documents, nsp_pairs, nsp_batch, mask_tokens,
                    TokenStream, sequential_blocks)
 from .data.pretrain import _sidecar, _docs_path
+from .inspect import plots_line
 from .train import Trainer, TrainConfig, list_checkpoints, read_checkpoint_state, model_generators, _int, _real
 
 ARCHS = ("gpt2", "openai-gpt", "bert")
@@ -349,6 +350,7 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     result["initial"] = before
     if not result.get("interrupted"):
         log("after training:  " + _fmt({k: v for k, v in result.items() if k.startswith("val_")}))
+        log(plots_line(out, trainer.plots))
     final = out / "model"
     model.save_pretrained(final)
     tokenizer.save(final)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from .inspect import GradientFlow
 from .optim import AdamW, clip_grad_norm, get_schedule
 
 CKPT_PREFIX = "step-"
@@ -330,6 +331,8 @@ class Trainer:
         self.tokens = 0
         self.out = Path(config.out_dir)
         self.history = []
+        self.flow = {}
+        self.plots = None
         self._generators = model_generators(model)
         self._started = False       # run() or resume() has claimed the folder
         self._interruptible = True  # False from the optimizer update to the step's last write
@@ -445,6 +448,7 @@ class Trainer:
             if cfg.grad_accum > 1:
                 for g in grads.values():
                     g *= g.dtype.type(1.0 / cfg.grad_accum)
+            flow = GradientFlow(model.parameters(), grads) if self._log_due(self.step + 1) else None
             norm = clip_grad_norm(grads, cfg.clip) if cfg.clip > 0 else float("nan")
             if cfg.clip > 0 and not math.isfinite(norm):
                 self._diverged(f"gradient norm is {norm}")
@@ -460,10 +464,14 @@ class Trainer:
         self._interruptible = False  # from here on the step completes
         self._updating = True
         self.optimizer.step(grads, lr=lr)
+        self.flow = flow.finish() if flow is not None else {}  # per-layer gradient norms, update ratios
         self.step += 1
         self.tokens += ntok
         self._updating = False
         return total / cfg.grad_accum, lr, norm, ntok
+
+    def _log_due(self, step):
+        return step % self.cfg.log_every == 0 or step == self.cfg.max_steps
 
     def _log(self, record):
         self.history.append(record)
@@ -508,14 +516,14 @@ class Trainer:
                 loss, lr, norm, ntok = self.train_step()
                 tok_last += ntok
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                if self._log_due(self.step):
                     now = time.perf_counter()
                     tps = tok_last / max(now - t_last, 1e-9)
                     t_last, tok_last = now, 0
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
                     self._log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
                                "tokens": self.tokens, "tokens_per_s": tps,
-                               "time": time.perf_counter() - start})
+                               "time": time.perf_counter() - start, **self.flow})
                 if self.evaluate is not None and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                     self._log({"step": self.step, **self._evaluate()})
                 if self.step % cfg.save_every == 0:
@@ -546,40 +554,14 @@ class Trainer:
             bar.close()
             if in_main:
                 signal.signal(signal.SIGINT, old_handler)
-        plot_metrics(self.out)
+        self.plots = plot_metrics(self.out)
         return result
 
 
 def plot_metrics(out_dir):
-    """loss.png from metrics.jsonl when matplotlib is installed (the `plot` extra); else nothing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    """The run's PNGs (loss, learning rate, per-layer gradient flow: numlm.inspect.plot_run) when
+    matplotlib is installed (the `plot` extra); else None."""
+    from .inspect import plot_run
+    if not (Path(out_dir) / "metrics.jsonl").is_file():
         return None
-    f = Path(out_dir) / "metrics.jsonl"
-    if not f.is_file():
-        return None
-    rows = []
-    for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line torn by a killed process
-            continue
-    rows = [r for r in rows if isinstance(r, dict)]
-    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if tr:
-        ax.plot(*zip(*tr), label="train loss")
-    if va:
-        ax.plot(*zip(*va), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats)")
-    ax.legend()
-    fig.tight_layout()
-    path = Path(out_dir) / "loss.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plot_run(out_dir)

@@ -1,0 +1,83 @@
+"""`numlm gradcheck [MODEL_DIR]`, `numlm attention` and `numlm plot`: registered on the main parser
+by add_parsers(subparsers)."""
+import sys
+
+
+def cmd_gradcheck(a):
+    """With a model directory: the whole-checkpoint check; without: every op's backward."""
+    from .inspect import broken_backward, check_checkpoint, BREAKS, DEFAULT_TEXT
+    if a.model is None:
+        if a.text is not None or a.params is not None:
+            raise ValueError("--text and --params need a MODEL_DIR")
+        from .cli import cmd_gradcheck as op_table
+        if a.break_ is None:
+            return op_table(a)
+        with broken_backward(a.break_) as what:
+            print(f"broken on purpose: {what}")
+            return op_table(a)
+    from tqdm.auto import tqdm
+    if a.break_ is not None:
+        print(f"broken on purpose: {BREAKS[a.break_][0]}")
+    bar = tqdm(total=None, unit="param", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def progress(i, n):
+        bar.total = n
+        bar.update(1)
+    try:
+        res = check_checkpoint(a.model, text=DEFAULT_TEXT if a.text is None else a.text,
+                               params=3 if a.params is None else a.params, seed=a.seed, tol=a.tol,
+                               break_=a.break_, progress=progress)
+    finally:
+        bar.close()
+    print(res.table())
+    return 0 if res.passed else 1
+
+
+def cmd_attention(a):
+    from .cli_inference import _load
+    from .inspect import attention_maps, draw_attention
+    model, tok = _load(a.model, "float32")
+    tokens, maps = attention_maps(model, tok, a.text)
+    kind = "causal" if maps[..., 0, 1:].max(initial=0.0) == 0 and maps.shape[-1] > 1 else "bidirectional"
+    path = draw_attention(tokens, maps, a.out, layer=a.layer, head=a.head,
+                          title=f"{type(model).__name__} attention ({kind}): {' '.join(tokens)[:80]}")
+    L, H, T, _ = maps.shape
+    print(f"{L} layers x {H} heads over {T} tokens -> {path}")
+    return 0
+
+
+def cmd_plot(a):
+    from .inspect import plot_run
+    paths = plot_run(a.run)
+    if paths is None:
+        raise ValueError("numlm plot needs matplotlib: pip install matplotlib")
+    for p in paths:
+        print(p)
+    return 0
+
+
+def add_parsers(sub):
+    from .cli import count, positive
+    from .inspect import BREAKS
+    g = sub.add_parser("gradcheck", help="check every op's backward, or a whole checkpoint's gradients, "
+                       "against numerical gradients")
+    g.add_argument("model", nargs="?", help="model directory: check its gradients on real text (float64)")
+    g.add_argument("--text", help="the text the model is checked on (keep it short: each entry costs two forwards)")
+    g.add_argument("--params", type=count(1), help="random entries checked per parameter (default 3)")
+    g.add_argument("--seed", type=count(0), default=0)
+    g.add_argument("--tol", type=positive, default=1e-5, help="largest relative error that passes")
+    g.add_argument("--break", dest="break_", choices=sorted(BREAKS),
+                   help="corrupt one op's backward on purpose, to see the check catch it")
+    g.set_defaults(fn=cmd_gradcheck)
+
+    at = sub.add_parser("attention", help="draw a model's attention maps on a text as heatmaps")
+    at.add_argument("model", help="model directory (config.json, model.safetensors, tokenizer)")
+    at.add_argument("--text", required=True)
+    at.add_argument("--layer", type=count(0), help="only this layer's heads")
+    at.add_argument("--head", type=count(0), help="only this head (with --layer: one map, large)")
+    at.add_argument("--out", default="attention.png", help="PNG file to write")
+    at.set_defaults(fn=cmd_attention)
+
+    p = sub.add_parser("plot", help="draw a run's loss, learning rate and per-layer gradient flow as PNGs")
+    p.add_argument("run", help="run folder holding metrics.jsonl (e.g. runs/demo)")
+    p.set_defaults(fn=cmd_plot)
