@@ -405,7 +405,7 @@ def draw_attention(tokens, maps, path, layer=None, head=None, title=None, dpi=10
             ax.axis("off")
             continue
         (l, h), label = cells[k]
-        ax.imshow(maps[l, h], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        im = ax.imshow(maps[l, h], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
         r, c = divmod(k, cols)
         show_y = c == 0 or not grid
         show_x = r == rows - 1 or not grid
@@ -414,6 +414,10 @@ def draw_attention(tokens, maps, path, layer=None, head=None, title=None, dpi=10
         ax.tick_params(length=0, pad=1)
         if label:
             ax.set_title(label, fontsize=small + 2)
+        if len(cells) == 1:
+            ax.set_xlabel("key", fontsize=small)
+            ax.set_ylabel("query", fontsize=small)
+            fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
         if grid:
             if r == 0:
                 ax.set_title(f"head {h}", fontsize=7)

@@ -317,3 +317,20 @@ def test_without_matplotlib_one_line_says_how(tmp_path, monkeypatch, capsys):
     assert lines == [f"plots: pip install matplotlib, then: numlm plot {tmp_path}"]
     assert main(["plot", str(tmp_path)]) == 2
     assert "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_gradient_experiment_measures_arithmetic_error_only():
+    """examples/gradient_experiments.py: the float64 twin holds the float32 weights exactly, and a
+    small model's float32 gradients are off by a few float32 epsilons, not zero and not more."""
+    import importlib.util as iu
+    spec = iu.spec_from_file_location("gradient_experiments",
+                                      Path(__file__).parent.parent / "examples" / "gradient_experiments.py")
+    gx = iu.module_from_spec(spec)
+    spec.loader.exec_module(gx)
+    cls, cfg = gx.gpt2(2, 16)
+    m32, m64 = gx.twin_models(cls, cfg)
+    for k, v in m32.state_dict().items():
+        np.testing.assert_array_equal(m64.state_dict()[k], v.astype(np.float64))
+    row = gx.model_row(gx.gpt2, 2, 16)
+    assert 0.5 * gx.EPS32 < row["worst"] < 100 * gx.EPS32 and row["median"] <= row["worst"]
+    assert gx.rel_error(np.float32([1, 2]), np.array([1.0, 2.0 + 2e-7])) == pytest.approx(1e-7)
