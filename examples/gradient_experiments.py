@@ -156,6 +156,7 @@ def main(argv=None):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("no plot: pip install matplotlib")
         return 0
@@ -163,14 +164,15 @@ def main(argv=None):
     for name, rows in depth.items():
         axes[0].plot([r["L"] for r in rows], [r["worst"] for r in rows], "o-", label=f"{name} worst")
         axes[0].plot([r["L"] for r in rows], [r["median"] for r in rows], "o--", label=f"{name} median")
-    axes[0].set(xscale="log", yscale="log", xlabel="layers L", ylabel="relative error of gradients",
+    axes[0].set(yscale="log", xlabel="layers L", ylabel="relative error of gradients",
                 title="float32 gradient error vs depth (T=64)")
-    axes[0].set_xticks(depths, [str(d) for d in depths])
     axes[1].plot([r["T"] for r in length], [r["worst"] for r in length], "o-", label="worst")
     axes[1].plot([r["T"] for r in length], [r["median"] for r in length], "o--", label="median")
-    axes[1].set(xscale="log", yscale="log", xlabel="sequence length T", title="vs sequence length (GPT-2, L=4)")
-    axes[1].set_xticks(lengths, [str(t) for t in lengths])
-    for ax in axes[:2]:
+    axes[1].set(yscale="log", xlabel="sequence length T", title="vs sequence length (GPT-2, L=4)")
+    for ax, ticks in ((axes[0], depths), (axes[1], lengths)):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.axhline(EPS32, color="gray", linewidth=0.8, linestyle=":")
         ax.text(ax.get_xlim()[0], EPS32, " float32 eps", va="bottom", fontsize=8, color="gray")
         ax.legend(fontsize=8)
