@@ -503,7 +503,7 @@ def _series_plot(plt, path, title, ylabel, series, log=False):
     cmap = plt.get_cmap("viridis")
     n = len(series)
     for i, (label, xs, ys, style) in enumerate(series):
-        kw = {"color": cmap(i / max(n - 1, 1))} if style == "layer" else {}
+        kw = {"color": cmap(0.9 * i / max(n - 1, 1))} if style == "layer" else {}  # no pale yellow
         ax.plot(xs, ys, "o-" if style == "points" else "-", label=label, markersize=3, linewidth=1.2, **kw)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
