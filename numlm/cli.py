@@ -251,6 +251,8 @@ def build_parser():
         pass
     else:
         add_parsers(sub)
+    from .cli_finetune import add_parsers as add_finetune
+    add_finetune(sub)
     return p
 
 

