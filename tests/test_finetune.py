@@ -288,7 +288,7 @@ def test_bad_input(case, message, bert_dir, gpt_dir, data_csv, bad_files, tmp_pa
     out = tmp_path / "out"
     assert run(m, d, out, *extra) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("numlm: error: ") and message in err, err
+    assert err.count("\n") == 1 and err.startswith("numlm finetune: error: ") and message in err, err
     assert not out.exists()
 
 
