@@ -24,7 +24,7 @@ def sentences(n=160, seed=0):
     rows = []
     for i in range(n):
         y = i % 2
-        w = list(rng.choice(FILLER, 4)) + [str(rng.choice(WORDS[y]))]
+        w = [str(rng.choice(WORDS[y]))] * 3 + list(rng.choice(FILLER, 1))  # easy for a tiny random model
         rng.shuffle(w)
         rows.append((" ".join(w), y))
     return rows
@@ -73,7 +73,7 @@ def test_full_finetuning_learns_and_writes_its_files(bert_dir, data_csv, tmp_pat
     assert res["lr"] == 1e-2 and res["args"]["epochs"] == 3 and res["max_length"] == 32
     model = BertForSequenceClassification.from_pretrained(bert_dir, num_labels=2)
     assert res["trainable_params"] == res["total_params"] == model.num_parameters()
-    assert res["val_accuracy"] >= 0.75 and res["test_accuracy"] >= 0.75  # chance is 0.5
+    assert res["val_accuracy"] >= 0.9 and res["test_accuracy"] >= 0.9  # chance is 0.5
     # the saved best model reproduces the reported test accuracy
     best = from_pretrained(out / "best")
     tok = Tokenizer.from_dir(out / "best")
