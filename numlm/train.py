@@ -251,7 +251,8 @@ def load_checkpoint(path, model, optimizer, stream=None):
             raise CheckpointError(f"{str(path / name)!r} is damaged: its content does not match the checksum "
                                   f"in trainer_state.json")
     try:
-        weights = load_safetensors(path)
+        # a model with its own checkpoint files (a PeftModel: the adapter's) reads them itself
+        weights = model.read_checkpoint(path) if hasattr(model, "read_checkpoint") else load_safetensors(path)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     f = path / "optimizer.safetensors"

@@ -507,3 +507,45 @@ def test_prompt_tuning_token_labels_and_gpt2_classifier_pooling():
     W = pm.base_model.score.params["weight"]  # (C, K)
     np.testing.assert_allclose(out.logits, out.hidden_states[-1][:, -1] @ W, rtol=1e-12)
     assert numeric_check(pm, ids, mask, np.array([0, 2])) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_trainer_trains_and_resumes_a_peft_model_bit_exactly(method, tmp_path):
+    """The Trainer takes a PeftModel: its checkpoints hold the adapter in the library's files (plus
+    the optimizer's moments of the trainable tensors), and an interrupted run resumes bit-exactly."""
+    from numlm.train import Trainer, TrainConfig
+    from numlm.data.pretrain import TokenStream
+    import sys
+    sys.path.insert(0, str(FIXTURES.parent))
+    from test_train import Interrupting
+
+    def pm(seed=0):
+        model = numlm.GPT2LMHeadModel(numlm.GPT2Config(vocab_size=40, n_embd=12, n_layer=2, n_head=3, n_positions=24),
+                                      seed=0)  # the same base model; dropout 0.1: its generator is checkpointed
+        model.set_seed(seed)
+        cfg = (peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True) if method == "lora"
+               else peft.PrefixTuningConfig(num_virtual_tokens=3))
+        return peft.get_peft_model(model, cfg, seed=seed)
+
+    def stream(seed=0):
+        return TokenStream(np.random.default_rng(1).integers(0, 40, 500), 6, 3, rng=np.random.default_rng(seed))
+
+    def config(d):
+        return TrainConfig(out_dir=str(d), max_steps=6, lr=1e-2, warmup=1, save_every=2, eval_every=10,
+                           log_every=1, progress=False)
+
+    full = Trainer(pm(), stream(), config(tmp_path / "full"))
+    full.run()
+    cut = Trainer(pm(), Interrupting(stream(), at=4), config(tmp_path / "cut"))
+    assert cut.run()["interrupted"]
+    ckpt = sorted((tmp_path / "cut" / "checkpoints").iterdir())[-1]
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    again = Trainer(pm(seed=5), stream(seed=9), config(tmp_path / "cut"))  # another adapter init and dropout
+    assert again.resume() == 3
+    again.run()
+    a, b = full.model.parameters(), again.model.parameters()
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for k in full.optimizer.exp_avg:
+        np.testing.assert_array_equal(full.optimizer.exp_avg[k], again.optimizer.exp_avg[k])

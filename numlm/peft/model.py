@@ -331,6 +331,23 @@ class PeftModel:
             _import_param(m, n, v, k)
         return missing, unknown
 
+    def modules(self):
+        """(dotted name, module) of the base model's tree and the prompt table (the Trainer finds
+        the dropout generators here)."""
+        yield from self.base_model.modules()
+        if self.prompt is not None:
+            yield "prompt_encoder", self.prompt
+
+    def read_checkpoint(self, path):
+        """{file key: array} of an adapter folder this PeftModel saved (the Trainer's checkpoints)."""
+        path = Path(path)
+        if self.library == "peft":
+            return files.load_tensors(path / files.PEFT_WEIGHTS)
+        state = files.load_tensors(path / files.HUB_WEIGHTS)
+        if (path / files.HUB_HEAD).is_file():
+            state.update(files.load_tensors(path / files.HUB_HEAD))
+        return state
+
     def zero_grad(self):
         self.base_model.zero_grad()
         if self.prompt is not None:
