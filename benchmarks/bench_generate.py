@@ -22,7 +22,7 @@ def peak_mb():
 
 
 def run(mode, prompt_len, new_tokens):
-    from numlm.generate import generate
+    from numlm.decoding import generate
     from numlm.models.gpt import GPT2Config, GPT2LMHeadModel
     model = GPT2LMHeadModel(GPT2Config(), seed=0, dtype="float32").eval()
     mem_model = peak_mb()

@@ -79,7 +79,7 @@ def cmd_demo(a):
 
 def _samples(model, tok, seed, prompts=("ROMEO:", "First Citizen:\n", "The king")):
     try:
-        from .generate import generate
+        from .decoding import generate
     except ImportError:
         return
     rng = np.random.default_rng(seed)

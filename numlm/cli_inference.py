@@ -47,7 +47,7 @@ class TextStreamer:
 
 
 def cmd_generate(a):
-    from .generate import generate
+    from .decoding import generate
     model, tok = _load(a.model, a.dtype)
     ids = tok.encode(a.prompt, add_special_tokens=False)
     if not ids:

@@ -4,13 +4,8 @@ Each task has an array-level function (ids in, numbers out) and a text-level one
 (numlm.data.Tokenizer) first. Probabilities are the softmax of the model's logits in the model's dtype."""
 import numpy as np
 
-from .models.base import ModelOutput
-from .ops import softmax_forward
-
-
-def softmax(x):
-    """p = exp(x - max) / sum(exp(x - max)) over the last axis (numlm.ops).    (..., V) -> (..., V)"""
-    return softmax_forward(np.ascontiguousarray(x))[0]
+from .models.pretrained import ModelOutput
+from .ops import softmax
 
 
 def _ids(name, a):

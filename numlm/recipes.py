@@ -48,12 +48,28 @@ def model_class(arch):
     return getattr(models, names[arch])
 
 
-def make_config(arch, size="mini", vocab_size=8192, block_size=128, config_path=None):
-    """A model config from a named size or a transformers config.json; vocab and positions checked."""
+def special_ids(arch, tokenizer):
+    """The config's special token ids, from the tokenizer: BERT's pad; GPT-2's bos / eos (its end-of-text
+    token) and no pad; GPT-1's config has no special ids."""
+    if tokenizer is None:
+        return {}
+    if arch == "bert":
+        return {"pad_token_id": tokenizer.pad_id}
+    if arch == "gpt2":
+        return {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id}
+    return {}
+
+
+def make_config(arch, size="mini", vocab_size=8192, block_size=128, config_path=None, tokenizer=None):
+    """A model config from a named size or a transformers config.json; vocab and positions checked.
+    With a tokenizer, the special token ids are the tokenizer's (not GPT-2's 50256)."""
     cls = model_class(arch)
+    ids = special_ids(arch, tokenizer)
     if config_path is not None:
         from .io import read_json
         d = read_json(config_path)
+        if isinstance(d, dict) and tokenizer is not None and d.get("vocab_size") == tokenizer.vocab_size:
+            d = {**d, **ids}  # the tokenizer's special ids
         try:
             cfg = cls.config_class.from_dict(d)
         except (TypeError, ValueError, AttributeError) as e:
@@ -65,11 +81,10 @@ def make_config(arch, size="mini", vocab_size=8192, block_size=128, config_path=
         if arch == "bert":
             cfg = cls.config_class(vocab_size=vocab_size, hidden_size=C, num_hidden_layers=L,
                                    num_attention_heads=H, intermediate_size=4 * C,
-                                   max_position_embeddings=max(block_size, 64))
+                                   max_position_embeddings=max(block_size, 64), **ids)
         else:
             cfg = cls.config_class(vocab_size=vocab_size, n_embd=C, n_layer=L, n_head=H,
-                                   n_positions=max(block_size, 64))
-        cfg.validate()
+                                   n_positions=max(block_size, 64), **ids)
     return cfg
 
 
@@ -304,7 +319,7 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
         tokenizer = Tokenizer.from_file(tok_file)
     else:
         tokenizer, new_tokenizer = train_tokenizer(arch, docs, vocab_size), True
-    cfg = make_config(arch, size, tokenizer.vocab_size, block_size, config_path)
+    cfg = make_config(arch, size, tokenizer.vocab_size, block_size, config_path, tokenizer)
     check_fit(arch, cfg, tokenizer, block_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}-prepare-", dir=out.parent) as scratch:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import numlm
-from numlm.generate import (generate, repetition_penalty, temperature_scale, top_k_filter, top_p_filter)
+from numlm.decoding import (generate, repetition_penalty, temperature_scale, top_k_filter, top_p_filter)
 from numlm.models import ModelOutput
 
 from conftest import FIXTURES

@@ -4,7 +4,7 @@ import pytest
 
 from numlm.cli import main
 from numlm.data.tokenizer import Tokenizer
-from numlm.generate import generate
+from numlm.decoding import generate
 from numlm.inference import fill_mask
 from numlm.models import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, from_pretrained
 

@@ -179,3 +179,14 @@ def test_fresh_run_into_an_earlier_run_is_refused_unless_overwrite(corpus, tmp_p
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == 2
+
+
+def test_special_ids_come_from_the_tokenizer():
+    """A 300-token GPT-2 takes bos/eos from its tokenizer, not GPT-2's 50256; BERT takes its pad."""
+    from types import SimpleNamespace
+    from numlm.recipes import make_config
+    tok = SimpleNamespace(vocab_size=300, eos_id=7, pad_id=3)
+    gpt = make_config("gpt2", "tiny", 300, 32, tokenizer=tok)
+    assert (gpt.bos_token_id, gpt.eos_token_id, gpt.pad_token_id) == (7, 7, None)
+    assert make_config("bert", "tiny", 300, 32, tokenizer=tok).pad_token_id == 3
+    assert make_config("gpt2", "tiny", 300, 32).eos_token_id is None  # 50256 does not fit 300 tokens

@@ -1,28 +1,10 @@
-"""Numba cross-entropy: per row the max and the shifted logits, then (numpy's SIMD exp, called by
-the op in between) the sum, the probabilities and the loss. A scalar libm exp per element cost ~4x."""
+"""Numba cross-entropy gradient: softmax(logits) - onehot(target), scaled, per row. (The forward's
+softmax and log-sum-exp are numlm.ops.softmax's.)"""
 import numpy as np
 from numba import njit, prange
 
 from . import adaptive
 from .layernorm import FAST
-
-
-@adaptive
-@njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
-def cross_entropy_finish(e, x, m, t, valid):
-    """e = exp(x - m) in place -> probabilities;  loss[n] = m + log(sum e) - x[n, t[n]]"""
-    N, V = e.shape
-    losses = np.zeros(N, dtype=x.dtype)
-    for n in prange(N):
-        s = e[n, 0] * 0
-        for j in range(V):
-            s += e[n, j]
-        r = 1 / s
-        for j in range(V):
-            e[n, j] *= r
-        if valid[n]:
-            losses[n] = m[n] + np.log(s) - x[n, t[n]]
-    return losses
 
 
 @adaptive

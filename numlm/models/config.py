@@ -1,7 +1,27 @@
-"""Configs are dataclasses read from and written to transformers' config.json."""
+"""Configs: dataclasses with transformers' field names and defaults, read from and written to its
+config.json, and checked when they are built (directly or from a dict)."""
 import dataclasses
 import json
+import warnings
 from pathlib import Path
+from typing import Optional
+
+from ..ops import ACTIVATIONS
+
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+SUMMARY_TYPES = ("last", "first", "mean", "cls_index")
+OPENAI_AFN = {"gelu": "gelu_new", "relu": "relu"}  # modeling_openai.ACT_FNS: its "gelu" is the tanh form
+GPT2_EOS = 50256  # <|endoftext|> in GPT-2's tokenizer
+
+
+class _Fitting:
+    """Default of GPT2Config's bos/eos ids: GPT-2's 50256 when the vocabulary holds it, else None."""
+
+    def __repr__(self):
+        return "GPT2_EOS if it fits"
+
+
+FITTING = _Fitting()
 
 
 @dataclasses.dataclass
@@ -10,6 +30,9 @@ class Config:
     use are kept in `extra` and written back, so a saved config.json round-trips."""
 
     model_type = ""
+
+    def __post_init__(self):
+        self.validate()  # direct construction is checked as from_dict is
 
     @classmethod
     def from_dict(cls, d):
@@ -20,9 +43,17 @@ class Config:
         if d.get("model_type", cls.model_type) != cls.model_type:
             raise ValueError(f"config model_type {d.get('model_type')!r} does not match {cls.model_type!r}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
-        cfg.extra = {k: v for k, v in d.items() if k not in names and k != "model_type"}
-        cfg.validate()
+        extra = {k: v for k, v in d.items() if k not in names and k != "model_type"}
+        fields = {k: v for k, v in d.items() if k in names}
+        # shrunk hub checkpoints keep GPT-2's bos/eos 50256 with a small vocabulary: such an id can never
+        # be produced, so it loads (with a warning) rather than refusing the checkpoint
+        V = fields.get("vocab_size", getattr(cls, "vocab_size", None))
+        outside = {k: fields.pop(k) for k in ("bos_token_id", "eos_token_id")
+                   if isinstance(fields.get(k), int) and isinstance(V, int) and not 0 <= fields[k] < V}
+        cfg = cls(**fields, **{k: None for k in outside}, extra=extra)
+        for k, v in outside.items():
+            warnings.warn(f"config {k} {v} lies outside the vocabulary [0, {V}): no token can be it")
+            setattr(cfg, k, v)
         return cfg
 
     @classmethod
@@ -39,8 +70,16 @@ class Config:
             d["label2id"] = {f"LABEL_{i}": i for i in range(n)}
         return d
 
+    # ---- checks ------------------------------------------------------------------------------
     def validate(self):
         """Refuse values numlm does not implement, with a clear error (subclasses extend)."""
+        self._positive("vocab_size", "num_labels")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name, None)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < self.vocab_size):
+                raise ValueError(f"config {name} {v!r} must lie in [0, {self.vocab_size}) (vocab_size), or be None")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"config problem_type {self.problem_type!r} must be one of {PROBLEM_TYPES} or None")
 
     def _positive(self, *names):
         for n in names:
@@ -53,3 +92,133 @@ class Config:
             v = getattr(self, n)
             if v is not None and not 0.0 <= v < 1.0:
                 raise ValueError(f"config {n} must lie in [0, 1), got {v!r}")
+
+    def _one_of(self, name, allowed, note=""):
+        v = getattr(self, name)
+        if v not in allowed:
+            raise ValueError(f"config {name} {v!r} is not supported; numlm supports {sorted(allowed)}{note}")
+
+    def _heads_divide(self, width, heads):
+        C, H = getattr(self, width), getattr(self, heads)
+        if C % H:
+            raise ValueError(f"config {width} {C} is not a multiple of {heads} {H}")
+
+    def _eps(self, name):
+        if not getattr(self, name) > 0:
+            raise ValueError(f"config {name} must be positive, got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass
+class BertConfig(Config):
+    """transformers' BertConfig fields and defaults (bert-base-uncased)."""
+
+    model_type = "bert"
+    # grouped by what they size; the paper's symbols at the right
+    vocab_size: int = 30522; type_vocab_size: int = 2; max_position_embeddings: int = 512  # V, segments, T max
+    hidden_size: int = 768; num_hidden_layers: int = 12; num_attention_heads: int = 12  # C, L, H
+    intermediate_size: int = 3072; hidden_act: str = "gelu"  # the FFN: I, act
+    hidden_dropout_prob: float = 0.1; attention_probs_dropout_prob: float = 0.1
+    layer_norm_eps: float = 1e-12; initializer_range: float = 0.02
+    pad_token_id: Optional[int] = 0; tie_word_embeddings: bool = True
+    position_embedding_type: str = "absolute"; is_decoder: bool = False; add_cross_attention: bool = False
+    classifier_dropout: Optional[float] = None; num_labels: int = 2; problem_type: Optional[str] = None
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def validate(self):
+        self._positive("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                       "max_position_embeddings", "type_vocab_size")
+        super().validate()
+        self._probability("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
+        self._heads_divide("hidden_size", "num_attention_heads")
+        self._one_of("hidden_act", ACTIVATIONS)
+        self._one_of("position_embedding_type", ("absolute",), " (only absolute positions)")
+        if self.is_decoder or self.add_cross_attention:
+            raise ValueError("config is_decoder / add_cross_attention: BERT as a decoder or with "
+                             "cross-attention is not supported")
+        self._eps("layer_norm_eps")
+
+
+@dataclasses.dataclass
+class _GPTConfig(Config):
+    """Fields GPT-1 and GPT-2 share (names and defaults as transformers)."""
+
+    # grouped by what they size; the paper's symbols at the right
+    vocab_size: int = 50257; n_positions: int = 1024  # V, T max
+    n_embd: int = 768; n_layer: int = 12; n_head: int = 12  # C, L, H
+    resid_pdrop: float = 0.1; embd_pdrop: float = 0.1; attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5; initializer_range: float = 0.02
+    # the multiple-choice head (transformers' SequenceSummary)
+    summary_type: str = "cls_index"; summary_use_proj: bool = True; summary_activation: Optional[str] = None
+    summary_proj_to_labels: bool = True; summary_first_dropout: float = 0.1
+    tie_word_embeddings: bool = True; pad_token_id: Optional[int] = None
+    num_labels: int = 2; problem_type: Optional[str] = None
+
+    @property
+    def hidden_size(self):
+        return self.n_embd
+
+    def validate(self):
+        self._positive("n_positions", "n_embd", "n_layer", "n_head")
+        super().validate()
+        self._probability("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout")
+        self._heads_divide("n_embd", "n_head")
+        self._eps("layer_norm_epsilon")
+        self._one_of("summary_type", SUMMARY_TYPES)
+        if self.summary_activation is not None:
+            self._one_of("summary_activation", ACTIVATIONS)
+
+
+@dataclasses.dataclass
+class GPT2Config(_GPTConfig):
+    """transformers' GPT2Config fields and defaults (gpt2, 124M). bos/eos default to 50256 when the
+    vocabulary holds it (a smaller vocabulary has no GPT-2 <|endoftext|>: None)."""
+
+    model_type = "gpt2"
+    n_inner: Optional[int] = None; activation_function: str = "gelu_new"  # the MLP: I (None: 4 C), act
+    scale_attn_weights: bool = True; scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False  # an fp16 stability trick; float32/float64 math is unchanged
+    add_cross_attention: bool = False; use_cache: bool = True
+    bos_token_id: Optional[int] = FITTING; eos_token_id: Optional[int] = FITTING
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("bos_token_id", "eos_token_id"):
+            if getattr(self, name) is FITTING:
+                setattr(self, name, GPT2_EOS if isinstance(self.vocab_size, int) and self.vocab_size > GPT2_EOS
+                        else None)
+        super().__post_init__()
+
+    def validate(self):
+        super().validate()
+        self._one_of("activation_function", ACTIVATIONS)
+        if self.n_inner is not None:
+            self._positive("n_inner")
+        if self.add_cross_attention:
+            raise ValueError("config add_cross_attention=True: GPT-2 with cross-attention is not supported")
+
+    @property
+    def inner_size(self):
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+
+@dataclasses.dataclass
+class OpenAIGPTConfig(_GPTConfig):
+    """transformers' OpenAIGPTConfig fields and defaults (openai-gpt)."""
+
+    model_type = "openai-gpt"
+    vocab_size: int = 40478
+    n_positions: int = 512
+    afn: str = "gelu"
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def validate(self):
+        super().validate()
+        self._one_of("afn", OPENAI_AFN, " (OpenAI GPT's 'gelu' is the tanh form)")
+
+    @property
+    def inner_size(self):
+        return 4 * self.n_embd
+
+    @property
+    def activation_function(self):
+        return OPENAI_AFN[self.afn]

@@ -1,6 +1,7 @@
 """Modules: parameters, gradients and the forward/backward contract, and the layers built from ops."""
 from .module import Module, ModuleList
-from .layers import Linear, Embedding, LayerNorm, Dropout, Activation, Attention, split_heads, merge_heads
+from .layers import (Linear, Embedding, LayerNorm, Dropout, Activation, Attention, split_heads, merge_heads,
+                     add_residual, add_residual_backward)
 
 __all__ = ["Module", "ModuleList", "Linear", "Embedding", "LayerNorm", "Dropout", "Activation",
-           "Attention", "split_heads", "merge_heads"]
+           "Attention", "split_heads", "merge_heads", "add_residual", "add_residual_backward"]

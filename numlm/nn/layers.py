@@ -25,9 +25,9 @@ class Linear(Module):
     def backward(self, dy):
         dx, dw, db = linear_backward(dy, self.cache, self.requires_grad("weight"), self.requires_grad("bias"))
         if dw is not None:
-            self.grads["weight"] += dw
+            self.add_grad("weight", dw)
         if db is not None:
-            self.grads["bias"] += db
+            self.add_grad("bias", db)
         return dx
 
 
@@ -43,7 +43,7 @@ class Embedding(Module):
 
     def backward(self, dout):
         if self.requires_grad("weight"):
-            self.grads["weight"] += embedding_backward(dout, self.cache)
+            self.add_grad("weight", embedding_backward(dout, self.cache))
 
 
 class LayerNorm(Module):
@@ -59,10 +59,8 @@ class LayerNorm(Module):
 
     def backward(self, dy):
         dx, dg, db = layernorm_backward(dy, self.cache)  # dg, db: two sums fused into dx's pass
-        if self.requires_grad("weight"):
-            self.grads["weight"] += dg
-        if self.requires_grad("bias"):
-            self.grads["bias"] += db
+        self.add_grad("weight", dg)
+        self.add_grad("bias", db)
         return dx
 
 
@@ -96,6 +94,23 @@ class Activation(Module):
         return self._backward(dy, self.cache)
 
 
+def add_residual(h, x, ln=None, adapters=None):
+    """y = ln(x + h), or x + h without ln: the end of a sub-layer (h its output after projection and
+    dropout, x its input). `adapters`, when set, replaces the step: a module with
+    forward(h, x, ln) -> y and backward(dy) -> (dh, dx) (bottleneck adapters)."""
+    if adapters is not None:
+        return adapters(h, x, ln)
+    return x + h if ln is None else ln(x + h)
+
+
+def add_residual_backward(dy, ln=None, adapters=None):
+    """forward: y = ln(x + h);  so  dh = dx = ln'(dy)  (= dy without ln)"""
+    if adapters is not None:
+        return adapters.backward(dy)
+    d = dy if ln is None else ln.backward(dy)
+    return d, d
+
+
 def split_heads(x, n_head):
     """(B, T, C) -> (B, H, T, D)"""
     B, T, C = x.shape
@@ -109,10 +124,11 @@ def merge_heads(x):
 
 
 class Attention(Module):
-    """The attention core shared by BERT and GPT: split heads, masked softmax(q k^T * scale) v, merge.
-    Projections live in the model's own modules (BERT's query/key/value, GPT's fused c_attn).
-    With `past` = (k, v) of shape (B, H, T_past, D) the new keys/values are appended (KV cache) and
-    `self.present` holds the result."""
+    """The attention core shared by BERT and GPT: split heads, dropout(masked softmax(q k^T * scale)) v,
+    merge. Projections live in the model's own modules (BERT's query/key/value, GPT's fused c_attn).
+    `past` = (k, v) of shape (B, H, T_past, D) are keys and values before the new ones (a KV cache, or
+    prefix-tuning's per-layer prefix): `self.present` holds the concatenation, and backward leaves
+    their gradients in `self.dpast`, the same shapes. attention_mask then covers T_past + T keys."""
 
     def __init__(self, n_head, dropout_p=0.0, causal=False, causal_fill=None, scale=None):
         super().__init__()
@@ -121,6 +137,7 @@ class Attention(Module):
         self.rng = None
         self.present = None
         self.probs = None
+        self.dpast = None
 
     def forward(self, q, k, v, attention_mask=None, past=None):  # (B, T, C) each -> (B, T, C)
         q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))  # (B, H, T, D)
@@ -135,7 +152,8 @@ class Attention(Module):
         return merge_heads(out)
 
     def backward(self, dout):  # (B, T, C) -> dq, dk, dv each (B, T, C)
-        if self.cache.k.shape[2] != self.cache.q.shape[2]:
-            raise ValueError("backward through a KV-cached attention step is not supported")
-        dq, dk, dv = attention_backward(split_heads(dout, self.n_head), self.cache)
-        return merge_heads(dq), merge_heads(dk), merge_heads(dv)
+        dq, dk, dv = attention_backward(split_heads(dout, self.n_head), self.cache)  # dk, dv (B, H, T_past + T, D)
+        # k = concatenate([past k, k]), v likewise: the first T_past rows belong to the past
+        Tp = dk.shape[2] - dq.shape[2]
+        self.dpast = (dk[:, :, :Tp], dv[:, :, :Tp]) if Tp else None
+        return merge_heads(dq), merge_heads(dk[:, :, Tp:]), merge_heads(dv[:, :, Tp:])

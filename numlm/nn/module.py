@@ -3,7 +3,14 @@ cache of the last forward. One forward, then one backward; gradients accumulate 
 
 Freezing: a frozen parameter has no entry in `grads`. Its layer then computes no gradient for it
 (only the input gradient), grad_arrays() leaves it out, so clipping and the optimizer never see it,
-and its values stay bit-identical through training."""
+and its values stay bit-identical through training.
+
+Two views of the same arrays, named for their layout:
+    parameters(), grad_arrays()     numlm's layout: {dotted name: array}, Linear weights (C_in, C_out),
+                                    the arrays themselves (an optimizer updates them in place)
+    state_dict(), gradients()       transformers' layout and keys (models only, numlm.models.pretrained):
+                                    copies, nn.Linear weights transposed to (C_out, C_in), tied aliases included
+"""
 import numpy as np
 
 
@@ -19,6 +26,12 @@ class Module:
         self.params[name] = value
         self.grads[name] = np.zeros_like(value)
         return value
+
+    def add_grad(self, name, g):
+        """grads[name] += g: the one way a gradient reaches a parameter (layers and tied heads alike);
+        a frozen parameter takes none (callers skip computing g when not requires_grad(name))."""
+        if name in self.grads:
+            self.grads[name] += g
 
     def children(self):
         """(name, module) pairs in definition order."""

@@ -15,11 +15,11 @@ from .activations import (
     gelu_forward, gelu_backward, gelu_tanh_forward, gelu_tanh_backward,
     tanh_forward, tanh_backward, relu_forward, relu_backward, ACTIVATIONS, activation,
 )
-from .softmax import softmax_forward, softmax_backward
+from .softmax import softmax_forward, softmax_backward, softmax, softmax_lse, log_softmax
 from .attention import attention_forward, attention_backward, attention_allowed
 from .dropout import dropout_forward, dropout_backward
 from .losses import (cross_entropy_forward, cross_entropy_backward, mse_forward, mse_backward,
                      bce_with_logits_forward, bce_with_logits_backward)
 
 __all__ = [n for n in dir() if n.endswith(("_forward", "_backward"))] + [
-    "ACTIVATIONS", "activation", "attention_allowed"]
+    "ACTIVATIONS", "activation", "attention_allowed", "softmax", "softmax_lse", "log_softmax"]

@@ -12,7 +12,9 @@ import numpy as np
 
 from ._check import float_array, same_dtype
 from .. import kernels
-from ..kernels.softmax import masked_shift_kernel, normalize_rows, masked_softmax_backward_kernel
+from ..kernels.softmax import scale_mask_kernel
+from .dropout import dropout_forward, dropout_backward
+from .softmax import softmax_forward, softmax_backward
 
 # mask codes per (query, key): 1 allowed, 0 masked (finfo.min), 2 future key in OpenAI style (-1e4)
 MASKED, ALLOWED, FUTURE = 0, 1, 2
@@ -62,9 +64,22 @@ def attention_allowed(attention_mask, B, Tq, Tk, causal, causal_fill=None):
     return codes
 
 
+def scale_mask(s, scale, codes, lowest, fill):
+    """s = where(allowed, s * scale, where(masked, lowest, fill)), in place on a scores array the
+    caller owns (the forward's scores; with lowest = fill = 0, the backward's ds).    (B, H, Tq, Tk)"""
+    dt = s.dtype.type
+    if codes is None:
+        s *= dt(scale)
+    elif kernels.numba_enabled():
+        scale_mask_kernel(s, dt(scale), np.ascontiguousarray(codes), dt(lowest), dt(fill))
+    else:
+        s[...] = np.where(codes == ALLOWED, s * dt(scale), np.where(codes == FUTURE, dt(fill), dt(lowest)))
+    return s
+
+
 def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, causal_fill=None,
                       dropout_p=0.0, rng=None):
-    """out = softmax(q k^T * scale + M) v,   M = 0 where allowed, finfo.min where masked
+    """out = dropout(softmax(q k^T * scale + M)) v,   M = 0 where allowed, finfo.min where masked
     q: (B, H, Tq, D)  k, v: (B, H, Tk, D)  attention_mask: (B, Tk) 0/1 or bool (B|1, H|1, Tq, Tk)
     -> out: (B, H, Tq, D); cache.probs (B, H, Tq, Tk) are the attention probabilities.
     scale defaults to 1/sqrt(D); dropout on the probabilities when dropout_p > 0 (needs rng)."""
@@ -80,57 +95,37 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
         raise ValueError(f"causal attention needs T_q <= T_k, got T_q={Tq}, T_k={Tk}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0 and rng is None:
+        raise ValueError("attention dropout needs a numpy.random.Generator (rng)")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     codes = attention_allowed(attention_mask, B, Tq, Tk, causal, causal_fill)
     if codes is not None and codes.shape[1] not in (1, H):
         raise ValueError(f"attention_mask of shape {np.shape(attention_mask)} does not broadcast to "
                          f"(B, H, T_q, T_k) = ({B}, {H}, {Tq}, {Tk})")
     lowest = np.finfo(q.dtype).min
-    fill = np.finfo(q.dtype).min if causal_fill is None else causal_fill
+    fill = lowest if causal_fill is None else causal_fill
 
-    scores = q @ k.swapaxes(-1, -2)  # (B, H, Tq, Tk)
-    if kernels.numba_enabled():
-        c = codes if codes is not None else np.ones((1, 1, Tq, Tk), dtype=np.int8)
-        probs = masked_shift_kernel(scores, q.dtype.type(scale), np.ascontiguousarray(c),
-                                    q.dtype.type(lowest), q.dtype.type(fill))  # (B, H, Tq, Tk) s - max
-        np.exp(probs, out=probs)  # numpy's SIMD exp
-        normalize_rows(probs.reshape(-1, Tk))
-    else:
-        s = scores * q.dtype.type(scale)
-        if codes is not None:
-            s = np.where(codes == ALLOWED, s, np.where(codes == FUTURE, q.dtype.type(fill), lowest))
-        e = np.exp(s - s.max(axis=-1, keepdims=True))
-        probs = e / e.sum(axis=-1, keepdims=True)  # (B, H, Tq, Tk)
-    keep = None
-    if dropout_p > 0.0:
-        if rng is None:
-            raise ValueError("attention dropout needs a numpy.random.Generator (rng)")
-        keep = (rng.random(probs.shape, dtype=q.dtype) >= dropout_p) * q.dtype.type(1.0 / (1.0 - dropout_p))
-        out = (probs * keep) @ v  # (B, H, Tq, D)
-    else:
-        out = probs @ v
-    return out, AttentionCache(q, k, v, probs, keep, codes, scale)
+    s = scale_mask(q @ k.swapaxes(-1, -2), scale, codes, lowest, fill)  # (B, H, Tq, Tk)
+    p, _ = softmax_forward(s)  # (B, H, Tq, Tk)
+    pd, keep = dropout_forward(p, dropout_p, rng)
+    out = pd @ v  # (B, H, Tq, D)
+    return out, AttentionCache(q, k, v, p, keep, codes, scale)
 
 
 def attention_backward(dout, cache):
-    """forward: p = softmax(s), s = q k^T * scale (masked), out = p v;  so
-    dv = p^T dout,  dp = dout v^T,  ds = p (dp - sum(dp p)) where allowed else 0,
-    dq = ds k * scale,  dk = ds^T q * scale.    dout: (B, H, Tq, D) -> dq, dk, dv"""
-    q, k, v, probs, keep, codes, scale = cache
-    dt = q.dtype.type
-    pd = probs if keep is None else probs * keep
+    """dout: (B, H, Tq, D) -> dq (B, H, Tq, D), dk, dv (B, H, Tk, D)"""
+    q, k, v, p, keep = cache.q, cache.k, cache.v, cache.probs, cache.keep
+    pd = p if keep is None else p * keep  # the forward's pd, recomputed rather than cached
+    # out = pd @ v
     dv = pd.swapaxes(-1, -2) @ dout  # (B, H, Tk, D)
-    dp = dout @ v.swapaxes(-1, -2)  # (B, H, Tq, Tk)
-    if keep is not None:
-        dp = dp * keep
-    if kernels.numba_enabled():
-        c = codes if codes is not None else np.ones((1, 1) + probs.shape[2:], dtype=np.int8)
-        ds = masked_softmax_backward_kernel(dp, probs, dt(scale), np.ascontiguousarray(c))
-    else:
-        ds = probs * (dp - (dp * probs).sum(axis=-1, keepdims=True))
-        if codes is not None:
-            ds = np.where(codes == ALLOWED, ds, dt(0))
-        ds = ds * dt(scale)
-    dq = ds @ k  # (B, H, Tq, D)
-    dk = ds.swapaxes(-1, -2) @ q  # (B, H, Tk, D)
+    dpd = dout @ v.swapaxes(-1, -2)  # (B, H, Tq, Tk)
+    # pd, keep = dropout_forward(p, dropout_p, rng)
+    dp = dropout_backward(dpd, keep)
+    # p, _ = softmax_forward(s)
+    ds = softmax_backward(dp, p)
+    # s = scale_mask(q @ k^T, scale, codes, lowest, fill): masked scores are constants, so 0
+    dscores = scale_mask(ds, cache.scale, cache.codes, 0, 0)
+    # q @ k^T
+    dq = dscores @ k  # (B, H, Tq, D)
+    dk = dscores.swapaxes(-1, -2) @ q  # (B, H, Tk, D)
     return dq, dk, dv

@@ -5,8 +5,11 @@ import numpy as np
 
 from ._check import float_array, ids_in_range
 from .. import kernels
-from ..kernels.softmax import shift_rows
-from ..kernels.losses import cross_entropy_finish, cross_entropy_backward_kernel
+from ..kernels.losses import cross_entropy_backward_kernel
+from .softmax import softmax_lse
+
+
+IGNORE_INDEX = -100  # transformers' ignore_index: a target that adds nothing to the loss
 
 
 class CrossEntropyCache(NamedTuple):
@@ -17,7 +20,7 @@ class CrossEntropyCache(NamedTuple):
     shape: tuple           # the logits' shape
 
 
-def cross_entropy_forward(logits, targets, ignore_index=-100):
+def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX):
     """loss = (1/M) sum over n with targets[n] != ignore_index of  logsumexp(logits[n]) - logits[n, targets[n]]
     logits: (N, V)  targets: (N) ints in [0, V) or ignore_index  ->  loss: () in logits' dtype
     M counts the non-ignored targets of the whole batch (one mean, as transformers). When every
@@ -32,23 +35,15 @@ def cross_entropy_forward(logits, targets, ignore_index=-100):
     t = targets.reshape(-1).astype(np.int64)
     valid = t != ignore_index
     count = int(valid.sum())
-    if kernels.numba_enabled():
-        probs, m = shift_rows(x)  # (N, V) x - max, (N,)
-        np.exp(probs, out=probs)  # numpy's SIMD exp
-        losses = cross_entropy_finish(probs, x, m, t, valid)
-    else:
-        m = x.max(axis=-1, keepdims=True)
-        e = np.exp(x - m)
-        s = e.sum(axis=-1, keepdims=True)
-        probs = e / s  # (N, V)
-        lse = (m + np.log(s))[:, 0]
-        losses = np.where(valid, lse - x[np.arange(len(t)), np.where(valid, t, 0)], 0)
+    probs, lse = softmax_lse(x)  # (N, V), (N,)
+    losses = np.where(valid, lse - x[np.arange(len(t)), np.where(valid, t, 0)], 0)  # (N,)
     loss = logits.dtype.type(losses.sum() / count) if count else logits.dtype.type(0.0)
     return loss, CrossEntropyCache(probs, t, valid, count, logits.shape)
 
 
 def cross_entropy_backward(dloss, cache):
-    """dlogits[n] = dloss * (softmax(logits[n]) - onehot(targets[n])) / M   for non-ignored n, else 0"""
+    """forward: loss = (1/M) sum_n lse(logits[n]) - logits[n, t[n]];  so
+    dlogits[n] = dloss * (softmax(logits[n]) - onehot(t[n])) / M   for non-ignored n, else 0"""
     probs, t, valid, count, shape = cache.probs, cache.targets, cache.valid, cache.count, cache.shape
     if count == 0:
         return np.zeros(shape, dtype=probs.dtype)

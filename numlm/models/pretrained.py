@@ -1,5 +1,6 @@
-"""What every numlm model shares: transformers-keyed state dicts and gradients, loading and saving
-checkpoints, outputs with transformers' field names, and the dropout generator."""
+"""The transformers side of every numlm model: class registry, outputs with transformers' field names,
+state dicts and gradients under transformers' keys and layouts (tied aliases included), loading and
+saving checkpoints, transformers' initialisation, and the dropout generator. No math here."""
 import re
 import warnings
 from pathlib import Path
@@ -8,7 +9,8 @@ import numpy as np
 
 from ..io import read_config, write_config, load_safetensors, save_safetensors
 from ..nn import Module, Linear, Embedding, LayerNorm
-from ..ops._check import int_array
+from .checks import check_grad, no_loss
+from .heads import loss_backward
 
 ARCHITECTURES = {}  # transformers architecture name -> numlm class
 
@@ -31,26 +33,22 @@ class ModelOutput(dict):
         self[name] = value
 
 
-def as_ids(name, x):
-    """Token ids, labels or positions as int64; anything not integer is refused naming `name`."""
-    return int_array(name, x).astype(np.int64, copy=False)
-
-
-def check_grad(name, grad, ref):
-    """A gradient handed to backward(grad): the shape and a floating dtype of the output `ref`."""
-    grad = np.asarray(grad)
-    if grad.shape != ref.shape:
-        raise ValueError(f"gradient of {name} must have shape {ref.shape}, got {grad.shape}")
-    if grad.dtype.kind != "f":
-        raise ValueError(f"gradient of {name} must be floating point, got dtype {grad.dtype}")
-    return grad.astype(ref.dtype, copy=False)
-
-
 def parse_dtype(dtype):
     dt = np.dtype(dtype)
     if dt not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
     return dt
+
+
+def head_output(logits, labels, loss):
+    """ModelOutput(loss=loss(logits, labels) when labels are given, logits) and the losses list
+    backward() differentiates: the common case of one head with one loss on `logits`."""
+    out, losses = ModelOutput(), []
+    if labels is not None:
+        out.loss, cache = loss(logits, labels)
+        losses.append(("logits", cache, 1.0))
+    out.logits = logits
+    return out, losses
 
 
 class PreTrainedModel(Module):
@@ -62,12 +60,25 @@ class PreTrainedModel(Module):
     ignore_on_load = ()     # regexes of checkpoint keys dropped silently (old buffers)
     unused_on_load = ()     # regexes of checkpoint keys this class does not use (warned, not an error)
 
-    def __init__(self, config):
+    def __init__(self, config, seed=0, dtype="float32", init=True):
+        """Checks the config, builds the modules (build()), then, unless a containing model will, draws
+        transformers' initial weights from `seed` and casts them to `dtype`."""
         super().__init__()
+        if isinstance(config, dict):
+            config = self.config_class.from_dict(config)
+        if not isinstance(config, self.config_class):
+            raise ValueError(f"config must be a {self.config_class.__name__} or a dict, got {type(config).__name__}")
         self.config = config
         self.tied = {}          # alias key -> source key (transformers' tied weights)
         self.rng = None
         self._last = None       # output and inputs of the last forward, for backward()
+        self.build()
+        if init:
+            self.post_init(seed, dtype)
+
+    def build(self):
+        """The modules, under transformers' attribute names (subclasses)."""
+        raise NotImplementedError
 
     # ---- construction -------------------------------------------------------------------------
     def post_init(self, seed=0, dtype=np.float32):
@@ -121,19 +132,21 @@ class PreTrainedModel(Module):
         return out
 
     def state_dict(self):
-        """{transformers state_dict key: array} in transformers' layouts, tied aliases included."""
+        """{transformers state_dict key: copy} in transformers' layouts, tied aliases included.
+        (numlm's own layout, the arrays themselves: parameters().)"""
         return self._export("params")
 
     def gradients(self):
-        """{transformers state_dict key: gradient} of the trainable parameters; a tied alias carries
-        the total gradient of its source."""
+        """{transformers state_dict key: gradient copy} of the trainable parameters in transformers' layouts,
+        the mirror of state_dict(); a tied alias carries the total gradient of its source. (numlm's
+        layout: grad_arrays().)"""
         return self._export("grads")
 
     def load_state_dict(self, state, strict=True):
         """Copy {transformers key: array} into the parameters (cast to the model's dtype).
         Returns (missing, unexpected) key lists; with strict=True either one is an error."""
         slots = self._slots()
-        missing = sorted(k for k in slots if k not in state and not self._alias_for(k, state))
+        missing = sorted(k for k in slots if k not in state and self._alias_for(k, state) is None)
         unexpected = sorted(k for k in state if k not in slots and k not in self.tied)
         if strict and (missing or unexpected):
             raise ValueError(f"state dict does not match {type(self).__name__}: missing keys {missing}, "
@@ -156,6 +169,7 @@ class PreTrainedModel(Module):
         return missing, unexpected
 
     def _alias_for(self, key, state):
+        """The array the checkpoint stores under an alias of `key` (either key of a tied pair loads), or None."""
         for alias, source in self.tied.items():
             if source == key and alias in state:
                 return state[alias]
@@ -225,19 +239,52 @@ class PreTrainedModel(Module):
         save_safetensors(state, path, max_shard_bytes)
         write_config(cfg, path)
 
-    def generate(self, *args, **kwargs):
-        """numlm.generate.generate(self, ...): KV-cache decoding with transformers' arguments."""
-        from ..generate import generate
-        return generate(self, *args, **kwargs)
-
     # ---- the forward/backward contract --------------------------------------------------------
+    outputs = ()        # task models: the differentiable outputs backward(grad) takes, in this order
+    loss_inputs = ""    # task models: the arguments that give out.loss, named when backward() has none
+
     def objective(self, out):
         """The scalar that backward() with no argument differentiates, from this forward's output
         (out.loss; the double-heads models override it). None when the forward had no labels."""
         return out.loss
 
     def backward(self, grad=None):
+        """Task models. grad None: d objective (every loss of the last forward, with its weight); else
+        d outputs[0], or a tuple with one gradient (or None) per output in `outputs`."""
+        out, losses = self._need_last()
+        if grad is None:
+            if not losses:
+                no_loss(self.loss_inputs)
+            d = {}
+            for name, cache, weight in losses:  # objective = sum of weight * loss
+                g = loss_backward(cache, weight)
+                d[name] = g if name not in d else d[name] + g
+        else:
+            grads = grad if isinstance(grad, tuple) else (grad,)
+            if len(grads) > len(self.outputs):
+                raise ValueError(f"{type(self).__name__}.backward(grad) takes d {self.outputs[0]} or a tuple of "
+                                 f"gradients of {self.outputs}, got {len(grads)} arrays")
+            d = {k: check_grad(k, g, out[k]) for k, g in zip(self.outputs, grads) if g is not None}
+        self.heads_backward(d)
+
+    backbone_outputs = ()  # task models: the backbone's outputs they pass on, in transformers' order
+
+    def _finish(self, out, losses, base):
+        """Keep what backward() needs; the backbone's outputs go after the head's."""
+        self._last = (out, losses)
+        for k in self.backbone_outputs:
+            if base.get(k) is not None:
+                out[k] = base[k]
+        return out
+
+    def heads_backward(self, d):
+        """{output name: its gradient} -> the heads' and the backbone's parameter gradients."""
         raise NotImplementedError
+
+    def _need_last(self):
+        if self._last is None:
+            raise ValueError("backward() needs a forward pass first")
+        return self._last
 
 
 def from_pretrained(path, dtype="float32", **kwargs):

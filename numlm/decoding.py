@@ -15,8 +15,8 @@ import inspect
 
 import numpy as np
 
-from .models.base import ModelOutput
-from .ops import softmax_forward
+from .models.pretrained import ModelOutput, PreTrainedModel
+from .ops import softmax, log_softmax
 
 NEG = np.float32(-1.0e9)  # transformers' "very large negative" for beams that must not be chosen
 
@@ -57,17 +57,6 @@ def top_p_filter(scores, top_p, min_tokens_to_keep=1):
     drop = np.empty_like(drop_sorted)
     np.put_along_axis(drop, order, drop_sorted, axis=-1)
     return np.where(drop, scores.dtype.type(-np.inf), scores)
-
-
-def softmax(x):
-    """exp(x - max) / sum(exp(x - max)) over the last axis, in x's dtype (numlm.ops).    (..., V) -> (..., V)"""
-    return softmax_forward(np.ascontiguousarray(x))[0]
-
-
-def log_softmax(x):
-    """x - max - log(sum(exp(x - max))) over the last axis, in x's dtype.    (..., V) -> (..., V)"""
-    s = x - x.max(axis=-1, keepdims=True)
-    return s - np.log(np.exp(s).sum(axis=-1, keepdims=True))
 
 
 def process_logits(scores, input_ids, do_sample, temperature=1.0, top_k=None, top_p=1.0,
@@ -285,12 +274,13 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
         pad_token_id = getattr(config, "pad_token_id", None)
     if pad_token_id is None and eos:
         pad_token_id = eos[0]
+    known_pad = pad_token_id is not None
     if pad_token_id is None:
-        pad_token_id = 0
+        pad_token_id = 0  # fills finished rows only; never taken for padding in the prompt
 
     # attention mask: given, or inferred from pads as transformers does when pad != eos
     if attention_mask is None:
-        if pad_token_id in ids and pad_token_id not in eos:
+        if known_pad and pad_token_id in ids and pad_token_id not in eos:
             mask = (ids != pad_token_id).astype(np.int64)
         else:
             mask = np.ones_like(ids)
@@ -494,3 +484,12 @@ def _beam_search(model, ids, mask, max_length, K, n_return, length_penalty, earl
     beam_idx = beam_idx[:, :n_return].reshape(B * n_return, -1)
     out_len = T0 + int((beam_idx != -1).sum(axis=1).max())
     return sequences[:, :out_len], seq_scores, tuple(scores)
+
+
+def _generate_method(self, *args, **kwargs):
+    """model.generate(...) = numlm.generate(model, ...): transformers' method, attached here so that
+    the models never import decoding."""
+    return generate(self, *args, **kwargs)
+
+
+PreTrainedModel.generate = _generate_method
