@@ -192,6 +192,90 @@ def _check_args(V, do_sample, temperature, top_k, top_p, repetition_penalty, len
 
 
 # ---- generate ---------------------------------------------------------------------------------------
+def _check_options(num_beams, num_return_sequences, do_sample, temperature, top_k, top_p, repetition_penalty,
+                   early_stopping, streamer):
+    """The decoding options, checked as transformers' GenerationConfig.validate does."""
+    if not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
+        raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+    if not isinstance(num_return_sequences, (int, np.integer)) or num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be an integer >= 1, got {num_return_sequences!r}")
+    if num_beams > 1 and num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences={num_return_sequences} must be <= num_beams={num_beams}")
+    if num_beams == 1 and not do_sample and num_return_sequences > 1:
+        raise ValueError(f"greedy search returns one sequence per prompt; num_return_sequences="
+                         f"{num_return_sequences} needs do_sample=True or num_beams >= num_return_sequences")
+    if do_sample:
+        if not (isinstance(temperature, (int, float, np.floating)) and temperature > 0):
+            raise ValueError(f"temperature must be a float > 0 when sampling, got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1 (or None to disable), got {top_k!r}")
+        if not (isinstance(top_p, (int, float, np.floating)) and 0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+    if not (isinstance(repetition_penalty, (int, float, np.floating)) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be a float > 0, got {repetition_penalty!r}")
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    if streamer is not None and num_beams > 1:
+        raise ValueError("streamer is not supported with beam search (num_beams > 1): beams change until the end")
+
+
+def _max_length(max_new_tokens, max_length, T0, config):
+    """The total length to generate to (prompt included), checked against the position table."""
+    if max_new_tokens is not None:
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        max_length = T0 + int(max_new_tokens)
+    elif max_length is None:
+        max_length = 20  # transformers' GenerationConfig default
+    elif not isinstance(max_length, (int, np.integer)) or max_length <= T0:
+        raise ValueError(f"max_length={max_length!r} must exceed the prompt length {T0} "
+                         "(or pass max_new_tokens)")
+    if max_length <= T0:
+        return max_length  # the caller warns and returns the prompt
+    limit = _position_limit(config)
+    if limit is not None and T0 > limit:
+        raise ValueError(f"input_ids: prompt of {T0} tokens is longer than the model's position table "
+                         f"({limit} positions)")
+    if limit is not None and max_length > limit:
+        raise ValueError(f"max_new_tokens/max_length: generating up to {max_length} tokens would overflow the "
+                         f"model's position table ({limit} positions); at most {limit - T0} new tokens fit")
+    return max_length
+
+
+def _special_tokens_and_mask(ids, attention_mask, eos_token_id, pad_token_id, config):
+    """eos ids (a list), the pad id and the prompt's (B, T) 0/1 attention mask. eos and pad default to the
+    config's (pad falls back to the first eos)."""
+    if eos_token_id is None:
+        eos_token_id = getattr(config, "eos_token_id", None)
+    eos = _eos_list(eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+    if pad_token_id is None and eos:
+        pad_token_id = eos[0]
+    known_pad = pad_token_id is not None
+    if pad_token_id is None:
+        pad_token_id = 0  # fills finished rows only; never taken for padding in the prompt
+
+    # the attention mask: given, or inferred from pads as transformers does when pad != eos
+    if attention_mask is None:
+        if known_pad and pad_token_id in ids and pad_token_id not in eos:
+            mask = (ids != pad_token_id).astype(np.int64)
+        else:
+            mask = np.ones_like(ids)
+    else:
+        mask = np.asarray(attention_mask)
+        if mask.ndim == 1:
+            mask = mask[None, :]
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {ids.shape}, got {mask.shape}")
+        mask = (mask != 0).astype(np.int64)
+    if not mask.any(axis=1).all():
+        raise ValueError(f"attention_mask: rows {np.flatnonzero(~mask.any(axis=1)).tolist()} have no tokens")
+    if len(ids) > 1 and (mask[:, -1] == 0).any():
+        warnings.warn("a prompt is right-padded; decoder-only generation expects left padding")
+    return eos, pad_token_id, mask
+
+
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_length=None,
              do_sample=False, num_beams=1, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0,
              length_penalty=1.0, early_stopping=False, num_return_sequences=1, eos_token_id=None,
@@ -221,80 +305,13 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
     if V is not None and (ids.min() < 0 or ids.max() >= V):
         raise ValueError(f"input_ids must lie in [0, {V}), got range [{ids.min()}, {ids.max()}]")
 
-    # options, checked as transformers' GenerationConfig.validate does
-    if not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
-        raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
-    if not isinstance(num_return_sequences, (int, np.integer)) or num_return_sequences < 1:
-        raise ValueError(f"num_return_sequences must be an integer >= 1, got {num_return_sequences!r}")
-    if num_beams > 1 and num_return_sequences > num_beams:
-        raise ValueError(f"num_return_sequences={num_return_sequences} must be <= num_beams={num_beams}")
-    if num_beams == 1 and not do_sample and num_return_sequences > 1:
-        raise ValueError(f"greedy search returns one sequence per prompt; num_return_sequences="
-                         f"{num_return_sequences} needs do_sample=True or num_beams >= num_return_sequences")
-    if do_sample:
-        if not (isinstance(temperature, (int, float, np.floating)) and temperature > 0):
-            raise ValueError(f"temperature must be a float > 0 when sampling, got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
-            raise ValueError(f"top_k must be an integer >= 1 (or None to disable), got {top_k!r}")
-        if not (isinstance(top_p, (int, float, np.floating)) and 0.0 < top_p <= 1.0):
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
-    if not (isinstance(repetition_penalty, (int, float, np.floating)) and repetition_penalty > 0):
-        raise ValueError(f"repetition_penalty must be a float > 0, got {repetition_penalty!r}")
-    if early_stopping not in (True, False, "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    if streamer is not None and num_beams > 1:
-        raise ValueError("streamer is not supported with beam search (num_beams > 1): beams change until the end")
-
-    # lengths
-    if max_new_tokens is not None:
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        max_length = T0 + int(max_new_tokens)
-    elif max_length is None:
-        max_length = 20  # transformers' GenerationConfig default
-    elif not isinstance(max_length, (int, np.integer)) or max_length <= T0:
-        raise ValueError(f"max_length={max_length!r} must exceed the prompt length {T0} "
-                         "(or pass max_new_tokens)")
+    _check_options(num_beams, num_return_sequences, do_sample, temperature, top_k, top_p, repetition_penalty,
+                   early_stopping, streamer)
+    max_length = _max_length(max_new_tokens, max_length, T0, config)
     if max_length <= T0:
         warnings.warn(f"the prompt ({T0} tokens) is already max_length={max_length} long; nothing generated")
         return ModelOutput(sequences=ids) if return_dict_in_generate else ids
-    limit = _position_limit(config)
-    if limit is not None and T0 > limit:
-        raise ValueError(f"input_ids: prompt of {T0} tokens is longer than the model's position table "
-                         f"({limit} positions)")
-    if limit is not None and max_length > limit:
-        raise ValueError(f"max_new_tokens/max_length: generating up to {max_length} tokens would overflow the "
-                         f"model's position table ({limit} positions); at most {limit - T0} new tokens fit")
-
-    # special tokens
-    if eos_token_id is None:
-        eos_token_id = getattr(config, "eos_token_id", None)
-    eos = _eos_list(eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = getattr(config, "pad_token_id", None)
-    if pad_token_id is None and eos:
-        pad_token_id = eos[0]
-    known_pad = pad_token_id is not None
-    if pad_token_id is None:
-        pad_token_id = 0  # fills finished rows only; never taken for padding in the prompt
-
-    # attention mask: given, or inferred from pads as transformers does when pad != eos
-    if attention_mask is None:
-        if known_pad and pad_token_id in ids and pad_token_id not in eos:
-            mask = (ids != pad_token_id).astype(np.int64)
-        else:
-            mask = np.ones_like(ids)
-    else:
-        mask = np.asarray(attention_mask)
-        if mask.ndim == 1:
-            mask = mask[None, :]
-        if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask must have the shape of input_ids {ids.shape}, got {mask.shape}")
-        mask = (mask != 0).astype(np.int64)
-    if not mask.any(axis=1).all():
-        raise ValueError(f"attention_mask: rows {np.flatnonzero(~mask.any(axis=1)).tolist()} have no tokens")
-    if B > 1 and (mask[:, -1] == 0).any():
-        warnings.warn("a prompt is right-padded; decoder-only generation expects left padding")
+    eos, pad_token_id, mask = _special_tokens_and_mask(ids, attention_mask, eos_token_id, pad_token_id, config)
 
     if do_sample and rng is None:
         rng = np.random.default_rng(seed)

@@ -14,6 +14,7 @@ from .data import (Tokenizer, default_corpus, read_texts, prepare, load_tokens, 
                    TokenStream, sequential_blocks)
 from .data.pretrain import _sidecar, _docs_path
 from .inspect import plots_line
+from .ops.losses import IGNORE_INDEX
 from .train import Trainer, TrainConfig, list_checkpoints, read_checkpoint_state, model_generators, _int, _real
 
 ARCHS = ("gpt2", "openai-gpt", "bert")
@@ -200,7 +201,7 @@ class BertData:
         n_mlm = n_nsp = hit = base = nsp_hit = 0
         for b in self.val:
             out = model(**b)
-            m = b["labels"] != -100
+            m = b["labels"] != IGNORE_INDEX
             k = int(m.sum())
             mlm_tot += float(out.mlm_loss if out.mlm_loss is not None else out.loss) * k
             n_mlm += k

@@ -14,8 +14,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ..ops._check import int_array
+from ..ops.losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 _int_ids = int_array
 
 

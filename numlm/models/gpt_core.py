@@ -201,7 +201,7 @@ class GPTCore(PreTrainedModel):
         if not embeds:
             self.wte.backward(dx)
         self.wpe.backward(dx)
-        if tt_cache is not None:
+        if tt_cache is not None and self.wte.requires_grad("weight"):
             self.wte.add_grad("weight", embedding_backward(dx, tt_cache))
 
 

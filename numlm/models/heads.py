@@ -104,13 +104,14 @@ def tied_decoder_forward(h, We, b=None):
     return logits.reshape(h.shape[:-1] + (V,)), (h, We, b is not None)
 
 
-def tied_decoder_backward(dlogits, cache):
-    """forward: logits = h We^T + b;  so  dh = dlogits We,  dWe = dlogits^T h,  db = sum dlogits"""
+def tied_decoder_backward(dlogits, cache, need_dWe=True, need_db=True):
+    """forward: logits = h We^T + b;  so  dh = dlogits We,  dWe = dlogits^T h,  db = sum dlogits
+    (dWe, db: None when not needed, a frozen table or bias)"""
     h, We, has_bias = cache
     V, C = We.shape
     d2 = dlogits.reshape(-1, V)  # (N, V)
-    dWe = d2.T @ h.reshape(-1, C)  # (V, C)
-    db = d2.sum(axis=0) if has_bias else None
+    dWe = d2.T @ h.reshape(-1, C) if need_dWe else None  # (V, C)
+    db = d2.sum(axis=0) if has_bias and need_db else None
     return (d2 @ We).reshape(h.shape), dWe, db
 
 
@@ -127,8 +128,10 @@ class TiedLMHead(Module):
         return logits
 
     def backward(self, dlogits):
-        dh, dWe, _ = tied_decoder_backward(dlogits, self.cache)
-        self._table[0].add_grad("weight", dWe)  # added to the lookup's gradient: the total
+        table = self._table[0]
+        dh, dWe, _ = tied_decoder_backward(dlogits, self.cache, table.requires_grad("weight"))
+        if dWe is not None:
+            table.add_grad("weight", dWe)  # added to the lookup's gradient: the total
         return dh
 
 
@@ -165,9 +168,12 @@ class BertLMPredictionHead(Module):
         return logits
 
     def backward(self, dlogits):  # (B, T, V) -> (B, T, C)
-        dt, dWe, db = tied_decoder_backward(dlogits, self.cache)
-        self._word[0].add_grad("weight", dWe)  # added to the lookup's gradient: the total
-        self.add_grad("bias", db)
+        word = self._word[0]
+        dt, dWe, db = tied_decoder_backward(dlogits, self.cache, word.requires_grad("weight"), self.requires_grad("bias"))
+        if dWe is not None:
+            word.add_grad("weight", dWe)  # added to the lookup's gradient: the total
+        if db is not None:
+            self.add_grad("bias", db)
         return self.transform.backward(dt)
 
 

@@ -59,8 +59,10 @@ class LayerNorm(Module):
 
     def backward(self, dy):
         dx, dg, db = layernorm_backward(dy, self.cache)  # dg, db: two sums fused into dx's pass
-        self.add_grad("weight", dg)
-        self.add_grad("bias", db)
+        if self.requires_grad("weight"):
+            self.add_grad("weight", dg)
+        if self.requires_grad("bias"):
+            self.add_grad("bias", db)
         return dx
 
 

@@ -28,10 +28,9 @@ class Module:
         return value
 
     def add_grad(self, name, g):
-        """grads[name] += g: the one way a gradient reaches a parameter (layers and tied heads alike);
-        a frozen parameter takes none (callers skip computing g when not requires_grad(name))."""
-        if name in self.grads:
-            self.grads[name] += g
+        """grads[name] += g: the one way a gradient reaches a parameter (layers and tied heads alike).
+        Callers ask requires_grad(name) first: a frozen parameter has no gradient (KeyError here)."""
+        self.grads[name] += g
 
     def children(self):
         """(name, module) pairs in definition order."""

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models.base import PreTrainedModel, as_ids
+from ..models.checks import as_ids
+from ..models.pretrained import PreTrainedModel
 from ..nn import Linear
 from .config import (LoraConfig, PromptTuningConfig, PrefixTuningConfig, BnConfig, TASK_HEADS, LORA_TARGETS)
 from .layers import LoraLinear, PromptEmbedding

@@ -10,8 +10,8 @@
 """
 import numpy as np
 
-from ..models.bert import BertLayer
-from ..models.gpt import GPT2Block, OpenAIGPTBlock
+from ..models.bert_core import BertLayer
+from ..models.gpt_core import GPT2Block, OpenAIGPTBlock
 from ..nn import Module, Attention, Embedding, split_heads, merge_heads
 from .ops import prefix_attention_forward, prefix_attention_backward, prompt_backward
 from .layers import Adapter, AdapterJunction
