@@ -10,40 +10,7 @@ import warnings
 
 import numpy as np
 
-
-# ---- argument types: a bad number is refused before anything runs ----------------------------
-def count(minimum=1):
-    """An integer >= minimum."""
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            v = None
-        if v is None or v < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
-        return v
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-def number(low=0.0, high=math.inf, low_open=True, high_open=True):
-    """A finite float in the interval (low, high), ends open or closed."""
-    want = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-
-    def parse(text):
-        try:
-            v = float(text)
-        except ValueError:
-            v = math.nan
-        ok = math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-        if not ok:
-            raise argparse.ArgumentTypeError(f"must be a finite number in {want}, got {text!r}")
-        return v
-    parse.__name__ = f"number in {want}"
-    return parse
-
-
-positive = number()
+from .cli_args import count, number, positive  # noqa: F401  (subcommand modules import them from cli_args)
 
 
 class Parser(argparse.ArgumentParser):

@@ -79,7 +79,7 @@ def cmd_fill_mask(a):
 
 
 def add_parsers(sub):
-    from .cli import count, number, positive
+    from .cli_args import count, number, positive
     g = sub.add_parser("generate", help="generate text with a GPT model (KV cache), streaming it as it comes")
     g.add_argument("model", help="model directory (config.json, model.safetensors, tokenizer)")
     g.add_argument("--prompt", required=True)
