@@ -2,7 +2,6 @@
 `numlm <command>: error: <what>` with exit code 2 (`--debug` adds the traceback)."""
 import argparse
 import json
-import math
 import sys
 import time
 import traceback
