@@ -192,9 +192,9 @@ def _check_args(V, do_sample, temperature, top_k, top_p, repetition_penalty, len
 
 
 # ---- generate ---------------------------------------------------------------------------------------
-def _check_options(num_beams, num_return_sequences, do_sample, temperature, top_k, top_p, repetition_penalty,
-                   early_stopping, streamer):
-    """The decoding options, checked as transformers' GenerationConfig.validate does."""
+def _check_options(num_beams, num_return_sequences, do_sample, early_stopping, streamer):
+    """The search options, checked as transformers' GenerationConfig.validate does (the numbers are
+    _check_args')."""
     if not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
         raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
     if not isinstance(num_return_sequences, (int, np.integer)) or num_return_sequences < 1:
@@ -204,15 +204,6 @@ def _check_options(num_beams, num_return_sequences, do_sample, temperature, top_
     if num_beams == 1 and not do_sample and num_return_sequences > 1:
         raise ValueError(f"greedy search returns one sequence per prompt; num_return_sequences="
                          f"{num_return_sequences} needs do_sample=True or num_beams >= num_return_sequences")
-    if do_sample:
-        if not (isinstance(temperature, (int, float, np.floating)) and temperature > 0):
-            raise ValueError(f"temperature must be a float > 0 when sampling, got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
-            raise ValueError(f"top_k must be an integer >= 1 (or None to disable), got {top_k!r}")
-        if not (isinstance(top_p, (int, float, np.floating)) and 0.0 < top_p <= 1.0):
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
-    if not (isinstance(repetition_penalty, (int, float, np.floating)) and repetition_penalty > 0):
-        raise ValueError(f"repetition_penalty must be a float > 0, got {repetition_penalty!r}")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     if streamer is not None and num_beams > 1:
@@ -305,8 +296,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
     if V is not None and (ids.min() < 0 or ids.max() >= V):
         raise ValueError(f"input_ids must lie in [0, {V}), got range [{ids.min()}, {ids.max()}]")
 
-    _check_options(num_beams, num_return_sequences, do_sample, temperature, top_k, top_p, repetition_penalty,
-                   early_stopping, streamer)
+    _check_options(num_beams, num_return_sequences, do_sample, early_stopping, streamer)
     max_length = _max_length(max_new_tokens, max_length, T0, config)
     if max_length <= T0:
         warnings.warn(f"the prompt ({T0} tokens) is already max_length={max_length} long; nothing generated")

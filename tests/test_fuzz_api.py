@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 
 import numlm
 from numlm.data import Tokenizer, TokenStream, read_texts
-from numlm.generate import generate
+from numlm.decoding import generate
 from numlm.gradcheck import gradcheck
 from numlm.models import GPT2LMHeadModel
 from numlm.models.gpt import GPT2Config
