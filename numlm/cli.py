@@ -112,36 +112,6 @@ def cmd_eval(a):
     return 0
 
 
-def cmd_gradcheck(a):
-    """Check every op's hand-written backward against central differences and print the errors."""
-    from . import ops
-    from .gradcheck import gradcheck
-    rng = np.random.default_rng(a.seed)
-    x = rng.standard_normal((2, 5, 8))
-    q, k, v = (rng.standard_normal((2, 2, 5, 4)) for _ in range(3))
-    cases = {
-        "linear": (ops.linear_forward, ops.linear_backward, (x, rng.standard_normal((8, 6)), rng.standard_normal(6)), {}),
-        "embedding": (ops.embedding_forward, ops.embedding_backward, (rng.integers(0, 9, (2, 5)), rng.standard_normal((9, 4))), {}),
-        "layernorm": (ops.layernorm_forward, ops.layernorm_backward, (x, rng.standard_normal(8), rng.standard_normal(8)), {}),
-        "gelu (erf)": (ops.gelu_forward, ops.gelu_backward, (x,), {}),
-        "gelu (tanh)": (ops.gelu_tanh_forward, ops.gelu_tanh_backward, (x,), {}),
-        "softmax": (ops.softmax_forward, ops.softmax_backward, (x * 5,), {}),
-        "attention (causal + padding)": (ops.attention_forward, ops.attention_backward,
-                                         (q, k, v, np.array([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]])), {"causal": True}),
-        "dropout": (ops.dropout_forward, ops.dropout_backward, (x, 0.2, np.random.default_rng(0)), {}),
-        "cross-entropy": (ops.cross_entropy_forward, ops.cross_entropy_backward,
-                          (rng.standard_normal((6, 11)) * 4, np.array([1, 3, -100, 10, 0, 2])), {}),
-    }
-    print(f"{'op':32s} {'input':8s} {'max relative error':>20s}")
-    worst = 0.0
-    for name, (f, b, inputs, kw) in cases.items():
-        for inp, err in gradcheck(f, inputs, b, kwargs=kw).items():
-            worst = max(worst, err)
-            print(f"{name:32s} {inp:8s} {err:20.2e}")
-    print(f"worst error {worst:.2e} (float64 central differences, random upstream gradient)")
-    return 0 if worst < 1e-6 else 1
-
-
 def build_parser():
     p = Parser(prog="numlm", description="BERT and GPT in plain NumPy: pre-train, evaluate, "
                "generate and check gradients.")
