@@ -512,8 +512,8 @@ def _is_final_norm(model, name):
 def _gpt_classifier_with_lm(cls):
     """GPT2ForSequenceClassification whose objective is GPT-1's L3 = L2 + lm_coef * L1: the tied LM
     head reads the same hidden states and predicts the text (lm_labels) as auxiliary loss."""
-    from .models.gpt import _TiedLMHead, _causal_lm_loss
-    from .ops import cross_entropy_backward
+    from .models.checks import lm_labels as check_lm_labels
+    from .models.heads import causal_lm_loss, loss_backward, tied_decoder_forward, tied_decoder_backward
 
     class L3(cls):
         lm_coef = 0.5
@@ -525,9 +525,9 @@ def _gpt_classifier_with_lm(cls):
                 h = self.transformer._last.last_hidden_state
                 lm_labels = np.where(np.asarray(attention_mask) == 1, lm_labels, IGNORE) \
                     if attention_mask is not None else lm_labels
-                out.lm_loss, ce = _causal_lm_loss(_TiedLMHead.forward(h, self.transformer.wte), lm_labels,
-                                                  self.config.vocab_size)
-                self._lm = (h, ce)
+                logits, head = tied_decoder_forward(h, self.transformer.wte.params["weight"])
+                out.lm_loss, ce = causal_lm_loss(logits, check_lm_labels(lm_labels, h.shape[:-1], self.config.vocab_size))
+                self._lm = (head, ce)
             return out
 
         def objective(self, out):
@@ -538,8 +538,11 @@ def _gpt_classifier_with_lm(cls):
         def backward(self, grad=None):
             if self._lm is None:
                 return super().backward(grad)
-            h, ce = self._lm
-            dh_lm = _TiedLMHead.backward(cross_entropy_backward(self.lm_coef, ce), h, self.transformer.wte)
+            head, ce = self._lm
+            wte = self.transformer.wte
+            dh_lm, dWe, _ = tied_decoder_backward(loss_backward(ce, self.lm_coef), head, wte.requires_grad("weight"))
+            if dWe is not None:
+                wte.add_grad("weight", dWe)
             real = self.transformer.backward_from
             self.transformer.backward_from = lambda dh: real(dh + dh_lm)  # one backward through the decoder
             try:
