@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings, strategies as st, HealthCheck
 
 from numlm.cli import main
 
-FUZZ = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 TEXT = "ROMEO: But soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
 
 
@@ -45,6 +45,7 @@ def world(tmp_path_factory):
     (bad / "empty_dir").mkdir()
     (bad / "garbage.json").write_bytes(b"{\"n_embd\": 8, ")
     (bad / "list.json").write_text("[1, 2]")
+    (bad / "reviews.csv").write_text("text,label\ngood film,1\nbad film,0\n")
     (bad / "heads.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 300, "n_positions": 32,
                                                 "n_embd": 18, "n_layer": 1, "n_head": 4}))
     return {"corpus": corpus, "run": run, "bert": bert, "bad": bad, "root": root}
@@ -98,6 +99,10 @@ BAD = {  # per command: flag -> bad values ("@name" is a file of the world)
     "prepare": {"--data": ["@binary.txt", "@latin1.txt", "@empty.txt", "@empty_dir"], "--encoding": ["nope"],
                 "--tokenizer": ["@garbage.json", "@binary.txt", "/no/such.json"]},
     "gradcheck": {"--seed": ["-1", "x", "1.5"]},
+    "finetune": {"--lr": BAD_NUMBERS, "--epochs": BAD_NUMBERS, "--batch-size": BAD_NUMBERS,
+                 "--max-steps": ["0", "-1", "x"], "--weight-decay": ["nan", "-1"], "--max-length": ["0", "x"],
+                 "--seed": ["-1", "x"], "--data": ["@binary.txt", "@empty.txt", "/no/such.csv"]},
+    "attention": {"--layer": ["-1", "99", "x"], "--head": ["-1", "99", "x"], "--text": [""]},
 }
 
 
@@ -116,6 +121,11 @@ def base_argv(command, w, scratch):
     if command == "prepare":
         return ["prepare", "--tokenizer", str(run / "tokenizer.json"), "--data", str(w["corpus"]),
                 "--out", str(scratch / "t.bin")]
+    if command == "finetune":
+        return ["finetune", str(run / "model"), "--data", str(w["bad"] / "reviews.csv"), "--out", str(scratch / "ft"),
+                "--max-steps", "1"]
+    if command == "attention":
+        return ["attention", str(run / "model"), "--text", "ROMEO", "--out", str(scratch / "a.png")]
     return ["gradcheck"]
 
 
