@@ -161,6 +161,10 @@ def check_args(a):
                              f"(use --method full, freeze or head)")
         if a.unfreeze:
             raise ValueError(f"--unfreeze gradual goes with --method full, freeze or head, not {a.method}")
+        if a.method in ("prompt", "prefix") and a.task != "seqcls":
+            raise ValueError(f"--method {a.method} goes with --task seqcls, not {a.task}")
+        if a.resume:
+            raise ValueError(f"--resume is not available with --method {a.method} (adapter checkpoints)")
     data = datasets.load(a.data)
     want = {"seqcls": "seqcls", "tokcls": "tokcls", "qa": "qa", "multiple-choice": "multiple-choice"}[a.task]
     if data.task != want:
@@ -636,7 +640,7 @@ def finetune(a, log=print):
         enc["train"].rows = [r for r in enc["train"].rows if r["answerable"]]
     if a.method in PEFT_METHODS:
         model = _apply_peft(model, kind, a)
-    on_batch = apply_method(model, kind, a)
+    on_batch = apply_method(model, kind, a) if a.method not in PEFT_METHODS else None
     trainable = sum(v.size for v in model.trainable_parameters().values())
     steps_per_epoch = math.ceil(len(enc["train"]) / a.batch_size)
     steps = a.epochs * steps_per_epoch
@@ -706,7 +710,8 @@ def finetune(a, log=print):
         model.load_state_dict(best["params"], strict=False)
     test = evaluate(model, a.task, enc["test"], data.label_names, a.eval_batch_size, prefix="test")
     results = {**best.get("res", {}), "val_accuracy": best["score"], "best_step": best["step"], **test,
-               "trainable_params": int(trainable), "total_params": int(model.num_parameters()),
+               "trainable_params": int(trainable), "total_params": int(model.get_nb_trainable_parameters()[1] if a.method in PEFT_METHODS
+                                   else model.num_parameters()),
                "train_seconds": round(train_seconds, 1), "peak_mb": round(_peak_mb(), 1), "steps": trainer.step,
                "train_examples": len(enc["train"]), "validation_examples": len(enc["validation"]),
                "test_examples": len(enc["test"]), "lr": lr, "max_length": max_length, "lm_coef": lm_coef,
@@ -719,5 +724,35 @@ def finetune(a, log=print):
 
 
 def _apply_peft(model, kind, a):
+    """numlm.peft's adapter on the model (the task head trained too, as peft's modules_to_save)."""
     from . import peft
-    return peft.apply(model, a)  # wired once numlm.peft lands
+    task_type = {"seqcls": "SEQ_CLS", "tokcls": "TOKEN_CLS", "qa": "QUESTION_ANS"}.get(a.task)
+    if a.method == "lora":
+        cfg = peft.LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.1, task_type=task_type,
+                              target_modules=[t.strip() for t in a.target.split(",") if t.strip()])
+    elif a.method == "adapter":
+        cfg = peft.SeqBnConfig(reduction_factor=a.reduction_factor)
+    elif a.method == "prompt":
+        cfg = peft.PromptTuningConfig(num_virtual_tokens=a.num_virtual_tokens, task_type=task_type)
+    else:
+        cfg = peft.PrefixTuningConfig(num_virtual_tokens=a.num_virtual_tokens, task_type=task_type)
+    return _Adapted(peft.get_peft_model(model, cfg))
+
+
+class _Adapted:
+    """A PeftModel as the Trainer sees a model: the same calls, plus modules() over the base model
+    and the prompt table (where the dropout generators live)."""
+
+    def __init__(self, pm):
+        self.pm = pm
+
+    def __getattr__(self, name):
+        return getattr(self.pm, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.pm(*args, **kwargs)
+
+    def modules(self):
+        yield from self.pm.base_model.modules()
+        if self.pm.prompt is not None:
+            yield from self.pm.prompt.modules("prompt.")

@@ -298,3 +298,21 @@ def test_an_occupied_out_folder_is_refused(bert_dir, data_csv, tmp_path, capsys)
     (out / "notes.txt").write_text("mine")
     assert run(bert_dir, data_csv, out) == 2
     assert "is not empty" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_peft_methods_train_only_the_adapter_and_the_head(bert_dir, data_csv, tmp_path):
+    from numlm import peft  # noqa: F401  (the methods come from numlm.peft)
+    H, L, K = 16, 2, 2
+    want = {"lora": L * 2 * (8 * H + H * 8) + (H * K + K),              # r=8 on query and value, classifier
+            "adapter": L * (H * 4 + 4 + 4 * H + H) + (H * K + K),  # Pfeiffer, m = H / 4 per layer; classifier
+            "prompt": 4 * H + (H * K + K)}                               # 4 virtual tokens, classifier
+    files = {"lora": "adapter_model.safetensors", "adapter": "adapter.safetensors", "prompt": "adapter_model.safetensors"}
+    for method, n in want.items():
+        out = tmp_path / method
+        assert run(bert_dir, data_csv, out, "--method", method, "--epochs", "1", "--reduction-factor", "4",
+                   "--num-virtual-tokens", "4") == 0
+        res = json.loads((out / "results.json").read_text())
+        assert res["trainable_params"] == n, (method, res["trainable_params"], n)
+        assert (out / "best" / files[method]).is_file() and (out / "best" / "tokenizer.json").is_file()
+    assert main(["finetune", str(bert_dir), "--data", str(data_csv), "--out", str(tmp_path / "x"), "--method",
+                 "prefix", "--task", "tokcls"]) == 2
