@@ -189,6 +189,8 @@ def build_parser():
         add_parsers(sub)
     from .cli_finetune import add_parsers as add_finetune
     add_finetune(sub)
+    from .cli_profile import add_parser as add_profile
+    add_profile(sub)
     return p
 
 

@@ -1,0 +1,70 @@
+"""`numlm profile`: where a training step's (or a generation's) time goes, per op and per layer."""
+import os
+
+import numpy as np
+
+
+def cmd_profile(a):
+    from .profile import WORKLOADS, Profile, build_workload, profile_training
+    if a.steps < 1 or a.warmup < 0:
+        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {a.steps} and {a.warmup}")
+    if a.target in WORKLOADS:
+        model, batch = build_workload(a.target, dtype=a.dtype)
+    elif os.path.isdir(a.target):
+        from .models import from_pretrained
+        model = from_pretrained(a.target, dtype=a.dtype).train()
+        batch = None
+    else:
+        raise ValueError(f"{a.target!r} is neither a workload ({', '.join(WORKLOADS)}) nor a model directory")
+    cfg = model.config
+    V = cfg.vocab_size
+    if a.generate:
+        from .generate import generate
+        ids = np.random.default_rng(0).integers(0, V, (1, a.seq or 32))
+        model.eval()
+        run = lambda: generate(model, ids, max_new_tokens=a.generate, eos_token_id=[])  # noqa: E731
+        run()  # warm-up (compiles the kernels)
+        with Profile(model) as prof:
+            for _ in range(a.steps):
+                with prof.phase("generate"):
+                    run()
+        print(f"{type(model).__name__}: {ids.shape[1]}-token prompt + {a.generate} new tokens, greedy, KV cache")
+    else:
+        if batch is None:
+            batch = _random_batch(model, a.batch or 8, a.seq or 128)
+        prof = profile_training(model, batch, steps=a.steps, warmup=a.warmup)
+        B, T = np.shape(batch["input_ids"])
+        print(f"{type(model).__name__} training step, batch {B} x {T}, {model.dtype}, "
+              f"{model.num_parameters() / 1e6:.1f} M parameters")
+    print(prof.table(steps=a.steps, top=a.top))
+    return 0
+
+
+def _random_batch(model, B, T):
+    rng = np.random.default_rng(0)
+    V = model.config.vocab_size
+    ids = rng.integers(0, V, (B, T))
+    name = type(model).__name__
+    if name in ("BertForPreTraining", "BertForMaskedLM"):
+        labels = np.where(rng.random((B, T)) < 0.15, ids, -100)
+        batch = dict(input_ids=ids, labels=labels)
+        if name == "BertForPreTraining":
+            batch["next_sentence_label"] = rng.integers(0, 2, B)
+        return batch
+    if name.endswith("LMHeadModel"):
+        return dict(input_ids=ids, labels=ids)
+    raise ValueError(f"numlm profile trains LM models (BertForPreTraining, BertForMaskedLM, *LMHeadModel); "
+                     f"got {name}")
+
+
+def add_parser(sub):
+    p = sub.add_parser("profile", help="time per op and per layer of a training step (or of generation)")
+    p.add_argument("target", help="a workload (gpt-mini, gpt-small, bert-mini) or a model directory")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1: compiles kernels)")
+    p.add_argument("--batch", type=int, help="batch size for a model directory (default 8)")
+    p.add_argument("--seq", type=int, help="sequence length (default 128; prompt length with --generate, 32)")
+    p.add_argument("--generate", type=int, metavar="N", help="profile greedy generation of N tokens instead")
+    p.add_argument("--top", type=int, help="show only the N largest op rows")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.set_defaults(fn=cmd_profile)
