@@ -24,7 +24,7 @@ def cmd_profile(a):
         model.eval()
         run = lambda: generate(model, ids, max_new_tokens=a.generate, eos_token_id=[])  # noqa: E731
         run()  # warm-up (compiles the kernels)
-        with Profile(model) as prof:
+        with Profile(model, a.clock) as prof:
             for _ in range(a.steps):
                 with prof.phase("generate"):
                     run()
@@ -32,7 +32,7 @@ def cmd_profile(a):
     else:
         if batch is None:
             batch = _random_batch(model, a.batch or 8, a.seq or 128)
-        prof = profile_training(model, batch, steps=a.steps, warmup=a.warmup)
+        prof = profile_training(model, batch, steps=a.steps, warmup=a.warmup, clock=a.clock)
         B, T = np.shape(batch["input_ids"])
         print(f"{type(model).__name__} training step, batch {B} x {T}, {model.dtype}, "
               f"{model.num_parameters() / 1e6:.1f} M parameters")
@@ -66,5 +66,7 @@ def add_parser(sub):
     p.add_argument("--seq", type=int, help="sequence length (default 128; prompt length with --generate, 32)")
     p.add_argument("--generate", type=int, metavar="N", help="profile greedy generation of N tokens instead")
     p.add_argument("--top", type=int, help="show only the N largest op rows")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="elapsed time, or CPU time of this process (not inflated by other processes)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.set_defaults(fn=cmd_profile)

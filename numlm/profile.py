@@ -13,7 +13,8 @@ pass and the optimizer, as a share of the whole step.
 
 It times the public structure only: every Module's ``forward``/``backward`` (wrapped on the instance,
 so whatever calls them is timed) and every ``*_forward``/``*_backward`` op of ``numlm.ops``, wherever
-a numlm module imported it. Time is *self* time: a block's row excludes its sublayers, an op's row
+a numlm module imported it. ``Profile(model, clock="cpu")`` counts CPU time instead of
+elapsed time, which other processes on a shared machine do not inflate. Time is *self* time: a block's row excludes its sublayers, an op's row
 excludes nothing it calls (ops call no ops). Time in a module's own code outside any op (a matmul
 written in the model, a concatenate) is the op "(module code)". What no module or op covers (Python
 between calls, the optimizer's loop) is "(outside modules)", so the rows always sum to the step.
@@ -26,6 +27,9 @@ from contextlib import contextmanager
 import numpy as np
 
 OUTSIDE = "(outside modules)"
+# wall: elapsed time.  cpu: CPU time of all this process's threads, which other processes sharing
+# the machine do not inflate (but idle waiting is not counted and two busy threads count twice)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 MODULE_CODE = "(module code)"
 
 
@@ -44,8 +48,12 @@ def _layer_of(path):
 class Profile:
     """Context manager that times a model's modules and numlm's ops; see the module docstring."""
 
-    def __init__(self, model):
+    def __init__(self, model, clock="wall"):
+        if clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
         self.model = model
+        self.clock = clock
+        self._now = CLOCKS[clock]
         self.records = defaultdict(float)     # (phase, layer path, op) -> self seconds
         self.calls = defaultdict(int)         # (phase, op) -> number of calls
         self.phase_time = defaultdict(float)  # phase -> wall seconds
@@ -91,11 +99,11 @@ class Profile:
             mpath = path if path is not None else (parent[0] if parent else None)
             frame = [mpath, op, 0.0]
             self._stack.append(frame)
-            t0 = time.perf_counter()
+            t0 = self._now()
             try:
                 return fn(*args, **kwargs)
             finally:
-                dt = time.perf_counter() - t0
+                dt = self._now() - t0
                 self._stack.pop()
                 self_time = dt - frame[2]
                 if op is not None:
@@ -114,11 +122,11 @@ class Profile:
         if self._phase is not None:
             raise ValueError(f"phase {name!r} started inside phase {self._phase!r}")
         self._phase = name
-        t0 = time.perf_counter()
+        t0 = self._now()
         try:
             yield
         finally:
-            self.phase_time[name] += time.perf_counter() - t0
+            self.phase_time[name] += self._now() - t0
             self._phase = None
 
     # ------------------------------------------------------------ reading the result
@@ -148,7 +156,8 @@ class Profile:
             return "(nothing timed)"
         pct = lambda s: 100.0 * s / total  # noqa: E731
         ms = lambda s: 1e3 * s / steps  # noqa: E731
-        lines = [f"step {ms(total):.1f} ms (mean of {steps})", "",
+        clock = "" if self.clock == "wall" else f", {self.clock} time"
+        lines = [f"step {ms(total):.1f} ms (mean of {steps}{clock})", "",
                  f"{'phase':12s} {'ms':>9s} {'%':>6s}"]
         for (ph,), s in sorted(self.by("phase").items(), key=lambda kv: -kv[1]):
             lines.append(f"{ph:12s} {ms(s):9.1f} {pct(s):6.1f}")
@@ -205,7 +214,7 @@ def build_workload(name, dtype="float32", seed=0):
                        next_sentence_label=rng.integers(0, 2, B))
 
 
-def profile_training(model, batch, optimizer=None, steps=3, warmup=1):
+def profile_training(model, batch, optimizer=None, steps=3, warmup=1, clock="wall"):
     """Run warmup + steps training steps (zero_grad, forward, backward, optimizer) and return the
     Profile of the timed steps. optimizer defaults to AdamW(lr=1e-4, weight_decay=0.01)."""
     from .optim import AdamW
@@ -225,7 +234,7 @@ def profile_training(model, batch, optimizer=None, steps=3, warmup=1):
     with Profile(model) as warm:
         for _ in range(warmup):
             step(warm)
-    with Profile(model) as prof:
+    with Profile(model, clock) as prof:
         for _ in range(steps):
             step(prof)
     return prof

@@ -37,12 +37,12 @@ def test_layer_of_cuts_at_the_first_list_index():
     assert _layer_of("") == "(model)"
 
 
-@pytest.mark.parametrize("make, L, blocks", [(tiny_gpt, 2, "transformer.h.{}"),
-                                             (tiny_bert, 3, "bert.encoder.layer.{}")])
-def test_shares_sum_to_the_step_and_every_layer_appears(make, L, blocks):
+@pytest.mark.parametrize("make, L, blocks, clock", [(tiny_gpt, 2, "transformer.h.{}", "wall"),
+                                                    (tiny_bert, 3, "bert.encoder.layer.{}", "cpu")])
+def test_shares_sum_to_the_step_and_every_layer_appears(make, L, blocks, clock):
     model, batch = make()
     steps = 2
-    prof = profile_training(model, batch, steps=steps, warmup=1)
+    prof = profile_training(model, batch, steps=steps, warmup=1, clock=clock)
     rows = prof.rows()
     total = prof.total()
     # the rows partition the phases' wall time: their sum is the step, to rounding
@@ -100,8 +100,10 @@ def test_profiling_changes_no_number_and_uninstalls_itself():
     assert numlm.nn.layers.linear_forward is ops.linear_forward
 
 
-def test_nested_phases_are_refused():
+def test_nested_phases_and_unknown_clocks_are_refused():
     model, _ = tiny_gpt()
+    with pytest.raises(ValueError, match="clock must be one of wall, cpu"):
+        Profile(model, clock="gpu")
     prof = Profile(model)
     with pytest.raises(ValueError, match="inside phase"):
         with prof.phase("forward"), prof.phase("backward"):
