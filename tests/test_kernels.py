@@ -159,3 +159,39 @@ def test_float32_stays_float32(numba):
         assert loss.dtype == np.float32 and ops.cross_entropy_backward(1.0, cache).dtype == np.float32
     finally:
         set_numba(previous)
+
+
+@pytest.fixture(scope="module")
+def always_split():
+    """Split every product into 3 row blocks, however small (the default splits only large ones)."""
+    from numlm.kernels import matmul as mm
+    if mm._blas is None:
+        pytest.skip("numpy's BLAS is not OpenBLAS: products are never split")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mm, "SPLIT_MIN_MACS", 0)
+        mp.setattr(mm, "workers", lambda: 3)
+        yield mm
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=seeds, M=st.integers(3, 20), K=st.integers(1, 9), N=st.integers(1, 9), S=st.integers(3, 6),
+       dtype=dtypes, transpose=st.booleans())
+def test_split_matmul_is_the_product(always_split, seed, M, K, N, S, dtype, transpose):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((K, M) if transpose else (M, K)).astype(dtype)
+    a = a.T if transpose else a  # a strided view, as dW = x^T dy passes
+    b = rng.standard_normal((K, N)).astype(dtype)
+    assert_close(always_split.matmul(a, b), a @ b, dtype)
+    a3 = rng.standard_normal((S, M, K)).astype(dtype)
+    b3 = rng.standard_normal((S, N, K)).astype(dtype).swapaxes(-1, -2)
+    assert_close(always_split.matmul(a3, b3), a3 @ b3, dtype)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=seeds, B=st.integers(1, 3), T=st.integers(1, 9), dtype=dtypes)
+def test_linear_parity_with_split_products(always_split, seed, B, T, dtype):
+    rng = np.random.default_rng(seed)
+    x, w, bias = rng.standard_normal((B, T, 5)).astype(dtype), rng.standard_normal((5, 7)).astype(dtype), \
+        rng.standard_normal(7).astype(dtype)
+    nb, npy = both_paths(fwd_bwd(ops.linear_forward, ops.linear_backward, (x, w, bias), seed))
+    assert_close(nb, npy, dtype)

@@ -1,5 +1,6 @@
 """Linear map. numlm keeps every weight as (C_in, C_out) so the forward is one BLAS call, x @ W."""
 from ._check import float_array, same_dtype
+from ..kernels.matmul import mm  # a @ b, split across the cores unless NUMLM_NUMBA=0
 
 
 def linear_forward(x, w, b=None):
@@ -14,7 +15,7 @@ def linear_forward(x, w, b=None):
     if b is not None and b.shape != (w.shape[1],):
         raise ValueError(f"b must have shape ({w.shape[1]},), got {b.shape}")
     # one (N, C_in) @ (C_in, C_out) product: a stacked (B, T, C) @ W would be B smaller ones
-    y = (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1] + (w.shape[1],))  # (N, C_out)
+    y = mm(x.reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + (w.shape[1],))  # (N, C_out)
     if b is not None:
         y += b
     return y, (x, w, b is not None)
@@ -26,7 +27,7 @@ def linear_backward(dy, cache, need_dw=True, need_db=True):
     need_dw / need_db False (a frozen weight or bias) skip that gradient and return None for it."""
     x, w, has_bias = cache
     dy2 = dy.reshape(-1, dy.shape[-1])
-    dx = (dy2 @ w.T).reshape(x.shape)  # (N, C_in)
-    dw = x.reshape(-1, x.shape[-1]).T @ dy2 if need_dw else None  # (C_in, C_out)
+    dx = mm(dy2, w.T).reshape(x.shape)  # (N, C_in)
+    dw = mm(x.reshape(-1, x.shape[-1]).T, dy2) if need_dw else None  # (C_in, C_out)
     db = dy2.sum(axis=0) if has_bias and need_db else None
     return dx, dw, db

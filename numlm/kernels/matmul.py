@@ -1,0 +1,103 @@
+"""Matrix products split into independent row blocks, one per core, each a single-threaded BLAS call.
+
+NumPy definition: ``a @ b``. The result is the same product; only which thread computes which rows of
+it changes (float32 results may differ from ``a @ b`` in the last bits, as two BLAS builds do).
+
+Why: a multi-threaded BLAS synchronises its threads inside every call. On a machine whose cores are
+also busy with other processes, or with Numba's threads, one descheduled BLAS thread stalls the other
+at every barrier; attention's many small per-head products made a training step up to 8x slower that
+way on 2 shared cores. Here each worker computes whole output rows with BLAS at one thread, and the
+only wait is at the end of the product.
+"""
+import ctypes
+import glob
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+# below this many multiply-adds one call on the caller's thread is cheaper than splitting
+SPLIT_MIN_MACS = 1 << 20
+
+
+def _find_openblas():
+    """(set_num_threads, get_num_threads) of the OpenBLAS numpy uses, or None (another BLAS)."""
+    here = os.path.dirname(np.__file__)
+    for lib in glob.glob(os.path.join(here, "..", "numpy.libs", "*openblas*")) + \
+            glob.glob(os.path.join(here, ".libs", "*openblas*")):
+        try:
+            dll = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                s = getattr(dll, f"{prefix}_set_num_threads{suffix}", None)
+                g = getattr(dll, f"{prefix}_get_num_threads{suffix}", None)
+                if s is not None and g is not None:
+                    s.argtypes, s.restype, g.restype = [ctypes.c_int], None, ctypes.c_int
+                    return s, g
+    return None
+
+
+_blas = _find_openblas()
+_pool = None
+_lock = threading.Lock()
+
+
+def workers():
+    """Number of row blocks: the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _get_pool():
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(workers(), thread_name_prefix="numlm-matmul")
+    return _pool
+
+
+def matmul(a, b, out=None):
+    """a @ b for 2-D a (M, K) @ (K, N), or stacked (S, M, K) @ (S, K, N); blocks of rows of the
+    output (or of the stack) go to separate threads. out, if given, receives the result."""
+    if out is None:
+        shape = a.shape[:-1] + (b.shape[-1],)
+        out = np.empty(shape, dtype=np.result_type(a, b))
+    n = workers()
+    macs = a.size * b.shape[-1]
+    rows = a.shape[0]
+    if _blas is None or n == 1 or macs < SPLIT_MIN_MACS or rows < n:
+        return np.matmul(a, b, out=out)
+    bounds = [rows * i // n for i in range(n + 1)]
+    stacked = a.ndim == 3 and b.ndim == 3
+    jobs = []
+    with _lock:  # the BLAS thread count is process-wide: one split product at a time
+        prev = _blas[1]()
+        _blas[0](1)
+        try:
+            pool = _get_pool()
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                bb = b[lo:hi] if stacked else b
+                jobs.append(pool.submit(np.matmul, a[lo:hi], bb, out=out[lo:hi]))
+            for j in jobs:
+                j.result()
+        finally:
+            _blas[0](prev)
+    return out
+
+
+def mm(a, b):
+    """a @ b: numpy's product on the NumPy path (NUMLM_NUMBA=0), else matmul() above. Stacks of more
+    than one leading axis, (B, H, M, K) @ (B, H, K, N), are split over B*H."""
+    from . import numba_enabled
+    if not numba_enabled():
+        return a @ b
+    if a.ndim > 3 and b.ndim == a.ndim and a.shape[:-2] == b.shape[:-2]:
+        lead = a.shape[:-2]
+        out = matmul(a.reshape((-1,) + a.shape[-2:]), b.reshape((-1,) + b.shape[-2:]))
+        return out.reshape(lead + out.shape[-2:])
+    return matmul(a, b)
+
