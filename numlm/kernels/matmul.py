@@ -61,18 +61,22 @@ def _get_pool():
 
 
 def matmul(a, b, out=None):
-    """a @ b for 2-D a (M, K) @ (K, N), or stacked (S, M, K) @ (S, K, N); blocks of rows of the
-    output (or of the stack) go to separate threads. out, if given, receives the result."""
+    """a @ b for 2-D a (M, K) @ (K, N), or stacked (S, M, K) @ (S, K, N). Blocks of output rows (or
+    of the stack) go to separate threads; with fewer rows than cores (a decoding step's (1, K) @ (K, N))
+    blocks of output columns do. out, if given, receives the result."""
     if out is None:
         shape = a.shape[:-1] + (b.shape[-1],)
         out = np.empty(shape, dtype=np.result_type(a, b))
     n = workers()
     macs = a.size * b.shape[-1]
-    rows = a.shape[0]
-    if _blas is None or n == 1 or macs < SPLIT_MIN_MACS or rows < n:
+    if _blas is None or n == 1 or macs < SPLIT_MIN_MACS:
         return np.matmul(a, b, out=out)
-    bounds = [rows * i // n for i in range(n + 1)]
     stacked = a.ndim == 3 and b.ndim == 3
+    by_rows = a.shape[0] >= n
+    if not by_rows and (a.ndim != 2 or b.shape[-1] < n):
+        return np.matmul(a, b, out=out)
+    size = a.shape[0] if by_rows else b.shape[-1]
+    bounds = [size * i // n for i in range(n + 1)]
     jobs = []
     with _lock:  # the BLAS thread count is process-wide: one split product at a time
         prev = _blas[1]()
@@ -80,8 +84,11 @@ def matmul(a, b, out=None):
         try:
             pool = _get_pool()
             for lo, hi in zip(bounds[:-1], bounds[1:]):
-                bb = b[lo:hi] if stacked else b
-                jobs.append(pool.submit(np.matmul, a[lo:hi], bb, out=out[lo:hi]))
+                if by_rows:
+                    job = (np.matmul, a[lo:hi], b[lo:hi] if stacked else b, out[lo:hi])
+                else:  # a column block of out is strided: numpy writes it through a buffer
+                    job = (np.matmul, a, b[:, lo:hi], out[:, lo:hi])
+                jobs.append(pool.submit(lambda f, x, y, o: f(x, y, out=o), *job))
             for j in jobs:
                 j.result()
         finally:
