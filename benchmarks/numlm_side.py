@@ -79,7 +79,8 @@ def gen124m(a):
     generate = _generate()
     model = numlm.GPT2LMHeadModel(numlm.GPT2Config(), seed=0, dtype="float32").eval()
     ids = np.random.default_rng(0).integers(0, 50257, (1, 32))
-    generate(model, ids, max_new_tokens=128, eos_token_id=[])  # warm-up
+    for _ in range(min(a.warmup, 1)):
+        generate(model, ids, max_new_tokens=128, eos_token_id=[])  # warm-up
     vals, foreign = [], []
     for _ in range(a.runs):
         with Sample() as s:

