@@ -19,7 +19,7 @@ def cmd_profile(a):
     cfg = model.config
     V = cfg.vocab_size
     if a.generate:
-        from .generate import generate
+        from .decoding import generate
         ids = np.random.default_rng(0).integers(0, V, (1, a.seq or 32))
         model.eval()
         run = lambda: generate(model, ids, max_new_tokens=a.generate, eos_token_id=[])  # noqa: E731

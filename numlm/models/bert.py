@@ -17,6 +17,7 @@ from .checks import bert_inputs, check_grad, labels_like
 from .config import BertConfig
 from .heads import (BertOnlyMLMHead, BertOnlyNSPHead, BertPreTrainingHeads, cross_entropy, problem_type_loss,
                     span_loss, check_span_positions)
+from ..ops.losses import IGNORE_INDEX
 from .pretrained import ModelOutput, PreTrainedModel, head_output, register
 
 TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
@@ -91,7 +92,13 @@ class _BertTask(PreTrainedModel):
 @register
 class BertForPreTraining(_BertTask):
     """loss = CE(prediction_logits, labels) + CE(seq_relationship_logits, next_sentence_label).
-    backward(grad): d prediction_logits, or a tuple (d prediction_logits, d seq_relationship_logits)."""
+    backward(grad): d prediction_logits, or a tuple (d prediction_logits, d seq_relationship_logits).
+    In training (model.train()) with labels, the MLM head runs only at the labelled positions, as the
+    original BERT: prediction_logits is then (M, V), one row per label != -100 in row-major order, and
+    out.mlm_positions holds their flat indices b*T + t. Set mlm_on_labelled_only = False for the
+    (B, T, V) logits in training too; eval mode and fill-mask always get them."""
+
+    mlm_on_labelled_only = True
 
     outputs = ("prediction_logits", "seq_relationship_logits")
     loss_inputs = "labels and next_sentence_label"
@@ -110,9 +117,20 @@ class BertForPreTraining(_BertTask):
             labels = labels_like("labels", labels, (B, T), self.config.vocab_size)
         if next_sentence_label is not None:
             next_sentence_label = labels_like("next_sentence_label", next_sentence_label, (B,), 2)
-        logits = self.cls.predictions(h)  # (B, T, V)
+        self._mlm_rows = None
+        if self.training and labels is not None and self.mlm_on_labelled_only:
+            # the original BERT's MLM: the head only where a label is (15% of positions); the others'
+            # logits would only be ignored by the loss
+            rows = np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX)  # (M,) flat positions b*T + t
+            self._mlm_rows = (rows, h.shape)
+            logits = self.cls.predictions(h.reshape(B * T, -1)[rows])  # (M, V)
+            labels = labels.reshape(-1)[rows]  # (M,)
+        else:
+            logits = self.cls.predictions(h)  # (B, T, V)
         seq = self.cls.seq_relationship(pooled)  # (B, 2)
         out, losses = ModelOutput(), []
+        if self._mlm_rows is not None:
+            out.mlm_positions = self._mlm_rows[0]
         if labels is not None and next_sentence_label is not None:
             mlm, c1 = cross_entropy(logits, labels)
             nsp, c2 = cross_entropy(seq, next_sentence_label)
@@ -123,6 +141,11 @@ class BertForPreTraining(_BertTask):
 
     def heads_backward(self, d):
         dh = self.cls.predictions.backward(d["prediction_logits"]) if "prediction_logits" in d else None
+        if dh is not None and self._mlm_rows is not None:  # h[rows] was the head's input: scatter back
+            rows, shape = self._mlm_rows
+            full = np.zeros((shape[0] * shape[1], shape[2]), dtype=dh.dtype)
+            full[rows] = dh
+            dh = full.reshape(shape)  # (B, T, C)
         dpooled = self.cls.seq_relationship.backward(d["seq_relationship_logits"]) \
             if "seq_relationship_logits" in d else None
         self.bert.backward_from(dh, dpooled)

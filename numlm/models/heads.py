@@ -12,6 +12,7 @@ and for sequence classification the one selection by problem_type (MSE, CE or BC
 Every loss returns (loss, cache); loss_backward(cache, dloss) gives d logits in the logits' shape."""
 import numpy as np
 
+from ..kernels.matmul import mm  # a @ b, split across the cores unless NUMLM_NUMBA=0
 from ..nn import Module, Linear, LayerNorm, Dropout, Activation
 from ..ops import (cross_entropy_forward, cross_entropy_backward, mse_forward, mse_backward,
                    bce_with_logits_forward, bce_with_logits_backward)
@@ -98,7 +99,7 @@ def loss_backward(cache, dloss=1.0):
 def tied_decoder_forward(h, We, b=None):
     """logits = h We^T + b      h: (..., C)  We: (V, C)  b: (V,) or None  ->  (..., V)"""
     V, C = We.shape
-    logits = h.reshape(-1, C) @ We.T  # one (N, C) @ (C, V) product
+    logits = mm(h.reshape(-1, C), We.T)  # one (N, C) @ (C, V) product
     if b is not None:
         logits += b
     return logits.reshape(h.shape[:-1] + (V,)), (h, We, b is not None)
@@ -110,9 +111,9 @@ def tied_decoder_backward(dlogits, cache, need_dWe=True, need_db=True):
     h, We, has_bias = cache
     V, C = We.shape
     d2 = dlogits.reshape(-1, V)  # (N, V)
-    dWe = d2.T @ h.reshape(-1, C) if need_dWe else None  # (V, C)
+    dWe = mm(d2.T, h.reshape(-1, C)) if need_dWe else None  # (V, C)
     db = d2.sum(axis=0) if has_bias and need_db else None
-    return (d2 @ We).reshape(h.shape), dWe, db
+    return mm(d2, We).reshape(h.shape), dWe, db
 
 
 class TiedLMHead(Module):

@@ -12,6 +12,7 @@ import numpy as np
 
 from ._check import float_array, same_dtype
 from .. import kernels
+from ..kernels.matmul import mm  # a @ b, the B*H products split across the cores
 from ..kernels.softmax import scale_mask_kernel
 from .dropout import dropout_forward, dropout_backward
 from .softmax import softmax_forward, softmax_backward
@@ -105,10 +106,10 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
     lowest = np.finfo(q.dtype).min
     fill = lowest if causal_fill is None else causal_fill
 
-    s = scale_mask(q @ k.swapaxes(-1, -2), scale, codes, lowest, fill)  # (B, H, Tq, Tk)
+    s = scale_mask(mm(q, k.swapaxes(-1, -2)), scale, codes, lowest, fill)  # (B, H, Tq, Tk)
     p, _ = softmax_forward(s)  # (B, H, Tq, Tk)
     pd, keep = dropout_forward(p, dropout_p, rng)
-    out = pd @ v  # (B, H, Tq, D)
+    out = mm(pd, v)  # (B, H, Tq, D)
     return out, AttentionCache(q, k, v, p, keep, codes, scale)
 
 
@@ -117,8 +118,8 @@ def attention_backward(dout, cache):
     q, k, v, p, keep = cache.q, cache.k, cache.v, cache.probs, cache.keep
     pd = p if keep is None else p * keep  # the forward's pd, recomputed rather than cached
     # out = pd @ v
-    dv = pd.swapaxes(-1, -2) @ dout  # (B, H, Tk, D)
-    dpd = dout @ v.swapaxes(-1, -2)  # (B, H, Tq, Tk)
+    dv = mm(pd.swapaxes(-1, -2), dout)  # (B, H, Tk, D)
+    dpd = mm(dout, v.swapaxes(-1, -2))  # (B, H, Tq, Tk)
     # pd, keep = dropout_forward(p, dropout_p, rng)
     dp = dropout_backward(dpd, keep)
     # p, _ = softmax_forward(s)
@@ -126,6 +127,6 @@ def attention_backward(dout, cache):
     # s = scale_mask(q @ k^T, scale, codes, lowest, fill): masked scores are constants, so 0
     dscores = scale_mask(ds, cache.scale, cache.codes, 0, 0)
     # q @ k^T
-    dq = dscores @ k  # (B, H, Tq, D)
-    dk = dscores.swapaxes(-1, -2) @ q  # (B, H, Tk, D)
+    dq = mm(dscores, k)  # (B, H, Tq, D)
+    dk = mm(dscores.swapaxes(-1, -2), q)  # (B, H, Tk, D)
     return dq, dk, dv
