@@ -504,7 +504,8 @@ def _series_plot(plt, path, title, ylabel, series, log=False):
     n = len(series)
     for i, (label, xs, ys, style) in enumerate(series):
         kw = {"color": cmap(0.9 * i / max(n - 1, 1))} if style == "layer" else {}  # no pale yellow
-        ax.plot(xs, ys, "o-" if style == "points" else "-", label=label, markersize=3, linewidth=1.2, **kw)
+        marked = style == "points" or len(xs) <= 30  # a short run's few points (or one) stay visible
+        ax.plot(xs, ys, "o-" if marked else "-", label=label, markersize=3, linewidth=1.2, **kw)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
