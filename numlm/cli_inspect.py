@@ -71,7 +71,7 @@ def cmd_attention(a):
     tokens, maps = attention_maps(model, tok, a.text)
     kind = "causal" if maps[..., 0, 1:].max(initial=0.0) == 0 and maps.shape[-1] > 1 else "bidirectional"
     path = draw_attention(tokens, maps, a.out, layer=a.layer, head=a.head,
-                          title=f"{type(model).__name__} attention ({kind}): {' '.join(tokens)[:80]}")
+                          title=f"{type(model).__name__} attention ({kind}): {' '.join(tokens)}")
     L, H, T, _ = maps.shape
     print(f"{L} layers x {H} heads over {T} tokens -> {path}")
     return 0

@@ -7,6 +7,7 @@ grad_arrays, output_attentions), so it works for every numlm model class.
 import contextlib
 import json
 import math
+import textwrap
 import time
 import types
 from pathlib import Path
@@ -423,7 +424,8 @@ def draw_attention(tokens, maps, path, layer=None, head=None, title=None, dpi=10
                 ax.set_title(f"head {h}", fontsize=7)
             if c == 0:
                 ax.set_ylabel(f"layer {l}", fontsize=7)
-    fig.suptitle(title or "attention (rows: queries, columns: keys)", fontsize=10)
+    title = title or "attention (rows: queries, columns: keys)"
+    fig.suptitle(textwrap.shorten(title, width=int(w * 11), placeholder=" ..."), fontsize=10)  # fits the width
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
