@@ -56,7 +56,11 @@ def ids_of(text=TEXT):
 def test_check_passes_on_tiny_checkpoints(model_dir):
     res = check_checkpoint(model_dir, text=TEXT, params=3)
     model = numlm.from_pretrained(model_dir)
-    assert res.passed and res.worst.error < 1e-6
+    assert res.passed
+    # gradients that are zero in exact arithmetic (key biases) are rounding noise against the floor;
+    # every other row agrees far below the tolerance
+    top = max(r.scale for r in res.rows)
+    assert max(r.error for r in res.rows if r.scale > 1e-6 * top) < 1e-6
     assert res.objective == "model.objective(out)"
     names = [r.name for r in res.rows]
     assert names[:-1] == list(model.parameters())   # one row per parameter, in order
