@@ -1,7 +1,7 @@
 """numlm: BERT and GPT in plain NumPy, every forward and backward pass written by hand."""
 from . import ops, nn
 from .data import datasets
-from .gradcheck import gradcheck
+from .gradchecking import gradcheck
 from .kernels import numba_enabled, set_numba
 from .models import (from_pretrained, ModelOutput, BertConfig, BertModel, BertForPreTraining, BertForMaskedLM,
                      BertForNextSentencePrediction, BertForSequenceClassification, BertForTokenClassification,

@@ -8,7 +8,7 @@ import numpy as np
 def op_table(a):
     """Check every op's hand-written backward against central differences and print the errors."""
     from . import ops
-    from .gradcheck import gradcheck
+    from .gradchecking import gradcheck
     rng = np.random.default_rng(a.seed)
     x = rng.standard_normal((2, 5, 8))
     q, k, v = (rng.standard_normal((2, 2, 5, 4)) for _ in range(3))

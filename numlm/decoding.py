@@ -187,7 +187,8 @@ def _check_args(V, do_sample, temperature, top_k, top_p, repetition_penalty, len
         given = [f"{n}={v!r}" for n, v, default in (("temperature", temperature, 1.0), ("top_p", top_p, 1.0),
                                                     ("top_k", top_k, 50)) if v is not None and v != default]
         if given:
-            warnings.warn(f"do_sample is False, so {', '.join(given)} only matter when sampling: set "
+            verb = "matters" if len(given) == 1 else "matter"
+            warnings.warn(f"do_sample is False, so {', '.join(given)} only {verb} when sampling: set "
                           f"do_sample=True or leave them unset", UserWarning, stacklevel=3)
 
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 import numlm
 from numlm.data import Tokenizer, TokenStream, read_texts
 from numlm.decoding import generate
-from numlm.gradcheck import gradcheck
+from numlm.gradchecking import gradcheck
 from numlm.models import GPT2LMHeadModel
 from numlm.models.gpt import GPT2Config
 from numlm.ops import layernorm_forward
@@ -85,6 +85,8 @@ def test_greedy_with_a_sampling_argument_warns():
     with pytest.warns(UserWarning, match=r"do_sample is False, so temperature=0.7, top_p=0.9 only matter when "
                                          r"sampling"):
         out = generate(MODEL, [[1, 2, 3]], max_new_tokens=2, temperature=0.7, top_p=0.9, pad_token_id=0)
+    with pytest.warns(UserWarning, match=r"do_sample is False, so top_k=5 only matters when sampling"):
+        generate(MODEL, [[1, 2, 3]], max_new_tokens=2, top_k=5, pad_token_id=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert np.array_equal(out, generate(MODEL, [[1, 2, 3]], max_new_tokens=2, pad_token_id=0))

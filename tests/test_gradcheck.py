@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from numlm import ops
-from numlm.gradcheck import gradcheck
+from numlm.gradchecking import gradcheck
 
 
 def square_forward(x, w):

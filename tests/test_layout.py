@@ -75,3 +75,8 @@ def test_no_module_shadowed_by_a_function():
     assert isinstance(importlib.import_module("numlm.decoding"), types.ModuleType)
     assert numlm.generate is importlib.import_module("numlm.decoding").generate
     assert not (ROOT / "generate.py").exists() and not (ROOT / "generate").exists()
+    assert numlm.gradcheck is importlib.import_module("numlm.gradchecking").gradcheck
+    # no function numlm exports has the name of one of numlm's modules
+    modules = {p.stem for p in ROOT.glob("*.py")} | {p.name for p in ROOT.iterdir() if p.is_dir()}
+    functions = {n for n, v in vars(numlm).items() if isinstance(v, types.FunctionType)}
+    assert functions & modules == set()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import numlm
-from numlm.gradcheck import gradcheck
+from numlm.gradchecking import gradcheck
 from numlm.io import save_safetensors
 from numlm.nn import Module
 from numlm.models import (BertConfig, BertForMaskedLM, BertForSequenceClassification, GPT2Config,

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from numlm.gradcheck import gradcheck
+from numlm.gradchecking import gradcheck
 from numlm.kernels import set_numba
 from numlm.nn import Attention, Embedding, LayerNorm, Linear, Module, merge_heads, split_heads
 

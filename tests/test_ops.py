@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from numlm import ops
-from numlm.gradcheck import gradcheck
+from numlm.gradchecking import gradcheck
 from numlm.kernels import set_numba
 
 TOL = 1e-7

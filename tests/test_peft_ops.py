@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from numlm import ops
-from numlm.gradcheck import gradcheck
+from numlm.gradchecking import gradcheck
 from numlm.nn import Linear, LayerNorm
 from numlm.peft import ops as P
 from numlm.peft.config import DoubleSeqBnConfig, SeqBnConfig, BnConfig
