@@ -87,6 +87,7 @@ def test_break_reaches_every_import_of_the_op_and_both_paths():
     rng = np.random.default_rng(0)
     x, g, b = rng.standard_normal((3, 5)), rng.standard_normal(5), rng.standard_normal(5)
     dy = rng.standard_normal((3, 5))
+    was = numlm.numba_enabled()
     for numba in (True, False):
         numlm.set_numba(numba)
         try:
@@ -100,7 +101,7 @@ def test_break_reaches_every_import_of_the_op_and_both_paths():
                                        rtol=1e-12)
             np.testing.assert_array_equal(ops.layernorm_backward(dy, cache)[0], dx)
         finally:
-            numlm.set_numba(True)
+            numlm.set_numba(was)
 
 
 def test_bare_backbone_uses_a_random_projection():
