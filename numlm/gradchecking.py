@@ -174,15 +174,21 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
         if g.shape != x.shape:
             raise ValueError(f"analytic gradient for {name} has shape {g.shape}, expected {x.shape}")
         idx = _entries(x.size, max_entries, rng)
-        flat = x.reshape(-1)
-        numeric = np.empty(len(idx))
-        for n, i in enumerate(idx):
-            old = flat[i]
-            flat[i] = old + eps
-            fp = perturbed()
-            flat[i] = old - eps
-            fm = perturbed()
-            flat[i] = old
-            numeric[n] = (fp - fm) / (2 * eps)
+        numeric = central_differences(perturbed, x.reshape(-1), idx, eps)
         errors[name] = _error(g, numeric, idx)
     return errors
+
+
+def central_differences(f, flat, idx, eps):
+    """(f(x + eps e_i) - f(x - eps e_i)) / 2 eps for each entry i in idx of the flat view `flat`,
+    which is perturbed in place and restored."""
+    numeric = np.empty(len(idx))
+    for n, i in enumerate(idx):
+        old = flat[i]
+        flat[i] = old + eps
+        fp = f()
+        flat[i] = old - eps
+        fm = f()
+        flat[i] = old
+        numeric[n] = (fp - fm) / (2 * eps)
+    return numeric

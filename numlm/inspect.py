@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .gradchecking import central_differences
+
 __all__ = ["check_model", "check_checkpoint", "ModelCheck", "ParamCheck", "BREAKS", "broken_backward",
            "attention_maps", "AttentionMaps", "draw_attention", "layer_of", "GradientFlow", "plot_run",
            "write_plots", "plots_line"]
@@ -212,16 +214,8 @@ def _check_model(model, ids, params, seed, eps, tol, break_, progress):
         targets.append((f"input embeddings ({emb}[input_ids])", (ids.shape[1], w.shape[1]), w, grads[emb], flat))
     rows = []
     for i, (name, shape, w, g, idx) in enumerate(targets):
-        flat_w, flat_g = w.reshape(-1), g.reshape(-1)
-        numeric = np.empty(len(idx))
-        for n, j in enumerate(idx):
-            old = flat_w[j]
-            flat_w[j] = old + eps
-            fp = f()
-            flat_w[j] = old - eps
-            fm = f()
-            flat_w[j] = old
-            numeric[n] = (fp - fm) / (2 * eps)
+        flat_g = g.reshape(-1)
+        numeric = central_differences(f, w.reshape(-1), idx, eps)
         gmax = max(float(np.abs(g).max(initial=0.0)), float(np.abs(numeric).max(initial=0.0)))
         scale = max(gmax, floor)
         err = float(np.abs(flat_g[idx] - numeric).max(initial=0.0)) / scale if scale > 0 else 0.0

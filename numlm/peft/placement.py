@@ -14,7 +14,7 @@ from ..models.bert_core import BertLayer
 from ..models.gpt_core import GPT2Block, OpenAIGPTBlock
 from ..nn import Module, Attention, Embedding, split_heads, merge_heads
 from .ops import prefix_attention_forward, prefix_attention_backward, prompt_backward
-from .layers import Adapter, AdapterJunction
+from .layers import Adapter, AdapterJunction, Adapters
 
 
 def set_child(model, path, new):
@@ -36,7 +36,7 @@ class BottleneckLayer(Module):
     where the sub-layer output h meets the residual x."""
 
     def _init_adapters(self, name, adapter):
-        self.adapters = _Named(name, adapter)
+        self.adapters = Adapters(name, adapter)
         self._junction = AdapterJunction(self.adapters)
 
     def junction(self, h, x, ln):
@@ -47,17 +47,6 @@ class BottleneckLayer(Module):
 
     def children(self):
         return [(k, v) for k, v in vars(self).items() if isinstance(v, Module) and k != "_junction"]
-
-
-class _Named(Module):
-    def __init__(self, name, adapter):
-        super().__init__()
-        self.name = name
-        setattr(self, name, adapter)
-
-    @property
-    def adapter(self):
-        return getattr(self, self.name)
 
 
 class GPTAdapterSlot(BottleneckLayer):
