@@ -12,22 +12,6 @@ import pytest
 
 from numlm.cli import main
 
-TEXT = """\
-ROMEO: But soft, what light through yonder window breaks?
-It is the east, and Juliet is the sun.
-JULIET: O Romeo, Romeo, wherefore art thou Romeo?
-Deny thy father and refuse thy name.
-"""
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    lines = TEXT.splitlines()
-    for i in range(40):
-        (d / f"doc{i}.txt").write_text("\n".join(rng.permutation(lines)) + "\n")
-    return d
 
 
 def base(corpus, out, arch="gpt2", steps=4):

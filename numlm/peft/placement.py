@@ -78,19 +78,27 @@ class AdaptedBertOutput(BottleneckLayer):
         return self._orig[0]
 
 
-class AdaptedGPT2Block(Module):
-    """pre-LN with adapters: x1 = J_att(attn(ln_1(x)), x);  x2 = J_out(mlp(ln_2(x1)), x1),
-    J = h + x without an adapter (AdapterHub passes no LayerNorm for GPT-2)."""
+class _AdaptedGPTBlock(Module):
+    """A GPT block's own sub-layers (ln_1, attn, ln_2, mlp) with adapter junctions after attention
+    and after the MLP (None: no adapter there), registered in the original block's order."""
+
+    order = ("ln_1", "attn", "ln_2", "mlp")
 
     def __init__(self, orig, att, out):
         super().__init__()
-        self.ln_1, self.attn, self.ln_2, self.mlp = orig.ln_1, orig.attn, orig.ln_2, orig.mlp
+        for name in self.order:
+            setattr(self, name, getattr(orig, name))
         self.attention_adapters, self.output_adapters = att, out
-        self._orig = (orig,)
+        self._orig = (orig,)  # a tuple: not a child
         self.training = orig.training
 
     def unwrap(self):
         return self._orig[0]
+
+
+class AdaptedGPT2Block(_AdaptedGPTBlock):
+    """pre-LN with adapters: x1 = J_att(attn(ln_1(x)), x);  x2 = J_out(mlp(ln_2(x1)), x1),
+    J = h + x without an adapter (AdapterHub passes no LayerNorm for GPT-2)."""
 
     def forward(self, x, attention_mask=None, past=None):
         h = self.attn(self.ln_1(x), attention_mask, past)
@@ -107,19 +115,11 @@ class AdaptedGPT2Block(Module):
         return dx + self.ln_1.backward(self.attn.backward(dh))
 
 
-class AdaptedOpenAIGPTBlock(Module):
+class AdaptedOpenAIGPTBlock(_AdaptedGPTBlock):
     """post-LN with adapters: n = J_att(attn(x), x, ln_1);  h = J_out(mlp(n), n, ln_2),
     J = LN(h + x) without an adapter."""
 
-    def __init__(self, orig, att, out):
-        super().__init__()
-        self.attn, self.ln_1, self.mlp, self.ln_2 = orig.attn, orig.ln_1, orig.mlp, orig.ln_2
-        self.attention_adapters, self.output_adapters = att, out
-        self._orig = (orig,)
-        self.training = orig.training
-
-    def unwrap(self):
-        return self._orig[0]
+    order = ("attn", "ln_1", "mlp", "ln_2")
 
     def forward(self, x, attention_mask=None, past=None):
         a = self.attn(x, attention_mask, past)
