@@ -86,7 +86,7 @@ def test_freeze_leaves_other_gradients_exactly_unchanged():
     for k in part:
         assert np.array_equal(part[k], full[k]), k
     assert set(model.trainable_parameters()) == set(part)
-    assert model.has_trainable() and not model.bert.embeddings.has_trainable()
+    assert model.needs_backward() and not model.bert.embeddings.needs_backward()
     # transformers-keyed gradients leave frozen tensors out
     assert set(model.gradients()) == {k for k in model.state_dict() if k in part}
 
@@ -164,9 +164,9 @@ def test_gradcheck_checks_the_trainable_parameters_of_a_frozen_model():
 def test_unfreeze_astype_and_bad_names():
     model = tiny_bert()
     model.bert.embeddings.freeze()
-    assert not model.bert.embeddings.has_trainable()
+    assert not model.bert.embeddings.needs_backward()
     model.astype("float64")
-    assert not model.bert.embeddings.has_trainable()  # casting keeps a frozen parameter frozen
+    assert not model.bert.embeddings.needs_backward()  # casting keeps a frozen parameter frozen
     model.bert.embeddings.unfreeze(["LayerNorm.weight"])
     g = model.bert.embeddings.LayerNorm.grads["weight"]
     assert g.dtype == np.float64 and not g.any()
@@ -175,3 +175,31 @@ def test_unfreeze_astype_and_bad_names():
         model.freeze(["bert.nope"])
     model.unfreeze()
     assert set(model.trainable_parameters()) == set(model.parameters())
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt"])
+@pytest.mark.parametrize("train_from", [1, 2])  # layer 1 and above, or only the head
+def test_backward_stops_below_the_lowest_trainable_layer(family, train_from, monkeypatch):
+    """Below the lowest trainable layer nothing needs a gradient: those layers' backward never runs,
+    and the trainable gradients equal those of the backward through every layer."""
+    model = tiny_bert(dtype="float64") if family == "bert" else tiny_gpt(dtype="float64")
+    b = batch() if family == "bert" else {k: v for k, v in batch().items() if k != "labels"} | {"labels": batch()["input_ids"]}
+    layers_ = model.bert.encoder.layer if family == "bert" else model.transformer.h
+    prefix = "bert.encoder.layer" if family == "bert" else "transformer.h"
+    head = [n for n in model.parameters() if not n.startswith(("bert.", "transformer."))]
+    keep = [n for n in model.parameters() if any(n.startswith(f"{prefix}.{i}.") for i in range(train_from, 2))]
+    if family == "gpt":  # GPT-2's final LayerNorm sits above the blocks; its LM head is tied to wte
+        keep += [n for n in model.parameters() if n.startswith("transformer.ln_f.")]
+        head = []
+    model.freeze([n for n in model.parameters() if n not in keep + head])
+    everything = tiny_bert(dtype="float64") if family == "bert" else tiny_gpt(dtype="float64")
+    reference = grads_of(everything, b)
+    ran = []
+    for i, layer in enumerate(layers_):
+        real = layer.backward
+        monkeypatch.setattr(layer, "backward", lambda d, real=real, i=i: ran.append(i) or real(d))
+    got = grads_of(model, b)
+    assert ran == list(reversed(range(train_from, 2)))
+    assert sorted(got) == sorted(keep + head) and got
+    for k, g in got.items():
+        np.testing.assert_allclose(g, reference[k], rtol=1e-12, atol=1e-15)

@@ -20,7 +20,7 @@ Hooks for parameter-efficient fine-tuning (numlm.peft), each None unless set:
 import numpy as np
 
 from ..nn import (Module, ModuleList, Linear, Embedding, LayerNorm, Dropout, Activation, Attention,
-                  add_residual, add_residual_backward)
+                  add_residual, add_residual_backward, lowest_needing_backward)
 from .heads import BertPooler
 from .pretrained import PreTrainedModel
 
@@ -154,6 +154,7 @@ class BertCore(PreTrainedModel):
     """The backbone: embeddings, L post-LN encoder layers, optional tanh pooler on [CLS]."""
 
     base_model_prefix = "bert"
+    _past = None
     # non-persistent buffers that old checkpoints (sentence-transformers, transformers 4.x) still hold
     ignore_on_load = (r"(^|\.)embeddings\.position_ids$", r"(^|\.)embeddings\.token_type_ids$")
 
@@ -170,6 +171,7 @@ class BertCore(PreTrainedModel):
         """ids, token_types (B, T), pos (B|1, T) ints; mask (B, T_past + T) bool
         -> hidden states [h0, ..., hL] each (B, T, C), pooled (B, C) or None"""
         # h0 = Dropout(LN(word[ids] + token_type[tt] + position[pos]))
+        self._past = past
         h = self.embeddings(ids, token_types, pos, inputs_embeds)  # (B, T, C)
         hs = [h]
         # h_l = layer_l(h_{l-1})
@@ -186,9 +188,12 @@ class BertCore(PreTrainedModel):
         # pooled = tanh(h_L[:, 0] Wp + bp)
         if dpooled is not None:
             d = d + self.pooler.backward(dpooled)
-        # h_l = layer_l(h_{l-1})
-        for layer in reversed(self.encoder.layer.items):
+        # h_l = layer_l(h_{l-1}), down to the lowest layer that has a gradient to compute
+        lo = lowest_needing_backward(self.embeddings, self.embeddings.cache[0], self.encoder.layer.items, self._past)
+        for layer in reversed(self.encoder.layer.items[lo:]):
             d = layer.backward(d)
-        self.past_grads = tuple(layer.attention.self.core.dpast for layer in self.encoder.layer)
+        self.past_grads = tuple(layer.attention.self.core.dpast if i >= lo else None
+                                for i, layer in enumerate(self.encoder.layer))
         # h0 = embeddings(ids, tt, pos)
-        self.embeddings.backward(d)
+        if lo == 0:
+            self.embeddings.backward(d)

@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from ..nn import (Module, ModuleList, Linear, Embedding, LayerNorm, Dropout, Activation, Attention,
-                  add_residual, add_residual_backward)
+                  add_residual, add_residual_backward, lowest_needing_backward)
 from ..ops import embedding_forward, embedding_backward
 from .pretrained import PreTrainedModel
 
@@ -149,6 +149,7 @@ class GPTCore(PreTrainedModel):
     base_model_prefix = "transformer"
     gpt2 = True
     ln_f = None
+    _past = None
 
     def build(self):
         cfg = self.config
@@ -166,6 +167,7 @@ class GPTCore(PreTrainedModel):
         """ids, pos, token_types: (B, T) ints; mask (B, T_past + T) bool -> hidden states h0 .. hL, each
         (B, T, C); the last is ln_f's output for GPT-2"""
         # h0 = U We + Wp  (+ We[token types], transformers' GPT token types)
+        self._past = past
         x = self.wte(ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         x = x + self.wpe(pos)
         tt_cache = None
@@ -189,14 +191,18 @@ class GPTCore(PreTrainedModel):
         # h = ln_f(h_L)
         if self.ln_f is not None:
             dh = self.ln_f.backward(dh)
-        # h_l = block_l(h_{l-1})
-        for block in reversed(self.h):
+        # h_l = block_l(h_{l-1}), down to the lowest block that has a gradient to compute
+        embeds, tt_cache = self.cache
+        lo = lowest_needing_backward([self.wte, self.wpe], embeds, self.h.items, self._past)
+        for block in reversed(self.h.items[lo:]):
             dh = block.backward(dh)
-        self.past_grads = tuple(block.attn.core.dpast for block in self.h)
+        self.past_grads = tuple(block.attn.core.dpast if i >= lo else None for i, block in enumerate(self.h))
+        self.inputs_embeds_grad = None
+        if lo > 0:
+            return
         # h0 = drop(x)
         dx = self.drop.backward(dh)
         # x = U We + Wp (+ We[token types]);  U We = wte(ids), or inputs_embeds
-        embeds, tt_cache = self.cache
         self.inputs_embeds_grad = dx if embeds else None
         if not embeds:
             self.wte.backward(dx)

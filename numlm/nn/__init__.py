@@ -1,7 +1,7 @@
 """Modules: parameters, gradients and the forward/backward contract, and the layers built from ops."""
-from .module import Module, ModuleList
+from .module import Module, ModuleList, lowest_needing_backward
 from .layers import (Linear, Embedding, LayerNorm, Dropout, Activation, Attention, split_heads, merge_heads,
                      add_residual, add_residual_backward)
 
-__all__ = ["Module", "ModuleList", "Linear", "Embedding", "LayerNorm", "Dropout", "Activation",
+__all__ = ["Module", "ModuleList", "lowest_needing_backward", "Linear", "Embedding", "LayerNorm", "Dropout", "Activation",
            "Attention", "split_heads", "merge_heads", "add_residual", "add_residual_backward"]

@@ -59,9 +59,11 @@ class Module:
         """{dotted name: array} of the parameters that are not frozen."""
         return {f"{p}.{k}" if p else k: m.params[k] for p, m in self.modules() for k in m.grads}
 
-    def has_trainable(self):
-        """True if any parameter of this module or a descendant is not frozen."""
-        return any(m.grads for _, m in self.modules())
+    hands_grad_out = False  # True where backward feeds a tensor outside the model (a soft prompt, a prefix)
+
+    def needs_backward(self):
+        """True if a parameter of this module or a descendant trains, or one hands a gradient out."""
+        return any(m.grads or m.hands_grad_out for _, m in self.modules())
 
     def _select(self, names):
         """(module, local name) for dotted `names` relative to this module (None: every parameter)."""
@@ -130,6 +132,20 @@ class Module:
 
     def backward(self, *args, **kwargs):
         raise NotImplementedError
+
+
+def lowest_needing_backward(bottom, input_grad, layers, past=None):
+    """The index of the lowest of `layers` a backward must reach: 0 when the modules below them
+    (`bottom`, e.g. the embeddings) need a backward or their input's gradient is wanted (`input_grad`,
+    inputs_embeds), else the first layer that needs one or takes a past. Below it every parameter is
+    frozen and no gradient is asked for, so the backward stops there."""
+    bottom = bottom if isinstance(bottom, (list, tuple)) else [bottom]
+    if input_grad or any(m.needs_backward() for m in bottom):
+        return 0
+    for i, layer in enumerate(layers):
+        if layer.needs_backward() or (past is not None and past[i] is not None):
+            return i
+    return len(layers)
 
 
 class ModuleList(Module):

@@ -217,6 +217,8 @@ class PromptedEmbedding(Embedding):
     """The word-embedding table with a soft prompt: while `prompt` is set, a (B, n + T) input's first
     n columns read prompt rows instead of token rows. Shares the table's arrays and key."""
 
+    hands_grad_out = True
+
     def __init__(self, table):
         Module.__init__(self)
         self.padding_idx = table.padding_idx
@@ -268,6 +270,8 @@ class PrefixAttention(Attention):
     """The attention core with n learned keys/values in front: K = [pk; k], V = [pv; v]; the padding
     mask gets n ones in front. `prefix` = (pk, pv) each (B, H, n, D) is set before each forward;
     after backward, `dprefix` holds (dpk, dpv)."""
+
+    hands_grad_out = True
 
     def __init__(self, core):
         Module.__init__(self)
