@@ -1,16 +1,22 @@
 """`numlm finetune`: registered on the main parser by add_parsers(subparsers)."""
 import json
+import sys
 
 from .finetune import FinetuneArgs, METHODS, TASKS
 
 
 def cmd_finetune(a):
     from .finetune import finetune
+    from .inspect import plots_line
     args = FinetuneArgs(**{f: getattr(a, f) for f in FinetuneArgs.__dataclass_fields__})
     res = finetune(args)
+    if res.get("interrupted"):
+        print(f"{a._prog}: interrupted; --resume continues the run in {a.out}", file=sys.stderr)
+        return 130
     keys = [k for k in res if k.startswith(("val_", "test_", "majority", "all_O", "first_speaker"))]
     print(json.dumps({k: res[k] for k in keys + ["trainable_params", "train_seconds", "peak_mb"] if k in res}, indent=1))
     print(f"best model and tokenizer saved to {a.out}/best; results in {a.out}/results.json")
+    print(plots_line(a.out, res.get("plots")))
     return 0
 
 

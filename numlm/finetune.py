@@ -163,8 +163,6 @@ def check_args(a):
             raise ValueError(f"--unfreeze gradual goes with --method full, freeze or head, not {a.method}")
         if a.method in ("prompt", "prefix") and a.task != "seqcls":
             raise ValueError(f"--method {a.method} goes with --task seqcls, not {a.task}")
-        if a.resume:
-            raise ValueError(f"--resume is not available with --method {a.method} (adapter checkpoints)")
     data = datasets.load(a.data)
     want = {"seqcls": "seqcls", "tokcls": "tokcls", "qa": "qa", "multiple-choice": "multiple-choice"}[a.task]
     if data.task != want:
@@ -613,8 +611,15 @@ def plot(out_dir, task):
     return path
 
 
-def finetune(a, log=print):
-    """Run the fine-tuning `a` (FinetuneArgs); returns the results dict also written to results.json."""
+def finetune(a, data=None, out=None, log=print, **options):
+    """Run a fine-tuning; returns the results dict also written to results.json (its "plots": the
+    PNGs drawn, None without matplotlib).
+
+        finetune(FinetuneArgs(...))
+        finetune(model_dir, data="rotten-tomatoes", out="runs/rt", method="lora", max_steps=150)
+
+    The keyword options are FinetuneArgs' fields (the command's flags with underscores)."""
+    a = make_args(a, data, out, **options)
     kind, cfg, data, num_labels, lr, max_length = check_args(a)
     tok = Tokenizer.from_file(Path(a.model_dir) / "tokenizer.json")  # its own padding is switched off
     cls = _model_class(kind, a.task)
@@ -625,6 +630,10 @@ def finetune(a, log=print):
     over = {}
     if num_labels is not None:
         over["num_labels"] = num_labels
+        names = data.label_names
+        if names and len(names) == num_labels:  # the saved model predicts by name
+            over["id2label"] = {str(i): str(n) for i, n in enumerate(names)}
+            over["label2id"] = {str(n): i for i, n in enumerate(names)}
     if kind != "bert" and cfg.get("pad_token_id") is None:
         over["pad_token_id"] = tok.pad_id if tok.pad_id is not None else tok.eos_id
     model = cls.from_pretrained(a.model_dir, seed=a.seed, **over)
@@ -668,7 +677,9 @@ def finetune(a, log=print):
             best.update(score=top["val_accuracy"], step=top["step"], res=top)
             if (out / "best").is_dir():
                 from .io import load_safetensors
-                best["params"] = {k: v.copy() for k, v in load_safetensors(out / "best").items()}
+                # an adapter's best holds its own files (peft's or AdapterHub's), keyed as its state_dict
+                saved = model.read_checkpoint(out / "best") if a.method in PEFT_METHODS else load_safetensors(out / "best")
+                best["params"] = {k: v.copy() for k, v in saved.items()}
 
     def validate(m):
         res = evaluate(m, a.task, enc["validation"], data.label_names, a.eval_batch_size)
@@ -718,9 +729,25 @@ def finetune(a, log=print):
                "num_labels": num_labels, "label_names": data.label_names,
                **baselines(a.task, data if not a.max_examples else dataclasses.replace(data, test=split["test"])),
                "args": dataclasses.asdict(a)}
+    drawn = plot(out, a.task)
+    results["plots"] = None if drawn is None else [str(drawn)] + [str(p) for p in trainer.plots or []]
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(out, a.task)
     return results
+
+
+def make_args(a, data=None, out=None, **options):
+    """FinetuneArgs from a model folder and keyword options (or `a` itself when it is FinetuneArgs)."""
+    if isinstance(a, FinetuneArgs):
+        if data is not None or out is not None or options:
+            raise ValueError("pass either FinetuneArgs or a model folder with data=, out= and options, not both")
+        return a
+    if data is None or out is None:
+        raise ValueError("finetune(model_dir, data=..., out=...): data and out are required")
+    fields = {f.name for f in dataclasses.fields(FinetuneArgs)} - {"model_dir", "data", "out"}
+    bad = sorted(set(options) - fields)
+    if bad:
+        raise ValueError(f"finetune: unknown option {bad[0]!r} (options: {', '.join(sorted(fields))})")
+    return FinetuneArgs(model_dir=str(a), data=str(data), out=str(out), **options)
 
 
 def _apply_peft(model, kind, a):

@@ -87,7 +87,15 @@ def test_full_finetuning_learns_and_writes_its_files(bert_dir, data_csv, tmp_pat
     assert [r["step"] for r in rows if "val_accuracy" in r] == [16, 32, 48]  # once per epoch
     assert res["val_accuracy"] == max(r["val_accuracy"] for r in rows if "val_accuracy" in r)
     assert (out / "training.png").stat().st_size > 1000
-    assert '"test_accuracy"' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert '"test_accuracy"' in printed
+    last = printed.strip().splitlines()[-1]  # the plots line ends the output
+    assert last.startswith("plots: ") and str(out / "training.png") in last
+    drawn = last[len("plots: "):].split(", ")
+    assert len(drawn) >= 2 and all(Path(p).stat().st_size > 1000 for p in drawn)
+    assert drawn == res["plots"]
+    saved = json.loads((out / "best" / "config.json").read_text())
+    assert saved["id2label"] == {"0": "0", "1": "1"} and res["label_names"] == ["0", "1"]
 
 
 def test_head_only_trains_pooler_and_classifier(bert_dir, data_csv, tmp_path):
@@ -137,9 +145,16 @@ def test_gradual_unfreezing_schedule(bert_dir):
     assert set(model.trainable_parameters()) == set(model.parameters())
 
 
-def test_resume_continues_bit_exactly(bert_dir, data_csv, tmp_path, monkeypatch):
+def _best_tensors(d):
+    """Every tensor of a saved best model or adapter, keyed by file and name."""
+    from safetensors.numpy import load_file
+    return {(f.name, k): v for f in sorted(Path(d).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "adapter", "prompt", "prefix"])
+def test_resume_continues_bit_exactly(bert_dir, data_csv, tmp_path, monkeypatch, method):
     whole = tmp_path / "whole"
-    assert run(bert_dir, data_csv, whole, "--epochs", "2") == 0
+    assert run(bert_dir, data_csv, whole, "--epochs", "2", "--method", method) == 0
     cut = tmp_path / "cut"
     real = F.EpochStream.next_batch
 
@@ -148,15 +163,20 @@ def test_resume_continues_bit_exactly(bert_dir, data_csv, tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return real(self)
     monkeypatch.setattr(F.EpochStream, "next_batch", interrupt)
-    assert run(bert_dir, data_csv, cut, "--epochs", "2") == 0
+    assert run(bert_dir, data_csv, cut, "--epochs", "2", "--method", method) == 130
     assert not (cut / "results.json").exists()
     monkeypatch.setattr(F.EpochStream, "next_batch", real)
-    assert run(bert_dir, data_csv, cut, "--epochs", "2", "--resume") == 0
+    assert run(bert_dir, data_csv, cut, "--epochs", "2", "--method", method, "--resume") == 0
     a, b = (json.loads((d / "results.json").read_text()) for d in (whole, cut))
-    for k in ("val_accuracy", "test_accuracy", "test_loss", "best_step", "steps"):
+    for k in ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "best_step", "steps", "trainable_params"):
         assert a[k] == b[k], k
-    wa, wb = load_safetensors(whole / "best"), load_safetensors(cut / "best")
+    assert a["steps"] == 32
+    wa, wb = _best_tensors(whole / "best"), _best_tensors(cut / "best")
+    assert len(wa) > 0 and wa.keys() == wb.keys()
     assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+    losses = [[(r["step"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+              for d in (whole, cut)]
+    assert losses[0] == losses[1] and sum(l is not None for _, l, _ in losses[0]) >= 3  # every step once, equal
 
 
 def test_gpt_classification_with_the_l3_objective(gpt_dir, data_csv, tmp_path):
