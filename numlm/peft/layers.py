@@ -123,7 +123,10 @@ class Adapter(Module):
 
 
 class Adapters(Module):
-    """The container AdapterHub puts after a sub-layer (`<path>.adapters.<name>`): one named adapter."""
+    """The container AdapterHub puts after a sub-layer (`<path>.adapters.<name>`), holding one named
+    adapter, and the step it takes the place of where the sub-layer's output h meets the residual x:
+    out = LN(h + x) (post-LN; `ln` the block's LayerNorm) or h + x (pre-LN), with the bottleneck in
+    between (adapter_block_forward). It fills a model's adapter slot (numlm.nn.add_residual)."""
 
     def __init__(self, name, adapter):
         super().__init__()
@@ -134,17 +137,8 @@ class Adapters(Module):
     def adapter(self):
         return getattr(self, self.name)
 
-
-class AdapterJunction(Module):
-    """Where a sub-layer's output h meets the residual x: out = LN(h + x) (post-LN; `ln` the block's
-    LayerNorm module) or h + x (pre-LN), with a bottleneck adapter in between (adapter_block_forward)."""
-
-    def __init__(self, adapters):
-        super().__init__()
-        self.adapters = adapters
-
     def forward(self, h, x, ln=None):  # h, x: (B, T, C) -> (B, T, C)
-        ad = self.adapters.adapter
+        ad = self.adapter
         lnp = None if ln is None else (ln.params["weight"], ln.params["bias"], ln.eps)
         out, c = adapter_block_forward(h, x, lnp, ad.weights(), ad.config)
         self.cache = (c, ln)
@@ -152,7 +146,7 @@ class AdapterJunction(Module):
 
     def backward(self, dout):  # -> dh, dx
         c, ln = self.cache
-        ad = self.adapters.adapter
+        ad = self.adapter
         dh, dx, g, dln = adapter_block_backward(dout, c, ad.config)
         ad.accumulate(g)
         if dln is not None:

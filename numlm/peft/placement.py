@@ -1,8 +1,9 @@
-"""Where each method sits in numlm's models, by module replacement (the model's code is unchanged):
+"""Where each method sits in numlm's models (the model's code is unchanged):
 
 - LoRA: a LoraLinear takes the place of each targeted Linear (same weight arrays, same key).
-- Bottleneck adapters: the sub-layer junction `LN(h + x)` (BERT's attention.output / output, GPT-1's
-  blocks) or `h + x` (GPT-2's blocks) is rebuilt with the adapter in between, under AdapterHub's keys.
+- Bottleneck adapters: they fill the models' adapter slots (numlm.nn.add_residual), which replace
+  the sub-layer junction `LN(h + x)` (BERT's attention.output / output, GPT-1's blocks) or `h + x`
+  (GPT-2's blocks) with the adapter in between, under AdapterHub's keys.
 - Prompt tuning: the word-embedding table is wrapped so the first n positions of the (B, n + T)
   input read the soft prompt instead of a token row (positions and token types are then the
   model's own, 0 .. n+T-1, as with transformers' inputs_embeds).
@@ -10,11 +11,11 @@
 """
 import numpy as np
 
-from ..models.bert_core import BertLayer
+from ..models.bert_core import BertLayer, BertResidualOutput
 from ..models.gpt_core import GPT2Block, OpenAIGPTBlock
 from ..nn import Module, Attention, Embedding, split_heads, merge_heads
 from .ops import prefix_attention_forward, prefix_attention_backward, prompt_backward
-from .layers import Adapter, AdapterJunction, Adapters
+from .layers import Adapter, Adapters
 
 
 def set_child(model, path, new):
@@ -31,113 +32,19 @@ def set_child(model, path, new):
 
 # ---------------------------------------------------------------------------------------- adapters
 
-class BottleneckLayer(Module):
-    """AdapterHub's adapter layer: `adapters.<name>` is the Adapter; junction(h, x, ln) applies it
-    where the sub-layer output h meets the residual x."""
+class GPTAdapterSlot(Module):
+    """`transformer.h.<i>.attention_adapters` / `output_adapters` (AdapterHub's GPT-2 names), which
+    hold `adapters.<name>`; it fills the block's adapter slot of the same name."""
 
-    def _init_adapters(self, name, adapter):
-        self.adapters = Adapters(name, adapter)
-        self._junction = AdapterJunction(self.adapters)
-
-    def junction(self, h, x, ln):
-        return self._junction.forward(h, x, ln)
-
-    def junction_backward(self, dout):
-        return self._junction.backward(dout)
-
-    def children(self):
-        return [(k, v) for k, v in vars(self).items() if isinstance(v, Module) and k != "_junction"]
-
-
-class GPTAdapterSlot(BottleneckLayer):
-    """`transformer.h.<i>.attention_adapters` / `output_adapters` (AdapterHub's GPT-2 names)."""
-
-    def __init__(self, name, adapter):
+    def __init__(self, adapters):
         super().__init__()
-        self._init_adapters(name, adapter)
+        self.adapters = adapters
 
-
-class AdaptedBertOutput(BottleneckLayer):
-    """BERT's attention.output / output with an adapter: out = junction(Dropout(h W + b), x, LN)."""
-
-    def __init__(self, orig, name, adapter):
-        super().__init__()
-        self.dense, self.LayerNorm, self.dropout = orig.dense, orig.LayerNorm, orig.dropout
-        self._init_adapters(name, adapter)
-        self._orig = (orig,)  # a tuple: not a child
-        self.training = orig.training
-
-    def forward(self, h, x):  # h: (B, T, c_in), x: (B, T, C) -> (B, T, C)
-        return self.junction(self.dropout(self.dense(h)), x, self.LayerNorm)
-
-    def backward(self, dy):  # -> dh, dx
-        dhh, dx = self.junction_backward(dy)
-        return self.dense.backward(self.dropout.backward(dhh)), dx
-
-    def unwrap(self):
-        return self._orig[0]
-
-
-class _AdaptedGPTBlock(Module):
-    """A GPT block's own sub-layers (ln_1, attn, ln_2, mlp) with adapter junctions after attention
-    and after the MLP (None: no adapter there), registered in the original block's order."""
-
-    order = ("ln_1", "attn", "ln_2", "mlp")
-
-    def __init__(self, orig, att, out):
-        super().__init__()
-        for name in self.order:
-            setattr(self, name, getattr(orig, name))
-        self.attention_adapters, self.output_adapters = att, out
-        self._orig = (orig,)  # a tuple: not a child
-        self.training = orig.training
-
-    def unwrap(self):
-        return self._orig[0]
-
-
-class AdaptedGPT2Block(_AdaptedGPTBlock):
-    """pre-LN with adapters: x1 = J_att(attn(ln_1(x)), x);  x2 = J_out(mlp(ln_2(x1)), x1),
-    J = h + x without an adapter (AdapterHub passes no LayerNorm for GPT-2)."""
-
-    def forward(self, x, attention_mask=None, past=None):
-        h = self.attn(self.ln_1(x), attention_mask, past)
-        x1 = x + h if self.attention_adapters is None else self.attention_adapters.junction(h, x, None)
-        m = self.mlp(self.ln_2(x1))
-        return x1 + m if self.output_adapters is None else self.output_adapters.junction(m, x1, None)
+    def forward(self, h, x, ln=None):
+        return self.adapters(h, x, ln)
 
     def backward(self, dout):
-        # x2 = J_out(m, x1), m = mlp(ln_2(x1)):  dx1 = dx1(J) + ln_2'(mlp'(dm))
-        dm, dx1 = (dout, dout) if self.output_adapters is None else self.output_adapters.junction_backward(dout)
-        dx1 = dx1 + self.ln_2.backward(self.mlp.backward(dm))
-        # x1 = J_att(h, x), h = attn(ln_1(x)):  dx = dx(J) + ln_1'(attn'(dh))
-        dh, dx = (dx1, dx1) if self.attention_adapters is None else self.attention_adapters.junction_backward(dx1)
-        return dx + self.ln_1.backward(self.attn.backward(dh))
-
-
-class AdaptedOpenAIGPTBlock(_AdaptedGPTBlock):
-    """post-LN with adapters: n = J_att(attn(x), x, ln_1);  h = J_out(mlp(n), n, ln_2),
-    J = LN(h + x) without an adapter."""
-
-    order = ("attn", "ln_1", "mlp", "ln_2")
-
-    def forward(self, x, attention_mask=None, past=None):
-        a = self.attn(x, attention_mask, past)
-        n = self.ln_1(x + a) if self.attention_adapters is None else self.attention_adapters.junction(a, x, self.ln_1)
-        m = self.mlp(n)
-        return self.ln_2(n + m) if self.output_adapters is None else self.output_adapters.junction(m, n, self.ln_2)
-
-    def backward(self, dh):
-        if self.output_adapters is None:  # h = ln_2(n + m)
-            dm = dn = self.ln_2.backward(dh)
-        else:
-            dm, dn = self.output_adapters.junction_backward(dh)
-        dn = dn + self.mlp.backward(dm)
-        if self.attention_adapters is None:  # n = ln_1(x + a)
-            da = dx = self.ln_1.backward(dn)
-        else:
-            da, dx = self.attention_adapters.junction_backward(dn)
-        return dx + self.attn.backward(da)
+        return self.adapters.backward(dout)
 
 
 def adapter_sites(model):
@@ -172,23 +79,17 @@ def install_adapters(model, name, config, C, rng, dtype):
         if i in config.leave_out:
             continue
         layer = _get(model, path)
-        if kind == "bert":
+        if kind == "bert":  # the slot of BertResidualOutput: LN(x + h) with the adapter in between
             for sub, flag in (("attention.output", config.mh_adapter), ("output", config.output_adapter)):
                 if flag:
-                    ad = new_adapter()
-                    orig = _get(layer, sub)
-                    set_child(model, f"{path}.{sub}", AdaptedBertOutput(orig, name, ad))
-                    made[f"{path}.{sub}.adapters.{name}"] = ad
-        else:
-            att = out = None
-            if config.mh_adapter:
-                att = GPTAdapterSlot(name, new_adapter())
-                made[f"{path}.attention_adapters.adapters.{name}"] = att.adapters.adapter
-            if config.output_adapter:
-                out = GPTAdapterSlot(name, new_adapter())
-                made[f"{path}.output_adapters.adapters.{name}"] = out.adapters.adapter
-            cls = AdaptedGPT2Block if isinstance(layer, GPT2Block) else AdaptedOpenAIGPTBlock
-            set_child(model, path, cls(layer, att, out))
+                    out = _get(layer, sub)
+                    out.adapters = Adapters(name, new_adapter()).train(layer.training)
+                    made[f"{path}.{sub}.adapters.{name}"] = out.adapters.adapter
+        else:  # the block's attention_adapters / output_adapters slots
+            for slot, flag in (("attention_adapters", config.mh_adapter), ("output_adapters", config.output_adapter)):
+                if flag:
+                    setattr(layer, slot, GPTAdapterSlot(Adapters(name, new_adapter())).train(layer.training))
+                    made[f"{path}.{slot}.adapters.{name}"] = getattr(layer, slot).adapters.adapter
     if not made:
         raise ValueError("the adapter config puts no adapter anywhere (mh_adapter and output_adapter are "
                          "both off, or leave_out names every layer)")
@@ -196,12 +97,12 @@ def install_adapters(model, name, config, C, rng, dtype):
 
 
 def remove_adapters(model):
-    """Put the original modules back (their parameters are the ones the adapted modules used)."""
-    for path, m in list(model.modules()):
-        if isinstance(m, (AdaptedBertOutput, AdaptedGPT2Block, AdaptedOpenAIGPTBlock)):
-            orig = m.unwrap()
-            orig.train(m.training)
-            set_child(model, path, orig)
+    """Empty every adapter slot: the model computes LN(x + h) / x + h again."""
+    for _, m in list(model.modules()):
+        if isinstance(m, BertResidualOutput):
+            m.adapters = None
+        elif isinstance(m, (GPT2Block, OpenAIGPTBlock)):
+            m.attention_adapters = m.output_adapters = None
 
 
 def _get(model, path):
