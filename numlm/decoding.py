@@ -16,6 +16,7 @@ import inspect
 import numpy as np
 
 from .models.pretrained import ModelOutput, PreTrainedModel
+from .nn import no_grad
 from .ops import softmax, log_softmax
 
 NEG = np.float32(-1.0e9)  # transformers' "very large negative" for beams that must not be chosen
@@ -101,7 +102,8 @@ def _step(model, ids, mask, pos, past, use_cache):
     """Next-token logits as float32 (as transformers casts them) and the new cache.
     ids, pos: (B, T_new)  mask: (B, T_total) or None -> (B, V), cache"""
     keep = {"logits_to_keep": 1} if _keeps_logits(model) else {}
-    out = model(ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=use_cache, **keep)
+    with no_grad():  # no caches for a backward: one layer's activations at a time
+        out = model(ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=use_cache, **keep)
     logits = np.asarray(out.logits)[:, -1, :].astype(np.float32)   # (B, V)
     return logits, (out.past_key_values if use_cache else None)
 

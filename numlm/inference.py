@@ -5,6 +5,7 @@ Each task has an array-level function (ids in, numbers out) and a text-level one
 import numpy as np
 
 from .models.pretrained import ModelOutput
+from .nn import no_grad  # inference keeps no caches for a backward
 from .ops import softmax
 
 
@@ -23,7 +24,8 @@ def _mlm_logits(model, input_ids, attention_mask, token_type_ids):
     if name not in ("BertForMaskedLM", "BertForPreTraining") and not hasattr(model, "cls"):
         raise ValueError(f"model: {name} has no masked-LM head; fill-mask needs BertForMaskedLM or "
                          "BertForPreTraining")
-    out = model(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+    with no_grad():
+        out = model(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
     logits = out.prediction_logits if out.prediction_logits is not None else out.logits
     return np.asarray(logits)
 
@@ -74,7 +76,8 @@ def predict(model, input_ids, attention_mask=None, token_type_ids=None):
     if not hasattr(model, "classifier") or "SequenceClassification" not in type(model).__name__:
         raise ValueError(f"model: {type(model).__name__} is not a sequence-classification model")
     ids = _ids("input_ids", input_ids)
-    logits = np.asarray(model(ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits)
+    with no_grad():
+        logits = np.asarray(model(ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits)
     cfg = model.config
     kind = getattr(cfg, "problem_type", None)
     if logits.shape[-1] == 1 and kind in (None, "regression"):
@@ -132,7 +135,8 @@ def sentence_embeddings(model, input_ids, attention_mask=None, token_type_ids=No
     if backbone is None:
         raise ValueError(f"model: {type(model).__name__} has no BERT encoder to embed with")
     ids = _ids("input_ids", input_ids)
-    h = backbone(ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+    with no_grad():
+        h = backbone(ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
     return pool(h, attention_mask, pooling, normalize)
 
 

@@ -188,7 +188,7 @@ class _DoubleHeads(_GPTTask):
 
     def objective(self, out):
         """lm_coef * loss + mc_loss (either part absent without its labels): what backward() differentiates."""
-        self._need_last()
+        self._need_last(backward=False)
         if out.loss is None and out.mc_loss is None:
             return None
         return (0.0 if out.loss is None else self._lm_coef * out.loss) + (0.0 if out.mc_loss is None else out.mc_loss)

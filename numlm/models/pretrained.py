@@ -281,9 +281,12 @@ class PreTrainedModel(Module):
         """{output name: its gradient} -> the heads' and the backbone's parameter gradients."""
         raise NotImplementedError
 
-    def _need_last(self):
+    def _need_last(self, backward=True):
         if self._last is None:
             raise ValueError("backward() needs a forward pass first")
+        if backward and getattr(self, "called_under_no_grad", False):
+            raise ValueError(f"{type(self).__name__}.backward: the last forward ran under numlm.no_grad() "
+                             "and kept no cache; run it again outside no_grad() to differentiate")
         return self._last
 
 

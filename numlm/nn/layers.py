@@ -148,9 +148,9 @@ class Attention(Module):
             v = np.concatenate([past[1], v], axis=2)
         self.present = (k, v)
         p = self.dropout_p if self.training else 0.0
-        out, self.cache = attention_forward(q, k, v, attention_mask, self.causal, self.scale,
-                                            self.causal_fill, p, self.rng)
-        self.probs = self.cache.probs
+        out, cache = attention_forward(q, k, v, attention_mask, self.causal, self.scale,
+                                       self.causal_fill, p, self.rng)
+        self.cache, self.probs = cache, cache.probs
         return merge_heads(out)
 
     def backward(self, dout):  # (B, T, C) -> dq, dk, dv each (B, T, C)

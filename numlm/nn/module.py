@@ -10,8 +10,33 @@ Two views of the same arrays, named for their layout:
                                     the arrays themselves (an optimizer updates them in place)
     state_dict(), gradients()       transformers' layout and keys (models only, numlm.models.pretrained):
                                     copies, nn.Linear weights transposed to (C_out, C_in), tied aliases included
+
+Inference: forwards inside `with numlm.no_grad():` keep no caches (what only a backward reads), so a
+forward holds one layer's activations at a time instead of every layer's; a backward after such a
+forward raises ValueError. The outputs are bit-identical to a normal forward's.
 """
+from contextlib import contextmanager
+
 import numpy as np
+
+_grad = [True]  # [enabled]: forwards keep their caches for a backward
+NO_CACHE = object()  # the cache of a forward run under no_grad
+
+
+@contextmanager
+def no_grad():
+    """Forwards inside keep no caches for a backward (as torch.no_grad): inference at the memory of
+    one layer's activations. Nests; restores the previous mode on exit."""
+    prev, _grad[0] = _grad[0], False
+    try:
+        yield
+    finally:
+        _grad[0] = prev
+
+
+def grad_enabled():
+    """False inside numlm.no_grad()."""
+    return _grad[0]
 
 
 class Module:
@@ -19,12 +44,24 @@ class Module:
         self.params = {}      # name -> ndarray
         self.grads = {}       # name -> ndarray, the trainable params' keys and shapes
         self.training = True
-        self.cache = None
+        self._cache = None
+
+    @property
+    def cache(self):
+        """What the last forward kept for backward (ValueError if it ran under no_grad)."""
+        if self._cache is NO_CACHE:
+            raise ValueError(f"{type(self).__name__}.backward: the forward ran under numlm.no_grad() and kept "
+                             "no cache; run it again outside no_grad() to differentiate")
+        return self._cache
+
+    @cache.setter
+    def cache(self, value):
+        self._cache = value if _grad[0] else NO_CACHE
 
     def add_param(self, name, value):
         value = np.ascontiguousarray(value)
         self.params[name] = value
-        self.grads[name] = np.zeros_like(value)
+        self.grads[name] = zeros_untouched(value)
         return value
 
     def add_grad(self, name, g):
@@ -87,7 +124,7 @@ class Module:
         """Make the parameters `names` (or all) trainable again, with a zero gradient; returns self."""
         for m, k in self._select(names):
             if k not in m.grads:
-                m.grads[k] = np.zeros_like(m.params[k])
+                m.grads[k] = zeros_untouched(m.params[k])
         return self
 
     def zero_grad(self):
@@ -112,7 +149,7 @@ class Module:
             for k in m.params:
                 m.params[k] = np.ascontiguousarray(m.params[k], dtype=dtype)
                 if k in m.grads:  # frozen parameters stay frozen
-                    m.grads[k] = np.zeros_like(m.params[k])
+                    m.grads[k] = zeros_untouched(m.params[k])
         return self
 
     @property
@@ -125,6 +162,7 @@ class Module:
         return sum(v.size for v in self.parameters().values())
 
     def __call__(self, *args, **kwargs):
+        self.called_under_no_grad = not _grad[0]  # a model's backward() checks its last call
         return self.forward(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
@@ -146,6 +184,12 @@ def lowest_needing_backward(bottom, input_grad, layers, past=None):
         if layer.needs_backward() or (past is not None and past[i] is not None):
             return i
     return len(layers)
+
+
+def zeros_untouched(a):
+    """Zeros like `a` from calloc: the pages cost no memory until a backward writes them
+    (np.zeros_like writes every byte), so a model used only for inference holds no gradient memory."""
+    return np.zeros(a.shape, dtype=a.dtype)
 
 
 class ModuleList(Module):
