@@ -134,6 +134,11 @@ def main():
         r = gen124m(a)
     else:
         r = bert_base_infer(a)
+    try:
+        from numlm.kernels.matmul import blas_core
+        r.update(blas_core=blas_core())  # OpenBLAS's kernel set (OPENBLAS_CORETYPE chooses)
+    except ImportError:
+        pass
     r.update(script="numlm_side", impl="numlm", numba=numlm.numba_enabled(),
              peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(r))

@@ -187,6 +187,25 @@ def test_split_matmul_is_the_product(always_split, seed, M, K, N, S, dtype, tran
     assert_close(always_split.matmul(a3, b3), a3 @ b3, dtype)
 
 
+def test_products_run_blas_on_one_thread_and_restore_its_count():
+    """Every product of matmul() (split or not) calls BLAS at one thread, and leaves the count it found."""
+    from numlm.kernels import matmul as mm
+    if mm._blas is None:
+        pytest.skip("numpy's BLAS is not OpenBLAS: products are never split")
+    seen = []
+    rng = np.random.default_rng(0)
+    with pytest.MonkeyPatch.context() as mp:
+        real = np.matmul
+        mp.setattr(mm.np, "matmul", lambda *a, **k: (seen.append(mm._blas[1]()), real(*a, **k))[1])
+        before = mm._blas[1]()
+        for shape_a, shape_b in [((3, 4), (4, 5)), ((1, 1024), (1024, 1024)), ((512, 64), (64, 64)),
+                                 ((1, 4, 9), (1, 9, 2))]:
+            a, b = rng.standard_normal(shape_a), rng.standard_normal(shape_b)
+            np.testing.assert_allclose(mm.matmul(a, b), real(a, b), rtol=1e-12, atol=1e-12)
+    assert mm._blas[1]() == before
+    assert seen and set(seen) == {1}
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=seeds, B=st.integers(1, 3), T=st.integers(1, 9), dtype=dtypes)
 def test_linear_parity_with_split_products(always_split, seed, B, T, dtype):

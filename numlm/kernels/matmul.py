@@ -22,7 +22,7 @@ SPLIT_MIN_MACS = 1 << 20
 
 
 def _find_openblas():
-    """(set_num_threads, get_num_threads) of the OpenBLAS numpy uses, or None (another BLAS)."""
+    """(the OpenBLAS library numpy uses, its symbol prefix, suffix), or None (another BLAS)."""
     here = os.path.dirname(np.__file__)
     for lib in glob.glob(os.path.join(here, "..", "numpy.libs", "*openblas*")) + \
             glob.glob(os.path.join(here, ".libs", "*openblas*")):
@@ -32,15 +32,33 @@ def _find_openblas():
             continue
         for prefix in ("scipy_openblas", "openblas"):
             for suffix in ("64_", ""):
-                s = getattr(dll, f"{prefix}_set_num_threads{suffix}", None)
-                g = getattr(dll, f"{prefix}_get_num_threads{suffix}", None)
-                if s is not None and g is not None:
-                    s.argtypes, s.restype, g.restype = [ctypes.c_int], None, ctypes.c_int
-                    return s, g
+                if getattr(dll, f"{prefix}_set_num_threads{suffix}", None) is not None and \
+                        getattr(dll, f"{prefix}_get_num_threads{suffix}", None) is not None:
+                    return dll, prefix, suffix
     return None
 
 
-_blas = _find_openblas()
+def _load_blas():
+    found = _find_openblas()
+    if found is None:
+        return None, None
+    dll, prefix, suffix = found
+    s, g = getattr(dll, f"{prefix}_set_num_threads{suffix}"), getattr(dll, f"{prefix}_get_num_threads{suffix}")
+    s.argtypes, s.restype, g.restype = [ctypes.c_int], None, ctypes.c_int
+    corename = getattr(dll, f"{prefix}_get_corename{suffix}", None)
+    if corename is not None:
+        corename.restype = ctypes.c_char_p
+    return (s, g), corename
+
+
+_blas, _corename = _load_blas()
+
+
+def blas_core():
+    """The kernel set OpenBLAS runs ("SkylakeX", "Haswell", ...; OPENBLAS_CORETYPE chooses), or None."""
+    return _corename().decode() if _corename is not None else None
+
+
 _pool = None
 _lock = threading.Lock()
 
@@ -62,38 +80,47 @@ def _get_pool():
 
 def matmul(a, b, out=None):
     """a @ b for 2-D a (M, K) @ (K, N), or stacked (S, M, K) @ (S, K, N). Blocks of output rows (or
-    of the stack) go to separate threads; with fewer rows than cores (a decoding step's (1, K) @ (K, N))
-    blocks of output columns do. out, if given, receives the result."""
+    of the stack) go to separate threads, the caller's included; with fewer rows than cores (a
+    decoding step's (1, K) @ (K, N)) blocks of output columns do. Every BLAS call here runs on one
+    thread, the unsplit small products too: an idle multi-threaded BLAS spins its threads after each
+    call, taking the cores from the next split product. out, if given, receives the result."""
     if out is None:
         shape = a.shape[:-1] + (b.shape[-1],)
         out = np.empty(shape, dtype=np.result_type(a, b))
     n = workers()
     macs = a.size * b.shape[-1]
-    if _blas is None or n == 1 or macs < SPLIT_MIN_MACS:
-        return np.matmul(a, b, out=out)
     stacked = a.ndim == 3 and b.ndim == 3
     by_rows = a.shape[0] >= n
-    if not by_rows and (a.ndim != 2 or b.shape[-1] < n):
+    split = (_blas is not None and n > 1 and macs >= SPLIT_MIN_MACS
+             and (by_rows or (a.ndim == 2 and b.shape[-1] >= n)))
+    if _blas is None:
         return np.matmul(a, b, out=out)
-    size = a.shape[0] if by_rows else b.shape[-1]
-    bounds = [size * i // n for i in range(n + 1)]
-    jobs = []
-    with _lock:  # the BLAS thread count is process-wide: one split product at a time
+    with _lock:  # the BLAS thread count is process-wide: one product at a time
         prev = _blas[1]()
         _blas[0](1)
         try:
-            pool = _get_pool()
+            if not split:
+                return np.matmul(a, b, out=out)
+            size = a.shape[0] if by_rows else b.shape[-1]
+            bounds = [size * i // n for i in range(n + 1)]
+            blocks = []
             for lo, hi in zip(bounds[:-1], bounds[1:]):
                 if by_rows:
-                    job = (np.matmul, a[lo:hi], b[lo:hi] if stacked else b, out[lo:hi])
+                    blocks.append((a[lo:hi], b[lo:hi] if stacked else b, out[lo:hi]))
                 else:  # a column block of out is strided: numpy writes it through a buffer
-                    job = (np.matmul, a, b[:, lo:hi], out[:, lo:hi])
-                jobs.append(pool.submit(lambda f, x, y, o: f(x, y, out=o), *job))
+                    blocks.append((a, b[:, lo:hi], out[:, lo:hi]))
+            pool = _get_pool()
+            jobs = [pool.submit(_block, *blk) for blk in blocks[1:]]
+            _block(*blocks[0])  # the caller's share: one thread hand-off fewer
             for j in jobs:
                 j.result()
         finally:
             _blas[0](prev)
     return out
+
+
+def _block(x, y, o):
+    np.matmul(x, y, out=o)
 
 
 def mm(a, b):
