@@ -666,30 +666,27 @@ def finetune(a, data=None, out=None, log=print, **options):
             elif p.exists():
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    best = {"score": -1.0, "params": None, "step": None}
+    best = {"score": -1.0, "step": None}  # the best weights live in out/best, not in memory
     if a.resume:
         rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()] \
             if (out / "metrics.jsonl").is_file() else []
         done = read_checkpoint_state(latest_checkpoint(out))["step"]
         vals = [r for r in rows if "val_accuracy" in r and r["step"] <= done]
-        if vals:
+        if vals and (out / "best").is_dir():
             top = max(vals, key=lambda r: r["val_accuracy"])
             best.update(score=top["val_accuracy"], step=top["step"], res=top)
-            if (out / "best").is_dir():
-                from .io import load_safetensors
-                # an adapter's best holds its own files (peft's or AdapterHub's), keyed as its state_dict
-                saved = model.read_checkpoint(out / "best") if a.method in PEFT_METHODS else load_safetensors(out / "best")
-                best["params"] = {k: v.copy() for k, v in saved.items()}
+    eval_seconds = [0.0]
 
     def validate(m):
+        t = time.perf_counter()
         res = evaluate(m, a.task, enc["validation"], data.label_names, a.eval_batch_size)
         step = trainer.step
         if res["val_accuracy"] > best["score"]:
-            best.update(score=res["val_accuracy"], step=step, res=dict(res),
-                        params={k: v.copy() for k, v in m.state_dict().items()})
+            best.update(score=res["val_accuracy"], step=step, res=dict(res))
             _save_best(m, tok, out)
         res["epoch"] = step / steps_per_epoch
         log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+        eval_seconds[0] += time.perf_counter() - t
         return res
 
     def prepare(b):  # the auxiliary LM labels only when the L3 objective is on
@@ -714,16 +711,19 @@ def finetune(a, data=None, out=None, log=print, **options):
         on_batch(trainer.step)
     t0 = time.perf_counter()
     res = trainer.run()
-    train_seconds = time.perf_counter() - t0
+    train_seconds = time.perf_counter() - t0 - eval_seconds[0]
     if res.get("interrupted"):
         return res
-    if best["params"] is not None:
-        model.load_state_dict(best["params"], strict=False)
+    if best["step"] is not None:
+        from .io import load_safetensors
+        # an adapter's best holds its own files (peft's or AdapterHub's), keyed as its state_dict
+        model.load_state_dict(model.read_checkpoint(out / "best") if a.method in PEFT_METHODS
+                              else load_safetensors(out / "best"), strict=False)
     test = evaluate(model, a.task, enc["test"], data.label_names, a.eval_batch_size, prefix="test")
     results = {**best.get("res", {}), "val_accuracy": best["score"], "best_step": best["step"], **test,
                "trainable_params": int(trainable), "total_params": int(model.get_nb_trainable_parameters()[1] if a.method in PEFT_METHODS
                                    else model.num_parameters()),
-               "train_seconds": round(train_seconds, 1), "peak_mb": round(_peak_mb(), 1), "steps": trainer.step,
+               "train_seconds": round(train_seconds, 1), "validation_seconds": round(eval_seconds[0], 1), "peak_mb": round(_peak_mb(), 1), "steps": trainer.step,
                "train_examples": len(enc["train"]), "validation_examples": len(enc["validation"]),
                "test_examples": len(enc["test"]), "lr": lr, "max_length": max_length, "lm_coef": lm_coef,
                "num_labels": num_labels, "label_names": data.label_names,
