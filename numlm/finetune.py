@@ -25,7 +25,8 @@ import numpy as np
 
 from .data import datasets
 from .data.tokenizer import Tokenizer
-from .io import read_config
+from .io import read_config, load_safetensors
+from .nn import no_grad
 from .train import Trainer, TrainConfig, latest_checkpoint, read_checkpoint_state
 
 TASKS = ("seqcls", "tokcls", "qa", "multiple-choice")
@@ -368,7 +369,8 @@ def evaluate(model, task, enc, label_names=None, batch_size=64, prefix="val"):
         b.pop("lm_labels", None)
         if task == "multiple-choice":
             b.pop("labels", None)
-        out = model(**b)
+        with no_grad():  # no caches for a backward: one layer's activations at a time
+            out = model(**b)
         loss = out.mc_loss if task == "multiple-choice" else out.loss
         loss_sum += float(loss) * len(idx)
         if task in ("seqcls", "multiple-choice"):
@@ -715,7 +717,6 @@ def finetune(a, data=None, out=None, log=print, **options):
     if res.get("interrupted"):
         return res
     if best["step"] is not None:
-        from .io import load_safetensors
         # an adapter's best holds its own files (peft's or AdapterHub's), keyed as its state_dict
         model.load_state_dict(model.read_checkpoint(out / "best") if a.method in PEFT_METHODS
                               else load_safetensors(out / "best"), strict=False)
