@@ -314,6 +314,26 @@ def test_whole_model_gradcheck(kind, method, r, n, B, T, pad, seed):
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "openai-gpt"])
+@pytest.mark.parametrize("method", ["lora", "prompt", "prefix", "houlsby", "pfeiffer"])
+def test_no_grad_forward_equals_the_forward_and_training_goes_on(kind, method):
+    """Under numlm.no_grad() (evaluation between training steps) every method gives the same loss and
+    logits, and the next training step's gradients equal those of a model that never evaluated."""
+    pm, fresh = make(kind, method), make(kind, method)
+    ids, mask, labels = inputs(kind, 2, 5, 1, 0)
+    want = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    with numlm.no_grad():
+        got = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    np.testing.assert_array_equal(got.logits, want.logits)
+    assert float(got.loss) == float(want.loss)
+    for m in (pm, fresh):
+        m.zero_grad()
+        m(input_ids=ids, attention_mask=mask, labels=labels)
+        m.backward()
+    for k, g in fresh.grad_arrays().items():
+        np.testing.assert_array_equal(pm.grad_arrays()[k], g)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "openai-gpt"])
 def test_merged_equals_unmerged(kind):
     pm = make(kind, "lora", r=3)
     ids, mask, _ = inputs(kind, 2, 5, 1, 0)

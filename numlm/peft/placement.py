@@ -202,9 +202,9 @@ class PrefixAttention(Attention):
                 raise ValueError("prefix tuning needs a (B, T) attention_mask")
             mask[:, n:] = am.astype(bool)
         p = self.dropout_p if self.training else 0.0
-        out, self.cache = prefix_attention_forward(q, k, v, pk, pv, None if mask.all() else mask,
-                                                   self.causal, self.scale, self.causal_fill, p, self.rng)
-        self.probs = self.cache[0].probs
+        out, cache = prefix_attention_forward(q, k, v, pk, pv, None if mask.all() else mask,
+                                              self.causal, self.scale, self.causal_fill, p, self.rng)
+        self.cache, self.probs = cache, cache[0].probs
         self.present = None
         return merge_heads(out)
 
