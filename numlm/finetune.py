@@ -162,8 +162,8 @@ def check_args(a):
                              f"(use --method full, freeze or head)")
         if a.unfreeze:
             raise ValueError(f"--unfreeze gradual goes with --method full, freeze or head, not {a.method}")
-        if a.method in ("prompt", "prefix") and a.task != "seqcls":
-            raise ValueError(f"--method {a.method} goes with --task seqcls, not {a.task}")
+        if a.method in ("prompt", "prefix") and a.task == "multiple-choice":
+            raise ValueError(f"--method {a.method} goes with --task seqcls, tokcls or qa, not {a.task}")
     data = datasets.load(a.data)
     want = {"seqcls": "seqcls", "tokcls": "tokcls", "qa": "qa", "multiple-choice": "multiple-choice"}[a.task]
     if data.task != want:
@@ -171,9 +171,11 @@ def check_args(a):
     num_labels = _check_labels(a, data, cfg)
     lr = a.lr if a.lr is not None else DEFAULT_LR.get(a.method, 5e-5)
     limit = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 512)
-    max_length = a.max_length or min(DEFAULT_MAX_LENGTH[a.task], limit)
-    if max_length > limit:
-        raise ValueError(f"--max-length {max_length} exceeds the model's {limit} positions")
+    n = a.num_virtual_tokens if a.method in ("prompt", "prefix") else 0  # the virtual tokens take n positions
+    max_length = a.max_length or min(DEFAULT_MAX_LENGTH[a.task], limit - n)
+    if max_length + n > limit:
+        extra = f" with the {n} virtual tokens" if n else ""
+        raise ValueError(f"--max-length {max_length}{extra} exceeds the model's {limit} positions")
     _check_out(a)
     return kind, cfg, data, num_labels, lr, max_length
 
@@ -296,8 +298,14 @@ def encode(task, kind, tok, examples, max_length, lm=False):
                          "labels": np.array(labels), "word_ids": enc.word_ids, "words": e["words"],
                          "word_labels": e["labels"]})
     elif task == "qa":
-        encs = _truncating(tok, max_length, lambda: tok.backend.encode_batch(
-            [(e["question"], e["context"]) for e in examples]), "only_second")
+        try:
+            encs = _truncating(tok, max_length, lambda: tok.backend.encode_batch(
+                [(e["question"], e["context"]) for e in examples]), "only_second")
+        except Exception as err:  # the tokenizers library: a question leaves the context no room
+            if "truncat" not in str(err).lower():
+                raise
+            raise ValueError(f"a question fills the {max_length} tokens of --max-length and leaves no room for "
+                             f"its context; raise --max-length") from None
         for e, enc in zip(examples, encs):
             s, t = e["answer_start"], e["answer_start"] + len(e["answer_text"])
             ctx = [i for i, q in enumerate(enc.sequence_ids) if q == 1]
@@ -764,21 +772,37 @@ def _apply_peft(model, kind, a):
         cfg = peft.PromptTuningConfig(num_virtual_tokens=a.num_virtual_tokens, task_type=task_type)
     else:
         cfg = peft.PrefixTuningConfig(num_virtual_tokens=a.num_virtual_tokens, task_type=task_type)
-    return _Adapted(peft.get_peft_model(model, cfg))
+    shift = a.num_virtual_tokens if a.method == "prompt" and a.task in ("tokcls", "qa") else 0
+    return _Adapted(peft.get_peft_model(model, cfg), shift)
 
 
 class _Adapted:
     """A PeftModel as the Trainer sees a model: the same calls, plus modules() over the base model
-    and the prompt table (where the dropout generators live)."""
+    and the prompt table (where the dropout generators live).
 
-    def __init__(self, pm):
-        self.pm = pm
+    Prompt tuning puts n virtual tokens before the text, so the per-token outputs have n + T positions:
+    the answer span (start, end) moves to (start + n, end + n) for the loss (token labels get n
+    ignored positions inside the PeftModel), and the virtual tokens' logits are dropped from the
+    outputs, which are then aligned with the text again."""
+
+    def __init__(self, pm, shift=0):
+        self.pm, self.shift = pm, shift
 
     def __getattr__(self, name):
         return getattr(self.pm, name)
 
     def __call__(self, *args, **kwargs):
-        return self.pm(*args, **kwargs)
+        n = self.shift
+        if not n:
+            return self.pm(*args, **kwargs)
+        for k in ("start_positions", "end_positions"):
+            if kwargs.get(k) is not None:
+                kwargs[k] = np.asarray(kwargs[k]) + n
+        out = self.pm(*args, **kwargs)
+        for k in ("logits", "start_logits", "end_logits"):
+            if out.get(k) is not None:
+                out[k] = out[k][:, n:]                  # (B, n + T, ...) -> (B, T, ...)
+        return out
 
     def modules(self):
         yield from self.pm.base_model.modules()

@@ -241,7 +241,7 @@ def toy_tasks(monkeypatch):
         "toy-qa", "qa", *datasets.split_80_10_10(qa)))
 
 
-def test_token_classification_and_qa_runs(bert_dir, tmp_path, toy_tasks):
+def test_token_classification_and_qa_runs(bert_dir, tmp_path, toy_tasks, capsys):
     assert run(bert_dir, "toy-ner", tmp_path / "ner", "--task", "tokcls", "--epochs", "2", "--lr", "1e-2") == 0
     res = json.loads((tmp_path / "ner" / "results.json").read_text())
     assert res["all_O_test_accuracy"] == pytest.approx(1 - 1 / 5)
@@ -249,6 +249,8 @@ def test_token_classification_and_qa_runs(bert_dir, tmp_path, toy_tasks):
     assert run(bert_dir, "toy-qa", tmp_path / "qa", "--task", "qa", "--epochs", "2", "--lr", "1e-2") == 0
     res = json.loads((tmp_path / "qa" / "results.json").read_text())
     assert res["first_speaker_test_exact_match"] == 1.0 and "test_exact_match" in res
+    assert run(bert_dir, "toy-qa", tmp_path / "short", "--task", "qa", "--max-length", "8") == 2
+    assert "leaves no room for its context" in capsys.readouterr().err and not (tmp_path / "short").exists()
 
 
 # ---- bad input: one line, exit 2, nothing written -----------------------------------------------
@@ -320,7 +322,7 @@ def test_an_occupied_out_folder_is_refused(bert_dir, data_csv, tmp_path, capsys)
     assert "is not empty" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
-def test_peft_methods_train_only_the_adapter_and_the_head(bert_dir, data_csv, tmp_path):
+def test_peft_methods_train_only_the_adapter_and_the_head(bert_dir, gpt_dir, data_csv, tmp_path):
     from numlm import peft  # noqa: F401  (the methods come from numlm.peft)
     H, L, K = 16, 2, 2
     want = {"lora": L * 2 * (8 * H + H * 8) + (H * K + K),              # r=8 on query and value, classifier
@@ -334,5 +336,59 @@ def test_peft_methods_train_only_the_adapter_and_the_head(bert_dir, data_csv, tm
         res = json.loads((out / "results.json").read_text())
         assert res["trainable_params"] == n, (method, res["trainable_params"], n)
         assert (out / "best" / files[method]).is_file() and (out / "best" / "tokenizer.json").is_file()
-    assert main(["finetune", str(bert_dir), "--data", str(data_csv), "--out", str(tmp_path / "x"), "--method",
-                 "prefix", "--task", "tokcls"]) == 2
+    assert main(["finetune", str(gpt_dir), "--data", "shakespeare-mc", "--out", str(tmp_path / "x"), "--method",
+                 "prefix", "--task", "multiple-choice"]) == 2
+
+
+def _ce(logits, y):
+    """mean_i -log softmax(logits_i)[y_i] over the rows whose label is not -100, in float64."""
+    z = np.asarray(logits, np.float64).reshape(-1, logits.shape[-1])
+    y = np.asarray(y).reshape(-1)
+    z, y = z[y != -100], y[y != -100]
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    return float(np.mean(lse - z[np.arange(len(y)), y]))
+
+
+def test_prompt_tuning_shifts_token_labels_and_answer_spans(bert_dir):
+    from numlm.models import BertForQuestionAnswering, BertForTokenClassification
+    n = 3
+    ids = np.array([[2, 7, 9, 11, 5, 3], [2, 8, 6, 3, 0, 0]])
+    am = (ids != 0).astype(np.int64)
+    labels = np.array([[-100, 1, 0, 2, 0, -100], [-100, 0, 1, -100, -100, -100]])
+    model = BertForTokenClassification.from_pretrained(bert_dir, num_labels=3, dtype="float64")
+    pm = F._apply_peft(model, "bert", F.FinetuneArgs(str(bert_dir), "x", "y", method="prompt", task="tokcls",
+                                                     num_virtual_tokens=n))
+    pm.eval()
+    out = pm(input_ids=ids, attention_mask=am, labels=labels)
+    full = pm.pm(input_ids=ids, attention_mask=am, labels=labels)  # the PeftModel's own (B, n + T, K) outputs
+    assert out.logits.shape == (2, 6, 3) and full.logits.shape == (2, 6 + n, 3)
+    assert np.array_equal(out.logits, full.logits[:, n:])
+    assert float(out.loss) == pytest.approx(_ce(out.logits, labels), rel=1e-12)  # labels meet their own tokens
+
+    model = BertForQuestionAnswering.from_pretrained(bert_dir, dtype="float64")
+    pm = F._apply_peft(model, "bert", F.FinetuneArgs(str(bert_dir), "x", "y", method="prompt", task="qa",
+                                                     num_virtual_tokens=n))
+    pm.eval()
+    s, e = np.array([1, 2]), np.array([3, 2])
+    out = pm(input_ids=ids, attention_mask=am, start_positions=s, end_positions=e)
+    full = pm.pm(input_ids=ids, attention_mask=am)
+    assert out.start_logits.shape == out.end_logits.shape == (2, 6)
+    assert np.array_equal(out.start_logits, full.start_logits[:, n:])
+    want = (_ce(full.start_logits, s + n) + _ce(full.end_logits, e + n)) / 2  # the span, moved past the prompt
+    assert float(out.loss) == pytest.approx(want, rel=1e-12)
+
+
+def test_prompt_and_prefix_tuning_run_token_classification_and_qa(bert_dir, tmp_path, toy_tasks):
+    H = 16
+    for method in ("prompt", "prefix"):
+        for task, data, K in (("tokcls", "toy-ner", 3), ("qa", "toy-qa", 2)):
+            out = tmp_path / f"{method}-{task}"
+            n = 2  # the tiny model has 32 positions; a question takes most of them
+            assert run(bert_dir, data, out, "--task", task, "--method", method, "--num-virtual-tokens", str(n),
+                       "--epochs", "2") == 0
+            res = json.loads((out / "results.json").read_text())
+            assert res["max_length"] == 32 - n  # the virtual tokens take n of the positions
+            prompt = n * H if method == "prompt" else n * 2 * 2 * H  # prefix: a key and a value row per layer
+            assert res["trainable_params"] == prompt + H * K + K, (method, task)
+            assert res["steps"] == 2 * math.ceil(32 / 8)
+            assert 0 <= res["test_accuracy"] <= 1 and (out / "best" / "adapter_model.safetensors").is_file()
