@@ -1,7 +1,8 @@
 """BERT against GPT-2 on the same classification (rotten-tomatoes review sentences, fresh / rotten),
 both pre-trained by numlm on Shakespeare's plays at equal compute: the same size (layers, width,
-heads), the same tokens per step (batch 16 x 128) and the same number of steps, each with numlm's
-pre-training recipe (BERT: masked LM + next sentence, GPT-2: causal LM). Each is then fine-tuned
+heads), the same batch of sequences (16, at most 128 tokens each) and the same number of steps,
+each with numlm's pre-training recipe and its learning rate (BERT: masked LM + next sentence,
+3e-4; GPT-2: causal LM, 1e-3). Each is then fine-tuned
 with the same recipe and steps. References:
   - the real all-MiniLM-L6-v2 (a 6-layer BERT pre-trained on a billion sentences);
   - the same BERT and GPT-2 randomly initialised (the pre-trained runs' own starting weights):
