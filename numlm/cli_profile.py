@@ -32,6 +32,8 @@ def cmd_profile(a):
     else:
         if batch is None:
             batch = _random_batch(model, a.batch or 8, a.seq or 128)
+        from .train import reuse_freed_memory
+        reuse_freed_memory()  # as the Trainer: each step's activations are not page-faulted in again
         prof = profile_training(model, batch, steps=a.steps, warmup=a.warmup, clock=a.clock)
         B, T = np.shape(batch["input_ids"])
         print(f"{type(model).__name__} training step, batch {B} x {T}, {model.dtype}, "
