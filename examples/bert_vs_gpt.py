@@ -35,7 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # numlm from this checkout
 warnings.filterwarnings("ignore", message=".*(newly initialised|does not use these weights)")  # new task heads
 
-from numlm.compare import default_out, markdown_table, minilm_dir, no_plot_note, percent, pyplot
+from numlm.compare import (default_out, markdown_table, minilm_dir, no_plot_note, percent, pyplot, result_cells,
+                           save_figure)
 from numlm.finetune import finetune
 from numlm.recipes import make_config, model_class, pretrain
 
@@ -93,8 +94,7 @@ def main(argv=None):
         print(f"fine-tuning {name}, pre-training: {how}; {fsteps} steps ...", flush=True)
         res = finetune(model_dir, out=a.out / "finetune" / f"{i}", log=quiet, **common, **opts)
         results.append((name, how, res))
-        rows.append([name, how, percent(res["test_accuracy"]), percent(res["val_accuracy"]),
-                     res["trainable_params"], f"{res['train_seconds']:.0f} s"])
+        rows.append([name, how] + result_cells(res, peak=False))
     print(f"\nrotten-tomatoes, {fsteps} fine-tuning steps of batch 32"
           f"{' (quick: 256 examples per split)' if a.quick else ''}; majority class "
           f"{percent(results[0][2]['majority_test_accuracy'])}\n")
@@ -118,9 +118,7 @@ def main(argv=None):
     ax.set_xlabel("test accuracy (%)")
     ax.set_title(f"rotten-tomatoes after {fsteps} fine-tuning steps")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    print(f"plot: {png}")
+    save_figure(fig, png)
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # numlm from this checkout
 
 from numlm.compare import (default_out, finetune_in_subprocess, markdown_table, minilm_dir, no_plot_note,
-                           percent, pyplot)
+                           percent, pyplot, result_cells, save_figure)
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -49,8 +49,7 @@ def main(argv=None):
         res = finetune_in_subprocess(model, "rotten-tomatoes", out, max_steps=steps, overwrite=True,
                                      log_file=str(out) + ".log", **size, **opts)
         results.append((r, res))
-        rows.append([name, percent(res["test_accuracy"]), percent(res["val_accuracy"]), res["trainable_params"],
-                     f"{res['train_seconds']:.0f} s", f"{res['peak_mb']:.0f} MB"])
+        rows.append([name] + result_cells(res))
     print(f"\nall-MiniLM-L6-v2 on rotten-tomatoes, {steps} steps of batch 32"
           f"{' (quick: 256 examples per split)' if a.quick else ''}; majority class "
           f"{percent(results[0][1]['majority_test_accuracy'])}\n")
@@ -72,9 +71,7 @@ def main(argv=None):
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"all-MiniLM-L6-v2, rotten-tomatoes, {steps} steps")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    print(f"plot: {png}")
+    save_figure(fig, png)
     return 0
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # numlm from th
 warnings.filterwarnings("ignore", message=".*(newly initialised|does not use these weights)")  # new task heads
 
 import numlm
-from numlm.compare import default_out, markdown_table, no_plot_note, percent, pyplot
+from numlm.compare import default_out, markdown_table, no_plot_note, percent, pyplot, save_figure
 from numlm.data import Tokenizer
 from numlm.data.corpus import default_corpus
 from numlm.finetune import finetune
@@ -110,9 +110,7 @@ def main(argv=None):
     ax2.set_ylabel("held-out masked-LM accuracy (%)")
     ax2.legend(loc="lower right")
     fig.suptitle("BERT on Shakespeare: the masked LM before and after sentiment fine-tuning")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    print(f"plot: {png}")
+    save_figure(fig, png)
     return 0
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # numlm from th
 warnings.filterwarnings("ignore", message=".*(newly initialised|does not use these weights)")  # new task heads
 
 import numlm
-from numlm.compare import default_out, markdown_table, minilm_dir, no_plot_note, percent, pyplot
+from numlm.compare import default_out, markdown_table, minilm_dir, no_plot_note, percent, pyplot, save_figure
 from numlm.data import Tokenizer
 from numlm.finetune import finetune
 
@@ -85,9 +85,7 @@ def main(argv=None):
     ax2.set_ylabel("accuracy (%)")
     ax2.legend(loc="lower right")
     fig.suptitle("all-MiniLM-L6-v2 fine-tuned on rotten-tomatoes")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    print(f"plot: {png}")
+    save_figure(fig, png)
     return 0
 
 

@@ -39,6 +39,21 @@ def markdown_table(header, rows):
     return "\n".join(lines)
 
 
+def result_cells(res, peak=True):
+    """A fine-tuning result's table cells: test and validation accuracy, trainable parameters,
+    train time (and peak memory)."""
+    cells = [percent(res["test_accuracy"]), percent(res["val_accuracy"]), res["trainable_params"],
+             f"{res['train_seconds']:.0f} s"]
+    return cells + [f"{res['peak_mb']:.0f} MB"] if peak else cells
+
+
+def save_figure(fig, png):
+    """Lay out, save at 110 dpi, and print the plot line."""
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"plot: {png}")
+
+
 def cli_flags(options):
     """FinetuneArgs options as `numlm finetune` flags: True -> --flag, progress=False -> --no-progress."""
     flags = []

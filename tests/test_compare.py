@@ -54,3 +54,10 @@ def test_api_bad_options(bert_dir, data_csv, tmp_path):
     with pytest.raises(RuntimeError, match="exited with 2: numlm finetune: error: --r must be a positive"):
         compare.finetune_in_subprocess(bert_dir, data_csv, tmp_path / "z", method="lora", r=0)
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def test_result_cells_read_the_results_dict():
+    res = {"test_accuracy": 0.8236677, "val_accuracy": 0.84, "trainable_params": 74498, "train_seconds": 333.6,
+           "peak_mb": 1312.09}
+    assert compare.result_cells(res) == ["82.4%", "84.0%", 74498, "334 s", "1312 MB"]
+    assert compare.result_cells(res, peak=False) == ["82.4%", "84.0%", 74498, "334 s"]
