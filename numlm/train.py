@@ -309,6 +309,16 @@ def reuse_freed_memory():
         return False
 
 
+def _is_interrupt(e):
+    """A KeyboardInterrupt, or an error it caused: Ctrl-C landing inside a compiled (Numba) call
+    comes out as SystemError("... returned a result with an exception set") from it."""
+    while e is not None:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class Trainer:
     """Trains `model` on batches from `stream` (an object with next_batch(), state_dict() and
     load_state_dict(), yielding dicts of model keyword arguments with labels).
@@ -539,7 +549,9 @@ class Trainer:
                 result.update(final)
             self.save()
             self._allow_interrupt()  # a Ctrl-C during the last save is still reported
-        except KeyboardInterrupt:
+        except BaseException as e:
+            if not _is_interrupt(e):
+                raise
             self._interruptible = False  # a second Ctrl-C must not cut the checkpoint write short
             bar.close()
             if self._updating:  # only possible when the interrupt did not come through the handler

@@ -77,6 +77,8 @@ def full_run(kind, tmp_path_factory):
 def interrupt(how):
     if how == "signal":  # what Ctrl-C does: SIGINT to this process
         os.kill(os.getpid(), signal.SIGINT)
+    elif how == "kernel":  # Ctrl-C inside a Numba call: the dispatcher wraps it in a SystemError
+        raise SystemError("CPUDispatcher(kernel) returned a result with an exception set") from KeyboardInterrupt()
     else:                # a KeyboardInterrupt raised in the code itself
         raise KeyboardInterrupt
 
@@ -130,7 +132,7 @@ CALL = {"data drawn": 5, "forward": 5, "backward": 6, "clipping": 4, "optimizer 
         "evaluation": 2, "checkpoint writing": 2}
 
 
-@pytest.mark.parametrize("how", ["signal", "exception"])
+@pytest.mark.parametrize("how", ["signal", "exception", "kernel"])
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])
 def test_interrupt_at_every_phase_resumes_bit_exactly(kind, phase, how, tmp_path, tmp_path_factory, monkeypatch):
