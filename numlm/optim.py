@@ -218,6 +218,15 @@ class AdamW(Adam):
 
 # ---------------------------------------------------------------- gradient clipping
 
+def sum_squares(g):
+    """sum g^2 in float64 (the Numba kernel reads float32 without making a float64 copy of g)."""
+    if numba_enabled() and g.flags.c_contiguous:
+        from .kernels.adam import sum_squares_kernel
+        return float(sum_squares_kernel(g.reshape(-1)))
+    g = g.reshape(-1).astype(np.float64, copy=False)
+    return float(np.dot(g, g))
+
+
 def clip_grad_norm(grads, max_norm):
     """n = || (||g_1||, ..., ||g_k||) ||_2;  g <- g * min(1, max_norm / (n + 1e-6))  in place.
     Returns n, the norm before clipping. A non-finite n leaves the grads untouched."""
@@ -230,9 +239,7 @@ def clip_grad_norm(grads, max_norm):
             raise ValueError(f"grads[{name!r}] must be a float32/float64 ndarray, got {desc}")
     if not grads:
         return 0.0
-    norms = np.array([np.linalg.norm(g.reshape(-1).astype(np.float64, copy=False))
-                      for g in grads.values()])
-    total = float(np.linalg.norm(norms))
+    total = math.sqrt(sum(sum_squares(g) for g in grads.values()))
     if not math.isfinite(total):
         return total
     coef = max_norm / (total + 1e-6)

@@ -363,6 +363,23 @@ def test_clip_grad_norm_properties(seed, scale, max_norm, dtype):
             assert np.array_equal(grads[k], before[k])
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 1000), seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from([np.float32, np.float64]),
+       strided=st.booleans())
+def test_sum_squares_numba_and_numpy_paths(n, seed, dtype, strided):
+    from numlm.kernels import set_numba
+    from numlm.optim import sum_squares
+    g = np.random.default_rng(seed).standard_normal(2 * n if strided else n).astype(dtype)
+    g = g[::2] if strided else g  # a strided array takes the NumPy path under Numba too
+    exact = math.fsum(float(v) ** 2 for v in g.astype(np.float64))
+    for numba in (True, False):
+        prev = set_numba(numba)
+        try:
+            assert sum_squares(g) == pytest.approx(exact, rel=1e-13, abs=0.0)
+        finally:
+            set_numba(prev)
+
+
 def test_clip_grad_norm_non_finite():
     grads = {"a": np.array([1.0, np.inf]), "b": np.array([3.0])}
     assert clip_grad_norm(grads, 1.0) == math.inf

@@ -35,3 +35,21 @@ def adam_update_kernel(p, g, m, v, one, decay, l2, w1, small, beta2, c2, neg_ste
         m[i] = mi
         v[i] = vi
         p[i] = pi + neg_step_size * mi / denom               # param.addcdiv_(m, denom, -step)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def sum_squares_kernel(x):
+    """sum_i x_i^2 accumulated in float64 over a 1-D array (float32 read without a float64 copy);
+    eight independent sums in a fixed order, so it vectorizes and is deterministic."""
+    acc = np.zeros(8)
+    n = x.shape[0]
+    m = n - n % 8
+    for i in range(0, m, 8):
+        for j in range(8):
+            v = np.float64(x[i + j])
+            acc[j] += v * v
+    tail = 0.0
+    for i in range(m, n):
+        v = np.float64(x[i])
+        tail += v * v
+    return acc.sum() + tail

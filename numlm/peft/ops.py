@@ -9,6 +9,7 @@ import numpy as np
 
 from ..ops import activation, layernorm_forward, layernorm_backward, attention_forward, attention_backward
 from ..ops._check import float_array, same_dtype
+from ..kernels.matmul import mm  # a @ b at one BLAS thread per core (numlm.ops.linear)
 
 
 # ---------------------------------------------------------------------------------------- LoRA
@@ -23,8 +24,8 @@ def lora_forward(x, a, b, scaling):
     if x.shape[-1] != a.shape[0] or a.shape[1] != b.shape[0]:
         raise ValueError(f"LoRA shapes do not chain: x {x.shape}, a {a.shape}, b {b.shape}")
     x2 = x.reshape(-1, x.shape[-1])  # (N, C_in)
-    u = x2 @ a  # (N, r)
-    delta = (u @ b) * x.dtype.type(scaling)  # (N, C_out)
+    u = mm(x2, a)  # (N, r)
+    delta = mm(u, b) * x.dtype.type(scaling)  # (N, C_out)
     return delta.reshape(x.shape[:-1] + (b.shape[1],)), (x2, a, b, u, scaling, x.shape)
 
 
@@ -34,10 +35,10 @@ def lora_backward(ddelta, cache):
     x2, a, b, u, s, xshape = cache
     s = x2.dtype.type(s)
     d2 = ddelta.reshape(-1, b.shape[1])  # (N, C_out)
-    du = (d2 @ b.T) * s  # (N, r)
-    db = (d2.T @ u).T * s  # (r, C_out); as (C_out, N) @ (N, r): BLAS is ~7x slower on u^T (r, N) @ (N, C_out)
-    da = x2.T @ du  # (C_in, r)
-    dx = (du @ a.T).reshape(xshape)  # (N, C_in)
+    du = mm(d2, b.T) * s  # (N, r)
+    db = mm(d2.T, u).T * s  # (r, C_out); as (C_out, N) @ (N, r): BLAS is ~7x slower on u^T (r, N) @ (N, C_out)
+    da = mm(x2.T, du)  # (C_in, r)
+    dx = mm(du, a.T).reshape(xshape)  # (N, C_in)
     return dx, da, db
 
 
@@ -51,7 +52,7 @@ def lora_linear_forward(x, w, bias, a, b, scaling, x_lora=None):
     if w.shape != (a.shape[0], b.shape[1]):
         raise ValueError(f"LoRA a {a.shape} and b {b.shape} do not fit the weight {w.shape}")
     delta, lc = lora_forward(x if x_lora is None else x_lora, a, b, scaling)
-    y = (x.reshape(-1, w.shape[0]) @ w).reshape(delta.shape)  # (N, C_out)
+    y = mm(x.reshape(-1, w.shape[0]), w).reshape(delta.shape)  # (N, C_out)
     if bias is not None:
         y += bias
     y += delta
@@ -65,8 +66,8 @@ def lora_linear_backward(dy, cache, weight_grad=True, bias_grad=True):
     x, w, has_bias, lc, separate = cache
     dxl, da, db = lora_backward(dy, lc)
     d2 = dy.reshape(-1, w.shape[1])
-    dx = (d2 @ w.T).reshape(x.shape)  # (N, C_in)
-    dw = x.reshape(-1, w.shape[0]).T @ d2 if weight_grad else None  # (C_in, C_out)
+    dx = mm(d2, w.T).reshape(x.shape)  # (N, C_in)
+    dw = mm(x.reshape(-1, w.shape[0]).T, d2) if weight_grad else None  # (C_in, C_out)
     dbias = d2.sum(axis=0) if bias_grad and has_bias else None
     if separate:
         return dx, dw, dbias, da, db, dxl
@@ -109,9 +110,9 @@ def bottleneck_forward(z, r, wd, bd, wu, bu, act="swish", scaling=1.0):
                          f"wu {wu.shape}, bu {bu.shape}")
     fwd, bwd = adapter_activation(act)
     z2 = z.reshape(-1, C)  # (N, C)
-    p = z2 @ wd + bd  # (N, m)
+    p = mm(z2, wd) + bd  # (N, m)
     g, gc = fwd(p)  # (N, m)
-    up = g @ wu + bu  # (N, C)
+    up = mm(g, wu) + bu  # (N, C)
     a = r + (up * z.dtype.type(scaling)).reshape(z.shape)
     return a, (z2, wd, wu, g, gc, bwd, scaling, z.shape)
 
@@ -123,12 +124,12 @@ def bottleneck_backward(da, cache):
     z2, wd, wu, g, gc, bwd, s, zshape = cache
     C = wd.shape[0]
     dup = da.reshape(-1, C) * z2.dtype.type(s)  # (N, C)
-    dwu = (dup.T @ g).T  # (m, C); as (C, N) @ (N, m), the fast orientation for a small m
+    dwu = mm(dup.T, g).T  # (m, C); as (C, N) @ (N, m), the fast orientation for a small m
     dbu = dup.sum(axis=0)
-    dp = bwd(dup @ wu.T, gc)  # (N, m)
-    dwd = z2.T @ dp  # (C, m)
+    dp = bwd(mm(dup, wu.T), gc)  # (N, m)
+    dwd = mm(z2.T, dp)  # (C, m)
     dbd = dp.sum(axis=0)
-    dz = (dp @ wd.T).reshape(zshape)  # (N, C)
+    dz = mm(dp, wd.T).reshape(zshape)  # (N, C)
     return dz, da.copy(), dwd, dbd, dwu, dbu
 
 
