@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .gradchecking import central_differences
+from .optim import sum_squares
 
 __all__ = ["check_model", "check_checkpoint", "ModelCheck", "ParamCheck", "BREAKS", "broken_backward",
            "attention_maps", "AttentionMaps", "draw_attention", "layer_of", "GradientFlow", "plot_run",
@@ -444,7 +445,7 @@ def _group_norms(arrays):
     sq = {}
     for k, a in arrays.items():
         g = layer_of(k)
-        sq[g] = sq.get(g, 0.0) + float(np.vdot(a, a))
+        sq[g] = sq.get(g, 0.0) + sum_squares(a)
     return {g: math.sqrt(v) for g, v in sq.items()}
 
 
