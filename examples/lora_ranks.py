@@ -47,7 +47,7 @@ def main(argv=None):
     ranks = (1, 8, 64) if a.quick else RANKS
     a.out.mkdir(parents=True, exist_ok=True)
     runs = ([("full", None, {"method": "full"})]
-            + [(f"LoRA r={r}, alpha={ALPHA}", r, {"method": "lora", "r": r, "alpha": ALPHA}) for r in ranks]
+            + [(f"LoRA r={r}, alpha={ALPHA:g}", r, {"method": "lora", "r": r, "alpha": ALPHA}) for r in ranks]
             + [("LoRA r=1, alpha=2", 0, {"method": "lora", "r": 1, "alpha": 2.0})])
     rows, results = [], []
     for name, r, opts in runs:
