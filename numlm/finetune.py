@@ -248,6 +248,8 @@ class Encoded:
             out["token_type_ids"] = np.zeros((B, T), np.int64)
         if "labels" in rows[0] and np.ndim(rows[0]["labels"]) == 1:
             out["labels"] = np.full((B, T), IGNORE, np.int64)
+        if "lm_labels" in rows[0]:
+            out["lm_labels"] = np.full((B, T), IGNORE, np.int64)
         for b, r in enumerate(rows):
             n = len(r["input_ids"])
             out["input_ids"][b, :n] = r["input_ids"]
@@ -256,6 +258,8 @@ class Encoded:
                 out["token_type_ids"][b, :n] = r["token_type_ids"]
             if "labels" in out:
                 out["labels"][b, :n] = r["labels"]
+            if "lm_labels" in out:
+                out["lm_labels"][b, :n] = r["lm_labels"]
         if "label" in rows[0]:
             out["labels"] = np.array([r["label"] for r in rows], np.int64)
         if "start_positions" in rows[0]:

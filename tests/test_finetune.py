@@ -200,6 +200,23 @@ def test_gpt_classification_with_the_l3_objective(gpt_dir, data_csv, tmp_path):
     assert max(errs.values()) < 1e-6, errs
 
 
+def test_the_l3_objective_reaches_the_training_loop(gpt_dir, data_csv, tmp_path):
+    """The loop's first loss with lm_coef 0.5 exceeds the one with lm_coef 0 by 0.5 L1; the untrained
+    model predicts the next token near uniformly, so L1 is about ln V. Both runs draw the same dropout."""
+    first = {}
+    for coef in ("0.5", "0"):
+        assert run(gpt_dir, data_csv, tmp_path / coef, "--max-steps", "1", "--lm-coef", coef) == 0
+        rows = [json.loads(l) for l in (tmp_path / coef / "metrics.jsonl").read_text().splitlines()]
+        first[coef] = next(r["loss"] for r in rows if r["step"] == 1 and "loss" in r)
+    V = json.loads((gpt_dir / "config.json").read_text())["vocab_size"]
+    assert first["0.5"] - first["0"] == pytest.approx(0.5 * math.log(V), rel=0.02)
+    stream = F.EpochStream(F.encode("seqcls", "gpt2", Tokenizer.from_file(gpt_dir / "tokenizer.json"),
+                                    [{"text": t, "label": y} for t, y in sentences(6)], 16, lm=True), 4, 0)
+    b = stream.next_batch()
+    assert np.array_equal(b["lm_labels"], np.where(b["attention_mask"] == 1, b["input_ids"], F.IGNORE))
+    assert (b["attention_mask"] == 0).any()  # the padding is what gets ignored
+
+
 def test_multiple_choice_with_gpt(gpt_dir, tmp_path, monkeypatch):
     from numlm.data import datasets
     rows = [{"context": f"{t}", "choices": [t2 for t2, _ in sentences(3, i)], "label": i % 3}
