@@ -18,7 +18,7 @@ Sizes:
     default   "mini" models (4 layers, width 256, 4 heads, 8,192-token vocabularies: about 5 M
               parameters), 600 pre-training steps each; fine-tuning 300 steps of batch 32 on the
               whole data (lr 2e-4 for the small models, 5e-5 for MiniLM; 10% warmup, linear decay):
-              about 15-20 minutes on a quiet 2-core machine
+              13 minutes on a quiet 2-core machine
     --quick   "tiny" models (2 layers, width 64, 2,048-token vocabularies), 40 pre-training steps
               of 16 x 64 tokens, 16 fine-tuning steps (2 epochs) on 256 examples per split: 2-4 minutes on a
               loaded 2-core machine (a smoke test: the accuracies are near chance)

