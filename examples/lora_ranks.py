@@ -46,16 +46,21 @@ def main(argv=None):
     size = {"max_examples": 256} if a.quick else {}
     ranks = (1, 8, 64) if a.quick else RANKS
     a.out.mkdir(parents=True, exist_ok=True)
-    runs = ([("full", None, {"method": "full"})]
-            + [(f"LoRA r={r}, alpha={ALPHA:g}", r, {"method": "lora", "r": r, "alpha": ALPHA}) for r in ranks]
-            + [("LoRA r=1, alpha=2", 0, {"method": "lora", "r": 1, "alpha": 2.0})])
+    runs = ([{"method": "full"}] + [{"method": "lora", "r": r, "alpha": ALPHA} for r in ranks]
+            + [{"method": "lora", "r": 1, "alpha": 2.0}])  # the control: alpha = 2r at rank 1
     rows, results = [], []
-    for name, r, opts in runs:
-        out = a.out / ("full" if r is None else f"lora_r{r}" if r else "lora_r1_alpha2")
+    for opts in runs:
+        if opts["method"] == "full":
+            name, folder = "full", "full"
+        else:
+            r, alpha = opts["r"], opts["alpha"]
+            name = f"LoRA r={r}, alpha={alpha:g}"
+            folder = f"lora_r{r}" if alpha == ALPHA else f"lora_r{r}_alpha{alpha:g}"
+        out = a.out / folder
         print(f"{name}: {steps} steps ...", flush=True)
         res = finetune_in_subprocess(model, "rotten-tomatoes", out, max_steps=steps, overwrite=True,
                                      log_file=str(out) + ".log", **size, **opts)
-        results.append((r, res))
+        results.append((opts, res))
         rows.append([name] + result_cells(res))
     print(f"\nall-MiniLM-L6-v2 on rotten-tomatoes, {steps} steps of batch 32"
           f"{' (quick: 256 examples per split)' if a.quick else ''}; majority class "
@@ -68,10 +73,10 @@ def main(argv=None):
         print(no_plot_note(png))
         return 0
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    lora = [(r, 100 * res["test_accuracy"]) for r, res in results if r]
+    lora = [(o["r"], 100 * res["test_accuracy"]) for o, res in results if o.get("alpha") == ALPHA]
     ax.plot(*zip(*lora), "o-", label=f"LoRA (alpha = {ALPHA:g}), query + value")
-    slow = [100 * res["test_accuracy"] for r, res in results if r == 0]
-    ax.plot([1] * len(slow), slow, "x", color="C1", ms=9, label="LoRA r=1, alpha = 2")
+    slow = [(o["r"], 100 * res["test_accuracy"]) for o, res in results if o.get("alpha", ALPHA) != ALPHA]
+    ax.plot(*zip(*slow), "x", color="C1", ms=9, label="LoRA r=1, alpha = 2")
     ax.axhline(100 * results[0][1]["test_accuracy"], color="C3", ls="--", label="full fine-tuning")
     ax.axhline(100 * results[0][1]["majority_test_accuracy"], color="gray", ls=":", label="majority class")
     ax.set_xscale("log", base=2)

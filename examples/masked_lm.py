@@ -13,7 +13,7 @@ and accuracy, and saves masked_lm.png (held-out MLM loss and accuracy before / a
 
     python examples/masked_lm.py [--quick] [--out DIR] [--pretrained MODEL_DIR]
 
-Sizes (the same BERT as examples/bert_vs_gpt.py, seed 0):
+Sizes (the BERT of examples/bert_vs_gpt.py: same recipe, same seed 0):
     default   pre-train a "mini" BERT (4 layers, width 256, 8,192 WordPiece tokens) for 600 steps of
               16 x 128 tokens (MLM + NSP), fine-tune it 300 steps (batch 32, lr 2e-4) on the whole of
               rotten-tomatoes: 3.5 minutes on a quiet 2-core machine (1 with --pretrained)

@@ -703,14 +703,12 @@ def finetune(a, data=None, out=None, log=print, **options):
         eval_seconds[0] += time.perf_counter() - t
         return res
 
-    def prepare(b):  # the auxiliary LM labels only when the L3 objective is on
+    def prepare(b):  # multiple choice: its LM loss only when the L3 objective is on
         if a.task == "multiple-choice":
             if lm:
                 b["lm_coef"] = lm_coef
             else:
                 b.pop("labels")
-        elif not lm:
-            b.pop("lm_labels", None)
         return b
 
     stream = EpochStream(enc["train"], a.batch_size, a.seed, prepare=prepare, on_batch=on_batch)

@@ -1,8 +1,9 @@
-"""Numba twin of the fused Adam/AdamW update of one parameter array (NumPy definition: numlm.optim).
+"""Numba twins of numlm.optim's loops over a parameter array (NumPy definitions there): the fused
+Adam/AdamW update, and the float64 sum of squares behind gradient norms.
 
 One pass over memory instead of the six of the NumPy path. Every scalar arrives already cast to the
 array's dtype and every line keeps torch's order of operations, so float32 stays float32 and the
-result is identical to ``numlm.optim.adam_update`` (numba does not contract a*b+c into an FMA unless
+update is identical to ``numlm.optim.adam_update`` (numba does not contract a*b+c into an FMA unless
 fastmath is on, so it stays off).
 """
 import numba
