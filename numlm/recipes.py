@@ -14,7 +14,7 @@ from .data import (Tokenizer, default_corpus, read_texts, prepare, load_tokens, 
                    TokenStream, sequential_blocks)
 from .data.pretrain import _sidecar, _docs_path
 from .inspect import plots_line
-from .ops.losses import IGNORE_INDEX
+from .ops import IGNORE_INDEX
 from .train import Trainer, TrainConfig, list_checkpoints, read_checkpoint_state, model_generators, _int, _real
 
 ARCHS = ("gpt2", "openai-gpt", "bert")

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..ops._check import int_array
-from ..ops.losses import IGNORE_INDEX
+from ..ops import IGNORE_INDEX
 
 _int_ids = int_array
 

@@ -14,7 +14,7 @@ take: input_ids, attention_mask, mc_token_ids (the extract token's position) and
 import numpy as np
 
 from ..ops._check import int_array
-from ..ops.losses import IGNORE_INDEX
+from ..ops import IGNORE_INDEX
 
 
 def _seq(name, ids):

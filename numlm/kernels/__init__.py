@@ -9,7 +9,8 @@ import os
 # BLAS threads of the next matmul (measured: training steps 1.5x slower on 2 cores).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-_enabled = os.environ.get("NUMLM_NUMBA", "1").strip().lower() not in ("0", "false", "no", "off")
+# read as kernels.enabled by the ops (an attribute, not a call, on every op)
+enabled = os.environ.get("NUMLM_NUMBA", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 # Below this many elements a parallel kernel runs on one thread: waking Numba's sleeping workers
@@ -42,12 +43,12 @@ def adaptive(kernel):
 
 def numba_enabled():
     """True when ops dispatch to the Numba kernels."""
-    return _enabled
+    return enabled
 
 
 def set_numba(flag):
     """Switch every op between the Numba kernels (True) and the pure-NumPy path (False).
     Returns the previous setting."""
-    global _enabled
-    previous, _enabled = _enabled, bool(flag)
+    global enabled
+    previous, enabled = enabled, bool(flag)
     return previous

@@ -126,8 +126,8 @@ def _block(x, y, o):
 def mm(a, b):
     """a @ b: numpy's product on the NumPy path (NUMLM_NUMBA=0), else matmul() above. Stacks of more
     than one leading axis, (B, H, M, K) @ (B, H, K, N), are split over B*H."""
-    from . import numba_enabled
-    if not numba_enabled():
+    from .. import kernels
+    if not kernels.enabled:
         return a @ b
     if a.ndim > 3 and b.ndim == a.ndim and a.shape[:-2] == b.shape[:-2]:
         lead = a.shape[:-2]

@@ -17,7 +17,7 @@ from .checks import bert_inputs, check_grad, labels_like
 from .config import BertConfig
 from .heads import (BertOnlyMLMHead, BertOnlyNSPHead, BertPreTrainingHeads, cross_entropy, problem_type_loss,
                     span_loss, check_span_positions)
-from ..ops.losses import IGNORE_INDEX
+from ..ops import IGNORE_INDEX
 from .pretrained import ModelOutput, PreTrainedModel, head_output, register
 
 TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",

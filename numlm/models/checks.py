@@ -3,7 +3,7 @@ so the math cores (gpt_core, bert_core) and the heads run on arrays that are alr
 import numpy as np
 
 from ..ops._check import int_array, ids_in_range
-from ..ops.losses import IGNORE_INDEX
+from ..ops import IGNORE_INDEX
 
 
 def as_ids(name, x):

@@ -16,7 +16,7 @@ from ..kernels.matmul import mm  # a @ b, split across the cores unless NUMLM_NU
 from ..nn import Module, Linear, LayerNorm, Dropout, Activation
 from ..ops import (cross_entropy_forward, cross_entropy_backward, mse_forward, mse_backward,
                    bce_with_logits_forward, bce_with_logits_backward)
-from ..ops.losses import IGNORE_INDEX
+from ..ops import IGNORE_INDEX
 from .checks import as_ids, labels_like
 
 

@@ -1,4 +1,5 @@
-"""Elementwise activations. Each caches its input and recomputes what backward needs."""
+"""Elementwise maps: the activations (each caches its input and recomputes what backward needs) and
+inverted dropout with an explicit, seeded numpy Generator."""
 import math
 
 import numpy as np
@@ -28,7 +29,7 @@ def gelu_forward(x):
     """y = 0.5 x (1 + erf(x / sqrt(2)))            exact GELU (BERT's "gelu")
     x: (N) -> y: (N)"""
     float_array("x", x, 0)
-    if kernels.numba_enabled():
+    if kernels.enabled:
         f = x.dtype.type
         x1 = np.ascontiguousarray(x).reshape(-1)
         if x.dtype == np.float32:  # a vectorised erf to float32 accuracy, around numpy's SIMD exp
@@ -44,7 +45,7 @@ def gelu_tanh_forward(x):
     """y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))     tanh GELU (GPT's, transformers' gelu_new)
     x: (N) -> y: (N)"""
     float_array("x", x, 0)
-    if kernels.numba_enabled():
+    if kernels.enabled:
         f = x.dtype.type
         x1 = np.ascontiguousarray(x).reshape(-1)
         t = np.tanh(gelu_tanh_inner(x1, f(SQRT_2_OVER_PI), f(0.044715)))  # numpy's SIMD tanh
@@ -58,7 +59,7 @@ def gelu_backward(dy, cache):
     tanh form: u = sqrt(2/pi)(x + 0.044715 x^3), t = tanh(u):
                dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)"""
     x, approximate, t = cache
-    if kernels.numba_enabled():
+    if kernels.enabled:
         f = x.dtype.type
         dy1 = np.ascontiguousarray(dy, dtype=x.dtype).reshape(-1)
         x1 = np.ascontiguousarray(x).reshape(-1)
@@ -126,3 +127,23 @@ def activation(name):
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; numlm supports {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
+
+
+def dropout_forward(x, p, rng=None, training=True):
+    """y = x * m / (1 - p),  m ~ Bernoulli(1 - p) per element;  identity when not training or p == 0
+    x: (N) -> y: (N)"""
+    float_array("x", x, 0)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability p must lie in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x, None
+    if rng is None:
+        raise ValueError("dropout in training needs a numpy.random.Generator (rng)")
+    keep = (rng.random(x.shape, dtype=x.dtype) >= p) * x.dtype.type(1.0 / (1.0 - p))  # draws in x's dtype
+    return x * keep, keep
+
+
+def dropout_backward(dy, cache):
+    """forward: y = x * keep;  so  dx = dy * keep   (keep already holds 1/(1-p))"""
+    keep = cache
+    return dy if keep is None else dy * keep

@@ -14,7 +14,7 @@ from ._check import float_array, same_dtype
 from .. import kernels
 from ..kernels.matmul import mm  # a @ b, the B*H products split across the cores
 from ..kernels.softmax import scale_mask_kernel
-from .dropout import dropout_forward, dropout_backward
+from .activations import dropout_forward, dropout_backward
 from .softmax import softmax_forward, softmax_backward
 
 # mask codes per (query, key): 1 allowed, 0 masked (finfo.min), 2 future key in OpenAI style (-1e4)
@@ -73,7 +73,7 @@ def scale_mask(s, scale, codes, lowest, fill):
     dt = s.dtype.type
     if codes is None:
         s *= dt(scale)
-    elif kernels.numba_enabled():
+    elif kernels.enabled:
         scale_mask_kernel(s, dt(scale), np.ascontiguousarray(codes), dt(lowest), dt(fill))
     else:
         s[...] = np.where(codes == ALLOWED, s * dt(scale), np.where(codes == FUTURE, dt(fill), dt(lowest)))

@@ -17,7 +17,7 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
     if gamma.shape != (C,) or beta.shape != (C,):
         raise ValueError(f"gamma and beta must have shape ({C},) for x of shape {x.shape}, "
                          f"got {gamma.shape} and {beta.shape}")
-    if kernels.numba_enabled():
+    if kernels.enabled:
         x2 = np.ascontiguousarray(x).reshape(-1, C)
         y, xhat, rstd = layernorm_forward_kernel(x2, gamma, beta, eps)
         return y.reshape(x.shape), (xhat.reshape(x.shape), rstd.reshape(x.shape[:-1]), gamma)
@@ -36,7 +36,7 @@ def layernorm_backward(dy, cache):
     Caches xhat rather than x: backward needs it directly, at the same memory."""
     xhat, rstd, gamma = cache
     C = xhat.shape[-1]
-    if kernels.numba_enabled():
+    if kernels.enabled:
         dy2 = np.ascontiguousarray(dy, dtype=xhat.dtype).reshape(-1, C)
         dx, dgamma, dbeta = layernorm_backward_kernel(dy2, xhat.reshape(-1, C), rstd.reshape(-1), gamma)
         return dx.reshape(xhat.shape), dgamma, dbeta

@@ -1,5 +1,11 @@
-"""Linear map. numlm keeps every weight as (C_in, C_out) so the forward is one BLAS call, x @ W."""
-from ._check import float_array, same_dtype
+"""The two parameterised maps: the linear layer y = x W + b, and the embedding lookup E[ids] (a linear
+map of one-hot rows, whose backward is a scatter-add). numlm keeps every linear weight as
+(C_in, C_out), so the forward is one BLAS call, x @ W."""
+import numpy as np
+
+from ._check import float_array, same_dtype, ids_in_range
+from .. import kernels
+from ..kernels.embedding import embedding_scatter_add
 from ..kernels.matmul import mm  # a @ b, split across the cores unless NUMLM_NUMBA=0
 
 
@@ -31,3 +37,31 @@ def linear_backward(dy, cache, need_dw=True, need_db=True):
     dw = mm(x.reshape(-1, x.shape[-1]).T, dy2) if need_dw else None  # (C_in, C_out)
     db = dy2.sum(axis=0) if has_bias and need_db else None
     return dx, dw, db
+
+
+def embedding_forward(ids, weight, padding_idx=None):
+    """out[n] = weight[ids[n]]
+    ids: (N) ints in [0, V)  weight: (V, C)  ->  out: (N, C)
+    `padding_idx` (transformers' semantics): that row is looked up normally but gets no gradient."""
+    float_array("weight", weight, 2)
+    ids = ids_in_range("ids", ids, weight.shape[0])
+    if padding_idx is not None and not 0 <= padding_idx < weight.shape[0]:
+        raise ValueError(f"padding_idx must lie in [0, {weight.shape[0]}), got {padding_idx}")
+    out = weight[ids]  # (N, C)
+    return out, (ids, weight.shape, weight.dtype, padding_idx)
+
+
+def embedding_backward(dout, cache):
+    """forward: out[n] = weight[ids[n]];  so  dweight[v] = sum over n with ids[n] == v of dout[n]
+    dout: (N, C)  ->  dweight: (V, C)  (row padding_idx stays zero)"""
+    ids, shape, dtype, padding_idx = cache
+    flat_ids = ids.reshape(-1).astype(np.int64, copy=False)
+    flat_d = np.ascontiguousarray(dout.reshape(-1, shape[1]), dtype=dtype)
+    if kernels.enabled:
+        dweight = embedding_scatter_add(flat_ids, flat_d, shape[0])
+    else:
+        dweight = np.zeros(shape, dtype=dtype)
+        np.add.at(dweight, flat_ids, flat_d)
+    if padding_idx is not None:
+        dweight[padding_idx] = 0
+    return dweight
