@@ -77,8 +77,8 @@ def test_float32_matches_transformers_float32(name):
 def test_seqcls_pools_rightmost_non_pad_token():
     r = ref("gpt2-tiny-seqcls")
     model = numlm.from_pretrained(HF / "gpt2-tiny-seqcls", dtype="float64")
-    out = model(r["input_ids"], attention_mask=r["attention_mask"])
-    h = model.transformer._last.last_hidden_state
+    out = model(r["input_ids"], attention_mask=r["attention_mask"], output_hidden_states=True)
+    h = out.hidden_states[-1]
     token_logits = h @ model.state_dict()["score.weight"].T  # (B, T, K)
     assert rel(token_logits, r["token_logits"]) < 1e-10
     assert rel(out.logits, token_logits[np.arange(len(h)), r["pooled_index"]]) < 1e-12

@@ -67,7 +67,7 @@ def cached_bytes(model):
             for y in x:
                 walk(y)
     for _, m in model.modules():
-        walk(m._cache)
+        walk(m.cache)
     return total
 
 

@@ -1,12 +1,10 @@
 """BERT and GPT models with transformers' structure, keys and numbers.
 
+    gpt.py          GPT-1 / GPT-2, one file top to bottom: decoder, heads, losses, and their backward
+    bert.py         BERT, one file top to bottom: encoder, heads, losses, and their backward
+    pretrained.py   transformers' side: input checks, outputs, keys and layouts, tied aliases,
+                    loading, saving, the sequence-classification loss selection
     config.py       configs (transformers' fields), checked on construction
-    gpt_core.py     GPT-1 / GPT-2 math: blocks, decoder forward and backward
-    bert_core.py    BERT math: layers, encoder forward and backward
-    heads.py        heads and losses, shared by both families
-    checks.py       input checks of the transformers-facing classes
-    pretrained.py   transformers' side: keys and layouts, tied aliases, loading, saving, outputs
-    gpt.py, bert.py the classes transformers names (GPT2LMHeadModel, BertForMaskedLM, ...)
 """
 from .config import BertConfig, GPT2Config, OpenAIGPTConfig
 from .pretrained import ARCHITECTURES, ModelOutput, PreTrainedModel, from_pretrained, register

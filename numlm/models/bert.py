@@ -1,84 +1,320 @@
-"""BERT as transformers presents it: class and argument names, input checks, outputs, heads and losses.
-The math is in bert_core (backbone) and heads.
+"""BERT, one file top to bottom (modeling_bert.py, eager attention): the encoder, the heads, the losses,
+and the backward of each in reverse, every step quoting the forward line it differentiates. Inputs are
+checked once, at each class's forward; below it everything trusts them.
 
-    BertModel                          last_hidden_state, pooler_output = encoder(input_ids)
+    h0 = Dropout(LN(word[ids] + token_type[tt] + position[pos]))       embeddings
+    a  = LN(x + Dropout(ctx Wo + bo)),  ctx = Attn(x Wq, x Wk, x Wv)    each of L layers (post-LN)
+    y  = LN(a + Dropout(act(a W1 + b1) W2 + b2))
+    pooled = tanh(h_L[:, 0] Wp + bp)                                    the pooler on [CLS]
+    Attn(q, k, v) = Dropout(softmax(q k^T / sqrt(D) + M)) v  per head, M = finfo.min at padding keys
+
+    BertModel                          last_hidden_state, pooler_output
     BertForPreTraining                 loss = CE(MLM logits, labels) + CE(NSP logits, next_sentence_label)
     BertForMaskedLM                    loss = CE(LN(gelu(h Wt)) We^T + b, labels), -100 ignored
     BertForNextSentencePrediction      loss = CE(pooled Wn, labels): 0 = B continues A, 1 = random B
     BertForSequenceClassification      logits = Dropout(pooled) Wc; loss by problem_type
     BertForTokenClassification         logits = Dropout(h) Wc per token; loss = CE, -100 ignored
     BertForQuestionAnswering           start, end = h Wqa; loss = (CE(start) + CE(end)) / 2
+
+Attribute names are transformers', so a parameter's dotted name is its state_dict key
+(`encoder.layer.0.attention.self.query.weight`). Linears are nn.Linear (stored transposed inside numlm).
+
+Hooks for parameter-efficient fine-tuning (numlm.peft), each None unless set:
+  - inputs_embeds replaces word[ids] (prompt tuning); its gradient is left in embeddings.inputs_embeds_grad.
+  - past_key_values: per layer (k, v) (B, H, T_past, D) before the layer's own keys (prefix tuning),
+    the mask covering T_past + T keys, positions from T_past; their gradients are left in `past_grads`.
+  - attention.output.adapters / output.adapters: a module with forward(h, x, ln) -> y and
+    backward(dy) -> (dh, dx) that replaces y = LN(x + h) (h: after the projection and dropout).
+  - any Linear (query, key, value, dense) may be replaced by a module with the same forward/backward.
 """
 import numpy as np
 
-from ..nn import Linear, Dropout
-from .bert_core import BertCore
-from .checks import bert_inputs, check_grad, labels_like
+from ..nn import Module, ModuleList, Linear, Embedding, LayerNorm, Dropout, Activation, Attention
+from ..nn import lowest_needing_backward
+from ..ops import (linear_forward, linear_backward, cross_entropy_forward, cross_entropy_backward,
+                   attention_allowed, IGNORE_INDEX)
+from ..kernels.matmul import mm  # a @ b, split across the cores unless NUMLM_NUMBA=0
 from .config import BertConfig
-from .heads import (BertOnlyMLMHead, BertOnlyNSPHead, BertPreTrainingHeads, cross_entropy, problem_type_loss,
-                    span_loss, check_span_positions)
-from ..ops import IGNORE_INDEX
-from .pretrained import ModelOutput, PreTrainedModel, head_output, register
+from .pretrained import (ModelOutput, PreTrainedModel, register, bert_inputs, labels_like, as_ids, no_loss,
+                         output_grads, problem_type_loss)
 
 TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
         "cls.predictions.decoder.bias": "cls.predictions.bias"}
 
 
+# ---------------------------------------------------------------------------------------- the encoder
+# The modules below hold parameters under transformers' names; BertLayer and BertModel run them.
+
+class BertEmbeddings(Module):
+    """h0 = Dropout(LN(word[ids] + token_type[tt] + position[pos]))"""
+
+    inputs_embeds_grad = None
+
+    def __init__(self, config):
+        super().__init__()
+        C = config.hidden_size
+        self.word_embeddings = Embedding(config.vocab_size, C, padding_idx=config.pad_token_id)
+        self.position_embeddings = Embedding(config.max_position_embeddings, C)
+        self.token_type_embeddings = Embedding(config.type_vocab_size, C)
+        self.LayerNorm = LayerNorm(C, eps=config.layer_norm_eps)
+        self.dropout = Dropout(config.hidden_dropout_prob)
+
+
+class BertSelfAttention(Module):
+    """ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv), heads split and merged inside Attention"""
+
+    def __init__(self, config):
+        super().__init__()
+        C = config.hidden_size
+        self.query = Linear(C, C)
+        self.key = Linear(C, C)
+        self.value = Linear(C, C)
+        # transformers' self.dropout on the probabilities lives inside the attention core
+        self.core = Attention(config.num_attention_heads, dropout_p=config.attention_probs_dropout_prob)
+
+
+class BertResidualOutput(Module):
+    """y = LN(x + Dropout(h W + b)): transformers' BertSelfOutput and BertOutput (same structure)."""
+
+    def __init__(self, c_in, config):
+        super().__init__()
+        self.dense = Linear(c_in, config.hidden_size)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.adapters = None
+
+
+class BertAttention(Module):
+    def __init__(self, config):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertResidualOutput(config.hidden_size, config)
+
+
+class BertIntermediate(Module):
+    """i = act(a W1 + b1)"""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = Activation(config.hidden_act)
+
+
+class BertLayer(Module):
+    """post-LN:  a = LN(x + Dropout(Attn(x) Wo));  y = LN(a + Dropout(act(a W1) W2))"""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertResidualOutput(config.intermediate_size, config)
+
+    def forward(self, x, mask=None, past=None):  # (B, T, C) -> (B, T, C)
+        sa, ao, it, out = self.attention.self, self.attention.output, self.intermediate, self.output
+        # ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv)
+        ctx = sa.core(sa.query(x), sa.key(x), sa.value(x), mask, past)
+        # a = LN(x + h),  h = Dropout(ctx Wo + bo)   (an adapter slot replaces the step)
+        h = ao.dropout(ao.dense(ctx))
+        a = ao.LayerNorm(x + h) if ao.adapters is None else ao.adapters(h, x, ao.LayerNorm)
+        # y = LN(a + m),  m = Dropout(act(a W1 + b1) W2 + b2)
+        m = out.dropout(out.dense(it.intermediate_act_fn(it.dense(a))))  # (B, T, I) inside
+        return out.LayerNorm(a + m) if out.adapters is None else out.adapters(m, a, out.LayerNorm)
+
+    def backward(self, dy):
+        sa, ao, it, out = self.attention.self, self.attention.output, self.intermediate, self.output
+        # y = LN(a + m):  dm = da = LN'(dy)
+        dm, da = (out.LayerNorm.backward(dy),) * 2 if out.adapters is None else out.adapters.backward(dy)
+        # m = Dropout(act(a W1 + b1) W2 + b2)
+        da = da + it.dense.backward(it.intermediate_act_fn.backward(out.dense.backward(out.dropout.backward(dm))))
+        # a = LN(x + h):  dh = dx = LN'(da)
+        dh, dx = (ao.LayerNorm.backward(da),) * 2 if ao.adapters is None else ao.adapters.backward(da)
+        # h = Dropout(ctx Wo + bo),  ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv)
+        dq, dk, dv = sa.core.backward(ao.dense.backward(ao.dropout.backward(dh)))
+        return dx + sa.query.backward(dq) + sa.key.backward(dk) + sa.value.backward(dv)
+
+
+class BertEncoder(Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layer = ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class BertPooler(Module):
+    """pooled = tanh(h[:, 0] Wp + bp)"""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = Linear(config.hidden_size, config.hidden_size)
+        self.activation = Activation("tanh")
+
+
 @register
-class BertModel(BertCore):
+class BertModel(PreTrainedModel):
     """The backbone: embeddings, L post-LN encoder layers, optional tanh pooler on [CLS].
     backward(grad): grad = d last_hidden_state, or a tuple (d last_hidden_state, d pooler_output)."""
 
     config_class = BertConfig
+    base_model_prefix = "bert"
+    # non-persistent buffers that old checkpoints (sentence-transformers, transformers 4.x) still hold
+    ignore_on_load = (r"(^|\.)embeddings\.position_ids$", r"(^|\.)embeddings\.token_type_ids$")
+    past_grads = None
+
+    def __init__(self, config, add_pooling_layer=True, seed=0, dtype="float32", init=True):
+        self.add_pooling_layer = add_pooling_layer
+        super().__init__(config, seed, dtype, init)
+
+    def build(self):
+        self.embeddings = BertEmbeddings(self.config)
+        self.encoder = BertEncoder(self.config)
+        self.pooler = BertPooler(self.config) if self.add_pooling_layer else None
+
+    def encode(self, x):
+        """x: the checked inputs (pretrained.bert_inputs) -> hidden states [h0, ..., hL] each (B, T, C),
+        pooled (B, C) or None"""
+        e, past = self.embeddings, x.past
+        codes = attention_allowed(x.mask, x.B, x.T, x.past_len + x.T, False)  # once for every layer
+        # h0 = Dropout(LN(word[ids] + token_type[tt] + position[pos]))
+        word = e.word_embeddings(x.ids) if x.embeds is None else x.embeds
+        h = e.dropout(e.LayerNorm(word + e.token_type_embeddings(x.token_types) + e.position_embeddings(x.pos)))
+        self.cache = (x.embeds is not None, x.pos.shape[0], past, h.shape, h.dtype)
+        hs = [h]
+        # h_l = layer_l(h_{l-1})
+        for i, layer in enumerate(self.encoder.layer.items):
+            h = layer(h, codes, None if past is None else past[i])
+            hs.append(h)
+        # pooled = tanh(h_L[:, 0] Wp + bp)
+        p = self.pooler
+        pooled = p.activation(p.dense(h[:, 0])) if p is not None else None
+        return hs, pooled
+
+    def encode_backward(self, dh=None, dpooled=None):
+        """dh: d h_L (B, T, C), dpooled: d pooled (B, C) (either may be None) -> every parameter's gradient"""
+        embeds, pos_rows, past, shape, dtype = self.cache
+        e, layers = self.embeddings, self.encoder.layer.items
+        d = np.zeros(shape, dtype=dtype) if dh is None else dh
+        # pooled = tanh(h_L[:, 0] Wp + bp)
+        if dpooled is not None:
+            d = d.copy() if dh is not None else d
+            d[:, 0] += self.pooler.dense.backward(self.pooler.activation.backward(dpooled))
+        # h_l = layer_l(h_{l-1}), down to the lowest layer that has a gradient to compute
+        lo = lowest_needing_backward(e, embeds, layers, past)
+        for layer in reversed(layers[lo:]):
+            d = layer.backward(d)
+        self.past_grads = None if past is None else tuple(
+            layer.attention.self.core.dpast if i >= lo else None for i, layer in enumerate(layers))
+        e.inputs_embeds_grad = None
+        if lo > 0:
+            return
+        # h0 = Dropout(LN(word + token_type[tt] + position[pos]))
+        de = e.LayerNorm.backward(e.dropout.backward(d))
+        e.inputs_embeds_grad = de if embeds else None
+        if not embeds:
+            e.word_embeddings.backward(de)
+        e.token_type_embeddings.backward(de)
+        e.position_embeddings.backward(de if pos_rows == de.shape[0] else de.sum(axis=0, keepdims=True))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                output_hidden_states=False, output_attentions=False, inputs_embeds=None, **unused):
-        if unused:
-            raise ValueError(f"BertModel takes no labels; got {sorted(unused)}")
-        ids, embeds, mask, tt, pos = bert_inputs(self.config, self.embeddings.LayerNorm.params["weight"].dtype,
-                                                 input_ids, attention_mask, token_type_ids, position_ids,
-                                                 inputs_embeds)
-        hs, pooled = self.encode(ids, tt, pos, mask, None, embeds)
-        out = ModelOutput(last_hidden_state=hs[-1])
-        if pooled is not None:
-            out.pooler_output = pooled  # (B, C)
-        if output_hidden_states:
-            out.hidden_states = tuple(hs)
-        if output_attentions:
-            out.attentions = tuple(layer.attention.self.core.probs for layer in self.encoder.layer)
-        self._last = out
+                output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
+        x = bert_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, past_key_values)
+        hs, pooled = self.encode(x)
+        self._last = (hs[-1], pooled)
+        out = ModelOutput(last_hidden_state=hs[-1]) if pooled is None else \
+            ModelOutput(last_hidden_state=hs[-1], pooler_output=pooled)
+        if output_hidden_states or output_attentions:
+            out.update(extras(self, hs, output_hidden_states, output_attentions))
         return out
 
     def backward(self, grad=None):
-        last = self._need_last()
+        """grad = d last_hidden_state, or a tuple (d last_hidden_state, d pooler_output)"""
+        h, pooled = self._need_last()
         if grad is None:
             raise ValueError("BertModel has no loss; pass the gradient of last_hidden_state to backward(grad)")
-        dh, dpooled = grad if isinstance(grad, tuple) else (grad, None)
-        self.backward_from(None if dh is None else check_grad("last_hidden_state", dh, last.last_hidden_state),
-                           None if dpooled is None else check_grad("pooler_output", dpooled, last.pooler_output))
-
-    def backward_from(self, dh=None, dpooled=None):
-        """Backpropagate d last_hidden_state (B, T, C) and/or d pooler_output (B, C) to every parameter."""
-        self._need_last()
-        if dpooled is not None and self.pooler is None:
+        if isinstance(grad, tuple) and len(grad) > 1 and grad[1] is not None and pooled is None:
             raise ValueError("this BertModel has no pooler")
-        self.encode_backward(dh, dpooled)
+        self.encode_backward(*output_grads(grad, ("last_hidden_state", "pooler_output"), (h, pooled)))
 
 
-class _BertTask(PreTrainedModel):
-    """A backbone `bert` and heads. Subclasses build them and compute their outputs and losses."""
+def extras(bert, hs, output_hidden_states, output_attentions):
+    """transformers' optional outputs: hidden_states, attentions (each only if asked)."""
+    out = {}
+    if output_hidden_states:
+        out["hidden_states"] = tuple(hs)
+    if output_attentions:
+        out["attentions"] = tuple(layer.attention.self.core.probs for layer in bert.encoder.layer.items)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- the heads
+
+class BertPredictionHeadTransform(Module):
+    """t = LN(act(h Wt + bt))"""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = Activation(config.hidden_act)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class BertLMPredictionHead(Module):
+    """logits = t We^T + bias, t = LN(act(h Wt + bt)); the decoder IS the word-embedding table."""
+
+    def __init__(self, config, word_embeddings):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.add_param("bias", np.zeros(config.vocab_size))
+        self._word = (word_embeddings,)  # a tuple, so the table is not discovered as a child a second time
+
+    def forward(self, h):  # (..., C) -> (..., V)
+        tr = self.transform
+        t = tr.LayerNorm(tr.transform_act_fn(tr.dense(h)))
+        logits, self.cache = linear_forward(t, self._word[0].params["weight"].T, self.params["bias"])
+        return logits
+
+    def backward(self, dlogits):  # (..., V) -> (..., C)
+        tr, word = self.transform, self._word[0]
+        # logits = t We^T + b:  dt = dlogits We,  db = sum dlogits,  dWe = dlogits^T t (added to the lookup's)
+        dt, _, db = linear_backward(dlogits, self.cache, need_dw=False, need_db=self.requires_grad("bias"))
+        if word.requires_grad("weight"):
+            t = self.cache[0]
+            word.add_grad("weight", mm(dlogits.reshape(-1, dlogits.shape[-1]).T, t.reshape(-1, t.shape[-1])))
+        if db is not None:
+            self.add_grad("bias", db)
+        # t = LN(act(h Wt + bt))
+        return tr.dense.backward(tr.transform_act_fn.backward(tr.LayerNorm.backward(dt)))
+
+
+class BertOnlyMLMHead(Module):
+    def __init__(self, config, word_embeddings):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config, word_embeddings)
+
+
+class BertOnlyNSPHead(Module):
+    def __init__(self, config):
+        super().__init__()
+        self.seq_relationship = Linear(config.hidden_size, 2)
+
+
+class BertPreTrainingHeads(Module):
+    def __init__(self, config, word_embeddings):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config, word_embeddings)
+        self.seq_relationship = Linear(config.hidden_size, 2)
+
+
+class BertTask(PreTrainedModel):
+    """What every BERT task model shares: the backbone `bert`, the tied MLM decoder, the classifier dropout."""
 
     config_class = BertConfig
     base_model_prefix = "bert"
-    ignore_on_load = BertCore.ignore_on_load
-    outputs = ("logits",)
-    loss_inputs = "labels"
-    backbone_outputs = ("hidden_states", "attentions", "last_hidden_state", "pooler_output")
+    ignore_on_load = BertModel.ignore_on_load
+    output_hidden_states = output_attentions = False
 
-    def _build_backbone(self, add_pooling_layer):
+    def _backbone(self, add_pooling_layer):
         self.bert = BertModel(self.config, add_pooling_layer=add_pooling_layer, init=False)
 
-    def _build_mlm(self):
+    def _tied_word_embeddings(self):
         if not self.config.tie_word_embeddings:
             raise ValueError("config tie_word_embeddings=False (an untied MLM decoder) is not supported")
         self.tied = dict(TIED)
@@ -88,9 +324,20 @@ class _BertTask(PreTrainedModel):
         p = self.config.classifier_dropout
         return Dropout(self.config.hidden_dropout_prob if p is None else p)
 
+    def _output(self, hs, pooled, output_hidden_states, output_attentions, **fields):
+        """The head's fields (None ones left out), then the backbone's (hidden_states, attentions,
+        last_hidden_state, pooler_output)."""
+        out = ModelOutput({k: v for k, v in fields.items() if v is not None})
+        if output_hidden_states or output_attentions:
+            out.update(extras(self.bert, hs, output_hidden_states, output_attentions))
+        out.update(last_hidden_state=hs[-1])
+        if pooled is not None:
+            out.update(pooler_output=pooled)
+        return out
+
 
 @register
-class BertForPreTraining(_BertTask):
+class BertForPreTraining(BertTask):
     """loss = CE(prediction_logits, labels) + CE(seq_relationship_logits, next_sentence_label).
     backward(grad): d prediction_logits, or a tuple (d prediction_logits, d seq_relationship_logits).
     In training (model.train()) with labels, the MLM head runs only at the labelled positions, as the
@@ -100,178 +347,236 @@ class BertForPreTraining(_BertTask):
 
     mlm_on_labelled_only = True
 
-    outputs = ("prediction_logits", "seq_relationship_logits")
-    loss_inputs = "labels and next_sentence_label"
-
     def build(self):
-        self._build_backbone(True)
-        self.cls = BertPreTrainingHeads(self.config, self._build_mlm())
+        self._backbone(True)
+        self.cls = BertPreTrainingHeads(self.config, self._tied_word_embeddings())
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 next_sentence_label=None, output_hidden_states=False, output_attentions=False, inputs_embeds=None):
-        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                         output_attentions, inputs_embeds)
-        h, pooled = base.last_hidden_state, base.pooler_output
-        B, T, _ = h.shape
+        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        hs, pooled = self.bert.encode(x)
+        h, (B, T) = hs[-1], x.shape
         if labels is not None:
             labels = labels_like("labels", labels, (B, T), self.config.vocab_size)
         if next_sentence_label is not None:
             next_sentence_label = labels_like("next_sentence_label", next_sentence_label, (B,), 2)
-        self._mlm_rows = None
+        rows = None
         if self.training and labels is not None and self.mlm_on_labelled_only:
             # the original BERT's MLM: the head only where a label is (15% of positions); the others'
             # logits would only be ignored by the loss
             rows = np.flatnonzero(labels.reshape(-1) != IGNORE_INDEX)  # (M,) flat positions b*T + t
-            self._mlm_rows = (rows, h.shape)
             logits = self.cls.predictions(h.reshape(B * T, -1)[rows])  # (M, V)
             labels = labels.reshape(-1)[rows]  # (M,)
         else:
             logits = self.cls.predictions(h)  # (B, T, V)
         seq = self.cls.seq_relationship(pooled)  # (B, 2)
-        out, losses = ModelOutput(), []
-        if self._mlm_rows is not None:
-            out.mlm_positions = self._mlm_rows[0]
+        loss = mlm = nsp = c1 = c2 = None
         if labels is not None and next_sentence_label is not None:
-            mlm, c1 = cross_entropy(logits, labels)
-            nsp, c2 = cross_entropy(seq, next_sentence_label)
-            out.loss, out.mlm_loss, out.nsp_loss = mlm + nsp, mlm, nsp
-            losses = [("prediction_logits", c1, 1.0), ("seq_relationship_logits", c2, 1.0)]
-        out.prediction_logits, out.seq_relationship_logits = logits, seq
-        return self._finish(out, losses, base)
+            # loss = CE(MLM) + CE(NSP)
+            mlm, c1 = cross_entropy_forward(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            nsp, c2 = cross_entropy_forward(seq, next_sentence_label)
+            loss = mlm + nsp
+        self._last = (h, rows, logits, seq, c1, c2)
+        return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, mlm_loss=mlm, nsp_loss=nsp,
+                            prediction_logits=logits, seq_relationship_logits=seq, mlm_positions=rows)
 
-    def heads_backward(self, d):
-        dh = self.cls.predictions.backward(d["prediction_logits"]) if "prediction_logits" in d else None
-        if dh is not None and self._mlm_rows is not None:  # h[rows] was the head's input: scatter back
-            rows, shape = self._mlm_rows
-            full = np.zeros((shape[0] * shape[1], shape[2]), dtype=dh.dtype)
+    def backward(self, grad=None):
+        """d loss (grad None), or d prediction_logits and/or d seq_relationship_logits"""
+        h, rows, logits, seq, c1, c2 = self._need_last()
+        if grad is not None:
+            dlogits, dseq = output_grads(grad, ("prediction_logits", "seq_relationship_logits"), (logits, seq))
+        elif c1 is None:
+            no_loss("labels and next_sentence_label")
+        else:
+            # loss = CE(MLM) + CE(NSP)
+            dlogits = cross_entropy_backward(1.0, c1).reshape(logits.shape)
+            dseq = cross_entropy_backward(1.0, c2)
+        dh = self.cls.predictions.backward(dlogits) if dlogits is not None else None
+        if dh is not None and rows is not None:  # h[rows] was the head's input: scatter back
+            full = np.zeros((h.shape[0] * h.shape[1], h.shape[2]), dtype=dh.dtype)
             full[rows] = dh
-            dh = full.reshape(shape)  # (B, T, C)
-        dpooled = self.cls.seq_relationship.backward(d["seq_relationship_logits"]) \
-            if "seq_relationship_logits" in d else None
-        self.bert.backward_from(dh, dpooled)
+            dh = full.reshape(h.shape)  # (B, T, C)
+        dpooled = self.cls.seq_relationship.backward(dseq) if dseq is not None else None
+        self.bert.encode_backward(dh, dpooled)
 
 
 @register
-class BertForMaskedLM(_BertTask):
+class BertForMaskedLM(BertTask):
     """loss = CE(logits, labels), ignore_index -100, one mean over the labelled tokens. No pooler."""
 
     def build(self):
-        self._build_backbone(False)
-        self.cls = BertOnlyMLMHead(self.config, self._build_mlm())
+        self._backbone(False)
+        self.cls = BertOnlyMLMHead(self.config, self._tied_word_embeddings())
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states=False, output_attentions=False, inputs_embeds=None):
-        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                         output_attentions, inputs_embeds)
-        h = base.last_hidden_state
+        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        hs, pooled = self.bert.encode(x)
+        logits = self.cls.predictions(hs[-1])  # (B, T, V)
+        loss = ce = None
         if labels is not None:
-            labels = labels_like("labels", labels, h.shape[:2], self.config.vocab_size)
-        logits = self.cls.predictions(h)  # (B, T, V)
-        return self._finish(*head_output(logits, labels, cross_entropy), base)
+            labels = labels_like("labels", labels, x.shape, self.config.vocab_size)
+            loss, ce = cross_entropy_forward(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        self._last = (logits, ce)
+        return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, logits=logits)
 
-    def heads_backward(self, d):
-        self.bert.backward_from(self.cls.predictions.backward(d["logits"]))
+    def backward(self, grad=None):
+        """d loss (grad None), or grad = d logits"""
+        logits, ce = self._need_last()
+        if grad is not None:
+            dlogits = output_grads(grad, ("logits",), (logits,))[0]
+        elif ce is None:
+            no_loss("labels")
+        else:
+            # loss = CE(logits, labels)
+            dlogits = cross_entropy_backward(1.0, ce).reshape(logits.shape)
+        # logits = cls(h)
+        self.bert.encode_backward(self.cls.predictions.backward(dlogits))
 
 
 @register
-class BertForNextSentencePrediction(_BertTask):
+class BertForNextSentencePrediction(BertTask):
     """loss = CE(seq_relationship(pooled), labels); labels (B,) with 0 = B continues A, 1 = random B."""
 
     def build(self):
-        self._build_backbone(True)
+        self._backbone(True)
         self.cls = BertOnlyNSPHead(self.config)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 next_sentence_label=None, output_hidden_states=False, output_attentions=False, inputs_embeds=None):
         labels = next_sentence_label if labels is None else labels  # transformers' old keyword
-        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                         output_attentions, inputs_embeds)
+        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        hs, pooled = self.bert.encode(x)
+        logits = self.cls.seq_relationship(pooled)  # (B, 2)
+        loss = ce = None
         if labels is not None:
-            labels = labels_like("labels", labels, (base.pooler_output.shape[0],), 2)
-        logits = self.cls.seq_relationship(base.pooler_output)  # (B, 2)
-        return self._finish(*head_output(logits, labels, cross_entropy), base)
+            loss, ce = cross_entropy_forward(logits, labels_like("labels", labels, (x.B,), 2))
+        self._last = (logits, ce)
+        return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, logits=logits)
 
-    def heads_backward(self, d):
-        self.bert.backward_from(None, self.cls.seq_relationship.backward(d["logits"]))
+    def backward(self, grad=None):
+        """d loss (grad None), or grad = d logits"""
+        logits, ce = self._need_last()
+        if grad is not None:
+            dlogits = output_grads(grad, ("logits",), (logits,))[0]
+        elif ce is None:
+            no_loss("labels")
+        else:
+            dlogits = cross_entropy_backward(1.0, ce)
+        # logits = seq_relationship(pooled)
+        self.bert.encode_backward(None, self.cls.seq_relationship.backward(dlogits))
 
 
-class _BertClassifier(_BertTask):
-    """logits = Dropout(x) Wc + bc, x = the pooled [CLS] (per sequence) or h (per token)."""
+@register
+class BertForSequenceClassification(BertTask):
+    """logits = Dropout(pooled) Wc + bc.  Loss by problem_type as transformers: regression -> MSE
+    (num_labels == 1), single_label_classification -> CE, multi_label_classification -> BCE with logits."""
 
     per_token = False
 
     def build(self):
         self.num_labels = self.config.num_labels
-        self._build_backbone(not self.per_token)
+        self._backbone(not self.per_token)
         self.dropout = self._classifier_dropout()
         self.classifier = Linear(self.config.hidden_size, self.num_labels)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states=False, output_attentions=False, inputs_embeds=None):
-        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                         output_attentions, inputs_embeds)
-        x = base.last_hidden_state if self.per_token else base.pooler_output
+        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        hs, pooled = self.bert.encode(x)
+        logits = self.classifier(self.dropout(hs[-1] if self.per_token else pooled))  # (B, T, K) or (B, K)
+        loss = loss_cache = None
         if labels is not None and self.per_token:
-            labels = labels_like("labels", labels, x.shape[:2], self.num_labels)
-        logits = self.classifier(self.dropout(x))  # (B, K) or (B, T, K)
-        loss = cross_entropy if self.per_token else (lambda z, y: problem_type_loss(self.config, z, y))
-        return self._finish(*head_output(logits, labels, loss), base)
+            # loss = CE(logits, labels) over the labelled tokens
+            labels = labels_like("labels", labels, x.shape, self.num_labels)
+            loss, c = cross_entropy_forward(logits.reshape(-1, self.num_labels), labels.reshape(-1))
+            loss_cache = (cross_entropy_backward, c)
+        elif labels is not None:
+            loss, loss_cache = problem_type_loss(self.config, logits, labels)
+        self._last = (logits, loss_cache)
+        return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, logits=logits)
 
-    def heads_backward(self, d):
-        dx = self.dropout.backward(self.classifier.backward(d["logits"]))
-        self.bert.backward_from(*((dx, None) if self.per_token else (None, dx)))
+    def backward(self, grad=None):
+        """d loss (grad None), or grad = d logits"""
+        logits, loss_cache = self._need_last()
+        if grad is not None:
+            dlogits = output_grads(grad, ("logits",), (logits,))[0]
+        elif loss_cache is None:
+            no_loss("labels")
+        else:
+            loss_backward, c = loss_cache
+            dlogits = loss_backward(1.0, c).reshape(logits.shape)
+        # logits = classifier(dropout(pooled or h))
+        dx = self.dropout.backward(self.classifier.backward(dlogits))
+        self.bert.encode_backward(*((dx, None) if self.per_token else (None, dx)))
 
 
 @register
-class BertForSequenceClassification(_BertClassifier):
-    """logits = Dropout(pooled) Wc + bc.  Loss by problem_type as transformers: regression -> MSE
-    (num_labels == 1), single_label_classification -> CE, multi_label_classification -> BCE with logits."""
-
-
-@register
-class BertForTokenClassification(_BertClassifier):
+class BertForTokenClassification(BertForSequenceClassification):
     """logits = Dropout(h) Wc + bc per token; loss = CE(logits, labels), ignore_index -100. No pooler."""
 
     per_token = True
 
 
+def span_positions(start_positions, end_positions, B):
+    """QA's labels: both or neither, each (B,) or (B, 1) integers -> (start, end) (B,) or None"""
+    if (start_positions is None) != (end_positions is None):
+        raise ValueError("pass both start_positions and end_positions, or neither")
+    if start_positions is None:
+        return None
+    pos = []
+    for name, p in (("start_positions", start_positions), ("end_positions", end_positions)):
+        p = as_ids(name, p)
+        if p.shape not in ((B,), (B, 1)):
+            raise ValueError(f"{name} must have shape {(B,)}, got {p.shape}")
+        pos.append(p.reshape(B))
+    return pos
+
+
 @register
-class BertForQuestionAnswering(_BertTask):
+class BertForQuestionAnswering(BertTask):
     """start_logits, end_logits = split(h Wqa + bqa); loss = (CE(start) + CE(end)) / 2 with positions
     clamped to [0, T] and T ignored, as transformers. No pooler.
     backward(grad): grad = (d start_logits, d end_logits)."""
-
-    outputs = ("start_logits", "end_logits")
-    loss_inputs = "start_positions and end_positions"
 
     def build(self):
         self.num_labels = self.config.num_labels
         if self.num_labels != 2:
             raise ValueError(f"BertForQuestionAnswering needs config num_labels == 2, got {self.num_labels}")
-        self._build_backbone(False)
+        self._backbone(False)
         self.qa_outputs = Linear(self.config.hidden_size, 2)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 start_positions=None, end_positions=None, output_hidden_states=False, output_attentions=False,
                 inputs_embeds=None):
-        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
-                         output_attentions, inputs_embeds)
-        h = base.last_hidden_state
-        positions = check_span_positions(start_positions, end_positions, h.shape[0])
-        logits = self.qa_outputs(h)  # (B, T, 2)
+        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        hs, pooled = self.bert.encode(x)
+        positions = span_positions(start_positions, end_positions, x.B)
+        logits = self.qa_outputs(hs[-1])  # (B, T, 2)
         start, end = logits[..., 0].copy(), logits[..., 1].copy()  # (B, T) each
-        out, losses = ModelOutput(), []
+        loss = caches = None
         if positions is not None:
-            out.loss, (cs, ce) = span_loss(start, end, *positions)
-            losses = [("start_logits", cs, 0.5), ("end_logits", ce, 0.5)]
-        out.start_logits, out.end_logits = start, end
-        return self._finish(out, losses, base)
+            # loss = (CE(start, s) + CE(end, e)) / 2, positions clamped to [0, T] and T ignored
+            s, e = (np.clip(p, 0, x.T) for p in positions)
+            (ls, cs), (le, ce) = cross_entropy_forward(start, s, x.T), cross_entropy_forward(end, e, x.T)
+            loss, caches = (ls + le) / 2, (cs, ce)
+        self._last = (start, end, caches)
+        return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, start_logits=start,
+                            end_logits=end)
 
-    def heads_backward(self, d):
-        h = self.bert._last.last_hidden_state
-        zero = np.zeros(h.shape[:2], dtype=h.dtype)
-        dlogits = np.stack([d.get("start_logits", zero), d.get("end_logits", zero)], axis=-1)  # (B, T, 2)
-        self.bert.backward_from(self.qa_outputs.backward(dlogits))
+    def backward(self, grad=None):
+        """d loss (grad None), or grad = (d start_logits, d end_logits)"""
+        start, end, caches = self._need_last()
+        if grad is not None:
+            ds, de = output_grads(grad, ("start_logits", "end_logits"), (start, end))
+            ds = np.zeros_like(start) if ds is None else ds
+            de = np.zeros_like(end) if de is None else de
+        elif caches is None:
+            no_loss("start_positions and end_positions")
+        else:
+            ds, de = (cross_entropy_backward(0.5, c) for c in caches)
+        # start, end = split(qa_outputs(h))
+        self.bert.encode_backward(self.qa_outputs.backward(np.stack([ds, de], axis=-1)))  # (B, T, 2)
 
 
 __all__ = ["BertConfig", "BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForNextSentencePrediction",

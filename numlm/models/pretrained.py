@@ -1,16 +1,19 @@
 """The transformers side of every numlm model: class registry, outputs with transformers' field names,
-state dicts and gradients under transformers' keys and layouts (tied aliases included), loading and
-saving checkpoints, transformers' initialisation, and the dropout generator. No math here."""
+the input checks every forward runs once at its entry, transformers' loss selection for sequence
+classification, state dicts and gradients under transformers' keys and layouts (tied aliases
+included), loading and saving checkpoints, transformers' initialisation, and the dropout generator."""
 import re
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from ..io import read_config, write_config, load_safetensors, save_safetensors
 from ..nn import Module, Linear, Embedding, LayerNorm
-from .checks import check_grad, no_loss
-from .heads import loss_backward
+from ..ops import (cross_entropy_forward, cross_entropy_backward, mse_forward, mse_backward,
+                   bce_with_logits_forward, bce_with_logits_backward, IGNORE_INDEX)
+from ..ops._check import ids_in_range
 
 ARCHITECTURES = {}  # transformers architecture name -> numlm class
 
@@ -20,14 +23,24 @@ def register(cls):
     return cls
 
 
+FIELDS = {"loss", "logits", "last_hidden_state", "pooler_output", "hidden_states", "attentions",
+          "past_key_values", "mc_loss", "mc_logits", "lm_loss", "prediction_logits", "seq_relationship_logits",
+          "mlm_loss", "nsp_loss", "mlm_positions", "start_logits", "end_logits",
+          "sequences", "scores", "positions", "token_ids", "probs", "labels", "label_names"}
+
+
 class ModelOutput(dict):
     """A dict whose keys are also attributes, named as transformers names them (loss, logits,
-    last_hidden_state, pooler_output, hidden_states, attentions, ...). Absent fields read as None."""
+    last_hidden_state, pooler_output, hidden_states, attentions, ...). A field of transformers' that
+    this forward did not produce reads as None (out.loss without labels); any other name is an
+    AttributeError, so a typo is not silently None. Models leave absent fields out of the dict."""
 
     def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return self.get(name)
+        if name in self:
+            return self[name]
+        if name in FIELDS:
+            return None
+        raise AttributeError(f"{type(self).__name__} has no field {name!r}; it has {sorted(self)}")
 
     def __setattr__(self, name, value):
         self[name] = value
@@ -38,17 +51,6 @@ def parse_dtype(dtype):
     if dt not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
     return dt
-
-
-def head_output(logits, labels, loss):
-    """ModelOutput(loss=loss(logits, labels) when labels are given, logits) and the losses list
-    backward() differentiates: the common case of one head with one loss on `logits`."""
-    out, losses = ModelOutput(), []
-    if labels is not None:
-        out.loss, cache = loss(logits, labels)
-        losses.append(("logits", cache, 1.0))
-    out.logits = logits
-    return out, losses
 
 
 class PreTrainedModel(Module):
@@ -240,46 +242,10 @@ class PreTrainedModel(Module):
         write_config(cfg, path)
 
     # ---- the forward/backward contract --------------------------------------------------------
-    outputs = ()        # task models: the differentiable outputs backward(grad) takes, in this order
-    loss_inputs = ""    # task models: the arguments that give out.loss, named when backward() has none
-
     def objective(self, out):
         """The scalar that backward() with no argument differentiates, from this forward's output
-        (out.loss; the double-heads models override it). None when the forward had no labels."""
+        (out.loss; the double-heads models and L3 classification override it). None without labels."""
         return out.loss
-
-    def backward(self, grad=None):
-        """Task models. grad None: d objective (every loss of the last forward, with its weight); else
-        d outputs[0], or a tuple with one gradient (or None) per output in `outputs`."""
-        out, losses = self._need_last()
-        if grad is None:
-            if not losses:
-                no_loss(self.loss_inputs)
-            d = {}
-            for name, cache, weight in losses:  # objective = sum of weight * loss
-                g = loss_backward(cache, weight)
-                d[name] = g if name not in d else d[name] + g
-        else:
-            grads = grad if isinstance(grad, tuple) else (grad,)
-            if len(grads) > len(self.outputs):
-                raise ValueError(f"{type(self).__name__}.backward(grad) takes d {self.outputs[0]} or a tuple of "
-                                 f"gradients of {self.outputs}, got {len(grads)} arrays")
-            d = {k: check_grad(k, g, out[k]) for k, g in zip(self.outputs, grads) if g is not None}
-        self.heads_backward(d)
-
-    backbone_outputs = ()  # task models: the backbone's outputs they pass on, in transformers' order
-
-    def _finish(self, out, losses, base):
-        """Keep what backward() needs; the backbone's outputs go after the head's."""
-        self._last = (out, losses)
-        for k in self.backbone_outputs:
-            if base.get(k) is not None:
-                out[k] = base[k]
-        return out
-
-    def heads_backward(self, d):
-        """{output name: its gradient} -> the heads' and the backbone's parameter gradients."""
-        raise NotImplementedError
 
     def _need_last(self, backward=True):
         if self._last is None:
@@ -299,3 +265,235 @@ def from_pretrained(path, dtype="float32", **kwargs):
             return ARCHITECTURES[a].from_pretrained(path, dtype=dtype, **kwargs)
     raise ValueError(f"config.json of {str(path)!r} names architectures {archs}; numlm supports "
                      f"{sorted(ARCHITECTURES)}")
+
+
+# ---- input checks: every bad argument becomes a ValueError naming it, once, at the forward's entry ----
+
+class Inputs(NamedTuple):
+    """A forward's checked inputs, as the math below the entry reads them."""
+    ids: object          # (B, T) int64, or None with inputs_embeds
+    embeds: object       # (B, T, C) in the model's dtype, or None
+    mask: object         # (B, T_past + T) bool, or None when nothing is masked
+    token_types: object  # (B, T) int64 or None
+    pos: np.ndarray      # (B, T) or (1, T) int64 positions
+    past: object         # per-layer (k, v) (B, H, T_past, D), or None
+    past_len: int
+    labels: object       # checked language-model labels in the caller's shape, or None
+    shape: tuple         # input_ids' own shape: (B, T), or (B, N, T) for multiple choice
+    B: int               # rows the decoder runs (B * N for multiple choice)
+    T: int
+
+
+def as_ids(name, x):
+    """Token ids, labels or positions as int64; anything not integer is refused naming `name`."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integers, got dtype {x.dtype}")
+    return x.astype(np.int64, copy=False)
+
+
+def labels_like(name, labels, shape, n, allow=IGNORE_INDEX):
+    """Integer labels of `shape` in [0, n) (or the ignore index), as int64."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "iu" and labels.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {labels.shape}")
+    return ids_in_range(name, labels, n, allow=allow).astype(np.int64, copy=False)
+
+
+def lm_labels(labels, shape, V):
+    """Language-model labels: the shape of input_ids, ids in [0, V) or -100 (ignored)."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "iu" and labels.shape != tuple(shape):
+        raise ValueError(f"labels must have the shape of input_ids {tuple(shape)}, got {labels.shape}")
+    return ids_in_range("labels", labels, V, allow=IGNORE_INDEX).astype(np.int64, copy=False)
+
+
+def padding_mask(attention_mask, want, note):
+    """A 0/1 (or bool) mask of shape `want` as bool, or None when nothing is masked."""
+    if attention_mask is None:
+        return None
+    m = np.asarray(attention_mask)
+    if m.shape != want:
+        raise ValueError(f"attention_mask must have shape {want}{note}, got {m.shape}")
+    if m.dtype != np.bool_ and not ((m == 0) | (m == 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    m = m.astype(bool)
+    return None if m.all() else m
+
+
+def token_inputs(input_ids, inputs_embeds, dtype, C, ndims):
+    """(input_ids' shape, ids or None, inputs_embeds or None): exactly one of the two is given."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if inputs_embeds is not None:
+        e = np.asarray(inputs_embeds)
+        if e.ndim - 1 not in ndims or e.shape[-1] != C or e.shape[-2] == 0 or e.size == 0:
+            raise ValueError(f"inputs_embeds must have shape (B, T, {C}) with T >= 1, got {e.shape}")
+        if e.dtype.kind != "f":
+            raise ValueError(f"inputs_embeds must be floating point, got dtype {e.dtype}")
+        return e.shape[:-1], None, e.astype(dtype, copy=False)
+    ids = np.asarray(input_ids)
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"input_ids must hold integers, got dtype {ids.dtype}")
+    if ids.ndim not in ndims or ids.shape[-1] == 0 or ids.size == 0:
+        want = " or ".join({2: "(B, T)", 3: "(B, num_choices, T)"}[n] for n in ndims)
+        raise ValueError(f"input_ids must have shape {want} with T >= 1, got {ids.shape}")
+    return ids.shape, ids.astype(np.int64, copy=False), None
+
+
+def past_like(past, L, B, H, D, dtype):
+    """past_key_values: L (key, value) pairs (B, H, T_past, D) of the model's dtype -> T_past."""
+    if not isinstance(past, (tuple, list)) or len(past) != L:
+        raise ValueError(f"past_key_values must be a tuple of {L} (key, value) pairs, got "
+                         f"{type(past).__name__} of length {len(past) if hasattr(past, '__len__') else '?'}")
+    lengths = set()
+    for i, kv in enumerate(past):
+        if not isinstance(kv, (tuple, list)) or len(kv) != 2:
+            raise ValueError(f"past_key_values[{i}] must be a (key, value) pair")
+        for name, a in zip(("key", "value"), kv):
+            if not isinstance(a, np.ndarray) or a.ndim != 4 or a.shape[:2] != (B, H) or a.shape[3] != D:
+                raise ValueError(f"past_key_values[{i}] {name} must have shape (B, H, T_past, D) = "
+                                 f"({B}, {H}, T_past, {D}), got {getattr(a, 'shape', type(a).__name__)}")
+            if a.dtype != dtype:
+                raise ValueError(f"past_key_values[{i}] {name} has dtype {a.dtype}, the model {dtype}")
+            lengths.add(a.shape[2])
+            if len(lengths) > 1:
+                raise ValueError(f"past_key_values[{i}] {name} has T_past={a.shape[2]}, layer 0 has "
+                                 f"{past[0][0].shape[2]}")
+    return lengths.pop()
+
+
+def positions(position_ids, B, T, start, limit, note, per_row=True):
+    """Given positions ((B, T), (1, T) or (T,)) checked in [0, limit): (B, T), or (1, T) when not per_row
+    and shared. (Without them a model counts start .. start + T - 1 for every row.)"""
+    pos = np.asarray(position_ids)
+    if pos.dtype.kind in "iu" and (pos.shape[-1:] != (T,) or pos.size not in (T, B * T)):
+        raise ValueError(f"position_ids must have shape {note}, {(1, T)} or {(T,)}, got {pos.shape}")
+    pos = ids_in_range("position_ids", pos, limit).astype(np.int64, copy=False).reshape(-1, T)
+    return np.broadcast_to(pos, (B, T)) if per_row else pos
+
+
+def gpt_inputs(core, input_ids, attention_mask, token_type_ids, position_ids, past, inputs_embeds,
+               labels=None, logits_to_keep=0, choices=False, flat=False, lm_coef=1.0):
+    """GPT-1 / GPT-2 inputs -> Inputs. input_ids (B, T), or (B, N, T) for multiple choice (choices=True
+    requires it, flat=True refuses it), run flattened to (B*N, T) as transformers."""
+    cfg = core.config
+    if not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
+    if logits_to_keep and labels is not None:
+        raise ValueError("logits_to_keep needs labels=None: the loss uses the logits of every position")
+    if not np.isfinite(lm_coef):
+        raise ValueError(f"lm_coef must be a finite number, got {lm_coef!r}")
+    shape, ids, embeds = token_inputs(input_ids, inputs_embeds, core.wpe.params["weight"].dtype, cfg.n_embd,
+                                      (3,) if choices else (2,) if flat else (2, 3))
+    B, T = int(np.prod(shape[:-1])), shape[-1]
+    if ids is not None:
+        ids = ids_in_range("input_ids", ids.reshape(B, T), cfg.vocab_size)
+    else:
+        embeds = embeds.reshape(B, T, cfg.n_embd)
+    past_len = 0 if past is None else past_like(past, cfg.n_layer, B, cfg.n_head, cfg.n_embd // cfg.n_head,
+                                                 core.wpe.params["weight"].dtype)
+    if past_len + T > cfg.n_positions:
+        raise ValueError(f"sequence length {past_len + T} (past {past_len} + input_ids {T}) exceeds "
+                         f"n_positions {cfg.n_positions}")
+    mask = None if attention_mask is None else padding_mask(attention_mask, shape[:-1] + (past_len + T,),
+                                                            f" (input_ids {shape}, past length {past_len})")
+    if token_type_ids is not None:
+        tt = np.asarray(token_type_ids)
+        if tt.dtype.kind in "iu" and tt.shape != shape:
+            raise ValueError(f"token_type_ids must have the shape of input_ids {shape}, got {tt.shape}")
+        token_type_ids = ids_in_range("token_type_ids", tt, cfg.vocab_size).reshape(B, T)  # read in the token table
+    pos = (np.broadcast_to(np.arange(past_len, past_len + T), (B, T)) if position_ids is None  # padding does not
+           else positions(position_ids, B, T, past_len, cfg.n_positions, shape))           # shift them
+    if labels is not None:  # language-model labels: input_ids' shape, in [0, V) or -100 (ignored)
+        labels = np.asarray(labels)
+        if labels.dtype.kind in "iu" and labels.shape != shape:
+            raise ValueError(f"labels must have the shape of input_ids {shape}, got {labels.shape}")
+        labels = ids_in_range("labels", labels, cfg.vocab_size, allow=IGNORE_INDEX).astype(np.int64, copy=False)
+    return Inputs(ids, embeds, None if mask is None else mask.reshape(B, past_len + T), token_type_ids, pos,
+                  past, past_len, labels, shape, B, T)
+
+
+def bert_inputs(bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=None, past=None):
+    """BERT inputs -> Inputs (token types always set, positions (B, T) or (1, T)); a past (prefix tuning)
+    puts T_past keys before the tokens' own, the mask covering T_past + T and positions from T_past."""
+    cfg = bert.config
+    dtype = bert.embeddings.LayerNorm.params["weight"].dtype
+    shape, ids, embeds = token_inputs(input_ids, inputs_embeds, dtype, cfg.hidden_size, (2,))
+    B, T = shape
+    past_len = 0 if past is None else past_like(past, cfg.num_hidden_layers, B, cfg.num_attention_heads,
+                                                 cfg.hidden_size // cfg.num_attention_heads, dtype)
+    if past_len + T > cfg.max_position_embeddings:
+        raise ValueError(f"input_ids has sequence length {past_len + T} > max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+    if ids is not None:
+        ids_in_range("input_ids", ids, cfg.vocab_size)
+    tt = np.zeros((B, T), dtype=np.int64) if token_type_ids is None else np.asarray(token_type_ids)
+    if tt.dtype.kind in "iu" and tt.shape != (B, T):
+        raise ValueError(f"token_type_ids must have shape {(B, T)} like input_ids, got {tt.shape}")
+    tt = ids_in_range("token_type_ids", tt, cfg.type_vocab_size).astype(np.int64, copy=False)
+    pos = (np.arange(past_len, past_len + T)[None] if position_ids is None  # (1, T): broadcast over B
+           else positions(position_ids, B, T, past_len, cfg.max_position_embeddings, (B, T), per_row=False))
+    mask = None if attention_mask is None else padding_mask(
+        attention_mask, (B, past_len + T), " like input_ids" if not past_len else
+        f" (input_ids {shape}, past length {past_len})")
+    return Inputs(ids, embeds, mask, tt, pos, past, past_len, None, shape, B, T)
+
+
+def output_grads(grads, names, outputs):
+    """Gradients handed to backward(grad): per output in `names`, None or an array of that output's shape
+    (floating point, cast to its dtype). grads: one array, or a tuple with one entry per output."""
+    grads = grads if isinstance(grads, tuple) else (grads,)
+    if len(grads) > len(names):
+        raise ValueError(f"backward(grad) takes d {names[0]} or a tuple of gradients of {names}, "
+                         f"got {len(grads)} arrays")
+    out = []
+    for name, g, ref in zip(names, grads + (None,) * (len(names) - len(grads)), outputs):
+        if g is not None:
+            g = np.asarray(g)
+            if ref is None or g.shape != ref.shape:
+                raise ValueError(f"gradient of {name} must have shape {getattr(ref, 'shape', None)}, got {g.shape}")
+            if g.dtype.kind != "f":
+                raise ValueError(f"gradient of {name} must be floating point, got dtype {g.dtype}")
+            g = g.astype(ref.dtype, copy=False)
+        out.append(g)
+    return out
+
+
+def no_loss(what):
+    raise ValueError(f"backward() without a gradient needs a loss: call the model with {what}")
+
+
+def problem_type_loss(config, logits, labels):
+    """transformers' selection for sequence classification, by config.problem_type (set on the first
+    labelled forward: regression if K == 1, single-label for integer labels, else multi-label):
+        regression                  loss = MSE(logits, labels)            (K == 1: both squeezed)
+        single_label_classification loss = CE(logits, labels)            labels (B,) in [0, K) or -100
+        multi_label_classification  loss = BCE(sigmoid(logits), labels)  labels (B, K) in [0, 1]
+    logits: (B, K) -> loss, (its backward function, its cache): backward(dloss, cache) = d logits"""
+    B, K = logits.shape
+    labels = np.asarray(labels)
+    if config.problem_type is None:
+        config.problem_type = ("regression" if K == 1 else "single_label_classification"
+                               if labels.dtype.kind in "iu" else "multi_label_classification")
+    kind = config.problem_type
+    if kind == "single_label_classification":
+        if labels.dtype.kind in "iu" and labels.shape != (B,):
+            raise ValueError(f"labels must have shape {(B,)}, got {labels.shape}")
+        loss, c = cross_entropy_forward(logits, ids_in_range("labels", labels, K, allow=IGNORE_INDEX))
+        return loss, (cross_entropy_backward, c)
+    if labels.dtype.kind not in "iuf":
+        raise ValueError(f"labels must be numeric for {kind}, got dtype {labels.dtype}")
+    y = labels.astype(logits.dtype)
+    if kind == "regression":
+        shapes = ((B,), (B, 1)) if K == 1 else ((B, K),)
+        if y.shape not in shapes:
+            raise ValueError(f"labels must have shape {' or '.join(map(str, shapes))} for regression, got {y.shape}")
+        loss, c = mse_forward(logits.reshape(B), y.reshape(B)) if K == 1 else mse_forward(logits, y)
+        return loss, (mse_backward, c)
+    if y.shape != (B, K):
+        raise ValueError(f"labels must have shape {(B, K)} for multi_label_classification, got {y.shape}")
+    if ((y < 0) | (y > 1)).any():
+        raise ValueError("labels for multi_label_classification must lie in [0, 1]")
+    loss, c = bce_with_logits_forward(logits, y)
+    return loss, (bce_with_logits_backward, c)

@@ -1,10 +1,234 @@
-"""Layers built from ops. Each keeps its forward cache and accumulates parameter gradients."""
+"""Module and the layers built from ops.
+
+Module: named parameters, their gradients (a mirror dict with the same keys), children, and the
+cache of the last forward. One forward, then one backward; gradients accumulate with +=.
+
+Freezing: a frozen parameter has no entry in `grads`. Its layer then computes no gradient for it
+(only the input gradient), grad_arrays() leaves it out, so clipping and the optimizer never see it,
+and its values stay bit-identical through training.
+
+Two views of the same arrays, named for their layout:
+    parameters(), grad_arrays()     numlm's layout: {dotted name: array}, Linear weights (C_in, C_out),
+                                    the arrays themselves (an optimizer updates them in place)
+    state_dict(), gradients()       transformers' layout and keys (models only, numlm.models.pretrained):
+                                    copies, nn.Linear weights transposed to (C_out, C_in), tied aliases included
+
+Inference: forwards inside `with numlm.no_grad():` keep no caches (what only a backward reads), so a
+forward holds one layer's activations at a time instead of every layer's; a backward after such a
+forward raises ValueError. The outputs are bit-identical to a normal forward's.
+"""
+from contextlib import contextmanager
+
 import numpy as np
 
 from ..ops import (linear_forward, linear_backward, embedding_forward, embedding_backward,
                    layernorm_forward, layernorm_backward, dropout_forward, dropout_backward,
                    attention_forward, attention_backward, activation)
-from .module import Module
+
+_grad = [True]  # [enabled]: forwards keep their caches for a backward
+
+
+class NoCache:
+    """The cache a module holds after a forward under no_grad: any use of it in a backward is a
+    ValueError naming the module."""
+
+    def __init__(self, module):
+        self.name = type(module).__name__
+
+    def _refuse(self, *args):
+        raise ValueError(f"{self.name}.backward: the forward ran under numlm.no_grad() and kept no cache; "
+                         "run it again outside no_grad() to differentiate")
+
+    __iter__ = __getitem__ = __array__ = __len__ = _refuse
+
+    def __getattr__(self, name):
+        self._refuse()
+
+
+@contextmanager
+def no_grad():
+    """Forwards inside keep no caches for a backward (as torch.no_grad): inference at the memory of
+    one layer's activations. Nests; restores the previous mode on exit."""
+    prev, _grad[0] = _grad[0], False
+    try:
+        yield
+    finally:
+        _grad[0] = prev
+
+
+def grad_enabled():
+    """False inside numlm.no_grad()."""
+    return _grad[0]
+
+
+class Module:
+    def __init__(self):
+        self.params = {}      # name -> ndarray
+        self.grads = {}       # name -> ndarray, the trainable params' keys and shapes
+        self.training = True
+        self.cache = None     # what the last forward kept for backward (a NoCache under no_grad)
+
+    def add_param(self, name, value):
+        value = np.ascontiguousarray(value)
+        self.params[name] = value
+        self.grads[name] = zeros_untouched(value)
+        return value
+
+    def add_grad(self, name, g):
+        """grads[name] += g: the one way a gradient reaches a parameter (layers and tied heads alike).
+        Callers ask requires_grad(name) first: a frozen parameter has no gradient (KeyError here)."""
+        self.grads[name] += g
+
+    def children(self):
+        """(name, module) pairs in definition order."""
+        return [(k, v) for k, v in vars(self).items() if isinstance(v, Module)]
+
+    def modules(self, prefix=""):
+        """(dotted name, module) for this module and every descendant."""
+        yield prefix.rstrip("."), self
+        for name, child in self.children():
+            yield from child.modules(f"{prefix}{name}.")
+
+    def parameters(self):
+        """{dotted name: array} over the whole tree, numlm's own layout (Linear weights are (C_in, C_out))."""
+        return {f"{p}.{k}" if p else k: v for p, m in self.modules() for k, v in m.params.items()}
+
+    def grad_arrays(self):
+        """{dotted name: gradient array}, the mirror of trainable_parameters()."""
+        return {f"{p}.{k}" if p else k: v for p, m in self.modules() for k, v in m.grads.items()}
+
+    # ---- freezing
+    def requires_grad(self, name):
+        """True unless this module's own parameter `name` is frozen."""
+        return name in self.grads
+
+    def trainable_parameters(self):
+        """{dotted name: array} of the parameters that are not frozen."""
+        return {f"{p}.{k}" if p else k: m.params[k] for p, m in self.modules() for k in m.grads}
+
+    hands_grad_out = False  # True where backward feeds a tensor outside the model (a soft prompt, a prefix)
+
+    def needs_backward(self):
+        """True if a parameter of this module or a descendant trains, or one hands a gradient out."""
+        return any(m.grads or m.hands_grad_out for _, m in self.modules())
+
+    def _select(self, names):
+        """(module, local name) for dotted `names` relative to this module (None: every parameter)."""
+        slots = {f"{p}.{k}" if p else k: (m, k) for p, m in self.modules() for k in m.params}
+        if names is None:
+            return list(slots.values())
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in slots]
+        if unknown:
+            raise ValueError(f"no parameter named {unknown[0]!r} in {type(self).__name__}")
+        return [slots[n] for n in names]
+
+    def freeze(self, names=None):
+        """Freeze the parameters `names` (dotted, relative to this module), or all of this module's
+        tree. Their gradient arrays are dropped; returns self."""
+        for m, k in self._select(names):
+            m.grads.pop(k, None)
+        return self
+
+    def unfreeze(self, names=None):
+        """Make the parameters `names` (or all) trainable again, with a zero gradient; returns self."""
+        for m, k in self._select(names):
+            if k not in m.grads:
+                m.grads[k] = zeros_untouched(m.params[k])
+        return self
+
+    def zero_grad(self):
+        for _, m in self.modules():
+            for g in m.grads.values():
+                g.fill(0)
+
+    def train(self, mode=True):
+        for _, m in self.modules():
+            m.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def astype(self, dtype):
+        """Cast every parameter (and gradient) to dtype, in place; returns self."""
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+        for _, m in self.modules():
+            for k in m.params:
+                m.params[k] = np.ascontiguousarray(m.params[k], dtype=dtype)
+                if k in m.grads:  # frozen parameters stay frozen
+                    m.grads[k] = zeros_untouched(m.params[k])
+        return self
+
+    @property
+    def dtype(self):
+        for v in self.parameters().values():
+            return v.dtype
+        return np.dtype(np.float32)
+
+    def num_parameters(self):
+        return sum(v.size for v in self.parameters().values())
+
+    def __call__(self, *args, **kwargs):
+        self.called_under_no_grad = not _grad[0]  # a model's backward() checks its last call
+        out = self.forward(*args, **kwargs)
+        if not _grad[0]:  # drop what only a backward reads: one layer's activations at a time
+            self.cache = NoCache(self)
+        return out
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def backward(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+def zeros_untouched(a):
+    """Zeros like `a` from calloc: the pages cost no memory until a backward writes them
+    (np.zeros_like writes every byte), so a model used only for inference holds no gradient memory."""
+    return np.zeros(a.shape, dtype=a.dtype)
+
+
+class ModuleList(Module):
+    """An indexable list of modules named "0", "1", ... (transformers' `layer.0`, `h.0`)."""
+
+    def __init__(self, modules):
+        super().__init__()
+        self.items = list(modules)
+
+    def children(self):
+        return [(str(i), m) for i, m in enumerate(self.items)]
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+def lowest_needing_backward(bottom, input_grad, layers, past=None):
+    """The index of the lowest of `layers` a backward must reach: 0 when the modules below them
+    (`bottom`, e.g. the embeddings) need a backward or their input's gradient is wanted (`input_grad`,
+    inputs_embeds), else the first layer that needs one or takes a past. Below it every parameter is
+    frozen and no gradient is asked for, so the backward stops there. A module needs a backward when
+    it or a descendant has a trainable parameter or hands a gradient out (a soft prompt, a prefix)."""
+    if input_grad:
+        return 0
+    groups = [list(bottom) if isinstance(bottom, (list, tuple)) else [bottom]] + [[layer] for layer in layers]
+    for i, stack in enumerate(groups):
+        if i > 0 and past is not None and past[i - 1] is not None:
+            return i - 1
+        while stack:
+            m = stack.pop()
+            if m.grads or m.hands_grad_out:
+                return max(i - 1, 0)
+            stack.extend(c for _, c in m.children())
+    return len(layers)
 
 
 class Linear(Module):
@@ -23,7 +247,7 @@ class Linear(Module):
         return y
 
     def backward(self, dy):
-        dx, dw, db = linear_backward(dy, self.cache, self.requires_grad("weight"), self.requires_grad("bias"))
+        dx, dw, db = linear_backward(dy, self.cache, "weight" in self.grads, "bias" in self.grads)
         if dw is not None:
             self.add_grad("weight", dw)
         if db is not None:
@@ -42,7 +266,7 @@ class Embedding(Module):
         return out
 
     def backward(self, dout):
-        if self.requires_grad("weight"):
+        if "weight" in self.grads:  # not frozen
             self.add_grad("weight", embedding_backward(dout, self.cache))
 
 
@@ -59,9 +283,9 @@ class LayerNorm(Module):
 
     def backward(self, dy):
         dx, dg, db = layernorm_backward(dy, self.cache)  # dg, db: two sums fused into dx's pass
-        if self.requires_grad("weight"):
+        if "weight" in self.grads:  # not frozen
             self.add_grad("weight", dg)
-        if self.requires_grad("bias"):
+        if "bias" in self.grads:
             self.add_grad("bias", db)
         return dx
 
@@ -96,23 +320,6 @@ class Activation(Module):
         return self._backward(dy, self.cache)
 
 
-def add_residual(h, x, ln=None, adapters=None):
-    """y = ln(x + h), or x + h without ln: the end of a sub-layer (h its output after projection and
-    dropout, x its input). `adapters`, when set, replaces the step: a module with
-    forward(h, x, ln) -> y and backward(dy) -> (dh, dx) (bottleneck adapters)."""
-    if adapters is not None:
-        return adapters(h, x, ln)
-    return x + h if ln is None else ln(x + h)
-
-
-def add_residual_backward(dy, ln=None, adapters=None):
-    """forward: y = ln(x + h);  so  dh = dx = ln'(dy)  (= dy without ln)"""
-    if adapters is not None:
-        return adapters.backward(dy)
-    d = dy if ln is None else ln.backward(dy)
-    return d, d
-
-
 def split_heads(x, n_head):
     """(B, T, C) -> (B, H, T, D)"""
     B, T, C = x.shape
@@ -130,7 +337,8 @@ class Attention(Module):
     merge. Projections live in the model's own modules (BERT's query/key/value, GPT's fused c_attn).
     `past` = (k, v) of shape (B, H, T_past, D) are keys and values before the new ones (a KV cache, or
     prefix-tuning's per-layer prefix): `self.present` holds the concatenation, and backward leaves
-    their gradients in `self.dpast`, the same shapes. attention_mask then covers T_past + T keys."""
+    their gradients in `self.dpast`, the same shapes. The mask covers T_past + T keys: a (B, T_past + T)
+    padding mask, or the int8 codes of ops.attention_allowed that a model builds once per forward."""
 
     def __init__(self, n_head, dropout_p=0.0, causal=False, causal_fill=None, scale=None):
         super().__init__()
@@ -142,7 +350,10 @@ class Attention(Module):
         self.dpast = None
 
     def forward(self, q, k, v, attention_mask=None, past=None):  # (B, T, C) each -> (B, T, C)
-        q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))  # (B, H, T, D)
+        B, T, C = q.shape
+        H, D = self.n_head, C // self.n_head
+        # split heads: (B, T, C) -> (B, H, T, D)
+        q, k, v = (np.ascontiguousarray(t.reshape(B, T, H, D).transpose(0, 2, 1, 3)) for t in (q, k, v))
         if past is not None:
             k = np.concatenate([past[0], k], axis=2)  # (B, H, T_past + T, D)
             v = np.concatenate([past[1], v], axis=2)
@@ -151,11 +362,15 @@ class Attention(Module):
         out, cache = attention_forward(q, k, v, attention_mask, self.causal, self.scale,
                                        self.causal_fill, p, self.rng)
         self.cache, self.probs = cache, cache.probs
-        return merge_heads(out)
+        return out.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads: (B, H, T, D) -> (B, T, C)
 
     def backward(self, dout):  # (B, T, C) -> dq, dk, dv each (B, T, C)
-        dq, dk, dv = attention_backward(split_heads(dout, self.n_head), self.cache)  # dk, dv (B, H, T_past + T, D)
+        B, T, C = dout.shape
+        H, D = self.n_head, C // self.n_head
+        # out = merge(attention(split(q), split(k), split(v)))
+        dout = np.ascontiguousarray(dout.reshape(B, T, H, D).transpose(0, 2, 1, 3))  # (B, H, T, D)
+        dq, dk, dv = attention_backward(dout, self.cache)  # dk, dv (B, H, T_past + T, D)
         # k = concatenate([past k, k]), v likewise: the first T_past rows belong to the past
-        Tp = dk.shape[2] - dq.shape[2]
+        Tp = dk.shape[2] - T
         self.dpast = (dk[:, :, :Tp], dv[:, :, :Tp]) if Tp else None
-        return merge_heads(dq), merge_heads(dk[:, :, Tp:]), merge_heads(dv[:, :, Tp:])
+        return tuple(d.transpose(0, 2, 1, 3).reshape(B, T, C) for d in (dq, dk[:, :, Tp:], dv[:, :, Tp:]))

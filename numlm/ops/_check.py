@@ -4,13 +4,19 @@ import numpy as np
 FLOATS = (np.float32, np.float64)
 
 
-def float_array(name, x, min_ndim=1):
+def float_array(name, x, min_ndim=1, **same):
+    """x a float32 or float64 array of at least min_ndim dimensions; the arrays in `same` (None
+    skipped) of x's dtype."""
     if not isinstance(x, np.ndarray):
         raise ValueError(f"{name} must be a numpy array, got {type(x).__name__}")
     if x.dtype not in FLOATS:
         raise ValueError(f"{name} must be float32 or float64, got dtype {x.dtype}")
     if x.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {x.shape}")
+    if any(getattr(v, "dtype", x.dtype) != x.dtype for v in same.values() if v is not None):
+        desc = ", ".join(f"{k}: {getattr(v, 'dtype', type(v).__name__)}" for k, v in {name: x, **same}.items()
+                         if v is not None)
+        raise ValueError(f"dtypes must match ({desc})")
     return x
 
 
@@ -36,7 +42,9 @@ def int_array(name, x):
 
 def ids_in_range(name, ids, n, allow=None):
     """ids must lie in [0, n); `allow` is one extra permitted value (an ignore index)."""
-    ids = int_array(name, ids)
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integers, got dtype {ids.dtype}")
     bad = (ids < 0) | (ids >= n)
     if allow is not None:
         bad &= ids != allow

@@ -38,7 +38,7 @@ def gelu_forward(x):
             return y.reshape(x.shape), (x, False, e)
         y = gelu_erf_kernel(x1, f(0.5), f(1.0), f(INV_SQRT_2))
         return y.reshape(x.shape), (x, False, None)
-    return 0.5 * x * (1.0 + erf(x * INV_SQRT_2)), (x, False, None)
+    return 0.5 * x * (1.0 + np.asarray(_erf(x * INV_SQRT_2), dtype=x.dtype)), (x, False, None)  # erf(x / sqrt 2)
 
 
 def gelu_tanh_forward(x):
@@ -79,7 +79,7 @@ def gelu_backward(dy, cache):
         t = np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)) if t is None else t.reshape(x.shape)
         dydx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
     else:
-        dydx = 0.5 * (1.0 + erf(x * INV_SQRT_2)) + x * np.exp(-0.5 * x * x) * INV_SQRT_2PI
+        dydx = 0.5 * (1.0 + np.asarray(_erf(x * INV_SQRT_2), dtype=x.dtype)) + x * np.exp(-0.5 * x * x) * INV_SQRT_2PI
     return dy * dydx
 
 

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._check import float_array, same_dtype
+from ._check import float_array
 from .. import kernels
 from ..kernels.matmul import mm  # a @ b, the B*H products split across the cores
 from ..kernels.softmax import scale_mask_kernel
@@ -34,11 +34,14 @@ class AttentionCache(NamedTuple):
 def attention_allowed(attention_mask, B, Tq, Tk, causal, causal_fill=None):
     """Mask codes (Bc, Hc, Tq, Tk) int8 from a padding mask and/or causality, or None if all allowed.
     attention_mask: (B, Tk) with 1 = real token, 0 = padding; or a boolean array broadcastable to
-    (B, H, Tq, Tk) saying which keys each query may see. Causal with Tq < Tk (a KV cache) puts query i
+    (B, H, Tq, Tk) saying which keys each query may see; or int8 codes this function made (returned
+    as they are, so a model builds them once per forward and every layer passes them on). Causal with Tq < Tk (a KV cache) puts query i
     at absolute position Tk - Tq + i."""
     codes = None
     if attention_mask is not None:
         m = np.asarray(attention_mask)
+        if m.dtype == np.int8 and m.ndim == 4 and m.shape[2:] == (Tq, Tk):
+            return m  # already the codes (a model builds them once per forward)
         if m.ndim == 2:
             if m.shape != (B, Tk):
                 raise ValueError(f"attention_mask must have shape (B, T_k) = {(B, Tk)}, got {m.shape}")
@@ -86,9 +89,9 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
     q: (B, H, Tq, D)  k, v: (B, H, Tk, D)  attention_mask: (B, Tk) 0/1 or bool (B|1, H|1, Tq, Tk)
     -> out: (B, H, Tq, D); cache.probs (B, H, Tq, Tk) are the attention probabilities.
     scale defaults to 1/sqrt(D); dropout on the probabilities when dropout_p > 0 (needs rng)."""
-    for name, a in (("q", q), ("k", k), ("v", v)):
-        float_array(name, a, 4)
-    same_dtype(q=q, k=k, v=v)
+    float_array("q", q, 4)
+    float_array("k", k, 4)
+    float_array("v", v, 4, q=q, k=k)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if k.shape != (B, H, Tk, D) or v.shape != (B, H, Tk, D):

@@ -1,7 +1,7 @@
 """LayerNorm over the last axis, biased variance (as the BERT and GPT papers and transformers)."""
 import numpy as np
 
-from ._check import float_array, same_dtype
+from ._check import float_array
 from .. import kernels
 from ..kernels.layernorm import layernorm_forward_kernel, layernorm_backward_kernel
 
@@ -9,10 +9,9 @@ from ..kernels.layernorm import layernorm_forward_kernel, layernorm_backward_ker
 def layernorm_forward(x, gamma, beta, eps=1e-5):
     """y = (x - mean(x)) / sqrt(var(x) + eps) * gamma + beta   over the last axis
     x: (N, C)  gamma, beta: (C,)  ->  y: (N, C)"""
-    float_array("x", x)
+    float_array("x", x, 1, gamma=gamma, beta=beta)
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not 0 < eps < np.inf:
         raise ValueError(f"eps must be a finite number > 0 (it keeps 1/sqrt(var + eps) finite), got {eps!r}")
-    same_dtype(x=x, gamma=gamma, beta=beta)
     C = x.shape[-1]
     if gamma.shape != (C,) or beta.shape != (C,):
         raise ValueError(f"gamma and beta must have shape ({C},) for x of shape {x.shape}, "

@@ -3,7 +3,7 @@ map of one-hot rows, whose backward is a scatter-add). numlm keeps every linear 
 (C_in, C_out), so the forward is one BLAS call, x @ W."""
 import numpy as np
 
-from ._check import float_array, same_dtype, ids_in_range
+from ._check import float_array, ids_in_range
 from .. import kernels
 from ..kernels.embedding import embedding_scatter_add
 from ..kernels.matmul import mm  # a @ b, split across the cores unless NUMLM_NUMBA=0
@@ -12,9 +12,8 @@ from ..kernels.matmul import mm  # a @ b, split across the cores unless NUMLM_NU
 def linear_forward(x, w, b=None):
     """y = x W + b
     x: (N, C_in)  w: (C_in, C_out)  b: (C_out,) or None  ->  y: (N, C_out)"""
-    float_array("x", x)
     float_array("w", w, 2)
-    same_dtype(x=x, w=w, b=b)
+    float_array("x", x, 1, w=w, b=b)
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"x has {x.shape[-1]} input channels (shape {x.shape}) but w expects "
                          f"{w.shape[0]} (shape {w.shape})")

@@ -91,7 +91,8 @@ def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX):
     t = targets.reshape(-1).astype(np.int64)
     valid = t != ignore_index
     count = int(valid.sum())
-    probs, lse = softmax_lse(x)  # (N, V), (N,)
+    probs, m, s = _exp_normalize(x)  # (N, V), (N,), (N,)
+    lse = m + np.log(s)  # log sum exp(x), softmax_lse's
     losses = np.where(valid, lse - x[np.arange(len(t)), np.where(valid, t, 0)], 0)  # (N,)
     loss = logits.dtype.type(losses.sum() / count) if count else logits.dtype.type(0.0)
     return loss, CrossEntropyCache(probs, t, valid, count, logits.shape)
