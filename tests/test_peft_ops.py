@@ -224,34 +224,6 @@ def test_prefix_layout_gradcheck(B, n, L, H, D, seed):
     assert worst(gradcheck(f, (prompt,), b, eps=EPS), 1) < TOL
 
 
-@settings(max_examples=15)
-@given(B=st.integers(1, 3), T=st.integers(1, 5), n=st.integers(1, 4), H=st.integers(1, 2), D=st.integers(1, 3),
-       causal=st.booleans(), openai=st.booleans(), pad=st.integers(0, 3), seed=seeds)
-def test_prefix_attention_gradcheck(B, T, n, H, D, causal, openai, pad, seed):
-    """Attention over n prefix keys/values and T real ones, with right padding of the real tokens
-    (the prefix's n mask entries are ones) and optionally causal (GPT-2 finfo.min, GPT-1 -1e4)."""
-    rng = np.random.default_rng(seed)
-    q, k, v = (rng.standard_normal((B, H, T, D)) for _ in range(3))
-    pk, pv = rng.standard_normal((B, H, n, D)), rng.standard_normal((B, H, n, D))
-    mask = np.ones((B, n + T), dtype=np.int64)
-    mask[-1, n + T - min(pad, T - 1):] = 0 if pad and T > 1 else 1
-    kw = {"attention_mask": mask, "causal": causal, "causal_fill": -1e4 if openai and causal else None}
-    errs = gradcheck(P.prefix_attention_forward, (q, k, v, pk, pv), P.prefix_attention_backward,
-                     kwargs=kw, eps=EPS)
-    assert worst(errs, 5) < TOL, errs
-    # independently: attention over the concatenated keys
-    out, _ = P.prefix_attention_forward(q, k, v, pk, pv, **kw)
-    ref, _ = ops.attention_forward(q, np.concatenate([pk, k], 2), np.concatenate([pv, v], 2), mask, causal,
-                                   None, kw["causal_fill"])
-    np.testing.assert_array_equal(out, ref)
-    if causal:  # query 0 sees the whole prefix and itself, nothing later
-        s = np.einsum("bhd,bhkd->bhk", q[:, :, 0], np.concatenate([pk, k[:, :, :1]], 2)) / np.sqrt(D)
-        p = np.exp(s - s.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        want = np.einsum("bhk,bhkd->bhd", p, np.concatenate([pv, v[:, :, :1]], 2))
-        np.testing.assert_allclose(out[:, :, 0], want, rtol=1e-10, atol=1e-12)
-
-
 def test_swish_values():
     x = np.linspace(-4, 4, 9)
     y, c = P.swish_forward(x)

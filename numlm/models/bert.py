@@ -352,8 +352,9 @@ class BertForPreTraining(BertTask):
         self.cls = BertPreTrainingHeads(self.config, self._tied_word_embeddings())
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                next_sentence_label=None, output_hidden_states=False, output_attentions=False, inputs_embeds=None):
-        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+                next_sentence_label=None, output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
+        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                        past_key_values)
         hs, pooled = self.bert.encode(x)
         h, (B, T) = hs[-1], x.shape
         if labels is not None:
@@ -409,8 +410,9 @@ class BertForMaskedLM(BertTask):
         self.cls = BertOnlyMLMHead(self.config, self._tied_word_embeddings())
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                output_hidden_states=False, output_attentions=False, inputs_embeds=None):
-        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+                output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
+        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                        past_key_values)
         hs, pooled = self.bert.encode(x)
         logits = self.cls.predictions(hs[-1])  # (B, T, V)
         loss = ce = None
@@ -443,9 +445,10 @@ class BertForNextSentencePrediction(BertTask):
         self.cls = BertOnlyNSPHead(self.config)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                next_sentence_label=None, output_hidden_states=False, output_attentions=False, inputs_embeds=None):
+                next_sentence_label=None, output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
         labels = next_sentence_label if labels is None else labels  # transformers' old keyword
-        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                        past_key_values)
         hs, pooled = self.bert.encode(x)
         logits = self.cls.seq_relationship(pooled)  # (B, 2)
         loss = ce = None
@@ -481,8 +484,9 @@ class BertForSequenceClassification(BertTask):
         self.classifier = Linear(self.config.hidden_size, self.num_labels)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                output_hidden_states=False, output_attentions=False, inputs_embeds=None):
-        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+                output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
+        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                        past_key_values)
         hs, pooled = self.bert.encode(x)
         logits = self.classifier(self.dropout(hs[-1] if self.per_token else pooled))  # (B, T, K) or (B, K)
         loss = loss_cache = None
@@ -548,8 +552,9 @@ class BertForQuestionAnswering(BertTask):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 start_positions=None, end_positions=None, output_hidden_states=False, output_attentions=False,
-                inputs_embeds=None):
-        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)
+                inputs_embeds=None, past_key_values=None):
+        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                        past_key_values)
         hs, pooled = self.bert.encode(x)
         positions = span_positions(start_positions, end_positions, x.B)
         logits = self.qa_outputs(hs[-1])  # (B, T, 2)

@@ -106,12 +106,6 @@ class Module:
         """{dotted name: array} of the parameters that are not frozen."""
         return {f"{p}.{k}" if p else k: m.params[k] for p, m in self.modules() for k in m.grads}
 
-    hands_grad_out = False  # True where backward feeds a tensor outside the model (a soft prompt, a prefix)
-
-    def needs_backward(self):
-        """True if a parameter of this module or a descendant trains, or one hands a gradient out."""
-        return any(m.grads or m.hands_grad_out for _, m in self.modules())
-
     def _select(self, names):
         """(module, local name) for dotted `names` relative to this module (None: every parameter)."""
         slots = {f"{p}.{k}" if p else k: (m, k) for p, m in self.modules() for k in m.params}
@@ -216,7 +210,7 @@ def lowest_needing_backward(bottom, input_grad, layers, past=None):
     (`bottom`, e.g. the embeddings) need a backward or their input's gradient is wanted (`input_grad`,
     inputs_embeds), else the first layer that needs one or takes a past. Below it every parameter is
     frozen and no gradient is asked for, so the backward stops there. A module needs a backward when
-    it or a descendant has a trainable parameter or hands a gradient out (a soft prompt, a prefix)."""
+    it or a descendant has a trainable parameter."""
     if input_grad:
         return 0
     groups = [list(bottom) if isinstance(bottom, (list, tuple)) else [bottom]] + [[layer] for layer in layers]
@@ -225,7 +219,7 @@ def lowest_needing_backward(bottom, input_grad, layers, past=None):
             return i - 1
         while stack:
             m = stack.pop()
-            if m.grads or m.hands_grad_out:
+            if m.grads:
                 return max(i - 1, 0)
             stack.extend(c for _, c in m.children())
     return len(layers)

@@ -11,14 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models.checks import as_ids
-from ..models.pretrained import PreTrainedModel
+from ..models.pretrained import PreTrainedModel, as_ids
 from ..nn import Linear
 from .config import (LoraConfig, PromptTuningConfig, PrefixTuningConfig, BnConfig, TASK_HEADS, LORA_TARGETS)
 from .layers import LoraLinear, PromptEmbedding
-from .ops import prefix_forward, prefix_backward
-from .placement import (set_child, install_adapters, remove_adapters, PromptedEmbedding, PrefixAttention,
-                        word_embedding_path, attention_paths)
+from .ops import prompt_forward, prompt_backward, prefix_forward, prefix_backward
+from .placement import set_child, install_adapters, remove_adapters, word_embeddings, backbone
 from . import files
 
 # models whose labels are per token: prompt tuning prefixes them with n times -100
@@ -149,18 +147,8 @@ class PeftModel:
         self.prompt = PromptEmbedding(n, width, dtype=dtype)
         self.prompt.reset(rng)
         self._slots["prompt_embeddings"] = (self.prompt, "prompt_embeddings")
-        if self.kind == "PROMPT_TUNING":
-            path = word_embedding_path(model)
-            self._embed = PromptedEmbedding(_get(model, path))
-            set_child(model, path, self._embed)
-        else:
-            self._cores = []
-            for path in attention_paths(model):
-                core = PrefixAttention(_get(model, path))
-                set_child(model, path, core)
-                self._cores.append(core)
-            if len(self._cores) != L:
-                raise ValueError(f"found {len(self._cores)} attention layers, the config says {L}")
+        # the model's own hooks carry them: the prompt enters as inputs_embeds, the prefix as past_key_values
+        self._word = word_embeddings(model)
 
     def _install_bottleneck(self, rng, dtype):
         model = self.base_model
@@ -232,52 +220,35 @@ class PeftModel:
         zeros, a causal LM's labels with n times -100; position ids are ignored (a warning)."""
         ids, n = self._ids(input_ids)
         B = ids.shape[0]
-        ids = np.concatenate([np.zeros((B, n), dtype=np.int64), ids], axis=1)  # placeholders for the prompt
         if attention_mask is not None:
-            kw["attention_mask"] = np.concatenate([np.ones((B, n), dtype=np.int64), np.asarray(attention_mask)], 1)
+            kw["attention_mask"] = prefixed_mask(attention_mask, B, ids.shape[1], n)
         if token_type_ids is not None:
             kw["token_type_ids"] = np.concatenate([np.zeros((B, n), dtype=np.int64), as_ids("token_type_ids", token_type_ids)], 1)
         if position_ids is not None:
             warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
         if labels is not None:
             if type(self.base_model).__name__ in TOKEN_LABEL_CLASSES:
-                lab = as_ids("labels", labels)
-                labels = np.concatenate([np.full((B, n), -100, dtype=np.int64), lab], 1)
+                labels = np.concatenate([np.full((B, n), -100, dtype=np.int64), as_ids("labels", labels)], 1)
             kw["labels"] = labels
-        model = self.base_model
-        # transformers' GPT2ForSequenceClassification given inputs_embeds (as peft calls it) cannot see
-        # padding and pools the last position
-        last = type(model).__name__ == "GPT2ForSequenceClassification" and model.config.pad_token_id is not None
-        if last:
-            model._pool_index = lambda x: np.full(x.shape[0], x.shape[-1] - 1)
-        self._embed.prompt = self.prompt
-        try:
-            out = model(ids, **kw)
-        finally:
-            self._embed.prompt = None
-            if last:
-                del model._pool_index
-        self._last = ("prompt",)
+        # e = [prompt; word(ids)]  (B, n + T, C)
+        embeds, _ = prompt_forward(self._word(ids), self.prompt.params["prompt_embeddings"])
+        out = self.base_model(inputs_embeds=embeds, **kw)
+        self._last = ("prompt", n)
         return out
 
     def _prefix_forward(self, input_ids, attention_mask, labels, token_type_ids, position_ids, kw):
-        """peft: past_key_values from the prefix table, mask prefixed with n ones (inside the attention
-        cores), real positions n .. n+T-1 (given position ids are shifted by n)."""
+        """peft: past_key_values from the prefix table, mask prefixed with n ones, real positions
+        n .. n+T-1 (given position ids are shifted by n)."""
         ids, n = self._ids(input_ids)
         B, T = ids.shape
         c = self.base_model.config
         past, pc = prefix_forward(self.prompt.params["prompt_embeddings"], B, _layers(c), _heads(c))
+        mask = prefixed_mask(attention_mask, B, T, n)
         pos = np.arange(n, n + T, dtype=np.int64)[None] if position_ids is None else as_ids("position_ids", position_ids) + n
-        for k, v in (("attention_mask", attention_mask), ("labels", labels), ("token_type_ids", token_type_ids)):
+        for k, v in (("labels", labels), ("token_type_ids", token_type_ids)):
             if v is not None:
                 kw[k] = v
-        for core, (pk, pv) in zip(self._cores, past):
-            core.prefix = (pk, pv)
-        try:
-            out = self.base_model(ids, position_ids=pos, **kw)
-        finally:
-            for core in self._cores:
-                core.prefix = None
+        out = self.base_model(ids, attention_mask=mask, position_ids=pos, past_key_values=tuple(past), **kw)
         self._last = ("prefix", pc)
         return out
 
@@ -289,10 +260,15 @@ class PeftModel:
         if self._last is None:
             raise ValueError("backward() needs a forward pass first")
         self.base_model.backward(grad) if grad is not None else self.base_model.backward()
-        if self._last[0] == "prefix":
-            dpast = [core.dprefix for core in self._cores]
-            if "prompt_embeddings" in self.prompt.grads:
-                self.prompt.grads["prompt_embeddings"] += prefix_backward(dpast, self._last[1])
+        kind, core = self._last[0], backbone(self.base_model)
+        if kind == "prompt":  # e = [prompt; word(ids)]
+            d_word, dprompt = prompt_backward(core_embeds_grad(core), self._last[1])
+            if "weight" in self._word.grads:  # the token table trains too
+                self._word.backward(d_word)
+        elif kind == "prefix":  # past = view(prompt)
+            dprompt = prefix_backward(core.past_grads, self._last[1])
+        if kind != "plain" and "prompt_embeddings" in self.prompt.grads:
+            self.prompt.add_grad("prompt_embeddings", dprompt)
 
     # ---- parameters, gradients ------------------------------------------------------------------
     def parameters(self):
@@ -404,10 +380,6 @@ class PeftModel:
         for path, m in list(model.modules()):
             if isinstance(m, LoraLinear):
                 set_child(model, path, m.unwrap(merge))
-            elif isinstance(m, PromptedEmbedding):
-                set_child(model, path, m.table)
-            elif isinstance(m, PrefixAttention):
-                set_child(model, path, m.core)
         remove_adapters(model)
         model.unfreeze()
         model._peft = None
@@ -533,8 +505,16 @@ def _positions(c):
     return getattr(c, "max_position_embeddings", None) or c.n_positions
 
 
-def _get(model, path):
-    m = model
-    for part in path.split("."):
-        m = m[int(part)] if part.isdigit() else getattr(m, part)
-    return m
+def prefixed_mask(attention_mask, B, T, n):
+    """[1 ... 1 (n); attention_mask]: the virtual tokens are always seen. None stays None (nothing masked)."""
+    if attention_mask is None:
+        return None
+    m = np.asarray(attention_mask)
+    if m.shape != (B, T):
+        raise ValueError(f"attention_mask must have shape {(B, T)} like input_ids, got {m.shape}")
+    return np.concatenate([np.ones((B, n), dtype=m.dtype), m], axis=1)
+
+
+def core_embeds_grad(core):
+    """d inputs_embeds of the last backward (GPT: the decoder's, BERT: its embeddings')"""
+    return core.embeddings.inputs_embeds_grad if hasattr(core, "embeddings") else core.inputs_embeds_grad

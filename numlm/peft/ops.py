@@ -7,7 +7,7 @@ number of virtual tokens.
 """
 import numpy as np
 
-from ..ops import activation, layernorm_forward, layernorm_backward, attention_forward, attention_backward
+from ..ops import activation, layernorm_forward, layernorm_backward
 from ..ops._check import float_array, same_dtype
 from ..kernels.matmul import mm  # a @ b at one BLAS thread per core (numlm.ops.linear)
 
@@ -239,21 +239,3 @@ def prefix_backward(dpast, cache):
     n, L, H, D = cache
     d = np.stack([t for kv in dpast for t in kv])  # (2L, B, H, n, D)
     return d.sum(axis=1).transpose(2, 0, 1, 3).reshape(n, 2 * L * H * D)  # (n, L*2*C)
-
-
-def prefix_attention_forward(q, k, v, pk, pv, attention_mask=None, causal=False, scale=None, causal_fill=None,
-                             dropout_p=0.0, rng=None):
-    """out = softmax(q [pk; k]^T * scale + M) [pv; v]:  n prefix keys/values before the T real ones,
-    always visible; attention_mask (B, n + T) covers both.
-    q, k, v: (B, H, T, D)  pk, pv: (B, H, n, D)  ->  out: (B, H, T, D)"""
-    K = np.concatenate([pk, k], axis=2)  # (B, H, n + T, D)
-    V = np.concatenate([pv, v], axis=2)
-    out, c = attention_forward(q, K, V, attention_mask, causal, scale, causal_fill, dropout_p, rng)
-    return out, (c, pk.shape[2])
-
-
-def prefix_attention_backward(dout, cache):
-    """forward: K = [pk; k], V = [pv; v], out = attention(q, K, V).  so  dpk = dK[:n], dk = dK[n:] (same for V)"""
-    c, n = cache
-    dq, dK, dV = attention_backward(dout, c)
-    return dq, dK[:, :, n:], dV[:, :, n:], dK[:, :, :n], dV[:, :, :n]
