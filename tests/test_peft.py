@@ -569,3 +569,28 @@ def test_trainer_trains_and_resumes_a_peft_model_bit_exactly(method, tmp_path):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     for k in full.optimizer.exp_avg:
         np.testing.assert_array_equal(full.optimizer.exp_avg[k], again.optimizer.exp_avg[k])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_prompt_tuned_gpt2_classifier_pools_where_peft_pools(side):
+    """peft hands GPT2ForSequenceClassification inputs_embeds without input_ids, so transformers cannot
+    see the padding and pools the last position, n + T - 1, of every row: a pad position for a
+    right-padded row. numlm's prompt tuning goes through the same inputs_embeds hook and must give the
+    same logits, loss and gradients on either padding side (reference: peft 0.21 on transformers)."""
+    ref = np.load(PEFT / "prompt-gpt2-tiny-seqcls" / "reference.npz")
+    r = (lambda k: ref[k]) if side == "right" else (lambda k: ref["left/" + k])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the score head comes from the adapter file
+        model = numlm.GPT2ForSequenceClassification.from_pretrained(FIXTURES / "hf" / "gpt2-tiny-seqcls",
+                                                                    dtype="float64")
+    pm = peft.PeftModel.from_pretrained(model, PEFT / "prompt-gpt2-tiny-seqcls" / "adapter", is_trainable=True)
+    out = pm(input_ids=r("input_ids"), attention_mask=r("attention_mask"), labels=r("labels"))
+    assert rel(out.logits, r("logits")) < 1e-10
+    assert abs(out.loss - r("loss")) / abs(r("loss")) < 1e-10
+    if side == "right":  # the last real token would give other logits: the check can fail
+        assert rel(r("logits_at_last_real_token"), r("logits")) > 1e-3
+    pm.zero_grad()
+    pm.backward()
+    grads = pm.gradients()
+    for k in ("prompt_embeddings", "base_model.score.weight"):
+        assert rel(grads[k], r("grad/" + k)) < 1e-10, k
