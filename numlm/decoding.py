@@ -15,7 +15,7 @@ import inspect
 
 import numpy as np
 
-from .models.pretrained import ModelOutput, PreTrainedModel
+from .models.pretrained import ModelOutput
 from .nn import no_grad
 from .ops import softmax, log_softmax
 
@@ -494,12 +494,3 @@ def _beam_search(model, ids, mask, max_length, K, n_return, length_penalty, earl
     beam_idx = beam_idx[:, :n_return].reshape(B * n_return, -1)
     out_len = T0 + int((beam_idx != -1).sum(axis=1).max())
     return sequences[:, :out_len], seq_scores, tuple(scores)
-
-
-def _generate_method(self, *args, **kwargs):
-    """model.generate(...) = numlm.generate(model, ...): transformers' method, attached here so that
-    the models never import decoding."""
-    return generate(self, *args, **kwargs)
-
-
-PreTrainedModel.generate = _generate_method

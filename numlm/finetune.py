@@ -524,59 +524,6 @@ def _is_final_norm(model, name):
     return ".ln_f." in name
 
 
-# ---- GPT-1's L3 for classification -------------------------------------------------------------
-def _gpt_classifier_with_lm(cls):
-    """GPT2ForSequenceClassification whose objective is GPT-1's L3 = L2 + lm_coef * L1: the tied LM
-    head reads the same hidden states and predicts the text (lm_labels) as auxiliary loss."""
-    from .models.checks import lm_labels as check_lm_labels
-    from .models.heads import causal_lm_loss, loss_backward, tied_decoder_forward, tied_decoder_backward
-
-    class L3(cls):
-        lm_coef = 0.5
-
-        def forward(self, input_ids, attention_mask=None, labels=None, lm_labels=None, **kw):
-            out = super().forward(input_ids, attention_mask=attention_mask, labels=labels, **kw)
-            self._lm = None
-            if lm_labels is not None:
-                h = self.transformer._last.last_hidden_state
-                lm_labels = np.where(np.asarray(attention_mask) == 1, lm_labels, IGNORE) \
-                    if attention_mask is not None else lm_labels
-                logits, head = tied_decoder_forward(h, self.transformer.wte.params["weight"])
-                out.lm_loss, ce = causal_lm_loss(logits, check_lm_labels(lm_labels, h.shape[:-1], self.config.vocab_size))
-                self._lm = (head, ce)
-            return out
-
-        def objective(self, out):
-            if self._lm is None:
-                return out.loss
-            return out.loss + self.lm_coef * out.lm_loss
-
-        def backward(self, grad=None):
-            if self._lm is None:
-                return super().backward(grad)
-            head, ce = self._lm
-            wte = self.transformer.wte
-            dh_lm, dWe, _ = tied_decoder_backward(loss_backward(ce, self.lm_coef), head, wte.requires_grad("weight"))
-            if dWe is not None:
-                wte.add_grad("weight", dWe)
-            real = self.transformer.backward_from
-            self.transformer.backward_from = lambda dh: real(dh + dh_lm)  # one backward through the decoder
-            try:
-                super().backward(grad)
-            finally:
-                del self.transformer.backward_from
-
-        def save_pretrained(self, path, max_shard_bytes=None):
-            super().save_pretrained(path, max_shard_bytes)
-            f = Path(path) / "config.json"
-            cfg = json.loads(f.read_text())
-            cfg["architectures"] = [cls.__name__]
-            f.write_text(json.dumps(cfg, indent=2) + "\n")
-
-    L3.__name__ = cls.__name__ + "L3"
-    return L3
-
-
 # ---- the run -----------------------------------------------------------------------------------
 def _peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -639,8 +586,6 @@ def finetune(a, data=None, out=None, log=print, **options):
     cls = _model_class(kind, a.task)
     lm = kind != "bert" and (a.lm_coef is None or a.lm_coef > 0)
     lm_coef = (0.5 if a.lm_coef is None else a.lm_coef) if kind != "bert" else None
-    if a.task == "seqcls" and lm:
-        cls = _gpt_classifier_with_lm(cls)
     over = {}
     if num_labels is not None:
         over["num_labels"] = num_labels
@@ -651,8 +596,6 @@ def finetune(a, data=None, out=None, log=print, **options):
     if kind != "bert" and cfg.get("pad_token_id") is None:
         over["pad_token_id"] = tok.pad_id if tok.pad_id is not None else tok.eos_id
     model = cls.from_pretrained(a.model_dir, seed=a.seed, **over)
-    if a.task == "seqcls" and lm:
-        model.lm_coef = lm_coef
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer in {a.model_dir} has {tok.vocab_size} tokens, the model only "
                          f"{model.config.vocab_size}")
@@ -703,12 +646,11 @@ def finetune(a, data=None, out=None, log=print, **options):
         eval_seconds[0] += time.perf_counter() - t
         return res
 
-    def prepare(b):  # multiple choice: its LM loss only when the L3 objective is on
-        if a.task == "multiple-choice":
-            if lm:
-                b["lm_coef"] = lm_coef
-            else:
-                b.pop("labels")
+    def prepare(b):  # GPT-1's L3 = L2 + lm_coef * L1 when on: the models take lm_coef with the LM labels
+        if a.task == "multiple-choice" and not lm:
+            b.pop("labels")
+        elif lm and a.task in ("multiple-choice", "seqcls"):
+            b["lm_coef"] = lm_coef
         return b
 
     stream = EpochStream(enc["train"], a.batch_size, a.seed, prepare=prepare, on_batch=on_batch)

@@ -5,17 +5,18 @@ Everything here uses a model's public surface only (forward, backward, objective
 grad_arrays, output_attentions), so it works for every numlm model class.
 """
 import contextlib
+import functools
 import json
 import math
 import textwrap
 import time
-import types
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from .gradchecking import central_differences
+from .nn import OPS
 from .optim import sum_squares
 
 __all__ = ["check_model", "check_checkpoint", "ModelCheck", "ParamCheck", "BREAKS", "broken_backward",
@@ -278,44 +279,31 @@ def _linear_no_bias(original, dy, cache, *more, **kw):
     return dx, dw, None if db is None else np.zeros_like(db)
 
 
-def _ops():
-    from . import ops
-    return ops
-
-
-# name -> (what goes wrong, the op's backward (looked up when broken), the corruption)
+# name -> (what goes wrong, the keys of numlm.nn.OPS whose backward it corrupts, the corruption)
 BREAKS = {
-    "layernorm": ("LayerNorm's backward loses its mean term", lambda: _ops().layernorm_backward, _layernorm_no_mean),
-    "attention": ("attention's backward forgets the 1/sqrt(D) scale in dq and dk",
-                  lambda: _ops().attention_backward, _attention_no_scale),
-    "gelu": ("GELU's backward loses its x phi(x) term", lambda: _ops().gelu_backward, _gelu_no_pdf_term),
-    "linear": ("linear's backward forgets the bias gradient", lambda: _ops().linear_backward, _linear_no_bias),
+    "layernorm": ("LayerNorm's backward loses its mean term", ("layernorm",), _layernorm_no_mean),
+    "attention": ("attention's backward forgets the 1/sqrt(D) scale in dq and dk", ("attention",),
+                  _attention_no_scale),
+    "gelu": ("GELU's backward loses its x phi(x) term", ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"),
+             _gelu_no_pdf_term),
+    "linear": ("linear's backward forgets the bias gradient", ("linear",), _linear_no_bias),
 }
 
 
 @contextlib.contextmanager
 def broken_backward(name):
-    """Corrupt one op's backward (see BREAKS) inside the block, wherever it was imported from.
-
-    The function object itself is changed (its __code__ swapped for a call to the corruption), so
-    every module that imported it, under any name, calls the broken version; restored on exit."""
+    """Corrupt one op's backward (see BREAKS) inside the block, in the table numlm.nn.OPS that every
+    layer reads its ops from; restored on exit. numlm.ops itself is untouched."""
     if name not in BREAKS:
         raise ValueError(f"unknown break {name!r}; choose from {sorted(BREAKS)}")
-    _, get, corrupt = BREAKS[name]
-    fn = get()
-    original = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    original.__kwdefaults__ = fn.__kwdefaults__
-    key = f"_numlm_broken_{fn.__name__}"
-    fn.__globals__[key] = lambda *a, **k: corrupt(original, *a, **k)
-    ns = {}
-    exec(f"def proxy(*args, **kwargs):\n    return {key}(*args, **kwargs)", {}, ns)
-    saved = fn.__code__
-    fn.__code__ = ns["proxy"].__code__
+    _, keys, corrupt = BREAKS[name]
+    saved = {k: OPS[k] for k in keys}
+    for k, (forward, backward) in saved.items():
+        OPS[k] = (forward, functools.partial(corrupt, backward))
     try:
         yield BREAKS[name][0]
     finally:
-        fn.__code__ = saved
-        del fn.__globals__[key]
+        OPS.update(saved)
 
 
 # ---- attention maps ----------------------------------------------------------------------------

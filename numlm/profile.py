@@ -11,9 +11,9 @@ pass and the optimizer, as a share of the whole step.
                 opt.step(model.grad_arrays())
     print(prof.table())
 
-It times the public structure only: every Module's ``forward``/``backward`` (wrapped on the instance,
-so whatever calls them is timed) and every ``*_forward``/``*_backward`` op of ``numlm.ops``, wherever
-a numlm module imported it. ``Profile(model, clock="cpu")`` counts CPU time instead of
+It times the public structure only: every Module's ``forward``/``backward`` of the model and every
+``*_forward``/``*_backward`` op of ``numlm.ops``, seen through Python's profiling hook
+(``sys.setprofile``): nothing in numlm is replaced or wrapped. ``Profile(model, clock="cpu")`` counts CPU time instead of
 elapsed time, which other processes on a shared machine do not inflate. Time is *self* time: a block's row excludes its sublayers, an op's row
 excludes nothing it calls (ops call no ops). Time in a module's own code outside any op (a matmul
 written in the model, a concatenate) is the op "(module code)". What no module or op covers (Python
@@ -58,63 +58,51 @@ class Profile:
         self.calls = defaultdict(int)         # (phase, op) -> number of calls
         self.phase_time = defaultdict(float)  # phase -> wall seconds
         self._phase = None
-        self._stack = []                      # frames: [module path, op name or None, child seconds]
-        self._undo = []
+        self._stack = []                      # open calls: [module path, op or None, child seconds, frame, start]
 
-    # ------------------------------------------------------------ installing the timers
+    # ------------------------------------------------------------ the hook
     def __enter__(self):
-        for path, m in self.model.modules():
-            for meth in ("forward", "backward"):
-                if getattr(type(m), meth, None) is not None:
-                    self._wrap_attr(m, meth, self._timed(getattr(m, meth), path, None), instance=True)
         from . import ops
-        op_funcs = {id(f): n for n, f in vars(ops).items()
-                    if callable(f) and n.endswith(("_forward", "_backward"))}
-        for name, mod in list(sys.modules.items()):
-            if not (name == "numlm" or name.startswith("numlm.")) or mod is None:
-                continue
-            for attr, f in list(vars(mod).items()):
-                if id(f) in op_funcs and callable(f):
-                    self._wrap_attr(mod, attr, self._timed(f, None, op_funcs[id(f)]))
+        self._ops = {f.__code__: n for n, f in vars(ops).items()
+                     if callable(f) and hasattr(f, "__code__") and n.endswith(("_forward", "_backward"))}
+        self._paths = {id(m): path for path, m in self.model.modules()}
+        self._previous = sys.getprofile()
+        sys.setprofile(self._event)
         return self
 
     def __exit__(self, *exc):
-        for obj, attr, old, instance in reversed(self._undo):
-            if instance:
-                del obj.__dict__[attr]
-            else:
-                setattr(obj, attr, old)
-        self._undo.clear()
+        sys.setprofile(self._previous)
         return False
 
-    def _wrap_attr(self, obj, attr, wrapper, instance=False):
-        self._undo.append((obj, attr, getattr(obj, attr), instance))
-        setattr(obj, attr, wrapper)
-
-    def _timed(self, fn, path, op):
-        def call(*args, **kwargs):
-            if self._phase is None:
-                return fn(*args, **kwargs)
+    def _event(self, frame, event, arg):
+        """sys.setprofile's callback: a frame opens on the call of a timed function, closes on its return."""
+        if self._phase is None or event not in ("call", "return"):
+            return
+        if event == "return":
+            if self._stack and self._stack[-1][3] is frame:
+                self._close(self._stack.pop())
+            return
+        code = frame.f_code
+        op = self._ops.get(code)
+        if op is not None:
             parent = self._stack[-1] if self._stack else None
-            mpath = path if path is not None else (parent[0] if parent else None)
-            frame = [mpath, op, 0.0]
-            self._stack.append(frame)
-            t0 = self._now()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                dt = self._now() - t0
-                self._stack.pop()
-                self_time = dt - frame[2]
-                if op is not None:
-                    self.calls[(self._phase, op)] += 1
-                    key = (self._phase, _layer_of(mpath) if mpath is not None else OUTSIDE, op)
-                else:
-                    key = (self._phase, _layer_of(mpath), MODULE_CODE)
-                self.records[key] += self_time
-                if parent is not None:
-                    parent[2] += dt
-        return call
+            self._stack.append([parent[0] if parent else None, op, 0.0, frame, self._now()])
+        elif code.co_name in ("forward", "backward"):
+            path = self._paths.get(id(frame.f_locals.get("self")))
+            if path is not None:
+                self._stack.append([path, None, 0.0, frame, self._now()])
+
+    def _close(self, rec):
+        mpath, op, child, _, t0 = rec
+        dt = self._now() - t0
+        if op is not None:
+            self.calls[(self._phase, op)] += 1
+            key = (self._phase, _layer_of(mpath) if mpath is not None else OUTSIDE, op)
+        else:
+            key = (self._phase, _layer_of(mpath), MODULE_CODE)
+        self.records[key] += dt - child
+        if self._stack:
+            self._stack[-1][2] += dt
 
     @contextmanager
     def phase(self, name):

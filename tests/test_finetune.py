@@ -186,8 +186,7 @@ def test_gpt_classification_with_the_l3_objective(gpt_dir, data_csv, tmp_path):
     assert res["lm_coef"] == 0.5
     assert json.loads((out / "best" / "config.json").read_text())["architectures"] == ["GPT2ForSequenceClassification"]
     from numlm.models import GPT2ForSequenceClassification
-    cls = F._gpt_classifier_with_lm(GPT2ForSequenceClassification)
-    model = cls.from_pretrained(gpt_dir, num_labels=2, pad_token_id=0, dtype="float64")
+    model = GPT2ForSequenceClassification.from_pretrained(gpt_dir, num_labels=2, pad_token_id=0, dtype="float64")
     ids = np.array([[5, 9, 14, 3, 0], [7, 2, 8, 11, 6]])
     am = (ids != 0).astype(np.int64)
     inputs = dict(input_ids=ids, attention_mask=am, labels=np.array([1, 0]), lm_labels=ids)

@@ -30,8 +30,8 @@ Hooks for parameter-efficient fine-tuning (numlm.peft), each None unless set:
 import numpy as np
 
 from ..nn import Module, ModuleList, Linear, Embedding, LayerNorm, Dropout, Activation, Attention
-from ..nn import lowest_needing_backward
-from ..ops import (linear_forward, linear_backward, cross_entropy_forward, cross_entropy_backward,
+from ..nn import lowest_needing_backward, OPS
+from ..ops import (cross_entropy_forward, cross_entropy_backward,
                    attention_allowed, IGNORE_INDEX)
 from ..kernels.matmul import mm  # a @ b, split across the cores unless NUMLM_NUMBA=0
 from .config import BertConfig
@@ -268,13 +268,13 @@ class BertLMPredictionHead(Module):
     def forward(self, h):  # (..., C) -> (..., V)
         tr = self.transform
         t = tr.LayerNorm(tr.transform_act_fn(tr.dense(h)))
-        logits, self.cache = linear_forward(t, self._word[0].params["weight"].T, self.params["bias"])
+        logits, self.cache = OPS["linear"][0](t, self._word[0].params["weight"].T, self.params["bias"])
         return logits
 
     def backward(self, dlogits):  # (..., V) -> (..., C)
         tr, word = self.transform, self._word[0]
         # logits = t We^T + b:  dt = dlogits We,  db = sum dlogits,  dWe = dlogits^T t (added to the lookup's)
-        dt, _, db = linear_backward(dlogits, self.cache, need_dw=False, need_db=self.requires_grad("bias"))
+        dt, _, db = OPS["linear"][1](dlogits, self.cache, need_dw=False, need_db=self.requires_grad("bias"))
         if word.requires_grad("weight"):
             t = self.cache[0]
             word.add_grad("weight", mm(dlogits.reshape(-1, dlogits.shape[-1]).T, t.reshape(-1, t.shape[-1])))

@@ -34,8 +34,8 @@ import numpy as np
 
 from ..kernels.matmul import mm  # a @ b, split across the cores unless NUMLM_NUMBA=0
 from ..nn import Module, ModuleList, Linear, Embedding, LayerNorm, Dropout, Activation, Attention
-from ..nn import lowest_needing_backward
-from ..ops import (linear_forward, linear_backward, embedding_forward, embedding_backward, cross_entropy_forward,
+from ..nn import lowest_needing_backward, OPS
+from ..ops import (embedding_forward, embedding_backward, cross_entropy_forward,
                    cross_entropy_backward, attention_allowed, IGNORE_INDEX)
 from .config import GPT2Config, OpenAIGPTConfig
 from .pretrained import (ModelOutput, PreTrainedModel, register, gpt_inputs, labels_like, lm_labels, no_loss,
@@ -285,13 +285,13 @@ class TiedLMHead(Module):
         self._table = (table,)  # a tuple, so the table is not discovered as a child a second time
 
     def forward(self, h):  # (..., C) -> (..., V)
-        logits, self.cache = linear_forward(h, self._table[0].params["weight"].T)
+        logits, self.cache = OPS["linear"][0](h, self._table[0].params["weight"].T)
         return logits
 
     def backward(self, dlogits):
         # logits = h We^T
         table = self._table[0]
-        dh, _, _ = linear_backward(dlogits, self.cache, need_dw=False)  # dh = dlogits We
+        dh, _, _ = OPS["linear"][1](dlogits, self.cache, need_dw=False)  # dh = dlogits We
         if "weight" in table.grads:  # not frozen: dWe = dlogits^T h, added to the lookup's gradient: the total
             h = self.cache[0]
             table.add_grad("weight", mm(dlogits.reshape(-1, dlogits.shape[-1]).T, h.reshape(-1, h.shape[-1])))
