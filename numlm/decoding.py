@@ -392,35 +392,91 @@ def _topk_desc(x, k):
     return np.argsort(-x, axis=-1, kind="stable")[:, :k]
 
 
+class Beams:
+    """The state of a beam search over B prompts with K beams: the K running beams (token ids, summed
+    log p, the beam each token came from) and the K best finished hypotheses."""
+
+    def __init__(self, ids, K, max_length, pad):
+        B, T0 = ids.shape
+        self.running_seqs = np.full((B, K, max_length), pad, dtype=np.int64)  # (B, K, T_max)
+        self.running_seqs[:, :, :T0] = ids[:, None, :]
+        self.sequences = self.running_seqs.copy()
+        self.running_scores = np.zeros((B, K), dtype=np.float32)
+        self.running_scores[:, 1:] = NEG                                 # only beam 0 starts live
+        self.beam_scores = np.full((B, K), NEG, dtype=np.float32)
+        self.finished = np.zeros((B, K), dtype=bool)
+        self.improvable = np.ones((B, 1), dtype=bool)
+        self.running_idx = np.full((B, K, max_length - T0), -1, dtype=np.int64)
+        self.beam_idx = self.running_idx.copy()
+
+
+def _beam_candidates(bm, acc, cur, T0, n_keep, eos_arr, max_length, do_sample, rng):
+    """The top n_keep continuations over all beams (log p, token ids, source beams) and which of them
+    stop here (EOS or max length).    acc: (B, K*V) summed log p"""
+    B, K, _ = bm.running_seqs.shape
+    V = acc.shape[1] // K
+    if do_sample:  # sampling without replacement = top-k of log p + Gumbel noise
+        top = _topk_desc(acc.astype(np.float64) - np.log(-np.log(rng.random(acc.shape))), n_keep)
+    else:
+        top = _topk_desc(acc, n_keep)                               # (B, n_keep)
+    topk_logp = np.take_along_axis(acc, top, axis=1)
+    src = top // V
+    topk_seqs = _gather_beams(bm.running_seqs, src)                 # (B, n_keep, T_max)
+    topk_seqs[:, :, cur] = top % V
+    topk_idx = _gather_beams(bm.running_idx, src)
+    topk_idx[:, :, cur - T0] = src + np.arange(B)[:, None] * K
+    hits = np.isin(topk_seqs[:, :, cur], eos_arr) if eos_arr.size else np.zeros_like(topk_logp, dtype=bool)
+    if cur + 1 >= max_length:
+        hits = np.ones_like(hits)
+    return topk_logp, topk_seqs, topk_idx, hits
+
+
+def _beam_advance(bm, cand, cur, T0, length_penalty, early_stopping):
+    """The K best continuations that go on become the running beams; the ones that stopped merge
+    into the finished hypotheses, scored sum(log p) / generated_length ** length_penalty."""
+    topk_logp, topk_seqs, topk_idx, hits = cand
+    f32, K = np.float32, bm.running_scores.shape[1]
+    live_logp = topk_logp + hits.astype(f32) * NEG
+    nxt = _topk_desc(live_logp, K)
+    bm.running_seqs, bm.running_scores = _gather_beams(topk_seqs, nxt), _gather_beams(live_logp, nxt)
+    bm.running_idx = _gather_beams(topk_idx, nxt)
+    just_done = hits & (np.arange(hits.shape[1]) < K)[None, :]
+    done_scores = topk_logp / f32((cur + 1 - T0) ** length_penalty)
+    full = bm.finished.all(axis=-1, keepdims=True) & (early_stopping is True)
+    done_scores = done_scores + full.astype(f32) * NEG
+    done_scores = done_scores + (~bm.improvable).astype(f32) * NEG
+    done_scores = done_scores + (~just_done).astype(f32) * NEG
+    merged_scores = np.concatenate([bm.beam_scores, done_scores], axis=1)
+    best = _topk_desc(merged_scores, K)
+    bm.sequences = _gather_beams(np.concatenate([bm.sequences, topk_seqs], axis=1), best)
+    bm.beam_scores = _gather_beams(merged_scores, best)
+    bm.beam_idx = _gather_beams(np.concatenate([bm.beam_idx, topk_idx], axis=1), best)
+    bm.finished = _gather_beams(np.concatenate([bm.finished, just_done], axis=1), best)
+
+
+def _beam_going_on(bm, cur, T0, max_length, length_penalty, early_stopping, hits):
+    """False when no running beam can still beat a finished hypothesis (or every row is done)."""
+    best_len = max_length - T0 if early_stopping == "never" and length_penalty > 0.0 else cur - T0
+    best_running = bm.running_scores[:, :1] / np.float32(best_len ** length_penalty)
+    worst_done = np.where(bm.finished, bm.beam_scores.min(axis=1, keepdims=True), NEG)
+    bm.improvable = bm.improvable & (best_running > worst_done).any(axis=-1, keepdims=True)
+    return bool(bm.improvable.any() and not (bm.finished.all() and early_stopping is True) and not hits.all())
+
+
 def _beam_search(model, ids, mask, max_length, K, n_return, length_penalty, early_stopping, eos, pad,
                  use_cache, do_sample, temperature, top_k, top_p, penalty, rng):
     """transformers 5's vectorized _beam_search: keep the K best running beams; every step take the
     top (2 or 1 + n_eos) * K continuations, move the ones that hit EOS / max length into the K finished
     hypotheses scored sum(log p) / generated_length ** length_penalty. All scores float32."""
     B, T0 = ids.shape
-    f32 = np.float32
-    n_keep = max(2, 1 + len(eos)) * K
-    top_num_beam_mask = np.arange(n_keep) < K                       # (n_keep,)
-    eos_arr = np.array(eos, dtype=np.int64)
-
-    running_seqs = np.full((B, K, max_length), pad, dtype=np.int64)   # (B, K, T_max)
-    running_seqs[:, :, :T0] = ids[:, None, :]
-    sequences = running_seqs.copy()
-    running_scores = np.zeros((B, K), dtype=f32)
-    running_scores[:, 1:] = NEG                                     # only beam 0 starts live
-    beam_scores = np.full((B, K), NEG, dtype=f32)
-    finished = np.zeros((B, K), dtype=bool)
-    improvable = np.ones((B, 1), dtype=bool)
-    hits = np.zeros((B, K), dtype=bool)
-    running_idx = np.full((B, K, max_length - T0), -1, dtype=np.int64)
-    beam_idx = running_idx.copy()
-
+    n_keep, eos_arr = max(2, 1 + len(eos)) * K, np.array(eos, dtype=np.int64)
+    bm = Beams(ids, K, max_length, pad)
     full_mask = np.ones((B * K, max_length), dtype=np.int64)
     full_mask[:, :T0] = np.repeat(mask, K, axis=0)
     pos = _positions(full_mask)
     scores, past, cur = [], None, T0
     while cur < max_length:
-        flat = running_seqs.reshape(B * K, max_length)
+        flat = bm.running_seqs.reshape(B * K, max_length)
         if past is None and use_cache:  # prefill once per prompt, then copy the cache to its K beams
             logits, past = _step(model, ids, None if mask.all() else mask, pos[::K, :T0], None, True)
             logits = np.repeat(logits, K, axis=0)
@@ -429,68 +485,20 @@ def _beam_search(model, ids, mask, max_length, K, n_return, length_penalty, earl
             x, m, p = _model_inputs(flat, full_mask, pos, cur, past if use_cache else None)
             logits, past = _step(model, x, m, p, past, use_cache)  # (B*K, V)
         V = logits.shape[-1]
-        logp = log_softmax(logits)
-        logp = process_logits(logp, flat[:, :cur], do_sample, temperature, top_k, top_p, penalty,
+        logp = process_logits(log_softmax(logits), flat[:, :cur], do_sample, temperature, top_k, top_p, penalty,
                               min_tokens_to_keep=2)
         scores.append(logp)
-        acc = (logp.reshape(B, K, V) + running_scores[:, :, None]).reshape(B, K * V)   # (B, K*V)
-
-        # c. the top n_keep continuations over all beams
-        if do_sample:  # sampling without replacement = top-k of log p + Gumbel noise
-            g = acc.astype(np.float64) - np.log(-np.log(rng.random(acc.shape)))
-            top = _topk_desc(g, n_keep)
-        else:
-            top = _topk_desc(acc, n_keep)                           # (B, n_keep)
-        topk_logp = np.take_along_axis(acc, top, axis=1)
-        src = top // V
-        topk_seqs = _gather_beams(running_seqs, src)                # (B, n_keep, T_max)
-        topk_seqs[:, :, cur] = top % V
-        topk_idx = _gather_beams(running_idx, src)
-        topk_idx[:, :, cur - T0] = src + np.arange(B)[:, None] * K
-
-        # d. which continuations stop here (EOS or max length)
-        hits = np.isin(topk_seqs[:, :, cur], eos_arr) if eos_arr.size else np.zeros_like(topk_logp, dtype=bool)
-        if cur + 1 >= max_length:
-            hits = np.ones_like(hits)
-
-        # e. the K best that go on
-        live_logp = topk_logp + hits.astype(f32) * NEG
-        nxt = _topk_desc(live_logp, K)
-        running_seqs = _gather_beams(topk_seqs, nxt)
-        running_scores = _gather_beams(live_logp, nxt)
-        running_idx = _gather_beams(topk_idx, nxt)
-
-        # f. merge the ones that stopped into the finished hypotheses
-        just_done = hits & top_num_beam_mask[None, :]
-        done_scores = topk_logp / f32((cur + 1 - T0) ** length_penalty)
-        full = finished.all(axis=-1, keepdims=True) & (early_stopping is True)
-        done_scores = done_scores + full.astype(f32) * NEG
-        done_scores = done_scores + (~improvable).astype(f32) * NEG
-        done_scores = done_scores + (~just_done).astype(f32) * NEG
-        merged_scores = np.concatenate([beam_scores, done_scores], axis=1)
-        best = _topk_desc(merged_scores, K)
-        sequences = _gather_beams(np.concatenate([sequences, topk_seqs], axis=1), best)
-        beam_scores = _gather_beams(merged_scores, best)
-        beam_idx = _gather_beams(np.concatenate([beam_idx, topk_idx], axis=1), best)
-        finished = _gather_beams(np.concatenate([finished, just_done], axis=1), best)
-
-        # g. reorder the cache to the surviving beams; stop when nothing can improve
-        if use_cache:
-            order = running_idx[:, :, cur - T0].reshape(B * K)
+        acc = (logp.reshape(B, K, V) + bm.running_scores[:, :, None]).reshape(B, K * V)   # (B, K*V)
+        cand = _beam_candidates(bm, acc, cur, T0, n_keep, eos_arr, max_length, do_sample, rng)
+        _beam_advance(bm, cand, cur, T0, length_penalty, early_stopping)
+        if use_cache:  # reorder the cache to the surviving beams
+            order = bm.running_idx[:, :, cur - T0].reshape(B * K)
             past = _map_cache(past, lambda a: a[order])
         cur += 1
-        if early_stopping == "never" and length_penalty > 0.0:
-            best_len = max_length - T0
-        else:
-            best_len = cur - T0
-        best_running = running_scores[:, :1] / f32(best_len ** length_penalty)
-        worst_done = np.where(finished, beam_scores.min(axis=1, keepdims=True), NEG)
-        improvable = improvable & (best_running > worst_done).any(axis=-1, keepdims=True)
-        if not (improvable.any() and not (finished.all() and early_stopping is True) and not hits.all()):
+        if not _beam_going_on(bm, cur, T0, max_length, length_penalty, early_stopping, cand[3]):
             break
-
-    sequences = sequences[:, :n_return].reshape(B * n_return, max_length)
-    seq_scores = beam_scores[:, :n_return].reshape(B * n_return)
-    beam_idx = beam_idx[:, :n_return].reshape(B * n_return, -1)
+    sequences = bm.sequences[:, :n_return].reshape(B * n_return, max_length)
+    seq_scores = bm.beam_scores[:, :n_return].reshape(B * n_return)
+    beam_idx = bm.beam_idx[:, :n_return].reshape(B * n_return, -1)
     out_len = T0 + int((beam_idx != -1).sum(axis=1).max())
     return sequences[:, :out_len], seq_scores, tuple(scores)

@@ -36,7 +36,7 @@ from ..ops import (cross_entropy_forward, cross_entropy_backward,
 from ..kernels.matmul import mm  # a @ b, split across the cores unless NUMLM_NUMBA=0
 from .config import BertConfig
 from .pretrained import (ModelOutput, PreTrainedModel, register, bert_inputs, labels_like, as_ids, no_loss,
-                         output_grads, problem_type_loss)
+                         output_grads, logits_grad, problem_type_loss)
 
 TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
         "cls.predictions.decoder.bias": "cls.predictions.bias"}
@@ -416,22 +416,16 @@ class BertForMaskedLM(BertTask):
         hs, pooled = self.bert.encode(x)
         logits = self.cls.predictions(hs[-1])  # (B, T, V)
         loss = ce = None
-        if labels is not None:
+        if labels is not None:  # loss = CE(logits, labels)
             labels = labels_like("labels", labels, x.shape, self.config.vocab_size)
             loss, ce = cross_entropy_forward(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        self._last = (logits, ce)
+        self._last = (logits, None if ce is None else (cross_entropy_backward, ce))
         return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, logits=logits)
 
     def backward(self, grad=None):
         """d loss (grad None), or grad = d logits"""
-        logits, ce = self._need_last()
-        if grad is not None:
-            dlogits = output_grads(grad, ("logits",), (logits,))[0]
-        elif ce is None:
-            no_loss("labels")
-        else:
-            # loss = CE(logits, labels)
-            dlogits = cross_entropy_backward(1.0, ce).reshape(logits.shape)
+        logits, loss = self._need_last()
+        dlogits = logits_grad(grad, logits, loss)  # loss = CE(logits, labels)
         # logits = cls(h)
         self.bert.encode_backward(self.cls.predictions.backward(dlogits))
 
@@ -445,27 +439,23 @@ class BertForNextSentencePrediction(BertTask):
         self.cls = BertOnlyNSPHead(self.config)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                next_sentence_label=None, output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
+                next_sentence_label=None, output_hidden_states=False, output_attentions=False, inputs_embeds=None,
+                past_key_values=None):
         labels = next_sentence_label if labels is None else labels  # transformers' old keyword
         x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                         past_key_values)
         hs, pooled = self.bert.encode(x)
         logits = self.cls.seq_relationship(pooled)  # (B, 2)
         loss = ce = None
-        if labels is not None:
+        if labels is not None:  # loss = CE(logits, labels)
             loss, ce = cross_entropy_forward(logits, labels_like("labels", labels, (x.B,), 2))
-        self._last = (logits, ce)
+        self._last = (logits, None if ce is None else (cross_entropy_backward, ce))
         return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, logits=logits)
 
     def backward(self, grad=None):
         """d loss (grad None), or grad = d logits"""
-        logits, ce = self._need_last()
-        if grad is not None:
-            dlogits = output_grads(grad, ("logits",), (logits,))[0]
-        elif ce is None:
-            no_loss("labels")
-        else:
-            dlogits = cross_entropy_backward(1.0, ce)
+        logits, loss = self._need_last()
+        dlogits = logits_grad(grad, logits, loss)  # loss = CE(logits, labels)
         # logits = seq_relationship(pooled)
         self.bert.encode_backward(None, self.cls.seq_relationship.backward(dlogits))
 
@@ -502,14 +492,8 @@ class BertForSequenceClassification(BertTask):
 
     def backward(self, grad=None):
         """d loss (grad None), or grad = d logits"""
-        logits, loss_cache = self._need_last()
-        if grad is not None:
-            dlogits = output_grads(grad, ("logits",), (logits,))[0]
-        elif loss_cache is None:
-            no_loss("labels")
-        else:
-            loss_backward, c = loss_cache
-            dlogits = loss_backward(1.0, c).reshape(logits.shape)
+        logits, loss = self._need_last()
+        dlogits = logits_grad(grad, logits, loss)  # loss = CE(logits, labels), or by problem_type
         # logits = classifier(dropout(pooled or h))
         dx = self.dropout.backward(self.classifier.backward(dlogits))
         self.bert.encode_backward(*((dx, None) if self.per_token else (None, dx)))

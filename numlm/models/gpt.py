@@ -39,7 +39,7 @@ from ..ops import (embedding_forward, embedding_backward, cross_entropy_forward,
                    cross_entropy_backward, attention_allowed, IGNORE_INDEX)
 from .config import GPT2Config, OpenAIGPTConfig
 from .pretrained import (ModelOutput, PreTrainedModel, register, gpt_inputs, labels_like, lm_labels, no_loss,
-                         output_grads, problem_type_loss)
+                         output_grads, logits_grad, problem_type_loss)
 
 IGNORE_ON_LOAD = (r"(^|\.)attn\.bias$", r"(^|\.)attn\.masked_bias$")  # old causal-mask buffers
 
@@ -344,7 +344,7 @@ class GPT2LMHeadModel(PreTrainedModel):
         logits = self.lm_head(h[..., -logits_to_keep:, :] if logits_to_keep else h)  # (B, T or k, V)
         # loss = L1(logits, labels)
         loss, ce = lm_loss_forward(logits, x.labels) if x.labels is not None else (None, None)
-        self._last = (h, logits, ce)
+        self._last = (h, logits, None if ce is None else (cross_entropy_backward, ce))
         out = ModelOutput(logits=logits) if loss is None else ModelOutput(loss=loss, logits=logits)
         if use_cache or output_hidden_states or output_attentions:
             out.update(self.transformer.extras(hs, x.shape, use_cache, output_hidden_states, output_attentions))
@@ -352,14 +352,8 @@ class GPT2LMHeadModel(PreTrainedModel):
 
     def backward(self, grad=None):
         """d loss (grad None), or grad = d logits"""
-        h, logits, ce = self._need_last()
-        if grad is not None:
-            dlogits = output_grads(grad, ("logits",), (logits,))[0]
-        elif ce is None:
-            no_loss("labels")
-        else:
-            # loss = L1(logits, labels)
-            dlogits = cross_entropy_backward(1.0, ce).reshape(logits.shape)
+        h, logits, loss = self._need_last()
+        dlogits = logits_grad(grad, logits, loss)  # loss = L1(logits, labels)
         # logits = lm_head(h)
         dh = self.lm_head.backward(dlogits)
         if dh.shape != h.shape:  # logits_to_keep: earlier positions get no gradient from the head
@@ -585,15 +579,9 @@ class GPT2ForSequenceClassification(PreTrainedModel):
 
     def backward(self, grad=None):
         """d objective (grad None), or grad = d logits"""
-        h, gather, logits, loss_cache, lm = self._need_last()
-        if grad is not None:
-            dlogits, lm = output_grads(grad, ("logits",), (logits,))[0], None
-        elif loss_cache is None:
-            no_loss("labels")
-        else:
-            # loss = problem_type_loss(logits, labels)
-            loss_backward, c = loss_cache
-            dlogits = loss_backward(1.0, c).reshape(logits.shape)
+        h, gather, logits, loss, lm = self._need_last()
+        dlogits = logits_grad(grad, logits, loss)  # loss = problem_type_loss(logits, labels)
+        lm = lm if grad is None else None
         # logits = score(h[b, i_b])
         dh = gather_backward(self.score.backward(dlogits), gather)
         l3_backward(self.transformer, dh, self.lm_aux, lm)

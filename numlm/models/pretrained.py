@@ -464,6 +464,17 @@ def no_loss(what):
     raise ValueError(f"backward() without a gradient needs a loss: call the model with {what}")
 
 
+def logits_grad(grad, logits, loss, needs="labels"):
+    """d logits for backward(grad): the given `grad` (checked), else d loss / d logits through the
+    loss's (backward, cache) pair, or an error naming the arguments (`needs`) that give a loss."""
+    if grad is not None:
+        return output_grads(grad, ("logits",), (logits,))[0]
+    if loss is None:
+        no_loss(needs)
+    backward, cache = loss
+    return backward(1.0, cache).reshape(logits.shape)
+
+
 def problem_type_loss(config, logits, labels):
     """transformers' selection for sequence classification, by config.problem_type (set on the first
     labelled forward: regression if K == 1, single-label for integer labels, else multi-label):
