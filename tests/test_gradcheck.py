@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from numlm import ops
-from numlm.gradchecking import gradcheck
+from numlm.gradchecking import UPSTREAM, gradcheck, stream
 
 
 def square_forward(x, w):
@@ -72,8 +72,8 @@ def test_max_entries_samples():
 
     x = np.random.default_rng(2).standard_normal(1000)
     err = gradcheck(forward, (x,), backward, max_entries=7)
-    assert err["x"] < 1e-9
-    assert len(calls) == 1 + 2 * 7  # one analytic pass, two forwards per checked entry
+    assert err["x"] < 1e-8
+    assert len(calls) == 2 + 2 * 7  # the analytic and the reference pass, two forwards per checked entry
 
 
 def test_max_entries_still_catches_a_wrong_entry():
@@ -108,7 +108,7 @@ def test_error_is_relative_to_largest_entry():
         return dy * np.array([1.0, 10.0]) + np.array([1e-3, 0.0])
 
     x = np.array([0.3, -0.2])
-    dout = np.random.default_rng(0).standard_normal(2)  # gradcheck's own dout for seed=0
+    dout = stream(0, UPSTREAM).standard_normal(2)  # gradcheck's own dout for seed=0
     g = np.abs(dout * np.array([1.0, 10.0]))
     err = gradcheck(forward, (x,), backward, seed=0)["x"]
     expect = 1e-3 / max(g.max(), abs(dout[0] + 1e-3), g[1])
