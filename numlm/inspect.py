@@ -62,14 +62,14 @@ class ModelCheck(NamedTuple):
         measured = [r for r in self.rows if not isinstance(r.error, Verdict)]
         b = max(measured, key=lambda r: r.error, default=None)
         parts = [f"worst: {b.name} {b.error:.2e}" if b is not None else "no row measured"]
+        parts[0] += f" ({'pass' if self.passed else 'FAIL'}: tolerance {self.tol:.0e})"
         for kind, why in ((NonFinite, "a NaN or inf gradient"),
-                          (Uninformative, "the random projection barely moves them: try another seed")):
+                          (Uninformative, "the random projection barely moves them, try another seed")):
             n = sum(isinstance(r.error, kind) for r in self.rows)
             if n:
-                parts.append(f"{n} {kind.label} ({why})")
-        return (f"{'; '.join(parts)} ({'pass' if self.passed else 'FAIL'}: tolerance {self.tol:.0e}); "
-                f"{sum(r.checked for r in self.rows)} entries, objective {self.objective}, "
-                f"{self.tokens} tokens, {self.seconds:.1f} s")
+                parts.append(f"{n} {kind.label}: {why}")
+        return "; ".join(parts + [f"{sum(r.checked for r in self.rows)} entries, objective {self.objective}, "
+                                  f"{self.tokens} tokens, {self.seconds:.1f} s"])
 
 
 def objective_inputs(model, input_ids):
