@@ -82,21 +82,21 @@ def largest(g):
     return float(g.max(where=np.isfinite(g), initial=0.0))
 
 
-def degenerate(gmax, ref, floor):
+def _degenerate(gmax, ref, floor):
     """Whether gradients whose largest entry is gmax say nothing: at most `floor`, or at most REF_RATIO
     of ref, the largest entry under an independent upstream gradient (None without one), when that
     one is above the floor."""
     return gmax <= floor or (ref is not None and ref > floor and gmax <= REF_RATIO * ref)
 
 
-def error(analytic, numeric, idx, ref=None, floor=0.0):
+def _error(analytic, numeric, idx, ref, floor):
     """max |analytic - numeric| over the entries idx / the largest entry of either; NonFinite or
-    Uninformative (see degenerate) instead when it is not a measure of the backward."""
+    Uninformative (see _degenerate) instead when it is not a measure of the backward."""
     analytic = np.asarray(analytic, dtype=np.float64)
     if not (np.isfinite(analytic).all() and np.isfinite(numeric).all()):
         return NonFinite()
     gmax = max(largest(analytic), largest(numeric))
-    if degenerate(gmax, ref, floor):
+    if _degenerate(gmax, ref, floor):
         return Uninformative()
     return float(np.abs(analytic.reshape(-1)[idx] - numeric).max(initial=0.0) / gmax)
 
@@ -218,7 +218,8 @@ def _backward_pass(run, rng, params):
     run.fn.zero_grad()
     grads = run.fn.backward() if has_loss else run.fn.backward(dout)
     grads = {} if has_loss else _input_gradients(run, grads)
-    grads.update({f"param:{k}": g.copy() for k, g in run.fn.grad_arrays().items() if k in params})
+    arrays = run.fn.grad_arrays()
+    grads.update({f"param:{k}": arrays[k].copy() for k in params if k in arrays})
     return dout, grads
 
 
@@ -243,8 +244,8 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
     Returns ``{name: error}`` with names from the function's signature (or the dict's keys) and
     ``param:<dotted name>`` for module parameters. An error is a float, or a Verdict that compares
     as inf and prints as its label: NonFinite when a gradient holds NaN or inf, Uninformative when
-    the check compared rounding noise (see `degenerate`; an extra backward under an independent
-    dout tells).
+    the check compared rounding noise (see `_degenerate`; one more backward, under an independent
+    dout, tells).
     """
     is_module = _check_arguments(fn, backward, eps, max_entries, seed, kwargs)
     names, values, as_dict = _bind(fn, inputs)
@@ -274,7 +275,7 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
         idx = _entries(g.size, max_entries, rng)
         numeric = central_differences(f, arrays[name].reshape(-1), idx, eps)
         ref = largest(reference[name]) if ref_dout is not None else None
-        errors[name] = error(g, numeric, idx, ref, floor)
+        errors[name] = _error(g, numeric, idx, ref, floor)
     return errors
 
 

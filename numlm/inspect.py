@@ -187,6 +187,8 @@ def check_model(model, input_ids, params=3, seed=0, eps=1e-6, tol=1e-5, break_=N
         raise ValueError(f"a gradient check needs a float64 model, got {model.dtype} (load with dtype='float64')")
     if not isinstance(params, int) or params < 1:
         raise ValueError(f"params must be a positive integer, got {params!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or ids.shape[0] != 1:
         raise ValueError(f"input_ids must have shape (1, T), got {ids.shape}")

@@ -158,6 +158,8 @@ def test_check_refuses_bad_input():
     model.astype("float64")
     with pytest.raises(ValueError, match="params"):
         check_model(model, ids_of(), params=0)
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got -1"):
+        check_model(model, ids_of(), seed=-1)
     with pytest.raises(ValueError, match="unknown break"):
         check_model(model, ids_of(), break_="softmaxx")
     relu = numlm.GPT2LMHeadModel(numlm.GPT2Config(vocab_size=20, n_embd=8, n_layer=1, n_head=2, n_positions=16,
