@@ -36,7 +36,7 @@ class Verdict(float):
     is always the worst, and prints as its label."""
     label = "?"
 
-    def __new__(cls):
+    def __new__(cls, value=math.inf):  # value: what pickle and copy pass back; always inf
         return super().__new__(cls, math.inf)
 
     def __repr__(self):

@@ -1,5 +1,6 @@
 """The public gradcheck: it passes correct gradients, catches wrong ones, and works on user ops."""
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -212,6 +213,8 @@ def test_a_degenerate_dout_is_reported_uninformative():
     assert errors["gamma"] < 1e-8 and errors["beta"] < 1e-8
     assert not errors["x"] < 1 and max(errors.values()) is errors["x"]  # never passes a tolerance
     assert f"{errors['x']:.2e}" == "uninformative" and f"{errors['x']:>15.2e}" == "  uninformative"
+    again = pickle.loads(pickle.dumps(errors))["x"]  # results cross processes (numlm.compare) intact
+    assert isinstance(again, Uninformative) and again == math.inf
     other = gradcheck(ops.layernorm_forward, (x, np.ones(64), np.zeros(64)), ops.layernorm_backward, seed=1)
     assert max(other.values()) < 1e-8  # the op is fine: another dout checks it
 
