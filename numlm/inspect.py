@@ -64,7 +64,8 @@ class ModelCheck(NamedTuple):
         parts = [f"worst: {b.name} {b.error:.2e}" if b is not None else "no row measured"]
         parts[0] += f" ({'pass' if self.passed else 'FAIL'}: tolerance {self.tol:.0e})"
         for kind, why in ((NonFinite, "a NaN or inf gradient"),
-                          (Uninformative, "the random projection barely moves them, try another seed")):
+                          (Uninformative, "gradients too small to compare (for a bare backbone, another "
+                                          "seed draws another projection)")):
             n = sum(isinstance(r.error, kind) for r in self.rows)
             if n:
                 parts.append(f"{n} {kind.label}: {why}")
