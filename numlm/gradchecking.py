@@ -2,16 +2,63 @@
 
 The analytic gradient of  f = sum(out * dout)  (dout random, never all-ones: with all-ones some
 gradients vanish identically, e.g. softmax's) is compared with the float64 central difference
-(f(x + eps e_i) - f(x - eps e_i)) / (2 eps), entry by entry.
+(f(x + eps e_i) - f(x - eps e_i)) / (2 eps), entry by entry. dout comes from a random stream of
+gradcheck's own (a spawn key no integer seed has), so it never equals an input the user drew
+from default_rng(seed) with the same seed.
 
 The error reported per input is  max_i |analytic_i - numeric_i| / max(max_i |analytic_i|, max_i |numeric_i|),
 relative to the largest gradient entry of that input, so near-zero entries do not blow it up.
+Two results are not numbers (see Verdict): non-finite, when either gradient holds NaN or inf, and
+uninformative, when both gradients are so small that they compare rounding noise.
 """
 import inspect
+import math
+import re
 
 import numpy as np
 
-__all__ = ["gradcheck"]
+__all__ = ["gradcheck", "Verdict", "Uninformative", "NonFinite"]
+
+STREAM = 0x67726164  # spawn key of gradcheck's random streams ("grad")
+UPSTREAM, REFERENCE, ENTRIES, PROJECTION = range(4)  # what each stream draws (PROJECTION: numlm.inspect)
+REF_RATIO = 1e-3    # gradients this much smaller than under an independent dout: a degenerate dout
+NOISE_RATIO = 1e-7  # ... than the largest of any checked input: zero up to rounding, noise against noise
+
+
+def stream(seed, purpose):
+    """The Generator gradcheck draws `purpose` from (UPSTREAM, REFERENCE, ENTRIES, PROJECTION) for
+    `seed`: default_rng(seed) has no spawn key, so no user seed reproduces it."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(STREAM, purpose)))
+
+
+class Verdict(float):
+    """A check's result that is not an error: it compares as inf, so it never passes a tolerance and
+    is always the worst, and prints as its label."""
+    label = "?"
+
+    def __new__(cls, value=math.inf):  # value: what pickle and copy pass back; always inf
+        return super().__new__(cls, math.inf)
+
+    def __repr__(self):
+        return self.label
+
+    __str__ = __repr__
+
+    def __format__(self, spec):
+        width = re.match(r"[<>^]?\d*", spec).group()  # the spec's alignment and width, not its precision
+        return format(self.label, width if width[:1] in "<>^" else ">" + width)
+
+
+class Uninformative(Verdict):
+    """Both gradients are tiny against the same input's under an independent dout (the drawn dout
+    is nearly orthogonal to what the input can change), or against the largest gradient of any
+    checked input (zero up to rounding): the check compares noise with noise and says nothing."""
+    label = "uninformative"
+
+
+class NonFinite(Verdict):
+    """The analytic or the numerical gradient holds NaN or inf: a failure, never a pass."""
+    label = "non-finite"
 
 
 def _generators(module):
@@ -29,12 +76,29 @@ def _entries(size, max_entries, rng):
     return np.sort(rng.choice(size, max_entries, replace=False))
 
 
-def _error(analytic, numeric, idx):
-    a = analytic.reshape(-1)[idx]
-    scale = max(np.abs(analytic).max(initial=0.0), np.abs(numeric).max(initial=0.0))
-    if scale == 0.0:
-        return 0.0
-    return float(np.abs(a - numeric).max(initial=0.0) / scale)
+def largest(g):
+    """The largest |entry| among the finite entries of g (0 for none)."""
+    g = np.abs(np.asarray(g, dtype=np.float64))
+    return float(g.max(where=np.isfinite(g), initial=0.0))
+
+
+def _degenerate(gmax, ref, floor):
+    """Whether gradients whose largest entry is gmax say nothing: at most `floor`, or at most REF_RATIO
+    of ref, the largest entry under an independent upstream gradient (None without one), when that
+    one is above the floor."""
+    return gmax <= floor or (ref is not None and ref > floor and gmax <= REF_RATIO * ref)
+
+
+def _error(analytic, numeric, idx, ref, floor):
+    """max |analytic - numeric| over the entries idx / the largest entry of either; NonFinite or
+    Uninformative (see _degenerate) instead when it is not a measure of the backward."""
+    analytic = np.asarray(analytic, dtype=np.float64)
+    if not (np.isfinite(analytic).all() and np.isfinite(numeric).all()):
+        return NonFinite()
+    gmax = max(largest(analytic), largest(numeric))
+    if _degenerate(gmax, ref, floor):
+        return Uninformative()
+    return float(np.abs(analytic.reshape(-1)[idx] - numeric).max(initial=0.0) / gmax)
 
 
 def _loss(out, module):
@@ -59,6 +123,106 @@ def _output_value(out, module=None):
                      "a scalar or a model output with .loss")
 
 
+def _check_arguments(fn, backward, eps, max_entries, seed, kwargs):
+    if not callable(fn):
+        raise ValueError(f"fn must be an op's forward or a Module, got {type(fn).__name__}")
+    if backward is not None and not callable(backward):
+        raise ValueError(f"backward must be callable, got {type(backward).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not 0 < eps < np.inf:
+        raise ValueError(f"eps must be a finite number > 0 (the central-difference step), got {eps!r}")
+    if max_entries is not None and (isinstance(max_entries, bool) or not isinstance(max_entries, (int, np.integer))
+                                    or max_entries < 1):
+        raise ValueError(f"max_entries must be an integer >= 1 (or None for every entry), got {max_entries!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"kwargs must be a dict, got {type(kwargs).__name__}")
+    is_module = hasattr(fn, "parameters") and hasattr(fn, "backward") and backward is None
+    if not is_module and backward is None:
+        raise ValueError("pass the analytic backward for an op, or a Module")
+    return is_module
+
+
+def _bind(fn, inputs):
+    """(names, values, as_dict): the inputs' names from the function's signature (or the dict's keys),
+    their values with floating-point arrays made contiguous (they are perturbed through a flat view,
+    which must not be a copy), and whether fn takes them by keyword."""
+    if isinstance(inputs, dict):
+        names, values = list(inputs), list(inputs.values())
+    else:
+        values = list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
+        target = fn.forward if hasattr(fn, "forward") else fn
+        try:
+            sig = list(inspect.signature(target).parameters)
+        except (TypeError, ValueError):
+            sig = []
+        names = [sig[i] if i < len(sig) else f"arg{i}" for i in range(len(values))]
+    for i, v in enumerate(values):
+        if isinstance(v, np.ndarray) and v.dtype.kind == "f":
+            if v.dtype != np.float64:
+                raise ValueError(f"gradcheck needs float64 inputs; {names[i]} is {v.dtype}")
+            values[i] = np.ascontiguousarray(v)
+    return names, values, isinstance(inputs, dict)
+
+
+class _Run:
+    """fn on fixed inputs, each call with the Generators its dropout draws from rewound to their
+    state before the first."""
+
+    def __init__(self, fn, backward, names, values, as_dict, kwargs, is_module):
+        self.fn, self.backward, self.names, self.values, self.kwargs = fn, backward, names, values, kwargs
+        self.as_dict, self.module = as_dict, (fn if is_module else None)
+        self.floating = [i for i, v in enumerate(values) if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
+        gens = _generators(fn) if is_module else []
+        gens += [v for v in values + list(kwargs.values()) if isinstance(v, np.random.Generator)]
+        self.gens, self.states = gens, [g.bit_generator.state for g in gens]
+
+    def forward(self):
+        """(out, cache) for an op, (out, None) for a module."""
+        for g, s in zip(self.gens, self.states):
+            g.bit_generator.state = s
+        if self.as_dict:
+            res = self.fn(**dict(zip(self.names, self.values)), **self.kwargs)
+        else:
+            res = self.fn(*self.values, **self.kwargs)
+        return res if self.module is None else (res, None)
+
+    def value(self):
+        return _output_value(self.forward()[0], self.module)
+
+
+def _input_gradients(run, grads):
+    """{input name: gradient} from what a backward returned: one gradient per floating-point input,
+    in order (None for an input it does not differentiate)."""
+    grads = () if grads is None else grads if isinstance(grads, tuple) else (grads,)
+    floating = run.floating
+    if (run.module is None or floating) and (len(grads) < len(floating)
+                                             or any(g is not None for g in grads[len(floating):])):
+        raise ValueError(f"backward returned {len(grads)} gradient(s) for {len(floating)} floating-point "
+                         f"input(s) ({', '.join(run.names[i] for i in floating) or 'none'}): it must return one "
+                         f"per floating-point input, in order")
+    return {run.names[i]: np.asarray(grads[j], dtype=np.float64)
+            for j, i in enumerate(floating) if j < len(grads) and grads[j] is not None}
+
+
+def _backward_pass(run, rng, params):
+    """One forward and backward: (dout, {name: analytic gradient}) for the inputs and, as
+    ``param:<name>``, the module parameters `params`. dout is drawn from rng, or None when the
+    output is a module's loss (backward() differentiates it)."""
+    out, cache = run.forward()
+    value = _output_value(out, run.module)
+    has_loss = run.module is not None and _loss(out, run.module) is not None
+    dout = None if has_loss else rng.standard_normal(value.shape)
+    if run.module is None:
+        return dout, _input_gradients(run, run.backward(dout, cache))
+    run.fn.zero_grad()
+    grads = run.fn.backward() if has_loss else run.fn.backward(dout)
+    grads = {} if has_loss else _input_gradients(run, grads)
+    arrays = run.fn.grad_arrays()
+    grads.update({f"param:{k}": arrays[k].copy() for k in params if k in arrays})
+    return dout, grads
+
+
 def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_entries=None,
               check_params=True):
     """Largest relative error between analytic and numerical gradients, per checked input.
@@ -75,107 +239,43 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
     must be float64. ``max_entries`` checks that many random entries per array instead of all
     (two forwards per entry). Dropout stays deterministic: numpy Generators passed as inputs or
     found on the module are rewound to their state before the first forward on every call.
+    ``seed`` picks dout and the entries, from streams of gradcheck's own (see `stream`).
 
     Returns ``{name: error}`` with names from the function's signature (or the dict's keys) and
-    ``param:<dotted name>`` for module parameters.
+    ``param:<dotted name>`` for module parameters. An error is a float, or a Verdict that compares
+    as inf and prints as its label: NonFinite when a gradient holds NaN or inf, Uninformative when
+    the check compared rounding noise (see `_degenerate`; one more backward, under an independent
+    dout, tells).
     """
-    if not callable(fn):
-        raise ValueError(f"fn must be an op's forward or a Module, got {type(fn).__name__}")
-    if backward is not None and not callable(backward):
-        raise ValueError(f"backward must be callable, got {type(backward).__name__}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not 0 < eps < np.inf:
-        raise ValueError(f"eps must be a finite number > 0 (the central-difference step), got {eps!r}")
-    if max_entries is not None and (isinstance(max_entries, bool) or not isinstance(max_entries, (int, np.integer))
-                                    or max_entries < 1):
-        raise ValueError(f"max_entries must be an integer >= 1 (or None for every entry), got {max_entries!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise ValueError(f"kwargs must be a dict, got {type(kwargs).__name__}")
-    kwargs = dict(kwargs or {})
-    if isinstance(inputs, dict):
-        names, args, kw = list(inputs), [], dict(inputs)
-    else:
-        args = list(inputs) if isinstance(inputs, (tuple, list)) else [inputs]
-        kw = {}
-        target = fn.forward if hasattr(fn, "forward") else fn
-        try:
-            sig = [p for p in inspect.signature(target).parameters]
-        except (TypeError, ValueError):
-            sig = []
-        names = [sig[i] if i < len(sig) else f"arg{i}" for i in range(len(args))]
-    values = args if not kw else [kw[n] for n in names]
-    floating = [i for i, v in enumerate(values) if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
-    for i in floating:
-        if values[i].dtype != np.float64:
-            raise ValueError(f"gradcheck needs float64 inputs; {names[i]} is {values[i].dtype}")
-        if not values[i].flags.c_contiguous:  # perturbed through a flat view, which must not be a copy
-            values[i] = np.ascontiguousarray(values[i])
-            if kw:
-                kw[names[i]] = values[i]
-    is_module = hasattr(fn, "parameters") and hasattr(fn, "backward") and backward is None
-    if not is_module and backward is None:
-        raise ValueError("pass the analytic backward for an op, or a Module")
+    is_module = _check_arguments(fn, backward, eps, max_entries, seed, kwargs)
+    names, values, as_dict = _bind(fn, inputs)
     params = fn.trainable_parameters() if (is_module and check_params) else {}
     for k, p in params.items():
         if p.dtype != np.float64:
             raise ValueError(f"gradcheck needs a float64 model; parameter {k} is {p.dtype} (use .astype('float64'))")
-    gens = _generators(fn) if is_module else []
-    gens += [v for v in list(values) + list(kwargs.values()) if isinstance(v, np.random.Generator)]
-    states = [g.bit_generator.state for g in gens]
-    rng = np.random.default_rng(seed)
+    run = _Run(fn, backward, names, values, as_dict, dict(kwargs or {}), is_module)
+    # the reference pass first, so that a module keeps the checked pass's gradients
+    ref_dout, reference = _backward_pass(run, stream(seed, REFERENCE), params)
+    dout, grads = _backward_pass(run, stream(seed, UPSTREAM), params)
+    if not grads:
+        raise ValueError("nothing to check: no floating-point input has a gradient and there are no parameters")
+    arrays = {**dict(zip(names, values)), **{f"param:{k}": p for k, p in params.items()}}
+    for name, g in grads.items():
+        if g.shape != arrays[name].shape:
+            raise ValueError(f"analytic gradient for {name} has shape {g.shape}, expected {arrays[name].shape}")
+    floor = NOISE_RATIO * max(largest(g) for g in list(grads.values()) + list(reference.values()))
 
-    def call():
-        for g, s in zip(gens, states):
-            g.bit_generator.state = s
-        if kw:
-            return fn(**kw, **kwargs)
-        return fn(*args, **kwargs)
-
-    # analytic pass
-    res = call()
-    out, cache = (res if not is_module else (res, None))
-    module = fn if is_module else None
-    value = _output_value(out, module)
-    has_loss = is_module and _loss(out, module) is not None
-    dout = None if has_loss else rng.standard_normal(value.shape)
-    if is_module:
-        fn.zero_grad()
-        grads = fn.backward() if has_loss else fn.backward(dout)
-        param_grads = {k: g.copy() for k, g in fn.grad_arrays().items()} if params else {}
-    else:
-        grads = backward(dout, cache)
-    if grads is None:
-        grads = ()
-    if not isinstance(grads, tuple):
-        grads = (grads,)
-    if is_module and has_loss:
-        grads = ()
-    elif (not is_module or floating) and (len(grads) < len(floating)
-                                          or any(g is not None for g in grads[len(floating):])):
-        raise ValueError(f"backward returned {len(grads)} gradient(s) for {len(floating)} floating-point "
-                         f"input(s) ({', '.join(names[i] for i in floating) or 'none'}): it must return one "
-                         f"per floating-point input, in order")
-    analytic = {}
-    for j, i in enumerate(floating):
-        if j < len(grads) and grads[j] is not None:
-            analytic[names[i]] = (values[i], np.asarray(grads[j], dtype=np.float64))
-
-    def perturbed():
-        v = _output_value(call(), module) if is_module else _output_value(call()[0])
+    def f():
+        v = run.value()
         return float(v) if dout is None else float(np.sum(v * dout))
 
+    rng = stream(seed, ENTRIES)
     errors = {}
-    targets = [(n, x, g) for n, (x, g) in analytic.items()]
-    targets += [(f"param:{k}", params[k], param_grads[k]) for k in params if k in param_grads]
-    if not targets:
-        raise ValueError("nothing to check: no floating-point input has a gradient and there are no parameters")
-    for name, x, g in targets:
-        if g.shape != x.shape:
-            raise ValueError(f"analytic gradient for {name} has shape {g.shape}, expected {x.shape}")
-        idx = _entries(x.size, max_entries, rng)
-        numeric = central_differences(perturbed, x.reshape(-1), idx, eps)
-        errors[name] = _error(g, numeric, idx)
+    for name, g in grads.items():
+        idx = _entries(g.size, max_entries, rng)
+        numeric = central_differences(f, arrays[name].reshape(-1), idx, eps)
+        ref = largest(reference[name]) if ref_dout is not None else None
+        errors[name] = _error(g, numeric, idx, ref, floor)
     return errors
 
 

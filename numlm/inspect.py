@@ -15,7 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .gradchecking import central_differences
+from .gradchecking import (ENTRIES, PROJECTION, REFERENCE, REF_RATIO, NonFinite, Uninformative, Verdict,
+                           central_differences, largest, stream)
 from .nn import OPS
 from .optim import sum_squares
 
@@ -31,7 +32,7 @@ class ParamCheck(NamedTuple):
     name: str
     shape: tuple
     checked: int
-    error: float       # max |analytic - numeric| / scale over the checked entries
+    error: float       # max |analytic - numeric| / scale over the checked entries, or a Verdict
     scale: float       # the largest |gradient| entry of the parameter
 
 
@@ -44,7 +45,7 @@ class ModelCheck(NamedTuple):
 
     @property
     def worst(self):
-        return max(self.rows, key=lambda r: r.error)
+        return max(self.rows, key=lambda r: r.error)  # a Verdict (non-finite, uninformative) compares as inf
 
     @property
     def passed(self):
@@ -55,11 +56,22 @@ class ModelCheck(NamedTuple):
         lines = [f"{'parameter':{w}s} {'shape':>12s} {'checked':>7s} {'max |grad|':>10s} {'max rel. error':>14s}"]
         for r in self.rows:
             lines.append(f"{r.name:{w}s} {str(tuple(r.shape)):>12s} {r.checked:7d} {r.scale:10.1e} {r.error:14.2e}")
-        b = self.worst
-        lines.append(f"worst: {b.name} {b.error:.2e} ({'pass' if self.passed else 'FAIL'}: tolerance "
-                     f"{self.tol:.0e}); {sum(r.checked for r in self.rows)} entries, objective {self.objective}, "
-                     f"{self.tokens} tokens, {self.seconds:.1f} s")
-        return "\n".join(lines)
+        return "\n".join(lines + [self.summary()])
+
+    def summary(self):
+        """The verdict in one line: the worst measured error, then the rows that are not numbers."""
+        measured = [r for r in self.rows if not isinstance(r.error, Verdict)]
+        b = max(measured, key=lambda r: r.error, default=None)
+        parts = [f"worst: {b.name} {b.error:.2e}" if b is not None else "no row measured"]
+        parts[0] += f" ({'pass' if self.passed else 'FAIL'}: tolerance {self.tol:.0e})"
+        for kind, why in ((NonFinite, "a NaN or inf gradient"),
+                          (Uninformative, "gradients too small to compare (for a bare backbone, another "
+                                          "seed draws another projection)")):
+            n = sum(isinstance(r.error, kind) for r in self.rows)
+            if n:
+                parts.append(f"{n} {kind.label}: {why}")
+        return "; ".join(parts + [f"{sum(r.checked for r in self.rows)} entries, objective {self.objective}, "
+                                  f"{self.tokens} tokens, {self.seconds:.1f} s"])
 
 
 def objective_inputs(model, input_ids):
@@ -102,26 +114,25 @@ def _input_embedding_name(params):
 
 
 def _analytic(model, kw, rng):
-    """One forward and backward; returns (the scalar function of a forward's output, its gradients).
-    The scalar is model.objective(out) (what backward() differentiates) when the forward has a
-    loss, else sum(last_hidden_state * R) (+ sum(pooler_output * R')) for random R."""
+    """One forward and backward; returns (the scalar function of a forward's output, its gradients,
+    the scalar's formula, whether it is a random projection). The scalar is model.objective(out)
+    (what backward() differentiates) when the forward has a loss, else sum(last_hidden_state * R)
+    (+ sum(pooler_output * R')) for R, R' drawn from rng."""
     out = model(**kw)
     model.zero_grad()
     if model.objective(out) is not None:
-        value = model.objective
         model.backward()
-        what = "model.objective(out)"
-    else:
-        h = out.last_hidden_state
-        R = rng.standard_normal(h.shape)
-        Rp = rng.standard_normal(out.pooler_output.shape) if out.get("pooler_output") is not None else None
+        return model.objective, {k: g.copy() for k, g in model.grad_arrays().items()}, "model.objective(out)", False
+    h = out.last_hidden_state
+    R = rng.standard_normal(h.shape)
+    Rp = rng.standard_normal(out.pooler_output.shape) if out.get("pooler_output") is not None else None
 
-        def value(o):
-            s = np.sum(o.last_hidden_state * R)
-            return s if Rp is None else s + np.sum(o.pooler_output * Rp)
-        model.backward(R if Rp is None else (R, Rp))
-        what = "sum(last_hidden_state * R)" + ("" if Rp is None else " + sum(pooler_output * R')")
-    return value, {k: g.copy() for k, g in model.grad_arrays().items()}, what
+    def value(o):
+        s = np.sum(o.last_hidden_state * R)
+        return s if Rp is None else s + np.sum(o.pooler_output * Rp)
+    model.backward(R if Rp is None else (R, Rp))
+    what = "sum(last_hidden_state * R)" + ("" if Rp is None else " + sum(pooler_output * R')")
+    return value, {k: g.copy() for k, g in model.grad_arrays().items()}, what, True
 
 
 @contextlib.contextmanager
@@ -168,12 +179,18 @@ def check_model(model, input_ids, params=3, seed=0, eps=1e-6, tol=1e-5, break_=N
     model: a parameter whose gradient is zero in exact arithmetic (a key bias: softmax ignores a
     constant added to a row) then compares rounding noise with the model's gradient scale, and a
     wrong gradient still shows unless it is below tol * 1e-3 of the model's largest.
+    A NaN or inf in either gradient makes the row NonFinite. A bare backbone (no loss) is checked
+    on a random projection R of its outputs, drawn from a stream of gradcheck's own (see
+    gradchecking.stream); a row whose gradients are tiny against those of an independent
+    projection is Uninformative. Both compare as inf: the check does not pass.
     `break_` names an entry of BREAKS to corrupt while the analytic gradient is taken.
     Each checked entry costs two forwards: keep the text short."""
     if model.dtype != np.float64:
         raise ValueError(f"a gradient check needs a float64 model, got {model.dtype} (load with dtype='float64')")
     if not isinstance(params, int) or params < 1:
         raise ValueError(f"params must be a positive integer, got {params!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or ids.shape[0] != 1:
         raise ValueError(f"input_ids must have shape (1, T), got {ids.shape}")
@@ -185,47 +202,66 @@ def _check_model(model, ids, params, seed, eps, tol, break_, progress):
     t0 = time.perf_counter()
     model.eval()
     kw = objective_inputs(model, ids)
-    rng = np.random.default_rng(seed)
-    value, grads, what = _analytic(model, kw, np.random.default_rng(seed + 1))
+    value, grads, what, projected = _analytic(model, kw, stream(seed, PROJECTION))
+    # a projection's gradients against an independent one's tell a degenerate draw
+    reference = _analytic(model, kw, stream(seed, REFERENCE))[1] if projected else None
     if break_ is not None:
         with broken_backward(break_):
-            value, broken, _ = _analytic(model, kw, np.random.default_rng(seed + 1))
+            value, broken, _, _ = _analytic(model, kw, stream(seed, PROJECTION))
         if all(np.array_equal(broken[k], g) for k, g in grads.items()):
             raise ValueError(f"breaking {break_!r} did not change this model's gradients: "
                              f"{type(model).__name__} does not use it")
         grads = broken
-    weights = model.parameters()
 
     def f():
         return float(value(model(**kw)))
 
-    floor = 1e-3 * max(float(np.abs(g).max(initial=0.0)) for g in grads.values())
+    floor = 1e-3 * max(largest(g) for g in grads.values())
+    targets = _targets(model.parameters(), grads, ids, params, stream(seed, ENTRIES))
+    rows = []
+    for i, (name, key, shape, w, idx) in enumerate(targets):
+        numeric = central_differences(f, w.reshape(-1), idx, eps)
+        ref = None if reference is None else largest(reference[key])
+        rows.append(_row(name, shape, grads[key], numeric, idx, ref, floor))
+        if progress is not None:
+            progress(i + 1, len(targets))
+    model.zero_grad()
+    return ModelCheck(rows, what, int(ids.shape[1]), time.perf_counter() - t0, tol)
+
+
+def _targets(weights, grads, ids, params, rng):
+    """(row name, parameter, row shape, weight, checked flat entries) for every trainable parameter,
+    then for the input tokens' rows of the input embeddings."""
     targets = []
     for name, w in weights.items():
         if name not in grads:  # frozen: no gradient to check
             continue
         nz = np.flatnonzero(grads[name])
         pool = nz if len(nz) else np.arange(w.size)
-        targets.append((name, w.shape, w, grads[name], rng.choice(pool, min(params, len(pool)), replace=False)))
+        targets.append((name, name, w.shape, w, rng.choice(pool, min(params, len(pool)), replace=False)))
     emb = _input_embedding_name(weights)
     if emb is not None and emb in grads:
         w = weights[emb]
         rows = np.unique(ids)
         pick = rng.choice(len(rows) * w.shape[1], min(params, len(rows) * w.shape[1]), replace=False)
         flat = rows[pick // w.shape[1]] * w.shape[1] + pick % w.shape[1]
-        targets.append((f"input embeddings ({emb}[input_ids])", (ids.shape[1], w.shape[1]), w, grads[emb], flat))
-    rows = []
-    for i, (name, shape, w, g, idx) in enumerate(targets):
-        flat_g = g.reshape(-1)
-        numeric = central_differences(f, w.reshape(-1), idx, eps)
-        gmax = max(float(np.abs(g).max(initial=0.0)), float(np.abs(numeric).max(initial=0.0)))
-        scale = max(gmax, floor)
-        err = float(np.abs(flat_g[idx] - numeric).max(initial=0.0)) / scale if scale > 0 else 0.0
-        rows.append(ParamCheck(name, tuple(shape), len(idx), err, gmax))
-        if progress is not None:
-            progress(i + 1, len(targets))
-    model.zero_grad()
-    return ModelCheck(rows, what, int(ids.shape[1]), time.perf_counter() - t0, tol)
+        targets.append((f"input embeddings ({emb}[input_ids])", emb, (ids.shape[1], w.shape[1]), w, flat))
+    return targets
+
+
+def _row(name, shape, g, numeric, idx, ref, floor):
+    """One parameter's check: its error against max(its largest gradient entry, floor); NonFinite when
+    either gradient holds NaN or inf; Uninformative when the projection's gradient is tiny against
+    the one an independent projection gives (ref), or when every gradient of the model is zero."""
+    gmax = max(largest(g), largest(numeric))
+    scale = max(gmax, floor)
+    if not (np.isfinite(g).all() and np.isfinite(numeric).all()):
+        err = NonFinite()
+    elif scale == 0 or (ref is not None and ref > floor and gmax <= REF_RATIO * ref):
+        err = Uninformative()
+    else:
+        err = float(np.abs(g.reshape(-1)[idx] - numeric).max(initial=0.0)) / scale
+    return ParamCheck(name, tuple(shape), len(idx), err, gmax)
 
 
 def check_checkpoint(model_dir, text=DEFAULT_TEXT, params=3, seed=0, tol=1e-5, break_=None, progress=None):

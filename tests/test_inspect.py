@@ -13,6 +13,7 @@ import numlm
 from numlm import ops
 from numlm.cli import main
 from numlm.data import Tokenizer
+from numlm.gradchecking import PROJECTION, NonFinite, Uninformative, stream
 from numlm.inspect import (BREAKS, attention_figure_size, attention_maps, broken_backward, check_checkpoint,
                            check_model, draw_attention, layer_of, PLOT_DPI, PLOT_SIZE)
 from numlm.train import Trainer, TrainConfig
@@ -115,6 +116,42 @@ def test_bare_backbone_uses_a_random_projection():
     assert len(pooler) == 2 and all(r.scale > 0 for r in pooler)
 
 
+def degenerate_gpt2(seed):
+    """A bare GPT-2 on one token whose ln_f weight is 1 / R for the projection R that check_model
+    draws with `seed`: then R * weight = 1, LayerNorm's backward of a constant is zero, and nothing
+    below ln_f gets a gradient from this R (any other R gives one)."""
+    model = numlm.GPT2Model(numlm.GPT2Config(vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2),
+                            seed=0, dtype="float64")
+    p = model.parameters()
+    R = stream(seed, PROJECTION).standard_normal((1, 1, 8))
+    p["ln_f.weight"][...] = 1 / R[0, 0]
+    return model
+
+
+def test_a_projection_that_misses_the_backbone_is_uninformative():
+    ids = np.array([[3]])
+    res = check_model(degenerate_gpt2(0), ids, params=2, seed=0)
+    missed = [r for r in res.rows if isinstance(r.error, Uninformative)]
+    assert {r.name for r in res.rows} - {r.name for r in missed} == {"ln_f.weight", "ln_f.bias"}, res.table()
+    assert not res.passed and isinstance(res.worst.error, Uninformative)
+    assert "uninformative" in res.table().splitlines()[1]
+    assert "15 uninformative" in res.summary() and "FAIL" in res.summary()
+    assert check_model(degenerate_gpt2(0), ids, params=2, seed=1).passed  # another projection checks it
+
+
+def test_nan_gradients_fail_the_model_check(tmp_path, capsys):
+    model = numlm.from_pretrained(HF / "bert-tiny", dtype="float64")
+    model.parameters()["bert.encoder.layer.0.output.dense.weight"][0, 0] = np.nan
+    res = check_model(model, ids_of(), params=2)
+    assert not res.passed and all(isinstance(r.error, NonFinite) for r in res.rows), res.table()
+    assert "non-finite" in res.table() and "FAIL" in res.summary()
+    d = tmp_path / "nan-bert"
+    model.save_pretrained(d)
+    word_tokenizer().save(d)
+    assert main(["gradcheck", str(d), "--text", TEXT, "--params", "1"]) == 1
+    assert "non-finite" in capsys.readouterr().out
+
+
 def test_check_refuses_bad_input():
     model = numlm.from_pretrained(HF / "gpt2-tiny")
     with pytest.raises(ValueError, match="float64"):
@@ -122,6 +159,8 @@ def test_check_refuses_bad_input():
     model.astype("float64")
     with pytest.raises(ValueError, match="params"):
         check_model(model, ids_of(), params=0)
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got -1"):
+        check_model(model, ids_of(), seed=-1)
     with pytest.raises(ValueError, match="unknown break"):
         check_model(model, ids_of(), break_="softmaxx")
     relu = numlm.GPT2LMHeadModel(numlm.GPT2Config(vocab_size=20, n_embd=8, n_layer=1, n_head=2, n_positions=16,

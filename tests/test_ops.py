@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from numlm import ops
-from numlm.gradchecking import gradcheck
+from numlm.gradchecking import Uninformative, gradcheck
 from numlm.kernels import set_numba
 
 TOL = 1e-7
@@ -52,10 +52,15 @@ def check(op, forward, inputs, backward, kwargs=None, eps=1e-6, expect=None):
     for flag in (True, False):
         with numba_path(flag):
             errs = gradcheck(forward, inputs, backward, kwargs=kwargs, eps=eps)
+            # zero by the math (LayerNorm over C=1, one class, every target ignored, T=1 attention) is
+            # uninformative for every dout; an unlucky dout is not, and another seed measures it
+            for name in [k for k, e in errs.items() if isinstance(e, Uninformative)]:
+                again = gradcheck(forward, inputs, backward, kwargs=kwargs, eps=eps, seed=1)[name]
+                assert isinstance(again, Uninformative) or again < TOL, (op, name, again)
         if expect is not None:
             assert set(errs) == set(expect), errs
         assert errs
-        worst = max(errs.values())
+        worst = max((e for e in errs.values() if not isinstance(e, Uninformative)), default=0.0)
         WORST[op] = max(WORST.get(op, 0.0), worst)
         assert worst < TOL, (op, "numba" if flag else "numpy", errs)
     return errs
@@ -110,8 +115,10 @@ def test_embedding_gradcheck(seed, lead, V, C, pad):
     def backward(dout, cache):
         return ops.embedding_backward(dout, cache)[keep]
 
-    if V > 1:
+    if V > 1 and np.any(ids != p):
         check("embedding", forward, (ids, weight[keep].copy()), backward, expect={"rest"})
+    elif V > 1:  # only the padding id occurs: no other row is used, and the check says it shows nothing
+        assert isinstance(gradcheck(forward, (ids, weight[keep].copy()), backward)["rest"], Uninformative)
 
 
 @settings(max_examples=25, deadline=None)
