@@ -6,7 +6,7 @@ import numpy as np
 
 from .models.pretrained import ModelOutput
 from .nn import no_grad  # inference keeps no caches for a backward
-from .ops import softmax
+from .ops import softmax, sigmoid
 
 
 def _ids(name, a):
@@ -84,7 +84,7 @@ def predict(model, input_ids, attention_mask=None, token_type_ids=None):
         probs = logits.copy()
         labels = np.zeros(len(logits), dtype=np.int64)
     elif kind == "multi_label_classification":
-        probs = 1.0 / (1.0 + np.exp(-logits))
+        probs = sigmoid(logits)
         labels = np.argmax(probs, axis=-1)
     else:
         probs = softmax(logits)

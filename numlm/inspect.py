@@ -17,6 +17,7 @@ import numpy as np
 
 from .gradchecking import (ENTRIES, PROJECTION, REFERENCE, REF_RATIO, NonFinite, Uninformative, Verdict,
                            central_differences, largest, stream)
+from .kernels.matmul import one_blas_thread  # thousands of forwards of a few tokens gain nothing from threads
 from .nn import OPS
 from .optim import sum_squares
 
@@ -133,38 +134,6 @@ def _analytic(model, kw, rng):
     model.backward(R if Rp is None else (R, Rp))
     what = "sum(last_hidden_state * R)" + ("" if Rp is None else " + sum(pooler_output * R')")
     return value, {k: g.copy() for k, g in model.grad_arrays().items()}, what, True
-
-
-@contextlib.contextmanager
-def one_blas_thread():
-    """Run BLAS on one thread inside the block (OpenBLAS, as numpy's wheels ship it; elsewhere a
-    no-op). A gradient check makes thousands of forwards of a few tokens: products that small gain
-    nothing from threads, and on a busy machine waiting for them costs up to 10x."""
-    import ctypes
-    lib = get = put = None
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
-        for path in sorted(paths):
-            lib = ctypes.CDLL(path)
-            for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
-                if hasattr(lib, f"{prefix}_set_num_threads{suffix}"):
-                    put = getattr(lib, f"{prefix}_set_num_threads{suffix}")
-                    get = getattr(lib, f"{prefix}_get_num_threads{suffix}")
-                    break
-            if put is not None:
-                break
-    except OSError:
-        put = None
-    if put is None:
-        yield
-        return
-    before = get()
-    put(1)
-    try:
-        yield
-    finally:
-        put(before)
 
 
 def check_model(model, input_ids, params=3, seed=0, eps=1e-6, tol=1e-5, break_=None, progress=None):

@@ -24,16 +24,18 @@ def default_no_decay(name, array):
 
 # ---------------------------------------------------------------- the update of one array
 
+def adam_scalars(step, lr, beta1, beta2):
+    """Adam's bias corrections at step t (from 1): the step size lr / (1 - b1^t), sqrt(1 - b2^t) (Python's
+    pow, as torch, not math.sqrt), and lerp's weight 1 - b1."""
+    return lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5, 1 - beta1
+
+
 def adam_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled):
     """m = lerp(m, g, 1-b1);  v = b2 v + (1-b2) g^2;  p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
     p, g, m, v: same shape and dtype; p, m, v updated in place.  AdamW first does p *= 1 - lr*wd,
     Adam (coupled) uses g + wd*p instead of g.  step t counts from 1."""
     t = p.dtype.type
-    bc1 = 1 - beta1 ** step
-    bc2 = 1 - beta2 ** step
-    step_size = lr / bc1
-    bc2_sqrt = bc2 ** 0.5                       # Python's pow, as torch does, not math.sqrt
-    w1 = 1 - beta1
+    step_size, bc2_sqrt, w1 = adam_scalars(step, lr, beta1, beta2)
     if weight_decay != 0 and decoupled:
         p *= t(1 - lr * weight_decay)
     if weight_decay != 0 and not decoupled:
@@ -56,13 +58,11 @@ def adam_update(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled
 def _adam_update_numba(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled):
     from .kernels.adam import adam_update_kernel
     t = p.dtype.type
-    bc1 = 1 - beta1 ** step
-    bc2 = 1 - beta2 ** step
-    w1 = 1 - beta1
+    step_size, bc2_sqrt, w1 = adam_scalars(step, lr, beta1, beta2)
     adam_update_kernel(
         p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), t(1),
         t(1 - lr * weight_decay), t(weight_decay), t(w1), abs(w1) < 0.5, t(beta2), t(1 - beta2),
-        t(-(lr / bc1)), t(bc2 ** 0.5), t(eps),
+        t(-step_size), t(bc2_sqrt), t(eps),
         weight_decay != 0 and decoupled, weight_decay != 0 and not decoupled)
 
 

@@ -14,6 +14,7 @@ import glob
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -52,6 +53,22 @@ def _load_blas():
 
 
 _blas, _corename = _load_blas()
+
+
+@contextmanager
+def one_blas_thread():
+    """Run BLAS on one thread inside the block (OpenBLAS, as numpy's wheels ship it; elsewhere a no-op)."""
+    if _blas is None:
+        yield
+        return
+    with _lock:
+        before = _blas[1]()
+        _blas[0](1)
+    try:
+        yield
+    finally:
+        with _lock:
+            _blas[0](before)
 
 
 def blas_core():

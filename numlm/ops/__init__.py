@@ -13,7 +13,7 @@ from .layernorm import layernorm_forward, layernorm_backward
 from .activations import (
     gelu_forward, gelu_backward, gelu_tanh_forward, gelu_tanh_backward,
     tanh_forward, tanh_backward, relu_forward, relu_backward, ACTIVATIONS, activation,
-    dropout_forward, dropout_backward,
+    dropout_forward, dropout_backward, sigmoid,
 )
 from .softmax import (softmax_forward, softmax_backward, softmax, softmax_lse, log_softmax,
                       cross_entropy_forward, cross_entropy_backward, mse_forward, mse_backward,
@@ -21,4 +21,4 @@ from .softmax import (softmax_forward, softmax_backward, softmax, softmax_lse, l
 from .attention import attention_forward, attention_backward, attention_allowed
 
 __all__ = [n for n in dir() if n.endswith(("_forward", "_backward"))] + [
-    "ACTIVATIONS", "activation", "attention_allowed", "IGNORE_INDEX", "softmax", "softmax_lse", "log_softmax"]
+    "ACTIVATIONS", "activation", "attention_allowed", "IGNORE_INDEX", "sigmoid", "softmax", "softmax_lse", "log_softmax"]

@@ -86,6 +86,11 @@ def gelu_backward(dy, cache):
 gelu_tanh_backward = gelu_backward
 
 
+def sigmoid(x):
+    """s = 1 / (1 + exp(-x)) = (1 + tanh(x / 2)) / 2, the tanh form: no overflow for large |x|"""
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
 def tanh_forward(x):
     """y = tanh(x)      x: (N) -> y: (N)"""
     float_array("x", x, 0)

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._check import float_array, ids_in_range
+from .activations import sigmoid
 from .. import kernels
 from ..kernels.losses import cross_entropy_backward_kernel
 from ..kernels.softmax import shift_rows, normalize_rows, softmax_backward_rows
@@ -145,5 +146,5 @@ def bce_with_logits_forward(logits, target):
 def bce_with_logits_backward(dloss, cache):
     """dx = dloss (sigmoid(x) - y) / N"""
     x, y = cache
-    s = 0.5 * (1.0 + np.tanh(0.5 * x))  # sigmoid, no overflow for large |x|
+    s = sigmoid(x)
     return (s - y) * x.dtype.type(float(dloss) / x.size)

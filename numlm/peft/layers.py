@@ -59,13 +59,13 @@ class LoraLinear(Linear):
         if len(g) == 6:  # the LoRA branch saw dropout(x)
             dx = dx + self.lora_dropout.backward(g[5])
         if dw is not None:
-            self.grads["weight"] += dw
+            self.add_grad("weight", dw)
         if dbias is not None:
-            self.grads["bias"] += dbias
+            self.add_grad("bias", dbias)
         if "weight" in self.lora_A.grads:
-            self.lora_A.grads["weight"] += da
+            self.lora_A.add_grad("weight", da)
         if "weight" in self.lora_B.grads:
-            self.lora_B.grads["weight"] += db
+            self.lora_B.add_grad("weight", db)
         return dx
 
     def delta_weight(self):
@@ -117,16 +117,16 @@ class Adapter(Module):
     def accumulate(self, g):
         for lin, w, b in ((self.adapter_down[0], "wd", "bd"), (self.adapter_up, "wu", "bu")):
             if "weight" in lin.grads:
-                lin.grads["weight"] += g[w]
+                lin.add_grad("weight", g[w])
             if "bias" in lin.grads:
-                lin.grads["bias"] += g[b]
+                lin.add_grad("bias", g[b])
 
 
 class Adapters(Module):
     """The container AdapterHub puts after a sub-layer (`<path>.adapters.<name>`), holding one named
     adapter, and the step it takes the place of where the sub-layer's output h meets the residual x:
     out = LN(h + x) (post-LN; `ln` the block's LayerNorm) or h + x (pre-LN), with the bottleneck in
-    between (adapter_block_forward). It fills a model's adapter slot (numlm.nn.add_residual)."""
+    between (adapter_block_forward). It fills a model's adapter slot."""
 
     def __init__(self, name, adapter):
         super().__init__()
@@ -151,9 +151,9 @@ class Adapters(Module):
         ad.accumulate(g)
         if dln is not None:
             if "weight" in ln.grads:
-                ln.grads["weight"] += dln[0]
+                ln.add_grad("weight", dln[0])
             if "bias" in ln.grads:
-                ln.grads["bias"] += dln[1]
+                ln.add_grad("bias", dln[1])
         return dh, dx
 
 

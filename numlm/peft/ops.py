@@ -7,7 +7,7 @@ number of virtual tokens.
 """
 import numpy as np
 
-from ..ops import activation, layernorm_forward, layernorm_backward
+from ..ops import activation, layernorm_forward, layernorm_backward, linear_forward, linear_backward, sigmoid
 from ..ops._check import float_array, same_dtype
 from ..kernels.matmul import mm  # a @ b at one BLAS thread per core (numlm.ops.linear)
 
@@ -46,29 +46,21 @@ def lora_linear_forward(x, w, bias, a, b, scaling, x_lora=None):
     """y = x W + bias + scaling * (x' a) b      (the LoRA linear; x' = x_lora, the LoRA branch's input,
     dropout(x) in training, x itself when None). Weights (C_in, C_out) as numlm keeps them.
     x: (N, C_in)  w: (C_in, C_out)  bias: (C_out,) or None  a: (C_in, r)  b: (r, C_out)  ->  y: (N, C_out)"""
-    float_array("x", x)
-    float_array("w", w, 2)
-    same_dtype(x=x, w=w, bias=bias)
-    if w.shape != (a.shape[0], b.shape[1]):
-        raise ValueError(f"LoRA a {a.shape} and b {b.shape} do not fit the weight {w.shape}")
+    if np.shape(w) != (np.shape(a)[0], np.shape(b)[-1]):
+        raise ValueError(f"LoRA a {np.shape(a)} and b {np.shape(b)} do not fit the weight {np.shape(w)}")
+    y, lin = linear_forward(x, w, bias)  # (N, C_out)
     delta, lc = lora_forward(x if x_lora is None else x_lora, a, b, scaling)
-    y = mm(x.reshape(-1, w.shape[0]), w).reshape(delta.shape)  # (N, C_out)
-    if bias is not None:
-        y += bias
     y += delta
-    return y, (x, w, bias is not None, lc, x_lora is not None)
+    return y, (lin, lc, x_lora is not None)
 
 
 def lora_linear_backward(dy, cache, weight_grad=True, bias_grad=True):
     """forward: y = x W + bias + delta(x').  so  dx = dy W^T (+ ddelta/dx' when x' is x),
     da, db from lora_backward;  dW = x^T dy and dbias = sum dy only when asked (a frozen W gets
     no weight gradient).  -> dx, dW (or None), dbias (or None), da, db [, dx' when x_lora was given]"""
-    x, w, has_bias, lc, separate = cache
+    lin, lc, separate = cache
     dxl, da, db = lora_backward(dy, lc)
-    d2 = dy.reshape(-1, w.shape[1])
-    dx = mm(d2, w.T).reshape(x.shape)  # (N, C_in)
-    dw = mm(x.reshape(-1, w.shape[0]).T, d2) if weight_grad else None  # (C_in, C_out)
-    dbias = d2.sum(axis=0) if bias_grad and has_bias else None
+    dx, dw, dbias = linear_backward(dy, lin, weight_grad, bias_grad)  # y = x W + bias
     if separate:
         return dx, dw, dbias, da, db, dxl
     return dx + dxl, dw, dbias, da, db
@@ -78,7 +70,7 @@ def lora_linear_backward(dy, cache, weight_grad=True, bias_grad=True):
 
 def swish_forward(x):
     """y = x * sigmoid(x)   (AdapterHub's "swish", torch's SiLU)    x: (N) -> y: (N)"""
-    sig = 1.0 / (1.0 + np.exp(-x))
+    sig = sigmoid(x)
     return x * sig, (x, sig)
 
 
