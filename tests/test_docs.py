@@ -49,8 +49,9 @@ def definition(path, dotted):
         for n in body:
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == part:
                 found = n
-            elif isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == part for t in n.targets):
-                found = n
+            elif (isinstance(n, ast.Assign) and isinstance(n.value, ast.Name)
+                  and any(isinstance(t, ast.Name) and t.id == part for t in n.targets)):
+                found = n  # an alias: gelu_tanh_backward = gelu_backward
         if found is None:
             return None
         node, body = found, getattr(found, "body", [])
@@ -96,6 +97,8 @@ def test_the_checks_can_fail():
     assert definition(ROOT / "numlm/ops/layernorm.py", "layernorm_backwards") is None
     assert definition(ROOT / "numlm/nn/layers.py", "LayerNorm.backward") is not None
     assert definition(ROOT / "numlm/nn/layers.py", "LayerNorm.nothing") is None
+    assert definition(ROOT / "numlm/ops/activations.py", "gelu_tanh_backward") is not None  # an alias
+    assert definition(ROOT / "numlm/ops/activations.py", "SQRT_2_OVER_PI") is None  # a constant, not code
     assert resolve("no/such/file.py") is None
     assert missing_citations("`numlm/ops/layernorm.py:no_such_function`")
     assert not missing_citations("`ops/layernorm.py:layernorm_forward`")
