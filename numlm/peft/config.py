@@ -132,7 +132,7 @@ ACTIVATIONS = ("swish", "silu", "relu", "gelu", "gelu_new", "tanh")
 
 @dataclasses.dataclass
 class BnConfig:
-    """AdapterHub's bottleneck adapter: a = r + scaling * up(act(down(z))), see numlm.peft.adapter."""
+    """AdapterHub's bottleneck adapter: a = r + scaling * up(act(down(z))), see numlm.peft.ops.bottleneck_forward."""
 
     architecture = "bottleneck"
     mh_adapter: bool = False
