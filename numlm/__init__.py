@@ -8,7 +8,10 @@ from .models import (from_pretrained, ModelOutput, BertConfig, BertModel, BertFo
                      BertForNextSentencePrediction, BertForSequenceClassification, BertForTokenClassification,
                      BertForQuestionAnswering, GPT2Config, OpenAIGPTConfig, GPT2Model, GPT2LMHeadModel,
                      GPT2ForSequenceClassification, GPT2DoubleHeadsModel, OpenAIGPTModel, OpenAIGPTLMHeadModel,
-                     OpenAIGPTDoubleHeadsModel)
+                     OpenAIGPTDoubleHeadsModel, RobertaConfig, RobertaModel, RobertaForMaskedLM,
+                     RobertaForSequenceClassification, RobertaForTokenClassification, RobertaForQuestionAnswering,
+                     DistilBertConfig, DistilBertModel, DistilBertForMaskedLM, DistilBertForSequenceClassification,
+                     DistilBertForTokenClassification, DistilBertForQuestionAnswering)
 
 from .decoding import generate  # the function; the module is numlm.decoding
 from .inference import fill_mask, predict, classify, sentence_embeddings, embed
@@ -18,4 +21,8 @@ __all__ = ["ops", "nn", "no_grad", "datasets", "gradcheck", "generate", "fill_ma
            "BertConfig", "BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForNextSentencePrediction",
            "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering",
            "GPT2Config", "OpenAIGPTConfig", "GPT2Model", "GPT2LMHeadModel", "GPT2ForSequenceClassification",
-           "GPT2DoubleHeadsModel", "OpenAIGPTModel", "OpenAIGPTLMHeadModel", "OpenAIGPTDoubleHeadsModel"]
+           "GPT2DoubleHeadsModel", "OpenAIGPTModel", "OpenAIGPTLMHeadModel", "OpenAIGPTDoubleHeadsModel",
+           "RobertaConfig", "RobertaModel", "RobertaForMaskedLM", "RobertaForSequenceClassification",
+           "RobertaForTokenClassification", "RobertaForQuestionAnswering",
+           "DistilBertConfig", "DistilBertModel", "DistilBertForMaskedLM", "DistilBertForSequenceClassification",
+           "DistilBertForTokenClassification", "DistilBertForQuestionAnswering"]

@@ -256,23 +256,21 @@ class BertPredictionHeadTransform(Module):
         self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
-class BertLMPredictionHead(Module):
-    """logits = t We^T + bias, t = LN(act(h Wt + bt)); the decoder IS the word-embedding table."""
+class TiedDecoder(Module):
+    """logits = t We^T + bias: the MLM decoder IS the word-embedding table (BERT's, RoBERTa's and
+    DistilBERT's heads; only `bias` is its own parameter)."""
 
-    def __init__(self, config, word_embeddings):
+    def __init__(self, vocab_size, word_embeddings):
         super().__init__()
-        self.transform = BertPredictionHeadTransform(config)
-        self.add_param("bias", np.zeros(config.vocab_size))
+        self.add_param("bias", np.zeros(vocab_size))
         self._word = (word_embeddings,)  # a tuple, so the table is not discovered as a child a second time
 
-    def forward(self, h):  # (..., C) -> (..., V)
-        tr = self.transform
-        t = tr.LayerNorm(tr.transform_act_fn(tr.dense(h)))
+    def forward(self, t):  # (..., C) -> (..., V)
         logits, self.cache = OPS["linear"][0](t, self._word[0].params["weight"].T, self.params["bias"])
         return logits
 
     def backward(self, dlogits):  # (..., V) -> (..., C)
-        tr, word = self.transform, self._word[0]
+        word = self._word[0]
         # logits = t We^T + b:  dt = dlogits We,  db = sum dlogits,  dWe = dlogits^T t (added to the lookup's)
         dt, _, db = OPS["linear"][1](dlogits, self.cache, need_dw=False, need_db=self.requires_grad("bias"))
         if word.requires_grad("weight"):
@@ -280,6 +278,25 @@ class BertLMPredictionHead(Module):
             word.add_grad("weight", mm(dlogits.reshape(-1, dlogits.shape[-1]).T, t.reshape(-1, t.shape[-1])))
         if db is not None:
             self.add_grad("bias", db)
+        return dt
+
+
+class BertLMPredictionHead(TiedDecoder):
+    """logits = t We^T + bias, t = LN(act(h Wt + bt)); the decoder IS the word-embedding table."""
+
+    def __init__(self, config, word_embeddings):
+        super().__init__(config.vocab_size, word_embeddings)
+        self.transform = BertPredictionHeadTransform(config)
+
+    def forward(self, h):  # (..., C) -> (..., V)
+        tr = self.transform
+        # logits = t We^T + b,  t = LN(act(h Wt + bt))
+        return TiedDecoder.forward(self, tr.LayerNorm(tr.transform_act_fn(tr.dense(h))))
+
+    def backward(self, dlogits):  # (..., V) -> (..., C)
+        tr = self.transform
+        # logits = t We^T + b
+        dt = TiedDecoder.backward(self, dlogits)
         # t = LN(act(h Wt + bt))
         return tr.dense.backward(tr.transform_act_fn.backward(tr.LayerNorm.backward(dt)))
 
@@ -329,7 +346,7 @@ class BertTask(PreTrainedModel):
         last_hidden_state, pooler_output)."""
         out = ModelOutput({k: v for k, v in fields.items() if v is not None})
         if output_hidden_states or output_attentions:
-            out.update(extras(self.bert, hs, output_hidden_states, output_attentions))
+            out.update(extras(getattr(self, self.base_model_prefix), hs, output_hidden_states, output_attentions))
         out.update(last_hidden_state=hs[-1])
         if pooled is not None:
             out.update(pooler_output=pooled)
@@ -521,6 +538,28 @@ def span_positions(start_positions, end_positions, B):
     return pos
 
 
+def span_loss_forward(start, end, positions):
+    """loss = (CE(start, s) + CE(end, e)) / 2, positions clamped to [0, T] and T ignored (transformers).
+    start, end: (B, T), positions: span_positions' (s, e) or None -> loss, caches (None, None without)"""
+    if positions is None:
+        return None, None
+    T = start.shape[1]
+    s, e = (np.clip(p, 0, T) for p in positions)
+    (ls, cs), (le, ce) = cross_entropy_forward(start, s, T), cross_entropy_forward(end, e, T)
+    return (ls + le) / 2, (cs, ce)
+
+
+def span_loss_backward(grad, start, end, caches):
+    """d start, d end (B, T) each: from the given grad = (d start_logits, d end_logits), else of the loss"""
+    if grad is not None:
+        ds, de = output_grads(grad, ("start_logits", "end_logits"), (start, end))
+        return (np.zeros_like(start) if ds is None else ds), (np.zeros_like(end) if de is None else de)
+    if caches is None:
+        no_loss("start_positions and end_positions")
+    # loss = (CE(start) + CE(end)) / 2
+    return tuple(cross_entropy_backward(0.5, c) for c in caches)
+
+
 @register
 class BertForQuestionAnswering(BertTask):
     """start_logits, end_logits = split(h Wqa + bqa); loss = (CE(start) + CE(end)) / 2 with positions
@@ -543,12 +582,7 @@ class BertForQuestionAnswering(BertTask):
         positions = span_positions(start_positions, end_positions, x.B)
         logits = self.qa_outputs(hs[-1])  # (B, T, 2)
         start, end = logits[..., 0].copy(), logits[..., 1].copy()  # (B, T) each
-        loss = caches = None
-        if positions is not None:
-            # loss = (CE(start, s) + CE(end, e)) / 2, positions clamped to [0, T] and T ignored
-            s, e = (np.clip(p, 0, x.T) for p in positions)
-            (ls, cs), (le, ce) = cross_entropy_forward(start, s, x.T), cross_entropy_forward(end, e, x.T)
-            loss, caches = (ls + le) / 2, (cs, ce)
+        loss, caches = span_loss_forward(start, end, positions)
         self._last = (start, end, caches)
         return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, start_logits=start,
                             end_logits=end)
@@ -556,14 +590,7 @@ class BertForQuestionAnswering(BertTask):
     def backward(self, grad=None):
         """d loss (grad None), or grad = (d start_logits, d end_logits)"""
         start, end, caches = self._need_last()
-        if grad is not None:
-            ds, de = output_grads(grad, ("start_logits", "end_logits"), (start, end))
-            ds = np.zeros_like(start) if ds is None else ds
-            de = np.zeros_like(end) if de is None else de
-        elif caches is None:
-            no_loss("start_positions and end_positions")
-        else:
-            ds, de = (cross_entropy_backward(0.5, c) for c in caches)
+        ds, de = span_loss_backward(grad, start, end, caches)
         # start, end = split(qa_outputs(h))
         self.bert.encode_backward(self.qa_outputs.backward(np.stack([ds, de], axis=-1)))  # (B, T, 2)
 

@@ -222,3 +222,60 @@ class OpenAIGPTConfig(_GPTConfig):
     @property
     def activation_function(self):
         return OPENAI_AFN[self.afn]
+
+
+@dataclasses.dataclass
+class RobertaConfig(BertConfig):
+    """transformers' RobertaConfig: BertConfig's fields, RoBERTa's vocabulary and special ids (pad 1,
+    the padding row of both the token and the position table; positions count from pad + 1)."""
+
+    model_type = "roberta"
+    vocab_size: int = 50265; pad_token_id: Optional[int] = 1
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def validate(self):
+        super().validate()
+        if self.pad_token_id is None or self.pad_token_id + 1 >= self.max_position_embeddings:
+            raise ValueError(f"config pad_token_id {self.pad_token_id!r}: RoBERTa counts positions from "
+                             f"pad_token_id + 1 and needs it below max_position_embeddings - 1 "
+                             f"({self.max_position_embeddings - 1})")
+
+
+@dataclasses.dataclass
+class DistilBertConfig(Config):
+    """transformers' DistilBertConfig fields and defaults (distilbert-base-uncased)."""
+
+    model_type = "distilbert"
+    # grouped by what they size; the paper's symbols at the right
+    vocab_size: int = 30522; max_position_embeddings: int = 512; sinusoidal_pos_embds: bool = False  # V, T max
+    dim: int = 768; n_layers: int = 6; n_heads: int = 12  # C, L, H
+    hidden_dim: int = 3072; activation: str = "gelu"  # the FFN: I, act
+    dropout: float = 0.1; attention_dropout: float = 0.1; qa_dropout: float = 0.1; seq_classif_dropout: float = 0.2
+    initializer_range: float = 0.02; pad_token_id: Optional[int] = 0; tie_word_embeddings: bool = True
+    num_labels: int = 2; problem_type: Optional[str] = None
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    layer_norm_eps = 1e-12  # hard-coded in modeling_distilbert
+
+    # transformers' attribute_map: the names the rest of numlm (and peft) read
+    @property
+    def hidden_size(self):
+        return self.dim
+
+    @property
+    def num_hidden_layers(self):
+        return self.n_layers
+
+    @property
+    def num_attention_heads(self):
+        return self.n_heads
+
+    def validate(self):
+        self._positive("dim", "n_layers", "n_heads", "hidden_dim", "max_position_embeddings")
+        super().validate()
+        self._probability("dropout", "attention_dropout", "qa_dropout", "seq_classif_dropout")
+        self._heads_divide("dim", "n_heads")
+        self._one_of("activation", ACTIVATIONS)
+        if self.sinusoidal_pos_embds:
+            raise ValueError("config sinusoidal_pos_embds=True (fixed sinusoidal positions) is not supported; "
+                             "numlm supports DistilBERT's learned positions")

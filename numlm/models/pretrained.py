@@ -440,6 +440,46 @@ def bert_inputs(bert, input_ids, attention_mask, token_type_ids, position_ids, i
     return Inputs(ids, embeds, mask, tt, pos, past, past_len, None, shape, B, T)
 
 
+def roberta_inputs(roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=None, past=None):
+    """RoBERTa inputs -> Inputs: BERT's checks, and without position_ids RoBERTa's positions
+    (modeling_roberta's create_position_ids_from_input_ids): counted over the real tokens from pad + 1,
+    pads at pad (the table's padding row), so left padding does not shift them:
+        pos = (cumsum(ids != pad) + T_past) * (ids != pad) + pad;   given inputs_embeds: pad + 1 .. pad + T."""
+    x = bert_inputs(roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, past)
+    if position_ids is not None:
+        return x
+    cfg = roberta.config
+    pad = cfg.pad_token_id
+    if x.past_len + x.T + pad + 1 > cfg.max_position_embeddings:
+        raise ValueError(f"sequence length {x.past_len + x.T} (past {x.past_len} + input {x.T}) needs positions up "
+                         f"to {x.past_len + x.T + pad}, beyond max_position_embeddings {cfg.max_position_embeddings}")
+    if x.ids is None:
+        pos = np.arange(pad + 1, pad + 1 + x.T)[None]  # (1, T)
+    else:
+        real = x.ids != pad
+        pos = (np.cumsum(real, axis=1) + x.past_len) * real + pad  # (B, T)
+    return x._replace(pos=pos)
+
+
+def distilbert_inputs(model, input_ids, attention_mask, inputs_embeds=None, past=None):
+    """DistilBERT inputs -> Inputs: no token types; positions 0 .. T-1 for every row (T_past .. after a
+    past), whatever the padding."""
+    cfg = model.config
+    dtype = model.embeddings.LayerNorm.params["weight"].dtype
+    shape, ids, embeds = token_inputs(input_ids, inputs_embeds, dtype, cfg.dim, (2,))
+    B, T = shape
+    past_len = 0 if past is None else past_like(past, cfg.n_layers, B, cfg.n_heads, cfg.dim // cfg.n_heads, dtype)
+    if past_len + T > cfg.max_position_embeddings:
+        raise ValueError(f"input_ids has sequence length {past_len + T} > max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+    if ids is not None:
+        ids_in_range("input_ids", ids, cfg.vocab_size)
+    mask = None if attention_mask is None else padding_mask(
+        attention_mask, (B, past_len + T), " like input_ids" if not past_len else
+        f" (input_ids {shape}, past length {past_len})")
+    return Inputs(ids, embeds, mask, None, np.arange(past_len, past_len + T)[None], past, past_len, None, shape, B, T)
+
+
 def output_grads(grads, names, outputs):
     """Gradients handed to backward(grad): per output in `names`, None or an array of that output's shape
     (floating point, cast to its dtype). grads: one array, or a tuple with one entry per output."""

@@ -1,0 +1,265 @@
+"""RoBERTa, one file top to bottom (modeling_roberta.py, eager attention): BERT's encoder under the prefix
+`roberta.`, with RoBERTa's positions and heads. The layers are bert.py's (BertLayer, BertEncoder,
+BertPooler); this file holds only what differs, and each head's forward and backward.
+
+    pos = (cumsum(ids != pad) + T_past) * (ids != pad) + pad          positions count the real tokens
+                                                                      from pad + 1; pads sit at pad
+    h0 = Dropout(LN(word[ids] + token_type[0] + position[pos]))       word and position: row pad gets no
+                                                                      gradient from the lookup
+    h_L = BERT's L post-LN layers (bert.py: BertLayer)
+
+    RobertaModel                       last_hidden_state, pooler_output = tanh(h_L[:, 0] Wp + bp)
+    RobertaForMaskedLM                 loss = CE(LN(gelu(h Wd + bd)) We^T + b, labels), -100 ignored
+    RobertaForSequenceClassification   logits = tanh(Dropout(h_L[:, 0]) Wd + bd) Wo + bo (through dropouts);
+                                       loss by problem_type. No pooler: the head reads position 0 itself
+    RobertaForTokenClassification      logits = Dropout(h) Wc per token; loss = CE, -100 ignored
+    RobertaForQuestionAnswering        start, end = h Wqa; loss = (CE(start) + CE(end)) / 2
+
+Inputs are checked once at each class's forward (pretrained.roberta_inputs: BERT's checks and the
+positions); below it everything trusts them. The hooks are BERT's (bert.py's docstring): inputs_embeds,
+past_key_values, the adapter slots, replaceable linears.
+"""
+import numpy as np
+
+from ..nn import Module, Linear, Embedding, LayerNorm, Dropout, Activation
+from ..ops import cross_entropy_forward, cross_entropy_backward
+from .bert import (BertEmbeddings, BertEncoder, BertPooler, BertModel, BertTask, TiedDecoder, extras,
+                   span_positions, span_loss_forward, span_loss_backward)
+from .config import RobertaConfig
+from .pretrained import (ModelOutput, register, roberta_inputs, labels_like, output_grads, logits_grad,
+                         problem_type_loss)
+
+TIED = {"lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight",
+        "lm_head.decoder.bias": "lm_head.bias"}
+
+
+# ---------------------------------------------------------------------------------------- the encoder
+
+class RobertaEmbeddings(BertEmbeddings):
+    """h0 = Dropout(LN(word[ids] + token_type[tt] + position[pos])), the position table's row pad
+    (every pad's position) a padding row too: looked up, never given a gradient by the lookup."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.position_embeddings = Embedding(config.max_position_embeddings, config.hidden_size,
+                                             padding_idx=config.pad_token_id)
+
+
+@register
+class RobertaModel(BertModel):
+    """BERT's backbone (encode / encode_backward in bert.py) with RoBERTa's embeddings and positions.
+    backward(grad): grad = d last_hidden_state, or a tuple (d last_hidden_state, d pooler_output)."""
+
+    config_class = RobertaConfig
+    base_model_prefix = "roberta"
+
+    def build(self):
+        self.embeddings = RobertaEmbeddings(self.config)
+        self.encoder = BertEncoder(self.config)
+        self.pooler = BertPooler(self.config) if self.add_pooling_layer else None
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
+        x = roberta_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                           past_key_values)
+        hs, pooled = self.encode(x)
+        self._last = (hs[-1], pooled)
+        out = ModelOutput(last_hidden_state=hs[-1]) if pooled is None else \
+            ModelOutput(last_hidden_state=hs[-1], pooler_output=pooled)
+        if output_hidden_states or output_attentions:
+            out.update(extras(self, hs, output_hidden_states, output_attentions))
+        return out
+
+
+# ---------------------------------------------------------------------------------------- the heads
+
+class RobertaLMHead(TiedDecoder):
+    """logits = t We^T + bias, t = LN(gelu(h Wd + bd)); gelu whatever hidden_act (modeling_roberta)."""
+
+    def __init__(self, config, word_embeddings):
+        super().__init__(config.vocab_size, word_embeddings)
+        C = config.hidden_size
+        self.dense = Linear(C, C)
+        self.gelu = Activation("gelu")
+        self.layer_norm = LayerNorm(C, eps=config.layer_norm_eps)
+
+    def forward(self, h):  # (..., C) -> (..., V)
+        # logits = t We^T + b,  t = LN(gelu(h Wd + bd))
+        return TiedDecoder.forward(self, self.layer_norm(self.gelu(self.dense(h))))
+
+    def backward(self, dlogits):  # (..., V) -> (..., C)
+        # logits = t We^T + b
+        dt = TiedDecoder.backward(self, dlogits)
+        # t = LN(gelu(h Wd + bd))
+        return self.dense.backward(self.gelu.backward(self.layer_norm.backward(dt)))
+
+
+class RobertaClassificationHead(Module):
+    """logits = Dropout(tanh(Dropout(x) Wd + bd)) Wo + bo on x = h_L[:, 0] (<s>; for a left-padded row
+    a pad position, as transformers)"""
+
+    def __init__(self, config, num_labels, p):
+        super().__init__()
+        C = config.hidden_size
+        self.dropout = Dropout(p)
+        self.dense = Linear(C, C)
+        self.tanh = Activation("tanh")
+        # transformers applies its one `dropout` twice; here each use is a module of its own (each keeps
+        # its own mask for the backward). Neither has parameters, so no checkpoint key changes.
+        self.dropout_out = Dropout(p)
+        self.out_proj = Linear(C, num_labels)
+
+    def forward(self, x):  # (B, C) -> (B, K)
+        return self.out_proj(self.dropout_out(self.tanh(self.dense(self.dropout(x)))))
+
+    def backward(self, dlogits):  # (B, K) -> (B, C)
+        # logits = Dropout(tanh(Dropout(x) Wd + bd)) Wo + bo
+        dt = self.dropout_out.backward(self.out_proj.backward(dlogits))
+        return self.dropout.backward(self.dense.backward(self.tanh.backward(dt)))
+
+
+class RobertaTask(BertTask):
+    """What every RoBERTa task model shares: the backbone `roberta` (no pooler), the tied MLM decoder."""
+
+    config_class = RobertaConfig
+    base_model_prefix = "roberta"
+
+    def _backbone(self, add_pooling_layer):
+        self.roberta = RobertaModel(self.config, add_pooling_layer=add_pooling_layer, init=False)
+
+    def _tied_word_embeddings(self):
+        if not self.config.tie_word_embeddings:
+            raise ValueError("config tie_word_embeddings=False (an untied MLM decoder) is not supported")
+        self.tied = dict(TIED)
+        return self.roberta.embeddings.word_embeddings
+
+
+@register
+class RobertaForMaskedLM(RobertaTask):
+    """loss = CE(logits, labels), ignore_index -100, one mean over the labelled tokens. No pooler."""
+
+    def build(self):
+        self._backbone(False)
+        self.lm_head = RobertaLMHead(self.config, self._tied_word_embeddings())
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
+        x = roberta_inputs(self.roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                           past_key_values)
+        hs, pooled = self.roberta.encode(x)
+        logits = self.lm_head(hs[-1])  # (B, T, V)
+        loss = ce = None
+        if labels is not None:  # loss = CE(logits, labels)
+            labels = labels_like("labels", labels, x.shape, self.config.vocab_size)
+            loss, ce = cross_entropy_forward(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        self._last = (logits, None if ce is None else (cross_entropy_backward, ce))
+        return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, logits=logits)
+
+    def backward(self, grad=None):
+        """d loss (grad None), or grad = d logits"""
+        logits, loss = self._need_last()
+        dlogits = logits_grad(grad, logits, loss)  # loss = CE(logits, labels)
+        # logits = lm_head(h)
+        self.roberta.encode_backward(self.lm_head.backward(dlogits))
+
+
+@register
+class RobertaForSequenceClassification(RobertaTask):
+    """logits = classifier(h_L[:, 0]) (dense, tanh, out_proj; no pooler). Loss by problem_type as
+    transformers: regression -> MSE (num_labels == 1), single-label -> CE, multi-label -> BCE with logits."""
+
+    def build(self):
+        self.num_labels = self.config.num_labels
+        self._backbone(False)
+        self.classifier = RobertaClassificationHead(self.config, self.num_labels, self._classifier_dropout().p)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
+        x = roberta_inputs(self.roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                           past_key_values)
+        hs, pooled = self.roberta.encode(x)
+        logits = self.classifier(hs[-1][:, 0])  # (B, K)
+        loss = loss_cache = None
+        if labels is not None:
+            loss, loss_cache = problem_type_loss(self.config, logits, labels)
+        self._last = (logits, loss_cache, hs[-1].shape)
+        return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, logits=logits)
+
+    def backward(self, grad=None):
+        """d loss (grad None), or grad = d logits"""
+        logits, loss, shape = self._need_last()
+        dlogits = logits_grad(grad, logits, loss)  # loss = CE(logits, labels), or by problem_type
+        # logits = classifier(h_L[:, 0])
+        dh = np.zeros(shape, dtype=logits.dtype)
+        dh[:, 0] = self.classifier.backward(dlogits)
+        self.roberta.encode_backward(dh)
+
+
+@register
+class RobertaForTokenClassification(RobertaTask):
+    """logits = Dropout(h) Wc + bc per token; loss = CE(logits, labels), ignore_index -100. No pooler."""
+
+    def build(self):
+        self.num_labels = self.config.num_labels
+        self._backbone(False)
+        self.dropout = self._classifier_dropout()
+        self.classifier = Linear(self.config.hidden_size, self.num_labels)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
+        x = roberta_inputs(self.roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                           past_key_values)
+        hs, pooled = self.roberta.encode(x)
+        logits = self.classifier(self.dropout(hs[-1]))  # (B, T, K)
+        loss = ce = None
+        if labels is not None:  # loss = CE(logits, labels) over the labelled tokens
+            labels = labels_like("labels", labels, x.shape, self.num_labels)
+            loss, ce = cross_entropy_forward(logits.reshape(-1, self.num_labels), labels.reshape(-1))
+        self._last = (logits, None if ce is None else (cross_entropy_backward, ce))
+        return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, logits=logits)
+
+    def backward(self, grad=None):
+        """d loss (grad None), or grad = d logits"""
+        logits, loss = self._need_last()
+        dlogits = logits_grad(grad, logits, loss)  # loss = CE(logits, labels)
+        # logits = classifier(dropout(h))
+        self.roberta.encode_backward(self.dropout.backward(self.classifier.backward(dlogits)))
+
+
+@register
+class RobertaForQuestionAnswering(RobertaTask):
+    """start_logits, end_logits = split(h Wqa + bqa); loss = (CE(start) + CE(end)) / 2 with positions
+    clamped to [0, T] and T ignored, as transformers. No pooler.
+    backward(grad): grad = (d start_logits, d end_logits)."""
+
+    def build(self):
+        self.num_labels = self.config.num_labels
+        if self.num_labels != 2:
+            raise ValueError(f"RobertaForQuestionAnswering needs config num_labels == 2, got {self.num_labels}")
+        self._backbone(False)
+        self.qa_outputs = Linear(self.config.hidden_size, 2)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                start_positions=None, end_positions=None, output_hidden_states=False, output_attentions=False,
+                inputs_embeds=None, past_key_values=None):
+        x = roberta_inputs(self.roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                           past_key_values)
+        hs, pooled = self.roberta.encode(x)
+        positions = span_positions(start_positions, end_positions, x.B)
+        logits = self.qa_outputs(hs[-1])  # (B, T, 2)
+        start, end = logits[..., 0].copy(), logits[..., 1].copy()  # (B, T) each
+        loss, caches = span_loss_forward(start, end, positions)  # (CE(start) + CE(end)) / 2
+        self._last = (start, end, caches)
+        return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, start_logits=start,
+                            end_logits=end)
+
+    def backward(self, grad=None):
+        """d loss (grad None), or grad = (d start_logits, d end_logits)"""
+        start, end, caches = self._need_last()
+        ds, de = span_loss_backward(grad, start, end, caches)
+        # start, end = split(qa_outputs(h))
+        self.roberta.encode_backward(self.qa_outputs.backward(np.stack([ds, de], axis=-1)))  # (B, T, 2)
+
+
+__all__ = ["RobertaConfig", "RobertaModel", "RobertaForMaskedLM", "RobertaForSequenceClassification",
+           "RobertaForTokenClassification", "RobertaForQuestionAnswering"]

@@ -1,0 +1,200 @@
+"""RoBERTa and DistilBERT against transformers' own numbers (tests/fixtures/hf/{roberta,distilbert}-tiny-*,
+written by transformers 5.23 in float64 with one right- and one left-padded row): outputs, hidden states,
+attentions, loss and every gradient at 1e-10 on both kernel paths; checkpoints both ways; distilgpt2's
+config keys loading as GPT-2."""
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import numlm
+from numlm.kernels import set_numba
+
+HF = Path(__file__).parent / "fixtures" / "hf"
+CASES = {  # fixture -> (class, outputs compared)
+    "roberta-tiny-base": (numlm.RobertaModel, ["last_hidden_state", "pooler_output"]),
+    "roberta-tiny-mlm": (numlm.RobertaForMaskedLM, ["logits", "last_hidden_state", "loss"]),
+    "roberta-tiny-seqcls": (numlm.RobertaForSequenceClassification, ["logits", "last_hidden_state", "loss"]),
+    "roberta-tiny-tokcls": (numlm.RobertaForTokenClassification, ["logits", "last_hidden_state", "loss"]),
+    "roberta-tiny-qa": (numlm.RobertaForQuestionAnswering, ["start_logits", "end_logits", "last_hidden_state",
+                                                           "loss"]),
+    "distilbert-tiny-base": (numlm.DistilBertModel, ["last_hidden_state"]),
+    "distilbert-tiny-mlm": (numlm.DistilBertForMaskedLM, ["logits", "last_hidden_state", "loss"]),
+    "distilbert-tiny-seqcls": (numlm.DistilBertForSequenceClassification, ["logits", "last_hidden_state", "loss"]),
+    "distilbert-tiny-tokcls": (numlm.DistilBertForTokenClassification, ["logits", "last_hidden_state", "loss"]),
+    "distilbert-tiny-qa": (numlm.DistilBertForQuestionAnswering, ["start_logits", "end_logits",
+                                                                  "last_hidden_state", "loss"]),
+}
+
+
+def rel(a, ref):
+    """max |a - ref| / max |ref|"""
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    assert a.shape == ref.shape, (a.shape, ref.shape)
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(params=[True, False], ids=["numba", "numpy"])
+def numba_mode(request):
+    previous = set_numba(request.param)
+    yield request.param
+    set_numba(previous)
+
+
+def labels_of(ref):
+    return {k: ref[k] for k in ("labels", "start_positions", "end_positions") if k in ref.files}
+
+
+def run(model, ref, **kw):
+    """The fixture's forward and backward: the loss's, or for a bare model the saved upstream gradients'."""
+    out = model(ref["input_ids"], attention_mask=ref["attention_mask"], **labels_of(ref), **kw)
+    model.zero_grad()
+    if "grad_last_hidden_state" in ref.files:
+        g = ref["grad_last_hidden_state"]
+        model.backward((g, ref["grad_pooler_output"]) if "grad_pooler_output" in ref.files else g)
+    else:
+        model.backward()
+    return out
+
+
+def compare_gradients(grads, ref):
+    """Every state_dict key's gradient (tied aliases included) at 1e-10 of the reference; the exactly-zero
+    ones (attention key biases: softmax ignores a shift of a query's scores) on the scale of all gradients.
+    Returns the largest relative error."""
+    keys = [k[len("grad/"):] for k in ref.files if k.startswith("grad/")]
+    assert set(grads) == set(keys)
+    scale = max(np.abs(ref[f"grad/{k}"]).max() for k in keys)
+    worst = 0.0
+    for k in keys:
+        r = ref[f"grad/{k}"]
+        if np.abs(r).max() < 1e-12 * scale:
+            assert np.abs(grads[k] - r).max() < 1e-10 * scale, k
+        else:
+            worst = max(worst, rel(grads[k], r))
+            assert rel(grads[k], r) < 1e-10, k
+    return worst
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_float64_parity(name, numba_mode):
+    cls, outputs = CASES[name]
+    ref = np.load(HF / name / "reference.npz", allow_pickle=False)
+    model = numlm.from_pretrained(HF / name, dtype="float64")
+    assert type(model) is cls
+    out = run(model, ref, output_hidden_states=True, output_attentions=True)
+    for k in outputs:
+        assert rel(out[k], ref[k]) < 1e-10, k
+    assert rel(np.stack(out.hidden_states), ref["hidden_states"]) < 1e-10
+    assert rel(np.stack(out.attentions), ref["attentions"]) < 1e-10
+    compare_gradients(model.gradients(), ref)
+    assert set(model.gradients()) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("name", ["roberta-tiny-base", "distilbert-tiny-seqcls"])
+def test_float32_parity(name):
+    cls, outputs = CASES[name]
+    ref = np.load(HF / name / "reference.npz", allow_pickle=False)
+    model = numlm.from_pretrained(HF / name)
+    out = model(ref["input_ids"], attention_mask=ref["attention_mask"], **labels_of(ref))
+    for k in outputs:
+        if f"{k}_f32" in ref.files:
+            assert rel(out[k], ref[f"{k}_f32"]) < 1e-5, k
+
+
+def test_roberta_positions_are_transformers():
+    """Positions count the real tokens from pad + 1; a left-padded row's first token gets pad + 1 too."""
+    ref = np.load(HF / "roberta-tiny-base" / "reference.npz", allow_pickle=False)
+    model = numlm.from_pretrained(HF / "roberta-tiny-base", dtype="float64")
+    x = numlm.models.pretrained.roberta_inputs(model, ref["input_ids"], ref["attention_mask"], None, None)
+    np.testing.assert_array_equal(np.broadcast_to(x.pos, ref["hf_position_ids"].shape), ref["hf_position_ids"])
+
+
+def test_padding_rows_get_no_lookup_gradient():
+    """RoBERTa's padding row of the word and the position table, DistilBERT's of the word table: zero
+    gradient from the lookups, though pads are in the batch."""
+    for name, table_keys, pad in (("roberta-tiny-tokcls", ["roberta.embeddings.word_embeddings.weight",
+                                                           "roberta.embeddings.position_embeddings.weight"], 1),
+                                  ("distilbert-tiny-tokcls", ["distilbert.embeddings.word_embeddings.weight"], 0)):
+        ref = np.load(HF / name / "reference.npz", allow_pickle=False)
+        assert (ref["input_ids"] == pad).any()
+        model = numlm.from_pretrained(HF / name, dtype="float64")
+        run(model, ref)
+        for k in table_keys:
+            np.testing.assert_array_equal(model.gradients()[k][pad], ref[f"grad/{k}"][pad])
+            assert not model.gradients()[k][pad].any()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_save_load_round_trip(name, tmp_path):
+    """save_pretrained writes transformers' keys (the fixture's file, tied aliases left out); loading it
+    back gives the same numbers."""
+    from safetensors.numpy import load_file
+    model = numlm.from_pretrained(HF / name, dtype="float64")
+    model.save_pretrained(tmp_path / "m")
+    assert set(load_file(tmp_path / "m" / "model.safetensors")) == set(load_file(HF / name / "model.safetensors"))
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["architectures"] == [CASES[name][0].__name__]
+    again = numlm.from_pretrained(tmp_path / "m", dtype="float64")
+    ref = np.load(HF / name / "reference.npz", allow_pickle=False)
+    a = again(ref["input_ids"], attention_mask=ref["attention_mask"])
+    b = model(ref["input_ids"], attention_mask=ref["attention_mask"])
+    for k in CASES[name][1]:
+        if k != "loss":
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_backbone_checkpoint_into_a_task_model():
+    """A bare RobertaModel / DistilBertModel checkpoint loads into a task class (head newly initialised,
+    named in a warning), and a task checkpoint into the bare class."""
+    for base, task in (("roberta-tiny-base", numlm.RobertaForTokenClassification),
+                       ("distilbert-tiny-base", numlm.DistilBertForSequenceClassification)):
+        with pytest.warns(UserWarning, match="newly initialised"):
+            m = task.from_pretrained(HF / base, dtype="float64")
+        ref = np.load(HF / base / "reference.npz", allow_pickle=False)
+        out = m(ref["input_ids"], attention_mask=ref["attention_mask"])
+        assert rel(out.last_hidden_state, ref["last_hidden_state"]) < 1e-10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the head's weights are not used
+        bare = numlm.DistilBertModel.from_pretrained(HF / "distilbert-tiny-qa", dtype="float64")
+    ref = np.load(HF / "distilbert-tiny-qa" / "reference.npz", allow_pickle=False)
+    assert rel(bare(ref["input_ids"], attention_mask=ref["attention_mask"]).last_hidden_state,
+               ref["last_hidden_state"]) < 1e-10
+
+
+@pytest.mark.parametrize("cfg,match", [
+    ({"model_type": "roberta", "pad_token_id": None}, "pad_token_id"),
+    ({"model_type": "distilbert", "sinusoidal_pos_embds": True}, "sinusoidal"),
+    ({"model_type": "distilbert", "dim": 30, "n_heads": 4}, "multiple"),
+])
+def test_config_refuses(cfg, match):
+    cls = numlm.RobertaConfig if cfg["model_type"] == "roberta" else numlm.DistilBertConfig
+    with pytest.raises(ValueError, match=match):
+        cls.from_dict(cfg)
+
+
+def test_bad_input():
+    model = numlm.from_pretrained(HF / "roberta-tiny-base", dtype="float64")
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(np.full((1, 65), 5))  # 65 tokens need positions 2 .. 66, the table has 0 .. 65
+    model(np.full((1, 64), 5))  # 2 .. 65 fit
+    d = numlm.from_pretrained(HF / "distilbert-tiny-base", dtype="float64")
+    with pytest.raises(ValueError, match="input_ids"):
+        d(np.array([[1, 2, 99]]))
+    with pytest.raises(TypeError):
+        d(np.array([[1, 2]]), token_type_ids=np.zeros((1, 2), dtype=int))  # DistilBERT has no token types
+
+
+def test_distilgpt2_config_loads_as_gpt2():
+    """distilgpt2's config.json keys (n_ctx, _num_labels, task_specific_params, no n_inner) load as
+    GPT2LMHeadModel, with transformers' logits."""
+    path = HF / "distilgpt2-tiny"
+    ref = np.load(path / "reference.npz", allow_pickle=False)
+    model = numlm.from_pretrained(path, dtype="float64")
+    assert type(model) is numlm.GPT2LMHeadModel
+    out = model(ref["input_ids"], attention_mask=ref["attention_mask"])
+    assert rel(out.logits, ref["logits"]) < 1e-10
+    assert rel(numlm.from_pretrained(path)(ref["input_ids"], attention_mask=ref["attention_mask"]).logits,
+               ref["logits_f32"]) < 1e-5
