@@ -236,12 +236,22 @@ def test_print_trainable_parameters(capsys):
 
 # ---------------------------------------------------------------------------------------- beyond the fixtures
 
+ENCODERS = ("bert", "roberta", "distilbert")
+
+
 def tiny(kind, dtype="float64", **extra):
-    if kind == "bert":
-        cfg = numlm.BertConfig(vocab_size=40, hidden_size=12, num_hidden_layers=2, num_attention_heads=3,
-                               intermediate_size=20, max_position_embeddings=24, hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0, num_labels=3, **extra)
-        return numlm.BertForSequenceClassification(cfg, seed=1, dtype=dtype)
+    if kind in ("bert", "roberta"):
+        cls = (numlm.BertConfig, numlm.BertForSequenceClassification) if kind == "bert" else \
+            (numlm.RobertaConfig, numlm.RobertaForSequenceClassification)
+        cfg = cls[0](vocab_size=40, hidden_size=12, num_hidden_layers=2, num_attention_heads=3,
+                     intermediate_size=20, max_position_embeddings=24, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, num_labels=3, **extra)
+        return cls[1](cfg, seed=1, dtype=dtype)
+    if kind == "distilbert":
+        cfg = numlm.DistilBertConfig(vocab_size=40, dim=12, n_layers=2, n_heads=3, hidden_dim=20,
+                                     max_position_embeddings=24, dropout=0.0, attention_dropout=0.0,
+                                     seq_classif_dropout=0.0, num_labels=3, **extra)
+        return numlm.DistilBertForSequenceClassification(cfg, seed=1, dtype=dtype)
     cls = {"gpt2": (numlm.GPT2Config, numlm.GPT2LMHeadModel), "openai-gpt": (numlm.OpenAIGPTConfig,
                                                                               numlm.OpenAIGPTLMHeadModel)}[kind]
     cfg = cls[0](vocab_size=40, n_embd=12, n_layer=2, n_head=3, n_positions=24, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -251,10 +261,11 @@ def tiny(kind, dtype="float64", **extra):
 
 def make(kind, method, r=2, n=3):
     model = tiny(kind)
-    task = "SEQ_CLS" if kind == "bert" else "CAUSAL_LM"
-    targets = {"bert": ["query", "value", "dense"], "gpt2": ["c_attn", "c_fc"], "openai-gpt": ["c_attn", "c_proj"]}
+    task = "SEQ_CLS" if kind in ENCODERS else "CAUSAL_LM"
+    targets = {"bert": ["query", "value", "dense"], "roberta": ["query", "value", "dense"],
+               "distilbert": ["q_lin", "v_lin", "lin1"], "gpt2": ["c_attn", "c_fc"], "openai-gpt": ["c_attn", "c_proj"]}
     cfg = {"lora": lambda: peft.LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=targets[kind], task_type=task,
-                                           fan_in_fan_out=kind != "bert"),
+                                           fan_in_fan_out=kind not in ENCODERS),
            "prompt": lambda: peft.PromptTuningConfig(num_virtual_tokens=n, task_type=task),
            "prefix": lambda: peft.PrefixTuningConfig(num_virtual_tokens=n, task_type=task),
            "houlsby": lambda: peft.DoubleSeqBnConfig(reduction_factor=2),
@@ -272,7 +283,7 @@ def inputs(kind, B, T, pad, seed):
     mask = np.ones((B, T), dtype=np.int64)
     if pad:
         mask[-1, T - pad:] = 0
-    labels = rng.integers(0, 3, B) if kind == "bert" else np.where(mask == 1, ids, -100)
+    labels = rng.integers(0, 3, B) if kind in ENCODERS else np.where(mask == 1, ids, -100)
     return ids, mask, labels
 
 
@@ -300,13 +311,13 @@ def numeric_check(pm, ids, mask, labels, entries=3, eps=1e-6, seed=0):
     return worst
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2", "openai-gpt"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert", "gpt2", "openai-gpt"])
 @pytest.mark.parametrize("method", ["lora", "prompt", "prefix", "houlsby", "pfeiffer"])
 @settings(max_examples=3, deadline=None)
 @given(r=st.integers(1, 3), n=st.integers(1, 4), B=st.integers(1, 2), T=st.integers(2, 5), pad=st.integers(0, 1),
        seed=st.integers(0, 2**31))
 def test_whole_model_gradcheck(kind, method, r, n, B, T, pad, seed):
-    """Every method on BERT, GPT-2 and GPT-1 (other sizes, targets, ranks, token counts than the
+    """Every method on BERT, RoBERTa, DistilBERT, GPT-2 and GPT-1 (other sizes, targets, ranks, token counts than the
     references): the trainable gradients of the loss agree with float64 central differences."""
     pm = make(kind, method, r, n)
     ids, mask, labels = inputs(kind, B, T, pad, seed)

@@ -198,3 +198,30 @@ def test_distilgpt2_config_loads_as_gpt2():
     assert rel(out.logits, ref["logits"]) < 1e-10
     assert rel(numlm.from_pretrained(path)(ref["input_ids"], attention_mask=ref["attention_mask"]).logits,
                ref["logits_f32"]) < 1e-5
+
+
+# ---------------------------------------------------------------- parameter-efficient fine-tuning
+
+@pytest.mark.parametrize("name,targets", [("roberta-tiny-seqcls", ["query", "value"]),
+                                          ("distilbert-tiny-seqcls", ["q_lin", "v_lin"])])
+def test_lora_default_targets_are_peft(name, targets):
+    """LoraConfig(target_modules=None) adapts peft's defaults for the model type; SEQ_CLS trains the whole
+    `classifier` (RoBERTa's is dense + out_proj) and nothing else of the base model."""
+    from numlm import peft
+    model = numlm.from_pretrained(HF / name, dtype="float64")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, task_type="SEQ_CLS"))
+    assert pm.peft_config.target_modules == targets
+    assert sorted({p.rsplit(".", 1)[-1] for p in pm._targets}) == sorted(targets)
+    heads = sorted(k for k in pm.parameters() if "lora_" not in k)
+    want = {"roberta-tiny-seqcls": ["classifier.dense.bias", "classifier.dense.weight", "classifier.out_proj.bias",
+                                    "classifier.out_proj.weight"],
+            "distilbert-tiny-seqcls": ["classifier.bias", "classifier.weight"]}[name]
+    assert heads == ["base_model.model." + k for k in want]
+    # B = 0 at the start: the adapted model is the base model, exactly transformers' logits
+    ref = np.load(HF / name / "reference.npz", allow_pickle=False)
+    out = pm(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"], labels=ref["labels"])
+    assert rel(out.logits, ref["logits"]) < 1e-10
+    pm.backward()
+    g = pm.gradients()
+    for k in want:  # the head's gradients are the full model's
+        assert rel(g["base_model.model." + k], ref[f"grad/{k}"]) < 1e-10, k

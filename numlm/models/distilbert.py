@@ -18,7 +18,8 @@ Attribute names are transformers', so a parameter's dotted name is its state_dic
 (`transformer.layer.0.attention.q_lin.weight`). Inputs are checked once, at each class's forward
 (pretrained.distilbert_inputs). Hooks (numlm.peft), each None unless set: inputs_embeds (gradient left in
 embeddings.inputs_embeds_grad), past_key_values (per layer (k, v) before the layer's own keys, positions
-from T_past; gradients in `past_grads`), and any Linear (q_lin, k_lin, v_lin, out_lin, lin1, lin2) may be
+from T_past; gradients in `past_grads`), the block's attention_adapters / output_adapters (AdapterHub's
+slots: forward(h, x, ln) -> y replaces y = LN(x + h)), and any Linear (q_lin, k_lin, v_lin, out_lin, lin1, lin2) may be
 replaced by a module with the same forward/backward. (transformers' DistilBERT takes no past; numlm's
 prefix tuning uses the hook as on BERT.)
 """
@@ -79,6 +80,8 @@ class FFN(Module):
 class TransformerBlock(Module):
     """post-LN:  a = LN(x + Attn(x) Wo);  y = LN(a + Dropout(act(a W1) W2))"""
 
+    attention_adapters = output_adapters = None  # AdapterHub's slots (forward(h, x, ln) -> y replaces LN(x + h))
+
     def __init__(self, config):
         super().__init__()
         self.attention = MultiHeadSelfAttention(config)
@@ -88,23 +91,29 @@ class TransformerBlock(Module):
 
     def forward(self, x, mask=None, past=None):  # (B, T, C) -> (B, T, C)
         sa, ffn = self.attention, self.ffn
-        # a = LN(x + ctx Wo + bo),  ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv)
-        a = self.sa_layer_norm(x + sa.out_lin(sa.core(sa.q_lin(x), sa.k_lin(x), sa.v_lin(x), mask, past)))
+        # a = LN(x + h),  h = ctx Wo + bo,  ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv)  (an adapter slot
+        # replaces the step)
+        h = sa.out_lin(sa.core(sa.q_lin(x), sa.k_lin(x), sa.v_lin(x), mask, past))
+        slot = self.attention_adapters
+        a = self.sa_layer_norm(x + h) if slot is None else slot(h, x, self.sa_layer_norm)
         # y = LN(a + m),  m = Dropout(act(a W1 + b1) W2 + b2)
         m = ffn.dropout(ffn.lin2(ffn.activation(ffn.lin1(a))))  # (B, T, I) inside
-        return self.output_layer_norm(a + m)
+        slot = self.output_adapters
+        return self.output_layer_norm(a + m) if slot is None else slot(m, a, self.output_layer_norm)
 
     def backward(self, dy):
         sa, ffn = self.attention, self.ffn
         # y = LN(a + m):  dm = da = LN'(dy)
-        dm = self.output_layer_norm.backward(dy)
+        slot = self.output_adapters
+        dm, da = (self.output_layer_norm.backward(dy),) * 2 if slot is None else slot.backward(dy)
         # m = Dropout(act(a W1 + b1) W2 + b2)
-        da = dm + ffn.lin1.backward(ffn.activation.backward(ffn.lin2.backward(ffn.dropout.backward(dm))))
-        # a = LN(x + ctx Wo + bo):  dctx-path = dx = LN'(da)
-        dh = self.sa_layer_norm.backward(da)
-        # ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv)
+        da = da + ffn.lin1.backward(ffn.activation.backward(ffn.lin2.backward(ffn.dropout.backward(dm))))
+        # a = LN(x + h):  dh = dx = LN'(da)
+        slot = self.attention_adapters
+        dh, dx = (self.sa_layer_norm.backward(da),) * 2 if slot is None else slot.backward(da)
+        # h = ctx Wo + bo,  ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv)
         dq, dk, dv = sa.core.backward(sa.out_lin.backward(dh))
-        return dh + sa.q_lin.backward(dq) + sa.k_lin.backward(dk) + sa.v_lin.backward(dv)
+        return dx + sa.q_lin.backward(dq) + sa.k_lin.backward(dk) + sa.v_lin.backward(dv)
 
 
 class Transformer(Module):

@@ -9,7 +9,8 @@ TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "FEATURE_EXTR
 TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
               "QUESTION_ANS": ["qa_outputs"]}
 # peft's default LoRA targets per model type
-LORA_TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"], "openai-gpt": ["c_attn"]}
+LORA_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
+                "gpt2": ["c_attn"], "openai-gpt": ["c_attn"]}
 
 
 def _task(task_type):

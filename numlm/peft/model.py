@@ -20,7 +20,9 @@ from .placement import set_child, install_adapters, remove_adapters, word_embedd
 from . import files
 
 # models whose labels are per token: prompt tuning prefixes them with n times -100
-TOKEN_LABEL_CLASSES = ("GPT2LMHeadModel", "OpenAIGPTLMHeadModel", "BertForMaskedLM", "BertForTokenClassification")
+TOKEN_LABEL_CLASSES = ("GPT2LMHeadModel", "OpenAIGPTLMHeadModel", "BertForMaskedLM", "BertForTokenClassification",
+                       "RobertaForMaskedLM", "RobertaForTokenClassification", "DistilBertForMaskedLM",
+                       "DistilBertForTokenClassification")
 
 
 def export_param(module, name):
@@ -106,8 +108,8 @@ class PeftModel:
             targets = cfg.target_modules = list(LORA_TARGETS[mt])
         heads = set(TASK_HEADS.get(cfg.task_type, [])) | set(cfg.modules_to_save or [])
         linears = [(p, m) for p, m in model.modules() if isinstance(m, Linear)]
-        hit = [(p, m) for p, m in linears if _matches(p, targets)
-               and not any(p == h or p.endswith("." + h) for h in heads)]
+        hit = [(p, m) for p, m in linears if _matches(p, targets)  # nothing in a trained head
+               and not any(f".{h}." in f".{p}." for h in heads)]
         if not hit:
             names = sorted({p.rsplit(".", 1)[-1] for p, _ in linears})
             raise ValueError(f"target_modules {targets!r} match no Linear module of {type(model).__name__}; "
@@ -171,11 +173,13 @@ class PeftModel:
                 self.peft_config.modules_to_save = list(TASK_HEADS.get(self._task_type(), []))
         prefix = {"LORA": "base_model.model.", "adapterhub": ""}.get(
             "adapterhub" if self.library == "adapterhub" else self.kind, "base_model.")
-        for path, m in model.modules():
-            if path and any(path == h or path.endswith("." + h) for h in names) and m.params:
-                m.unfreeze()
+        for path, head in model.modules():
+            if not path or not any(path == h or path.endswith("." + h) for h in names):
+                continue
+            for sub, m in head.modules(f"{path}."):  # a head may be a module of modules (RoBERTa's classifier)
+                m.unfreeze([k for k in m.params])
                 for k in m.params:
-                    key = f"{prefix}{path}.{k}"
+                    key = f"{prefix}{sub}.{k}"
                     self._slots[key] = (m, k)
                     self._head_keys.add(key)
         for m, k in self._slots.values():
@@ -237,18 +241,20 @@ class PeftModel:
         return out
 
     def _prefix_forward(self, input_ids, attention_mask, labels, token_type_ids, position_ids, kw):
-        """peft: past_key_values from the prefix table, mask prefixed with n ones, real positions
-        n .. n+T-1 (given position ids are shifted by n)."""
+        """peft: past_key_values from the prefix table, mask prefixed with n ones; the model counts the
+        positions after the n prefix positions (given position ids are shifted by n)."""
         ids, n = self._ids(input_ids)
         B, T = ids.shape
         c = self.base_model.config
         past, pc = prefix_forward(self.prompt.params["prompt_embeddings"], B, _layers(c), _heads(c))
         mask = prefixed_mask(attention_mask, B, T, n)
-        pos = np.arange(n, n + T, dtype=np.int64)[None] if position_ids is None else as_ids("position_ids", position_ids) + n
-        for k, v in (("labels", labels), ("token_type_ids", token_type_ids)):
+        # without position_ids the model counts them after the past, as transformers (BERT, GPT: n .. n+T-1;
+        # RoBERTa: its own count shifted by n)
+        pos = None if position_ids is None else as_ids("position_ids", position_ids) + n
+        for k, v in (("labels", labels), ("token_type_ids", token_type_ids), ("position_ids", pos)):
             if v is not None:
                 kw[k] = v
-        out = self.base_model(ids, attention_mask=mask, position_ids=pos, past_key_values=tuple(past), **kw)
+        out = self.base_model(ids, attention_mask=mask, past_key_values=tuple(past), **kw)
         self._last = ("prefix", pc)
         return out
 

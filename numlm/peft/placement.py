@@ -9,6 +9,7 @@
 """
 from ..models.bert import BertLayer, BertResidualOutput
 from ..models.gpt import GPTBlock
+from ..models.distilbert import TransformerBlock
 from ..nn import Module, Embedding
 from .layers import Adapter, Adapters
 
@@ -44,7 +45,7 @@ class GPTAdapterSlot(Module):
 
 def adapter_sites(model):
     """[(layer index, kind, module path)] of the places adapters go: kind "bert" (a BERT output module:
-    "mh" for attention.output, "out" for output) or "gpt2" / "openai-gpt" (a block)."""
+    "mh" for attention.output, "out" for output) or "gpt2" / "openai-gpt" / "distilbert" (a block)."""
     sites = []
     for path, m in model.modules():
         if isinstance(m, BertLayer):
@@ -53,6 +54,8 @@ def adapter_sites(model):
         elif isinstance(m, GPTBlock):
             i = int(path.rsplit(".", 1)[1])
             sites.append((i, "gpt2" if m.pre_ln else "openai-gpt", path))
+        elif isinstance(m, TransformerBlock):  # DistilBERT: the block's slots, as GPT-1's (post-LN)
+            sites.append((int(path.rsplit(".", 1)[1]), "distilbert", path))
     return sites
 
 
@@ -96,7 +99,7 @@ def remove_adapters(model):
     for _, m in list(model.modules()):
         if isinstance(m, BertResidualOutput):
             m.adapters = None
-        elif isinstance(m, GPTBlock):
+        elif isinstance(m, (GPTBlock, TransformerBlock)):
             m.attention_adapters = m.output_adapters = None
 
 
