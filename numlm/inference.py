@@ -1,4 +1,5 @@
-"""BERT inference: fill-mask, sequence-classification prediction, sentence embeddings.
+"""Encoder inference (BERT, RoBERTa, DistilBERT): fill-mask, sequence-classification prediction, sentence
+embeddings (sentence-transformers' folders read as it reads them).
 
 Each task has an array-level function (ids in, numbers out) and a text-level one that runs the tokenizer
 (numlm.data.Tokenizer) first. Probabilities are the softmax of the model's logits in the model's dtype."""
@@ -18,14 +19,25 @@ def _ids(name, a):
     return a.astype(np.int64)
 
 
-def _mlm_logits(model, input_ids, attention_mask, token_type_ids):
-    """Masked-LM logits (B, T, V) of BertForMaskedLM (logits) or BertForPreTraining (prediction_logits)."""
-    name = type(model).__name__
-    if name not in ("BertForMaskedLM", "BertForPreTraining") and not hasattr(model, "cls"):
-        raise ValueError(f"model: {name} has no masked-LM head; fill-mask needs BertForMaskedLM or "
-                         "BertForPreTraining")
+MLM_CLASSES = ("BertForMaskedLM", "BertForPreTraining", "RobertaForMaskedLM", "DistilBertForMaskedLM")
+ENCODERS = ("BertModel", "RobertaModel", "DistilBertModel")
+
+
+def _encoder_call(model, ids, attention_mask, token_type_ids):
+    """model(ids, ...) under no_grad; DistilBERT takes no token types (given ones are refused)."""
+    kw = {"attention_mask": attention_mask}
+    if token_type_ids is not None or not type(model).__name__.startswith("DistilBert"):
+        kw["token_type_ids"] = token_type_ids
     with no_grad():
-        out = model(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return model(ids, **kw)
+
+
+def _mlm_logits(model, input_ids, attention_mask, token_type_ids):
+    """Masked-LM logits (B, T, V) of a masked-LM model (logits) or BertForPreTraining (prediction_logits)."""
+    name = type(model).__name__
+    if name not in MLM_CLASSES and not hasattr(model, "cls"):
+        raise ValueError(f"model: {name} has no masked-LM head; fill-mask needs one of {', '.join(MLM_CLASSES)}")
+    out = _encoder_call(model, input_ids, attention_mask, token_type_ids)
     logits = out.prediction_logits if out.prediction_logits is not None else out.logits
     return np.asarray(logits)
 
@@ -49,10 +61,11 @@ def fill_mask_ids(model, input_ids, mask_token_id, attention_mask=None, token_ty
 
 
 def fill_mask(model, tokenizer, text, top_k=5):
-    """Text with one or more [MASK] -> per mask a list of {token_id, token, score, sequence}, best first
-    (transformers' fill-mask pipeline; `sequence` is the text with that mask filled)."""
+    """Text with one or more mask tokens ([MASK], RoBERTa's <mask>) -> per mask a list of {token_id, token,
+    score, sequence}, best first (transformers' fill-mask pipeline; `sequence` is the text with that mask
+    filled)."""
     if tokenizer.mask_id is None:
-        raise ValueError("tokenizer has no [MASK] token")
+        raise ValueError("tokenizer has no mask token ([MASK] or <mask>)")
     ids = np.array([tokenizer.encode(text)], dtype=np.int64)
     if not (ids == tokenizer.mask_id).any():
         raise ValueError(f"text holds no mask token: {text!r}")
@@ -76,8 +89,7 @@ def predict(model, input_ids, attention_mask=None, token_type_ids=None):
     if not hasattr(model, "classifier") or "SequenceClassification" not in type(model).__name__:
         raise ValueError(f"model: {type(model).__name__} is not a sequence-classification model")
     ids = _ids("input_ids", input_ids)
-    with no_grad():
-        logits = np.asarray(model(ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits)
+    logits = np.asarray(_encoder_call(model, ids, attention_mask, token_type_ids).logits)
     cfg = model.config
     kind = getattr(cfg, "problem_type", None)
     if logits.shape[-1] == 1 and kind in (None, "regression"):
@@ -107,42 +119,111 @@ def classify(model, tokenizer, texts, pairs=None, max_length=None):
 
 
 # ---- sentence embeddings -----------------------------------------------------------------------------
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len")  # sentence-transformers' order when several are on
+
+
 def pool(hidden, attention_mask=None, pooling="mean", normalize=False):
-    """[CLS]: e = h[:, 0];  mean: e = sum_t m_t h_t / max(sum_t m_t, 1e-9) (sentence-transformers);
-    normalize: e / max(||e||_2, 1e-12).    hidden: (B, T, C)  attention_mask: (B, T) -> (B, C)"""
+    """sentence-transformers' Pooling, over the real tokens (m_t = 1):
+        cls: e = h[:, 0];   max: e = max_t h_t (padding at -1e9);   mean: e = sum_t m_t h_t / max(sum_t m_t, 1e-9);
+        mean_sqrt_len: e = sum_t m_t h_t / sqrt(max(sum_t m_t, 1e-9));   several modes: concatenated in that order;
+        normalize: e / max(||e||_2, 1e-12).    hidden: (B, T, C)  attention_mask: (B, T) -> (B, C * modes)"""
     hidden = np.asarray(hidden)
     if hidden.ndim != 3:
         raise ValueError(f"hidden must have shape (B, T, C), got {hidden.shape}")
-    if pooling == "cls":
-        e = hidden[:, 0]
-    elif pooling == "mean":
-        m = np.ones(hidden.shape[:2]) if attention_mask is None else np.asarray(attention_mask)
-        if m.shape != hidden.shape[:2]:
-            raise ValueError(f"attention_mask must have shape {hidden.shape[:2]}, got {m.shape}")
-        m = m.astype(hidden.dtype)[:, :, None]                          # (B, T, 1)
-        e = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)  # (B, C)
-    else:
-        raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+    modes = (pooling,) if isinstance(pooling, str) else tuple(pooling)
+    if not modes or any(p not in POOLING_MODES for p in modes):
+        raise ValueError(f"pooling must be one of {POOLING_MODES} or a tuple of them, got {pooling!r}")
+    m = np.ones(hidden.shape[:2]) if attention_mask is None else np.asarray(attention_mask)
+    if m.shape != hidden.shape[:2]:
+        raise ValueError(f"attention_mask must have shape {hidden.shape[:2]}, got {m.shape}")
+    m = m.astype(hidden.dtype)[:, :, None]                              # (B, T, 1)
+    n = np.maximum(m.sum(axis=1), 1e-9)                                  # (B, 1)
+    parts = {"cls": lambda: hidden[:, 0],
+             "max": lambda: np.where(m > 0, hidden, -1e9).max(axis=1),
+             "mean": lambda: (hidden * m).sum(axis=1) / n,
+             "mean_sqrt_len": lambda: (hidden * m).sum(axis=1) / np.sqrt(n)}
+    e = np.concatenate([parts[p]() for p in POOLING_MODES if p in modes], axis=-1)  # (B, C * modes)
     if normalize:
         e = e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
     return e
 
 
-def sentence_embeddings(model, input_ids, attention_mask=None, token_type_ids=None, pooling="mean",
-                        normalize=False):
-    """Pooled last hidden states of a BERT backbone (BertModel or a task model's `.bert`). -> (B, C)"""
-    backbone = model if type(model).__name__ == "BertModel" else getattr(model, "bert", None)
-    if backbone is None:
-        raise ValueError(f"model: {type(model).__name__} has no BERT encoder to embed with")
+def sentence_transformer(folder, dtype="float32"):
+    """A sentence-transformers model folder as sentence-transformers reads it: modules.json lists
+    Transformer (the encoder's folder), Pooling (its config.json: the modes) and Normalize; max_seq_length
+    from sentence_bert_config.json. Any other module (Dense, ...) is refused, naming it.
+    -> ModelOutput(model, tokenizer, pooling (modes), normalize, max_length)"""
+    from pathlib import Path
+    from .data import Tokenizer
+    from .io import read_json
+    from .models import from_pretrained
+    folder = Path(folder)
+    modules = read_json(folder / "modules.json", kind=list)
+    encoder, pooling, normalize = None, None, False
+    for mod in modules:
+        kind, sub = str(mod.get("type", "")).rsplit(".", 1)[-1], folder / mod.get("path", "")
+        if kind == "Transformer":
+            encoder = sub
+        elif kind == "Pooling":
+            cfg = read_json(sub / "config.json")
+            pooling = tuple(p for p in POOLING_MODES if cfg.get(f"pooling_mode_{p}_tokens" if p != "cls"
+                                                                else "pooling_mode_cls_token"))
+            other = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v and
+                     k not in ("pooling_mode_cls_token",) + tuple(f"pooling_mode_{p}_tokens" for p in POOLING_MODES)]
+            if other or not pooling:
+                raise ValueError(f"{str(sub / 'config.json')!r}: pooling {other or 'none'} is not supported; "
+                                 f"numlm pools by {POOLING_MODES}")
+        elif kind == "Normalize":
+            normalize = True
+        else:
+            raise ValueError(f"{str(folder / 'modules.json')!r}: module {mod.get('type')!r} is not supported "
+                             "(numlm runs Transformer, Pooling and Normalize)")
+    if encoder is None or pooling is None:
+        raise ValueError(f"{str(folder / 'modules.json')!r} must list a Transformer and a Pooling module")
+    st = folder / "sentence_bert_config.json"
+    max_length = read_json(st).get("max_seq_length") if st.is_file() else None
+    return ModelOutput(model=from_pretrained(encoder, dtype=dtype), tokenizer=Tokenizer.from_dir(encoder),
+                       pooling=pooling, normalize=normalize, max_length=max_length)
+
+
+def _encoder(model):
+    """The encoder of a model: itself (BertModel, RobertaModel, DistilBertModel) or a task model's backbone."""
+    if type(model).__name__ in ENCODERS:
+        return model
+    backbone = getattr(model, getattr(model, "base_model_prefix", "") or "-", None)
+    if type(backbone).__name__ not in ENCODERS:
+        raise ValueError(f"model: {type(model).__name__} has no BERT, RoBERTa or DistilBERT encoder to embed with")
+    return backbone
+
+
+def sentence_embeddings(model, input_ids, attention_mask=None, token_type_ids=None, pooling=None,
+                        normalize=None):
+    """Pooled last hidden states (pool) of an encoder (BertModel, RobertaModel, DistilBertModel or a task
+    model's backbone), or of a sentence-transformers folder: its modules.json and 1_Pooling/config.json
+    choose pooling and normalize where they are None (a model: mean, not normalised). -> (B, C)"""
+    if not hasattr(model, "forward"):
+        st = sentence_transformer(model)
+        model = st.model
+        pooling = st.pooling if pooling is None else pooling
+        normalize = st.normalize if normalize is None else normalize
     ids = _ids("input_ids", input_ids)
-    with no_grad():
-        h = backbone(ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-    return pool(h, attention_mask, pooling, normalize)
+    h = _encoder_call(_encoder(model), ids, attention_mask, token_type_ids).last_hidden_state
+    return pool(h, attention_mask, "mean" if pooling is None else pooling, bool(normalize))
 
 
-def embed(model, tokenizer, texts, pooling="mean", normalize=True, max_length=None):
-    """texts -> (B, C) sentence embeddings (sentence-transformers: masked mean, L2-normalised)."""
+def embed(model, tokenizer=None, texts=(), pooling=None, normalize=None, max_length=None):
+    """texts -> (B, C) sentence embeddings. model: a sentence-transformers folder (its tokenizer, pooling,
+    normalisation and max_seq_length, as SentenceTransformer(folder).encode) or a numlm encoder with its
+    tokenizer (masked mean, L2-normalised unless told otherwise)."""
+    if not hasattr(model, "forward"):
+        st = sentence_transformer(model)
+        model, tokenizer = st.model, tokenizer or st.tokenizer
+        pooling = st.pooling if pooling is None else pooling
+        normalize = st.normalize if normalize is None else normalize
+        max_length = st.max_length if max_length is None else max_length
+    if tokenizer is None:
+        raise ValueError("embed needs the model's tokenizer (or a sentence-transformers folder as model)")
     texts = [texts] if isinstance(texts, str) else list(texts)
     enc = tokenizer.encode_batch(texts, max_length=max_length)
     return sentence_embeddings(model, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"],
-                               pooling, normalize)
+                               "mean" if pooling is None else pooling, True if normalize is None else normalize)

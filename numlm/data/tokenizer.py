@@ -20,6 +20,8 @@ BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")   # ids 0..4 when
 GPT_EOS = "<|endoftext|>"
 _NAMES = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]",
           "eos": GPT_EOS}
+# RoBERTa's byte-level BPE names the same roles differently (<s> ... </s>, <mask>)
+ROBERTA_NAMES = {"pad": "<pad>", "unk": "<unk>", "cls": "<s>", "sep": "</s>", "mask": "<mask>"}
 
 
 def _files(files):
@@ -67,6 +69,18 @@ def _bpe_pipeline():
     return tk
 
 
+def _roberta_finish(tk):
+    """RoBERTa's vocab.json + merges.txt: its specials as special tokens (<mask> eating the space before
+    it, as transformers' AddedToken(lstrip=True)) and <s> A </s> / <s> A </s></s> B </s> around the text."""
+    tk.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in ("<s>", "<pad>", "</s>", "<unk>")
+                           if tk.token_to_id(t) is not None])
+    if tk.token_to_id("<mask>") is not None:
+        tk.add_special_tokens([tokenizers.AddedToken("<mask>", lstrip=True, special=True)])
+    tk.post_processor = processors.RobertaProcessing(("</s>", tk.token_to_id("</s>")), ("<s>", tk.token_to_id("<s>")),
+                                                     trim_offsets=True, add_prefix_space=False)
+    return tk
+
+
 def _wordpiece_trainer(vocab_size, min_frequency):
     _check_vocab_size(vocab_size, len(BERT_SPECIALS) + 1)
     return trainers.WordPieceTrainer(vocab_size=int(vocab_size), min_frequency=int(min_frequency),
@@ -91,7 +105,9 @@ class Tokenizer:
         backend.no_padding()
         backend.no_truncation()
         self.backend = backend
-        self._ids = {k: backend.token_to_id(name) for k, name in _NAMES.items()}
+        self._names = {k: name if backend.token_to_id(name) is not None or k not in ROBERTA_NAMES
+                       else ROBERTA_NAMES[k] for k, name in _NAMES.items()}
+        self._ids = {k: backend.token_to_id(name) for k, name in self._names.items()}
 
     # ---- training -------------------------------------------------------------------------
     @classmethod
@@ -151,6 +167,8 @@ class Tokenizer:
         if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
             tk = _bpe_pipeline()
             tk.model = models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt"))
+            if tk.token_to_id("<s>") is not None and tk.token_to_id("</s>") is not None:
+                _roberta_finish(tk)
             return cls(tk)
         raise ValueError(f"model_dir: {str(d)!r} has no tokenizer.json, vocab.txt or vocab.json")
 
@@ -167,7 +185,7 @@ class Tokenizer:
         config = {"tokenizer_class": "PreTrainedTokenizerFast"}
         for key in ("pad", "unk", "cls", "sep", "mask"):
             if self._ids[key] is not None:
-                config[f"{key}_token"] = _NAMES[key]
+                config[f"{key}_token"] = self._names[key]
         if self.eos_id is not None:
             config.update(bos_token=GPT_EOS, eos_token=GPT_EOS)
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
