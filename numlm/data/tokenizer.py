@@ -149,6 +149,13 @@ class Tokenizer:
             raise ValueError(f"path: {str(path)!r} is not a valid tokenizer.json ({e})") from e
 
     @classmethod
+    def from_pretrained(cls, name_or_path, revision=None):
+        """A model folder's tokenizer (from_dir), or a Hugging Face Hub name's through its cache
+        (numlm.io.hub: huggingface_hub, HF_HOME, HF_HUB_OFFLINE, `revision`)."""
+        from ..io.hub import resolve
+        return cls.from_dir(resolve(name_or_path, revision))
+
+    @classmethod
     def from_dir(cls, model_dir):
         """Load a Hugging Face model directory: tokenizer.json, else vocab.txt or vocab.json+merges.txt."""
         d = Path(model_dir)

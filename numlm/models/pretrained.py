@@ -10,6 +10,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..io import read_config, write_config, load_safetensors, save_safetensors
+from ..io.hub import resolve as resolve_model  # a folder, or a Hub name through the Hugging Face cache
 from ..nn import Module, Linear, Embedding, LayerNorm
 from ..ops import (cross_entropy_forward, cross_entropy_backward, mse_forward, mse_backward,
                    bce_with_logits_forward, bce_with_logits_backward, IGNORE_INDEX)
@@ -183,15 +184,16 @@ class PreTrainedModel(Module):
         return cls.config_class.from_dict({**cfg, **overrides})
 
     @classmethod
-    def from_pretrained(cls, path, dtype="float32", seed=0, **config_overrides):
-        """Load a transformers model directory (config.json + model.safetensors or shards) into this
-        class. Head weights the checkpoint lacks are initialised (seeded) with a warning naming them;
-        any other missing, unexpected or wrongly shaped tensor is an error listing them."""
+    def from_pretrained(cls, path, dtype="float32", seed=0, revision=None, **config_overrides):
+        """Load a transformers model directory (config.json + model.safetensors or shards), or a Hub name
+        through the Hugging Face cache (numlm.io.hub), into this class. Head weights the checkpoint lacks
+        are initialised (seeded) with a warning naming them; any other missing, unexpected or wrongly
+        shaped tensor is an error listing them."""
         dtype = parse_dtype(dtype)
+        path = resolve_model(path, revision)
         config = cls.from_config_dict(read_config(path), **config_overrides)
-        model = cls(config, seed=seed)
+        model = cls(config, seed=seed).astype(dtype)  # before loading: a float64 checkpoint keeps its digits
         model._load_checkpoint(load_safetensors(path), path)
-        model.astype(dtype)
         return model.eval()
 
     def _is_head_key(self, key):
@@ -256,8 +258,11 @@ class PreTrainedModel(Module):
         return self._last
 
 
-def from_pretrained(path, dtype="float32", **kwargs):
-    """Load any supported transformers checkpoint, choosing the class from config.json's `architectures`."""
+def from_pretrained(path, dtype="float32", revision=None, **kwargs):
+    """Load any supported transformers checkpoint, choosing the class from config.json's `architectures`.
+    `path`: a model folder, or a Hugging Face Hub name ("org/name") resolved through its cache
+    (numlm.io.hub: huggingface_hub, HF_HOME, HF_HUB_OFFLINE; `revision` a branch, tag or commit)."""
+    path = resolve_model(path, revision)
     cfg = read_config(path)
     archs = cfg.get("architectures") or []
     for a in archs:

@@ -1,0 +1,95 @@
+"""Model names through the Hugging Face cache, offline on the real code path: a cache folder in
+huggingface_hub's layout (models--ORG--NAME/snapshots/REV/..., refs/main) built from models numlm saves,
+HF_HOME and HF_HUB_OFFLINE=1 set, and the names resolved by huggingface_hub itself (no mock)."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import numlm
+from numlm.data import Tokenizer
+
+HF = Path(__file__).parent / "fixtures" / "hf"
+REV = "0123456789abcdef0123456789abcdef01234567"
+OLD = "fedcba9876543210fedcba9876543210fedcba98"
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("huggingface_hub") is None,
+                                reason="huggingface_hub is not installed (pip install 'numlm[hub]')")
+
+
+def snapshot(home, repo, rev, ref=None):
+    """The folder huggingface_hub keeps a snapshot in; refs/<ref> names `rev` when given."""
+    root = home / "hub" / ("models--" + repo.replace("/", "--"))
+    folder = root / "snapshots" / rev
+    folder.mkdir(parents=True)
+    if ref:
+        (root / "refs").mkdir(exist_ok=True)
+        (root / "refs" / ref).write_text(rev)
+    return folder
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """HF_HOME with a cached tiny RoBERTa MLM (main and an older revision with other weights) and its
+    tokenizer, a cached GPT-2, a pickle-only repository; HF_HUB_OFFLINE=1."""
+    home = tmp_path / "hf"
+    m = numlm.from_pretrained(HF / "roberta-tiny-mlm", dtype="float64")
+    m.save_pretrained(snapshot(home, "numlm-test/roberta-tiny", REV, "main"))
+    old = snapshot(home, "numlm-test/roberta-tiny", OLD)
+    m.lm_head.params["bias"][:] += 1.0  # another revision: other weights
+    m.save_pretrained(old)
+    tok = Tokenizer.train_bpe_from_iterator(["a tiny corpus for a tiny tokenizer"] * 5, 300)
+    tok.save(home / "hub" / "models--numlm-test--roberta-tiny" / "snapshots" / REV)
+    numlm.from_pretrained(HF / "distilgpt2-tiny").save_pretrained(snapshot(home, "distilgpt2", REV, "main"))
+    pickled = snapshot(home, "numlm-test/pickled", REV, "main")
+    (pickled / "config.json").write_text((HF / "roberta-tiny-mlm" / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not unpickled")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+def test_load_by_name_offline(hub):
+    ref = np.load(HF / "roberta-tiny-mlm" / "reference.npz", allow_pickle=False)
+    model = numlm.from_pretrained("numlm-test/roberta-tiny", dtype="float64")
+    assert type(model) is numlm.RobertaForMaskedLM
+    out = model(ref["input_ids"], attention_mask=ref["attention_mask"])
+    assert np.abs(out.logits - ref["logits"]).max() / np.abs(ref["logits"]).max() < 1e-10
+    # revision= picks another snapshot: the bias moved by 1 moves every logit by 1
+    old = numlm.from_pretrained("numlm-test/roberta-tiny", dtype="float64", revision=OLD)
+    np.testing.assert_allclose(old(ref["input_ids"], attention_mask=ref["attention_mask"]).logits,
+                               ref["logits"] + 1.0, rtol=0, atol=1e-12)  # saved in float64: every digit kept
+    # a name without an org, and a class's own from_pretrained
+    gpt = numlm.GPT2LMHeadModel.from_pretrained("distilgpt2", dtype="float64")
+    g = np.load(HF / "distilgpt2-tiny" / "reference.npz", allow_pickle=False)
+    out = gpt(g["input_ids"], attention_mask=g["attention_mask"])
+    assert np.abs(out.logits - g["logits"]).max() / np.abs(g["logits"]).max() < 1e-6  # saved in float32
+
+
+def test_tokenizer_by_name_offline(hub):
+    tok = Tokenizer.from_pretrained("numlm-test/roberta-tiny")
+    assert tok.decode(tok.encode("a tiny corpus")) == "a tiny corpus"
+
+
+def test_offline_and_not_cached_names_the_cache(hub):
+    with pytest.raises(ValueError, match=r"not in the Hugging Face cache .*hub.* HF_HUB_OFFLINE") as e:
+        numlm.from_pretrained("numlm-test/never-downloaded")
+    assert str(hub / "hub") in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="revision 'v9'"):
+        numlm.from_pretrained("numlm-test/roberta-tiny", revision="v9")
+
+
+def test_pickle_only_repository_is_refused_with_the_conversion(hub):
+    with pytest.raises(ValueError, match="(?s)only as pickles.*pytorch_model.bin.*save_pretrained") as e:
+        numlm.from_pretrained("numlm-test/pickled")
+    assert "safe_serialization=True" in str(e.value)
+
+
+def test_local_folders_win_and_bad_paths(hub, tmp_path):
+    assert type(numlm.from_pretrained(HF / "roberta-tiny-mlm")) is numlm.RobertaForMaskedLM
+    with pytest.raises(ValueError, match="does not exist"):
+        numlm.from_pretrained(tmp_path / "no" / "such" / "folder")
+    with pytest.raises(ValueError, match="local folder"):
+        numlm.from_pretrained(HF / "roberta-tiny-mlm", revision="main")
