@@ -48,9 +48,16 @@ def models():
         max_position_embeddings=16, num_labels=3))
     mask = np.ones((2, 8), dtype=np.int64)
     mask[1, 6:] = 0
+    roberta = numlm.RobertaForSequenceClassification(numlm.RobertaConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=18, num_labels=3))
+    distil = numlm.DistilBertForSequenceClassification(numlm.DistilBertConfig(
+        vocab_size=50, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=16, num_labels=3))
+    labelled = dict(input_ids=ids, attention_mask=mask, labels=np.array([0, 2]))
     return [("GPT2LMHeadModel", gpt, dict(input_ids=ids, labels=ids)),
-            ("BertForSequenceClassification", bert, dict(input_ids=ids, attention_mask=mask,
-                                                          labels=np.array([0, 2])))]
+            ("BertForSequenceClassification", bert, labelled),
+            ("RobertaForSequenceClassification", roberta, labelled),
+            ("DistilBertForSequenceClassification", distil, labelled)]
 
 
 def main():

@@ -209,9 +209,6 @@ class DistilBertTask(PreTrainedModel):
     def _backbone(self):
         self.distilbert = DistilBertModel(self.config, init=False)
 
-    def _inputs(self, input_ids, attention_mask, inputs_embeds, past_key_values):
-        return distilbert_inputs(self.distilbert, input_ids, attention_mask, inputs_embeds, past_key_values)
-
     def _output(self, hs, output_hidden_states, output_attentions, **fields):
         """The head's fields (None ones left out), then the backbone's (hidden_states, attentions,
         last_hidden_state)."""
@@ -240,7 +237,7 @@ class DistilBertForMaskedLM(DistilBertTask):
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, output_hidden_states=False,
                 output_attentions=False, inputs_embeds=None, past_key_values=None):
-        x = self._inputs(input_ids, attention_mask, inputs_embeds, past_key_values)
+        x = distilbert_inputs(self.distilbert, input_ids, attention_mask, inputs_embeds, past_key_values)
         hs = self.distilbert.encode(x)
         # logits = t We^T + b,  t = LN(act(h Wt + bt))
         t = self.vocab_layer_norm(self.activation(self.vocab_transform(hs[-1])))
@@ -279,7 +276,7 @@ class DistilBertForSequenceClassification(DistilBertTask):
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, output_hidden_states=False,
                 output_attentions=False, inputs_embeds=None, past_key_values=None):
-        x = self._inputs(input_ids, attention_mask, inputs_embeds, past_key_values)
+        x = distilbert_inputs(self.distilbert, input_ids, attention_mask, inputs_embeds, past_key_values)
         hs = self.distilbert.encode(x)
         # logits = Dropout(relu(h_L[:, 0] Wp + bp)) Wc + bc
         logits = self.classifier(self.dropout(self.relu(self.pre_classifier(hs[-1][:, 0]))))  # (B, K)
@@ -312,7 +309,7 @@ class DistilBertForTokenClassification(DistilBertTask):
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, output_hidden_states=False,
                 output_attentions=False, inputs_embeds=None, past_key_values=None):
-        x = self._inputs(input_ids, attention_mask, inputs_embeds, past_key_values)
+        x = distilbert_inputs(self.distilbert, input_ids, attention_mask, inputs_embeds, past_key_values)
         hs = self.distilbert.encode(x)
         logits = self.classifier(self.dropout(hs[-1]))  # (B, T, K)
         loss = ce = None
@@ -345,7 +342,7 @@ class DistilBertForQuestionAnswering(DistilBertTask):
 
     def forward(self, input_ids=None, attention_mask=None, start_positions=None, end_positions=None,
                 output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
-        x = self._inputs(input_ids, attention_mask, inputs_embeds, past_key_values)
+        x = distilbert_inputs(self.distilbert, input_ids, attention_mask, inputs_embeds, past_key_values)
         hs = self.distilbert.encode(x)
         positions = span_positions(start_positions, end_positions, x.B)
         logits = self.qa_outputs(self.dropout(hs[-1]))  # (B, T, 2)

@@ -96,7 +96,7 @@ class RobertaLMHead(TiedDecoder):
 
 class RobertaClassificationHead(Module):
     """logits = Dropout(tanh(Dropout(x) Wd + bd)) Wo + bo on x = h_L[:, 0] (<s>; for a left-padded row
-    a pad position, as transformers)"""
+    a pad position, as transformers); RobertaForSequenceClassification runs it."""
 
     def __init__(self, config, num_labels, p):
         super().__init__()
@@ -108,14 +108,6 @@ class RobertaClassificationHead(Module):
         # its own mask for the backward). Neither has parameters, so no checkpoint key changes.
         self.dropout_out = Dropout(p)
         self.out_proj = Linear(C, num_labels)
-
-    def forward(self, x):  # (B, C) -> (B, K)
-        return self.out_proj(self.dropout_out(self.tanh(self.dense(self.dropout(x)))))
-
-    def backward(self, dlogits):  # (B, K) -> (B, C)
-        # logits = Dropout(tanh(Dropout(x) Wd + bd)) Wo + bo
-        dt = self.dropout_out.backward(self.out_proj.backward(dlogits))
-        return self.dropout.backward(self.dense.backward(self.tanh.backward(dt)))
 
 
 class RobertaTask(BertTask):
@@ -178,7 +170,9 @@ class RobertaForSequenceClassification(RobertaTask):
         x = roberta_inputs(self.roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                            past_key_values)
         hs, pooled = self.roberta.encode(x)
-        logits = self.classifier(hs[-1][:, 0])  # (B, K)
+        c = self.classifier
+        # logits = Dropout(tanh(Dropout(h_L[:, 0]) Wd + bd)) Wo + bo
+        logits = c.out_proj(c.dropout_out(c.tanh(c.dense(c.dropout(hs[-1][:, 0])))))  # (B, K)
         loss = loss_cache = None
         if labels is not None:
             loss, loss_cache = problem_type_loss(self.config, logits, labels)
@@ -189,9 +183,10 @@ class RobertaForSequenceClassification(RobertaTask):
         """d loss (grad None), or grad = d logits"""
         logits, loss, shape = self._need_last()
         dlogits = logits_grad(grad, logits, loss)  # loss = CE(logits, labels), or by problem_type
-        # logits = classifier(h_L[:, 0])
+        c = self.classifier
+        # logits = Dropout(tanh(Dropout(h_L[:, 0]) Wd + bd)) Wo + bo
         dh = np.zeros(shape, dtype=logits.dtype)
-        dh[:, 0] = self.classifier.backward(dlogits)
+        dh[:, 0] = c.dropout.backward(c.dense.backward(c.tanh.backward(c.dropout_out.backward(c.out_proj.backward(dlogits)))))
         self.roberta.encode_backward(dh)
 
 
