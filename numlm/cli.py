@@ -98,7 +98,7 @@ def cmd_eval(a):
     from .models import from_pretrained
     from .recipes import load_corpus, GPTData, BertData
     model = from_pretrained(a.model, dtype=a.dtype)
-    tok = Tokenizer.from_dir(a.model)
+    tok = Tokenizer.from_pretrained(a.model)  # a folder, or a Hub name through the Hugging Face cache
     if tok.vocab_size != model.config.vocab_size:
         raise ValueError(f"the tokenizer in {a.model} has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
     name, docs = load_corpus(a.data, a.encoding)

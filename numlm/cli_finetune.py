@@ -3,11 +3,13 @@ import json
 import sys
 
 from .finetune import FinetuneArgs, METHODS, TASKS
+from .io.hub import folder as resolve_model_dir
 
 
 def cmd_finetune(a):
     from .finetune import finetune
     from .inspect import plots_line
+    a.model_dir = resolve_model_dir(a.model_dir)  # a folder, or a Hub name through the Hugging Face cache
     args = FinetuneArgs(**{f: getattr(a, f) for f in FinetuneArgs.__dataclass_fields__})
     res = finetune(args)
     if res.get("interrupted"):

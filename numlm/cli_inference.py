@@ -9,7 +9,7 @@ def _load(model_dir, dtype):
     from .data.tokenizer import Tokenizer
     from .models import from_pretrained
     model = from_pretrained(model_dir, dtype=dtype).eval()
-    tok = Tokenizer.from_dir(model_dir)
+    tok = Tokenizer.from_pretrained(model_dir)  # a folder, or a Hub name through the Hugging Face cache
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer in {model_dir} has {tok.vocab_size} tokens, the model only "
                          f"{model.config.vocab_size}")

@@ -240,7 +240,7 @@ def check_checkpoint(model_dir, text=DEFAULT_TEXT, params=3, seed=0, tol=1e-5, b
     if not isinstance(text, str) or not text.strip():
         raise ValueError("text must be a non-empty string")
     model = from_pretrained(model_dir, dtype="float64")
-    tok = Tokenizer.from_dir(model_dir)
+    tok = Tokenizer.from_pretrained(model_dir)  # a folder, or a Hub name through the Hugging Face cache
     ids = np.array([tok.encode(text)], dtype=np.int64)
     n_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if n_pos is not None and ids.shape[1] > n_pos:

@@ -93,3 +93,32 @@ def test_local_folders_win_and_bad_paths(hub, tmp_path):
         numlm.from_pretrained(tmp_path / "no" / "such" / "folder")
     with pytest.raises(ValueError, match="local folder"):
         numlm.from_pretrained(HF / "roberta-tiny-mlm", revision="main")
+
+
+TEXTS = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog"] * 4
+
+
+def test_commands_take_names_offline(hub, capsys):
+    """generate, fill-mask and gradcheck with a Hub name: the folder comes from the cache, offline."""
+    from numlm.cli import main
+    tok = Tokenizer.train_bpe_from_iterator(TEXTS, vocab_size=270, min_frequency=1)
+    cfg = numlm.GPT2Config(vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=2, n_head=2,
+                           eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
+    gpt = snapshot(hub, "numlm-test/gpt-words", REV, "main")
+    numlm.GPT2LMHeadModel(cfg, seed=2).save_pretrained(gpt)
+    tok.save(gpt)
+    assert main(["generate", "numlm-test/gpt-words", "--prompt", "the cat", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("the cat")
+    wp = Tokenizer.train_wordpiece_from_iterator(TEXTS, vocab_size=60, min_frequency=1)
+    bert = snapshot(hub, "numlm-test/bert-words", REV, "main")
+    numlm.BertForMaskedLM(numlm.BertConfig(vocab_size=wp.vocab_size, hidden_size=16, num_hidden_layers=1,
+                                           num_attention_heads=2, intermediate_size=24, max_position_embeddings=32),
+                          seed=1).save_pretrained(bert)
+    wp.save(bert)
+    assert main(["fill-mask", "numlm-test/bert-words", "the [MASK] sat on the mat", "--top-k", "2"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    assert main(["gradcheck", "numlm-test/bert-words", "--params", "1"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "numlm-test/not-cached", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "not in the Hugging Face cache" in err and str(hub / "hub") in err

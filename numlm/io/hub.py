@@ -74,3 +74,8 @@ def _refuse_pickles_only(name, revision, files):
         raise ValueError(f"{name!r}{f' revision {revision!r}' if revision else ''} holds its weights only as "
                          f"pickles ({', '.join(sorted(weights)[:3])}). "
                          + CONVERT.format(name=name, name_dir=name.replace("/", "--")))
+
+
+def folder(name_or_path, revision=None):
+    """resolve() as a str: what the commands that take MODEL_DIR pass on."""
+    return str(resolve(name_or_path, revision))
