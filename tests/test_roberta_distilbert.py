@@ -344,3 +344,26 @@ def test_sentence_transformer_folder_refusals(tmp_path):
     (d / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
     with pytest.raises(ValueError, match="Dense"):
         sentence_transformer(d)
+
+
+def test_roberta_vocab_json_folder(tmp_path):
+    """A RoBERTa tokenizer folder of vocab.json + merges.txt (no tokenizer.json): its specials are special
+    tokens (<mask> one token, eating the space before it, as transformers' AddedToken(lstrip=True)) and
+    texts come out as <s> ... </s>."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, trainers
+    tk = tokenizers.Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train_from_iterator(["the cat sat on the mat"] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tk.model.save(str(tmp_path))  # vocab.json, merges.txt
+    tok = numlm.data.Tokenizer.from_dir(tmp_path)
+    assert (tok.cls_id, tok.pad_id, tok.sep_id, tok.unk_id, tok.mask_id) == (0, 1, 2, 3, 4)
+    ids = tok.encode("the cat <mask> on the mat")
+    assert ids[0] == 0 and ids[-1] == 2 and ids.count(4) == 1
+    assert tok.encode("the cat <mask>")[:-1] == ids[:ids.index(4) + 1]
+    before = tok.encode("the cat", add_special_tokens=False)
+    assert ids[1:1 + len(before)] == before and ids[1 + len(before)] == 4  # " <mask>": the space went with it
+    batch = tok.encode_batch(["the cat", "the cat sat on the mat"])
+    assert (batch["input_ids"][0][batch["attention_mask"][0] == 0] == 1).all()  # padded with <pad>
