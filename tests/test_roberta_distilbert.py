@@ -367,3 +367,48 @@ def test_roberta_vocab_json_folder(tmp_path):
     assert ids[1:1 + len(before)] == before and ids[1 + len(before)] == 4  # " <mask>": the space went with it
     batch = tok.encode_batch(["the cat", "the cat sat on the mat"])
     assert (batch["input_ids"][0][batch["attention_mask"][0] == 0] == 1).all()  # padded with <pad>
+
+
+# ---------------------------------------------------------------- numerical gradient checks, with dropout
+
+ROBERTA_CFG = dict(vocab_size=23, hidden_size=8, num_attention_heads=2, num_hidden_layers=2, intermediate_size=12,
+                   max_position_embeddings=18, type_vocab_size=1, initializer_range=0.5)
+DISTIL_CFG = dict(vocab_size=23, dim=8, n_heads=2, n_layers=2, hidden_dim=12, max_position_embeddings=16,
+                  initializer_range=0.5)
+GRAD_HEADS = [
+    (numlm.RobertaModel, None),
+    (numlm.RobertaForMaskedLM, lambda r: dict(labels=np.where(r.random((2, 5)) < 0.6, r.integers(0, 23, (2, 5)), -100))),
+    (numlm.RobertaForSequenceClassification, lambda r: dict(labels=np.array([2, 0]))),
+    (numlm.RobertaForTokenClassification, lambda r: dict(labels=r.integers(0, 3, (2, 5)))),
+    (numlm.RobertaForQuestionAnswering, lambda r: dict(start_positions=np.array([1, 4]), end_positions=np.array([3, 2]))),
+    (numlm.DistilBertModel, None),
+    (numlm.DistilBertForMaskedLM, lambda r: dict(labels=np.where(r.random((2, 5)) < 0.6, r.integers(0, 23, (2, 5)), -100))),
+    (numlm.DistilBertForSequenceClassification, lambda r: dict(labels=np.array([2, 0]))),
+    (numlm.DistilBertForTokenClassification, lambda r: dict(labels=r.integers(0, 3, (2, 5)))),
+    (numlm.DistilBertForQuestionAnswering, lambda r: dict(start_positions=np.array([1, 4]), end_positions=np.array([3, 2]))),
+]
+
+
+@pytest.mark.parametrize("cls,labels", GRAD_HEADS, ids=[c.__name__ for c, _ in GRAD_HEADS])
+def test_gradcheck_with_dropout(cls, labels):
+    """Every class in training mode (every dropout on, RoBERTa's classifier's two among them) against
+    float64 central differences; the ids avoid the padding ids, whose rows get no lookup gradient by design.
+    A bare backbone is checked on gradcheck's random projection of last_hidden_state."""
+    from test_bert import check_model
+    roberta = cls.__name__.startswith("Roberta")
+    cfg = dict(ROBERTA_CFG if roberta else DISTIL_CFG, num_labels=2 if "Question" in cls.__name__ else 3)
+    model = cls(cfg, seed=3, dtype="float64").train()
+    rng = np.random.default_rng(1)
+    mask = np.ones((2, 5), dtype=np.int64)
+    mask[1, :2] = 0  # left padding
+    inputs = dict(input_ids=rng.integers(2, 23, (2, 5)), attention_mask=mask)
+    if labels is None:  # d last_hidden_state only: the pooler's gradients are uninformative, key biases zero
+        from numlm.gradchecking import Uninformative
+        errors = numlm.gradcheck(model, inputs, max_entries=6, eps=1e-5)
+        errors = {k: v for k, v in errors.items() if "key.bias" not in k and "k_lin.bias" not in k}
+        unused = {k for k in errors if ".pooler." in f".{k[len('param:'):]}"}
+        assert {k for k, v in errors.items() if isinstance(v, Uninformative)} == unused, errors
+        assert max(v for k, v in errors.items() if k not in unused) < 1e-7, errors
+        return
+    inputs.update(labels(rng))
+    check_model(model, inputs)
