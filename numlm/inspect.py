@@ -425,12 +425,13 @@ def draw_attention(tokens, maps, path, layer=None, head=None, title=None, dpi=10
 # ---- gradient flow during training -------------------------------------------------------------
 def layer_of(name):
     """The layer a parameter belongs to: its dotted name up to the block index ("encoder.layer.3",
-    "transformer.h.0"), else its first module ("bert.embeddings", "transformer.ln_f", "cls")."""
+    "transformer.h.0"), else its first module ("bert.embeddings", "roberta.embeddings", "transformer.ln_f",
+    "cls")."""
     parts = name.split(".")
     for i, p in enumerate(parts[:-1]):
         if p.isdigit():
             return ".".join(parts[:i + 1])
-    keep = 2 if parts[0] in ("bert", "transformer") and len(parts) > 2 else 1
+    keep = 2 if parts[0] in ("bert", "roberta", "distilbert", "transformer") and len(parts) > 2 else 1
     return ".".join(parts[:keep])
 
 
