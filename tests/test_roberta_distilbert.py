@@ -412,3 +412,34 @@ def test_gradcheck_with_dropout(cls, labels):
         return
     inputs.update(labels(rng))
     check_model(model, inputs)
+
+
+@pytest.mark.parametrize("name,method", [("roberta-tiny-seqcls", "lora"), ("distilbert-tiny-seqcls", "lora"),
+                                         ("roberta-tiny-seqcls", "full"), ("distilbert-tiny-seqcls", "prefix")])
+def test_fine_tuning_learns_the_labels(name, method):
+    """AdamW steps on the fixture's batch (full fine-tuning, LoRA with peft's default targets, prefix
+    tuning): the loss falls and the frozen base stays bit-identical."""
+    from numlm import peft
+    from numlm.optim import AdamW
+    ref = np.load(HF / name / "reference.npz", allow_pickle=False)
+    model = numlm.from_pretrained(HF / name, dtype="float64").train()
+    before = model.state_dict()
+    pm = model if method == "full" else peft.get_peft_model(model, peft.LoraConfig(r=4, task_type="SEQ_CLS")
+                                                            if method == "lora" else
+                                                            peft.PrefixTuningConfig(num_virtual_tokens=3,
+                                                                                    task_type="SEQ_CLS"))
+    opt = AdamW(pm.trainable_parameters() if method == "full" else pm.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(25):
+        pm.zero_grad()
+        out = pm(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"], labels=ref["labels"])
+        losses.append(float(out.loss))
+        pm.backward()
+        opt.step(pm.grad_arrays())
+    assert losses[-1] < 0.5 * losses[0], losses
+    if method != "full":
+        after = model.state_dict()
+        trained = {k for k in before if any(p.endswith("." + k) for p in pm.parameters())}  # the head
+        assert trained and all(not np.array_equal(after[k], before[k]) for k in trained)
+        for k in set(before) - trained:
+            np.testing.assert_array_equal(after[k], before[k], err_msg=k)
