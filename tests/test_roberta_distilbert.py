@@ -443,3 +443,27 @@ def test_fine_tuning_learns_the_labels(name, method):
         assert trained and all(not np.array_equal(after[k], before[k]) for k in trained)
         for k in set(before) - trained:
             np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+
+
+def test_sentence_transformers_folder_on_roberta(tmp_path):
+    """A sentence-transformers folder around the tiny RoBERTa (max pooling, Normalize): embed() from the
+    texts tokenizes to the fixture's rows (right padding with <pad>) and pools transformers' float64
+    last_hidden_state over the real tokens."""
+    from numlm.inference import embed
+    d = tmp_path / "st-roberta"
+    shutil.copytree(HF / "roberta-tiny-base", d)
+    roberta_word_tokenizer().save(d)
+    (d / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (d / "1_Pooling").mkdir()
+    (d / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
+                                                             "pooling_mode_max_tokens": True}))
+    ref = np.load(HF / "roberta-tiny-base" / "reference.npz", allow_pickle=False)
+    ids, m, h = ref["input_ids"][:2], ref["attention_mask"][:2], ref["last_hidden_state"][:2]
+    texts = [" ".join(f"w{i}" for i in row[(row != 0) & (row != 1) & (row != 2)]) for row in ids]
+    e = embed(d, texts=texts)
+    want = np.stack([h[b][m[b] == 1].max(axis=0) for b in range(2)])
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    assert rel(e, want) < 1e-5  # the folder loads in float32
