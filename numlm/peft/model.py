@@ -255,6 +255,29 @@ class PeftModel:
     def objective(self, out):
         return self.base_model.objective(out)
 
+    def generation_inputs(self, ids, mask, pos, past):
+        """What peft's generate feeds the base model at one decoding step, as keyword arguments:
+        LoRA and adapters: the step's own. Prompt and prefix tuning: n virtual tokens before the
+        prompt, so the mask gets n ones in front; prefix tuning's prefix is the first past, positions
+        shifted by n; prompt tuning's prompt enters as inputs_embeds = [prompt; word(ids)] at the
+        prefill, positions 0 .. n+T-1 and then the cache length (peft drops the position ids)."""
+        if self.kind not in ("PROMPT_TUNING", "PREFIX_TUNING"):
+            return dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past)
+        B, n, c = len(ids), self.peft_config.num_virtual_tokens, self.base_model.config
+        table = self.prompt.params["prompt_embeddings"]
+        if mask is not None:
+            mask = np.concatenate([np.ones((B, n), dtype=np.asarray(mask).dtype), mask], axis=1)
+        if self.kind == "PREFIX_TUNING":
+            if past is None:
+                past = tuple(prefix_forward(table, B, _layers(c), _heads(c))[0])
+            return dict(input_ids=ids, attention_mask=mask, position_ids=pos + n, past_key_values=past)
+        if past is not None:
+            start = past[0][0].shape[2]
+            return dict(input_ids=ids, attention_mask=mask, position_ids=np.arange(start, start + ids.shape[1])[None],
+                        past_key_values=past)
+        embeds, _ = prompt_forward(self._word(ids), table)  # (B, n + T, C)
+        return dict(inputs_embeds=embeds, attention_mask=mask, position_ids=np.arange(n + ids.shape[1])[None])
+
     def backward(self, grad=None):
         """d out.loss (or of the main output, given `grad`) into every trainable tensor."""
         if self._last is None:
