@@ -594,3 +594,39 @@ def test_prompt_tuned_gpt2_classifier_pools_where_peft_pools(side):
     grads = pm.gradients()
     for k in ("prompt_embeddings", "base_model.score.weight"):
         assert rel(grads[k], r("grad/" + k)) < 1e-10, k
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "lora"])
+def test_gpt1_l3_classification_through_an_adapter(method):
+    """GPT2ForSequenceClassification with lm_labels (L3 = loss + lm_coef * lm_loss) under an adapter:
+    prompt tuning's virtual tokens predict nothing (their LM labels are -100), and the objective's
+    trainable gradients agree with float64 central differences of pm.objective."""
+    cfg = numlm.GPT2Config(vocab_size=30, n_positions=16, n_embd=8, n_layer=2, n_head=2, pad_token_id=0,
+                           num_labels=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = {"prompt": peft.PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"),
+              "prefix": peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"),
+              "lora": peft.LoraConfig(r=2, target_modules=["c_attn"], task_type="SEQ_CLS", init_lora_weights=False)}
+    pm = peft.get_peft_model(numlm.GPT2ForSequenceClassification(cfg, seed=1, dtype="float64"), config[method])
+    ids = np.array([[5, 9, 14, 3, 0], [7, 2, 8, 11, 6]])
+    kw = dict(input_ids=ids, attention_mask=(ids != 0).astype(np.int64), labels=np.array([1, 0]), lm_labels=ids,
+              lm_coef=0.5)
+    out = pm(**kw)
+    assert pm.objective(out) == pytest.approx(out.loss + 0.5 * out.lm_loss, rel=1e-12)
+    plain = pm(**{k: v for k, v in kw.items() if k not in ("lm_labels", "lm_coef")})
+    assert out.loss == pytest.approx(plain.loss, rel=1e-12) and out.lm_loss > 1.0
+    pm.zero_grad()
+    pm(**kw)
+    pm.backward()
+    grads = {k: g.copy() for k, g in pm.grad_arrays().items()}
+    eps, worst = 1e-6, 0.0
+    for k, p in pm.parameters().items():
+        flat = p.reshape(-1)
+        for i in np.random.default_rng(0).choice(flat.size, min(4, flat.size), replace=False):
+            old = flat[i]
+            flat[i] = old + eps
+            fp = pm.objective(pm(**kw))
+            flat[i] = old - eps
+            fm = pm.objective(pm(**kw))
+            flat[i] = old
+            worst = max(worst, abs((fp - fm) / (2 * eps) - grads[k].reshape(-1)[i]) / np.abs(grads[k]).max())
+    assert worst < 1e-6

@@ -230,6 +230,8 @@ class PeftModel:
             if type(self.base_model).__name__ in TOKEN_LABEL_CLASSES:
                 labels = np.concatenate([np.full((B, n), -100, dtype=np.int64), as_ids("labels", labels)], 1)
             kw["labels"] = labels
+        if kw.get("lm_labels") is not None:  # GPT-1's L3 for classification: the virtual tokens predict nothing
+            kw["lm_labels"] = np.concatenate([np.full((B, n), -100, dtype=np.int64), as_ids("lm_labels", kw["lm_labels"])], 1)
         # e = [prompt; word(ids)]  (B, n + T, C)
         embeds, _ = prompt_forward(self._word(ids), self.prompt.params["prompt_embeddings"])
         out = self.base_model(inputs_embeds=embeds, **kw)
