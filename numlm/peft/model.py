@@ -82,14 +82,19 @@ class PeftModel:
         _check_task(model, self._task_type())
         rng = np.random.default_rng(seed)
         dtype = model.dtype
+        self._before = snapshot(model)
         _freeze_all(model)
-        if self.kind == "LORA":
-            self._install_lora(rng)
-        elif self.kind in ("PROMPT_TUNING", "PREFIX_TUNING"):
-            self._install_prompt(rng, dtype)
-        else:
-            self._install_bottleneck(rng, dtype)
-        self._install_heads()
+        try:
+            if self.kind == "LORA":
+                self._install_lora(rng)
+            elif self.kind in ("PROMPT_TUNING", "PREFIX_TUNING"):
+                self._install_prompt(rng, dtype)
+            else:
+                self._install_bottleneck(rng, dtype)
+            self._install_heads()
+        except ValueError:
+            self.restore()  # a failed call leaves the model as it was
+            raise
         model._peft = self
 
     # ---- installing -----------------------------------------------------------------------------
@@ -114,7 +119,7 @@ class PeftModel:
                              f"its Linear modules are named {names}")
         if isinstance(targets, list):
             missing = [t for t in targets if not any(p == t or p.endswith("." + t) for p, _ in hit)]
-            if missing and len(missing) == len(targets):
+            if missing:  # as `numlm finetune --target` does: a name that matches nothing is a typo, not a no-op
                 raise ValueError(f"target_modules {missing} match no module of {type(model).__name__}")
         for path, lin in hit:
             if not lin.torch_layout and not cfg.fan_in_fan_out:
@@ -479,7 +484,7 @@ class PeftModel:
         try:
             pm._load_file_state(state, path)
         except ValueError:
-            pm._unload(merge=False)
+            pm.restore()  # a failed load leaves the model as it was
             raise
         if not is_trainable:
             for m, n in pm._slots.values():
@@ -496,9 +501,33 @@ class PeftModel:
         if missing:
             raise ValueError(f"adapter {str(path)!r} lacks {missing[0]!r}, which {type(self.base_model).__name__} "
                              f"with this config needs ({len(missing)} missing)")
+        for k, v in state.items():  # every shape checked before anything is copied
+            m, n = self._slots[k]
+            want = m.params[n].shape[::-1] if isinstance(m, Linear) and m.torch_layout and n == "weight" \
+                else m.params[n].shape
+            if np.shape(v) != want:
+                raise ValueError(f"adapter tensor {k!r} has shape {np.shape(v)}, but the base model needs {want}")
         for k, v in state.items():
             m, n = self._slots[k]
             _import_param(m, n, v, k)
+
+    def restore(self):
+        """The base model as it was before this adapter: its own modules back in place, its trainable
+        set and gradient arrays. (Its values: a failing call changes none, every check comes first.)"""
+        model = self.base_model
+        for path, m in list(model.modules()):
+            if isinstance(m, LoraLinear):
+                set_child(model, path, m.unwrap(merge=False))
+        remove_adapters(model)
+        for m, g in self._before:
+            m.grads.clear()
+            m.grads.update(g)
+        model._peft = None
+
+
+def snapshot(model):
+    """What restore() puts back: each module's gradient arrays, so the trainable set, as they are."""
+    return [(m, dict(m.grads)) for _, m in model.modules()]
 
 
 def get_peft_model(model, config, adapter_name="default", seed=0):
