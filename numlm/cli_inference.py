@@ -7,8 +7,13 @@ import numpy as np
 
 def _load(model_dir, dtype):
     from .data.tokenizer import Tokenizer
+    from .io import nonfinite_tensors
     from .models import from_pretrained
     model = from_pretrained(model_dir, dtype=dtype).eval()
+    bad = nonfinite_tensors(model.parameters())
+    if bad:  # every output would be NaN: no text, no scores
+        raise ValueError(f"the weights in {model_dir} hold NaN or inf ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}); they cannot run")
     tok = Tokenizer.from_dir(model_dir)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer in {model_dir} has {tok.vocab_size} tokens, the model only "
