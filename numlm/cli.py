@@ -1,8 +1,11 @@
 """The `numlm` command. Every error, in any subcommand, reaches the user as one line
-`numlm <command>: error: <what>` with exit code 2 (`--debug` adds the traceback)."""
+`numlm <command>: error: <what>` with exit code 2 (`--debug` adds the traceback); an interrupt
+(Ctrl-C or SIGTERM) exits 130."""
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -66,8 +69,12 @@ def cmd_pretrain(a):
                          vocab_size=a.vocab_size, out_dir=a.out, block_size=a.block_size,
                          batch_size=a.batch_size, steps=a.steps, lr=a.lr, warmup=a.warmup, seed=a.seed,
                          dtype=a.dtype, resume=a.resume, overwrite=a.overwrite, grad_accum=a.grad_accum,
-                         time_budget=None if a.minutes is None else a.minutes * 60, encoding=a.encoding)
+                         time_budget=None if a.minutes is None else a.minutes * 60, encoding=a.encoding,
+                         allow_changes=a.allow_changes)
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=1))
+    if res.get("interrupted"):
+        print(f"{a._prog}: interrupted; --resume continues the run in {a.out}", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -117,70 +124,10 @@ def build_parser():
                "generate and check gradients.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True)
-    enc = dict(default="utf-8", help="the corpus files' text encoding (default utf-8, read strictly)")
-
-    d = sub.add_parser("demo", help="train a tokenizer and a small GPT-2 on Shakespeare, then print samples")
-    d.add_argument("--data", help="a text file or folder instead of the default corpus")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--minutes", type=positive, default=4.25, help="time budget from start to the end of training")
-    d.add_argument("--vocab-size", type=count(1), default=4096)
-    d.add_argument("--encoding", **enc)
-    d.add_argument("--seed", type=count(0), default=0)
-    d.set_defaults(fn=cmd_demo)
-
-    t = sub.add_parser("tokenizer", help="tokenizer tools")
-    tsub = t.add_subparsers(dest="tokenizer_command", required=True)
-    tt = tsub.add_parser("train", help="train a WordPiece (BERT) or byte-level BPE (GPT) tokenizer")
-    tt.add_argument("--kind", choices=["bpe", "wordpiece"], default="bpe")
-    tt.add_argument("--vocab-size", type=count(1), default=8192)
-    tt.add_argument("--encoding", **enc)
-    tt.add_argument("--data", help="text file or folder (default: the default corpus)")
-    tt.add_argument("--out", required=True, help="tokenizer.json path or folder")
-    tt.set_defaults(fn=cmd_tokenizer_train)
-
-    pr = sub.add_parser("prepare", help="tokenize a corpus once into a memory-mapped token file")
-    pr.add_argument("--tokenizer", required=True)
-    pr.add_argument("--data")
-    pr.add_argument("--encoding", **enc)
-    pr.add_argument("--out", required=True, help="token file (.bin)")
-    pr.set_defaults(fn=cmd_prepare)
-
-    pt = sub.add_parser("pretrain", help="pre-train BERT (MLM + NSP) or GPT (causal LM) from scratch")
-    pt.add_argument("--arch", choices=["bert", "gpt2", "openai-gpt"], default="gpt2")
-    pt.add_argument("--size", choices=["tiny", "mini", "small", "base"], default="mini")
-    pt.add_argument("--config", help="a transformers config.json instead of --size")
-    pt.add_argument("--data", help="text file or folder (default: the default corpus)")
-    pt.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one)")
-    pt.add_argument("--vocab-size", type=count(1), default=8192)
-    pt.add_argument("--encoding", **enc)
-    pt.add_argument("--out", default="runs/pretrain")
-    pt.add_argument("--steps", type=count(1), default=300)
-    pt.add_argument("--minutes", type=positive, help="size the run to this time budget instead of --steps")
-    pt.add_argument("--batch-size", type=count(1), default=16)
-    pt.add_argument("--block-size", type=count(2), default=128)
-    pt.add_argument("--grad-accum", type=count(1), default=1)
-    pt.add_argument("--lr", type=positive)
-    pt.add_argument("--warmup", type=count(0))
-    pt.add_argument("--seed", type=count(0), default=0)
-    pt.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    pt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    pt.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run")
-    pt.set_defaults(fn=cmd_pretrain)
-
-    e = sub.add_parser("eval", help="validation loss and perplexity of a saved model")
-    e.add_argument("model", help="model directory (config.json, model.safetensors, tokenizer.json)")
-    e.add_argument("--data")
-    e.add_argument("--encoding", **enc)
-    e.add_argument("--block-size", type=count(2), default=128)
-    e.add_argument("--batch-size", type=count(1), default=8)
-    e.add_argument("--batches", type=count(1), default=16)
-    e.add_argument("--seed", type=count(0), default=0)
-    e.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    e.set_defaults(fn=cmd_eval)
-
+    _add_demo_and_data(sub)
+    _add_pretrain_and_eval(sub)
     from .cli_inspect import add_parsers as add_inspect_parsers  # gradcheck, attention, plot
     add_inspect_parsers(sub)
-
     try:
         from .cli_inference import add_parsers
     except ImportError:
@@ -192,6 +139,74 @@ def build_parser():
     from .cli_profile import add_parser as add_profile
     add_profile(sub)
     return p
+
+
+ENCODING = dict(default="utf-8", help="the corpus files' text encoding (default utf-8, read strictly)")
+
+
+def _add_demo_and_data(sub):
+    d = sub.add_parser("demo", help="train a tokenizer and a small GPT-2 on Shakespeare, then print samples")
+    d.add_argument("--data", help="a text file or folder instead of the default corpus")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--minutes", type=positive, default=4.25, help="time budget from start to the end of training")
+    d.add_argument("--vocab-size", type=count(1), default=4096)
+    d.add_argument("--encoding", **ENCODING)
+    d.add_argument("--seed", type=count(0), default=0)
+    d.set_defaults(fn=cmd_demo)
+
+    t = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = t.add_subparsers(dest="tokenizer_command", required=True)
+    tt = tsub.add_parser("train", help="train a WordPiece (BERT) or byte-level BPE (GPT) tokenizer")
+    tt.add_argument("--kind", choices=["bpe", "wordpiece"], default="bpe")
+    tt.add_argument("--vocab-size", type=count(1), default=8192)
+    tt.add_argument("--encoding", **ENCODING)
+    tt.add_argument("--data", help="text file or folder (default: the default corpus)")
+    tt.add_argument("--out", required=True, help="tokenizer.json path or folder")
+    tt.set_defaults(fn=cmd_tokenizer_train)
+
+    pr = sub.add_parser("prepare", help="tokenize a corpus once into a memory-mapped token file")
+    pr.add_argument("--tokenizer", required=True)
+    pr.add_argument("--data")
+    pr.add_argument("--encoding", **ENCODING)
+    pr.add_argument("--out", required=True, help="token file (.bin)")
+    pr.set_defaults(fn=cmd_prepare)
+
+
+def _add_pretrain_and_eval(sub):
+    pt = sub.add_parser("pretrain", help="pre-train BERT (MLM + NSP) or GPT (causal LM) from scratch")
+    pt.add_argument("--arch", choices=["bert", "gpt2", "openai-gpt"], default="gpt2")
+    pt.add_argument("--size", choices=["tiny", "mini", "small", "base"], default="mini")
+    pt.add_argument("--config", help="a transformers config.json instead of --size")
+    pt.add_argument("--data", help="text file or folder (default: the default corpus)")
+    pt.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one)")
+    pt.add_argument("--vocab-size", type=count(1), default=8192)
+    pt.add_argument("--encoding", **ENCODING)
+    pt.add_argument("--out", default="runs/pretrain")
+    pt.add_argument("--steps", type=count(1), default=300)
+    pt.add_argument("--minutes", type=positive, help="size the run to this time budget instead of --steps")
+    pt.add_argument("--batch-size", type=count(1), default=16)
+    pt.add_argument("--block-size", type=count(2), default=128)
+    pt.add_argument("--grad-accum", type=count(1), default=1)
+    pt.add_argument("--lr", type=positive)
+    pt.add_argument("--warmup", type=count(0))
+    pt.add_argument("--seed", type=count(0), default=0)
+    pt.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    pt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    pt.add_argument("--allow-changes", action="store_true", help="--resume although the corpus, tokenizer, "
+                    "batch or block size differ from the checkpoint's, or --steps is below its step")
+    pt.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run")
+    pt.set_defaults(fn=cmd_pretrain)
+
+    e = sub.add_parser("eval", help="validation loss and perplexity of a saved model")
+    e.add_argument("model", help="model directory (config.json, model.safetensors, tokenizer.json)")
+    e.add_argument("--data")
+    e.add_argument("--encoding", **ENCODING)
+    e.add_argument("--block-size", type=count(2), default=128)
+    e.add_argument("--batch-size", type=count(1), default=8)
+    e.add_argument("--batches", type=count(1), default=16)
+    e.add_argument("--seed", type=count(0), default=0)
+    e.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    e.set_defaults(fn=cmd_eval)
 
 
 def describe(e):
@@ -208,7 +223,13 @@ def describe(e):
     return " ".join(msg.split())
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (timeout, schedulers, container stops) ends a command as Ctrl-C does
+
+
 def main(argv=None):
+    """Run one command; the exit code: 0 finished, 1 a check failed (gradcheck), 2 bad input or an
+    error, 130 interrupted (Ctrl-C or SIGTERM; a training run has saved its checkpoint)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -220,6 +241,8 @@ def main(argv=None):
 
     def one_line(message, category, filename, lineno, file=None, line=None):
         print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    in_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _stop) if in_main else None
     with warnings.catch_warnings():
         warnings.showwarning = one_line
         try:
@@ -234,6 +257,9 @@ def main(argv=None):
                 traceback.print_exc()
             print(f"{prog}: error: {describe(e)}", file=sys.stderr)
             return 2
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":
