@@ -1,6 +1,7 @@
 """`numlm gradcheck [MODEL_DIR]`, `numlm attention` and `numlm plot`: registered on the main parser
 by add_parsers(subparsers)."""
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -67,10 +68,15 @@ def cmd_gradcheck(a):
 def cmd_attention(a):
     from .cli_inference import _load
     from .inspect import attention_maps, draw_attention
+    from .io import check_folder_path
+    out = Path(a.out)
+    if out.suffix.lower() != ".png" or out.is_dir():
+        raise ValueError(f"--out must name a .png file, got {a.out!r}")
+    check_folder_path(out.parent, "--out")
     model, tok = _load(a.model, "float32")
     tokens, maps = attention_maps(model, tok, a.text)
     kind = "causal" if maps[..., 0, 1:].max(initial=0.0) == 0 and maps.shape[-1] > 1 else "bidirectional"
-    path = draw_attention(tokens, maps, a.out, layer=a.layer, head=a.head,
+    path = draw_attention(tokens, maps, out, layer=a.layer, head=a.head,
                           title=f"{type(model).__name__} attention ({kind}): {' '.join(tokens)}")
     L, H, T, _ = maps.shape
     print(f"{L} layers x {H} heads over {T} tokens -> {path}")
@@ -78,7 +84,10 @@ def cmd_attention(a):
 
 
 def cmd_plot(a):
-    from .inspect import plot_run
+    from .inspect import plot_run, read_metrics
+    if not any(isinstance(r.get("step"), int) for r in read_metrics(a.run)):
+        raise ValueError(f"{str(Path(a.run) / 'metrics.jsonl')!r} holds no metrics rows (empty, or not a numlm "
+                         f"run's metrics.jsonl): nothing to plot")
     paths = plot_run(a.run)
     if paths is None:
         raise ValueError("numlm plot needs matplotlib: pip install matplotlib")
