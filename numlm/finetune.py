@@ -25,6 +25,7 @@ import numpy as np
 
 from .data import datasets
 from .data.tokenizer import Tokenizer
+from .inspect import read_metrics
 from .io import read_config, load_safetensors, check_folder_path
 from .nn import no_grad
 from .train import (Trainer, TrainConfig, latest_checkpoint, read_checkpoint_state, check_resume, fingerprint,
@@ -634,7 +635,7 @@ def plot(out_dir, task):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = read_metrics(out_dir)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
@@ -680,7 +681,7 @@ def finetune(a, data=None, out=None, log=print, **options):
     steps = min(a.epochs * steps_per_epoch, a.max_steps or math.inf)
     run = {"task": a.task, "method": a.method, "batch_size": a.batch_size, "max_length": max_length,
            "tokenizer_sha256": fingerprint(sorted(tok.backend.get_vocab().items())),
-           "data_sha256": fingerprint([split["train"], split["validation"]])}
+           "data_sha256": fingerprint([split["train"], split["validation"]])}  # what --resume must share
     out = Path(a.out)
     if a.resume:
         check_resume(read_checkpoint_state(latest_checkpoint(out)), run, steps, a.allow_changes)
@@ -697,14 +698,7 @@ def finetune(a, data=None, out=None, log=print, **options):
     def validate(m):
         return _validate(m, a, enc["validation"], data.label_names, tok, out, ctx, steps_per_epoch, log)
 
-    def prepare(b):  # multiple choice: its LM loss only when the L3 objective is on
-        if a.task == "multiple-choice":
-            if lm:
-                b["lm_coef"] = lm_coef
-            else:
-                b.pop("labels")
-        return b
-
+    prepare = _mc_objective(lm_coef if lm else None) if a.task == "multiple-choice" else None
     stream = EpochStream(enc["train"], a.batch_size, a.seed, prepare=prepare, on_batch=on_batch)
     tc = TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, weight_decay=a.weight_decay, schedule="linear",
                      warmup=int(a.warmup * steps), clip=a.clip, eval_every=steps_per_epoch,
@@ -722,6 +716,18 @@ def finetune(a, data=None, out=None, log=print, **options):
         return res
     train_seconds = time.perf_counter() - t0 - ctx["eval_seconds"]
     return _finish(a, model, trainer, enc, split, data, ctx, lr, max_length, lm_coef, num_labels, train_seconds)
+
+
+def _mc_objective(lm_coef):
+    """Multiple choice's batches: the LM loss weighted by lm_coef when the L3 objective is on, else
+    no LM labels."""
+    def prepare(b):
+        if lm_coef is not None:
+            b["lm_coef"] = lm_coef
+        else:
+            b.pop("labels")
+        return b
+    return prepare
 
 
 def _build_model(a, kind, cfg, tok, data, num_labels, lm, lm_coef):
@@ -750,10 +756,10 @@ def _build_model(a, kind, cfg, tok, data, num_labels, lm, lm_coef):
 def _best_so_far(out):
     """The best validation row up to the checkpoint a resumed run continues from."""
     best = {"score": -1.0, "step": None}
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()] \
-        if (out / "metrics.jsonl").is_file() else []
+    rows = read_metrics(out) if (out / "metrics.jsonl").is_file() else []  # a torn or damaged line is skipped
     done = read_checkpoint_state(latest_checkpoint(out))["step"]
-    vals = [r for r in rows if "val_accuracy" in r and r["step"] <= done]
+    vals = [r for r in rows if isinstance(r.get("val_accuracy"), float) and isinstance(r.get("step"), int)
+            and r["step"] <= done]
     if vals and (out / "best").is_dir():
         top = max(vals, key=lambda r: r["val_accuracy"])
         best.update(score=top["val_accuracy"], step=top["step"], res=top)

@@ -526,3 +526,14 @@ def test_lora_on_gpt_defaults_to_c_attn_and_takes_a_list(gpt_dir, data_csv, tmp_
     again = F.finetune(gpt_dir, data=data_csv, out=tmp_path / "b", method="lora", max_steps=1, progress=False,
                        target=["c_attn"], lm_coef=0.0, log=lambda *a: None)
     assert again["trainable_params"] == res["trainable_params"]
+
+
+def test_resume_past_a_damaged_metrics_line(bert_dir, data_csv, finished, tmp_path, capsys):
+    """A metrics.jsonl with a non-UTF-8 line (a disk error) gave a codec error naming no file."""
+    import shutil
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(finished / "checkpoints", out / "checkpoints")
+    (out / "metrics.jsonl").write_bytes((finished / "metrics.jsonl").read_bytes() + b'{"step": 3, "lo\xff\xfe\n')
+    assert run(bert_dir, data_csv, out, "--epochs", "2", "--resume") == 0, capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["steps"] == 32
