@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,3 +214,18 @@ def test_sigint_at_a_random_moment_then_resume_equals_an_uninterrupted_run(corpu
     rows = [json.loads(l) for l in metrics.read_text().splitlines()]
     ref_rows = [json.loads(l) for l in (ref / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r.get("loss")) for r in rows] == [(r["step"], r.get("loss")) for r in ref_rows]
+
+
+def test_the_readme_documents_the_exit_codes_the_command_returns(capsys):
+    """0 finished, 1 a check failed, 2 bad input, 130 interrupted (tests/test_recipes.py sends the
+    signals): the README's table lists exactly these, and the command returns them."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = "\n".join(readme[readme.index("**Exit codes**"):].split("\n\n")[:2])  # the item and its table
+    codes = {int(row.split("|")[1]) for row in table.splitlines() if row.strip().startswith("| ") and
+             row.split("|")[1].strip().isdigit()}
+    assert codes == {0, 1, 2, 130}
+    assert "Ctrl-C or SIGTERM" in table
+    assert main(["gradcheck"]) == 0
+    assert main(["gradcheck", "--break", "linear"]) == 1
+    assert main(["gradcheck", "--seed", "-1"]) == 2
+    capsys.readouterr()
