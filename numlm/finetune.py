@@ -684,7 +684,7 @@ def finetune(a, data=None, out=None, log=print, **options):
            "data_sha256": fingerprint([split["train"], split["validation"]])}  # what --resume must share
     out = Path(a.out)
     if a.resume:
-        check_resume(read_checkpoint_state(latest_checkpoint(out)), run, steps, a.allow_changes)
+        _check_resume(a, read_checkpoint_state(latest_checkpoint(out)), run, steps)
     model = _build_model(a, kind, cfg, tok, data, num_labels, lm, lm_coef)
     if a.method in PEFT_METHODS:
         model = _apply_peft(model, kind, a)
@@ -716,6 +716,17 @@ def finetune(a, data=None, out=None, log=print, **options):
         return res
     train_seconds = time.perf_counter() - t0 - ctx["eval_seconds"]
     return _finish(a, model, trainer, enc, split, data, ctx, lr, max_length, lm_coef, num_labels, train_seconds)
+
+
+def _check_resume(a, state, run, steps):
+    """The checkpoint's task and method always (its files fit no other model); its data, tokenizer,
+    batch size, max length and step unless --allow-changes."""
+    saved = state.get("run") if isinstance(state.get("run"), dict) else {}
+    for k in ("task", "method"):
+        if k in saved and saved[k] != run[k]:
+            raise ValueError(f"--resume: the checkpoint holds a --{k} {saved[k]} run, not {run[k]}; resume with "
+                             f"--{k} {saved[k]}, or start a new run (--overwrite, or another --out)")
+    check_resume(state, run, steps, a.allow_changes)
 
 
 def _mc_objective(lm_coef):

@@ -229,3 +229,22 @@ def test_the_readme_documents_the_exit_codes_the_command_returns(capsys):
     assert main(["gradcheck", "--break", "linear"]) == 1
     assert main(["gradcheck", "--seed", "-1"]) == 2
     capsys.readouterr()
+
+
+def test_paths_under_a_file_and_folders_are_named_for_what_they_are(corpus, tmp_path, capsys):
+    """Was "File exists" (a parent of --out is a file) and "does not exist" (--tokenizer is a folder)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    tok = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", "--vocab-size", "300", "--data", str(corpus), "--out", str(tok)]) == 0
+    capsys.readouterr()
+    cases = [(["tokenizer", "train", "--vocab-size", "300", "--data", str(corpus), "--out", str(a_file / "t.json")],
+              "tokenizer train", f"{str(a_file)!r} is a file, not a folder"),
+             (["prepare", "--tokenizer", str(tok), "--data", str(corpus), "--out", str(a_file / "sub" / "t.bin")],
+              "prepare", f"{str(a_file)!r} is a file, so"),
+             (["prepare", "--tokenizer", str(tmp_path), "--data", str(corpus), "--out", str(tmp_path / "t.bin")],
+              "prepare", f"{str(tmp_path)!r} is a folder, not a tokenizer.json file")]
+    for args, cmd, want in cases:
+        assert main(args) == 2
+        assert want in one_error_line(capsys.readouterr().err, cmd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "tok.json", "tokenizer_config.json"]
