@@ -8,8 +8,8 @@ import numpy as np
 
 def op_table(a):
     """Check every op's hand-written backward against central differences and print the errors."""
-    from . import ops
-    from .gradchecking import gradcheck
+    from .. import ops
+    from ..gradchecking import gradcheck
     rng = np.random.default_rng(a.seed)
     x = rng.standard_normal((2, 5, 8))
     q, k, v = (rng.standard_normal((2, 2, 5, 4)) for _ in range(3))
@@ -38,7 +38,7 @@ def op_table(a):
 
 def cmd_gradcheck(a):
     """With a model directory: the whole-checkpoint check; without: every op's backward."""
-    from .inspect import broken_backward, check_checkpoint, BREAKS, DEFAULT_TEXT
+    from ..inspect import broken_backward, check_checkpoint, BREAKS, DEFAULT_TEXT
     if a.model is None:
         if a.text is not None or a.params is not None:
             raise ValueError("--text and --params need a MODEL_DIR")
@@ -66,9 +66,9 @@ def cmd_gradcheck(a):
 
 
 def cmd_attention(a):
-    from .cli_inference import _load
-    from .inspect import attention_maps, draw_attention
-    from .io import check_folder_path
+    from .inference import _load
+    from ..inspect import attention_maps, draw_attention
+    from ..io import check_folder_path
     out = Path(a.out)
     if out.suffix.lower() != ".png" or out.is_dir():
         raise ValueError(f"--out must name a .png file, got {a.out!r}")
@@ -84,7 +84,7 @@ def cmd_attention(a):
 
 
 def cmd_plot(a):
-    from .inspect import plot_run, read_metrics
+    from ..inspect import plot_run, read_metrics
     if not any(isinstance(r.get("step"), int) for r in read_metrics(a.run)):
         raise ValueError(f"{str(Path(a.run) / 'metrics.jsonl')!r} holds no metrics rows (empty, or not a numlm "
                          f"run's metrics.jsonl): nothing to plot")
@@ -97,8 +97,8 @@ def cmd_plot(a):
 
 
 def add_parsers(sub):
-    from .cli_args import count, positive
-    from .inspect import BREAKS
+    from .args import count, positive
+    from ..inspect import BREAKS
     g = sub.add_parser("gradcheck", help="check every op's backward, or a whole checkpoint's gradients, "
                        "against numerical gradients")
     g.add_argument("model", nargs="?", help="model directory: check its gradients on real text (float64)")

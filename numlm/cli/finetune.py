@@ -2,13 +2,13 @@
 import json
 import sys
 
-from .cli_args import count, number, positive
-from .finetune import FinetuneArgs, METHODS, TASKS
+from .args import count, number, positive
+from ..finetune import FinetuneArgs, METHODS, TASKS
 
 
 def cmd_finetune(a):
-    from .finetune import finetune
-    from .inspect import plots_line
+    from ..finetune import finetune
+    from ..inspect import plots_line
     args = FinetuneArgs(**{f: getattr(a, f) for f in FinetuneArgs.__dataclass_fields__})
     res = finetune(args)
     if res.get("interrupted"):

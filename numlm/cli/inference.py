@@ -6,9 +6,9 @@ import numpy as np
 
 
 def _load(model_dir, dtype):
-    from .data.tokenizer import Tokenizer
-    from .io import nonfinite_tensors
-    from .models import from_pretrained
+    from ..data.tokenizer import Tokenizer
+    from ..io import nonfinite_tensors
+    from ..models import from_pretrained
     model = from_pretrained(model_dir, dtype=dtype).eval()
     bad = nonfinite_tensors(model.parameters())
     if bad:  # every output would be NaN: no text, no scores
@@ -52,7 +52,7 @@ class TextStreamer:
 
 
 def cmd_generate(a):
-    from .decoding import generate
+    from ..decoding import generate
     model, tok = _load(a.model, a.dtype)
     ids = tok.encode(a.prompt, add_special_tokens=False)
     if not ids:
@@ -72,7 +72,7 @@ def cmd_generate(a):
 
 
 def cmd_fill_mask(a):
-    from .inference import fill_mask
+    from ..inference import fill_mask
     model, tok = _load(a.model, a.dtype)
     text = a.text.replace("<mask>", "[MASK]")
     for i, row in enumerate(fill_mask(model, tok, text, top_k=a.top_k)):
@@ -84,7 +84,7 @@ def cmd_fill_mask(a):
 
 
 def add_parsers(sub):
-    from .cli_args import count, number, positive
+    from .args import count, number, positive
     g = sub.add_parser("generate", help="generate text with a GPT model (KV cache), streaming it as it comes")
     g.add_argument("model", help="model directory (config.json, model.safetensors, tokenizer)")
     g.add_argument("--prompt", required=True)

@@ -1,6 +1,7 @@
-"""The `numlm` command. Every error, in any subcommand, reaches the user as one line
-`numlm <command>: error: <what>` with exit code 2 (`--debug` adds the traceback); an interrupt
-(Ctrl-C or SIGTERM) exits 130."""
+"""The `numlm` command: main, the parser and the pre-training commands here; one module per other
+group of subcommands (finetune, inference, inspect, profile) and the argument types (args).
+Every error, in any subcommand, reaches the user as one line `numlm <command>: error: <what>` with
+exit code 2 (`--debug` adds the traceback); an interrupt (Ctrl-C or SIGTERM) exits 130."""
 import argparse
 import json
 import signal
@@ -12,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from .cli_args import count, number, positive  # noqa: F401  (subcommand modules import them from cli_args)
+from .args import count, number, positive  # noqa: F401  (subcommand modules import them from cli.args)
 
 
 class Parser(argparse.ArgumentParser):
@@ -31,7 +32,7 @@ class Parser(argparse.ArgumentParser):
 
 def cmd_demo(a):
     """Train a byte-level BPE tokenizer and a small GPT-2 on Shakespeare (or Python's docs), then sample."""
-    from .recipes import pretrain
+    from ..recipes import pretrain
     t0 = time.perf_counter()
     model, tok, res = pretrain("gpt2", size="mini", data=a.data, vocab_size=a.vocab_size, out_dir=a.out,
                                block_size=128, batch_size=16, seed=a.seed, time_budget=a.minutes * 60,
@@ -48,7 +49,7 @@ def cmd_demo(a):
 
 def _samples(model, tok, seed, prompts=("ROMEO:", "First Citizen:\n", "The king")):
     try:
-        from .decoding import generate
+        from ..decoding import generate
     except ImportError:
         return
     rng = np.random.default_rng(seed)
@@ -64,7 +65,7 @@ def _samples(model, tok, seed, prompts=("ROMEO:", "First Citizen:\n", "The king"
 
 
 def cmd_pretrain(a):
-    from .recipes import pretrain
+    from ..recipes import pretrain
     _, _, res = pretrain(a.arch, size=a.size, config_path=a.config, data=a.data, tokenizer_path=a.tokenizer,
                          vocab_size=a.vocab_size, out_dir=a.out, block_size=a.block_size,
                          batch_size=a.batch_size, steps=a.steps, lr=a.lr, warmup=a.warmup, seed=a.seed,
@@ -79,7 +80,7 @@ def cmd_pretrain(a):
 
 
 def cmd_tokenizer_train(a):
-    from .recipes import load_corpus, train_tokenizer
+    from ..recipes import load_corpus, train_tokenizer
     name, docs = load_corpus(a.data, a.encoding)
     tok = train_tokenizer("bert" if a.kind == "wordpiece" else "gpt2", docs, a.vocab_size)
     path = tok.save(a.out)
@@ -88,8 +89,8 @@ def cmd_tokenizer_train(a):
 
 
 def cmd_prepare(a):
-    from .data import Tokenizer, prepare
-    from .recipes import load_corpus
+    from ..data import Tokenizer, prepare
+    from ..recipes import load_corpus
     tok = Tokenizer.from_file(a.tokenizer)
     if a.data is not None:  # streamed file by file: the corpus need not fit in memory
         name, meta = a.data, prepare(a.data, tok, a.out, encoding=a.encoding)
@@ -101,9 +102,9 @@ def cmd_prepare(a):
 
 
 def cmd_eval(a):
-    from .data import Tokenizer
-    from .models import from_pretrained
-    from .recipes import load_corpus, GPTData, BertData
+    from ..data import Tokenizer
+    from ..models import from_pretrained
+    from ..recipes import load_corpus, GPTData, BertData
     model = from_pretrained(a.model, dtype=a.dtype)
     tok = Tokenizer.from_dir(a.model)
     if tok.vocab_size != model.config.vocab_size:
@@ -112,7 +113,7 @@ def cmd_eval(a):
     if type(model).__name__ == "BertForPreTraining":
         data = BertData(docs, tok, a.block_size, a.batch_size, a.seed, val_batches=a.batches)
     else:
-        from .data import pack_documents
+        from ..data import pack_documents
         toks = pack_documents([tok.encode(d, add_special_tokens=False) for d in docs], tok.eos_id or 0)
         data = GPTData(toks, None, a.block_size, a.batch_size, a.seed, val_batches=a.batches)
     print(json.dumps(data.evaluate(model), indent=1))
@@ -126,17 +127,17 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
     _add_demo_and_data(sub)
     _add_pretrain_and_eval(sub)
-    from .cli_inspect import add_parsers as add_inspect_parsers  # gradcheck, attention, plot
+    from .inspect import add_parsers as add_inspect_parsers  # gradcheck, attention, plot
     add_inspect_parsers(sub)
     try:
-        from .cli_inference import add_parsers
+        from .inference import add_parsers
     except ImportError:
         pass
     else:
         add_parsers(sub)
-    from .cli_finetune import add_parsers as add_finetune
+    from .finetune import add_parsers as add_finetune
     add_finetune(sub)
-    from .cli_profile import add_parser as add_profile
+    from .profile import add_parser as add_profile
     add_profile(sub)
     return p
 
