@@ -26,6 +26,7 @@ def test_cli_flags():
     assert compare.cli_flags({"method": "lora", "r": 4, "alpha": 8.0, "progress": False, "resume": True,
                               "lr": None, "overwrite": False}) == \
         ["--method", "lora", "--r", "4", "--alpha", "8.0", "--no-progress", "--resume"]
+    assert compare.cli_flags({"target": ["query", "key"]}) == ["--target", "query,key"]  # was "['query', 'key']"
 
 
 def test_keyword_api_and_fresh_process_give_the_commands_results(bert_dir, data_csv, tmp_path):
