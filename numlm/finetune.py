@@ -192,7 +192,8 @@ def _check_method(a, kind, cfg, cls):
     L = _layers(kind, cfg)
     if a.freeze_layers is not None:
         if isinstance(a.freeze_layers, bool) or not isinstance(a.freeze_layers, int) or not 0 <= a.freeze_layers <= L:
-            raise ValueError(f"--freeze-layers must lie in [0, {L}] (the model has {L} layers), got {a.freeze_layers!r}")
+            raise ValueError(f"--freeze-layers must lie in [0, {L}] (the model has {L} layers), "
+                             f"got {a.freeze_layers!r}")
         if a.method not in ("full", "freeze"):
             raise ValueError(f"--freeze-layers goes with --method full or freeze, not {a.method}")
     if a.method == "lora":

@@ -37,6 +37,9 @@ def cmd_demo(a):
     model, tok, res = pretrain("gpt2", size="mini", data=a.data, vocab_size=a.vocab_size, out_dir=a.out,
                                block_size=128, batch_size=16, seed=a.seed, time_budget=a.minutes * 60,
                                lr=1e-3, overwrite=True, encoding=a.encoding)  # the demo's folder is its own
+    if res.get("interrupted"):
+        print(f"{a._prog}: interrupted", file=sys.stderr)
+        return 130
     print(f"validation loss {res['initial']['val_loss']:.3f} -> {res['val_loss']:.3f} nats "
           f"(perplexity {res['initial']['val_ppl']:.0f} -> {res['val_ppl']:.1f}; unigram baseline "
           f"{res['unigram_loss']:.3f}); "

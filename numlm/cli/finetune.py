@@ -38,7 +38,8 @@ def add_parsers(sub):
     f.add_argument("--lr", type=positive)
     f.add_argument("--warmup", type=number(0, 1, low_open=False), default=0.1, help="fraction of the steps")
     f.add_argument("--weight-decay", type=number(0, low_open=False), default=0.01)
-    f.add_argument("--max-length", type=count(1), help="tokens per example (64 seqcls/tokcls, 256 qa, 128 multiple-choice)")
+    f.add_argument("--max-length", type=count(1),
+                   help="tokens per example (64 seqcls/tokcls, 256 qa, 128 multiple-choice)")
     f.add_argument("--seed", type=count(0), default=0)
     f.add_argument("--freeze-layers", type=count(0), help="freeze the embeddings and the first K layers")
     f.add_argument("--unfreeze", choices=["gradual"], help="unfreeze one layer more, top down, at equal intervals")
