@@ -98,3 +98,27 @@ def test_generate_from_an_adapter_folder(gpt_dir, tmp_path, capsys, method):
     assert capsys.readouterr().out == want
     assert main(["generate", str(tmp_path / "adapter"), "--base", str(tmp_path / "nowhere"), "--prompt", "x"]) == 2
     assert "give its base model folder with --base" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_weights_warn_on_load_and_do_not_generate(gpt_dir, tmp_path, capsys, value):
+    """A diverged run saved NaN (or inf) weights: loading names the tensors, generate refuses with
+    exit 2 instead of printing the prompt and exiting 0."""
+    import shutil
+    import warnings
+    from numlm.io import NonFiniteWeightsWarning, load_safetensors, save_safetensors
+    d = tmp_path / "bad"
+    shutil.copytree(gpt_dir, d)
+    state = load_safetensors(d)
+    state["transformer.h.1.mlp.c_fc.weight"][0, 3] = value
+    save_safetensors(state, d)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_safetensors(d)
+    assert [str(w.message) for w in caught if w.category is NonFiniteWeightsWarning] == [
+        f"{str(d / 'model.safetensors')} holds NaN or inf in 1 tensor(s): transformer.h.1.mlp.c_fc.weight"]
+    assert main(["generate", str(d), "--prompt", "the cat", "--max-new-tokens", "3"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[-1] == (
+        f"numlm generate: error: the weights in {d} hold NaN or inf (transformer.h.1.mlp.c_fc.weight); they cannot run")
+    assert "warning: " in err and "transformer.h.1.mlp.c_fc.weight" in err.splitlines()[0]
