@@ -116,3 +116,13 @@ def test_no_monkeypatching_exec_or_runtime_classes():
                                                     and t.value.id in ("PreTrainedModel", "Module") for t in node.targets):
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno} a method attached from outside")
     assert bad == []
+
+
+def test_no_function_over_60_lines():
+    """A function a reader takes in at once: none in numlm runs over 60 lines (docstring included)."""
+    long = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []
