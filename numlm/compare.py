@@ -55,7 +55,8 @@ def save_figure(fig, png):
 
 
 def cli_flags(options):
-    """FinetuneArgs options as `numlm finetune` flags: True -> --flag, progress=False -> --no-progress."""
+    """FinetuneArgs options as `numlm finetune` flags: True -> --flag, progress=False -> --no-progress,
+    a list -> its items comma-separated."""
     flags = []
     for k, v in options.items():
         if k == "progress":
@@ -65,6 +66,8 @@ def cli_flags(options):
         if v is None or v is False:
             continue
         flag = "--" + k.replace("_", "-")
+        if isinstance(v, (list, tuple)):  # --target: a list of module names, comma-separated
+            v = ",".join(map(str, v))
         flags += [flag] if v is True else [flag, str(v)]
     return flags
 

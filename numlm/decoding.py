@@ -99,11 +99,15 @@ def _keeps_logits(model):
 
 
 def _step(model, ids, mask, pos, past, use_cache):
-    """Next-token logits as float32 (as transformers casts them) and the new cache.
+    """Next-token logits as float32 (as transformers casts them) and the new cache. A PeftModel says
+    what its base model is fed (numlm.peft: virtual tokens before the prompt).
     ids, pos: (B, T_new)  mask: (B, T_total) or None -> (B, V), cache"""
+    kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past)
+    if hasattr(model, "generation_inputs"):
+        kw, model = model.generation_inputs(ids, mask, pos, past), model.base_model
     keep = {"logits_to_keep": 1} if _keeps_logits(model) else {}
     with no_grad():  # no caches for a backward: one layer's activations at a time
-        out = model(ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=use_cache, **keep)
+        out = model(**kw, use_cache=use_cache, **keep)
     logits = np.asarray(out.logits)[:, -1, :].astype(np.float32)   # (B, V)
     return logits, (out.past_key_values if use_cache else None)
 
@@ -117,7 +121,9 @@ def _position_limit(config):
 
 
 def has_lm_head(model):
-    """Causal LMs: transformers' *LMHeadModel classes, or a model with an `lm_head` (module or tied key)."""
+    """Causal LMs: transformers' *LMHeadModel classes, or a model with an `lm_head` (module or tied key);
+    a PeftModel on one."""
+    model = getattr(model, "base_model", model)
     return (type(model).__name__.endswith("LMHeadModel") or getattr(model, "lm_head", None) is not None
             or "lm_head.weight" in (getattr(model, "tied", None) or {}))
 
@@ -213,8 +219,9 @@ def _check_options(num_beams, num_return_sequences, do_sample, early_stopping, s
         raise ValueError("streamer is not supported with beam search (num_beams > 1): beams change until the end")
 
 
-def _max_length(max_new_tokens, max_length, T0, config):
-    """The total length to generate to (prompt included), checked against the position table."""
+def _max_length(max_new_tokens, max_length, T0, config, virtual=0):
+    """The total length to generate to (prompt included), checked against the position table (less the
+    `virtual` tokens prompt or prefix tuning puts before the prompt)."""
     if max_new_tokens is not None:
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -227,6 +234,7 @@ def _max_length(max_new_tokens, max_length, T0, config):
     if max_length <= T0:
         return max_length  # the caller warns and returns the prompt
     limit = _position_limit(config)
+    limit = None if limit is None else limit - virtual
     if limit is not None and T0 > limit:
         raise ValueError(f"input_ids: prompt of {T0} tokens is longer than the model's position table "
                          f"({limit} positions)")
@@ -288,8 +296,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
     `rng` (a numpy Generator) or default_rng(seed). `streamer`: a callable given each step's new tokens
     (B,) as they are produced (or an object with put(tokens) / end(), like transformers' streamers)."""
     if not has_lm_head(model):
-        raise ValueError(f"model: {type(model).__name__} has no language-modeling head; generate needs a "
-                         "causal LM such as GPT2LMHeadModel or OpenAIGPTLMHeadModel")
+        raise ValueError(f"model: {type(getattr(model, 'base_model', model)).__name__} has no language-modeling "
+                         "head; generate needs a causal LM such as GPT2LMHeadModel or OpenAIGPTLMHeadModel")
     config = getattr(model, "config", None)
     ids = _as_ids(input_ids)
     B, T0 = ids.shape
@@ -300,7 +308,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
         raise ValueError(f"input_ids must lie in [0, {V}), got range [{ids.min()}, {ids.max()}]")
 
     _check_options(num_beams, num_return_sequences, do_sample, early_stopping, streamer)
-    max_length = _max_length(max_new_tokens, max_length, T0, config)
+    virtual = getattr(getattr(model, "peft_config", None), "num_virtual_tokens", None) or 0
+    max_length = _max_length(max_new_tokens, max_length, T0, config, virtual)
     if max_length <= T0:
         warnings.warn(f"the prompt ({T0} tokens) is already max_length={max_length} long; nothing generated")
         return ModelOutput(sequences=ids) if return_dict_in_generate else ids

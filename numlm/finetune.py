@@ -25,14 +25,17 @@ import numpy as np
 
 from .data import datasets
 from .data.tokenizer import Tokenizer
-from .io import read_config, load_safetensors
+from .inspect import read_metrics
+from .io import read_config, load_safetensors, check_folder_path
 from .nn import no_grad
-from .train import Trainer, TrainConfig, latest_checkpoint, read_checkpoint_state
+from .train import (Trainer, TrainConfig, latest_checkpoint, read_checkpoint_state, check_resume, fingerprint,
+                    _int, _real)
 
 TASKS = ("seqcls", "tokcls", "qa", "multiple-choice")
 METHODS = ("full", "freeze", "head", "lora", "adapter", "prompt", "prefix")
 PEFT_METHODS = ("lora", "adapter", "prompt", "prefix")
 DEFAULT_LR = {"head": 1e-3, "lora": 5e-4, "adapter": 1e-3, "prompt": 1e-2, "prefix": 1e-2}  # else 5e-5
+DEFAULT_TARGET = {"bert": "query,value", "gpt2": "c_attn", "openai-gpt": "c_attn"}  # peft's defaults
 DEFAULT_MAX_LENGTH = {"seqcls": 64, "tokcls": 64, "qa": 256, "multiple-choice": 128}
 IGNORE = -100
 OUTPUTS = ("results.json", "metrics.jsonl", "training.png", "loss.png", "best", "checkpoints")
@@ -57,7 +60,7 @@ class FinetuneArgs:
     unfreeze: str = None            # "gradual"
     r: int = 8
     alpha: float = 16.0
-    target: str = "query,value"
+    target: str = None              # LoRA's modules: query,value (BERT), c_attn (GPT), as peft's defaults
     num_virtual_tokens: int = 20
     reduction_factor: int = 16
     lm_coef: float = None           # GPT: 0.5 (GPT-1's lambda); BERT: not allowed
@@ -68,13 +71,60 @@ class FinetuneArgs:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    allow_changes: bool = False     # --resume despite another data, tokenizer, batch size or fewer steps
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
 
 
 def _positive(name, v, allow_none=True):
     if v is None and allow_none:
         return
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        raise ValueError(f"{_flag(name)} must be a positive integer, got {v!r}")
+
+
+def _check_numbers(a):
+    """The numeric, boolean and path fields: types, ranges, NaN and infinity."""
+    for name in ("model_dir", "data", "out"):
+        if not isinstance(getattr(a, name), (str, os.PathLike)) or not str(getattr(a, name)):
+            raise ValueError(f"{name} must be a path, got {getattr(a, name)!r}")
+    for name in ("epochs", "max_steps", "batch_size", "max_length", "num_labels", "max_examples",
+                 "eval_batch_size", "r", "num_virtual_tokens", "reduction_factor"):
+        _positive(name, getattr(a, name), allow_none=name not in ("epochs", "batch_size", "eval_batch_size"))
+    _int(_flag("seed"), a.seed, 0)
+    for name, want, ok, none in (("lr", "> 0", lambda v: v > 0, True),
+                                 ("warmup", "in [0, 1) (a fraction of the steps)", lambda v: 0 <= v < 1, False),
+                                 ("weight_decay", ">= 0", lambda v: v >= 0, False),
+                                 ("alpha", "> 0", lambda v: v > 0, False),
+                                 ("lm_coef", ">= 0", lambda v: v >= 0, True),
+                                 ("clip", ">= 0 (0 disables clipping)", lambda v: v >= 0, False)):
+        if not (none and getattr(a, name) is None):
+            _real(_flag(name), getattr(a, name), want, ok)
+    for name in ("resume", "overwrite", "progress", "allow_changes"):
+        if not isinstance(getattr(a, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(a, name)!r}")
+    for name, allowed in (("task", TASKS), ("method", METHODS), ("unfreeze", (None, "gradual"))):
+        if not isinstance(getattr(a, name), (str, type(None))) or getattr(a, name) not in allowed:
+            shown = ", ".join(str(x) for x in allowed if x is not None)
+            raise ValueError(f"{_flag(name)} must be one of {shown}, got {getattr(a, name)!r}")
+    if a.resume and a.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+
+
+def targets(a, kind):
+    """LoRA's target modules: --target (a comma-separated string or a list of names), else the
+    model family's default (peft's): query,value for BERT, c_attn for GPT."""
+    t = DEFAULT_TARGET[kind] if a.target is None else a.target
+    if isinstance(t, str):
+        t = t.split(",")
+    if not isinstance(t, (list, tuple)) or not all(isinstance(x, str) for x in t):
+        raise ValueError(f"--target must be module names, comma-separated or a list, got {a.target!r}")
+    t = [x.strip() for x in t if x.strip()]
+    if not t:
+        raise ValueError("--target names no module")
+    return t
 
 
 def _model_kind(model_dir):
@@ -117,56 +167,14 @@ def peft_available():
 
 def check_args(a):
     """Every check that needs no model weights; returns (kind, config, data, num_labels, lr, max_length)."""
-    if a.task not in TASKS:
-        raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {a.task!r}")
-    if a.method not in METHODS:
-        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {a.method!r}")
-    for name in ("epochs", "max_steps", "batch_size", "max_length", "num_labels", "max_examples",
-                 "eval_batch_size", "r", "num_virtual_tokens", "reduction_factor"):
-        _positive(name, getattr(a, name), allow_none=name not in ("epochs", "batch_size", "eval_batch_size"))
-    if a.lr is not None and not a.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {a.lr}")
-    if not 0 <= a.warmup < 1:
-        raise ValueError(f"--warmup is a fraction of the steps in [0, 1), got {a.warmup}")
-    if not a.weight_decay >= 0:
-        raise ValueError(f"--weight-decay must be >= 0, got {a.weight_decay}")
-    if a.unfreeze not in (None, "gradual"):
-        raise ValueError(f"--unfreeze takes only 'gradual', got {a.unfreeze!r}")
-    if a.resume and a.overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
+    _check_numbers(a)
     kind, cfg = _model_kind(a.model_dir)
     cls = _model_class(kind, a.task)
-    if a.lm_coef is not None:
-        if kind == "bert":
-            raise ValueError("--lm-coef is GPT-1's auxiliary language-model loss; it needs a GPT model")
-        if not a.lm_coef >= 0:
-            raise ValueError(f"--lm-coef must be >= 0, got {a.lm_coef}")
-    L = _layers(kind, cfg)
-    if a.freeze_layers is not None:
-        if isinstance(a.freeze_layers, bool) or not isinstance(a.freeze_layers, int) or not 0 <= a.freeze_layers <= L:
-            raise ValueError(f"--freeze-layers must lie in [0, {L}] (the model has {L} layers), got {a.freeze_layers}")
-        if a.method not in ("full", "freeze"):
-            raise ValueError(f"--freeze-layers goes with --method full or freeze, not {a.method}")
-    if a.method == "lora":
-        targets = [t.strip() for t in a.target.split(",") if t.strip()]
-        if not targets:
-            raise ValueError("--target names no module")
-        names = _linear_names(kind, cfg, cls)
-        bad = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-        if bad:
-            short = sorted({n.rsplit(".", 1)[-1] for n in names})
-            raise ValueError(f"--target {bad[0]!r} matches no module of the model (linear modules: {', '.join(short)})")
-    if a.method in PEFT_METHODS:
-        if not peft_available():
-            raise ValueError(f"--method {a.method} is not available: this numlm has no numlm.peft "
-                             f"(use --method full, freeze or head)")
-        if a.unfreeze:
-            raise ValueError(f"--unfreeze gradual goes with --method full, freeze or head, not {a.method}")
-        if a.method in ("prompt", "prefix") and a.task == "multiple-choice":
-            raise ValueError(f"--method {a.method} goes with --task seqcls, tokcls or qa, not {a.task}")
+    if a.lm_coef is not None and kind == "bert":
+        raise ValueError("--lm-coef is GPT-1's auxiliary language-model loss; it needs a GPT model")
+    _check_method(a, kind, cfg, cls)
     data = datasets.load(a.data)
-    want = {"seqcls": "seqcls", "tokcls": "tokcls", "qa": "qa", "multiple-choice": "multiple-choice"}[a.task]
-    if data.task != want:
+    if data.task != a.task:
         raise ValueError(f"dataset {data.name!r} is a {data.task} dataset, not {a.task}")
     num_labels = _check_labels(a, data, cfg)
     lr = a.lr if a.lr is not None else DEFAULT_LR.get(a.method, 5e-5)
@@ -178,6 +186,30 @@ def check_args(a):
         raise ValueError(f"--max-length {max_length}{extra} exceeds the model's {limit} positions")
     _check_out(a)
     return kind, cfg, data, num_labels, lr, max_length
+
+
+def _check_method(a, kind, cfg, cls):
+    L = _layers(kind, cfg)
+    if a.freeze_layers is not None:
+        if isinstance(a.freeze_layers, bool) or not isinstance(a.freeze_layers, int) or not 0 <= a.freeze_layers <= L:
+            raise ValueError(f"--freeze-layers must lie in [0, {L}] (the model has {L} layers), "
+                             f"got {a.freeze_layers!r}")
+        if a.method not in ("full", "freeze"):
+            raise ValueError(f"--freeze-layers goes with --method full or freeze, not {a.method}")
+    if a.method == "lora":
+        names = _linear_names(kind, cfg, cls)
+        bad = [t for t in targets(a, kind) if not any(n == t or n.endswith("." + t) for n in names)]
+        if bad:
+            short = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise ValueError(f"--target {bad[0]!r} matches no module of the model (linear modules: {', '.join(short)})")
+    if a.method in PEFT_METHODS:
+        if not peft_available():
+            raise ValueError(f"--method {a.method} is not available: this numlm has no numlm.peft "
+                             f"(use --method full, freeze or head)")
+        if a.unfreeze:
+            raise ValueError(f"--unfreeze gradual goes with --method full, freeze or head, not {a.method}")
+        if a.method in ("prompt", "prefix") and a.task == "multiple-choice":
+            raise ValueError(f"--method {a.method} goes with --task seqcls, tokcls or qa, not {a.task}")
 
 
 def _linear_names(kind, cfg, cls):
@@ -211,9 +243,7 @@ def _check_labels(a, data, cfg):
 
 
 def _check_out(a):
-    out = Path(a.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file, not a folder")
+    out = check_folder_path(a.out, "--out")
     if a.resume:
         if latest_checkpoint(out) is None:
             raise ValueError(f"--resume: no checkpoint in {str(out / 'checkpoints')!r}")
@@ -467,9 +497,13 @@ class EpochStream:
                 "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, s):
+        """The position of a checkpoint; over data of another size (--allow-changes) a new epoch."""
         self.epoch, self.pos, self.step = int(s["epoch"]), int(s["pos"]), int(s["step"])
         self.order = np.array(s["order"], dtype=np.int64)
         self.rng.bit_generator.state = s["rng"]
+        if len(self.order) != len(self.enc):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self.order = self.rng.permutation(len(self.enc))
 
 
 # ---- methods -----------------------------------------------------------------------------------
@@ -549,7 +583,7 @@ def plot(out_dir, task):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = read_metrics(out_dir)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
@@ -574,18 +608,90 @@ def plot(out_dir, task):
 
 def finetune(a, data=None, out=None, log=print, **options):
     """Run a fine-tuning; returns the results dict also written to results.json (its "plots": the
-    PNGs drawn, None without matplotlib).
+    PNGs drawn, None without matplotlib), or {"step", "interrupted": True} after Ctrl-C / SIGTERM.
 
         finetune(FinetuneArgs(...))
         finetune(model_dir, data="rotten-tomatoes", out="runs/rt", method="lora", max_steps=150)
 
-    The keyword options are FinetuneArgs' fields (the command's flags with underscores)."""
+    The keyword options are FinetuneArgs' fields (the command's flags with underscores). Everything
+    is checked, the model built and the data encoded before an earlier run (--overwrite) is removed."""
     a = make_args(a, data, out, **options)
     kind, cfg, data, num_labels, lr, max_length = check_args(a)
     tok = Tokenizer.from_file(Path(a.model_dir) / "tokenizer.json")  # its own padding is switched off
-    cls = _model_class(kind, a.task)
     lm = kind != "bert" and (a.lm_coef is None or a.lm_coef > 0)
     lm_coef = (0.5 if a.lm_coef is None else a.lm_coef) if kind != "bert" else None
+    split = {s: data.split(s)[:a.max_examples] if a.max_examples else data.split(s)
+             for s in ("train", "validation", "test")}
+    enc = {s: encode(a.task, kind, tok, ex, max_length, lm=lm) for s, ex in split.items()}
+    if a.task == "qa":
+        enc["train"].rows = [r for r in enc["train"].rows if r["answerable"]]
+    steps_per_epoch = math.ceil(len(enc["train"]) / a.batch_size)
+    steps = min(a.epochs * steps_per_epoch, a.max_steps or math.inf)
+    run = {"task": a.task, "method": a.method, "batch_size": a.batch_size, "max_length": max_length,
+           "tokenizer_sha256": fingerprint(sorted(tok.backend.get_vocab().items())),
+           "data_sha256": fingerprint([split["train"], split["validation"]])}  # what --resume must share
+    out = Path(a.out)
+    if a.resume:
+        _check_resume(a, read_checkpoint_state(latest_checkpoint(out)), run, steps)
+    model = _build_model(a, kind, cfg, tok, data, num_labels)
+    if a.method in PEFT_METHODS:
+        model = _apply_peft(model, kind, a)
+    on_batch = apply_method(model, kind, a) if a.method not in PEFT_METHODS else None
+    if on_batch is not None:
+        on_batch.total[0] = steps
+    best = _best_so_far(out) if a.resume else {"score": -1.0, "step": None}
+    ctx = {"best": best, "eval_seconds": 0.0,
+           "trainable": sum(v.size for v in model.trainable_parameters().values())}  # before any unfreezing
+
+    def validate(m):
+        return _validate(m, a, enc["validation"], data.label_names, tok, out, ctx, steps_per_epoch, log)
+
+    prepare = _l3_objective(a.task, lm_coef if lm else None)
+    stream = EpochStream(enc["train"], a.batch_size, a.seed, prepare=prepare, on_batch=on_batch)
+    tc = TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, weight_decay=a.weight_decay, schedule="linear",
+                     warmup=int(a.warmup * steps), clip=a.clip, eval_every=steps_per_epoch,
+                     save_every=steps_per_epoch, keep_last=1, log_every=10, progress=a.progress)
+    ctx["trainer"] = trainer = Trainer(model, stream, tc, evaluate=validate, run=run)  # checks tc
+    _clear_out(out, a.overwrite)
+    if a.resume:
+        trainer.resume()
+        log(f"resumed from step {trainer.step}")
+    if on_batch is not None:
+        on_batch(trainer.step)
+    t0 = time.perf_counter()
+    res = trainer.run()
+    if res.get("interrupted"):
+        return res
+    train_seconds = time.perf_counter() - t0 - ctx["eval_seconds"]
+    return _finish(a, model, trainer, enc, split, data, ctx, lr, max_length, lm_coef, num_labels, train_seconds)
+
+
+def _check_resume(a, state, run, steps):
+    """The checkpoint's task and method always (its files fit no other model); its data, tokenizer,
+    batch size, max length and step unless --allow-changes."""
+    saved = state.get("run") if isinstance(state.get("run"), dict) else {}
+    for k in ("task", "method"):
+        if k in saved and saved[k] != run[k]:
+            raise ValueError(f"--resume: the checkpoint holds a --{k} {saved[k]} run, not {run[k]}; resume with "
+                             f"--{k} {saved[k]}, or start a new run (--overwrite, or another --out)")
+    check_resume(state, run, steps, a.allow_changes)
+
+
+def _l3_objective(task, lm_coef):
+    """GPT-1's L3 = L2 + lm_coef * L1 when on: the batches give the models lm_coef with the LM labels
+    (multiple choice's `labels`, classification's `lm_labels`); off, multiple choice has no LM labels."""
+    def prepare(b):
+        if lm_coef is not None and task in ("multiple-choice", "seqcls"):
+            b["lm_coef"] = lm_coef
+        elif task == "multiple-choice":
+            b.pop("labels")
+        return b
+    return prepare
+
+
+def _build_model(a, kind, cfg, tok, data, num_labels):
+    """The task model from the model folder: its labels named by the data, GPT's pad id set."""
+    cls = _model_class(kind, a.task)
     over = {}
     if num_labels is not None:
         over["num_labels"] = num_labels
@@ -599,23 +705,39 @@ def finetune(a, data=None, out=None, log=print, **options):
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer in {a.model_dir} has {tok.vocab_size} tokens, the model only "
                          f"{model.config.vocab_size}")
-    split = {s: data.split(s)[:a.max_examples] if a.max_examples else data.split(s)
-             for s in ("train", "validation", "test")}
-    enc = {s: encode(a.task, kind, tok, ex, max_length, lm=lm) for s, ex in split.items()}
-    if a.task == "qa":
-        enc["train"].rows = [r for r in enc["train"].rows if r["answerable"]]
-    if a.method in PEFT_METHODS:
-        model = _apply_peft(model, kind, a)
-    on_batch = apply_method(model, kind, a) if a.method not in PEFT_METHODS else None
-    trainable = sum(v.size for v in model.trainable_parameters().values())
-    steps_per_epoch = math.ceil(len(enc["train"]) / a.batch_size)
-    steps = a.epochs * steps_per_epoch
-    if a.max_steps:
-        steps = min(steps, a.max_steps)
-    if on_batch is not None:
-        on_batch.total[0] = steps
-    out = Path(a.out)
-    if a.overwrite and out.is_dir():
+    return model
+
+
+def _best_so_far(out):
+    """The best validation row up to the checkpoint a resumed run continues from."""
+    best = {"score": -1.0, "step": None}
+    rows = read_metrics(out) if (out / "metrics.jsonl").is_file() else []  # a torn or damaged line is skipped
+    done = read_checkpoint_state(latest_checkpoint(out))["step"]
+    vals = [r for r in rows if isinstance(r.get("val_accuracy"), float) and isinstance(r.get("step"), int)
+            and r["step"] <= done]
+    if vals and (out / "best").is_dir():
+        top = max(vals, key=lambda r: r["val_accuracy"])
+        best.update(score=top["val_accuracy"], step=top["step"], res=top)
+    return best
+
+
+def _validate(model, a, enc, label_names, tok, out, ctx, steps_per_epoch, log):
+    """One validation pass; a new best is saved to out/best."""
+    t = time.perf_counter()
+    res = evaluate(model, a.task, enc, label_names, a.eval_batch_size)
+    step, best = ctx["trainer"].step, ctx["best"]
+    if res["val_accuracy"] > best["score"]:
+        best.update(score=res["val_accuracy"], step=step, res=dict(res))
+        _save_best(model, tok, out)
+    res["epoch"] = step / steps_per_epoch
+    log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+    ctx["eval_seconds"] += time.perf_counter() - t
+    return res
+
+
+def _clear_out(out, overwrite):
+    """--overwrite: the earlier run's outputs removed (every check has passed); out created."""
+    if overwrite and out.is_dir():
         for name in OUTPUTS:
             p = out / name
             if p.is_dir():
@@ -623,65 +745,27 @@ def finetune(a, data=None, out=None, log=print, **options):
             elif p.exists():
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    best = {"score": -1.0, "step": None}  # the best weights live in out/best, not in memory
-    if a.resume:
-        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()] \
-            if (out / "metrics.jsonl").is_file() else []
-        done = read_checkpoint_state(latest_checkpoint(out))["step"]
-        vals = [r for r in rows if "val_accuracy" in r and r["step"] <= done]
-        if vals and (out / "best").is_dir():
-            top = max(vals, key=lambda r: r["val_accuracy"])
-            best.update(score=top["val_accuracy"], step=top["step"], res=top)
-    eval_seconds = [0.0]
 
-    def validate(m):
-        t = time.perf_counter()
-        res = evaluate(m, a.task, enc["validation"], data.label_names, a.eval_batch_size)
-        step = trainer.step
-        if res["val_accuracy"] > best["score"]:
-            best.update(score=res["val_accuracy"], step=step, res=dict(res))
-            _save_best(m, tok, out)
-        res["epoch"] = step / steps_per_epoch
-        log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
-        eval_seconds[0] += time.perf_counter() - t
-        return res
 
-    def prepare(b):  # GPT-1's L3 = L2 + lm_coef * L1 when on: the models take lm_coef with the LM labels
-        if a.task == "multiple-choice" and not lm:
-            b.pop("labels")
-        elif lm and a.task in ("multiple-choice", "seqcls"):
-            b["lm_coef"] = lm_coef
-        return b
-
-    stream = EpochStream(enc["train"], a.batch_size, a.seed, prepare=prepare, on_batch=on_batch)
-    tc = TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, weight_decay=a.weight_decay, schedule="linear",
-                     warmup=int(a.warmup * steps), clip=a.clip, eval_every=steps_per_epoch,
-                     save_every=steps_per_epoch, keep_last=1, log_every=10, progress=a.progress)
-    trainer = Trainer(model, stream, tc, evaluate=validate)
-    if a.resume:
-        trainer.resume()
-        log(f"resumed from step {trainer.step}")
-    if on_batch is not None:
-        on_batch(trainer.step)
-    t0 = time.perf_counter()
-    res = trainer.run()
-    train_seconds = time.perf_counter() - t0 - eval_seconds[0]
-    if res.get("interrupted"):
-        return res
+def _finish(a, model, trainer, enc, split, data, ctx, lr, max_length, lm_coef, num_labels, train_seconds):
+    """The best weights back, the test split scored, results.json and the plots written."""
+    out, best = Path(a.out), ctx["best"]
+    peft_run = a.method in PEFT_METHODS
     if best["step"] is not None:
         # an adapter's best holds its own files (peft's or AdapterHub's), keyed as its state_dict
-        model.load_state_dict(model.read_checkpoint(out / "best") if a.method in PEFT_METHODS
+        model.load_state_dict(model.read_checkpoint(out / "best") if peft_run
                               else load_safetensors(out / "best"), strict=False)
     test = evaluate(model, a.task, enc["test"], data.label_names, a.eval_batch_size, prefix="test")
+    total = model.get_nb_trainable_parameters()[1] if peft_run else model.num_parameters()
+    test_data = data if not a.max_examples else dataclasses.replace(data, test=split["test"])
     results = {**best.get("res", {}), "val_accuracy": best["score"], "best_step": best["step"], **test,
-               "trainable_params": int(trainable), "total_params": int(model.get_nb_trainable_parameters()[1] if a.method in PEFT_METHODS
-                                   else model.num_parameters()),
-               "train_seconds": round(train_seconds, 1), "validation_seconds": round(eval_seconds[0], 1), "peak_mb": round(_peak_mb(), 1), "steps": trainer.step,
+               "trainable_params": int(ctx["trainable"]), "total_params": int(total),
+               "train_seconds": round(train_seconds, 1), "validation_seconds": round(ctx["eval_seconds"], 1),
+               "peak_mb": round(_peak_mb(), 1), "steps": trainer.step,
                "train_examples": len(enc["train"]), "validation_examples": len(enc["validation"]),
                "test_examples": len(enc["test"]), "lr": lr, "max_length": max_length, "lm_coef": lm_coef,
                "num_labels": num_labels, "label_names": data.label_names,
-               **baselines(a.task, data if not a.max_examples else dataclasses.replace(data, test=split["test"])),
-               "args": dataclasses.asdict(a)}
+               **baselines(a.task, test_data), "args": dataclasses.asdict(a)}
     drawn = plot(out, a.task)
     results["plots"] = None if drawn is None else [str(drawn)] + [str(p) for p in trainer.plots or []]
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -709,7 +793,7 @@ def _apply_peft(model, kind, a):
     task_type = {"seqcls": "SEQ_CLS", "tokcls": "TOKEN_CLS", "qa": "QUESTION_ANS"}.get(a.task)
     if a.method == "lora":
         cfg = peft.LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.1, task_type=task_type,
-                              target_modules=[t.strip() for t in a.target.split(",") if t.strip()])
+                              target_modules=targets(a, kind))
     elif a.method == "adapter":
         cfg = peft.SeqBnConfig(reduction_factor=a.reduction_factor)
     elif a.method == "prompt":

@@ -136,6 +136,8 @@ def pool(hidden, attention_mask=None, pooling="mean", normalize=False):
     m = np.ones(hidden.shape[:2]) if attention_mask is None else np.asarray(attention_mask)
     if m.shape != hidden.shape[:2]:
         raise ValueError(f"attention_mask must have shape {hidden.shape[:2]}, got {m.shape}")
+    if m.dtype != np.bool_ and not np.isin(m, (0, 1)).all():
+        raise ValueError("attention_mask must hold only 0 and 1 (1 = a real token)")
     m = m.astype(hidden.dtype)[:, :, None]                              # (B, T, 1)
     n = np.maximum(m.sum(axis=1), 1e-9)                                  # (B, 1)
     parts = {"cls": lambda: hidden[:, 0],

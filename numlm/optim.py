@@ -230,7 +230,7 @@ def sum_squares(g):
 def clip_grad_norm(grads, max_norm):
     """n = || (||g_1||, ..., ||g_k||) ||_2;  g <- g * min(1, max_norm / (n + 1e-6))  in place.
     Returns n, the norm before clipping. A non-finite n leaves the grads untouched."""
-    max_norm = float(max_norm)
+    max_norm = _finite("max_norm", max_norm)
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
     for name, g in grads.items():
@@ -254,7 +254,7 @@ def clip_grad_norm(grads, max_norm):
 
 def _check_schedule(step, warmup=0, total=0):
     for name, x in (("step", step), ("warmup", warmup), ("total", total)):
-        if x < 0:
+        if _finite(name, x) < 0:
             raise ValueError(f"{name} must be >= 0, got {x}")
 
 

@@ -15,7 +15,9 @@ from .data import (Tokenizer, default_corpus, read_texts, prepare, load_tokens, 
 from .data.pretrain import _sidecar, _docs_path
 from .inspect import plots_line
 from .ops import IGNORE_INDEX
-from .train import Trainer, TrainConfig, list_checkpoints, read_checkpoint_state, model_generators, _int, _real
+from .io import check_folder_path
+from .train import (Trainer, TrainConfig, list_checkpoints, read_checkpoint_state, model_generators, check_resume,
+                    fingerprint, _int, _real)
 
 ARCHS = ("gpt2", "openai-gpt", "bert")
 # (layers, hidden, heads); intermediate = 4 * hidden
@@ -230,7 +232,7 @@ def run_files(out_dir):
 
 def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, out, block_size, batch_size,
                          steps, lr, warmup, seed, dtype, time_budget, eval_every, save_every, grad_accum,
-                         resume, overwrite):
+                         resume, overwrite, progress, allow_changes):
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     if config_path is None and size not in SIZES:
@@ -250,10 +252,13 @@ def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, ou
         _real("time_budget", time_budget, "> 0 (seconds)", lambda v: v > 0)
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    for name, v in (("resume", resume), ("overwrite", overwrite), ("progress", progress),
+                    ("allow_changes", allow_changes)):
+        if not isinstance(v, bool):
+            raise ValueError(f"{name} must be True or False, got {v!r}")
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or start it again")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out: {str(out)!r} is a file, not a folder")
+    check_folder_path(out, "out")
 
 
 def _resume_state(arch, out, block_size, batch_size):
@@ -294,16 +299,20 @@ def _move_token_file(src, dst):
 def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_path=None, vocab_size=8192,
              out_dir="runs/numlm", block_size=128, batch_size=16, steps=300, lr=None, warmup=None,
              seed=0, dtype="float32", resume=False, time_budget=None, log=print, progress=True,
-             eval_every=None, save_every=None, grad_accum=1, overwrite=False, encoding="utf-8"):
+             eval_every=None, save_every=None, grad_accum=1, overwrite=False, encoding="utf-8",
+             allow_changes=False):
     """Pre-train a model from scratch; returns (model, tokenizer, result dict). `time_budget`
     (seconds) sizes the number of steps from a measured step time instead of `steps`.
     A folder that already holds run files (metrics, checkpoints, a model) is continued with
     resume=True, started again with overwrite=True, and otherwise refused. Every argument, the
-    corpus, the tokenizer and the model are checked before anything in the folder is deleted."""
+    corpus, the tokenizer and the model are checked before anything in the folder is deleted.
+    A resumed run must have the checkpoint's tokenizer, corpus, batch and block size and at least
+    its steps, unless allow_changes=True. Interrupted (Ctrl-C, SIGTERM): the result holds
+    "interrupted" and no model/ is written; the checkpoint resumes."""
     out = Path(out_dir)
     _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, out, block_size, batch_size,
                          steps, lr, warmup, seed, dtype, time_budget, eval_every, save_every, grad_accum,
-                         resume, overwrite)
+                         resume, overwrite, progress, allow_changes)
     earlier = run_files(out)
     if earlier and not resume and not overwrite:
         raise ValueError(f"{str(out)!r} already holds a run ({', '.join(earlier)}); pass --resume to continue "
@@ -312,16 +321,55 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     t0 = time.perf_counter()
     name, docs = load_corpus(data, encoding)
     log(f"corpus: {name}, {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} M characters")
-    tok_file = out / "tokenizer.json"
-    new_tokenizer = False
-    if tokenizer_path is not None:
-        tokenizer = Tokenizer.from_file(tokenizer_path)
-    elif resume and tok_file.is_file():
-        tokenizer = Tokenizer.from_file(tok_file)
-    else:
-        tokenizer, new_tokenizer = train_tokenizer(arch, docs, vocab_size), True
+    tokenizer, new_tokenizer = _run_tokenizer(arch, out, tokenizer_path, resume, docs, vocab_size)
+    run = {"tokenizer_sha256": fingerprint(sorted(tokenizer.backend.get_vocab().items())),
+           "data_sha256": fingerprint(docs), "batch_size": batch_size, "block_size": block_size}
+    if saved is not None:
+        check_resume(saved, run, None if time_budget is not None else steps, allow_changes)
     cfg = make_config(arch, size, tokenizer.vocab_size, block_size, config_path, tokenizer)
     check_fit(arch, cfg, tokenizer, block_size)
+    model, data_ = _build_run(arch, cfg, docs, tokenizer, out, block_size, batch_size, seed, dtype,
+                              overwrite and not resume, new_tokenizer, log)
+    log(f"model: {type(model).__name__}, {model.num_parameters() / 1e6:.2f} M parameters, {dtype}")
+    if saved is not None and time_budget is not None:  # the resumed run keeps its planned length
+        steps = int(saved.get("train_config", {}).get("max_steps", steps))
+    elif time_budget is not None:
+        steps = calibrate_steps(model, data_.stream, t0 + time_budget, log)
+    if lr is None:  # post-LN BERT stalls at the unigram solution at GPT's small-model rate
+        lr = 3e-4 if arch == "bert" else (1e-3 if size in ("tiny", "mini") else 5e-4)
+    tc = TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, schedule="cosine",
+                     warmup=warmup if warmup is not None else max(1, min(100, steps // 10)),
+                     eval_every=eval_every or max(1, steps // 5), save_every=save_every or max(1, steps // 2),
+                     progress=progress, grad_accum=grad_accum)
+    trainer = Trainer(model, data_.stream, tc, evaluate=data_.evaluate, run=run)
+    result = _train(trainer, data_, resume, log)
+    if not result.get("interrupted"):
+        final = out / "model"
+        model.save_pretrained(final)
+        tokenizer.save(final)
+        result["model_dir"] = str(final)
+    result["train_tokens"] = data_.train_tokens
+    if hasattr(data_, "unigram_loss"):
+        result["unigram_loss"] = data_.unigram_loss
+    return model, tokenizer, result
+
+
+def _run_tokenizer(arch, out, tokenizer_path, resume, docs, vocab_size):
+    """(tokenizer, trained here?): --tokenizer's, the resumed run's, or a new one trained on docs."""
+    tok_file = out / "tokenizer.json"
+    if tokenizer_path is not None:
+        return Tokenizer.from_file(tokenizer_path), False
+    if resume:
+        if not tok_file.is_file():
+            raise ValueError(f"--resume: the run in {str(out)!r} was trained with a --tokenizer of its own "
+                             f"(no tokenizer.json in it); pass that --tokenizer again")
+        return Tokenizer.from_file(tok_file), False
+    return train_tokenizer(arch, docs, vocab_size), True
+
+
+def _build_run(arch, cfg, docs, tokenizer, out, block_size, batch_size, seed, dtype, clear, new_tokenizer, log):
+    """(model, data): the data prepared in a scratch folder and the model built; only then is an
+    earlier run removed (clear) and the tokenizer and token file moved into out."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}-prepare-", dir=out.parent) as scratch:
         if arch == "bert":
@@ -333,48 +381,33 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
         model = model_class(arch)(cfg, seed=seed)
         model.astype(dtype)
         # every check passed: the run starts here, and only now is an earlier run removed
-        if overwrite and not resume:
+        if clear:
             for n in run_files(out):
                 (shutil.rmtree if (out / n).is_dir() else os.unlink)(out / n)
         out.mkdir(parents=True, exist_ok=True)
         if new_tokenizer:
-            tokenizer.save(tok_file)
+            tokenizer.save(out / "tokenizer.json")
             log(f"tokenizer: trained {'WordPiece' if arch == 'bert' else 'byte-level BPE'}, "
-                f"{tokenizer.vocab_size} tokens, saved to {tok_file}")
+                f"{tokenizer.vocab_size} tokens, saved to {out / 'tokenizer.json'}")
         if arch != "bert":
             _move_token_file(tokens_tmp, out / "data" / "tokens.bin")
             log(f"data: {meta['length']:,} tokens ({data_.train_tokens:,} train, {data_.val_tokens:,} validation); "
                 f"unigram baseline {data_.unigram_loss:.3f} nats")
-    log(f"model: {type(model).__name__}, {model.num_parameters() / 1e6:.2f} M parameters, {dtype}")
-    if saved is not None and time_budget is not None:  # the resumed run keeps its planned length
-        steps = int(saved.get("train_config", {}).get("max_steps", steps))
-    elif time_budget is not None:
-        steps = calibrate_steps(model, data_.stream, t0 + time_budget, log)
-    if lr is None:  # post-LN BERT stalls at the unigram solution at GPT's small-model rate
-        lr = 3e-4 if arch == "bert" else (1e-3 if size in ("tiny", "mini") else 5e-4)
-    warmup = warmup if warmup is not None else max(1, min(100, steps // 10))
-    tc = TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, warmup=warmup, schedule="cosine",
-                     eval_every=eval_every or max(1, steps // 5), save_every=save_every or max(1, steps // 2),
-                     progress=progress, grad_accum=grad_accum)
-    trainer = Trainer(model, data_.stream, tc, evaluate=data_.evaluate)
+    return model, data_
+
+
+def _train(trainer, data_, resume, log):
     if resume:
         trainer.resume()
         log(f"resumed from step {trainer.step}")
-    before = data_.evaluate(model)
+    before = data_.evaluate(trainer.model)
     log("before training: " + _fmt(before))
     result = trainer.run()
     result["initial"] = before
     if not result.get("interrupted"):
         log("after training:  " + _fmt({k: v for k, v in result.items() if k.startswith("val_")}))
-        log(plots_line(out, trainer.plots))
-    final = out / "model"
-    model.save_pretrained(final)
-    tokenizer.save(final)
-    result["model_dir"] = str(final)
-    result["train_tokens"] = data_.train_tokens
-    if hasattr(data_, "unigram_loss"):
-        result["unigram_loss"] = data_.unigram_loss
-    return model, tokenizer, result
+        log(plots_line(trainer.out, trainer.plots))
+    return result
 
 
 def _fmt(d):

@@ -27,6 +27,7 @@ from .inspect import GradientFlow
 from .optim import AdamW, clip_grad_norm, get_schedule
 
 CKPT_PREFIX = "step-"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and what timeout, schedulers and container stops send
 
 
 class TrainingDiverged(RuntimeError):
@@ -226,6 +227,32 @@ def read_checkpoint_state(path):
     return state
 
 
+def check_resume(state, run, steps=None, allow_changes=False):
+    """Refuse (ValueError naming the first difference) to resume a checkpoint whose run differs from
+    this one: each key of `run` the checkpoint recorded, and `steps` below the checkpoint's step.
+    allow_changes=True (--allow-changes) accepts the changes."""
+    if allow_changes:
+        return
+    saved = state.get("run") if isinstance(state.get("run"), dict) else {}
+    hint = "; pass --allow-changes if the change is meant, or start a new run"
+    for k, v in run.items():
+        if k in saved and saved[k] != v:
+            if k.endswith("_sha256"):
+                what = k[:-len("_sha256")].replace("_", " ")
+                raise ValueError(f"--resume: the {what} differs from the checkpoint's (sha256 {saved[k][:12]} "
+                                 f"there, {str(v)[:12]} now){hint}")
+            flag = "--" + k.replace("_", "-")
+            raise ValueError(f"--resume: the checkpoint was trained with {flag} {saved[k]}, not {v}{hint}")
+    if steps is not None and steps < state["step"]:
+        raise ValueError(f"--resume: the checkpoint is at step {state['step']}, beyond the {steps} steps "
+                         f"asked for{hint}")
+
+
+def fingerprint(value):
+    """sha256 of a JSON-able value (documents, examples, a vocabulary), for check_resume."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
 def _set_generator(g, state, where):
     try:
         g.bit_generator.state = state
@@ -330,8 +357,9 @@ class Trainer:
     and any checkpoint are written. The checkpoint Ctrl-C leaves is therefore the state after the
     last completed step, and a resumed run ends bit-for-bit where an uninterrupted one does."""
 
-    def __init__(self, model, stream, config, evaluate=None, optimizer=None):
+    def __init__(self, model, stream, config, evaluate=None, optimizer=None, run=None):
         config.validate()
+        self.run_info = dict(run or {})  # what a resumed run must share (data, tokenizer, batch size): check_resume
         reuse_freed_memory()
         self.model, self.stream, self.cfg, self.evaluate = model, stream, config, evaluate
         self.params = model.parameters()
@@ -353,7 +381,8 @@ class Trainer:
 
     # -- state
     def state(self):
-        return {"tokens": self.tokens, "data": self.stream.state_dict(), "train_config": dataclasses.asdict(self.cfg)}
+        return {"tokens": self.tokens, "data": self.stream.state_dict(), "train_config": dataclasses.asdict(self.cfg),
+                "run": self.run_info}
 
     def save(self):
         """Checkpoint the current step; parameters that are no longer finite are never saved."""
@@ -507,68 +536,77 @@ class Trainer:
         return row
 
     def run(self, max_time=None):
-        """Train to max_steps (or for max_time seconds); Ctrl-C saves a checkpoint and returns."""
+        """Train to max_steps (or for max_time seconds); Ctrl-C or SIGTERM saves a checkpoint and
+        returns {"step", "interrupted": True}."""
         from tqdm.auto import tqdm
-        cfg = self.cfg
         self._claim_folder()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, unit="step",
+        bar = tqdm(total=self.cfg.max_steps, initial=self.step, disable=not self.cfg.progress, unit="step",
                    dynamic_ncols=True)
-        start = time.perf_counter()
-        t_last, tok_last = start, 0
         self._interruptible, self._pending, self._updating = True, False, False
         in_main = threading.current_thread() is threading.main_thread()
-        old_handler = signal.signal(signal.SIGINT, self._on_sigint) if in_main else None
+        old = {s: signal.signal(s, self._on_sigint) for s in STOP_SIGNALS} if in_main else {}
         try:
-            due = self.evaluate is not None and 0 < self.step < cfg.max_steps and self.step % cfg.eval_every == 0
-            if due and self._evaluated != self.step:  # resumed from an interrupt during this evaluation
-                self._log({"step": self.step, **self._evaluate()})
-            while self.step < cfg.max_steps:
-                self._allow_interrupt()
-                loss, lr, norm, ntok = self.train_step()
-                tok_last += ntok
-                bar.update(1)
-                if self._log_due(self.step):
-                    now = time.perf_counter()
-                    tps = tok_last / max(now - t_last, 1e-9)
-                    t_last, tok_last = now, 0
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-                    self._log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
-                               "tokens": self.tokens, "tokens_per_s": tps,
-                               "time": time.perf_counter() - start, **self.flow})
-                if self.evaluate is not None and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
-                    self._log({"step": self.step, **self._evaluate()})
-                if self.step % cfg.save_every == 0:
-                    self.save()
-                if max_time is not None and time.perf_counter() - start > max_time:
-                    break
-            result = {"step": self.step, "tokens": self.tokens, "time": time.perf_counter() - start}
-            if self.evaluate is not None:
-                final = self._evaluate()
-                if self._evaluated != self.step:  # a run resumed at its end has logged it already
-                    self._log({"step": self.step, **final})
-                result.update(final)
-            self.save()
-            self._allow_interrupt()  # a Ctrl-C during the last save is still reported
+            result = self._loop(bar, max_time)
         except BaseException as e:
             if not _is_interrupt(e):
                 raise
             self._interruptible = False  # a second Ctrl-C must not cut the checkpoint write short
             bar.close()
-            if self._updating:  # only possible when the interrupt did not come through the handler
-                last = latest_checkpoint(self.out)
-                print(f"interrupted inside the optimizer update of step {self.step + 1}; nothing saved "
-                      f"(the parameters are partly updated); the latest checkpoint is "
-                      f"{last.name if last else 'none'}")
-                return {"step": self.step, "interrupted": True, "saved": False}
-            path = self.save()
-            print(f"interrupted at step {self.step}; checkpoint saved to {path}")
-            return {"step": self.step, "interrupted": True}
+            return self._interrupted()
         finally:
             bar.close()
-            if in_main:
-                signal.signal(signal.SIGINT, old_handler)
+            for s, h in old.items():
+                signal.signal(s, h)
         self.plots = plot_metrics(self.out)
         return result
+
+    def _loop(self, bar, max_time):
+        """The steps, their logs, evaluations and checkpoints; the final evaluation and save."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        t_last, tok_last = start, 0
+        due = self.evaluate is not None and 0 < self.step < cfg.max_steps and self.step % cfg.eval_every == 0
+        if due and self._evaluated != self.step:  # resumed from an interrupt during this evaluation
+            self._log({"step": self.step, **self._evaluate()})
+        while self.step < cfg.max_steps:
+            self._allow_interrupt()
+            loss, lr, norm, ntok = self.train_step()
+            tok_last += ntok
+            bar.update(1)
+            if self._log_due(self.step):
+                now = time.perf_counter()
+                tps = tok_last / max(now - t_last, 1e-9)
+                t_last, tok_last = now, 0
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                self._log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
+                           "tokens": self.tokens, "tokens_per_s": tps, "time": now - start, **self.flow})
+            if self.evaluate is not None and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                self._log({"step": self.step, **self._evaluate()})
+            if self.step % cfg.save_every == 0:
+                self.save()
+            if max_time is not None and time.perf_counter() - start > max_time:
+                break
+        result = {"step": self.step, "tokens": self.tokens, "time": time.perf_counter() - start}
+        if self.evaluate is not None:
+            final = self._evaluate()
+            if self._evaluated != self.step:  # a run resumed at its end has logged it already
+                self._log({"step": self.step, **final})
+            result.update(final)
+        self.save()
+        self._allow_interrupt()  # a Ctrl-C during the last save is still reported
+        return result
+
+    def _interrupted(self):
+        """After Ctrl-C / SIGTERM: checkpoint the last completed step, unless the update was cut."""
+        if self._updating:  # only possible when the interrupt did not come through the handler
+            last = latest_checkpoint(self.out)
+            print(f"interrupted inside the optimizer update of step {self.step + 1}; nothing saved "
+                  f"(the parameters are partly updated); the latest checkpoint is "
+                  f"{last.name if last else 'none'}")
+            return {"step": self.step, "interrupted": True, "saved": False}
+        path = self.save()
+        print(f"interrupted at step {self.step}; checkpoint saved to {path}")
+        return {"step": self.step, "interrupted": True}
 
 
 def plot_metrics(out_dir):

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,10 +207,44 @@ def test_sigint_at_a_random_moment_then_resume_equals_an_uninterrupted_run(corpu
     time.sleep(float(np.random.default_rng().uniform(0, 0.3)))   # somewhere inside a step, evaluation or save
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    # inside training: a checkpoint and exit 0; after the last step: exit 130
-    assert proc.returncode == 0 and "interrupted at step" in stdout or proc.returncode == 130, stderr
+    assert proc.returncode == 130, stderr  # interrupted, wherever the signal landed
+    assert not (out / "model").exists() or "interrupted at step" not in stdout
     assert main(base(corpus, out, steps=steps) + ["--resume"]) == 0
     assert (out / "model" / "model.safetensors").read_bytes() == (ref / "model" / "model.safetensors").read_bytes()
     rows = [json.loads(l) for l in metrics.read_text().splitlines()]
     ref_rows = [json.loads(l) for l in (ref / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r.get("loss")) for r in rows] == [(r["step"], r.get("loss")) for r in ref_rows]
+
+
+def test_the_readme_documents_the_exit_codes_the_command_returns(capsys):
+    """0 finished, 1 a check failed, 2 bad input, 130 interrupted (tests/test_recipes.py sends the
+    signals): the README's table lists exactly these, and the command returns them."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = "\n".join(readme[readme.index("**Exit codes**"):].split("\n\n")[:2])  # the item and its table
+    codes = {int(row.split("|")[1]) for row in table.splitlines() if row.strip().startswith("| ") and
+             row.split("|")[1].strip().isdigit()}
+    assert codes == {0, 1, 2, 130}
+    assert "Ctrl-C or SIGTERM" in table
+    assert main(["gradcheck"]) == 0
+    assert main(["gradcheck", "--break", "linear"]) == 1
+    assert main(["gradcheck", "--seed", "-1"]) == 2
+    capsys.readouterr()
+
+
+def test_paths_under_a_file_and_folders_are_named_for_what_they_are(corpus, tmp_path, capsys):
+    """Was "File exists" (a parent of --out is a file) and "does not exist" (--tokenizer is a folder)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    tok = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", "--vocab-size", "300", "--data", str(corpus), "--out", str(tok)]) == 0
+    capsys.readouterr()
+    cases = [(["tokenizer", "train", "--vocab-size", "300", "--data", str(corpus), "--out", str(a_file / "t.json")],
+              "tokenizer train", f"{str(a_file)!r} is a file, not a folder"),
+             (["prepare", "--tokenizer", str(tok), "--data", str(corpus), "--out", str(a_file / "sub" / "t.bin")],
+              "prepare", f"{str(a_file)!r} is a file, so"),
+             (["prepare", "--tokenizer", str(tmp_path), "--data", str(corpus), "--out", str(tmp_path / "t.bin")],
+              "prepare", f"{str(tmp_path)!r} is a folder, not a tokenizer.json file")]
+    for args, cmd, want in cases:
+        assert main(args) == 2
+        assert want in one_error_line(capsys.readouterr().err, cmd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "tok.json", "tokenizer_config.json"]

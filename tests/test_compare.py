@@ -26,6 +26,7 @@ def test_cli_flags():
     assert compare.cli_flags({"method": "lora", "r": 4, "alpha": 8.0, "progress": False, "resume": True,
                               "lr": None, "overwrite": False}) == \
         ["--method", "lora", "--r", "4", "--alpha", "8.0", "--no-progress", "--resume"]
+    assert compare.cli_flags({"target": ["query", "key"]}) == ["--target", "query,key"]  # was "['query', 'key']"
 
 
 def test_keyword_api_and_fresh_process_give_the_commands_results(bert_dir, data_csv, tmp_path):
@@ -51,7 +52,7 @@ def test_api_bad_options(bert_dir, data_csv, tmp_path):
         finetune(FinetuneArgs(str(bert_dir), str(data_csv), str(tmp_path / "x")), data=data_csv)
     with pytest.raises(ValueError, match="unknown option"):
         compare.finetune_in_subprocess(bert_dir, data_csv, tmp_path / "y", rank=4)
-    with pytest.raises(RuntimeError, match="exited with 2: numlm finetune: error: --r must be a positive"):
+    with pytest.raises(RuntimeError, match="exited with 2: numlm finetune: error: argument --r: must be an integer >= 1"):
         compare.finetune_in_subprocess(bert_dir, data_csv, tmp_path / "z", method="lora", r=0)
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
 

@@ -108,6 +108,39 @@ def test_bad_files_name_the_problem(tmp_path, name, text, message):
         D.load(write(tmp_path / name, text))
 
 
+@pytest.mark.parametrize("name,text,message", [
+    # one typo among integer labels would have become a third class
+    ("typo.csv", "text,label\n" + "".join(f"t {i},{i % 2}\n" for i in range(11)) + "t 11,l\n",
+     "line 13: label 'l' does not fit the others (11 of 12 labels are integers)"),
+    ("typo.jsonl", "".join(json.dumps({"text": f"t {i}", "label": ["pos", "neg"][i % 2]}) + "\n" for i in range(11))
+     + json.dumps({"text": "t", "label": 7}) + "\n", "line 12: label 7 does not fit the others"),
+    # a single class would train to 100% accuracy on nothing
+    ("one.csv", "text,label\n" + "".join(f"t {i},1\n" for i in range(12)), "every example has the label '1'"),
+    ("one.jsonl", "".join(json.dumps({"text": f"t {i}", "label": "pos"}) + "\n" for i in range(12)),
+     "every example has the label 'pos'"),
+])
+def test_labels_unlike_the_others_or_of_one_class_are_refused(tmp_path, name, text, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        D.load(write(tmp_path / name, text))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_byte_order_mark_before_the_header_is_read(tmp_path, suffix):
+    rows = [(f"text {i}", i % 2) for i in range(12)]
+    body = ("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows) if suffix == ".csv"
+            else "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    f = tmp_path / f"bom{suffix}"
+    f.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))  # what Excel's "CSV UTF-8" writes
+    d = D.load(f)
+    assert sorted((e["text"], e["label"]) for e in d.train + d.validation + d.test) == sorted(rows)
+
+
+def test_a_folder_is_not_called_a_missing_file(tmp_path):
+    (tmp_path / "data.csv").mkdir()
+    with pytest.raises(ValueError, match="data.csv: a folder, not a data file"):
+        D.load(tmp_path / "data.csv")
+
+
 def test_unknown_name_and_missing_package(monkeypatch):
     with pytest.raises(ValueError, match="unknown dataset 'imdb'; known: rotten-tomatoes"):
         D.load("imdb")

@@ -408,3 +408,134 @@ def test_prompt_and_prefix_tuning_run_token_classification_and_qa(bert_dir, tmp_
             assert res["trainable_params"] == prompt + H * K + K, (method, task)
             assert res["steps"] == 2 * math.ceil(32 / 8)
             assert 0 <= res["test_accuracy"] <= 1 and (out / "best" / "adapter_model.safetensors").is_file()
+
+
+# ---- validate before deleting; resume only the same run ----------------------------------------
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(bert_dir, data_csv, tmp_path_factory):
+    """A finished one-epoch run (128 training examples: 16 steps of batch 8, its checkpoint at step 16)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert run(bert_dir, data_csv, out, "--epochs", "1") == 0
+    return out
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"lr": math.inf}, "--lr must be a finite number > 0, got inf"),
+    ({"weight_decay": math.inf}, "--weight-decay must be a finite number >= 0, got inf"),
+    ({"clip": -1.0}, "--clip must be a finite number >= 0"),
+    ({"progress": "no"}, "progress must be True or False, got 'no'"),
+    ({"method": "lora", "alpha": math.inf}, "--alpha must be a finite number > 0, got inf"),
+    ({"warmup": "0.1"}, "--warmup must be a finite number in [0, 1)"),   # was a TypeError from a comparison
+    ({"seed": -1}, "--seed must be an integer >= 0, got -1"),            # was numpy's seed error
+    ({"method": "lora", "target": ["query", 3]}, "--target must be module names"),  # was an AttributeError
+    ({"max_steps": 0}, "--max-steps must be a positive integer, got 0"),
+])
+def test_overwrite_checks_every_argument_before_deleting_anything(bert_dir, data_csv, finished, options, message):
+    before = snapshot(finished)
+    with pytest.raises(ValueError) as e:
+        F.finetune(bert_dir, data=data_csv, out=finished, overwrite=True, **{"progress": False, **options})
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert snapshot(finished) == before
+
+
+def test_gpt_lm_coef_inf_and_cli_inf_are_refused_up_front(gpt_dir, bert_dir, data_csv, finished, tmp_path, capsys):
+    with pytest.raises(ValueError, match="--lm-coef must be a finite number >= 0, got inf"):
+        F.finetune(gpt_dir, data=data_csv, out=tmp_path / "g", lm_coef=math.inf)
+    before = snapshot(finished)
+    for flag in ("--lr", "--weight-decay", "--alpha", "--warmup"):
+        assert run(bert_dir, data_csv, finished, "--overwrite", flag, "inf") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and flag in err and "finite" in err, err
+    assert snapshot(finished) == before
+    # no refusal leaves an empty --out folder behind
+    with pytest.raises(ValueError):
+        F.finetune(bert_dir, data=data_csv, out=tmp_path / "fresh", clip=-1.0)
+    assert not (tmp_path / "g").exists() and not (tmp_path / "fresh").exists()
+
+
+def test_an_out_path_under_a_file_is_named(bert_dir, data_csv, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="--out: '.*a_file' is a file, so '.*run' cannot be a folder"):
+        F.finetune(bert_dir, data=data_csv, out=tmp_path / "a_file" / "run")
+
+
+@pytest.mark.parametrize("change,message", [
+    (["--batch-size", "16"], "was trained with --batch-size 8, not 16"),
+    (["--max-steps", "10"], "the checkpoint is at step 16, beyond the 10 steps asked for"),
+    (["--data", "half"], "the data differs from the checkpoint's"),
+    (["--method", "head"], "the checkpoint holds a --method full run, not head; resume with --method full"),
+])
+def test_resume_refuses_a_different_run_unless_allowed(bert_dir, data_csv, finished, tmp_path, capsys, change,
+                                                       message):
+    out = tmp_path / "run"
+    out.mkdir()
+    for p in finished.iterdir():  # a copy: the module's run stays as it was
+        if p.name in ("checkpoints", "metrics.jsonl"):
+            import shutil
+            (shutil.copytree if p.is_dir() else shutil.copy)(p, out / p.name)
+    half = tmp_path / "half.csv"
+    half.write_text("text,label\n" + "\n".join(f"{t},{y}" for t, y in sentences(80)) + "\n")
+    extra = ["--epochs", "3"] + [str(half) if c == "half" else c for c in change]
+    data = half if "--data" in change else data_csv
+    extra = [x for i, x in enumerate(extra) if not (x == "--data" or (i and extra[i - 1] == "--data"))]
+    before = snapshot(out)
+    assert run(bert_dir, data, out, "--resume", *extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and ("--allow-changes" in err) != ("--method" in change), err
+    assert snapshot(out) == before
+    if "--method" in change:  # a checkpoint's files fit no other method: --allow-changes does not apply
+        assert run(bert_dir, data, out, "--resume", "--allow-changes", *extra) == 2
+        assert "_Adapted" not in capsys.readouterr().err and snapshot(out) == before
+    if "--data" in change:  # the change meant: a smaller data set continues with a new epoch (was an IndexError)
+        assert run(bert_dir, data, out, "--resume", "--allow-changes", *extra) == 0
+        assert json.loads((out / "results.json").read_text())["steps"] == 3 * math.ceil(int(0.8 * 80) / 8)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_130(bert_dir, data_csv, tmp_path):
+    """SIGTERM (timeout, schedulers, container stops) is Ctrl-C: the checkpoint written, exit 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "numlm", "finetune", str(bert_dir), "--data", str(data_csv), "--out", str(out),
+           "--no-progress", "--batch-size", "8", "--epochs", "10000"]
+    env = dict(os.environ, PYTHONPATH=str(Path(F.__file__).parents[1]))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "checkpoints").glob("step-*")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    step = int(stdout.split("interrupted at step ")[1].split(";")[0])
+    assert (out / "checkpoints" / f"step-{step:07d}" / "trainer_state.json").is_file()
+    assert not (out / "results.json").exists()
+
+
+def test_lora_on_gpt_defaults_to_c_attn_and_takes_a_list(gpt_dir, data_csv, tmp_path):
+    """BERT's query,value does not exist in GPT-2; peft's default for GPT-2 is c_attn."""
+    res = F.finetune(gpt_dir, data=data_csv, out=tmp_path / "a", method="lora", max_steps=1, progress=False, lm_coef=0.0,
+                     log=lambda *a: None)
+    H, L, r = 16, 2, 8
+    head = H * 2  # the score head, no bias
+    assert res["trainable_params"] == L * (r * H + r * 3 * H) + head
+    again = F.finetune(gpt_dir, data=data_csv, out=tmp_path / "b", method="lora", max_steps=1, progress=False,
+                       target=["c_attn"], lm_coef=0.0, log=lambda *a: None)
+    assert again["trainable_params"] == res["trainable_params"]
+
+
+def test_resume_past_a_damaged_metrics_line(bert_dir, data_csv, finished, tmp_path, capsys):
+    """A metrics.jsonl with a non-UTF-8 line (a disk error) gave a codec error naming no file."""
+    import shutil
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(finished / "checkpoints", out / "checkpoints")
+    (out / "metrics.jsonl").write_bytes((finished / "metrics.jsonl").read_bytes() + b'{"step": 3, "lo\xff\xfe\n')
+    assert run(bert_dir, data_csv, out, "--epochs", "2", "--resume") == 0, capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["steps"] == 32

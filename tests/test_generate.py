@@ -387,3 +387,38 @@ def test_model_without_lm_head():
         generate(seqcls, [[1, 2, 3]], max_new_tokens=2)
     with pytest.raises(ValueError, match="language-modeling head"):
         numlm.generate(numlm.from_pretrained(HF / "bert-tiny"), [[1, 2, 3]], max_new_tokens=2)
+
+
+PEFT_GEN = FIXTURES / "generate" / "peft-gpt2-tiny"
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "lora"])
+def test_generation_from_an_adapter_equals_peft(method):
+    """numlm.generate on a PeftModel gives peft's generate on transformers token for token, greedy and
+    beam: prompt tuning's virtual tokens once before the (left-padded) prompt, prefix tuning's prefix in
+    the KV cache with positions from n, LoRA unmerged and merged."""
+    from numlm import peft
+    ref = np.load(PEFT_GEN / "reference.npz")
+    base = numlm.from_pretrained(FIXTURES / "hf" / "gpt2-tiny", dtype="float64")
+    pm = peft.PeftModel.from_pretrained(base, FIXTURES / "peft" / f"{method}-gpt2-tiny" / "adapter")
+    kw = dict(max_new_tokens=10, pad_token_id=0, eos_token_id=98)
+    out = generate(pm, ref["prompt_ids"], ref["prompt_attention_mask"], return_dict_in_generate=True,
+                   output_scores=True, **kw)
+    np.testing.assert_array_equal(out.sequences, ref[f"{method}/greedy_sequences"])
+    np.testing.assert_allclose(np.stack(out.scores, axis=1), ref[f"{method}/greedy_scores"], rtol=0, atol=1e-5)
+    beam = generate(pm, ref["prompt_ids"], ref["prompt_attention_mask"], num_beams=3, return_dict_in_generate=True,
+                    **kw)
+    np.testing.assert_array_equal(beam.sequences, ref[f"{method}/beam_sequences"])
+    np.testing.assert_allclose(beam.sequences_scores, ref[f"{method}/beam_sequence_scores"], rtol=1e-5)
+    if method == "lora":
+        merged = pm.merge_and_unload()
+        np.testing.assert_array_equal(generate(merged, ref["prompt_ids"], ref["prompt_attention_mask"], **kw),
+                                      ref["lora_merged/greedy_sequences"])
+
+
+def test_generation_needs_an_lm_under_the_adapter():
+    from numlm import peft
+    base = numlm.from_pretrained(HF / "bert-tiny-seqcls", dtype="float64")
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match="BertForSequenceClassification has no language-modeling head"):
+        generate(pm, [[1, 2, 3]], max_new_tokens=2)

@@ -69,3 +69,56 @@ def test_fill_mask_command(tmp_path, capsys):
         score, token = line.split()[:2]
         assert token == r["token"] and float(score) == pytest.approx(r["score"], abs=1e-4)
         assert line.endswith(r["sequence"])
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "lora"])
+def test_generate_from_an_adapter_folder(gpt_dir, tmp_path, capsys, method):
+    """numlm generate ADAPTER_DIR: the base from adapter_config.json's base_model_name_or_path (or
+    --base), the text numlm.generate gives on the PeftModel; a random adapter, so it is not the base's."""
+    from numlm import peft
+    config = {"prefix": peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+              "prompt": peft.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+              "lora": peft.LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM", init_lora_weights=False)}
+    pm = peft.get_peft_model(from_pretrained(gpt_dir), config[method], seed=1)
+    pm.peft_config.base_model_name_or_path = str(gpt_dir)
+    for a in pm.parameters().values():
+        a[...] = np.random.default_rng(5).standard_normal(a.shape)
+    pm.save_pretrained(tmp_path / "adapter")
+    tok = Tokenizer.from_dir(gpt_dir)
+    ids = tok.encode("the cat", add_special_tokens=False)
+    kw = dict(max_new_tokens=6, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
+    out = generate(pm.eval(), [ids], return_dict_in_generate=True, output_scores=True, **kw)
+    want = "the cat" + tok.decode(out.sequences[0, len(ids):]) + "\n"
+    plain = generate(from_pretrained(gpt_dir), [ids], return_dict_in_generate=True, output_scores=True, **kw)
+    assert np.abs(out.scores[0] - plain.scores[0]).max() > 1e-3  # the adapter is in the numbers
+    assert main(["generate", str(tmp_path / "adapter"), "--prompt", "the cat", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == want
+    assert main(["generate", str(tmp_path / "adapter"), "--base", str(gpt_dir), "--prompt", "the cat",
+                 "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == want
+    assert main(["generate", str(tmp_path / "adapter"), "--base", str(tmp_path / "nowhere"), "--prompt", "x"]) == 2
+    assert "give its base model folder with --base" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_weights_warn_on_load_and_do_not_generate(gpt_dir, tmp_path, capsys, value):
+    """A diverged run saved NaN (or inf) weights: loading names the tensors, generate refuses with
+    exit 2 instead of printing the prompt and exiting 0."""
+    import shutil
+    import warnings
+    from numlm.io import NonFiniteWeightsWarning, load_safetensors, save_safetensors
+    d = tmp_path / "bad"
+    shutil.copytree(gpt_dir, d)
+    state = load_safetensors(d)
+    state["transformer.h.1.mlp.c_fc.weight"][0, 3] = value
+    save_safetensors(state, d)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_safetensors(d)
+    assert [str(w.message) for w in caught if w.category is NonFiniteWeightsWarning] == [
+        f"{str(d / 'model.safetensors')} holds NaN or inf in 1 tensor(s): transformer.h.1.mlp.c_fc.weight"]
+    assert main(["generate", str(d), "--prompt", "the cat", "--max-new-tokens", "3"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[-1] == (
+        f"numlm generate: error: the weights in {d} hold NaN or inf (transformer.h.1.mlp.c_fc.weight); they cannot run")
+    assert "warning: " in err and "transformer.h.1.mlp.c_fc.weight" in err.splitlines()[0]

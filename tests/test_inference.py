@@ -155,3 +155,11 @@ def test_minilm_paraphrase_beats_unrelated():
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-5)
     sim = e @ e.T
     assert sim[0, 1] > sim[0, 2] + 0.3 and sim[0, 1] > sim[1, 2] + 0.3
+
+
+def test_pool_refuses_a_mask_that_is_not_0_and_1():
+    h = np.random.default_rng(0).standard_normal((2, 3, 4))
+    with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):
+        pool(h, np.array([[1, 1, 5], [1, 0, 0]]))
+    np.testing.assert_allclose(pool(h, np.array([[True, True, False], [True, False, False]])),
+                               np.stack([h[0, :2].mean(0), h[1, 0]]))

@@ -379,3 +379,30 @@ def test_gradient_experiment_measures_arithmetic_error_only():
     row = gx.model_row(gx.gpt2, 2, 16)
     assert 0.5 * gx.EPS32 < row["worst"] < 100 * gx.EPS32 and row["median"] <= row["worst"]
     assert gx.rel_error(np.float32([1, 2]), np.array([1.0, 2.0 + 2e-7])) == pytest.approx(1e-7)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n", b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)), b'"a string"\n'])
+def test_plot_refuses_a_metrics_file_without_rows(tmp_path, capsys, content):
+    """An empty or binary metrics.jsonl drew empty plots and exited 0."""
+    (tmp_path / "metrics.jsonl").write_bytes(content)
+    assert main(["plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no metrics rows" in err and "metrics.jsonl" in err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_attention_writes_the_file_it_prints(tmp_path, capsys):
+    """--out without .png made matplotlib write x.png while the command printed x."""
+    d = tmp_path / "bert"
+    shutil.copytree(HF / "bert-tiny", d)
+    word_tokenizer().save(d)
+    (tmp_path / "a_file").write_text("x")
+    for out, want in ((tmp_path / "x", "--out must name a .png file"),
+                      (tmp_path / "a_file" / "x.png", "a_file' is a file, not a folder")):
+        assert main(["attention", str(d), "--text", TEXT, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and want in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "bert"]
+    assert main(["attention", str(d), "--text", TEXT, "--out", str(tmp_path / "maps" / "y.png")]) == 0
+    printed = capsys.readouterr().out.strip().rsplit(" -> ", 1)[1]
+    assert Path(printed).is_file() and Path(printed) == tmp_path / "maps" / "y.png"

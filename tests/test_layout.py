@@ -80,3 +80,52 @@ def test_no_module_shadowed_by_a_function():
     modules = {p.stem for p in ROOT.glob("*.py")} | {p.name for p in ROOT.iterdir() if p.is_dir()}
     functions = {n for n, v in vars(numlm).items() if isinstance(v, types.FunctionType)}
     assert functions & modules == set()
+
+
+def _spine_trace():
+    path = ROOT.parent / "benchmarks" / "spine_trace.py"
+    spec = importlib.util.spec_from_file_location("spine_trace", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_reader_walks_one_spine():
+    """From input_ids to the loss and back (benchmarks/spine_trace.py, sys.settrace on the NumPy path):
+    a forward with labels runs at most 30 numlm functions in at most 10 files, its backward() at most
+    25 in at most 10 (they were 51 / 39 in 18 / 16 files for GPT-2)."""
+    for label, fns in _spine_trace().walks():
+        files = {f for f, _ in fns}
+        limit = 30 if "forward" in label else 25
+        # RoBERTa reuses BERT's encoder rather than copying it: its spine is roberta.py and bert.py, one
+        # model file more than a family of its own (DistilBERT, GPT, BERT)
+        two_files = "Roberta" in label and {"models/roberta.py", "models/bert.py"} <= files
+        assert len(fns) <= limit and len(files) <= 10 + two_files, (label, len(fns), sorted(files))
+        assert any(f.startswith("models/") for f in files)  # the trace saw the model: it can fail
+
+
+def test_no_monkeypatching_exec_or_runtime_classes():
+    """No exec/eval, no assignment to a function's __code__, no class built with type(name, bases, dict),
+    and no setattr on a module or a function anywhere in numlm."""
+    bad = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                if node.func.id in ("exec", "eval") or (node.func.id == "type" and len(node.args) == 3):
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.func.id}")
+            if isinstance(node, ast.Attribute) and node.attr == "__code__" and isinstance(node.ctx, ast.Store):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} __code__")
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name)
+                                                    and t.value.id in ("PreTrainedModel", "Module") for t in node.targets):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} a method attached from outside")
+    assert bad == []
+
+
+def test_no_function_over_60_lines():
+    """A function a reader takes in at once: none in numlm runs over 60 lines (docstring included)."""
+    long = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []

@@ -323,6 +323,13 @@ def test_attention_one_key_returns_v(path):
     assert np.all(cache.probs == 1.0)
 
 
+@pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf, "0.5", True])
+def test_attention_refuses_a_scale_that_is_not_a_finite_number(scale):
+    q = np.random.default_rng(0).standard_normal((1, 1, 2, 4))
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        ops.attention_forward(q, q, q, scale=scale)
+
+
 def test_attention_matches_formula(path):
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((1, 2, 3, 4)) for _ in range(3))

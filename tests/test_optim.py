@@ -391,3 +391,15 @@ def test_clip_grad_norm_non_finite():
     with pytest.raises(ValueError, match="'a'"):
         clip_grad_norm({"a": np.ones(2, np.int32)}, 1.0)
 
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1.0", None, True])
+def test_clipping_and_schedules_refuse_what_is_not_a_finite_number(bad):
+    """A string was a TypeError from a comparison, NaN and infinity passed as if they were numbers."""
+    g = {"w": np.ones(3, np.float32)}
+    with pytest.raises(ValueError, match=r"max_norm must be a finite number, got"):
+        clip_grad_norm(g, bad)
+    np.testing.assert_array_equal(g["w"], np.ones(3, np.float32))
+    for name, args in (("warmup", (bad, 10)), ("total", (2, bad))):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number, got"):
+            get_schedule("linear", *args)

@@ -409,9 +409,9 @@ def test_bad_configs():
         peft.LoraConfig(r=0)
     with pytest.raises(ValueError, match="r must be a positive integer"):
         peft.LoraConfig(r=-2)
-    with pytest.raises(ValueError, match="lora_alpha must be a positive number"):
+    with pytest.raises(ValueError, match="lora_alpha must be a finite number > 0"):
         peft.LoraConfig(lora_alpha=0)
-    with pytest.raises(ValueError, match="lora_alpha must be a positive number"):
+    with pytest.raises(ValueError, match="lora_alpha must be a finite number > 0"):
         peft.LoraConfig(lora_alpha=-1.0)
     for cls in (peft.PromptTuningConfig, peft.PrefixTuningConfig):
         with pytest.raises(ValueError, match="num_virtual_tokens must be a positive integer"):
@@ -605,3 +605,96 @@ def test_prompt_tuned_gpt2_classifier_pools_where_peft_pools(side):
     grads = pm.gradients()
     for k in ("prompt_embeddings", "base_model.score.weight"):
         assert rel(grads[k], r("grad/" + k)) < 1e-10, k
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "lora"])
+def test_gpt1_l3_classification_through_an_adapter(method):
+    """GPT2ForSequenceClassification with lm_labels (L3 = loss + lm_coef * lm_loss) under an adapter:
+    prompt tuning's virtual tokens predict nothing (their LM labels are -100), and the objective's
+    trainable gradients agree with float64 central differences of pm.objective."""
+    cfg = numlm.GPT2Config(vocab_size=30, n_positions=16, n_embd=8, n_layer=2, n_head=2, pad_token_id=0,
+                           num_labels=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = {"prompt": peft.PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"),
+              "prefix": peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"),
+              "lora": peft.LoraConfig(r=2, target_modules=["c_attn"], task_type="SEQ_CLS", init_lora_weights=False)}
+    pm = peft.get_peft_model(numlm.GPT2ForSequenceClassification(cfg, seed=1, dtype="float64"), config[method])
+    ids = np.array([[5, 9, 14, 3, 0], [7, 2, 8, 11, 6]])
+    kw = dict(input_ids=ids, attention_mask=(ids != 0).astype(np.int64), labels=np.array([1, 0]), lm_labels=ids,
+              lm_coef=0.5)
+    out = pm(**kw)
+    assert pm.objective(out) == pytest.approx(out.loss + 0.5 * out.lm_loss, rel=1e-12)
+    plain = pm(**{k: v for k, v in kw.items() if k not in ("lm_labels", "lm_coef")})
+    assert out.loss == pytest.approx(plain.loss, rel=1e-12) and out.lm_loss > 1.0
+    pm.zero_grad()
+    pm(**kw)
+    pm.backward()
+    grads = {k: g.copy() for k, g in pm.grad_arrays().items()}
+    eps, worst = 1e-6, 0.0
+    for k, p in pm.parameters().items():
+        flat = p.reshape(-1)
+        for i in np.random.default_rng(0).choice(flat.size, min(4, flat.size), replace=False):
+            old = flat[i]
+            flat[i] = old + eps
+            fp = pm.objective(pm(**kw))
+            flat[i] = old - eps
+            fm = pm.objective(pm(**kw))
+            flat[i] = old
+            worst = max(worst, abs((fp - fm) / (2 * eps) - grads[k].reshape(-1)[i]) / np.abs(grads[k]).max())
+    assert worst < 1e-6
+
+
+def _state(model):
+    return ([id(m) for _, m in model.modules()], sorted(model.grad_arrays()),
+            {k: v.copy() for k, v in model.parameters().items()})
+
+
+@pytest.mark.parametrize("config, match", [
+    (lambda: peft.LoraConfig(target_modules=["nope"], task_type="SEQ_CLS"), "match no"),
+    (lambda: peft.LoraConfig(target_modules=["query", "nope"], task_type="SEQ_CLS"), r"\['nope'\] match no module"),
+    (lambda: peft.LoraConfig(target_modules=r"x.*y", task_type="SEQ_CLS"), "match no"),
+    (lambda: peft.PromptTuningConfig(num_virtual_tokens=16, task_type="SEQ_CLS"), "no room"),
+    (lambda: peft.PrefixTuningConfig(num_virtual_tokens=16, task_type="SEQ_CLS"), "no room"),
+])
+def test_a_failed_get_peft_model_leaves_the_model_as_it_was(config, match):
+    """Before, a refusal left every parameter frozen (the next full training changed nothing) and the
+    matching LoRA linears in place; now modules, trainable set and values are as they were."""
+    cfg = numlm.BertConfig(vocab_size=40, hidden_size=12, num_hidden_layers=2, num_attention_heads=3,
+                           intermediate_size=16, max_position_embeddings=16, num_labels=2)
+    model = numlm.BertForSequenceClassification(cfg, seed=0)
+    model.freeze(["bert.embeddings.word_embeddings.weight"])  # a trainable set that is not "everything"
+    before = _state(model)
+    with pytest.raises(ValueError, match=match):
+        peft.get_peft_model(model, config())
+    after = _state(model)
+    assert after[:2] == before[:2]
+    for k, v in before[2].items():
+        np.testing.assert_array_equal(after[2][k], v)
+    assert len(peft.get_peft_model(model, peft.LoraConfig(target_modules=["query"], task_type="SEQ_CLS")).parameters())
+
+
+def test_a_failed_adapter_load_leaves_the_head_as_it_was(tmp_path):
+    """An adapter file whose classifier does not fit: refused before anything is copied (the head used to
+    be overwritten by the tensors read before the bad one), and the model keeps no adapter."""
+    name = "lora-bert-tiny-seqcls"
+    folder = tmp_path / "adapter"
+    import shutil
+    shutil.copytree(PEFT / name / "adapter", folder)
+    from safetensors.numpy import load_file, save_file
+    state = load_file(folder / "adapter_model.safetensors")
+    key = next(k for k in state if "lora_A" in k)
+    state[key] = np.zeros((state[key].shape[0] + 1, state[key].shape[1]), state[key].dtype)  # a later key breaks
+    save_file(state, folder / "adapter_model.safetensors")
+    model = base(name)
+    before = _state(model)
+    with pytest.raises(ValueError, match="has shape"):
+        peft.PeftModel.from_pretrained(model, folder, is_trainable=True)
+    after = _state(model)
+    assert after[:2] == before[:2]
+    for k, v in before[2].items():
+        np.testing.assert_array_equal(after[2][k], v)
+
+
+def test_lora_alpha_must_be_finite():
+    for alpha in (float("inf"), float("nan"), 0, -1):
+        with pytest.raises(ValueError, match="lora_alpha must be a finite number > 0"):
+            peft.LoraConfig(lora_alpha=alpha)

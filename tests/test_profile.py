@@ -121,3 +121,17 @@ def test_cli_profile_prints_every_layer(tmp_path, capsys):
     assert "attention_forward" in capsys.readouterr().out
     assert main(["profile", str(tmp_path / "nothing")]) == 2
     assert "neither a workload" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("--batch", "0"), ("--seq", "0"), ("--top", "-1"), ("--top", "0"),
+                                        ("--steps", "0"), ("--warmup", "-1"), ("--generate", "0"),
+                                        ("--batch", "nan")])
+def test_cli_profile_refuses_a_size_it_would_replace(tmp_path, capsys, flag, value):
+    """--batch 0 and --seq 0 were replaced by the defaults, --top -1 dropped the last row, silently."""
+    model, _ = tiny_gpt(L=1)
+    model.save_pretrained(tmp_path / "m")
+    assert main(["profile", str(tmp_path / "m"), "--steps", "1", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"numlm profile: error: argument {flag}: must be an integer")
+    assert main(["profile", "gpt-mini", "--batch", "2"]) == 2
+    assert "the workload gpt-mini has its own" in capsys.readouterr().err

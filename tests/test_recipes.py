@@ -106,30 +106,35 @@ def test_gradcheck_command(capsys):
     assert worst < 1e-7
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
-    """A real SIGINT to a running `numlm pretrain`: it writes a checkpoint, says so, exits 0, and
-    --resume continues from that step."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_130(corpus, tmp_path, sig):
+    """A real SIGINT (Ctrl-C) or SIGTERM (timeout, schedulers) to a running `numlm pretrain`: it
+    writes a checkpoint, says so, exits 130 and writes no model/ as if it had finished; --resume
+    continues from that step."""
     import signal
     import subprocess
     import sys
     import time
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "numlm", "pretrain", "--arch", "gpt2", "--size", "tiny", "--data", str(corpus),
-           "--vocab-size", "300", "--out", str(out), "--block-size", "16", "--batch-size", "4",
-           "--steps", "100000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--data", str(corpus), "--vocab-size", "300",
+            "--out", str(out), "--block-size", "16", "--batch-size", "4", "--steps", "100000"]
+    proc = subprocess.Popen([sys.executable, "-m", "numlm"] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr
-    assert "interrupted at step" in stdout
+    assert proc.returncode == 130, stderr
+    assert "interrupted at step" in stdout and "--resume continues the run" in stderr.splitlines()[-1]
     step = int(stdout.split("interrupted at step ")[1].split(";")[0])
     ck = out / "checkpoints" / f"step-{step:07d}"
     assert (ck / "model.safetensors").is_file() and (ck / "trainer_state.json").is_file()
     assert json.loads((ck / "trainer_state.json").read_text())["step"] == step >= 20
+    assert not (out / "model").exists()
+    args[args.index("--steps") + 1] = str(step + 2)
+    assert main(args + ["--resume"]) == 0 and (out / "model" / "model.safetensors").is_file()
 
 
 def test_prepare_command_streams_a_folder_and_leaves_nothing_on_error(corpus, tmp_path, capsys):
@@ -174,3 +179,53 @@ def test_special_ids_come_from_the_tokenizer():
     assert (gpt.bos_token_id, gpt.eos_token_id, gpt.pad_token_id) == (7, 7, None)
     assert make_config("bert", "tiny", 300, 32, tokenizer=tok).pad_token_id == 3
     assert make_config("gpt2", "tiny", 300, 32).eos_token_id is None  # 50256 does not fit 300 tokens
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_refuses_another_tokenizer_corpus_batch_or_fewer_steps(corpus, tmp_path, capsys):
+    """Each of these continued silently (another tokenizer was trained, the data re-tokenized)."""
+    run = tmp_path / "run"
+    base = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--out", str(run),
+            "--block-size", "16"]
+    tok = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", "--vocab-size", "300", "--data", str(corpus), "--out", str(tok)]) == 0
+    other_tok = tmp_path / "other.json"
+    assert main(["tokenizer", "train", "--vocab-size", "280", "--data", str(corpus), "--out", str(other_tok)]) == 0
+    other = tmp_path / "other-corpus"
+    other.mkdir()
+    for f in sorted(corpus.iterdir())[:-3]:
+        (other / f.name).write_bytes(f.read_bytes())
+    same = ["--data", str(corpus), "--tokenizer", str(tok), "--batch-size", "4"]
+    assert main(base + same + ["--steps", "4"]) == 0
+    before = snapshot(run)
+    cases = [(["--data", str(corpus), "--batch-size", "4", "--steps", "6"], "pass that --tokenizer again"),
+             (["--data", str(corpus), "--tokenizer", str(other_tok), "--batch-size", "4", "--steps", "6"],
+              "the tokenizer differs from the checkpoint's"),
+             (["--data", str(other), "--tokenizer", str(tok), "--batch-size", "4", "--steps", "6"],
+              "the data differs from the checkpoint's"),
+             (same + ["--steps", "2"], "the checkpoint is at step 4, beyond the 2 steps asked for"),
+             (["--data", str(corpus), "--tokenizer", str(tok), "--batch-size", "8", "--steps", "6"], "--batch-size")]
+    capsys.readouterr()
+    for args, message in cases:
+        assert main(base + args + ["--resume"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert snapshot(run) == before
+    # a change that is meant
+    assert main(base + ["--data", str(other), "--tokenizer", str(tok), "--batch-size", "4", "--steps", "6",
+                        "--resume", "--allow-changes"]) == 0
+    assert "resumed from step 4" in capsys.readouterr().out
+
+
+def test_pretrain_out_under_a_file_and_bad_flags_before_anything(corpus, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="out: '.*a_file' is a file, so '.*run' cannot be a folder"):
+        pretrain("gpt2", size="tiny", data=corpus, out_dir=tmp_path / "a_file" / "run", log=quiet)
+    for kw, message in (({"progress": "no"}, "progress must be True or False"), ({"lr": float("inf")}, "lr must be"),
+                        ({"allow_changes": 1}, "allow_changes must be True or False")):
+        with pytest.raises(ValueError, match=message):
+            pretrain("gpt2", size="tiny", data=corpus, out_dir=tmp_path / "r", log=quiet, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

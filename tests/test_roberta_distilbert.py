@@ -108,7 +108,7 @@ def test_roberta_positions_are_transformers():
     """Positions count the real tokens from pad + 1; a left-padded row's first token gets pad + 1 too."""
     ref = np.load(HF / "roberta-tiny-base" / "reference.npz", allow_pickle=False)
     model = numlm.from_pretrained(HF / "roberta-tiny-base", dtype="float64")
-    x = numlm.models.pretrained.roberta_inputs(model, ref["input_ids"], ref["attention_mask"], None, None)
+    x = numlm.models.pretrained.bert_inputs(model, ref["input_ids"], ref["attention_mask"], None, None)
     np.testing.assert_array_equal(np.broadcast_to(x.pos, ref["hf_position_ids"].shape), ref["hf_position_ids"])
 
 

@@ -203,7 +203,7 @@ def shakespeare_mc(n_choices=4, max_words=40):
 
 # ---- a user's file -----------------------------------------------------------------------------
 def _rows_csv(path):
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a byte-order mark (Excel's) is not the header
         reader = csv.DictReader(f)
         try:
             header = reader.fieldnames
@@ -226,7 +226,7 @@ def _rows_csv(path):
 
 def _rows_jsonl(path):
     rows, header = [], None
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for line, s in enumerate(f, 1):
             if not s.strip():
                 continue
@@ -243,9 +243,12 @@ def _rows_jsonl(path):
 
 def from_file(path):
     """A user's .csv (header text,label or text_a,text_b,label) or .jsonl / .json lines file (one
-    object per line with those keys). Labels: all integers (ids themselves) or else names (ids in
-    sorted order). Split with split_80_10_10."""
+    object per line with those keys), UTF-8 with or without a byte-order mark. Labels: all integers
+    (ids themselves) or all names (ids in sorted order); a label unlike the others, or a file of one
+    class, is refused naming it. Split with split_80_10_10."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{path}: a folder, not a data file")
     if not p.is_file():
         raise ValueError(f"{path}: no such file")
     kind = p.suffix.lower()
@@ -257,6 +260,15 @@ def from_file(path):
         raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from e
     if not rows:
         raise ValueError(f"{path}: the file holds no examples")
+    out = _examples(path, header, rows)
+    names = _label_ids(path, out)
+    if len(out) < 10:
+        raise ValueError(f"{path}: {len(out)} examples; the 80/10/10 split needs at least 10")
+    return TaskData(p.name, "seqcls", *split_80_10_10(out), label_names=names)
+
+
+def _examples(path, header, rows):
+    """[{text, (text_pair), label, line}] with every field checked."""
     pair = "text_a" in header
     need = ("text_a", "text_b", "label") if pair else ("text", "label")
     out = []
@@ -275,7 +287,22 @@ def from_file(path):
         if pair:
             ex["text_pair"] = r["text_b"]
         out.append(ex)
-    ints = all(isinstance(e["label"], int) or re.fullmatch(r"-?\d+", e["label"].strip()) for e in out)
+    return out
+
+
+def _is_int(label):
+    return isinstance(label, int) or re.fullmatch(r"-?\d+", label.strip()) is not None
+
+
+def _label_ids(path, out):
+    """Labels -> ids in place (integers as they are, names in sorted order); returns the label names.
+    Integers mixed with a name (a typo: `l` among 0 and 1) and a single class are refused."""
+    ints = [e for e in out if _is_int(e["label"])]
+    if ints and len(ints) < len(out):
+        odd = min([e for e in out if not _is_int(e["label"])] if 2 * len(ints) >= len(out) else ints,
+                  key=lambda e: e["line"])
+        raise ValueError(f"{path}: line {odd['line']}: label {odd['label']!r} does not fit the others "
+                         f"({len(ints)} of {len(out)} labels are integers): labels are all integers or all names")
     if ints:
         for e in out:
             e["label"] = int(e["label"])
@@ -286,9 +313,11 @@ def from_file(path):
         names = sorted({str(e["label"]).strip() for e in out})
         for e in out:
             e["label"] = names.index(str(e["label"]).strip())
-    if len(out) < 10:
-        raise ValueError(f"{path}: {len(out)} examples; the 80/10/10 split needs at least 10")
-    return TaskData(p.name, "seqcls", *split_80_10_10(out), label_names=names)
+    present = {e["label"] for e in out}
+    if len(present) < 2:
+        raise ValueError(f"{path}: every example has the label {names[present.pop()]!r}; classification "
+                         f"needs examples of two or more classes")
+    return names
 
 
 # ---- by name -----------------------------------------------------------------------------------

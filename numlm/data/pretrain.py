@@ -321,7 +321,8 @@ def prepare(texts_or_paths, tokenizer, out_path, separator="auto", batch_docs=25
     out_path = Path(out_path)
     if out_path.is_dir():
         raise ValueError(f"out_path: {str(out_path)!r} is a folder; give the token file's name (e.g. tokens.bin)")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    from ..io import check_folder_path
+    check_folder_path(out_path.parent, "out_path").mkdir(parents=True, exist_ok=True)
     starts, n = [], 0
     tmp = out_path.with_name(out_path.name + ".tmp")  # renamed into place once complete
     try:

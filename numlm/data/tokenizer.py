@@ -141,6 +141,8 @@ class Tokenizer:
     def from_file(cls, path):
         """Load a tokenizers/transformers ``tokenizer.json``."""
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"path: {str(path)!r} is a folder, not a tokenizer.json file")
         if not path.is_file():
             raise ValueError(f"path: tokenizer file {str(path)!r} does not exist")
         try:
@@ -181,7 +183,9 @@ class Tokenizer:
 
     def save(self, path):
         """Write tokenizer.json (+ tokenizer_config.json beside it); `path` is a directory or a .json file."""
+        from ..io import check_folder_path
         path = Path(path)
+        check_folder_path(path.parent if path.suffix == ".json" else path, "path")
         if path.suffix == ".json":
             path.parent.mkdir(parents=True, exist_ok=True)
             file, folder = path, path.parent

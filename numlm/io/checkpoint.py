@@ -2,6 +2,7 @@
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,37 @@ from safetensors.numpy import load_file, save_file
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
+
+
+class NonFiniteWeightsWarning(UserWarning):
+    """A checkpoint holds NaN or infinite weights (a diverged run saved, or a damaged file)."""
+
+
+def nonfinite_tensors(state):
+    """The keys of `state` whose floating-point arrays hold NaN or inf."""
+    return [k for k, v in state.items()
+            if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()]
+
+
+def _warn_nonfinite(state, where):
+    bad = nonfinite_tensors(state)
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        warnings.warn(f"{where} holds NaN or inf in {len(bad)} tensor(s): {', '.join(bad[:5])}{more}",
+                      NonFiniteWeightsWarning, stacklevel=3)
+    return state
+
+
+def check_folder_path(path, what):
+    """A folder to be written at `path`: refused (ValueError) when it, or any parent of it, is a file."""
+    path = Path(path)
+    for p in [path, *path.parents]:
+        if p.exists():
+            if not p.is_dir():
+                name = "is a file, not a folder" if p == path else f"is a file, so {str(path)!r} cannot be a folder"
+                raise ValueError(f"{what}: {str(p)!r} {name}")
+            return path
+    return path
 
 
 def _dir(path):
@@ -80,10 +112,11 @@ def _load_file(f):
 
 
 def load_safetensors(path):
-    """{key: array} from model.safetensors, or from the shards a model.safetensors.index.json lists."""
+    """{key: array} from model.safetensors, or from the shards a model.safetensors.index.json lists.
+    Tensors holding NaN or inf are named in a NonFiniteWeightsWarning."""
     d = _dir(path)
     if (d / WEIGHTS).is_file():
-        return _load_file(d / WEIGHTS)
+        return _warn_nonfinite(_load_file(d / WEIGHTS), str(d / WEIGHTS))
     if (d / INDEX).is_file():
         try:
             index = read_json(d / INDEX)
@@ -98,7 +131,7 @@ def load_safetensors(path):
         missing = sorted(set(weight_map) - set(state))
         if missing:
             raise ValueError(f"keys listed in {INDEX} but absent from the shards: {missing}")
-        return state
+        return _warn_nonfinite(state, str(d))
     raise ValueError(f"no {WEIGHTS} or {INDEX} in {str(path)!r}")
 
 

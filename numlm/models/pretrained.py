@@ -421,49 +421,37 @@ def gpt_inputs(core, input_ids, attention_mask, token_type_ids, position_ids, pa
 
 def bert_inputs(bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=None, past=None):
     """BERT inputs -> Inputs (token types always set, positions (B, T) or (1, T)); a past (prefix tuning)
-    puts T_past keys before the tokens' own, the mask covering T_past + T and positions from T_past."""
+    puts T_past keys before the tokens' own, the mask covering T_past + T and positions from T_past.
+    A position table with a padding row p (RoBERTa's, p = pad_token_id) counts positions as transformers'
+    create_position_ids_from_input_ids: over the real tokens from p + 1, pads at p, so left padding does
+    not shift them:  pos = (cumsum(ids != p) + T_past) * (ids != p) + p;  given inputs_embeds p + 1 .. p + T."""
     cfg = bert.config
     dtype = bert.embeddings.LayerNorm.params["weight"].dtype
     shape, ids, embeds = token_inputs(input_ids, inputs_embeds, dtype, cfg.hidden_size, (2,))
     B, T = shape
     past_len = 0 if past is None else past_like(past, cfg.num_hidden_layers, B, cfg.num_attention_heads,
                                                  cfg.hidden_size // cfg.num_attention_heads, dtype)
-    if past_len + T > cfg.max_position_embeddings:
-        raise ValueError(f"input_ids has sequence length {past_len + T} > max_position_embeddings "
-                         f"{cfg.max_position_embeddings}")
+    p = bert.embeddings.position_embeddings.padding_idx
+    first = 0 if p is None or position_ids is not None else p + 1  # the first real token's position
+    if first + past_len + T > cfg.max_position_embeddings:
+        raise ValueError(f"input_ids has sequence length {past_len + T}: positions up to {first + past_len + T - 1} "
+                         f"exceed max_position_embeddings {cfg.max_position_embeddings}")
     if ids is not None:
         ids_in_range("input_ids", ids, cfg.vocab_size)
     tt = np.zeros((B, T), dtype=np.int64) if token_type_ids is None else np.asarray(token_type_ids)
     if tt.dtype.kind in "iu" and tt.shape != (B, T):
         raise ValueError(f"token_type_ids must have shape {(B, T)} like input_ids, got {tt.shape}")
     tt = ids_in_range("token_type_ids", tt, cfg.type_vocab_size).astype(np.int64, copy=False)
-    pos = (np.arange(past_len, past_len + T)[None] if position_ids is None  # (1, T): broadcast over B
-           else positions(position_ids, B, T, past_len, cfg.max_position_embeddings, (B, T), per_row=False))
+    if position_ids is not None:
+        pos = positions(position_ids, B, T, past_len, cfg.max_position_embeddings, (B, T), per_row=False)
+    elif p is None or ids is None:
+        pos = np.arange(first + past_len, first + past_len + T)[None]  # (1, T): broadcast over B
+    else:
+        pos = (np.cumsum(ids != p, axis=1) + past_len) * (ids != p) + p  # (B, T), RoBERTa's count
     mask = None if attention_mask is None else padding_mask(
         attention_mask, (B, past_len + T), " like input_ids" if not past_len else
         f" (input_ids {shape}, past length {past_len})")
     return Inputs(ids, embeds, mask, tt, pos, past, past_len, None, shape, B, T)
-
-
-def roberta_inputs(roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds=None, past=None):
-    """RoBERTa inputs -> Inputs: BERT's checks, and without position_ids RoBERTa's positions
-    (modeling_roberta's create_position_ids_from_input_ids): counted over the real tokens from pad + 1,
-    pads at pad (the table's padding row), so left padding does not shift them:
-        pos = (cumsum(ids != pad) + T_past) * (ids != pad) + pad;   given inputs_embeds: pad + 1 .. pad + T."""
-    x = bert_inputs(roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, past)
-    if position_ids is not None:
-        return x
-    cfg = roberta.config
-    pad = cfg.pad_token_id
-    if x.past_len + x.T + pad + 1 > cfg.max_position_embeddings:
-        raise ValueError(f"sequence length {x.past_len + x.T} (past {x.past_len} + input {x.T}) needs positions up "
-                         f"to {x.past_len + x.T + pad}, beyond max_position_embeddings {cfg.max_position_embeddings}")
-    if x.ids is None:
-        pos = np.arange(pad + 1, pad + 1 + x.T)[None]  # (1, T)
-    else:
-        real = x.ids != pad
-        pos = (np.cumsum(real, axis=1) + x.past_len) * real + pad  # (B, T)
-    return x._replace(pos=pos)
 
 
 def distilbert_inputs(model, input_ids, attention_mask, inputs_embeds=None, past=None):

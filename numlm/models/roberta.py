@@ -15,19 +15,18 @@ BertPooler); this file holds only what differs, and each head's forward and back
     RobertaForTokenClassification      logits = Dropout(h) Wc per token; loss = CE, -100 ignored
     RobertaForQuestionAnswering        start, end = h Wqa; loss = (CE(start) + CE(end)) / 2
 
-Inputs are checked once at each class's forward (pretrained.roberta_inputs: BERT's checks and the
-positions); below it everything trusts them. The hooks are BERT's (bert.py's docstring): inputs_embeds,
-past_key_values, the adapter slots, replaceable linears.
+Inputs are checked once at each class's forward (pretrained.bert_inputs: a position table with a padding
+row counts RoBERTa's positions); below it everything trusts them. The hooks are BERT's (bert.py's
+docstring): inputs_embeds, past_key_values, the adapter slots, replaceable linears.
 """
 import numpy as np
 
 from ..nn import Module, Linear, Embedding, LayerNorm, Dropout, Activation
 from ..ops import cross_entropy_forward, cross_entropy_backward
-from .bert import (BertEmbeddings, BertEncoder, BertPooler, BertModel, BertTask, TiedDecoder, extras,
-                   span_positions, span_loss_forward, span_loss_backward)
+from .bert import (BertEmbeddings, BertEncoder, BertPooler, BertModel, BertTask, TiedDecoder, span_positions,
+                   span_loss_forward, span_loss_backward)
 from .config import RobertaConfig
-from .pretrained import (ModelOutput, register, roberta_inputs, labels_like, output_grads, logits_grad,
-                         problem_type_loss)
+from .pretrained import register, bert_inputs, labels_like, logits_grad, problem_type_loss
 
 TIED = {"lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight",
         "lm_head.decoder.bias": "lm_head.bias"}
@@ -47,7 +46,8 @@ class RobertaEmbeddings(BertEmbeddings):
 
 @register
 class RobertaModel(BertModel):
-    """BERT's backbone (encode / encode_backward in bert.py) with RoBERTa's embeddings and positions.
+    """BERT's backbone (forward, encode, backward in bert.py) with RoBERTa's embeddings: their position
+    table's padding row makes bert_inputs count RoBERTa's positions.
     backward(grad): grad = d last_hidden_state, or a tuple (d last_hidden_state, d pooler_output)."""
 
     config_class = RobertaConfig
@@ -57,18 +57,6 @@ class RobertaModel(BertModel):
         self.embeddings = RobertaEmbeddings(self.config)
         self.encoder = BertEncoder(self.config)
         self.pooler = BertPooler(self.config) if self.add_pooling_layer else None
-
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
-        x = roberta_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                           past_key_values)
-        hs, pooled = self.encode(x)
-        self._last = (hs[-1], pooled)
-        out = ModelOutput(last_hidden_state=hs[-1]) if pooled is None else \
-            ModelOutput(last_hidden_state=hs[-1], pooler_output=pooled)
-        if output_hidden_states or output_attentions:
-            out.update(extras(self, hs, output_hidden_states, output_attentions))
-        return out
 
 
 # ---------------------------------------------------------------------------------------- the heads
@@ -136,8 +124,8 @@ class RobertaForMaskedLM(RobertaTask):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
-        x = roberta_inputs(self.roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                           past_key_values)
+        x = bert_inputs(self.roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                        past_key_values)
         hs, pooled = self.roberta.encode(x)
         logits = self.lm_head(hs[-1])  # (B, T, V)
         loss = ce = None
@@ -167,8 +155,8 @@ class RobertaForSequenceClassification(RobertaTask):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
-        x = roberta_inputs(self.roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                           past_key_values)
+        x = bert_inputs(self.roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                        past_key_values)
         hs, pooled = self.roberta.encode(x)
         c = self.classifier
         # logits = Dropout(tanh(Dropout(h_L[:, 0]) Wd + bd)) Wo + bo
@@ -202,8 +190,8 @@ class RobertaForTokenClassification(RobertaTask):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
-        x = roberta_inputs(self.roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                           past_key_values)
+        x = bert_inputs(self.roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                        past_key_values)
         hs, pooled = self.roberta.encode(x)
         logits = self.classifier(self.dropout(hs[-1]))  # (B, T, K)
         loss = ce = None
@@ -237,8 +225,8 @@ class RobertaForQuestionAnswering(RobertaTask):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 start_positions=None, end_positions=None, output_hidden_states=False, output_attentions=False,
                 inputs_embeds=None, past_key_values=None):
-        x = roberta_inputs(self.roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                           past_key_values)
+        x = bert_inputs(self.roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                        past_key_values)
         hs, pooled = self.roberta.encode(x)
         positions = span_positions(start_positions, end_positions, x.B)
         logits = self.qa_outputs(hs[-1])  # (B, T, 2)

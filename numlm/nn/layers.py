@@ -112,6 +112,10 @@ class Module:
         """{dotted name: array} of the parameters that are not frozen."""
         return {f"{p}.{k}" if p else k: m.params[k] for p, m in self.modules() for k in m.grads}
 
+    def needs_backward(self):
+        """True if a parameter of this module or a descendant trains."""
+        return any(m.grads for _, m in self.modules())
+
     def _select(self, names):
         """(module, local name) for dotted `names` relative to this module (None: every parameter)."""
         slots = {f"{p}.{k}" if p else k: (m, k) for p, m in self.modules() for k in m.params}

@@ -103,6 +103,9 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
     if dropout_p > 0.0 and rng is None:
         raise ValueError("attention dropout needs a numpy.random.Generator (rng)")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number (default 1/sqrt(D)), got {scale!r}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     codes = attention_allowed(attention_mask, B, Tq, Tk, causal, causal_fill)
     if codes is not None and codes.shape[1] not in (1, H):

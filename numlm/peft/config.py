@@ -45,8 +45,9 @@ class LoraConfig:
 
     def __post_init__(self):
         _positive_int("r", self.r)
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
+                or not 0 < self.lora_alpha < float("inf"):
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
         if isinstance(self.target_modules, (tuple, set)):

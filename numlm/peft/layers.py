@@ -24,6 +24,7 @@ class LoraLinear(Linear):
         self.base_layer_type = type(base)
         self.torch_layout = base.torch_layout
         self.params, self.grads = base.params, base.grads  # the base's arrays, frozen or not
+        self._base = (base,)  # the Linear it replaces (a tuple: not a child), put back by unwrap()
         c_in, c_out = base.params["weight"].shape
         dtype = base.params["weight"].dtype
         self.r, self.lora_alpha, self.scaling = r, alpha, alpha / r
@@ -74,11 +75,8 @@ class LoraLinear(Linear):
         return (a @ b) * a.dtype.type(self.scaling)
 
     def unwrap(self, merge):
-        """The base Linear (sharing this module's weight arrays); with merge, W += (alpha / r) a b."""
-        c_in, c_out = self.params["weight"].shape
-        base = Linear(c_in, c_out, bias="bias" in self.params, dtype=self.params["weight"].dtype,
-                      torch_layout=self.torch_layout)
-        base.params, base.grads = self.params, self.grads
+        """The Linear this one replaced (sharing its weight arrays); with merge, W += (alpha / r) a b."""
+        base = self._base[0]
         if merge:
             self.params["weight"] += self.delta_weight()
         base.training = self.training

@@ -84,14 +84,19 @@ class PeftModel:
         _check_task(model, self._task_type())
         rng = np.random.default_rng(seed)
         dtype = model.dtype
+        self._before = snapshot(model)
         _freeze_all(model)
-        if self.kind == "LORA":
-            self._install_lora(rng)
-        elif self.kind in ("PROMPT_TUNING", "PREFIX_TUNING"):
-            self._install_prompt(rng, dtype)
-        else:
-            self._install_bottleneck(rng, dtype)
-        self._install_heads()
+        try:
+            if self.kind == "LORA":
+                self._install_lora(rng)
+            elif self.kind in ("PROMPT_TUNING", "PREFIX_TUNING"):
+                self._install_prompt(rng, dtype)
+            else:
+                self._install_bottleneck(rng, dtype)
+            self._install_heads()
+        except ValueError:
+            self.restore()  # a failed call leaves the model as it was
+            raise
         model._peft = self
 
     # ---- installing -----------------------------------------------------------------------------
@@ -116,7 +121,7 @@ class PeftModel:
                              f"its Linear modules are named {names}")
         if isinstance(targets, list):
             missing = [t for t in targets if not any(p == t or p.endswith("." + t) for p, _ in hit)]
-            if missing and len(missing) == len(targets):
+            if missing:  # as `numlm finetune --target` does: a name that matches nothing is a typo, not a no-op
                 raise ValueError(f"target_modules {missing} match no module of {type(model).__name__}")
         for path, lin in hit:
             if not lin.torch_layout and not cfg.fan_in_fan_out:
@@ -234,6 +239,8 @@ class PeftModel:
             if type(self.base_model).__name__ in TOKEN_LABEL_CLASSES:
                 labels = np.concatenate([np.full((B, n), -100, dtype=np.int64), as_ids("labels", labels)], 1)
             kw["labels"] = labels
+        if kw.get("lm_labels") is not None:  # GPT-1's L3 for classification: the virtual tokens predict nothing
+            kw["lm_labels"] = np.concatenate([np.full((B, n), -100, dtype=np.int64), as_ids("lm_labels", kw["lm_labels"])], 1)
         # e = [prompt; word(ids)]  (B, n + T, C)
         embeds, _ = prompt_forward(self._word(ids), self.prompt.params["prompt_embeddings"])
         out = self.base_model(inputs_embeds=embeds, **kw)
@@ -260,6 +267,29 @@ class PeftModel:
 
     def objective(self, out):
         return self.base_model.objective(out)
+
+    def generation_inputs(self, ids, mask, pos, past):
+        """What peft's generate feeds the base model at one decoding step, as keyword arguments:
+        LoRA and adapters: the step's own. Prompt and prefix tuning: n virtual tokens before the
+        prompt, so the mask gets n ones in front; prefix tuning's prefix is the first past, positions
+        shifted by n; prompt tuning's prompt enters as inputs_embeds = [prompt; word(ids)] at the
+        prefill, positions 0 .. n+T-1 and then the cache length (peft drops the position ids)."""
+        if self.kind not in ("PROMPT_TUNING", "PREFIX_TUNING"):
+            return dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past)
+        B, n, c = len(ids), self.peft_config.num_virtual_tokens, self.base_model.config
+        table = self.prompt.params["prompt_embeddings"]
+        if mask is not None:
+            mask = np.concatenate([np.ones((B, n), dtype=np.asarray(mask).dtype), mask], axis=1)
+        if self.kind == "PREFIX_TUNING":
+            if past is None:
+                past = tuple(prefix_forward(table, B, _layers(c), _heads(c))[0])
+            return dict(input_ids=ids, attention_mask=mask, position_ids=pos + n, past_key_values=past)
+        if past is not None:
+            start = past[0][0].shape[2]
+            return dict(input_ids=ids, attention_mask=mask, position_ids=np.arange(start, start + ids.shape[1])[None],
+                        past_key_values=past)
+        embeds, _ = prompt_forward(self._word(ids), table)  # (B, n + T, C)
+        return dict(inputs_embeds=embeds, attention_mask=mask, position_ids=np.arange(n + ids.shape[1])[None])
 
     def backward(self, grad=None):
         """d out.loss (or of the main output, given `grad`) into every trainable tensor."""
@@ -460,7 +490,7 @@ class PeftModel:
         try:
             pm._load_file_state(state, path)
         except ValueError:
-            pm._unload(merge=False)
+            pm.restore()  # a failed load leaves the model as it was
             raise
         if not is_trainable:
             for m, n in pm._slots.values():
@@ -477,9 +507,33 @@ class PeftModel:
         if missing:
             raise ValueError(f"adapter {str(path)!r} lacks {missing[0]!r}, which {type(self.base_model).__name__} "
                              f"with this config needs ({len(missing)} missing)")
+        for k, v in state.items():  # every shape checked before anything is copied
+            m, n = self._slots[k]
+            want = m.params[n].shape[::-1] if isinstance(m, Linear) and m.torch_layout and n == "weight" \
+                else m.params[n].shape
+            if np.shape(v) != want:
+                raise ValueError(f"adapter tensor {k!r} has shape {np.shape(v)}, but the base model needs {want}")
         for k, v in state.items():
             m, n = self._slots[k]
             _import_param(m, n, v, k)
+
+    def restore(self):
+        """The base model as it was before this adapter: its own modules back in place, its trainable
+        set and gradient arrays. (Its values: a failing call changes none, every check comes first.)"""
+        model = self.base_model
+        for path, m in list(model.modules()):
+            if isinstance(m, LoraLinear):
+                set_child(model, path, m.unwrap(merge=False))
+        remove_adapters(model)
+        for m, g in self._before:
+            m.grads.clear()
+            m.grads.update(g)
+        model._peft = None
+
+
+def snapshot(model):
+    """What restore() puts back: each module's gradient arrays, so the trainable set, as they are."""
+    return [(m, dict(m.grads)) for _, m in model.modules()]
 
 
 def get_peft_model(model, config, adapter_name="default", seed=0):

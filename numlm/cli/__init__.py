@@ -1,15 +1,19 @@
-"""The `numlm` command. Every error, in any subcommand, reaches the user as one line
-`numlm <command>: error: <what>` with exit code 2 (`--debug` adds the traceback)."""
+"""The `numlm` command: main, the parser and the pre-training commands here; one module per other
+group of subcommands (finetune, inference, inspect, profile) and the argument types (args).
+Every error, in any subcommand, reaches the user as one line `numlm <command>: error: <what>` with
+exit code 2 (`--debug` adds the traceback); an interrupt (Ctrl-C or SIGTERM) exits 130."""
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
 
 import numpy as np
 
-from .cli_args import count, number, positive  # noqa: F401  (subcommand modules import them from cli_args)
+from .args import count, number, positive  # noqa: F401  (subcommand modules import them from cli.args)
 
 
 class Parser(argparse.ArgumentParser):
@@ -28,11 +32,14 @@ class Parser(argparse.ArgumentParser):
 
 def cmd_demo(a):
     """Train a byte-level BPE tokenizer and a small GPT-2 on Shakespeare (or Python's docs), then sample."""
-    from .recipes import pretrain
+    from ..recipes import pretrain
     t0 = time.perf_counter()
     model, tok, res = pretrain("gpt2", size="mini", data=a.data, vocab_size=a.vocab_size, out_dir=a.out,
                                block_size=128, batch_size=16, seed=a.seed, time_budget=a.minutes * 60,
                                lr=1e-3, overwrite=True, encoding=a.encoding)  # the demo's folder is its own
+    if res.get("interrupted"):
+        print(f"{a._prog}: interrupted", file=sys.stderr)
+        return 130
     print(f"validation loss {res['initial']['val_loss']:.3f} -> {res['val_loss']:.3f} nats "
           f"(perplexity {res['initial']['val_ppl']:.0f} -> {res['val_ppl']:.1f}; unigram baseline "
           f"{res['unigram_loss']:.3f}); "
@@ -45,7 +52,7 @@ def cmd_demo(a):
 
 def _samples(model, tok, seed, prompts=("ROMEO:", "First Citizen:\n", "The king")):
     try:
-        from .decoding import generate
+        from ..decoding import generate
     except ImportError:
         return
     rng = np.random.default_rng(seed)
@@ -61,18 +68,22 @@ def _samples(model, tok, seed, prompts=("ROMEO:", "First Citizen:\n", "The king"
 
 
 def cmd_pretrain(a):
-    from .recipes import pretrain
+    from ..recipes import pretrain
     _, _, res = pretrain(a.arch, size=a.size, config_path=a.config, data=a.data, tokenizer_path=a.tokenizer,
                          vocab_size=a.vocab_size, out_dir=a.out, block_size=a.block_size,
                          batch_size=a.batch_size, steps=a.steps, lr=a.lr, warmup=a.warmup, seed=a.seed,
                          dtype=a.dtype, resume=a.resume, overwrite=a.overwrite, grad_accum=a.grad_accum,
-                         time_budget=None if a.minutes is None else a.minutes * 60, encoding=a.encoding)
+                         time_budget=None if a.minutes is None else a.minutes * 60, encoding=a.encoding,
+                         allow_changes=a.allow_changes)
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=1))
+    if res.get("interrupted"):
+        print(f"{a._prog}: interrupted; --resume continues the run in {a.out}", file=sys.stderr)
+        return 130
     return 0
 
 
 def cmd_tokenizer_train(a):
-    from .recipes import load_corpus, train_tokenizer
+    from ..recipes import load_corpus, train_tokenizer
     name, docs = load_corpus(a.data, a.encoding)
     tok = train_tokenizer("bert" if a.kind == "wordpiece" else "gpt2", docs, a.vocab_size)
     path = tok.save(a.out)
@@ -81,8 +92,8 @@ def cmd_tokenizer_train(a):
 
 
 def cmd_prepare(a):
-    from .data import Tokenizer, prepare
-    from .recipes import load_corpus
+    from ..data import Tokenizer, prepare
+    from ..recipes import load_corpus
     tok = Tokenizer.from_file(a.tokenizer)
     if a.data is not None:  # streamed file by file: the corpus need not fit in memory
         name, meta = a.data, prepare(a.data, tok, a.out, encoding=a.encoding)
@@ -94,9 +105,9 @@ def cmd_prepare(a):
 
 
 def cmd_eval(a):
-    from .data import Tokenizer
-    from .models import from_pretrained
-    from .recipes import load_corpus, GPTData, BertData
+    from ..data import Tokenizer
+    from ..models import from_pretrained
+    from ..recipes import load_corpus, GPTData, BertData
     model = from_pretrained(a.model, dtype=a.dtype)
     tok = Tokenizer.from_pretrained(a.model)  # a folder, or a Hub name through the Hugging Face cache
     if tok.vocab_size != model.config.vocab_size:
@@ -105,7 +116,7 @@ def cmd_eval(a):
     if type(model).__name__ == "BertForPreTraining":
         data = BertData(docs, tok, a.block_size, a.batch_size, a.seed, val_batches=a.batches)
     else:
-        from .data import pack_documents
+        from ..data import pack_documents
         toks = pack_documents([tok.encode(d, add_special_tokens=False) for d in docs], tok.eos_id or 0)
         data = GPTData(toks, None, a.block_size, a.batch_size, a.seed, val_batches=a.batches)
     print(json.dumps(data.evaluate(model), indent=1))
@@ -117,14 +128,33 @@ def build_parser():
                "generate and check gradients.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True)
-    enc = dict(default="utf-8", help="the corpus files' text encoding (default utf-8, read strictly)")
+    _add_demo_and_data(sub)
+    _add_pretrain_and_eval(sub)
+    from .inspect import add_parsers as add_inspect_parsers  # gradcheck, attention, plot
+    add_inspect_parsers(sub)
+    try:
+        from .inference import add_parsers
+    except ImportError:
+        pass
+    else:
+        add_parsers(sub)
+    from .finetune import add_parsers as add_finetune
+    add_finetune(sub)
+    from .profile import add_parser as add_profile
+    add_profile(sub)
+    return p
 
+
+ENCODING = dict(default="utf-8", help="the corpus files' text encoding (default utf-8, read strictly)")
+
+
+def _add_demo_and_data(sub):
     d = sub.add_parser("demo", help="train a tokenizer and a small GPT-2 on Shakespeare, then print samples")
     d.add_argument("--data", help="a text file or folder instead of the default corpus")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--minutes", type=positive, default=4.25, help="time budget from start to the end of training")
     d.add_argument("--vocab-size", type=count(1), default=4096)
-    d.add_argument("--encoding", **enc)
+    d.add_argument("--encoding", **ENCODING)
     d.add_argument("--seed", type=count(0), default=0)
     d.set_defaults(fn=cmd_demo)
 
@@ -133,7 +163,7 @@ def build_parser():
     tt = tsub.add_parser("train", help="train a WordPiece (BERT) or byte-level BPE (GPT) tokenizer")
     tt.add_argument("--kind", choices=["bpe", "wordpiece"], default="bpe")
     tt.add_argument("--vocab-size", type=count(1), default=8192)
-    tt.add_argument("--encoding", **enc)
+    tt.add_argument("--encoding", **ENCODING)
     tt.add_argument("--data", help="text file or folder (default: the default corpus)")
     tt.add_argument("--out", required=True, help="tokenizer.json path or folder")
     tt.set_defaults(fn=cmd_tokenizer_train)
@@ -141,10 +171,12 @@ def build_parser():
     pr = sub.add_parser("prepare", help="tokenize a corpus once into a memory-mapped token file")
     pr.add_argument("--tokenizer", required=True)
     pr.add_argument("--data")
-    pr.add_argument("--encoding", **enc)
+    pr.add_argument("--encoding", **ENCODING)
     pr.add_argument("--out", required=True, help="token file (.bin)")
     pr.set_defaults(fn=cmd_prepare)
 
+
+def _add_pretrain_and_eval(sub):
     pt = sub.add_parser("pretrain", help="pre-train BERT (MLM + NSP) or GPT (causal LM) from scratch")
     pt.add_argument("--arch", choices=["bert", "gpt2", "openai-gpt"], default="gpt2")
     pt.add_argument("--size", choices=["tiny", "mini", "small", "base"], default="mini")
@@ -152,7 +184,7 @@ def build_parser():
     pt.add_argument("--data", help="text file or folder (default: the default corpus)")
     pt.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one)")
     pt.add_argument("--vocab-size", type=count(1), default=8192)
-    pt.add_argument("--encoding", **enc)
+    pt.add_argument("--encoding", **ENCODING)
     pt.add_argument("--out", default="runs/pretrain")
     pt.add_argument("--steps", type=count(1), default=300)
     pt.add_argument("--minutes", type=positive, help="size the run to this time budget instead of --steps")
@@ -164,34 +196,21 @@ def build_parser():
     pt.add_argument("--seed", type=count(0), default=0)
     pt.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     pt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    pt.add_argument("--allow-changes", action="store_true", help="--resume although the corpus, tokenizer, "
+                    "batch or block size differ from the checkpoint's, or --steps is below its step")
     pt.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run")
     pt.set_defaults(fn=cmd_pretrain)
 
     e = sub.add_parser("eval", help="validation loss and perplexity of a saved model")
     e.add_argument("model", help="model directory (config.json, model.safetensors, tokenizer.json)")
     e.add_argument("--data")
-    e.add_argument("--encoding", **enc)
+    e.add_argument("--encoding", **ENCODING)
     e.add_argument("--block-size", type=count(2), default=128)
     e.add_argument("--batch-size", type=count(1), default=8)
     e.add_argument("--batches", type=count(1), default=16)
     e.add_argument("--seed", type=count(0), default=0)
     e.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     e.set_defaults(fn=cmd_eval)
-
-    from .cli_inspect import add_parsers as add_inspect_parsers  # gradcheck, attention, plot
-    add_inspect_parsers(sub)
-
-    try:
-        from .cli_inference import add_parsers
-    except ImportError:
-        pass
-    else:
-        add_parsers(sub)
-    from .cli_finetune import add_parsers as add_finetune
-    add_finetune(sub)
-    from .cli_profile import add_parser as add_profile
-    add_profile(sub)
-    return p
 
 
 def describe(e):
@@ -208,7 +227,13 @@ def describe(e):
     return " ".join(msg.split())
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (timeout, schedulers, container stops) ends a command as Ctrl-C does
+
+
 def main(argv=None):
+    """Run one command; the exit code: 0 finished, 1 a check failed (gradcheck), 2 bad input or an
+    error, 130 interrupted (Ctrl-C or SIGTERM; a training run has saved its checkpoint)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -220,6 +245,8 @@ def main(argv=None):
 
     def one_line(message, category, filename, lineno, file=None, line=None):
         print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    in_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _stop) if in_main else None
     with warnings.catch_warnings():
         warnings.showwarning = one_line
         try:
@@ -234,6 +261,9 @@ def main(argv=None):
                 traceback.print_exc()
             print(f"{prog}: error: {describe(e)}", file=sys.stderr)
             return 2
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,34 @@ import sys
 import numpy as np
 
 
-def _load(model_dir, dtype):
-    from .data.tokenizer import Tokenizer
-    from .models import from_pretrained
-    model = from_pretrained(model_dir, dtype=dtype).eval()
-    tok = Tokenizer.from_pretrained(model_dir)  # a folder, or a Hub name through the Hugging Face cache
+def _load(model_dir, dtype, base=None):
+    """(model, tokenizer) of a model directory, or of an adapter folder (adapter_config.json) on its
+    base: `base`, else the folder adapter_config.json's base_model_name_or_path names."""
+    from pathlib import Path
+    from ..data.tokenizer import Tokenizer
+    from ..io import nonfinite_tensors
+    from ..models import from_pretrained
+    adapter = Path(model_dir) / "adapter_config.json"
+    if not adapter.is_file():
+        if base is not None:
+            raise ValueError(f"--base goes with an adapter folder; {model_dir} has no adapter_config.json")
+        model = from_pretrained(model_dir, dtype=dtype).eval()
+        tok = Tokenizer.from_pretrained(model_dir)  # a folder, or a Hub name through the Hugging Face cache
+    else:
+        from ..peft import PeftModel
+        from ..peft.files import read_json
+        named = read_json(adapter).get("base_model_name_or_path")
+        if base is None and named:  # as the working directory or the adapter folder sees it
+            base = named if Path(named).is_dir() else Path(model_dir) / named
+        if base is None or not Path(base).is_dir():
+            raise ValueError(f"{model_dir} is an adapter: give its base model folder with --base "
+                             f"(adapter_config.json names {named!r}, not a folder)")
+        model = PeftModel.from_pretrained(from_pretrained(base, dtype=dtype).eval(), model_dir).eval()
+        tok = Tokenizer.from_dir(model_dir if (Path(model_dir) / "tokenizer.json").is_file() else base)
+    bad = nonfinite_tensors(model.parameters())
+    if bad:  # every output would be NaN: no text, no scores
+        raise ValueError(f"the weights in {model_dir} hold NaN or inf ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}); they cannot run")
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer in {model_dir} has {tok.vocab_size} tokens, the model only "
                          f"{model.config.vocab_size}")
@@ -47,8 +70,8 @@ class TextStreamer:
 
 
 def cmd_generate(a):
-    from .decoding import generate
-    model, tok = _load(a.model, a.dtype)
+    from ..decoding import generate
+    model, tok = _load(a.model, a.dtype, a.base)
     ids = tok.encode(a.prompt, add_special_tokens=False)
     if not ids:
         raise ValueError("--prompt: the prompt encodes to no tokens")
@@ -67,7 +90,7 @@ def cmd_generate(a):
 
 
 def cmd_fill_mask(a):
-    from .inference import fill_mask
+    from ..inference import fill_mask
     model, tok = _load(a.model, a.dtype)
     text = a.text.replace("<mask>", "[MASK]")
     for i, row in enumerate(fill_mask(model, tok, text, top_k=a.top_k)):
@@ -79,9 +102,12 @@ def cmd_fill_mask(a):
 
 
 def add_parsers(sub):
-    from .cli_args import count, number, positive
+    from .args import count, number, positive
     g = sub.add_parser("generate", help="generate text with a GPT model (KV cache), streaming it as it comes")
-    g.add_argument("model", help="model directory (config.json, model.safetensors, tokenizer)")
+    g.add_argument("model", help="model directory (config.json, model.safetensors, tokenizer), or an adapter "
+                                 "folder (peft / AdapterHub) on a GPT")
+    g.add_argument("--base", help="the adapter's base model directory (default: the folder its "
+                                  "adapter_config.json names)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=count(1), default=50)
     g.add_argument("--temperature", type=positive, help="sample at this temperature (default: greedy)")

@@ -5,13 +5,13 @@ import numpy as np
 
 
 def cmd_profile(a):
-    from .profile import WORKLOADS, Profile, build_workload, profile_training
-    if a.steps < 1 or a.warmup < 0:
-        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {a.steps} and {a.warmup}")
+    from ..profile import WORKLOADS, Profile, build_workload, profile_training
+    if a.target in WORKLOADS and (a.batch is not None or (a.seq is not None and not a.generate)):
+        raise ValueError(f"--batch and --seq size a model directory's batch; the workload {a.target} has its own")
     if a.target in WORKLOADS:
         model, batch = build_workload(a.target, dtype=a.dtype)
     elif os.path.isdir(a.target):
-        from .models import from_pretrained
+        from ..models import from_pretrained
         model = from_pretrained(a.target, dtype=a.dtype).train()
         batch = None
     else:
@@ -19,7 +19,7 @@ def cmd_profile(a):
     cfg = model.config
     V = cfg.vocab_size
     if a.generate:
-        from .decoding import generate
+        from ..decoding import generate
         ids = np.random.default_rng(0).integers(0, V, (1, a.seq or 32))
         model.eval()
         run = lambda: generate(model, ids, max_new_tokens=a.generate, eos_token_id=[])  # noqa: E731
@@ -32,7 +32,7 @@ def cmd_profile(a):
     else:
         if batch is None:
             batch = _random_batch(model, a.batch or 8, a.seq or 128)
-        from .train import reuse_freed_memory
+        from ..train import reuse_freed_memory
         reuse_freed_memory()  # as the Trainer: each step's activations are not page-faulted in again
         prof = profile_training(model, batch, steps=a.steps, warmup=a.warmup, clock=a.clock)
         B, T = np.shape(batch["input_ids"])
@@ -60,14 +60,15 @@ def _random_batch(model, B, T):
 
 
 def add_parser(sub):
+    from .args import count
     p = sub.add_parser("profile", help="time per op and per layer of a training step (or of generation)")
     p.add_argument("target", help="a workload (gpt-mini, gpt-small, bert-mini) or a model directory")
-    p.add_argument("--steps", type=int, default=3, help="timed steps (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1: compiles kernels)")
-    p.add_argument("--batch", type=int, help="batch size for a model directory (default 8)")
-    p.add_argument("--seq", type=int, help="sequence length (default 128; prompt length with --generate, 32)")
-    p.add_argument("--generate", type=int, metavar="N", help="profile greedy generation of N tokens instead")
-    p.add_argument("--top", type=int, help="show only the N largest op rows")
+    p.add_argument("--steps", type=count(1), default=3, help="timed steps (default 3)")
+    p.add_argument("--warmup", type=count(0), default=1, help="untimed steps first (default 1: compiles kernels)")
+    p.add_argument("--batch", type=count(1), help="batch size for a model directory (default 8)")
+    p.add_argument("--seq", type=count(1), help="sequence length (default 128; prompt length with --generate, 32)")
+    p.add_argument("--generate", type=count(1), metavar="N", help="profile greedy generation of N tokens instead")
+    p.add_argument("--top", type=count(1), help="show only the N largest op rows")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="elapsed time, or CPU time of this process (not inflated by other processes)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")

@@ -1,5 +1,5 @@
 """Argument types of the `numlm` command: a bad number is refused before anything runs. Its own module
-so that subcommand modules (cli_inference, ...) take them without importing cli, which imports them."""
+so that the subcommand modules (cli.inference, ...) take them without importing the package's main."""
 import argparse
 import math
 

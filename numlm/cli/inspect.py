@@ -1,6 +1,7 @@
 """`numlm gradcheck [MODEL_DIR]`, `numlm attention` and `numlm plot`: registered on the main parser
 by add_parsers(subparsers)."""
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -8,8 +9,8 @@ import numpy as np
 def op_table(a):
     """Check every op's hand-written backward against central differences and print the errors
     (the layers' ops as numlm.nn.OPS holds them, so a --break shows)."""
-    from . import ops
-    from .nn import OPS
+    from .. import ops
+    from ..nn import OPS
     rng = np.random.default_rng(a.seed)
     x = rng.standard_normal((2, 5, 8))
     q, k, v = (rng.standard_normal((2, 2, 5, 4)) for _ in range(3))
@@ -33,7 +34,7 @@ def print_op_table(cases, tol=1e-6):
     """Check each case (forward, backward, inputs, kwargs) and print one row per input; 0 when every
     error is a number below tol, else 1 (a non-finite or uninformative check is not a pass)."""
     from collections import Counter
-    from .gradchecking import Verdict, gradcheck
+    from ..gradchecking import Verdict, gradcheck
     print(f"{'op':32s} {'input':8s} {'max relative error':>20s}")
     errors = []
     for name, (f, b, inputs, kw) in cases.items():
@@ -49,7 +50,7 @@ def print_op_table(cases, tol=1e-6):
 
 def cmd_gradcheck(a):
     """With a model directory: the whole-checkpoint check; without: every op's backward."""
-    from .inspect import broken_backward, check_checkpoint, BREAKS, DEFAULT_TEXT
+    from ..inspect import broken_backward, check_checkpoint, BREAKS, DEFAULT_TEXT
     if a.model is None:
         if a.text is not None or a.params is not None:
             raise ValueError("--text and --params need a MODEL_DIR")
@@ -77,12 +78,17 @@ def cmd_gradcheck(a):
 
 
 def cmd_attention(a):
-    from .cli_inference import _load
-    from .inspect import attention_maps, draw_attention
+    from .inference import _load
+    from ..inspect import attention_maps, draw_attention
+    from ..io import check_folder_path
+    out = Path(a.out)
+    if out.suffix.lower() != ".png" or out.is_dir():
+        raise ValueError(f"--out must name a .png file, got {a.out!r}")
+    check_folder_path(out.parent, "--out")
     model, tok = _load(a.model, "float32")
     tokens, maps = attention_maps(model, tok, a.text)
     kind = "causal" if maps[..., 0, 1:].max(initial=0.0) == 0 and maps.shape[-1] > 1 else "bidirectional"
-    path = draw_attention(tokens, maps, a.out, layer=a.layer, head=a.head,
+    path = draw_attention(tokens, maps, out, layer=a.layer, head=a.head,
                           title=f"{type(model).__name__} attention ({kind}): {' '.join(tokens)}")
     L, H, T, _ = maps.shape
     print(f"{L} layers x {H} heads over {T} tokens -> {path}")
@@ -90,7 +96,10 @@ def cmd_attention(a):
 
 
 def cmd_plot(a):
-    from .inspect import plot_run
+    from ..inspect import plot_run, read_metrics
+    if not any(isinstance(r.get("step"), int) for r in read_metrics(a.run)):
+        raise ValueError(f"{str(Path(a.run) / 'metrics.jsonl')!r} holds no metrics rows (empty, or not a numlm "
+                         f"run's metrics.jsonl): nothing to plot")
     paths = plot_run(a.run)
     if paths is None:
         raise ValueError("numlm plot needs matplotlib: pip install matplotlib")
@@ -100,8 +109,8 @@ def cmd_plot(a):
 
 
 def add_parsers(sub):
-    from .cli_args import count, positive
-    from .inspect import BREAKS
+    from .args import count, positive
+    from ..inspect import BREAKS
     g = sub.add_parser("gradcheck", help="check every op's backward, or a whole checkpoint's gradients, "
                        "against numerical gradients")
     g.add_argument("model", nargs="?", help="model directory: check its gradients on real text (float64)")

@@ -2,13 +2,14 @@
 import json
 import sys
 
-from .finetune import FinetuneArgs, METHODS, TASKS
-from .io.hub import folder as resolve_model_dir
+from .args import count, number, positive
+from ..finetune import FinetuneArgs, METHODS, TASKS
+from ..io.hub import folder as resolve_model_dir
 
 
 def cmd_finetune(a):
-    from .finetune import finetune
-    from .inspect import plots_line
+    from ..finetune import finetune
+    from ..inspect import plots_line
     a.model_dir = resolve_model_dir(a.model_dir)  # a folder, or a Hub name through the Hugging Face cache
     args = FinetuneArgs(**{f: getattr(a, f) for f in FinetuneArgs.__dataclass_fields__})
     res = finetune(args)
@@ -33,26 +34,31 @@ def add_parsers(sub):
     f.add_argument("--task", choices=TASKS, default="seqcls")
     f.add_argument("--method", choices=METHODS, default="full")
     f.add_argument("--out", required=True)
-    f.add_argument("--epochs", type=int, default=2)
-    f.add_argument("--max-steps", type=int)
-    f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--lr", type=float)
-    f.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
-    f.add_argument("--weight-decay", type=float, default=0.01)
-    f.add_argument("--max-length", type=int, help="tokens per example (64 seqcls/tokcls, 256 qa, 128 multiple-choice)")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--freeze-layers", type=int, help="freeze the embeddings and the first K layers")
+    f.add_argument("--epochs", type=count(1), default=2)
+    f.add_argument("--max-steps", type=count(1))
+    f.add_argument("--batch-size", type=count(1), default=32)
+    f.add_argument("--lr", type=positive)
+    f.add_argument("--warmup", type=number(0, 1, low_open=False), default=0.1, help="fraction of the steps")
+    f.add_argument("--weight-decay", type=number(0, low_open=False), default=0.01)
+    f.add_argument("--max-length", type=count(1),
+                   help="tokens per example (64 seqcls/tokcls, 256 qa, 128 multiple-choice)")
+    f.add_argument("--seed", type=count(0), default=0)
+    f.add_argument("--freeze-layers", type=count(0), help="freeze the embeddings and the first K layers")
     f.add_argument("--unfreeze", choices=["gradual"], help="unfreeze one layer more, top down, at equal intervals")
-    f.add_argument("--r", type=int, default=8, help="LoRA rank")
-    f.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
-    f.add_argument("--target", default="query,value", help="LoRA target modules, comma-separated")
-    f.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt / prefix length")
-    f.add_argument("--reduction-factor", type=int, default=16, help="adapter bottleneck C / m")
-    f.add_argument("--lm-coef", type=float, help="GPT: L3 = L2 + lm_coef * L1 (default 0.5; 0 turns it off)")
-    f.add_argument("--num-labels", type=int)
-    f.add_argument("--max-examples", type=int, help="use at most this many examples per split")
-    f.add_argument("--eval-batch-size", type=int, default=64)
+    f.add_argument("--r", type=count(1), default=8, help="LoRA rank")
+    f.add_argument("--alpha", type=positive, default=16.0, help="LoRA alpha")
+    f.add_argument("--target", help="LoRA target modules, comma-separated (default query,value for BERT, "
+                   "c_attn for GPT)")
+    f.add_argument("--num-virtual-tokens", type=count(1), default=20, help="prompt / prefix length")
+    f.add_argument("--reduction-factor", type=count(1), default=16, help="adapter bottleneck C / m")
+    f.add_argument("--lm-coef", type=number(0, low_open=False),
+                   help="GPT: L3 = L2 + lm_coef * L1 (default 0.5; 0 turns it off)")
+    f.add_argument("--num-labels", type=count(1))
+    f.add_argument("--max-examples", type=count(1), help="use at most this many examples per split")
+    f.add_argument("--eval-batch-size", type=count(1), default=64)
     f.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    f.add_argument("--allow-changes", action="store_true", help="--resume although the data, tokenizer, batch "
+                   "size or step count differ from the checkpoint's")
     f.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run")
     f.add_argument("--no-progress", dest="progress", action="store_false")
     f.set_defaults(fn=cmd_finetune, clip=1.0)

@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""The machine's own limits, the figures that carry across machines: float32 sgemm GFLOP/s (square
+products, numpy's BLAS on all the process's cores) and the memory bandwidth a GEMV streams (y = W x
+with W as large as GPT-2's tied LM head, 154 MB, far larger than any cache), with the CPU model and
+the BLAS kernels numpy runs. Prints one JSON line.
+
+    python benchmarks/machine_peak.py [--sizes 512 1024 2048] [--samples 9]
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # _benchutil, and the numlm of this clone
+
+import numpy as np  # noqa: E402
+
+from _benchutil import Sample  # noqa: E402
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def timed(fn, work, samples):
+    """Median of work / seconds over the quiet samples (all samples when none is quiet)."""
+    for _ in range(3):
+        fn()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.1:
+        fn()
+        reps += 1
+    reps = max(1, int(0.2 * reps / (time.perf_counter() - t0)))
+    rates, quiet = [], []
+    for _ in range(samples):
+        with Sample() as s:
+            for _ in range(reps):
+                fn()
+        rates.append(work * reps / s.dt)
+        if s.foreign is not None and s.foreign <= 0.05:
+            quiet.append(rates[-1])
+    return statistics.median(quiet or rates), len(quiet)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
+    ap.add_argument("--samples", type=int, default=9)
+    a = ap.parse_args()
+    from numlm.kernels.matmul import blas_core
+    rng = np.random.default_rng(0)
+    sgemm = {}
+    for n in a.sizes:
+        x, y = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+        out = np.empty((n, n), np.float32)
+        sgemm[n] = timed(lambda: np.matmul(x, y, out=out), 2 * n ** 3 / 1e9, a.samples)[0]
+    W = rng.standard_normal((50257, 768), dtype=np.float32)
+    v, out = rng.standard_normal(768, dtype=np.float32), np.empty(50257, np.float32)
+    gemv, _ = timed(lambda: np.matmul(W, v, out=out), W.nbytes / 1e9, a.samples)
+    print(json.dumps({"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "blas_core": blas_core(),
+                      "sgemm_gflops": max(sgemm.values()), "sgemm_by_size": sgemm, "gemv_gb_per_s": gemv}))
+
+
+if __name__ == "__main__":
+    main()
