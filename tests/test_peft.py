@@ -439,8 +439,8 @@ def _copy(name, tmp_path):
 def test_unknown_peft_type_or_config(tmp_path):
     d = _copy("lora-bert-tiny-seqcls", tmp_path)
     orig = json.loads((d / "adapter_config.json").read_text())
-    for change, msg in (({"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
-                        ({"use_dora": True}, "use_dora"),
+    for change, msg in (({"peft_type": "VERA"}, "peft_type 'VERA' is not supported"),
+                        ({"lora_bias": True}, "lora_bias"),
                         ({"rank_pattern": {"query": 8}}, "rank_pattern"),
                         ({"layer_replication": [[0, 1]]}, r"options \['layer_replication'\]")):
         (d / "adapter_config.json").write_text(json.dumps({**orig, **change}))
@@ -483,7 +483,7 @@ def test_adapter_not_fitting_the_base_model(tmp_path):
 
 def test_merge_and_unload_needs_lora():
     for method in ("prompt", "prefix", "houlsby"):
-        with pytest.raises(ValueError, match="merge_and_unload needs a LoRA adapter"):
+        with pytest.raises(ValueError, match="merge_and_unload needs a LoRA or IA3 adapter"):
             make("gpt2", method).merge_and_unload()
 
 

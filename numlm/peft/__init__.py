@@ -7,9 +7,9 @@
     out = pm(input_ids=ids, attention_mask=mask, labels=y); pm.backward()
     pm.save_pretrained(d); pm = peft.PeftModel.from_pretrained(base_model, d); merged = pm.merge_and_unload()
 """
-from .config import (LoraConfig, PromptTuningConfig, PrefixTuningConfig, BnConfig, SeqBnConfig, DoubleSeqBnConfig,
+from .config import (LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, BnConfig, SeqBnConfig, DoubleSeqBnConfig,
                      TASK_TYPES)
 from .model import PeftModel, get_peft_model
 
-__all__ = ["LoraConfig", "PromptTuningConfig", "PrefixTuningConfig", "BnConfig", "SeqBnConfig", "DoubleSeqBnConfig",
+__all__ = ["LoraConfig", "IA3Config", "PromptTuningConfig", "PrefixTuningConfig", "BnConfig", "SeqBnConfig", "DoubleSeqBnConfig",
            "TASK_TYPES", "PeftModel", "get_peft_model"]

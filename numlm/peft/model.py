@@ -13,8 +13,9 @@ import numpy as np
 
 from ..models.pretrained import PreTrainedModel, as_ids
 from ..nn import Linear
-from .config import (LoraConfig, PromptTuningConfig, PrefixTuningConfig, BnConfig, TASK_HEADS, LORA_TARGETS)
-from .layers import LoraLinear, PromptEmbedding
+from .config import (LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, BnConfig, TASK_HEADS,
+                     LORA_TARGETS, IA3_TARGETS, IA3_FEEDFORWARD)
+from .layers import LoraLinear, DoraLinear, IA3Linear, PromptEmbedding
 from .ops import prompt_forward, prompt_backward, prefix_forward, prefix_backward
 from .placement import set_child, install_adapters, remove_adapters, word_embeddings, backbone
 from . import files
@@ -65,8 +66,8 @@ class PeftModel:
             raise ValueError(f"model must be a numlm model, got {type(model).__name__}")
         if isinstance(model, PeftModel) or getattr(model, "_peft", None) is not None:
             raise ValueError("this model already carries an adapter")
-        if not isinstance(config, (LoraConfig, PromptTuningConfig, PrefixTuningConfig, BnConfig)):
-            raise ValueError(f"config must be a LoraConfig, PromptTuningConfig, PrefixTuningConfig, SeqBnConfig or "
+        if not isinstance(config, (LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, BnConfig)):
+            raise ValueError(f"config must be a LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, SeqBnConfig or "
                              f"DoubleSeqBnConfig, got {type(config).__name__}")
         if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", adapter_name):
             raise ValueError(f"adapter_name must be an identifier, got {adapter_name!r}")
@@ -78,6 +79,8 @@ class PeftModel:
         self.prompt = None
         self._slots = {}      # file key -> (module, parameter name); the trainable tensors
         self._head_keys = set()
+        self._aliases = {}    # file key -> the file key of the same tensor (peft saves some twice)
+        self._originals = {}  # file key -> an untrained tensor peft saves too (a head's original_module)
         self._last = None
         _check_task(model, self._task_type())
         rng = np.random.default_rng(seed)
@@ -85,51 +88,107 @@ class PeftModel:
         _freeze_all(model)
         if self.kind == "LORA":
             self._install_lora(rng)
+        elif self.kind == "IA3":
+            self._install_ia3(rng)
         elif self.kind in ("PROMPT_TUNING", "PREFIX_TUNING"):
             self._install_prompt(rng, dtype)
         else:
             self._install_bottleneck(rng, dtype)
         self._install_heads()
+        if getattr(config, "bias", "none") == "all":
+            self._install_biases()
+        for m, k in self._slots.values():  # the trainable tensors get their gradient arrays
+            if k not in m.grads:
+                m.grads[k] = np.zeros_like(m.params[k])
         model._peft = self
 
     # ---- installing -----------------------------------------------------------------------------
     def _task_type(self):
         return getattr(self.peft_config, "task_type", None)
 
-    def _install_lora(self, rng):
+    def _target_linears(self, targets, defaults, what):
+        """[(path, Linear)] that `targets` names (peft's defaults for the model type when None), the task
+        heads excluded; a matched module that is not a Linear is refused, as peft refuses it."""
         cfg, model = self.peft_config, self.base_model
-        targets = cfg.target_modules
         if targets is None:
             mt = _model_type(model)
-            if mt not in LORA_TARGETS:
-                raise ValueError(f"target_modules is None and numlm has no default for model type {mt!r}")
-            targets = cfg.target_modules = list(LORA_TARGETS[mt])
+            if mt not in defaults:
+                raise ValueError(f"{what} is None and numlm has no default for model type {mt!r}; name the modules")
+            targets = sorted(defaults[mt])
         heads = set(TASK_HEADS.get(cfg.task_type, [])) | set(cfg.modules_to_save or [])
+        named = [(p, m) for p, m in model.modules() if p and _matches(p, targets)
+                 and not any(p == h or p.endswith("." + h) for h in heads)]
+        other = [(p, m) for p, m in named if not isinstance(m, Linear)]
+        if other:
+            raise ValueError(f"target_modules {targets!r} match {other[0][0]}, a {type(other[0][1]).__name__}: "
+                             f"{self.kind} adapts only Linear modules (nn.Linear, Conv1D)")
         linears = [(p, m) for p, m in model.modules() if isinstance(m, Linear)]
-        hit = [(p, m) for p, m in linears if _matches(p, targets)
-               and not any(p == h or p.endswith("." + h) for h in heads)]
-        if not hit:
+        if not named:
             names = sorted({p.rsplit(".", 1)[-1] for p, _ in linears})
             raise ValueError(f"target_modules {targets!r} match no Linear module of {type(model).__name__}; "
                              f"its Linear modules are named {names}")
-        if isinstance(targets, list):
-            missing = [t for t in targets if not any(p == t or p.endswith("." + t) for p, _ in hit)]
-            if missing and len(missing) == len(targets):
-                raise ValueError(f"target_modules {missing} match no module of {type(model).__name__}")
-        for path, lin in hit:
+        for path, lin in named:  # peft's fan_in_fan_out follows the layer (one value for all)
             if not lin.torch_layout and not cfg.fan_in_fan_out:
                 warnings.warn(f"{path} is a Conv1D (weight (C_in, C_out)): setting fan_in_fan_out=True, as peft does")
                 cfg.fan_in_fan_out = True
             elif lin.torch_layout and cfg.fan_in_fan_out:
                 warnings.warn(f"{path} is an nn.Linear: setting fan_in_fan_out=False, as peft does")
                 cfg.fan_in_fan_out = False
-            lora = LoraLinear(lin, cfg.r, cfg.lora_alpha, cfg.lora_dropout)
+        return targets, named
+
+    def _install_lora(self, rng):
+        cfg, model = self.peft_config, self.base_model
+        targets, hit = self._target_linears(cfg.target_modules, LORA_TARGETS, "target_modules")
+        cfg.target_modules = targets
+        layer = DoraLinear if cfg.use_dora else LoraLinear
+        for path, lin in hit:
+            lora = layer(lin, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora)
             lora.reset_lora(rng, cfg.init_lora_weights)
             lora.lora_dropout.rng = model.rng
             set_child(model, path, lora)
-            for sub in ("lora_A", "lora_B"):
-                self._slots[f"base_model.model.{path}.{sub}.weight"] = (getattr(lora, sub), "weight")
-        self._targets = [p for p, _ in hit]
+            subs = ("lora_A", "lora_B") + (("lora_magnitude_vector",) if cfg.use_dora else ())
+            for sub in subs:
+                key = f"base_model.model.{path}.{sub}" + ("" if sub == "lora_magnitude_vector" else ".weight")
+                self._slots[key] = (getattr(lora, sub), "weight")
+            if cfg.bias != "none" and "bias" in lora.params:  # peft keys the target's bias under its base_layer
+                self._slots[f"base_model.model.{path}.base_layer.bias"] = (lora, "bias")
+        self._targets_hit = [p for p, _ in hit]
+
+    def _install_ia3(self, rng):
+        """peft's IA3: every target Linear rescaled (its output, or its input when it is a feed-forward
+        module: a plain suffix match, so BERT's attention.output.dense counts), l = 1 at the start."""
+        cfg = self.peft_config
+        targets, hit = self._target_linears(cfg.target_modules, IA3_TARGETS, "target_modules")
+        ff, mt = cfg.feedforward_modules, _model_type(self.base_model)
+        if ff is None:  # peft: the model type's default, whether target_modules were given or not
+            if mt not in IA3_FEEDFORWARD:
+                raise ValueError(f"feedforward_modules is None and numlm has no default for model type {mt!r}")
+            ff = sorted(IA3_FEEDFORWARD[mt])
+        cfg.target_modules, cfg.feedforward_modules = targets, ff
+        for path, lin in hit:
+            is_ff = re.fullmatch(ff, path) is not None if isinstance(ff, str) else any(path.endswith(f) for f in ff)
+            ia3 = IA3Linear(lin, is_ff)
+            if cfg.init_ia3_weights is False:
+                ia3.ia3_l.params["weight"][...] = rng.standard_normal(ia3.ia3_l.params["weight"].shape)
+            set_child(self.base_model, path, ia3)
+            self._slots[f"base_model.model.{path}.ia3_l"] = (ia3.ia3_l, "weight")
+        self._targets_hit = [p for p, _ in hit]
+
+    def _install_biases(self):
+        """LoRA's bias="all": every parameter named *bias* trains (peft: `"bias" in name`), under its own
+        key; a trained head's bias is saved twice more, as peft does: `<head>.modules_to_save.bias` (the
+        same tensor) and `<head>.original_module.bias` (the base model's, untrained; read back by nobody)."""
+        taken = {id(m) for m, k in self._slots.values() if k == "bias"}
+        for path, m in self.base_model.modules():
+            for k in m.params:
+                if "bias" not in k or not path or (id(m) in taken and k == "bias"):
+                    continue
+                self._slots[f"base_model.model.{path}.{k}"] = (m, k)
+        for key in sorted(self._head_keys):
+            head, _, k = key.rpartition(".")
+            if "bias" in k:
+                self._aliases[f"{head}.modules_to_save.{k}"] = key
+                self._originals[f"{head}.original_module.{k}"] = self._slots[key][0].params[k].copy()
 
     def _install_prompt(self, rng, dtype):
         cfg, model = self.peft_config, self.base_model
@@ -169,7 +228,7 @@ class PeftModel:
             names = list(TASK_HEADS.get(self._task_type(), [])) + list(self.peft_config.modules_to_save or [])
             if self.peft_config.modules_to_save is None and names:
                 self.peft_config.modules_to_save = list(TASK_HEADS.get(self._task_type(), []))
-        prefix = {"LORA": "base_model.model.", "adapterhub": ""}.get(
+        prefix = {"LORA": "base_model.model.", "IA3": "base_model.model.", "adapterhub": ""}.get(
             "adapterhub" if self.library == "adapterhub" else self.kind, "base_model.")
         for path, m in model.modules():
             if path and any(path == h or path.endswith("." + h) for h in names) and m.params:
@@ -178,9 +237,6 @@ class PeftModel:
                     key = f"{prefix}{path}.{k}"
                     self._slots[key] = (m, k)
                     self._head_keys.add(key)
-        for m, k in self._slots.values():
-            if k not in m.grads:
-                m.grads[k] = np.zeros_like(m.params[k])
 
     # ---- the forward/backward contract ----------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -311,14 +367,34 @@ class PeftModel:
             if n in m.grads:
                 g = m.grads[n]
                 out[k] = g.T.copy() if isinstance(m, Linear) and m.torch_layout and n == "weight" else g.copy()
+        for alias, source in self._aliases.items():
+            if source in out:
+                out[alias] = out[source].copy()
         return out
 
     def state_dict(self):
-        """{file key: array} of the adapter (and trained head), transformers' layout."""
-        return {k: export_param(m, n) for k, (m, n) in self._slots.items()}
+        """{file key: array} of the adapter (and trained head), transformers' layout; the keys peft
+        writes twice (aliases) and the untrained tensors it writes too (originals) included."""
+        out = {k: export_param(m, n) for k, (m, n) in self._slots.items()}
+        out.update({alias: out[source].copy() for alias, source in self._aliases.items()})
+        out.update({k: v.copy() for k, v in self._originals.items()})
+        return out
+
+    def _extra_keys(self, state):
+        """Drop from `state` the keys peft writes but reads back nowhere: an alias must equal its source
+        (else a ValueError naming it), an original is the base model's own tensor."""
+        state = dict(state)
+        for alias, source in self._aliases.items():
+            if alias in state and source in state and not np.array_equal(state[alias], state[source]):
+                raise ValueError(f"adapter tensor {alias!r} differs from {source!r}, the same tensor in peft's files")
+            state.pop(alias, None)
+        for k in self._originals:
+            state.pop(k, None)
+        return state
 
     def load_state_dict(self, state, strict=True):
         """Copy {file key: array} into the adapter; unknown keys and wrong shapes name the key."""
+        state = self._extra_keys(state)
         unknown = sorted(k for k in state if k not in self._slots)
         missing = sorted(k for k in self._slots if k not in state)
         if unknown:
@@ -386,11 +462,11 @@ class PeftModel:
 
     # ---- merging --------------------------------------------------------------------------------
     def merge_and_unload(self):
-        """LoRA only: W += (alpha / r) B A in every adapted linear; returns the plain numlm model
-        (the same object, its LoRA linears replaced by ordinary Linears) with the base model's
-        freezing undone."""
-        if self.kind != "LORA":
-            raise ValueError(f"merge_and_unload needs a LoRA adapter; this one is {self.kind} "
+        """LoRA and IA3: the adapter merged into every adapted linear (LoRA W += s B A; DoRA
+        W = (m / n) (W + s B A); IA3 W and b rescaled); returns the plain numlm model (the same object,
+        its adapted linears replaced by ordinary Linears) with the base model's freezing undone."""
+        if self.kind not in ("LORA", "IA3"):
+            raise ValueError(f"merge_and_unload needs a LoRA or IA3 adapter; this one is {self.kind} "
                              "(prompts, prefixes and bottleneck adapters have no weights to merge)")
         return self._unload(merge=True)
 
@@ -401,7 +477,7 @@ class PeftModel:
     def _unload(self, merge):
         model = self.base_model
         for path, m in list(model.modules()):
-            if isinstance(m, LoraLinear):
+            if isinstance(m, (LoraLinear, IA3Linear)):
                 set_child(model, path, m.unwrap(merge))
         remove_adapters(model)
         model.unfreeze()
@@ -485,7 +561,7 @@ class PeftModel:
         return pm
 
     def _load_file_state(self, state, path):
-        state = {k: v for k, v in state.items()}
+        state = self._extra_keys(state)
         unknown = sorted(k for k in state if k not in self._slots)
         if unknown:
             raise ValueError(f"adapter {str(path)!r}: key {unknown[0]!r} does not fit {type(self.base_model).__name__} "
