@@ -503,6 +503,10 @@ class PeftModel:
         c = model.config
         head = {k: v for k, v in state.items() if k in self._head_keys}
         body = {k: v for k, v in state.items() if k not in self._head_keys}
+        hub_head = getattr(self, "_hub_head", None) or {"config": None, "kept": []}
+        if hub_head["kept"]:
+            sd = model.state_dict()
+            head.update({k: sd[k] for k in hub_head["kept"]})
         files.write_json({"config": files.hub_config_to_dict(self.peft_config), "hidden_size": c.hidden_size,
                           "model_class": type(model).__name__, "model_name": getattr(c, "_name_or_path", None),
                           "model_type": _model_type(model), "name": self.adapter_name,
@@ -510,11 +514,10 @@ class PeftModel:
         files.save_tensors(body, path / files.HUB_WEIGHTS)
         if head:
             n = getattr(c, "num_labels", None)
-            files.write_json({"config": None, "hidden_size": c.hidden_size,
-                              "label2id": {f"LABEL_{i}": i for i in range(n or 0)},
-                              "model_class": type(model).__name__, "model_name": None,
-                              "model_type": _model_type(model), "name": None, "num_labels": n,
-                              "version": files.ADAPTERS_VERSION}, path / files.HUB_HEAD_CONFIG)
+            files.write_json(hub_head["config"] or {
+                "config": None, "hidden_size": c.hidden_size, "label2id": {f"LABEL_{i}": i for i in range(n or 0)},
+                "model_class": type(model).__name__, "model_name": None, "model_type": _model_type(model),
+                "name": None, "num_labels": n, "version": files.ADAPTERS_VERSION}, path / files.HUB_HEAD_CONFIG)
             files.save_tensors(head, path / files.HUB_HEAD)
         return path
 
@@ -523,7 +526,7 @@ class PeftModel:
         """Load a peft or an AdapterHub adapter folder onto `model` (a numlm model, changed in place).
         As peft: frozen for inference unless is_trainable=True."""
         kind = files.folder_kind(path)
-        path = Path(path)
+        path, head, head_config = Path(path), {}, None
         where = str(path / files.CONFIG)
         d = files.read_json(path / files.CONFIG)
         if kind == "peft":
@@ -542,7 +545,10 @@ class PeftModel:
             name = adapter_name or d.get("name") or "default"
             state = files.load_tensors(path / files.HUB_WEIGHTS)
             if (path / files.HUB_HEAD).is_file():
-                state.update(files.load_tensors(path / files.HUB_HEAD))
+                head = files.load_tensors(path / files.HUB_HEAD)
+                state.update(head)
+                if (path / files.HUB_HEAD_CONFIG).is_file():
+                    head_config = files.read_json(path / files.HUB_HEAD_CONFIG)
             elif (path / files.HUB_HEAD_PICKLE).is_file():
                 raise ValueError(f"adapter folder {str(path)!r} holds its head only as a pickle "
                                  f"({files.HUB_HEAD_PICKLE}). " + files.CONVERT.format(
@@ -551,6 +557,7 @@ class PeftModel:
             config.inference_mode = not is_trainable
         pm = cls(model, config, adapter_name=name)
         try:
+            state = pm._static_head(state, head, head_config, path)
             pm._load_file_state(state, path)
         except ValueError:
             pm._unload(merge=False)
@@ -559,6 +566,33 @@ class PeftModel:
             for m, n in pm._slots.values():
                 m.grads.pop(n, None)
         return pm
+
+    def _static_head(self, state, head, head_config, path):
+        """AdapterHub's model_head.safetensors holds the model's own head when it is a static transformers
+        head (GPT-2's lm_head). A tensor equal to the base model's is accepted (kept, and saved again); a
+        different one is loaded where numlm has its own slot for it, and refused by name where numlm ties
+        it to another tensor (the LM head to the token embedding). Returns `state` without the kept keys."""
+        model = self.base_model
+        sd = model.state_dict()
+        slots = {k: (m, n) for k, (m, n, _) in model._slots().items()}
+        self._hub_head = {"config": head_config, "kept": []}
+        state = dict(state)
+        for key in sorted(k for k in head if k not in self._slots and k in sd):
+            a, b = np.asarray(head[key]), sd[key]
+            low = np.float32 if np.float32 in (a.dtype, b.dtype) else np.float64
+            if a.shape == b.shape and np.array_equal(a.astype(low), b.astype(low)):
+                self._hub_head["kept"].append(key)
+                state.pop(key)
+            elif key in model.tied:
+                raise ValueError(f"adapter {str(path)!r}: {files.HUB_HEAD} holds {key!r}, which differs from "
+                                 f"the base model's {model.tied[key]!r} it is tied to; numlm keeps it tied, so "
+                                 "this head cannot be loaded")
+            else:  # numlm's own slot for it: loaded (and saved again) as the adapter's head
+                self._slots[key] = slots[key]
+                self._head_keys.add(key)
+                m, n = slots[key]
+                m.grads.setdefault(n, np.zeros_like(m.params[n]))
+        return state
 
     def _load_file_state(self, state, path):
         state = self._extra_keys(state)
