@@ -436,6 +436,114 @@ def test_bad_configs():
         peft.LoraConfig(task_type="SEQ2SEQ_LM")
 
 
+def _refused(match, call):
+    """`call` raises one ValueError line matching `match`."""
+    with pytest.raises(ValueError, match=match) as e:
+        call()
+    assert "\n" not in str(e.value), str(e.value)
+
+
+def test_variant_bad_configs():
+    _refused(r"use_rslora scales by lora_alpha / sqrt\(r\): r must be a positive integer, got 0",
+             lambda: peft.LoraConfig(r=0, use_rslora=True))
+    _refused(r"LoRA bias='some' is not supported; peft's are \('none', 'lora_only', 'all'\)",
+             lambda: peft.LoraConfig(bias="some"))
+    _refused("use_dora must be True or False, got 'yes'", lambda: peft.LoraConfig(use_dora="yes"))
+    _refused(r"feedforward_modules \['output.dense'\] are not in target_modules \['key'\]: peft requires",
+             lambda: peft.IA3Config(target_modules=["key"], feedforward_modules=["output.dense"]))
+    _refused("init_ia3_weights must be True or False", lambda: peft.IA3Config(init_ia3_weights="ones"))
+
+
+@pytest.mark.parametrize("kind, config, match", [
+    ("bert", peft.LoraConfig(target_modules=["LayerNorm"], use_dora=True),
+     r"match bert.embeddings.LayerNorm \(LayerNorm\), not a Linear: LORA adapts only Linear modules"),
+    ("gpt2", peft.LoraConfig(target_modules=["wte", "c_attn"], use_dora=True),
+     r"match transformer.wte \(Embedding\), not a Linear: LORA adapts only Linear"),
+    ("gpt2", peft.IA3Config(target_modules=["wte"], feedforward_modules=[]),
+     r"match transformer.wte \(Embedding\), not a Linear: IA3 adapts only Linear"),
+    ("bert", peft.IA3Config(target_modules=["attention"], feedforward_modules=[]),
+     r"match bert.encoder.layer.0.attention \(BertAttention\), not a Linear: IA3 adapts only Linear"),
+    ("bert", peft.IA3Config(target_modules=["qkv"]), r"target_modules \['qkv'\] match no Linear module"),
+])
+def test_targets_peft_refuses_leave_the_model_as_it_was(kind, config, match):
+    """A DoRA or IA3 target that is not a Linear is refused as peft refuses it (peft: "Target module ...
+    is not supported"), in one line, and the model keeps its modules, values and trainable tensors."""
+    model = tiny(kind)
+    before = {k: v.copy() for k, v in model.parameters().items()}
+    trainable = set(model.grad_arrays())
+    _refused(match, lambda: peft.get_peft_model(model, config))
+    assert set(model.grad_arrays()) == trainable and getattr(model, "_peft", None) is None
+    assert before.keys() == model.parameters().keys()
+    for k, v in model.parameters().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+@pytest.mark.parametrize("method", ["rslora", "dora", "lora-bias-all", "ia3"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_new_methods_round_trip_from_scratch(method, kind, tmp_path):
+    """get_peft_model, train a step, save_pretrained: the folder loads back onto a fresh base with the
+    same logits and every trainable tensor bit-identical, and holds peft's keys for the method."""
+    pm = make(kind, method)
+    ids, mask, labels = inputs(kind, 2, 5, 1, 0)
+    _train(pm, ids, mask, labels, steps=1)
+    pm.eval()
+    want = pm(input_ids=ids, attention_mask=mask).logits
+    pm.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == ("IA3" if method == "ia3" else "LORA")
+    back = peft.PeftModel.from_pretrained(tiny(kind), tmp_path)
+    np.testing.assert_array_equal(back(input_ids=ids, attention_mask=mask).logits, want)
+    got = back.state_dict()
+    for k, v in pm.state_dict().items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    suffix = {"rslora": ".lora_B.weight", "dora": ".lora_magnitude_vector", "lora-bias-all": "LayerNorm.bias"
+              if kind == "bert" else "ln_f.bias", "ia3": ".ia3_l"}[method]
+    assert any(k.endswith(suffix) for k in got)
+
+
+def test_bias_all_head_keys_as_peft():
+    """bias="all" with a trained classifier: peft saves its bias three times (classifier.bias and
+    classifier.modules_to_save.bias, the same tensor; classifier.original_module.bias, the base model's);
+    numlm writes all three, and a file whose two copies differ is refused by name."""
+    pm = load("lora-bias-all-bert-tiny-seqcls")
+    sd, base_bias = pm.state_dict(), base("lora-bias-all-bert-tiny-seqcls").classifier.params["bias"]
+    np.testing.assert_array_equal(sd["base_model.model.classifier.modules_to_save.bias"],
+                                  sd["base_model.model.classifier.bias"])
+    np.testing.assert_array_equal(sd["base_model.model.classifier.original_module.bias"], base_bias)
+    assert "base_model.model.classifier.modules_to_save.bias" not in pm.parameters()  # trained once
+    state = {**sd, "base_model.model.classifier.modules_to_save.bias": np.zeros(3)}
+    _refused(r"'base_model.model.classifier.modules_to_save.bias' differs from 'base_model.model.classifier.bias'",
+             lambda: pm.load_state_dict(state))
+
+
+def test_adapterhub_lm_head_tied_accepted_different_refused(tmp_path):
+    """adapters' save_adapter(with_head=True) on GPT2LMHeadModel writes lm_head.weight, tied to wte:
+    equal to numlm's embedding, it is accepted (the logits those of `adapters`, and saved again); a
+    different one is refused by its key, and the model stays as it was."""
+    from safetensors.numpy import load_file, save_file
+    name = "adapter-gpt2-tiny-lmhead"
+    ref = np.load(PEFT / name / "reference.npz")
+    pm = load(name)
+    out = pm(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"])
+    assert rel(out.logits, ref["logits"]) < 1e-10
+    assert rel(ref["logits"], ref["base_logits"]) > 1e-2  # the adapter is not a no-op
+    pm.save_pretrained(tmp_path / "again")
+    head = load_file(str(tmp_path / "again" / "model_head.safetensors"))
+    np.testing.assert_array_equal(head["lm_head.weight"], load_file(str(PEFT / name / "adapter" /
+                                                                        "model_head.safetensors"))["lm_head.weight"])
+    d = _copy(name, tmp_path)
+    f = d / "model_head.safetensors"
+    w = load_file(str(f))["lm_head.weight"]
+    save_file({"lm_head.weight": w + 1e-3}, str(f))
+    model = base(name)
+    before = {k: v.copy() for k, v in model.parameters().items()}
+    _refused(r"model_head.safetensors holds 'lm_head.weight', which differs from the base model's "
+             r"'transformer.wte.weight' it is tied to", lambda: peft.PeftModel.from_pretrained(model, d))
+    assert before.keys() == model.parameters().keys() and getattr(model, "_peft", None) is None
+    for k, v in model.parameters().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
 def test_target_modules_matching_nothing():
     with pytest.raises(ValueError, match=r"target_modules \['qkv'\] match no Linear module.*'query'"):
         peft.get_peft_model(tiny("bert"), peft.LoraConfig(target_modules=["qkv"]))

@@ -30,15 +30,21 @@ def export_param(module, name):
     return a.T.copy() if isinstance(module, Linear) and module.torch_layout and name == "weight" else a.copy()
 
 
-def _import_param(module, name, value, key):
-    """Copy a transformers-layout array into a parameter; a wrong shape is an error naming the key."""
-    p = module.params[name]
-    t = isinstance(module, Linear) and module.torch_layout and name == "weight"
-    want = p.shape[::-1] if t else p.shape
-    value = np.asarray(value)
-    if value.shape != want:
-        raise ValueError(f"adapter tensor {key!r} has shape {value.shape}, but the base model needs {want}")
-    p[...] = value.T if t else value
+def _import_params(slots, state):
+    """Copy {key: transformers-layout array} into the parameters `slots` maps them to; a wrong shape is an
+    error naming the key, raised before anything is copied."""
+    todo = []
+    for key, value in state.items():
+        module, name = slots[key]
+        p = module.params[name]
+        t = isinstance(module, Linear) and module.torch_layout and name == "weight"
+        want = p.shape[::-1] if t else p.shape
+        value = np.asarray(value)
+        if value.shape != want:
+            raise ValueError(f"adapter tensor {key!r} has shape {value.shape}, but the base model needs {want}")
+        todo.append((p, value.T if t else value))
+    for p, value in todo:
+        p[...] = value
 
 
 def _model_type(model):
@@ -67,8 +73,8 @@ class PeftModel:
         if isinstance(model, PeftModel) or getattr(model, "_peft", None) is not None:
             raise ValueError("this model already carries an adapter")
         if not isinstance(config, (LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, BnConfig)):
-            raise ValueError(f"config must be a LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, SeqBnConfig or "
-                             f"DoubleSeqBnConfig, got {type(config).__name__}")
+            raise ValueError(f"config must be a LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, "
+                             f"SeqBnConfig or DoubleSeqBnConfig, got {type(config).__name__}")
         if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", adapter_name):
             raise ValueError(f"adapter_name must be an identifier, got {adapter_name!r}")
         self.base_model = model
@@ -83,9 +89,16 @@ class PeftModel:
         self._originals = {}  # file key -> an untrained tensor peft saves too (a head's original_module)
         self._last = None
         _check_task(model, self._task_type())
-        rng = np.random.default_rng(seed)
-        dtype = model.dtype
-        _freeze_all(model)
+        self._before = [(m, dict(m.grads)) for _, m in model.modules()]  # what trained before
+        try:
+            self._install(np.random.default_rng(seed), model.dtype)
+        except ValueError:  # a refused target or config: the model as it was
+            self._restore()
+            raise
+        model._peft = self
+
+    def _install(self, rng, dtype):
+        _freeze_all(self.base_model)
         if self.kind == "LORA":
             self._install_lora(rng)
         elif self.kind == "IA3":
@@ -95,12 +108,11 @@ class PeftModel:
         else:
             self._install_bottleneck(rng, dtype)
         self._install_heads()
-        if getattr(config, "bias", "none") == "all":
+        if getattr(self.peft_config, "bias", "none") == "all":
             self._install_biases()
         for m, k in self._slots.values():  # the trainable tensors get their gradient arrays
             if k not in m.grads:
                 m.grads[k] = np.zeros_like(m.params[k])
-        model._peft = self
 
     # ---- installing -----------------------------------------------------------------------------
     def _task_type(self):
@@ -120,8 +132,8 @@ class PeftModel:
                  and not any(p == h or p.endswith("." + h) for h in heads)]
         other = [(p, m) for p, m in named if not isinstance(m, Linear)]
         if other:
-            raise ValueError(f"target_modules {targets!r} match {other[0][0]}, a {type(other[0][1]).__name__}: "
-                             f"{self.kind} adapts only Linear modules (nn.Linear, Conv1D)")
+            raise ValueError(f"target_modules {targets!r} match {other[0][0]} ({type(other[0][1]).__name__}), "
+                             f"not a Linear: {self.kind} adapts only Linear modules (nn.Linear, Conv1D)")
         linears = [(p, m) for p, m in model.modules() if isinstance(m, Linear)]
         if not named:
             names = sorted({p.rsplit(".", 1)[-1] for p, _ in linears})
@@ -402,9 +414,7 @@ class PeftModel:
                              f"adapter (unexpected keys {unknown})")
         if strict and missing:
             raise ValueError(f"adapter lacks keys {missing}")
-        for k, v in state.items():
-            m, n = self._slots[k]
-            _import_param(m, n, v, k)
+        _import_params(self._slots, state)
         return missing, unknown
 
     def modules(self):
@@ -473,6 +483,13 @@ class PeftModel:
     def unload(self):
         """The base model without the adapter (LoRA not merged)."""
         return self._unload(merge=False)
+
+    def _restore(self):
+        """Undo a failed install or load: the adapter out, the model's own freezing back."""
+        self._unload(merge=False)
+        for m, grads in self._before:
+            m.grads.clear()
+            m.grads.update(grads)
 
     def _unload(self, merge):
         model = self.base_model
@@ -560,7 +577,7 @@ class PeftModel:
             state = pm._static_head(state, head, head_config, path)
             pm._load_file_state(state, path)
         except ValueError:
-            pm._unload(merge=False)
+            pm._restore()
             raise
         if not is_trainable:
             for m, n in pm._slots.values():
@@ -604,9 +621,7 @@ class PeftModel:
         if missing:
             raise ValueError(f"adapter {str(path)!r} lacks {missing[0]!r}, which {type(self.base_model).__name__} "
                              f"with this config needs ({len(missing)} missing)")
-        for k, v in state.items():
-            m, n = self._slots[k]
-            _import_param(m, n, v, k)
+        _import_params(self._slots, state)
 
 
 def get_peft_model(model, config, adapter_name="default", seed=0):
