@@ -729,3 +729,14 @@ def test_prompt_tuned_gpt2_classifier_pools_where_peft_pools(side):
     grads = pm.gradients()
     for k in ("prompt_embeddings", "base_model.score.weight"):
         assert rel(grads[k], r("grad/" + k)) < 1e-10, k
+
+
+@pytest.mark.parametrize("name", [v for v in VARIANTS if "gpt2" in v])
+def test_generate_from_a_variant_equals_its_merged_model(name):
+    """numlm.generate on a GPT-2 with rsLoRA, DoRA, trained biases or IA3 (KV cache, each step's
+    forward through the adapted linears) writes the tokens its merged plain model writes."""
+    ids = np.load(PEFT / name / "reference.npz")["input_ids"][:1, :5]
+    got = numlm.generate(load(name), ids, max_new_tokens=6)
+    want = numlm.generate(load(name).merge_and_unload(), ids, max_new_tokens=6)
+    assert got.shape == (1, 11)
+    np.testing.assert_array_equal(got, want)
