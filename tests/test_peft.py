@@ -544,6 +544,27 @@ def test_adapterhub_lm_head_tied_accepted_different_refused(tmp_path):
         np.testing.assert_array_equal(v, before[k])
 
 
+def test_adapterhub_head_tensor_numlm_holds_untied_is_loaded(tmp_path):
+    """A head file's tensor that numlm holds in a slot of its own (not tied) and that differs from the
+    base model's is loaded there, not dropped, and saved again with the adapter; the tied lm_head, equal
+    to the embedding, is kept as it is."""
+    from safetensors.numpy import save_file
+    pm = make("gpt2", "houlsby")
+    pm.save_pretrained(tmp_path)
+    model = tiny("gpt2")
+    head = {"lm_head.weight": model.state_dict()["lm_head.weight"], "transformer.ln_f.bias": np.arange(12.0)}
+    save_file(head, str(tmp_path / "model_head.safetensors"))
+    (tmp_path / "head_config.json").write_text(json.dumps({"config": None, "model_class": "GPT2LMHeadModel"}))
+    back = peft.PeftModel.from_pretrained(model, tmp_path)
+    np.testing.assert_array_equal(model.transformer.ln_f.params["bias"], np.arange(12.0))
+    ids, mask, _ = inputs("gpt2", 2, 4, 1, 0)
+    back.save_pretrained(tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(tiny("gpt2"), tmp_path / "again")
+    np.testing.assert_array_equal(again(input_ids=ids, attention_mask=mask).logits,
+                                  back(input_ids=ids, attention_mask=mask).logits)
+    assert json.loads((tmp_path / "again" / "head_config.json").read_text())["model_class"] == "GPT2LMHeadModel"
+
+
 def test_target_modules_matching_nothing():
     with pytest.raises(ValueError, match=r"target_modules \['qkv'\] match no Linear module.*'query'"):
         peft.get_peft_model(tiny("bert"), peft.LoraConfig(target_modules=["qkv"]))

@@ -87,6 +87,7 @@ class PeftModel:
         self._head_keys = set()
         self._aliases = {}    # file key -> the file key of the same tensor (peft saves some twice)
         self._originals = {}  # file key -> an untrained tensor peft saves too (a head's original_module)
+        self._hub_head = {"config": None, "kept": []}  # AdapterHub: head_config.json, base tensors kept as equal
         self._last = None
         _check_task(model, self._task_type())
         self._before = [(m, dict(m.grads)) for _, m in model.modules()]  # what trained before
@@ -118,14 +119,15 @@ class PeftModel:
     def _task_type(self):
         return getattr(self.peft_config, "task_type", None)
 
-    def _target_linears(self, targets, defaults, what):
+    def _target_linears(self, targets, defaults):
         """[(path, Linear)] that `targets` names (peft's defaults for the model type when None), the task
         heads excluded; a matched module that is not a Linear is refused, as peft refuses it."""
         cfg, model = self.peft_config, self.base_model
         if targets is None:
             mt = _model_type(model)
             if mt not in defaults:
-                raise ValueError(f"{what} is None and numlm has no default for model type {mt!r}; name the modules")
+                raise ValueError(f"target_modules is None and numlm has no default for model type {mt!r}; "
+                                 "name the modules")
             targets = sorted(defaults[mt])
         heads = set(TASK_HEADS.get(cfg.task_type, [])) | set(cfg.modules_to_save or [])
         named = [(p, m) for p, m in model.modules() if p and _matches(p, targets)
@@ -150,7 +152,7 @@ class PeftModel:
 
     def _install_lora(self, rng):
         cfg, model = self.peft_config, self.base_model
-        targets, hit = self._target_linears(cfg.target_modules, LORA_TARGETS, "target_modules")
+        targets, hit = self._target_linears(cfg.target_modules, LORA_TARGETS)
         cfg.target_modules = targets
         layer = DoraLinear if cfg.use_dora else LoraLinear
         for path, lin in hit:
@@ -170,7 +172,7 @@ class PeftModel:
         """peft's IA3: every target Linear rescaled (its output, or its input when it is a feed-forward
         module: a plain suffix match, so BERT's attention.output.dense counts), l = 1 at the start."""
         cfg = self.peft_config
-        targets, hit = self._target_linears(cfg.target_modules, IA3_TARGETS, "target_modules")
+        targets, hit = self._target_linears(cfg.target_modules, IA3_TARGETS)
         ff, mt = cfg.feedforward_modules, _model_type(self.base_model)
         if ff is None:  # peft: the model type's default, whether target_modules were given or not
             if mt not in IA3_FEEDFORWARD:
@@ -520,7 +522,7 @@ class PeftModel:
         c = model.config
         head = {k: v for k, v in state.items() if k in self._head_keys}
         body = {k: v for k, v in state.items() if k not in self._head_keys}
-        hub_head = getattr(self, "_hub_head", None) or {"config": None, "kept": []}
+        hub_head = self._hub_head
         if hub_head["kept"]:
             sd = model.state_dict()
             head.update({k: sd[k] for k in hub_head["kept"]})
