@@ -115,20 +115,30 @@ def dora_linear_backward(dy, cache, weight_grad=True, bias_grad=True):
     -> dx, dW (or None), dbias (or None), da, db, dm, dn [, dx' when x_lora was given]"""
     c = cache
     d2 = dy.reshape(-1, c.g.shape[0])  # (N, C_out)
+    # y += (g - 1) * p + g * delta, g = m / n:  dg = sum_N dy (p + delta)
     dg = (d2 * c.u.reshape(d2.shape)).sum(axis=0)  # (C_out,)
     dm, dn = dg / c.n, -dg * c.m / (c.n * c.n)
+    # delta = s (x' a) b, times g
     dxl, da, db = lora_backward(dy * c.g, c.lora)
     has_bias = c.lin[2]
-    if c.base is None:
+    if c.base is None:  # y = x W + bias + (g - 1) x W + ...: x W counted g times
         dx, dw, _ = linear_backward(dy * c.g, c.lin, weight_grad, False)
         dbias = d2.sum(axis=0) if has_bias and bias_grad else None
         return dx + dxl, dw, dbias, da, db, dm, dn
-    dx, dw, dbias = linear_backward(dy, c.lin, weight_grad, bias_grad)
-    dxb, dwb, _ = linear_backward(dy * (c.g - 1), c.base, weight_grad, False)
+    dx, dw, dbias = linear_backward(dy, c.lin, weight_grad, bias_grad)  # y = x W + bias + ...
+    dxb, dwb, _ = linear_backward(dy * (c.g - 1), c.base, weight_grad, False)  # ... + (g - 1) x' W
     return dx, (None if dw is None else dw + dwb), dbias, da, db, dm, dn, dxl + dxb
 
 
 # ---------------------------------------------------------------------------------------- IA3
+
+class IA3Cache(NamedTuple):
+    lin: tuple                # linear_forward's cache
+    x: np.ndarray             # (N, C_in) the input (for dl of a feed-forward module)
+    l: np.ndarray             # (C_out,) or (C_in,)
+    h: Optional[np.ndarray]   # (N, C_out) x W + bias, what l scales (output scaling), else None
+    feedforward: bool
+
 
 def ia3_forward(x, w, bias, l, feedforward):
     """y = (x W + bias) * l, or y = (x * l) W + bias for a feed-forward module     ((IA)^3, peft's IA3 Linear)
@@ -140,22 +150,22 @@ def ia3_forward(x, w, bias, l, feedforward):
     if feedforward:
         xs = x * l  # (N, C_in)
         y, lin = linear_forward(xs, w, bias)
-        return y, (lin, x, l, None, True)
+        return y, IA3Cache(lin, x, l, None, True)
     h, lin = linear_forward(x, w, bias)  # (N, C_out)
-    return h * l, (lin, x, l, h, False)
+    return h * l, IA3Cache(lin, x, l, h, False)
 
 
 def ia3_backward(dy, cache, weight_grad=True, bias_grad=True):
     """forward: y = h l, h = x W + bias.  so  dl = sum_N dy h,  dh = dy l,  then the linear's backward.
     forward (feed-forward): y = x' W + bias, x' = x l.  so  dx' = dy W^T,  dl = sum_N dx' x,  dx = dx' l.
     -> dx, dW (or None), dbias (or None), dl"""
-    lin, x, l, h, feedforward = cache
-    if feedforward:
-        dxs, dw, dbias = linear_backward(dy, lin, weight_grad, bias_grad)
-        dl = (dxs * x).reshape(-1, l.shape[0]).sum(axis=0)
-        return dxs * l, dw, dbias, dl
-    dl = (dy * h).reshape(-1, l.shape[0]).sum(axis=0)
-    dx, dw, dbias = linear_backward(dy * l, lin, weight_grad, bias_grad)
+    c = cache
+    if c.feedforward:
+        dxs, dw, dbias = linear_backward(dy, c.lin, weight_grad, bias_grad)  # (N, C_in)
+        dl = (dxs * c.x).reshape(-1, c.l.shape[0]).sum(axis=0)
+        return dxs * c.l, dw, dbias, dl
+    dl = (dy * c.h).reshape(-1, c.l.shape[0]).sum(axis=0)
+    dx, dw, dbias = linear_backward(dy * c.l, c.lin, weight_grad, bias_grad)
     return dx, dw, dbias, dl
 
 
