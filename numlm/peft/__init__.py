@@ -1,5 +1,6 @@
-"""Parameter-efficient fine-tuning, exact to peft and AdapterHub: LoRA, bottleneck adapters
-(Houlsby double_seq_bn, Pfeiffer seq_bn), prompt tuning and prefix tuning, every backward by hand.
+"""Parameter-efficient fine-tuning, exact to peft and AdapterHub: LoRA (with rsLoRA, DoRA and trained
+biases), IA3, bottleneck adapters (Houlsby double_seq_bn, Pfeiffer seq_bn), prompt tuning and prefix
+tuning, every backward by hand.
 
     from numlm import peft
     pm = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
