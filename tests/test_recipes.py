@@ -27,6 +27,19 @@ def test_pretrain_runs_and_lowers_loss(arch, corpus, tmp_path):
         np.testing.assert_array_equal(again.state_dict()[k], v)
 
 
+def test_pretrain_in_float64_trains_and_saves_float64(corpus, tmp_path):
+    """dtype="float64": the weights are float64 from the start and stay so, in memory and on disk,
+    and the training moved them off float32's grid."""
+    from safetensors.numpy import load_file
+    model, _, _ = pretrain("gpt2", size="tiny", data=corpus, vocab_size=300, out_dir=tmp_path, block_size=16,
+                           batch_size=2, steps=2, seed=0, dtype="float64", log=quiet, progress=False)
+    params = model.parameters()
+    assert all(v.dtype == np.float64 for v in params.values())
+    assert any(np.any(v.astype(np.float32) != v) for v in params.values())
+    saved = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert saved and all(v.dtype == np.float64 for v in saved.values())
+
+
 def test_eval_command_matches_training_eval(corpus, tmp_path, capsys):
     pretrain("gpt2", size="tiny", data=corpus, vocab_size=300, out_dir=tmp_path, block_size=16, batch_size=4,
              steps=5, log=quiet, progress=False)
