@@ -88,7 +88,8 @@ def test_trainer_checkpoint_of_a_float64_model_resumes_bit_for_bit(tmp_path):
 
 
 def _adapted(name, method):
-    configs = {"lora": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM"),
+    configs = {"lora": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                                       task_type="CAUSAL_LM"),
                "prompt": peft.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
                "prefix": peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
                "adapter": peft.DoubleSeqBnConfig(reduction_factor=4)}
