@@ -1,18 +1,20 @@
 """numlm.peft's math: float64 gradchecks (hypothesis draws shapes, ranks, token counts, masks and
-values) of the LoRA linear in both layouts, the bottleneck adapter block, prompt tuning and prefix
-attention with padding, plus values computed independently."""
+values) of the LoRA linear in both layouts, the bottleneck adapter block, prompt tuning and the prefix
+table's view as past keys and values, plus values computed independently."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from numlm import ops
 from numlm.gradchecking import Uninformative, gradcheck
-from numlm.nn import Linear, LayerNorm
+from numlm.nn import Linear
 from numlm.peft import ops as P
 from numlm.peft.config import DoubleSeqBnConfig, SeqBnConfig, BnConfig
 from numlm.peft.layers import LoraLinear
 
+from stencil import stencil_errors
+
 TOL = 1e-7
+TOL_STENCIL = 1e-9  # the five-point stencil's: float32 rounding (up to 6e-8) anywhere fails it
 EPS = 2.0 ** -16
 seeds = st.integers(0, 2**32 - 1)
 
@@ -20,6 +22,11 @@ seeds = st.integers(0, 2**32 - 1)
 def worst(errs, n):
     assert len(errs) == n, errs
     return max(errs.values())
+
+
+def fine(forward, inputs, backward, kwargs=None):
+    errs = stencil_errors(forward, inputs, backward, kwargs=kwargs)
+    assert errs and max(errs.values()) < TOL_STENCIL, errs
 
 
 # ---------------------------------------------------------------------------------------- LoRA
@@ -43,6 +50,7 @@ def test_lora_linear_gradcheck(N, c_in, c_out, r, bias, dropout, seed):
         return g if bias else g[:2] + g[3:]
     errs = gradcheck(P.lora_linear_forward, tuple(inputs), backward, eps=EPS)
     assert worst(errs, 4 + bias + dropout) < TOL, errs
+    fine(P.lora_linear_forward, tuple(inputs), backward)
 
 
 def test_lora_linear_values_and_frozen_weight():
@@ -202,6 +210,7 @@ def test_bottleneck_gradcheck(N, C, m, act, scaling, seed):
     errs = gradcheck(P.bottleneck_forward, (z, r, wd, bd, wu, bu), P.bottleneck_backward,
                      kwargs={"act": act, "scaling": scaling}, eps=EPS)
     assert worst(errs, 6) < TOL, errs
+    fine(P.bottleneck_forward, (z, r, wd, bd, wu, bu), P.bottleneck_backward, {"act": act, "scaling": scaling})
 
 
 def _block_fn(cfg, use_ln):
@@ -239,6 +248,7 @@ def test_adapter_block_gradcheck(B, T, C, m, kind, use_ln, flags, seed):
     unused = set() if use_ln else {"gamma", "beta"}  # without the block's LayerNorm they change nothing
     assert {k for k, e in errs.items() if isinstance(e, Uninformative)} == unused, errs
     assert max(e for k, e in errs.items() if k not in unused) < TOL, errs
+    fine(f, (h, x, gamma, beta, wd, bd, wu, bu), b)
 
 
 def test_adapter_block_values():
@@ -277,6 +287,7 @@ def test_prompt_gradcheck(B, T, C, n, seed):
     emb, prompt = rng.standard_normal((B, T, C)), rng.standard_normal((n, C))
     errs = gradcheck(P.prompt_forward, (emb, prompt), lambda d, c: P.prompt_backward(d, c), eps=EPS)
     assert worst(errs, 2) < TOL
+    fine(P.prompt_forward, (emb, prompt), lambda d, c: P.prompt_backward(d, c))
     out, _ = P.prompt_forward(emb, prompt)
     np.testing.assert_array_equal(out[1 % B, :n], prompt)
     np.testing.assert_array_equal(out[:, n:], emb)
@@ -302,6 +313,7 @@ def test_prefix_layout_gradcheck(B, n, L, H, D, seed):
     def b(d, c):
         return P.prefix_backward([(d[2 * l], d[2 * l + 1]) for l in range(L)], c)
     assert worst(gradcheck(f, (prompt,), b, eps=EPS), 1) < TOL
+    fine(f, (prompt,), b)
 
 
 def test_swish_values():

@@ -189,9 +189,8 @@ class PreTrainedModel(Module):
         any other missing, unexpected or wrongly shaped tensor is an error listing them."""
         dtype = parse_dtype(dtype)
         config = cls.from_config_dict(read_config(path), **config_overrides)
-        model = cls(config, seed=seed)
+        model = cls(config, seed=seed, dtype=dtype)  # built in dtype: a float64 file loads bit for bit
         model._load_checkpoint(load_safetensors(path), path)
-        model.astype(dtype)
         return model.eval()
 
     def _is_head_key(self, key):
