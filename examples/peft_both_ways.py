@@ -1,15 +1,18 @@
 """Adapters numlm trains and saves load in the libraries people use, with the same logits.
 
 On the real all-MiniLM-L6-v2 (a BERT) with a new two-class head, numlm trains a LoRA (query, value),
-a soft prompt and a prefix for a few steps and saves each in peft's files; peft.PeftModel.from_pretrained
-loads each onto transformers' BertForSequenceClassification. numlm trains a Houlsby adapter
-(double_seq_bn) and saves it in AdapterHub's files; the `adapters` library loads it. The script
-prints the largest logit difference for each (float32 both sides).
+its variants (rsLoRA, DoRA, bias="all"), IA3 (peft's default modules), a soft prompt and a prefix for a
+few steps and saves each in peft's files; peft.PeftModel.from_pretrained loads each onto transformers'
+BertForSequenceClassification. numlm trains a Houlsby adapter (double_seq_bn) and saves it in
+AdapterHub's files; the `adapters` library loads it (skipped when it is not installed: it needs an
+older transformers than peft may). The script prints the largest logit difference for each (float32
+both sides).
 
-Needs torch, transformers, peft and adapters besides numlm (none of them is a numlm dependency):
+Needs torch, transformers, peft (and adapters) besides numlm (none of them is a numlm dependency):
     PYTHONPATH=. python examples/peft_both_ways.py [--model-dir DIR]
 """
 import argparse
+import importlib
 import importlib.util
 import sys
 import tempfile
@@ -63,7 +66,7 @@ def main():
     import torch
     import transformers
     import peft
-    import adapters
+    adapters = importlib.import_module("adapters") if importlib.util.find_spec("adapters") else None
     torch.manual_seed(0)
     transformers.logging.set_verbosity_error()  # "newly initialized: classifier": the adapter file brings it
     import logging
@@ -77,10 +80,14 @@ def main():
     tfeed = {k: torch.from_numpy(v) for k, v in feed.items()}
     print(f"all-MiniLM-L6-v2, {len(SENTENCES)} sentences x {enc['input_ids'].shape[1]} tokens, float32; "
           f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-          f"adapters {adapters.__version__}")
+          f"adapters {adapters.__version__ if adapters else '(not installed)'}")
+    lora = dict(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS")
     methods = {
-        "LoRA r=8 query/value": npeft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
-                                                 task_type="SEQ_CLS"),
+        "LoRA r=8 query/value": npeft.LoraConfig(**lora),
+        "rsLoRA r=8 query/value": npeft.LoraConfig(**lora, use_rslora=True),
+        "DoRA r=8 query/value": npeft.LoraConfig(**lora, use_dora=True),
+        'LoRA r=8 query/value, bias="all"': npeft.LoraConfig(**lora, bias="all"),
+        "IA3, peft's default modules": npeft.IA3Config(task_type="SEQ_CLS"),
         "prompt tuning, 20 tokens": npeft.PromptTuningConfig(num_virtual_tokens=20, task_type="SEQ_CLS"),
         "prefix tuning, 20 tokens": npeft.PrefixTuningConfig(num_virtual_tokens=20, task_type="SEQ_CLS"),
     }
@@ -98,7 +105,9 @@ def main():
                 t = theirs(**tfeed).logits.numpy()
             off = pm.unload()(**feed).logits  # numlm without the adapter (trained head kept)
             report("peft, " + name, "peft.PeftModel.from_pretrained", ours, t, off)
-
+        if adapters is None:
+            print("adapters is not installed: the AdapterHub check is skipped")
+            return
         pm = numlm_train(model_dir, npeft.DoubleSeqBnConfig(reduction_factor=16), batch, adapter_name="houlsby")
         ours = pm(**feed).logits
         d = Path(tmp) / "houlsby"

@@ -2,10 +2,8 @@
 corpora, exact resume after a real Ctrl-C."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -192,23 +190,31 @@ def test_diverged_training_is_one_line(corpus, tmp_path, capsys):
 
 
 # ---- a real Ctrl-C ---------------------------------------------------------------------------------------
-def test_sigint_at_a_random_moment_then_resume_equals_an_uninterrupted_run(corpus, tmp_path):
-    steps = 400  # long enough (seconds at ~100 steps/s) that the signal lands inside the run
-    ref = tmp_path / "ref"
-    assert main(base(corpus, ref, steps=steps)) == 0
+STEPS = 40  # evaluation every 8 steps, a checkpoint every 20
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    ref = tmp_path_factory.mktemp("ref")
+    assert main(base(corpus, ref, steps=STEPS)) == 0
+    return ref
+
+
+@pytest.mark.parametrize("step,where", [(5, "step"), (8, "update"), (16, "evaluate"), (20, "update")])
+def test_sigint_at_a_given_step_then_resume_equals_an_uninterrupted_run(step, where, corpus, uninterrupted,
+                                                                         tmp_path):
+    """A real SIGINT the process sends itself at a chosen point (tests/interrupt_at.py): as a step
+    begins, right after an update (8: an evaluation follows), as an evaluation begins, at a save step."""
+    steps, ref = STEPS, uninterrupted
     out = tmp_path / "cut"
-    cmd = [sys.executable, "-m", "numlm"] + base(corpus, out, steps=steps)
+    cmd = [sys.executable, str(Path(__file__).parent / "interrupt_at.py"), str(step), where]
+    cmd += base(corpus, out, steps=steps)
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not metrics.is_file():
-        time.sleep(0.01)
-    time.sleep(float(np.random.default_rng().uniform(0, 0.3)))   # somewhere inside a step, evaluation or save
-    proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr  # interrupted, wherever the signal landed
-    assert not (out / "model").exists() or "interrupted at step" not in stdout
+    assert proc.returncode == 130 and f"interrupted at step {step};" in stdout, stderr
+    assert not (out / "model").exists()  # an interrupted run is not a finished one
     assert main(base(corpus, out, steps=steps) + ["--resume"]) == 0
     assert (out / "model" / "model.safetensors").read_bytes() == (ref / "model" / "model.safetensors").read_bytes()
     rows = [json.loads(l) for l in metrics.read_text().splitlines()]

@@ -56,13 +56,14 @@ def test_mask_tokens_properties(seed, B, T, V, p, use_mask):
 
 
 def test_mask_tokens_rates():
-    """200k maskable tokens: 15% chosen; of those [MASK] 80%, random 10%, kept 10%.
+    """1M maskable tokens: 15% chosen; of those [MASK] 80%, random 10%, kept 10% (5 sigma is under
+    half a point of each rate, so moving any of the three draws' probabilities by 5 points fails).
 
     A random draw can land on the original id or on [MASK] (prob 1/V each), so the observable
     probabilities are P(mask) = .8 + .1/V, P(same) = .1 + .1/V, P(other) = .1 (V - 2) / V."""
     V, mask_id = 1000, 4
     rng = np.random.default_rng(0)
-    ids = rng.integers(5, V, size=(400, 500))
+    ids = rng.integers(5, V, size=(1000, 1000))
     masked, labels = mask_tokens(ids, {0, 1, 2, 3, 4}, mask_id, V, rng)
     n = ids.size
     chosen = labels != IGNORE_INDEX
@@ -149,13 +150,15 @@ def test_nsp_pairs_properties(seed, n_docs, max_length, short):
 
 
 def test_nsp_label_rate():
-    """Labels are 50/50, except that a chunk of one sentence (at most one per document, the
-    last) must take a random B: at most n_docs extra label-1 pairs."""
-    n_docs = 30
-    docs = make_documents(1, n_docs, n_sents=(100, 200), sent_len=(2, 6))
-    pairs = nsp_pairs(docs, 64, 0, short_seq_prob=0.0, dupe_factor=2)
+    """Labels are 50/50, except that a chunk of one sentence (at most one per document and pass, the
+    last) must take a random B: at most n_docs * dupe_factor extra label-1 pairs. 32k pairs: 5 sigma
+    is 1.4 points, so a rate of 45% or 55% fails."""
+    n_docs, dupe = 20, 5
+    docs = make_documents(1, n_docs, n_sents=(900, 1100), sent_len=(2, 6))
+    pairs = nsp_pairs(docs, 16, 0, short_seq_prob=0.0, dupe_factor=dupe)
     ones = sum(p.label for p in pairs)
-    assert within(ones, len(pairs), 0.5, extra_high=2 * n_docs)
+    assert len(pairs) > 30000 and SIGMA * np.sqrt(len(pairs) / 4) + n_docs * dupe < 0.02 * len(pairs)
+    assert within(ones, len(pairs), 0.5, extra_high=n_docs * dupe)
     for p in pairs[:500]:
         check_pair(docs, p, 64)
 

@@ -253,7 +253,7 @@ def test_non_finite_gradients_never_pass(where):
 
 
 def test_print_op_table_fails_on_non_finite_and_uninformative(capsys):
-    from numlm.cli_inspect import print_op_table
+    from numlm.cli.inspect import print_op_table
     x = np.random.default_rng(12).standard_normal((2, 5))
     assert print_op_table({"softmax": (ops.softmax_forward, ops.softmax_backward, (x,), {})}) == 0
     nan = {"softmax": (ops.softmax_forward, lambda dy, y: ops.softmax_backward(dy, y) * np.nan, (x,), {})}

@@ -16,7 +16,10 @@ from numlm import ops
 from numlm.gradchecking import Uninformative, gradcheck
 from numlm.kernels import set_numba
 
+from stencil import stencil_errors
+
 TOL = 1e-7
+TOL_STENCIL = 1e-9  # float32 rounds by up to 6e-8: sixty times this
 # Central-difference steps are powers of two, so x +- eps is exact (for |x| < 2**39). Truncation error
 # grows as eps**2, rounding noise as ulp(f) / eps; these balance them (measured over thousands of
 # draws, worst errors stay below 2e-8): EPS for O(1) values, EPS_LARGE for |x| ~ 1e3 logits, where
@@ -48,7 +51,8 @@ def _report_worst():
 
 
 def check(op, forward, inputs, backward, kwargs=None, eps=1e-6, expect=None):
-    """gradcheck on the Numba and on the NumPy path; every error must be < TOL."""
+    """gradcheck on the Numba and on the NumPy path; every error must be < TOL; and the five-point
+    stencil's, < TOL_STENCIL (float32 rounding of any gradient entry fails it)."""
     for flag in (True, False):
         with numba_path(flag):
             errs = gradcheck(forward, inputs, backward, kwargs=kwargs, eps=eps)
@@ -57,12 +61,15 @@ def check(op, forward, inputs, backward, kwargs=None, eps=1e-6, expect=None):
             for name in [k for k, e in errs.items() if isinstance(e, Uninformative)]:
                 again = gradcheck(forward, inputs, backward, kwargs=kwargs, eps=eps, seed=1)[name]
                 assert isinstance(again, Uninformative) or again < TOL, (op, name, again)
+            fine = stencil_errors(forward, inputs, backward, kwargs=kwargs, h=2.0 ** (-7 if eps == EPS_LARGE else -10))
         if expect is not None:
             assert set(errs) == set(expect), errs
-        assert errs
+        assert errs and fine
         worst = max((e for e in errs.values() if not isinstance(e, Uninformative)), default=0.0)
         WORST[op] = max(WORST.get(op, 0.0), worst)
+        WORST[op + " (stencil)"] = max(WORST.get(op + " (stencil)", 0.0), max(fine.values()))
         assert worst < TOL, (op, "numba" if flag else "numpy", errs)
+        assert max(fine.values()) < TOL_STENCIL, (op, "numba" if flag else "numpy", fine)
     return errs
 
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 import numlm
 from numlm import peft
 from numlm.optim import AdamW
+from numlm.peft.layers import DoraLinear
 
 from conftest import FIXTURES
 
@@ -22,7 +23,13 @@ CASES = {  # fixture -> (base model fixture, class, task)
     "prompt-gpt2-tiny": ("gpt2-tiny", numlm.GPT2LMHeadModel),
     "prefix-gpt2-tiny": ("gpt2-tiny", numlm.GPT2LMHeadModel),
     "adapter-bert-tiny-seqcls": ("bert-tiny-seqcls", numlm.BertForSequenceClassification),
+    "adapter-gpt2-tiny-lmhead": ("gpt2-tiny", numlm.GPT2LMHeadModel),
 }
+# the variants (peft 0.21, transformers 5.23: every loss and gradient float64), on both base models
+VARIANTS = [f"{v}-{m}" for v in ("rslora", "lora-bias-lora-only", "lora-bias-all", "dora", "ia3")
+            for m in ("bert-tiny-seqcls", "gpt2-tiny")]
+CASES.update({name: ("bert-tiny-seqcls", numlm.BertForSequenceClassification) if "bert" in name
+              else ("gpt2-tiny", numlm.GPT2LMHeadModel) for name in VARIANTS})
 
 
 def rel(a, b):
@@ -52,13 +59,20 @@ def causal_ce(logits, labels):
 
 # ---------------------------------------------------------------------------------------- the five references
 
+def grad_error(got, want, scale):
+    """max |got - want| relative to the tensor's largest reference entry, or to 1e-3 of the largest
+    gradient of any tensor when that is larger: a gradient that is zero in exact arithmetic (BERT's key
+    bias, under softmax's shift invariance) is rounding noise in both, ~1e-17, and compares as such."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-3 * scale))
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_reference_float64(name):
-    """Logits to 1e-10; loss and every trainable gradient, keyed as in the adapter file, to 1e-10.
-    The three GPT-2 causal-LM references hold a loss transformers 4.57 computed in float32
-    (ForCausalLMLoss casts the logits with .float()): there the loss is checked to 1e-10 against an
-    independent float64 cross-entropy of the reference logits, and loss and gradients against the
-    reference to its float32 precision (the float64 gradients are checked numerically below)."""
+    """Logits, loss and every trainable gradient, keyed as in the adapter file, to 1e-10 (float32
+    rounding anywhere, 6e-8, fails; a gradient zero in exact arithmetic compares as noise, grad_error).
+    The causal-LM losses are also checked against an independent float64 cross-entropy of the
+    reference logits."""
     ref = np.load(PEFT / name / "reference.npz")
     pm = load(name)
     out = pm(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"], labels=ref["labels"])
@@ -68,25 +82,23 @@ def test_reference_float64(name):
     grads = pm.gradients()
     want = {k[len("grad/"):] for k in ref.files if k.startswith("grad/")}
     assert set(grads) == want
-    causal = "gpt2" in name
-    if causal:
+    if "gpt2" in name:
         labels = ref["labels"]
         n = out.logits.shape[1] - labels.shape[1]  # prompt tuning: n virtual positions, labels -100
         labels = np.concatenate([np.full((labels.shape[0], n), -100), labels], 1)
-        assert rel(out.loss, causal_ce(ref["logits"], labels)) < 1e-10
-        assert rel(out.loss, ref["loss"]) < 1e-6
-    else:
-        assert rel(out.loss, ref["loss"]) < 1e-10
-    tol = 1e-6 if causal else 1e-10
+        assert rel(ref["loss"], causal_ce(ref["logits"], labels)) < 1e-12  # the reference itself is float64
+    assert rel(out.loss, ref["loss"]) < 1e-10
+    scale = max(np.abs(ref["grad/" + k]).max() for k in want)
     for k in want:
         assert grads[k].shape == ref["grad/" + k].shape, k
-        assert rel(grads[k], ref["grad/" + k]) < tol, k
+        assert grad_error(grads[k], ref["grad/" + k], scale) < 1e-10, k
 
 
-@pytest.mark.parametrize("name", ["lora-bert-tiny-seqcls", "lora-gpt2-tiny"])
+@pytest.mark.parametrize("name", ["lora-bert-tiny-seqcls", "lora-gpt2-tiny"] + VARIANTS)
 def test_reference_merged_weights(name):
-    """merge_and_unload: W + (alpha/r) B A (nn.Linear) or its transpose (Conv1D) to 1e-12, and the
-    merged plain model gives the adapted logits to 1e-12."""
+    """merge_and_unload as peft's, every changed tensor to 1e-12: LoRA W + s B A (nn.Linear) or its
+    transpose (Conv1D), rsLoRA with s = alpha / sqrt(r), DoRA (m / ||W + s B A||) (W + s B A), IA3 W and b
+    rescaled, trained biases kept; the merged plain model gives the adapted logits to 1e-12."""
     ref = np.load(PEFT / name / "reference.npz")
     pm = load(name)
     out = pm(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"])
@@ -97,7 +109,7 @@ def test_reference_merged_weights(name):
     assert keys
     for k in keys:
         assert rel(sd[k[len("merged/"):]], ref[k]) < 1e-12, k
-    assert not any("lora" in k for k in sd)
+    assert not any("lora" in k or "ia3" in k for k in sd)
     out2 = merged(ref["input_ids"], attention_mask=ref["attention_mask"])
     assert rel(out2.logits, out.logits) < 1e-12
 
@@ -114,7 +126,8 @@ def test_reference_float32(name):
     grads = pm.gradients()
     for k in grads:
         assert grads[k].dtype == np.float32
-        assert rel(grads[k], ref["grad/" + k]) < 1e-4, k  # a sum over B*T float32 products
+        scale = max(np.abs(ref[f]).max() for f in ref.files if f.startswith("grad/"))
+        assert grad_error(grads[k], ref["grad/" + k], scale) < 1e-4, k  # a sum over B*T float32 products
 
 
 # ---------------------------------------------------------------------------------------- files both ways
@@ -264,8 +277,13 @@ def make(kind, method, r=2, n=3):
     task = "SEQ_CLS" if kind in ENCODERS else "CAUSAL_LM"
     targets = {"bert": ["query", "value", "dense"], "roberta": ["query", "value", "dense"],
                "distilbert": ["q_lin", "v_lin", "lin1"], "gpt2": ["c_attn", "c_fc"], "openai-gpt": ["c_attn", "c_proj"]}
-    cfg = {"lora": lambda: peft.LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=targets[kind], task_type=task,
-                                           fan_in_fan_out=kind not in ENCODERS),
+    lora = dict(r=r, lora_alpha=2 * r + 1, target_modules=targets[kind], task_type=task,
+                fan_in_fan_out=kind not in ENCODERS)
+    cfg = {"lora": lambda: peft.LoraConfig(**lora),
+           "rslora": lambda: peft.LoraConfig(**lora, use_rslora=True),
+           "dora": lambda: peft.LoraConfig(**lora, use_dora=True, bias="lora_only"),
+           "lora-bias-all": lambda: peft.LoraConfig(**lora, bias="all"),
+           "ia3": lambda: peft.IA3Config(task_type=task),  # peft's default targets and feed-forward modules
            "prompt": lambda: peft.PromptTuningConfig(num_virtual_tokens=n, task_type=task),
            "prefix": lambda: peft.PrefixTuningConfig(num_virtual_tokens=n, task_type=task),
            "houlsby": lambda: peft.DoubleSeqBnConfig(reduction_factor=2),
@@ -290,7 +308,11 @@ def inputs(kind, B, T, pad, seed):
 def numeric_check(pm, ids, mask, labels, entries=3, eps=1e-6, seed=0):
     """Central differences of the loss for a few random entries of every trainable tensor: the worst
     |numeric - analytic| / (largest analytic entry of that tensor + 1e-3); the 1e-3 keeps the ~1e-10
-    rounding noise of a central difference from dominating a tensor whose gradients are all tiny."""
+    rounding noise of a central difference from dominating a tensor whose gradients are all tiny.
+    DoRA's norms are held at their values here, as its backward holds them (peft detaches them)."""
+    for _, m in pm.base_model.modules():
+        if isinstance(m, DoraLinear):
+            m.fixed_norm = m.norm()
     pm.zero_grad()
     pm(input_ids=ids, attention_mask=mask, labels=labels)
     pm.backward()
@@ -311,8 +333,11 @@ def numeric_check(pm, ids, mask, labels, entries=3, eps=1e-6, seed=0):
     return worst
 
 
+METHODS = ["lora", "prompt", "prefix", "houlsby", "pfeiffer", "rslora", "dora", "lora-bias-all", "ia3"]
+
+
 @pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert", "gpt2", "openai-gpt"])
-@pytest.mark.parametrize("method", ["lora", "prompt", "prefix", "houlsby", "pfeiffer"])
+@pytest.mark.parametrize("method", METHODS)
 @settings(max_examples=3, deadline=None)
 @given(r=st.integers(1, 3), n=st.integers(1, 4), B=st.integers(1, 2), T=st.integers(2, 5), pad=st.integers(0, 1),
        seed=st.integers(0, 2**31))
@@ -325,7 +350,7 @@ def test_whole_model_gradcheck(kind, method, r, n, B, T, pad, seed):
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "openai-gpt"])
-@pytest.mark.parametrize("method", ["lora", "prompt", "prefix", "houlsby", "pfeiffer"])
+@pytest.mark.parametrize("method", METHODS)
 def test_no_grad_forward_equals_the_forward_and_training_goes_on(kind, method):
     """Under numlm.no_grad() (evaluation between training steps) every method gives the same loss and
     logits, and the next training step's gradients equal those of a model that never evaluated."""
@@ -420,6 +445,135 @@ def test_bad_configs():
         peft.LoraConfig(task_type="SEQ2SEQ_LM")
 
 
+def _refused(match, call):
+    """`call` raises one ValueError line matching `match`."""
+    with pytest.raises(ValueError, match=match) as e:
+        call()
+    assert "\n" not in str(e.value), str(e.value)
+
+
+def test_variant_bad_configs():
+    _refused(r"use_rslora scales by lora_alpha / sqrt\(r\): r must be a positive integer, got 0",
+             lambda: peft.LoraConfig(r=0, use_rslora=True))
+    _refused(r"LoRA bias='some' is not supported; peft's are \('none', 'lora_only', 'all'\)",
+             lambda: peft.LoraConfig(bias="some"))
+    _refused("use_dora must be True or False, got 'yes'", lambda: peft.LoraConfig(use_dora="yes"))
+    _refused(r"feedforward_modules \['output.dense'\] are not in target_modules \['key'\]: peft requires",
+             lambda: peft.IA3Config(target_modules=["key"], feedforward_modules=["output.dense"]))
+    _refused("init_ia3_weights must be True or False", lambda: peft.IA3Config(init_ia3_weights="ones"))
+
+
+@pytest.mark.parametrize("kind, config, match", [
+    ("bert", peft.LoraConfig(target_modules=["LayerNorm"], use_dora=True),
+     r"match bert.embeddings.LayerNorm \(LayerNorm\), not a Linear: LORA adapts only Linear modules"),
+    ("gpt2", peft.LoraConfig(target_modules=["wte", "c_attn"], use_dora=True),
+     r"match transformer.wte \(Embedding\), not a Linear: LORA adapts only Linear"),
+    ("gpt2", peft.IA3Config(target_modules=["wte"], feedforward_modules=[]),
+     r"match transformer.wte \(Embedding\), not a Linear: IA3 adapts only Linear"),
+    ("bert", peft.IA3Config(target_modules=["attention"], feedforward_modules=[]),
+     r"match bert.encoder.layer.0.attention \(BertAttention\), not a Linear: IA3 adapts only Linear"),
+    ("bert", peft.IA3Config(target_modules=["qkv"]), r"target_modules \['qkv'\] match no Linear module"),
+])
+def test_targets_peft_refuses_leave_the_model_as_it_was(kind, config, match):
+    """A DoRA or IA3 target that is not a Linear is refused as peft refuses it (peft: "Target module ...
+    is not supported"), in one line, and the model keeps its modules, values and trainable tensors."""
+    model = tiny(kind)
+    before = {k: v.copy() for k, v in model.parameters().items()}
+    trainable = set(model.grad_arrays())
+    _refused(match, lambda: peft.get_peft_model(model, config))
+    assert set(model.grad_arrays()) == trainable and getattr(model, "_peft", None) is None
+    assert before.keys() == model.parameters().keys()
+    for k, v in model.parameters().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+@pytest.mark.parametrize("method", ["rslora", "dora", "lora-bias-all", "ia3"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_new_methods_round_trip_from_scratch(method, kind, tmp_path):
+    """get_peft_model, train a step, save_pretrained: the folder loads back onto a fresh base with the
+    same logits and every trainable tensor bit-identical, and holds peft's keys for the method."""
+    pm = make(kind, method)
+    ids, mask, labels = inputs(kind, 2, 5, 1, 0)
+    _train(pm, ids, mask, labels, steps=1)
+    pm.eval()
+    want = pm(input_ids=ids, attention_mask=mask).logits
+    pm.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == ("IA3" if method == "ia3" else "LORA")
+    back = peft.PeftModel.from_pretrained(tiny(kind), tmp_path)
+    np.testing.assert_array_equal(back(input_ids=ids, attention_mask=mask).logits, want)
+    got = back.state_dict()
+    for k, v in pm.state_dict().items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    suffix = {"rslora": ".lora_B.weight", "dora": ".lora_magnitude_vector", "lora-bias-all": "LayerNorm.bias"
+              if kind == "bert" else "ln_f.bias", "ia3": ".ia3_l"}[method]
+    assert any(k.endswith(suffix) for k in got)
+
+
+def test_bias_all_head_keys_as_peft():
+    """bias="all" with a trained classifier: peft saves its bias three times (classifier.bias and
+    classifier.modules_to_save.bias, the same tensor; classifier.original_module.bias, the base model's);
+    numlm writes all three, and a file whose two copies differ is refused by name."""
+    pm = load("lora-bias-all-bert-tiny-seqcls")
+    sd, base_bias = pm.state_dict(), base("lora-bias-all-bert-tiny-seqcls").classifier.params["bias"]
+    np.testing.assert_array_equal(sd["base_model.model.classifier.modules_to_save.bias"],
+                                  sd["base_model.model.classifier.bias"])
+    np.testing.assert_array_equal(sd["base_model.model.classifier.original_module.bias"], base_bias)
+    assert "base_model.model.classifier.modules_to_save.bias" not in pm.parameters()  # trained once
+    state = {**sd, "base_model.model.classifier.modules_to_save.bias": np.zeros(3)}
+    _refused(r"'base_model.model.classifier.modules_to_save.bias' differs from 'base_model.model.classifier.bias'",
+             lambda: pm.load_state_dict(state))
+
+
+def test_adapterhub_lm_head_tied_accepted_different_refused(tmp_path):
+    """adapters' save_adapter(with_head=True) on GPT2LMHeadModel writes lm_head.weight, tied to wte:
+    equal to numlm's embedding, it is accepted (the logits those of `adapters`, and saved again); a
+    different one is refused by its key, and the model stays as it was."""
+    from safetensors.numpy import load_file, save_file
+    name = "adapter-gpt2-tiny-lmhead"
+    ref = np.load(PEFT / name / "reference.npz")
+    pm = load(name)
+    out = pm(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"])
+    assert rel(out.logits, ref["logits"]) < 1e-10
+    assert rel(ref["logits"], ref["base_logits"]) > 1e-2  # the adapter is not a no-op
+    pm.save_pretrained(tmp_path / "again")
+    head = load_file(str(tmp_path / "again" / "model_head.safetensors"))
+    np.testing.assert_array_equal(head["lm_head.weight"], load_file(str(PEFT / name / "adapter" /
+                                                                        "model_head.safetensors"))["lm_head.weight"])
+    d = _copy(name, tmp_path)
+    f = d / "model_head.safetensors"
+    w = load_file(str(f))["lm_head.weight"]
+    save_file({"lm_head.weight": w + 1e-3}, str(f))
+    model = base(name)
+    before = {k: v.copy() for k, v in model.parameters().items()}
+    _refused(r"model_head.safetensors holds 'lm_head.weight', which differs from the base model's "
+             r"'transformer.wte.weight' it is tied to", lambda: peft.PeftModel.from_pretrained(model, d))
+    assert before.keys() == model.parameters().keys() and getattr(model, "_peft", None) is None
+    for k, v in model.parameters().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_adapterhub_head_tensor_numlm_holds_untied_is_loaded(tmp_path):
+    """A head file's tensor that numlm holds in a slot of its own (not tied) and that differs from the
+    base model's is loaded there, not dropped, and saved again with the adapter; the tied lm_head, equal
+    to the embedding, is kept as it is."""
+    from safetensors.numpy import save_file
+    pm = make("gpt2", "houlsby")
+    pm.save_pretrained(tmp_path)
+    model = tiny("gpt2")
+    head = {"lm_head.weight": model.state_dict()["lm_head.weight"], "transformer.ln_f.bias": np.arange(12.0)}
+    save_file(head, str(tmp_path / "model_head.safetensors"))
+    (tmp_path / "head_config.json").write_text(json.dumps({"config": None, "model_class": "GPT2LMHeadModel"}))
+    back = peft.PeftModel.from_pretrained(model, tmp_path)
+    np.testing.assert_array_equal(model.transformer.ln_f.params["bias"], np.arange(12.0))
+    ids, mask, _ = inputs("gpt2", 2, 4, 1, 0)
+    back.save_pretrained(tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(tiny("gpt2"), tmp_path / "again")
+    np.testing.assert_array_equal(again(input_ids=ids, attention_mask=mask).logits,
+                                  back(input_ids=ids, attention_mask=mask).logits)
+    assert json.loads((tmp_path / "again" / "head_config.json").read_text())["model_class"] == "GPT2LMHeadModel"
+
+
 def test_target_modules_matching_nothing():
     with pytest.raises(ValueError, match=r"target_modules \['qkv'\] match no Linear module.*'query'"):
         peft.get_peft_model(tiny("bert"), peft.LoraConfig(target_modules=["qkv"]))
@@ -450,8 +604,8 @@ def _copy(name, tmp_path):
 def test_unknown_peft_type_or_config(tmp_path):
     d = _copy("lora-bert-tiny-seqcls", tmp_path)
     orig = json.loads((d / "adapter_config.json").read_text())
-    for change, msg in (({"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
-                        ({"use_dora": True}, "use_dora"),
+    for change, msg in (({"peft_type": "VERA"}, "peft_type 'VERA' is not supported"),
+                        ({"lora_bias": True}, "lora_bias"),
                         ({"rank_pattern": {"query": 8}}, "rank_pattern"),
                         ({"layer_replication": [[0, 1]]}, r"options \['layer_replication'\]")):
         (d / "adapter_config.json").write_text(json.dumps({**orig, **change}))
@@ -494,7 +648,7 @@ def test_adapter_not_fitting_the_base_model(tmp_path):
 
 def test_merge_and_unload_needs_lora():
     for method in ("prompt", "prefix", "houlsby"):
-        with pytest.raises(ValueError, match="merge_and_unload needs a LoRA adapter"):
+        with pytest.raises(ValueError, match="merge_and_unload needs a LoRA or IA3 adapter"):
             make("gpt2", method).merge_and_unload()
 
 
@@ -698,3 +852,14 @@ def test_lora_alpha_must_be_finite():
     for alpha in (float("inf"), float("nan"), 0, -1):
         with pytest.raises(ValueError, match="lora_alpha must be a finite number > 0"):
             peft.LoraConfig(lora_alpha=alpha)
+
+
+@pytest.mark.parametrize("name", [v for v in VARIANTS if "gpt2" in v])
+def test_generate_from_a_variant_equals_its_merged_model(name):
+    """numlm.generate on a GPT-2 with rsLoRA, DoRA, trained biases or IA3 (KV cache, each step's
+    forward through the adapted linears) writes the tokens its merged plain model writes."""
+    ids = np.load(PEFT / name / "reference.npz")["input_ids"][:1, :5]
+    got = numlm.generate(load(name), ids, max_new_tokens=6)
+    want = numlm.generate(load(name).merge_and_unload(), ids, max_new_tokens=6)
+    assert got.shape == (1, 11)
+    np.testing.assert_array_equal(got, want)

@@ -1,18 +1,20 @@
 """numlm.peft's math: float64 gradchecks (hypothesis draws shapes, ranks, token counts, masks and
-values) of the LoRA linear in both layouts, the bottleneck adapter block, prompt tuning and prefix
-attention with padding, plus values computed independently."""
+values) of the LoRA linear in both layouts, the bottleneck adapter block, prompt tuning and the prefix
+table's view as past keys and values, plus values computed independently."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from numlm import ops
 from numlm.gradchecking import Uninformative, gradcheck
-from numlm.nn import Linear, LayerNorm
+from numlm.nn import Linear
 from numlm.peft import ops as P
 from numlm.peft.config import DoubleSeqBnConfig, SeqBnConfig, BnConfig
 from numlm.peft.layers import LoraLinear
 
+from stencil import stencil_errors
+
 TOL = 1e-7
+TOL_STENCIL = 1e-9  # the five-point stencil's: float32 rounding (up to 6e-8) anywhere fails it
 EPS = 2.0 ** -16
 seeds = st.integers(0, 2**32 - 1)
 
@@ -20,6 +22,11 @@ seeds = st.integers(0, 2**32 - 1)
 def worst(errs, n):
     assert len(errs) == n, errs
     return max(errs.values())
+
+
+def fine(forward, inputs, backward, kwargs=None):
+    errs = stencil_errors(forward, inputs, backward, kwargs=kwargs)
+    assert errs and max(errs.values()) < TOL_STENCIL, errs
 
 
 # ---------------------------------------------------------------------------------------- LoRA
@@ -43,6 +50,7 @@ def test_lora_linear_gradcheck(N, c_in, c_out, r, bias, dropout, seed):
         return g if bias else g[:2] + g[3:]
     errs = gradcheck(P.lora_linear_forward, tuple(inputs), backward, eps=EPS)
     assert worst(errs, 4 + bias + dropout) < TOL, errs
+    fine(P.lora_linear_forward, tuple(inputs), backward)
 
 
 def test_lora_linear_values_and_frozen_weight():
@@ -107,6 +115,84 @@ def test_lora_merge_equals_unmerged(c_in, c_out, r, torch_layout, seed):
     np.testing.assert_allclose(export_param(merged, "weight"), want, rtol=1e-13, atol=1e-13)
 
 
+# ---------------------------------------------------------------------------------------- DoRA, IA3
+
+@settings(max_examples=15)
+@given(N=st.integers(1, 5), c_in=st.integers(1, 6), c_out=st.integers(1, 6), r=st.integers(1, 3),
+       bias=st.booleans(), dropout=st.booleans(), seed=seeds)
+def test_dora_linear_gradcheck(N, c_in, c_out, r, bias, dropout, seed):
+    """Every input, the norm n among them: the layer passes n = ||W + s a b|| and drops dn (peft
+    detaches it), so the op's own gradients, dn included, are checked against central differences."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, c_in))
+    w, a, bb = rng.standard_normal((c_in, c_out)), rng.standard_normal((c_in, r)), rng.standard_normal((r, c_out))
+    b = rng.standard_normal(c_out) if bias else None
+    m, n = rng.uniform(0.5, 2.0, c_out), rng.uniform(0.5, 2.0, c_out)
+    inputs = [x, w, b, a, bb, m, n, float(rng.uniform(0.5, 3.0))]
+    if dropout:
+        inputs.append(x * (rng.random(x.shape) > 0.3) / 0.7)
+
+    def backward(dy, cache):
+        g = P.dora_linear_backward(dy, cache)
+        return g if bias else g[:2] + g[3:]
+    errs = gradcheck(P.dora_linear_forward, tuple(inputs), backward, eps=EPS)
+    assert worst(errs, 6 + bias + dropout) < TOL, errs
+
+
+def test_dora_values_against_peft_formula():
+    """y = x W^T + b + (m/n - 1) (x W^T) + (m/n) s (x A^T) B^T in torch's layout, n = ||W + s B A|| per row
+    (peft's DoraLinearLayer), computed here independently; with x' = dropout(x) the base term sees x'."""
+    rng = np.random.default_rng(3)
+    Wt, A, B = rng.standard_normal((3, 4)), rng.standard_normal((2, 4)), rng.standard_normal((3, 2))  # torch layouts
+    b, m, x, s = rng.standard_normal(3), rng.uniform(1, 2, 3), rng.standard_normal((5, 4)), 1.5
+    n = np.linalg.norm(Wt + s * B @ A, axis=1)
+    np.testing.assert_allclose(P.dora_norm(Wt.T.copy(), A.T.copy(), B.T.copy(), s), n, rtol=1e-14)
+    y, _ = P.dora_linear_forward(x, Wt.T.copy(), b, A.T.copy(), B.T.copy(), m, n, s)
+    np.testing.assert_allclose(y, (m / n) * (x @ Wt.T + s * x @ A.T @ B.T) + b, rtol=1e-13)
+    xd = x * (rng.random(x.shape) > 0.5) * 2
+    y, _ = P.dora_linear_forward(x, Wt.T.copy(), b, A.T.copy(), B.T.copy(), m, n, s, xd)
+    want = x @ Wt.T + b + (m / n - 1) * (xd @ Wt.T) + (m / n) * s * (xd @ A.T @ B.T)
+    np.testing.assert_allclose(y, want, rtol=1e-13)
+
+
+@settings(max_examples=15)
+@given(B=st.integers(1, 3), T=st.integers(1, 4), c_in=st.integers(1, 6), c_out=st.integers(1, 6),
+       bias=st.booleans(), feedforward=st.booleans(), seed=seeds)
+def test_ia3_gradcheck(B, T, c_in, c_out, bias, feedforward, seed):
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal((B, T, c_in)), rng.standard_normal((c_in, c_out))
+    b = rng.standard_normal(c_out) if bias else None
+    l = rng.uniform(0.5, 1.5, c_in if feedforward else c_out)
+
+    def backward(dy, cache):
+        g = P.ia3_backward(dy, cache)
+        return g if bias else g[:2] + g[3:]
+    errs = gradcheck(P.ia3_forward, (x, w, b, l, feedforward), backward, eps=EPS)
+    assert worst(errs, 3 + bias) < TOL, errs
+
+
+def test_ia3_values_and_merge():
+    """Output scaling (x W^T + b) * l, input scaling (x * l) W^T + b (peft's IA3 Linear), independent
+    of numlm; merging (W, b rescaled) gives the same outputs, both layouts."""
+    from numlm.peft.layers import IA3Linear
+    rng = np.random.default_rng(4)
+    x, Wt, b = rng.standard_normal((2, 3, 4)), rng.standard_normal((5, 4)), rng.standard_normal(5)
+    for ff, l in ((False, rng.uniform(0.5, 2, 5)), (True, rng.uniform(0.5, 2, 4))):
+        want = (x * l) @ Wt.T + b if ff else (x @ Wt.T + b) * l
+        y, _ = P.ia3_forward(x, Wt.T.copy(), b, l, ff)
+        np.testing.assert_allclose(y, want, rtol=1e-13)
+        for torch_layout in (True, False):
+            base = Linear(4, 5, dtype=np.float64, torch_layout=torch_layout)
+            base.params["weight"][...], base.params["bias"][...] = Wt.T, b
+            m = IA3Linear(base, ff)
+            m.ia3_l.params["weight"][...] = l.reshape(m.ia3_l.params["weight"].shape)
+            assert m.ia3_l.params["weight"].shape == ((1, 4) if ff else (5, 1))  # peft's file shapes
+            np.testing.assert_allclose(m(x), want, rtol=1e-13)
+            np.testing.assert_allclose(m.unwrap(merge=True)(x), want, rtol=1e-13)
+    with pytest.raises(ValueError, match=r"IA3 vector has shape \(4,\), the output needs \(5,\)"):
+        P.ia3_forward(x, Wt.T.copy(), b, np.ones(4), False)
+
+
 # ---------------------------------------------------------------------------------------- adapters
 
 ACTS = ["swish", "relu", "gelu", "gelu_new", "tanh"]
@@ -124,6 +210,7 @@ def test_bottleneck_gradcheck(N, C, m, act, scaling, seed):
     errs = gradcheck(P.bottleneck_forward, (z, r, wd, bd, wu, bu), P.bottleneck_backward,
                      kwargs={"act": act, "scaling": scaling}, eps=EPS)
     assert worst(errs, 6) < TOL, errs
+    fine(P.bottleneck_forward, (z, r, wd, bd, wu, bu), P.bottleneck_backward, {"act": act, "scaling": scaling})
 
 
 def _block_fn(cfg, use_ln):
@@ -161,6 +248,7 @@ def test_adapter_block_gradcheck(B, T, C, m, kind, use_ln, flags, seed):
     unused = set() if use_ln else {"gamma", "beta"}  # without the block's LayerNorm they change nothing
     assert {k for k, e in errs.items() if isinstance(e, Uninformative)} == unused, errs
     assert max(e for k, e in errs.items() if k not in unused) < TOL, errs
+    fine(f, (h, x, gamma, beta, wd, bd, wu, bu), b)
 
 
 def test_adapter_block_values():
@@ -199,6 +287,7 @@ def test_prompt_gradcheck(B, T, C, n, seed):
     emb, prompt = rng.standard_normal((B, T, C)), rng.standard_normal((n, C))
     errs = gradcheck(P.prompt_forward, (emb, prompt), lambda d, c: P.prompt_backward(d, c), eps=EPS)
     assert worst(errs, 2) < TOL
+    fine(P.prompt_forward, (emb, prompt), lambda d, c: P.prompt_backward(d, c))
     out, _ = P.prompt_forward(emb, prompt)
     np.testing.assert_array_equal(out[1 % B, :n], prompt)
     np.testing.assert_array_equal(out[:, n:], emb)
@@ -224,6 +313,7 @@ def test_prefix_layout_gradcheck(B, n, L, H, D, seed):
     def b(d, c):
         return P.prefix_backward([(d[2 * l], d[2 * l + 1]) for l in range(L)], c)
     assert worst(gradcheck(f, (prompt,), b, eps=EPS), 1) < TOL
+    fine(f, (prompt,), b)
 
 
 def test_swish_values():

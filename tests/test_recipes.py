@@ -1,5 +1,6 @@
 """Pre-training recipes and the numlm command, end to end on a small corpus."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,19 @@ def test_pretrain_runs_and_lowers_loss(arch, corpus, tmp_path):
     again = from_pretrained(d)
     for k, v in model.state_dict().items():
         np.testing.assert_array_equal(again.state_dict()[k], v)
+
+
+def test_pretrain_in_float64_trains_and_saves_float64(corpus, tmp_path):
+    """dtype="float64": the weights are float64 from the start and stay so, in memory and on disk,
+    and the training moved them off float32's grid."""
+    from safetensors.numpy import load_file
+    model, _, _ = pretrain("gpt2", size="tiny", data=corpus, vocab_size=300, out_dir=tmp_path, block_size=16,
+                           batch_size=2, steps=2, seed=0, dtype="float64", log=quiet, progress=False)
+    params = model.parameters()
+    assert all(v.dtype == np.float64 for v in params.values())
+    assert any(np.any(v.astype(np.float32) != v) for v in params.values())
+    saved = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert saved and all(v.dtype == np.float64 for v in saved.values())
 
 
 def test_eval_command_matches_training_eval(corpus, tmp_path, capsys):
@@ -108,30 +122,25 @@ def test_gradcheck_command(capsys):
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_130(corpus, tmp_path, sig):
-    """A real SIGINT (Ctrl-C) or SIGTERM (timeout, schedulers) to a running `numlm pretrain`: it
-    writes a checkpoint, says so, exits 130 and writes no model/ as if it had finished; --resume
-    continues from that step."""
-    import signal
+    """A real SIGINT (Ctrl-C) or SIGTERM (timeout, schedulers) to a running `numlm pretrain`, sent by the
+    process itself after step 23's update (tests/interrupt_at.py, no timing): it writes a checkpoint of
+    that step, says so, exits 130 and writes no model/ as if it had finished; --resume continues."""
+    import os
     import subprocess
     import sys
-    import time
     out = tmp_path / "run"
     args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--data", str(corpus), "--vocab-size", "300",
             "--out", str(out), "--block-size", "16", "--batch-size", "4", "--steps", "100000"]
-    proc = subprocess.Popen([sys.executable, "-m", "numlm"] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.2)
-    proc.send_signal(getattr(signal, sig))
+    cmd = [sys.executable, str(Path(__file__).parent / "interrupt_at.py"), "23", "update", sig] + args
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=os.getcwd()))
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "interrupted at step" in stdout and "--resume continues the run" in stderr.splitlines()[-1]
     step = int(stdout.split("interrupted at step ")[1].split(";")[0])
     ck = out / "checkpoints" / f"step-{step:07d}"
     assert (ck / "model.safetensors").is_file() and (ck / "trainer_state.json").is_file()
-    assert json.loads((ck / "trainer_state.json").read_text())["step"] == step >= 20
+    assert json.loads((ck / "trainer_state.json").read_text())["step"] == step == 23
     assert not (out / "model").exists()
     args[args.index("--steps") + 1] = str(step + 2)
     assert main(args + ["--resume"]) == 0 and (out / "model" / "model.safetensors").is_file()

@@ -211,7 +211,8 @@ def test_lora_default_targets_are_peft(name, targets):
     model = numlm.from_pretrained(HF / name, dtype="float64")
     pm = peft.get_peft_model(model, peft.LoraConfig(r=2, task_type="SEQ_CLS"))
     assert pm.peft_config.target_modules == targets
-    assert sorted({p.rsplit(".", 1)[-1] for p in pm._targets}) == sorted(targets)
+    adapted = [p for p, m in model.modules() if isinstance(m, peft.layers.LoraLinear)]
+    assert len(adapted) == 2 * 2 and sorted({p.rsplit(".", 1)[-1] for p in adapted}) == sorted(targets)
     heads = sorted(k for k in pm.parameters() if "lora_" not in k)
     want = {"roberta-tiny-seqcls": ["classifier.dense.bias", "classifier.dense.weight", "classifier.out_proj.bias",
                                     "classifier.out_proj.weight"],

@@ -198,6 +198,8 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
     b.train_step()
     for k, v in a.model.parameters().items():
         np.testing.assert_allclose(b.model.parameters()[k], v, rtol=1e-12, atol=1e-14, err_msg=k)
+    for k, g in a.model.grad_arrays().items():  # the gradients too: Adam's step hides a scale
+        np.testing.assert_allclose(b.model.grad_arrays()[k], g, rtol=1e-10, atol=1e-14, err_msg=k)
 
 
 def test_metrics_and_evaluation_logged(tmp_path):

@@ -192,7 +192,7 @@ class PreTrainedModel(Module):
         dtype = parse_dtype(dtype)
         path = resolve_model(path, revision)
         config = cls.from_config_dict(read_config(path), **config_overrides)
-        model = cls(config, seed=seed).astype(dtype)  # before loading: a float64 checkpoint keeps its digits
+        model = cls(config, seed=seed, dtype=dtype)  # built in dtype: a float64 file loads bit for bit
         model._load_checkpoint(load_safetensors(path), path)
         return model.eval()
 

@@ -1,7 +1,8 @@
-"""Adapter configs: peft's LoraConfig, PromptTuningConfig, PrefixTuningConfig and AdapterHub's
+"""Adapter configs: peft's LoraConfig (with rsLoRA, DoRA and bias), IA3Config, PromptTuningConfig, PrefixTuningConfig and AdapterHub's
 bottleneck configs (SeqBnConfig = Pfeiffer, DoubleSeqBnConfig = Houlsby), with the field names and
 defaults of peft 0.21 and adapters 1.3, read from and written to their adapter_config.json."""
 import dataclasses
+import math
 from typing import Optional, Union
 
 TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "FEATURE_EXTRACTION")
@@ -11,6 +12,14 @@ TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "s
 # peft's default LoRA targets per model type
 LORA_TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
                 "gpt2": ["c_attn"], "openai-gpt": ["c_attn"]}
+# peft's default IA3 targets and feedforward modules (GPT-1, which peft does not list, as GPT-2);
+# names match by suffix, so BERT's "output.dense" is attention.output.dense too
+IA3_TARGETS = {"bert": ["key", "output.dense", "value"], "roberta": ["key", "output.dense", "value"],
+               "distilbert": ["q_lin", "v_lin", "lin2"], "gpt2": ["c_attn", "mlp.c_proj"],
+               "openai-gpt": ["c_attn", "mlp.c_proj"]}
+IA3_FEEDFORWARD = {"bert": ["output.dense"], "roberta": ["output.dense"], "distilbert": ["lin2"],
+                   "gpt2": ["mlp.c_proj"], "openai-gpt": ["mlp.c_proj"]}
+LORA_BIAS = ("none", "lora_only", "all")
 
 
 def _task(task_type):
@@ -25,7 +34,9 @@ def _positive_int(name, v):
 
 @dataclasses.dataclass
 class LoraConfig:
-    """y = x W + b + (lora_alpha / r) * dropout(x) A^T B^T on every module named in target_modules."""
+    """y = x W + b + s * dropout(x) A^T B^T on every module named in target_modules; s = lora_alpha / r,
+    or lora_alpha / sqrt(r) with use_rslora. use_dora: DoRA's magnitude vector on top (numlm.peft.ops.
+    dora_linear_forward). bias: "lora_only" trains the target layers' biases, "all" every bias."""
 
     peft_type = "LORA"
     r: int = 8
@@ -44,23 +55,22 @@ class LoraConfig:
     base_model_name_or_path: Optional[str] = None
 
     def __post_init__(self):
+        if self.use_rslora and (not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0):
+            raise ValueError(f"use_rslora scales by lora_alpha / sqrt(r): r must be a positive integer, got {self.r!r}")
         _positive_int("r", self.r)
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
                 or not 0 < self.lora_alpha < float("inf"):
             raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
-        if isinstance(self.target_modules, (tuple, set)):
-            self.target_modules = sorted(self.target_modules)
-        if self.target_modules is not None and not isinstance(self.target_modules, (list, str)):
-            raise ValueError(f"target_modules must be a list of module names or a regex string, "
-                             f"got {type(self.target_modules).__name__}")
+        self.target_modules = _module_names("target_modules", self.target_modules)
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError("target_modules is empty: name the modules LoRA adapts (e.g. ['query', 'value'])")
-        if self.bias != "none":
-            raise ValueError(f"LoRA bias={self.bias!r} is not supported; numlm implements bias='none'")
-        if self.use_dora or self.use_rslora:
-            raise ValueError("use_dora / use_rslora are not supported; numlm implements plain LoRA")
+        if self.bias not in LORA_BIAS:
+            raise ValueError(f"LoRA bias={self.bias!r} is not supported; peft's are {LORA_BIAS}")
+        for k in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, k), bool):
+                raise ValueError(f"{k} must be True or False, got {getattr(self, k)!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"init_lora_weights={self.init_lora_weights!r} is not supported; "
                              "numlm supports True (peft's default), False and 'gaussian'")
@@ -73,7 +83,48 @@ class LoraConfig:
 
     @property
     def scaling(self):
-        return self.lora_alpha / self.r
+        """s = lora_alpha / r (peft), lora_alpha / sqrt(r) with use_rslora (Kalajdzievski 2023)."""
+        return self.lora_alpha / math.sqrt(self.r) if self.use_rslora else self.lora_alpha / self.r
+
+
+def _module_names(name, v):
+    """A list of module names (a set or tuple sorted, as peft saves them) or a regex string, or None."""
+    if isinstance(v, (tuple, set)):
+        v = sorted(v)
+    if v is not None and not isinstance(v, (list, str)):
+        raise ValueError(f"{name} must be a list of module names or a regex string, got {type(v).__name__}")
+    return v
+
+
+@dataclasses.dataclass
+class IA3Config:
+    """(IA)^3 (Liu et al. 2022): a learned vector l rescales each target module's output,
+    y = (x W + b) * l, or its input for a feed-forward module, y = (x * l) W + b; l starts at 1."""
+
+    peft_type = "IA3"
+    target_modules: Optional[Union[list, str]] = None
+    feedforward_modules: Optional[Union[list, str]] = None
+    fan_in_fan_out: bool = False
+    modules_to_save: Optional[list] = None
+    init_ia3_weights: bool = True
+    task_type: Optional[str] = None
+    inference_mode: bool = False
+    base_model_name_or_path: Optional[str] = None
+
+    def __post_init__(self):
+        self.target_modules = _module_names("target_modules", self.target_modules)
+        self.feedforward_modules = _module_names("feedforward_modules", self.feedforward_modules)
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules is empty: name the modules IA3 rescales (e.g. ['key', 'value'])")
+        t, f = self.target_modules, self.feedforward_modules
+        if isinstance(t, list) and isinstance(f, list) and not set(f) <= set(t):
+            raise ValueError(f"feedforward_modules {sorted(set(f) - set(t))} are not in target_modules {t}: "
+                             "peft requires feedforward_modules to be a subset of target_modules")
+        if self.modules_to_save is not None and not isinstance(self.modules_to_save, list):
+            raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        if self.init_ia3_weights not in (True, False):
+            raise ValueError(f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}")
+        _task(self.task_type)
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from .config import LoraConfig, PromptTuningConfig, PrefixTuningConfig, bn_config_from_dict
+from .config import LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, bn_config_from_dict
 
 PEFT_WEIGHTS, PEFT_PICKLE = "adapter_model.safetensors", "adapter_model.bin"
 HUB_WEIGHTS, HUB_PICKLE = "adapter.safetensors", "pytorch_adapter.bin"
@@ -20,7 +20,7 @@ HUB_HEAD, HUB_HEAD_PICKLE, HUB_HEAD_CONFIG = "model_head.safetensors", "pytorch_
 CONFIG = "adapter_config.json"
 PEFT_VERSION, ADAPTERS_VERSION = "0.21.2", "adapters.1.3.0"
 
-PEFT_CONFIGS = {"LORA": LoraConfig, "PROMPT_TUNING": PromptTuningConfig, "PREFIX_TUNING": PrefixTuningConfig}
+PEFT_CONFIGS = {"LORA": LoraConfig, "IA3": IA3Config, "PROMPT_TUNING": PromptTuningConfig, "PREFIX_TUNING": PrefixTuningConfig}
 # adapter_config.json fields that never change the adapted model's function (bookkeeping, or
 # initialisation only); any other field numlm does not implement is refused unless null / false / empty
 PEFT_IGNORED = {"peft_version", "revision", "auto_mapping", "megatron_core", "qalora_group_size",
@@ -94,6 +94,7 @@ PEFT_DEFAULTS = {
     "PROMPT_TUNING": {"auto_mapping": None, "prompt_tuning_init_text": None, "revision": None,
                       "tokenizer_kwargs": None, "tokenizer_name_or_path": None},
     "PREFIX_TUNING": {"auto_mapping": None, "init_weights": None, "revision": None},
+    "IA3": {"auto_mapping": None, "exclude_modules": None, "revision": None},
 }
 
 
@@ -102,8 +103,9 @@ def peft_config_to_dict(config):
     d.update({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
     d["peft_type"] = config.peft_type
     d["peft_version"] = PEFT_VERSION
-    if isinstance(d.get("target_modules"), (set, tuple)):
-        d["target_modules"] = sorted(d["target_modules"])
+    for k in ("target_modules", "feedforward_modules"):  # peft keeps them as sets and saves them sorted
+        if isinstance(d.get(k), (set, tuple, list)):
+            d[k] = sorted(d[k])
     return d
 
 

@@ -13,8 +13,9 @@ import numpy as np
 
 from ..models.pretrained import PreTrainedModel, as_ids
 from ..nn import Linear
-from .config import (LoraConfig, PromptTuningConfig, PrefixTuningConfig, BnConfig, TASK_HEADS, LORA_TARGETS)
-from .layers import LoraLinear, PromptEmbedding
+from .config import (LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, BnConfig, TASK_HEADS,
+                     LORA_TARGETS, IA3_TARGETS, IA3_FEEDFORWARD)
+from .layers import LoraLinear, DoraLinear, IA3Linear, PromptEmbedding
 from .ops import prompt_forward, prompt_backward, prefix_forward, prefix_backward
 from .placement import set_child, install_adapters, remove_adapters, word_embeddings, backbone
 from . import files
@@ -31,15 +32,21 @@ def export_param(module, name):
     return a.T.copy() if isinstance(module, Linear) and module.torch_layout and name == "weight" else a.copy()
 
 
-def _import_param(module, name, value, key):
-    """Copy a transformers-layout array into a parameter; a wrong shape is an error naming the key."""
-    p = module.params[name]
-    t = isinstance(module, Linear) and module.torch_layout and name == "weight"
-    want = p.shape[::-1] if t else p.shape
-    value = np.asarray(value)
-    if value.shape != want:
-        raise ValueError(f"adapter tensor {key!r} has shape {value.shape}, but the base model needs {want}")
-    p[...] = value.T if t else value
+def _import_params(slots, state):
+    """Copy {key: transformers-layout array} into the parameters `slots` maps them to; a wrong shape is an
+    error naming the key, raised before anything is copied."""
+    todo = []
+    for key, value in state.items():
+        module, name = slots[key]
+        p = module.params[name]
+        t = isinstance(module, Linear) and module.torch_layout and name == "weight"
+        want = p.shape[::-1] if t else p.shape
+        value = np.asarray(value)
+        if value.shape != want:
+            raise ValueError(f"adapter tensor {key!r} has shape {value.shape}, but the base model needs {want}")
+        todo.append((p, value.T if t else value))
+    for p, value in todo:
+        p[...] = value
 
 
 def _model_type(model):
@@ -67,9 +74,9 @@ class PeftModel:
             raise ValueError(f"model must be a numlm model, got {type(model).__name__}")
         if isinstance(model, PeftModel) or getattr(model, "_peft", None) is not None:
             raise ValueError("this model already carries an adapter")
-        if not isinstance(config, (LoraConfig, PromptTuningConfig, PrefixTuningConfig, BnConfig)):
-            raise ValueError(f"config must be a LoraConfig, PromptTuningConfig, PrefixTuningConfig, SeqBnConfig or "
-                             f"DoubleSeqBnConfig, got {type(config).__name__}")
+        if not isinstance(config, (LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, BnConfig)):
+            raise ValueError(f"config must be a LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, "
+                             f"SeqBnConfig or DoubleSeqBnConfig, got {type(config).__name__}")
         if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", adapter_name):
             raise ValueError(f"adapter_name must be an identifier, got {adapter_name!r}")
         self.base_model = model
@@ -80,63 +87,128 @@ class PeftModel:
         self.prompt = None
         self._slots = {}      # file key -> (module, parameter name); the trainable tensors
         self._head_keys = set()
+        self._aliases = {}    # file key -> the file key of the same tensor (peft saves some twice)
+        self._originals = {}  # file key -> an untrained tensor peft saves too (a head's original_module)
+        self._hub_head = {"config": None, "kept": []}  # AdapterHub: head_config.json, base tensors kept as equal
         self._last = None
         _check_task(model, self._task_type())
-        rng = np.random.default_rng(seed)
-        dtype = model.dtype
-        self._before = snapshot(model)
-        _freeze_all(model)
+        self._before = [(m, dict(m.grads)) for _, m in model.modules()]  # what trained before
         try:
-            if self.kind == "LORA":
-                self._install_lora(rng)
-            elif self.kind in ("PROMPT_TUNING", "PREFIX_TUNING"):
-                self._install_prompt(rng, dtype)
-            else:
-                self._install_bottleneck(rng, dtype)
-            self._install_heads()
-        except ValueError:
-            self.restore()  # a failed call leaves the model as it was
+            self._install(np.random.default_rng(seed), model.dtype)
+        except ValueError:  # a refused target or config: the model as it was
+            self._restore()
             raise
         model._peft = self
+
+    def _install(self, rng, dtype):
+        _freeze_all(self.base_model)
+        if self.kind == "LORA":
+            self._install_lora(rng)
+        elif self.kind == "IA3":
+            self._install_ia3(rng)
+        elif self.kind in ("PROMPT_TUNING", "PREFIX_TUNING"):
+            self._install_prompt(rng, dtype)
+        else:
+            self._install_bottleneck(rng, dtype)
+        self._install_heads()
+        if getattr(self.peft_config, "bias", "none") == "all":
+            self._install_biases()
+        for m, k in self._slots.values():  # the trainable tensors get their gradient arrays
+            if k not in m.grads:
+                m.grads[k] = np.zeros_like(m.params[k])
 
     # ---- installing -----------------------------------------------------------------------------
     def _task_type(self):
         return getattr(self.peft_config, "task_type", None)
 
-    def _install_lora(self, rng):
+    def _target_linears(self, targets, defaults):
+        """[(path, Linear)] that `targets` names (peft's defaults for the model type when None), the task
+        heads excluded; a matched module that is not a Linear is refused, as peft refuses it."""
         cfg, model = self.peft_config, self.base_model
-        targets = cfg.target_modules
         if targets is None:
             mt = _model_type(model)
-            if mt not in LORA_TARGETS:
-                raise ValueError(f"target_modules is None and numlm has no default for model type {mt!r}")
-            targets = cfg.target_modules = list(LORA_TARGETS[mt])
+            if mt not in defaults:
+                raise ValueError(f"target_modules is None and numlm has no default for model type {mt!r}; "
+                                 "name the modules")
+            targets = sorted(defaults[mt])
         heads = set(TASK_HEADS.get(cfg.task_type, [])) | set(cfg.modules_to_save or [])
+        named = [(p, m) for p, m in model.modules() if p and _matches(p, targets)  # nothing in a trained head
+                 and not any(f".{h}." in f".{p}." for h in heads)]
+        other = [(p, m) for p, m in named if not isinstance(m, Linear)]
+        if other:
+            raise ValueError(f"target_modules {targets!r} match {other[0][0]} ({type(other[0][1]).__name__}), "
+                             f"not a Linear: {self.kind} adapts only Linear modules (nn.Linear, Conv1D)")
         linears = [(p, m) for p, m in model.modules() if isinstance(m, Linear)]
-        hit = [(p, m) for p, m in linears if _matches(p, targets)  # nothing in a trained head
-               and not any(f".{h}." in f".{p}." for h in heads)]
-        if not hit:
+        if not named:
             names = sorted({p.rsplit(".", 1)[-1] for p, _ in linears})
             raise ValueError(f"target_modules {targets!r} match no Linear module of {type(model).__name__}; "
                              f"its Linear modules are named {names}")
         if isinstance(targets, list):
-            missing = [t for t in targets if not any(p == t or p.endswith("." + t) for p, _ in hit)]
+            missing = [t for t in targets if not any(p == t or p.endswith("." + t) for p, _ in named)]
             if missing:  # as `numlm finetune --target` does: a name that matches nothing is a typo, not a no-op
                 raise ValueError(f"target_modules {missing} match no module of {type(model).__name__}")
-        for path, lin in hit:
+        for path, lin in named:  # peft's fan_in_fan_out follows the layer (one value for all)
             if not lin.torch_layout and not cfg.fan_in_fan_out:
                 warnings.warn(f"{path} is a Conv1D (weight (C_in, C_out)): setting fan_in_fan_out=True, as peft does")
                 cfg.fan_in_fan_out = True
             elif lin.torch_layout and cfg.fan_in_fan_out:
                 warnings.warn(f"{path} is an nn.Linear: setting fan_in_fan_out=False, as peft does")
                 cfg.fan_in_fan_out = False
-            lora = LoraLinear(lin, cfg.r, cfg.lora_alpha, cfg.lora_dropout)
+        return targets, named
+
+    def _install_lora(self, rng):
+        cfg, model = self.peft_config, self.base_model
+        targets, hit = self._target_linears(cfg.target_modules, LORA_TARGETS)
+        cfg.target_modules = targets
+        layer = DoraLinear if cfg.use_dora else LoraLinear
+        for path, lin in hit:
+            lora = layer(lin, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora)
             lora.reset_lora(rng, cfg.init_lora_weights)
             lora.lora_dropout.rng = model.rng
             set_child(model, path, lora)
-            for sub in ("lora_A", "lora_B"):
-                self._slots[f"base_model.model.{path}.{sub}.weight"] = (getattr(lora, sub), "weight")
-        self._targets = [p for p, _ in hit]
+            subs = ("lora_A", "lora_B") + (("lora_magnitude_vector",) if cfg.use_dora else ())
+            for sub in subs:
+                key = f"base_model.model.{path}.{sub}" + ("" if sub == "lora_magnitude_vector" else ".weight")
+                self._slots[key] = (getattr(lora, sub), "weight")
+            if cfg.bias != "none" and "bias" in lora.params:  # peft keys the target's bias under its base_layer
+                self._slots[f"base_model.model.{path}.base_layer.bias"] = (lora, "bias")
+        self._targets_hit = [p for p, _ in hit]
+
+    def _install_ia3(self, rng):
+        """peft's IA3: every target Linear rescaled (its output, or its input when it is a feed-forward
+        module: a plain suffix match, so BERT's attention.output.dense counts), l = 1 at the start."""
+        cfg = self.peft_config
+        targets, hit = self._target_linears(cfg.target_modules, IA3_TARGETS)
+        ff, mt = cfg.feedforward_modules, _model_type(self.base_model)
+        if ff is None:  # peft: the model type's default, whether target_modules were given or not
+            if mt not in IA3_FEEDFORWARD:
+                raise ValueError(f"feedforward_modules is None and numlm has no default for model type {mt!r}")
+            ff = sorted(IA3_FEEDFORWARD[mt])
+        cfg.target_modules, cfg.feedforward_modules = targets, ff
+        for path, lin in hit:
+            is_ff = re.fullmatch(ff, path) is not None if isinstance(ff, str) else any(path.endswith(f) for f in ff)
+            ia3 = IA3Linear(lin, is_ff)
+            if cfg.init_ia3_weights is False:
+                ia3.ia3_l.params["weight"][...] = rng.standard_normal(ia3.ia3_l.params["weight"].shape)
+            set_child(self.base_model, path, ia3)
+            self._slots[f"base_model.model.{path}.ia3_l"] = (ia3.ia3_l, "weight")
+        self._targets_hit = [p for p, _ in hit]
+
+    def _install_biases(self):
+        """LoRA's bias="all": every parameter named *bias* trains (peft: `"bias" in name`), under its own
+        key; a trained head's bias is saved twice more, as peft does: `<head>.modules_to_save.bias` (the
+        same tensor) and `<head>.original_module.bias` (the base model's, untrained; read back by nobody)."""
+        taken = {id(m) for m, k in self._slots.values() if k == "bias"}
+        for path, m in self.base_model.modules():
+            for k in m.params:
+                if "bias" not in k or not path or (id(m) in taken and k == "bias"):
+                    continue
+                self._slots[f"base_model.model.{path}.{k}"] = (m, k)
+        for key in sorted(self._head_keys):
+            head, _, k = key.rpartition(".")
+            if "bias" in k:
+                self._aliases[f"{head}.modules_to_save.{k}"] = key
+                self._originals[f"{head}.original_module.{k}"] = self._slots[key][0].params[k].copy()
 
     def _install_prompt(self, rng, dtype):
         cfg, model = self.peft_config, self.base_model
@@ -176,7 +248,7 @@ class PeftModel:
             names = list(TASK_HEADS.get(self._task_type(), [])) + list(self.peft_config.modules_to_save or [])
             if self.peft_config.modules_to_save is None and names:
                 self.peft_config.modules_to_save = list(TASK_HEADS.get(self._task_type(), []))
-        prefix = {"LORA": "base_model.model.", "adapterhub": ""}.get(
+        prefix = {"LORA": "base_model.model.", "IA3": "base_model.model.", "adapterhub": ""}.get(
             "adapterhub" if self.library == "adapterhub" else self.kind, "base_model.")
         for path, head in model.modules():
             if not path or not any(path == h or path.endswith("." + h) for h in names):
@@ -187,9 +259,6 @@ class PeftModel:
                     key = f"{prefix}{sub}.{k}"
                     self._slots[key] = (m, k)
                     self._head_keys.add(key)
-        for m, k in self._slots.values():
-            if k not in m.grads:
-                m.grads[k] = np.zeros_like(m.params[k])
 
     # ---- the forward/backward contract ----------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -324,14 +393,34 @@ class PeftModel:
             if n in m.grads:
                 g = m.grads[n]
                 out[k] = g.T.copy() if isinstance(m, Linear) and m.torch_layout and n == "weight" else g.copy()
+        for alias, source in self._aliases.items():
+            if source in out:
+                out[alias] = out[source].copy()
         return out
 
     def state_dict(self):
-        """{file key: array} of the adapter (and trained head), transformers' layout."""
-        return {k: export_param(m, n) for k, (m, n) in self._slots.items()}
+        """{file key: array} of the adapter (and trained head), transformers' layout; the keys peft
+        writes twice (aliases) and the untrained tensors it writes too (originals) included."""
+        out = {k: export_param(m, n) for k, (m, n) in self._slots.items()}
+        out.update({alias: out[source].copy() for alias, source in self._aliases.items()})
+        out.update({k: v.copy() for k, v in self._originals.items()})
+        return out
+
+    def _extra_keys(self, state):
+        """Drop from `state` the keys peft writes but reads back nowhere: an alias must equal its source
+        (else a ValueError naming it), an original is the base model's own tensor."""
+        state = dict(state)
+        for alias, source in self._aliases.items():
+            if alias in state and source in state and not np.array_equal(state[alias], state[source]):
+                raise ValueError(f"adapter tensor {alias!r} differs from {source!r}, the same tensor in peft's files")
+            state.pop(alias, None)
+        for k in self._originals:
+            state.pop(k, None)
+        return state
 
     def load_state_dict(self, state, strict=True):
         """Copy {file key: array} into the adapter; unknown keys and wrong shapes name the key."""
+        state = self._extra_keys(state)
         unknown = sorted(k for k in state if k not in self._slots)
         missing = sorted(k for k in self._slots if k not in state)
         if unknown:
@@ -339,9 +428,7 @@ class PeftModel:
                              f"adapter (unexpected keys {unknown})")
         if strict and missing:
             raise ValueError(f"adapter lacks keys {missing}")
-        for k, v in state.items():
-            m, n = self._slots[k]
-            _import_param(m, n, v, k)
+        _import_params(self._slots, state)
         return missing, unknown
 
     def modules(self):
@@ -399,11 +486,11 @@ class PeftModel:
 
     # ---- merging --------------------------------------------------------------------------------
     def merge_and_unload(self):
-        """LoRA only: W += (alpha / r) B A in every adapted linear; returns the plain numlm model
-        (the same object, its LoRA linears replaced by ordinary Linears) with the base model's
-        freezing undone."""
-        if self.kind != "LORA":
-            raise ValueError(f"merge_and_unload needs a LoRA adapter; this one is {self.kind} "
+        """LoRA and IA3: the adapter merged into every adapted linear (LoRA W += s B A; DoRA
+        W = (m / n) (W + s B A); IA3 W and b rescaled); returns the plain numlm model (the same object,
+        its adapted linears replaced by ordinary Linears) with the base model's freezing undone."""
+        if self.kind not in ("LORA", "IA3"):
+            raise ValueError(f"merge_and_unload needs a LoRA or IA3 adapter; this one is {self.kind} "
                              "(prompts, prefixes and bottleneck adapters have no weights to merge)")
         return self._unload(merge=True)
 
@@ -411,10 +498,17 @@ class PeftModel:
         """The base model without the adapter (LoRA not merged)."""
         return self._unload(merge=False)
 
+    def _restore(self):
+        """Undo a failed install or load: the adapter out, the model's own freezing back."""
+        self._unload(merge=False)
+        for m, grads in self._before:
+            m.grads.clear()
+            m.grads.update(grads)
+
     def _unload(self, merge):
         model = self.base_model
         for path, m in list(model.modules()):
-            if isinstance(m, LoraLinear):
+            if isinstance(m, (LoraLinear, IA3Linear)):
                 set_child(model, path, m.unwrap(merge))
         remove_adapters(model)
         model.unfreeze()
@@ -440,6 +534,10 @@ class PeftModel:
         c = model.config
         head = {k: v for k, v in state.items() if k in self._head_keys}
         body = {k: v for k, v in state.items() if k not in self._head_keys}
+        hub_head = self._hub_head
+        if hub_head["kept"]:
+            sd = model.state_dict()
+            head.update({k: sd[k] for k in hub_head["kept"]})
         files.write_json({"config": files.hub_config_to_dict(self.peft_config), "hidden_size": c.hidden_size,
                           "model_class": type(model).__name__, "model_name": getattr(c, "_name_or_path", None),
                           "model_type": _model_type(model), "name": self.adapter_name,
@@ -447,11 +545,10 @@ class PeftModel:
         files.save_tensors(body, path / files.HUB_WEIGHTS)
         if head:
             n = getattr(c, "num_labels", None)
-            files.write_json({"config": None, "hidden_size": c.hidden_size,
-                              "label2id": {f"LABEL_{i}": i for i in range(n or 0)},
-                              "model_class": type(model).__name__, "model_name": None,
-                              "model_type": _model_type(model), "name": None, "num_labels": n,
-                              "version": files.ADAPTERS_VERSION}, path / files.HUB_HEAD_CONFIG)
+            files.write_json(hub_head["config"] or {
+                "config": None, "hidden_size": c.hidden_size, "label2id": {f"LABEL_{i}": i for i in range(n or 0)},
+                "model_class": type(model).__name__, "model_name": None, "model_type": _model_type(model),
+                "name": None, "num_labels": n, "version": files.ADAPTERS_VERSION}, path / files.HUB_HEAD_CONFIG)
             files.save_tensors(head, path / files.HUB_HEAD)
         return path
 
@@ -460,7 +557,7 @@ class PeftModel:
         """Load a peft or an AdapterHub adapter folder onto `model` (a numlm model, changed in place).
         As peft: frozen for inference unless is_trainable=True."""
         kind = files.folder_kind(path)
-        path = Path(path)
+        path, head, head_config = Path(path), {}, None
         where = str(path / files.CONFIG)
         d = files.read_json(path / files.CONFIG)
         if kind == "peft":
@@ -479,7 +576,10 @@ class PeftModel:
             name = adapter_name or d.get("name") or "default"
             state = files.load_tensors(path / files.HUB_WEIGHTS)
             if (path / files.HUB_HEAD).is_file():
-                state.update(files.load_tensors(path / files.HUB_HEAD))
+                head = files.load_tensors(path / files.HUB_HEAD)
+                state.update(head)
+                if (path / files.HUB_HEAD_CONFIG).is_file():
+                    head_config = files.read_json(path / files.HUB_HEAD_CONFIG)
             elif (path / files.HUB_HEAD_PICKLE).is_file():
                 raise ValueError(f"adapter folder {str(path)!r} holds its head only as a pickle "
                                  f"({files.HUB_HEAD_PICKLE}). " + files.CONVERT.format(
@@ -488,17 +588,45 @@ class PeftModel:
             config.inference_mode = not is_trainable
         pm = cls(model, config, adapter_name=name)
         try:
+            state = pm._static_head(state, head, head_config, path)
             pm._load_file_state(state, path)
         except ValueError:
-            pm.restore()  # a failed load leaves the model as it was
+            pm._restore()
             raise
         if not is_trainable:
             for m, n in pm._slots.values():
                 m.grads.pop(n, None)
         return pm
 
+    def _static_head(self, state, head, head_config, path):
+        """AdapterHub's model_head.safetensors holds the model's own head when it is a static transformers
+        head (GPT-2's lm_head). A tensor equal to the base model's is accepted (kept, and saved again); a
+        different one is loaded where numlm has its own slot for it, and refused by name where numlm ties
+        it to another tensor (the LM head to the token embedding). Returns `state` without the kept keys."""
+        model = self.base_model
+        sd = model.state_dict()
+        slots = {k: (m, n) for k, (m, n, _) in model._slots().items()}
+        self._hub_head = {"config": head_config, "kept": []}
+        state = dict(state)
+        for key in sorted(k for k in head if k not in self._slots and k in sd):
+            a, b = np.asarray(head[key]), sd[key]
+            low = np.float32 if np.float32 in (a.dtype, b.dtype) else np.float64
+            if a.shape == b.shape and np.array_equal(a.astype(low), b.astype(low)):
+                self._hub_head["kept"].append(key)
+                state.pop(key)
+            elif key in model.tied:
+                raise ValueError(f"adapter {str(path)!r}: {files.HUB_HEAD} holds {key!r}, which differs from "
+                                 f"the base model's {model.tied[key]!r} it is tied to; numlm keeps it tied, so "
+                                 "this head cannot be loaded")
+            else:  # numlm's own slot for it: loaded (and saved again) as the adapter's head
+                self._slots[key] = slots[key]
+                self._head_keys.add(key)
+                m, n = slots[key]
+                m.grads.setdefault(n, np.zeros_like(m.params[n]))
+        return state
+
     def _load_file_state(self, state, path):
-        state = {k: v for k, v in state.items()}
+        state = self._extra_keys(state)
         unknown = sorted(k for k in state if k not in self._slots)
         if unknown:
             raise ValueError(f"adapter {str(path)!r}: key {unknown[0]!r} does not fit {type(self.base_model).__name__} "
@@ -507,33 +635,7 @@ class PeftModel:
         if missing:
             raise ValueError(f"adapter {str(path)!r} lacks {missing[0]!r}, which {type(self.base_model).__name__} "
                              f"with this config needs ({len(missing)} missing)")
-        for k, v in state.items():  # every shape checked before anything is copied
-            m, n = self._slots[k]
-            want = m.params[n].shape[::-1] if isinstance(m, Linear) and m.torch_layout and n == "weight" \
-                else m.params[n].shape
-            if np.shape(v) != want:
-                raise ValueError(f"adapter tensor {k!r} has shape {np.shape(v)}, but the base model needs {want}")
-        for k, v in state.items():
-            m, n = self._slots[k]
-            _import_param(m, n, v, k)
-
-    def restore(self):
-        """The base model as it was before this adapter: its own modules back in place, its trainable
-        set and gradient arrays. (Its values: a failing call changes none, every check comes first.)"""
-        model = self.base_model
-        for path, m in list(model.modules()):
-            if isinstance(m, LoraLinear):
-                set_child(model, path, m.unwrap(merge=False))
-        remove_adapters(model)
-        for m, g in self._before:
-            m.grads.clear()
-            m.grads.update(g)
-        model._peft = None
-
-
-def snapshot(model):
-    """What restore() puts back: each module's gradient arrays, so the trainable set, as they are."""
-    return [(m, dict(m.grads)) for _, m in model.modules()]
+        _import_params(self._slots, state)
 
 
 def get_peft_model(model, config, adapter_name="default", seed=0):

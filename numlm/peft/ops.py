@@ -5,6 +5,8 @@ b = lora_B.weight^T (r, C_out); an adapter's wd = adapter_down.0.weight^T (C, m)
 Shape letters as in numlm.ops; r is the LoRA rank, m the adapter's bottleneck width, n the
 number of virtual tokens.
 """
+from typing import NamedTuple, Optional
+
 import numpy as np
 
 from ..ops import activation, layernorm_forward, layernorm_backward, linear_forward, linear_backward, sigmoid
@@ -64,6 +66,107 @@ def lora_linear_backward(dy, cache, weight_grad=True, bias_grad=True):
     if separate:
         return dx, dw, dbias, da, db, dxl
     return dx + dxl, dw, dbias, da, db
+
+
+# ---------------------------------------------------------------------------------------- DoRA
+
+def dora_norm(w, a, b, scaling):
+    """n = ||W + s a b|| per output feature    (peft's weight_norm: torch's (C_out, C_in) row norm, a
+    column norm in numlm's (C_in, C_out) layout)      w: (C_in, C_out)  a: (C_in, r)  b: (r, C_out)  ->  n: (C_out,)
+    DoRA treats n as a constant (peft detaches it), so no backward belongs to it."""
+    v = w + mm(a, b) * w.dtype.type(scaling)  # (C_in, C_out)
+    return np.sqrt((v * v).sum(axis=0))
+
+
+class DoraCache(NamedTuple):
+    lin: tuple              # linear_forward's cache of x W + bias
+    lora: tuple             # lora_forward's cache of delta = s (x' a) b
+    base: Optional[tuple]   # linear_forward's cache of x' W when x' is not x (dropout), else None
+    g: np.ndarray           # (C_out,) m / n
+    m: np.ndarray           # (C_out,)
+    n: np.ndarray           # (C_out,)
+    u: np.ndarray           # (N, C_out) x' W + delta, what g multiplies
+
+
+def dora_linear_forward(x, w, bias, a, b, m, n, scaling, x_lora=None):
+    """y = x W + bias + (g - 1) (x' W) + g s (x' a) b,   g = m / n        (peft's DoRA linear; n = dora_norm,
+    x' = x_lora, dropout(x) in training, else x, and then y = g (x W + s x a b) + bias: the bias is not rescaled)
+    x: (N, C_in)  w: (C_in, C_out)  bias: (C_out,) or None  a: (C_in, r)  b: (r, C_out)  m, n: (C_out,)  ->  y: (N, C_out)"""
+    float_array("m", m, 1)
+    float_array("n", n, 1)
+    if m.shape != (np.shape(w)[1],) or n.shape != m.shape:
+        raise ValueError(f"DoRA magnitude {m.shape} and norm {n.shape} must be ({np.shape(w)[1]},), one per output")
+    g = m / n  # (C_out,)
+    y, lin = linear_forward(x, w, bias)  # (N, C_out) x W + bias
+    if x_lora is None:  # x' W is x W (peft: base_result - bias)
+        p, base = (y - bias if bias is not None else y.copy()), None
+    else:
+        p, base = linear_forward(x_lora, w)  # (N, C_out) x' W
+    delta, lc = lora_forward(x if x_lora is None else x_lora, a, b, scaling)  # (N, C_out)
+    y += (g - 1) * p + g * delta
+    return y, DoraCache(lin, lc, base, g, m, n, p + delta)
+
+
+def dora_linear_backward(dy, cache, weight_grad=True, bias_grad=True):
+    """forward: y = x W + bias + (g - 1) (x' W) + g delta,  g = m / n,  delta = s (x' a) b.  so
+    dg = sum_N dy (x' W + delta);  dm = dg / n;  dn = -dg m / n^2 (what the detached norm would get);
+    ddelta = g dy (into lora_backward);  d(x' W) = (g - 1) dy;  with x' = x both products of W are one:
+    dx = (g dy) W^T + dx_lora,  dW = x^T (g dy);  dbias = sum_N dy.
+    -> dx, dW (or None), dbias (or None), da, db, dm, dn [, dx' when x_lora was given]"""
+    c = cache
+    d2 = dy.reshape(-1, c.g.shape[0])  # (N, C_out)
+    # y += (g - 1) * p + g * delta, g = m / n:  dg = sum_N dy (p + delta)
+    dg = (d2 * c.u.reshape(d2.shape)).sum(axis=0)  # (C_out,)
+    dm, dn = dg / c.n, -dg * c.m / (c.n * c.n)
+    # delta = s (x' a) b, times g
+    dxl, da, db = lora_backward(dy * c.g, c.lora)
+    has_bias = c.lin[2]
+    if c.base is None:  # y = x W + bias + (g - 1) x W + ...: x W counted g times
+        dx, dw, _ = linear_backward(dy * c.g, c.lin, weight_grad, False)
+        dbias = d2.sum(axis=0) if has_bias and bias_grad else None
+        return dx + dxl, dw, dbias, da, db, dm, dn
+    dx, dw, dbias = linear_backward(dy, c.lin, weight_grad, bias_grad)  # y = x W + bias + ...
+    dxb, dwb, _ = linear_backward(dy * (c.g - 1), c.base, weight_grad, False)  # ... + (g - 1) x' W
+    return dx, (None if dw is None else dw + dwb), dbias, da, db, dm, dn, dxl + dxb
+
+
+# ---------------------------------------------------------------------------------------- IA3
+
+class IA3Cache(NamedTuple):
+    lin: tuple                # linear_forward's cache
+    x: np.ndarray             # (N, C_in) the input (for dl of a feed-forward module)
+    l: np.ndarray             # (C_out,) or (C_in,)
+    h: Optional[np.ndarray]   # (N, C_out) x W + bias, what l scales (output scaling), else None
+    feedforward: bool
+
+
+def ia3_forward(x, w, bias, l, feedforward):
+    """y = (x W + bias) * l, or y = (x * l) W + bias for a feed-forward module     ((IA)^3, peft's IA3 Linear)
+    x: (N, C_in)  w: (C_in, C_out)  bias: (C_out,) or None  l: (C_out,) or, feed-forward, (C_in,)  ->  y: (N, C_out)"""
+    float_array("l", l, 1)
+    want = np.shape(w)[0] if feedforward else np.shape(w)[1]
+    if l.shape != (want,):
+        raise ValueError(f"IA3 vector has shape {l.shape}, the {'input' if feedforward else 'output'} needs ({want},)")
+    if feedforward:
+        xs = x * l  # (N, C_in)
+        y, lin = linear_forward(xs, w, bias)
+        return y, IA3Cache(lin, x, l, None, True)
+    h, lin = linear_forward(x, w, bias)  # (N, C_out)
+    return h * l, IA3Cache(lin, x, l, h, False)
+
+
+def ia3_backward(dy, cache, weight_grad=True, bias_grad=True):
+    """forward: y = h l, h = x W + bias.  so  dl = sum_N dy h,  dh = dy l,  then the linear's backward.
+    forward (feed-forward): y = x' W + bias, x' = x l.  so  dx' = dy W^T,  dl = sum_N dx' x,  dx = dx' l.
+    -> dx, dW (or None), dbias (or None), dl"""
+    c = cache
+    if c.feedforward:
+        dxs, dw, dbias = linear_backward(dy, c.lin, weight_grad, bias_grad)  # (N, C_in)
+        dl = (dxs * c.x).reshape(-1, c.l.shape[0]).sum(axis=0)
+        return dxs * c.l, dw, dbias, dl
+    dl = (dy * c.h).reshape(-1, c.l.shape[0]).sum(axis=0)
+    dx, dw, dbias = linear_backward(dy * c.l, c.lin, weight_grad, bias_grad)
+    return dx, dw, dbias, dl
 
 
 # ---------------------------------------------------------------------------------------- activations
