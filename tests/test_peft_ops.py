@@ -24,8 +24,8 @@ def worst(errs, n):
     return max(errs.values())
 
 
-def fine(forward, inputs, backward, kwargs=None):
-    errs = stencil_errors(forward, inputs, backward, kwargs=kwargs)
+def fine(forward, inputs, backward, kwargs=None, h=2.0 ** -10):
+    errs = stencil_errors(forward, inputs, backward, kwargs=kwargs, h=h)
     assert errs and max(errs.values()) < TOL_STENCIL, errs
 
 
@@ -245,10 +245,16 @@ def test_adapter_block_gradcheck(B, T, C, m, kind, use_ln, flags, seed):
     wd, bd, wu, bu = (rng.standard_normal(s) for s in ((C, m), (m,), (m, C), (C,)))
     f, b = _block_fn(cfg, use_ln)
     errs = gradcheck(f, (h, x, gamma, beta, wd, bd, wu, bu), b, eps=EPS)
-    unused = set() if use_ln else {"gamma", "beta"}  # without the block's LayerNorm they change nothing
+    unused = set()
+    if not cfg.original_ln_before and not cfg.original_ln_after:
+        unused = {"x", "gamma", "beta"}  # the block goes on with the adapter's output alone: no residual, no LN
+    elif not use_ln:
+        unused = {"gamma", "beta"}  # without the block's LayerNorm they change nothing
     assert {k for k, e in errs.items() if isinstance(e, Uninformative)} == unused, errs
-    assert max(e for k, e in errs.items() if k not in unused) < TOL, errs
-    fine(f, (h, x, gamma, beta, wd, bd, wu, bu), b)
+    # the LayerNorm twice (Pfeiffer) is curved enough that central differences reach ~1e-7: the precise
+    # check is the stencil, at a smaller step than the default (truncation O(h^4))
+    assert max(e for k, e in errs.items() if k not in unused) < 1e-6, errs
+    fine(f, (h, x, gamma, beta, wd, bd, wu, bu), b, h=2.0 ** -12)
 
 
 def test_adapter_block_values():
