@@ -8,6 +8,8 @@ each epoch, and the best model saved in transformers' format with its tokenizer.
              head      only the task head (BERT's pooler + classifier for sequence classification)
              lora, adapter, prompt, prefix   numlm.peft
     unfreeze gradual   start with the head; unfreeze one layer more, top down, at equal step intervals
+    tasks    seqcls, tokcls, qa, multiple-choice; causal-lm (a GPT's LM head on text: blocks of
+             eos-joined documents, loss and perplexity, the best model by validation loss)
 
 Every argument is checked before anything is written in the output folder.
 """
