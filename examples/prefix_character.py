@@ -13,8 +13,9 @@ prefix_character.png (training and validation loss against the step, the loss be
 
 Sizes:
     default   a "mini" GPT-2 (4 layers, width 256, 8,192-token vocabulary: about 5 M parameters),
-              500 pre-training steps of 16 x 128 tokens; 300 prefix-tuning steps of batch 16
+              400 pre-training steps of 16 x 128 tokens; 250 prefix-tuning steps of batch 16
               (blocks of 108 + 20 virtual tokens, lr 3e-2): about 8 minutes on a quiet 2-core machine
+              (estimated: 500 + 300 steps took 13 minutes beside a full test run)
     --quick   a "tiny" GPT-2 (2 layers, width 64, 2,048 tokens), 600 pre-training steps of 16 x 64
               tokens; 300 prefix-tuning steps (blocks of 54 + 10 virtual tokens): 1-2 minutes on a
               loaded 2-core machine (a smoke test: the samples are not yet verse)
@@ -90,8 +91,8 @@ def main(argv=None):
     p.add_argument("--character", default="FALSTAFF", help="a speaker as the plays name him or her")
     p.add_argument("--model", type=Path, help="a GPT-2 folder with its tokenizer (skips the pre-training)")
     p.add_argument("--out", type=Path, default=default_out("prefix_character"))
-    p.add_argument("--pretrain-steps", type=int, help="default 500 (600 with --quick)")
-    p.add_argument("--steps", type=int, help="prefix-tuning steps, default 300")
+    p.add_argument("--pretrain-steps", type=int, help="default 400 (600 with --quick)")
+    p.add_argument("--steps", type=int, help="prefix-tuning steps, default 250 (300 with --quick)")
     p.add_argument("--lr", type=float, default=3e-2)
     p.add_argument("--prompt", default="I tell thee,")
     p.add_argument("--new-tokens", type=int, default=24)
@@ -103,7 +104,7 @@ def main(argv=None):
     size, vocab, block, n = ("tiny", 2048, 64, 10) if a.quick else ("mini", 8192, 128, 20)
     model_dir, how = a.model, f"--model {a.model}"
     if model_dir is None:
-        psteps = a.pretrain_steps or (600 if a.quick else 500)
+        psteps = a.pretrain_steps or (600 if a.quick else 400)
         print(f"pre-training GPT-2 {size} on the {len(list(corpus.iterdir()))} plays without {a.character}, "
               f"{psteps} steps ...", flush=True)
         t = time.perf_counter()
@@ -112,7 +113,7 @@ def main(argv=None):
                              overwrite=True, log=lambda *x: None)
         model_dir = Path(res["model_dir"])
         how = f"GPT-2 {size}, {psteps} steps on the other plays ({time.perf_counter() - t:.0f} s)"
-    steps = a.steps or 300
+    steps = a.steps or (300 if a.quick else 250)
     print(f"prefix-tuning on {a.character}'s {n_speeches} speeches ({n_plays} plays), {steps} steps ...", flush=True)
     run = a.out / "finetune"
     res = finetune(model_dir, data=txt, out=run, task="causal-lm", method="prefix", num_virtual_tokens=n,
