@@ -8,6 +8,8 @@ each epoch, and the best model saved in transformers' format with its tokenizer.
              head      only the task head (BERT's pooler + classifier for sequence classification)
              lora, adapter, prompt, prefix   numlm.peft
     unfreeze gradual   start with the head; unfreeze one layer more, top down, at equal step intervals
+    tasks    seqcls, tokcls, qa, multiple-choice; causal-lm (a GPT's LM head on text: blocks of
+             eos-joined documents, loss and perplexity, the best model by validation loss)
 
 Every argument is checked before anything is written in the output folder.
 """
@@ -31,12 +33,13 @@ from .nn import no_grad
 from .train import (Trainer, TrainConfig, latest_checkpoint, read_checkpoint_state, check_resume, fingerprint,
                     _int, _real)
 
-TASKS = ("seqcls", "tokcls", "qa", "multiple-choice")
+TASKS = ("seqcls", "tokcls", "qa", "multiple-choice", "causal-lm")
 METHODS = ("full", "freeze", "head", "lora", "adapter", "prompt", "prefix")
 PEFT_METHODS = ("lora", "adapter", "prompt", "prefix")
 DEFAULT_LR = {"head": 1e-3, "lora": 5e-4, "adapter": 1e-3, "prompt": 1e-2, "prefix": 1e-2}  # else 5e-5
 DEFAULT_TARGET = {"bert": "query,value", "gpt2": "c_attn", "openai-gpt": "c_attn"}  # peft's defaults
-DEFAULT_MAX_LENGTH = {"seqcls": 64, "tokcls": 64, "qa": 256, "multiple-choice": 128}
+DEFAULT_MAX_LENGTH = {"seqcls": 64, "tokcls": 64, "qa": 256, "multiple-choice": 128, "causal-lm": 128}
+DATA_TASK = {"causal-lm": "lm"}  # the datasets' name of a task where it differs
 IGNORE = -100
 OUTPUTS = ("results.json", "metrics.jsonl", "training.png", "loss.png", "best", "checkpoints")
 
@@ -54,7 +57,7 @@ class FinetuneArgs:
     lr: float = None                # 5e-5; 1e-3 head; 5e-4 LoRA
     warmup: float = 0.1             # fraction of the steps
     weight_decay: float = 0.01
-    max_length: int = None          # 64 (seqcls, tokcls), 256 (qa), 128 (multiple-choice)
+    max_length: int = None          # 64 (seqcls, tokcls), 256 (qa), 128 (multiple-choice, causal-lm: the block)
     seed: int = 0
     freeze_layers: int = None       # freeze: default half the layers
     unfreeze: str = None            # "gradual"
@@ -65,7 +68,7 @@ class FinetuneArgs:
     reduction_factor: int = 16
     lm_coef: float = None           # GPT: 0.5 (GPT-1's lambda); BERT: not allowed
     num_labels: int = None
-    max_examples: int = None        # at most this many examples per split (quick runs)
+    max_examples: int = None        # at most this many examples (causal-lm: blocks) per split (quick runs)
     eval_batch_size: int = 64
     clip: float = 1.0
     resume: bool = False
@@ -147,7 +150,8 @@ def _model_class(kind, task):
     table = {("bert", "seqcls"): M.BertForSequenceClassification, ("bert", "tokcls"): M.BertForTokenClassification,
              ("bert", "qa"): M.BertForQuestionAnswering, ("gpt2", "seqcls"): M.GPT2ForSequenceClassification,
              ("gpt2", "multiple-choice"): M.GPT2DoubleHeadsModel,
-             ("openai-gpt", "multiple-choice"): M.OpenAIGPTDoubleHeadsModel}
+             ("openai-gpt", "multiple-choice"): M.OpenAIGPTDoubleHeadsModel,
+             ("gpt2", "causal-lm"): M.GPT2LMHeadModel, ("openai-gpt", "causal-lm"): M.OpenAIGPTLMHeadModel}
     if (kind, task) not in table:
         can = [t for k, t in table if k == kind]
         raise ValueError(f"--task {task} is not available for a {kind} model (it supports {', '.join(can)})")
@@ -172,10 +176,12 @@ def check_args(a):
     cls = _model_class(kind, a.task)
     if a.lm_coef is not None and kind == "bert":
         raise ValueError("--lm-coef is GPT-1's auxiliary language-model loss; it needs a GPT model")
+    if a.task == "causal-lm":
+        _check_causal_lm(a)
     _check_method(a, kind, cfg, cls)
     data = datasets.load(a.data)
-    if data.task != a.task:
-        raise ValueError(f"dataset {data.name!r} is a {data.task} dataset, not {a.task}")
+    if data.task != DATA_TASK.get(a.task, a.task):
+        raise ValueError(f"dataset {data.name!r} is a {data.task} dataset, not {DATA_TASK.get(a.task, a.task)}")
     num_labels = _check_labels(a, data, cfg)
     lr = a.lr if a.lr is not None else DEFAULT_LR.get(a.method, 5e-5)
     limit = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 512)
@@ -186,6 +192,19 @@ def check_args(a):
         raise ValueError(f"--max-length {max_length}{extra} exceeds the model's {limit} positions")
     _check_out(a)
     return kind, cfg, data, num_labels, lr, max_length
+
+
+def _check_causal_lm(a):
+    """What a causal LM has no use for: a task head (its head is the token table), GPT-1's auxiliary
+    LM loss (the LM loss is the task)."""
+    if a.method == "head":
+        raise ValueError("--method head trains the task head alone; a causal LM's head is its token table: "
+                         "use full, freeze, lora, adapter, prompt or prefix")
+    if a.unfreeze:
+        raise ValueError("--unfreeze gradual starts from a task head; --task causal-lm has none")
+    if a.lm_coef is not None:
+        raise ValueError("--lm-coef weighs GPT-1's auxiliary LM loss beside a task; --task causal-lm "
+                         "trains the LM loss itself")
 
 
 def _check_method(a, kind, cfg, cls):
@@ -306,7 +325,22 @@ def _truncating(tok, max_length, fn, strategy="longest_first"):
         tok.backend.no_truncation()
 
 
+def encode_lm(tok, examples, max_length):
+    """Causal LM: the documents tokenized, each followed by the eos token (GPT-2's layout), the stream
+    cut into blocks of max_length tokens (a last block of 2 or more tokens is kept); labels = input_ids
+    (the model shifts them)."""
+    from .data import pack_documents
+    if tok.eos_id is None:
+        raise ValueError("--task causal-lm: the tokenizer has no end-of-text token to end the documents with")
+    stream = pack_documents(tok.encode_many([e["text"] for e in examples]), tok.eos_id) if examples else []
+    rows = [{"input_ids": b, "labels": b} for b in
+            (stream[i:i + max_length] for i in range(0, len(stream), max_length)) if len(b) >= 2]
+    return Encoded(rows, tok.eos_id, "flat")
+
+
 def encode(task, kind, tok, examples, max_length, lm=False):
+    if task == "causal-lm":
+        return encode_lm(tok, examples, max_length)
     pad = next((i for i in (tok.pad_id, tok.eos_id) if i is not None), 0)
     rows = []
     if task == "seqcls":
@@ -400,7 +434,9 @@ def _best_span(start, end, seq, max_answer=16):
 
 def evaluate(model, task, enc, label_names=None, batch_size=64, prefix="val"):
     """Loss and accuracy (seqcls, multiple-choice), token accuracy and entity F1 (tokcls), exact match
-    (qa) of `enc`, in eval mode."""
+    (qa) of `enc`, in eval mode; a causal LM's loss and perplexity (evaluate_lm)."""
+    if task == "causal-lm":
+        return evaluate_lm(model, enc, batch_size, prefix)
     model.eval()
     n = len(enc)
     loss_sum, correct, total = 0.0, 0, 0
@@ -452,10 +488,37 @@ def evaluate(model, task, enc, label_names=None, batch_size=64, prefix="val"):
     return res
 
 
+def evaluate_lm(model, enc, batch_size=64, prefix="val"):
+    """A causal LM's loss as the mean over every predicted token of the split (each batch's mean
+    loss weighted by its count of predicted tokens) and perplexity = exp(loss). A token is predicted
+    where its label is not -100 and something precedes it: the block's tokens after the first, and
+    with prompt tuning the first too (the last virtual token predicts it, as in peft)."""
+    model.eval()
+    first = 0 if isinstance(model, _Adapted) and model.pm.kind == "PROMPT_TUNING" else 1
+    loss_sum, count = 0.0, 0
+    for i in range(0, len(enc), batch_size):
+        b = enc.batch(range(i, min(len(enc), i + batch_size)))
+        n = int((b["labels"][:, first:] != IGNORE).sum())
+        with no_grad():
+            out = model(**b)
+        loss_sum += float(out.loss) * n
+        count += n
+    loss = loss_sum / max(count, 1)
+    return {f"{prefix}_loss": loss, f"{prefix}_perplexity": math.exp(min(loss, 700.0))}
+
+
+def score(task, res, prefix="val"):
+    """What picks the best model, higher is better: accuracy (exact match for qa), or a causal LM's
+    negated loss."""
+    return -res[f"{prefix}_loss"] if task == "causal-lm" else res[f"{prefix}_accuracy"]
+
+
 def baselines(task, data, label_names=None):
     """The trivial predictor's test score: the majority class (seqcls); every word O (tokcls: its
     accuracy, F1 0); the first speaker of the context (qa); the most frequent position (multiple-choice)."""
     test = data.test
+    if task == "causal-lm":
+        return {}  # the model before training is the reference (results' val_loss_before)
     if task == "seqcls":
         y = np.array([e["label"] for e in test])
         return {"majority_test_accuracy": float(np.bincount(y).max() / len(y))}
@@ -576,7 +639,8 @@ def _save_best(model, tok, out):
 
 
 def plot(out_dir, task):
-    """training.png: train loss and validation loss (left), validation accuracy (right)."""
+    """training.png: train loss and validation loss (left), validation accuracy (right; a causal LM's
+    perplexity)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -587,7 +651,8 @@ def plot(out_dir, task):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    acc = [(r["step"], r["val_accuracy"]) for r in rows if "val_accuracy" in r]
+    key = "val_perplexity" if task == "causal-lm" else "val_accuracy"
+    acc = [(r["step"], r[key]) for r in rows if key in r]
     if tr:
         ax1.plot(*zip(*tr), label="train")
     if va:
@@ -598,7 +663,7 @@ def plot(out_dir, task):
     if acc:
         ax2.plot(*zip(*acc), "o-")
     ax2.set_xlabel("step")
-    ax2.set_ylabel("validation " + ("exact match" if task == "qa" else "accuracy"))
+    ax2.set_ylabel("validation " + {"qa": "exact match", "causal-lm": "perplexity"}.get(task, "accuracy"))
     fig.tight_layout()
     path = Path(out_dir) / "training.png"
     fig.savefig(path, dpi=100)
@@ -620,11 +685,7 @@ def finetune(a, data=None, out=None, log=print, **options):
     tok = Tokenizer.from_file(Path(a.model_dir) / "tokenizer.json")  # its own padding is switched off
     lm = kind != "bert" and (a.lm_coef is None or a.lm_coef > 0)
     lm_coef = (0.5 if a.lm_coef is None else a.lm_coef) if kind != "bert" else None
-    split = {s: data.split(s)[:a.max_examples] if a.max_examples else data.split(s)
-             for s in ("train", "validation", "test")}
-    enc = {s: encode(a.task, kind, tok, ex, max_length, lm=lm) for s, ex in split.items()}
-    if a.task == "qa":
-        enc["train"].rows = [r for r in enc["train"].rows if r["answerable"]]
+    split, enc = _encode_splits(a, kind, tok, data, max_length, lm)
     steps_per_epoch = math.ceil(len(enc["train"]) / a.batch_size)
     steps = min(a.epochs * steps_per_epoch, a.max_steps or math.inf)
     run = {"task": a.task, "method": a.method, "batch_size": a.batch_size, "max_length": max_length,
@@ -636,11 +697,14 @@ def finetune(a, data=None, out=None, log=print, **options):
     model = _build_model(a, kind, cfg, tok, data, num_labels)
     if a.method in PEFT_METHODS:
         model = _apply_peft(model, kind, a)
+    if a.task == "causal-lm":  # the starting point (on --resume too: the same seeded model, before its checkpoint)
+        before = evaluate_lm(model, enc["validation"], a.eval_batch_size)
+        log(f"before training: val_loss {before['val_loss']:.4f}, val_perplexity {before['val_perplexity']:.4f}")
     on_batch = apply_method(model, kind, a) if a.method not in PEFT_METHODS else None
     if on_batch is not None:
         on_batch.total[0] = steps
-    best = _best_so_far(out) if a.resume else {"score": -1.0, "step": None}
-    ctx = {"best": best, "eval_seconds": 0.0,
+    best = _best_so_far(out, a.task) if a.resume else {"score": -math.inf, "step": None}
+    ctx = {"best": best, "eval_seconds": 0.0, "before": before if a.task == "causal-lm" else {},
            "trainable": sum(v.size for v in model.trainable_parameters().values())}  # before any unfreezing
 
     def validate(m):
@@ -664,6 +728,21 @@ def finetune(a, data=None, out=None, log=print, **options):
         return res
     train_seconds = time.perf_counter() - t0 - ctx["eval_seconds"]
     return _finish(a, model, trainer, enc, split, data, ctx, lr, max_length, lm_coef, num_labels, train_seconds)
+
+
+def _encode_splits(a, kind, tok, data, max_length, lm):
+    """(the examples, their Encoded) per split; --max-examples cuts the examples (a causal LM's blocks)."""
+    cut = a.max_examples if a.task != "causal-lm" else None
+    split = {s: data.split(s)[:cut] if cut else data.split(s) for s in ("train", "validation", "test")}
+    enc = {s: encode(a.task, kind, tok, ex, max_length, lm=lm) for s, ex in split.items()}
+    if a.task == "qa":
+        enc["train"].rows = [r for r in enc["train"].rows if r["answerable"]]
+    if a.task == "causal-lm":
+        for s, e in enc.items():
+            e.rows = e.rows[:a.max_examples] if a.max_examples else e.rows
+            if not e.rows:
+                raise ValueError(f"{data.name}: the {s} split holds no text (a block needs 2 tokens or more)")
+    return split, enc
 
 
 def _check_resume(a, state, run, steps):
@@ -708,16 +787,17 @@ def _build_model(a, kind, cfg, tok, data, num_labels):
     return model
 
 
-def _best_so_far(out):
+def _best_so_far(out, task):
     """The best validation row up to the checkpoint a resumed run continues from."""
-    best = {"score": -1.0, "step": None}
+    best = {"score": -math.inf, "step": None}
     rows = read_metrics(out) if (out / "metrics.jsonl").is_file() else []  # a torn or damaged line is skipped
     done = read_checkpoint_state(latest_checkpoint(out))["step"]
-    vals = [r for r in rows if isinstance(r.get("val_accuracy"), float) and isinstance(r.get("step"), int)
+    key = "val_loss" if task == "causal-lm" else "val_accuracy"
+    vals = [r for r in rows if isinstance(r.get(key), float) and isinstance(r.get("step"), int)
             and r["step"] <= done]
     if vals and (out / "best").is_dir():
-        top = max(vals, key=lambda r: r["val_accuracy"])
-        best.update(score=top["val_accuracy"], step=top["step"], res=top)
+        top = max(vals, key=lambda r: score(task, r))
+        best.update(score=score(task, top), step=top["step"], res=top)
     return best
 
 
@@ -726,8 +806,8 @@ def _validate(model, a, enc, label_names, tok, out, ctx, steps_per_epoch, log):
     t = time.perf_counter()
     res = evaluate(model, a.task, enc, label_names, a.eval_batch_size)
     step, best = ctx["trainer"].step, ctx["best"]
-    if res["val_accuracy"] > best["score"]:
-        best.update(score=res["val_accuracy"], step=step, res=dict(res))
+    if score(a.task, res) > best["score"]:
+        best.update(score=score(a.task, res), step=step, res=dict(res))
         _save_best(model, tok, out)
     res["epoch"] = step / steps_per_epoch
     log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
@@ -758,7 +838,9 @@ def _finish(a, model, trainer, enc, split, data, ctx, lr, max_length, lm_coef, n
     test = evaluate(model, a.task, enc["test"], data.label_names, a.eval_batch_size, prefix="test")
     total = model.get_nb_trainable_parameters()[1] if peft_run else model.num_parameters()
     test_data = data if not a.max_examples else dataclasses.replace(data, test=split["test"])
-    results = {**best.get("res", {}), "val_accuracy": best["score"], "best_step": best["step"], **test,
+    chosen = {} if a.task == "causal-lm" else {"val_accuracy": best["score"]}
+    before = {f"{k}_before": v for k, v in ctx["before"].items()}
+    results = {**best.get("res", {}), **chosen, **before, "best_step": best["step"], **test,
                "trainable_params": int(ctx["trainable"]), "total_params": int(total),
                "train_seconds": round(train_seconds, 1), "validation_seconds": round(ctx["eval_seconds"], 1),
                "peak_mb": round(_peak_mb(), 1), "steps": trainer.step,
@@ -790,7 +872,7 @@ def make_args(a, data=None, out=None, **options):
 def _apply_peft(model, kind, a):
     """numlm.peft's adapter on the model (the task head trained too, as peft's modules_to_save)."""
     from . import peft
-    task_type = {"seqcls": "SEQ_CLS", "tokcls": "TOKEN_CLS", "qa": "QUESTION_ANS"}.get(a.task)
+    task_type = {"seqcls": "SEQ_CLS", "tokcls": "TOKEN_CLS", "qa": "QUESTION_ANS", "causal-lm": "CAUSAL_LM"}.get(a.task)
     if a.method == "lora":
         cfg = peft.LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.1, task_type=task_type,
                               target_modules=targets(a, kind))
@@ -800,6 +882,11 @@ def _apply_peft(model, kind, a):
         cfg = peft.PromptTuningConfig(num_virtual_tokens=a.num_virtual_tokens, task_type=task_type)
     else:
         cfg = peft.PrefixTuningConfig(num_virtual_tokens=a.num_virtual_tokens, task_type=task_type)
+    base = str(Path(a.model_dir).resolve())  # numlm generate finds the base there
+    if a.method == "adapter":  # AdapterHub's adapter_config.json names it model_name
+        model.config._name_or_path = base
+    else:
+        cfg.base_model_name_or_path = base
     shift = a.num_virtual_tokens if a.method == "prompt" and a.task in ("tokcls", "qa") else 0
     return _Adapted(peft.get_peft_model(model, cfg), shift)
 

@@ -101,7 +101,9 @@ def test_jsonl(tmp_path):
     ("k.jsonl", '{"text": "a", "label": 1}\n[1, 2]\n', "line 2: expected a JSON object"),
     ("l.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n', "line 2: missing label"),
     ("f.csv", "text,label\na,1\nb,0\n", "needs at least 10"),
-    ("x.txt", "hello", "must end in .csv, .jsonl or .json"),
+    ("x.md", "hello", "must end in .csv, .jsonl or .json"),
+    ("w.txt", "\n  \n\t\n", "w.txt: the file holds no text"),
+    ("few.txt", "one\n\ntwo\n\nthree", "few.txt: 3 documents"),
 ])
 def test_bad_files_name_the_problem(tmp_path, name, text, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -226,3 +228,13 @@ def test_real_plays_derived_sets():
     ner = D.load("shakespeare-ner")
     y = np.concatenate([r["labels"] for r in ner.test])
     assert 0.9 < (y == 0).mean() < 0.99 and (y == 1).sum() > 500
+
+
+def test_a_text_file_is_documents_between_blank_lines(tmp_path):
+    docs = [f"doc {i} line one\ndoc {i} line two" for i in range(20)]
+    text = "\ufeff" + "\n\n".join(docs[:10]) + "\n \n\n" + "\n\n\n".join(docs[10:]) + "\n"
+    d = D.load(write(tmp_path / "plays.txt", text))
+    assert d.task == "lm" and d.name == "plays.txt"
+    assert (len(d.train), len(d.validation), len(d.test)) == (16, 2, 2)
+    perm = np.random.default_rng(0).permutation(20)
+    assert [e["text"] for e in d.train + d.validation + d.test] == [docs[i] for i in perm]

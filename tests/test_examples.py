@@ -25,3 +25,19 @@ def test_strategies_says_which_method_needs_more_steps():
     # a run as long as the recipe that still did not learn gets no command for a longer one
     lines = s.notes([("head", {**res, "steps": 700, "test_accuracy": 0.60})], 700, majority=0.572, quick=False)
     assert len(lines) == 1 and "head only" in lines[0] and "--steps" not in lines[0]
+
+
+def test_prefix_character_holds_the_character_out_of_the_pretraining(tmp_path):
+    import re
+    import pytest
+    from numlm.data import datasets, shakespeare_texts
+    s = load("prefix_character")
+    txt, corpus, n, plays = s.character_data("FALSTAFF", tmp_path)
+    texts = shakespeare_texts()
+    said = [len(re.findall(r"^FALSTAFF:$", t, re.M)) for t in texts]
+    data = datasets.load(txt)
+    assert n == len(data.train + data.validation + data.test) == sum(said) > 400
+    assert plays == sum(1 for k in said if k) and len(list(corpus.iterdir())) == len(texts) - plays
+    assert not any("FALSTAFF:" in p.read_text() for p in corpus.iterdir())
+    with pytest.raises(ValueError, match="'NOBODY' has 0 speeches in the plays; try one of .*FALSTAFF"):
+        s.character_data("NOBODY", tmp_path / "x")

@@ -539,3 +539,204 @@ def test_resume_past_a_damaged_metrics_line(bert_dir, data_csv, finished, tmp_pa
     (out / "metrics.jsonl").write_bytes((finished / "metrics.jsonl").read_bytes() + b'{"step": 3, "lo\xff\xfe\n')
     assert run(bert_dir, data_csv, out, "--epochs", "2", "--resume") == 0, capsys.readouterr().err
     assert json.loads((out / "results.json").read_text())["steps"] == 32
+
+
+# ---- causal LM: GPT-2 fine-tuned for text -------------------------------------------------------
+@pytest.fixture(scope="module")
+def lm_txt(tmp_path_factory):
+    """40 documents of four sentences, blank lines between them: 32 / 4 / 4 after the split."""
+    p = tmp_path_factory.mktemp("lm") / "reviews.txt"
+    s = [t for t, _ in sentences(160, 3)]
+    p.write_text("\n\n".join("\n".join(s[i:i + 4]) for i in range(0, 160, 4)) + "\n")
+    return p
+
+
+@pytest.fixture(scope="module")
+def lm_gpt_dir(tmp_path_factory):
+    """gpt_dir's model with larger initial weights (0.3, not 0.02): its outputs are far from uniform,
+    so a prompt or a prefix of 4 tokens moves the loss within a few steps."""
+    d = tmp_path_factory.mktemp("lm_gpt")
+    tok = Tokenizer.train_bpe_from_iterator([t for t, _ in sentences(200, 1)] * 3, vocab_size=300, min_frequency=1)
+    cfg = GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=16, n_layer=2, n_head=2,
+                     eos_token_id=tok.eos_id, bos_token_id=tok.eos_id, initializer_range=0.3)
+    GPT2LMHeadModel(cfg, seed=2).save_pretrained(d)
+    tok.save(d)
+    return d
+
+
+def lm_run(model_dir, data, out, *extra):
+    return run(model_dir, data, out, "--task", "causal-lm", "--max-length", "32", *extra)
+
+
+def test_causal_lm_blocks_are_the_documents_joined_by_eos_and_cut(gpt_dir):
+    tok = Tokenizer.from_file(gpt_dir / "tokenizer.json")
+    docs = [{"text": t} for t, _ in sentences(7, 4)] + [{"text": "good film\nbad plot"}]
+    stream = []
+    for d in docs:
+        stream += tok.backend.encode(d["text"], add_special_tokens=False).ids + [tok.eos_id]
+    enc = F.encode("causal-lm", "gpt2", tok, docs, 10)
+    want = [stream[i:i + 10] for i in range(0, len(stream), 10)]
+    want = [w for w in want if len(w) >= 2]
+    assert len(stream) > 30 and [list(r["input_ids"]) for r in enc.rows] == want
+    b = enc.batch([len(want) - 2, len(want) - 1])  # a full block and the shorter last one
+    short = len(want[-1])
+    assert np.array_equal(b["input_ids"][0], want[-2]) and list(b["input_ids"][1, :short]) == want[-1]
+    assert list(b["labels"][1, :short]) == want[-1] and (b["labels"][1, short:] == F.IGNORE).all()
+    assert b["attention_mask"][1].tolist() == [1] * short + [0] * (10 - short)
+
+
+def _token_losses(logits, ids):
+    """-log softmax(logits[t])[ids[t + 1]] for every t, in float64."""
+    z = np.asarray(logits, np.float64)[:-1]
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    return lse - z[np.arange(len(z)), np.asarray(ids)[1:]]
+
+
+@pytest.mark.parametrize("method", ["full", "prompt"])
+def test_causal_lm_loss_is_the_mean_over_predicted_tokens(gpt_dir, method):
+    """Blocks of unequal length in one batch: the loss weighs every predicted token once, not every
+    batch or row; prompt tuning predicts the first token too (from the last virtual token)."""
+    tok = Tokenizer.from_file(gpt_dir / "tokenizer.json")
+    enc = F.encode("causal-lm", "gpt2", tok, [{"text": t} for t, _ in sentences(9, 6)], 12)
+    assert len(enc.rows[-1]["input_ids"]) < 12
+    model = GPT2LMHeadModel.from_pretrained(gpt_dir, dtype="float64")
+    n = 3
+    if method == "prompt":
+        model = F._apply_peft(model, "gpt2", F.FinetuneArgs(str(gpt_dir), "x", "y", method="prompt",
+                                                            task="causal-lm", num_virtual_tokens=n))
+    res = F.evaluate(model, "causal-lm", enc, batch_size=2)
+    losses = []
+    for r in enc.rows:  # each block alone, no padding
+        ids = np.asarray(r["input_ids"])[None]
+        if method == "prompt":
+            logits = model.pm(input_ids=ids).logits[0]  # (n + T, V): the virtual tokens' positions first
+            losses += list(_token_losses(logits[n - 1:], np.concatenate([[0], ids[0]])))
+        else:
+            losses += list(_token_losses(model(input_ids=ids).logits[0], ids[0]))
+    want = np.sum(losses) / len(losses)
+    assert res["val_loss"] == pytest.approx(want, rel=1e-10)
+    assert res["val_perplexity"] == pytest.approx(math.exp(want), rel=1e-10)
+    if method == "full":  # the mean of the rows' means differs: the weighting matters
+        rows_mean = np.mean([np.mean(_token_losses(model(input_ids=np.asarray(r["input_ids"])[None]).logits[0],
+                                                   r["input_ids"])) for r in enc.rows])
+        assert abs(rows_mean - want) > 1e-6
+
+
+@pytest.fixture(scope="module")
+def lm_runs(lm_gpt_dir, lm_txt, tmp_path_factory):
+    """One short causal-LM run per method: {method: out folder}."""
+    root = tmp_path_factory.mktemp("lm_runs")
+    lr = {"full": "3e-3", "freeze": "3e-3", "lora": "5e-2", "adapter": "3e-2", "prompt": "0.3", "prefix": "0.1"}
+    for method, rate in lr.items():
+        assert lm_run(lm_gpt_dir, lm_txt, root / method, "--method", method, "--lr", rate, "--epochs", "6",
+                      "--num-virtual-tokens", "4", "--reduction-factor", "4") == 0, method
+    return {m: root / m for m in lr}
+
+
+@pytest.mark.parametrize("method", ["full", "freeze", "lora", "adapter", "prompt", "prefix"])
+def test_causal_lm_runs_lower_the_validation_loss(lm_runs, method):
+    res = json.loads((lm_runs[method] / "results.json").read_text())
+    assert res["val_loss"] < res["val_loss_before"] - 0.05, (method, res["val_loss"], res["val_loss_before"])
+    assert res["val_perplexity_before"] == pytest.approx(math.exp(res["val_loss_before"]))
+    assert res["test_perplexity"] == pytest.approx(math.exp(res["test_loss"]))
+    assert "val_accuracy" not in res and "test_accuracy" not in res
+    rows = [json.loads(l) for l in (lm_runs[method] / "metrics.jsonl").read_text().splitlines()]
+    vals = [(r["step"], r["val_loss"]) for r in rows if "val_perplexity" in r]
+    assert len(vals) == 6 and (res["best_step"], res["val_loss"]) == min(vals, key=lambda v: v[1])
+    assert (lm_runs[method] / "best" / "tokenizer.json").is_file()
+
+
+def test_causal_lm_best_adapter_reproduces_its_test_loss_and_generates(lm_gpt_dir, lm_txt, lm_runs, capsys):
+    """out/best is the reported model (its test loss recomputed from the logits) and numlm generate
+    runs it by itself: the base from adapter_config.json, the tokenizer beside the adapter."""
+    from numlm import peft
+    from numlm.data import datasets
+    from numlm.decoding import generate
+    best = lm_runs["prefix"] / "best"
+    assert json.loads((best / "adapter_config.json").read_text())["base_model_name_or_path"] == str(lm_gpt_dir.resolve())
+    pm = peft.PeftModel.from_pretrained(from_pretrained(lm_gpt_dir, dtype="float64"), best).eval()
+    tok = Tokenizer.from_dir(best)
+    stream = []
+    for d in datasets.load(lm_txt).test:
+        stream += tok.encode(d["text"], add_special_tokens=False) + [tok.eos_id]
+    losses = []
+    for i in range(0, len(stream), 32):
+        ids = np.array(stream[i:i + 32])[None]
+        losses += list(_token_losses(pm(input_ids=ids).logits[0], ids[0]))
+    res = json.loads((lm_runs["prefix"] / "results.json").read_text())
+    assert res["test_loss"] == pytest.approx(np.mean(losses), rel=1e-5)  # the run trained in float32
+    ids = tok.encode("the film", add_special_tokens=False)
+    out = generate(pm, [ids], max_new_tokens=6, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
+    assert main(["generate", str(best), "--prompt", "the film", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == "the film" + tok.decode(out[0, len(ids):]) + "\n"
+    for method in ("full", "lora", "adapter", "prompt"):  # the others' best folders run as well
+        assert main(["generate", str(lm_runs[method] / "best"), "--prompt", "the film", "--max-new-tokens", "3"]) == 0
+        assert capsys.readouterr().out.startswith("the film")
+
+
+@pytest.mark.parametrize("case,message", [
+    ("bert", "--task causal-lm is not available for a bert model"),
+    ("head", "--method head trains the task head alone; a causal LM's head is its token table"),
+    ("empty", "blank.txt: the file holds no text"),
+    ("positions", "--max-length 60 with the 8 virtual tokens exceeds the model's 64 positions"),
+    ("csv", "is a seqcls dataset, not lm"),
+    ("lm-coef", "--lm-coef weighs GPT-1's auxiliary LM loss beside a task"),
+])
+def test_causal_lm_bad_input(case, message, bert_dir, gpt_dir, lm_txt, data_csv, tmp_path, capsys):
+    m, d, extra = gpt_dir, lm_txt, []
+    if case == "bert":
+        m = bert_dir
+    elif case == "head":
+        extra = ["--method", "head"]
+    elif case == "empty":
+        d = tmp_path / "blank.txt"
+        d.write_text("\n\n  \n")
+    elif case == "positions":
+        extra = ["--method", "prefix", "--num-virtual-tokens", "8", "--max-length", "60"]
+    elif case == "csv":
+        d = data_csv
+    elif case == "lm-coef":
+        extra = ["--lm-coef", "0.5"]
+    out = tmp_path / "out"
+    assert run(m, d, out, "--task", "causal-lm", *extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("numlm finetune: error: ") and message in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["full", "prefix"])
+def test_causal_lm_resume_continues_bit_exactly(gpt_dir, lm_txt, tmp_path, method):
+    """Interrupted during its first validation (the log line raises Ctrl-C), resumed: the same run."""
+    opts = dict(data=lm_txt, task="causal-lm", method=method, max_length=32, batch_size=8, epochs=2, lr=1e-2,
+                num_virtual_tokens=4, progress=False)
+    whole = F.finetune(gpt_dir, out=tmp_path / "whole", log=lambda *a: None, **opts)
+
+    def interrupt(line):
+        if line.startswith("step "):
+            raise KeyboardInterrupt
+    assert F.finetune(gpt_dir, out=tmp_path / "cut", log=interrupt, **opts)["interrupted"]
+    assert not (tmp_path / "cut" / "results.json").exists()
+    again = F.finetune(gpt_dir, out=tmp_path / "cut", log=lambda *a: None, resume=True, **opts)
+    for k in ("val_loss", "val_loss_before", "test_loss", "test_perplexity", "best_step", "steps"):
+        assert whole[k] == again[k], k
+    wa, wb = _best_tensors(tmp_path / "whole" / "best"), _best_tensors(tmp_path / "cut" / "best")
+    assert len(wa) > 0 and wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+    losses = [[(r["step"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+              for d in (tmp_path / "whole", tmp_path / "cut")]
+    assert losses[0] == losses[1]
+
+
+def test_causal_lm_overwrite_checks_first_and_an_occupied_folder_is_refused(lm_gpt_dir, lm_txt, lm_runs, tmp_path,
+                                                                           capsys):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(lm_runs["lora"], out)
+    before = snapshot(out)
+    assert lm_run(lm_gpt_dir, lm_txt, out, "--method", "lora") == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert lm_run(lm_gpt_dir, lm_txt, out, "--method", "head", "--overwrite") == 2
+    assert "--method head" in capsys.readouterr().err and snapshot(out) == before
+    assert lm_run(lm_gpt_dir, lm_txt, out, "--method", "lora", "--overwrite", "--max-steps", "1") == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 1 and res["args"]["max_steps"] == 1
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 1]

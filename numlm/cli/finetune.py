@@ -30,7 +30,8 @@ def add_parsers(sub):
                        "decay, clipping 1.0, batch 32, 2 epochs.")
     f.add_argument("model_dir")
     f.add_argument("--data", required=True, help="rotten-tomatoes, shakespeare-ner, shakespeare-qa, "
-                   "shakespeare-mc, or a .csv / .jsonl file (text,label or text_a,text_b,label)")
+                   "shakespeare-mc, shakespeare (causal-lm), a .csv / .jsonl file (text,label or "
+                   "text_a,text_b,label), or a .txt file (causal-lm: documents separated by blank lines)")
     f.add_argument("--task", choices=TASKS, default="seqcls")
     f.add_argument("--method", choices=METHODS, default="full")
     f.add_argument("--out", required=True)
@@ -41,7 +42,7 @@ def add_parsers(sub):
     f.add_argument("--warmup", type=number(0, 1, low_open=False), default=0.1, help="fraction of the steps")
     f.add_argument("--weight-decay", type=number(0, low_open=False), default=0.01)
     f.add_argument("--max-length", type=count(1),
-                   help="tokens per example (64 seqcls/tokcls, 256 qa, 128 multiple-choice)")
+                   help="tokens per example (64 seqcls/tokcls, 256 qa, 128 multiple-choice and causal-lm's blocks)")
     f.add_argument("--seed", type=count(0), default=0)
     f.add_argument("--freeze-layers", type=count(0), help="freeze the embeddings and the first K layers")
     f.add_argument("--unfreeze", choices=["gradual"], help="unfreeze one layer more, top down, at equal intervals")
@@ -54,7 +55,7 @@ def add_parsers(sub):
     f.add_argument("--lm-coef", type=number(0, low_open=False),
                    help="GPT: L3 = L2 + lm_coef * L1 (default 0.5; 0 turns it off)")
     f.add_argument("--num-labels", type=count(1))
-    f.add_argument("--max-examples", type=count(1), help="use at most this many examples per split")
+    f.add_argument("--max-examples", type=count(1), help="use at most this many examples (causal-lm: blocks) per split")
     f.add_argument("--eval-batch-size", type=count(1), default=64)
     f.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     f.add_argument("--allow-changes", action="store_true", help="--resume although the data, tokenizer, batch "

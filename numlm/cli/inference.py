@@ -21,7 +21,8 @@ def _load(model_dir, dtype, base=None):
     else:
         from ..peft import PeftModel
         from ..peft.files import read_json
-        named = read_json(adapter).get("base_model_name_or_path")
+        d = read_json(adapter)
+        named = d.get("base_model_name_or_path") or d.get("model_name")  # peft's, else AdapterHub's
         if base is None and named:  # as the working directory or the adapter folder sees it
             base = named if Path(named).is_dir() else Path(model_dir) / named
         if base is None or not Path(base).is_dir():

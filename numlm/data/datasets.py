@@ -6,6 +6,7 @@
     shakespeare-qa    'Who says "<line>"?' over a context of four speeches; the answer is a span
     shakespeare-mc    which of four speeches follows a speech (GPT-1's multiple-choice form)
     a .csv / .jsonl file  with columns text,label or text_a,text_b,label
+    a .txt file       plain text for a causal LM: documents separated by blank lines
 
 Examples are dicts: seqcls {text, label} or {text, text_pair, label}; tokcls {words, labels};
 qa {context, question, answer_start, answer_text} (answer_start: character offset in context);
@@ -320,17 +321,38 @@ def _label_ids(path, out):
     return names
 
 
+def from_text_file(path):
+    """A user's .txt (UTF-8) for a causal LM: documents separated by one or more blank lines, each
+    stripped; split_80_10_10 over the documents."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from e
+    docs = [{"text": d.strip()} for d in re.split(r"\n[ \t\r]*\n", text) if d.strip()]
+    if not docs:
+        raise ValueError(f"{path}: the file holds no text")
+    if len(docs) < 10:
+        raise ValueError(f"{path}: {len(docs)} documents (blocks of text between blank lines); the 80/10/10 "
+                         f"split needs at least 10")
+    return TaskData(p.name, "lm", *split_80_10_10(docs))
+
+
 # ---- by name -----------------------------------------------------------------------------------
 DATASETS = {"rotten-tomatoes": rotten_tomatoes, "shakespeare": shakespeare, "shakespeare-ner": shakespeare_ner,
             "shakespeare-qa": shakespeare_qa, "shakespeare-mc": shakespeare_mc}
 
 
 def load(name):
-    """A dataset by name, or a user's .csv / .jsonl file by path."""
+    """A dataset by name, or a user's .csv / .jsonl (.txt: a causal LM's text) file by path."""
     if not isinstance(name, (str, Path)):
         raise ValueError(f"name must be a dataset name or a file path, got {type(name).__name__}")
     if str(name) in DATASETS:
         return DATASETS[str(name)]()
+    if Path(name).suffix.lower() == ".txt" and not Path(name).is_dir():
+        return from_text_file(name)
     if Path(name).suffix.lower() in (".csv", ".jsonl", ".json") or Path(name).exists():
         return from_file(name)
-    raise ValueError(f"unknown dataset {str(name)!r}; known: {', '.join(DATASETS)}, or a .csv / .jsonl file")
+    raise ValueError(f"unknown dataset {str(name)!r}; known: {', '.join(DATASETS)}, or a .csv / .jsonl / .txt file")
