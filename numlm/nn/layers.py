@@ -36,7 +36,7 @@ _grad = [True]  # [enabled]: forwards keep their caches for a backward
 
 class NoCache:
     """The cache a module holds after a forward under no_grad: any use of it in a backward is a
-    ValueError naming the module."""
+    ValueError naming the module's class (one instance per class, kept in _NO_CACHE)."""
 
     def __init__(self, module):
         self.name = type(module).__name__
@@ -49,6 +49,9 @@ class NoCache:
 
     def __getattr__(self, name):
         self._refuse()
+
+
+_NO_CACHE = {}
 
 
 @contextmanager
@@ -179,7 +182,8 @@ class Module:
         self.called_under_no_grad = not _grad[0]  # a model's backward() checks its last call
         out = self.forward(*args, **kwargs)
         if not _grad[0]:  # drop what only a backward reads: one layer's activations at a time
-            self.cache = NoCache(self)
+            kind = type(self)
+            self.cache = _NO_CACHE[kind] if kind in _NO_CACHE else _NO_CACHE.setdefault(kind, NoCache(self))
         return out
 
     def forward(self, *args, **kwargs):
