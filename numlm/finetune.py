@@ -37,7 +37,9 @@ TASKS = ("seqcls", "tokcls", "qa", "multiple-choice", "causal-lm")
 METHODS = ("full", "freeze", "head", "lora", "adapter", "prompt", "prefix")
 PEFT_METHODS = ("lora", "adapter", "prompt", "prefix")
 DEFAULT_LR = {"head": 1e-3, "lora": 5e-4, "adapter": 1e-3, "prompt": 1e-2, "prefix": 1e-2}  # else 5e-5
-DEFAULT_TARGET = {"bert": "query,value", "gpt2": "c_attn", "openai-gpt": "c_attn"}  # peft's defaults
+DEFAULT_TARGET = {"bert": "query,value", "roberta": "query,value", "distilbert": "q_lin,v_lin",
+                  "gpt2": "c_attn", "openai-gpt": "c_attn"}  # peft's defaults
+ENCODERS = ("bert", "roberta", "distilbert")  # the BERT family: no LM objective, no pad id to set
 DEFAULT_MAX_LENGTH = {"seqcls": 64, "tokcls": 64, "qa": 256, "multiple-choice": 128, "causal-lm": 128}
 DATA_TASK = {"causal-lm": "lm"}  # the datasets' name of a task where it differs
 IGNORE = -100
@@ -140,8 +142,9 @@ def _model_kind(model_dir):
         raise ValueError(f"model folder {str(d)!r} has no tokenizer.json (save the tokenizer beside the model)")
     cfg = read_config(d)
     kind = cfg.get("model_type")
-    if kind not in ("bert", "gpt2", "openai-gpt"):
-        raise ValueError(f"model folder {str(d)!r} holds a {kind!r} model; numlm fine-tunes bert, gpt2 and openai-gpt")
+    if kind not in DEFAULT_TARGET:
+        raise ValueError(f"model folder {str(d)!r} holds a {kind!r} model; numlm fine-tunes "
+                         f"{', '.join(DEFAULT_TARGET)}")
     return kind, cfg
 
 
@@ -151,7 +154,12 @@ def _model_class(kind, task):
              ("bert", "qa"): M.BertForQuestionAnswering, ("gpt2", "seqcls"): M.GPT2ForSequenceClassification,
              ("gpt2", "multiple-choice"): M.GPT2DoubleHeadsModel,
              ("openai-gpt", "multiple-choice"): M.OpenAIGPTDoubleHeadsModel,
-             ("gpt2", "causal-lm"): M.GPT2LMHeadModel, ("openai-gpt", "causal-lm"): M.OpenAIGPTLMHeadModel}
+             ("gpt2", "causal-lm"): M.GPT2LMHeadModel, ("openai-gpt", "causal-lm"): M.OpenAIGPTLMHeadModel,
+             ("roberta", "seqcls"): M.RobertaForSequenceClassification,
+             ("roberta", "tokcls"): M.RobertaForTokenClassification, ("roberta", "qa"): M.RobertaForQuestionAnswering,
+             ("distilbert", "seqcls"): M.DistilBertForSequenceClassification,
+             ("distilbert", "tokcls"): M.DistilBertForTokenClassification,
+             ("distilbert", "qa"): M.DistilBertForQuestionAnswering}
     if (kind, task) not in table:
         can = [t for k, t in table if k == kind]
         raise ValueError(f"--task {task} is not available for a {kind} model (it supports {', '.join(can)})")
@@ -159,7 +167,8 @@ def _model_class(kind, task):
 
 
 def _layers(kind, cfg):
-    return int(cfg.get("num_hidden_layers") if kind == "bert" else cfg.get("n_layer"))
+    return int(cfg.get({"bert": "num_hidden_layers", "roberta": "num_hidden_layers", "distilbert": "n_layers"}
+                       .get(kind, "n_layer")))
 
 
 def peft_available():
@@ -174,7 +183,7 @@ def check_args(a):
     _check_numbers(a)
     kind, cfg = _model_kind(a.model_dir)
     cls = _model_class(kind, a.task)
-    if a.lm_coef is not None and kind == "bert":
+    if a.lm_coef is not None and kind in ENCODERS:
         raise ValueError("--lm-coef is GPT-1's auxiliary language-model loss; it needs a GPT model")
     if a.task == "causal-lm":
         _check_causal_lm(a)
@@ -349,7 +358,7 @@ def encode(task, kind, tok, examples, max_length, lm=False):
                                max_length=max_length, padding=False)
         for e, ids, tt in zip(examples, enc["input_ids"], enc["token_type_ids"]):
             r = {"input_ids": ids, "token_type_ids": tt, "label": e["label"]}
-            if kind != "bert":
+            if kind not in ("bert", "roberta"):  # GPT and DistilBERT take no token types
                 del r["token_type_ids"]
                 if lm:  # GPT-1's auxiliary LM loss reads the text itself
                     r["lm_labels"] = ids
@@ -394,6 +403,9 @@ def encode(task, kind, tok, examples, max_length, lm=False):
                 room = max_length - len(ans) - 2
                 seqs.append(ctx[-room:] + [sep] + ans + [sep])
             rows.append({"choices": seqs, "label": e["label"]})
+    if kind == "distilbert":  # no token-type table
+        for r in rows:
+            r.pop("token_type_ids", None)
     return Encoded(rows, pad, "multiple-choice" if task == "multiple-choice" else "flat")
 
 
@@ -577,7 +589,8 @@ def _backbone_prefix(model):
 def _layer_prefixes(model, kind):
     p = _backbone_prefix(model)
     L = _layers(kind, model.config.to_dict())
-    return [f"{p}encoder.layer.{i}." if kind == "bert" else f"{p}h.{i}." for i in range(L)]
+    layer = {"bert": "encoder.layer", "roberta": "encoder.layer", "distilbert": "transformer.layer"}.get(kind, "h")
+    return [f"{p}{layer}.{i}." for i in range(L)]
 
 
 def _is_head(model, name):
@@ -683,8 +696,8 @@ def finetune(a, data=None, out=None, log=print, **options):
     a = make_args(a, data, out, **options)
     kind, cfg, data, num_labels, lr, max_length = check_args(a)
     tok = Tokenizer.from_file(Path(a.model_dir) / "tokenizer.json")  # its own padding is switched off
-    lm = kind != "bert" and (a.lm_coef is None or a.lm_coef > 0)
-    lm_coef = (0.5 if a.lm_coef is None else a.lm_coef) if kind != "bert" else None
+    lm = kind not in ENCODERS and (a.lm_coef is None or a.lm_coef > 0)
+    lm_coef = (0.5 if a.lm_coef is None else a.lm_coef) if kind not in ENCODERS else None
     split, enc = _encode_splits(a, kind, tok, data, max_length, lm)
     steps_per_epoch = math.ceil(len(enc["train"]) / a.batch_size)
     steps = min(a.epochs * steps_per_epoch, a.max_steps or math.inf)
@@ -778,7 +791,7 @@ def _build_model(a, kind, cfg, tok, data, num_labels):
         if names and len(names) == num_labels:  # the saved model predicts by name
             over["id2label"] = {str(i): str(n) for i, n in enumerate(names)}
             over["label2id"] = {str(n): i for i, n in enumerate(names)}
-    if kind != "bert" and cfg.get("pad_token_id") is None:
+    if kind not in ENCODERS and cfg.get("pad_token_id") is None:
         over["pad_token_id"] = tok.pad_id if tok.pad_id is not None else tok.eos_id
     model = cls.from_pretrained(a.model_dir, seed=a.seed, **over)
     if tok.vocab_size > model.config.vocab_size:

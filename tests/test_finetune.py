@@ -740,3 +740,55 @@ def test_causal_lm_overwrite_checks_first_and_an_occupied_folder_is_refused(lm_g
     res = json.loads((out / "results.json").read_text())
     assert res["steps"] == 1 and res["args"]["max_steps"] == 1
     assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 1]
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+@pytest.mark.parametrize("method", ["full", "head", "lora", "prefix"])
+def test_roberta_and_distilbert_fine_tune_from_the_command_line(family, method, tmp_path):
+    """numlm finetune on a RoBERTa or DistilBERT folder: their own classes, peft's default LoRA targets
+    (query/value, q_lin/v_lin), the layers named as theirs; full and LoRA learn the task, the saved best
+    model reproduces the reported test accuracy, head-only leaves the backbone bit for bit, prefix tuning
+    saves its table."""
+    import numlm
+    from numlm.data import datasets
+    d = tmp_path / family
+    tok = Tokenizer.train_wordpiece_from_iterator([t for t, _ in sentences(200, 1)] * 3, vocab_size=80,
+                                                  min_frequency=1)
+    if family == "roberta":
+        cfg = numlm.RobertaConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=24, max_position_embeddings=40,
+                                  pad_token_id=tok.pad_id, initializer_range=0.2)
+        numlm.RobertaForMaskedLM(cfg, seed=1).save_pretrained(d)
+    else:
+        cfg = numlm.DistilBertConfig(vocab_size=tok.vocab_size, dim=16, n_layers=2, n_heads=2, hidden_dim=24,
+                                     max_position_embeddings=40, pad_token_id=tok.pad_id, initializer_range=0.2)
+        numlm.DistilBertForMaskedLM(cfg, seed=1).save_pretrained(d)
+    tok.save(d)
+    data = tmp_path / "sent.csv"
+    data.write_text("text,label\n" + "\n".join(f"{t},{y}" for t, y in sentences()) + "\n")
+    out = tmp_path / "run"
+    assert run(d, data, out, "--method", method, "--epochs", "3", "--lr", "1e-2") == 0
+    res = json.loads((out / "results.json").read_text())
+    if method in ("full", "lora"):  # a random backbone learns the task only where it trains
+        assert res["test_accuracy"] >= 0.75, res  # chance is 0.5
+    if method == "head":  # the saved model's backbone is the folder's, bit for bit
+        base, best = from_pretrained(d).state_dict(), from_pretrained(out / "best").state_dict()
+        backbone = [k for k in best if k.startswith(family + ".")]
+        assert backbone and all(np.array_equal(best[k], base[k]) for k in backbone)
+        assert res["trainable_params"] < res["total_params"]
+    if method == "prefix":
+        from safetensors.numpy import load_file
+        assert "prompt_embeddings" in load_file(out / "best" / "adapter_model.safetensors")
+    if method == "full":
+        best = from_pretrained(out / "best")
+        assert type(best).__name__ == {"roberta": "RobertaForSequenceClassification",
+                                       "distilbert": "DistilBertForSequenceClassification"}[family]
+        test = datasets.load(data).test
+        enc = Tokenizer.from_dir(out / "best").encode_batch([e["text"] for e in test], max_length=64)
+        logits = best(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        assert np.mean(np.argmax(logits, -1) == [e["label"] for e in test]) == pytest.approx(res["test_accuracy"])
+    elif method == "lora":
+        from safetensors.numpy import load_file
+        keys = load_file(out / "best" / "adapter_model.safetensors")
+        want = ("query", "value") if family == "roberta" else ("q_lin", "v_lin")
+        assert {k.split(".")[-3] for k in keys if "lora_A" in k} == set(want)
