@@ -368,9 +368,9 @@ def past_like(past, L, B, H, D, dtype):
     return lengths.pop()
 
 
-def positions(position_ids, B, T, start, limit, note, per_row=True):
+def positions(position_ids, B, T, limit, note, per_row=True):
     """Given positions ((B, T), (1, T) or (T,)) checked in [0, limit): (B, T), or (1, T) when not per_row
-    and shared. (Without them a model counts start .. start + T - 1 for every row.)"""
+    and shared. (Without them a model counts T_past .. T_past + T - 1 for every row.)"""
     pos = np.asarray(position_ids)
     if pos.dtype.kind in "iu" and (pos.shape[-1:] != (T,) or pos.size not in (T, B * T)):
         raise ValueError(f"position_ids must have shape {note}, {(1, T)} or {(T,)}, got {pos.shape}")
@@ -409,7 +409,7 @@ def gpt_inputs(core, input_ids, attention_mask, token_type_ids, position_ids, pa
             raise ValueError(f"token_type_ids must have the shape of input_ids {shape}, got {tt.shape}")
         token_type_ids = ids_in_range("token_type_ids", tt, cfg.vocab_size).reshape(B, T)  # read in the token table
     pos = (np.broadcast_to(np.arange(past_len, past_len + T), (B, T)) if position_ids is None  # padding does not
-           else positions(position_ids, B, T, past_len, cfg.n_positions, shape))           # shift them
+           else positions(position_ids, B, T, cfg.n_positions, shape))           # shift them
     if labels is not None:  # language-model labels: input_ids' shape, in [0, V) or -100 (ignored)
         labels = np.asarray(labels)
         if labels.dtype.kind in "iu" and labels.shape != shape:
@@ -443,7 +443,7 @@ def bert_inputs(bert, input_ids, attention_mask, token_type_ids, position_ids, i
         raise ValueError(f"token_type_ids must have shape {(B, T)} like input_ids, got {tt.shape}")
     tt = ids_in_range("token_type_ids", tt, cfg.type_vocab_size).astype(np.int64, copy=False)
     if position_ids is not None:
-        pos = positions(position_ids, B, T, past_len, cfg.max_position_embeddings, (B, T), per_row=False)
+        pos = positions(position_ids, B, T, cfg.max_position_embeddings, (B, T), per_row=False)
     elif p is None or ids is None:
         pos = np.arange(first + past_len, first + past_len + T)[None]  # (1, T): broadcast over B
     else:
