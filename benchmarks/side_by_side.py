@@ -103,6 +103,19 @@ def run(py, args, here=HERE):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+TORCH_BLAS = ("import torch, re; c = torch.__config__.show(); "
+              "m = re.search(r'Math Kernel Library Version ([^ ]+)', c); "
+              "b = re.search(r'BLAS_INFO=([^,]+)', c); "
+              "print(f'PyTorch {torch.__version__}, ' + (f'MKL {m.group(1)}' if m else (b.group(1) if b else 'its BLAS')) "
+              "+ f', {torch.backends.cpu.get_cpu_capability()} kernels, {torch.get_num_threads()} threads')")
+
+
+def torch_blas(py):
+    """One line naming PyTorch's version, BLAS and CPU kernel set, as the PyTorch side runs them."""
+    p = subprocess.run([py, "-c", TORCH_BLAS], capture_output=True, text=True)
+    return p.stdout.strip() or "PyTorch (BLAS unknown)"
+
+
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
@@ -135,6 +148,7 @@ def main():
     peak = run(a.py_numlm, ["machine_peak.py"])
     print(f"machine: {peak['cpu']}, {peak['cores']} cores; sgemm {peak['sgemm_gflops']:.0f} GFLOP/s, "
           f"GEMV {peak['gemv_gb_per_s']:.1f} GB/s (numpy's OpenBLAS, {peak['blas_core']} kernels)", file=sys.stderr)
+    tblas = torch_blas(a.py_torch)
     sides = ["torch", "numlm"] + (["before"] if a.before else [])
     res = {w: {s: {"v": {}, "mb": [], "foreign": []} for s in sides} for w in ws}
     blas = set()  # OpenBLAS kernel sets numlm's side ran
@@ -173,7 +187,7 @@ def main():
     print(f"machine: {peak['cpu']}, {peak['cores']} cores; limits measured in this run: float32 sgemm "
           f"{peak['sgemm_gflops']:.0f} GFLOP/s, GEMV {peak['gemv_gb_per_s']:.1f} GB/s (numpy's OpenBLAS, "
           f"{peak['blas_core']} kernels); roofline = the share of that limit a side reaches (training and "
-          "inference against sgemm, generation against the GEMV bandwidth)\n")
+          "inference against sgemm, generation against the GEMV bandwidth); PyTorch's side: " + tblas + "\n")
     extra = " numlm before | numlm / before | range |" if a.before else ""
     print("| workload | roofline PyTorch / numlm | PyTorch | numlm | numlm / PyTorch | range | peak MB PyTorch / numlm "
           "| foreign CPU % PyTorch / numlm |" + extra)
