@@ -337,3 +337,23 @@ def test_parameters_that_are_not_finite_are_never_checkpointed(tmp_path):
                                                r"checkpoint, .*step-0000002', is intact\)"):
         t.run()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_reuse_freed_memory_keeps_a_freed_array_for_the_next():
+    """After reuse_freed_memory(), a large array freed and allocated again is not page-faulted in
+    again (a trim threshold that reached mallopt as 0 had trimmed the heap on every free)."""
+    code = textwrap.dedent("""
+        import resource, numpy as np
+        from numlm.train import reuse_freed_memory
+        assert reuse_freed_memory()
+        def faults():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            np.ones(8 << 20)  # 64 MB, written, then freed
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        faults()
+        print(min(faults() for _ in range(3)))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert int(out.stdout) < 100  # 16,384 pages when every free trims
