@@ -77,9 +77,11 @@ def test_softmax_parity(seed, lead, V, dtype, scale):
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=seeds, lead=lead_dims, dtype=dtypes, tanh_form=st.booleans())
-def test_gelu_parity(seed, lead, dtype, tanh_form):
-    x = np.asarray(4 * np.random.default_rng(seed).standard_normal(lead + (3,))).astype(dtype)
+@given(seed=seeds, lead=lead_dims, n=st.sampled_from([3, 70_000]), dtype=dtypes, tanh_form=st.booleans(),
+       scale=st.sampled_from([4.0, 1e-3, 30.0]))
+def test_gelu_parity(seed, lead, n, dtype, tanh_form, scale):
+    """n = 70,000: the kernels run in parallel; scale 1e-3: tanh and erf near 0, 30: saturated"""
+    x = np.asarray(scale * np.random.default_rng(seed).standard_normal(lead + (n,))).astype(dtype)
     fwd = ops.gelu_tanh_forward if tanh_form else ops.gelu_forward
     nb, npy = both_paths(fwd_bwd(fwd, ops.gelu_backward, (x,), seed))
     assert_close(nb, npy, dtype)
