@@ -1,11 +1,11 @@
 """Numba cross-entropy: the loss and its gradient in one parallel pass over the logits, row by row
-(a row of the vocabulary stays in cache from its max to its gradient), exp computed in the kernel."""
+(a row of the vocabulary stays in cache from its max to its gradient): softmax_row, then scaled."""
 import numpy as np
 from numba import njit, prange
 
 from . import adaptive
 from .layernorm import FAST
-from .softmax import exp_nonpositive, row_max, ROW_MAX_LANES
+from .softmax import softmax_row
 
 
 @adaptive
@@ -26,15 +26,9 @@ def cross_entropy_kernel(x, t, valid, c):
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")
 def cross_entropy_row(x, t, c, d):
-    """d = c (exp(x - m) / s - onehot(t)), m = max(x), s = sum(exp(x - m));  -> m + log(s) - x[t]
-    (the op's NumPy lines, in their order; a separate function: inside prange the loops do not vectorise)"""
-    m = row_max(x, d[:ROW_MAX_LANES])  # the row's gradient is scratch until written
-    s = x.dtype.type(0)
+    """d = c (softmax(x) - onehot(t));  -> lse(x) - x[t] = m + log(s) - x[t]   (the op's NumPy lines)"""
+    m, s = softmax_row(x, d)
     for j in range(x.size):
-        e = exp_nonpositive(x[j] - m)
-        d[j] = e
-        s += e
-    for j in range(x.size):
-        d[j] = d[j] / s * c
+        d[j] *= c
     d[t] -= c
     return m + np.log(s) - x[t]

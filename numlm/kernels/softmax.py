@@ -1,7 +1,6 @@
-"""Numba softmax pieces, rows in parallel: shift by the row max, (numpy's SIMD exp, called by the op),
-normalize; attention's scale-and-mask of the scores (and of their gradient). A scalar libm exp per element
-cost ~4x (no SVML here); exp_nonpositive and row_max are the pieces of a row kernel that keeps its exp
-inside (cross-entropy's)."""
+"""Numba softmax, rows in parallel: one pass per row (max, exp, sum, normalise) with an exp of its own
+that vectorises (numba has no SVML; a scalar libm exp per element cost ~4x numpy's SIMD np.exp, which
+runs on one core); its backward; attention's scale-and-mask of the scores (and of their gradient)."""
 import math
 
 import numpy as np
@@ -11,23 +10,6 @@ from numba.extending import overload
 from . import adaptive
 
 from .layernorm import FAST
-
-
-@adaptive
-@njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
-def shift_rows(x):
-    """m[n] = max_j x[n, j];  e[n, j] = x[n, j] - m[n]"""
-    N, V = x.shape
-    e = np.empty_like(x)
-    m = np.empty(N, dtype=x.dtype)
-    for n in prange(N):
-        mx = x[n, 0]
-        for j in range(1, V):
-            mx = max(mx, x[n, j])
-        m[n] = mx
-        for j in range(V):
-            e[n, j] = x[n, j] - mx
-    return e, m
 
 
 @adaptive
@@ -65,22 +47,6 @@ def scale_mask_kernel(s, scale, codes, lowest, causal_fill):
                 s[b, h, i, j] = lowest
             else:
                 s[b, h, i, j] = causal_fill
-
-
-@adaptive
-@njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
-def normalize_rows(e):
-    """sums[n] = sum(e[n]);  e[n] /= sums[n], in place, rows of a 2-D array.  -> sums (N,)"""
-    N, V = e.shape
-    sums = np.empty(N, dtype=e.dtype)
-    for n in prange(N):
-        s = e[n, 0] * 0
-        for j in range(V):
-            s += e[n, j]
-        for j in range(V):
-            e[n, j] /= s
-        sums[n] = s
-    return sums
 
 
 # exp in a kernel, vectorised: numba has no SVML, and a libm exp per element cost ~4x numpy's.
@@ -139,3 +105,32 @@ def row_max(x, acc):
     for j in range(B, V):
         m = x[j] if x[j] > m else m
     return m
+
+
+@adaptive
+@njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
+def softmax_rows(x):
+    """y[n] = exp(x[n] - m[n]) / s[n],  m[n] = max_j x[n, j],  s[n] = sum_j exp(x[n, j] - m[n])
+    x: (N, V) -> y (N, V), m (N), s (N)"""
+    N, V = x.shape
+    y = np.empty_like(x)
+    m = np.empty(N, dtype=x.dtype)
+    s = np.empty(N, dtype=x.dtype)
+    for n in prange(N):
+        m[n], s[n] = softmax_row(x[n], y[n])
+    return y, m, s
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def softmax_row(x, y):
+    """y = exp(x - m) / s, in place in y;  -> m = max(x), s = sum(exp(x - m))
+    (a function of its own: inside prange the loops do not vectorise)"""
+    m = row_max(x, y[:ROW_MAX_LANES])  # y is scratch until written
+    s = x.dtype.type(0)
+    for j in range(x.size):
+        e = exp_nonpositive(x[j] - m)
+        y[j] = e
+        s += e
+    for j in range(x.size):
+        y[j] /= s
+    return m, s

@@ -10,16 +10,13 @@ from ._check import float_array, ids_in_range
 from .activations import sigmoid
 from .. import kernels
 from ..kernels.losses import cross_entropy_kernel
-from ..kernels.softmax import shift_rows, normalize_rows, softmax_backward_rows
+from ..kernels.softmax import softmax_rows, softmax_backward_rows
 
 
 def _exp_normalize(x):
     """y = exp(x - m) / s,  m = max(x),  s = sum(exp(x - m))    x: (N, V) -> y (N, V), m (N), s (N)"""
     if kernels.enabled:
-        y, m = shift_rows(x)  # (N, V) x - m
-        np.exp(y, out=y)  # numpy's SIMD exp
-        s = normalize_rows(y)  # y /= s in place
-        return y, m, s
+        return softmax_rows(x)
     m = x.max(axis=-1)
     e = np.exp(x - m[:, None])
     s = e.sum(axis=-1)
