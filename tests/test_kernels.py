@@ -77,23 +77,82 @@ def test_softmax_parity(seed, lead, V, dtype, scale):
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=seeds, lead=lead_dims, dtype=dtypes, tanh_form=st.booleans())
-def test_gelu_parity(seed, lead, dtype, tanh_form):
-    x = np.asarray(4 * np.random.default_rng(seed).standard_normal(lead + (3,))).astype(dtype)
+@given(seed=seeds, lead=lead_dims, n=st.sampled_from([3, 70_000]), dtype=dtypes, tanh_form=st.booleans(),
+       scale=st.sampled_from([4.0, 1e-3, 30.0]))
+def test_gelu_parity(seed, lead, n, dtype, tanh_form, scale):
+    """n = 70,000: the kernels run in parallel; scale 1e-3: tanh and erf near 0, 30: saturated"""
+    x = np.asarray(scale * np.random.default_rng(seed).standard_normal(lead + (n,))).astype(dtype)
     fwd = ops.gelu_tanh_forward if tanh_form else ops.gelu_forward
     nb, npy = both_paths(fwd_bwd(fwd, ops.gelu_backward, (x,), seed))
     assert_close(nb, npy, dtype)
 
 
-@settings(max_examples=30, deadline=None)
-@given(seed=seeds, lead=lead_dims, V=st.integers(1, 30), dtype=dtypes, scale=st.sampled_from([1.0, 1e3]),
-       ignore=st.sampled_from([0.0, 0.3, 1.0]))
-def test_cross_entropy_parity(seed, lead, V, dtype, scale, ignore):
-    rng = np.random.default_rng(seed)
-    logits = (scale * rng.standard_normal(lead + (V,))).astype(dtype)
-    t = np.where(rng.random(lead) < ignore, -100, rng.integers(0, V, lead))
+# vocabulary sizes on both sides of row_max's 64 lanes, with and without a remainder
+vocab = st.integers(1, 30) | st.integers(60, 300)
+
+
+def logits_and_targets(rng, shape, dtype, scale, ignore, neg_inf=0.0):
+    """logits (shape) of the given scale, a fraction neg_inf of them -inf (never a target, nor column 0),
+    and targets with a fraction `ignore` of -100"""
+    logits = (scale * rng.standard_normal(shape)).astype(dtype)
+    t = rng.integers(0, shape[-1], shape[:-1])
+    cols = np.arange(shape[-1])
+    logits[(rng.random(shape) < neg_inf) & (cols > 0) & (cols != t[..., None])] = -np.inf
+    return logits, np.where(rng.random(shape[:-1]) < ignore, -100, t)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, lead=lead_dims, V=vocab, dtype=dtypes, scale=st.sampled_from([1.0, 1e3]),
+       ignore=st.sampled_from([0.0, 0.3, 1.0]), neg_inf=st.sampled_from([0.0, 0.2]))
+def test_cross_entropy_parity(seed, lead, V, dtype, scale, ignore, neg_inf):
+    logits, t = logits_and_targets(np.random.default_rng(seed), lead + (V,), dtype, scale, ignore, neg_inf)
     nb, npy = both_paths(fwd_bwd(ops.cross_entropy_forward, ops.cross_entropy_backward, (logits, t), seed))
     assert_close(nb, npy, dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=seeds, N=st.integers(1, 80), V=vocab | st.integers(1000, 3000), dtype=dtypes,
+       scale=st.sampled_from([1.0, 30.0]), ignore=st.sampled_from([0.0, 0.3, 1.0]))
+def test_cross_entropy_unit_gradient(seed, N, V, dtype, scale, ignore):
+    """dloss = 1, what a model's backward() asks (the Numba path returns the forward's gradient as it
+    is; large shapes run in parallel): equal on both paths, and the same on a second backward."""
+    logits, t = logits_and_targets(np.random.default_rng(seed), (N, V), dtype, scale, ignore)
+
+    def run():
+        loss, cache = ops.cross_entropy_forward(logits, t)
+        d = ops.cross_entropy_backward(1.0, cache)
+        again = ops.cross_entropy_backward(np.float64(1.0), cache)
+        np.testing.assert_array_equal(again, d)
+        return loss, d, ops.cross_entropy_backward(0.5, cache)
+
+    nb, npy = both_paths(run)
+    assert_close(nb, npy, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp_nonpositive_within_an_ulp(dtype):
+    """The kernels' own exp (numba has no SVML) against exp in extended precision: within one ulp,
+    down through the subnormals to 0; -inf gives 0 and NaN NaN."""
+    from numba import njit
+    from numlm.kernels.softmax import exp_nonpositive
+
+    @njit
+    def apply(r, out):
+        for i in range(r.size):
+            out[i] = exp_nonpositive(r[i])
+
+    rng = np.random.default_rng(0)
+    lo = np.log(np.finfo(dtype).smallest_subnormal) - 2
+    r = np.concatenate([-rng.random(50_000) * 0.7, -rng.exponential(20, 50_000), rng.random(50_000) * lo,
+                        [0.0, -0.0, lo, 2 * lo, -np.inf]]).astype(dtype)
+    out = np.empty_like(r)
+    apply(r, out)
+    exact = np.exp(r.astype(np.longdouble))
+    ulp = np.spacing(np.maximum(exact, np.finfo(dtype).tiny).astype(dtype)).astype(np.longdouble)
+    assert (np.abs(out - exact) / ulp).max() <= 1.0
+    assert out[-5] == out[-4] == 1 and out[-3] == out[-2] == out[-1] == 0
+    apply(np.array([np.nan], dtype), out[:1])
+    assert np.isnan(out[0])
 
 
 @settings(max_examples=30, deadline=None)

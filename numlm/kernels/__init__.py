@@ -2,6 +2,10 @@
 
 Every kernel here has a NumPy definition in ``numlm.ops`` and must give the same numbers.
 ``NUMLM_NUMBA=0`` in the environment, or ``set_numba(False)``, runs everything on the NumPy path.
+Kernels are cached on disk (``cache=True``); Numba compiles a kernel again when its own file changes,
+not when a function it calls from another file does (softmax.py's exp_nonpositive, row_max and
+softmax_row, called from losses.py and activations.py): after editing those, delete
+numlm/kernels/__pycache__.
 """
 import os
 

@@ -1,8 +1,9 @@
 """Numba GELU, erf and tanh forms, forward and backward, elementwise in parallel.
 
 The constants come in as arguments of the array's dtype so float32 stays float32 (Python float
-literals would promote every element to float64). The tanh form's tanh itself is numpy's SIMD
-np.tanh, called by the op between the two kernels here; a scalar libm tanh per element costs ~20x more.
+literals would promote every element to float64). tanh, and the float32 erf's exp, come from
+exp_nonpositive (kernels/softmax.py), vectorised in the loop: numpy's SIMD np.tanh / np.exp run on
+one core, and a scalar libm tanh per element cost ~20x more. The backward recomputes them from x.
 """
 import math
 
@@ -10,37 +11,39 @@ import numpy as np
 from numba import njit, prange
 
 from . import adaptive
+from .softmax import exp_nonpositive
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def tanh_abs(u, one):
+    """tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2|u|): within ~2e-16 (float64) / 1.2e-7 (float32)
+    of tanh(u) in absolute terms (not relative near 0), all that 0.5 x (1 + tanh(u)) and its
+    derivative need"""
+    a = abs(u)
+    e = exp_nonpositive(-(a + a))
+    t = (one - e) / (one + e)
+    return t if u >= 0 else -t
 
 
 @adaptive
-@njit(cache=True, parallel=True)
-def gelu_tanh_inner(x, k, c):
-    """u = k (x + c x^3)"""
-    u = np.empty_like(x)
-    for i in prange(x.size):
-        v = x[i]
-        u[i] = k * (v + c * v * v * v)
-    return u
-
-
-@adaptive
-@njit(cache=True, parallel=True)
-def gelu_tanh_outer(x, t, half, one):
-    """y = 0.5 x (1 + t)"""
+@njit(cache=True, parallel=True, error_model="numpy")
+def gelu_tanh_kernel(x, half, one, k, c):
+    """y = 0.5 x (1 + tanh(u)),  u = k (x + c x^3)"""
     y = np.empty_like(x)
     for i in prange(x.size):
-        y[i] = half * x[i] * (one + t[i])
+        v = x[i]
+        y[i] = half * v * (one + tanh_abs(k * (v + c * v * v * v), one))
     return y
 
 
 @adaptive
-@njit(cache=True, parallel=True)
-def gelu_tanh_backward_kernel(dy, x, t, half, one, k, c3):
-    """dx = dy (0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3c x^2))"""
+@njit(cache=True, parallel=True, error_model="numpy")
+def gelu_tanh_backward_kernel(dy, x, half, one, k, c, c3):
+    """dx = dy (0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3c x^2)),  t = tanh(k (x + c x^3))"""
     dx = np.empty_like(x)
     for i in prange(x.size):
         v = x[i]
-        ti = t[i]
+        ti = tanh_abs(k * (v + c * v * v * v), one)
         dx[i] = dy[i] * (half * (one + ti) + half * v * (one - ti * ti) * k * (one + c3 * v * v))
     return dx
 
@@ -70,18 +73,8 @@ def gelu_erf_backward_kernel(dy, x, half, one, inv_sqrt2, inv_sqrt2pi):
 # float32 erf GELU. Abramowitz & Stegun 7.1.26: for z >= 0,
 #   erfc(z) = (a1 t + a2 t^2 + a3 t^3 + a4 t^4 + a5 t^5) exp(-z^2),  t = 1 / (1 + p z),  |error| <= 1.5e-7,
 # about one float32 ulp; 1 + erf(z) = 2 - erfc(z) for z >= 0 and erfc(-z) for z < 0 (no cancellation).
-# exp(-z^2) = exp(-x^2 / 2) comes from numpy's SIMD exp (the op calls it), and the backward reuses it.
+# exp(-z^2) = exp(-x^2 / 2) <= 1 is exp_nonpositive's, shared with the backward's x phi(x) term.
 AS_P, AS_A = 0.3275911, (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
-
-
-@adaptive
-@njit(cache=True, parallel=True, error_model="numpy")
-def neg_half_square(x, neg_half):
-    """u = -x^2 / 2"""
-    u = np.empty_like(x)
-    for i in prange(x.size):
-        u[i] = neg_half * x[i] * x[i]
-    return u
 
 
 @njit(cache=True, inline="always")
@@ -94,21 +87,24 @@ def _one_plus_erf(v, e, inv_sqrt2, p, a1, a2, a3, a4, a5, one, two):
 
 @adaptive
 @njit(cache=True, parallel=True, error_model="numpy")
-def gelu_erf_f32_kernel(x, e, half, one, two, inv_sqrt2, p, a1, a2, a3, a4, a5):
-    """y = 0.5 x (1 + erf(x / sqrt 2)),  e = exp(-x^2 / 2)"""
+def gelu_erf_f32_kernel(x, half, one, two, inv_sqrt2, p, a1, a2, a3, a4, a5):
+    """y = 0.5 x (1 + erf(x / sqrt 2))"""
     y = np.empty_like(x)
     for i in prange(x.size):
-        y[i] = half * x[i] * _one_plus_erf(x[i], e[i], inv_sqrt2, p, a1, a2, a3, a4, a5, one, two)
+        v = x[i]
+        e = exp_nonpositive(-half * v * v)  # exp(-x^2 / 2)
+        y[i] = half * v * _one_plus_erf(v, e, inv_sqrt2, p, a1, a2, a3, a4, a5, one, two)
     return y
 
 
 @adaptive
 @njit(cache=True, parallel=True, error_model="numpy")
-def gelu_erf_f32_backward_kernel(dy, x, e, half, one, two, inv_sqrt2, inv_sqrt2pi, p, a1, a2, a3, a4, a5):
+def gelu_erf_f32_backward_kernel(dy, x, half, one, two, inv_sqrt2, inv_sqrt2pi, p, a1, a2, a3, a4, a5):
     """dx = dy (0.5 (1 + erf(x / sqrt 2)) + x e / sqrt(2 pi)),  e = exp(-x^2 / 2)"""
     dx = np.empty_like(x)
     for i in prange(x.size):
         v = x[i]
-        dx[i] = dy[i] * (half * _one_plus_erf(v, e[i], inv_sqrt2, p, a1, a2, a3, a4, a5, one, two)
-                         + v * e[i] * inv_sqrt2pi)
+        e = exp_nonpositive(-half * v * v)
+        dx[i] = dy[i] * (half * _one_plus_erf(v, e, inv_sqrt2, p, a1, a2, a3, a4, a5, one, two)
+                         + v * e * inv_sqrt2pi)
     return dx

@@ -6,9 +6,9 @@ import numpy as np
 
 from ._check import float_array
 from .. import kernels
-from ..kernels.activations import (gelu_tanh_inner, gelu_tanh_outer, gelu_tanh_backward_kernel,
-                                  gelu_erf_kernel, gelu_erf_backward_kernel, neg_half_square,
-                                  gelu_erf_f32_kernel, gelu_erf_f32_backward_kernel, AS_P, AS_A)
+from ..kernels.activations import (gelu_tanh_kernel, gelu_tanh_backward_kernel, gelu_erf_kernel,
+                                  gelu_erf_backward_kernel, gelu_erf_f32_kernel, gelu_erf_f32_backward_kernel,
+                                  AS_P, AS_A)
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
@@ -32,13 +32,12 @@ def gelu_forward(x):
     if kernels.enabled:
         f = x.dtype.type
         x1 = np.ascontiguousarray(x).reshape(-1)
-        if x.dtype == np.float32:  # a vectorised erf to float32 accuracy, around numpy's SIMD exp
-            e = np.exp(neg_half_square(x1, f(-0.5)))
-            y = gelu_erf_f32_kernel(x1, e, f(0.5), f(1.0), f(2.0), f(INV_SQRT_2), *_as_consts(f))
-            return y.reshape(x.shape), (x, False, e)
-        y = gelu_erf_kernel(x1, f(0.5), f(1.0), f(INV_SQRT_2))
-        return y.reshape(x.shape), (x, False, None)
-    return 0.5 * x * (1.0 + np.asarray(_erf(x * INV_SQRT_2), dtype=x.dtype)), (x, False, None)  # erf(x / sqrt 2)
+        if x.dtype == np.float32:  # a vectorised erf to float32 accuracy
+            y = gelu_erf_f32_kernel(x1, f(0.5), f(1.0), f(2.0), f(INV_SQRT_2), *_as_consts(f))
+        else:
+            y = gelu_erf_kernel(x1, f(0.5), f(1.0), f(INV_SQRT_2))
+        return y.reshape(x.shape), (x, False)
+    return 0.5 * x * (1.0 + np.asarray(_erf(x * INV_SQRT_2), dtype=x.dtype)), (x, False)  # erf(x / sqrt 2)
 
 
 def gelu_tanh_forward(x):
@@ -47,36 +46,30 @@ def gelu_tanh_forward(x):
     float_array("x", x, 0)
     if kernels.enabled:
         f = x.dtype.type
-        x1 = np.ascontiguousarray(x).reshape(-1)
-        t = np.tanh(gelu_tanh_inner(x1, f(SQRT_2_OVER_PI), f(0.044715)))  # numpy's SIMD tanh
-        y = gelu_tanh_outer(x1, t, f(0.5), f(1.0))
-        return y.reshape(x.shape), (x, True, t)  # keeps t: backward needs it, tanh is the costly part
-    return 0.5 * x * (1.0 + np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))), (x, True, None)
+        y = gelu_tanh_kernel(np.ascontiguousarray(x).reshape(-1), f(0.5), f(1.0), f(SQRT_2_OVER_PI), f(0.044715))
+        return y.reshape(x.shape), (x, True)
+    return 0.5 * x * (1.0 + np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))), (x, True)
 
 
 def gelu_backward(dy, cache):
     """erf form:  dy/dx = Phi(x) + x phi(x) = 0.5 (1 + erf(x/sqrt 2)) + x exp(-x^2/2) / sqrt(2 pi)
     tanh form: u = sqrt(2/pi)(x + 0.044715 x^3), t = tanh(u):
                dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)"""
-    x, approximate, t = cache
+    x, approximate = cache
     if kernels.enabled:
         f = x.dtype.type
         dy1 = np.ascontiguousarray(dy, dtype=x.dtype).reshape(-1)
         x1 = np.ascontiguousarray(x).reshape(-1)
         if approximate:
-            if t is None:
-                t = np.tanh(gelu_tanh_inner(x1, f(SQRT_2_OVER_PI), f(0.044715)))
-            dx = gelu_tanh_backward_kernel(dy1, x1, t.reshape(-1), f(0.5), f(1.0), f(SQRT_2_OVER_PI),
-                                           f(3 * 0.044715))
+            dx = gelu_tanh_backward_kernel(dy1, x1, f(0.5), f(1.0), f(SQRT_2_OVER_PI), f(0.044715), f(3 * 0.044715))
         elif x.dtype == np.float32:
-            e = np.exp(neg_half_square(x1, f(-0.5))) if t is None else t
-            dx = gelu_erf_f32_backward_kernel(dy1, x1, e, f(0.5), f(1.0), f(2.0), f(INV_SQRT_2),
-                                              f(INV_SQRT_2PI), *_as_consts(f))
+            dx = gelu_erf_f32_backward_kernel(dy1, x1, f(0.5), f(1.0), f(2.0), f(INV_SQRT_2), f(INV_SQRT_2PI),
+                                              *_as_consts(f))
         else:
             dx = gelu_erf_backward_kernel(dy1, x1, f(0.5), f(1.0), f(INV_SQRT_2), f(INV_SQRT_2PI))
         return dx.reshape(x.shape)
     if approximate:
-        t = np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)) if t is None else t.reshape(x.shape)
+        t = np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
         dydx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
     else:
         dydx = 0.5 * (1.0 + np.asarray(_erf(x * INV_SQRT_2), dtype=x.dtype)) + x * np.exp(-0.5 * x * x) * INV_SQRT_2PI

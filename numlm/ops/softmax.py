@@ -9,17 +9,14 @@ import numpy as np
 from ._check import float_array, ids_in_range
 from .activations import sigmoid
 from .. import kernels
-from ..kernels.losses import cross_entropy_backward_kernel
-from ..kernels.softmax import shift_rows, normalize_rows, softmax_backward_rows
+from ..kernels.losses import cross_entropy_kernel
+from ..kernels.softmax import softmax_rows, softmax_backward_rows
 
 
 def _exp_normalize(x):
     """y = exp(x - m) / s,  m = max(x),  s = sum(exp(x - m))    x: (N, V) -> y (N, V), m (N), s (N)"""
     if kernels.enabled:
-        y, m = shift_rows(x)  # (N, V) x - m
-        np.exp(y, out=y)  # numpy's SIMD exp
-        s = normalize_rows(y)  # y /= s in place
-        return y, m, s
+        return softmax_rows(x)
     m = x.max(axis=-1)
     e = np.exp(x - m[:, None])
     s = e.sum(axis=-1)
@@ -70,7 +67,8 @@ IGNORE_INDEX = -100  # transformers' ignore_index: a target that adds nothing to
 
 
 class CrossEntropyCache(NamedTuple):
-    probs: np.ndarray      # (N, V) softmax of the logits
+    probs: np.ndarray      # (N, V) softmax of the logits (NumPy path), or None
+    grad: np.ndarray       # (N, V) d loss / d logits for dloss = 1 (Numba path, made with the loss), or None
     targets: np.ndarray    # (N,) int64
     valid: np.ndarray      # (N,) bool, targets != ignore_index
     count: int             # number of valid targets (the mean's denominator)
@@ -92,22 +90,28 @@ def cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX):
     t = targets.reshape(-1).astype(np.int64)
     valid = t != ignore_index
     count = int(valid.sum())
-    probs, m, s = _exp_normalize(x)  # (N, V), (N,), (N,)
-    lse = m + np.log(s)  # log sum exp(x), softmax_lse's
-    losses = np.where(valid, lse - x[np.arange(len(t)), np.where(valid, t, 0)], 0)  # (N,)
+    if kernels.enabled:  # the lines below and the backward's for dloss = 1, in one pass over the logits
+        losses, grad = cross_entropy_kernel(x, t, valid, x.dtype.type(1.0 / max(count, 1)))
+        cache = CrossEntropyCache(None, grad, t, valid, count, logits.shape)
+    else:
+        probs, m, s = _exp_normalize(x)  # (N, V), (N,), (N,)
+        lse = m + np.log(s)  # log sum exp(x), softmax_lse's
+        losses = np.where(valid, lse - x[np.arange(len(t)), np.where(valid, t, 0)], 0)  # (N,)
+        cache = CrossEntropyCache(probs, None, t, valid, count, logits.shape)
     loss = logits.dtype.type(losses.sum() / count) if count else logits.dtype.type(0.0)
-    return loss, CrossEntropyCache(probs, t, valid, count, logits.shape)
+    return loss, cache
 
 
 def cross_entropy_backward(dloss, cache):
     """forward: loss = (1/M) sum_n lse(logits[n]) - logits[n, t[n]];  so
     dlogits[n] = dloss * (softmax(logits[n]) - onehot(t[n])) / M   for non-ignored n, else 0"""
+    if cache.grad is not None:  # the forward's, for dloss = 1 (nothing writes into a returned gradient)
+        g = cache.grad if float(dloss) == 1.0 else cache.grad * cache.grad.dtype.type(dloss)
+        return g.reshape(cache.shape)
     probs, t, valid, count, shape = cache.probs, cache.targets, cache.valid, cache.count, cache.shape
     if count == 0:
         return np.zeros(shape, dtype=probs.dtype)
     c = probs.dtype.type(float(dloss) / count)
-    if kernels.enabled:
-        return cross_entropy_backward_kernel(probs, t, valid, c).reshape(shape)
     d = probs * c
     rows = np.nonzero(valid)[0]
     d[rows, t[rows]] -= c
