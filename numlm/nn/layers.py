@@ -264,9 +264,9 @@ class Linear(Module):
 
     def backward(self, dy):
         cache, joined = self.cache
-        mods = (self,) + joined
-        dx, dw, db = OPS["linear"][1](dy, cache, any("weight" in m.grads for m in mods),
-                                      any("bias" in m.grads for m in mods))
+        mods = (self,) + joined  # this Linear, then those whose columns followed its own in the product
+        need_dw, need_db = (any(name in m.grads for m in mods) for name in ("weight", "bias"))  # not all frozen
+        dx, dw, db = OPS["linear"][1](dy, cache, need_dw, need_db)
         lo = 0
         for m in mods:  # each Linear's columns of [W | W1 ..]
             hi = lo + m.params["weight"].shape[1]
