@@ -153,7 +153,6 @@ def mm(a, b):
     return matmul(a, b)
 
 
-
 # Causal attention's products without the masked future (ops.attention.causal_forward). `blocks` are
 # query blocks [(i0, i1, j1)]: rows i0..i1 of the (.., Tq, Tk) scores see keys 0..j1 only.
 
