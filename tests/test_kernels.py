@@ -194,6 +194,42 @@ def test_attention_parity(seed, B, H, T, D, dtype, kind):
     assert_close(nb, npy, dtype)
 
 
+CAUSAL = ["causal", "kv_cache", "right_pad", "mask4d", "no_allowed_key", "openai", "dropout"]
+
+
+@pytest.mark.parametrize("kind", CAUSAL)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_causal_blocks_skip_the_future_exactly(kind, dtype, monkeypatch):
+    """The kernel path's causal query blocks (ops.attention.causal_forward) give the NumPy path's output,
+    gradients and probabilities (zeros in the future), or fall back to the full products where skipping
+    the future would not be exact (a query with no allowed key; OpenAI's -1e4 future)."""
+    from numlm.ops import attention
+    monkeypatch.setattr(attention, "BLOCK_ROWS", 3)  # blocks at a test's size (64 rows by default)
+    rng = np.random.default_rng(0)
+    B, H, T, D = 3, 2, 11, 4
+    Tk = T + 4 if kind == "kv_cache" else T
+    q = rng.standard_normal((B, H, T, D)).astype(dtype)
+    k, v = (rng.standard_normal((B, H, Tk, D)).astype(dtype) for _ in range(2))
+    first_real = {"no_allowed_key": [0, 4, 2], "openai": [0, 4, 2]}.get(kind)  # left padding
+    kw = {"causal": True, "causal_fill": -1e4 if kind == "openai" else None,
+          "dropout_p": 0.3 if kind == "dropout" else 0.0}
+    if kind == "right_pad":
+        kw["attention_mask"] = (np.arange(Tk) < np.array([[Tk], [6], [1]])).astype(np.int64)
+    if first_real is not None:
+        kw["attention_mask"] = (np.arange(Tk) >= np.array(first_real)[:, None]).astype(np.int64)
+    if kind == "mask4d":  # any pattern in which every query keeps its own key
+        kw["attention_mask"] = (rng.random((B, 1, T, Tk)) < 0.5) | np.eye(T, Tk, dtype=bool)
+
+    def run():
+        out, cache = ops.attention_forward(q, k, v, rng=np.random.default_rng(1), **kw)
+        dout = np.random.default_rng(2).standard_normal(out.shape).astype(dtype)
+        return (out, cache.probs) + ops.attention_backward(dout, cache), cache.blocks
+
+    (nb, blocks), (npy, _) = both_paths(run)
+    assert (blocks is None) == (kind in ("no_allowed_key", "openai"))
+    assert_close(nb, npy, dtype)
+
+
 def test_switch_and_env():
     previous = set_numba(False)
     assert not kernels.numba_enabled()

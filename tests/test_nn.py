@@ -87,6 +87,33 @@ def test_attention_module_gradcheck(seed, B, T, H, D, cfg, pad):
     assert set(err) == {"q", "k", "v"} and max(e for n, e in err.items() if n not in constant) < 1e-7, err
 
 
+@pytest.mark.parametrize("frozen", [[], ["a.weight"], ["b.bias", "c.weight"], None])  # None: all
+def test_joined_linears_give_each_its_own_gradients(frozen, path):
+    """a(x, b, c) is [a(x) | b(x) | c(x)] in one product; its backward gives each Linear the gradients of
+    its own columns, and none to a frozen parameter."""
+    rng = np.random.default_rng(0)
+
+    class Three(Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (randomize(Linear(3, n, dtype=np.float64), rng) for n in (4, 2, 4))
+
+    x, dy = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 5, 10))
+    joined, separate = Three(), Three()
+    for name, p in joined.parameters().items():
+        separate.parameters()[name][...] = p
+    if frozen != []:
+        joined.freeze(frozen), separate.freeze(frozen)
+    y = joined.a(x, joined.b, joined.c)
+    np.testing.assert_allclose(y, np.concatenate([separate.a(x), separate.b(x), separate.c(x)], axis=-1), rtol=1e-14)
+    dx = joined.a.backward(dy)
+    want = separate.a.backward(dy[..., :4]) + separate.b.backward(dy[..., 4:6]) + separate.c.backward(dy[..., 6:])
+    np.testing.assert_allclose(dx, want, rtol=1e-13)
+    assert joined.grad_arrays().keys() == separate.grad_arrays().keys()
+    for name, g in joined.grad_arrays().items():
+        np.testing.assert_allclose(g, separate.grad_arrays()[name], rtol=1e-13, atol=1e-15)
+
+
 def test_split_merge_heads_roundtrip():
     x = np.arange(2 * 3 * 6.0).reshape(2, 3, 6)
     h = split_heads(x, 2)

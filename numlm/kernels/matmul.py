@@ -152,3 +152,41 @@ def mm(a, b):
         return out.reshape(lead + out.shape[-2:])
     return matmul(a, b)
 
+
+# Causal attention's products without the masked future (ops.attention.causal_forward). `blocks` are
+# query blocks [(i0, i1, j1)]: rows i0..i1 of the (.., Tq, Tk) scores see keys 0..j1 only.
+
+def mm_visible(a, b, blocks):
+    """a @ b on each block's rows i0..i1 and keys 0..j1, 0 beyond j1.   a (.., Tq, K), b (.., K, Tk)"""
+    a3, b3 = _stack(a), _stack(b)
+    out = np.empty(a3.shape[:2] + b3.shape[2:], dtype=np.result_type(a, b))
+    for i0, i1, j1 in blocks:
+        matmul(a3[:, i0:i1], b3[:, :, :j1], out=out[:, i0:i1, :j1])
+        out[:, i0:i1, j1:] = 0
+    return out.reshape(a.shape[:-1] + b.shape[-1:])
+
+
+def mm_from_visible(m, b, blocks):
+    """m @ b for m (.., Tq, Tk) that is 0 beyond each block's keys 0..j1.   b (.., Tk, N)"""
+    m3, b3 = _stack(m), _stack(b)
+    out = np.empty(m3.shape[:2] + b3.shape[2:], dtype=np.result_type(m, b))
+    for i0, i1, j1 in blocks:
+        matmul(m3[:, i0:i1, :j1], b3[:, :j1], out=out[:, i0:i1])
+    return out.reshape(m.shape[:-1] + b.shape[-1:])
+
+
+def mm_t_from_visible(m, b, blocks):
+    """m^T @ b for m as in mm_from_visible: the keys a block adds (after the previous block's j1) are
+    seen by its rows and the rows below only.   b (.., Tq, N) -> (.., Tk, N)"""
+    m3, b3 = _stack(m), _stack(b)
+    out = np.empty((m3.shape[0], m3.shape[2], b3.shape[2]), dtype=np.result_type(m, b))
+    j0 = 0
+    for i0, _, j1 in blocks:
+        matmul(m3[:, i0:, j0:j1].swapaxes(-1, -2), b3[:, i0:], out=out[:, j0:j1])
+        j0 = j1
+    return out.reshape(m.shape[:-2] + out.shape[1:])
+
+
+def _stack(x):
+    """(.., M, N) -> (S, M, N), a view for the layouts attention passes"""
+    return x.reshape((-1,) + x.shape[-2:])

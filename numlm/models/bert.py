@@ -111,8 +111,12 @@ class BertLayer(Module):
 
     def forward(self, x, mask=None, past=None):  # (B, T, C) -> (B, T, C)
         sa, ao, it, out = self.attention.self, self.attention.output, self.intermediate, self.output
-        # ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv)
-        ctx = sa.core(sa.query(x), sa.key(x), sa.value(x), mask, past)
+        # ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv): one product [q | k | v] = x [Wq | Wk | Wv] + [bq | bk | bv]
+        # unless peft replaced one of the three with a module of its own
+        if all(type(m) is Linear for m in (sa.query, sa.key, sa.value)):
+            ctx = sa.core(*np.split(sa.query(x, sa.key, sa.value), 3, axis=-1), mask, past)
+        else:
+            ctx = sa.core(sa.query(x), sa.key(x), sa.value(x), mask, past)
         # a = LN(x + h),  h = Dropout(ctx Wo + bo)   (an adapter slot replaces the step)
         h = ao.dropout(ao.dense(ctx))
         a = ao.LayerNorm(x + h) if ao.adapters is None else ao.adapters(h, x, ao.LayerNorm)
@@ -129,7 +133,10 @@ class BertLayer(Module):
         # a = LN(x + h):  dh = dx = LN'(da)
         dh, dx = (ao.LayerNorm.backward(da),) * 2 if ao.adapters is None else ao.adapters.backward(da)
         # h = Dropout(ctx Wo + bo),  ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv)
-        dq, dk, dv = sa.core.backward(ao.dense.backward(ao.dropout.backward(dh)))
+        dctx = ao.dense.backward(ao.dropout.backward(dh))
+        if all(type(m) is Linear for m in (sa.query, sa.key, sa.value)):  # [q | k | v] = x [Wq | Wk | Wv] + ...
+            return dx + sa.query.backward(sa.core.backward(dctx, joined=True))
+        dq, dk, dv = sa.core.backward(dctx)
         return dx + sa.query.backward(dq) + sa.key.backward(dk) + sa.value.backward(dv)
 
 

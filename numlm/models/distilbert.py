@@ -92,8 +92,12 @@ class TransformerBlock(Module):
     def forward(self, x, mask=None, past=None):  # (B, T, C) -> (B, T, C)
         sa, ffn = self.attention, self.ffn
         # a = LN(x + h),  h = ctx Wo + bo,  ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv)  (an adapter slot
-        # replaces the step)
-        h = sa.out_lin(sa.core(sa.q_lin(x), sa.k_lin(x), sa.v_lin(x), mask, past))
+        # replaces the step); one product [q | k | v] = x [Wq | Wk | Wv] + [bq | bk | bv] unless peft
+        # replaced one of the three with a module of its own
+        if all(type(m) is Linear for m in (sa.q_lin, sa.k_lin, sa.v_lin)):
+            h = sa.out_lin(sa.core(*np.split(sa.q_lin(x, sa.k_lin, sa.v_lin), 3, axis=-1), mask, past))
+        else:
+            h = sa.out_lin(sa.core(sa.q_lin(x), sa.k_lin(x), sa.v_lin(x), mask, past))
         slot = self.attention_adapters
         a = self.sa_layer_norm(x + h) if slot is None else slot(h, x, self.sa_layer_norm)
         # y = LN(a + m),  m = Dropout(act(a W1 + b1) W2 + b2)
@@ -112,7 +116,10 @@ class TransformerBlock(Module):
         slot = self.attention_adapters
         dh, dx = (self.sa_layer_norm.backward(da),) * 2 if slot is None else slot.backward(da)
         # h = ctx Wo + bo,  ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv)
-        dq, dk, dv = sa.core.backward(sa.out_lin.backward(dh))
+        dctx = sa.out_lin.backward(dh)
+        if all(type(m) is Linear for m in (sa.q_lin, sa.k_lin, sa.v_lin)):  # [q | k | v] = x [Wq | Wk | Wv] + ...
+            return dx + sa.q_lin.backward(sa.core.backward(dctx, joined=True))
+        dq, dk, dv = sa.core.backward(dctx)
         return dx + sa.q_lin.backward(dq) + sa.k_lin.backward(dk) + sa.v_lin.backward(dv)
 
 

@@ -113,9 +113,9 @@ class GPTBlock(Module):
         slot = self.attention_adapters
         dh, dx = slot.backward(da) if slot is not None else (da, da) if ln_a is None else (ln_a.backward(da),) * 2
         # h = resid_dropout(c_proj(core(q, k, v)))
-        dq, dk, dv = attn.core.backward(attn.c_proj.backward(attn.resid_dropout.backward(dh)))
+        dqkv = attn.core.backward(attn.c_proj.backward(attn.resid_dropout.backward(dh)), joined=True)  # (B, T, 3C)
         # [q | k | v] = c_attn(ln_1(x) or x)
-        du = attn.c_attn.backward(np.concatenate([dq, dk, dv], axis=-1))  # (B, T, C)
+        du = attn.c_attn.backward(dqkv)  # (B, T, C)
         return dx + (self.ln_1.backward(du) if self.pre_ln else du)
 
 

@@ -250,16 +250,31 @@ class Linear(Module):
         if bias:
             self.add_param("bias", np.zeros(c_out, dtype=dtype))
 
-    def forward(self, x):  # (..., C_in) -> (..., C_out)
-        y, self.cache = OPS["linear"][0](x, self.params["weight"], self.params.get("bias"))
+    def forward(self, x, *joined):  # (..., C_in) -> (..., C_out)
+        """y = x W + b. `joined`: more Linears of x whose outputs follow this one's, all in one product:
+        [y | y1 ..] = x [W | W1 ..] + [b | b1 ..] (BERT's query, key, value: one BLAS call, not three);
+        backward then takes d[y | y1 ..] and gives each Linear its own columns' gradients."""
+        w, b = self.params["weight"], self.params.get("bias")
+        if joined:
+            w = np.concatenate([w] + [m.params["weight"] for m in joined], axis=1)
+            b = None if b is None else np.concatenate([b] + [m.params["bias"] for m in joined])
+        y, cache = OPS["linear"][0](x, w, b)
+        self.cache = (cache, joined)
         return y
 
     def backward(self, dy):
-        dx, dw, db = OPS["linear"][1](dy, self.cache, "weight" in self.grads, "bias" in self.grads)
-        if dw is not None:
-            self.add_grad("weight", dw)
-        if db is not None:
-            self.add_grad("bias", db)
+        cache, joined = self.cache
+        mods = (self,) + joined  # this Linear, then those whose columns followed its own in the product
+        need_dw, need_db = (any(name in m.grads for m in mods) for name in ("weight", "bias"))  # not all frozen
+        dx, dw, db = OPS["linear"][1](dy, cache, need_dw, need_db)
+        lo = 0
+        for m in mods:  # each Linear's columns of [W | W1 ..]
+            hi = lo + m.params["weight"].shape[1]
+            if dw is not None and "weight" in m.grads:  # not frozen
+                m.add_grad("weight", dw[:, lo:hi])
+            if db is not None and "bias" in m.grads:
+                m.add_grad("bias", db[lo:hi])
+            lo = hi
         return dx
 
 
@@ -372,7 +387,7 @@ class Attention(Module):
         self.cache, self.probs = cache, cache.probs
         return out.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads: (B, H, T, D) -> (B, T, C)
 
-    def backward(self, dout):  # (B, T, C) -> dq, dk, dv each (B, T, C)
+    def backward(self, dout, joined=False):  # (B, T, C) -> dq, dk, dv each (B, T, C), or joined (B, T, 3C)
         B, T, C = dout.shape
         H, D = self.n_head, C // self.n_head
         # out = merge(attention(split(q), split(k), split(v)))
@@ -381,4 +396,9 @@ class Attention(Module):
         # k = concatenate([past k, k]), v likewise: the first T_past rows belong to the past
         Tp = dk.shape[2] - T
         self.dpast = (dk[:, :, :Tp], dv[:, :, :Tp]) if Tp else None
-        return tuple(d.transpose(0, 2, 1, 3).reshape(B, T, C) for d in (dq, dk[:, :, Tp:], dv[:, :, Tp:]))
+        # merge heads into one array [dq | dk | dv] (B, T, 3C), what a joined projection's backward takes
+        dqkv = np.empty((B, T, 3, H, D), dtype=dout.dtype)
+        for i, d in enumerate((dq, dk[:, :, Tp:], dv[:, :, Tp:])):
+            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
+        dqkv = dqkv.reshape(B, T, 3 * C)
+        return dqkv if joined else (dqkv[..., :C], dqkv[..., C:2 * C], dqkv[..., 2 * C:])

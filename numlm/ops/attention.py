@@ -4,6 +4,11 @@ A masked score is set to the dtype's most negative finite value (transformers ad
 finfo.min, which absorbs any finite score), so a query row with no allowed key gets a uniform
 distribution over all keys rather than NaN. OpenAI GPT instead replaces future scores by -1e4
 (`causal_fill=-1e4`), so its left-padded queries attend uniformly to the future real tokens.
+
+The kernel path skips the masked future of causal attention (causal_forward): the queries go in
+blocks, each multiplying only the keys up to its last query. Exact where every query has a key it
+may see: its future scores are finfo.min below that key's, so their probabilities are exactly 0. The
+probabilities stay (B, H, Tq, Tk), zeros in the future, as the full path gives them.
 """
 import math
 from typing import NamedTuple
@@ -13,12 +18,16 @@ import numpy as np
 from ._check import float_array
 from .. import kernels
 from ..kernels.matmul import mm  # a @ b, the B*H products split across the cores
+from ..kernels.matmul import mm_visible, mm_from_visible, mm_t_from_visible
 from ..kernels.softmax import scale_mask_kernel
 from .activations import dropout_forward, dropout_backward
 from .softmax import softmax_forward, softmax_backward
 
 # mask codes per (query, key): 1 allowed, 0 masked (finfo.min), 2 future key in OpenAI style (-1e4)
 MASKED, ALLOWED, FUTURE = 0, 1, 2
+# the kernel path's causal query blocks: about this many queries each (per multiply-add, BLAS is slower
+# on smaller blocks)
+BLOCK_ROWS = 64
 
 
 class AttentionCache(NamedTuple):
@@ -29,6 +38,7 @@ class AttentionCache(NamedTuple):
     keep: np.ndarray       # (B, H, Tq, Tk) dropout keep mask scaled by 1/(1-p), or None
     codes: np.ndarray      # (B|1, H|1, Tq, Tk) int8 mask codes, or None
     scale: float
+    blocks: list = None    # causal_forward's query blocks [(i0, i1, j1)], or None (the full products)
 
 
 def attention_allowed(attention_mask, B, Tq, Tk, causal, causal_fill=None):
@@ -113,6 +123,9 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
                          f"(B, H, T_q, T_k) = ({B}, {H}, {Tq}, {Tk})")
     lowest = np.finfo(q.dtype).min
     fill = lowest if causal_fill is None else causal_fill
+    blocks = causal_blocks(Tq, Tk, codes) if kernels.enabled and causal and causal_fill is None else None
+    if blocks is not None:
+        return causal_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks)
 
     s = scale_mask(mm(q, k.swapaxes(-1, -2)), scale, codes, lowest, fill)  # (B, H, Tq, Tk)
     p, _ = softmax_forward(s)  # (B, H, Tq, Tk)
@@ -123,6 +136,8 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
 
 def attention_backward(dout, cache):
     """dout: (B, H, Tq, D) -> dq (B, H, Tq, D), dk, dv (B, H, Tk, D)"""
+    if cache.blocks is not None:
+        return causal_backward(dout, cache)
     q, k, v, p, keep = cache.q, cache.k, cache.v, cache.probs, cache.keep
     pd = p if keep is None else p * keep  # the forward's pd, recomputed rather than cached
     # out = pd @ v
@@ -137,4 +152,42 @@ def attention_backward(dout, cache):
     # q @ k^T
     dq = mm(dscores, k)  # (B, H, Tq, D)
     dk = mm(dscores.swapaxes(-1, -2), q)  # (B, H, Tk, D)
+    return dq, dk, dv
+
+
+def causal_blocks(Tq, Tk, codes):
+    """Query blocks [(i0, i1, j1)] of causal scores (Tq, Tk): rows i0..i1 see keys 0..j1 = Tk - Tq + i1,
+    the keys after are their future. None when Tq makes one block, or when skipping the future would
+    not be exact: a query with no key it may see spreads its probability over every key, the future too."""
+    n = Tq // BLOCK_ROWS
+    if n < 2 or not (codes == ALLOWED).any(axis=-1).all():
+        return None
+    return [(Tq * b // n, Tq * (b + 1) // n, Tk - Tq + Tq * (b + 1) // n) for b in range(n)]
+
+
+def causal_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks):
+    """attention_forward on the kernel path for causal blocks: the same steps, each product over the
+    keys its queries see. The future scores are set to finfo.min as in the full path."""
+    s = scale_mask(mm_visible(q, k.swapaxes(-1, -2), blocks), scale, codes, lowest, lowest)  # (B, H, Tq, Tk)
+    p, _ = softmax_forward(s)  # exactly 0 in the future
+    pd, keep = dropout_forward(p, dropout_p, rng)
+    out = mm_from_visible(pd, v, blocks)  # (B, H, Tq, D)
+    return out, AttentionCache(q, k, v, p, keep, codes, scale, blocks)
+
+
+def causal_backward(dout, cache):
+    """attention_backward for causal_forward's blocks"""
+    q, k, v, p, keep, blocks = cache.q, cache.k, cache.v, cache.probs, cache.keep, cache.blocks
+    pd = p if keep is None else p * keep
+    # out = pd @ v
+    dv = mm_t_from_visible(pd, dout, blocks)  # (B, H, Tk, D)
+    dpd = mm_visible(dout, v.swapaxes(-1, -2), blocks)  # (B, H, Tq, Tk), 0 in the future
+    # pd, keep = dropout_forward(p, dropout_p, rng)
+    dp = dropout_backward(dpd, keep)
+    # p, _ = softmax_forward(s)
+    ds = softmax_backward(dp, p)
+    # s = scale_mask(q @ k^T, scale, codes, lowest, lowest)
+    dscores = scale_mask(ds, cache.scale, cache.codes, 0, 0)
+    dq = mm_from_visible(dscores, k, blocks)  # (B, H, Tq, D)
+    dk = mm_t_from_visible(dscores, q, blocks)  # (B, H, Tk, D)
     return dq, dk, dv
