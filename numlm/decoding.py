@@ -90,22 +90,25 @@ def _map_cache(past, fn):
     return tuple(_map_cache(p, fn) for p in past)
 
 
-def _keeps_logits(model):
-    """Whether the model can compute logits for the last position only (transformers' logits_to_keep)."""
+def _keep_last_logits(model):
+    """{"logits_to_keep": 1} if the model (a PeftModel's base model) can compute logits for the last
+    position only (transformers' logits_to_keep), else {}. Asked once per generation: reading a
+    signature costs more than the rest of a decoding step's Python."""
+    model = model.base_model if hasattr(model, "generation_inputs") else model
     try:
-        return "logits_to_keep" in inspect.signature(getattr(model, "forward", model)).parameters
+        keeps = "logits_to_keep" in inspect.signature(getattr(model, "forward", model)).parameters
     except (TypeError, ValueError):
-        return False
+        keeps = False
+    return {"logits_to_keep": 1} if keeps else {}
 
 
-def _step(model, ids, mask, pos, past, use_cache):
+def _step(model, ids, mask, pos, past, use_cache, keep):
     """Next-token logits as float32 (as transformers casts them) and the new cache. A PeftModel says
-    what its base model is fed (numlm.peft: virtual tokens before the prompt).
+    what its base model is fed (numlm.peft: virtual tokens before the prompt). keep: _keep_last_logits.
     ids, pos: (B, T_new)  mask: (B, T_total) or None -> (B, V), cache"""
     kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past)
     if hasattr(model, "generation_inputs"):
         kw, model = model.generation_inputs(ids, mask, pos, past), model.base_model
-    keep = {"logits_to_keep": 1} if _keeps_logits(model) else {}
     with no_grad():  # no caches for a backward: one layer's activations at a time
         out = model(**kw, use_cache=use_cache, **keep)
     logits = np.asarray(out.logits)[:, -1, :].astype(np.float32)   # (B, V)
@@ -366,11 +369,11 @@ def _sample(model, ids, mask, max_length, eos, pad, use_cache, do_sample, temper
     pos = _positions(full_mask)                                     # (B, T_max)
     unfinished = np.ones(B, dtype=bool)
     eos_arr = np.array(eos, dtype=np.int64)
-    scores, past, cur = [], None, T0
+    scores, past, cur, keep = [], None, T0, _keep_last_logits(model)
     put = getattr(streamer, "put", streamer)
     while cur < max_length:
         x, m, p = _model_inputs(seqs, full_mask, pos, cur, past if use_cache else None)
-        logits, past = _step(model, x, m, p, past, use_cache)      # (B, V)
+        logits, past = _step(model, x, m, p, past, use_cache, keep)  # (B, V)
         s = process_logits(logits, seqs[:, :cur], do_sample, temperature, top_k, top_p, penalty)
         scores.append(s)
         if do_sample:
@@ -483,16 +486,16 @@ def _beam_search(model, ids, mask, max_length, K, n_return, length_penalty, earl
     full_mask = np.ones((B * K, max_length), dtype=np.int64)
     full_mask[:, :T0] = np.repeat(mask, K, axis=0)
     pos = _positions(full_mask)
-    scores, past, cur = [], None, T0
+    scores, past, cur, keep = [], None, T0, _keep_last_logits(model)
     while cur < max_length:
         flat = bm.running_seqs.reshape(B * K, max_length)
         if past is None and use_cache:  # prefill once per prompt, then copy the cache to its K beams
-            logits, past = _step(model, ids, None if mask.all() else mask, pos[::K, :T0], None, True)
+            logits, past = _step(model, ids, None if mask.all() else mask, pos[::K, :T0], None, True, keep)
             logits = np.repeat(logits, K, axis=0)
             past = _map_cache(past, lambda a: np.repeat(a, K, axis=0))
         else:
             x, m, p = _model_inputs(flat, full_mask, pos, cur, past if use_cache else None)
-            logits, past = _step(model, x, m, p, past, use_cache)  # (B*K, V)
+            logits, past = _step(model, x, m, p, past, use_cache, keep)  # (B*K, V)
         V = logits.shape[-1]
         logp = process_logits(log_softmax(logits), flat[:, :cur], do_sample, temperature, top_k, top_p, penalty,
                               min_tokens_to_keep=2)

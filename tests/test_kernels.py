@@ -241,6 +241,22 @@ def test_switch_and_env():
     assert out.stdout.strip() == "False"
 
 
+def test_small_inputs_run_one_thread_and_restore_the_count():
+    """adaptive: below PARALLEL_MIN_ELEMENTS a parallel kernel runs on one Numba thread, and the
+    calling thread's count is what it was after the call, large inputs and small alike."""
+    import numba
+    from numlm.kernels.softmax import shift_rows
+    before = numba.get_num_threads()
+    count = kernels.adaptive(numba.njit(lambda x: numba.get_num_threads()))  # the count inside the kernel
+    assert count(np.zeros(3)) == 1 and numba.get_num_threads() == before
+    large = np.zeros(kernels.PARALLEL_MIN_ELEMENTS)
+    assert count(large) == before and numba.get_num_threads() == before
+    x = np.random.default_rng(0).standard_normal((3, 5))
+    for got, want in zip(shift_rows(x), shift_rows.kernel(x)):
+        np.testing.assert_array_equal(got, want)
+    assert numba.get_num_threads() == before
+
+
 @pytest.mark.parametrize("numba", [True, False], ids=["numba", "numpy"])
 def test_float32_stays_float32(numba):
     previous = set_numba(numba)
@@ -283,7 +299,8 @@ def test_split_matmul_is_the_product(always_split, seed, M, K, N, S, dtype, tran
 
 
 def test_products_run_blas_on_one_thread_and_restore_its_count():
-    """Every product of matmul() (split or not) calls BLAS at one thread, and leaves the count it found."""
+    """Every product of matmul() (split or not) calls BLAS at one thread, but a one-row product (a
+    GEMV) at the process's count; each leaves the count it found."""
     from numlm.kernels import matmul as mm
     if mm._blas is None:
         pytest.skip("numpy's BLAS is not OpenBLAS: products are never split")
@@ -292,13 +309,49 @@ def test_products_run_blas_on_one_thread_and_restore_its_count():
     with pytest.MonkeyPatch.context() as mp:
         real = np.matmul
         mp.setattr(mm.np, "matmul", lambda *a, **k: (seen.append(mm._blas[1]()), real(*a, **k))[1])
+        mp.setattr(mm, "_gemv_alone_until", [0.0])
         before = mm._blas[1]()
-        for shape_a, shape_b in [((3, 4), (4, 5)), ((1, 1024), (1024, 1024)), ((512, 64), (64, 64)),
-                                 ((1, 4, 9), (1, 9, 2))]:
+        for shape_a, shape_b in [((3, 4), (4, 5)), ((512, 64), (64, 64)), ((1, 4, 9), (1, 9, 2)),
+                                 ((1, 1024), (1024, 1024))]:
             a, b = rng.standard_normal(shape_a), rng.standard_normal(shape_b)
             np.testing.assert_allclose(mm.matmul(a, b), real(a, b), rtol=1e-12, atol=1e-12)
-    assert mm._blas[1]() == before
-    assert seen and set(seen) == {1}
+            assert mm._blas[1]() == before
+    assert seen and set(seen[:-1]) == {1} and seen[-1] == before
+
+
+def test_a_stalled_gemv_sends_the_next_ones_to_one_thread_for_a_while():
+    """A GEMV on BLAS's threads that streams slower than GEMV_STALLED (a thread waited for a core
+    another process held) makes the GEMVs of the next GEMV_ALONE_FOR seconds run on one thread;
+    then BLAS's threads again. Small weights (< 1 MB) never count as stalled."""
+    import time
+    from numlm.kernels import matmul as mm
+    if mm._blas is None:
+        pytest.skip("numpy's BLAS is not OpenBLAS")
+    seen, slow = [], [True]
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((512, 512))  # 2 MB
+    x = rng.standard_normal((1, 512))
+
+    def stalling(*a, **k):
+        seen.append(mm._blas[1]())
+        if slow[0]:
+            time.sleep(0.02)  # 2 MB in 20 ms: 0.1 GB/s
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        real = np.matmul
+        mp.setattr(mm.np, "matmul", stalling)
+        mp.setattr(mm, "_gemv_alone_until", [0.0])
+        mp.setattr(mm, "GEMV_ALONE_FOR", 0.2)
+        before = mm._blas[1]()
+        np.testing.assert_allclose(mm.matmul(x[:, :8], w[:8, :8]), x[:, :8] @ w[:8, :8])  # small: no stall
+        np.testing.assert_allclose(mm.matmul(x, w), x @ w)  # stalls
+        slow[0] = False
+        np.testing.assert_allclose(mm.matmul(x, w), x @ w)  # alone
+        assert mm._blas[1]() == before
+        time.sleep(0.25)
+        np.testing.assert_allclose(mm.matmul(x, w), x @ w)  # threads again
+    assert seen == [before, before, 1, before]
 
 
 @settings(max_examples=20, deadline=None)

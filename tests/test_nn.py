@@ -114,6 +114,32 @@ def test_joined_linears_give_each_its_own_gradients(frozen, path):
         np.testing.assert_allclose(g, separate.grad_arrays()[name], rtol=1e-13, atol=1e-15)
 
 
+def test_kv_cache_fed_back_grows_in_place_and_earlier_caches_stay():
+    """A present fed back as the past is extended in a buffer with room (no copy of the cache per
+    step); every cache handed out keeps its values, and a past fed twice (two continuations of one
+    prefix) or not this layer's last present gives what the concatenation gives."""
+    rng = np.random.default_rng(0)
+    attn = Attention(2, causal=True).eval()
+    x = [rng.standard_normal((1, 1, 8)) for _ in range(12)]
+    attn(x[0], x[0], x[0])
+    presents, outs = [attn.present], []
+    for t in range(1, 12):
+        outs.append(attn(x[t], x[t], x[t], past=presents[-1]))
+        presents.append(attn.present)
+    assert presents[-1][0].base is presents[-2][0].base  # written in place, not copied
+    kv = split_heads(np.concatenate(x, axis=1), 2)
+    for t, (k, v) in enumerate(presents):
+        np.testing.assert_array_equal(k, kv[:, :, :t + 1])
+        np.testing.assert_array_equal(v, kv[:, :, :t + 1])
+    again = attn(x[5], x[5], x[5], past=presents[4])  # an earlier cache: concatenated
+    np.testing.assert_array_equal(again, outs[4])
+    other = attn(x[0], x[0], x[0], past=presents[4])  # the same past, another token
+    fresh = Attention(2, causal=True).eval()
+    np.testing.assert_array_equal(other, fresh(x[0], x[0], x[0], past=tuple(a.copy() for a in presents[4])))
+    for t, (k, v) in enumerate(presents):
+        np.testing.assert_array_equal(k, kv[:, :, :t + 1])
+
+
 def test_split_merge_heads_roundtrip():
     x = np.arange(2 * 3 * 6.0).reshape(2, 3, 6)
     h = split_heads(x, 2)

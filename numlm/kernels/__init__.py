@@ -26,7 +26,6 @@ def adaptive(kernel):
     """Wrap a parallel Numba kernel so small inputs run single-threaded; `.kernel` is the original."""
     import functools
 
-    import numba
     import numpy as np
 
     @functools.wraps(kernel.py_func)
@@ -34,15 +33,34 @@ def adaptive(kernel):
         work = max((a.size for a in args if isinstance(a, np.ndarray)), default=0)
         if work >= PARALLEL_MIN_ELEMENTS:
             return kernel(*args)
-        n = numba.get_num_threads()
-        numba.set_num_threads(1)
+        get, set_ = _thread_count or _numba_thread_count()
+        n = get()
+        set_(1)
         try:
             return kernel(*args)
         finally:
-            numba.set_num_threads(n)
+            set_(n)
 
     call.kernel = kernel
     return call
+
+
+_thread_count = ()  # numba's get and set of the calling thread's count, found at the first small kernel
+
+
+def _numba_thread_count():
+    """The C functions behind numba.get_num_threads / set_num_threads: the public pair launches the
+    thread pool under two locks and checks its argument at every call, 9 us around each small kernel,
+    more than a decoding step's LayerNorm takes. The public pair where numba's layout differs."""
+    global _thread_count
+    import numba
+    try:
+        from numba.np.ufunc import parallel
+        parallel._launch_threads()
+        _thread_count = parallel._get_num_threads, parallel._set_num_threads
+    except (ImportError, AttributeError):
+        _thread_count = numba.get_num_threads, numba.set_num_threads
+    return _thread_count
 
 
 def numba_enabled():

@@ -7,16 +7,19 @@ Why: a multi-threaded BLAS synchronises its threads inside every call. On a mach
 also busy with other processes, or with Numba's threads, one descheduled BLAS thread stalls the other
 at every barrier; attention's many small per-head products made a training step up to 8x slower that
 way on 2 shared cores. Here each worker computes whole output rows with BLAS at one thread, and the
-only wait is at the end of the product.
+only wait is at the end of the product. A single row (a decoding step's GEMV) is the exception: gemv.
 """
 import ctypes
 import glob
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
+
+from .. import kernels
 
 # below this many multiply-adds one call on the caller's thread is cheaper than splitting
 SPLIT_MIN_MACS = 1 << 20
@@ -97,21 +100,22 @@ def _get_pool():
 
 def matmul(a, b, out=None):
     """a @ b for 2-D a (M, K) @ (K, N), or stacked (S, M, K) @ (S, K, N). Blocks of output rows (or
-    of the stack) go to separate threads, the caller's included; with fewer rows than cores (a
-    decoding step's (1, K) @ (K, N)) blocks of output columns do. Every BLAS call here runs on one
-    thread, the unsplit small products too: an idle multi-threaded BLAS spins its threads after each
-    call, taking the cores from the next split product. out, if given, receives the result."""
+    of the stack) go to separate threads, the caller's included; with fewer rows than cores but more
+    than one, blocks of output columns do. Every BLAS call here runs on one thread, the unsplit small
+    products too: an idle multi-threaded BLAS spins its threads after each call, taking the cores from
+    the next split product. The one exception is a single row, (1, K) @ (K, N), a decoding step's
+    GEMV: it runs on BLAS's own threads (see gemv). out, if given, receives the result."""
     if out is None:
         shape = a.shape[:-1] + (b.shape[-1],)
         out = np.empty(shape, dtype=np.result_type(a, b))
-    n = workers()
-    macs = a.size * b.shape[-1]
-    stacked = a.ndim == 3 and b.ndim == 3
-    by_rows = a.shape[0] >= n
-    split = (_blas is not None and n > 1 and macs >= SPLIT_MIN_MACS
-             and (by_rows or (a.ndim == 2 and b.shape[-1] >= n)))
     if _blas is None:
         return np.matmul(a, b, out=out)
+    if a.ndim == 2 and a.shape[0] == 1:
+        return gemv(a, b, out)
+    n = workers() if a.size * b.shape[-1] >= SPLIT_MIN_MACS else 1
+    stacked = a.ndim == 3 and b.ndim == 3
+    by_rows = a.shape[0] >= n
+    split = n > 1 and (by_rows or (a.ndim == 2 and b.shape[-1] >= n))
     with _lock:  # the BLAS thread count is process-wide: one product at a time
         prev = _blas[1]()
         _blas[0](1)
@@ -136,6 +140,39 @@ def matmul(a, b, out=None):
     return out
 
 
+# A GEMV on BLAS's threads that streams its weights slower than this waited for a thread another
+# process held the core of (memory streams 10x faster on any core); GEMVs then run on one thread a while.
+GEMV_STALLED = 1e9  # bytes per second
+GEMV_ALONE_FOR = 1.0  # seconds
+_gemv_alone_until = [0.0]
+
+
+def gemv(a, b, out):
+    """out = a @ b for one row a (1, K), a decoding step's product, on BLAS's own threads. A GEMV reads
+    each weight once for two flops: memory bandwidth bounds it, and one core does not reach the
+    machine's. Over GPT-2 124M's weights BLAS's threads streamed ~25 GB/s, one thread ~18, column
+    blocks on numlm's threads ~16 (a hand-off to a sleeping thread costs about what a 768 x 768 GEMV
+    does; BLAS's threads spin between calls instead). But while another process holds a core, one of
+    BLAS's threads waits to be scheduled and a 0.1 ms GEMV takes milliseconds: greedy decoding ran
+    150-220 ms a token against 33-37 on one thread. So a GEMV of 1 MB or more that streams below
+    GEMV_STALLED sends the GEMVs of the next GEMV_ALONE_FOR seconds to one thread; then BLAS's threads
+    are tried again. (One and two threads may round the last bit of a few outputs differently.)"""
+    with _lock:  # every other product restores the thread count before it lets go of the lock
+        start = time.perf_counter()
+        if start < _gemv_alone_until[0]:
+            prev = _blas[1]()
+            _blas[0](1)
+            try:
+                return np.matmul(a, b, out=out)
+            finally:
+                _blas[0](prev)
+        np.matmul(a, b, out=out)
+        end = time.perf_counter()
+        if b.nbytes >= 1 << 20 and b.nbytes < GEMV_STALLED * (end - start):
+            _gemv_alone_until[0] = end + GEMV_ALONE_FOR
+    return out
+
+
 def _block(x, y, o):
     np.matmul(x, y, out=o)
 
@@ -143,7 +180,6 @@ def _block(x, y, o):
 def mm(a, b):
     """a @ b: numpy's product on the NumPy path (NUMLM_NUMBA=0), else matmul() above. Stacks of more
     than one leading axis, (B, H, M, K) @ (B, H, K, N), are split over B*H."""
-    from .. import kernels
     if not kernels.enabled:
         return a @ b
     if a.ndim > 3 and b.ndim == a.ndim and a.shape[:-2] == b.shape[:-2]:

@@ -369,6 +369,7 @@ class Attention(Module):
         self.causal_fill, self.scale = causal_fill, scale
         self.rng = None
         self.present = None
+        self.room = None  # the buffers the last present is a view of (after_past)
         self.probs = None
         self.dpast = None
 
@@ -378,14 +379,33 @@ class Attention(Module):
         # split heads: (B, T, C) -> (B, H, T, D)
         q, k, v = (np.ascontiguousarray(t.reshape(B, T, H, D).transpose(0, 2, 1, 3)) for t in (q, k, v))
         if past is not None:
-            k = np.concatenate([past[0], k], axis=2)  # (B, H, T_past + T, D)
-            v = np.concatenate([past[1], v], axis=2)
+            k, v = self.after_past(past, k, v)  # (B, H, T_past + T, D)
         self.present = (k, v)
         p = self.dropout_p if self.training else 0.0
         out, cache = OPS["attention"][0](q, k, v, attention_mask, self.causal, self.scale,
                                        self.causal_fill, p, self.rng)
         self.cache, self.probs = cache, cache.probs
         return out.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads: (B, H, T, D) -> (B, T, C)
+
+    def after_past(self, past, k, v):
+        """[past; new] along time, for keys and values: (B, H, T_past + T, D) each. A past that is this
+        layer's last `present` (a KV cache fed back) is a view of a buffer with room after it: the new
+        rows are written there and the view extended, so a decoding step copies its own row and not
+        the whole cache (the buffer doubles when full). Any other past (a prefix, a reordered beam
+        cache) is concatenated. Views handed out earlier never change: rows are written only past
+        the end of the last one."""
+        if self.present is None or past[0] is not self.present[0] or past[1] is not self.present[1]:
+            return np.concatenate([past[0], k], axis=2), np.concatenate([past[1], v], axis=2)
+        Tp, T = past[0].shape[2], k.shape[2]
+        room = self.room
+        if room is None or past[0].base is not room[0] or room[0].shape[2] < Tp + T:
+            shape = past[0].shape[:2] + (2 * (Tp + T), past[0].shape[3])
+            room = self.room = tuple(np.empty(shape, np.result_type(p, x)) for p, x in zip(past, (k, v)))
+            for r, p in zip(room, past):
+                r[:, :, :Tp] = p
+        for r, x in zip(room, (k, v)):
+            r[:, :, Tp:Tp + T] = x
+        return room[0][:, :, :Tp + T], room[1][:, :, :Tp + T]
 
     def backward(self, dout, joined=False):  # (B, T, C) -> dq, dk, dv each (B, T, C), or joined (B, T, 3C)
         B, T, C = dout.shape

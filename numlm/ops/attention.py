@@ -69,10 +69,8 @@ def attention_allowed(attention_mask, B, Tq, Tk, causal, causal_fill=None):
             raise ValueError(f"attention_mask must be (B, T_k) or 4-D boolean, got shape {m.shape}")
         Bc, Hc = codes.shape[0], codes.shape[1]
         codes = np.broadcast_to(codes, (Bc, Hc, Tq, Tk)).astype(np.int8)
-    if causal:
+    if causal and Tq > 1:  # one new query over a KV cache sees every key
         future = np.arange(Tk)[None, :] > np.arange(Tq)[:, None] + (Tk - Tq)  # (Tq, Tk)
-        if not future.any():  # one new query over a KV cache sees every key
-            return codes
         if codes is None:
             codes = np.ones((1, 1, Tq, Tk), dtype=np.int8)
         fill = FUTURE if causal_fill is not None else MASKED
