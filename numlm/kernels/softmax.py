@@ -123,8 +123,8 @@ def softmax_rows(x):
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")
 def softmax_row(x, y):
-    """y = exp(x - m) / s, in place in y;  -> m = max(x), s = sum(exp(x - m))
-    (a function of its own: inside prange the loops do not vectorise)"""
+    """y = exp(x - m) / s, written into y;  -> m = max(x), s = sum(exp(x - m))   (one row: softmax_rows'
+    and cross-entropy's)"""
     m = row_max(x, y[:ROW_MAX_LANES])  # y is scratch until written
     s = x.dtype.type(0)
     for j in range(x.size):
