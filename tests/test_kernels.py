@@ -245,14 +245,14 @@ def test_small_inputs_run_one_thread_and_restore_the_count():
     """adaptive: below PARALLEL_MIN_ELEMENTS a parallel kernel runs on one Numba thread, and the
     calling thread's count is what it was after the call, large inputs and small alike."""
     import numba
-    from numlm.kernels.softmax import shift_rows
+    from numlm.kernels.softmax import softmax_rows
     before = numba.get_num_threads()
     count = kernels.adaptive(numba.njit(lambda x: numba.get_num_threads()))  # the count inside the kernel
     assert count(np.zeros(3)) == 1 and numba.get_num_threads() == before
     large = np.zeros(kernels.PARALLEL_MIN_ELEMENTS)
     assert count(large) == before and numba.get_num_threads() == before
     x = np.random.default_rng(0).standard_normal((3, 5))
-    for got, want in zip(shift_rows(x), shift_rows.kernel(x)):
+    for got, want in zip(softmax_rows(x), softmax_rows.kernel(x)):
         np.testing.assert_array_equal(got, want)
     assert numba.get_num_threads() == before
 
