@@ -116,28 +116,34 @@ def matmul(a, b, out=None):
     stacked = a.ndim == 3 and b.ndim == 3
     by_rows = a.shape[0] >= n
     split = n > 1 and (by_rows or (a.ndim == 2 and b.shape[-1] >= n))
-    with _lock:  # the BLAS thread count is process-wide: one product at a time
-        prev = _blas[1]()
-        _blas[0](1)
-        try:
-            if not split:
-                return np.matmul(a, b, out=out)
-            size = a.shape[0] if by_rows else b.shape[-1]
-            bounds = [size * i // n for i in range(n + 1)]
-            blocks = []
-            for lo, hi in zip(bounds[:-1], bounds[1:]):
-                if by_rows:
-                    blocks.append((a[lo:hi], b[lo:hi] if stacked else b, out[lo:hi]))
-                else:  # a column block of out is strided: numpy writes it through a buffer
-                    blocks.append((a, b[:, lo:hi], out[:, lo:hi]))
-            pool = _get_pool()
-            jobs = [pool.submit(_block, *blk) for blk in blocks[1:]]
-            _block(*blocks[0])  # the caller's share: one thread hand-off fewer
-            for j in jobs:
-                j.result()
-        finally:
-            _blas[0](prev)
+    with _lock, _at_one_thread():  # the BLAS thread count is process-wide: one product at a time
+        if not split:
+            return np.matmul(a, b, out=out)
+        size = a.shape[0] if by_rows else b.shape[-1]
+        bounds = [size * i // n for i in range(n + 1)]
+        blocks = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if by_rows:
+                blocks.append((a[lo:hi], b[lo:hi] if stacked else b, out[lo:hi]))
+            else:  # a column block of out is strided: numpy writes it through a buffer
+                blocks.append((a, b[:, lo:hi], out[:, lo:hi]))
+        pool = _get_pool()
+        jobs = [pool.submit(_block, *blk) for blk in blocks[1:]]
+        _block(*blocks[0])  # the caller's share: one thread hand-off fewer
+        for j in jobs:
+            j.result()
     return out
+
+
+@contextmanager
+def _at_one_thread():
+    """BLAS on one thread inside the block, the count before put back; the caller holds _lock."""
+    prev = _blas[1]()
+    _blas[0](1)
+    try:
+        yield
+    finally:
+        _blas[0](prev)
 
 
 # A GEMV on BLAS's threads that streams its weights slower than this waited for a thread another
@@ -160,12 +166,8 @@ def gemv(a, b, out):
     with _lock:  # every other product restores the thread count before it lets go of the lock
         start = time.perf_counter()
         if start < _gemv_alone_until[0]:
-            prev = _blas[1]()
-            _blas[0](1)
-            try:
+            with _at_one_thread():
                 return np.matmul(a, b, out=out)
-            finally:
-                _blas[0](prev)
         np.matmul(a, b, out=out)
         end = time.perf_counter()
         if b.nbytes >= 1 << 20 and b.nbytes < GEMV_STALLED * (end - start):
