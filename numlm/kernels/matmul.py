@@ -98,8 +98,9 @@ def _get_pool():
     return _pool
 
 
-def matmul(a, b, out=None):
-    """a @ b for 2-D a (M, K) @ (K, N), or stacked (S, M, K) @ (S, K, N). Blocks of output rows (or
+def matmul(a, b, out=None, bias=None):
+    """a @ b (+ bias, (N,), added to each block's rows by the thread that computed them, while they are
+    still in cache) for 2-D a (M, K) @ (K, N), or stacked (S, M, K) @ (S, K, N). Blocks of output rows (or
     of the stack) go to separate threads, the caller's included; with fewer rows than cores but more
     than one, blocks of output columns do. Every BLAS call here runs on one thread, the unsplit small
     products too: an idle multi-threaded BLAS spins its threads after each call, taking the cores from
@@ -108,25 +109,26 @@ def matmul(a, b, out=None):
     if out is None:
         shape = a.shape[:-1] + (b.shape[-1],)
         out = np.empty(shape, dtype=np.result_type(a, b))
-    if _blas is None:
-        return np.matmul(a, b, out=out)
-    if a.ndim == 2 and a.shape[0] == 1:
-        return gemv(a, b, out)
+    if _blas is None or (a.ndim == 2 and a.shape[0] == 1):
+        out = np.matmul(a, b, out=out) if _blas is None else gemv(a, b, out)
+        if bias is not None:
+            out += bias
+        return out
     n = workers() if a.size * b.shape[-1] >= SPLIT_MIN_MACS else 1
     stacked = a.ndim == 3 and b.ndim == 3
     by_rows = a.shape[0] >= n
     split = n > 1 and (by_rows or (a.ndim == 2 and b.shape[-1] >= n))
     with _lock, _at_one_thread():  # the BLAS thread count is process-wide: one product at a time
         if not split:
-            return np.matmul(a, b, out=out)
+            return _block(a, b, out, bias)
         size = a.shape[0] if by_rows else b.shape[-1]
         bounds = [size * i // n for i in range(n + 1)]
         blocks = []
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             if by_rows:
-                blocks.append((a[lo:hi], b[lo:hi] if stacked else b, out[lo:hi]))
+                blocks.append((a[lo:hi], b[lo:hi] if stacked else b, out[lo:hi], bias))
             else:  # a column block of out is strided: numpy writes it through a buffer
-                blocks.append((a, b[:, lo:hi], out[:, lo:hi]))
+                blocks.append((a, b[:, lo:hi], out[:, lo:hi], None if bias is None else bias[lo:hi]))
         pool = _get_pool()
         jobs = [pool.submit(_block, *blk) for blk in blocks[1:]]
         _block(*blocks[0])  # the caller's share: one thread hand-off fewer
@@ -175,20 +177,26 @@ def gemv(a, b, out):
     return out
 
 
-def _block(x, y, o):
+def _block(x, y, o, bias=None):
     np.matmul(x, y, out=o)
+    if bias is not None:
+        o += bias
+    return o
 
 
-def mm(a, b):
-    """a @ b: numpy's product on the NumPy path (NUMLM_NUMBA=0), else matmul() above. Stacks of more
-    than one leading axis, (B, H, M, K) @ (B, H, K, N), are split over B*H."""
+def mm(a, b, bias=None):
+    """a @ b (+ bias, (N,)): numpy's product on the NumPy path (NUMLM_NUMBA=0), else matmul() above.
+    Stacks of more than one leading axis, (B, H, M, K) @ (B, H, K, N), are split over B*H."""
     if not kernels.enabled:
-        return a @ b
+        out = a @ b
+        if bias is not None:
+            out += bias
+        return out
     if a.ndim > 3 and b.ndim == a.ndim and a.shape[:-2] == b.shape[:-2]:
         lead = a.shape[:-2]
-        out = matmul(a.reshape((-1,) + a.shape[-2:]), b.reshape((-1,) + b.shape[-2:]))
+        out = matmul(a.reshape((-1,) + a.shape[-2:]), b.reshape((-1,) + b.shape[-2:]), bias=bias)
         return out.reshape(lead + out.shape[-2:])
-    return matmul(a, b)
+    return matmul(a, b, bias=bias)
 
 
 # Causal attention's products without the masked future (ops.attention.causal_forward). `blocks` are

@@ -20,9 +20,7 @@ def linear_forward(x, w, b=None):
     if b is not None and b.shape != (w.shape[1],):
         raise ValueError(f"b must have shape ({w.shape[1]},), got {b.shape}")
     # one (N, C_in) @ (C_in, C_out) product: a stacked (B, T, C) @ W would be B smaller ones
-    y = mm(x.reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + (w.shape[1],))  # (N, C_out)
-    if b is not None:
-        y += b
+    y = mm(x.reshape(-1, x.shape[-1]), w, b).reshape(x.shape[:-1] + (w.shape[1],))  # (N, C_out), + b
     return y, (x, w, b is not None)
 
 
