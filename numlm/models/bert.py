@@ -328,10 +328,13 @@ class BertPreTrainingHeads(Module):
 
 
 class BertTask(PreTrainedModel):
-    """What every BERT task model shares: the backbone `bert`, the tied MLM decoder, the classifier dropout."""
+    """What every BERT task model shares: the backbone `bert`, the tied MLM decoder, the classifier dropout.
+    RoBERTa's masked LM, token classification and QA are the classes below on its backbone `roberta`:
+    those heads reach the backbone by name, getattr(self, self.base_model_prefix)."""
 
     config_class = BertConfig
     base_model_prefix = "bert"
+    tied_keys = TIED
     ignore_on_load = BertModel.ignore_on_load
     output_hidden_states = output_attentions = False
 
@@ -341,8 +344,8 @@ class BertTask(PreTrainedModel):
     def _tied_word_embeddings(self):
         if not self.config.tie_word_embeddings:
             raise ValueError("config tie_word_embeddings=False (an untied MLM decoder) is not supported")
-        self.tied = dict(TIED)
-        return self.bert.embeddings.word_embeddings
+        self.tied = dict(self.tied_keys)
+        return getattr(self, self.base_model_prefix).embeddings.word_embeddings
 
     def _classifier_dropout(self):
         p = self.config.classifier_dropout
@@ -433,12 +436,16 @@ class BertForMaskedLM(BertTask):
         self._backbone(False)
         self.cls = BertOnlyMLMHead(self.config, self._tied_word_embeddings())
 
+    def _mlm_head(self):
+        """logits = head(h): cls.predictions (RoBERTa's: lm_head)"""
+        return self.cls.predictions
+
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
-        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                        past_key_values)
-        hs, pooled = self.bert.encode(x)
-        logits = self.cls.predictions(hs[-1])  # (B, T, V)
+        bert = getattr(self, self.base_model_prefix)  # self.bert (RoBERTa's: self.roberta)
+        x = bert_inputs(bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, past_key_values)
+        hs, pooled = bert.encode(x)
+        logits = self._mlm_head()(hs[-1])  # (B, T, V)
         loss = ce = None
         if labels is not None:  # loss = CE(logits, labels)
             labels = labels_like("labels", labels, x.shape, self.config.vocab_size)
@@ -450,8 +457,8 @@ class BertForMaskedLM(BertTask):
         """d loss (grad None), or grad = d logits"""
         logits, loss = self._need_last()
         dlogits = logits_grad(grad, logits, loss)  # loss = CE(logits, labels)
-        # logits = cls(h)
-        self.bert.encode_backward(self.cls.predictions.backward(dlogits))
+        # logits = head(h)
+        getattr(self, self.base_model_prefix).encode_backward(self._mlm_head().backward(dlogits))
 
 
 @register
@@ -499,9 +506,9 @@ class BertForSequenceClassification(BertTask):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
-        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                        past_key_values)
-        hs, pooled = self.bert.encode(x)
+        bert = getattr(self, self.base_model_prefix)  # self.bert (RoBERTa's token classification: self.roberta)
+        x = bert_inputs(bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, past_key_values)
+        hs, pooled = bert.encode(x)
         logits = self.classifier(self.dropout(hs[-1] if self.per_token else pooled))  # (B, T, K) or (B, K)
         loss = loss_cache = None
         if labels is not None and self.per_token:
@@ -520,7 +527,7 @@ class BertForSequenceClassification(BertTask):
         dlogits = logits_grad(grad, logits, loss)  # loss = CE(logits, labels), or by problem_type
         # logits = classifier(dropout(pooled or h))
         dx = self.dropout.backward(self.classifier.backward(dlogits))
-        self.bert.encode_backward(*((dx, None) if self.per_token else (None, dx)))
+        getattr(self, self.base_model_prefix).encode_backward(*((dx, None) if self.per_token else (None, dx)))
 
 
 @register
@@ -576,16 +583,16 @@ class BertForQuestionAnswering(BertTask):
     def build(self):
         self.num_labels = self.config.num_labels
         if self.num_labels != 2:
-            raise ValueError(f"BertForQuestionAnswering needs config num_labels == 2, got {self.num_labels}")
+            raise ValueError(f"{type(self).__name__} needs config num_labels == 2, got {self.num_labels}")
         self._backbone(False)
         self.qa_outputs = Linear(self.config.hidden_size, 2)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 start_positions=None, end_positions=None, output_hidden_states=False, output_attentions=False,
                 inputs_embeds=None, past_key_values=None):
-        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                        past_key_values)
-        hs, pooled = self.bert.encode(x)
+        bert = getattr(self, self.base_model_prefix)  # self.bert (RoBERTa's: self.roberta)
+        x = bert_inputs(bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, past_key_values)
+        hs, pooled = bert.encode(x)
         positions = span_positions(start_positions, end_positions, x.B)
         logits = self.qa_outputs(hs[-1])  # (B, T, 2)
         start, end = logits[..., 0].copy(), logits[..., 1].copy()  # (B, T) each
@@ -599,7 +606,8 @@ class BertForQuestionAnswering(BertTask):
         start, end, caches = self._need_last()
         ds, de = span_loss_backward(grad, start, end, caches)
         # start, end = split(qa_outputs(h))
-        self.bert.encode_backward(self.qa_outputs.backward(np.stack([ds, de], axis=-1)))  # (B, T, 2)
+        dh = self.qa_outputs.backward(np.stack([ds, de], axis=-1))  # (B, T, 2) -> (B, T, C)
+        getattr(self, self.base_model_prefix).encode_backward(dh)
 
 
 __all__ = ["BertConfig", "BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForNextSentencePrediction",
