@@ -46,18 +46,19 @@ TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weigh
 # The modules below hold parameters under transformers' names; BertLayer and BertModel run them.
 
 class BertEmbeddings(Module):
-    """h0 = Dropout(LN(word[ids] + token_type[tt] + position[pos]))"""
+    """h0 = Dropout(LN(word[ids] + token_type[tt] + position[pos])); DistilBERT's: no token_type, dropout p"""
 
     inputs_embeds_grad = None
 
-    def __init__(self, config):
+    def __init__(self, config, token_types=True, p=None):
         super().__init__()
         C = config.hidden_size
         self.word_embeddings = Embedding(config.vocab_size, C, padding_idx=config.pad_token_id)
         self.position_embeddings = Embedding(config.max_position_embeddings, C)
-        self.token_type_embeddings = Embedding(config.type_vocab_size, C)
+        if token_types:
+            self.token_type_embeddings = Embedding(config.type_vocab_size, C)
         self.LayerNorm = LayerNorm(C, eps=config.layer_norm_eps)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob if p is None else p)
 
 
 class BertSelfAttention(Module):
@@ -112,8 +113,9 @@ class BertLayer(Module):
     def forward(self, x, mask=None, past=None):  # (B, T, C) -> (B, T, C)
         sa, ao, it, out = self.attention.self, self.attention.output, self.intermediate, self.output
         # ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv): one product [q | k | v] = x [Wq | Wk | Wv] + [bq | bk | bv]
-        # unless peft replaced one of the three with a module of its own
-        if all(type(m) is Linear for m in (sa.query, sa.key, sa.value)):
+        # unless peft replaced one of the three with a module of its own (kept: the backward follows it)
+        self.cache = joined = all(type(m) is Linear for m in (sa.query, sa.key, sa.value))
+        if joined:
             ctx = sa.core(*np.split(sa.query(x, sa.key, sa.value), 3, axis=-1), mask, past)
         else:
             ctx = sa.core(sa.query(x), sa.key(x), sa.value(x), mask, past)
@@ -134,7 +136,7 @@ class BertLayer(Module):
         dh, dx = (ao.LayerNorm.backward(da),) * 2 if ao.adapters is None else ao.adapters.backward(da)
         # h = Dropout(ctx Wo + bo),  ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv)
         dctx = ao.dense.backward(ao.dropout.backward(dh))
-        if all(type(m) is Linear for m in (sa.query, sa.key, sa.value)):  # [q | k | v] = x [Wq | Wk | Wv] + ...
+        if self.cache:  # the forward's one product [q | k | v] = x [Wq | Wk | Wv] + ...
             return dx + sa.query.backward(sa.core.backward(dctx, joined=True))
         dq, dk, dv = sa.core.backward(dctx)
         return dx + sa.query.backward(dq) + sa.key.backward(dk) + sa.value.backward(dv)
