@@ -430,6 +430,18 @@ class BertForPreTraining(BertTask):
         self.bert.encode_backward(dh, dpooled)
 
 
+def token_loss_forward(logits, labels):
+    """loss = CE(logits, labels) over the labelled tokens (ignore_index -100), one mean: masked LM and token
+    classification (DistilBERT's too). logits (B, T, n), labels (B, T) or None -> loss, (its backward, its
+    cache); None, None without labels"""
+    if labels is None:
+        return None, None
+    n = logits.shape[-1]
+    labels = labels_like("labels", labels, logits.shape[:-1], n)
+    loss, c = cross_entropy_forward(logits.reshape(-1, n), labels.reshape(-1))
+    return loss, (cross_entropy_backward, c)
+
+
 @register
 class BertForMaskedLM(BertTask):
     """loss = CE(logits, labels), ignore_index -100, one mean over the labelled tokens. No pooler."""
@@ -448,11 +460,8 @@ class BertForMaskedLM(BertTask):
         x = bert_inputs(bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, past_key_values)
         hs, pooled = bert.encode(x)
         logits = self._mlm_head()(hs[-1])  # (B, T, V)
-        loss = ce = None
-        if labels is not None:  # loss = CE(logits, labels)
-            labels = labels_like("labels", labels, x.shape, self.config.vocab_size)
-            loss, ce = cross_entropy_forward(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        self._last = (logits, None if ce is None else (cross_entropy_backward, ce))
+        loss, loss_cache = token_loss_forward(logits, labels)  # loss = CE(logits, labels)
+        self._last = (logits, loss_cache)
         return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, logits=logits)
 
     def backward(self, grad=None):
@@ -513,11 +522,8 @@ class BertForSequenceClassification(BertTask):
         hs, pooled = bert.encode(x)
         logits = self.classifier(self.dropout(hs[-1] if self.per_token else pooled))  # (B, T, K) or (B, K)
         loss = loss_cache = None
-        if labels is not None and self.per_token:
-            # loss = CE(logits, labels) over the labelled tokens
-            labels = labels_like("labels", labels, x.shape, self.num_labels)
-            loss, c = cross_entropy_forward(logits.reshape(-1, self.num_labels), labels.reshape(-1))
-            loss_cache = (cross_entropy_backward, c)
+        if labels is not None and self.per_token:  # loss = CE(logits, labels) over the labelled tokens
+            loss, loss_cache = token_loss_forward(logits, labels)
         elif labels is not None:
             loss, loss_cache = problem_type_loss(self.config, logits, labels)
         self._last = (logits, loss_cache)

@@ -27,11 +27,12 @@ import numpy as np
 
 from ..nn import Module, ModuleList, Linear, LayerNorm, Dropout, Activation, Attention
 from ..nn import lowest_needing_backward
-from ..ops import cross_entropy_forward, cross_entropy_backward, attention_allowed
-from .bert import BertEmbeddings, TiedDecoder, span_positions, span_loss_forward, span_loss_backward
+from ..ops import attention_allowed
+from .bert import (BertEmbeddings, TiedDecoder, token_loss_forward, span_positions, span_loss_forward,
+                   span_loss_backward)
 from .config import DistilBertConfig
-from .pretrained import (ModelOutput, PreTrainedModel, register, distilbert_inputs, labels_like, output_grads,
-                         logits_grad, problem_type_loss)
+from .pretrained import (ModelOutput, PreTrainedModel, register, distilbert_inputs, output_grads, logits_grad,
+                         problem_type_loss)
 
 TIED = {"vocab_projector.weight": "distilbert.embeddings.word_embeddings.weight"}
 
@@ -243,11 +244,8 @@ class DistilBertForMaskedLM(DistilBertTask):
         # logits = t We^T + b,  t = LN(act(h Wt + bt))
         t = self.vocab_layer_norm(self.activation(self.vocab_transform(hs[-1])))
         logits = self.vocab_projector(t)  # (B, T, V)
-        loss = ce = None
-        if labels is not None:  # loss = CE(logits, labels)
-            labels = labels_like("labels", labels, x.shape, self.config.vocab_size)
-            loss, ce = cross_entropy_forward(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        self._last = (logits, None if ce is None else (cross_entropy_backward, ce))
+        loss, loss_cache = token_loss_forward(logits, labels)  # loss = CE(logits, labels)
+        self._last = (logits, loss_cache)
         return self._output(hs, output_hidden_states, output_attentions, loss=loss, logits=logits)
 
     def backward(self, grad=None):
@@ -313,11 +311,8 @@ class DistilBertForTokenClassification(DistilBertTask):
         x = distilbert_inputs(self.distilbert, input_ids, attention_mask, inputs_embeds, past_key_values)
         hs = self.distilbert.encode(x)
         logits = self.classifier(self.dropout(hs[-1]))  # (B, T, K)
-        loss = ce = None
-        if labels is not None:  # loss = CE(logits, labels) over the labelled tokens
-            labels = labels_like("labels", labels, x.shape, self.num_labels)
-            loss, ce = cross_entropy_forward(logits.reshape(-1, self.num_labels), labels.reshape(-1))
-        self._last = (logits, None if ce is None else (cross_entropy_backward, ce))
+        loss, loss_cache = token_loss_forward(logits, labels)  # loss = CE(logits, labels) over the labelled tokens
+        self._last = (logits, loss_cache)
         return self._output(hs, output_hidden_states, output_attentions, loss=loss, logits=logits)
 
     def backward(self, grad=None):
