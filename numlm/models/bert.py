@@ -46,18 +46,19 @@ TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weigh
 # The modules below hold parameters under transformers' names; BertLayer and BertModel run them.
 
 class BertEmbeddings(Module):
-    """h0 = Dropout(LN(word[ids] + token_type[tt] + position[pos]))"""
+    """h0 = Dropout(LN(word[ids] + token_type[tt] + position[pos])); DistilBERT's: no token_type, dropout p"""
 
     inputs_embeds_grad = None
 
-    def __init__(self, config):
+    def __init__(self, config, token_types=True, p=None):
         super().__init__()
         C = config.hidden_size
         self.word_embeddings = Embedding(config.vocab_size, C, padding_idx=config.pad_token_id)
         self.position_embeddings = Embedding(config.max_position_embeddings, C)
-        self.token_type_embeddings = Embedding(config.type_vocab_size, C)
+        if token_types:
+            self.token_type_embeddings = Embedding(config.type_vocab_size, C)
         self.LayerNorm = LayerNorm(C, eps=config.layer_norm_eps)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob if p is None else p)
 
 
 class BertSelfAttention(Module):
@@ -112,8 +113,9 @@ class BertLayer(Module):
     def forward(self, x, mask=None, past=None):  # (B, T, C) -> (B, T, C)
         sa, ao, it, out = self.attention.self, self.attention.output, self.intermediate, self.output
         # ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv): one product [q | k | v] = x [Wq | Wk | Wv] + [bq | bk | bv]
-        # unless peft replaced one of the three with a module of its own
-        if all(type(m) is Linear for m in (sa.query, sa.key, sa.value)):
+        # unless peft replaced one of the three with a module of its own (kept: the backward follows it)
+        self.cache = joined = all(type(m) is Linear for m in (sa.query, sa.key, sa.value))
+        if joined:
             ctx = sa.core(*np.split(sa.query(x, sa.key, sa.value), 3, axis=-1), mask, past)
         else:
             ctx = sa.core(sa.query(x), sa.key(x), sa.value(x), mask, past)
@@ -134,7 +136,7 @@ class BertLayer(Module):
         dh, dx = (ao.LayerNorm.backward(da),) * 2 if ao.adapters is None else ao.adapters.backward(da)
         # h = Dropout(ctx Wo + bo),  ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv)
         dctx = ao.dense.backward(ao.dropout.backward(dh))
-        if all(type(m) is Linear for m in (sa.query, sa.key, sa.value)):  # [q | k | v] = x [Wq | Wk | Wv] + ...
+        if self.cache:  # the forward's one product [q | k | v] = x [Wq | Wk | Wv] + ...
             return dx + sa.query.backward(sa.core.backward(dctx, joined=True))
         dq, dk, dv = sa.core.backward(dctx)
         return dx + sa.query.backward(dq) + sa.key.backward(dk) + sa.value.backward(dv)
@@ -328,10 +330,13 @@ class BertPreTrainingHeads(Module):
 
 
 class BertTask(PreTrainedModel):
-    """What every BERT task model shares: the backbone `bert`, the tied MLM decoder, the classifier dropout."""
+    """What every BERT task model shares: the backbone `bert`, the tied MLM decoder, the classifier dropout.
+    RoBERTa's masked LM, token classification and QA are the classes below on its backbone `roberta`:
+    those heads reach the backbone by name, getattr(self, self.base_model_prefix)."""
 
     config_class = BertConfig
     base_model_prefix = "bert"
+    tied_keys = TIED
     ignore_on_load = BertModel.ignore_on_load
     output_hidden_states = output_attentions = False
 
@@ -341,8 +346,8 @@ class BertTask(PreTrainedModel):
     def _tied_word_embeddings(self):
         if not self.config.tie_word_embeddings:
             raise ValueError("config tie_word_embeddings=False (an untied MLM decoder) is not supported")
-        self.tied = dict(TIED)
-        return self.bert.embeddings.word_embeddings
+        self.tied = dict(self.tied_keys)
+        return getattr(self, self.base_model_prefix).embeddings.word_embeddings
 
     def _classifier_dropout(self):
         p = self.config.classifier_dropout
@@ -425,6 +430,18 @@ class BertForPreTraining(BertTask):
         self.bert.encode_backward(dh, dpooled)
 
 
+def token_loss_forward(logits, labels):
+    """loss = CE(logits, labels) over the labelled tokens (ignore_index -100), one mean: masked LM and token
+    classification (DistilBERT's too). logits (B, T, n), labels (B, T) or None -> loss, (its backward, its
+    cache); None, None without labels"""
+    if labels is None:
+        return None, None
+    n = logits.shape[-1]
+    labels = labels_like("labels", labels, logits.shape[:-1], n)
+    loss, c = cross_entropy_forward(logits.reshape(-1, n), labels.reshape(-1))
+    return loss, (cross_entropy_backward, c)
+
+
 @register
 class BertForMaskedLM(BertTask):
     """loss = CE(logits, labels), ignore_index -100, one mean over the labelled tokens. No pooler."""
@@ -433,25 +450,26 @@ class BertForMaskedLM(BertTask):
         self._backbone(False)
         self.cls = BertOnlyMLMHead(self.config, self._tied_word_embeddings())
 
+    def _mlm_head(self):
+        """logits = head(h): cls.predictions (RoBERTa's: lm_head)"""
+        return self.cls.predictions
+
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
-        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                        past_key_values)
-        hs, pooled = self.bert.encode(x)
-        logits = self.cls.predictions(hs[-1])  # (B, T, V)
-        loss = ce = None
-        if labels is not None:  # loss = CE(logits, labels)
-            labels = labels_like("labels", labels, x.shape, self.config.vocab_size)
-            loss, ce = cross_entropy_forward(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        self._last = (logits, None if ce is None else (cross_entropy_backward, ce))
+        bert = getattr(self, self.base_model_prefix)  # self.bert (RoBERTa's: self.roberta)
+        x = bert_inputs(bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, past_key_values)
+        hs, pooled = bert.encode(x)
+        logits = self._mlm_head()(hs[-1])  # (B, T, V)
+        loss, loss_cache = token_loss_forward(logits, labels)  # loss = CE(logits, labels)
+        self._last = (logits, loss_cache)
         return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, logits=logits)
 
     def backward(self, grad=None):
         """d loss (grad None), or grad = d logits"""
         logits, loss = self._need_last()
         dlogits = logits_grad(grad, logits, loss)  # loss = CE(logits, labels)
-        # logits = cls(h)
-        self.bert.encode_backward(self.cls.predictions.backward(dlogits))
+        # logits = head(h)
+        getattr(self, self.base_model_prefix).encode_backward(self._mlm_head().backward(dlogits))
 
 
 @register
@@ -499,16 +517,13 @@ class BertForSequenceClassification(BertTask):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
-        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                        past_key_values)
-        hs, pooled = self.bert.encode(x)
+        bert = getattr(self, self.base_model_prefix)  # self.bert (RoBERTa's token classification: self.roberta)
+        x = bert_inputs(bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, past_key_values)
+        hs, pooled = bert.encode(x)
         logits = self.classifier(self.dropout(hs[-1] if self.per_token else pooled))  # (B, T, K) or (B, K)
         loss = loss_cache = None
-        if labels is not None and self.per_token:
-            # loss = CE(logits, labels) over the labelled tokens
-            labels = labels_like("labels", labels, x.shape, self.num_labels)
-            loss, c = cross_entropy_forward(logits.reshape(-1, self.num_labels), labels.reshape(-1))
-            loss_cache = (cross_entropy_backward, c)
+        if labels is not None and self.per_token:  # loss = CE(logits, labels) over the labelled tokens
+            loss, loss_cache = token_loss_forward(logits, labels)
         elif labels is not None:
             loss, loss_cache = problem_type_loss(self.config, logits, labels)
         self._last = (logits, loss_cache)
@@ -520,7 +535,7 @@ class BertForSequenceClassification(BertTask):
         dlogits = logits_grad(grad, logits, loss)  # loss = CE(logits, labels), or by problem_type
         # logits = classifier(dropout(pooled or h))
         dx = self.dropout.backward(self.classifier.backward(dlogits))
-        self.bert.encode_backward(*((dx, None) if self.per_token else (None, dx)))
+        getattr(self, self.base_model_prefix).encode_backward(*((dx, None) if self.per_token else (None, dx)))
 
 
 @register
@@ -576,16 +591,16 @@ class BertForQuestionAnswering(BertTask):
     def build(self):
         self.num_labels = self.config.num_labels
         if self.num_labels != 2:
-            raise ValueError(f"BertForQuestionAnswering needs config num_labels == 2, got {self.num_labels}")
+            raise ValueError(f"{type(self).__name__} needs config num_labels == 2, got {self.num_labels}")
         self._backbone(False)
         self.qa_outputs = Linear(self.config.hidden_size, 2)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 start_positions=None, end_positions=None, output_hidden_states=False, output_attentions=False,
                 inputs_embeds=None, past_key_values=None):
-        x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                        past_key_values)
-        hs, pooled = self.bert.encode(x)
+        bert = getattr(self, self.base_model_prefix)  # self.bert (RoBERTa's: self.roberta)
+        x = bert_inputs(bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, past_key_values)
+        hs, pooled = bert.encode(x)
         positions = span_positions(start_positions, end_positions, x.B)
         logits = self.qa_outputs(hs[-1])  # (B, T, 2)
         start, end = logits[..., 0].copy(), logits[..., 1].copy()  # (B, T) each
@@ -599,7 +614,8 @@ class BertForQuestionAnswering(BertTask):
         start, end, caches = self._need_last()
         ds, de = span_loss_backward(grad, start, end, caches)
         # start, end = split(qa_outputs(h))
-        self.bert.encode_backward(self.qa_outputs.backward(np.stack([ds, de], axis=-1)))  # (B, T, 2)
+        dh = self.qa_outputs.backward(np.stack([ds, de], axis=-1))  # (B, T, 2) -> (B, T, C)
+        getattr(self, self.base_model_prefix).encode_backward(dh)
 
 
 __all__ = ["BertConfig", "BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForNextSentencePrediction",

@@ -25,31 +25,25 @@ prefix tuning uses the hook as on BERT.)
 """
 import numpy as np
 
-from ..nn import Module, ModuleList, Linear, Embedding, LayerNorm, Dropout, Activation, Attention
+from ..nn import Module, ModuleList, Linear, LayerNorm, Dropout, Activation, Attention
 from ..nn import lowest_needing_backward
-from ..ops import cross_entropy_forward, cross_entropy_backward, attention_allowed
-from .bert import TiedDecoder, span_positions, span_loss_forward, span_loss_backward
+from ..ops import attention_allowed
+from .bert import (BertEmbeddings, TiedDecoder, token_loss_forward, span_positions, span_loss_forward,
+                   span_loss_backward)
 from .config import DistilBertConfig
-from .pretrained import (ModelOutput, PreTrainedModel, register, distilbert_inputs, labels_like, output_grads,
-                         logits_grad, problem_type_loss)
+from .pretrained import (ModelOutput, PreTrainedModel, register, distilbert_inputs, output_grads, logits_grad,
+                         problem_type_loss)
 
 TIED = {"vocab_projector.weight": "distilbert.embeddings.word_embeddings.weight"}
 
 
 # ---------------------------------------------------------------------------------------- the encoder
 
-class Embeddings(Module):
-    """h0 = Dropout(LN(word[ids] + position[pos]))"""
-
-    inputs_embeds_grad = None
+class Embeddings(BertEmbeddings):
+    """h0 = Dropout(LN(word[ids] + position[pos])): BERT's embeddings (bert.py) without token types"""
 
     def __init__(self, config):
-        super().__init__()
-        C = config.dim
-        self.word_embeddings = Embedding(config.vocab_size, C, padding_idx=config.pad_token_id)
-        self.position_embeddings = Embedding(config.max_position_embeddings, C)
-        self.LayerNorm = LayerNorm(C, eps=config.layer_norm_eps)
-        self.dropout = Dropout(config.dropout)
+        super().__init__(config, token_types=False, p=config.dropout)
 
 
 class MultiHeadSelfAttention(Module):
@@ -93,8 +87,9 @@ class TransformerBlock(Module):
         sa, ffn = self.attention, self.ffn
         # a = LN(x + h),  h = ctx Wo + bo,  ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv)  (an adapter slot
         # replaces the step); one product [q | k | v] = x [Wq | Wk | Wv] + [bq | bk | bv] unless peft
-        # replaced one of the three with a module of its own
-        if all(type(m) is Linear for m in (sa.q_lin, sa.k_lin, sa.v_lin)):
+        # replaced one of the three with a module of its own (kept: the backward follows it)
+        self.cache = joined = all(type(m) is Linear for m in (sa.q_lin, sa.k_lin, sa.v_lin))
+        if joined:
             h = sa.out_lin(sa.core(*np.split(sa.q_lin(x, sa.k_lin, sa.v_lin), 3, axis=-1), mask, past))
         else:
             h = sa.out_lin(sa.core(sa.q_lin(x), sa.k_lin(x), sa.v_lin(x), mask, past))
@@ -117,7 +112,7 @@ class TransformerBlock(Module):
         dh, dx = (self.sa_layer_norm.backward(da),) * 2 if slot is None else slot.backward(da)
         # h = ctx Wo + bo,  ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv)
         dctx = sa.out_lin.backward(dh)
-        if all(type(m) is Linear for m in (sa.q_lin, sa.k_lin, sa.v_lin)):  # [q | k | v] = x [Wq | Wk | Wv] + ...
+        if self.cache:  # the forward's one product [q | k | v] = x [Wq | Wk | Wv] + ...
             return dx + sa.q_lin.backward(sa.core.backward(dctx, joined=True))
         dq, dk, dv = sa.core.backward(dctx)
         return dx + sa.q_lin.backward(dq) + sa.k_lin.backward(dk) + sa.v_lin.backward(dv)
@@ -249,11 +244,8 @@ class DistilBertForMaskedLM(DistilBertTask):
         # logits = t We^T + b,  t = LN(act(h Wt + bt))
         t = self.vocab_layer_norm(self.activation(self.vocab_transform(hs[-1])))
         logits = self.vocab_projector(t)  # (B, T, V)
-        loss = ce = None
-        if labels is not None:  # loss = CE(logits, labels)
-            labels = labels_like("labels", labels, x.shape, self.config.vocab_size)
-            loss, ce = cross_entropy_forward(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        self._last = (logits, None if ce is None else (cross_entropy_backward, ce))
+        loss, loss_cache = token_loss_forward(logits, labels)  # loss = CE(logits, labels)
+        self._last = (logits, loss_cache)
         return self._output(hs, output_hidden_states, output_attentions, loss=loss, logits=logits)
 
     def backward(self, grad=None):
@@ -319,11 +311,8 @@ class DistilBertForTokenClassification(DistilBertTask):
         x = distilbert_inputs(self.distilbert, input_ids, attention_mask, inputs_embeds, past_key_values)
         hs = self.distilbert.encode(x)
         logits = self.classifier(self.dropout(hs[-1]))  # (B, T, K)
-        loss = ce = None
-        if labels is not None:  # loss = CE(logits, labels) over the labelled tokens
-            labels = labels_like("labels", labels, x.shape, self.num_labels)
-            loss, ce = cross_entropy_forward(logits.reshape(-1, self.num_labels), labels.reshape(-1))
-        self._last = (logits, None if ce is None else (cross_entropy_backward, ce))
+        loss, loss_cache = token_loss_forward(logits, labels)  # loss = CE(logits, labels) over the labelled tokens
+        self._last = (logits, loss_cache)
         return self._output(hs, output_hidden_states, output_attentions, loss=loss, logits=logits)
 
     def backward(self, grad=None):

@@ -1,6 +1,8 @@
 """RoBERTa, one file top to bottom (modeling_roberta.py, eager attention): BERT's encoder under the prefix
 `roberta.`, with RoBERTa's positions and heads. The layers are bert.py's (BertLayer, BertEncoder,
-BertPooler); this file holds only what differs, and each head's forward and backward.
+BertPooler), and so are the masked-LM, token-classification and QA forwards and backwards (BertTask's heads
+reach the backbone by its prefix); this file holds only what differs: the positions, the lm_head, and the
+sequence classifier with its forward and backward.
 
     pos = (cumsum(ids != pad) + T_past) * (ids != pad) + pad          positions count the real tokens
                                                                       from pad + 1; pads sit at pad
@@ -22,11 +24,10 @@ docstring): inputs_embeds, past_key_values, the adapter slots, replaceable linea
 import numpy as np
 
 from ..nn import Module, Linear, Embedding, LayerNorm, Dropout, Activation
-from ..ops import cross_entropy_forward, cross_entropy_backward
-from .bert import (BertEmbeddings, BertEncoder, BertPooler, BertModel, BertTask, TiedDecoder, span_positions,
-                   span_loss_forward, span_loss_backward)
+from .bert import (BertEmbeddings, BertEncoder, BertPooler, BertModel, BertTask, TiedDecoder, BertForMaskedLM,
+                   BertForTokenClassification, BertForQuestionAnswering)
 from .config import RobertaConfig
-from .pretrained import register, bert_inputs, labels_like, logits_grad, problem_type_loss
+from .pretrained import register, bert_inputs, logits_grad, problem_type_loss
 
 TIED = {"lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight",
         "lm_head.decoder.bias": "lm_head.bias"}
@@ -99,48 +100,28 @@ class RobertaClassificationHead(Module):
 
 
 class RobertaTask(BertTask):
-    """What every RoBERTa task model shares: the backbone `roberta` (no pooler), the tied MLM decoder."""
+    """What every RoBERTa task model shares: the backbone `roberta` (no pooler), the tied MLM decoder's keys.
+    BertTask's heads reach their backbone by this prefix, so the classes below reuse bert.py's."""
 
     config_class = RobertaConfig
     base_model_prefix = "roberta"
+    tied_keys = TIED
 
     def _backbone(self, add_pooling_layer):
         self.roberta = RobertaModel(self.config, add_pooling_layer=add_pooling_layer, init=False)
 
-    def _tied_word_embeddings(self):
-        if not self.config.tie_word_embeddings:
-            raise ValueError("config tie_word_embeddings=False (an untied MLM decoder) is not supported")
-        self.tied = dict(TIED)
-        return self.roberta.embeddings.word_embeddings
-
 
 @register
-class RobertaForMaskedLM(RobertaTask):
-    """loss = CE(logits, labels), ignore_index -100, one mean over the labelled tokens. No pooler."""
+class RobertaForMaskedLM(RobertaTask, BertForMaskedLM):
+    """BertForMaskedLM's forward and backward (bert.py) with RoBERTa's lm_head: loss = CE(logits, labels),
+    ignore_index -100, one mean over the labelled tokens. No pooler."""
 
     def build(self):
         self._backbone(False)
         self.lm_head = RobertaLMHead(self.config, self._tied_word_embeddings())
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
-        x = bert_inputs(self.roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                        past_key_values)
-        hs, pooled = self.roberta.encode(x)
-        logits = self.lm_head(hs[-1])  # (B, T, V)
-        loss = ce = None
-        if labels is not None:  # loss = CE(logits, labels)
-            labels = labels_like("labels", labels, x.shape, self.config.vocab_size)
-            loss, ce = cross_entropy_forward(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        self._last = (logits, None if ce is None else (cross_entropy_backward, ce))
-        return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, logits=logits)
-
-    def backward(self, grad=None):
-        """d loss (grad None), or grad = d logits"""
-        logits, loss = self._need_last()
-        dlogits = logits_grad(grad, logits, loss)  # loss = CE(logits, labels)
-        # logits = lm_head(h)
-        self.roberta.encode_backward(self.lm_head.backward(dlogits))
+    def _mlm_head(self):
+        return self.lm_head
 
 
 @register
@@ -179,69 +160,16 @@ class RobertaForSequenceClassification(RobertaTask):
 
 
 @register
-class RobertaForTokenClassification(RobertaTask):
-    """logits = Dropout(h) Wc + bc per token; loss = CE(logits, labels), ignore_index -100. No pooler."""
-
-    def build(self):
-        self.num_labels = self.config.num_labels
-        self._backbone(False)
-        self.dropout = self._classifier_dropout()
-        self.classifier = Linear(self.config.hidden_size, self.num_labels)
-
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
-        x = bert_inputs(self.roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                        past_key_values)
-        hs, pooled = self.roberta.encode(x)
-        logits = self.classifier(self.dropout(hs[-1]))  # (B, T, K)
-        loss = ce = None
-        if labels is not None:  # loss = CE(logits, labels) over the labelled tokens
-            labels = labels_like("labels", labels, x.shape, self.num_labels)
-            loss, ce = cross_entropy_forward(logits.reshape(-1, self.num_labels), labels.reshape(-1))
-        self._last = (logits, None if ce is None else (cross_entropy_backward, ce))
-        return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, logits=logits)
-
-    def backward(self, grad=None):
-        """d loss (grad None), or grad = d logits"""
-        logits, loss = self._need_last()
-        dlogits = logits_grad(grad, logits, loss)  # loss = CE(logits, labels)
-        # logits = classifier(dropout(h))
-        self.roberta.encode_backward(self.dropout.backward(self.classifier.backward(dlogits)))
+class RobertaForTokenClassification(RobertaTask, BertForTokenClassification):
+    """BertForTokenClassification (bert.py): logits = Dropout(h) Wc + bc per token; loss = CE(logits, labels),
+    ignore_index -100. No pooler."""
 
 
 @register
-class RobertaForQuestionAnswering(RobertaTask):
-    """start_logits, end_logits = split(h Wqa + bqa); loss = (CE(start) + CE(end)) / 2 with positions
-    clamped to [0, T] and T ignored, as transformers. No pooler.
+class RobertaForQuestionAnswering(RobertaTask, BertForQuestionAnswering):
+    """BertForQuestionAnswering (bert.py): start_logits, end_logits = split(h Wqa + bqa); loss = (CE(start) +
+    CE(end)) / 2 with positions clamped to [0, T] and T ignored, as transformers. No pooler.
     backward(grad): grad = (d start_logits, d end_logits)."""
-
-    def build(self):
-        self.num_labels = self.config.num_labels
-        if self.num_labels != 2:
-            raise ValueError(f"RobertaForQuestionAnswering needs config num_labels == 2, got {self.num_labels}")
-        self._backbone(False)
-        self.qa_outputs = Linear(self.config.hidden_size, 2)
-
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                start_positions=None, end_positions=None, output_hidden_states=False, output_attentions=False,
-                inputs_embeds=None, past_key_values=None):
-        x = bert_inputs(self.roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                        past_key_values)
-        hs, pooled = self.roberta.encode(x)
-        positions = span_positions(start_positions, end_positions, x.B)
-        logits = self.qa_outputs(hs[-1])  # (B, T, 2)
-        start, end = logits[..., 0].copy(), logits[..., 1].copy()  # (B, T) each
-        loss, caches = span_loss_forward(start, end, positions)  # (CE(start) + CE(end)) / 2
-        self._last = (start, end, caches)
-        return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, start_logits=start,
-                            end_logits=end)
-
-    def backward(self, grad=None):
-        """d loss (grad None), or grad = (d start_logits, d end_logits)"""
-        start, end, caches = self._need_last()
-        ds, de = span_loss_backward(grad, start, end, caches)
-        # start, end = split(qa_outputs(h))
-        self.roberta.encode_backward(self.qa_outputs.backward(np.stack([ds, de], axis=-1)))  # (B, T, 2)
 
 
 __all__ = ["RobertaConfig", "RobertaModel", "RobertaForMaskedLM", "RobertaForSequenceClassification",
