@@ -153,3 +153,35 @@ def test_gradient_arrays_are_zero_until_written():
         assert g.shape == model.parameters()[k].shape and g.dtype == np.float32 and not g.any(), k
     model.astype("float64")
     assert all(g.dtype == np.float64 and not g.any() for g in model.grad_arrays().values())
+
+
+def test_attention_cores_keep_only_what_the_caller_asked_for():
+    """No layer's keys, values or probabilities outlive a forward unless use_cache / output_attentions
+    asked for them; asked, they are the outputs the model returns."""
+    model = GPT2LMHeadModel(GPT2Config(**GPT))
+    ids = np.arange(6).reshape(1, 6)
+    cores = [block.attn.core for block in model.transformer.h.items]
+    with no_grad():
+        model(ids)
+        assert all(c.present is None and c.probs is None for c in cores)
+        out = model(ids, use_cache=True, output_attentions=True)
+    assert all(c.present is p and c.probs is a for c, p, a in zip(cores, out.past_key_values, out.attentions))
+    bert = BertModel(BertConfig(**BERT))
+    bert(ids)  # a training forward: the probabilities stay in the cache only
+    assert all(layer.attention.self.core.probs is None for layer in bert.encoder.layer.items)
+
+
+def test_a_model_call_frees_the_last_forwards_outputs_first():
+    seen = []
+
+    class Probe(GPT2LMHeadModel):
+        def forward(self, *args, **kwargs):  # the state a new forward starts from
+            seen.append((self._last, self.cache))
+            return super().forward(*args, **kwargs)
+
+    model = Probe(GPT2Config(**GPT))
+    ids = np.arange(6).reshape(1, 6)
+    model(input_ids=ids, labels=ids)
+    model(input_ids=ids, labels=ids)
+    assert seen == [(None, None)] * 2
+    model.backward()  # the new forward's outputs serve the backward

@@ -58,6 +58,7 @@ class PreTrainedModel(Module):
     """Subclasses set `config_class`, `base_model_prefix` (the backbone attribute, "bert" or
     "transformer"; empty for a bare backbone), build their modules in __init__, then call post_init()."""
 
+    is_model = True  # Module.__call__: drops _last first; use_cache / output_attentions say what attention keeps
     config_class = None
     base_model_prefix = ""
     ignore_on_load = ()     # regexes of checkpoint keys dropped silently (old buffers)

@@ -16,6 +16,10 @@ Two views of the same arrays, named for their layout:
 Inference: forwards inside `with numlm.no_grad():` keep no caches (what only a backward reads), so a
 forward holds one layer's activations at a time instead of every layer's; a backward after such a
 forward raises ValueError. The outputs are bit-identical to a normal forward's.
+
+Memory between forwards: a module drops the cache of its last forward before it runs again (the new
+cache then fits in the memory the old one leaves), and an attention core holds its keys, values and
+probabilities after its forward only when a model's caller asked for them (attention_keeps below).
 """
 from contextlib import contextmanager
 
@@ -70,7 +74,17 @@ def grad_enabled():
     return _grad[0]
 
 
+# What an attention core holds after its forward besides its cache: "present" (its keys and values, a KV
+# cache) and "probs" (its attention probabilities). A model's call sets it for its forward from what its
+# caller asked for: use_cache, output_attentions (by keyword; positional flags keep both, as a core
+# called on its own does).
+attention_keeps = [("present", "probs")]
+ASKED_BY = (("present", "use_cache"), ("probs", "output_attentions"))
+
+
 class Module:
+    is_model = False  # True for numlm.models' classes (see __call__)
+
     def __init__(self):
         self.params = {}      # name -> ndarray
         self.grads = {}       # name -> ndarray, the trainable params' keys and shapes
@@ -180,7 +194,17 @@ class Module:
 
     def __call__(self, *args, **kwargs):
         self.called_under_no_grad = not _grad[0]  # a model's backward() checks its last call
-        out = self.forward(*args, **kwargs)
+        # the last forward's cache (a model's: its _last) is freed before this one makes its own, in that memory
+        self.cache = None
+        before = attention_keeps[0]
+        if self.is_model:
+            self._last = None
+            if len(args) <= 1:
+                attention_keeps[0] = tuple(kept for kept, flag in ASKED_BY if kwargs.get(flag))
+        try:
+            out = self.forward(*args, **kwargs)
+        finally:
+            attention_keeps[0] = before
         if not _grad[0]:  # drop what only a backward reads: one layer's activations at a time
             kind = type(self)
             self.cache = _NO_CACHE[kind] if kind in _NO_CACHE else _NO_CACHE.setdefault(kind, NoCache(self))
@@ -359,9 +383,10 @@ class Attention(Module):
     """The attention core shared by BERT and GPT: split heads, dropout(masked softmax(q k^T * scale)) v,
     merge. Projections live in the model's own modules (BERT's query/key/value, GPT's fused c_attn).
     `past` = (k, v) of shape (B, H, T_past, D) are keys and values before the new ones (a KV cache, or
-    prefix-tuning's per-layer prefix): `self.present` holds the concatenation, and backward leaves
-    their gradients in `self.dpast`, the same shapes. The mask covers T_past + T keys: a (B, T_past + T)
-    padding mask, or the int8 codes of ops.attention_allowed that a model builds once per forward."""
+    prefix-tuning's per-layer prefix): `self.present` holds the concatenation and `self.probs` the
+    probabilities when kept (attention_keeps), and backward leaves the past's gradients in `self.dpast`.
+    The mask covers T_past + T keys: a (B, T_past + T) padding mask, or the int8 codes of
+    ops.attention_allowed that a model builds once per forward."""
 
     def __init__(self, n_head, dropout_p=0.0, causal=False, causal_fill=None, scale=None):
         super().__init__()
@@ -380,11 +405,12 @@ class Attention(Module):
         q, k, v = (np.ascontiguousarray(t.reshape(B, T, H, D).transpose(0, 2, 1, 3)) for t in (q, k, v))
         if past is not None:
             k, v = self.after_past(past, k, v)  # (B, H, T_past + T, D)
-        self.present = (k, v)
+        kept = attention_keeps[0]
+        self.present = (k, v) if "present" in kept else None
         p = self.dropout_p if self.training else 0.0
         out, cache = OPS["attention"][0](q, k, v, attention_mask, self.causal, self.scale,
                                        self.causal_fill, p, self.rng)
-        self.cache, self.probs = cache, cache.probs
+        self.cache, self.probs = cache, cache.probs if "probs" in kept else None
         return out.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads: (B, H, T, D) -> (B, T, C)
 
     def after_past(self, past, k, v):
