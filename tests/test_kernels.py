@@ -194,6 +194,41 @@ def test_attention_parity(seed, B, H, T, D, dtype, kind):
     assert_close(nb, npy, dtype)
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=seeds, B=st.integers(1, 3), H=st.integers(1, 3), Tk=st.integers(1, 11), D=st.integers(1, 9),
+       room=st.integers(0, 5), dtype=dtypes, kind=st.sampled_from(["none", "causal", "padding", "bool4d", "openai_left"]))
+def test_one_query_row_kernel(seed, B, H, Tk, D, room, dtype, kind):
+    """A decoding step's attention (T_q = 1, no dropout: kernels.softmax.attention_rows_kernel) gives the
+    NumPy path's output, probabilities and gradients, with k, v contiguous or the first T_k rows of a
+    longer buffer (a KV cache grown in place) and every mask kind."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, H, 1, D)).astype(dtype)
+    k, v = (rng.standard_normal((B, H, Tk + room, D)).astype(dtype)[:, :, :Tk] for _ in range(2))
+    n_pad = rng.integers(0, Tk + 1, B)[:, None]  # all keys padded too: a uniform row
+    kw = {"none": {}, "causal": {"causal": True, "scale": 0.7},
+          "padding": {"attention_mask": (np.arange(Tk) < Tk - n_pad).astype(np.int64), "causal": True},
+          "bool4d": {"attention_mask": rng.random((B, 1, 1, Tk)) < 0.5},
+          "openai_left": {"attention_mask": (np.arange(Tk) >= n_pad).astype(np.int64), "causal": True,
+                          "causal_fill": -1e4}}[kind]
+
+    def run():
+        out, cache = ops.attention_forward(q, k, v, **kw)
+        dout = np.random.default_rng(seed).standard_normal(out.shape).astype(dtype)
+        return (out, cache.probs) + ops.attention_backward(dout, cache)
+
+    nb, npy = both_paths(run)
+    assert_close(nb, npy, dtype)
+
+
+def test_rows_buffer_finds_the_cache_buffer():
+    from numlm.ops.attention import rows_buffer
+    buf = np.zeros((2, 3, 8, 4), np.float32)
+    assert rows_buffer(buf[:, :, :5]) is buf
+    for view in (buf[:, :, 1:5], buf[:, :2, :5], buf[..., :3], buf[:1, :, :5]):
+        got = rows_buffer(view)
+        assert got is not buf and got.flags.c_contiguous and np.array_equal(got, view)
+
+
 CAUSAL = ["causal", "kv_cache", "right_pad", "mask4d", "no_allowed_key", "openai", "dropout"]
 
 
