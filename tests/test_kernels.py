@@ -321,13 +321,15 @@ def always_split():
 
 @settings(max_examples=25, deadline=None)
 @given(seed=seeds, M=st.integers(1, 20), K=st.integers(1, 9), N=st.integers(1, 9), S=st.integers(1, 6),
-       dtype=dtypes, transpose=st.booleans())
-def test_split_matmul_is_the_product(always_split, seed, M, K, N, S, dtype, transpose):
+       dtype=dtypes, transpose=st.booleans(), by_columns=st.booleans())
+def test_split_matmul_is_the_product(always_split, seed, M, K, N, S, dtype, transpose, by_columns):
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((K, M) if transpose else (M, K)).astype(dtype)
     a = a.T if transpose else a  # a strided view, as dW = x^T dy passes
     b = rng.standard_normal((K, N)).astype(dtype)
-    assert_close(always_split.matmul(a, b), a @ b, dtype)
+    with pytest.MonkeyPatch.context() as mp:  # 2-D products of few rows split by columns
+        mp.setattr(always_split, "COLUMN_SPLIT_ROWS", 1000 if by_columns else 0)
+        assert_close(always_split.matmul(a, b), a @ b, dtype)
     a3 = rng.standard_normal((S, M, K)).astype(dtype)
     b3 = rng.standard_normal((S, N, K)).astype(dtype).swapaxes(-1, -2)
     assert_close(always_split.matmul(a3, b3), a3 @ b3, dtype)
