@@ -292,6 +292,21 @@ def test_small_inputs_run_one_thread_and_restore_the_count():
     assert numba.get_num_threads() == before
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, N=st.integers(1, 4), C=st.integers(1, 300), dtype=dtypes)
+def test_serial_twins_give_the_parallel_kernels_numbers(seed, N, C, dtype):
+    """adaptive(kernel, serial): small inputs run the serial twin (no parallel region), which gives
+    the parallel kernel's numbers: LayerNorm and tanh GELU, a decoding step's kernels."""
+    from numlm.kernels.activations import gelu_tanh_kernel
+    from numlm.kernels.layernorm import layernorm_forward_kernel
+    rng = np.random.default_rng(seed)
+    x, g, b = rng.standard_normal((N, C)).astype(dtype), *rng.standard_normal((2, C)).astype(dtype)
+    assert_close(layernorm_forward_kernel(x, g, b, 1e-5), layernorm_forward_kernel.kernel(x, g, b, 1e-5), dtype)
+    f = x.dtype.type
+    consts = (f(0.5), f(1.0), f(0.7978845608028654), f(0.044715))
+    assert_close(gelu_tanh_kernel(x.reshape(-1), *consts), gelu_tanh_kernel.kernel(x.reshape(-1), *consts), dtype)
+
+
 @pytest.mark.parametrize("numba", [True, False], ids=["numba", "numpy"])
 def test_float32_stays_float32(numba):
     previous = set_numba(numba)
