@@ -194,6 +194,41 @@ def test_attention_parity(seed, B, H, T, D, dtype, kind):
     assert_close(nb, npy, dtype)
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=seeds, B=st.integers(1, 3), H=st.integers(1, 3), Tk=st.integers(1, 11), D=st.integers(1, 9),
+       room=st.integers(0, 5), dtype=dtypes, kind=st.sampled_from(["none", "causal", "padding", "bool4d", "openai_left"]))
+def test_one_query_row_kernel(seed, B, H, Tk, D, room, dtype, kind):
+    """A decoding step's attention (T_q = 1, no dropout: kernels.softmax.attention_rows_kernel) gives the
+    NumPy path's output, probabilities and gradients, with k, v contiguous or the first T_k rows of a
+    longer buffer (a KV cache grown in place) and every mask kind."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, H, 1, D)).astype(dtype)
+    k, v = (rng.standard_normal((B, H, Tk + room, D)).astype(dtype)[:, :, :Tk] for _ in range(2))
+    n_pad = rng.integers(0, Tk + 1, B)[:, None]  # all keys padded too: a uniform row
+    kw = {"none": {}, "causal": {"causal": True, "scale": 0.7},
+          "padding": {"attention_mask": (np.arange(Tk) < Tk - n_pad).astype(np.int64), "causal": True},
+          "bool4d": {"attention_mask": rng.random((B, 1, 1, Tk)) < 0.5},
+          "openai_left": {"attention_mask": (np.arange(Tk) >= n_pad).astype(np.int64), "causal": True,
+                          "causal_fill": -1e4}}[kind]
+
+    def run():
+        out, cache = ops.attention_forward(q, k, v, **kw)
+        dout = np.random.default_rng(seed).standard_normal(out.shape).astype(dtype)
+        return (out, cache.probs) + ops.attention_backward(dout, cache)
+
+    nb, npy = both_paths(run)
+    assert_close(nb, npy, dtype)
+
+
+def test_rows_buffer_finds_the_cache_buffer():
+    from numlm.ops.attention import rows_buffer
+    buf = np.zeros((2, 3, 8, 4), np.float32)
+    assert rows_buffer(buf[:, :, :5]) is buf
+    for view in (buf[:, :, 1:5], buf[:, :2, :5], buf[..., :3], buf[:1, :, :5]):
+        got = rows_buffer(view)
+        assert got is not buf and got.flags.c_contiguous and np.array_equal(got, view)
+
+
 CAUSAL = ["causal", "kv_cache", "right_pad", "mask4d", "no_allowed_key", "openai", "dropout"]
 
 
@@ -257,6 +292,21 @@ def test_small_inputs_run_one_thread_and_restore_the_count():
     assert numba.get_num_threads() == before
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, N=st.integers(1, 4), C=st.integers(1, 300), dtype=dtypes)
+def test_serial_twins_give_the_parallel_kernels_numbers(seed, N, C, dtype):
+    """adaptive(kernel, serial): small inputs run the serial twin (no parallel region), which gives
+    the parallel kernel's numbers: LayerNorm and tanh GELU, a decoding step's kernels."""
+    from numlm.kernels.activations import gelu_tanh_kernel
+    from numlm.kernels.layernorm import layernorm_forward_kernel
+    rng = np.random.default_rng(seed)
+    x, g, b = rng.standard_normal((N, C)).astype(dtype), *rng.standard_normal((2, C)).astype(dtype)
+    assert_close(layernorm_forward_kernel(x, g, b, 1e-5), layernorm_forward_kernel.kernel(x, g, b, 1e-5), dtype)
+    f = x.dtype.type
+    consts = (f(0.5), f(1.0), f(0.7978845608028654), f(0.044715))
+    assert_close(gelu_tanh_kernel(x.reshape(-1), *consts), gelu_tanh_kernel.kernel(x.reshape(-1), *consts), dtype)
+
+
 @pytest.mark.parametrize("numba", [True, False], ids=["numba", "numpy"])
 def test_float32_stays_float32(numba):
     previous = set_numba(numba)
@@ -286,15 +336,17 @@ def always_split():
 
 @settings(max_examples=25, deadline=None)
 @given(seed=seeds, M=st.integers(1, 20), K=st.integers(1, 9), N=st.integers(1, 9), S=st.integers(1, 6),
-       dtype=dtypes, transpose=st.booleans())
-def test_split_matmul_is_the_product_plus_bias(always_split, seed, M, K, N, S, dtype, transpose):
+       dtype=dtypes, transpose=st.booleans(), by_columns=st.booleans())
+def test_split_matmul_is_the_product_plus_bias(always_split, seed, M, K, N, S, dtype, transpose, by_columns):
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((K, M) if transpose else (M, K)).astype(dtype)
     a = a.T if transpose else a  # a strided view, as dW = x^T dy passes
     b = rng.standard_normal((K, N)).astype(dtype)
-    assert_close(always_split.matmul(a, b), a @ b, dtype)
     bias = rng.standard_normal(N).astype(dtype)  # added by the thread of each row or column block
-    assert_close(always_split.matmul(a, b, bias=bias), a @ b + bias, dtype)
+    with pytest.MonkeyPatch.context() as mp:  # 2-D products of few rows split by columns
+        mp.setattr(always_split, "COLUMN_SPLIT_ROWS", 1000 if by_columns else 0)
+        assert_close(always_split.matmul(a, b), a @ b, dtype)
+        assert_close(always_split.matmul(a, b, bias=bias), a @ b + bias, dtype)
     a3 = rng.standard_normal((S, M, K)).astype(dtype)
     b3 = rng.standard_normal((S, N, K)).astype(dtype).swapaxes(-1, -2)
     assert_close(always_split.matmul(a3, b3), a3 @ b3, dtype)

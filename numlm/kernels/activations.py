@@ -25,15 +25,28 @@ def tanh_abs(u, one):
     return t if u >= 0 else -t
 
 
-@adaptive
 @njit(cache=True, parallel=True, error_model="numpy")
-def gelu_tanh_kernel(x, half, one, k, c):
+def _gelu_tanh_parallel(x, half, one, k, c):
     """y = 0.5 x (1 + tanh(u)),  u = k (x + c x^3)"""
     y = np.empty_like(x)
     for i in prange(x.size):
         v = x[i]
         y[i] = half * v * (one + tanh_abs(k * (v + c * v * v * v), one))
     return y
+
+
+@njit(cache=True, error_model="numpy")
+def _gelu_tanh_serial(x, half, one, k, c):
+    """_gelu_tanh_parallel on the calling thread"""
+    y = np.empty_like(x)
+    for i in range(x.size):
+        v = x[i]
+        y[i] = half * v * (one + tanh_abs(k * (v + c * v * v * v), one))
+    return y
+
+
+# y = tanh GELU of x (N): in parallel, or serially for a decoding step's few elements
+gelu_tanh_kernel = adaptive(_gelu_tanh_parallel, _gelu_tanh_serial)
 
 
 @adaptive

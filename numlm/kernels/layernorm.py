@@ -9,30 +9,50 @@ from . import adaptive
 FAST = {"reassoc"}
 
 
-@adaptive
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def layernorm_row(x, gamma, beta, eps, y, xhat):
+    """One row (C,): y, xhat written; -> rstd"""
+    C = x.size
+    m = 0.0
+    for c in range(C):
+        m += x[c]
+    m /= C
+    v = 0.0
+    for c in range(C):
+        d = x[c] - m
+        v += d * d
+    v /= C
+    r = 1.0 / np.sqrt(v + eps)
+    for c in range(C):
+        h = (x[c] - m) * r
+        xhat[c] = h
+        y[c] = h * gamma[c] + beta[c]
+    return r
+
+
 @njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
-def layernorm_forward_kernel(x, gamma, beta, eps):
+def _layernorm_forward_parallel(x, gamma, beta, eps):
+    """y = (x - mean) / sqrt(var + eps) * gamma + beta per row, xhat, rstd = 1 / sqrt(var + eps)
+    x: (N, C) -> y, xhat (N, C), rstd (N)"""
     N, C = x.shape
-    y = np.empty_like(x)
-    xhat = np.empty_like(x)
-    rstd = np.empty(N, dtype=x.dtype)
+    y, xhat, rstd = np.empty_like(x), np.empty_like(x), np.empty(N, dtype=x.dtype)
     for n in prange(N):
-        m = 0.0
-        for c in range(C):
-            m += x[n, c]
-        m /= C
-        v = 0.0
-        for c in range(C):
-            d = x[n, c] - m
-            v += d * d
-        v /= C
-        r = 1.0 / np.sqrt(v + eps)
-        rstd[n] = r
-        for c in range(C):
-            h = (x[n, c] - m) * r
-            xhat[n, c] = h
-            y[n, c] = h * gamma[c] + beta[c]
+        rstd[n] = layernorm_row(x[n], gamma, beta, eps, y[n], xhat[n])
     return y, xhat, rstd
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _layernorm_forward_serial(x, gamma, beta, eps):
+    """_layernorm_forward_parallel on the calling thread"""
+    N, C = x.shape
+    y, xhat, rstd = np.empty_like(x), np.empty_like(x), np.empty(N, dtype=x.dtype)
+    for n in range(N):
+        rstd[n] = layernorm_row(x[n], gamma, beta, eps, y[n], xhat[n])
+    return y, xhat, rstd
+
+
+# y, xhat, rstd = layernorm of the rows of x (N, C): rows in parallel, a few rows (a decoding step's one) serially
+layernorm_forward_kernel = adaptive(_layernorm_forward_parallel, _layernorm_forward_serial)
 
 
 @adaptive

@@ -23,6 +23,10 @@ from .. import kernels
 
 # below this many multiply-adds one call on the caller's thread is cheaper than splitting
 SPLIT_MIN_MACS = 1 << 20
+# a 2-D product of fewer rows splits by output columns: each thread then reads only its columns of b
+# (a prompt pass's (32, 768) @ (768, 2304) took half the time of row blocks, which both read all of b;
+# measured on 2 cores: columns as fast or faster up to 1024 rows, kept to the few-row case)
+COLUMN_SPLIT_ROWS = 256
 
 
 def _find_openblas():
@@ -100,11 +104,11 @@ def _get_pool():
 
 def matmul(a, b, out=None, bias=None):
     """a @ b (+ bias, (N,), added to each block's rows by the thread that computed them, while they are
-    still in cache) for 2-D a (M, K) @ (K, N), or stacked (S, M, K) @ (S, K, N). Blocks of output rows (or
-    of the stack) go to separate threads, the caller's included; with fewer rows than cores but more
-    than one, blocks of output columns do. Every BLAS call here runs on one thread, the unsplit small
-    products too: an idle multi-threaded BLAS spins its threads after each call, taking the cores from
-    the next split product. The one exception is a single row, (1, K) @ (K, N), a decoding step's
+    still in cache) for 2-D a (M, K) @ (K, N), or stacked (S, M, K) @ (S, K, N). Blocks of output rows
+    (or of the stack) go to separate threads, the caller's included; with fewer rows than cores, or a
+    2-D a of fewer than COLUMN_SPLIT_ROWS rows, blocks of output columns do. Every BLAS call here runs
+    on one thread, the unsplit small products too: an idle multi-threaded BLAS spins its threads after
+    each call, taking the cores from the next split product. The one exception is a single row, (1, K) @ (K, N), a decoding step's
     GEMV: it runs on BLAS's own threads (see gemv). out, if given, receives the result."""
     if out is None:
         shape = a.shape[:-1] + (b.shape[-1],)
@@ -116,7 +120,7 @@ def matmul(a, b, out=None, bias=None):
         return out
     n = workers() if a.size * b.shape[-1] >= SPLIT_MIN_MACS else 1
     stacked = a.ndim == 3 and b.ndim == 3
-    by_rows = a.shape[0] >= n
+    by_rows = a.shape[0] >= n and (a.ndim > 2 or a.shape[0] >= COLUMN_SPLIT_ROWS)
     split = n > 1 and (by_rows or (a.ndim == 2 and b.shape[-1] >= n))
     with _lock, _at_one_thread():  # the BLAS thread count is process-wide: one product at a time
         if not split:

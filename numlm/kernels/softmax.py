@@ -134,3 +134,62 @@ def softmax_row(x, y):
     for j in range(x.size):
         y[j] /= s
     return m, s
+
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def attention_rows_kernel(q, k, v, Tk, scale, codes, lowest, fill):
+    """ops.attention_forward without dropout, one query row (b, h, i) at a time on one thread, for
+    few rows (a decoding step's): s = where(code == 1, q k^T * scale, where(code == 0, lowest, fill)),
+    p = softmax(s), out = p v.  q (B, H, Tq, D) C-contiguous; k, v (B, H, T', D) C-contiguous, the
+    keys their first Tk rows (a KV cache's buffer: unit-stride rows vectorise); codes (Bc, Hc, Tq, Tk)
+    int8 with Bc in {1, B}, Hc in {1, H} -> out (B, H, Tq, D), p (B, H, Tq, Tk)"""
+    B, H, Tq, D = q.shape
+    Bc, Hc = codes.shape[0], codes.shape[1]
+    out = np.zeros((B, H, Tq, D), dtype=q.dtype)
+    p = np.empty((B, H, Tq, Tk), dtype=q.dtype)
+    s = np.empty(Tk, dtype=q.dtype)
+    for b in range(B):
+        for h in range(H):
+            for i in range(Tq):
+                c = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i]
+                row_dots(q[b, h, i], k[b, h], s)
+                for j in range(Tk):
+                    s[j] = s[j] * scale if c[j] == 1 else lowest if c[j] == 0 else fill
+                softmax_row(s, p[b, h, i])
+                add_rows(p[b, h, i], v[b, h], out[b, h, i])
+    return out, p
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def row_dots(x, m, s):
+    """s[j] = x . m[j] for j < s.size, four rows of m at a time (x loaded once for four sums)"""
+    n, D = s.size, x.size
+    J = n - n % 4
+    for j in range(0, J, 4):
+        a0 = a1 = a2 = a3 = x.dtype.type(0)
+        for d in range(D):
+            a0 += x[d] * m[j, d]
+            a1 += x[d] * m[j + 1, d]
+            a2 += x[d] * m[j + 2, d]
+            a3 += x[d] * m[j + 3, d]
+        s[j], s[j + 1], s[j + 2], s[j + 3] = a0, a1, a2, a3
+    for j in range(J, n):
+        a = x.dtype.type(0)
+        for d in range(D):
+            a += x[d] * m[j, d]
+        s[j] = a
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def add_rows(w, m, o):
+    """o += sum_j w[j] m[j] for j < w.size, four rows of m at a time (o loaded and stored once for four)"""
+    n, D = w.size, o.size
+    J = n - n % 4
+    for j in range(0, J, 4):
+        w0, w1, w2, w3 = w[j], w[j + 1], w[j + 2], w[j + 3]
+        for d in range(D):
+            o[d] += w0 * m[j, d] + w1 * m[j + 1, d] + w2 * m[j + 2, d] + w3 * m[j + 3, d]
+    for j in range(J, n):
+        for d in range(D):
+            o[d] += w[j] * m[j, d]

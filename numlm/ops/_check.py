@@ -2,6 +2,7 @@
 import numpy as np
 
 FLOATS = (np.float32, np.float64)
+_FLOAT_DTYPES = frozenset(np.dtype(t) for t in FLOATS)  # a set lookup: every op calls float_array
 
 
 def float_array(name, x, min_ndim=1, **same):
@@ -9,14 +10,16 @@ def float_array(name, x, min_ndim=1, **same):
     skipped) of x's dtype."""
     if not isinstance(x, np.ndarray):
         raise ValueError(f"{name} must be a numpy array, got {type(x).__name__}")
-    if x.dtype not in FLOATS:
-        raise ValueError(f"{name} must be float32 or float64, got dtype {x.dtype}")
+    dt = x.dtype
+    if dt not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32 or float64, got dtype {dt}")
     if x.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {x.shape}")
-    if any(getattr(v, "dtype", x.dtype) != x.dtype for v in same.values() if v is not None):
-        desc = ", ".join(f"{k}: {getattr(v, 'dtype', type(v).__name__)}" for k, v in {name: x, **same}.items()
-                         if v is not None)
-        raise ValueError(f"dtypes must match ({desc})")
+    for v in same.values():
+        if v is not None and getattr(v, "dtype", dt) != dt:
+            desc = ", ".join(f"{k}: {getattr(v, 'dtype', type(v).__name__)}" for k, v in {name: x, **same}.items()
+                             if v is not None)
+            raise ValueError(f"dtypes must match ({desc})")
     return x
 
 

@@ -19,7 +19,7 @@ from ._check import float_array
 from .. import kernels
 from ..kernels.matmul import mm  # a @ b, the B*H products split across the cores
 from ..kernels.matmul import mm_visible, mm_from_visible, mm_t_from_visible
-from ..kernels.softmax import scale_mask_kernel
+from ..kernels.softmax import scale_mask_kernel, attention_rows_kernel
 from .activations import dropout_forward, dropout_backward
 from .softmax import softmax_forward, softmax_backward
 
@@ -121,6 +121,12 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
                          f"(B, H, T_q, T_k) = ({B}, {H}, {Tq}, {Tk})")
     lowest = np.finfo(q.dtype).min
     fill = lowest if causal_fill is None else causal_fill
+    if kernels.enabled and Tq == 1 and dropout_p == 0.0:  # a decoding step: one kernel, not six calls
+        ones = np.ones((1, 1, 1, Tk), np.int8) if codes is None else codes
+        dt = q.dtype.type
+        out, p = attention_rows_kernel(np.ascontiguousarray(q), rows_buffer(k), rows_buffer(v), Tk, dt(scale),
+                                       ones, dt(lowest), dt(fill))
+        return out, AttentionCache(q, k, v, p, None, codes, scale)
     blocks = causal_blocks(Tq, Tk, codes) if kernels.enabled and causal and causal_fill is None else None
     if blocks is not None:
         return causal_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks)
@@ -130,6 +136,17 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
     pd, keep = dropout_forward(p, dropout_p, rng)
     out = mm(pd, v)  # (B, H, Tq, D)
     return out, AttentionCache(q, k, v, p, keep, codes, scale)
+
+
+def rows_buffer(x):
+    """The C-contiguous array whose first T rows along axis 2 x (B, H, T, D) is, when there is one (a KV
+    cache Attention.after_past grows in place: a view of a larger buffer), else x in C order."""
+    b = x.base
+    if (b is not None and b.ndim == 4 and b.flags.c_contiguous and b.strides == x.strides
+            and b.shape[2] >= x.shape[2] and b.shape[::3] == x.shape[::3] and b.shape[1] == x.shape[1]
+            and b.ctypes.data == x.ctypes.data):
+        return b
+    return np.ascontiguousarray(x)
 
 
 def attention_backward(dout, cache):
