@@ -27,12 +27,10 @@ Hooks for parameter-efficient fine-tuning (numlm.peft), each None unless set:
     backward(dy) -> (dh, dx) that replaces y = LN(x + h) (h: after the projection and dropout).
   - any Linear (query, key, value, dense) may be replaced by a module with the same forward/backward.
 """
-from contextlib import nullcontext
-
 import numpy as np
 
 from ..nn import Module, ModuleList, Linear, Embedding, LayerNorm, Dropout, Activation, Attention
-from ..nn import lowest_needing_backward, no_grad, grad_enabled, OPS
+from ..nn import lowest_needing_backward, OPS
 from ..ops import (cross_entropy_forward, cross_entropy_backward,
                    attention_allowed, IGNORE_INDEX)
 from ..kernels.matmul import mm  # a @ b, split across the cores unless NUMLM_NUMBA=0
@@ -180,20 +178,16 @@ class BertModel(PreTrainedModel):
     def encode(self, x):
         """x: the checked inputs (pretrained.bert_inputs) -> hidden states [h0, ..., hL] each (B, T, C),
         pooled (B, C) or None"""
-        e, past, layers = self.embeddings, x.past, self.encoder.layer.items
+        e, past = self.embeddings, x.past
         codes = attention_allowed(x.mask, x.B, x.T, x.past_len + x.T, False)  # once for every layer
-        # the backward stops at layer lo (head-only: above the backbone): below it no forward keeps a cache
-        lo = lowest_needing_backward(e, x.embeds is not None, layers, past) if grad_enabled() else 0
-        with no_grad() if lo > 0 else nullcontext():
-            # h0 = Dropout(LN(word[ids] + token_type[tt] + position[pos]))
-            word = e.word_embeddings(x.ids) if x.embeds is None else x.embeds
-            h = e.dropout(e.LayerNorm(word + e.token_type_embeddings(x.token_types) + e.position_embeddings(x.pos)))
+        # h0 = Dropout(LN(word[ids] + token_type[tt] + position[pos]))
+        word = e.word_embeddings(x.ids) if x.embeds is None else x.embeds
+        h = e.dropout(e.LayerNorm(word + e.token_type_embeddings(x.token_types) + e.position_embeddings(x.pos)))
         self.cache = (x.embeds is not None, x.pos.shape[0], past, h.shape, h.dtype)
         hs = [h]
         # h_l = layer_l(h_{l-1})
-        for i, layer in enumerate(layers):
-            with no_grad() if i < lo else nullcontext():
-                h = layer(h, codes, None if past is None else past[i])
+        for i, layer in enumerate(self.encoder.layer.items):
+            h = layer(h, codes, None if past is None else past[i])
             hs.append(h)
         # pooled = tanh(h_L[:, 0] Wp + bp)
         p = self.pooler
@@ -210,7 +204,7 @@ class BertModel(PreTrainedModel):
             d = d.copy() if dh is not None else d
             d[:, 0] += self.pooler.dense.backward(self.pooler.activation.backward(dpooled))
         # h_l = layer_l(h_{l-1}), down to the lowest layer that has a gradient to compute
-        lo = lowest_needing_backward(e, embeds, layers, past)  # a layer unfrozen since: NoCache's error
+        lo = lowest_needing_backward(e, embeds, layers, past)
         for layer in reversed(layers[lo:]):
             d = layer.backward(d)
         self.past_grads = None if past is None else tuple(
