@@ -6,8 +6,9 @@ flipped every round); prints one table with train time, accuracy and peak memory
     python benchmarks/finetune_side_by_side.py --py-torch TORCH_VENV/bin/python
         [--methods full,lora,head] [--rounds 1] [--max-steps N] [--out DIR]
 
-Train time: PyTorch's excludes evaluation; numlm's `train_seconds` includes its validation pass at
-each epoch's end and its checkpoints, so the comparison leans against numlm. Peak memory is each
+Train time: PyTorch's excludes evaluation; numlm's `train_seconds` excludes its validation passes
+(and the best model saved after one) and the PNGs drawn, but includes its checkpoints (the model in
+transformers' format and the optimizer state, at each epoch's end), so the comparison leans against numlm. Peak memory is each
 process's maximum resident set (wait4).
 """
 import argparse, importlib.util, json, os, statistics, subprocess, sys, tempfile

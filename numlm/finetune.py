@@ -739,7 +739,7 @@ def finetune(a, data=None, out=None, log=print, **options):
     res = trainer.run()
     if res.get("interrupted"):
         return res
-    train_seconds = time.perf_counter() - t0 - ctx["eval_seconds"]
+    train_seconds = time.perf_counter() - t0 - ctx["eval_seconds"] - trainer.plot_seconds  # steps and checkpoints
     return _finish(a, model, trainer, enc, split, data, ctx, lr, max_length, lm_coef, num_labels, train_seconds)
 
 
@@ -844,7 +844,7 @@ def _finish(a, model, trainer, enc, split, data, ctx, lr, max_length, lm_coef, n
     """The best weights back, the test split scored, results.json and the plots written."""
     out, best = Path(a.out), ctx["best"]
     peft_run = a.method in PEFT_METHODS
-    if best["step"] is not None:
+    if best["step"] is not None and best["step"] != trainer.step:  # at the last step the model is the best
         # an adapter's best holds its own files (peft's or AdapterHub's), keyed as its state_dict
         model.load_state_dict(model.read_checkpoint(out / "best") if peft_run
                               else load_safetensors(out / "best"), strict=False)

@@ -373,7 +373,7 @@ class Trainer:
         self.out = Path(config.out_dir)
         self.history = []
         self.flow = {}
-        self.plots = None
+        self.plots, self.plot_seconds = None, 0.0  # the PNGs run() drew, and the time drawing them took
         self._generators = model_generators(model)
         self._started = False       # run() or resume() has claimed the folder
         self._interruptible = True  # False from the optimizer update to the step's last write
@@ -559,7 +559,9 @@ class Trainer:
             bar.close()
             for s, h in old.items():
                 signal.signal(s, h)
+        t = time.perf_counter()
         self.plots = plot_metrics(self.out)
+        self.plot_seconds = time.perf_counter() - t
         return result
 
     def _loop(self, bar, max_time):
