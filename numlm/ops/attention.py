@@ -143,7 +143,7 @@ def rows_buffer(x):
     cache Attention.after_past grows in place: a view of a larger buffer), else x in C order."""
     b = x.base
     if (b is not None and b.ndim == 4 and b.flags.c_contiguous and b.strides == x.strides
-            and b.shape[2] >= x.shape[2] and b.shape[::3] == x.shape[::3] and b.shape[1] == x.shape[1]
+            and b.shape[:2] == x.shape[:2] and b.shape[3] == x.shape[3] and b.shape[2] >= x.shape[2]
             and b.ctypes.data == x.ctypes.data):
         return b
     return np.ascontiguousarray(x)
