@@ -196,15 +196,17 @@ class Module:
         self.called_under_no_grad = not _grad[0]  # a model's backward() checks its last call
         # the last forward's cache (a model's: its _last) is freed before this one makes its own, in that memory
         self.cache = None
-        before = attention_keeps[0]
-        if self.is_model:
+        if not self.is_model:
+            out = self.forward(*args, **kwargs)
+        else:  # its attention cores keep what its caller asked for, during its forward only
             self._last = None
+            before = attention_keeps[0]
             if len(args) <= 1:
                 attention_keeps[0] = tuple(kept for kept, flag in ASKED_BY if kwargs.get(flag))
-        try:
-            out = self.forward(*args, **kwargs)
-        finally:
-            attention_keeps[0] = before
+            try:
+                out = self.forward(*args, **kwargs)
+            finally:
+                attention_keeps[0] = before
         if not _grad[0]:  # drop what only a backward reads: one layer's activations at a time
             kind = type(self)
             self.cache = _NO_CACHE[kind] if kind in _NO_CACHE else _NO_CACHE.setdefault(kind, NoCache(self))
