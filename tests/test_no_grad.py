@@ -171,6 +171,24 @@ def test_attention_cores_keep_only_what_the_caller_asked_for():
     assert all(layer.attention.self.core.probs is None for layer in bert.encoder.layer.items)
 
 
+def test_flags_given_by_position_count_as_by_keyword():
+    """use_cache and output_attentions passed positionally decide what the cores keep, as by keyword;
+    left out, they take forward's defaults (False)."""
+    model = GPT2LMHeadModel(GPT2Config(**GPT))
+    ids = np.arange(6).reshape(1, 6)
+    cores = [block.attn.core for block in model.transformer.h.items]
+    with no_grad():
+        # input_ids, attention_mask, token_type_ids, position_ids, labels, past_key_values, use_cache
+        out = model(ids, None, None, None, None, None, True)
+        assert all(c.present is p and c.probs is None for c, p in zip(cores, out.past_key_values))
+        out = model(ids, None, None, None, None, None, False, False, True)  # output_attentions after hidden states
+        assert all(c.present is None and c.probs is a for c, a in zip(cores, out.attentions))
+        model(ids, None, None, None, None, None, False, False, False)
+        assert all(c.present is None and c.probs is None for c in cores)
+        out = model(ids, None, None, None, None, None, True, output_attentions=True)  # mixed
+        assert all(c.present is p and c.probs is a for c, p, a in zip(cores, out.past_key_values, out.attentions))
+
+
 def test_a_model_call_frees_the_last_forwards_outputs_first():
     seen = []
 

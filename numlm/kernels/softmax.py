@@ -26,27 +26,27 @@ def softmax_backward_rows(dy, y):
     return dx
 
 
+@njit(inline="always")
+def masked_score(x, code, scale, lowest, fill):
+    """One score under its mask code (ops.attention_allowed): 1 allowed, scaled; 0 masked, the
+    dtype's lowest; else OpenAI GPT's future key, fill"""
+    return x * scale if code == 1 else lowest if code == 0 else fill
+
+
 @adaptive
 @njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
 def scale_mask_kernel(s, scale, codes, lowest, causal_fill):
-    """s = where(code == 1, s * scale, where(code == 0, lowest, causal_fill)), in place, per row of
-    (B, H, Tq, Tk); codes (Bc, Hc, Tq, Tk) int8 with Bc in {1, B}, Hc in {1, H}."""
+    """s = masked_score(s, code, ...), in place, per row of (B, H, Tq, Tk); codes (Bc, Hc, Tq, Tk)
+    int8 with Bc in {1, B}, Hc in {1, H}."""
     B, H, Tq, Tk = s.shape
     Bc, Hc = codes.shape[0], codes.shape[1]
     for r in prange(B * H * Tq):
         b = r // (H * Tq)
         h = (r // Tq) % H
         i = r % Tq
-        cb = b if Bc > 1 else 0
-        ch = h if Hc > 1 else 0
+        c = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i]
         for j in range(Tk):
-            c = codes[cb, ch, i, j]
-            if c == 1:
-                s[b, h, i, j] *= scale
-            elif c == 0:
-                s[b, h, i, j] = lowest
-            else:
-                s[b, h, i, j] = causal_fill
+            s[b, h, i, j] = masked_score(s[b, h, i, j], c[j], scale, lowest, causal_fill)
 
 
 # exp in a kernel, vectorised: numba has no SVML, and a libm exp per element cost ~4x numpy's.
@@ -140,10 +140,10 @@ def softmax_row(x, y):
 @njit(cache=True, fastmath=FAST, error_model="numpy")
 def attention_rows_kernel(q, k, v, Tk, scale, codes, lowest, fill):
     """ops.attention_forward without dropout, one query row (b, h, i) at a time on one thread, for
-    few rows (a decoding step's): s = where(code == 1, q k^T * scale, where(code == 0, lowest, fill)),
-    p = softmax(s), out = p v.  q (B, H, Tq, D) C-contiguous; k, v (B, H, T', D) C-contiguous, the
-    keys their first Tk rows (a KV cache's buffer: unit-stride rows vectorise); codes (Bc, Hc, Tq, Tk)
-    int8 with Bc in {1, B}, Hc in {1, H} -> out (B, H, Tq, D), p (B, H, Tq, Tk)"""
+    few rows (a decoding step's): s = masked_score(q k^T, code, ...), p = softmax(s), out = p v.
+    q (B, H, Tq, D) C-contiguous; k, v (B, H, T', D) C-contiguous, the keys their first Tk rows (a KV
+    cache's buffer: unit-stride rows vectorise); codes (Bc, Hc, Tq, Tk) int8 with Bc in {1, B},
+    Hc in {1, H} -> out (B, H, Tq, D), p (B, H, Tq, Tk)"""
     B, H, Tq, D = q.shape
     Bc, Hc = codes.shape[0], codes.shape[1]
     out = np.zeros((B, H, Tq, D), dtype=q.dtype)
@@ -155,7 +155,7 @@ def attention_rows_kernel(q, k, v, Tk, scale, codes, lowest, fill):
                 c = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i]
                 row_dots(q[b, h, i], k[b, h], s)
                 for j in range(Tk):
-                    s[j] = s[j] * scale if c[j] == 1 else lowest if c[j] == 0 else fill
+                    s[j] = masked_score(s[j], c[j], scale, lowest, fill)
                 softmax_row(s, p[b, h, i])
                 add_rows(p[b, h, i], v[b, h], out[b, h, i])
     return out, p

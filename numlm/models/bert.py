@@ -114,7 +114,8 @@ class BertLayer(Module):
         sa, ao, it, out = self.attention.self, self.attention.output, self.intermediate, self.output
         # ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv): one product [q | k | v] = x [Wq | Wk | Wv] + [bq | bk | bv]
         # unless peft replaced one of the three with a module of its own (kept: the backward follows it)
-        self.cache = joined = all(type(m) is Linear for m in (sa.query, sa.key, sa.value))
+        joined = all(type(m) is Linear for m in (sa.query, sa.key, sa.value))
+        self.cache = (joined,)
         if joined:
             ctx = sa.core(*np.split(sa.query(x, sa.key, sa.value), 3, axis=-1), mask, past)
         else:
@@ -136,7 +137,8 @@ class BertLayer(Module):
         dh, dx = (ao.LayerNorm.backward(da),) * 2 if ao.adapters is None else ao.adapters.backward(da)
         # h = Dropout(ctx Wo + bo),  ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv)
         dctx = ao.dense.backward(ao.dropout.backward(dh))
-        if self.cache:  # the forward's one product [q | k | v] = x [Wq | Wk | Wv] + ...
+        (joined,) = self.cache
+        if joined:  # the forward's one product [q | k | v] = x [Wq | Wk | Wv] + ...
             return dx + sa.query.backward(sa.core.backward(dctx, joined=True))
         dq, dk, dv = sa.core.backward(dctx)
         return dx + sa.query.backward(dq) + sa.key.backward(dk) + sa.value.backward(dv)

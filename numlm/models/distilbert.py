@@ -88,7 +88,8 @@ class TransformerBlock(Module):
         # a = LN(x + h),  h = ctx Wo + bo,  ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv)  (an adapter slot
         # replaces the step); one product [q | k | v] = x [Wq | Wk | Wv] + [bq | bk | bv] unless peft
         # replaced one of the three with a module of its own (kept: the backward follows it)
-        self.cache = joined = all(type(m) is Linear for m in (sa.q_lin, sa.k_lin, sa.v_lin))
+        joined = all(type(m) is Linear for m in (sa.q_lin, sa.k_lin, sa.v_lin))
+        self.cache = (joined,)
         if joined:
             h = sa.out_lin(sa.core(*np.split(sa.q_lin(x, sa.k_lin, sa.v_lin), 3, axis=-1), mask, past))
         else:
@@ -112,7 +113,8 @@ class TransformerBlock(Module):
         dh, dx = (self.sa_layer_norm.backward(da),) * 2 if slot is None else slot.backward(da)
         # h = ctx Wo + bo,  ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv)
         dctx = sa.out_lin.backward(dh)
-        if self.cache:  # the forward's one product [q | k | v] = x [Wq | Wk | Wv] + ...
+        (joined,) = self.cache
+        if joined:  # the forward's one product [q | k | v] = x [Wq | Wk | Wv] + ...
             return dx + sa.q_lin.backward(sa.core.backward(dctx, joined=True))
         dq, dk, dv = sa.core.backward(dctx)
         return dx + sa.q_lin.backward(dq) + sa.k_lin.backward(dk) + sa.v_lin.backward(dv)

@@ -21,6 +21,7 @@ Memory between forwards: a module drops the cache of its last forward before it 
 cache then fits in the memory the old one leaves), and an attention core holds its keys, values and
 probabilities after its forward only when a model's caller asked for them (attention_keeps below).
 """
+import inspect
 from contextlib import contextmanager
 
 import numpy as np
@@ -76,10 +77,20 @@ def grad_enabled():
 
 # What an attention core holds after its forward besides its cache: "present" (its keys and values, a KV
 # cache) and "probs" (its attention probabilities). A model's call sets it for its forward from what its
-# caller asked for: use_cache, output_attentions (by keyword; positional flags keep both, as a core
-# called on its own does).
+# caller asked for, use_cache and output_attentions, by keyword or position (a core called on its own,
+# outside any model, keeps both).
 attention_keeps = [("present", "probs")]
 ASKED_BY = (("present", "use_cache"), ("probs", "output_attentions"))
+_FORWARD_FLAGS = {}  # model class -> forward_flags(class)
+
+
+def forward_flags(kind):
+    """(the names a model class's forward gives its positional arguments, {flag: its default}) for the
+    flags of ASKED_BY, read from the signature once per class; a flag forward does not take is False."""
+    params = inspect.signature(kind.forward).parameters
+    names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]  # after self
+    defaults = {flag: params[flag].default if flag in params else False for _, flag in ASKED_BY}
+    return _FORWARD_FLAGS.setdefault(kind, (names, defaults))
 
 
 class Module:
@@ -196,15 +207,17 @@ class Module:
         self.called_under_no_grad = not _grad[0]  # a model's backward() checks its last call
         # the last forward's cache (a model's: its _last) is freed before this one makes its own, in that memory
         self.cache = None
-        before = attention_keeps[0]
-        if self.is_model:
-            self._last = None
-            if len(args) <= 1:
-                attention_keeps[0] = tuple(kept for kept, flag in ASKED_BY if kwargs.get(flag))
-        try:
+        if not self.is_model:
             out = self.forward(*args, **kwargs)
-        finally:
-            attention_keeps[0] = before
+        else:  # its attention cores keep what its caller asked for, during its forward only
+            self._last = None
+            names, defaults = _FORWARD_FLAGS.get(type(self)) or forward_flags(type(self))
+            given = {**defaults, **dict(zip(names, args)), **kwargs}  # the flags by keyword or position
+            before, attention_keeps[0] = attention_keeps[0], tuple(kept for kept, flag in ASKED_BY if given[flag])
+            try:
+                out = self.forward(*args, **kwargs)
+            finally:
+                attention_keeps[0] = before
         if not _grad[0]:  # drop what only a backward reads: one layer's activations at a time
             kind = type(self)
             self.cache = _NO_CACHE[kind] if kind in _NO_CACHE else _NO_CACHE.setdefault(kind, NoCache(self))
