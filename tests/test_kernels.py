@@ -352,6 +352,23 @@ def test_split_matmul_is_the_product_plus_bias(always_split, seed, M, K, N, S, d
     assert_close(always_split.matmul(a3, b3), a3 @ b3, dtype)
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=seeds, M=st.integers(1, 12), K=st.integers(1, 9), N=st.integers(1, 9), lead=st.sampled_from([(), (2, 3)]),
+       dtype=dtypes, work_ratio=st.sampled_from([1, 3]))
+def test_mm_pair_is_both_products(always_split, seed, M, K, N, lead, dtype, work_ratio):
+    """(a @ b, c @ d) as a layer's dx = dy W^T and dW = x^T dy pass them (transposed views; stacked
+    (B, H, ..) for attention); products of unequal work go one after the other through matmul."""
+    rng = np.random.default_rng(seed)
+    dy = rng.standard_normal(lead + (M, N)).astype(dtype)
+    w = rng.standard_normal((K, N)).astype(dtype)
+    x = rng.standard_normal(lead + (M * work_ratio, K)).astype(dtype)
+    w = np.broadcast_to(w, lead + w.shape).copy()
+    ab, cd = always_split.mm_pair(dy, w.swapaxes(-1, -2), x.swapaxes(-1, -2), dy if work_ratio == 1 else x)
+    assert_close(ab, dy @ w.swapaxes(-1, -2), dtype)
+    assert_close(cd, x.swapaxes(-1, -2) @ (dy if work_ratio == 1 else x), dtype)
+    assert ab.dtype == cd.dtype == dtype
+
+
 def test_products_run_blas_on_one_thread_and_restore_its_count():
     """Every product of matmul() (split or not) calls BLAS at one thread, but a one-row product (a
     GEMV) at the process's count; each leaves the count it found."""
