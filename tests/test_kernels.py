@@ -234,12 +234,18 @@ CAUSAL = ["causal", "kv_cache", "right_pad", "mask4d", "no_allowed_key", "openai
 
 @pytest.mark.parametrize("kind", CAUSAL)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_causal_blocks_skip_the_future_exactly(kind, dtype, monkeypatch):
+@pytest.mark.parametrize("split", [False, True])
+def test_causal_blocks_skip_the_future_exactly(kind, dtype, split, monkeypatch):
     """The kernel path's causal query blocks (ops.attention.causal_forward) give the NumPy path's output,
     gradients and probabilities (zeros in the future), or fall back to the full products where skipping
-    the future would not be exact (a query with no allowed key; OpenAI's -1e4 future)."""
+    the future would not be exact (a query with no allowed key; OpenAI's -1e4 future). split: the
+    products' stacks over 3 threads, however small."""
     from numlm.ops import attention
+    from numlm.kernels import matmul as mm
     monkeypatch.setattr(attention, "BLOCK_ROWS", 3)  # blocks at a test's size (64 rows by default)
+    if split:
+        monkeypatch.setattr(mm, "SPLIT_MIN_MACS", 0)
+        monkeypatch.setattr(mm, "workers", lambda: 3)
     rng = np.random.default_rng(0)
     B, H, T, D = 3, 2, 11, 4
     Tk = T + 4 if kind == "kv_cache" else T
