@@ -209,7 +209,7 @@ def mm_pair(a, b, c, d):
     """(a @ b, c @ d): two independent products of about equal work, a layer's dx = dy W^T and
     dW = x^T dy. On the kernel path each runs whole on its own core, c @ d on a worker while the
     caller computes a @ b: one thread hand-off for both instead of one each (a wake-up costs
-    ~0.1 ms on this VM), and no row blocks of x^T, which BLAS ran ~6% slower than the whole product."""
+    ~0.1 ms here), and no row blocks of x^T, which BLAS ran ~6% slower than the whole product."""
     if not kernels.enabled:
         return a @ b, c @ d
     work_ab, work_cd = a.size * b.shape[-1], c.size * d.shape[-1]
