@@ -234,12 +234,18 @@ CAUSAL = ["causal", "kv_cache", "right_pad", "mask4d", "no_allowed_key", "openai
 
 @pytest.mark.parametrize("kind", CAUSAL)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_causal_blocks_skip_the_future_exactly(kind, dtype, monkeypatch):
+@pytest.mark.parametrize("split", [False, True])
+def test_causal_blocks_skip_the_future_exactly(kind, dtype, split, monkeypatch):
     """The kernel path's causal query blocks (ops.attention.causal_forward) give the NumPy path's output,
     gradients and probabilities (zeros in the future), or fall back to the full products where skipping
-    the future would not be exact (a query with no allowed key; OpenAI's -1e4 future)."""
+    the future would not be exact (a query with no allowed key; OpenAI's -1e4 future). split: the
+    products' stacks over 3 threads, however small."""
     from numlm.ops import attention
+    from numlm.kernels import matmul as mm
     monkeypatch.setattr(attention, "BLOCK_ROWS", 3)  # blocks at a test's size (64 rows by default)
+    if split:
+        monkeypatch.setattr(mm, "SPLIT_MIN_MACS", 0)
+        monkeypatch.setattr(mm, "workers", lambda: 3)
     rng = np.random.default_rng(0)
     B, H, T, D = 3, 2, 11, 4
     Tk = T + 4 if kind == "kv_cache" else T
@@ -350,6 +356,23 @@ def test_split_matmul_is_the_product_plus_bias(always_split, seed, M, K, N, S, d
     a3 = rng.standard_normal((S, M, K)).astype(dtype)
     b3 = rng.standard_normal((S, N, K)).astype(dtype).swapaxes(-1, -2)
     assert_close(always_split.matmul(a3, b3), a3 @ b3, dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=seeds, M=st.integers(1, 12), K=st.integers(1, 9), N=st.integers(1, 9), lead=st.sampled_from([(), (2, 3)]),
+       dtype=dtypes, work_ratio=st.sampled_from([1, 3]))
+def test_mm_pair_is_both_products(always_split, seed, M, K, N, lead, dtype, work_ratio):
+    """(a @ b, c @ d) as a layer's dx = dy W^T and dW = x^T dy pass them (transposed views; stacked
+    (B, H, ..) for attention); products of unequal work go one after the other through matmul."""
+    rng = np.random.default_rng(seed)
+    dy = rng.standard_normal(lead + (M, N)).astype(dtype)
+    w = rng.standard_normal((K, N)).astype(dtype)
+    x = rng.standard_normal(lead + (M * work_ratio, K)).astype(dtype)
+    w = np.broadcast_to(w, lead + w.shape).copy()
+    ab, cd = always_split.mm_pair(dy, w.swapaxes(-1, -2), x.swapaxes(-1, -2), dy if work_ratio == 1 else x)
+    assert_close(ab, dy @ w.swapaxes(-1, -2), dtype)
+    assert_close(cd, x.swapaxes(-1, -2) @ (dy if work_ratio == 1 else x), dtype)
+    assert ab.dtype == cd.dtype == dtype
 
 
 def test_products_run_blas_on_one_thread_and_restore_its_count():

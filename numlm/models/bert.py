@@ -33,7 +33,7 @@ from ..nn import Module, ModuleList, Linear, Embedding, LayerNorm, Dropout, Acti
 from ..nn import lowest_needing_backward, OPS
 from ..ops import (cross_entropy_forward, cross_entropy_backward,
                    attention_allowed, IGNORE_INDEX)
-from ..kernels.matmul import mm  # a @ b, split across the cores unless NUMLM_NUMBA=0
+from ..kernels.matmul import mm_pair  # (a @ b, c @ d), one core each unless NUMLM_NUMBA=0
 from .config import BertConfig
 from .pretrained import (ModelOutput, PreTrainedModel, register, bert_inputs, labels_like, as_ids, no_loss,
                          output_grads, logits_grad, problem_type_loss)
@@ -283,10 +283,13 @@ class TiedDecoder(Module):
     def backward(self, dlogits):  # (..., V) -> (..., C)
         word = self._word[0]
         # logits = t We^T + b:  dt = dlogits We,  db = sum dlogits,  dWe = dlogits^T t (added to the lookup's)
-        dt, _, db = OPS["linear"][1](dlogits, self.cache, need_dw=False, need_db=self.requires_grad("bias"))
-        if word.requires_grad("weight"):
-            t = self.cache[0]
-            word.add_grad("weight", mm(dlogits.reshape(-1, dlogits.shape[-1]).T, t.reshape(-1, t.shape[-1])))
+        if word.requires_grad("weight"):  # dt and dWe, one core each
+            t, d2 = self.cache[0], dlogits.reshape(-1, dlogits.shape[-1])
+            dt, dwe = mm_pair(d2, word.params["weight"], d2.T, t.reshape(-1, t.shape[-1]))
+            word.add_grad("weight", dwe)
+            dt, db = dt.reshape(t.shape), d2.sum(axis=0) if self.requires_grad("bias") else None
+        else:
+            dt, _, db = OPS["linear"][1](dlogits, self.cache, need_dw=False, need_db=self.requires_grad("bias"))
         if db is not None:
             self.add_grad("bias", db)
         return dt

@@ -32,7 +32,7 @@ import math
 
 import numpy as np
 
-from ..kernels.matmul import mm  # a @ b, split across the cores unless NUMLM_NUMBA=0
+from ..kernels.matmul import mm_pair  # (a @ b, c @ d), one core each unless NUMLM_NUMBA=0
 from ..nn import Module, ModuleList, Linear, Embedding, LayerNorm, Dropout, Activation, Attention
 from ..nn import lowest_needing_backward, OPS
 from ..ops import (embedding_forward, embedding_backward, cross_entropy_forward,
@@ -291,11 +291,13 @@ class TiedLMHead(Module):
     def backward(self, dlogits):
         # logits = h We^T
         table = self._table[0]
-        dh, _, _ = OPS["linear"][1](dlogits, self.cache, need_dw=False)  # dh = dlogits We
-        if "weight" in table.grads:  # not frozen: dWe = dlogits^T h, added to the lookup's gradient: the total
-            h = self.cache[0]
-            table.add_grad("weight", mm(dlogits.reshape(-1, dlogits.shape[-1]).T, h.reshape(-1, h.shape[-1])))
-        return dh
+        if "weight" not in table.grads:  # frozen
+            return OPS["linear"][1](dlogits, self.cache, need_dw=False)[0]  # dh = dlogits We
+        # dh = dlogits We, dWe = dlogits^T h (added to the lookup's gradient: the total), one core each
+        h, d2 = self.cache[0], dlogits.reshape(-1, dlogits.shape[-1])
+        dh, dwe = mm_pair(d2, table.params["weight"], d2.T, h.reshape(-1, h.shape[-1]))
+        table.add_grad("weight", dwe)
+        return dh.reshape(h.shape)
 
 
 def lm_loss_forward(logits, labels):

@@ -17,7 +17,7 @@ import numpy as np
 
 from ._check import float_array
 from .. import kernels
-from ..kernels.matmul import mm  # a @ b, the B*H products split across the cores
+from ..kernels.matmul import mm, mm_pair  # a @ b, the B*H products split across the cores
 from ..kernels.matmul import mm_visible, mm_from_visible, mm_t_from_visible
 from ..kernels.softmax import scale_mask_kernel, attention_rows_kernel
 from .activations import dropout_forward, dropout_backward
@@ -156,8 +156,7 @@ def attention_backward(dout, cache):
     q, k, v, p, keep = cache.q, cache.k, cache.v, cache.probs, cache.keep
     pd = p if keep is None else p * keep  # the forward's pd, recomputed rather than cached
     # out = pd @ v
-    dv = mm(pd.swapaxes(-1, -2), dout)  # (B, H, Tk, D)
-    dpd = mm(dout, v.swapaxes(-1, -2))  # (B, H, Tq, Tk)
+    dv, dpd = mm_pair(pd.swapaxes(-1, -2), dout, dout, v.swapaxes(-1, -2))  # (B, H, Tk, D), (B, H, Tq, Tk)
     # pd, keep = dropout_forward(p, dropout_p, rng)
     dp = dropout_backward(dpd, keep)
     # p, _ = softmax_forward(s)
@@ -165,8 +164,7 @@ def attention_backward(dout, cache):
     # s = scale_mask(q @ k^T, scale, codes, lowest, fill): masked scores are constants, so 0
     dscores = scale_mask(ds, cache.scale, cache.codes, 0, 0)
     # q @ k^T
-    dq = mm(dscores, k)  # (B, H, Tq, D)
-    dk = mm(dscores.swapaxes(-1, -2), q)  # (B, H, Tk, D)
+    dq, dk = mm_pair(dscores, k, dscores.swapaxes(-1, -2), q)  # (B, H, Tq, D), (B, H, Tk, D)
     return dq, dk, dv
 
 

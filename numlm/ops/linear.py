@@ -6,7 +6,7 @@ import numpy as np
 from ._check import float_array, ids_in_range
 from .. import kernels
 from ..kernels.embedding import embedding_scatter_add
-from ..kernels.matmul import mm  # a @ b, split across the cores unless NUMLM_NUMBA=0
+from ..kernels.matmul import mm, mm_pair  # a @ b, split across the cores unless NUMLM_NUMBA=0
 
 
 def linear_forward(x, w, b=None):
@@ -30,8 +30,11 @@ def linear_backward(dy, cache, need_dw=True, need_db=True):
     need_dw / need_db False (a frozen weight or bias) skip that gradient and return None for it."""
     x, w, has_bias = cache
     dy2 = dy.reshape(-1, dy.shape[-1])
-    dx = mm(dy2, w.T).reshape(x.shape)  # (N, C_in)
-    dw = mm(x.reshape(-1, x.shape[-1]).T, dy2) if need_dw else None  # (C_in, C_out)
+    if need_dw:  # dx (N, C_in) and dW (C_in, C_out), the same work: one core each
+        dx, dw = mm_pair(dy2, w.T, x.reshape(-1, x.shape[-1]).T, dy2)
+    else:
+        dx, dw = mm(dy2, w.T), None
+    dx = dx.reshape(x.shape)
     db = dy2.sum(axis=0) if has_bias and need_db else None
     return dx, dw, db
 
