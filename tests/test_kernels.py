@@ -412,10 +412,10 @@ def test_a_stalled_gemv_sends_the_next_ones_to_one_thread_for_a_while():
 
 
 def test_few_rows_run_on_blas_threads_while_they_spin():
-    """After a product on BLAS's threads (a GEMV), a 2-D product of fewer than COLUMN_SPLIT_ROWS rows runs
-    on them too, bias included, until BLAS_SPINS_FOR has passed since the last one; stacked products
-    and many rows stay split at one thread. A few-row product that stalls (slower than STALLED_MACS)
-    ends the window and sends the GEMVs to one thread."""
+    """After a GEMV on BLAS's threads, a 2-D product of fewer than COLUMN_SPLIT_ROWS rows runs on them
+    too, bias included, until BLAS_SPINS_FOR has passed since the last GEMV; stacked products and many
+    rows stay split at one thread. A few-row product that stalls (slower than STALLED_MACS) ends the
+    window and sends the GEMVs to one thread."""
     import time
     from numlm.kernels import matmul as mm
     if mm._blas is None:
@@ -446,6 +446,13 @@ def test_few_rows_run_on_blas_threads_while_they_spin():
             seen.clear()
             np.testing.assert_allclose(mm.matmul(a, b, bias=bias[:b.shape[-1]]), a @ b + bias[:b.shape[-1]])
             assert set(seen) == ({before} if a is x or a is few else {1}), a.shape
+        mm._blas_spins_until[0] = time.perf_counter() + 0.01
+        mm.matmul(few, w)  # a few-row product does not keep the window open
+        time.sleep(0.02)
+        seen.clear()
+        mm.matmul(few, w)
+        assert set(seen) == {1}
+        mm.matmul(x, w)
         slow[0] = True
         mm.matmul(few, w)  # stalls on BLAS's threads
         slow[0] = False

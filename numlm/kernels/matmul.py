@@ -110,7 +110,7 @@ def matmul(a, b, out=None, bias=None):
     on one thread, the unsplit small products too: an idle multi-threaded BLAS spins its threads after
     each call, taking the cores from the next split product. The exceptions run on BLAS's own threads
     (see gemv): a single row, (1, K) @ (K, N), a decoding step's GEMV; and a 2-D a of fewer than
-    COLUMN_SPLIT_ROWS rows while those threads still spin after the last such call (a prompt pass after
+    COLUMN_SPLIT_ROWS rows while those threads still spin after the last GEMV (a prompt pass after
     decoding). out, if given, receives the result."""
     if out is None:
         shape = a.shape[:-1] + (b.shape[-1],)
@@ -164,7 +164,8 @@ GEMV_ALONE_FOR = 1.0  # seconds
 _gemv_alone_until = [0.0]
 # OpenBLAS's idle threads spin this long after a call (2^28 clock ticks, its THREAD_TIMEOUT). numlm's
 # threads would share the cores with them meanwhile: a 32-token prompt pass right after decoding took
-# ~130 ms with its products split on numlm's threads, ~95 on BLAS's (the same numbers: K is not split)
+# ~130 ms with its products split on numlm's threads, ~70 on BLAS's (the same numbers: K is not split;
+# 2-3 rows of a 768 x 768 product may round differently, OpenBLAS's small-matrix kernel on the split)
 BLAS_SPINS_FOR = 0.1  # seconds
 _blas_spins_until = [0.0]
 
@@ -189,7 +190,7 @@ def gemv(a, b, out):
         end = time.perf_counter()
         if b.nbytes >= 1 << 20 and end - start > max(b.nbytes / GEMV_STALLED, a.size * b.shape[1] / STALLED_MACS):
             _gemv_alone_until[0], _blas_spins_until[0] = end + GEMV_ALONE_FOR, 0.0
-        else:
+        elif a.shape[0] == 1:  # only a GEMV opens the window: few-row decoding (beams) stays split
             _blas_spins_until[0] = end + BLAS_SPINS_FOR
     return out
 
