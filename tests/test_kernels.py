@@ -399,6 +399,7 @@ def test_a_stalled_gemv_sends_the_next_ones_to_one_thread_for_a_while():
         real = np.matmul
         mp.setattr(mm.np, "matmul", stalling)
         mp.setattr(mm, "_gemv_alone_until", [0.0])
+        mp.setattr(mm, "_gemv_alone_for", [0.2])
         mp.setattr(mm, "GEMV_ALONE_FOR", 0.2)
         before = mm._blas[1]()
         np.testing.assert_allclose(mm.matmul(x[:, :8], w[:8, :8]), x[:, :8] @ w[:8, :8])  # small: no stall
@@ -409,6 +410,31 @@ def test_a_stalled_gemv_sends_the_next_ones_to_one_thread_for_a_while():
         time.sleep(0.25)
         np.testing.assert_allclose(mm.matmul(x, w), x @ w)  # threads again
     assert seen == [before, before, 1, before]
+
+
+def test_stalls_that_recur_keep_gemvs_on_one_thread_longer():
+    """A stall within the last one-thread while's length of its end doubles the next while (up to
+    GEMV_ALONE_MAX); a stall after a longer quiet starts again from GEMV_ALONE_FOR."""
+    import time
+    from numlm.kernels import matmul as mm
+    if mm._blas is None:
+        pytest.skip("numpy's BLAS is not OpenBLAS")
+    w, x = np.ones((512, 512)), np.ones((1, 512))  # 2 MB
+    real = np.matmul
+    stall = lambda *a, **k: (time.sleep(0.01), real(*a, **k))[1]  # noqa: E731  2 MB in 10 ms
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mm, "_gemv_alone_until", [0.0])
+        mp.setattr(mm, "_gemv_alone_for", [0.05])
+        mp.setattr(mm, "GEMV_ALONE_FOR", 0.05)
+        mp.setattr(mm, "GEMV_ALONE_MAX", 0.08)
+        lengths = []
+        for pause in (0.0, 0.06, 0.3):  # the first stall; one soon after its while; one long after
+            time.sleep(pause)
+            mp.setattr(mm.np, "matmul", stall)
+            mm.matmul(x, w)
+            mp.setattr(mm.np, "matmul", real)
+            lengths.append(mm._gemv_alone_for[0])
+    assert lengths == [0.05, 0.08, 0.05]
 
 
 def test_few_rows_run_on_blas_threads_while_they_spin():
@@ -437,6 +463,8 @@ def test_few_rows_run_on_blas_threads_while_they_spin():
         mp.setattr(mm.np, "matmul", recording)
         mp.setattr(mm, "SPLIT_MIN_MACS", 0)
         mp.setattr(mm, "_gemv_alone_until", [0.0])
+        mp.setattr(mm, "_gemv_alone_for", [10.0])
+        mp.setattr(mm, "GEMV_ALONE_FOR", 10.0)
         mp.setattr(mm, "_blas_spins_until", [0.0])
         mp.setattr(mm, "BLAS_SPINS_FOR", 0.2)
         before = mm._blas[1]()
