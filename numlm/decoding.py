@@ -111,7 +111,7 @@ def _step(model, ids, mask, pos, past, use_cache, keep):
         kw, model = model.generation_inputs(ids, mask, pos, past), model.base_model
     with no_grad():  # no caches for a backward: one layer's activations at a time
         out = model(**kw, use_cache=use_cache, **keep)
-    logits = np.asarray(out.logits)[:, -1, :].astype(np.float32)   # (B, V)
+    logits = np.asarray(out.logits)[:, -1, :].astype(np.float32, copy=False)  # (B, V)
     return logits, (out.past_key_values if use_cache else None)
 
 

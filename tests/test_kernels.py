@@ -337,6 +337,8 @@ def always_split():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mm, "SPLIT_MIN_MACS", 0)
         mp.setattr(mm, "workers", lambda: 3)
+        mp.setattr(mm, "BLAS_SPINS_FOR", 0.0)  # few-row products are split even right after a GEMV
+        mp.setattr(mm, "_blas_spins_until", [0.0])
         yield mm
 
 
@@ -387,6 +389,7 @@ def test_products_run_blas_on_one_thread_and_restore_its_count():
         real = np.matmul
         mp.setattr(mm.np, "matmul", lambda *a, **k: (seen.append(mm._blas[1]()), real(*a, **k))[1])
         mp.setattr(mm, "_gemv_alone_until", [0.0])
+        mp.setattr(mm, "_blas_spins_until", [0.0])
         before = mm._blas[1]()
         for shape_a, shape_b in [((3, 4), (4, 5)), ((512, 64), (64, 64)), ((1, 4, 9), (1, 9, 2)),
                                  ((1, 1024), (1024, 1024))]:
@@ -419,6 +422,7 @@ def test_a_stalled_gemv_sends_the_next_ones_to_one_thread_for_a_while():
         real = np.matmul
         mp.setattr(mm.np, "matmul", stalling)
         mp.setattr(mm, "_gemv_alone_until", [0.0])
+        mp.setattr(mm, "_gemv_alone_for", [0.2])
         mp.setattr(mm, "GEMV_ALONE_FOR", 0.2)
         before = mm._blas[1]()
         np.testing.assert_allclose(mm.matmul(x[:, :8], w[:8, :8]), x[:, :8] @ w[:8, :8])  # small: no stall
@@ -429,6 +433,98 @@ def test_a_stalled_gemv_sends_the_next_ones_to_one_thread_for_a_while():
         time.sleep(0.25)
         np.testing.assert_allclose(mm.matmul(x, w), x @ w)  # threads again
     assert seen == [before, before, 1, before]
+
+
+def test_stalls_that_recur_keep_gemvs_on_one_thread_longer():
+    """A stall within the last one-thread while's length of its end doubles the next while (up to
+    GEMV_ALONE_MAX); a stall after a longer quiet starts again from GEMV_ALONE_FOR."""
+    import time
+    from numlm.kernels import matmul as mm
+    if mm._blas is None:
+        pytest.skip("numpy's BLAS is not OpenBLAS")
+    w, x = np.ones((512, 512)), np.ones((1, 512))  # 2 MB
+    real = np.matmul
+    stall = lambda *a, **k: (time.sleep(0.01), real(*a, **k))[1]  # noqa: E731  2 MB in 10 ms
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mm, "_gemv_alone_until", [0.0])
+        mp.setattr(mm, "_gemv_alone_for", [0.05])
+        mp.setattr(mm, "GEMV_ALONE_FOR", 0.05)
+        mp.setattr(mm, "GEMV_ALONE_MAX", 0.08)
+        lengths = []
+        for pause in (0.0, 0.06, 0.3):  # the first stall; one soon after its while; one long after
+            time.sleep(pause)
+            mp.setattr(mm.np, "matmul", stall)
+            mm.matmul(x, w)
+            mp.setattr(mm.np, "matmul", real)
+            lengths.append(mm._gemv_alone_for[0])
+    assert lengths == [0.05, 0.08, 0.05]
+
+
+def test_few_rows_run_on_blas_threads_while_they_spin():
+    """After a GEMV on BLAS's threads, a 2-D product of fewer than COLUMN_SPLIT_ROWS rows runs on them
+    too, bias included, until BLAS_SPINS_FOR has passed since the last GEMV; stacked products and many
+    rows stay split at one thread. A few-row product that stalls (slower than STALLED_MACS) ends the
+    window and sends the GEMVs to one thread."""
+    import time
+    from numlm.kernels import matmul as mm
+    if mm._blas is None:
+        pytest.skip("numpy's BLAS is not OpenBLAS")
+    seen, slow = [], [False]
+    rng = np.random.default_rng(0)
+    w, bias = rng.standard_normal((512, 512)), rng.standard_normal(512)  # 2 MB
+    x, few, many = (rng.standard_normal((n, 512)) for n in (1, 4, 300))
+    a3, b3 = rng.standard_normal((2, 4, 64)), rng.standard_normal((2, 64, 64))
+
+    def recording(*a, **k):
+        seen.append(mm._blas[1]())
+        if slow[0]:
+            time.sleep(0.05)  # 4 * 512 * 512 multiply-adds in 50 ms: 2e7 a second
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        real = np.matmul
+        mp.setattr(mm.np, "matmul", recording)
+        mp.setattr(mm, "SPLIT_MIN_MACS", 0)
+        mp.setattr(mm, "_gemv_alone_until", [0.0])
+        mp.setattr(mm, "_gemv_alone_for", [10.0])
+        mp.setattr(mm, "GEMV_ALONE_FOR", 10.0)
+        mp.setattr(mm, "_blas_spins_until", [0.0])
+        mp.setattr(mm, "BLAS_SPINS_FOR", 0.2)
+        before = mm._blas[1]()
+        np.testing.assert_allclose(mm.matmul(few, w, bias=bias), few @ w + bias)  # split: at one thread
+        assert seen and set(seen) == {1}
+        for a, b in [(x, w), (few, w), (many, w), (a3, b3)]:  # a GEMV opens the window
+            seen.clear()
+            np.testing.assert_allclose(mm.matmul(a, b, bias=bias[:b.shape[-1]]), a @ b + bias[:b.shape[-1]])
+            assert set(seen) == ({before} if a is x or a is few else {1}), a.shape
+        mm._blas_spins_until[0] = time.perf_counter() + 0.01
+        mm.matmul(few, w)  # a few-row product does not keep the window open
+        time.sleep(0.02)
+        seen.clear()
+        mm.matmul(few, w)
+        assert set(seen) == {1}
+        mm.matmul(x, w)
+        slow[0] = True
+        mm.matmul(few, w)  # stalls on BLAS's threads
+        slow[0] = False
+        seen.clear()
+        mm.matmul(few, w)
+        assert set(seen) == {1} and mm._gemv_alone_until[0] > time.perf_counter()
+        assert mm._blas[1]() == before
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=seeds, M=st.integers(1, 20), K=st.integers(1, 9), N=st.integers(1, 9), dtype=dtypes)
+def test_few_row_products_on_blas_threads_are_the_product_plus_bias(seed, M, K, N, dtype):
+    from numlm.kernels import matmul as mm
+    rng = np.random.default_rng(seed)
+    a, b = rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
+    bias = rng.standard_normal(N).astype(dtype)
+    with pytest.MonkeyPatch.context() as mp:  # the window always open
+        mp.setattr(mm, "_blas_spins_until", [np.inf])
+        mp.setattr(mm, "BLAS_SPINS_FOR", np.inf)
+        assert_close(mm.matmul(a, b), a @ b, dtype)
+        assert_close(mm.matmul(a, b, bias=bias), a @ b + bias, dtype)
 
 
 @settings(max_examples=20, deadline=None)

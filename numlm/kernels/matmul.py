@@ -110,12 +110,15 @@ def matmul(a, b, out=None, bias=None):
     (or of the stack) go to separate threads, the caller's included; with fewer rows than cores, or a
     2-D a of fewer than COLUMN_SPLIT_ROWS rows, blocks of output columns do. Every BLAS call here runs
     on one thread, the unsplit small products too: an idle multi-threaded BLAS spins its threads after
-    each call, taking the cores from the next split product. The one exception is a single row, (1, K) @ (K, N), a decoding step's
-    GEMV: it runs on BLAS's own threads (see gemv). out, if given, receives the result."""
+    each call, taking the cores from the next split product. The exceptions run on BLAS's own threads
+    (see gemv): a single row, (1, K) @ (K, N), a decoding step's GEMV; and a 2-D a of fewer than
+    COLUMN_SPLIT_ROWS rows while those threads still spin after the last GEMV (a prompt pass after
+    decoding). out, if given, receives the result."""
     if out is None:
         shape = a.shape[:-1] + (b.shape[-1],)
         out = np.empty(shape, dtype=np.result_type(a, b))
-    if _blas is None or (a.ndim == 2 and a.shape[0] == 1):
+    if _blas is None or (a.ndim == 2 and (a.shape[0] == 1 or (
+            a.shape[0] < COLUMN_SPLIT_ROWS and time.perf_counter() < _blas_spins_until[0]))):
         out = np.matmul(a, b, out=out) if _blas is None else gemv(a, b, out)
         if bias is not None:
             out += bias
@@ -154,11 +157,23 @@ def _at_one_thread():
         _blas[0](prev)
 
 
-# A GEMV on BLAS's threads that streams its weights slower than this waited for a thread another
-# process held the core of (memory streams 10x faster on any core); GEMVs then run on one thread a while.
+# A GEMV on BLAS's threads that streams its weights slower than this (or a product of a few rows that
+# multiplies slower than STALLED_MACS) waited for a thread another process held the core of (memory
+# streams 10x faster on any core); GEMVs then run on one thread a while: GEMV_ALONE_FOR seconds, twice
+# as long each time a stall comes back within that long of the last while's end, up to GEMV_ALONE_MAX
+# (a lone hiccup on a quiet machine cost a whole second of one-thread GEMVs, ~10% of a 128-token run)
 GEMV_STALLED = 1e9  # bytes per second
-GEMV_ALONE_FOR = 1.0  # seconds
+STALLED_MACS = 5e9  # multiply-adds per second (a 32-row product on two threads: ~50e9)
+GEMV_ALONE_FOR = 0.1  # seconds
+GEMV_ALONE_MAX = 2.0  # seconds
 _gemv_alone_until = [0.0]
+_gemv_alone_for = [GEMV_ALONE_FOR]  # the last while's length
+# OpenBLAS's idle threads spin this long after a call (2^28 clock ticks, its THREAD_TIMEOUT). numlm's
+# threads would share the cores with them meanwhile: a 32-token prompt pass right after decoding took
+# ~130 ms with its products split on numlm's threads, ~70 on BLAS's (the same numbers: K is not split;
+# 2-3 rows of a 768 x 768 product may round differently, OpenBLAS's small-matrix kernel on the split)
+BLAS_SPINS_FOR = 0.1  # seconds
+_blas_spins_until = [0.0]
 
 
 def gemv(a, b, out):
@@ -169,8 +184,9 @@ def gemv(a, b, out):
     does; BLAS's threads spin between calls instead). But while another process holds a core, one of
     BLAS's threads waits to be scheduled and a 0.1 ms GEMV takes milliseconds: greedy decoding ran
     150-220 ms a token against 33-37 on one thread. So a GEMV of 1 MB or more that streams below
-    GEMV_STALLED sends the GEMVs of the next GEMV_ALONE_FOR seconds to one thread; then BLAS's threads
-    are tried again. (One and two threads may round the last bit of a few outputs differently.)"""
+    GEMV_STALLED sends the GEMVs of the next GEMV_ALONE_FOR seconds (doubling while stalls recur, up to
+    GEMV_ALONE_MAX) to one thread; then BLAS's threads are tried again. (One and two threads may round the last bit of a few outputs differently.)
+    matmul also sends here a product of a few rows a (M, K) while BLAS's threads spin (BLAS_SPINS_FOR)."""
     with _lock:  # every other product restores the thread count before it lets go of the lock
         start = time.perf_counter()
         if start < _gemv_alone_until[0]:
@@ -178,8 +194,12 @@ def gemv(a, b, out):
                 return np.matmul(a, b, out=out)
         np.matmul(a, b, out=out)
         end = time.perf_counter()
-        if b.nbytes >= 1 << 20 and b.nbytes < GEMV_STALLED * (end - start):
-            _gemv_alone_until[0] = end + GEMV_ALONE_FOR
+        if b.nbytes >= 1 << 20 and end - start > max(b.nbytes / GEMV_STALLED, a.size * b.shape[1] / STALLED_MACS):
+            again = end - _gemv_alone_until[0] < _gemv_alone_for[0]
+            _gemv_alone_for[0] = min(2 * _gemv_alone_for[0], GEMV_ALONE_MAX) if again else GEMV_ALONE_FOR
+            _gemv_alone_until[0], _blas_spins_until[0] = end + _gemv_alone_for[0], 0.0
+        elif a.shape[0] == 1:  # only a GEMV opens the window: few-row decoding (beams) stays split
+            _blas_spins_until[0] = end + BLAS_SPINS_FOR
     return out
 
 

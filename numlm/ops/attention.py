@@ -142,9 +142,9 @@ def rows_buffer(x):
     """The C-contiguous array whose first T rows along axis 2 x (B, H, T, D) is, when there is one (a KV
     cache Attention.after_past grows in place: a view of a larger buffer), else x in C order."""
     b = x.base
-    if (b is not None and b.ndim == 4 and b.flags.c_contiguous and b.strides == x.strides
+    if (b is not None and b.ndim == 4 and x.size and b.flags.c_contiguous and b.strides == x.strides
             and b.shape[:2] == x.shape[:2] and b.shape[3] == x.shape[3] and b.shape[2] >= x.shape[2]
-            and b.ctypes.data == x.ctypes.data):
+            and np.may_share_memory(x[0, 0, 0], b[0, 0, 0])):  # x starts at b's first row (not .ctypes: 4 us)
         return b
     return np.ascontiguousarray(x)
 
