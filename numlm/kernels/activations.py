@@ -25,13 +25,18 @@ def tanh_abs(u, one):
     return t if u >= 0 else -t
 
 
+@njit(inline="always", error_model="numpy")
+def gelu_tanh_at(v, half, one, k, c):
+    """0.5 v (1 + tanh(u)),  u = k (v + c v^3): one element, for the parallel and serial loops"""
+    return half * v * (one + tanh_abs(k * (v + c * v * v * v), one))
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
 def _gelu_tanh_parallel(x, half, one, k, c):
-    """y = 0.5 x (1 + tanh(u)),  u = k (x + c x^3)"""
+    """y = 0.5 x (1 + tanh(u)),  u = k (x + c x^3), elementwise"""
     y = np.empty_like(x)
     for i in prange(x.size):
-        v = x[i]
-        y[i] = half * v * (one + tanh_abs(k * (v + c * v * v * v), one))
+        y[i] = gelu_tanh_at(x[i], half, one, k, c)
     return y
 
 
@@ -40,8 +45,7 @@ def _gelu_tanh_serial(x, half, one, k, c):
     """_gelu_tanh_parallel on the calling thread"""
     y = np.empty_like(x)
     for i in range(x.size):
-        v = x[i]
-        y[i] = half * v * (one + tanh_abs(k * (v + c * v * v * v), one))
+        y[i] = gelu_tanh_at(x[i], half, one, k, c)
     return y
 
 
