@@ -190,7 +190,8 @@ class BertModel(PreTrainedModel):
     ignore_on_load = (r"(^|\.)embeddings\.position_ids$", r"(^|\.)embeddings\.token_type_ids$")
     past_grads = None
     # True: the encoder layers compute the real tokens' rows only (padding's last_hidden_state rows come
-    # out 0, not transformers' values); the real tokens' outputs and every gradient are unchanged
+    # out 0, not transformers' values); the real tokens' outputs and every gradient are unchanged.
+    # Not with a past, nor when a sequence's position 0 is padding (left padding).
     skip_padding = False
 
     def __init__(self, config, add_pooling_layer=True, seed=0, dtype="float32", init=True):
@@ -211,7 +212,8 @@ class BertModel(PreTrainedModel):
         word = e.word_embeddings(x.ids) if x.embeds is None else x.embeds
         h = e.dropout(e.LayerNorm(word + e.token_type_embeddings(x.token_types) + e.position_embeddings(x.pos)))
         packed = None
-        if self.skip_padding and past is None and x.mask is not None:  # the layers see real tokens only
+        # the layers see real tokens only, when every [CLS] (position 0, what the heads read) is one
+        if self.skip_padding and past is None and x.mask is not None and x.mask[:, 0].all():
             packed = (np.flatnonzero(x.mask.reshape(-1)), x.B, x.T)
         self.cache = (x.embeds is not None, x.pos.shape[0], past, h.shape, h.dtype, packed)
         hs = [h]
