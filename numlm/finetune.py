@@ -29,6 +29,7 @@ from .data import datasets
 from .data.tokenizer import Tokenizer
 from .inspect import read_metrics
 from .io import read_config, load_safetensors, check_folder_path
+from .models.bert import BertModel
 from .nn import no_grad
 from .train import (Trainer, TrainConfig, latest_checkpoint, read_checkpoint_state, check_resume, fingerprint,
                     _int, _real)
@@ -794,6 +795,10 @@ def _build_model(a, kind, cfg, tok, data, num_labels):
     if kind not in ENCODERS and cfg.get("pad_token_id") is None:
         over["pad_token_id"] = tok.pad_id if tok.pad_id is not None else tok.eos_id
     model = cls.from_pretrained(a.model_dir, seed=a.seed, **over)
+    if a.task == "seqcls":  # the head reads [CLS] alone: a BERT encoder's layers skip the padding rows
+        for _, m in model.modules():
+            if isinstance(m, BertModel):
+                m.skip_padding = True
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer in {a.model_dir} has {tok.vocab_size} tokens, the model only "
                          f"{model.config.vocab_size}")

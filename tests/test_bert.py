@@ -75,6 +75,52 @@ def test_float64_parity(path, cls, outputs, numba_mode):
             assert rel(grads[k], r) < 1e-10, k
 
 
+def test_skip_padding_keeps_real_tokens_and_gradients(numba_mode):
+    """BertModel.skip_padding (finetune's seqcls): the layers compute the real tokens' rows only; the
+    logits, loss, real rows of last_hidden_state and every gradient still match transformers"""
+    ref = np.load(SEQCLS / "reference.npz", allow_pickle=False)
+    model = numlm.from_pretrained(SEQCLS, dtype="float64")
+    model.bert.skip_padding = True
+    out = model(ref["input_ids"], **fixture_inputs(ref))
+    for k in ("logits", "pooler_output", "loss"):
+        assert rel(out[k], ref[k]) < 1e-10, k
+    real = ref["attention_mask"].astype(bool)
+    assert not real.all() and rel(out.last_hidden_state[real], ref["last_hidden_state"][real]) < 1e-10
+    assert not out.last_hidden_state[~real].any()  # the padding rows come out 0
+    model.zero_grad()
+    model.backward()
+    grads = model.gradients()
+    scale = max(np.abs(ref[f"grad/{k}"]).max() for k in grads)
+    for k, g in grads.items():
+        assert np.abs(g - ref[f"grad/{k}"]).max() < 1e-10 * scale, k
+
+
+def test_skip_padding_with_lora_and_frozen_layers():
+    """skip_padding under LoRA (separate q, k, v products) and with the lower layers frozen: the same
+    logits and gradients as the full (B, T) computation"""
+    from numlm import peft
+    ref = np.load(SEQCLS / "reference.npz", allow_pickle=False)
+    for adapt in ("lora", "frozen"):
+        got = []
+        for skip in (False, True):
+            model = numlm.from_pretrained(SEQCLS, dtype="float64")
+            model.bert.skip_padding = skip
+            if adapt == "lora":
+                model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["query", "value"],
+                                                                   task_type="SEQ_CLS", init_lora_weights=False))
+            else:
+                model.freeze([n for n in model.parameters() if ".layer.0." in n or "embeddings" in n])
+            model.zero_grad()
+            out = model(ref["input_ids"], **fixture_inputs(ref))
+            model.backward()
+            got.append((out.logits, model.grad_arrays()))
+        (a, ga), (b, gb) = got
+        assert rel(b, a) < 1e-12 and set(ga) == set(gb)
+        scale = max(np.abs(g).max() for g in ga.values())  # key biases' exact gradient is 0: rounding noise
+        for k in ga:
+            assert np.abs(gb[k] - ga[k]).max() <= 1e-12 * scale, (adapt, k)
+
+
 def test_tied_gradients_are_total():
     ref = np.load(TINY / "reference.npz", allow_pickle=False)
     model = numlm.from_pretrained(TINY, dtype="float64")

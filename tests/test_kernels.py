@@ -86,6 +86,29 @@ def test_gelu_parity(seed, lead, n, dtype, tanh_form, scale):
     nb, npy = both_paths(fwd_bwd(fwd, ops.gelu_backward, (x,), seed))
     assert_close(nb, npy, dtype)
 
+@settings(max_examples=20, deadline=None)
+@given(seed=seeds, lead=lead_dims, n=st.sampled_from([3, 70_000]), dtype=dtypes, p=st.sampled_from([0.1, 0.5, 0.9]))
+def test_dropout_parity(seed, lead, n, dtype, p):
+    """The kernel's counter-based mask is the NumPy path's, bit for bit, from the same Generator state"""
+    x = np.random.default_rng(seed).standard_normal(lead + (n,)).astype(dtype)
+    nb, npy = both_paths(lambda: ops.dropout_forward(x, p, np.random.default_rng(seed)))
+    for a, b in zip(nb, npy):
+        assert a.dtype == b.dtype == dtype and np.array_equal(a, b)
+
+
+def test_dropout_mask_statistics():
+    """keep fraction 1 - p within 5 sigma, kept elements scaled by exactly 1/(1 - p), a fresh mask each
+    call (two calls agree on about (1-p)^2 + p^2 of the elements, as independent masks do)"""
+    rng, n, p = np.random.default_rng(0), 1_000_000, 0.1
+    x = np.ones(n)
+    y1, k1 = ops.dropout_forward(x, p, rng)
+    y2, _ = ops.dropout_forward(x, p, rng)
+    kept = y1 != 0
+    assert abs(kept.mean() - (1 - p)) < 5 * np.sqrt(p * (1 - p) / n)
+    assert np.all(y1[kept] == 1 / (1 - p)) and np.array_equal(y1, k1)
+    agree = (kept == (y2 != 0)).mean()
+    assert abs(agree - ((1 - p) ** 2 + p ** 2)) < 5 * np.sqrt(0.18 * 0.82 / n)
+
 
 # vocabulary sizes on both sides of row_max's 64 lanes, with and without a remainder
 vocab = st.integers(1, 30) | st.integers(60, 300)

@@ -125,3 +125,28 @@ def gelu_erf_f32_backward_kernel(dy, x, half, one, two, inv_sqrt2, inv_sqrt2pi, 
         dx[i] = dy[i] * (half * _one_plus_erf(v, e, inv_sqrt2, p, a1, a2, a3, a4, a5, one, two)
                          + v * e * inv_sqrt2pi)
     return dx
+
+
+@njit(cache=True, inline="always")
+def splitmix64_at(seed, i):
+    """splitmix64's output for counter i from seed (uint64, wrapping): the i-th draw of a dropout mask"""
+    z = seed + (i + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(cache=True, parallel=True)
+def _dropout_parallel(x, seed, threshold, scale):
+    """keep[i] = scale if splitmix64(seed, i) >> 11 >= threshold else 0;  y = x * keep  (one pass)"""
+    y = np.empty_like(x)
+    keep = np.empty_like(x)
+    zero = scale - scale
+    for i in prange(x.size):
+        k = scale if (splitmix64_at(seed, np.uint64(i)) >> np.uint64(11)) >= threshold else zero
+        keep[i] = k
+        y[i] = x[i] * k
+    return y, keep
+
+
+dropout_kernel = adaptive(_dropout_parallel)

@@ -110,13 +110,19 @@ class BertLayer(Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertResidualOutput(config.intermediate_size, config)
 
-    def forward(self, x, mask=None, past=None):  # (B, T, C) -> (B, T, C)
+    def forward(self, x, mask=None, past=None, packed=None):  # (B, T, C) -> (B, T, C)
+        """packed = (rows, B, T): x (N, C) holds only these rows of the (B * T, C) tokens (BertModel.skip_padding);
+        attention puts them back in place, the others zeros (padding: masked keys, outputs dropped)"""
         sa, ao, it, out = self.attention.self, self.attention.output, self.intermediate, self.output
         # ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv): one product [q | k | v] = x [Wq | Wk | Wv] + [bq | bk | bv]
         # unless peft replaced one of the three with a module of its own (kept: the backward follows it)
         joined = all(type(m) is Linear for m in (sa.query, sa.key, sa.value))
-        self.cache = (joined,)
-        if joined:
+        self.cache = (joined, packed)
+        if packed is not None:
+            qkv = sa.query(x, sa.key, sa.value) if joined else np.concatenate([sa.query(x), sa.key(x), sa.value(x)], -1)
+            qkv = np.split(unpack_rows(qkv, *packed), 3, axis=-1)
+            ctx = sa.core(*qkv, mask, past).reshape(-1, x.shape[-1])[packed[0]]
+        elif joined:
             ctx = sa.core(*np.split(sa.query(x, sa.key, sa.value), 3, axis=-1), mask, past)
         else:
             ctx = sa.core(sa.query(x), sa.key(x), sa.value(x), mask, past)
@@ -137,11 +143,25 @@ class BertLayer(Module):
         dh, dx = (ao.LayerNorm.backward(da),) * 2 if ao.adapters is None else ao.adapters.backward(da)
         # h = Dropout(ctx Wo + bo),  ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv)
         dctx = ao.dense.backward(ao.dropout.backward(dh))
-        (joined,) = self.cache
-        if joined:  # the forward's one product [q | k | v] = x [Wq | Wk | Wv] + ...
+        joined, packed = self.cache
+        if packed is not None:  # the padding rows' outputs were dropped: zero gradient
+            C = dctx.shape[-1]
+            dqkv = sa.core.backward(unpack_rows(dctx, *packed), joined=True).reshape(-1, 3 * C)[packed[0]]
+            if joined:
+                return dx + sa.query.backward(dqkv)
+            dq, dk, dv = dqkv[:, :C], dqkv[:, C:2 * C], dqkv[:, 2 * C:]
+        elif joined:  # the forward's one product [q | k | v] = x [Wq | Wk | Wv] + ...
             return dx + sa.query.backward(sa.core.backward(dctx, joined=True))
-        dq, dk, dv = sa.core.backward(dctx)
+        else:
+            dq, dk, dv = sa.core.backward(dctx)
         return dx + sa.query.backward(dq) + sa.key.backward(dk) + sa.value.backward(dv)
+
+
+def unpack_rows(y, rows, B, T):
+    """y (N, K), rows N of B * T -> (B, T, K): y's rows in place, zeros elsewhere"""
+    out = np.zeros((B * T, y.shape[-1]), y.dtype)
+    out[rows] = y
+    return out.reshape(B, T, -1)
 
 
 class BertEncoder(Module):
@@ -169,6 +189,10 @@ class BertModel(PreTrainedModel):
     # non-persistent buffers that old checkpoints (sentence-transformers, transformers 4.x) still hold
     ignore_on_load = (r"(^|\.)embeddings\.position_ids$", r"(^|\.)embeddings\.token_type_ids$")
     past_grads = None
+    # True: the encoder layers compute the real tokens' rows only (padding's last_hidden_state rows come
+    # out 0, not transformers' values); the real tokens' outputs and every gradient are unchanged.
+    # Not with a past, nor when a sequence's position 0 is padding (left padding).
+    skip_padding = False
 
     def __init__(self, config, add_pooling_layer=True, seed=0, dtype="float32", init=True):
         self.add_pooling_layer = add_pooling_layer
@@ -187,12 +211,18 @@ class BertModel(PreTrainedModel):
         # h0 = Dropout(LN(word[ids] + token_type[tt] + position[pos]))
         word = e.word_embeddings(x.ids) if x.embeds is None else x.embeds
         h = e.dropout(e.LayerNorm(word + e.token_type_embeddings(x.token_types) + e.position_embeddings(x.pos)))
-        self.cache = (x.embeds is not None, x.pos.shape[0], past, h.shape, h.dtype)
+        packed = None
+        # the layers see real tokens only, when every [CLS] (position 0, what the heads read) is one
+        if self.skip_padding and past is None and x.mask is not None and x.mask[:, 0].all():
+            packed = (np.flatnonzero(x.mask.reshape(-1)), x.B, x.T)
+        self.cache = (x.embeds is not None, x.pos.shape[0], past, h.shape, h.dtype, packed)
         hs = [h]
+        h = h if packed is None else h.reshape(-1, h.shape[-1])[packed[0]]
         # h_l = layer_l(h_{l-1})
         for i, layer in enumerate(self.encoder.layer.items):
-            h = layer(h, codes, None if past is None else past[i])
-            hs.append(h)
+            h = layer(h, codes, None if past is None else past[i], packed)
+            hs.append(h if packed is None else unpack_rows(h, *packed))
+        h = hs[-1]
         # pooled = tanh(h_L[:, 0] Wp + bp)
         p = self.pooler
         pooled = p.activation(p.dense(h[:, 0])) if p is not None else None
@@ -200,7 +230,7 @@ class BertModel(PreTrainedModel):
 
     def encode_backward(self, dh=None, dpooled=None):
         """dh: d h_L (B, T, C), dpooled: d pooled (B, C) (either may be None) -> every parameter's gradient"""
-        embeds, pos_rows, past, shape, dtype = self.cache
+        embeds, pos_rows, past, shape, dtype, packed = self.cache
         e, layers = self.embeddings, self.encoder.layer.items
         d = np.zeros(shape, dtype=dtype) if dh is None else dh
         # pooled = tanh(h_L[:, 0] Wp + bp)
@@ -209,8 +239,12 @@ class BertModel(PreTrainedModel):
             d[:, 0] += self.pooler.dense.backward(self.pooler.activation.backward(dpooled))
         # h_l = layer_l(h_{l-1}), down to the lowest layer that has a gradient to compute
         lo = lowest_needing_backward(e, embeds, layers, past)
+        if packed is not None and lo < len(layers):
+            d = d.reshape(-1, shape[-1])[packed[0]]
         for layer in reversed(layers[lo:]):
             d = layer.backward(d)
+        if packed is not None and lo < len(layers):
+            d = unpack_rows(d, *packed)
         self.past_grads = None if past is None else tuple(
             layer.attention.self.core.dpast if i >= lo else None for i, layer in enumerate(layers))
         e.inputs_embeds_grad = None

@@ -7,7 +7,7 @@ import numpy as np
 from ._check import float_array
 from .. import kernels
 from ..kernels.activations import (gelu_tanh_kernel, gelu_tanh_backward_kernel, gelu_erf_kernel,
-                                  gelu_erf_backward_kernel, gelu_erf_f32_kernel, gelu_erf_f32_backward_kernel,
+                                  gelu_erf_backward_kernel, gelu_erf_f32_kernel, gelu_erf_f32_backward_kernel, dropout_kernel,
                                   AS_P, AS_A)
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -128,8 +128,8 @@ def activation(name):
 
 
 def dropout_forward(x, p, rng=None, training=True):
-    """y = x * m / (1 - p),  m ~ Bernoulli(1 - p) per element;  identity when not training or p == 0
-    x: (N) -> y: (N)"""
+    """y = x * m / (1 - p),  m = [u >= p] per element, u uniform from a counter-based generator seeded by
+    one draw from rng;  identity when not training or p == 0.   x: (N) -> y: (N)"""
     float_array("x", x, 0)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability p must lie in [0, 1), got {p}")
@@ -137,7 +137,18 @@ def dropout_forward(x, p, rng=None, training=True):
         return x, None
     if rng is None:
         raise ValueError("dropout in training needs a numpy.random.Generator (rng)")
-    keep = (rng.random(x.shape, dtype=x.dtype) >= p) * x.dtype.type(1.0 / (1.0 - p))  # draws in x's dtype
+    seed = rng.integers(2**64, dtype=np.uint64)  # one draw a call: the mask is a function of (seed, index)
+    threshold, scale = np.uint64(math.ceil(p * 2**53)), x.dtype.type(1.0 / (1.0 - p))
+    if kernels.enabled:
+        y, keep = dropout_kernel(np.ascontiguousarray(x).reshape(-1), seed, threshold, scale)
+        return y.reshape(x.shape), keep.reshape(x.shape)
+    with np.errstate(over="ignore"):  # splitmix64 of counters 1..N from seed, uint64 wrapping (the definition
+        # kernels.activations.splitmix64_at computes element by element)
+        z = seed + np.arange(1, x.size + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    keep = ((z >> np.uint64(11)) >= threshold).reshape(x.shape) * scale  # u >= p,  u = (z >> 11) * 2^-53
     return x * keep, keep
 
 
