@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """The machine's own limits, the figures that carry across machines: float32 sgemm GFLOP/s (square
-products, numpy's BLAS on all the process's cores) and the memory bandwidth a GEMV streams (y = W x
-with W as large as GPT-2's tied LM head, 154 MB, far larger than any cache), with the CPU model and
+products, numpy's BLAS on all the process's cores) and the memory bandwidth a GEMV streams (GPT-2's
+tied LM head, 154 MB, far larger than any cache, in both layouts: y = W x reads W's rows as dot
+products, y^T = x^T W^T its columns as a sum of scaled rows; the faster is the limit, ~25 and ~30 GB/s
+with OpenBLAS on the machines here), with the CPU model and
 the BLAS kernels numpy runs. Prints one JSON line.
 
     python benchmarks/machine_peak.py [--sizes 512 1024 2048] [--samples 9]
@@ -66,9 +68,13 @@ def main():
         sgemm[n] = timed(lambda: np.matmul(x, y, out=out), 2 * n ** 3 / 1e9, a.samples)[0]
     W = rng.standard_normal((50257, 768), dtype=np.float32)
     v, out = rng.standard_normal(768, dtype=np.float32), np.empty(50257, np.float32)
-    gemv, _ = timed(lambda: np.matmul(W, v, out=out), W.nbytes / 1e9, a.samples)
+    gemv_rows, _ = timed(lambda: np.matmul(W, v, out=out), W.nbytes / 1e9, a.samples)
+    Wt, x, out_t = np.ascontiguousarray(W.T), v[None], out[None]
+    gemv_columns, _ = timed(lambda: np.matmul(x, Wt, out=out_t), W.nbytes / 1e9, a.samples)
+    gemv = max(gemv_rows, gemv_columns)
     print(json.dumps({"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "blas_core": blas_core(),
-                      "sgemm_gflops": max(sgemm.values()), "sgemm_by_size": sgemm, "gemv_gb_per_s": gemv}))
+                      "sgemm_gflops": max(sgemm.values()), "sgemm_by_size": sgemm, "gemv_gb_per_s": gemv,
+                      "gemv_by_layout": {"W x": gemv_rows, "x^T W^T": gemv_columns}}))
 
 
 if __name__ == "__main__":

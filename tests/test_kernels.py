@@ -558,3 +558,31 @@ def test_linear_parity_with_split_products(always_split, seed, B, T, dtype):
         rng.standard_normal(7).astype(dtype)
     nb, npy = both_paths(fwd_bwd(ops.linear_forward, ops.linear_backward, (x, w, bias), seed))
     assert_close(nb, npy, dtype)
+
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_gemv_over_a_large_weights_rows_runs_the_rows_kernel_and_equals_the_product(dtype):
+    """h @ W^T with W (V, C) row-major (the tied LM head) and W at least ROWS_GEMV_BYTES: matmul's GEMV
+    takes rows_gemv (row i's dot product on one thread); the product's numbers within the dtype's
+    rounding of a sum in another order. A smaller weight keeps BLAS's GEMV."""
+    from numlm.kernels import matmul as mm
+    if mm._blas is None:
+        pytest.skip("numpy's BLAS is not OpenBLAS: no GEMV path")
+    rng = np.random.default_rng(0)
+    C = 384
+    V = mm.ROWS_GEMV_BYTES // (C * np.dtype(dtype).itemsize) + 7  # just over the threshold, odd rows
+    W = rng.standard_normal((V, C)).astype(dtype)
+    h = rng.standard_normal((1, C)).astype(dtype)
+    calls, real = [], mm.rows_gemv
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mm, "_gemv_alone_until", [0.0])
+        mp.setattr(mm, "rows_gemv", lambda *a: (calls.append(a[0].shape), real(*a))[1])
+        got = mm.matmul(h, W.T)
+        small = W[:64].T  # 96 KB: BLAS's GEMV
+        np.testing.assert_allclose(mm.matmul(h, small), h @ small, rtol=tol, atol=tol * 10)
+    assert calls == [(V, C)]
+    want = h.astype(np.float64) @ W.T.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+    assert got.dtype == dtype
