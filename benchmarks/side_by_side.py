@@ -119,8 +119,10 @@ def torch_blas(py):
 def best_peak(best, new):
     """The machine's limits, measured again at every round: the highest sgemm and GEMV figures so far
     (another process on the cores only ever lowers a peak)."""
+    layouts = ", ".join(f"{k} {v:.1f}" for k, v in new.get("gemv_by_layout", {}).items())
     print(f"machine: {new['cpu']}, {new['cores']} cores; sgemm {new['sgemm_gflops']:.0f} GFLOP/s, "
-          f"GEMV {new['gemv_gb_per_s']:.1f} GB/s (numpy's OpenBLAS, {new['blas_core']} kernels)", file=sys.stderr)
+          f"GEMV {new['gemv_gb_per_s']:.1f} GB/s{f' ({layouts})' if layouts else ''} (numpy's OpenBLAS, "
+          f"{new['blas_core']} kernels)", file=sys.stderr)
     if best is None:
         return new
     return dict(best, sgemm_gflops=max(best["sgemm_gflops"], new["sgemm_gflops"]),
@@ -195,7 +197,7 @@ def main():
     print(f"\n{a.rounds} rounds, medians; range = min-max of the per-round ratio numlm / PyTorch; "
           "foreign = CPU share other processes took during the timed samples (median)\n")
     print(f"machine: {peak['cpu']}, {peak['cores']} cores; limits measured in this run (the highest of its rounds): float32 sgemm "
-          f"{peak['sgemm_gflops']:.0f} GFLOP/s, GEMV {peak['gemv_gb_per_s']:.1f} GB/s (numpy's OpenBLAS, "
+          f"{peak['sgemm_gflops']:.0f} GFLOP/s, GEMV {peak['gemv_gb_per_s']:.1f} GB/s (the faster of its two layouts; numpy's OpenBLAS, "
           f"{peak['blas_core']} kernels); roofline = the share of that limit a side reaches (training and "
           "inference against sgemm, generation against the GEMV bandwidth); PyTorch's side: " + tblas + "\n")
     extra = " numlm before | numlm / before | range |" if a.before else ""
