@@ -564,8 +564,9 @@ def test_linear_parity_with_split_products(always_split, seed, B, T, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_a_gemv_over_a_large_weights_rows_runs_the_rows_kernel_and_equals_the_product(dtype):
     """h @ W^T with W (V, C) row-major (the tied LM head) and W at least ROWS_GEMV_BYTES: matmul's GEMV
-    takes rows_gemv (row i's dot product on one thread); the product's numbers within the dtype's
-    rounding of a sum in another order. A smaller weight keeps BLAS's GEMV."""
+    takes rows_gemv, not BLAS; the product's numbers within the dtype's rounding of a sum in another
+    order, and the same numbers on one thread (the stall fallback) as on all. A smaller weight keeps
+    BLAS's GEMV."""
     from numlm.kernels import matmul as mm
     if mm._blas is None:
         pytest.skip("numpy's BLAS is not OpenBLAS: no GEMV path")
@@ -574,15 +575,51 @@ def test_a_gemv_over_a_large_weights_rows_runs_the_rows_kernel_and_equals_the_pr
     V = mm.ROWS_GEMV_BYTES // (C * np.dtype(dtype).itemsize) + 7  # just over the threshold, odd rows
     W = rng.standard_normal((V, C)).astype(dtype)
     h = rng.standard_normal((1, C)).astype(dtype)
-    calls, real = [], mm.rows_gemv
+    blas, real = [], np.matmul
     tol = 1e-5 if dtype == np.float32 else 1e-12
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mm.np, "matmul", lambda *a, **k: (blas.append(a[1].shape), real(*a, **k))[1])
         mp.setattr(mm, "_gemv_alone_until", [0.0])
-        mp.setattr(mm, "rows_gemv", lambda *a: (calls.append(a[0].shape), real(*a))[1])
         got = mm.matmul(h, W.T)
+        assert blas == []
         small = W[:64].T  # 96 KB: BLAS's GEMV
-        np.testing.assert_allclose(mm.matmul(h, small), h @ small, rtol=tol, atol=tol * 10)
-    assert calls == [(V, C)]
+        np.testing.assert_allclose(mm.matmul(h, small), real(h, small), rtol=tol, atol=tol * 10)
+        assert blas == [(C, 64)]
+        mp.setattr(mm, "_gemv_alone_until", [float("inf")])
+        np.testing.assert_array_equal(mm.matmul(h, W.T), got)  # one thread: the same sums
     want = h.astype(np.float64) @ W.T.astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
     assert got.dtype == dtype
+
+
+def test_a_gemv_that_loads_the_rows_kernel_is_not_a_stall():
+    """The first call of rows_gemv for a signature loads or compiles it (0.2-0.6 s): slow, but not a
+    core held by another process, so GEMVs stay on all threads; a slow call that loads nothing is one."""
+    import time
+    from numlm.kernels import matmul as mm
+    if mm._blas is None:
+        pytest.skip("numpy's BLAS is not OpenBLAS: no GEMV path")
+
+    class SlowKernel:  # stands in for the Numba dispatcher: a call that loads a signature takes 0.2 s
+        def __init__(self):
+            self.signatures, self.loads = [], True
+
+        def __call__(self, W, x, out):
+            time.sleep(0.2)
+            if self.loads:
+                self.signatures.append(W.dtype)
+            out[:] = W @ x
+            return out
+
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((mm.ROWS_GEMV_BYTES // (64 * 4) + 1, 64)).astype(np.float32)
+    h = rng.standard_normal((1, 64)).astype(np.float32)
+    kernel = SlowKernel()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mm, "rows_gemv", kernel)
+        mp.setattr(mm, "_gemv_alone_until", [0.0])
+        np.testing.assert_allclose(mm.matmul(h, W.T), h @ W.T, rtol=1e-5, atol=1e-4)
+        assert mm._gemv_alone_until == [0.0]  # loading: not a stall
+        kernel.loads = False
+        mm.matmul(h, W.T)
+        assert mm._gemv_alone_until[0] > time.perf_counter()  # slow without a load: a stall

@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -111,8 +112,8 @@ def matmul(a, b, out=None, bias=None):
     (or of the stack) go to separate threads, the caller's included; with fewer rows than cores, or a
     2-D a of fewer than COLUMN_SPLIT_ROWS rows, blocks of output columns do. Every BLAS call here runs
     on one thread, the unsplit small products too: an idle multi-threaded BLAS spins its threads after
-    each call, taking the cores from the next split product. The exceptions run on BLAS's own threads
-    (see gemv): a single row, (1, K) @ (K, N), a decoding step's GEMV; and a 2-D a of fewer than
+    each call, taking the cores from the next split product. The exceptions go to gemv, BLAS's own
+    threads (or rows_gemv for the LM head): a single row, (1, K) @ (K, N), a decoding step's GEMV; and a 2-D a of fewer than
     COLUMN_SPLIT_ROWS rows while those threads still spin after the last GEMV (a prompt pass after
     decoding). out, if given, receives the result."""
     if out is None:
@@ -178,27 +179,28 @@ _blas_spins_until = [0.0]
 
 
 def gemv(a, b, out):
-    """out = a @ b for one row a (1, K), a decoding step's product, on BLAS's own threads. A GEMV reads
-    each weight once for two flops: memory bandwidth bounds it, and one core does not reach the
-    machine's. Over GPT-2 124M's weights BLAS's threads streamed ~25 GB/s, one thread ~18, column
-    blocks on numlm's threads ~16 (a hand-off to a sleeping thread costs about what a 768 x 768 GEMV
-    does; BLAS's threads spin between calls instead). But while another process holds a core, one of
-    BLAS's threads waits to be scheduled and a 0.1 ms GEMV takes milliseconds: greedy decoding ran
-    150-220 ms a token against 33-37 on one thread. So a GEMV of 1 MB or more that streams below
-    GEMV_STALLED sends the GEMVs of the next GEMV_ALONE_FOR seconds (doubling while stalls recur, up to
-    GEMV_ALONE_MAX) to one thread; then BLAS's threads are tried again. (One and two threads may round the last bit of a few outputs differently.)
-    matmul also sends here a product of a few rows a (M, K) while BLAS's threads spin (BLAS_SPINS_FOR)."""
+    """out = a @ b for one row a (1, K), a decoding step's product, on BLAS's own threads, or on
+    rows_gemv for a large weight read by rows (below). A GEMV reads each weight once for two flops:
+    memory bandwidth bounds it, and one core does not reach the machine's. Over GPT-2 124M's weights
+    BLAS's threads streamed ~25 GB/s, one thread ~18, column blocks on numlm's threads ~16 (a hand-off
+    to a sleeping thread costs about what a 768 x 768 GEMV does; BLAS's threads spin between calls
+    instead). But while another process holds a core, one of BLAS's threads waits to be scheduled and
+    a 0.1 ms GEMV takes milliseconds: greedy decoding ran 150-220 ms a token against 33-37 on one
+    thread. So a GEMV of 1 MB or more that streams below GEMV_STALLED sends the GEMVs of the next
+    GEMV_ALONE_FOR seconds (doubling while stalls recur, up to GEMV_ALONE_MAX) to one thread; then the
+    threads are tried again. One and two threads give the same numbers (BLAS's split and rows_gemv's
+    keep each output's sum order). matmul also sends here a product of a few rows a (M, K) while
+    BLAS's threads spin (BLAS_SPINS_FOR)."""
+    rows = b.nbytes >= ROWS_GEMV_BYTES and b.T.flags.c_contiguous and a.shape[0] == 1 and a.dtype == b.dtype
     with _lock:  # every other product restores the thread count before it lets go of the lock
         start = time.perf_counter()
         if start < _gemv_alone_until[0]:
-            with _at_one_thread():
-                return np.matmul(a, b, out=out)
-        if b.nbytes >= ROWS_GEMV_BYTES and b.T.flags.c_contiguous and a.shape[0] == 1 and a.dtype == b.dtype:
-            rows_gemv(b.T, a[0], out[0])
-        else:
-            np.matmul(a, b, out=out)
+            return _gemv_product(a, b, out, rows, one_thread=True)
+        compiled = len(rows_gemv.signatures)
+        _gemv_product(a, b, out, rows, one_thread=False)
         end = time.perf_counter()
-        if b.nbytes >= 1 << 20 and end - start > max(b.nbytes / GEMV_STALLED, a.size * b.shape[1] / STALLED_MACS):
+        slow = end - start > max(b.nbytes / GEMV_STALLED, a.size * b.shape[1] / STALLED_MACS)
+        if b.nbytes >= 1 << 20 and slow and len(rows_gemv.signatures) == compiled:  # not a kernel's load
             again = end - _gemv_alone_until[0] < _gemv_alone_for[0]
             _gemv_alone_for[0] = min(2 * _gemv_alone_for[0], GEMV_ALONE_MAX) if again else GEMV_ALONE_FOR
             _gemv_alone_until[0], _blas_spins_until[0] = end + _gemv_alone_for[0], 0.0
@@ -207,14 +209,31 @@ def gemv(a, b, out):
     return out
 
 
+def _gemv_product(a, b, out, rows, one_thread):
+    """out = a @ b on rows_gemv when rows, else on BLAS; on one thread when one_thread"""
+    if not rows:
+        if not one_thread:
+            return np.matmul(a, b, out=out)
+        with _at_one_thread():
+            return np.matmul(a, b, out=out)
+    n = numba.get_num_threads()
+    numba.set_num_threads(1 if one_thread else n)
+    try:
+        rows_gemv(b.T, a[0], out[0])
+    finally:
+        numba.set_num_threads(n)
+    return out
+
+
 # A GEMV over a weight's rows (y = W x, the tied LM head's h @ wte^T) streamed ~25 GB/s in OpenBLAS's
-# sgemv and ~28-30 in the loop below on the machines here (the other layout, x^T W^T, ~30 in OpenBLAS)
+# sgemv and ~28-30 in the loop below on the machines here (the other layout, x^T W^T, ~30 in OpenBLAS).
+# Only weights this large: waking Numba's threads costs ~0.1 ms a call, BLAS's spin between calls
 ROWS_GEMV_BYTES = 16 << 20
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
 def rows_gemv(W, x, out):
-    """out[i] = sum_k W[i, k] x[k]: row i's dot product on one thread (its sum in any order)"""
+    """out[i] = sum_k W[i, k] x[k]: row i's dot product on one thread, in the same order on any count"""
     for i in prange(W.shape[0]):
         s = out.dtype.type(0.0)
         for k in range(W.shape[1]):

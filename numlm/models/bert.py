@@ -27,6 +27,8 @@ Hooks for parameter-efficient fine-tuning (numlm.peft), each None unless set:
     backward(dy) -> (dh, dx) that replaces y = LN(x + h) (h: after the projection and dropout).
   - any Linear (query, key, value, dense) may be replaced by a module with the same forward/backward.
 """
+from typing import NamedTuple
+
 import numpy as np
 
 from ..nn import Module, ModuleList, Linear, Embedding, LayerNorm, Dropout, Activation, Attention
@@ -164,6 +166,15 @@ def unpack_rows(y, rows, B, T):
     return out.reshape(B, T, -1)
 
 
+class EncodeCache(NamedTuple):
+    embeds: bool        # inputs_embeds given (no word-embedding gradient; its gradient handed back)
+    pos_rows: int       # rows of position ids: 1 when shared by the batch
+    past: tuple         # per layer (k, v) before the layer's own keys, or None
+    shape: tuple        # h's (B, T, C)
+    dtype: object
+    packed: tuple       # (rows, B, T) when the layers ran on the real tokens only, else None
+
+
 class BertEncoder(Module):
     def __init__(self, config):
         super().__init__()
@@ -189,9 +200,10 @@ class BertModel(PreTrainedModel):
     # non-persistent buffers that old checkpoints (sentence-transformers, transformers 4.x) still hold
     ignore_on_load = (r"(^|\.)embeddings\.position_ids$", r"(^|\.)embeddings\.token_type_ids$")
     past_grads = None
-    # True: the encoder layers compute the real tokens' rows only (padding's last_hidden_state rows come
-    # out 0, not transformers' values); the real tokens' outputs and every gradient are unchanged.
-    # Not with a past, nor when a sequence's position 0 is padding (left padding).
+    # True: the encoder layers compute the real tokens' rows only. The real tokens' outputs are
+    # unchanged; the padding rows of the hidden states come out 0 and of the attentions differ, and
+    # training draws dropout over the packed rows; gradients are unchanged when d h_L's padding rows
+    # are 0 (heads on [CLS]). Not with a past, nor when a sequence's position 0 is padding.
     skip_padding = False
 
     def __init__(self, config, add_pooling_layer=True, seed=0, dtype="float32", init=True):
@@ -215,7 +227,7 @@ class BertModel(PreTrainedModel):
         # the layers see real tokens only, when every [CLS] (position 0, what the heads read) is one
         if self.skip_padding and past is None and x.mask is not None and x.mask[:, 0].all():
             packed = (np.flatnonzero(x.mask.reshape(-1)), x.B, x.T)
-        self.cache = (x.embeds is not None, x.pos.shape[0], past, h.shape, h.dtype, packed)
+        self.cache = EncodeCache(x.embeds is not None, x.pos.shape[0], past, h.shape, h.dtype, packed)
         hs = [h]
         h = h if packed is None else h.reshape(-1, h.shape[-1])[packed[0]]
         # h_l = layer_l(h_{l-1})
@@ -230,33 +242,33 @@ class BertModel(PreTrainedModel):
 
     def encode_backward(self, dh=None, dpooled=None):
         """dh: d h_L (B, T, C), dpooled: d pooled (B, C) (either may be None) -> every parameter's gradient"""
-        embeds, pos_rows, past, shape, dtype, packed = self.cache
+        c = self.cache
         e, layers = self.embeddings, self.encoder.layer.items
-        d = np.zeros(shape, dtype=dtype) if dh is None else dh
+        d = np.zeros(c.shape, dtype=c.dtype) if dh is None else dh
         # pooled = tanh(h_L[:, 0] Wp + bp)
         if dpooled is not None:
             d = d.copy() if dh is not None else d
             d[:, 0] += self.pooler.dense.backward(self.pooler.activation.backward(dpooled))
         # h_l = layer_l(h_{l-1}), down to the lowest layer that has a gradient to compute
-        lo = lowest_needing_backward(e, embeds, layers, past)
-        if packed is not None and lo < len(layers):
-            d = d.reshape(-1, shape[-1])[packed[0]]
+        lo = lowest_needing_backward(e, c.embeds, layers, c.past)
+        if c.packed is not None and lo < len(layers):
+            d = d.reshape(-1, c.shape[-1])[c.packed[0]]
         for layer in reversed(layers[lo:]):
             d = layer.backward(d)
-        if packed is not None and lo < len(layers):
-            d = unpack_rows(d, *packed)
-        self.past_grads = None if past is None else tuple(
+        if c.packed is not None and lo < len(layers):
+            d = unpack_rows(d, *c.packed)
+        self.past_grads = None if c.past is None else tuple(
             layer.attention.self.core.dpast if i >= lo else None for i, layer in enumerate(layers))
         e.inputs_embeds_grad = None
         if lo > 0:
             return
         # h0 = Dropout(LN(word + token_type[tt] + position[pos]))
         de = e.LayerNorm.backward(e.dropout.backward(d))
-        e.inputs_embeds_grad = de if embeds else None
-        if not embeds:
+        e.inputs_embeds_grad = de if c.embeds else None
+        if not c.embeds:
             e.word_embeddings.backward(de)
         e.token_type_embeddings.backward(de)
-        e.position_embeddings.backward(de if pos_rows == de.shape[0] else de.sum(axis=0, keepdims=True))
+        e.position_embeddings.backward(de if c.pos_rows == de.shape[0] else de.sum(axis=0, keepdims=True))
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
