@@ -40,19 +40,24 @@ def adaptive(kernel, serial=None):
             return kernel(*args)
         if serial is not None:
             return serial(*args)
-        get, set_ = _thread_count or _numba_thread_count()
-        n = get()
-        set_(1)
-        try:
-            return kernel(*args)
-        finally:
-            set_(n)
+        return at_one_thread(kernel, *args)
 
     call.kernel = kernel
     return call
 
 
 _thread_count = ()  # numba's get and set of the calling thread's count, found at the first small kernel
+
+
+def at_one_thread(kernel, *args):
+    """kernel(*args) with the calling thread's Numba thread count at 1, put back after."""
+    get, set_ = _thread_count or _numba_thread_count()
+    n = get()
+    set_(1)
+    try:
+        return kernel(*args)
+    finally:
+        set_(n)
 
 
 def _numba_thread_count():

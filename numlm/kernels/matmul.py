@@ -17,7 +17,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -112,10 +111,10 @@ def matmul(a, b, out=None, bias=None):
     (or of the stack) go to separate threads, the caller's included; with fewer rows than cores, or a
     2-D a of fewer than COLUMN_SPLIT_ROWS rows, blocks of output columns do. Every BLAS call here runs
     on one thread, the unsplit small products too: an idle multi-threaded BLAS spins its threads after
-    each call, taking the cores from the next split product. The exceptions go to gemv, BLAS's own
-    threads (or rows_gemv for the LM head): a single row, (1, K) @ (K, N), a decoding step's GEMV; and a 2-D a of fewer than
-    COLUMN_SPLIT_ROWS rows while those threads still spin after the last GEMV (a prompt pass after
-    decoding). out, if given, receives the result."""
+    each call, taking the cores from the next split product. The exceptions go to gemv, on BLAS's own
+    threads (or rows_gemv for the LM head): a single row, (1, K) @ (K, N), a decoding step's GEMV; and
+    a 2-D a of fewer than COLUMN_SPLIT_ROWS rows while those threads still spin after the last GEMV (a
+    prompt pass after decoding). out, if given, receives the result."""
     if out is None:
         shape = a.shape[:-1] + (b.shape[-1],)
         out = np.empty(shape, dtype=np.result_type(a, b))
@@ -216,12 +215,10 @@ def _gemv_product(a, b, out, rows, one_thread):
             return np.matmul(a, b, out=out)
         with _at_one_thread():
             return np.matmul(a, b, out=out)
-    n = numba.get_num_threads()
-    numba.set_num_threads(1 if one_thread else n)
-    try:
+    if one_thread:
+        kernels.at_one_thread(rows_gemv, b.T, a[0], out[0])
+    else:
         rows_gemv(b.T, a[0], out[0])
-    finally:
-        numba.set_num_threads(n)
     return out
 
 

@@ -113,15 +113,17 @@ class BertLayer(Module):
         self.output = BertResidualOutput(config.intermediate_size, config)
 
     def forward(self, x, mask=None, past=None, packed=None):  # (B, T, C) -> (B, T, C)
-        """packed = (rows, B, T): x (N, C) holds only these rows of the (B * T, C) tokens (BertModel.skip_padding);
-        attention puts them back in place, the others zeros (padding: masked keys, outputs dropped)"""
+        """packed = (rows, B, T): x (N, C) holds only these rows of the (B * T, C) tokens
+        (BertModel.skip_padding); attention puts them back in place, the others zeros (padding: masked
+        keys, outputs dropped)"""
         sa, ao, it, out = self.attention.self, self.attention.output, self.intermediate, self.output
         # ctx = Attn(x Wq + bq, x Wk + bk, x Wv + bv): one product [q | k | v] = x [Wq | Wk | Wv] + [bq | bk | bv]
         # unless peft replaced one of the three with a module of its own (kept: the backward follows it)
         joined = all(type(m) is Linear for m in (sa.query, sa.key, sa.value))
         self.cache = (joined, packed)
         if packed is not None:
-            qkv = sa.query(x, sa.key, sa.value) if joined else np.concatenate([sa.query(x), sa.key(x), sa.value(x)], -1)
+            qkv = (sa.query(x, sa.key, sa.value) if joined
+                   else np.concatenate([sa.query(x), sa.key(x), sa.value(x)], -1))
             qkv = np.split(unpack_rows(qkv, *packed), 3, axis=-1)
             ctx = sa.core(*qkv, mask, past).reshape(-1, x.shape[-1])[packed[0]]
         elif joined:

@@ -7,8 +7,8 @@ import numpy as np
 from ._check import float_array
 from .. import kernels
 from ..kernels.activations import (gelu_tanh_kernel, gelu_tanh_backward_kernel, gelu_erf_kernel,
-                                  gelu_erf_backward_kernel, gelu_erf_f32_kernel, gelu_erf_f32_backward_kernel, dropout_kernel,
-                                  AS_P, AS_A)
+                                  gelu_erf_backward_kernel, gelu_erf_f32_kernel, gelu_erf_f32_backward_kernel,
+                                  dropout_kernel, AS_P, AS_A)
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
