@@ -294,6 +294,62 @@ def test_causal_blocks_skip_the_future_exactly(kind, dtype, split, monkeypatch):
     assert_close(nb, npy, dtype)
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, B=st.integers(1, 3), H=st.integers(1, 3), Tq=st.integers(1, 9), past=st.integers(0, 4),
+       dtype=dtypes, pad=st.booleans(), heads=st.booleans())
+def test_causal_softmax_kernels_give_the_full_rows_numbers(seed, B, H, Tq, past, dtype, pad, heads):
+    """causal_softmax_kernel: scale_mask then softmax over each row's visible keys only, in place, 0
+    after them; its backward: softmax's, then scale_mask's with 0, in place. The same numbers as the full
+    rows' kernels (float64 to rounding; the backward's sums run over the same terms)."""
+    from numlm.kernels.softmax import (causal_softmax_kernel, causal_softmax_backward_kernel, scale_mask_kernel,
+                                       softmax_rows, softmax_backward_rows)
+    rng = np.random.default_rng(seed)
+    Tk = Tq + past
+    mask = (np.arange(Tk) >= rng.integers(0, past + 1, B)[:, None]).astype(np.int64) if pad else None
+    codes = ops.attention_allowed(mask, B, Tq, Tk, True)
+    if codes is None:  # Tq = 1: one query sees every key
+        codes = np.ones((1, 1, Tq, Tk), np.int8)
+    if heads:  # per-head codes: one more key masked in head 0, the query's own kept
+        codes = np.repeat(codes, H, axis=1)
+        codes[:, 0, :, 0] = np.where(np.arange(Tq) + past > 0, 0, codes[:, 0, :, 0])
+    dt, lowest = dtype, np.finfo(dtype).min
+    s = (rng.standard_normal((B, H, Tq, Tk)) * 3).astype(dt)
+    full = s.copy()
+    scale_mask_kernel(full, dt(0.7), codes, dt(lowest), dt(lowest))
+    want = softmax_rows(full.reshape(-1, Tk))[0].reshape(s.shape)
+    got = causal_softmax_kernel(s.copy(), dt(0.7), codes, dt(lowest))
+    assert_close(got, want, dtype)
+    assert (got[..., np.arange(Tk)[None, :] > np.arange(Tq)[:, None] + past] == 0).all()
+    dp = rng.standard_normal(s.shape).astype(dt)
+    ds = softmax_backward_rows(dp.reshape(-1, Tk), want.reshape(-1, Tk)).reshape(s.shape)
+    scale_mask_kernel(ds, dt(0.7), codes, dt(0), dt(0))
+    assert_close(causal_softmax_backward_kernel(dp.copy(), want, dt(0.7), codes), ds, dtype)
+
+
+@pytest.mark.parametrize("kind", ["causal", "kv_cache", "right_pad"])
+def test_causal_blocks_gradcheck(kind, monkeypatch):
+    """Central differences of the kernel path's causal blocks (causal_softmax_kernel and its backward
+    inside), float64, blocks of 2 queries."""
+    from numlm.gradchecking import gradcheck
+    from numlm.ops import attention
+    monkeypatch.setattr(attention, "BLOCK_ROWS", 2)
+    rng = np.random.default_rng(3)
+    B, H, T, D = 2, 2, 6, 3
+    Tk = T + 3 if kind == "kv_cache" else T
+    q = rng.standard_normal((B, H, T, D))
+    k, v = (rng.standard_normal((B, H, Tk, D)) for _ in range(2))
+    kw = {"causal": True, "scale": 0.6}
+    if kind == "right_pad":
+        kw["attention_mask"] = (np.arange(Tk) < np.array([[Tk], [4]])).astype(np.int64)
+    previous = set_numba(True)
+    try:
+        assert ops.attention_forward(q, k, v, **kw)[1].blocks is not None
+        errs = gradcheck(ops.attention_forward, (q, k, v), ops.attention_backward, kwargs=kw, eps=2.0 ** -16)
+    finally:
+        set_numba(previous)
+    assert set(errs) == {"q", "k", "v"} and max(errs.values()) < 1e-7, errs
+
+
 def test_switch_and_env():
     previous = set_numba(False)
     assert not kernels.numba_enabled()

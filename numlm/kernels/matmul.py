@@ -284,17 +284,23 @@ def mm_pair(a, b, c, d):
 # Causal attention's products without the masked future (ops.attention.causal_forward). `blocks` are
 # query blocks [(i0, i1, j1)]: rows i0..i1 of the (.., Tq, Tk) scores see keys 0..j1 only.
 
-def mm_visible(a, b, blocks):
-    """a @ b on each block's rows i0..i1 and keys 0..j1, 0 beyond j1.   a (.., Tq, K), b (.., K, Tk)"""
+def mm_visible(a, b, blocks, zero=True):
+    """a @ b on each block's rows i0..i1 and keys 0..j1, 0 beyond j1 (left unwritten unless zero).
+    a (.., Tq, K), b (.., K, Tk)"""
     a3, b3 = _stack(a), _stack(b)
     out = np.empty(a3.shape[:2] + b3.shape[2:], dtype=np.result_type(a, b))
-    _over_stack(_visible, (a3, b3, out), blocks, work=a3.size * b3.shape[-1])
+    _over_stack(_visible_zero if zero else _visible, (a3, b3, out), blocks, work=a3.size * b3.shape[-1])
     return out.reshape(a.shape[:-1] + b.shape[-1:])
 
 
 def _visible(a3, b3, out, blocks):
     for i0, i1, j1 in blocks:
         np.matmul(a3[:, i0:i1], b3[:, :, :j1], out=out[:, i0:i1, :j1])
+
+
+def _visible_zero(a3, b3, out, blocks):
+    _visible(a3, b3, out, blocks)
+    for i0, i1, j1 in blocks:
         out[:, i0:i1, j1:] = 0
 
 

@@ -136,6 +136,57 @@ def softmax_row(x, y):
     return m, s
 
 
+@adaptive
+@njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
+def causal_softmax_kernel(s, scale, codes, lowest):
+    """p = softmax(masked_score(s, code, scale, lowest, lowest)) per row of s (B, H, Tq, Tk), in place,
+    over the keys 0..Tk - Tq + i that row i sees; exactly 0 after them, as exp of their lowest gives.
+    codes (Bc, Hc, Tq, Tk) int8, Bc in {1, B}, Hc in {1, H}; every row has an allowed key.
+    softmax_row's steps, its max taken as the scores are masked."""
+    B, H, Tq, Tk = s.shape
+    Bc, Hc = codes.shape[0], codes.shape[1]
+    for r in prange(B * H * Tq):
+        b, h, i = r // (H * Tq), (r // Tq) % H, r % Tq
+        c, x = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i], s[b, h, i]
+        n = Tk - Tq + i + 1
+        m = lowest
+        for j in range(n):
+            y = masked_score(x[j], c[j], scale, lowest, lowest)
+            x[j] = y
+            m = y if y > m else m
+        t = x.dtype.type(0)
+        for j in range(n):
+            e = exp_nonpositive(x[j] - m)
+            x[j] = e
+            t += e
+        for j in range(n):
+            x[j] /= t
+        x[n:] = 0
+    return s
+
+
+@adaptive
+@njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
+def causal_softmax_backward_kernel(dp, p, scale, codes):
+    """ds = p (dp - sum_j dp_j p_j) scale where allowed, else 0: softmax_backward_rows, then
+    scale_mask_kernel's (lowest = fill = 0), in place on dp (B, H, Tq, Tk) over causal_softmax_kernel's
+    keys, 0 after them"""
+    B, H, Tq, Tk = dp.shape
+    Bc, Hc = codes.shape[0], codes.shape[1]
+    for r in prange(B * H * Tq):
+        b, h, i = r // (H * Tq), (r // Tq) % H, r % Tq
+        c = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i]
+        d, y = dp[b, h, i], p[b, h, i]
+        n = Tk - Tq + i + 1
+        t = 0.0
+        for j in range(n):
+            t += d[j] * y[j]
+        for j in range(n):
+            d[j] = y[j] * (d[j] - t)  # rounded to d's dtype, then scaled: the two kernels' steps
+            d[j] = d[j] * scale if c[j] == 1 else 0
+        d[n:] = 0
+    return dp
+
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")
 def attention_rows_kernel(q, k, v, Tk, scale, codes, lowest, fill):

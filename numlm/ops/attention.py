@@ -20,6 +20,7 @@ from .. import kernels
 from ..kernels.matmul import mm, mm_pair  # a @ b, the B*H products split across the cores
 from ..kernels.matmul import mm_visible, mm_from_visible, mm_t_from_visible
 from ..kernels.softmax import scale_mask_kernel, attention_rows_kernel
+from ..kernels.softmax import causal_softmax_kernel, causal_softmax_backward_kernel
 from .activations import dropout_forward, dropout_backward
 from .softmax import softmax_forward, softmax_backward
 
@@ -180,9 +181,12 @@ def causal_blocks(Tq, Tk, codes):
 
 def causal_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks):
     """attention_forward on the kernel path for causal blocks: the same steps, each product over the
-    keys its queries see. The future scores are set to finfo.min as in the full path."""
-    s = scale_mask(mm_visible(q, k.swapaxes(-1, -2), blocks), scale, codes, lowest, lowest)  # (B, H, Tq, Tk)
-    p, _ = softmax_forward(s)  # exactly 0 in the future
+    keys its queries see, the softmax too: the future probabilities are exactly 0, as the full path's
+    finfo.min scores give."""
+    dt = q.dtype.type
+    s = mm_visible(q, k.swapaxes(-1, -2), blocks, zero=False)  # (B, H, Tq, Tk), the future unwritten
+    # p = softmax(scale_mask(s, scale, codes, lowest, lowest)) over the keys each query sees, 0 after them
+    p = causal_softmax_kernel(s, dt(scale), np.ascontiguousarray(codes), dt(lowest))
     pd, keep = dropout_forward(p, dropout_p, rng)
     out = mm_from_visible(pd, v, blocks)  # (B, H, Tq, D)
     return out, AttentionCache(q, k, v, p, keep, codes, scale, blocks)
@@ -194,13 +198,11 @@ def causal_backward(dout, cache):
     pd = p if keep is None else p * keep
     # out = pd @ v
     dv = mm_t_from_visible(pd, dout, blocks)  # (B, H, Tk, D)
-    dpd = mm_visible(dout, v.swapaxes(-1, -2), blocks)  # (B, H, Tq, Tk), 0 in the future
+    dpd = mm_visible(dout, v.swapaxes(-1, -2), blocks, zero=keep is not None)  # (B, H, Tq, Tk), future 0 or unwritten
     # pd, keep = dropout_forward(p, dropout_p, rng)
     dp = dropout_backward(dpd, keep)
-    # p, _ = softmax_forward(s)
-    ds = softmax_backward(dp, p)
-    # s = scale_mask(q @ k^T, scale, codes, lowest, lowest)
-    dscores = scale_mask(ds, cache.scale, cache.codes, 0, 0)
+    # p = softmax(scale_mask(s, ...)): masked and future scores are constants, so 0; in place on dp (ours)
+    dscores = causal_softmax_backward_kernel(dp, p, p.dtype.type(cache.scale), np.ascontiguousarray(cache.codes))
     dq = mm_from_visible(dscores, k, blocks)  # (B, H, Tq, D)
     dk = mm_t_from_visible(dscores, q, blocks)  # (B, H, Tk, D)
     return dq, dk, dv
