@@ -350,6 +350,44 @@ def test_causal_blocks_gradcheck(kind, monkeypatch):
     assert set(errs) == {"q", "k", "v"} and max(errs.values()) < 1e-7, errs
 
 
+@pytest.mark.parametrize("case", ["plain", "prefix", "broken", "split"])
+def test_causal_blocks_inside_gpt2(case, monkeypatch):
+    """A GPT-2 step with causal blocks on the kernel path (their heads split and merged in place: views of
+    c_attn's output, out and d[q | k | v] written merged) gives the NumPy path's logits and gradients, with
+    a prefix past (dk, dv longer than T), under inspect's broken attention backward (its dq, dk, dv are
+    new arrays), and with the stacks split over 3 threads."""
+    import numlm
+    from numlm.inspect import broken_backward
+    from numlm.ops import attention
+    from numlm.kernels import matmul as mm
+    monkeypatch.setattr(attention, "BLOCK_ROWS", 2)
+    if case == "split":
+        monkeypatch.setattr(mm, "SPLIT_MIN_MACS", 0)
+        monkeypatch.setattr(mm, "workers", lambda: 3)
+    cfg = numlm.GPT2Config(vocab_size=11, n_positions=16, n_embd=12, n_layer=2, n_head=3,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = numlm.GPT2LMHeadModel(cfg, seed=0, dtype="float64")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 11, (3, 7))
+    past = tuple((rng.standard_normal((3, 3, 2, 4)), rng.standard_normal((3, 3, 2, 4))) for _ in range(2))
+    kw = {"past_key_values": past} if case == "prefix" else {}
+
+    def run():
+        model.zero_grad()
+        out = model(ids, labels=ids, **kw)
+        if case == "broken":
+            with broken_backward("attention"):
+                model.backward()
+        else:
+            model.backward()
+        blocks = model.transformer.h[0].attn.core.cache.blocks
+        return (out.logits,) + tuple(g.copy() for g in model.grad_arrays().values()), blocks
+
+    (nb, blocks), (npy, _) = both_paths(run)
+    assert blocks is not None  # the kernel path ran the causal blocks
+    assert_close(nb, npy, np.float64)
+
+
 def test_switch_and_env():
     previous = set_numba(False)
     assert not kernels.numba_enabled()

@@ -282,75 +282,73 @@ def mm_pair(a, b, c, d):
 
 
 # Causal attention's products without the masked future (ops.attention.causal_forward). `blocks` are
-# query blocks [(i0, i1, j1)]: rows i0..i1 of the (.., Tq, Tk) scores see keys 0..j1 only.
+# query blocks [(i0, i1, j1)]: rows i0..i1 of the (B, H, Tq, Tk) scores see keys 0..j1 only. Any array
+# may be a strided view (heads split from (B, T, C) without a copy): BLAS reads each (T, D) matrix
+# with its row stride, and an out given is written in place (merged heads).
 
 def mm_visible(a, b, blocks, zero=True):
     """a @ b on each block's rows i0..i1 and keys 0..j1, 0 beyond j1 (left unwritten unless zero).
-    a (.., Tq, K), b (.., K, Tk)"""
-    a3, b3 = _stack(a), _stack(b)
-    out = np.empty(a3.shape[:2] + b3.shape[2:], dtype=np.result_type(a, b))
-    _over_stack(_visible_zero if zero else _visible, (a3, b3, out), blocks, work=a3.size * b3.shape[-1])
-    return out.reshape(a.shape[:-1] + b.shape[-1:])
+    a (B, H, Tq, K), b (B, H, K, Tk)"""
+    out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
+    _over_stack(_visible_zero if zero else _visible, (a, b, out), blocks, work=a.size * b.shape[-1])
+    return out
 
 
-def _visible(a3, b3, out, blocks):
+def _visible(a, b, out, blocks):
     for i0, i1, j1 in blocks:
-        np.matmul(a3[:, i0:i1], b3[:, :, :j1], out=out[:, i0:i1, :j1])
+        np.matmul(a[..., i0:i1, :], b[..., :j1], out=out[..., i0:i1, :j1])
 
 
-def _visible_zero(a3, b3, out, blocks):
-    _visible(a3, b3, out, blocks)
+def _visible_zero(a, b, out, blocks):
+    _visible(a, b, out, blocks)
     for i0, i1, j1 in blocks:
-        out[:, i0:i1, j1:] = 0
+        out[..., i0:i1, j1:] = 0
 
 
-def mm_from_visible(m, b, blocks):
-    """m @ b for m (.., Tq, Tk) that is 0 beyond each block's keys 0..j1.   b (.., Tk, N)"""
-    m3, b3 = _stack(m), _stack(b)
-    out = np.empty(m3.shape[:2] + b3.shape[2:], dtype=np.result_type(m, b))
-    _over_stack(_from_visible, (m3, b3, out), blocks, work=m3.size * b3.shape[-1])
-    return out.reshape(m.shape[:-1] + b.shape[-1:])
+def mm_from_visible(m, b, blocks, out=None):
+    """m @ b for m (B, H, Tq, Tk) that is 0 beyond each block's keys 0..j1.   b (B, H, Tk, N)"""
+    out = np.empty(m.shape[:-1] + b.shape[-1:], dtype=np.result_type(m, b)) if out is None else out
+    _over_stack(_from_visible, (m, b, out), blocks, work=m.size * b.shape[-1])
+    return out
 
 
-def _from_visible(m3, b3, out, blocks):
+def _from_visible(m, b, out, blocks):
     for i0, i1, j1 in blocks:
-        np.matmul(m3[:, i0:i1, :j1], b3[:, :j1], out=out[:, i0:i1])
+        np.matmul(m[..., i0:i1, :j1], b[..., :j1, :], out=out[..., i0:i1, :])
 
 
-def mm_t_from_visible(m, b, blocks):
+def mm_t_from_visible(m, b, blocks, out=None):
     """m^T @ b for m as in mm_from_visible: the keys a block adds (after the previous block's j1) are
-    seen by its rows and the rows below only.   b (.., Tq, N) -> (.., Tk, N)"""
-    m3, b3 = _stack(m), _stack(b)
-    out = np.empty((m3.shape[0], m3.shape[2], b3.shape[2]), dtype=np.result_type(m, b))
-    _over_stack(_t_from_visible, (m3, b3, out), blocks, work=m3.size * b3.shape[-1])
-    return out.reshape(m.shape[:-2] + out.shape[1:])
+    seen by its rows and the rows below only.   b (B, H, Tq, N) -> (B, H, Tk, N)"""
+    out = np.empty(m.shape[:-2] + (m.shape[-1], b.shape[-1]), dtype=np.result_type(m, b)) if out is None else out
+    _over_stack(_t_from_visible, (m, b, out), blocks, work=m.size * b.shape[-1])
+    return out
 
 
-def _t_from_visible(m3, b3, out, blocks):
+def _t_from_visible(m, b, out, blocks):
     j0 = 0
     for i0, _, j1 in blocks:
-        np.matmul(m3[:, i0:, j0:j1].swapaxes(-1, -2), b3[:, i0:], out=out[:, j0:j1])
+        np.matmul(m[..., i0:, j0:j1].swapaxes(-1, -2), b[..., i0:, :], out=out[..., j0:j1, :])
         j0 = j1
 
 
 def _over_stack(fn, arrays, blocks, work):
-    """fn(*arrays, blocks) on blocks of the stack (the first axis of every array), one per thread, the
-    caller's included, BLAS on one thread in each: one thread hand-off for all of a causal product's
-    query blocks, not one each (~0.1 ms a wake-up here; gpt-small has 4 query blocks). `work`:
-    multiply-adds, at most; below SPLIT_MIN_MACS the caller computes all."""
+    """fn(*arrays, blocks) on blocks of the stack (B, H, ..) (along the batch, or the heads when they split
+    more evenly), one per thread, the caller's included, BLAS on one thread in each: one
+    thread hand-off for all of a causal product's query blocks, not one each (~0.1 ms a wake-up here;
+    gpt-small has 4 query blocks). `work`: multiply-adds, at most; below SPLIT_MIN_MACS the caller
+    computes all."""
     if _blas is None:
         return fn(*arrays, blocks)
-    S = arrays[0].shape[0]
-    n = min(workers(), S) if work >= SPLIT_MIN_MACS else 1
-    bounds = [S * i // n for i in range(n + 1)]
+    n = workers() if work >= SPLIT_MIN_MACS else 1
+    B, H = arrays[0].shape[:2]
+    axis = 0 if B % n == 0 or (H % n and B >= H) else 1  # the more even split
+    n = min(n, arrays[0].shape[axis])
+    bounds = [arrays[0].shape[axis] * i // n for i in range(n + 1)]
+    parts = [tuple(x[lo:hi] if axis == 0 else x[:, lo:hi] for x in arrays) for lo, hi in zip(bounds[:-1], bounds[1:])]
     with _lock, _at_one_thread():
         pool = _get_pool()
-        jobs = [pool.submit(fn, *(x[lo:hi] for x in arrays), blocks) for lo, hi in zip(bounds[1:-1], bounds[2:])]
-        fn(*(x[:bounds[1]] for x in arrays), blocks)
+        jobs = [pool.submit(fn, *part, blocks) for part in parts[1:]]
+        fn(*parts[0], blocks)
         for j in jobs:
             j.result()
-
-
-def _stack(x):
-    """(.., M, N) -> (S, M, N), a view for the layouts attention passes"""
-    return x.reshape((-1,) + x.shape[-2:])

@@ -392,6 +392,20 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
 
 
+def joined_slots(dq, dk, dv):
+    """The (B, T, 3, H, D) array whose [:, :, i] dq, dk, dv (B, H, T, D) are, transposed (the kernel
+    path's causal attention writes them so), else None"""
+    d3 = dq.base
+    if d3 is None or d3.ndim != 5:
+        return None
+    for i, d in enumerate((dq, dk, dv)):
+        slot = d3[:, :, i].transpose(0, 2, 1, 3)
+        if (d.base is not d3 or d.shape != slot.shape or d.strides != slot.strides
+                or d.__array_interface__["data"][0] != slot.__array_interface__["data"][0]):
+            return None
+    return d3
+
+
 class Attention(Module):
     """The attention core shared by BERT and GPT: split heads, dropout(masked softmax(q k^T * scale)) v,
     merge. Projections live in the model's own modules (BERT's query/key/value, GPT's fused c_attn).
@@ -414,8 +428,8 @@ class Attention(Module):
     def forward(self, q, k, v, attention_mask=None, past=None):  # (B, T, C) each -> (B, T, C)
         B, T, C = q.shape
         H, D = self.n_head, C // self.n_head
-        # split heads: (B, T, C) -> (B, H, T, D)
-        q, k, v = (np.ascontiguousarray(t.reshape(B, T, H, D).transpose(0, 2, 1, 3)) for t in (q, k, v))
+        # split heads: (B, T, C) -> (B, H, T, D), views (BLAS reads each head's (T, D) rows with their stride)
+        q, k, v = (t.reshape(B, T, H, D).transpose(0, 2, 1, 3) for t in (q, k, v))
         if past is not None:
             k, v = self.after_past(past, k, v)  # (B, H, T_past + T, D)
         kept = attention_keeps[0]
@@ -450,14 +464,16 @@ class Attention(Module):
         B, T, C = dout.shape
         H, D = self.n_head, C // self.n_head
         # out = merge(attention(split(q), split(k), split(v)))
-        dout = np.ascontiguousarray(dout.reshape(B, T, H, D).transpose(0, 2, 1, 3))  # (B, H, T, D)
+        dout = dout.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D), a view
         dq, dk, dv = OPS["attention"][1](dout, self.cache)  # dk, dv (B, H, T_past + T, D)
         # k = concatenate([past k, k]), v likewise: the first T_past rows belong to the past
         Tp = dk.shape[2] - T
         self.dpast = (dk[:, :, :Tp], dv[:, :, :Tp]) if Tp else None
         # merge heads into one array [dq | dk | dv] (B, T, 3C), what a joined projection's backward takes
-        dqkv = np.empty((B, T, 3, H, D), dtype=dout.dtype)
-        for i, d in enumerate((dq, dk[:, :, Tp:], dv[:, :, Tp:])):
-            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
+        dqkv = joined_slots(dq, dk, dv) if self.cache.blocks is not None and not Tp else None
+        if dqkv is None:  # not written there by the op (ops.attention.causal_backward)
+            dqkv = np.empty((B, T, 3, H, D), dtype=dout.dtype)
+            for i, d in enumerate((dq, dk[:, :, Tp:], dv[:, :, Tp:])):
+                dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
         dqkv = dqkv.reshape(B, T, 3 * C)
         return dqkv if joined else (dqkv[..., :C], dqkv[..., C:2 * C], dqkv[..., 2 * C:])

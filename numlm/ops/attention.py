@@ -188,21 +188,27 @@ def causal_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks):
     # p = softmax(scale_mask(s, scale, codes, lowest, lowest)) over the keys each query sees, 0 after them
     p = causal_softmax_kernel(s, dt(scale), np.ascontiguousarray(codes), dt(lowest))
     pd, keep = dropout_forward(p, dropout_p, rng)
-    out = mm_from_visible(pd, v, blocks)  # (B, H, Tq, D)
+    B, H, Tq, D = q.shape  # out (B, H, Tq, D) in a (B, Tq, H, D) array: the heads merged as written
+    out = mm_from_visible(pd, v, blocks, out=np.empty((B, Tq, H, D), np.result_type(pd, v)).transpose(0, 2, 1, 3))
     return out, AttentionCache(q, k, v, p, keep, codes, scale, blocks)
 
 
 def causal_backward(dout, cache):
-    """attention_backward for causal_forward's blocks"""
+    """attention_backward for causal_forward's blocks. Without a past (Tk = Tq) dq, dk, dv (B, H, T, D)
+    are [:, :, 0], [:, :, 1], [:, :, 2] of one (B, T, 3, H, D) array, transposed: its .base, the heads
+    merged as a joined projection's backward takes them, d[q | k | v] (B, T, 3C)."""
     q, k, v, p, keep, blocks = cache.q, cache.k, cache.v, cache.probs, cache.keep, cache.blocks
+    (B, H, Tq, D), Tk = q.shape, k.shape[2]
+    d3 = np.empty((B, Tq, 3, H, D), np.result_type(q, dout)) if Tk == Tq else None
+    dq, dk, dv = (None,) * 3 if d3 is None else (d3[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
     pd = p if keep is None else p * keep
     # out = pd @ v
-    dv = mm_t_from_visible(pd, dout, blocks)  # (B, H, Tk, D)
+    dv = mm_t_from_visible(pd, dout, blocks, out=dv)  # (B, H, Tk, D)
     dpd = mm_visible(dout, v.swapaxes(-1, -2), blocks, zero=keep is not None)  # (B, H, Tq, Tk), future 0 or unwritten
     # pd, keep = dropout_forward(p, dropout_p, rng)
     dp = dropout_backward(dpd, keep)
     # p = softmax(scale_mask(s, ...)): masked and future scores are constants, so 0; in place on dp (ours)
     dscores = causal_softmax_backward_kernel(dp, p, p.dtype.type(cache.scale), np.ascontiguousarray(cache.codes))
-    dq = mm_from_visible(dscores, k, blocks)  # (B, H, Tq, D)
-    dk = mm_t_from_visible(dscores, q, blocks)  # (B, H, Tk, D)
+    dq = mm_from_visible(dscores, k, blocks, out=dq)  # (B, H, Tq, D)
+    dk = mm_t_from_visible(dscores, q, blocks, out=dk)  # (B, H, Tk, D)
     return dq, dk, dv
