@@ -336,7 +336,7 @@ def _over_stack(fn, arrays, blocks, work):
     """fn(*arrays, blocks) on blocks of the stack (B, H, ..) (along the batch, or the heads when they split
     more evenly), one per thread, the caller's included, BLAS on one thread in each: one
     thread hand-off for all of a causal product's query blocks, not one each (~0.1 ms a wake-up here;
-    gpt-small has 4 query blocks). `work`: multiply-adds, at most; below SPLIT_MIN_MACS the caller
+    gpt-small has 8 query blocks). `work`: multiply-adds, at most; below SPLIT_MIN_MACS the caller
     computes all."""
     if _blas is None:
         return fn(*arrays, blocks)
