@@ -190,6 +190,30 @@ def test_embedding_parity(seed, lead, V, C, dtype, pad):
     assert_close(nb, npy, dtype)
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, lead=lead_dims, V=st.integers(1, 20), C=st.integers(1, 20), dtype=dtypes,
+       pad=st.booleans())
+def test_embedding_backward_into_a_gradient(seed, lead, V, C, dtype, pad):
+    """out= adds the scatter into a gradient already holding a sum (a tied head's), on both paths: the
+    same as adding the returned dweight, row padding_idx of out untouched"""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, V, lead + (5,))
+    w = rng.standard_normal((V, C)).astype(dtype)
+    prior = rng.standard_normal((V, C)).astype(dtype)
+    _, cache = ops.embedding_forward(ids, w, 0 if pad else None)
+    dout = rng.standard_normal(ids.shape + (C,)).astype(dtype)
+
+    def run():
+        g = prior.copy()
+        assert ops.embedding_backward(dout, cache, out=g) is g
+        return g
+    nb, npy = both_paths(run)
+    assert_close(nb, prior + ops.embedding_backward(dout, cache), dtype)
+    assert_close(npy, prior + ops.embedding_backward(dout, cache), dtype)
+    if pad:
+        assert (nb[0] == prior[0]).all() and (npy[0] == prior[0]).all()
+
+
 MASKS = ["none", "causal", "padding", "bool4d", "openai_left", "kv_cache", "dropout"]
 
 

@@ -326,8 +326,8 @@ class Embedding(Module):
         return out
 
     def backward(self, dout):
-        if "weight" in self.grads:  # not frozen
-            self.add_grad("weight", OPS["embedding"][1](dout, self.cache))
+        if "weight" in self.grads:  # not frozen: scattered straight into the gradient, no (V, C) zeros added
+            OPS["embedding"][1](dout, self.cache, out=self.grads["weight"])
 
 
 class LayerNorm(Module):
