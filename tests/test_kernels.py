@@ -446,6 +446,28 @@ def test_products_run_blas_on_one_thread_and_restore_its_count():
     assert seen and set(seen[:-1]) == {1} and seen[-1] == before
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, M=st.integers(1, 9), K=st.integers(1, 9), N=st.integers(1, 9), dtype=dtypes,
+       layout=st.sampled_from(["C", "a^T", "b^T", "columns of out", "strided a"]))
+def test_gemm_add_adds_the_product_in_place_or_declines(seed, M, K, N, dtype, layout):
+    """gemm_add(a, b, out): out += a @ b in one BLAS call for the layouts the products pass (transposed
+    views, a column block of out); False and out untouched for a layout BLAS cannot read in place"""
+    from numlm.kernels import matmul as mm
+    if not mm._gemm:
+        pytest.skip("numpy's BLAS is not OpenBLAS")
+    rng = np.random.default_rng(seed)
+    a, b = rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
+    a = np.asfortranarray(a) if layout == "a^T" else a[:, ::-1].copy()[:, ::-1] if layout == "strided a" else a
+    b = np.asfortranarray(b) if layout == "b^T" else b
+    wide = rng.standard_normal((M, 2 * N)).astype(dtype)
+    out = wide[:, N:] if layout == "columns of out" else wide[:, :N].copy()
+    before, kept = out.copy(), wide[:, :N].copy()
+    assert mm.gemm_add(a, b, out) == (layout != "strided a")
+    assert_close(out, before + (a @ b if layout != "strided a" else 0), dtype)
+    assert (wide[:, :N] == kept).all() or layout != "columns of out"
+    assert not mm.gemm_add(a.astype(np.float64 if dtype == np.float32 else np.float32), b, out)
+
+
 def test_a_stalled_gemv_sends_the_next_ones_to_one_thread_for_a_while():
     """A GEMV on BLAS's threads that streams slower than GEMV_STALLED (a thread waited for a core
     another process held) makes the GEMVs of the next GEMV_ALONE_FOR seconds run on one thread;
@@ -529,8 +551,9 @@ def test_few_rows_run_on_blas_threads_while_they_spin():
         return real(*a, **k)
 
     with pytest.MonkeyPatch.context() as mp:
-        real = np.matmul
+        real, real_gemm_add = np.matmul, mm.gemm_add
         mp.setattr(mm.np, "matmul", recording)
+        mp.setattr(mm, "gemm_add", lambda *a: (seen.append(mm._blas[1]()), real_gemm_add(*a))[1])  # bias: beta = 1
         mp.setattr(mm, "SPLIT_MIN_MACS", 0)
         mp.setattr(mm, "_gemv_alone_until", [0.0])
         mp.setattr(mm, "_gemv_alone_for", [10.0])

@@ -65,6 +65,53 @@ def _load_blas():
 _blas, _corename = _load_blas()
 
 
+def _load_gemm():
+    """{dtype: cblas ?gemm} of the OpenBLAS numpy uses (C = alpha A B + beta C), or {}"""
+    found = _find_openblas()
+    if found is None:
+        return {}
+    dll, prefix, suffix = found
+    idx = ctypes.c_int64 if suffix == "64_" else ctypes.c_int
+    fns = {}
+    for dtype, letter, real in ((np.float32, "s", ctypes.c_float), (np.float64, "d", ctypes.c_double)):
+        f = getattr(dll, f"{prefix[:-len('openblas')]}cblas_{letter}gemm{suffix}", None)
+        if f is not None:
+            f.restype = None
+            f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, idx, idx, idx, real, ctypes.c_void_p, idx,
+                          ctypes.c_void_p, idx, real, ctypes.c_void_p, idx]
+            fns[np.dtype(dtype)] = f
+    return fns
+
+
+_gemm = _load_gemm()
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+
+
+def _layout(m):
+    """(transpose flag, leading dimension) of a 2-D matrix BLAS reads in place, or None"""
+    item, (r, c), (sr, sc) = m.itemsize, m.shape, m.strides
+    if sc == item and sr % item == 0 and sr >= max(c, 1) * item:
+        return NO_TRANS, sr // item
+    if sr == item and sc % item == 0 and sc >= max(r, 1) * item:
+        return TRANS, sc // item
+    return None
+
+
+def gemm_add(a, b, out):
+    """out += a @ b in one BLAS call (beta = 1), 2-D arrays of one dtype read in place; False (nothing
+    done) when BLAS cannot take them so"""
+    f = _gemm.get(out.dtype)
+    if f is None or a.ndim != 2 or b.ndim != 2 or out.ndim != 2 or not a.dtype == b.dtype == out.dtype \
+            or 0 in a.shape or 0 in out.shape:
+        return False
+    la, lb, lo = _layout(a), _layout(b), _layout(out)
+    if la is None or lb is None or lo is None or lo[0] != NO_TRANS:
+        return False
+    (M, K), N = a.shape, b.shape[1]
+    f(ROW_MAJOR, la[0], lb[0], M, N, K, 1.0, a.ctypes.data, la[1], b.ctypes.data, lb[1], 1.0, out.ctypes.data, lo[1])
+    return True
+
+
 @contextmanager
 def one_blas_thread():
     """Run BLAS on one thread inside the block (OpenBLAS, as numpy's wheels ship it; elsewhere a no-op)."""
@@ -240,6 +287,12 @@ def rows_gemv(W, x, out):
 
 
 def _block(x, y, o, bias=None):
+    """o = x @ y (+ bias): with a bias, o is filled with it and BLAS adds the product (beta = 1) where it
+    wrote zeros first (beta = 0), so the bias costs no second pass over o"""
+    if bias is not None and x.ndim == 2:
+        o[...] = bias
+        if gemm_add(x, y, o):
+            return o
     np.matmul(x, y, out=o)
     if bias is not None:
         o += bias
