@@ -422,6 +422,18 @@ def test_mm_pair_is_both_products(always_split, seed, M, K, N, lead, dtype, work
     assert_close(ab, dy @ w.swapaxes(-1, -2), dtype)
     assert_close(cd, x.swapaxes(-1, -2) @ (dy if work_ratio == 1 else x), dtype)
     assert ab.dtype == cd.dtype == dtype
+    g = rng.standard_normal(cd.shape).astype(dtype)  # into=: c @ d added into a gradient, on both paths
+    for flag in (True, False):
+        previous = set_numba(flag)
+        try:
+            into = g.copy()
+            ab2, cd2 = always_split.mm_pair(dy, w.swapaxes(-1, -2), x.swapaxes(-1, -2),
+                                            dy if work_ratio == 1 else x, into=into)
+        finally:
+            set_numba(previous)
+        assert cd2 is into
+        assert_close(ab2, ab, dtype)
+        assert_close(cd2, g + cd, dtype)
 
 
 def test_products_run_blas_on_one_thread_and_restore_its_count():

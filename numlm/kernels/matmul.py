@@ -314,24 +314,36 @@ def mm(a, b, bias=None):
     return matmul(a, b, bias=bias)
 
 
-def mm_pair(a, b, c, d):
+def mm_pair(a, b, c, d, into=None):
     """(a @ b, c @ d): two independent products of about equal work, a layer's dx = dy W^T and
     dW = x^T dy. On the kernel path each runs whole on its own core, c @ d on a worker while the
     caller computes a @ b: one thread hand-off for both instead of one each (a wake-up costs
-    ~0.1 ms here), and no row blocks of x^T, which BLAS ran ~6% slower than the whole product."""
+    ~0.1 ms here), and no row blocks of x^T, which BLAS ran ~6% slower than the whole product.
+    into: an array c @ d is added into (a gradient), returned in its place: BLAS adds it there
+    (beta = 1), no product zeroed, written and added in a second pass."""
     if not kernels.enabled:
-        return a @ b, c @ d
+        return (a @ b, c @ d) if into is None else (a @ b, _add_into(into, c @ d))
     work_ab, work_cd = a.size * b.shape[-1], c.size * d.shape[-1]
     if (_blas is None or workers() < 2 or min(work_ab, work_cd) < SPLIT_MIN_MACS
             or max(work_ab, work_cd) > PAIR_MAX_RATIO * min(work_ab, work_cd)):
-        return mm(a, b), mm(c, d)
+        return mm(a, b), (mm(c, d) if into is None else _add_into(into, mm(c, d)))
     ab = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
-    cd = np.empty(c.shape[:-1] + d.shape[-1:], dtype=np.result_type(c, d))
+    cd = np.empty(c.shape[:-1] + d.shape[-1:], dtype=np.result_type(c, d)) if into is None else into
     with _lock, _at_one_thread():
-        job = _get_pool().submit(_block, c, d, cd)
+        job = _get_pool().submit(_block if into is None else _block_into, c, d, cd)
         _block(a, b, ab)
         job.result()
     return ab, cd
+
+
+def _add_into(into, p):
+    into += p
+    return into
+
+
+def _block_into(x, y, o):
+    """o += x @ y"""
+    return o if gemm_add(x, y, o) else _add_into(o, np.matmul(x, y))
 
 
 # Causal attention's products without the masked future (ops.attention.causal_forward). `blocks` are
