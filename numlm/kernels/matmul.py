@@ -28,6 +28,9 @@ SPLIT_MIN_MACS = 1 << 20
 # (a prompt pass's (32, 768) @ (768, 2304) took half the time of row blocks, which both read all of b;
 # measured on 2 cores: columns as fast or faster up to 1024 rows, kept to the few-row case)
 COLUMN_SPLIT_ROWS = 256
+# ... and so does one with this many times more output columns than rows: each thread then packs half of
+# b, not all of it (the tied MLM decoder, ~300 labelled rows by 8192 columns: ~8% less CPU than row blocks)
+COLUMNS_PER_ROW = 8
 # mm_pair runs two products on one core each only when neither has more than this times the other's work
 PAIR_MAX_RATIO = 1.25
 
@@ -173,7 +176,8 @@ def matmul(a, b, out=None, bias=None):
         return out
     n = workers() if a.size * b.shape[-1] >= SPLIT_MIN_MACS else 1
     stacked = a.ndim == 3 and b.ndim == 3
-    by_rows = a.shape[0] >= n and (a.ndim > 2 or a.shape[0] >= COLUMN_SPLIT_ROWS)
+    by_rows = a.shape[0] >= n and (a.ndim > 2 or (a.shape[0] >= COLUMN_SPLIT_ROWS
+                                                  and COLUMNS_PER_ROW * a.shape[0] > b.shape[-1]))
     split = n > 1 and (by_rows or (a.ndim == 2 and b.shape[-1] >= n))
     with _lock, _at_one_thread():  # the BLAS thread count is process-wide: one product at a time
         if not split:
@@ -329,11 +333,32 @@ def mm_pair(a, b, c, d, into=None):
         return mm(a, b), (mm(c, d) if into is None else _add_into(into, mm(c, d)))
     ab = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
     cd = np.empty(c.shape[:-1] + d.shape[-1:], dtype=np.result_type(c, d)) if into is None else into
+    if into is None and a.ndim > 2 and a.ndim == b.ndim == c.ndim == d.ndim and \
+            a.shape[:-2] == b.shape[:-2] == c.shape[:-2] == d.shape[:-2] and np.prod(a.shape[:-2]) > 1:
+        return _stacked_pair(a, b, c, d, ab, cd)
     with _lock, _at_one_thread():
         job = _get_pool().submit(_block if into is None else _block_into, c, d, cd)
         _block(a, b, ab)
         job.result()
     return ab, cd
+
+
+def _stacked_pair(a, b, c, d, ab, cd):
+    """mm_pair of two stacks (attention's per-head products): each core takes half of the stack of both
+    products, the same work on each (two different products on the two cores had one core idle ~25%
+    of the time, their speeds differing)"""
+    x = [_stack(m) for m in (a, b, c, d, ab, cd)]  # views (ab, cd: C order), or copies of the inputs
+    h = x[0].shape[0] // 2
+    with _lock, _at_one_thread():
+        job = _get_pool().submit(_two_blocks, *(m[h:] for m in x))
+        _two_blocks(*(m[:h] for m in x))
+        job.result()
+    return ab, cd
+
+
+def _two_blocks(a, b, c, d, ab, cd):
+    _block(a, b, ab)
+    _block(c, d, cd)
 
 
 def _add_into(into, p):
