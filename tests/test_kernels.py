@@ -241,6 +241,38 @@ def test_attention_parity(seed, B, H, T, D, dtype, kind):
     assert_close(nb, npy, dtype)
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, 9), D=st.integers(1, 8),
+       dtype=dtypes, kind=st.sampled_from(["none", "padding", "causal", "dropout"]), split=st.booleans())
+def test_attention_backward_writes_into_the_joined_heads(seed, B, H, T, D, dtype, kind, split):
+    """out=: dq, dk, dv written into per-head views of one (B, T, 3, H, D) array, on both paths, the
+    products split or not, the numbers of the backward without out (causal blocks return their own)"""
+    from numlm.kernels import matmul as mm
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((B, H, T, D)).astype(dtype) for _ in range(3))
+    kw = {"none": {}, "causal": {"causal": True}, "dropout": {"dropout_p": 0.2},
+          "padding": {"attention_mask": (np.arange(T) < T - rng.integers(0, T + 1, B)[:, None]).astype(np.int64)}}[kind]
+    dout = rng.standard_normal((B, T, H, D)).astype(dtype).transpose(0, 2, 1, 3)  # a view, as Attention passes
+
+    def run():
+        _, cache = ops.attention_forward(q, k, v, **kw, rng=np.random.default_rng(seed))
+        plain = ops.attention_backward(np.ascontiguousarray(dout), cache)
+        joined = np.full((B, T, 3, H, D), np.nan, dtype)
+        heads = [joined[:, :, i].transpose(0, 2, 1, 3) for i in range(3)]
+        got = ops.attention_backward(dout, cache, out=heads)
+        for i, (g, h) in enumerate(zip(got, heads)):
+            if g is not h:  # returned anew: only causal blocks may
+                assert cache.blocks is not None
+                h[...] = g
+        return plain + tuple(h.copy() for h in heads)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mm, "SPLIT_MIN_MACS", 0 if split else mm.SPLIT_MIN_MACS)
+        for res in both_paths(run):
+            for a, b in zip(res[:3], res[3:]):
+                assert_close(b, a, dtype)
+
+
 @settings(max_examples=60, deadline=None)
 @given(seed=seeds, B=st.integers(1, 3), H=st.integers(1, 3), Tk=st.integers(1, 11), D=st.integers(1, 9),
        room=st.integers(0, 5), dtype=dtypes, kind=st.sampled_from(["none", "causal", "padding", "bool4d", "openai_left"]))

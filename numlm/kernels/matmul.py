@@ -318,23 +318,27 @@ def mm(a, b, bias=None):
     return matmul(a, b, bias=bias)
 
 
-def mm_pair(a, b, c, d, into=None):
+def mm_pair(a, b, c, d, into=None, out=(None, None)):
     """(a @ b, c @ d): two independent products of about equal work, a layer's dx = dy W^T and
     dW = x^T dy. On the kernel path each runs whole on its own core, c @ d on a worker while the
     caller computes a @ b: one thread hand-off for both instead of one each (a wake-up costs
     ~0.1 ms here), and no row blocks of x^T, which BLAS ran ~6% slower than the whole product.
     into: an array c @ d is added into (a gradient), returned in its place: BLAS adds it there
-    (beta = 1), no product zeroed, written and added in a second pass."""
+    (beta = 1), no product zeroed, written and added in a second pass.
+    out: arrays (or None) a @ b and c @ d are written into and returned, BLAS writing them in place
+    when their rows are strided (attention's dq, dk, dv: views of the joined [dq | dk | dv])."""
     if not kernels.enabled:
-        return (a @ b, c @ d) if into is None else (a @ b, _add_into(into, c @ d))
+        return np.matmul(a, b, out=out[0]), (np.matmul(c, d, out=out[1]) if into is None else _add_into(into, c @ d))
     work_ab, work_cd = a.size * b.shape[-1], c.size * d.shape[-1]
     if (_blas is None or workers() < 2 or min(work_ab, work_cd) < SPLIT_MIN_MACS
             or max(work_ab, work_cd) > PAIR_MAX_RATIO * min(work_ab, work_cd)):
-        return mm(a, b), (mm(c, d) if into is None else _add_into(into, mm(c, d)))
-    ab = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
-    cd = np.empty(c.shape[:-1] + d.shape[-1:], dtype=np.result_type(c, d)) if into is None else into
+        return _put(out[0], mm(a, b)), (_put(out[1], mm(c, d)) if into is None else _add_into(into, mm(c, d)))
+    ab = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b)) if out[0] is None else out[0]
+    cd = into if into is not None else out[1] if out[1] is not None else \
+        np.empty(c.shape[:-1] + d.shape[-1:], dtype=np.result_type(c, d))
     if into is None and a.ndim > 2 and a.ndim == b.ndim == c.ndim == d.ndim and \
-            a.shape[:-2] == b.shape[:-2] == c.shape[:-2] == d.shape[:-2] and np.prod(a.shape[:-2]) > 1:
+            a.shape[:-2] == b.shape[:-2] == c.shape[:-2] == d.shape[:-2] and np.prod(a.shape[:-2]) > 1 and \
+            (a.shape[0] > 1 or out[0] is out[1] is None):
         return _stacked_pair(a, b, c, d, ab, cd)
     with _lock, _at_one_thread():
         job = _get_pool().submit(_block if into is None else _block_into, c, d, cd)
@@ -343,11 +347,20 @@ def mm_pair(a, b, c, d, into=None):
     return ab, cd
 
 
+def _put(o, p):
+    """p written into o, which is returned (p itself when o is None)"""
+    if o is None:
+        return p
+    o[...] = p
+    return o
+
+
 def _stacked_pair(a, b, c, d, ab, cd):
     """mm_pair of two stacks (attention's per-head products): each core takes half of the stack of both
     products, the same work on each (two different products on the two cores had one core idle ~25%
-    of the time, their speeds differing)"""
-    x = [_stack(m) for m in (a, b, c, d, ab, cd)]  # views (ab, cd: C order), or copies of the inputs
+    of the time, their speeds differing). Halves of the first axis when it has two or more: views of
+    any strides, BLAS reading and writing them in place."""
+    x = [a, b, c, d, ab, cd] if a.shape[0] > 1 else [_stack(m) for m in (a, b, c, d, ab, cd)]  # ab, cd: C order
     h = x[0].shape[0] // 2
     with _lock, _at_one_thread():
         job = _get_pool().submit(_two_blocks, *(m[h:] for m in x))

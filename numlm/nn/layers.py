@@ -449,15 +449,17 @@ class Attention(Module):
     def backward(self, dout, joined=False):  # (B, T, C) -> dq, dk, dv each (B, T, C), or joined (B, T, 3C)
         B, T, C = dout.shape
         H, D = self.n_head, C // self.n_head
-        # out = merge(attention(split(q), split(k), split(v)))
-        dout = np.ascontiguousarray(dout.reshape(B, T, H, D).transpose(0, 2, 1, 3))  # (B, H, T, D)
-        dq, dk, dv = OPS["attention"][1](dout, self.cache)  # dk, dv (B, H, T_past + T, D)
+        # one array [dq | dk | dv] (B, T, 3C), what a joined projection's backward takes: the attention
+        # backward writes into its per-head views when there is no past (its dk, dv are the new keys' only)
+        dqkv = np.empty((B, T, 3, H, D), dtype=dout.dtype)
+        heads = [dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3)] if self.cache.k.shape[2] == T else [None] * 3
+        # out = merge(attention(split(q), split(k), split(v))):  dout (B, H, T, D), a view
+        dq, dk, dv = OPS["attention"][1](dout.reshape(B, T, H, D).transpose(0, 2, 1, 3), self.cache, out=heads)
         # k = concatenate([past k, k]), v likewise: the first T_past rows belong to the past
         Tp = dk.shape[2] - T
         self.dpast = (dk[:, :, :Tp], dv[:, :, :Tp]) if Tp else None
-        # merge heads into one array [dq | dk | dv] (B, T, 3C), what a joined projection's backward takes
-        dqkv = np.empty((B, T, 3, H, D), dtype=dout.dtype)
-        for i, d in enumerate((dq, dk[:, :, Tp:], dv[:, :, Tp:])):
-            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
+        for i, d in enumerate((dq, dk[:, :, Tp:] if Tp else dk, dv[:, :, Tp:] if Tp else dv)):
+            if d is not heads[i]:  # written elsewhere (a past, causal blocks, a changed op)
+                dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
         dqkv = dqkv.reshape(B, T, 3 * C)
         return dqkv if joined else (dqkv[..., :C], dqkv[..., C:2 * C], dqkv[..., 2 * C:])

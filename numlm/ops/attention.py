@@ -149,14 +149,16 @@ def rows_buffer(x):
     return np.ascontiguousarray(x)
 
 
-def attention_backward(dout, cache):
-    """dout: (B, H, Tq, D) -> dq (B, H, Tq, D), dk, dv (B, H, Tk, D)"""
+def attention_backward(dout, cache, out=(None, None, None)):
+    """dout: (B, H, Tq, D) -> dq (B, H, Tq, D), dk, dv (B, H, Tk, D)
+    out: arrays (or None) of those shapes the three are written into (views of a joined [dq | dk | dv]:
+    no copy into it after); causal blocks write theirs anew"""
     if cache.blocks is not None:
         return causal_backward(dout, cache)
     q, k, v, p, keep = cache.q, cache.k, cache.v, cache.probs, cache.keep
     pd = p if keep is None else p * keep  # the forward's pd, recomputed rather than cached
     # out = pd @ v
-    dv, dpd = mm_pair(pd.swapaxes(-1, -2), dout, dout, v.swapaxes(-1, -2))  # (B, H, Tk, D), (B, H, Tq, Tk)
+    dv, dpd = mm_pair(pd.swapaxes(-1, -2), dout, dout, v.swapaxes(-1, -2), out=(out[2], None))  # dv (B, H, Tk, D)
     # pd, keep = dropout_forward(p, dropout_p, rng)
     dp = dropout_backward(dpd, keep)
     # p, _ = softmax_forward(s)
@@ -164,7 +166,7 @@ def attention_backward(dout, cache):
     # s = scale_mask(q @ k^T, scale, codes, lowest, fill): masked scores are constants, so 0
     dscores = scale_mask(ds, cache.scale, cache.codes, 0, 0)
     # q @ k^T
-    dq, dk = mm_pair(dscores, k, dscores.swapaxes(-1, -2), q)  # (B, H, Tq, D), (B, H, Tk, D)
+    dq, dk = mm_pair(dscores, k, dscores.swapaxes(-1, -2), q, out=out[:2])  # (B, H, Tq, D), (B, H, Tk, D)
     return dq, dk, dv
 
 
@@ -190,6 +192,7 @@ def causal_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks):
 
 def causal_backward(dout, cache):
     """attention_backward for causal_forward's blocks"""
+    dout = np.ascontiguousarray(dout)  # once, not in each of its two products
     q, k, v, p, keep, blocks = cache.q, cache.k, cache.v, cache.probs, cache.keep, cache.blocks
     pd = p if keep is None else p * keep
     # out = pd @ v
