@@ -155,6 +155,19 @@ def _get_pool():
     return _pool
 
 
+def two_cores(first, second):
+    """(first(), second()): first on a worker thread while the caller runs second, for work that
+    releases the GIL (nogil Numba kernels); both on the caller on one core"""
+    if workers() < 2:
+        return first(), second()
+    job = _get_pool().submit(first)
+    try:
+        b = second()
+    finally:
+        a = job.result()
+    return a, b
+
+
 def matmul(a, b, out=None, bias=None):
     """a @ b (+ bias, (N,), added to each block's rows by the thread that computed them, while they are
     still in cache) for 2-D a (M, K) @ (K, N), or stacked (S, M, K) @ (S, K, N). Blocks of output rows
