@@ -242,6 +242,32 @@ def test_attention_parity(seed, B, H, T, D, dtype, kind):
 
 
 @settings(max_examples=30, deadline=None)
+@given(seed=seeds, B=st.integers(1, 3), H=st.integers(1, 3), Tq=st.integers(1, 9), Tk=st.integers(1, 9),
+       dtype=dtypes, per_head=st.booleans(), openai=st.booleans())
+def test_fused_scale_mask_softmax_is_the_two_kernels(seed, B, H, Tq, Tk, dtype, per_head, openai):
+    """attention's one-pass kernels give the numbers of scale_mask then softmax (forward) and of softmax's
+    backward then scale_mask (backward), on codes of every kind (masked rows whole, OpenAI's future fill)"""
+    from numlm.kernels.softmax import (scale_mask_kernel, softmax_rows, softmax_backward_rows,
+                                       scale_mask_softmax_kernel, softmax_scale_mask_backward_kernel)
+    rng = np.random.default_rng(seed)
+    s = (3 * rng.standard_normal((B, H, Tq, Tk))).astype(dtype)
+    codes = rng.integers(0, 3 if openai else 2, (B, H if per_head else 1, Tq, Tk)).astype(np.int8)
+    dt, lowest = dtype, np.finfo(dtype).min
+    fill = dt(-1e4) if openai else lowest
+    two = s.copy()
+    scale_mask_kernel(two, dt(0.3), codes, lowest, fill)
+    p_two = softmax_rows(two.reshape(-1, Tk))[0].reshape(s.shape)
+    one = s.copy()
+    p_one = scale_mask_softmax_kernel(one, dt(0.3), codes, lowest, fill)
+    assert_close(one, two, dtype)
+    assert_close(p_one, p_two, dtype)
+    dp = rng.standard_normal(s.shape).astype(dtype)
+    ds_two = softmax_backward_rows(dp.reshape(-1, Tk), p_two.reshape(-1, Tk)).reshape(s.shape)
+    scale_mask_kernel(ds_two, dt(0.3), codes, dt(0), dt(0))
+    assert_close(softmax_scale_mask_backward_kernel(dp, p_two, dt(0.3), codes), ds_two, dtype)
+
+
+@settings(max_examples=30, deadline=None)
 @given(seed=seeds, B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, 9), D=st.integers(1, 8),
        dtype=dtypes, kind=st.sampled_from(["none", "padding", "causal", "dropout"]), split=st.booleans())
 def test_attention_backward_writes_into_the_joined_heads(seed, B, H, T, D, dtype, kind, split):

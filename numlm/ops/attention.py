@@ -20,6 +20,7 @@ from .. import kernels
 from ..kernels.matmul import mm, mm_pair  # a @ b, the B*H products split across the cores
 from ..kernels.matmul import mm_visible, mm_from_visible, mm_t_from_visible
 from ..kernels.softmax import scale_mask_kernel, attention_rows_kernel
+from ..kernels.softmax import scale_mask_softmax_kernel, softmax_scale_mask_backward_kernel
 from .activations import dropout_forward, dropout_backward
 from .softmax import softmax_forward, softmax_backward
 
@@ -91,6 +92,11 @@ def scale_mask(s, scale, codes, lowest, fill):
     return s
 
 
+def mask_codes(codes, Tq, Tk):
+    """the kernels' codes: every key allowed (1, 1, Tq, Tk) for None, else C-contiguous"""
+    return np.ones((1, 1, Tq, Tk), np.int8) if codes is None else np.ascontiguousarray(codes)
+
+
 def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, causal_fill=None,
                       dropout_p=0.0, rng=None):
     """out = dropout(softmax(q k^T * scale + M)) v,   M = 0 where allowed, finfo.min where masked
@@ -131,8 +137,12 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
     if blocks is not None:
         return causal_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks)
 
-    s = scale_mask(mm(q, k.swapaxes(-1, -2)), scale, codes, lowest, fill)  # (B, H, Tq, Tk)
-    p, _ = softmax_forward(s)  # (B, H, Tq, Tk)
+    s = mm(q, k.swapaxes(-1, -2))  # (B, H, Tq, Tk)
+    if kernels.enabled:  # the two lines below in one kernel, one pass over the scores
+        p = scale_mask_softmax_kernel(s, q.dtype.type(scale), mask_codes(codes, Tq, Tk), lowest, q.dtype.type(fill))
+    else:
+        s = scale_mask(s, scale, codes, lowest, fill)
+        p, _ = softmax_forward(s)  # (B, H, Tq, Tk)
     pd, keep = dropout_forward(p, dropout_p, rng)
     out = mm(pd, v)  # (B, H, Tq, D)
     return out, AttentionCache(q, k, v, p, keep, codes, scale)
@@ -161,10 +171,14 @@ def attention_backward(dout, cache, out=(None, None, None)):
     dv, dpd = mm_pair(pd.swapaxes(-1, -2), dout, dout, v.swapaxes(-1, -2), out=(out[2], None))  # dv (B, H, Tk, D)
     # pd, keep = dropout_forward(p, dropout_p, rng)
     dp = dropout_backward(dpd, keep)
-    # p, _ = softmax_forward(s)
-    ds = softmax_backward(dp, p)
-    # s = scale_mask(q @ k^T, scale, codes, lowest, fill): masked scores are constants, so 0
-    dscores = scale_mask(ds, cache.scale, cache.codes, 0, 0)
+    if kernels.enabled:  # the four lines below in one kernel, one pass over the scores
+        codes = mask_codes(cache.codes, *p.shape[2:])
+        dscores = softmax_scale_mask_backward_kernel(dp, p, p.dtype.type(cache.scale), codes)
+    else:
+        # p, _ = softmax_forward(s)
+        ds = softmax_backward(dp, p)
+        # s = scale_mask(q @ k^T, scale, codes, lowest, fill): masked scores are constants, so 0
+        dscores = scale_mask(ds, cache.scale, cache.codes, 0, 0)
     # q @ k^T
     dq, dk = mm_pair(dscores, k, dscores.swapaxes(-1, -2), q, out=out[:2])  # (B, H, Tq, D), (B, H, Tk, D)
     return dq, dk, dv
