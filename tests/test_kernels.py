@@ -494,6 +494,18 @@ def test_mm_pair_is_both_products(always_split, seed, M, K, N, lead, dtype, work
         assert_close(cd2, g + cd, dtype)
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=seeds, B=st.integers(1, 5), H=st.integers(1, 3), T=st.integers(1, 7), D=st.integers(1, 5), dtype=dtypes)
+def test_mm_takes_heads_as_strided_views(always_split, seed, B, H, T, D, dtype):
+    """mm over (B, H, T, D) views of a joined (B, T, 3, H, D) [q | k | v] (split over B, or over B*H when
+    B is smaller than the cores): the products of the contiguous copies"""
+    rng = np.random.default_rng(seed)
+    qkv = rng.standard_normal((B, T, 3, H, D)).astype(dtype)
+    q, k = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(2))
+    assert not q.flags.c_contiguous or H * T == 1
+    assert_close(always_split.mm(q, k.swapaxes(-1, -2)), np.ascontiguousarray(q) @ np.ascontiguousarray(k).swapaxes(-1, -2), dtype)
+
+
 def test_products_run_blas_on_one_thread_and_restore_its_count():
     """Every product of matmul() (split or not) calls BLAS at one thread, but a one-row product (a
     GEMV) at the process's count; each leaves the count it found."""

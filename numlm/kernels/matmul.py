@@ -188,7 +188,7 @@ def matmul(a, b, out=None, bias=None):
             out += bias
         return out
     n = workers() if a.size * b.shape[-1] >= SPLIT_MIN_MACS else 1
-    stacked = a.ndim == 3 and b.ndim == 3
+    stacked = a.ndim == b.ndim > 2
     by_rows = a.shape[0] >= n and (a.ndim > 2 or (a.shape[0] >= COLUMN_SPLIT_ROWS
                                                   and COLUMNS_PER_ROW * a.shape[0] > b.shape[-1]))
     split = n > 1 and (by_rows or (a.ndim == 2 and b.shape[-1] >= n))
@@ -318,13 +318,16 @@ def _block(x, y, o, bias=None):
 
 def mm(a, b, bias=None):
     """a @ b (+ bias, (N,)): numpy's product on the NumPy path (NUMLM_NUMBA=0), else matmul() above.
-    Stacks of more than one leading axis, (B, H, M, K) @ (B, H, K, N), are split over B*H."""
+    Stacks of more than one leading axis, (B, H, M, K) @ (B, H, K, N), are split over B (views of any
+    strides: attention's heads of the joined [q | k | v]) when B has a block for each core, else over B*H."""
     if not kernels.enabled:
         out = a @ b
         if bias is not None:
             out += bias
         return out
     if a.ndim > 3 and b.ndim == a.ndim and a.shape[:-2] == b.shape[:-2]:
+        if a.shape[0] >= workers():  # blocks of the first axis: views of any strides (attention's heads)
+            return matmul(a, b, bias=bias)
         lead = a.shape[:-2]
         out = matmul(a.reshape((-1,) + a.shape[-2:]), b.reshape((-1,) + b.shape[-2:]), bias=bias)
         return out.reshape(lead + out.shape[-2:])

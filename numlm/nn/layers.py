@@ -414,8 +414,10 @@ class Attention(Module):
     def forward(self, q, k, v, attention_mask=None, past=None):  # (B, T, C) each -> (B, T, C)
         B, T, C = q.shape
         H, D = self.n_head, C // self.n_head
-        # split heads: (B, T, C) -> (B, H, T, D)
-        q, k, v = (np.ascontiguousarray(t.reshape(B, T, H, D).transpose(0, 2, 1, 3)) for t in (q, k, v))
+        # split heads: (B, T, C) -> (B, H, T, D), views (BLAS reads their strided rows) unless causal
+        q, k, v = (t.reshape(B, T, H, D).transpose(0, 2, 1, 3) for t in (q, k, v))
+        if self.causal:  # causal blocks' products take one copy each, not one per product
+            q, k, v = (np.ascontiguousarray(t) for t in (q, k, v))
         if past is not None:
             k, v = self.after_past(past, k, v)  # (B, H, T_past + T, D)
         kept = attention_keeps[0]
