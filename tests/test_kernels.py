@@ -242,6 +242,33 @@ def test_attention_parity(seed, B, H, T, D, dtype, kind):
 
 
 @settings(max_examples=30, deadline=None)
+@given(seed=seeds, B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, 9), D=st.integers(1, 8),
+       dtype=dtypes, kind=st.sampled_from(["none", "padding", "causal", "one query"]))
+def test_attention_forward_writes_into_the_merged_heads(seed, B, H, T, D, dtype, kind):
+    """out=: the output written into the per-head view of a (B, T, H, D) array and returned, on both
+    paths, the numbers without out (a decoding step's kernel and causal blocks may return their own)"""
+    rng = np.random.default_rng(seed)
+    Tq = 1 if kind == "one query" else T
+    q = rng.standard_normal((B, H, Tq, D)).astype(dtype)
+    k, v = (rng.standard_normal((B, H, T, D)).astype(dtype) for _ in range(2))
+    kw = {"none": {}, "one query": {}, "causal": {"causal": True},
+          "padding": {"attention_mask": (np.arange(T) < T - rng.integers(0, T + 1, B)[:, None]).astype(np.int64)}}[kind]
+
+    def run():
+        plain, _ = ops.attention_forward(q, k, v, **kw)
+        merged = np.full((B, Tq, H, D), np.nan, dtype)
+        heads = merged.transpose(0, 2, 1, 3)
+        got, _ = ops.attention_forward(q, k, v, **kw, out=heads)
+        if got is not heads:
+            assert kind == "causal" or Tq == 1  # causal blocks, a decoding step's kernel
+            heads[...] = got
+        return plain, heads.copy()
+
+    for plain, into in both_paths(run):
+        assert_close(into, plain, dtype)
+
+
+@settings(max_examples=30, deadline=None)
 @given(seed=seeds, B=st.integers(1, 3), H=st.integers(1, 3), Tq=st.integers(1, 9), Tk=st.integers(1, 9),
        dtype=dtypes, per_head=st.booleans(), openai=st.booleans())
 def test_fused_scale_mask_softmax_is_the_two_kernels(seed, B, H, Tq, Tk, dtype, per_head, openai):

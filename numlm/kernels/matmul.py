@@ -316,22 +316,23 @@ def _block(x, y, o, bias=None):
     return o
 
 
-def mm(a, b, bias=None):
+def mm(a, b, bias=None, out=None):
     """a @ b (+ bias, (N,)): numpy's product on the NumPy path (NUMLM_NUMBA=0), else matmul() above.
     Stacks of more than one leading axis, (B, H, M, K) @ (B, H, K, N), are split over B (views of any
-    strides: attention's heads of the joined [q | k | v]) when B has a block for each core, else over B*H."""
+    strides: attention's heads of the joined [q | k | v]) when B has a block for each core, else over B*H.
+    out: an array the product is written into (BLAS writing its strided rows in place), returned."""
     if not kernels.enabled:
-        out = a @ b
+        out = np.matmul(a, b, out=out)
         if bias is not None:
             out += bias
         return out
     if a.ndim > 3 and b.ndim == a.ndim and a.shape[:-2] == b.shape[:-2]:
         if a.shape[0] >= workers():  # blocks of the first axis: views of any strides (attention's heads)
-            return matmul(a, b, bias=bias)
+            return matmul(a, b, out=out, bias=bias)
         lead = a.shape[:-2]
-        out = matmul(a.reshape((-1,) + a.shape[-2:]), b.reshape((-1,) + b.shape[-2:]), bias=bias)
-        return out.reshape(lead + out.shape[-2:])
-    return matmul(a, b, bias=bias)
+        ab = matmul(a.reshape((-1,) + a.shape[-2:]), b.reshape((-1,) + b.shape[-2:]), bias=bias)
+        return _put(out, ab.reshape(lead + ab.shape[-2:]))
+    return matmul(a, b, out=out, bias=bias)
 
 
 def mm_pair(a, b, c, d, into=None, out=(None, None)):

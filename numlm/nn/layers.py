@@ -423,10 +423,15 @@ class Attention(Module):
         kept = attention_keeps[0]
         self.present = (k, v) if "present" in kept else None
         p = self.dropout_p if self.training else 0.0
+        # merge heads: (B, H, T, D) -> (B, T, C), the op writing into the per-head view of (B, T, H, D)
+        merged = np.empty((B, T, H, D), dtype=np.result_type(q, k, v))
+        heads = merged.transpose(0, 2, 1, 3)
         out, cache = OPS["attention"][0](q, k, v, attention_mask, self.causal, self.scale,
-                                       self.causal_fill, p, self.rng)
+                                       self.causal_fill, p, self.rng, out=heads)
         self.cache, self.probs = cache, cache.probs if "probs" in kept else None
-        return out.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads: (B, H, T, D) -> (B, T, C)
+        if out is not heads:  # a decoding step's, causal blocks'
+            heads[...] = out
+        return merged.reshape(B, T, C)
 
     def after_past(self, past, k, v):
         """[past; new] along time, for keys and values: (B, H, T_past + T, D) each. A past that is this

@@ -98,10 +98,12 @@ def mask_codes(codes, Tq, Tk):
 
 
 def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, causal_fill=None,
-                      dropout_p=0.0, rng=None):
+                      dropout_p=0.0, rng=None, out=None):
     """out = dropout(softmax(q k^T * scale + M)) v,   M = 0 where allowed, finfo.min where masked
     q: (B, H, Tq, D)  k, v: (B, H, Tk, D)  attention_mask: (B, Tk) 0/1 or bool (B|1, H|1, Tq, Tk)
     -> out: (B, H, Tq, D); cache.probs (B, H, Tq, Tk) are the attention probabilities.
+    out: an array of out's shape it is written into (a view of the merged (B, Tq, H, D)), returned; a
+    decoding step and causal blocks return their own.
     scale defaults to 1/sqrt(D); dropout on the probabilities when dropout_p > 0 (needs rng)."""
     float_array("q", q, 4)
     float_array("k", k, 4)
@@ -144,7 +146,7 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
         s = scale_mask(s, scale, codes, lowest, fill)
         p, _ = softmax_forward(s)  # (B, H, Tq, Tk)
     pd, keep = dropout_forward(p, dropout_p, rng)
-    out = mm(pd, v)  # (B, H, Tq, D)
+    out = mm(pd, v, out=out)  # (B, H, Tq, D)
     return out, AttentionCache(q, k, v, p, keep, codes, scale)
 
 
