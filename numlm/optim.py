@@ -11,6 +11,7 @@ import re
 import numpy as np
 
 from .kernels import numba_enabled
+from .kernels.matmul import two_cores
 
 FLOATS = (np.float32, np.float64)
 _LN = re.compile(r"(layernorm|layer_norm|(^|\.)ln_)", re.IGNORECASE)
@@ -64,6 +65,23 @@ def _adam_update_numba(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, de
         t(1 - lr * weight_decay), t(weight_decay), t(w1), abs(w1) < 0.5, t(beta2), t(1 - beta2),
         t(-step_size), t(bc2_sqrt), t(eps),
         weight_decay != 0 and decoupled, weight_decay != 0 and not decoupled)
+
+
+# below this many elements in all the fused updates run on the calling thread alone
+ADAM_TWO_CORES_MIN = 1 << 20
+
+
+def _adam_updates_numba(updates):
+    """_adam_update_numba of each argument tuple; with enough elements, in two halves of about equal size
+    on two cores (the kernel releases the GIL; memory-bound, one core streamed less than two)"""
+    if sum(u[0].size for u in updates) < ADAM_TWO_CORES_MIN:
+        return [_adam_update_numba(*u) for u in updates]
+    halves, sizes = ([], []), [0, 0]
+    for u in sorted(updates, key=lambda u: -u[0].size):  # largest first, each to the lighter half
+        i = int(sizes[1] < sizes[0])
+        halves[i].append(u)
+        sizes[i] += u[0].size
+    two_cores(*(lambda h=h: [_adam_update_numba(*u) for u in h] for h in halves))
 
 
 def _contiguous(*arrays):
@@ -144,6 +162,7 @@ class Adam:
         beta1, beta2 = self.betas
         use_numba = numba_enabled()
         self.step_count += 1
+        fused = []  # the Numba kernel's updates, run after the loop on two cores
         for name, g in grads.items():
             p = self.params[name]
             if name not in self.exp_avg:
@@ -156,9 +175,10 @@ class Adam:
             args = (p, g, m, v, float(self.param_step[name]), lr, beta1, beta2, self.eps, wd,
                     self.decoupled)
             if use_numba and _contiguous(p, g, m, v):
-                _adam_update_numba(*args)
+                fused.append(args)
             else:
                 adam_update(*args)
+        _adam_updates_numba(fused)
 
     def state_dict(self):
         """Copies of everything a resumed optimizer needs: plain scalars, lists and {name: ndarray}."""

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from numlm import kernels, ops
+from numlm.ops import attention
 from numlm.kernels import set_numba
 
 TOL = {np.float64: 1e-12, np.float32: 2e-6}
@@ -190,6 +191,30 @@ def test_embedding_parity(seed, lead, V, C, dtype, pad):
     assert_close(nb, npy, dtype)
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, lead=lead_dims, V=st.integers(1, 20), C=st.integers(1, 20), dtype=dtypes,
+       pad=st.booleans())
+def test_embedding_backward_into_a_gradient(seed, lead, V, C, dtype, pad):
+    """out= adds the scatter into a gradient already holding a sum (a tied head's), on both paths: the
+    same as adding the returned dweight, row padding_idx of out untouched"""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, V, lead + (5,))
+    w = rng.standard_normal((V, C)).astype(dtype)
+    prior = rng.standard_normal((V, C)).astype(dtype)
+    _, cache = ops.embedding_forward(ids, w, 0 if pad else None)
+    dout = rng.standard_normal(ids.shape + (C,)).astype(dtype)
+
+    def run():
+        g = prior.copy()
+        assert ops.embedding_backward(dout, cache, out=g) is g
+        return g
+    nb, npy = both_paths(run)
+    assert_close(nb, prior + ops.embedding_backward(dout, cache), dtype)
+    assert_close(npy, prior + ops.embedding_backward(dout, cache), dtype)
+    if pad:
+        assert (nb[0] == prior[0]).all() and (npy[0] == prior[0]).all()
+
+
 MASKS = ["none", "causal", "padding", "bool4d", "openai_left", "kv_cache", "dropout"]
 
 
@@ -215,6 +240,92 @@ def test_attention_parity(seed, B, H, T, D, dtype, kind):
 
     nb, npy = both_paths(run)
     assert_close(nb, npy, dtype)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, 9), D=st.integers(1, 8),
+       dtype=dtypes, kind=st.sampled_from(["none", "padding", "causal", "one query"]))
+def test_attention_forward_writes_into_the_merged_heads(seed, B, H, T, D, dtype, kind):
+    """out=: the output written into the per-head view of a (B, T, H, D) array and returned, on both
+    paths, the numbers without out (a decoding step's kernel may return its own); causal in query blocks
+    of 2 rows (the kernel path's causal_forward) from T = 4 on"""
+    rng = np.random.default_rng(seed)
+    Tq = 1 if kind == "one query" else T
+    q = rng.standard_normal((B, H, Tq, D)).astype(dtype)
+    k, v = (rng.standard_normal((B, H, T, D)).astype(dtype) for _ in range(2))
+    kw = {"none": {}, "one query": {}, "causal": {"causal": True},
+          "padding": {"attention_mask": (np.arange(T) < T - rng.integers(0, T + 1, B)[:, None]).astype(np.int64)}}[kind]
+
+    def run():
+        plain, _ = ops.attention_forward(q, k, v, **kw)
+        merged = np.full((B, Tq, H, D), np.nan, dtype)
+        heads = merged.transpose(0, 2, 1, 3)
+        got, _ = ops.attention_forward(q, k, v, **kw, out=heads)
+        if got is not heads:
+            assert Tq == 1  # a decoding step's kernel
+            heads[...] = got
+        return plain, heads.copy()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention, "BLOCK_ROWS", 2)
+        for plain, into in both_paths(run):
+            assert_close(into, plain, dtype)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, B=st.integers(1, 3), H=st.integers(1, 3), Tq=st.integers(1, 9), Tk=st.integers(1, 9),
+       dtype=dtypes, per_head=st.booleans(), openai=st.booleans())
+def test_fused_scale_mask_softmax_is_the_two_kernels(seed, B, H, Tq, Tk, dtype, per_head, openai):
+    """attention's one-pass kernels give the numbers of scale_mask then softmax (forward) and of softmax's
+    backward then scale_mask (backward), on codes of every kind (masked rows whole, OpenAI's future fill)"""
+    from numlm.kernels.softmax import (scale_mask_kernel, softmax_rows, softmax_backward_rows,
+                                       scale_mask_softmax_kernel, softmax_scale_mask_backward_kernel)
+    rng = np.random.default_rng(seed)
+    s = (3 * rng.standard_normal((B, H, Tq, Tk))).astype(dtype)
+    codes = rng.integers(0, 3 if openai else 2, (B, H if per_head else 1, Tq, Tk)).astype(np.int8)
+    dt, lowest = dtype, np.finfo(dtype).min
+    fill = dt(-1e4) if openai else lowest
+    two = s.copy()
+    scale_mask_kernel(two, dt(0.3), codes, lowest, fill)
+    p_two = softmax_rows(two.reshape(-1, Tk))[0].reshape(s.shape)
+    one = s.copy()
+    p_one = scale_mask_softmax_kernel(one, dt(0.3), codes, lowest, fill)
+    assert_close(one, two, dtype)
+    assert_close(p_one, p_two, dtype)
+    dp = rng.standard_normal(s.shape).astype(dtype)
+    ds_two = softmax_backward_rows(dp.reshape(-1, Tk), p_two.reshape(-1, Tk)).reshape(s.shape)
+    scale_mask_kernel(ds_two, dt(0.3), codes, dt(0), dt(0))
+    assert_close(softmax_scale_mask_backward_kernel(dp, p_two, dt(0.3), codes), ds_two, dtype)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, 9), D=st.integers(1, 8),
+       dtype=dtypes, kind=st.sampled_from(["none", "padding", "causal", "dropout"]), split=st.booleans())
+def test_attention_backward_writes_into_the_joined_heads(seed, B, H, T, D, dtype, kind, split):
+    """out=: dq, dk, dv written into per-head views of one (B, T, 3, H, D) array, on both paths, the
+    products split or not, the numbers of the backward without out; causal in query blocks of 2 rows"""
+    from numlm.kernels import matmul as mm
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((B, H, T, D)).astype(dtype) for _ in range(3))
+    kw = {"none": {}, "causal": {"causal": True}, "dropout": {"dropout_p": 0.2},
+          "padding": {"attention_mask": (np.arange(T) < T - rng.integers(0, T + 1, B)[:, None]).astype(np.int64)}}[kind]
+    dout = rng.standard_normal((B, T, H, D)).astype(dtype).transpose(0, 2, 1, 3)  # a view, as Attention passes
+
+    def run():
+        _, cache = ops.attention_forward(q, k, v, **kw, rng=np.random.default_rng(seed))
+        plain = ops.attention_backward(np.ascontiguousarray(dout), cache)
+        joined = np.full((B, T, 3, H, D), np.nan, dtype)
+        heads = [joined[:, :, i].transpose(0, 2, 1, 3) for i in range(3)]
+        got = ops.attention_backward(dout, cache, out=heads)
+        assert all(g is h for g, h in zip(got, heads))
+        return plain + tuple(h.copy() for h in heads)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mm, "SPLIT_MIN_MACS", 0 if split else mm.SPLIT_MIN_MACS)
+        mp.setattr(attention, "BLOCK_ROWS", 2)
+        for res in both_paths(run):
+            for a, b in zip(res[:3], res[3:]):
+                assert_close(b, a, dtype)
 
 
 @settings(max_examples=60, deadline=None)
@@ -492,6 +603,30 @@ def test_mm_pair_is_both_products(always_split, seed, M, K, N, lead, dtype, work
     assert_close(ab, dy @ w.swapaxes(-1, -2), dtype)
     assert_close(cd, x.swapaxes(-1, -2) @ (dy if work_ratio == 1 else x), dtype)
     assert ab.dtype == cd.dtype == dtype
+    g = rng.standard_normal(cd.shape).astype(dtype)  # into=: c @ d added into a gradient, on both paths
+    for flag in (True, False):
+        previous = set_numba(flag)
+        try:
+            into = g.copy()
+            ab2, cd2 = always_split.mm_pair(dy, w.swapaxes(-1, -2), x.swapaxes(-1, -2),
+                                            dy if work_ratio == 1 else x, into=into)
+        finally:
+            set_numba(previous)
+        assert cd2 is into
+        assert_close(ab2, ab, dtype)
+        assert_close(cd2, g + cd, dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=seeds, B=st.integers(1, 5), H=st.integers(1, 3), T=st.integers(1, 7), D=st.integers(1, 5), dtype=dtypes)
+def test_mm_takes_heads_as_strided_views(always_split, seed, B, H, T, D, dtype):
+    """mm over (B, H, T, D) views of a joined (B, T, 3, H, D) [q | k | v] (split over B, or over B*H when
+    B is smaller than the cores): the products of the contiguous copies"""
+    rng = np.random.default_rng(seed)
+    qkv = rng.standard_normal((B, T, 3, H, D)).astype(dtype)
+    q, k = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(2))
+    assert not q.flags.c_contiguous or H * T == 1
+    assert_close(always_split.mm(q, k.swapaxes(-1, -2)), np.ascontiguousarray(q) @ np.ascontiguousarray(k).swapaxes(-1, -2), dtype)
 
 
 def test_products_run_blas_on_one_thread_and_restore_its_count():
@@ -514,6 +649,28 @@ def test_products_run_blas_on_one_thread_and_restore_its_count():
             np.testing.assert_allclose(mm.matmul(a, b), real(a, b), rtol=1e-12, atol=1e-12)
             assert mm._blas[1]() == before
     assert seen and set(seen[:-1]) == {1} and seen[-1] == before
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, M=st.integers(1, 9), K=st.integers(1, 9), N=st.integers(1, 9), dtype=dtypes,
+       layout=st.sampled_from(["C", "a^T", "b^T", "columns of out", "strided a"]))
+def test_gemm_add_adds_the_product_in_place_or_declines(seed, M, K, N, dtype, layout):
+    """gemm_add(a, b, out): out += a @ b in one BLAS call for the layouts the products pass (transposed
+    views, a column block of out); False and out untouched for a layout BLAS cannot read in place"""
+    from numlm.kernels import matmul as mm
+    if not mm._gemm:
+        pytest.skip("numpy's BLAS is not OpenBLAS")
+    rng = np.random.default_rng(seed)
+    a, b = rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
+    a = np.asfortranarray(a) if layout == "a^T" else a[:, ::-1].copy()[:, ::-1] if layout == "strided a" else a
+    b = np.asfortranarray(b) if layout == "b^T" else b
+    wide = rng.standard_normal((M, 2 * N)).astype(dtype)
+    out = wide[:, N:] if layout == "columns of out" else wide[:, :N].copy()
+    before, kept = out.copy(), wide[:, :N].copy()
+    assert mm.gemm_add(a, b, out) == (layout != "strided a")
+    assert_close(out, before + (a @ b if layout != "strided a" else 0), dtype)
+    assert (wide[:, :N] == kept).all() or layout != "columns of out"
+    assert not mm.gemm_add(a.astype(np.float64 if dtype == np.float32 else np.float32), b, out)
 
 
 def test_a_stalled_gemv_sends_the_next_ones_to_one_thread_for_a_while():
@@ -599,8 +756,9 @@ def test_few_rows_run_on_blas_threads_while_they_spin():
         return real(*a, **k)
 
     with pytest.MonkeyPatch.context() as mp:
-        real = np.matmul
+        real, real_gemm_add = np.matmul, mm.gemm_add
         mp.setattr(mm.np, "matmul", recording)
+        mp.setattr(mm, "gemm_add", lambda *a: (seen.append(mm._blas[1]()), real_gemm_add(*a))[1])  # bias: beta = 1
         mp.setattr(mm, "SPLIT_MIN_MACS", 0)
         mp.setattr(mm, "_gemv_alone_until", [0.0])
         mp.setattr(mm, "_gemv_alone_for", [10.0])

@@ -86,6 +86,29 @@ def test_numba_matches_numpy(seed, n, decoupled, beta1, wd, dtype):
         assert np.array_equal(a[k], b[k]), k
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_updates_on_two_cores_are_the_serial_ones(dtype, monkeypatch):
+    """Above ADAM_TWO_CORES_MIN elements the fused updates run in two halves on two cores: the same bits
+    as on one (and as the NumPy path); every parameter updated once."""
+    from numlm import optim
+    rng = np.random.default_rng(0)
+    shapes = {"emb.weight": (700, 100), "l.weight": (300, 100), "l.bias": (300,), "ln.weight": (7,)}
+    init = rand_params(3, shapes, dtype)
+    grads_seq = [(0.01, rand_params(10 + k, shapes, dtype)) for k in range(3)]
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    calls = []
+    real = optim._adam_update_numba
+    monkeypatch.setattr(optim, "_adam_update_numba", lambda *a: (calls.append(a[0].size), real(*a))[1])
+    monkeypatch.setattr(optim, "ADAM_TWO_CORES_MIN", 1)
+    two = run(AdamW, {k: v.copy() for k, v in init.items()}, grads_seq, True, **kw)
+    assert sorted(calls) == sorted(3 * [int(np.prod(s)) for s in shapes.values()])
+    monkeypatch.setattr(optim, "ADAM_TWO_CORES_MIN", 1 << 62)
+    one = run(AdamW, {k: v.copy() for k, v in init.items()}, grads_seq, True, **kw)
+    npy = run(AdamW, {k: v.copy() for k, v in init.items()}, grads_seq, False, **kw)
+    for k in shapes:
+        assert np.array_equal(two[k], one[k]) and np.array_equal(two[k], npy[k]), k
+
+
 def test_non_contiguous_param_uses_numpy_path(numba_mode):
     base = np.random.default_rng(0).standard_normal((6, 4))
     params = {"w": base[:, ::2]}              # a strided view, updated in place

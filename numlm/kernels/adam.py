@@ -11,7 +11,7 @@ import numpy as np
 
 
 # error_model="numpy": IEEE division without numba's zero check, which blocks SIMD (4.5x here)
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", nogil=True)  # nogil: two threads update two halves of a model
 def adam_update_kernel(p, g, m, v, one, decay, l2, w1, small, beta2, c2, neg_step_size, bc2_sqrt,
                        eps, has_decay, has_l2):
     """p, g, m, v: 1-D contiguous arrays of one dtype, p, m, v updated in place.

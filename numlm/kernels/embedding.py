@@ -5,11 +5,16 @@ from numba import njit, prange
 from . import adaptive
 
 
+def embedding_scatter_add(ids, dout, V):
+    """dweight (V, C): dweight[ids[n]] += dout[n] from zeros"""
+    return embedding_scatter_add_into(ids, dout, np.zeros((V, dout.shape[1]), dtype=dout.dtype), -1)
+
+
 @adaptive
 @njit(cache=True, parallel=True)
-def embedding_scatter_add(ids, dout, V):
+def embedding_scatter_add_into(ids, dout, dweight, skip):
+    """dweight[ids[n]] += dout[n] in place, rows n with ids[n] == skip (a padding row) left out"""
     N, C = dout.shape
-    dweight = np.zeros((V, C), dtype=dout.dtype)
     nchunk = min(C, 8)
     step = (C + nchunk - 1) // nchunk
     for k in prange(nchunk):
@@ -17,6 +22,8 @@ def embedding_scatter_add(ids, dout, V):
         hi = min(C, lo + step)
         for n in range(N):
             v = ids[n]
+            if v == skip:
+                continue
             for c in range(lo, hi):
                 dweight[v, c] += dout[n, c]
     return dweight

@@ -28,6 +28,9 @@ SPLIT_MIN_MACS = 1 << 20
 # (a prompt pass's (32, 768) @ (768, 2304) took half the time of row blocks, which both read all of b;
 # measured on 2 cores: columns as fast or faster up to 1024 rows, kept to the few-row case)
 COLUMN_SPLIT_ROWS = 256
+# ... and so does one with this many times more output columns than rows: each thread then packs half of
+# b, not all of it (the tied MLM decoder, ~300 labelled rows by 8192 columns: ~8% less CPU than row blocks)
+COLUMNS_PER_ROW = 8
 # mm_pair runs two products on one core each only when neither has more than this times the other's work
 PAIR_MAX_RATIO = 1.25
 
@@ -63,6 +66,53 @@ def _load_blas():
 
 
 _blas, _corename = _load_blas()
+
+
+def _load_gemm():
+    """{dtype: cblas ?gemm} of the OpenBLAS numpy uses (C = alpha A B + beta C), or {}"""
+    found = _find_openblas()
+    if found is None:
+        return {}
+    dll, prefix, suffix = found
+    idx = ctypes.c_int64 if suffix == "64_" else ctypes.c_int
+    fns = {}
+    for dtype, letter, real in ((np.float32, "s", ctypes.c_float), (np.float64, "d", ctypes.c_double)):
+        f = getattr(dll, f"{prefix[:-len('openblas')]}cblas_{letter}gemm{suffix}", None)
+        if f is not None:
+            f.restype = None
+            f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, idx, idx, idx, real, ctypes.c_void_p, idx,
+                          ctypes.c_void_p, idx, real, ctypes.c_void_p, idx]
+            fns[np.dtype(dtype)] = f
+    return fns
+
+
+_gemm = _load_gemm()
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+
+
+def _layout(m):
+    """(transpose flag, leading dimension) of a 2-D matrix BLAS reads in place, or None"""
+    item, (r, c), (sr, sc) = m.itemsize, m.shape, m.strides
+    if sc == item and sr % item == 0 and sr >= max(c, 1) * item:
+        return NO_TRANS, sr // item
+    if sr == item and sc % item == 0 and sc >= max(r, 1) * item:
+        return TRANS, sc // item
+    return None
+
+
+def gemm_add(a, b, out):
+    """out += a @ b in one BLAS call (beta = 1), 2-D arrays of one dtype read in place; False (nothing
+    done) when BLAS cannot take them so"""
+    f = _gemm.get(out.dtype)
+    if f is None or a.ndim != 2 or b.ndim != 2 or out.ndim != 2 or not a.dtype == b.dtype == out.dtype \
+            or 0 in a.shape or 0 in out.shape:
+        return False
+    la, lb, lo = _layout(a), _layout(b), _layout(out)
+    if la is None or lb is None or lo is None or lo[0] != NO_TRANS:
+        return False
+    (M, K), N = a.shape, b.shape[1]
+    f(ROW_MAJOR, la[0], lb[0], M, N, K, 1.0, a.ctypes.data, la[1], b.ctypes.data, lb[1], 1.0, out.ctypes.data, lo[1])
+    return True
 
 
 @contextmanager
@@ -105,6 +155,19 @@ def _get_pool():
     return _pool
 
 
+def two_cores(first, second):
+    """(first(), second()): first on a worker thread while the caller runs second, for work that
+    releases the GIL (nogil Numba kernels); both on the caller on one core"""
+    if workers() < 2:
+        return first(), second()
+    job = _get_pool().submit(first)
+    try:
+        b = second()
+    finally:
+        a = job.result()
+    return a, b
+
+
 def matmul(a, b, out=None, bias=None):
     """a @ b (+ bias, (N,), added to each block's rows by the thread that computed them, while they are
     still in cache) for 2-D a (M, K) @ (K, N), or stacked (S, M, K) @ (S, K, N). Blocks of output rows
@@ -125,8 +188,9 @@ def matmul(a, b, out=None, bias=None):
             out += bias
         return out
     n = workers() if a.size * b.shape[-1] >= SPLIT_MIN_MACS else 1
-    stacked = a.ndim == 3 and b.ndim == 3
-    by_rows = a.shape[0] >= n and (a.ndim > 2 or a.shape[0] >= COLUMN_SPLIT_ROWS)
+    stacked = a.ndim == b.ndim > 2
+    by_rows = a.shape[0] >= n and (a.ndim > 2 or (a.shape[0] >= COLUMN_SPLIT_ROWS
+                                                  and COLUMNS_PER_ROW * a.shape[0] > b.shape[-1]))
     split = n > 1 and (by_rows or (a.ndim == 2 and b.shape[-1] >= n))
     with _lock, _at_one_thread():  # the BLAS thread count is process-wide: one product at a time
         if not split:
@@ -240,45 +304,101 @@ def rows_gemv(W, x, out):
 
 
 def _block(x, y, o, bias=None):
+    """o = x @ y (+ bias): with a bias, o is filled with it and BLAS adds the product (beta = 1) where it
+    wrote zeros first (beta = 0), so the bias costs no second pass over o"""
+    if bias is not None and x.ndim == 2:
+        o[...] = bias
+        if gemm_add(x, y, o):
+            return o
     np.matmul(x, y, out=o)
     if bias is not None:
         o += bias
     return o
 
 
-def mm(a, b, bias=None):
+def mm(a, b, bias=None, out=None):
     """a @ b (+ bias, (N,)): numpy's product on the NumPy path (NUMLM_NUMBA=0), else matmul() above.
-    Stacks of more than one leading axis, (B, H, M, K) @ (B, H, K, N), are split over B*H."""
+    Stacks of more than one leading axis, (B, H, M, K) @ (B, H, K, N), are split over B (views of any
+    strides: attention's heads of the joined [q | k | v]) when B has a block for each core, else over B*H.
+    out: an array the product is written into (BLAS writing its strided rows in place), returned."""
     if not kernels.enabled:
-        out = a @ b
+        out = np.matmul(a, b, out=out)
         if bias is not None:
             out += bias
         return out
     if a.ndim > 3 and b.ndim == a.ndim and a.shape[:-2] == b.shape[:-2]:
+        if a.shape[0] >= workers():  # blocks of the first axis: views of any strides (attention's heads)
+            return matmul(a, b, out=out, bias=bias)
         lead = a.shape[:-2]
-        out = matmul(a.reshape((-1,) + a.shape[-2:]), b.reshape((-1,) + b.shape[-2:]), bias=bias)
-        return out.reshape(lead + out.shape[-2:])
-    return matmul(a, b, bias=bias)
+        ab = matmul(a.reshape((-1,) + a.shape[-2:]), b.reshape((-1,) + b.shape[-2:]), bias=bias)
+        return _put(out, ab.reshape(lead + ab.shape[-2:]))
+    return matmul(a, b, out=out, bias=bias)
 
 
-def mm_pair(a, b, c, d):
+def mm_pair(a, b, c, d, into=None, out=(None, None)):
     """(a @ b, c @ d): two independent products of about equal work, a layer's dx = dy W^T and
     dW = x^T dy. On the kernel path each runs whole on its own core, c @ d on a worker while the
     caller computes a @ b: one thread hand-off for both instead of one each (a wake-up costs
-    ~0.1 ms here), and no row blocks of x^T, which BLAS ran ~6% slower than the whole product."""
+    ~0.1 ms here), and no row blocks of x^T, which BLAS ran ~6% slower than the whole product.
+    into: an array c @ d is added into (a gradient), returned in its place: BLAS adds it there
+    (beta = 1), no product zeroed, written and added in a second pass.
+    out: arrays (or None) a @ b and c @ d are written into and returned, BLAS writing them in place
+    when their rows are strided (attention's dq, dk, dv: views of the joined [dq | dk | dv])."""
     if not kernels.enabled:
-        return a @ b, c @ d
+        return np.matmul(a, b, out=out[0]), (np.matmul(c, d, out=out[1]) if into is None else _add_into(into, c @ d))
     work_ab, work_cd = a.size * b.shape[-1], c.size * d.shape[-1]
     if (_blas is None or workers() < 2 or min(work_ab, work_cd) < SPLIT_MIN_MACS
             or max(work_ab, work_cd) > PAIR_MAX_RATIO * min(work_ab, work_cd)):
-        return mm(a, b), mm(c, d)
-    ab = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
-    cd = np.empty(c.shape[:-1] + d.shape[-1:], dtype=np.result_type(c, d))
+        return _put(out[0], mm(a, b)), (_put(out[1], mm(c, d)) if into is None else _add_into(into, mm(c, d)))
+    ab = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b)) if out[0] is None else out[0]
+    cd = into if into is not None else out[1] if out[1] is not None else \
+        np.empty(c.shape[:-1] + d.shape[-1:], dtype=np.result_type(c, d))
+    if into is None and a.ndim > 2 and a.ndim == b.ndim == c.ndim == d.ndim and \
+            a.shape[:-2] == b.shape[:-2] == c.shape[:-2] == d.shape[:-2] and np.prod(a.shape[:-2]) > 1 and \
+            (a.shape[0] > 1 or out[0] is out[1] is None):
+        return _stacked_pair(a, b, c, d, ab, cd)
     with _lock, _at_one_thread():
-        job = _get_pool().submit(_block, c, d, cd)
+        job = _get_pool().submit(_block if into is None else _block_into, c, d, cd)
         _block(a, b, ab)
         job.result()
     return ab, cd
+
+
+def _put(o, p):
+    """p written into o, which is returned (p itself when o is None)"""
+    if o is None:
+        return p
+    o[...] = p
+    return o
+
+
+def _stacked_pair(a, b, c, d, ab, cd):
+    """mm_pair of two stacks (attention's per-head products): each core takes half of the stack of both
+    products, the same work on each (two different products on the two cores had one core idle ~25%
+    of the time, their speeds differing). Halves of the first axis when it has two or more: views of
+    any strides, BLAS reading and writing them in place."""
+    x = [a, b, c, d, ab, cd] if a.shape[0] > 1 else [_stack(m) for m in (a, b, c, d, ab, cd)]  # ab, cd: C order
+    h = x[0].shape[0] // 2
+    with _lock, _at_one_thread():
+        job = _get_pool().submit(_two_blocks, *(m[h:] for m in x))
+        _two_blocks(*(m[:h] for m in x))
+        job.result()
+    return ab, cd
+
+
+def _two_blocks(a, b, c, d, ab, cd):
+    _block(a, b, ab)
+    _block(c, d, cd)
+
+
+def _add_into(into, p):
+    into += p
+    return into
+
+
+def _block_into(x, y, o):
+    """o += x @ y"""
+    return o if gemm_add(x, y, o) else _add_into(o, np.matmul(x, y))
 
 
 # Causal attention's products without the masked future (ops.attention.causal_forward). `blocks` are
@@ -352,3 +472,8 @@ def _over_stack(fn, arrays, blocks, work):
         fn(*parts[0], blocks)
         for j in jobs:
             j.result()
+
+
+def _stack(x):
+    """(.., M, N) -> (S, M, N), a view for the layouts attention passes"""
+    return x.reshape((-1,) + x.shape[-2:])

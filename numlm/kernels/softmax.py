@@ -49,6 +49,51 @@ def scale_mask_kernel(s, scale, codes, lowest, causal_fill):
             s[b, h, i, j] = masked_score(s[b, h, i, j], c[j], scale, lowest, causal_fill)
 
 
+@adaptive
+@njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
+def scale_mask_softmax_kernel(s, scale, codes, lowest, causal_fill):
+    """p = softmax of each row of scale_mask_kernel's scores, s left holding those (B, H, Tq, Tk): one
+    pass over memory, the row in cache between the two (the numbers of the two kernels one after the other)"""
+    B, H, Tq, Tk = s.shape
+    Bc, Hc = codes.shape[0], codes.shape[1]
+    p = np.empty_like(s)
+    for r in prange(B * H * Tq):
+        b = r // (H * Tq)
+        h = (r // Tq) % H
+        i = r % Tq
+        c = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i]
+        x = s[b, h, i]
+        for j in range(Tk):
+            x[j] = masked_score(x[j], c[j], scale, lowest, causal_fill)
+        softmax_row(x, p[b, h, i])
+    return p
+
+
+@adaptive
+@njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
+def softmax_scale_mask_backward_kernel(dp, p, scale, codes):
+    """ds = scale_mask_kernel(softmax_backward_rows(dp, p), scale, codes, 0, 0) per row of (B, H, Tq, Tk),
+    in one pass over memory"""
+    B, H, Tq, Tk = p.shape
+    Bc, Hc = codes.shape[0], codes.shape[1]
+    ds = np.empty_like(p)
+    zero = p.dtype.type(0)
+    for r in prange(B * H * Tq):
+        b = r // (H * Tq)
+        h = (r // Tq) % H
+        i = r % Tq
+        c = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i]
+        y, dy, dx = p[b, h, i], dp[b, h, i], ds[b, h, i]
+        a = 0.0
+        for j in range(Tk):
+            a += dy[j] * y[j]
+        for j in range(Tk):
+            dx[j] = y[j] * (dy[j] - a)
+        for j in range(Tk):
+            dx[j] = masked_score(dx[j], c[j], scale, zero, zero)
+    return ds
+
+
 # exp in a kernel, vectorised: numba has no SVML, and a libm exp per element cost ~4x numpy's.
 # For r <= 0: r = k ln2 + f with |f| <= ln2 / 2 (ln2 in two parts, Cody & Waite, so k ln2_hi is
 # exact), exp(f) by its Taylor polynomial (degree 7 for float32, 13 for float64: truncation below

@@ -331,10 +331,9 @@ class TiedDecoder(Module):
     def backward(self, dlogits):  # (..., V) -> (..., C)
         word = self._word[0]
         # logits = t We^T + b:  dt = dlogits We,  db = sum dlogits,  dWe = dlogits^T t (added to the lookup's)
-        if word.requires_grad("weight"):  # dt and dWe, one core each
+        if word.requires_grad("weight"):  # dt and dWe, one core each; dWe added into the table's gradient
             t, d2 = self.cache[0], dlogits.reshape(-1, dlogits.shape[-1])
-            dt, dwe = mm_pair(d2, word.params["weight"], d2.T, t.reshape(-1, t.shape[-1]))
-            word.add_grad("weight", dwe)
+            dt, _ = mm_pair(d2, word.params["weight"], d2.T, t.reshape(-1, t.shape[-1]), into=word.grads["weight"])
             dt, db = dt.reshape(t.shape), d2.sum(axis=0) if self.requires_grad("bias") else None
         else:
             dt, _, db = OPS["linear"][1](dlogits, self.cache, need_dw=False, need_db=self.requires_grad("bias"))

@@ -326,8 +326,8 @@ class Embedding(Module):
         return out
 
     def backward(self, dout):
-        if "weight" in self.grads:  # not frozen
-            self.add_grad("weight", OPS["embedding"][1](dout, self.cache))
+        if "weight" in self.grads:  # not frozen: scattered straight into the gradient, no (V, C) zeros added
+            OPS["embedding"][1](dout, self.cache, out=self.grads["weight"])
 
 
 class LayerNorm(Module):
@@ -392,20 +392,6 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(B, T, H * D)
 
 
-def joined_slots(dq, dk, dv):
-    """The (B, T, 3, H, D) array whose [:, :, i] dq, dk, dv (B, H, T, D) are, transposed (the kernel
-    path's causal attention writes them so), else None"""
-    d3 = dq.base
-    if d3 is None or d3.ndim != 5:
-        return None
-    for i, d in enumerate((dq, dk, dv)):
-        slot = d3[:, :, i].transpose(0, 2, 1, 3)
-        if (d.base is not d3 or d.shape != slot.shape or d.strides != slot.strides
-                or d.__array_interface__["data"][0] != slot.__array_interface__["data"][0]):
-            return None
-    return d3
-
-
 class Attention(Module):
     """The attention core shared by BERT and GPT: split heads, dropout(masked softmax(q k^T * scale)) v,
     merge. Projections live in the model's own modules (BERT's query/key/value, GPT's fused c_attn).
@@ -435,10 +421,15 @@ class Attention(Module):
         kept = attention_keeps[0]
         self.present = (k, v) if "present" in kept else None
         p = self.dropout_p if self.training else 0.0
+        # merge heads: (B, H, T, D) -> (B, T, C), the op writing into the per-head view of (B, T, H, D)
+        merged = np.empty((B, T, H, D), dtype=np.result_type(q, k, v))
+        heads = merged.transpose(0, 2, 1, 3)
         out, cache = OPS["attention"][0](q, k, v, attention_mask, self.causal, self.scale,
-                                       self.causal_fill, p, self.rng)
+                                       self.causal_fill, p, self.rng, out=heads)
         self.cache, self.probs = cache, cache.probs if "probs" in kept else None
-        return out.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge heads: (B, H, T, D) -> (B, T, C)
+        if out is not heads:  # a decoding step's, or another op's
+            heads[...] = out
+        return merged.reshape(B, T, C)
 
     def after_past(self, past, k, v):
         """[past; new] along time, for keys and values: (B, H, T_past + T, D) each. A past that is this
@@ -463,17 +454,17 @@ class Attention(Module):
     def backward(self, dout, joined=False):  # (B, T, C) -> dq, dk, dv each (B, T, C), or joined (B, T, 3C)
         B, T, C = dout.shape
         H, D = self.n_head, C // self.n_head
-        # out = merge(attention(split(q), split(k), split(v)))
-        dout = dout.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D), a view
-        dq, dk, dv = OPS["attention"][1](dout, self.cache)  # dk, dv (B, H, T_past + T, D)
+        # one array [dq | dk | dv] (B, T, 3C), what a joined projection's backward takes: the attention
+        # backward writes into its per-head views when there is no past (its dk, dv are the new keys' only)
+        dqkv = np.empty((B, T, 3, H, D), dtype=dout.dtype)
+        heads = [dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3)] if self.cache.k.shape[2] == T else [None] * 3
+        # out = merge(attention(split(q), split(k), split(v))):  dout (B, H, T, D), a view
+        dq, dk, dv = OPS["attention"][1](dout.reshape(B, T, H, D).transpose(0, 2, 1, 3), self.cache, out=heads)
         # k = concatenate([past k, k]), v likewise: the first T_past rows belong to the past
         Tp = dk.shape[2] - T
         self.dpast = (dk[:, :, :Tp], dv[:, :, :Tp]) if Tp else None
-        # merge heads into one array [dq | dk | dv] (B, T, 3C), what a joined projection's backward takes
-        dqkv = joined_slots(dq, dk, dv) if self.cache.blocks is not None and not Tp else None
-        if dqkv is None:  # not written there by the op (ops.attention.causal_backward)
-            dqkv = np.empty((B, T, 3, H, D), dtype=dout.dtype)
-            for i, d in enumerate((dq, dk[:, :, Tp:], dv[:, :, Tp:])):
+        for i, d in enumerate((dq, dk[:, :, Tp:] if Tp else dk, dv[:, :, Tp:] if Tp else dv)):
+            if d is not heads[i]:  # written elsewhere (a past, a changed op)
                 dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
         dqkv = dqkv.reshape(B, T, 3 * C)
         return dqkv if joined else (dqkv[..., :C], dqkv[..., C:2 * C], dqkv[..., 2 * C:])

@@ -21,6 +21,7 @@ from ..kernels.matmul import mm, mm_pair  # a @ b, the B*H products split across
 from ..kernels.matmul import mm_visible, mm_from_visible, mm_t_from_visible
 from ..kernels.softmax import scale_mask_kernel, attention_rows_kernel
 from ..kernels.softmax import causal_softmax_kernel, causal_softmax_backward_kernel
+from ..kernels.softmax import scale_mask_softmax_kernel, softmax_scale_mask_backward_kernel
 from .activations import dropout_forward, dropout_backward
 from .softmax import softmax_forward, softmax_backward
 
@@ -94,11 +95,18 @@ def scale_mask(s, scale, codes, lowest, fill):
     return s
 
 
+def mask_codes(codes, Tq, Tk):
+    """the kernels' codes: every key allowed (1, 1, Tq, Tk) for None, else C-contiguous"""
+    return np.ones((1, 1, Tq, Tk), np.int8) if codes is None else np.ascontiguousarray(codes)
+
+
 def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, causal_fill=None,
-                      dropout_p=0.0, rng=None):
+                      dropout_p=0.0, rng=None, out=None):
     """out = dropout(softmax(q k^T * scale + M)) v,   M = 0 where allowed, finfo.min where masked
     q: (B, H, Tq, D)  k, v: (B, H, Tk, D)  attention_mask: (B, Tk) 0/1 or bool (B|1, H|1, Tq, Tk)
     -> out: (B, H, Tq, D); cache.probs (B, H, Tq, Tk) are the attention probabilities.
+    out: an array of out's shape it is written into (a view of the merged (B, Tq, H, D)), returned; a
+    decoding step returns its own.
     scale defaults to 1/sqrt(D); dropout on the probabilities when dropout_p > 0 (needs rng)."""
     float_array("q", q, 4)
     float_array("k", k, 4)
@@ -132,12 +140,16 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
         return out, AttentionCache(q, k, v, p, None, codes, scale)
     blocks = causal_blocks(Tq, Tk, codes) if kernels.enabled and causal and causal_fill is None else None
     if blocks is not None:
-        return causal_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks)
+        return causal_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks, out)
 
-    s = scale_mask(mm(q, k.swapaxes(-1, -2)), scale, codes, lowest, fill)  # (B, H, Tq, Tk)
-    p, _ = softmax_forward(s)  # (B, H, Tq, Tk)
+    s = mm(q, k.swapaxes(-1, -2))  # (B, H, Tq, Tk)
+    if kernels.enabled:  # the two lines below in one kernel, one pass over the scores
+        p = scale_mask_softmax_kernel(s, q.dtype.type(scale), mask_codes(codes, Tq, Tk), lowest, q.dtype.type(fill))
+    else:
+        s = scale_mask(s, scale, codes, lowest, fill)
+        p, _ = softmax_forward(s)  # (B, H, Tq, Tk)
     pd, keep = dropout_forward(p, dropout_p, rng)
-    out = mm(pd, v)  # (B, H, Tq, D)
+    out = mm(pd, v, out=out)  # (B, H, Tq, D)
     return out, AttentionCache(q, k, v, p, keep, codes, scale)
 
 
@@ -152,22 +164,28 @@ def rows_buffer(x):
     return np.ascontiguousarray(x)
 
 
-def attention_backward(dout, cache):
-    """dout: (B, H, Tq, D) -> dq (B, H, Tq, D), dk, dv (B, H, Tk, D)"""
+def attention_backward(dout, cache, out=(None, None, None)):
+    """dout: (B, H, Tq, D) -> dq (B, H, Tq, D), dk, dv (B, H, Tk, D)
+    out: arrays (or None) of those shapes the three are written into (views of a joined [dq | dk | dv]:
+    no copy into it after)"""
     if cache.blocks is not None:
-        return causal_backward(dout, cache)
+        return causal_backward(dout, cache, out)
     q, k, v, p, keep = cache.q, cache.k, cache.v, cache.probs, cache.keep
     pd = p if keep is None else p * keep  # the forward's pd, recomputed rather than cached
     # out = pd @ v
-    dv, dpd = mm_pair(pd.swapaxes(-1, -2), dout, dout, v.swapaxes(-1, -2))  # (B, H, Tk, D), (B, H, Tq, Tk)
+    dv, dpd = mm_pair(pd.swapaxes(-1, -2), dout, dout, v.swapaxes(-1, -2), out=(out[2], None))  # dv (B, H, Tk, D)
     # pd, keep = dropout_forward(p, dropout_p, rng)
     dp = dropout_backward(dpd, keep)
-    # p, _ = softmax_forward(s)
-    ds = softmax_backward(dp, p)
-    # s = scale_mask(q @ k^T, scale, codes, lowest, fill): masked scores are constants, so 0
-    dscores = scale_mask(ds, cache.scale, cache.codes, 0, 0)
+    if kernels.enabled:  # the four lines below in one kernel, one pass over the scores
+        codes = mask_codes(cache.codes, *p.shape[2:])
+        dscores = softmax_scale_mask_backward_kernel(dp, p, p.dtype.type(cache.scale), codes)
+    else:
+        # p, _ = softmax_forward(s)
+        ds = softmax_backward(dp, p)
+        # s = scale_mask(q @ k^T, scale, codes, lowest, fill): masked scores are constants, so 0
+        dscores = scale_mask(ds, cache.scale, cache.codes, 0, 0)
     # q @ k^T
-    dq, dk = mm_pair(dscores, k, dscores.swapaxes(-1, -2), q)  # (B, H, Tq, D), (B, H, Tk, D)
+    dq, dk = mm_pair(dscores, k, dscores.swapaxes(-1, -2), q, out=out[:2])  # (B, H, Tq, D), (B, H, Tk, D)
     return dq, dk, dv
 
 
@@ -181,7 +199,7 @@ def causal_blocks(Tq, Tk, codes):
     return [(Tq * b // n, Tq * (b + 1) // n, Tk - Tq + Tq * (b + 1) // n) for b in range(n)]
 
 
-def causal_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks):
+def causal_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks, out=None):
     """attention_forward on the kernel path for causal blocks: the same steps, each product over the
     keys its queries see, the softmax too: the future probabilities are exactly 0, as the full path's
     finfo.min scores give."""
@@ -190,19 +208,14 @@ def causal_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks):
     # p = softmax(scale_mask(s, scale, codes, lowest, lowest)) over the keys each query sees, 0 after them
     p = causal_softmax_kernel(s, dt(scale), np.ascontiguousarray(codes), dt(lowest))
     pd, keep = dropout_forward(p, dropout_p, rng)
-    B, H, Tq, D = q.shape  # out (B, H, Tq, D) in a (B, Tq, H, D) array: the heads merged as written
-    out = mm_from_visible(pd, v, blocks, out=np.empty((B, Tq, H, D), np.result_type(pd, v)).transpose(0, 2, 1, 3))
+    out = mm_from_visible(pd, v, blocks, out=out)  # (B, H, Tq, D)
     return out, AttentionCache(q, k, v, p, keep, codes, scale, blocks)
 
 
-def causal_backward(dout, cache):
-    """attention_backward for causal_forward's blocks. Without a past (Tk = Tq) dq, dk, dv (B, H, T, D)
-    are [:, :, 0], [:, :, 1], [:, :, 2] of one (B, T, 3, H, D) array, transposed: its .base, the heads
-    merged as a joined projection's backward takes them, d[q | k | v] (B, T, 3C)."""
+def causal_backward(dout, cache, out):
+    """attention_backward for causal_forward's blocks, dq, dk, dv written into out's arrays where given"""
     q, k, v, p, keep, blocks = cache.q, cache.k, cache.v, cache.probs, cache.keep, cache.blocks
-    (B, H, Tq, D), Tk = q.shape, k.shape[2]
-    d3 = np.empty((B, Tq, 3, H, D), np.result_type(q, dout)) if Tk == Tq else None
-    dq, dk, dv = (None,) * 3 if d3 is None else (d3[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    dq, dk, dv = out
     pd = p if keep is None else p * keep
     # out = pd @ v
     dv = mm_t_from_visible(pd, dout, blocks, out=dv)  # (B, H, Tk, D)
