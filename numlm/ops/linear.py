@@ -5,7 +5,7 @@ import numpy as np
 
 from ._check import float_array, ids_in_range
 from .. import kernels
-from ..kernels.embedding import embedding_scatter_add, embedding_scatter_add_into
+from ..kernels.embedding import embedding_scatter_add
 from ..kernels.matmul import mm, mm_pair  # a @ b, split across the cores unless NUMLM_NUMBA=0
 
 
@@ -53,25 +53,18 @@ def embedding_forward(ids, weight, padding_idx=None):
 
 def embedding_backward(dout, cache, out=None):
     """forward: out[n] = weight[ids[n]];  so  dweight[v] = sum over n with ids[n] == v of dout[n]
-    dout: (N, C)  ->  dweight: (V, C)  (row padding_idx stays zero)
+    dout: (N, C)  ->  dweight: (V, C)  (row padding_idx gets nothing: it stays zero)
     out: a (V, C) array (a layer's gradient) that dweight is added into, row by row, and returned:
     no (V, C) array of zeros made and added (row padding_idx of out is left as it is)."""
     ids, shape, dtype, padding_idx = cache
     flat_ids = ids.reshape(-1).astype(np.int64, copy=False)
     flat_d = np.ascontiguousarray(dout.reshape(-1, shape[1]), dtype=dtype)
-    if out is not None:
-        if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
-            raise ValueError(f"out must be a C-contiguous {shape} {dtype} array, got {out.shape} {out.dtype}")
-        if kernels.enabled:
-            return embedding_scatter_add_into(flat_ids, flat_d, out, -1 if padding_idx is None else padding_idx)
-        keep = flat_ids != padding_idx
-        np.add.at(out, flat_ids[keep], flat_d[keep])
-        return out
+    if out is None:
+        out = np.zeros(shape, dtype=dtype)
+    elif out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {shape} {dtype} array, got {out.shape} {out.dtype}")
     if kernels.enabled:
-        dweight = embedding_scatter_add(flat_ids, flat_d, shape[0])
-    else:
-        dweight = np.zeros(shape, dtype=dtype)
-        np.add.at(dweight, flat_ids, flat_d)
-    if padding_idx is not None:
-        dweight[padding_idx] = 0
-    return dweight
+        return embedding_scatter_add(flat_ids, flat_d, out, -1 if padding_idx is None else padding_idx)
+    keep = flat_ids != padding_idx
+    np.add.at(out, flat_ids[keep], flat_d[keep])
+    return out
