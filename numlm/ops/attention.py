@@ -133,10 +133,9 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
     lowest = np.finfo(q.dtype).min
     fill = lowest if causal_fill is None else causal_fill
     if kernels.enabled and Tq == 1 and dropout_p == 0.0:  # a decoding step: one kernel, not six calls
-        ones = np.ones((1, 1, 1, Tk), np.int8) if codes is None else codes
         dt = q.dtype.type
         out, p = attention_rows_kernel(np.ascontiguousarray(q), rows_buffer(k), rows_buffer(v), Tk, dt(scale),
-                                       ones, dt(lowest), dt(fill))
+                                       mask_codes(codes, 1, Tk), dt(lowest), dt(fill))
         return out, AttentionCache(q, k, v, p, None, codes, scale)
     blocks = causal_blocks(Tq, Tk, codes) if kernels.enabled and causal and causal_fill is None else None
     if blocks is not None:
@@ -206,7 +205,7 @@ def causal_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks, out=No
     dt = q.dtype.type
     s = mm_visible(q, k.swapaxes(-1, -2), blocks, zero=False)  # (B, H, Tq, Tk), the future unwritten
     # p = softmax(scale_mask(s, scale, codes, lowest, lowest)) over the keys each query sees, 0 after them
-    p = causal_softmax_kernel(s, dt(scale), np.ascontiguousarray(codes), dt(lowest))
+    p = causal_softmax_kernel(s, dt(scale), mask_codes(codes, *s.shape[2:]), dt(lowest))
     pd, keep = dropout_forward(p, dropout_p, rng)
     out = mm_from_visible(pd, v, blocks, out=out)  # (B, H, Tq, D)
     return out, AttentionCache(q, k, v, p, keep, codes, scale, blocks)
@@ -223,7 +222,7 @@ def causal_backward(dout, cache, out):
     # pd, keep = dropout_forward(p, dropout_p, rng)
     dp = dropout_backward(dpd, keep)
     # p = softmax(scale_mask(s, ...)): masked and future scores are constants, so 0; in place on dp (ours)
-    dscores = causal_softmax_backward_kernel(dp, p, p.dtype.type(cache.scale), np.ascontiguousarray(cache.codes))
+    dscores = causal_softmax_backward_kernel(dp, p, p.dtype.type(cache.scale), mask_codes(cache.codes, *p.shape[2:]))
     dq = mm_from_visible(dscores, k, blocks, out=dq)  # (B, H, Tq, D)
     dk = mm_t_from_visible(dscores, q, blocks, out=dk)  # (B, H, Tk, D)
     return dq, dk, dv
