@@ -52,8 +52,7 @@ def _find_openblas():
     return None
 
 
-def _load_blas():
-    found = _find_openblas()
+def _load_blas(found):
     if found is None:
         return None, None
     dll, prefix, suffix = found
@@ -65,12 +64,12 @@ def _load_blas():
     return (s, g), corename
 
 
-_blas, _corename = _load_blas()
+_openblas = _find_openblas()
+_blas, _corename = _load_blas(_openblas)
 
 
-def _load_gemm():
+def _load_gemm(found):
     """{dtype: cblas ?gemm} of the OpenBLAS numpy uses (C = alpha A B + beta C), or {}"""
-    found = _find_openblas()
     if found is None:
         return {}
     dll, prefix, suffix = found
@@ -86,7 +85,7 @@ def _load_gemm():
     return fns
 
 
-_gemm = _load_gemm()
+_gemm = _load_gemm(_openblas)
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 
 
@@ -386,6 +385,11 @@ def _stacked_pair(a, b, c, d, ab, cd):
     return ab, cd
 
 
+def _stack(x):
+    """(.., M, N) -> (S, M, N), a view for the layouts attention passes"""
+    return x.reshape((-1,) + x.shape[-2:])
+
+
 def _two_blocks(a, b, c, d, ab, cd):
     _block(a, b, ab)
     _block(c, d, cd)
@@ -473,7 +477,3 @@ def _over_stack(fn, arrays, blocks, work):
         for j in jobs:
             j.result()
 
-
-def _stack(x):
-    """(.., M, N) -> (S, M, N), a view for the layouts attention passes"""
-    return x.reshape((-1,) + x.shape[-2:])
