@@ -631,7 +631,7 @@ def test_mm_takes_heads_as_strided_views(always_split, seed, B, H, T, D, dtype):
 
 def test_products_run_blas_on_one_thread_and_restore_its_count():
     """Every product of matmul() (split or not) calls BLAS at one thread, but a one-row product (a
-    GEMV) at the process's count; each leaves the count it found."""
+    GEMV of a weight under COLS_GEMV_BYTES) at the process's count; each leaves the count it found."""
     from numlm.kernels import matmul as mm
     if mm._blas is None:
         pytest.skip("numpy's BLAS is not OpenBLAS: products are never split")
@@ -644,7 +644,7 @@ def test_products_run_blas_on_one_thread_and_restore_its_count():
         mp.setattr(mm, "_blas_spins_until", [0.0])
         before = mm._blas[1]()
         for shape_a, shape_b in [((3, 4), (4, 5)), ((512, 64), (64, 64)), ((1, 4, 9), (1, 9, 2)),
-                                 ((1, 1024), (1024, 1024))]:
+                                 ((1, 256), (256, 256))]:
             a, b = rng.standard_normal(shape_a), rng.standard_normal(shape_b)
             np.testing.assert_allclose(mm.matmul(a, b), real(a, b), rtol=1e-12, atol=1e-12)
             assert mm._blas[1]() == before
@@ -696,6 +696,7 @@ def test_a_stalled_gemv_sends_the_next_ones_to_one_thread_for_a_while():
         real = np.matmul
         mp.setattr(mm.np, "matmul", stalling)
         mp.setattr(mm, "_gemv_alone_until", [0.0])
+        mp.setattr(mm, "COLS_GEMV_BYTES", np.inf)  # BLAS's GEMV, not the Numba loop
         mp.setattr(mm, "_gemv_alone_for", [0.2])
         mp.setattr(mm, "GEMV_ALONE_FOR", 0.2)
         before = mm._blas[1]()
@@ -722,6 +723,7 @@ def test_stalls_that_recur_keep_gemvs_on_one_thread_longer():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mm, "_gemv_alone_until", [0.0])
         mp.setattr(mm, "_gemv_alone_for", [0.05])
+        mp.setattr(mm, "COLS_GEMV_BYTES", np.inf)
         mp.setattr(mm, "GEMV_ALONE_FOR", 0.05)
         mp.setattr(mm, "GEMV_ALONE_MAX", 0.08)
         lengths = []
@@ -761,6 +763,7 @@ def test_few_rows_run_on_blas_threads_while_they_spin():
         mp.setattr(mm, "gemm_add", lambda *a: (seen.append(mm._blas[1]()), real_gemm_add(*a))[1])  # bias: beta = 1
         mp.setattr(mm, "SPLIT_MIN_MACS", 0)
         mp.setattr(mm, "_gemv_alone_until", [0.0])
+        mp.setattr(mm, "COLS_GEMV_BYTES", np.inf)
         mp.setattr(mm, "_gemv_alone_for", [10.0])
         mp.setattr(mm, "GEMV_ALONE_FOR", 10.0)
         mp.setattr(mm, "_blas_spins_until", [0.0])
@@ -842,6 +845,51 @@ def test_a_gemv_over_a_large_weights_rows_runs_the_rows_kernel_and_equals_the_pr
     want = h.astype(np.float64) @ W.T.astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
     assert got.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_gemv_over_a_large_weight_runs_the_columns_kernel_and_equals_the_product(dtype):
+    """x @ W with W (K, N) row-major (every linear's weight) of COLS_GEMV_BYTES or more: matmul's GEMV
+    takes cols_gemv, not BLAS, and BLAS's spin window stays shut; the numbers within the dtype's
+    rounding of a sum in another order, the same on one thread (the stall fallback) as on all. A
+    smaller weight, or a column slice of a large one, keeps BLAS's GEMV."""
+    from numlm.kernels import matmul as mm
+    if mm._blas is None:
+        pytest.skip("numpy's BLAS is not OpenBLAS: no GEMV path")
+    rng = np.random.default_rng(0)
+    N = 96
+    K = mm.COLS_GEMV_BYTES // (N * np.dtype(dtype).itemsize) + 7  # just over the threshold, K % 4 == 3
+    W = rng.standard_normal((K, N)).astype(dtype)
+    x = rng.standard_normal((1, K)).astype(dtype)
+    blas, real = [], np.matmul
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mm.np, "matmul", lambda *a, **k: (blas.append(a[1].shape), real(*a, **k))[1])
+        mp.setattr(mm, "_gemv_alone_until", [0.0])
+        mp.setattr(mm, "_blas_spins_until", [0.0])
+        got = mm.matmul(x, W)
+        assert blas == [] and mm._blas_spins_until[0] == 0.0
+        for small in (W[:64], W[:, :N - 1]):  # under the threshold; not row-major
+            np.testing.assert_allclose(mm.matmul(x[:, :small.shape[0]], small), real(x[:, :small.shape[0]], small),
+                                       rtol=tol, atol=tol * 100)
+        assert blas == [(64, N), (K, N - 1)] and mm._blas_spins_until[0] > 0.0  # BLAS opened the window
+        mp.setattr(mm, "_gemv_alone_until", [float("inf")])
+        np.testing.assert_array_equal(mm.matmul(x, W), got)  # one thread: the same sums
+    want = x.astype(np.float64) @ W.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+    assert got.dtype == dtype
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, K=st.integers(1, 13), N=st.integers(1, 9), P=st.integers(1, 5), dtype=dtypes)
+def test_cols_gemv_is_the_product_for_any_slicing_of_k(seed, K, N, P, dtype):
+    """parts slices K in P (some empty when K < P); out is x @ W whatever the slicing"""
+    from numlm.kernels.matmul import cols_gemv
+    rng = np.random.default_rng(seed)
+    x, W = rng.standard_normal(K).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
+    parts, out = np.full((P, N), np.nan, dtype), np.full(N, np.nan, dtype)
+    assert cols_gemv(x, W, parts, out) is out
+    assert_close(out, x @ W, dtype)
 
 
 def test_a_gemv_that_loads_the_rows_kernel_is_not_a_stall():

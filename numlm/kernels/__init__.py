@@ -9,9 +9,12 @@ numlm/kernels/__pycache__.
 """
 import os
 
-# Numba's OpenMP threads otherwise spin after each parallel kernel and take the cores from the
-# BLAS threads of the next matmul (measured: training steps 1.5x slower on 2 cores).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Numba's OpenMP threads spin this many pauses (~0.1 ms) after a parallel kernel, then sleep. By
+# default they spin ~1 ms and take the cores from the BLAS threads of the next matmul (training steps
+# 1.5x slower on 2 cores; ~1.1x at 30,000). Without a spin, a parallel call took ~65 us (both threads
+# sleep at its end), ~25 us once a spin has run out, ~3 us within it: decoding's GEMVs (cols_gemv)
+# come ~50 us apart.
+os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 # read as kernels.enabled by the ops (an attribute, not a call, on every op)
 enabled = os.environ.get("NUMLM_NUMBA", "1").strip().lower() not in ("0", "false", "no", "off")

@@ -173,10 +173,10 @@ def matmul(a, b, out=None, bias=None):
     (or of the stack) go to separate threads, the caller's included; with fewer rows than cores, or a
     2-D a of fewer than COLUMN_SPLIT_ROWS rows, blocks of output columns do. Every BLAS call here runs
     on one thread, the unsplit small products too: an idle multi-threaded BLAS spins its threads after
-    each call, taking the cores from the next split product. The exceptions go to gemv, on BLAS's own
-    threads (or rows_gemv for the LM head): a single row, (1, K) @ (K, N), a decoding step's GEMV; and
-    a 2-D a of fewer than COLUMN_SPLIT_ROWS rows while those threads still spin after the last GEMV (a
-    prompt pass after decoding). out, if given, receives the result."""
+    each call, taking the cores from the next split product. The exceptions go to gemv: a single row,
+    (1, K) @ (K, N), a decoding step's GEMV (a Numba loop for a weight of 1 MB or more, BLAS's own
+    threads below); and a 2-D a of fewer than COLUMN_SPLIT_ROWS rows while BLAS's threads still spin
+    after the last GEMV they ran (a prompt pass after decoding). out, if given, receives the result."""
     if out is None:
         shape = a.shape[:-1] + (b.shape[-1],)
         out = np.empty(shape, dtype=np.result_type(a, b))
@@ -241,53 +241,65 @@ _blas_spins_until = [0.0]
 
 
 def gemv(a, b, out):
-    """out = a @ b for one row a (1, K), a decoding step's product, on BLAS's own threads, or on
-    rows_gemv for a large weight read by rows (below). A GEMV reads each weight once for two flops:
-    memory bandwidth bounds it, and one core does not reach the machine's. Over GPT-2 124M's weights
-    BLAS's threads streamed ~25 GB/s, one thread ~18, column blocks on numlm's threads ~16 (a hand-off
-    to a sleeping thread costs about what a 768 x 768 GEMV does; BLAS's threads spin between calls
-    instead). But while another process holds a core, one of BLAS's threads waits to be scheduled and
-    a 0.1 ms GEMV takes milliseconds: greedy decoding ran 150-220 ms a token against 33-37 on one
-    thread. So a GEMV of 1 MB or more that streams below GEMV_STALLED sends the GEMVs of the next
-    GEMV_ALONE_FOR seconds (doubling while stalls recur, up to GEMV_ALONE_MAX) to one thread; then the
-    threads are tried again. One and two threads give the same numbers (BLAS's split and rows_gemv's
-    keep each output's sum order). matmul also sends here a product of a few rows a (M, K) while
-    BLAS's threads spin (BLAS_SPINS_FOR)."""
-    rows = b.nbytes >= ROWS_GEMV_BYTES and b.T.flags.c_contiguous and a.shape[0] == 1 and a.dtype == b.dtype
+    """out = a @ b for one row a (1, K), a decoding step's product: on a parallel Numba loop when b is
+    a large weight (rows_gemv, cols_gemv below), else on BLAS's own threads. A GEMV reads each weight
+    once for two flops: memory bandwidth bounds it, and one core does not reach the machine's. But
+    while another process holds a core, one of the threads waits to be scheduled and a 0.1 ms GEMV
+    takes milliseconds: greedy decoding ran 150-220 ms a token against 33-37 on one thread. So a GEMV
+    of 1 MB or more that streams below GEMV_STALLED sends the GEMVs of the next GEMV_ALONE_FOR seconds
+    (doubling while stalls recur, up to GEMV_ALONE_MAX) to one thread; then the threads are tried
+    again. One and two threads give the same numbers (BLAS's split and the loops' keep each output's
+    sum order). matmul also sends here a product of a few rows a (M, K) while BLAS's threads spin
+    (BLAS_SPINS_FOR)."""
+    kernel = None
+    if a.shape[0] == 1 and a.dtype == b.dtype:
+        if b.nbytes >= ROWS_GEMV_BYTES and b.T.flags.c_contiguous:
+            kernel = rows_gemv
+        elif b.nbytes >= COLS_GEMV_BYTES and b.flags.c_contiguous:
+            kernel = cols_gemv
     with _lock:  # every other product restores the thread count before it lets go of the lock
         start = time.perf_counter()
         if start < _gemv_alone_until[0]:
-            return _gemv_product(a, b, out, rows, one_thread=True)
-        compiled = len(rows_gemv.signatures)
-        _gemv_product(a, b, out, rows, one_thread=False)
+            return _gemv_product(a, b, out, kernel, one_thread=True)
+        compiled = _loaded()
+        _gemv_product(a, b, out, kernel, one_thread=False)
         end = time.perf_counter()
         slow = end - start > max(b.nbytes / GEMV_STALLED, a.size * b.shape[1] / STALLED_MACS)
-        if b.nbytes >= 1 << 20 and slow and len(rows_gemv.signatures) == compiled:  # not a kernel's load
+        if b.nbytes >= 1 << 20 and slow and _loaded() == compiled:  # not a kernel's load
             again = end - _gemv_alone_until[0] < _gemv_alone_for[0]
             _gemv_alone_for[0] = min(2 * _gemv_alone_for[0], GEMV_ALONE_MAX) if again else GEMV_ALONE_FOR
             _gemv_alone_until[0], _blas_spins_until[0] = end + _gemv_alone_for[0], 0.0
-        elif a.shape[0] == 1:  # only a GEMV opens the window: few-row decoding (beams) stays split
+        elif a.shape[0] == 1 and kernel is None:  # only BLAS's GEMV: few-row decoding (beams) stays split
             _blas_spins_until[0] = end + BLAS_SPINS_FOR
     return out
 
 
-def _gemv_product(a, b, out, rows, one_thread):
-    """out = a @ b on rows_gemv when rows, else on BLAS; on one thread when one_thread"""
-    if not rows:
+def _loaded():
+    """how many signatures the GEMV loops have loaded: a first call's compile or load is not a stall"""
+    return len(rows_gemv.signatures) + len(cols_gemv.signatures)
+
+
+def _gemv_product(a, b, out, kernel, one_thread):
+    """out = a @ b on kernel (rows_gemv, cols_gemv) or, when None, on BLAS; on one thread when one_thread"""
+    if kernel is None:
         if not one_thread:
             return np.matmul(a, b, out=out)
         with _at_one_thread():
             return np.matmul(a, b, out=out)
-    if one_thread:
-        kernels.at_one_thread(rows_gemv, b.T, a[0], out[0])
+    if kernel is rows_gemv:
+        args = (b.T, a[0], out[0])
     else:
-        rows_gemv(b.T, a[0], out[0])
+        args = (a[0], b, np.empty((COLS_PARTS, b.shape[1]), b.dtype), out[0])
+    if one_thread:
+        kernels.at_one_thread(kernel, *args)
+    else:
+        kernel(*args)
     return out
 
 
 # A GEMV over a weight's rows (y = W x, the tied LM head's h @ wte^T) streamed ~25 GB/s in OpenBLAS's
 # sgemv and ~28-30 in the loop below on the machines here (the other layout, x^T W^T, ~30 in OpenBLAS).
-# Only weights this large: waking Numba's threads costs ~0.1 ms a call, BLAS's spin between calls
+# Only weights this large: the loop pays a wake of Numba's threads when they sleep (~25 us)
 ROWS_GEMV_BYTES = 16 << 20
 
 
@@ -299,6 +311,32 @@ def rows_gemv(W, x, out):
         for k in range(W.shape[1]):
             s += W[i, k] * x[k]
         out[i] = s
+    return out
+
+
+# The layers' GEMVs, x (K,) @ W (K, N) with W row-major (every linear's weight): GPT-2 124M greedy
+# decoding ran ~44-49 tokens/s on BLAS's threads, ~53-59 on this loop (Numba's threads spin ~0.1 ms
+# after a kernel, kernels/__init__.py, so the next layer's GEMV finds them awake). Four slices of K
+# (two a thread) measured faster than two, 40-45 against 38-39 GB/s over GPT-2's layer weights.
+COLS_GEMV_BYTES = 1 << 20
+COLS_PARTS = 4
+
+
+@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
+def cols_gemv(x, W, parts, out):
+    """out = x @ W: parts[p] = sum over slice p of K of x[k] W[k], rows read in order; out = sum of parts"""
+    K, N = W.shape
+    P = parts.shape[0]
+    for p in prange(P):
+        acc = parts[p]
+        acc[:] = 0
+        for k in range(p * K // P, (p + 1) * K // P):
+            xk = x[k]
+            for n in range(N):
+                acc[n] += xk * W[k, n]
+    out[:] = parts[0]
+    for p in range(1, P):
+        out += parts[p]
     return out
 
 
