@@ -2,9 +2,10 @@
 """The machine's own limits, the figures that carry across machines: float32 sgemm GFLOP/s (square
 products, numpy's BLAS on all the process's cores) and the memory bandwidth a GEMV streams (GPT-2's
 tied LM head, 154 MB, four copies in turn so that no cache holds it, in both layouts: y = W x reads
-W's rows as dot products, y^T = x^T W^T its columns as a sum of scaled rows; the faster is the limit:
-with OpenBLAS on the machines here ~26-30 and ~31-47 GB/s, from run to run), with the CPU model and
-the BLAS kernels numpy runs. Prints one JSON line.
+W's rows as dot products, y^T = x^T W^T its columns as a sum of scaled rows; each in numpy's BLAS
+and in numlm's own loops, rows_gemv and cols_gemv; the fastest of the four is the limit: with
+OpenBLAS on the machines here ~26-30 and ~31-47 GB/s from run to run, numlm's row loop ~35-60), with
+the CPU model and the BLAS kernels numpy runs. Prints one JSON line.
 
     python benchmarks/machine_peak.py [--sizes 512 1024 2048] [--samples 9]
 """
@@ -75,7 +76,7 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--samples", type=int, default=9)
     a = ap.parse_args()
-    from numlm.kernels.matmul import blas_core
+    from numlm.kernels.matmul import COLS_PARTS, blas_core, cols_gemv, rows_gemv
     rng = np.random.default_rng(0)
     sgemm = {}
     for n in a.sizes:
@@ -89,10 +90,15 @@ def main():
     x, out_t = v[None], out[None]
     gemv_columns = gemv_rate([Wt] + [Wt.copy() for _ in range(COPIES - 1)],
                              lambda w: np.matmul(x, w, out=out_t), a)
-    gemv = max(gemv_rows, gemv_columns)
+    parts = np.empty((COLS_PARTS, Wt.shape[1]), np.float32)
+    loop_rows = gemv_rate([W] + [W.copy() for _ in range(COPIES - 1)], lambda w: rows_gemv(w, v, out), a)
+    loop_columns = gemv_rate([Wt] + [Wt.copy() for _ in range(COPIES - 1)],
+                             lambda w: cols_gemv(v, w, parts, out), a)
+    by_layout = {"W x": gemv_rows, "x^T W^T": gemv_columns, "W x, numlm's loop": loop_rows,
+                 "x^T W^T, numlm's loop": loop_columns}
     print(json.dumps({"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "blas_core": blas_core(),
-                      "sgemm_gflops": max(sgemm.values()), "sgemm_by_size": sgemm, "gemv_gb_per_s": gemv,
-                      "gemv_by_layout": {"W x": gemv_rows, "x^T W^T": gemv_columns}}))
+                      "sgemm_gflops": max(sgemm.values()), "sgemm_by_size": sgemm,
+                      "gemv_gb_per_s": max(by_layout.values()), "gemv_by_layout": by_layout}))
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def best_peak(best, new):
     (another process on the cores only ever lowers a peak)."""
     layouts = ", ".join(f"{k} {v:.1f}" for k, v in new.get("gemv_by_layout", {}).items())
     print(f"machine: {new['cpu']}, {new['cores']} cores; sgemm {new['sgemm_gflops']:.0f} GFLOP/s, "
-          f"GEMV {new['gemv_gb_per_s']:.1f} GB/s{f' ({layouts})' if layouts else ''} (numpy's OpenBLAS, "
+          f"GEMV {new['gemv_gb_per_s']:.1f} GB/s{f' ({layouts})' if layouts else ''} (numpy's OpenBLAS: "
           f"{new['blas_core']} kernels)", file=sys.stderr)
     if best is None:
         return new
@@ -197,8 +197,8 @@ def main():
     print(f"\n{a.rounds} rounds, medians; range = min-max of the per-round ratio numlm / PyTorch; "
           "foreign = CPU share other processes took during the timed samples (median)\n")
     print(f"machine: {peak['cpu']}, {peak['cores']} cores; limits measured in this run (the highest of its rounds): float32 sgemm "
-          f"{peak['sgemm_gflops']:.0f} GFLOP/s, GEMV {peak['gemv_gb_per_s']:.1f} GB/s (the faster of its two layouts; numpy's OpenBLAS, "
-          f"{peak['blas_core']} kernels); roofline = the share of that limit a side reaches (training and "
+          f"{peak['sgemm_gflops']:.0f} GFLOP/s, GEMV {peak['gemv_gb_per_s']:.1f} GB/s (the fastest of four: both layouts in numpy's "
+          f"OpenBLAS, {peak['blas_core']} kernels, and in numlm's own loops); roofline = the share of that limit a side reaches (training and "
           "inference against sgemm, generation against the GEMV bandwidth); PyTorch's side: " + tblas + "\n")
     extra = " numlm before | numlm / before | range |" if a.before else ""
     print("| workload | roofline PyTorch / numlm | PyTorch | numlm | numlm / PyTorch | range | peak MB PyTorch / numlm "
