@@ -817,62 +817,38 @@ def test_linear_parity_with_split_products(always_split, seed, B, T, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_a_gemv_over_a_large_weights_rows_runs_the_rows_kernel_and_equals_the_product(dtype):
-    """h @ W^T with W (V, C) row-major (the tied LM head) and W at least ROWS_GEMV_BYTES: matmul's GEMV
-    takes rows_gemv, not BLAS; the product's numbers within the dtype's rounding of a sum in another
-    order, and the same numbers on one thread (the stall fallback) as on all. A smaller weight keeps
-    BLAS's GEMV."""
+@pytest.mark.parametrize("kernel", ["rows_gemv", "cols_gemv"])
+def test_a_gemv_over_a_large_weight_runs_a_numba_loop_and_equals_the_product(kernel, dtype):
+    """h @ W^T with W (V, C) row-major (the tied LM head) of ROWS_GEMV_BYTES or more takes rows_gemv;
+    x @ W with W (K, N) row-major (every linear's weight) of COLS_GEMV_BYTES or more takes cols_gemv;
+    neither calls BLAS or opens BLAS's spin window (BLAS's GEMV opening it: the tests above). The numbers within the dtype's rounding of a sum
+    in another order, the same on one thread (the stall fallback) as on all. A smaller weight, or a
+    column slice of a large one, keeps BLAS's GEMV."""
     from numlm.kernels import matmul as mm
     if mm._blas is None:
         pytest.skip("numpy's BLAS is not OpenBLAS: no GEMV path")
     rng = np.random.default_rng(0)
-    C = 384
-    V = mm.ROWS_GEMV_BYTES // (C * np.dtype(dtype).itemsize) + 7  # just over the threshold, odd rows
-    W = rng.standard_normal((V, C)).astype(dtype)
-    h = rng.standard_normal((1, C)).astype(dtype)
-    blas, real = [], np.matmul
+    C = 96
+    big = (mm.ROWS_GEMV_BYTES if kernel == "rows_gemv" else mm.COLS_GEMV_BYTES) // (C * np.dtype(dtype).itemsize)
+    stored = rng.standard_normal((big + 7, C)).astype(dtype)  # just over the threshold, odd, K % 4 == 3
+    W = stored.T if kernel == "rows_gemv" else stored  # the product's (K, N)
+    x = rng.standard_normal((1, W.shape[0])).astype(dtype)
+    blas, real, called = [], np.matmul, []
     tol = 1e-5 if dtype == np.float32 else 1e-12
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mm.np, "matmul", lambda *a, **k: (blas.append(a[1].shape), real(*a, **k))[1])
-        mp.setattr(mm, "_gemv_alone_until", [0.0])
-        got = mm.matmul(h, W.T)
-        assert blas == []
-        small = W[:64].T  # 96 KB: BLAS's GEMV
-        np.testing.assert_allclose(mm.matmul(h, small), real(h, small), rtol=tol, atol=tol * 10)
-        assert blas == [(C, 64)]
-        mp.setattr(mm, "_gemv_alone_until", [float("inf")])
-        np.testing.assert_array_equal(mm.matmul(h, W.T), got)  # one thread: the same sums
-    want = h.astype(np.float64) @ W.T.astype(np.float64)
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
-    assert got.dtype == dtype
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_a_gemv_over_a_large_weight_runs_the_columns_kernel_and_equals_the_product(dtype):
-    """x @ W with W (K, N) row-major (every linear's weight) of COLS_GEMV_BYTES or more: matmul's GEMV
-    takes cols_gemv, not BLAS, and BLAS's spin window stays shut; the numbers within the dtype's
-    rounding of a sum in another order, the same on one thread (the stall fallback) as on all. A
-    smaller weight, or a column slice of a large one, keeps BLAS's GEMV."""
-    from numlm.kernels import matmul as mm
-    if mm._blas is None:
-        pytest.skip("numpy's BLAS is not OpenBLAS: no GEMV path")
-    rng = np.random.default_rng(0)
-    N = 96
-    K = mm.COLS_GEMV_BYTES // (N * np.dtype(dtype).itemsize) + 7  # just over the threshold, K % 4 == 3
-    W = rng.standard_normal((K, N)).astype(dtype)
-    x = rng.standard_normal((1, K)).astype(dtype)
-    blas, real = [], np.matmul
-    tol = 1e-5 if dtype == np.float32 else 1e-12
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mm.np, "matmul", lambda *a, **k: (blas.append(a[1].shape), real(*a, **k))[1])
+        loop = getattr(mm, kernel)
+        counted = lambda *a: (called.append(kernel), loop(*a))[1]  # noqa: E731
+        counted.signatures = loop.signatures
+        mp.setattr(mm, kernel, counted)
         mp.setattr(mm, "_gemv_alone_until", [0.0])
         mp.setattr(mm, "_blas_spins_until", [0.0])
         got = mm.matmul(x, W)
-        assert blas == [] and mm._blas_spins_until[0] == 0.0
-        for small in (W[:64], W[:, :N - 1]):  # under the threshold; not row-major
+        assert blas == [] and called == [kernel] and mm._blas_spins_until[0] == 0.0
+        for small in (W[:64, :64], W[:, :-1] if kernel == "cols_gemv" else W[:, ::2]):  # small; not row-major
             np.testing.assert_allclose(mm.matmul(x[:, :small.shape[0]], small), real(x[:, :small.shape[0]], small),
                                        rtol=tol, atol=tol * 100)
-        assert blas == [(64, N), (K, N - 1)] and mm._blas_spins_until[0] > 0.0  # BLAS opened the window
+        assert len(blas) == 2 and called == [kernel]
         mp.setattr(mm, "_gemv_alone_until", [float("inf")])
         np.testing.assert_array_equal(mm.matmul(x, W), got)  # one thread: the same sums
     want = x.astype(np.float64) @ W.astype(np.float64)
