@@ -261,11 +261,10 @@ def gemv(a, b, out):
         start = time.perf_counter()
         if start < _gemv_alone_until[0]:
             return _gemv_product(a, b, out, kernel, one_thread=True)
-        compiled = _loaded()
         _gemv_product(a, b, out, kernel, one_thread=False)
         end = time.perf_counter()
         slow = end - start > max(b.nbytes / GEMV_STALLED, a.size * b.shape[1] / STALLED_MACS)
-        if b.nbytes >= 1 << 20 and slow and _loaded() == compiled:  # not a kernel's load
+        if b.nbytes >= 1 << 20 and slow and not _newly_loaded():  # a kernel's first load is no stall
             again = end - _gemv_alone_until[0] < _gemv_alone_for[0]
             _gemv_alone_for[0] = min(2 * _gemv_alone_for[0], GEMV_ALONE_MAX) if again else GEMV_ALONE_FOR
             _gemv_alone_until[0], _blas_spins_until[0] = end + _gemv_alone_for[0], 0.0
@@ -274,9 +273,16 @@ def gemv(a, b, out):
     return out
 
 
-def _loaded():
-    """how many signatures the GEMV loops have loaded: a first call's compile or load is not a stall"""
-    return len(rows_gemv.signatures) + len(cols_gemv.signatures)
+_signatures_seen = [0]
+
+
+def _newly_loaded():
+    """whether the GEMV loops loaded a signature (compiled, or read it from the cache) since the last
+    slow GEMV asked: a first call's load is not a stall. Asked only after a slow GEMV (counting the
+    signatures costs ~3 us, a tenth of a decoding step's small GEMV)"""
+    n = len(rows_gemv.signatures) + len(cols_gemv.signatures)
+    new, _signatures_seen[0] = n != _signatures_seen[0], n
+    return new
 
 
 def _gemv_product(a, b, out, kernel, one_thread):
