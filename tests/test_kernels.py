@@ -275,27 +275,28 @@ def test_attention_forward_writes_into_the_merged_heads(seed, B, H, T, D, dtype,
 @settings(max_examples=30, deadline=None)
 @given(seed=seeds, B=st.integers(1, 3), H=st.integers(1, 3), Tq=st.integers(1, 9), Tk=st.integers(1, 9),
        dtype=dtypes, per_head=st.booleans(), openai=st.booleans())
-def test_fused_scale_mask_softmax_is_the_two_kernels(seed, B, H, Tq, Tk, dtype, per_head, openai):
+def test_masked_softmax_kernels_are_scale_mask_then_softmax(seed, B, H, Tq, Tk, dtype, per_head, openai):
     """attention's one-pass kernels give the numbers of scale_mask then softmax (forward) and of softmax's
-    backward then scale_mask (backward), on codes of every kind (masked rows whole, OpenAI's future fill)"""
-    from numlm.kernels.softmax import (scale_mask_kernel, softmax_rows, softmax_backward_rows,
-                                       scale_mask_softmax_kernel, softmax_scale_mask_backward_kernel)
+    backward then scale_mask (backward), in place, on codes of every kind (masked rows whole, OpenAI's
+    future fill)"""
+    from numlm.kernels.softmax import (softmax_rows, softmax_backward_rows, masked_softmax_kernel,
+                                       masked_softmax_backward_kernel)
+    from numlm.ops.attention import scale_mask
     rng = np.random.default_rng(seed)
     s = (3 * rng.standard_normal((B, H, Tq, Tk))).astype(dtype)
     codes = rng.integers(0, 3 if openai else 2, (B, H if per_head else 1, Tq, Tk)).astype(np.int8)
     dt, lowest = dtype, np.finfo(dtype).min
     fill = dt(-1e4) if openai else lowest
-    two = s.copy()
-    scale_mask_kernel(two, dt(0.3), codes, lowest, fill)
+    two = scale_mask(s.copy(), 0.3, codes, lowest, fill)
     p_two = softmax_rows(two.reshape(-1, Tk))[0].reshape(s.shape)
     one = s.copy()
-    p_one = scale_mask_softmax_kernel(one, dt(0.3), codes, lowest, fill)
-    assert_close(one, two, dtype)
+    p_one = masked_softmax_kernel(one, dt(0.3), codes, dt(lowest), fill, False)
+    assert p_one is one
     assert_close(p_one, p_two, dtype)
     dp = rng.standard_normal(s.shape).astype(dtype)
-    ds_two = softmax_backward_rows(dp.reshape(-1, Tk), p_two.reshape(-1, Tk)).reshape(s.shape)
-    scale_mask_kernel(ds_two, dt(0.3), codes, dt(0), dt(0))
-    assert_close(softmax_scale_mask_backward_kernel(dp, p_two, dt(0.3), codes), ds_two, dtype)
+    ds_two = scale_mask(softmax_backward_rows(dp.reshape(-1, Tk), p_two.reshape(-1, Tk)).reshape(s.shape),
+                        0.3, codes, 0, 0)
+    assert_close(masked_softmax_backward_kernel(dp, p_two, dt(0.3), codes, False), ds_two, dtype)
 
 
 @settings(max_examples=30, deadline=None)
@@ -408,12 +409,14 @@ def test_causal_blocks_skip_the_future_exactly(kind, dtype, split, monkeypatch):
 @settings(max_examples=40, deadline=None)
 @given(seed=seeds, B=st.integers(1, 3), H=st.integers(1, 3), Tq=st.integers(1, 9), past=st.integers(0, 4),
        dtype=dtypes, pad=st.booleans(), heads=st.booleans())
-def test_causal_softmax_kernels_give_the_full_rows_numbers(seed, B, H, Tq, past, dtype, pad, heads):
-    """causal_softmax_kernel: scale_mask then softmax over each row's visible keys only, in place, 0
-    after them; its backward: softmax's, then scale_mask's with 0, in place. The same numbers as the full
-    rows' kernels (float64 to rounding; the backward's sums run over the same terms)."""
-    from numlm.kernels.softmax import (causal_softmax_kernel, causal_softmax_backward_kernel, scale_mask_kernel,
-                                       softmax_rows, softmax_backward_rows)
+def test_causal_masked_softmax_kernels_give_the_full_rows_numbers(seed, B, H, Tq, past, dtype, pad, heads):
+    """masked_softmax_kernel, causal: scale_mask then softmax over each row's visible keys only (the
+    future never read: NaN there), in place, 0 after them; its backward: softmax's, then scale_mask's with
+    0, in place. The same numbers as the full rows' (float64 to rounding; the backward's sums run over the
+    same terms)."""
+    from numlm.kernels.softmax import (masked_softmax_kernel, masked_softmax_backward_kernel, softmax_rows,
+                                       softmax_backward_rows)
+    from numlm.ops.attention import scale_mask
     rng = np.random.default_rng(seed)
     Tk = Tq + past
     mask = (np.arange(Tk) >= rng.integers(0, past + 1, B)[:, None]).astype(np.int64) if pad else None
@@ -425,21 +428,22 @@ def test_causal_softmax_kernels_give_the_full_rows_numbers(seed, B, H, Tq, past,
         codes[:, 0, :, 0] = np.where(np.arange(Tq) + past > 0, 0, codes[:, 0, :, 0])
     dt, lowest = dtype, np.finfo(dtype).min
     s = (rng.standard_normal((B, H, Tq, Tk)) * 3).astype(dt)
-    full = s.copy()
-    scale_mask_kernel(full, dt(0.7), codes, dt(lowest), dt(lowest))
+    full = scale_mask(s.copy(), 0.7, codes, lowest, lowest)
     want = softmax_rows(full.reshape(-1, Tk))[0].reshape(s.shape)
-    got = causal_softmax_kernel(s.copy(), dt(0.7), codes, dt(lowest))
+    future = np.arange(Tk)[None, :] > np.arange(Tq)[:, None] + past
+    s[..., future] = np.nan  # unwritten by causal_forward's products
+    got = masked_softmax_kernel(s.copy(), dt(0.7), codes, dt(lowest), dt(lowest), True)
     assert_close(got, want, dtype)
-    assert (got[..., np.arange(Tk)[None, :] > np.arange(Tq)[:, None] + past] == 0).all()
+    assert (got[..., future] == 0).all()
     dp = rng.standard_normal(s.shape).astype(dt)
-    ds = softmax_backward_rows(dp.reshape(-1, Tk), want.reshape(-1, Tk)).reshape(s.shape)
-    scale_mask_kernel(ds, dt(0.7), codes, dt(0), dt(0))
-    assert_close(causal_softmax_backward_kernel(dp.copy(), want, dt(0.7), codes), ds, dtype)
+    ds = scale_mask(softmax_backward_rows(dp.reshape(-1, Tk), want.reshape(-1, Tk)).reshape(s.shape), 0.7, codes, 0, 0)
+    dp[..., future] = np.nan
+    assert_close(masked_softmax_backward_kernel(dp.copy(), want, dt(0.7), codes, True), ds, dtype)
 
 
 @pytest.mark.parametrize("kind", ["causal", "kv_cache", "right_pad"])
 def test_causal_blocks_gradcheck(kind, monkeypatch):
-    """Central differences of the kernel path's causal blocks (causal_softmax_kernel and its backward
+    """Central differences of the kernel path's causal blocks (masked_softmax_kernel and its backward
     inside), float64, blocks of 2 queries."""
     from numlm.gradchecking import gradcheck
     from numlm.ops import attention

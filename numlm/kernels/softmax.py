@@ -35,63 +35,53 @@ def masked_score(x, code, scale, lowest, fill):
 
 @adaptive
 @njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
-def scale_mask_kernel(s, scale, codes, lowest, causal_fill):
-    """s = masked_score(s, code, ...), in place, per row of (B, H, Tq, Tk); codes (Bc, Hc, Tq, Tk)
-    int8 with Bc in {1, B}, Hc in {1, H}."""
+def masked_softmax_kernel(s, scale, codes, lowest, fill, causal):
+    """p = softmax(masked_score(s, code, scale, lowest, fill)) per row of the scores s (B, H, Tq, Tk), in
+    place, one pass over memory; codes (Bc, Hc, Tq, Tk) int8 with Bc in {1, B}, Hc in {1, H}.
+    causal: row i sees keys 0..Tk - Tq + i only (causal_forward leaves the others unwritten): they are
+    not read, and their probabilities are exactly 0, as exp of their lowest gives (each such row has an
+    allowed key). The running max is the row's max (a max is exact in any order)."""
     B, H, Tq, Tk = s.shape
     Bc, Hc = codes.shape[0], codes.shape[1]
     for r in prange(B * H * Tq):
-        b = r // (H * Tq)
-        h = (r // Tq) % H
-        i = r % Tq
-        c = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i]
-        for j in range(Tk):
-            s[b, h, i, j] = masked_score(s[b, h, i, j], c[j], scale, lowest, causal_fill)
+        b, h, i = r // (H * Tq), (r // Tq) % H, r % Tq
+        c, x = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i], s[b, h, i]
+        n = Tk - Tq + i + 1 if causal else Tk
+        m = lowest
+        for j in range(n):
+            y = masked_score(x[j], c[j], scale, lowest, fill)
+            x[j] = y
+            m = y if y > m else m
+        t = x.dtype.type(0)
+        for j in range(n):
+            e = exp_nonpositive(x[j] - m)
+            x[j] = e
+            t += e
+        for j in range(n):
+            x[j] /= t
+        x[n:] = 0
+    return s
 
 
 @adaptive
 @njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
-def scale_mask_softmax_kernel(s, scale, codes, lowest, causal_fill):
-    """p = softmax of each row of scale_mask_kernel's scores, s left holding those (B, H, Tq, Tk): one
-    pass over memory, the row in cache between the two (the numbers of the two kernels one after the other)"""
-    B, H, Tq, Tk = s.shape
+def masked_softmax_backward_kernel(dp, p, scale, codes, causal):
+    """ds = p (dp - sum_j dp_j p_j) scale where allowed, else 0 (masked and future scores are constants),
+    per row of (B, H, Tq, Tk), in place on dp; causal: over masked_softmax_kernel's keys, 0 after them"""
+    B, H, Tq, Tk = dp.shape
     Bc, Hc = codes.shape[0], codes.shape[1]
-    p = np.empty_like(s)
     for r in prange(B * H * Tq):
-        b = r // (H * Tq)
-        h = (r // Tq) % H
-        i = r % Tq
-        c = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i]
-        x = s[b, h, i]
-        for j in range(Tk):
-            x[j] = masked_score(x[j], c[j], scale, lowest, causal_fill)
-        softmax_row(x, p[b, h, i])
-    return p
-
-
-@adaptive
-@njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
-def softmax_scale_mask_backward_kernel(dp, p, scale, codes):
-    """ds = scale_mask_kernel(softmax_backward_rows(dp, p), scale, codes, 0, 0) per row of (B, H, Tq, Tk),
-    in one pass over memory"""
-    B, H, Tq, Tk = p.shape
-    Bc, Hc = codes.shape[0], codes.shape[1]
-    ds = np.empty_like(p)
-    zero = p.dtype.type(0)
-    for r in prange(B * H * Tq):
-        b = r // (H * Tq)
-        h = (r // Tq) % H
-        i = r % Tq
-        c = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i]
-        y, dy, dx = p[b, h, i], dp[b, h, i], ds[b, h, i]
-        a = 0.0
-        for j in range(Tk):
-            a += dy[j] * y[j]
-        for j in range(Tk):
-            dx[j] = y[j] * (dy[j] - a)
-        for j in range(Tk):
-            dx[j] = masked_score(dx[j], c[j], scale, zero, zero)
-    return ds
+        b, h, i = r // (H * Tq), (r // Tq) % H, r % Tq
+        c, d, y = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i], dp[b, h, i], p[b, h, i]
+        n = Tk - Tq + i + 1 if causal else Tk
+        t = 0.0
+        for j in range(n):
+            t += d[j] * y[j]
+        for j in range(n):
+            d[j] = y[j] * (d[j] - t)  # rounded to d's dtype, then scaled
+            d[j] = d[j] * scale if c[j] == 1 else 0
+        d[n:] = 0
+    return dp
 
 
 # exp in a kernel, vectorised: numba has no SVML, and a libm exp per element cost ~4x numpy's.
@@ -179,58 +169,6 @@ def softmax_row(x, y):
     for j in range(x.size):
         y[j] /= s
     return m, s
-
-
-@adaptive
-@njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
-def causal_softmax_kernel(s, scale, codes, lowest):
-    """p = softmax(masked_score(s, code, scale, lowest, lowest)) per row of s (B, H, Tq, Tk), in place,
-    over the keys 0..Tk - Tq + i that row i sees; exactly 0 after them, as exp of their lowest gives.
-    codes (Bc, Hc, Tq, Tk) int8, Bc in {1, B}, Hc in {1, H}; every row has an allowed key.
-    softmax_row's steps, its max taken as the scores are masked."""
-    B, H, Tq, Tk = s.shape
-    Bc, Hc = codes.shape[0], codes.shape[1]
-    for r in prange(B * H * Tq):
-        b, h, i = r // (H * Tq), (r // Tq) % H, r % Tq
-        c, x = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i], s[b, h, i]
-        n = Tk - Tq + i + 1
-        m = lowest
-        for j in range(n):
-            y = masked_score(x[j], c[j], scale, lowest, lowest)
-            x[j] = y
-            m = y if y > m else m
-        t = x.dtype.type(0)
-        for j in range(n):
-            e = exp_nonpositive(x[j] - m)
-            x[j] = e
-            t += e
-        for j in range(n):
-            x[j] /= t
-        x[n:] = 0
-    return s
-
-
-@adaptive
-@njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
-def causal_softmax_backward_kernel(dp, p, scale, codes):
-    """ds = p (dp - sum_j dp_j p_j) scale where allowed, else 0: softmax_backward_rows, then
-    scale_mask_kernel's (lowest = fill = 0), in place on dp (B, H, Tq, Tk) over causal_softmax_kernel's
-    keys, 0 after them"""
-    B, H, Tq, Tk = dp.shape
-    Bc, Hc = codes.shape[0], codes.shape[1]
-    for r in prange(B * H * Tq):
-        b, h, i = r // (H * Tq), (r // Tq) % H, r % Tq
-        c = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i]
-        d, y = dp[b, h, i], p[b, h, i]
-        n = Tk - Tq + i + 1
-        t = 0.0
-        for j in range(n):
-            t += d[j] * y[j]
-        for j in range(n):
-            d[j] = y[j] * (d[j] - t)  # rounded to d's dtype, then scaled: the two kernels' steps
-            d[j] = d[j] * scale if c[j] == 1 else 0
-        d[n:] = 0
-    return dp
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")

@@ -19,9 +19,7 @@ from ._check import float_array
 from .. import kernels
 from ..kernels.matmul import mm, mm_pair  # a @ b, the B*H products split across the cores
 from ..kernels.matmul import mm_visible, mm_from_visible, mm_t_from_visible
-from ..kernels.softmax import scale_mask_kernel, attention_rows_kernel
-from ..kernels.softmax import causal_softmax_kernel, causal_softmax_backward_kernel
-from ..kernels.softmax import scale_mask_softmax_kernel, softmax_scale_mask_backward_kernel
+from ..kernels.softmax import masked_softmax_kernel, masked_softmax_backward_kernel, attention_rows_kernel
 from .activations import dropout_forward, dropout_backward
 from .softmax import softmax_forward, softmax_backward
 
@@ -84,12 +82,11 @@ def attention_allowed(attention_mask, B, Tq, Tk, causal, causal_fill=None):
 
 def scale_mask(s, scale, codes, lowest, fill):
     """s = where(allowed, s * scale, where(masked, lowest, fill)), in place on a scores array the
-    caller owns (the forward's scores; with lowest = fill = 0, the backward's ds).    (B, H, Tq, Tk)"""
+    caller owns (the forward's scores; with lowest = fill = 0, the backward's ds).    (B, H, Tq, Tk)
+    The NumPy path's; the kernel path does it inside masked_softmax_kernel and its backward."""
     dt = s.dtype.type
     if codes is None:
         s *= dt(scale)
-    elif kernels.enabled:
-        scale_mask_kernel(s, dt(scale), np.ascontiguousarray(codes), dt(lowest), dt(fill))
     else:
         s[...] = np.where(codes == ALLOWED, s * dt(scale), np.where(codes == FUTURE, dt(fill), dt(lowest)))
     return s
@@ -142,8 +139,9 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
         return causal_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks, out)
 
     s = mm(q, k.swapaxes(-1, -2))  # (B, H, Tq, Tk)
-    if kernels.enabled:  # the two lines below in one kernel, one pass over the scores
-        p = scale_mask_softmax_kernel(s, q.dtype.type(scale), mask_codes(codes, Tq, Tk), lowest, q.dtype.type(fill))
+    if kernels.enabled:  # the two lines below in one kernel, one pass over the scores, in place
+        dt = q.dtype.type
+        p = masked_softmax_kernel(s, dt(scale), mask_codes(codes, Tq, Tk), dt(lowest), dt(fill), False)
     else:
         s = scale_mask(s, scale, codes, lowest, fill)
         p, _ = softmax_forward(s)  # (B, H, Tq, Tk)
@@ -175,9 +173,9 @@ def attention_backward(dout, cache, out=(None, None, None)):
     dv, dpd = mm_pair(pd.swapaxes(-1, -2), dout, dout, v.swapaxes(-1, -2), out=(out[2], None))  # dv (B, H, Tk, D)
     # pd, keep = dropout_forward(p, dropout_p, rng)
     dp = dropout_backward(dpd, keep)
-    if kernels.enabled:  # the four lines below in one kernel, one pass over the scores
+    if kernels.enabled:  # the four lines below in one kernel, one pass over the scores, in place on dp (ours)
         codes = mask_codes(cache.codes, *p.shape[2:])
-        dscores = softmax_scale_mask_backward_kernel(dp, p, p.dtype.type(cache.scale), codes)
+        dscores = masked_softmax_backward_kernel(dp, p, p.dtype.type(cache.scale), codes, False)
     else:
         # p, _ = softmax_forward(s)
         ds = softmax_backward(dp, p)
@@ -205,7 +203,7 @@ def causal_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks, out=No
     dt = q.dtype.type
     s = mm_visible(q, k.swapaxes(-1, -2), blocks, zero=False)  # (B, H, Tq, Tk), the future unwritten
     # p = softmax(scale_mask(s, scale, codes, lowest, lowest)) over the keys each query sees, 0 after them
-    p = causal_softmax_kernel(s, dt(scale), mask_codes(codes, *s.shape[2:]), dt(lowest))
+    p = masked_softmax_kernel(s, dt(scale), mask_codes(codes, *s.shape[2:]), dt(lowest), dt(lowest), True)
     pd, keep = dropout_forward(p, dropout_p, rng)
     out = mm_from_visible(pd, v, blocks, out=out)  # (B, H, Tq, D)
     return out, AttentionCache(q, k, v, p, keep, codes, scale, blocks)
@@ -222,7 +220,8 @@ def causal_backward(dout, cache, out):
     # pd, keep = dropout_forward(p, dropout_p, rng)
     dp = dropout_backward(dpd, keep)
     # p = softmax(scale_mask(s, ...)): masked and future scores are constants, so 0; in place on dp (ours)
-    dscores = causal_softmax_backward_kernel(dp, p, p.dtype.type(cache.scale), mask_codes(cache.codes, *p.shape[2:]))
+    codes = mask_codes(cache.codes, *p.shape[2:])
+    dscores = masked_softmax_backward_kernel(dp, p, p.dtype.type(cache.scale), codes, True)
     dq = mm_from_visible(dscores, k, blocks, out=dq)  # (B, H, Tq, D)
     dk = mm_t_from_visible(dscores, q, blocks, out=dk)  # (B, H, Tk, D)
     return dq, dk, dv
