@@ -202,12 +202,19 @@ def matmul(a, b, out=None, bias=None):
                 blocks.append((a[lo:hi], b[lo:hi] if stacked else b, out[lo:hi], bias))
             else:  # a column block of out is strided: numpy writes it through a buffer
                 blocks.append((a, b[:, lo:hi], out[:, lo:hi], None if bias is None else bias[lo:hi]))
-        pool = _get_pool()
-        jobs = [pool.submit(_block, *blk) for blk in blocks[1:]]
-        _block(*blocks[0])  # the caller's share: one thread hand-off fewer
+        _on_cores([(_block, blk) for blk in blocks])
+    return out
+
+
+def _on_cores(calls):
+    """[(fn, args), ...]: the first on the caller (one thread hand-off fewer), the others on the pool's
+    threads; returns when all are done. The caller holds _lock with BLAS at one thread."""
+    jobs = [_get_pool().submit(fn, *args) for fn, args in calls[1:]]
+    try:
+        calls[0][0](*calls[0][1])
+    finally:
         for j in jobs:
             j.result()
-    return out
 
 
 @contextmanager
@@ -401,9 +408,7 @@ def mm_pair(a, b, c, d, into=None, out=(None, None)):
             (a.shape[0] > 1 or out[0] is out[1] is None):
         return _stacked_pair(a, b, c, d, ab, cd)
     with _lock, _at_one_thread():
-        job = _get_pool().submit(_block if into is None else _block_into, c, d, cd)
-        _block(a, b, ab)
-        job.result()
+        _on_cores([(_block, (a, b, ab)), (_block if into is None else _block_into, (c, d, cd))])
     return ab, cd
 
 
@@ -423,9 +428,7 @@ def _stacked_pair(a, b, c, d, ab, cd):
     x = [a, b, c, d, ab, cd] if a.shape[0] > 1 else [_stack(m) for m in (a, b, c, d, ab, cd)]  # ab, cd: C order
     h = x[0].shape[0] // 2
     with _lock, _at_one_thread():
-        job = _get_pool().submit(_two_blocks, *(m[h:] for m in x))
-        _two_blocks(*(m[:h] for m in x))
-        job.result()
+        _on_cores([(_two_blocks, [m[:h] for m in x]), (_two_blocks, [m[h:] for m in x])])
     return ab, cd
 
 
@@ -515,9 +518,5 @@ def _over_stack(fn, arrays, blocks, work):
     bounds = [arrays[0].shape[axis] * i // n for i in range(n + 1)]
     parts = [tuple(x[lo:hi] if axis == 0 else x[:, lo:hi] for x in arrays) for lo, hi in zip(bounds[:-1], bounds[1:])]
     with _lock, _at_one_thread():
-        pool = _get_pool()
-        jobs = [pool.submit(fn, *part, blocks) for part in parts[1:]]
-        fn(*parts[0], blocks)
-        for j in jobs:
-            j.result()
+        _on_cores([(fn, part + (blocks,)) for part in parts])
 
