@@ -90,10 +90,10 @@ def main():
     x, out_t = v[None], out[None]
     gemv_columns = gemv_rate([Wt] + [Wt.copy() for _ in range(COPIES - 1)],
                              lambda w: np.matmul(x, w, out=out_t), a)
-    parts = np.empty((COLS_PARTS, Wt.shape[1]), np.float32)
-    loop_rows = gemv_rate([W] + [W.copy() for _ in range(COPIES - 1)], lambda w: rows_gemv(w, v, out), a)
+    parts = np.empty((COLS_PARTS, 1, Wt.shape[1]), np.float32)
+    loop_rows = gemv_rate([W] + [W.copy() for _ in range(COPIES - 1)], lambda w: rows_gemv(w, x, out_t), a)
     loop_columns = gemv_rate([Wt] + [Wt.copy() for _ in range(COPIES - 1)],
-                             lambda w: cols_gemv(v, w, parts, out), a)
+                             lambda w: cols_gemv(x, w, parts, out_t), a)
     by_layout = {"W x": gemv_rows, "x^T W^T": gemv_columns, "W x, numlm's loop": loop_rows,
                  "x^T W^T, numlm's loop": loop_columns}
     print(json.dumps({"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "blas_core": blas_core(),

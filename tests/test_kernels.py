@@ -860,16 +860,50 @@ def test_a_gemv_over_a_large_weight_runs_a_numba_loop_and_equals_the_product(ker
     assert got.dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kernel", ["rows_gemv", "cols_gemv"])
+def test_a_few_rows_over_a_large_weight_run_the_loop_more_rows_do_not(kernel, dtype):
+    """2..GEMV_ROWS rows (beams, a batch) over a weight that takes a GEMV loop take it too, each row's
+    numbers those it gets alone; one row more goes back to BLAS"""
+    from numlm.kernels import matmul as mm
+    if mm._blas is None:
+        pytest.skip("numpy's BLAS is not OpenBLAS: no GEMV path")
+    rng = np.random.default_rng(1)
+    C = 64
+    big = (mm.ROWS_GEMV_BYTES if kernel == "rows_gemv" else mm.COLS_GEMV_BYTES) // (C * np.dtype(dtype).itemsize)
+    stored = rng.standard_normal((big + 5, C)).astype(dtype)
+    W = stored.T if kernel == "rows_gemv" else stored  # the product's (K, N)
+    called, loop = [], getattr(mm, kernel)
+    counted = lambda *a: (called.append(a[1 if kernel == "rows_gemv" else 0].shape[0]), loop(*a))[1]  # noqa: E731
+    counted.signatures = loop.signatures
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mm, kernel, counted)
+        mp.setattr(mm, "_gemv_alone_until", [0.0])
+        for M in range(2, mm.GEMV_ROWS + 2):
+            x = rng.standard_normal((M, W.shape[0])).astype(dtype)
+            got = mm.matmul(x, W)
+            want = x.astype(np.float64) @ W.astype(np.float64)
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+            if M <= mm.GEMV_ROWS:
+                np.testing.assert_array_equal(got[1:2], mm.matmul(x[1:2], W))
+    assert called == [m for M in range(2, mm.GEMV_ROWS + 1) for m in (M, 1)]  # M rows, then row 1 alone
+
+
 @settings(max_examples=30, deadline=None)
-@given(seed=seeds, K=st.integers(1, 13), N=st.integers(1, 9), P=st.integers(1, 5), dtype=dtypes)
-def test_cols_gemv_is_the_product_for_any_slicing_of_k(seed, K, N, P, dtype):
-    """parts slices K in P (some empty when K < P); out is x @ W whatever the slicing"""
+@given(seed=seeds, M=st.integers(1, 4), K=st.integers(1, 13), N=st.integers(1, 9), P=st.integers(1, 5),
+       dtype=dtypes)
+def test_cols_gemv_is_the_product_for_any_slicing_of_k(seed, M, K, N, P, dtype):
+    """parts slices K in P (some empty when K < P); out is x @ W whatever the slicing, and each of x's
+    rows gets the very sums it gets alone"""
     from numlm.kernels.matmul import cols_gemv
     rng = np.random.default_rng(seed)
-    x, W = rng.standard_normal(K).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
-    parts, out = np.full((P, N), np.nan, dtype), np.full(N, np.nan, dtype)
+    x, W = rng.standard_normal((M, K)).astype(dtype), rng.standard_normal((K, N)).astype(dtype)
+    parts, out = np.full((P, M, N), np.nan, dtype), np.full((M, N), np.nan, dtype)
     assert cols_gemv(x, W, parts, out) is out
     assert_close(out, x @ W, dtype)
+    for m in range(M):
+        np.testing.assert_array_equal(cols_gemv(x[m:m + 1], W, parts[:, :1], out[m:m + 1].copy()), out[m:m + 1])
 
 
 def test_a_gemv_that_loads_the_rows_kernel_is_not_a_stall():
@@ -888,7 +922,7 @@ def test_a_gemv_that_loads_the_rows_kernel_is_not_a_stall():
             time.sleep(0.2)
             if self.loads:
                 self.signatures.append(W.dtype)
-            out[:] = W @ x
+            out[:] = x @ W.T
             return out
 
     rng = np.random.default_rng(0)

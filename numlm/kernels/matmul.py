@@ -175,12 +175,13 @@ def matmul(a, b, out=None, bias=None):
     on one thread, the unsplit small products too: an idle multi-threaded BLAS spins its threads after
     each call, taking the cores from the next split product. The exceptions go to gemv: a single row,
     (1, K) @ (K, N), a decoding step's GEMV (a Numba loop for a weight of 1 MB or more, BLAS's own
-    threads below); and a 2-D a of fewer than COLUMN_SPLIT_ROWS rows while BLAS's threads still spin
-    after the last GEMV they ran (a prompt pass after decoding). out, if given, receives the result."""
+    threads below), or a few rows over such a weight (beams, a batch); and a 2-D a of fewer than
+    COLUMN_SPLIT_ROWS rows while BLAS's threads still spin after the last GEMV they ran (a prompt pass
+    after decoding). out, if given, receives the result."""
     if out is None:
         shape = a.shape[:-1] + (b.shape[-1],)
         out = np.empty(shape, dtype=np.result_type(a, b))
-    if _blas is None or (a.ndim == 2 and (a.shape[0] == 1 or (
+    if _blas is None or (a.ndim == 2 and (a.shape[0] == 1 or _gemv_kernel(a, b) is not None or (
             a.shape[0] < COLUMN_SPLIT_ROWS and time.perf_counter() < _blas_spins_until[0]))):
         out = np.matmul(a, b, out=out) if _blas is None else gemv(a, b, out)
         if bias is not None:
@@ -248,8 +249,8 @@ _blas_spins_until = [0.0]
 
 
 def gemv(a, b, out):
-    """out = a @ b for one row a (1, K), a decoding step's product: on a parallel Numba loop when b is
-    a large weight (rows_gemv, cols_gemv below), else on BLAS's own threads. A GEMV reads each weight
+    """out = a @ b for one row a (1, K), a decoding step's product, or a few (beams, a batch): on a parallel
+    Numba loop when b is a large weight (rows_gemv, cols_gemv below), else on BLAS's own threads. A GEMV reads each weight
     once for two flops: memory bandwidth bounds it, and one core does not reach the machine's. But
     while another process holds a core, one of the threads waits to be scheduled and a 0.1 ms GEMV
     takes milliseconds: greedy decoding ran 150-220 ms a token against 33-37 on one thread. So a GEMV
@@ -258,12 +259,7 @@ def gemv(a, b, out):
     again. One and two threads give the same numbers (BLAS's split and the loops' keep each output's
     sum order). matmul also sends here a product of a few rows a (M, K) while BLAS's threads spin
     (BLAS_SPINS_FOR)."""
-    kernel = None
-    if a.shape[0] == 1 and a.dtype == b.dtype:
-        if b.nbytes >= ROWS_GEMV_BYTES and b.T.flags.c_contiguous:
-            kernel = rows_gemv
-        elif b.nbytes >= COLS_GEMV_BYTES and b.flags.c_contiguous:
-            kernel = cols_gemv
+    kernel = _gemv_kernel(a, b)
     with _lock:  # every other product restores the thread count before it lets go of the lock
         start = time.perf_counter()
         if start < _gemv_alone_until[0]:
@@ -283,6 +279,19 @@ def gemv(a, b, out):
 _signatures_seen = [0]
 
 
+def _gemv_kernel(a, b):
+    """the Numba loop for a (M, K) @ b (K, N) with M up to GEMV_ROWS, or None (BLAS): rows_gemv over a
+    weight of ROWS_GEMV_BYTES or more stored as rows (the LM head), cols_gemv over a row-major weight of
+    COLS_GEMV_BYTES or more (the layers')"""
+    if a.dtype != b.dtype or a.shape[0] > GEMV_ROWS:
+        return None
+    if b.nbytes >= ROWS_GEMV_BYTES and b.T.flags.c_contiguous:
+        return rows_gemv
+    if b.nbytes >= COLS_GEMV_BYTES and b.flags.c_contiguous:
+        return cols_gemv
+    return None
+
+
 def _newly_loaded():
     """whether the GEMV loops loaded a signature (compiled, or read it from the cache) since the last
     slow GEMV asked: a first call's load is not a stall. Asked only after a slow GEMV (counting the
@@ -300,9 +309,9 @@ def _gemv_product(a, b, out, kernel, one_thread):
         with _at_one_thread():
             return np.matmul(a, b, out=out)
     if kernel is rows_gemv:
-        args = (b.T, a[0], out[0])
+        args = (b.T, a, out)
     else:
-        args = (a[0], b, np.empty((COLS_PARTS, b.shape[1]), b.dtype), out[0])
+        args = (a, b, np.empty((COLS_PARTS,) + out.shape, b.dtype), out)
     if one_thread:
         kernels.at_one_thread(kernel, *args)
     else:
@@ -314,16 +323,21 @@ def _gemv_product(a, b, out, kernel, one_thread):
 # sgemv and ~28-30 in the loop below on the machines here (the other layout, x^T W^T, ~30 in OpenBLAS).
 # Only weights this large: the loop pays a wake of Numba's threads when they sleep (~25 us)
 ROWS_GEMV_BYTES = 16 << 20
+# Both loops take a few rows too (beams, a batch), reading the weight once for all: 2-4 rows over GPT-2's
+# layer weights ran 1.2-3x BLAS's split product (which packs the weight); 8 rows no faster
+GEMV_ROWS = 4
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
 def rows_gemv(W, x, out):
-    """out[i] = sum_k W[i, k] x[k]: row i's dot product on one thread, in the same order on any count"""
+    """out[m, i] = sum_k W[i, k] x[m, k] for x (M, K): W's row i read once for all M dot products, each
+    on one thread, in the same order on any count and for any M"""
     for i in prange(W.shape[0]):
-        s = out.dtype.type(0.0)
-        for k in range(W.shape[1]):
-            s += W[i, k] * x[k]
-        out[i] = s
+        for m in range(x.shape[0]):
+            s = out.dtype.type(0.0)
+            for k in range(W.shape[1]):
+                s += W[i, k] * x[m, k]
+            out[m, i] = s
     return out
 
 
@@ -337,16 +351,18 @@ COLS_PARTS = 4
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
 def cols_gemv(x, W, parts, out):
-    """out = x @ W: parts[p] = sum over slice p of K of x[k] W[k], rows read in order; out = sum of parts"""
+    """out = x @ W for x (M, K): parts[p] = sum over slice p of K of x[:, k] W[k], W's rows read in order
+    and once for all M rows; out = sum of parts. A row's sums are those it has alone."""
     K, N = W.shape
     P = parts.shape[0]
     for p in prange(P):
         acc = parts[p]
         acc[:] = 0
         for k in range(p * K // P, (p + 1) * K // P):
-            xk = x[k]
-            for n in range(N):
-                acc[n] += xk * W[k, n]
+            for m in range(x.shape[0]):
+                xk, a = x[m, k], acc[m]
+                for n in range(N):
+                    a[n] += xk * W[k, n]
     out[:] = parts[0]
     for p in range(1, P):
         out += parts[p]
