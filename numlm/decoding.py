@@ -400,8 +400,18 @@ def _gather_beams(x, idx):
 
 
 def _topk_desc(x, k):
-    """Indices of the k largest entries of each row, largest first (ties: lower index first)."""
-    return np.argsort(-x, axis=-1, kind="stable")[:, :k]
+    """Indices of the k largest entries of each row, largest first (ties: lower index first): the first k
+    of a stable sort. A long row (beam search's K * V scores) sorts only the entries at or above its k-th
+    largest (a full sort of 4 x 50,257 scores took ~6 ms a step, a third of the step)."""
+    if 8 * k >= x.shape[-1]:
+        return np.argsort(-x, axis=-1, kind="stable")[:, :k]
+    top = np.empty((x.shape[0], k), dtype=np.intp)
+    for b, row in enumerate(x):
+        above = np.flatnonzero(row >= np.partition(row, row.size - k)[row.size - k])  # index order
+        if above.size < k:  # NaNs (they sort last) took places among the k largest
+            above = np.arange(row.size)
+        top[b] = above[np.argsort(-row[above], kind="stable")[:k]]
+    return top
 
 
 class Beams:

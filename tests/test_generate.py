@@ -422,3 +422,20 @@ def test_generation_needs_an_lm_under_the_adapter():
     pm = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
     with pytest.raises(ValueError, match="BertForSequenceClassification has no language-modeling head"):
         generate(pm, [[1, 2, 3]], max_new_tokens=2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), B=st.integers(1, 3), k=st.integers(1, 6), n=st.integers(1, 80),
+       levels=st.integers(1, 6), specials=st.booleans())
+def test_topk_desc_is_the_first_k_of_a_stable_sort(seed, B, k, n, levels, specials):
+    """beam search's top-k (a partition, then a sort of the entries at or above the k-th largest, for
+    long rows) picks what a stable descending sort's first k are: ties by lower index, -inf, and NaN
+    (sorted last) included"""
+    from numlm.decoding import _topk_desc
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, levels, (B, n)).astype(np.float32)  # few levels: many ties
+    if specials:
+        x[rng.random(x.shape) < 0.2] = -np.inf
+        x[rng.random(x.shape) < 0.1] = np.nan
+    k = min(k, n)
+    np.testing.assert_array_equal(_topk_desc(x, k), np.argsort(-x, axis=-1, kind="stable")[:, :k])
