@@ -439,3 +439,26 @@ def test_topk_desc_is_the_first_k_of_a_stable_sort(seed, B, k, n, levels, specia
         x[rng.random(x.shape) < 0.1] = np.nan
     k = min(k, n)
     np.testing.assert_array_equal(_topk_desc(x, k), np.argsort(-x, axis=-1, kind="stable")[:, :k])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), V=st.integers(300, 6000), scale=st.floats(0.3, 12.0),
+       top_p=st.floats(0.05, 0.95), keep=st.integers(1, 3), B=st.integers(1, 2))
+def test_top_p_keeps_the_tokens_with_less_than_top_p_ranked_above_them(seed, V, scale, top_p, keep, B):
+    """top_p_filter on long rows (its head grown until it holds top_p): a token stays exactly when the
+    tokens ranked above it hold less than top_p (float64 reference; a token within 1e-5 of the edge may
+    go either way), or it is among the `keep` most likely; kept scores unchanged, the others -inf"""
+    rng = np.random.default_rng(seed)
+    s = (rng.standard_normal((B, V)) * scale).astype(np.float32)
+    out = top_p_filter(s, top_p, min_tokens_to_keep=keep)
+    for b in range(B):
+        p = np.exp(s[b].astype(np.float64) - s[b].max())
+        p /= p.sum()
+        order = np.argsort(-p, kind="stable")
+        above = np.concatenate([[0.0], np.cumsum(p[order])[:-1]])
+        want = (above < top_p) | (np.arange(V) < keep)
+        sure = np.abs(above - top_p) > 1e-5
+        np.testing.assert_array_equal(np.isfinite(out[b, order])[sure], want[sure])
+        kept = np.isfinite(out[b])
+        np.testing.assert_array_equal(out[b, kept], s[b, kept])
+        assert np.all(out[b, ~kept] == -np.inf)
