@@ -53,20 +53,23 @@ def top_p_filter(scores, top_p, min_tokens_to_keep=1):
     transformers drops the tokens whose ascending cumulative softmax is <= 1 - top_p: the same tokens,
     up to rounding. Only the head of a row is sorted, grown until it holds top_p: over GPT-2's 50,257
     scores ~0.3-1.6 ms a token, ~5 with the whole row sorted (flat rows still are).    scores: (B, V) -> (B, V)"""
-    probs, V = softmax(scores), scores.shape[-1]
+    probs = softmax(scores)
     out = np.full_like(scores, -np.inf)
     for b in range(scores.shape[0]):
+        live = np.flatnonzero(probs[b] > 0)  # a token of probability 0 (top-k's -inf) goes, as in transformers
+        live = live if live.size >= min_tokens_to_keep else np.arange(scores.shape[-1])
+        p, V = probs[b, live][None], live.size
         m = min(V, max(256, min_tokens_to_keep))
         while True:
-            head = _topk_desc(probs[b:b + 1], m)[0]                  # the m most likely, in order
-            mass = np.cumsum(probs[b, head], dtype=scores.dtype)
+            head = _topk_desc(p, m)[0]                               # the m most likely, in order
+            mass = np.cumsum(p[0, head], dtype=scores.dtype)
             if m == V or mass[-1] >= top_p:  # the next token has top_p above it: it and all after go
                 break
             grow = 2 * top_p / mass[-1] if mass[-1] > 0 else V  # twice the head a linear growth of mass needs
             m = V if grow * m >= V / 8 else int(max(4, grow) * m)  # an eighth of the row or more: sort it all
         keep = np.concatenate([[True], mass[:-1] < top_p])          # the mass ranked above each < top_p
         keep[:min_tokens_to_keep] = True
-        out[b, head[keep]] = scores[b, head[keep]]
+        out[b, live[head[keep]]] = scores[b, live[head[keep]]]
     return out
 
 

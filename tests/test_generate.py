@@ -443,13 +443,16 @@ def test_topk_desc_is_the_first_k_of_a_stable_sort(seed, B, k, n, levels, specia
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), V=st.integers(300, 6000), scale=st.floats(0.3, 12.0),
-       top_p=st.floats(0.05, 0.95), keep=st.integers(1, 3), B=st.integers(1, 2))
-def test_top_p_keeps_the_tokens_with_less_than_top_p_ranked_above_them(seed, V, scale, top_p, keep, B):
+       top_p=st.floats(0.05, 0.95), keep=st.integers(1, 3), B=st.integers(1, 2), top_k=st.booleans())
+def test_top_p_keeps_the_tokens_with_less_than_top_p_ranked_above_them(seed, V, scale, top_p, keep, B, top_k):
     """top_p_filter on long rows (its head grown until it holds top_p): a token stays exactly when the
     tokens ranked above it hold less than top_p (float64 reference; a token within 1e-5 of the edge may
-    go either way), or it is among the `keep` most likely; kept scores unchanged, the others -inf"""
+    go either way), or it is among the `keep` most likely; kept scores unchanged, the others -inf; after
+    a top-k filter too (most scores -inf)"""
     rng = np.random.default_rng(seed)
     s = (rng.standard_normal((B, V)) * scale).astype(np.float32)
+    if top_k:
+        s = top_k_filter(s, int(rng.integers(1, 60)))
     out = top_p_filter(s, top_p, min_tokens_to_keep=keep)
     for b in range(B):
         p = np.exp(s[b].astype(np.float64) - s[b].max())
