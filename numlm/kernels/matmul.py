@@ -249,16 +249,16 @@ _blas_spins_until = [0.0]
 
 
 def gemv(a, b, out):
-    """out = a @ b for one row a (1, K), a decoding step's product, or a few (beams, a batch): on a parallel
-    Numba loop when b is a large weight (rows_gemv, cols_gemv below), else on BLAS's own threads. A GEMV reads each weight
-    once for two flops: memory bandwidth bounds it, and one core does not reach the machine's. But
-    while another process holds a core, one of the threads waits to be scheduled and a 0.1 ms GEMV
-    takes milliseconds: greedy decoding ran 150-220 ms a token against 33-37 on one thread. So a GEMV
-    of 1 MB or more that streams below GEMV_STALLED sends the GEMVs of the next GEMV_ALONE_FOR seconds
-    (doubling while stalls recur, up to GEMV_ALONE_MAX) to one thread; then the threads are tried
-    again. One and two threads give the same numbers (BLAS's split and the loops' keep each output's
-    sum order). matmul also sends here a product of a few rows a (M, K) while BLAS's threads spin
-    (BLAS_SPINS_FOR)."""
+    """out = a @ b for one row a (1, K), a decoding step's product, or a few (beams, a batch): on a
+    parallel Numba loop when b is a large weight (rows_gemv, cols_gemv below), else on BLAS's own
+    threads. A GEMV reads each weight once for two flops: memory bandwidth bounds it, and one core
+    does not reach the machine's. But while another process holds a core, one of the threads waits to
+    be scheduled and a 0.1 ms GEMV takes milliseconds: greedy decoding ran 150-220 ms a token against
+    33-37 on one thread. So a GEMV of 1 MB or more that streams below GEMV_STALLED sends the GEMVs of
+    the next GEMV_ALONE_FOR seconds (doubling while stalls recur, up to GEMV_ALONE_MAX) to one thread;
+    then the threads are tried again. One and two threads give the same numbers (BLAS's split and the
+    loops' keep each output's sum order). matmul also sends here a product of a few rows a (M, K)
+    while BLAS's threads spin (BLAS_SPINS_FOR)."""
     kernel = _gemv_kernel(a, b)
     with _lock:  # every other product restores the thread count before it lets go of the lock
         start = time.perf_counter()
