@@ -5,6 +5,7 @@ tokens_per_s_median (training) or median (generation, inference) and peak_mb.
 
   --workload gpt-mini | gpt-small | bert-mini   training step (zero_grad, fwd, loss, bwd, AdamW lr 1e-4 wd 0.01)
   --workload gen124m                            GPT-2 124M greedy, B1, 32-token prompt, 128 new, KV cache
+                                                (--beams N: a beam search, steps/s; --new: new tokens)
   --workload bert-base-infer                    bert-base BertModel forward, B8 T128
   --workload minilm-ft                          BertForSequenceClassification from the real all-MiniLM-L6-v2,
                                                 B32 T64 padded, fwd + bwd + AdamW
@@ -79,14 +80,15 @@ def gen124m(a):
     generate = _generate()
     model = numlm.GPT2LMHeadModel(numlm.GPT2Config(), seed=0, dtype="float32").eval()
     ids = np.random.default_rng(0).integers(0, 50257, (1, 32))
+    beams = {"num_beams": a.beams} if a.beams > 1 else {}
     for _ in range(min(a.warmup, 1)):
-        generate(model, ids, max_new_tokens=128, eos_token_id=[])  # warm-up
+        generate(model, ids, max_new_tokens=a.new, eos_token_id=[], **beams)  # warm-up
     vals, foreign = [], []
     for _ in range(a.runs):
         with Sample() as s:
-            out = generate(model, ids, max_new_tokens=128, eos_token_id=[])
-        assert np.shape(out) == (1, 160)
-        vals.append(128 / s.dt); foreign.append(s.foreign)
+            out = generate(model, ids, max_new_tokens=a.new, eos_token_id=[], **beams)
+        assert np.shape(out) == (1, 32 + a.new)
+        vals.append(a.new / s.dt); foreign.append(s.foreign)
     summ = summarize(vals, foreign)
     return {"workload": "gen124m", "new_tokens_per_s": summ, "median": (summ.get("quiet") or summ["all"])["median"]}
 
@@ -122,6 +124,8 @@ def main():
     ap.add_argument("--max-steps", type=int, default=40, help="cap on timed steps")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runs", type=int, default=3, help="timed generations (gen124m)")
+    ap.add_argument("--beams", type=int, default=1, help="gen124m: a beam search of this many beams")
+    ap.add_argument("--new", type=int, default=128, help="gen124m: new tokens per generation")
     ap.add_argument("--model-dir", help="all-MiniLM-L6-v2 folder (minilm-ft)")
     a = ap.parse_args()
     if a.workload in WORKLOADS:

@@ -16,7 +16,7 @@ resident memory, and how much CPU other processes took during the samples (media
 import argparse, json, os, statistics, subprocess, sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# workload -> (label, torch command, numlm workload, unit)
+# workload -> (label, torch command, numlm_side.py's workload and arguments)
 WORKLOADS = {
     "gpt-mini": ("gpt-mini train (L4 d256 T128 B16 V8192), tokens/s",
                  ["torch_train.py", "--workload", "gpt-mini", "--impl", "torch"], "gpt-mini"),
@@ -28,6 +28,9 @@ WORKLOADS = {
                       ["torch_train.py", "--workload", "bert-mini", "--impl", "torch"], "bert-mini"),
     "gen124m": ("GPT-2 124M greedy, batch 1, 32 + 128 tokens, new tokens/s",
                 ["torch_generate.py", "--mode", "hf"], "gen124m"),
+    "gen124m-beam4": ("GPT-2 124M beam search, 4 beams, 32 + 32 tokens, steps/s",
+                      ["torch_generate.py", "--mode", "hf", "--beams", "4", "--new", "32"],
+                      "gen124m --beams 4 --new 32"),
     "bert-base-infer": ("bert-base forward, batch 8 x 128, sequences/s", ["torch_bert_infer.py"], "bert-base-infer"),
     "minilm-ft": ("fine-tuning step, all-MiniLM-L6-v2 seq-cls, batch 32 x 64 padded, tokens/s",
                   ["torch_minilm_ft.py"], "minilm-ft"),
@@ -58,7 +61,7 @@ def work_per_unit(w):
     if w == "bert-base-infer":  # per sequence of T tokens, forward only
         z = SIZES[w]
         return "GFLOP", z["T"] * layer_flops(**z) / 1e9
-    if w == "gen124m":  # every weight read once per new token: 124.4 M float32 parameters (one wpe row)
+    if w.startswith("gen124m"):  # every weight read once per step: 124.4 M float32 parameters (one wpe row)
         return "GB", (124_439_808 - 1024 * 768) * 4 / 1e9
     return None
 
@@ -74,7 +77,7 @@ def roofline(w, value, peak):
 
 def torch_args(w, a):
     warm = ["--warmup", str(a.warmup)]
-    if w == "gen124m":
+    if w.startswith("gen124m"):
         return ["--runs", str(a.runs), "--max-runs", str(a.runs), "--warmup", str(min(a.warmup, 1))]
     if w == "bert-base-infer":
         return ["--iters", str(a.steps), "--max-iters", str(a.max_steps)] + warm
@@ -85,9 +88,10 @@ def torch_args(w, a):
 def value(r, w, side):
     """(throughput, samples' foreign CPU fractions) of one process's JSON line."""
     if side == "numlm":
-        key = {"gen124m": "new_tokens_per_s", "bert-base-infer": "seq_per_s"}.get(w, "tokens_per_s")
+        key = ("new_tokens_per_s" if w.startswith("gen124m") else "seq_per_s" if w == "bert-base-infer"
+               else "tokens_per_s")
         return r.get("tokens_per_s_median") or r.get("median"), r[key].get("foreign") or []
-    if w == "gen124m":
+    if w.startswith("gen124m"):
         s = r["hf"]["new_tokens_per_s"]
     elif w == "bert-base-infer":
         s = r["seq_per_s"]
@@ -173,7 +177,7 @@ def main():
                     if side == "torch":
                         r = run(a.py_torch, targs + torch_args(w, a))
                     else:
-                        r = run(a.py_numlm, ["numlm_side.py", "--workload", nw, "--steps", str(a.steps),
+                        r = run(a.py_numlm, ["numlm_side.py", "--workload", *nw.split(), "--steps", str(a.steps),
                                              "--max-steps", str(a.max_steps), "--runs", str(a.runs),
                                              "--warmup", str(a.warmup)]
                                 + (["--model-dir", a.minilm_dir] if w == "minilm-ft" else []),

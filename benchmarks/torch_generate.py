@@ -4,8 +4,10 @@ numlm_side.py --workload gen124m.
 
 Model: transformers GPT2LMHeadModel(GPT2Config()) -- the default GPT-2 small
 config (L=12, d=768, 12 heads, V=50257, n_positions=1024), random init
-(seed 0), eval mode. Batch 1, prompt = 32 random token ids, 128 new tokens,
-greedy, use_cache=True. EOS is disabled so exactly 128 tokens are produced.
+(seed 0), eval mode. Batch 1, prompt = 32 random token ids, 128 new tokens
+(--new), greedy or a beam search of --beams beams (hf mode), use_cache=True.
+EOS is disabled so exactly that many tokens are produced; with beams the
+figure is search steps per second.
 
 Modes (--mode):
   hf  : model.generate(ids, max_new_tokens=128, do_sample=False, use_cache=True)
@@ -34,10 +36,10 @@ from _benchutil import Sample, summarize
 PROMPT, NEW = 32, 128
 
 
-def run_hf(model, ids):
+def run_hf(model, ids, beams=1):
     t0 = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
-                         do_sample=False, use_cache=True)
+                         do_sample=False, num_beams=beams, use_cache=True)
     dt = time.perf_counter() - t0
     assert out.shape[1] == PROMPT + NEW, out.shape
     return dt, None, out[0, PROMPT:]
@@ -74,7 +76,12 @@ def main():
     ap.add_argument("--max-runs", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--beams", type=int, default=1, help="a beam search of this many beams (hf mode only)")
+    ap.add_argument("--new", type=int, default=NEW, help="new tokens per generation")
     args = ap.parse_args()
+    globals()["NEW"] = args.new
+    if args.beams > 1 and args.mode != "hf":
+        ap.error("--beams needs --mode hf")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -86,7 +93,7 @@ def main():
                         generator=torch.Generator().manual_seed(1))
 
     modes = ["hf", "raw"] if args.mode == "both" else [args.mode]
-    fns = {"hf": run_hf, "raw": run_raw}
+    fns = {"hf": lambda model, ids: run_hf(model, ids, args.beams), "raw": run_raw}
     rec = {m: {"tps": [], "foreign": [], "prefill_s": [], "decode_tps": []} for m in modes}
     toks = {}
     for i in range(args.warmup + args.max_runs):
@@ -105,7 +112,7 @@ def main():
             break
     res = {"script": "torch_generate", "threads": torch.get_num_threads(), "torch": torch.__version__,
            "params": sum(p.numel() for p in model.parameters()),
-           "prompt": PROMPT, "new_tokens": NEW, "attn_impl": model.config._attn_implementation,
+           "prompt": PROMPT, "new_tokens": NEW, "beams": args.beams, "attn_impl": model.config._attn_implementation,
            "runs": args.runs, "warmup": args.warmup}
     for m in modes:
         res[m] = {"new_tokens_per_s": summarize(rec[m]["tps"], rec[m]["foreign"])}
