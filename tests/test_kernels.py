@@ -890,6 +890,26 @@ def test_a_few_rows_over_a_large_weight_run_the_loop_more_rows_do_not(kernel, dt
     assert called == [m for M in range(2, mm.GEMV_ROWS + 1) for m in (M, 1)]  # M rows, then row 1 alone
 
 
+@pytest.mark.parametrize("kernel", ["rows_gemv", "cols_gemv"])
+def test_a_gemv_of_mismatched_shapes_raises_and_an_aliased_out_gets_the_product(kernel):
+    """The GEMV loops check no bounds: a (M, K) @ b (K', N) with K' != K, or an out of another shape, is
+    numpy's ValueError (not numbers read past the arrays); an out that is a itself gets a @ b"""
+    from numlm.kernels import matmul as mm
+    rng = np.random.default_rng(2)
+    K = 2048 if kernel == "rows_gemv" else 512  # square, at the loop's size threshold or above
+    stored = rng.standard_normal((K, K)).astype(np.float32)
+    W = stored.T if kernel == "rows_gemv" else stored
+    assert mm._gemv_kernel(np.ones((1, K), np.float32), W, np.empty((1, K), np.float32)) is getattr(mm, kernel)
+    for M in (1, 3):
+        with pytest.raises(ValueError):
+            mm.matmul(rng.standard_normal((M, K - 1)).astype(np.float32), W)
+        with pytest.raises(ValueError):
+            mm.matmul(rng.standard_normal((M, K)).astype(np.float32), W, out=np.empty((M, K + 1), np.float32))
+        a = rng.standard_normal((M, K)).astype(np.float32)
+        want = a.astype(np.float64) @ W.astype(np.float64)
+        np.testing.assert_allclose(mm.matmul(a, W, out=a), want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=seeds, M=st.integers(1, 4), K=st.integers(1, 13), N=st.integers(1, 9), P=st.integers(1, 5),
        dtype=dtypes)

@@ -177,13 +177,18 @@ def matmul(a, b, out=None, bias=None):
     (1, K) @ (K, N), a decoding step's GEMV (a Numba loop for a weight of 1 MB or more, BLAS's own
     threads below), or a few rows over such a weight (beams, a batch); and a 2-D a of fewer than
     COLUMN_SPLIT_ROWS rows while BLAS's threads still spin after the last GEMV they ran (a prompt pass
-    after decoding). out, if given, receives the result."""
+    after decoding). out, if given, receives the result: of the product's shape, it may be a or b."""
+    shape = a.shape[:-1] + (b.shape[-1],)
     if out is None:
-        shape = a.shape[:-1] + (b.shape[-1],)
         out = np.empty(shape, dtype=np.result_type(a, b))
-    if _blas is None or (a.ndim == 2 and (a.shape[0] == 1 or _gemv_kernel(a, b) is not None or (
+    elif out.shape != shape:  # the blocks below are slices of out: they would not see the mismatch
+        raise ValueError(f"matmul: out has shape {out.shape}, the product of {a.shape} and {b.shape} is {shape}")
+    elif np.may_share_memory(out, a) or np.may_share_memory(out, b):  # a block would read what another wrote
+        return _put(out, matmul(a, b, bias=bias))
+    kernel = _gemv_kernel(a, b, out)
+    if _blas is None or (a.ndim == 2 and (a.shape[0] == 1 or kernel is not None or (
             a.shape[0] < COLUMN_SPLIT_ROWS and time.perf_counter() < _blas_spins_until[0]))):
-        out = np.matmul(a, b, out=out) if _blas is None else gemv(a, b, out)
+        out = np.matmul(a, b, out=out) if _blas is None else gemv(a, b, out, kernel)
         if bias is not None:
             out += bias
         return out
@@ -248,9 +253,9 @@ BLAS_SPINS_FOR = 0.1  # seconds
 _blas_spins_until = [0.0]
 
 
-def gemv(a, b, out):
-    """out = a @ b for one row a (1, K), a decoding step's product, or a few (beams, a batch): on a
-    parallel Numba loop when b is a large weight (rows_gemv, cols_gemv below), else on BLAS's own
+def gemv(a, b, out, kernel):
+    """out = a @ b for one row a (1, K), a decoding step's product, or a few (beams, a batch): on
+    kernel, a parallel Numba loop (_gemv_kernel), when b is a large weight, else on BLAS's own
     threads. A GEMV reads each weight once for two flops: memory bandwidth bounds it, and one core
     does not reach the machine's. But while another process holds a core, one of the threads waits to
     be scheduled and a 0.1 ms GEMV takes milliseconds: greedy decoding ran 150-220 ms a token against
@@ -259,7 +264,6 @@ def gemv(a, b, out):
     then the threads are tried again. One and two threads give the same numbers (BLAS's split and the
     loops' keep each output's sum order). matmul also sends here a product of a few rows a (M, K)
     while BLAS's threads spin (BLAS_SPINS_FOR)."""
-    kernel = _gemv_kernel(a, b)
     with _lock:  # every other product restores the thread count before it lets go of the lock
         start = time.perf_counter()
         if start < _gemv_alone_until[0]:
@@ -279,11 +283,13 @@ def gemv(a, b, out):
 _signatures_seen = [0]
 
 
-def _gemv_kernel(a, b):
-    """the Numba loop for a (M, K) @ b (K, N) with M up to GEMV_ROWS, or None (BLAS): rows_gemv over a
-    weight of ROWS_GEMV_BYTES or more stored as rows (the LM head), cols_gemv over a row-major weight of
-    COLS_GEMV_BYTES or more (the layers')"""
-    if a.dtype != b.dtype or a.shape[0] > GEMV_ROWS:
+def _gemv_kernel(a, b, out):
+    """the Numba loop for out = a (M, K) @ b (K, N) with M up to GEMV_ROWS, or None (BLAS): rows_gemv over
+    a weight of ROWS_GEMV_BYTES or more stored as rows (the LM head), cols_gemv over a row-major weight of
+    COLS_GEMV_BYTES or more (the layers'). The loops check no bounds: mismatched shapes go to BLAS, which
+    raises"""
+    if (a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or a.shape[0] > GEMV_ROWS or a.shape[1] != b.shape[0]
+            or out.shape != (a.shape[0], b.shape[1]) or out.dtype != b.dtype):
         return None
     if b.nbytes >= ROWS_GEMV_BYTES and b.T.flags.c_contiguous:
         return rows_gemv
