@@ -958,3 +958,21 @@ def test_a_gemv_that_loads_the_rows_kernel_is_not_a_stall():
         kernel.loads = False
         mm.matmul(h, W.T)
         assert mm._gemv_alone_until[0] > time.perf_counter()  # slow without a load: a stall
+
+
+def test_on_cores_waits_for_every_block_when_one_raises():
+    """_on_cores returns (or raises) only once every block has ended, a pool block's exception included:
+    the lock and BLAS's thread count guard the blocks still running"""
+    import time
+    from numlm.kernels import matmul as mm
+    done = []
+
+    def boom():
+        raise RuntimeError("block")
+
+    def slow():
+        time.sleep(0.3)
+        done.append(1)
+    with pytest.raises(RuntimeError):
+        mm._on_cores([(lambda: None, ()), (boom, ()), (slow, ())])
+    assert done == [1]

@@ -14,7 +14,7 @@ import glob
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
 import numpy as np
@@ -219,8 +219,9 @@ def _on_cores(calls):
     try:
         calls[0][0](*calls[0][1])
     finally:
-        for j in jobs:
-            j.result()
+        wait(jobs)  # all of them, before a block's exception lets go of the lock
+    for j in jobs:
+        j.result()
 
 
 @contextmanager
