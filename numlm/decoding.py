@@ -48,33 +48,34 @@ def top_k_filter(scores, top_k, min_tokens_to_keep=1):
 
 
 def top_p_filter(scores, top_p, min_tokens_to_keep=1):
-    """Nucleus: a token stays if the tokens ranked above it (most likely first, ties by lower index) hold
-    less than top_p of the softmax, and the `min_tokens_to_keep` most likely always; -inf elsewhere.
+    """Nucleus: a token stays if the tokens ranked above it (highest score first, ties by lower index)
+    hold less than top_p of the softmax, and the `min_tokens_to_keep` highest always; -inf elsewhere.
     transformers drops the tokens whose ascending cumulative softmax is <= 1 - top_p: the same tokens,
-    up to rounding.    scores: (B, V) -> (B, V)"""
+    up to rounding (the sums here are float64's).    scores: (B, V) -> (B, V)"""
     probs = softmax(scores)
     out = np.full_like(scores, -np.inf)
     for b in range(scores.shape[0]):
-        head, mass = _nucleus(probs[b], top_p, min_tokens_to_keep)
+        head, mass = _nucleus(scores[b], probs[b], top_p, min_tokens_to_keep)
         keep = np.concatenate([[True], mass[:-1] < top_p])          # the mass ranked above each < top_p
         keep[:min_tokens_to_keep] = True
         out[b, head[keep]] = scores[b, head[keep]]
     return out
 
 
-def _nucleus(p, top_p, least):
-    """The tokens of p (V,) most likely first (ties by lower index), down to the first with top_p ranked
-    above it at least and `least` of them at least; and their cumulative sum. Only the tokens of
-    p >= max / 16^j are sorted, j growing until they hold top_p; all of p once they are an eighth of
-    it. Over GPT-2's 50,257 scores: 0.07-0.4 ms, ~5 with all sorted (a flat row still is, ~6)."""
+def _nucleus(s, p, top_p, least):
+    """The tokens of the scores s (V,) highest first (ties by lower index), down to the first with top_p
+    of their softmax p ranked above it at least and `least` of them at least; and the cumulative sum of
+    their p. Only the tokens of p >= max / 16^j are sorted (p rises with s: they lead the order), j
+    growing until they hold top_p; all once they are an eighth of the row. Over GPT-2's 50,257 scores:
+    0.07-0.4 ms, ~5 with all sorted (a flat row still is, ~6)."""
     V, tau = p.size, p.max() / 16
     while True:
         head = np.flatnonzero(p >= tau) if tau > 0 else np.arange(V)  # a prefix of the order (NaN: all)
         if 8 * head.size < V:
-            head = head[np.argsort(-p[head], kind="stable")]
+            head = head[np.argsort(-s[head], kind="stable")]
         else:
-            head = np.argsort(-p, kind="stable")
-        mass = np.cumsum(p[head], dtype=p.dtype)
+            head = np.argsort(-s, kind="stable")
+        mass = np.cumsum(p[head], dtype=np.float64)
         if head.size == V or (mass[-1] >= top_p and head.size >= least):
             return head, mass
         tau /= 16

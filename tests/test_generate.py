@@ -442,13 +442,14 @@ def test_topk_desc_is_the_first_k_of_a_stable_sort(seed, B, k, n, levels, specia
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), V=st.integers(300, 6000), scale=st.floats(0.3, 12.0),
+@given(seed=st.integers(0, 2**32 - 1), V=st.integers(300, 6000), scale=st.sampled_from([0.3, 1.0, 3.0, 12.0, 200.0]),
        top_p=st.floats(0.05, 0.95), keep=st.integers(1, 3), B=st.integers(1, 2), top_k=st.booleans())
 def test_top_p_keeps_the_tokens_with_less_than_top_p_ranked_above_them(seed, V, scale, top_p, keep, B, top_k):
     """top_p_filter on long rows (its head grown until it holds top_p): a token stays exactly when the
-    tokens ranked above it hold less than top_p (float64 reference; a token within 1e-5 of the edge may
-    go either way), or it is among the `keep` most likely; kept scores unchanged, the others -inf; after
-    a top-k filter too (most scores -inf)"""
+    tokens ranked above it (by score, ties by lower index) hold less than top_p (float64 reference; a
+    token within 1e-5 of the edge may go either way), or it is among the `keep` highest; kept scores
+    unchanged, the others -inf; after a top-k filter too (most scores -inf), and with score gaps so wide
+    (scale 200) that most probabilities are 0 in float32 and the `keep` highest must go by score"""
     rng = np.random.default_rng(seed)
     s = (rng.standard_normal((B, V)) * scale).astype(np.float32)
     if top_k:
@@ -457,11 +458,21 @@ def test_top_p_keeps_the_tokens_with_less_than_top_p_ranked_above_them(seed, V, 
     for b in range(B):
         p = np.exp(s[b].astype(np.float64) - s[b].max())
         p /= p.sum()
-        order = np.argsort(-p, kind="stable")
+        order = np.argsort(-s[b], kind="stable")
         above = np.concatenate([[0.0], np.cumsum(p[order])[:-1]])
-        want = (above < top_p) | (np.arange(V) < keep)
+        want = ((above < top_p) | (np.arange(V) < keep)) & np.isfinite(s[b, order])  # a kept -inf stays -inf
         sure = np.abs(above - top_p) > 1e-5
         np.testing.assert_array_equal(np.isfinite(out[b, order])[sure], want[sure])
         kept = np.isfinite(out[b])
         np.testing.assert_array_equal(out[b, kept], s[b, kept])
         assert np.all(out[b, ~kept] == -np.inf)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95])
+def test_top_p_on_a_flat_row_keeps_what_float64_sums_keep(top_p):
+    """50,257 equal scores (a random model's row, all sorted): the tokens kept are those with less than
+    top_p above them summed in float64 (float32 sums over the row drifted 16-17 tokens)"""
+    V = 50257
+    out = top_p_filter(np.zeros((1, V), np.float32), top_p)
+    above = np.concatenate([[0.0], np.cumsum(np.full(V, np.float32(1.0) / np.float32(V), np.float64))[:-1]])
+    np.testing.assert_array_equal(np.isfinite(out[0]), above < top_p)
