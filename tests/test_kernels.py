@@ -976,3 +976,17 @@ def test_on_cores_waits_for_every_block_when_one_raises():
     with pytest.raises(RuntimeError):
         mm._on_cores([(lambda: None, ()), (boom, ()), (slow, ())])
     assert done == [1]
+
+
+@pytest.mark.parametrize("env, want", [({}, "3000"), ({"GOMP_SPINCOUNT": "10"}, "10"),
+                                       ({"OMP_WAIT_POLICY": "ACTIVE"}, None)])
+def test_numba_spin_is_set_unless_the_user_chose_a_spin_or_wait_policy(env, want):
+    """numlm sets GOMP_SPINCOUNT=3000 for Numba's OpenMP threads, but not over a user's GOMP_SPINCOUNT,
+    nor beside a user's OMP_WAIT_POLICY (libgomp lets GOMP_SPINCOUNT override the policy)"""
+    import os
+    import subprocess
+    import sys
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = "import os, numlm.kernels; print(os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(want)

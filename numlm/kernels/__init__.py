@@ -13,8 +13,9 @@ import os
 # default they spin ~1 ms and take the cores from the BLAS threads of the next matmul (training steps
 # 1.5x slower on 2 cores; ~1.1x at 30,000). Without a spin, a parallel call took ~65 us (both threads
 # sleep at its end), ~25 us once a spin has run out, ~3 us within it: decoding's GEMVs (cols_gemv)
-# come ~50 us apart.
-os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+# come ~50 us apart. A user's OMP_WAIT_POLICY is kept: libgomp lets GOMP_SPINCOUNT override it.
+if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "3000"
 
 # read as kernels.enabled by the ops (an attribute, not a call, on every op)
 enabled = os.environ.get("NUMLM_NUMBA", "1").strip().lower() not in ("0", "false", "no", "off")
