@@ -825,16 +825,16 @@ def test_linear_parity_with_split_products(always_split, seed, B, T, dtype):
 def test_a_gemv_over_a_large_weight_runs_a_numba_loop_and_equals_the_product(kernel, dtype):
     """h @ W^T with W (V, C) row-major (the tied LM head) of ROWS_GEMV_BYTES or more takes rows_gemv;
     x @ W with W (K, N) row-major (every linear's weight) of COLS_GEMV_BYTES or more takes cols_gemv;
-    neither calls BLAS or opens BLAS's spin window (BLAS's GEMV opening it: the tests above). The numbers within the dtype's rounding of a sum
-    in another order, the same on one thread (the stall fallback) as on all. A smaller weight, or a
-    column slice of a large one, keeps BLAS's GEMV."""
+    neither calls BLAS or opens BLAS's spin window (BLAS's GEMV opening it: the tests above). The
+    numbers within the dtype's rounding of a sum in another order, the same on one thread (the stall
+    fallback) as on all. A smaller weight, or a large one in another layout (reversed), keeps BLAS's GEMV."""
     from numlm.kernels import matmul as mm
     if mm._blas is None:
         pytest.skip("numpy's BLAS is not OpenBLAS: no GEMV path")
     rng = np.random.default_rng(0)
     C = 96
     big = (mm.ROWS_GEMV_BYTES if kernel == "rows_gemv" else mm.COLS_GEMV_BYTES) // (C * np.dtype(dtype).itemsize)
-    stored = rng.standard_normal((big + 7, C)).astype(dtype)  # just over the threshold, odd, K % 4 == 3
+    stored = rng.standard_normal((big + 7, C)).astype(dtype)  # just over the threshold, odd
     W = stored.T if kernel == "rows_gemv" else stored  # the product's (K, N)
     x = rng.standard_normal((1, W.shape[0])).astype(dtype)
     blas, real, called = [], np.matmul, []
@@ -849,7 +849,7 @@ def test_a_gemv_over_a_large_weight_runs_a_numba_loop_and_equals_the_product(ker
         mp.setattr(mm, "_blas_spins_until", [0.0])
         got = mm.matmul(x, W)
         assert blas == [] and called == [kernel] and mm._blas_spins_until[0] == 0.0
-        for small in (W[:64, :64], W[:, :-1] if kernel == "cols_gemv" else W[:, ::2]):  # small; not row-major
+        for small in (W[:64, :64], W[::-1]):  # small; as large, but reversed: not the loop's layout
             np.testing.assert_allclose(mm.matmul(x[:, :small.shape[0]], small), real(x[:, :small.shape[0]], small),
                                        rtol=tol, atol=tol * 100)
         assert len(blas) == 2 and called == [kernel]
@@ -952,7 +952,7 @@ def test_a_gemv_that_loads_the_rows_kernel_is_not_a_stall():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mm, "rows_gemv", kernel)
         mp.setattr(mm, "_gemv_alone_until", [0.0])
-        mp.setattr(mm, "_signatures_seen", [0])
+        mp.setattr(mm, "_signatures_seen", [len(mm.cols_gemv.signatures)])  # as if no GEMV had loaded since
         np.testing.assert_allclose(mm.matmul(h, W.T), h @ W.T, rtol=1e-5, atol=1e-4)
         assert mm._gemv_alone_until == [0.0]  # loading: not a stall
         kernel.loads = False
