@@ -352,8 +352,9 @@ def rows_gemv(W, x, out):
 # decoding ran ~44-49 tokens/s on BLAS's threads, ~53-59 on this loop (Numba's threads spin ~0.1 ms
 # after a kernel, kernels/__init__.py, so the next layer's GEMV finds them awake). Four slices of K
 # (two a thread) measured faster than two, 40-45 against 38-39 GB/s over GPT-2's layer weights.
-# Four rows of W a pass load and store the sums once for four FMAs, not once for one: on a 2-core Zen 1 EPYC (AVX2)
-# GPT-2's layer GEMVs streamed 11-13 GB/s one row a pass, 14-19 four (greedy decoding +13-25%).
+# Four rows of W a pass load and store the sums once for four FMAs, not once for one: on a 2-core
+# Zen 1 EPYC (AVX2) GPT-2's layer GEMVs streamed 11-13 GB/s one row a pass, 14-19 four (beam search
+# +20-27% by round of a side-by-side run; greedy decoding -2 to +11%, its Python and small ops a third).
 COLS_GEMV_BYTES = 1 << 20
 COLS_PARTS = 4
 
@@ -368,17 +369,17 @@ def cols_gemv(x, W, parts, out):
         acc = parts[p]
         acc[:] = 0
         k, end = p * K // P, (p + 1) * K // P
-        while k + 4 <= end:  # four rows a pass: one load and store of the sums for four FMAs, not one
+        while k + 4 <= end:  # four rows a pass
             for m in range(x.shape[0]):
                 x0, x1, x2, x3, a = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3], acc[m]
                 for n in range(N):
                     a[n] += x0 * W[k, n] + x1 * W[k + 1, n] + x2 * W[k + 2, n] + x3 * W[k + 3, n]
             k += 4
-        for k in range(k, end):
+        for j in range(k, end):  # the slice's last 0-3 rows
             for m in range(x.shape[0]):
-                xk, a = x[m, k], acc[m]
+                xj, a = x[m, j], acc[m]
                 for n in range(N):
-                    a[n] += xk * W[k, n]
+                    a[n] += xj * W[j, n]
     out[:] = parts[0]
     for p in range(1, P):
         out += parts[p]
