@@ -476,3 +476,98 @@ def test_top_p_on_a_flat_row_keeps_what_float64_sums_keep(top_p):
     out = top_p_filter(np.zeros((1, V), np.float32), top_p)
     above = np.concatenate([[0.0], np.cumsum(np.full(V, np.float32(1.0) / np.float32(V), np.float64))[:-1]])
     np.testing.assert_array_equal(np.isfinite(out[0]), above < top_p)
+
+
+# ---- the compiled decoding step of a GPT-2 block (kernels/decode.py) ------------------------------------
+_STEP_MODELS = {}
+
+
+def step_model(dtype, **cfg):
+    """A GPT-2 whose four layer weights are all 1 MB or more (n_embd 512: the smallest, c_proj, is
+    512 x 512 float32), so a decoding step's products run on cols_gemv and the block step may run"""
+    from numlm.models.gpt import GPT2Config, GPT2LMHeadModel
+    key = (dtype, tuple(sorted(cfg.items())))
+    if key not in _STEP_MODELS:
+        config = GPT2Config(**{**dict(n_embd=512, n_head=8, n_layer=2, vocab_size=64, n_positions=64), **cfg})
+        _STEP_MODELS[key] = GPT2LMHeadModel(config, seed=1, dtype=dtype).eval()
+    return _STEP_MODELS[key]
+
+
+def count_steps(monkeypatch):
+    """a list that GPTBlock.step appends to at every call"""
+    from numlm.models.gpt import GPTBlock
+    calls, step = [], GPTBlock.step
+    monkeypatch.setattr(GPTBlock, "step", lambda self, *a: calls.append(1) or step(self, *a))
+    return calls
+
+
+@settings(max_examples=8, deadline=None)
+@given(dtype=st.sampled_from(["float32", "float64"]), B=st.integers(1, 4), T=st.integers(1, 6),
+       pads=st.lists(st.integers(0, 5), min_size=4, max_size=4), steps=st.integers(1, 30), seed=st.integers(0, 99))
+def test_block_step_gives_the_modules_numbers(dtype, B, T, pads, steps, seed):
+    """Every decoding step runs twice on the same cache: through the block's modules (asking for the
+    attention maps keeps it off the compiled step) and through the compiled step; logits and the new
+    keys and values are the same bit for bit, over left-padded rows and the cache's buffer doubling"""
+    model = step_model(dtype)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 64, (B, T))
+    mask = (np.arange(T)[None] >= np.minimum(pads[:B], T - 1)[:, None]).astype(np.int64)  # a real token a row
+    cores = [block.attn.core for block in model.transformer.h]
+    with numlm.no_grad(), pytest.MonkeyPatch.context() as mp:
+        calls = count_steps(mp)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        for _ in range(steps):
+            kw = dict(input_ids=out.logits[:, -1].argmax(-1)[:, None], position_ids=mask.sum(-1, keepdims=True),
+                      attention_mask=np.concatenate([mask, np.ones((B, 1), np.int64)], 1),
+                      past_key_values=out.past_key_values, use_cache=True)
+            ref = model(**kw, output_attentions=True)
+            ref_kv = [tuple(a.copy() for a in core.present) for core in cores]
+            for core, kv in zip(cores, out.past_key_values):
+                core.present = kv  # as before the first call: the cache fed back is the layer's own
+            before = len(calls)
+            out, mask = model(**kw), kw["attention_mask"]
+            np.testing.assert_array_equal(out.logits, ref.logits)
+            for core, kv in zip(cores, ref_kv):
+                np.testing.assert_array_equal(core.present[0], kv[0])
+                np.testing.assert_array_equal(core.present[1], kv[1])
+            if len(calls) == before:  # the module path: only where the buffer had no room (it then doubles)
+                assert cores[0].room[0].shape[2] == 2 * mask.shape[1]
+    assert calls or steps == 1  # the first step makes the room
+
+
+def lora_c_attn():
+    from numlm import peft
+    from numlm.models.gpt import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_embd=512, n_head=8, n_layer=1, vocab_size=64), seed=1).eval()
+    return peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+
+
+def decode_steps(model, n):
+    """a 4-token prompt and n greedy steps, each feeding back the cache the last returned"""
+    out = model(input_ids=np.arange(1, 5)[None], use_cache=True)
+    for t in range(n):
+        out = model(input_ids=out.logits[:, -1:].argmax(-1), position_ids=[[4 + t]],
+                    past_key_values=out.past_key_values, use_cache=True)
+    return out
+
+
+@pytest.mark.parametrize("case", ["the compiled step", "under grad", "in training", "weights under 1 MB",
+                                  "LoRA on c_attn", "beam search's reordered cache"])
+def test_block_step_runs_only_where_it_gives_the_modules_numbers(case, monkeypatch):
+    """greedy decoding takes the compiled step; under grad, in training, with weights the matmul path
+    gives to BLAS, a LoRA-wrapped c_attn or a reordered (concatenated) cache, every step runs the modules"""
+    model = {"weights under 1 MB": lambda: step_model("float32", n_embd=256, n_head=4),
+             "LoRA on c_attn": lora_c_attn}.get(case, lambda: step_model("float32"))()
+    calls = count_steps(monkeypatch)
+    if case in ("beam search's reordered cache", "LoRA on c_attn"):
+        generate(model, np.arange(1, 5)[None], max_new_tokens=6, eos_token_id=[], num_beams=1 + ("beam" in case))
+    elif case == "under grad":
+        decode_steps(model, 4)
+    else:
+        model.train(case == "in training")
+        try:
+            with numlm.no_grad():
+                decode_steps(model, 4)
+        finally:
+            model.eval()
+    assert len(calls) == (2 * 3 if case == "the compiled step" else 0), case  # the first step makes the room

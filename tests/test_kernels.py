@@ -952,7 +952,7 @@ def test_a_gemv_that_loads_the_rows_kernel_is_not_a_stall():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(mm, "rows_gemv", kernel)
         mp.setattr(mm, "_gemv_alone_until", [0.0])
-        mp.setattr(mm, "_signatures_seen", [len(mm.cols_gemv.signatures)])  # as if no GEMV had loaded since
+        mp.setattr(mm, "_signatures_seen", {mm.cols_gemv: len(mm.cols_gemv.signatures)})  # no GEMV loaded since
         np.testing.assert_allclose(mm.matmul(h, W.T), h @ W.T, rtol=1e-5, atol=1e-4)
         assert mm._gemv_alone_until == [0.0]  # loading: not a stall
         kernel.loads = False

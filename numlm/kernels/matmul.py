@@ -271,17 +271,33 @@ def gemv(a, b, out, kernel):
             return _gemv_product(a, b, out, kernel, one_thread=True)
         _gemv_product(a, b, out, kernel, one_thread=False)
         end = time.perf_counter()
-        slow = end - start > max(b.nbytes / GEMV_STALLED, a.size * b.shape[1] / STALLED_MACS)
-        if b.nbytes >= 1 << 20 and slow and not _newly_loaded():  # a kernel's first load is no stall
-            again = end - _gemv_alone_until[0] < _gemv_alone_for[0]
-            _gemv_alone_for[0] = min(2 * _gemv_alone_for[0], GEMV_ALONE_MAX) if again else GEMV_ALONE_FOR
-            _gemv_alone_until[0], _blas_spins_until[0] = end + _gemv_alone_for[0], 0.0
-        elif a.shape[0] == 1 and kernel is None:  # only BLAS's GEMV: few-row decoding (beams) stays split
-            _blas_spins_until[0] = end + BLAS_SPINS_FOR
+        if not _stalled(start, end, b.nbytes, a.size * b.shape[1], kernel) and a.shape[0] == 1 and kernel is None:
+            _blas_spins_until[0] = end + BLAS_SPINS_FOR  # only BLAS's GEMV: few-row decoding (beams) stays split
     return out
 
 
-_signatures_seen = [0]
+def streamed(kernel, args, nbytes, macs):
+    """kernel(*args), a parallel Numba call bound by streaming nbytes of weights (a decoding step's block,
+    kernels/decode.py), under gemv's policy: on one thread while a stall's while lasts"""
+    with _lock:
+        start = time.perf_counter()
+        if start < _gemv_alone_until[0]:
+            return kernels.at_one_thread(kernel, *args)
+        out = kernel(*args)
+        _stalled(start, time.perf_counter(), nbytes, macs, kernel)
+    return out
+
+
+def _stalled(start, end, nbytes, macs, kernel):
+    """whether a call that streamed nbytes of weights for macs multiply-adds from start to end stalled
+    (slower than GEMV_STALLED and STALLED_MACS, 1 MB or more, not a kernel's first load): if so the GEMVs
+    of the next while run on one thread. The caller holds _lock."""
+    if nbytes < 1 << 20 or end - start <= max(nbytes / GEMV_STALLED, macs / STALLED_MACS) or _newly_loaded(kernel):
+        return False
+    again = end - _gemv_alone_until[0] < _gemv_alone_for[0]
+    _gemv_alone_for[0] = min(2 * _gemv_alone_for[0], GEMV_ALONE_MAX) if again else GEMV_ALONE_FOR
+    _gemv_alone_until[0], _blas_spins_until[0] = end + _gemv_alone_for[0], 0.0
+    return True
 
 
 def _gemv_kernel(a, b, out):
@@ -299,12 +315,17 @@ def _gemv_kernel(a, b, out):
     return None
 
 
-def _newly_loaded():
-    """whether the GEMV loops loaded a signature (compiled, or read it from the cache) since the last
-    slow GEMV asked: a first call's load is not a stall. Asked only after a slow GEMV (counting the
+_signatures_seen = {}
+
+
+def _newly_loaded(kernel):
+    """whether the GEMV loops, or kernel, loaded a signature (compiled, or read it from the cache) since a
+    slow call last asked: a first call's load is not a stall. Asked only after a slow call (counting the
     signatures costs ~3 us, a tenth of a decoding step's small GEMV)"""
-    n = len(rows_gemv.signatures) + len(cols_gemv.signatures)
-    new, _signatures_seen[0] = n != _signatures_seen[0], n
+    new = False
+    for k in {rows_gemv, cols_gemv, kernel} - {None}:
+        n = len(k.signatures)
+        new, _signatures_seen[k] = new or n != _signatures_seen.get(k, 0), n
     return new
 
 

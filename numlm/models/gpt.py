@@ -32,11 +32,15 @@ import math
 
 import numpy as np
 
-from ..kernels.matmul import mm_pair  # (a @ b, c @ d), one core each unless NUMLM_NUMBA=0
+from .. import kernels
+from ..kernels.decode import gpt2_block_step
+from ..kernels.matmul import mm_pair, streamed, COLS_GEMV_BYTES, GEMV_ROWS  # mm_pair: (a @ b, c @ d), a core each
 from ..nn import Module, ModuleList, Linear, Embedding, LayerNorm, Dropout, Activation, Attention
-from ..nn import lowest_needing_backward, OPS
-from ..ops import (embedding_forward, embedding_backward, cross_entropy_forward,
-                   cross_entropy_backward, attention_allowed, IGNORE_INDEX)
+from ..nn import lowest_needing_backward, grad_enabled, attention_keeps, OPS
+from ..ops import (embedding_forward, embedding_backward, cross_entropy_forward, linear_forward, layernorm_forward,
+                   gelu_tanh_forward, attention_forward, cross_entropy_backward, attention_allowed, IGNORE_INDEX)
+from ..ops.activations import SQRT_2_OVER_PI
+from ..ops.attention import mask_codes
 from .config import GPT2Config, OpenAIGPTConfig
 from .pretrained import (ModelOutput, PreTrainedModel, register, gpt_inputs, labels_like, lm_labels, no_loss,
                          output_grads, logits_grad, problem_type_loss)
@@ -86,6 +90,8 @@ class GPTBlock(Module):
     attention_adapters = output_adapters = None
 
     def forward(self, x, mask=None, past=None):
+        if past is not None and self.steps(x, past):  # a decoding step: the loops below in one compiled call
+            return self.step(x, mask, past)
         attn, mlp, C = self.attn, self.mlp, x.shape[-1]
         ln_a, ln_m = (None, None) if self.pre_ln else (self.ln_1, self.ln_2)  # the LayerNorm after each residual
         # h = attn(u),  u = ln_1(x) (GPT-2) or x (GPT-1)
@@ -117,6 +123,50 @@ class GPTBlock(Module):
         # [q | k | v] = c_attn(ln_1(x) or x)
         du = attn.c_attn.backward(dqkv)  # (B, T, C)
         return dx + (self.ln_1.backward(du) if self.pre_ln else du)
+
+    def steps(self, x, past):
+        """whether forward(x, mask, past) is a decoding step that step() runs with forward's numbers: GPT-2's
+        block, in eval, under no_grad, keeping only its cache; one new token a row (up to GEMV_ROWS), past
+        this layer's own cache with room after it (Attention.after_past); numlm's ops in the modules, plain
+        Linears and LayerNorms, tanh GELU, and weights whose GEMVs all run on cols_gemv (the matmul path)"""
+        attn, mlp, core = self.attn, self.mlp, self.attn.core
+        present, room = core.present, core.room
+        if not (kernels.enabled and self.pre_ln and not self.training and not grad_enabled()
+                and attention_keeps[0] == ("present",) and x.ndim == 3 and x.shape[1] == 1
+                and x.shape[0] <= GEMV_ROWS and x.flags.c_contiguous and x.dtype in (np.float32, np.float64)
+                and self.attention_adapters is None and self.output_adapters is None
+                and present is not None and room is not None and past[0] is present[0] and past[1] is present[1]
+                and past[0].base is room[0] and past[1].base is room[1] and room[0].shape[2] > past[0].shape[2]):
+            return False
+        ops = (OPS["linear"][0], OPS["layernorm"][0], OPS[mlp.act.name][0], OPS["attention"][0])
+        lns, linears = (self.ln_1, self.ln_2), (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
+        return (ops == (linear_forward, layernorm_forward, gelu_tanh_forward, attention_forward)
+                and all(type(m) is LayerNorm and m.eps == self.ln_1.eps for m in lns)
+                and all(type(m) is Linear and "bias" in m.params and m.params["weight"].dtype == x.dtype
+                        and m.params["weight"].flags.c_contiguous and m.params["weight"].nbytes >= COLS_GEMV_BYTES
+                        for m in linears))
+
+    def step(self, x, mask, past):
+        """forward() for a decoding step (steps()): kernels.decode.gpt2_block_step, the new key and value
+        written into the cache's buffers, present extended over them.   x: (B, 1, C) -> (B, 1, C)"""
+        attn, mlp, core = self.attn, self.mlp, self.attn.core
+        B, _, C = x.shape
+        t, dt = past[0].shape[2], x.dtype.type
+        codes = mask_codes(attention_allowed(mask, B, 1, t + 1, True), 1, t + 1)  # (B|1, H|1, 1, t + 1)
+        if codes.shape[1] not in (1, core.n_head):
+            raise ValueError(f"attention_mask of shape {np.shape(mask)} does not broadcast to "
+                             f"(B, H, T_q, T_k) = ({B}, {core.n_head}, 1, {t + 1})")
+        pair = lambda m: (m.params["weight"], m.params["bias"])  # noqa: E731
+        scale = 1.0 / math.sqrt(C // core.n_head) if core.scale is None else core.scale
+        gelu = (dt(0.5), dt(1.0), dt(SQRT_2_OVER_PI), dt(0.044715))  # as ops.gelu_tanh_forward passes them
+        args = (x.reshape(B, C), pair(self.ln_1), pair(attn.c_attn), pair(attn.c_proj), pair(self.ln_2),
+                pair(mlp.c_fc), pair(mlp.c_proj), core.room[0], core.room[1], t, core.n_head, self.ln_1.eps,
+                dt(scale), codes, dt(np.finfo(dt).min), gelu)
+        weights = sum(m.params["weight"].nbytes for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj))
+        y = streamed(gpt2_block_step, args, weights, B * weights // x.itemsize)
+        core.present = (core.room[0][:, :, :t + 1], core.room[1][:, :, :t + 1])
+        core.probs = None
+        return y.reshape(B, 1, C)
 
 
 class GPT2Block(GPTBlock):
