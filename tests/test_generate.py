@@ -482,14 +482,22 @@ def test_top_p_on_a_flat_row_keeps_what_float64_sums_keep(top_p):
 _STEP_MODELS = {}
 
 
-def step_model(dtype, **cfg):
+def step_model(dtype, cached=True, **cfg):
     """A GPT-2 whose four layer weights are all 1 MB or more (n_embd 512: the smallest, c_proj, is
-    512 x 512 float32), so a decoding step's products run on cols_gemv and the block step may run"""
+    512 x 512 float32), so a decoding step's products run on cols_gemv and the block step may run; its
+    biases and LayerNorms random, not their zero and one. cached=False: a new one, to change"""
     from numlm.models.gpt import GPT2Config, GPT2LMHeadModel
     key = (dtype, tuple(sorted(cfg.items())))
-    if key not in _STEP_MODELS:
+    if key not in _STEP_MODELS or not cached:
         config = GPT2Config(**{**dict(n_embd=512, n_head=8, n_layer=2, vocab_size=64, n_positions=64), **cfg})
-        _STEP_MODELS[key] = GPT2LMHeadModel(config, seed=1, dtype=dtype).eval()
+        model = GPT2LMHeadModel(config, seed=1, dtype=dtype).eval()
+        rng = np.random.default_rng(2)
+        for name, p in model.parameters().items():
+            if p.ndim == 1:
+                p[...] = rng.normal(name.endswith("ln_1.weight") or name.endswith("ln_2.weight"), 0.3, p.shape)
+        if not cached:
+            return model
+        _STEP_MODELS[key] = model
     return _STEP_MODELS[key]
 
 
@@ -520,54 +528,133 @@ def test_block_step_gives_the_modules_numbers(dtype, B, T, pads, steps, seed):
             kw = dict(input_ids=out.logits[:, -1].argmax(-1)[:, None], position_ids=mask.sum(-1, keepdims=True),
                       attention_mask=np.concatenate([mask, np.ones((B, 1), np.int64)], 1),
                       past_key_values=out.past_key_values, use_cache=True)
+            before = len(calls)
             ref = model(**kw, output_attentions=True)
+            assert len(calls) == before  # the reference ran the modules
             ref_kv = [tuple(a.copy() for a in core.present) for core in cores]
             for core, kv in zip(cores, out.past_key_values):
                 core.present = kv  # as before the first call: the cache fed back is the layer's own
-            before = len(calls)
             out, mask = model(**kw), kw["attention_mask"]
             np.testing.assert_array_equal(out.logits, ref.logits)
             for core, kv in zip(cores, ref_kv):
                 np.testing.assert_array_equal(core.present[0], kv[0])
                 np.testing.assert_array_equal(core.present[1], kv[1])
-            if len(calls) == before:  # the module path: only where the buffer had no room (it then doubles)
+            if len(calls) == before:  # the modules: only where the reference reallocated the buffer
                 assert cores[0].room[0].shape[2] == 2 * mask.shape[1]
     assert calls or steps == 1  # the first step makes the room
 
 
 def lora_c_attn():
     from numlm import peft
-    from numlm.models.gpt import GPT2Config, GPT2LMHeadModel
-    model = GPT2LMHeadModel(GPT2Config(n_embd=512, n_head=8, n_layer=1, vocab_size=64), seed=1).eval()
-    return peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    return peft.get_peft_model(step_model("float32", cached=False, n_layer=1),
+                               peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
 
 
-def decode_steps(model, n):
+def openai_gpt():
+    from numlm.models.gpt import OpenAIGPTConfig, OpenAIGPTLMHeadModel
+    config = OpenAIGPTConfig(n_embd=512, n_head=8, n_layer=2, vocab_size=64, n_positions=64)
+    return OpenAIGPTLMHeadModel(config, seed=1).eval()
+
+
+def decode_steps(model, n, rows=1):
     """a 4-token prompt and n greedy steps, each feeding back the cache the last returned"""
-    out = model(input_ids=np.arange(1, 5)[None], use_cache=True)
+    out = model(input_ids=np.arange(1, 5)[None].repeat(rows, 0), use_cache=True)
     for t in range(n):
-        out = model(input_ids=out.logits[:, -1:].argmax(-1), position_ids=[[4 + t]],
+        out = model(input_ids=out.logits[:, -1:].argmax(-1), position_ids=np.full((rows, 1), 4 + t),
                     past_key_values=out.past_key_values, use_cache=True)
     return out
 
 
-@pytest.mark.parametrize("case", ["the compiled step", "under grad", "in training", "weights under 1 MB",
-                                  "LoRA on c_attn", "beam search's reordered cache"])
+class ClippedGELU(numlm.nn.Activation):
+    def forward(self, x):
+        return np.minimum(super().forward(x), x.dtype.type(0.1))
+
+
+def _make_case(case, monkeypatch):
+    """the model of a case of test_block_step_runs_only_where_it_gives_the_modules_numbers, the case's
+    change made (restored by monkeypatch)"""
+    from numlm.kernels import matmul as mm
+    from numlm.nn import OPS
+    model = {"weights under 1 MB": lambda: step_model("float32", n_embd=256, n_head=4), "GPT-1": openai_gpt,
+             "LoRA on c_attn": lora_c_attn}.get(case, lambda: step_model("float32", cached=False))()
+    if case == "in training":
+        model.train()
+    if case == "MC dropout":
+        for block in model.transformer.h:
+            block.mlp.dropout.train()
+    if case == "an Activation subclass":
+        for block in model.transformer.h:
+            block.mlp.act = ClippedGELU("gelu_new")
+    if case == "the LayerNorm op replaced":
+        forward, backward = OPS["layernorm"]
+        monkeypatch.setitem(OPS, "layernorm", (lambda *a: forward(*a), backward))
+    if case == "no OpenBLAS":
+        monkeypatch.setattr(mm, "_blas", None)
+    return model
+
+
+STEP_CASES = ["the compiled step", "under grad", "in training", "MC dropout", "GPT-1", "weights under 1 MB",
+              "5 rows", "no OpenBLAS", "an Activation subclass", "the LayerNorm op replaced", "LoRA on c_attn",
+              "beam search's reordered cache"]
+
+
+@pytest.mark.parametrize("case", STEP_CASES)
 def test_block_step_runs_only_where_it_gives_the_modules_numbers(case, monkeypatch):
-    """greedy decoding takes the compiled step; under grad, in training, with weights the matmul path
-    gives to BLAS, a LoRA-wrapped c_attn or a reordered (concatenated) cache, every step runs the modules"""
-    model = {"weights under 1 MB": lambda: step_model("float32", n_embd=256, n_head=4),
-             "LoRA on c_attn": lora_c_attn}.get(case, lambda: step_model("float32"))()
+    """greedy decoding takes the compiled step, but where its buffer is full; under grad, in training
+    (the block's or one dropout's), in GPT-1, with weights or rows the matmul path gives to BLAS, without
+    OpenBLAS, with a module or op not numlm's own, with LoRA or a reordered (concatenated) cache, every
+    step runs the modules"""
+    model = _make_case(case, monkeypatch)
     calls = count_steps(monkeypatch)
     if case in ("beam search's reordered cache", "LoRA on c_attn"):
         generate(model, np.arange(1, 5)[None], max_new_tokens=6, eos_token_id=[], num_beams=1 + ("beam" in case))
     elif case == "under grad":
-        decode_steps(model, 4)
+        decode_steps(model, 8)
     else:
-        model.train(case == "in training")
-        try:
-            with numlm.no_grad():
-                decode_steps(model, 4)
-        finally:
-            model.eval()
-    assert len(calls) == (2 * 3 if case == "the compiled step" else 0), case  # the first step makes the room
+        with numlm.no_grad():
+            decode_steps(model, 8, rows=5 if case == "5 rows" else 1)
+    # t = 4 makes the buffer (room for 10 keys), t = 5..9 fill it, t = 10 doubles it (22), t = 11
+    assert len(calls) == (2 * 6 if case == "the compiled step" else 0), case
+
+
+@pytest.mark.parametrize("change", ["ln_1 weight float64", "c_fc bias of shape (1,)", "eps 0", "4 rows, 1 cached"])
+def test_block_step_leaves_bad_input_to_the_modules_checks(change):
+    """what the ops refuse with a ValueError the step refuses too (the modules run and raise), not a
+    silent answer or a write past the cache's buffer"""
+    model = step_model("float32", cached=False)
+    block = model.transformer.h[0]
+    with numlm.no_grad():
+        out = decode_steps(model, 2)
+        if change == "ln_1 weight float64":
+            block.ln_1.params["weight"] = block.ln_1.params["weight"].astype(np.float64)
+        elif change == "c_fc bias of shape (1,)":
+            block.mlp.c_fc.params["bias"] = block.mlp.c_fc.params["bias"][:1].copy()
+        elif change == "eps 0":
+            block.ln_1.eps = block.ln_2.eps = 0.0
+        keeps, kept = numlm.nn.attention_keeps, numlm.nn.attention_keeps[0]
+        with pytest.raises(ValueError):
+            if change == "4 rows, 1 cached":  # a block called directly, as a model's forward sets it up
+                keeps[0] = ("present",)
+                try:
+                    block(np.zeros((4, 1, 512), np.float32), None, out.past_key_values[0])
+                finally:
+                    keeps[0] = kept
+            else:
+                model(input_ids=[[1]], position_ids=[[6]], past_key_values=out.past_key_values, use_cache=True)
+
+
+def test_block_step_on_one_thread_gives_the_same_numbers(monkeypatch):
+    """while a stall sends the GEMVs to one thread (matmul._gemv_alone_until), the step runs there too,
+    with the same numbers"""
+    from numlm import kernels
+    from numlm.kernels import matmul as mm
+    from numlm.kernels.decode import gpt2_block_step
+    model = step_model("float32")
+    with numlm.no_grad():
+        both = decode_steps(model, 4).logits
+        alone, at_one_thread = [], kernels.at_one_thread
+        monkeypatch.setattr(kernels, "at_one_thread", lambda k, *a: alone.append(k) or at_one_thread(k, *a))
+        monkeypatch.setattr(mm, "_gemv_alone_until", [float("inf")])
+        one = decode_steps(model, 4).logits
+    assert alone.count(gpt2_block_step) == 2 * 3
+    np.testing.assert_array_equal(one, both)

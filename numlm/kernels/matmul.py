@@ -301,12 +301,19 @@ def _stalled(start, end, nbytes, macs, kernel):
 
 
 def _gemv_kernel(a, b, out):
-    """the Numba loop for out = a (M, K) @ b (K, N) with M up to GEMV_ROWS, or None (BLAS): rows_gemv over
-    a weight of ROWS_GEMV_BYTES or more stored as rows (the LM head), cols_gemv over a row-major weight of
-    COLS_GEMV_BYTES or more (the layers'). The loops check no bounds: mismatched shapes go to BLAS, which
-    raises"""
-    if (a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype or a.shape[0] > GEMV_ROWS or a.shape[1] != b.shape[0]
-            or out.shape != (a.shape[0], b.shape[1]) or out.dtype != b.dtype):
+    """the Numba loop for out = a (M, K) @ b (K, N), or None (BLAS): gemv_loop's, for matching shapes and
+    dtypes. The loops check no bounds: mismatched shapes go to BLAS, which raises"""
+    if (a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or out.shape != (a.shape[0], b.shape[1])
+            or out.dtype != b.dtype):
+        return None
+    return gemv_loop(a.shape[0], b, a.dtype)
+
+
+def gemv_loop(M, b, dtype):
+    """the loop matmul runs M rows of dtype times the weight b (K, N) on: with M up to GEMV_ROWS, rows_gemv
+    over a weight of ROWS_GEMV_BYTES or more stored as rows (the LM head), cols_gemv over a row-major
+    weight of COLS_GEMV_BYTES or more (the layers'); else None (BLAS's product, or numpy's without OpenBLAS)"""
+    if _blas is None or M > GEMV_ROWS or b.ndim != 2 or b.dtype != dtype:
         return None
     if b.nbytes >= ROWS_GEMV_BYTES and b.T.flags.c_contiguous:
         return rows_gemv

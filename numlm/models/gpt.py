@@ -34,12 +34,12 @@ import numpy as np
 
 from .. import kernels
 from ..kernels.decode import gpt2_block_step
-from ..kernels.matmul import mm_pair, streamed, COLS_GEMV_BYTES, GEMV_ROWS  # mm_pair: (a @ b, c @ d), a core each
+from ..kernels.matmul import mm_pair, streamed, gemv_loop, cols_gemv  # mm_pair: (a @ b, c @ d), a core each
 from ..nn import Module, ModuleList, Linear, Embedding, LayerNorm, Dropout, Activation, Attention
 from ..nn import lowest_needing_backward, grad_enabled, attention_keeps, OPS
 from ..ops import (embedding_forward, embedding_backward, cross_entropy_forward, linear_forward, layernorm_forward,
                    gelu_tanh_forward, attention_forward, cross_entropy_backward, attention_allowed, IGNORE_INDEX)
-from ..ops.activations import SQRT_2_OVER_PI
+from ..ops.activations import gelu_tanh_constants
 from ..ops.attention import mask_codes
 from .config import GPT2Config, OpenAIGPTConfig
 from .pretrained import (ModelOutput, PreTrainedModel, register, gpt_inputs, labels_like, lm_labels, no_loss,
@@ -126,25 +126,35 @@ class GPTBlock(Module):
 
     def steps(self, x, past):
         """whether forward(x, mask, past) is a decoding step that step() runs with forward's numbers: GPT-2's
-        block, in eval, under no_grad, keeping only its cache; one new token a row (up to GEMV_ROWS), past
-        this layer's own cache with room after it (Attention.after_past); numlm's ops in the modules, plain
-        Linears and LayerNorms, tanh GELU, and weights whose GEMVs all run on cols_gemv (the matmul path)"""
+        block under no_grad, keeping only its cache; one new token a row; past this layer's own cache with
+        room after it (Attention.after_past); the modules numlm's own, in eval, running numlm's ops; their
+        parameters of the shapes and dtype the ops check, each product one matmul runs on cols_gemv"""
         attn, mlp, core = self.attn, self.mlp, self.attn.core
-        present, room = core.present, core.room
-        if not (kernels.enabled and self.pre_ln and not self.training and not grad_enabled()
-                and attention_keeps[0] == ("present",) and x.ndim == 3 and x.shape[1] == 1
-                and x.shape[0] <= GEMV_ROWS and x.flags.c_contiguous and x.dtype in (np.float32, np.float64)
+        if not (kernels.enabled and self.pre_ln and not grad_enabled() and attention_keeps[0] == ("present",)
                 and self.attention_adapters is None and self.output_adapters is None
-                and present is not None and room is not None and past[0] is present[0] and past[1] is present[1]
-                and past[0].base is room[0] and past[1].base is room[1] and room[0].shape[2] > past[0].shape[2]):
+                and x.ndim == 3 and x.shape[1] == 1 and x.flags.c_contiguous):
             return False
-        ops = (OPS["linear"][0], OPS["layernorm"][0], OPS[mlp.act.name][0], OPS["attention"][0])
-        lns, linears = (self.ln_1, self.ln_2), (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
-        return (ops == (linear_forward, layernorm_forward, gelu_tanh_forward, attention_forward)
-                and all(type(m) is LayerNorm and m.eps == self.ln_1.eps for m in lns)
-                and all(type(m) is Linear and "bias" in m.params and m.params["weight"].dtype == x.dtype
-                        and m.params["weight"].flags.c_contiguous and m.params["weight"].nbytes >= COLS_GEMV_BYTES
-                        for m in linears))
+        # past: the layer's own cache, with room after it in buffers of x's rows and dtype
+        present, room = core.present, core.room
+        if not (present is not None and room is not None and past[0] is present[0] and past[1] is present[1]
+                and past[0].base is room[0] and past[1].base is room[1] and room[0].shape[2] > past[0].shape[2]
+                and room[0].shape[0] == x.shape[0] and room[0].dtype == room[1].dtype == x.dtype):
+            return False
+        # the modules forward() calls: numlm's own classes, in eval, their ops numlm's
+        kinds = ((self.ln_1, LayerNorm), (self.ln_2, LayerNorm), (core, Attention), (mlp.act, Activation),
+                 (attn.resid_dropout, Dropout), (mlp.dropout, Dropout), (attn.c_attn, Linear),
+                 (attn.c_proj, Linear), (mlp.c_fc, Linear), (mlp.c_proj, Linear))
+        ops = (OPS["linear"][0], OPS["layernorm"][0], OPS.get(mlp.act.name, (None,))[0], OPS["attention"][0])
+        if not (all(type(m) is kind and not m.training for m, kind in kinds)
+                and ops == (linear_forward, layernorm_forward, gelu_tanh_forward, attention_forward)):
+            return False
+        # the parameters: what the ops would check, and every product on cols_gemv (matmul.gemv_loop)
+        B, C, I, eps = x.shape[0], x.shape[2], mlp.c_fc.params["weight"].shape[-1], self.ln_1.eps
+        products = ((attn.c_attn, C, 3 * C), (attn.c_proj, C, C), (mlp.c_fc, C, I), (mlp.c_proj, I, C))
+        return (type(eps) is float and 0 < eps < math.inf and self.ln_2.eps == eps and type(core.scale) is float
+                and all(p.shape == (C,) and p.dtype == x.dtype for ln in (self.ln_1, self.ln_2)
+                        for p in ln.params.values())
+                and all(_on_cols_gemv(m, B, K, N, x.dtype) for m, K, N in products))
 
     def step(self, x, mask, past):
         """forward() for a decoding step (steps()): kernels.decode.gpt2_block_step, the new key and value
@@ -152,21 +162,27 @@ class GPTBlock(Module):
         attn, mlp, core = self.attn, self.mlp, self.attn.core
         B, _, C = x.shape
         t, dt = past[0].shape[2], x.dtype.type
-        codes = mask_codes(attention_allowed(mask, B, 1, t + 1, True), 1, t + 1)  # (B|1, H|1, 1, t + 1)
-        if codes.shape[1] not in (1, core.n_head):
-            raise ValueError(f"attention_mask of shape {np.shape(mask)} does not broadcast to "
-                             f"(B, H, T_q, T_k) = ({B}, {core.n_head}, 1, {t + 1})")
-        pair = lambda m: (m.params["weight"], m.params["bias"])  # noqa: E731
-        scale = 1.0 / math.sqrt(C // core.n_head) if core.scale is None else core.scale
-        gelu = (dt(0.5), dt(1.0), dt(SQRT_2_OVER_PI), dt(0.044715))  # as ops.gelu_tanh_forward passes them
-        args = (x.reshape(B, C), pair(self.ln_1), pair(attn.c_attn), pair(attn.c_proj), pair(self.ln_2),
-                pair(mlp.c_fc), pair(mlp.c_proj), core.room[0], core.room[1], t, core.n_head, self.ln_1.eps,
-                dt(scale), codes, dt(np.finfo(dt).min), gelu)
-        weights = sum(m.params["weight"].nbytes for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj))
+        codes = mask_codes(attention_allowed(mask, B, 1, t + 1, True, core.causal_fill, core.n_head), 1, t + 1)
+        modules = (self.ln_1, attn.c_attn, attn.c_proj, self.ln_2, mlp.c_fc, mlp.c_proj)
+        args = (x.reshape(B, C), *(_weight_bias(m) for m in modules), core.room[0], core.room[1], t, core.n_head,
+                self.ln_1.eps, dt(core.scale), codes, dt(np.finfo(dt).min), gelu_tanh_constants(dt))
+        weights = sum(m.params["weight"].nbytes for m in modules[1:3] + modules[4:])
         y = streamed(gpt2_block_step, args, weights, B * weights // x.itemsize)
         core.present = (core.room[0][:, :, :t + 1], core.room[1][:, :, :t + 1])
         core.probs = None
         return y.reshape(B, 1, C)
+
+
+def _weight_bias(m):
+    return m.params["weight"], m.params["bias"]
+
+
+def _on_cols_gemv(linear, M, K, N, dtype):
+    """whether a Linear's weight is (K, N) with an (N,) bias of dtype, and matmul runs M rows times it on
+    cols_gemv (the loop gpt2_block_step calls)"""
+    w, b = linear.params["weight"], linear.params.get("bias")
+    return (w.shape == (K, N) and b is not None and b.shape == (N,) and b.dtype == dtype
+            and gemv_loop(M, w, dtype) is cols_gemv)
 
 
 class GPT2Block(GPTBlock):

@@ -40,13 +40,17 @@ def gelu_forward(x):
     return 0.5 * x * (1.0 + np.asarray(_erf(x * INV_SQRT_2), dtype=x.dtype)), (x, False)  # erf(x / sqrt 2)
 
 
+def gelu_tanh_constants(f):
+    """the tanh GELU kernel's (0.5, 1, sqrt(2/pi), 0.044715) in the array's dtype f"""
+    return f(0.5), f(1.0), f(SQRT_2_OVER_PI), f(0.044715)
+
+
 def gelu_tanh_forward(x):
     """y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))     tanh GELU (GPT's, transformers' gelu_new)
     x: (N) -> y: (N)"""
     float_array("x", x, 0)
     if kernels.enabled:
-        f = x.dtype.type
-        y = gelu_tanh_kernel(np.ascontiguousarray(x).reshape(-1), f(0.5), f(1.0), f(SQRT_2_OVER_PI), f(0.044715))
+        y = gelu_tanh_kernel(np.ascontiguousarray(x).reshape(-1), *gelu_tanh_constants(x.dtype.type))
         return y.reshape(x.shape), (x, True)
     return 0.5 * x * (1.0 + np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))), (x, True)
 
@@ -61,7 +65,7 @@ def gelu_backward(dy, cache):
         dy1 = np.ascontiguousarray(dy, dtype=x.dtype).reshape(-1)
         x1 = np.ascontiguousarray(x).reshape(-1)
         if approximate:
-            dx = gelu_tanh_backward_kernel(dy1, x1, f(0.5), f(1.0), f(SQRT_2_OVER_PI), f(0.044715), f(3 * 0.044715))
+            dx = gelu_tanh_backward_kernel(dy1, x1, *gelu_tanh_constants(f), f(3 * 0.044715))
         elif x.dtype == np.float32:
             dx = gelu_erf_f32_backward_kernel(dy1, x1, f(0.5), f(1.0), f(2.0), f(INV_SQRT_2), f(INV_SQRT_2PI),
                                               *_as_consts(f))

@@ -43,18 +43,19 @@ class AttentionCache(NamedTuple):
     blocks: list = None    # causal_forward's query blocks [(i0, i1, j1)], or None (the full products)
 
 
-def attention_allowed(attention_mask, B, Tq, Tk, causal, causal_fill=None):
+def attention_allowed(attention_mask, B, Tq, Tk, causal, causal_fill=None, H=None):
     """Mask codes (Bc, Hc, Tq, Tk) int8 from a padding mask and/or causality, or None if all allowed.
     attention_mask: (B, Tk) with 1 = real token, 0 = padding; or a boolean array broadcastable to
     (B, H, Tq, Tk) saying which keys each query may see; or int8 codes this function made (returned
     as they are, so a model builds them once per forward and every layer passes them on). Causal with Tq < Tk (a KV cache) puts query i
-    at absolute position Tk - Tq + i."""
+    at absolute position Tk - Tq + i. H: the scores' heads, when known (an attention op): codes that do not
+    broadcast to (B, H, Tq, Tk) are refused, the kernels index them unchecked."""
     codes = None
     if attention_mask is not None:
         m = np.asarray(attention_mask)
         if m.dtype == np.int8 and m.ndim == 4 and m.shape[2:] == (Tq, Tk):
-            return m  # already the codes (a model builds them once per forward)
-        if m.ndim == 2:
+            codes, causal = m, False  # already the codes, causality in (a model builds them once per forward)
+        elif m.ndim == 2:
             if m.shape != (B, Tk):
                 raise ValueError(f"attention_mask must have shape (B, T_k) = {(B, Tk)}, got {m.shape}")
             if m.dtype != np.bool_ and not np.isin(m, (0, 1)).all():
@@ -69,14 +70,17 @@ def attention_allowed(attention_mask, B, Tq, Tk, causal, causal_fill=None):
             codes = m
         else:
             raise ValueError(f"attention_mask must be (B, T_k) or 4-D boolean, got shape {m.shape}")
-        Bc, Hc = codes.shape[0], codes.shape[1]
-        codes = np.broadcast_to(codes, (Bc, Hc, Tq, Tk)).astype(np.int8)
+        if codes.dtype != np.int8:
+            codes = np.broadcast_to(codes, codes.shape[:2] + (Tq, Tk)).astype(np.int8)
     if causal and Tq > 1:  # one new query over a KV cache sees every key
         future = np.arange(Tk)[None, :] > np.arange(Tq)[:, None] + (Tk - Tq)  # (Tq, Tk)
         if codes is None:
             codes = np.ones((1, 1, Tq, Tk), dtype=np.int8)
         fill = FUTURE if causal_fill is not None else MASKED
         codes = np.where(future & (codes == ALLOWED), np.int8(fill), codes).astype(np.int8)
+    if H is not None and codes is not None and (codes.shape[0] not in (1, B) or codes.shape[1] not in (1, H)):
+        raise ValueError(f"attention_mask of shape {np.shape(attention_mask)} does not broadcast to "
+                         f"(B, H, T_q, T_k) = ({B}, {H}, {Tq}, {Tk})")
     return codes
 
 
@@ -123,10 +127,7 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
                               or not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number (default 1/sqrt(D)), got {scale!r}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    codes = attention_allowed(attention_mask, B, Tq, Tk, causal, causal_fill)
-    if codes is not None and codes.shape[1] not in (1, H):
-        raise ValueError(f"attention_mask of shape {np.shape(attention_mask)} does not broadcast to "
-                         f"(B, H, T_q, T_k) = ({B}, {H}, {Tq}, {Tk})")
+    codes = attention_allowed(attention_mask, B, Tq, Tk, causal, causal_fill, H=H)
     lowest = np.finfo(q.dtype).min
     fill = lowest if causal_fill is None else causal_fill
     if kernels.enabled and Tq == 1 and dropout_p == 0.0:  # a decoding step: one kernel, not six calls
