@@ -248,7 +248,7 @@ def test_attention_parity(seed, B, H, T, D, dtype, kind):
 def test_attention_forward_writes_into_the_merged_heads(seed, B, H, T, D, dtype, kind):
     """out=: the output written into the per-head view of a (B, T, H, D) array and returned, on both
     paths, the numbers without out (a decoding step's kernel may return its own); causal in query blocks
-    of 2 rows (the kernel path's causal_forward) from T = 4 on"""
+    of 2 rows (the kernel path's visible_forward) from T = 4 on"""
     rng = np.random.default_rng(seed)
     Tq = 1 if kind == "one query" else T
     q = rng.standard_normal((B, H, Tq, D)).astype(dtype)
@@ -290,13 +290,13 @@ def test_masked_softmax_kernels_are_scale_mask_then_softmax(seed, B, H, Tq, Tk, 
     two = scale_mask(s.copy(), 0.3, codes, lowest, fill)
     p_two = softmax_rows(two.reshape(-1, Tk))[0].reshape(s.shape)
     one = s.copy()
-    p_one = masked_softmax_kernel(one, dt(0.3), codes, dt(lowest), fill, False)
+    p_one = masked_softmax_kernel(one, dt(0.3), codes, dt(lowest), fill, np.full((1, Tq), Tk))
     assert p_one is one
     assert_close(p_one, p_two, dtype)
     dp = rng.standard_normal(s.shape).astype(dtype)
     ds_two = scale_mask(softmax_backward_rows(dp.reshape(-1, Tk), p_two.reshape(-1, Tk)).reshape(s.shape),
                         0.3, codes, 0, 0)
-    assert_close(masked_softmax_backward_kernel(dp, p_two, dt(0.3), codes, False), ds_two, dtype)
+    assert_close(masked_softmax_backward_kernel(dp, p_two, dt(0.3), codes, np.full((1, Tq), Tk)), ds_two, dtype)
 
 
 @settings(max_examples=30, deadline=None)
@@ -371,7 +371,7 @@ CAUSAL = ["causal", "kv_cache", "right_pad", "mask4d", "no_allowed_key", "openai
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("split", [False, True])
 def test_causal_blocks_skip_the_future_exactly(kind, dtype, split, monkeypatch):
-    """The kernel path's causal query blocks (ops.attention.causal_forward) give the NumPy path's output,
+    """The kernel path's causal query blocks (ops.attention.visible_forward) give the NumPy path's output,
     gradients and probabilities (zeros in the future), or fall back to the full products where skipping
     the future would not be exact (a query with no allowed key; OpenAI's -1e4 future). split: the
     products' stacks over 3 threads, however small."""
@@ -406,6 +406,50 @@ def test_causal_blocks_skip_the_future_exactly(kind, dtype, split, monkeypatch):
     assert_close(nb, npy, dtype)
 
 
+PADDING = {"right_pad": [10, 3, 7, 1], "dropout": [10, 3, 7, 1], "mask4d": [10, 3, 7, 1], "out": [9, 3, 7, 1],
+           "no_allowed_key": [10, 3, 7, 0], "few_padded": [10, 10, 10, 9], "left_pad": None}
+
+
+@pytest.mark.parametrize("kind", list(PADDING))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("split", [False, True])
+def test_padding_blocks_skip_padded_keys_exactly(kind, dtype, split, monkeypatch):
+    """The kernel path skips each batch row's keys after its last real one (ops.attention.padding_blocks):
+    output, gradients and probabilities (zeros there) are the NumPy path's, written into a strided out
+    too (merged heads); it runs the full products where that would gain little (left padding, one key
+    of forty) or not be exact (a row with no allowed key). split: the products over 3 threads, however
+    small (parts of a batch of about equal work)."""
+    from numlm.kernels import matmul as mm
+    if split:
+        monkeypatch.setattr(mm, "SPLIT_MIN_MACS", 0)
+        monkeypatch.setattr(mm, "workers", lambda: 3)
+    rng = np.random.default_rng(0)
+    B, H, T, D = 4, 2, 10, 3
+    q, k, v = (rng.standard_normal((B, H, T, D)).astype(dtype) for _ in range(3))
+    lengths = PADDING[kind]
+    mask = np.arange(T) < np.array(lengths)[:, None] if lengths else np.arange(T) >= np.array([[0], [3], [7], [9]])
+    if kind == "mask4d":  # any pattern before each row's end that keeps key 0
+        mask = mask[:, None, None, :] & ((rng.random((B, 1, T, T)) < 0.5) | (np.arange(T) == 0))
+    kw = {"attention_mask": mask if kind == "mask4d" else mask.astype(np.int64),
+          "dropout_p": 0.3 if kind == "dropout" else 0.0}
+
+    def run():
+        merged = np.full((B, T, H, D), np.nan, dtype) if kind == "out" else None
+        out, cache = ops.attention_forward(q, k, v, rng=np.random.default_rng(1), **kw,
+                                           out=None if merged is None else merged.transpose(0, 2, 1, 3))
+        assert merged is None or np.shares_memory(out, merged)
+        dout = np.random.default_rng(2).standard_normal(out.shape).astype(dtype)
+        return (out, cache.probs) + ops.attention_backward(dout, cache), cache.blocks
+
+    (nb, blocks), (npy, _) = both_paths(run)
+    if kind in ("no_allowed_key", "few_padded", "left_pad"):
+        assert blocks is None
+    else:
+        assert [row for row in blocks] == [[(0, T, n)] for n in lengths]
+        assert (nb[1][1, :, :, 3:] == 0).all() and (nb[3][1, :, 3:] == 0).all()  # probabilities, dk
+    assert_close(nb, npy, dtype)
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=seeds, B=st.integers(1, 3), H=st.integers(1, 3), Tq=st.integers(1, 9), past=st.integers(0, 4),
        dtype=dtypes, pad=st.booleans(), heads=st.booleans())
@@ -431,20 +475,21 @@ def test_causal_masked_softmax_kernels_give_the_full_rows_numbers(seed, B, H, Tq
     full = scale_mask(s.copy(), 0.7, codes, lowest, lowest)
     want = softmax_rows(full.reshape(-1, Tk))[0].reshape(s.shape)
     future = np.arange(Tk)[None, :] > np.arange(Tq)[:, None] + past
-    s[..., future] = np.nan  # unwritten by causal_forward's products
-    got = masked_softmax_kernel(s.copy(), dt(0.7), codes, dt(lowest), dt(lowest), True)
+    s[..., future] = np.nan  # unwritten by visible_forward's products
+    ends = (past + 1 + np.arange(Tq))[None]  # each query's own key and the ones before
+    got = masked_softmax_kernel(s.copy(), dt(0.7), codes, dt(lowest), dt(lowest), ends)
     assert_close(got, want, dtype)
     assert (got[..., future] == 0).all()
     dp = rng.standard_normal(s.shape).astype(dt)
     ds = scale_mask(softmax_backward_rows(dp.reshape(-1, Tk), want.reshape(-1, Tk)).reshape(s.shape), 0.7, codes, 0, 0)
     dp[..., future] = np.nan
-    assert_close(masked_softmax_backward_kernel(dp.copy(), want, dt(0.7), codes, True), ds, dtype)
+    assert_close(masked_softmax_backward_kernel(dp.copy(), want, dt(0.7), codes, ends), ds, dtype)
 
 
-@pytest.mark.parametrize("kind", ["causal", "kv_cache", "right_pad"])
+@pytest.mark.parametrize("kind", ["causal", "kv_cache", "right_pad", "padding"])
 def test_causal_blocks_gradcheck(kind, monkeypatch):
     """Central differences of the kernel path's causal blocks (masked_softmax_kernel and its backward
-    inside), float64, blocks of 2 queries."""
+    inside), float64, blocks of 2 queries; and of padding's blocks (the keys after a row's last skipped)."""
     from numlm.gradchecking import gradcheck
     from numlm.ops import attention
     monkeypatch.setattr(attention, "BLOCK_ROWS", 2)
@@ -453,9 +498,9 @@ def test_causal_blocks_gradcheck(kind, monkeypatch):
     Tk = T + 3 if kind == "kv_cache" else T
     q = rng.standard_normal((B, H, T, D))
     k, v = (rng.standard_normal((B, H, Tk, D)) for _ in range(2))
-    kw = {"causal": True, "scale": 0.6}
-    if kind == "right_pad":
-        kw["attention_mask"] = (np.arange(Tk) < np.array([[Tk], [4]])).astype(np.int64)
+    kw = {"causal": kind != "padding", "scale": 0.6}
+    if kind in ("right_pad", "padding"):
+        kw["attention_mask"] = (np.arange(Tk) < np.array([[Tk], [4 if kind == "right_pad" else 2]])).astype(np.int64)
     previous = set_numba(True)
     try:
         assert ops.attention_forward(q, k, v, **kw)[1].blocks is not None

@@ -513,10 +513,11 @@ def _block_into(x, y, o):
     return o if gemm_add(x, y, o) else _add_into(o, np.matmul(x, y))
 
 
-# Causal attention's products without the masked future (ops.attention.causal_forward). `blocks` are
-# query blocks [(i0, i1, j1)]: rows i0..i1 of the (B, H, Tq, Tk) scores see keys 0..j1 only. Any array
-# may be a strided view (heads split from (B, T, C) without a copy): BLAS reads each (T, D) matrix
-# with its row stride, and an out given is written in place (merged heads).
+# Attention's products without the keys no query sees (ops.attention.visible_forward). `blocks` are
+# query blocks [(i0, i1, j1)]: rows i0..i1 of the (B, H, Tq, Tk) scores see keys 0..j1 only, shared by
+# the stack (causal: the future) or one list per batch row (padding: the keys after the row's last).
+# Any array may be a strided view (heads split from (B, T, C) without a copy): BLAS reads each (T, D)
+# matrix with its row stride, and an out given is written in place (merged heads).
 
 def mm_visible(a, b, blocks, zero=True):
     """a @ b on each block's rows i0..i1 and keys 0..j1, 0 beyond j1 (left unwritten unless zero).
@@ -526,15 +527,24 @@ def mm_visible(a, b, blocks, zero=True):
     return out
 
 
+def _per_row(arrays, blocks):
+    """[(arrays, blocks)]: the whole stack and its shared blocks, or each batch row's views and its own"""
+    if not blocks or isinstance(blocks[0], tuple):
+        return [(arrays, blocks)]
+    return [(tuple(x[r] for x in arrays), row) for r, row in enumerate(blocks)]
+
+
 def _visible(a, b, out, blocks):
-    for i0, i1, j1 in blocks:
-        np.matmul(a[..., i0:i1, :], b[..., :j1], out=out[..., i0:i1, :j1])
+    for (a, b, out), row in _per_row((a, b, out), blocks):
+        for i0, i1, j1 in row:
+            np.matmul(a[..., i0:i1, :], b[..., :j1], out=out[..., i0:i1, :j1])
 
 
 def _visible_zero(a, b, out, blocks):
     _visible(a, b, out, blocks)
-    for i0, i1, j1 in blocks:
-        out[..., i0:i1, j1:] = 0
+    for (out,), row in _per_row((out,), blocks):
+        for i0, i1, j1 in row:
+            out[..., i0:i1, j1:] = 0
 
 
 def mm_from_visible(m, b, blocks, out=None):
@@ -545,39 +555,49 @@ def mm_from_visible(m, b, blocks, out=None):
 
 
 def _from_visible(m, b, out, blocks):
-    for i0, i1, j1 in blocks:
-        np.matmul(m[..., i0:i1, :j1], b[..., :j1, :], out=out[..., i0:i1, :])
+    for (m, b, out), row in _per_row((m, b, out), blocks):
+        for i0, i1, j1 in row:
+            np.matmul(m[..., i0:i1, :j1], b[..., :j1, :], out=out[..., i0:i1, :])
 
 
 def mm_t_from_visible(m, b, blocks, out=None):
     """m^T @ b for m as in mm_from_visible: the keys a block adds (after the previous block's j1) are
-    seen by its rows and the rows below only.   b (B, H, Tq, N) -> (B, H, Tk, N)"""
+    seen by its rows and the rows below only; keys after the last block's j1 by none (0).
+    b (B, H, Tq, N) -> (B, H, Tk, N)"""
     out = np.empty(m.shape[:-2] + (m.shape[-1], b.shape[-1]), dtype=np.result_type(m, b)) if out is None else out
     _over_stack(_t_from_visible, (m, b, out), blocks, work=m.size * b.shape[-1])
     return out
 
 
 def _t_from_visible(m, b, out, blocks):
-    j0 = 0
-    for i0, _, j1 in blocks:
-        np.matmul(m[..., i0:, j0:j1].swapaxes(-1, -2), b[..., i0:, :], out=out[..., j0:j1, :])
-        j0 = j1
+    for (m, b, out), row in _per_row((m, b, out), blocks):
+        j0 = 0
+        for i0, _, j1 in row:
+            np.matmul(m[..., i0:, j0:j1].swapaxes(-1, -2), b[..., i0:, :], out=out[..., j0:j1, :])
+            j0 = j1
+        out[..., j0:, :] = 0
 
 
 def _over_stack(fn, arrays, blocks, work):
     """fn(*arrays, blocks) on blocks of the stack (B, H, ..) (along the batch, or the heads when they split
-    more evenly), one per thread, the caller's included, BLAS on one thread in each: one
-    thread hand-off for all of a causal product's query blocks, not one each (~0.1 ms a wake-up here;
-    gpt-small has 8 query blocks). `work`: multiply-adds, at most; below SPLIT_MIN_MACS the caller
-    computes all."""
+    more evenly; per-row blocks: along the batch, parts of about equal work), one per thread, the
+    caller's included, BLAS on one thread in each: one thread hand-off for all of a product's query
+    blocks, not one each (~0.1 ms a wake-up here; gpt-small has 8 query blocks). `work`:
+    multiply-adds, at most; below SPLIT_MIN_MACS the caller computes all."""
     if _blas is None:
         return fn(*arrays, blocks)
     n = workers() if work >= SPLIT_MIN_MACS else 1
     B, H = arrays[0].shape[:2]
-    axis = 0 if B % n == 0 or (H % n and B >= H) else 1  # the more even split
-    n = min(n, arrays[0].shape[axis])
-    bounds = [arrays[0].shape[axis] * i // n for i in range(n + 1)]
-    parts = [tuple(x[lo:hi] if axis == 0 else x[:, lo:hi] for x in arrays) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    per_row = bool(blocks) and not isinstance(blocks[0], tuple)
+    axis = 0 if per_row or B % n == 0 or (H % n and B >= H) else 1  # the more even split
+    if per_row:
+        done = np.cumsum([sum((i1 - i0) * j1 for i0, i1, j1 in row) for row in blocks])
+        bounds = sorted({0, B} | {int(np.searchsorted(done, done[-1] * i / n)) + 1 for i in range(1, n)})
+    else:
+        n = min(n, arrays[0].shape[axis])
+        bounds = [arrays[0].shape[axis] * i // n for i in range(n + 1)]
+    parts = [(tuple(x[lo:hi] if axis == 0 else x[:, lo:hi] for x in arrays), blocks[lo:hi] if per_row else blocks)
+             for lo, hi in zip(bounds[:-1], bounds[1:]) if lo < hi]
     with _lock, _at_one_thread():
-        _on_cores([(fn, part + (blocks,)) for part in parts])
+        _on_cores([(fn, part + (bl,)) for part, bl in parts])
 

@@ -35,18 +35,19 @@ def masked_score(x, code, scale, lowest, fill):
 
 @adaptive
 @njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
-def masked_softmax_kernel(s, scale, codes, lowest, fill, causal):
+def masked_softmax_kernel(s, scale, codes, lowest, fill, ends):
     """p = softmax(masked_score(s, code, scale, lowest, fill)) per row of the scores s (B, H, Tq, Tk), in
     place, one pass over memory; codes (Bc, Hc, Tq, Tk) int8 with Bc in {1, B}, Hc in {1, H}.
-    causal: row i sees keys 0..Tk - Tq + i only (causal_forward leaves the others unwritten): they are
-    not read, and their probabilities are exactly 0, as exp of their lowest gives (each such row has an
-    allowed key). The running max is the row's max (a max is exact in any order)."""
+    ends (Be, Tq) with Be in {1, B}: row (b, h, i) reads keys 0..ends[b, i] only (causal: its own and
+    before; padding: its batch row's last key; else Tk), the others left unwritten by visible_forward's
+    products: they are not read, and their probabilities are exactly 0, as exp of their lowest gives
+    (each such row has an allowed key). The running max is the row's max (a max is exact in any order)."""
     B, H, Tq, Tk = s.shape
-    Bc, Hc = codes.shape[0], codes.shape[1]
+    Bc, Hc, Be = codes.shape[0], codes.shape[1], ends.shape[0]
     for r in prange(B * H * Tq):
         b, h, i = r // (H * Tq), (r // Tq) % H, r % Tq
         c, x = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i], s[b, h, i]
-        n = Tk - Tq + i + 1 if causal else Tk
+        n = ends[b if Be > 1 else 0, i]
         m = lowest
         for j in range(n):
             y = masked_score(x[j], c[j], scale, lowest, fill)
@@ -65,15 +66,15 @@ def masked_softmax_kernel(s, scale, codes, lowest, fill, causal):
 
 @adaptive
 @njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
-def masked_softmax_backward_kernel(dp, p, scale, codes, causal):
+def masked_softmax_backward_kernel(dp, p, scale, codes, ends):
     """ds = p (dp - sum_j dp_j p_j) scale where allowed, else 0 (masked and future scores are constants),
-    per row of (B, H, Tq, Tk), in place on dp; causal: over masked_softmax_kernel's keys, 0 after them"""
+    per row of (B, H, Tq, Tk), in place on dp; over masked_softmax_kernel's keys (ends), 0 after them"""
     B, H, Tq, Tk = dp.shape
-    Bc, Hc = codes.shape[0], codes.shape[1]
+    Bc, Hc, Be = codes.shape[0], codes.shape[1], ends.shape[0]
     for r in prange(B * H * Tq):
         b, h, i = r // (H * Tq), (r // Tq) % H, r % Tq
         c, d, y = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i], dp[b, h, i], p[b, h, i]
-        n = Tk - Tq + i + 1 if causal else Tk
+        n = ends[b if Be > 1 else 0, i]
         t = 0.0
         for j in range(n):
             t += d[j] * y[j]

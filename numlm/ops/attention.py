@@ -5,10 +5,11 @@ finfo.min, which absorbs any finite score), so a query row with no allowed key g
 distribution over all keys rather than NaN. OpenAI GPT instead replaces future scores by -1e4
 (`causal_fill=-1e4`), so its left-padded queries attend uniformly to the future real tokens.
 
-The kernel path skips the masked future of causal attention (causal_forward): the queries go in
-blocks, each multiplying only the keys up to its last query. Exact where every query has a key it
-may see: its future scores are finfo.min below that key's, so their probabilities are exactly 0. The
-probabilities stay (B, H, Tq, Tk), zeros in the future, as the full path gives them.
+The kernel path skips the keys no query sees (visible_forward): the masked future of causal
+attention (the queries go in blocks, each multiplying only the keys up to its last query), and a
+padded batch row's keys after its last real one. Exact where every query has a key it may see: the
+skipped scores are finfo.min below that key's, so their probabilities are exactly 0. The
+probabilities stay (B, H, Tq, Tk), zeros where skipped, as the full path gives them.
 """
 import math
 from typing import NamedTuple
@@ -40,7 +41,8 @@ class AttentionCache(NamedTuple):
     keep: np.ndarray       # (B, H, Tq, Tk) dropout keep mask scaled by 1/(1-p), or None
     codes: np.ndarray      # (B|1, H|1, Tq, Tk) int8 mask codes, or None
     scale: float
-    blocks: list = None    # causal_forward's query blocks [(i0, i1, j1)], or None (the full products)
+    blocks: list = None    # visible_forward's query blocks [(i0, i1, j1)] (or per batch row), or None
+    ends: np.ndarray = None  # (1|B, Tq) the keys each query row's softmax read (visible_forward)
 
 
 def attention_allowed(attention_mask, B, Tq, Tk, causal, causal_fill=None, H=None):
@@ -135,14 +137,17 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
         out, p = attention_rows_kernel(np.ascontiguousarray(q), rows_buffer(k), rows_buffer(v), Tk, dt(scale),
                                        mask_codes(codes, 1, Tk), dt(lowest), dt(fill))
         return out, AttentionCache(q, k, v, p, None, codes, scale)
-    blocks = causal_blocks(Tq, Tk, codes) if kernels.enabled and causal and causal_fill is None else None
+    blocks = None
+    if kernels.enabled and causal_fill is None:
+        blocks = causal_blocks(Tq, Tk, codes) if causal else padding_blocks(codes, Tq, Tk)
     if blocks is not None:
-        return causal_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks, out)
+        ends = (Tk - Tq + 1 + np.arange(Tq))[None] if causal else np.repeat([r[0][2:] for r in blocks], Tq, 1)
+        return visible_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks, ends, out)
 
     s = mm(q, k.swapaxes(-1, -2))  # (B, H, Tq, Tk)
     if kernels.enabled:  # the two lines below in one kernel, one pass over the scores, in place
         dt = q.dtype.type
-        p = masked_softmax_kernel(s, dt(scale), mask_codes(codes, Tq, Tk), dt(lowest), dt(fill), False)
+        p = masked_softmax_kernel(s, dt(scale), mask_codes(codes, Tq, Tk), dt(lowest), dt(fill), all_keys(Tq, Tk))
     else:
         s = scale_mask(s, scale, codes, lowest, fill)
         p, _ = softmax_forward(s)  # (B, H, Tq, Tk)
@@ -167,7 +172,7 @@ def attention_backward(dout, cache, out=(None, None, None)):
     out: arrays (or None) of those shapes the three are written into (views of a joined [dq | dk | dv]:
     no copy into it after)"""
     if cache.blocks is not None:
-        return causal_backward(dout, cache, out)
+        return visible_backward(dout, cache, out)
     q, k, v, p, keep = cache.q, cache.k, cache.v, cache.probs, cache.keep
     pd = p if keep is None else p * keep  # the forward's pd, recomputed rather than cached
     # out = pd @ v
@@ -176,7 +181,7 @@ def attention_backward(dout, cache, out=(None, None, None)):
     dp = dropout_backward(dpd, keep)
     if kernels.enabled:  # the four lines below in one kernel, one pass over the scores, in place on dp (ours)
         codes = mask_codes(cache.codes, *p.shape[2:])
-        dscores = masked_softmax_backward_kernel(dp, p, p.dtype.type(cache.scale), codes, False)
+        dscores = masked_softmax_backward_kernel(dp, p, p.dtype.type(cache.scale), codes, all_keys(*p.shape[2:]))
     else:
         # p, _ = softmax_forward(s)
         ds = softmax_backward(dp, p)
@@ -197,32 +202,50 @@ def causal_blocks(Tq, Tk, codes):
     return [(Tq * b // n, Tq * (b + 1) // n, Tk - Tq + Tq * (b + 1) // n) for b in range(n)]
 
 
-def causal_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks, out=None):
-    """attention_forward on the kernel path for causal blocks: the same steps, each product over the
-    keys its queries see, the softmax too: the future probabilities are exactly 0, as the full path's
-    finfo.min scores give."""
+def padding_blocks(codes, Tq, Tk):
+    """Per batch row [(0, Tq, j1)]: its queries see no key after j1 (its last real key), when the rows
+    end a tenth or more of the keys earlier in all (fewer products than BLAS calls saved), else None;
+    None too where skipping would not be exact (a query with no allowed key)."""
+    if codes is None or codes.shape[0] == 1 or Tq == 1:
+        return None
+    seen = (codes != MASKED).any(axis=(1, 2))  # (B, Tk)
+    ends = Tk - np.argmax(seen[:, ::-1], axis=1)
+    if 10 * ends.sum() > 9 * ends.size * Tk or not (codes == ALLOWED).any(axis=-1).all():
+        return None
+    return [[(0, Tq, int(j1))] for j1 in ends]
+
+
+def all_keys(Tq, Tk):
+    """the softmax kernels' ends when every query row reads all Tk keys"""
+    return np.full((1, Tq), Tk)
+
+
+def visible_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks, ends, out=None):
+    """attention_forward on the kernel path for causal or padding blocks: the same steps, each product
+    over the keys its queries see, the softmax too (each row its ends): the skipped probabilities are
+    exactly 0, as the full path's finfo.min scores give."""
     dt = q.dtype.type
-    s = mm_visible(q, k.swapaxes(-1, -2), blocks, zero=False)  # (B, H, Tq, Tk), the future unwritten
+    s = mm_visible(q, k.swapaxes(-1, -2), blocks, zero=False)  # (B, H, Tq, Tk), the skipped unwritten
     # p = softmax(scale_mask(s, scale, codes, lowest, lowest)) over the keys each query sees, 0 after them
-    p = masked_softmax_kernel(s, dt(scale), mask_codes(codes, *s.shape[2:]), dt(lowest), dt(lowest), True)
+    p = masked_softmax_kernel(s, dt(scale), mask_codes(codes, *s.shape[2:]), dt(lowest), dt(lowest), ends)
     pd, keep = dropout_forward(p, dropout_p, rng)
     out = mm_from_visible(pd, v, blocks, out=out)  # (B, H, Tq, D)
-    return out, AttentionCache(q, k, v, p, keep, codes, scale, blocks)
+    return out, AttentionCache(q, k, v, p, keep, codes, scale, blocks, ends)
 
 
-def causal_backward(dout, cache, out):
-    """attention_backward for causal_forward's blocks, dq, dk, dv written into out's arrays where given"""
+def visible_backward(dout, cache, out):
+    """attention_backward for visible_forward's blocks, dq, dk, dv written into out's arrays where given"""
     q, k, v, p, keep, blocks = cache.q, cache.k, cache.v, cache.probs, cache.keep, cache.blocks
     dq, dk, dv = out
     pd = p if keep is None else p * keep
     # out = pd @ v
     dv = mm_t_from_visible(pd, dout, blocks, out=dv)  # (B, H, Tk, D)
-    dpd = mm_visible(dout, v.swapaxes(-1, -2), blocks, zero=keep is not None)  # (B, H, Tq, Tk), future 0 or unwritten
+    dpd = mm_visible(dout, v.swapaxes(-1, -2), blocks, zero=keep is not None)  # (B, H, Tq, Tk), skipped 0 or unwritten
     # pd, keep = dropout_forward(p, dropout_p, rng)
     dp = dropout_backward(dpd, keep)
     # p = softmax(scale_mask(s, ...)): masked and future scores are constants, so 0; in place on dp (ours)
     codes = mask_codes(cache.codes, *p.shape[2:])
-    dscores = masked_softmax_backward_kernel(dp, p, p.dtype.type(cache.scale), codes, True)
+    dscores = masked_softmax_backward_kernel(dp, p, p.dtype.type(cache.scale), codes, cache.ends)
     dq = mm_from_visible(dscores, k, blocks, out=dq)  # (B, H, Tq, D)
     dk = mm_t_from_visible(dscores, q, blocks, out=dk)  # (B, H, Tk, D)
     return dq, dk, dv
