@@ -63,7 +63,8 @@ class Profile:
     # ------------------------------------------------------------ the hook
     def __enter__(self):
         from . import ops
-        self._ops = {f.__code__: n for n, f in vars(ops).items()
+        # by the function's own name: an alias (gelu_tanh_backward is gelu_backward) names no other op
+        self._ops = {f.__code__: f.__name__ for n, f in vars(ops).items()
                      if callable(f) and hasattr(f, "__code__") and n.endswith(("_forward", "_backward"))}
         self._paths = {id(m): path for path, m in self.model.modules()}
         self._previous = sys.getprofile()

@@ -71,6 +71,18 @@ def test_op_calls_are_counted_per_step():
     assert prof.calls[("backward", "attention_backward")] == 3 * 2
     assert prof.calls[("forward", "cross_entropy_forward")] == 3
 
+    assert prof.calls[("forward", "gelu_tanh_forward")] == 3 * 2  # GPT-2's tanh GELU
+
+
+def test_an_op_is_named_by_its_own_function():
+    """BERT's erf GELU runs gelu_backward, which ops also exports as gelu_tanh_backward: the row names
+    the function, not whichever alias came last"""
+    model, batch = tiny_bert(L=2)
+    prof = profile_training(model, batch, steps=1, warmup=0)
+    calls = 2 + 1  # each layer's and the MLM head's transform
+    assert prof.calls[("forward", "gelu_forward")] == calls and prof.calls[("backward", "gelu_backward")] == calls
+    assert not [k for k in prof.calls if "tanh" in k[1] and "gelu" in k[1]]
+
 
 def test_profiling_changes_no_number_and_uninstalls_itself():
     before = {n: getattr(ops, n) for n in dir(ops) if n.endswith(("_forward", "_backward"))}
