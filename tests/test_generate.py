@@ -570,6 +570,13 @@ class ClippedGELU(numlm.nn.Activation):
         return np.minimum(super().forward(x), x.dtype.type(0.1))
 
 
+class OwnReLU(numlm.nn.Module):
+    """an activation module of the user's own: no name for OPS, its forward its own"""
+
+    def forward(self, x):
+        return np.maximum(x, x.dtype.type(0))
+
+
 def _make_case(case, monkeypatch):
     """the model of a case of test_block_step_runs_only_where_it_gives_the_modules_numbers, the case's
     change made (restored by monkeypatch)"""
@@ -585,6 +592,9 @@ def _make_case(case, monkeypatch):
     if case == "an Activation subclass":
         for block in model.transformer.h:
             block.mlp.act = ClippedGELU("gelu_new")
+    if case == "an activation module of its own":
+        for block in model.transformer.h:
+            block.mlp.act = OwnReLU()
     if case == "the LayerNorm op replaced":
         forward, backward = OPS["layernorm"]
         monkeypatch.setitem(OPS, "layernorm", (lambda *a: forward(*a), backward))
@@ -594,8 +604,8 @@ def _make_case(case, monkeypatch):
 
 
 STEP_CASES = ["the compiled step", "under grad", "in training", "MC dropout", "GPT-1", "weights under 1 MB",
-              "5 rows", "no OpenBLAS", "an Activation subclass", "the LayerNorm op replaced", "LoRA on c_attn",
-              "beam search's reordered cache"]
+              "5 rows", "no OpenBLAS", "an Activation subclass", "an activation module of its own",
+              "the LayerNorm op replaced", "LoRA on c_attn", "beam search's reordered cache"]
 
 
 @pytest.mark.parametrize("case", STEP_CASES)

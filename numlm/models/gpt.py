@@ -144,9 +144,10 @@ class GPTBlock(Module):
         kinds = ((self.ln_1, LayerNorm), (self.ln_2, LayerNorm), (core, Attention), (mlp.act, Activation),
                  (attn.resid_dropout, Dropout), (mlp.dropout, Dropout), (attn.c_attn, Linear),
                  (attn.c_proj, Linear), (mlp.c_fc, Linear), (mlp.c_proj, Linear))
+        if not all(type(m) is kind and not m.training for m, kind in kinds):
+            return False
         ops = (OPS["linear"][0], OPS["layernorm"][0], OPS.get(mlp.act.name, (None,))[0], OPS["attention"][0])
-        if not (all(type(m) is kind and not m.training for m, kind in kinds)
-                and ops == (linear_forward, layernorm_forward, gelu_tanh_forward, attention_forward)):
+        if ops != (linear_forward, layernorm_forward, gelu_tanh_forward, attention_forward):
             return False
         # the parameters: what the ops would check, and every product on cols_gemv (matmul.gemv_loop)
         B, C, I, eps = x.shape[0], x.shape[2], mlp.c_fc.params["weight"].shape[-1], self.ln_1.eps
