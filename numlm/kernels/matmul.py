@@ -527,9 +527,14 @@ def mm_visible(a, b, blocks, zero=True):
     return out
 
 
+def _by_row(blocks):
+    """whether blocks are one list per batch row (padding's), not shared by the stack"""
+    return bool(blocks) and not isinstance(blocks[0], tuple)
+
+
 def _per_row(arrays, blocks):
     """[(arrays, blocks)]: the whole stack and its shared blocks, or each batch row's views and its own"""
-    if not blocks or isinstance(blocks[0], tuple):
+    if not _by_row(blocks):
         return [(arrays, blocks)]
     return [(tuple(x[r] for x in arrays), row) for r, row in enumerate(blocks)]
 
@@ -588,7 +593,7 @@ def _over_stack(fn, arrays, blocks, work):
         return fn(*arrays, blocks)
     n = workers() if work >= SPLIT_MIN_MACS else 1
     B, H = arrays[0].shape[:2]
-    per_row = bool(blocks) and not isinstance(blocks[0], tuple)
+    per_row = _by_row(blocks)
     axis = 0 if per_row or B % n == 0 or (H % n and B >= H) else 1  # the more even split
     if per_row:
         done = np.cumsum([sum((i1 - i0) * j1 for i0, i1, j1 in row) for row in blocks])
