@@ -521,9 +521,11 @@ def evaluate_lm(model, enc, batch_size=64, prefix="val"):
 
 
 def score(task, res, prefix="val"):
-    """What picks the best model, higher is better: accuracy (exact match for qa), or a causal LM's
-    negated loss."""
-    return -res[f"{prefix}_loss"] if task == "causal-lm" else res[f"{prefix}_accuracy"]
+    """What picks the best model, higher is better: accuracy (exact match for qa), equal accuracies
+    going to the lower loss (on a small validation split the first of them is the least trained); a
+    causal LM's loss alone."""
+    loss = -res[f"{prefix}_loss"]
+    return (loss,) if task == "causal-lm" else (res[f"{prefix}_accuracy"], loss)
 
 
 def baselines(task, data, label_names=None):
@@ -717,7 +719,7 @@ def finetune(a, data=None, out=None, log=print, **options):
     on_batch = apply_method(model, kind, a) if a.method not in PEFT_METHODS else None
     if on_batch is not None:
         on_batch.total[0] = steps
-    best = _best_so_far(out, a.task) if a.resume else {"score": -math.inf, "step": None}
+    best = _best_so_far(out, a.task) if a.resume else {"score": (-math.inf,), "step": None}
     ctx = {"best": best, "eval_seconds": 0.0, "before": before if a.task == "causal-lm" else {},
            "trainable": sum(v.size for v in model.trainable_parameters().values())}  # before any unfreezing
 
@@ -807,12 +809,12 @@ def _build_model(a, kind, cfg, tok, data, num_labels):
 
 def _best_so_far(out, task):
     """The best validation row up to the checkpoint a resumed run continues from."""
-    best = {"score": -math.inf, "step": None}
+    best = {"score": (-math.inf,), "step": None}
     rows = read_metrics(out) if (out / "metrics.jsonl").is_file() else []  # a torn or damaged line is skipped
     done = read_checkpoint_state(latest_checkpoint(out))["step"]
-    key = "val_loss" if task == "causal-lm" else "val_accuracy"
-    vals = [r for r in rows if isinstance(r.get(key), float) and isinstance(r.get("step"), int)
-            and r["step"] <= done]
+    keys = ["val_loss"] + ([] if task == "causal-lm" else ["val_accuracy"])
+    vals = [r for r in rows if all(isinstance(r.get(k), float) for k in keys)
+            and isinstance(r.get("step"), int) and r["step"] <= done]
     if vals and (out / "best").is_dir():
         top = max(vals, key=lambda r: score(task, r))
         best.update(score=score(task, top), step=top["step"], res=top)
@@ -856,7 +858,7 @@ def _finish(a, model, trainer, enc, split, data, ctx, lr, max_length, lm_coef, n
     test = evaluate(model, a.task, enc["test"], data.label_names, a.eval_batch_size, prefix="test")
     total = model.get_nb_trainable_parameters()[1] if peft_run else model.num_parameters()
     test_data = data if not a.max_examples else dataclasses.replace(data, test=split["test"])
-    chosen = {} if a.task == "causal-lm" else {"val_accuracy": best["score"]}
+    chosen = {} if a.task == "causal-lm" else {"val_accuracy": best["score"][0]}
     before = {f"{k}_before": v for k, v in ctx["before"].items()}
     results = {**best.get("res", {}), **chosen, **before, "best_step": best["step"], **test,
                "trainable_params": int(ctx["trainable"]), "total_params": int(total),
