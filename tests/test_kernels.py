@@ -155,9 +155,11 @@ def test_cross_entropy_unit_gradient(seed, N, V, dtype, scale, ignore):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_exp_nonpositive_within_an_ulp(dtype):
-    """The kernels' own exp (numba has no SVML) against exp in extended precision: within one ulp,
-    down through the subnormals to 0; -inf gives 0 and NaN NaN."""
-    from numba import njit
+    """The kernels' own exp (numba has no SVML) against exp in extended precision: within one ulp
+    where the Horner steps fuse (FMA; 1.16 ulp measured without it, NUMBA_CPU_NAME=generic), down
+    through the subnormals to 0; -inf gives 0 and NaN NaN."""
+    import llvmlite.binding as llvm
+    from numba import config, njit
     from numlm.kernels.softmax import exp_nonpositive
 
     @njit
@@ -173,7 +175,8 @@ def test_exp_nonpositive_within_an_ulp(dtype):
     apply(r, out)
     exact = np.exp(r.astype(np.longdouble))
     ulp = np.spacing(np.maximum(exact, np.finfo(dtype).tiny).astype(dtype)).astype(np.longdouble)
-    assert (np.abs(out - exact) / ulp).max() <= 1.0
+    fused = config.CPU_NAME in (None, "host") and llvm.get_host_cpu_features().get("fma", False)
+    assert (np.abs(out - exact) / ulp).max() <= (1.0 if fused else 1.25)
     assert out[-5] == out[-4] == 1 and out[-3] == out[-2] == out[-1] == 0
     apply(np.array([np.nan], dtype), out[:1])
     assert np.isnan(out[0])
