@@ -299,7 +299,15 @@ def test_masked_softmax_kernels_are_scale_mask_then_softmax(seed, B, H, Tq, Tk, 
     dp = rng.standard_normal(s.shape).astype(dtype)
     ds_two = scale_mask(softmax_backward_rows(dp.reshape(-1, Tk), p_two.reshape(-1, Tk)).reshape(s.shape),
                         0.3, codes, 0, 0)
-    assert_close(masked_softmax_backward_kernel(dp, p_two, dt(0.3), codes, np.full((1, Tq), Tk)), ds_two, dtype)
+    # after dropout pd = p * keep: the kernel reads p and pd, the chain dp * keep then softmax's backward
+    keep = (rng.random(s.shape) >= 0.3) / dt(0.7)
+    ds_drop = scale_mask(softmax_backward_rows((dp * keep).astype(dtype).reshape(-1, Tk),
+                                               p_two.reshape(-1, Tk)).reshape(s.shape), 0.3, codes, 0, 0)
+    got = masked_softmax_backward_kernel(dp.copy(), p_two, (p_two * keep).astype(dtype), True, dt(0.3), codes,
+                                         np.full((1, Tq), Tk))
+    assert_close(got, ds_drop, dtype)
+    assert_close(masked_softmax_backward_kernel(dp, p_two, p_two, False, dt(0.3), codes, np.full((1, Tq), Tk)),
+                 ds_two, dtype)
 
 
 @settings(max_examples=30, deadline=None)
@@ -486,7 +494,7 @@ def test_causal_masked_softmax_kernels_give_the_full_rows_numbers(seed, B, H, Tq
     dp = rng.standard_normal(s.shape).astype(dt)
     ds = scale_mask(softmax_backward_rows(dp.reshape(-1, Tk), want.reshape(-1, Tk)).reshape(s.shape), 0.7, codes, 0, 0)
     dp[..., future] = np.nan
-    assert_close(masked_softmax_backward_kernel(dp.copy(), want, dt(0.7), codes, ends), ds, dtype)
+    assert_close(masked_softmax_backward_kernel(dp.copy(), want, want, False, dt(0.7), codes, ends), ds, dtype)
 
 
 @pytest.mark.parametrize("kind", ["causal", "kv_cache", "right_pad", "padding"])

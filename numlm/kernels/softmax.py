@@ -66,20 +66,23 @@ def masked_softmax_kernel(s, scale, codes, lowest, fill, ends):
 
 @adaptive
 @njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
-def masked_softmax_backward_kernel(dp, p, scale, codes, ends):
+def masked_softmax_backward_kernel(dp, p, pd, dropped, scale, codes, ends):
     """ds = p (dp - sum_j dp_j p_j) scale where allowed, else 0 (masked and future scores are constants),
-    per row of (B, H, Tq, Tk), in place on dp; over masked_softmax_kernel's keys (ends), 0 after them"""
+    per row of (B, H, Tq, Tk), in place on dp; over masked_softmax_kernel's keys (ends), 0 after them.
+    dropped: dp is the gradient of pd = dropout(p), and ds = pd dp - p sum_j pd_j dp_j (ops.attention's
+    dropout_softmax_backward); else pd is p, unread."""
     B, H, Tq, Tk = dp.shape
     Bc, Hc, Be = codes.shape[0], codes.shape[1], ends.shape[0]
     for r in prange(B * H * Tq):
         b, h, i = r // (H * Tq), (r // Tq) % H, r % Tq
         c, d, y = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i], dp[b, h, i], p[b, h, i]
+        yd = pd[b, h, i]
         n = ends[b if Be > 1 else 0, i]
         t = 0.0
         for j in range(n):
-            t += d[j] * y[j]
+            t += d[j] * yd[j]
         for j in range(n):
-            d[j] = y[j] * (d[j] - t)  # rounded to d's dtype, then scaled
+            d[j] = yd[j] * d[j] - y[j] * t if dropped else y[j] * (d[j] - t)  # rounded to d's dtype, then scaled
             d[j] = d[j] * scale if c[j] == 1 else 0
         d[n:] = 0
     return dp

@@ -21,7 +21,7 @@ from .. import kernels
 from ..kernels.matmul import mm, mm_pair  # a @ b, the B*H products split across the cores
 from ..kernels.matmul import mm_visible, mm_from_visible, mm_t_from_visible
 from ..kernels.softmax import masked_softmax_kernel, masked_softmax_backward_kernel, attention_rows_kernel
-from .activations import dropout_forward, dropout_backward
+from .activations import dropout_forward
 from .softmax import softmax_forward, softmax_backward
 
 # mask codes per (query, key): 1 allowed, 0 masked (finfo.min), 2 future key in OpenAI style (-1e4)
@@ -38,7 +38,7 @@ class AttentionCache(NamedTuple):
     k: np.ndarray          # (B, H, Tk, D)
     v: np.ndarray          # (B, H, Tk, D)
     probs: np.ndarray      # (B, H, Tq, Tk) softmax probabilities, before dropout
-    keep: np.ndarray       # (B, H, Tq, Tk) dropout keep mask scaled by 1/(1-p), or None
+    dropped: np.ndarray    # (B, H, Tq, Tk) the probabilities after dropout, or None (no dropout)
     codes: np.ndarray      # (B|1, H|1, Tq, Tk) int8 mask codes, or None
     scale: float
     blocks: list = None    # visible_forward's query blocks [(i0, i1, j1)] (or per batch row), or None
@@ -153,7 +153,7 @@ def attention_forward(q, k, v, attention_mask=None, causal=False, scale=None, ca
         p, _ = softmax_forward(s)  # (B, H, Tq, Tk)
     pd, keep = dropout_forward(p, dropout_p, rng)
     out = mm(pd, v, out=out)  # (B, H, Tq, D)
-    return out, AttentionCache(q, k, v, p, keep, codes, scale)
+    return out, AttentionCache(q, k, v, p, None if keep is None else pd, codes, scale)
 
 
 def rows_buffer(x):
@@ -173,23 +173,29 @@ def attention_backward(dout, cache, out=(None, None, None)):
     no copy into it after)"""
     if cache.blocks is not None:
         return visible_backward(dout, cache, out)
-    q, k, v, p, keep = cache.q, cache.k, cache.v, cache.probs, cache.keep
-    pd = p if keep is None else p * keep  # the forward's pd, recomputed rather than cached
+    q, k, v, p = cache.q, cache.k, cache.v, cache.probs
+    pd = p if cache.dropped is None else cache.dropped
     # out = pd @ v
     dv, dpd = mm_pair(pd.swapaxes(-1, -2), dout, dout, v.swapaxes(-1, -2), out=(out[2], None))  # dv (B, H, Tk, D)
-    # pd, keep = dropout_forward(p, dropout_p, rng)
-    dp = dropout_backward(dpd, keep)
-    if kernels.enabled:  # the four lines below in one kernel, one pass over the scores, in place on dp (ours)
+    if kernels.enabled:  # the two steps below in one kernel, one pass over the scores, in place on dpd (ours)
         codes = mask_codes(cache.codes, *p.shape[2:])
-        dscores = masked_softmax_backward_kernel(dp, p, p.dtype.type(cache.scale), codes, all_keys(*p.shape[2:]))
+        dscores = masked_softmax_backward_kernel(dpd, p, pd, cache.dropped is not None, p.dtype.type(cache.scale),
+                                                 codes, all_keys(*p.shape[2:]))
     else:
-        # p, _ = softmax_forward(s)
-        ds = softmax_backward(dp, p)
+        # pd, keep = dropout_forward(p, dropout_p, rng), after p, _ = softmax_forward(s)
+        ds = softmax_backward(dpd, p) if cache.dropped is None else dropout_softmax_backward(dpd, p, pd)
         # s = scale_mask(q @ k^T, scale, codes, lowest, fill): masked scores are constants, so 0
         dscores = scale_mask(ds, cache.scale, cache.codes, 0, 0)
     # q @ k^T
     dq, dk = mm_pair(dscores, k, dscores.swapaxes(-1, -2), q, out=out[:2])  # (B, H, Tq, D), (B, H, Tk, D)
     return dq, dk, dv
+
+
+def dropout_softmax_backward(dpd, p, pd):
+    """p = softmax(s), then pd = p * keep (dropout):  ds = p (keep dpd - sum(keep dpd p))
+    = pd dpd - p sum(pd dpd), so the backward reads p and pd and no mask"""
+    g = pd * dpd
+    return g - p * g.sum(axis=-1, keepdims=True)
 
 
 def causal_blocks(Tq, Tk, codes):
@@ -231,22 +237,22 @@ def visible_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks, ends,
     p = masked_softmax_kernel(s, dt(scale), mask_codes(codes, *s.shape[2:]), dt(lowest), dt(lowest), ends)
     pd, keep = dropout_forward(p, dropout_p, rng)
     out = mm_from_visible(pd, v, blocks, out=out)  # (B, H, Tq, D)
-    return out, AttentionCache(q, k, v, p, keep, codes, scale, blocks, ends)
+    return out, AttentionCache(q, k, v, p, None if keep is None else pd, codes, scale, blocks, ends)
 
 
 def visible_backward(dout, cache, out):
     """attention_backward for visible_forward's blocks, dq, dk, dv written into out's arrays where given"""
-    q, k, v, p, keep, blocks = cache.q, cache.k, cache.v, cache.probs, cache.keep, cache.blocks
+    q, k, v, p, blocks = cache.q, cache.k, cache.v, cache.probs, cache.blocks
     dq, dk, dv = out
-    pd = p if keep is None else p * keep
+    pd = p if cache.dropped is None else cache.dropped
     # out = pd @ v
     dv = mm_t_from_visible(pd, dout, blocks, out=dv)  # (B, H, Tk, D)
-    dpd = mm_visible(dout, v.swapaxes(-1, -2), blocks, zero=keep is not None)  # (B, H, Tq, Tk), skipped 0 or unwritten
-    # pd, keep = dropout_forward(p, dropout_p, rng)
-    dp = dropout_backward(dpd, keep)
-    # p = softmax(scale_mask(s, ...)): masked and future scores are constants, so 0; in place on dp (ours)
+    dpd = mm_visible(dout, v.swapaxes(-1, -2), blocks, zero=False)  # (B, H, Tq, Tk), the skipped unwritten
+    # pd, keep = dropout_forward(p, dropout_p, rng), after p = softmax(scale_mask(s, ...)): masked and
+    # future scores are constants, so 0; in place on dpd (ours)
     codes = mask_codes(cache.codes, *p.shape[2:])
-    dscores = masked_softmax_backward_kernel(dp, p, p.dtype.type(cache.scale), codes, cache.ends)
+    dscores = masked_softmax_backward_kernel(dpd, p, pd, cache.dropped is not None, p.dtype.type(cache.scale),
+                                             codes, cache.ends)
     dq = mm_from_visible(dscores, k, blocks, out=dq)  # (B, H, Tq, D)
     dk = mm_t_from_visible(dscores, q, blocks, out=dk)  # (B, H, Tk, D)
     return dq, dk, dv
