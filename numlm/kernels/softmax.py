@@ -76,7 +76,7 @@ def masked_softmax_backward_kernel(dp, p, pd, dropped, scale, codes, ends):
     for r in prange(B * H * Tq):
         b, h, i = r // (H * Tq), (r // Tq) % H, r % Tq
         c, d, y = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i], dp[b, h, i], p[b, h, i]
-        yd = pd[b, h, i]
+        yd = pd[b, h, i]  # apart: with four views in the tuple above numba's parfors dropped d[n:] = 0
         n = ends[b if Be > 1 else 0, i]
         t = 0.0
         for j in range(n):
