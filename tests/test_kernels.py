@@ -495,6 +495,13 @@ def test_causal_masked_softmax_kernels_give_the_full_rows_numbers(seed, B, H, Tq
     ds = scale_mask(softmax_backward_rows(dp.reshape(-1, Tk), want.reshape(-1, Tk)).reshape(s.shape), 0.7, codes, 0, 0)
     dp[..., future] = np.nan
     assert_close(masked_softmax_backward_kernel(dp.copy(), want, want, False, dt(0.7), codes, ends), ds, dtype)
+    keep = (rng.random(s.shape) >= 0.25) / dt(0.75)  # after dropout: dp * keep, then softmax's backward
+    dp_kept = np.where(future, 0, dp * keep).astype(dt)
+    ds = scale_mask(softmax_backward_rows(dp_kept.reshape(-1, Tk), want.reshape(-1, Tk)).reshape(s.shape), 0.7,
+                    codes, 0, 0)
+    got = masked_softmax_backward_kernel(dp.copy(), want, (want * keep).astype(dt), True, dt(0.7), codes, ends)
+    assert_close(got, ds, dtype)
+    assert (got[..., future] == 0).all()
 
 
 @pytest.mark.parametrize("kind", ["causal", "kv_cache", "right_pad", "padding"])

@@ -70,7 +70,7 @@ def masked_softmax_backward_kernel(dp, p, pd, dropped, scale, codes, ends):
     """ds = p (dp - sum_j dp_j p_j) scale where allowed, else 0 (masked and future scores are constants),
     per row of (B, H, Tq, Tk), in place on dp; over masked_softmax_kernel's keys (ends), 0 after them.
     dropped: dp is the gradient of pd = dropout(p), and ds = pd dp - p sum_j pd_j dp_j (ops.attention's
-    dropout_softmax_backward); else pd is p, unread."""
+    dropout_softmax_backward); else pd must be p."""
     B, H, Tq, Tk = dp.shape
     Bc, Hc, Be = codes.shape[0], codes.shape[1], ends.shape[0]
     for r in prange(B * H * Tq):

@@ -193,7 +193,8 @@ def attention_backward(dout, cache, out=(None, None, None)):
 
 def dropout_softmax_backward(dpd, p, pd):
     """p = softmax(s), then pd = p * keep (dropout):  ds = p (keep dpd - sum(keep dpd p))
-    = pd dpd - p sum(pd dpd), so the backward reads p and pd and no mask"""
+    = pd dpd - p sum(pd dpd), so the backward reads p and pd and no mask.
+    dpd, p, pd: (B, H, Tq, Tk) -> ds (B, H, Tq, Tk), sums over the keys"""
     g = pd * dpd
     return g - p * g.sum(axis=-1, keepdims=True)
 
