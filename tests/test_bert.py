@@ -13,6 +13,7 @@ import numlm
 from numlm import (BertConfig, BertModel, BertForPreTraining, BertForMaskedLM, BertForNextSentencePrediction,
                    BertForSequenceClassification, BertForTokenClassification, BertForQuestionAnswering)
 from numlm.gradchecking import Uninformative
+from numlm.models.bert import real_rows as REAL_ROWS
 from numlm.kernels import set_numba
 from numlm.nn import Module
 
@@ -119,6 +120,84 @@ def test_skip_padding_with_lora_and_frozen_layers():
         scale = max(np.abs(g).max() for g in ga.values())  # key biases' exact gradient is 0: rounding noise
         for k in ga:
             assert np.abs(gb[k] - ga[k]).max() <= 1e-12 * scale, (adapt, k)
+
+
+def spy_real_rows(monkeypatch, off=False):
+    """real_rows' answers during a test (off: always None, the full backward)"""
+    import numlm.models.bert as bert
+    answers = []
+    monkeypatch.setattr(bert, "real_rows", lambda *a: answers.append(None if off else REAL_ROWS(*a)) or answers[-1])
+    return answers
+
+
+def test_backward_on_real_rows_matches_transformers(numba_mode, monkeypatch):
+    """A padded batch whose loss reads real tokens only: the backward runs on their rows alone, and
+    every gradient still matches transformers'; a second backward of the same forward too"""
+    ref = np.load(SEQCLS / "reference.npz", allow_pickle=False)
+    model = numlm.from_pretrained(SEQCLS, dtype="float64")
+    answers = spy_real_rows(monkeypatch)
+    model(ref["input_ids"], **fixture_inputs(ref))
+    scale = max(np.abs(ref[f"grad/{k}"]).max() for k in model.gradients())
+    for _ in range(2):
+        model.zero_grad()
+        model.backward()
+        assert len(answers[-1][0]) == ref["attention_mask"].sum() < ref["attention_mask"].size
+        for k, g in model.gradients().items():
+            assert np.abs(g - ref[f"grad/{k}"]).max() < 1e-10 * scale, k
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", ["dropout", "frozen", "mlm"])
+def test_backward_on_real_rows_equals_the_full_backward(dtype, case, monkeypatch):
+    """With dropout, with the lower layers frozen, and for MLM labels on real tokens only: the gradients
+    of the backward on the real rows equal the full (B, T) backward's to rounding"""
+    cfg = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=16, hidden_dropout_prob=0.1,
+                     attention_probs_dropout_prob=0.1)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(1, 40, (4, 12))
+    mask = (np.arange(12) < rng.integers(2, 13, 4)[:, None]).astype(np.int64)
+    mask[0] = 1
+    labels = rng.integers(0, 2, 4) if case != "mlm" else np.where(mask & (rng.random((4, 12)) < 0.5), ids, -100)
+    got = []
+    for off in (True, False):
+        model = (BertForMaskedLM if case == "mlm" else BertForSequenceClassification)(cfg, seed=1, dtype=dtype)
+        if case == "frozen":
+            model.freeze([n for n in model.parameters() if ".layer.0." in n or "embeddings" in n])
+        answers = spy_real_rows(monkeypatch, off)
+        model.train()(ids, attention_mask=mask, labels=labels)
+        model.backward()
+        got.append(model.grad_arrays())
+    assert answers[-1] is not None and len(answers[-1][0]) == mask.sum()
+    (full, rows) = got
+    scale = max(np.abs(g).max() for g in full.values())
+    for k in full:
+        assert np.abs(rows[k] - full[k]).max() <= (1e-12 if dtype == "float64" else 1e-5) * scale, (case, k)
+
+
+def test_backward_on_all_rows_where_padding_has_a_gradient(monkeypatch):
+    """The full backward where a padding row's gradient is not 0 (a [CLS] at a padding position, a
+    gradient handed in), under modules of peft's, and where padding is under a tenth of the tokens"""
+    from numlm import peft
+    ref = np.load(SEQCLS / "reference.npz", allow_pickle=False)
+    ids, mask = ref["input_ids"], ref["attention_mask"]
+    answers = spy_real_rows(monkeypatch)
+    model = numlm.from_pretrained(SEQCLS, dtype="float64")
+    left = mask[:, ::-1].copy()  # left padding: the pooler reads a padding row
+    model(ids, attention_mask=left, labels=ref["labels"])
+    model.backward()
+    bert = BertModel(model.config, dtype="float64")
+    h = bert(ids, attention_mask=mask).last_hidden_state
+    bert.backward(np.ones_like(h))
+    lora = peft.get_peft_model(numlm.from_pretrained(SEQCLS, dtype="float64"),
+                               peft.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    lora(ids, attention_mask=mask, labels=ref["labels"])
+    lora.backward()
+    few = np.ones((3, 11), np.int64)
+    few[0, -1] = 0  # 1 padding token in 33
+    model(ids, attention_mask=few, labels=ref["labels"])
+    model.backward()
+    assert not left[:, 0].all() and len(answers) == 4 and all(a is None for a in answers)
 
 
 def test_tied_gradients_are_total():

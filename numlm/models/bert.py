@@ -35,6 +35,7 @@ from ..nn import Module, ModuleList, Linear, Embedding, LayerNorm, Dropout, Acti
 from ..nn import lowest_needing_backward, OPS
 from ..ops import (cross_entropy_forward, cross_entropy_backward,
                    attention_allowed, IGNORE_INDEX)
+from ..ops.attention import MASKED  # a mask code: the key is hidden from the query
 from ..kernels.matmul import mm_pair  # (a @ b, c @ d), one core each unless NUMLM_NUMBA=0
 from .config import BertConfig
 from .pretrained import (ModelOutput, PreTrainedModel, register, bert_inputs, labels_like, as_ids, no_loss,
@@ -160,6 +161,31 @@ class BertLayer(Module):
             dq, dk, dv = sa.core.backward(dctx)
         return dx + sa.query.backward(dq) + sa.key.backward(dk) + sa.value.backward(dv)
 
+    def backward_on_rows(self, dy, rows, B, T):
+        """backward of a forward on all B * T tokens for dy (N, C) of `rows` of them alone: the modules'
+        caches cut to those rows (the attention's kept whole) for the packed path, put back after"""
+        sa, ao, it, out = self.attention.self, self.attention.output, self.intermediate, self.output
+        act, norms = it.intermediate_act_fn, (ao.LayerNorm, out.LayerNorm)
+        linears = (sa.query, ao.dense, it.dense, out.dense)  # sa.query's holds the [q | k | v] product's x
+        saved = [(m, m.cache) for m in (self, act, ao.dropout, out.dropout) + linears + norms]
+        try:  # each cached (..., C) array as (B * T, C) tokens, `rows` of them
+            for m in linears:  # (x, w, has_bias), joined
+                (x, w, has_bias), joined = m.cache
+                m.cache = ((x.reshape(-1, x.shape[-1])[rows], w, has_bias), joined)
+            for m in norms:  # xhat, rstd, gamma
+                xhat, rstd, gamma = m.cache
+                m.cache = (xhat.reshape(-1, xhat.shape[-1])[rows], rstd.reshape(-1)[rows], gamma)
+            for m in (ao.dropout, out.dropout):  # the scaled mask, or None
+                m.cache = None if m.cache is None else m.cache.reshape(-1, m.cache.shape[-1])[rows]
+            x = act.cache[0] if isinstance(act.cache, tuple) else act.cache  # x (and a flag), or an array like x
+            x = x.reshape(-1, x.shape[-1])[rows]
+            act.cache = (x, act.cache[1]) if isinstance(act.cache, tuple) else x
+            self.cache = (True, (rows, B, T))
+            return self.backward(dy)
+        finally:
+            for m, cache in saved:
+                m.cache = cache
+
 
 def unpack_rows(y, rows, B, T):
     """y (N, K), rows N of B * T -> (B, T, K): y's rows in place, zeros elsewhere"""
@@ -175,6 +201,30 @@ class EncodeCache(NamedTuple):
     shape: tuple        # h's (B, T, C)
     dtype: object
     packed: tuple       # (rows, B, T) when the layers ran on the real tokens only, else None
+
+
+def real_rows(layers, c, d):
+    """(rows, B, T) of the real tokens when the layers' backward may run on them alone, else None.
+    Real: a key some query may see (the mask codes every layer's attention read). Exact when d's other
+    rows are 0: they stay 0 down every layer (no query sees their keys, and their queries' outputs
+    have no gradient), so their products only add zeros. Taken when a tenth of the tokens or more are
+    padding (below that, cutting the caches costs about what it saves); not with a past, nor with
+    modules other than numlm's own (BertLayer.backward_on_rows cuts their caches)."""
+    own = (Linear,) * 6 + (LayerNorm,) * 2 + (Dropout,) * 2 + (Activation, Attention)
+    for layer in layers:  # numlm's own modules, no adapter, and one [q | k | v] product on all tokens
+        sa, ao, it, out = layer.attention.self, layer.attention.output, layer.intermediate, layer.output
+        mods = (sa.query, sa.key, sa.value, ao.dense, it.dense, out.dense, ao.LayerNorm, out.LayerNorm,
+                ao.dropout, out.dropout, it.intermediate_act_fn, sa.core)
+        if (tuple(type(m) for m in mods) != own or ao.adapters is not None or out.adapters is not None
+                or layer.cache is None or layer.cache[0] is not True or layer.cache[1] is not None):
+            return None
+    codes = layers[0].attention.self.core.cache.codes  # (B|1, H|1, T, T) int8, or None
+    if codes is None or codes.shape[0] == 1 or c.past is not None:
+        return None
+    real = (codes != MASKED).any(axis=(1, 2)).reshape(-1)
+    if 10 * real.sum() > 9 * real.size or d.reshape(-1, c.shape[-1])[~real].any():
+        return None
+    return np.flatnonzero(real), *c.shape[:2]
 
 
 class BertEncoder(Module):
@@ -253,12 +303,13 @@ class BertModel(PreTrainedModel):
             d[:, 0] += self.pooler.dense.backward(self.pooler.activation.backward(dpooled))
         # h_l = layer_l(h_{l-1}), down to the lowest layer that has a gradient to compute
         lo = lowest_needing_backward(e, c.embeds, layers, c.past)
-        if c.packed is not None and lo < len(layers):
-            d = d.reshape(-1, c.shape[-1])[c.packed[0]]
+        packed = c.packed if c.packed is not None or lo == len(layers) else real_rows(layers[lo:], c, d)
+        if packed is not None and lo < len(layers):  # the real tokens' rows alone
+            d = d.reshape(-1, c.shape[-1])[packed[0]]
         for layer in reversed(layers[lo:]):
-            d = layer.backward(d)
-        if c.packed is not None and lo < len(layers):
-            d = unpack_rows(d, *c.packed)
+            d = layer.backward(d) if packed is c.packed else layer.backward_on_rows(d, *packed)
+        if packed is not None and lo < len(layers):
+            d = unpack_rows(d, *packed)
         self.past_grads = None if c.past is None else tuple(
             layer.attention.self.core.dpast if i >= lo else None for i, layer in enumerate(layers))
         e.inputs_embeds_grad = None
