@@ -177,9 +177,9 @@ class BertLayer(Module):
                 m.cache = (xhat.reshape(-1, xhat.shape[-1])[rows], rstd.reshape(-1)[rows], gamma)
             for m in (ao.dropout, out.dropout):  # the scaled mask, or None
                 m.cache = None if m.cache is None else m.cache.reshape(-1, m.cache.shape[-1])[rows]
-            x = act.cache[0] if isinstance(act.cache, tuple) else act.cache  # x (and a flag), or an array like x
-            x = x.reshape(-1, x.shape[-1])[rows]
-            act.cache = (x, act.cache[1]) if isinstance(act.cache, tuple) else x
+            c = act.cache if isinstance(act.cache, tuple) else (act.cache,)  # arrays like x (x, y, x > 0), flags
+            c = tuple(a.reshape(-1, a.shape[-1])[rows] if isinstance(a, np.ndarray) else a for a in c)
+            act.cache = c if isinstance(act.cache, tuple) else c[0]
             self.cache = (True, (rows, B, T))
             return self.backward(dy)
         finally:
