@@ -519,11 +519,11 @@ def _block_into(x, y, o):
 # Any array may be a strided view (heads split from (B, T, C) without a copy): BLAS reads each (T, D)
 # matrix with its row stride, and an out given is written in place (merged heads).
 
-def mm_visible(a, b, blocks, zero=True):
-    """a @ b on each block's rows i0..i1 and keys 0..j1, 0 beyond j1 (left unwritten unless zero).
-    a (B, H, Tq, K), b (B, H, K, Tk)"""
+def mm_visible(a, b, blocks):
+    """a @ b on each block's rows i0..i1 and keys 0..j1, left unwritten beyond j1 (the softmax kernels
+    read each row up to its end only).   a (B, H, Tq, K), b (B, H, K, Tk)"""
     out = np.empty(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
-    _over_stack(_visible_zero if zero else _visible, (a, b, out), blocks, work=a.size * b.shape[-1])
+    _over_stack(_visible, (a, b, out), blocks, work=a.size * b.shape[-1])
     return out
 
 
@@ -543,13 +543,6 @@ def _visible(a, b, out, blocks):
     for (a, b, out), row in _per_row((a, b, out), blocks):
         for i0, i1, j1 in row:
             np.matmul(a[..., i0:i1, :], b[..., :j1], out=out[..., i0:i1, :j1])
-
-
-def _visible_zero(a, b, out, blocks):
-    _visible(a, b, out, blocks)
-    for (out,), row in _per_row((out,), blocks):
-        for i0, i1, j1 in row:
-            out[..., i0:i1, j1:] = 0
 
 
 def mm_from_visible(m, b, blocks, out=None):

@@ -218,7 +218,7 @@ def real_rows(layers, c, d):
         if (tuple(type(m) for m in mods) != own or ao.adapters is not None or out.adapters is not None
                 or layer.cache is None or layer.cache[0] is not True or layer.cache[1] is not None):
             return None
-    codes = layers[0].attention.self.core.cache.codes  # (B|1, H|1, T, T) int8, or None
+    codes = layers[0].attention.self.core.cache.codes  # (B|1, H|1, T, T) int8, or None (read once the types are ours)
     if codes is None or codes.shape[0] == 1 or c.past is not None:
         return None
     real = (codes != MASKED).any(axis=(1, 2)).reshape(-1)

@@ -233,7 +233,7 @@ def visible_forward(q, k, v, codes, scale, lowest, dropout_p, rng, blocks, ends,
     over the keys its queries see, the softmax too (each row its ends): the skipped probabilities are
     exactly 0, as the full path's finfo.min scores give."""
     dt = q.dtype.type
-    s = mm_visible(q, k.swapaxes(-1, -2), blocks, zero=False)  # (B, H, Tq, Tk), the skipped unwritten
+    s = mm_visible(q, k.swapaxes(-1, -2), blocks)  # (B, H, Tq, Tk), the skipped unwritten
     # p = softmax(scale_mask(s, scale, codes, lowest, lowest)) over the keys each query sees, 0 after them
     p = masked_softmax_kernel(s, dt(scale), mask_codes(codes, *s.shape[2:]), dt(lowest), dt(lowest), ends)
     pd, keep = dropout_forward(p, dropout_p, rng)
@@ -248,7 +248,7 @@ def visible_backward(dout, cache, out):
     pd = p if cache.dropped is None else cache.dropped
     # out = pd @ v
     dv = mm_t_from_visible(pd, dout, blocks, out=dv)  # (B, H, Tk, D)
-    dpd = mm_visible(dout, v.swapaxes(-1, -2), blocks, zero=False)  # (B, H, Tq, Tk), the skipped unwritten
+    dpd = mm_visible(dout, v.swapaxes(-1, -2), blocks)  # (B, H, Tq, Tk), the skipped unwritten
     # pd, keep = dropout_forward(p, dropout_p, rng), after p = softmax(scale_mask(s, ...)): masked and
     # future scores are constants, so 0; in place on dpd (ours)
     codes = mask_codes(cache.codes, *p.shape[2:])
