@@ -133,6 +133,8 @@ def _step(model, ids, mask, pos, past, use_cache, keep):
     with no_grad():  # no caches for a backward: one layer's activations at a time
         out = model(**kw, use_cache=use_cache, **keep)
     logits = np.asarray(out.logits)[:, -1, :].astype(np.float32, copy=False)  # (B, V)
+    if np.isnan(logits).any():  # argmax and sampling would read NaN as token 0
+        raise ValueError("the model's next-token logits hold NaN (NaN or inf weights?): nothing to choose from")
     return logits, (out.past_key_values if use_cache else None)
 
 
@@ -237,8 +239,10 @@ def _check_options(num_beams, num_return_sequences, do_sample, early_stopping, s
     if num_beams == 1 and not do_sample and num_return_sequences > 1:
         raise ValueError(f"greedy search returns one sequence per prompt; num_return_sequences="
                          f"{num_return_sequences} needs do_sample=True or num_beams >= num_return_sequences")
-    if early_stopping not in (True, False, "never"):
+    if not (isinstance(early_stopping, (bool, np.bool_)) or early_stopping in ("never",)):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    if streamer is not None and not callable(getattr(streamer, "put", streamer)):
+        raise ValueError(f"streamer must be a callable or have put(tokens), got {type(streamer).__name__}")
     if streamer is not None and num_beams > 1:
         raise ValueError("streamer is not supported with beam search (num_beams > 1): beams change until the end")
 
@@ -332,6 +336,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
         raise ValueError(f"input_ids must lie in [0, {V}), got range [{ids.min()}, {ids.max()}]")
 
     _check_options(num_beams, num_return_sequences, do_sample, early_stopping, streamer)
+    early_stopping = early_stopping if isinstance(early_stopping, str) else bool(early_stopping)  # np.True_ too
     virtual = getattr(getattr(model, "peft_config", None), "num_virtual_tokens", None) or 0
     max_length = _max_length(max_new_tokens, max_length, T0, config, virtual)
     if max_length <= T0:
@@ -398,7 +403,10 @@ def _sample(model, ids, mask, max_length, eos, pad, use_cache, do_sample, temper
         s = process_logits(logits, seqs[:, :cur], do_sample, temperature, top_k, top_p, penalty)
         scores.append(s)
         if do_sample:
-            tokens = sample_tokens(softmax(s), rng)
+            probs = softmax(s)
+            if np.isnan(probs).any():
+                raise ValueError(f"temperature={temperature} overflows the scores: sampling needs finite probabilities")
+            tokens = sample_tokens(probs, rng)
         else:
             tokens = np.argmax(s, axis=-1)
         tokens = np.where(unfinished, tokens, pad)                  # (B,)

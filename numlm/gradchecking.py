@@ -162,6 +162,8 @@ def _bind(fn, inputs):
             if v.dtype != np.float64:
                 raise ValueError(f"gradcheck needs float64 inputs; {names[i]} is {v.dtype}")
             values[i] = np.ascontiguousarray(v)
+            if any(isinstance(u, np.ndarray) and np.may_share_memory(values[i], u) for u in values[:i]):
+                values[i] = values[i].copy()  # x passed as q, k and v: each input perturbed alone
     return names, values, isinstance(inputs, dict)
 
 

@@ -640,8 +640,15 @@ def test_adapter_not_fitting_the_base_model(tmp_path):
     with pytest.raises(ValueError, match=r"transformer.h.0.attn.c_attn.lora_A.weight' has shape \(4, 32\), but the "
                                          r"base model needs \(4, 12\)"):
         peft.PeftModel.from_pretrained(tiny("gpt2"), PEFT / "lora-gpt2-tiny" / "adapter")
-    with pytest.raises(ValueError, match="prompt_embeddings' has shape \\(5, 32\\), but the base model needs \\(5, 12\\)"):
+    with pytest.raises(ValueError, match=r"PROMPT_TUNING config does not fit GPT2LMHeadModel: token_dim 32 \(the "
+                                         r"model's 12\), num_attention_heads 4 \(the model's 3\)"):
         peft.PeftModel.from_pretrained(tiny("gpt2"), PEFT / "prompt-gpt2-tiny" / "adapter")
+    # a prefix over the same number of numbers, L * 2 * C, but another shape (the table's width alone fits)
+    tall = numlm.GPT2LMHeadModel(numlm.GPT2Config(vocab_size=99, n_positions=64, n_embd=64, n_layer=1, n_head=4))
+    with pytest.raises(ValueError, match=r"PREFIX_TUNING config does not fit GPT2LMHeadModel: token_dim 32 \(the "
+                                         r"model's 64\), num_layers 2 \(the model's 1\)"):
+        peft.PeftModel.from_pretrained(tall, PEFT / "prefix-gpt2-tiny" / "adapter")
+    assert len(tall.trainable_parameters()) == len(tall.parameters())  # refused before anything froze
     with pytest.raises(ValueError, match="an adapter for model type 'bert', the base model is 'gpt2'"):
         peft.PeftModel.from_pretrained(tiny("gpt2"), PEFT / "adapter-bert-tiny-seqcls" / "adapter")
 

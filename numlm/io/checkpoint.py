@@ -97,10 +97,18 @@ def _atomic_write(path, write):
         raise
 
 
+def config_text(cfg):
+    """config.json's text; a value JSON cannot hold is a ValueError, before anything is written"""
+    try:
+        return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the config cannot be written as JSON: {e}") from None
+
+
 def write_config(cfg, path):
     path = Path(path)
+    text = config_text(cfg)
     path.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
     _atomic_write(path / CONFIG, lambda t: Path(t).write_text(text))
 
 
@@ -137,14 +145,17 @@ def load_safetensors(path):
 
 def save_safetensors(state, path, max_shard_bytes=None):
     """Write {key: array} as model.safetensors, or as shards plus an index when larger than max_shard_bytes."""
-    d = Path(path)
+    if max_shard_bytes is not None and (not isinstance(max_shard_bytes, (int, np.integer))
+                                        or isinstance(max_shard_bytes, bool) or max_shard_bytes < 1):
+        raise ValueError(f"max_shard_bytes must be a positive int (bytes) or None, got {max_shard_bytes!r}")
+    d = check_folder_path(path, "save")
     d.mkdir(parents=True, exist_ok=True)
     state = {k: np.ascontiguousarray(v) for k, v in state.items()}
     meta = {"format": "pt"}  # transformers expects this marker
     total = sum(v.nbytes for v in state.values())
     if max_shard_bytes is None or total <= max_shard_bytes:
         _atomic_write(d / WEIGHTS, lambda t: save_file(state, t, metadata=meta))
-        return
+        return _drop_other_weights(d, {WEIGHTS})
     shards, cur, size = [], {}, 0
     for k, v in state.items():
         if cur and size + v.nbytes > max_shard_bytes:
@@ -160,3 +171,12 @@ def save_safetensors(state, path, max_shard_bytes=None):
         weight_map.update({k: name for k in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     _atomic_write(d / INDEX, lambda t: Path(t).write_text(json.dumps(index, indent=2) + "\n"))
+    _drop_other_weights(d, {INDEX, *weight_map.values()})
+
+
+def _drop_other_weights(d, written):
+    """Remove an earlier save's weights in the other layout (the loader would read model.safetensors
+    before an index) or its shards the new save does not list, once the new files are in place."""
+    for f in [d / WEIGHTS, d / INDEX, *d.glob("model-*-of-*.safetensors")]:
+        if f.name not in written and f.is_file():
+            f.unlink()

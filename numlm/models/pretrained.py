@@ -2,6 +2,7 @@
 the input checks every forward runs once at its entry, transformers' loss selection for sequence
 classification, state dicts and gradients under transformers' keys and layouts (tied aliases
 included), loading and saving checkpoints, transformers' initialisation, and the dropout generator."""
+import dataclasses
 import re
 import warnings
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..io import read_config, write_config, load_safetensors, save_safetensors
+from ..io import read_config, config_text, write_config, load_safetensors, save_safetensors
 from ..io.hub import resolve as resolve_model  # a folder, or a Hub name through the Hugging Face cache
 from ..nn import Module, Linear, Embedding, LayerNorm
 from ..ops import (cross_entropy_forward, cross_entropy_backward, mse_forward, mse_backward,
@@ -48,7 +49,10 @@ class ModelOutput(dict):
 
 
 def parse_dtype(dtype):
-    dt = np.dtype(dtype)
+    try:
+        dt = None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        dt = None
     if dt not in (np.float32, np.float64):
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
     return dt
@@ -155,7 +159,7 @@ class PreTrainedModel(Module):
         if strict and (missing or unexpected):
             raise ValueError(f"state dict does not match {type(self).__name__}: missing keys {missing}, "
                              f"unexpected keys {unexpected}")
-        bad = []
+        given, bad = [], []
         for key, (m, k, t) in slots.items():
             a = state.get(key)
             if a is None:
@@ -166,10 +170,11 @@ class PreTrainedModel(Module):
             want = m.params[k].shape[::-1] if t else m.params[k].shape
             if a.shape != want:
                 bad.append(f"{key}: expected {want}, got {a.shape}")
-                continue
-            m.params[k][...] = a.T if t else a
-        if bad:
+            given.append((m, k, a.T if t else a))
+        if bad:  # before any tensor is copied: a refused state dict leaves the model as it was
             raise ValueError("checkpoint tensors with the wrong shape: " + "; ".join(bad))
+        for m, k, a in given:
+            m.params[k][...] = a
         return missing, unexpected
 
     def _alias_for(self, key, state):
@@ -182,6 +187,11 @@ class PreTrainedModel(Module):
     # ---- checkpoints --------------------------------------------------------------------------
     @classmethod
     def from_config_dict(cls, cfg, **overrides):
+        """The config of a config.json's dict, overrides naming its fields or the file's own keys"""
+        fields = {f.name for f in dataclasses.fields(cls.config_class)} - {"extra"}
+        if unknown := sorted(k for k in overrides if k not in fields and k not in cfg):
+            raise ValueError(f"unknown argument(s) {unknown}: neither a {cls.config_class.__name__} field nor "
+                             "a key of config.json" + (" (numlm's is dtype=)" if "torch_dtype" in unknown else ""))
         return cls.config_class.from_dict({**cfg, **overrides})
 
     @classmethod
@@ -241,6 +251,7 @@ class PreTrainedModel(Module):
         cfg = self.config.to_dict()
         cfg["architectures"] = [type(self).__name__]
         cfg["dtype"] = str(self.dtype)
+        config_text(cfg)  # a config JSON cannot hold is refused before the weights are written
         save_safetensors(state, path, max_shard_bytes)
         write_config(cfg, path)
 
@@ -518,27 +529,26 @@ def problem_type_loss(config, logits, labels):
     logits: (B, K) -> loss, (its backward function, its cache): backward(dloss, cache) = d logits"""
     B, K = logits.shape
     labels = np.asarray(labels)
-    if config.problem_type is None:
-        config.problem_type = ("regression" if K == 1 else "single_label_classification"
-                               if labels.dtype.kind in "iu" else "multi_label_classification")
-    kind = config.problem_type
+    kind = config.problem_type or ("regression" if K == 1 else "single_label_classification"
+                                   if labels.dtype.kind in "iu" else "multi_label_classification")
     if kind == "single_label_classification":
         if labels.dtype.kind in "iu" and labels.shape != (B,):
             raise ValueError(f"labels must have shape {(B,)}, got {labels.shape}")
-        loss, c = cross_entropy_forward(logits, ids_in_range("labels", labels, K, allow=IGNORE_INDEX))
-        return loss, (cross_entropy_backward, c)
-    if labels.dtype.kind not in "iuf":
+        (loss, c), back = cross_entropy_forward(logits, ids_in_range("labels", labels, K, allow=IGNORE_INDEX)), \
+            cross_entropy_backward
+    elif labels.dtype.kind not in "iuf":
         raise ValueError(f"labels must be numeric for {kind}, got dtype {labels.dtype}")
-    y = labels.astype(logits.dtype)
-    if kind == "regression":
-        shapes = ((B,), (B, 1)) if K == 1 else ((B, K),)
+    elif kind == "regression":
+        y, shapes = labels.astype(logits.dtype), ((B,), (B, 1)) if K == 1 else ((B, K),)
         if y.shape not in shapes:
             raise ValueError(f"labels must have shape {' or '.join(map(str, shapes))} for regression, got {y.shape}")
-        loss, c = mse_forward(logits.reshape(B), y.reshape(B)) if K == 1 else mse_forward(logits, y)
-        return loss, (mse_backward, c)
-    if y.shape != (B, K):
-        raise ValueError(f"labels must have shape {(B, K)} for multi_label_classification, got {y.shape}")
-    if ((y < 0) | (y > 1)).any():
-        raise ValueError("labels for multi_label_classification must lie in [0, 1]")
-    loss, c = bce_with_logits_forward(logits, y)
-    return loss, (bce_with_logits_backward, c)
+        (loss, c), back = mse_forward(logits.reshape(B), y.reshape(B)) if K == 1 else mse_forward(logits, y), mse_backward
+    else:
+        y = labels.astype(logits.dtype)
+        if y.shape != (B, K):
+            raise ValueError(f"labels must have shape {(B, K)} for multi_label_classification, got {y.shape}")
+        if ((y < 0) | (y > 1)).any():
+            raise ValueError("labels for multi_label_classification must lie in [0, 1]")
+        (loss, c), back = bce_with_logits_forward(logits, y), bce_with_logits_backward
+    config.problem_type = kind  # set by a forward whose labels fit it, not by one refused
+    return loss, (back, c)

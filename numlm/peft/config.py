@@ -3,6 +3,7 @@ bottleneck configs (SeqBnConfig = Pfeiffer, DoubleSeqBnConfig = Houlsby), with t
 defaults of peft 0.21 and adapters 1.3, read from and written to their adapter_config.json."""
 import dataclasses
 import math
+import re
 from typing import Optional, Union
 
 TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "FEATURE_EXTRACTION")
@@ -77,8 +78,7 @@ class LoraConfig:
         if self.layers_to_transform is not None:
             raise ValueError("layers_to_transform is not supported; adapt every layer or use a regex "
                              "in target_modules")
-        if self.modules_to_save is not None and not isinstance(self.modules_to_save, list):
-            raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        _save_names(self.modules_to_save)
         _task(self.task_type)
 
     @property
@@ -93,6 +93,20 @@ def _module_names(name, v):
         v = sorted(v)
     if v is not None and not isinstance(v, (list, str)):
         raise ValueError(f"{name} must be a list of module names or a regex string, got {type(v).__name__}")
+    if isinstance(v, list) and not all(isinstance(n, str) for n in v):
+        raise ValueError(f"{name} must hold module names (str), got {v!r}")
+    if isinstance(v, str):
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"{name} {v!r} is not a regular expression: {e}") from None
+    return v
+
+
+def _save_names(v):
+    """modules_to_save: None or a list of module names"""
+    if v is not None and not (isinstance(v, list) and all(isinstance(n, str) for n in v)):
+        raise ValueError(f"modules_to_save must be a list of module names, got {v!r}")
     return v
 
 
@@ -120,8 +134,7 @@ class IA3Config:
         if isinstance(t, list) and isinstance(f, list) and not set(f) <= set(t):
             raise ValueError(f"feedforward_modules {sorted(set(f) - set(t))} are not in target_modules {t}: "
                              "peft requires feedforward_modules to be a subset of target_modules")
-        if self.modules_to_save is not None and not isinstance(self.modules_to_save, list):
-            raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        _save_names(self.modules_to_save)
         if self.init_ia3_weights not in (True, False):
             raise ValueError(f"init_ia3_weights must be True or False, got {self.init_ia3_weights!r}")
         _task(self.task_type)
@@ -150,6 +163,7 @@ class PromptTuningConfig:
                              "initialises soft prompts at random ('RANDOM')")
         if self.num_transformer_submodules not in (None, 1):
             raise ValueError("num_transformer_submodules must be 1 (encoder-only or decoder-only models)")
+        _save_names(self.modules_to_save)
         _task(self.task_type)
 
 
@@ -177,6 +191,7 @@ class PrefixTuningConfig:
                              "numlm implements prefix tuning without projection")
         if self.num_transformer_submodules not in (None, 1):
             raise ValueError("num_transformer_submodules must be 1 (encoder-only or decoder-only models)")
+        _save_names(self.modules_to_save)
         _task(self.task_type)
 
 

@@ -34,7 +34,7 @@ class LoraLinear(Linear):
         self.lora_dropout = Dropout(dropout)
         self.lora_A = Linear(c_in, r, bias=False, dtype=dtype, torch_layout=True)
         self.lora_B = Linear(r, c_out, bias=False, dtype=dtype, torch_layout=True)
-        self.training = base.training
+        self.train(base.training)  # its dropout too: an adapter loaded into an eval model drops nothing
 
     def reset_lora(self, rng, init=True):
         """peft's init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(C_in), 1/sqrt(C_in)) (or N(0, 1/r)

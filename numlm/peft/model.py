@@ -95,7 +95,7 @@ class PeftModel:
         self._before = [(m, dict(m.grads)) for _, m in model.modules()]  # what trained before
         try:
             self._install(np.random.default_rng(seed), model.dtype)
-        except ValueError:  # a refused target or config: the model as it was
+        except BaseException:  # a refused target or config, or an interrupt: the model as it was
             self._restore()
             raise
         model._peft = self
@@ -214,6 +214,9 @@ class PeftModel:
         cfg, model = self.peft_config, self.base_model
         c = model.config
         C, L, H = c.hidden_size, _layers(c), _heads(c)
+        if wrong := [f"{k} {getattr(cfg, k)} (the model's {v})" for k, v in
+                     (("token_dim", C), ("num_layers", L), ("num_attention_heads", H)) if getattr(cfg, k) not in (None, v)]:
+            raise ValueError(f"the {self.kind} config does not fit {type(model).__name__}: {', '.join(wrong)}")
         cfg.token_dim, cfg.num_layers, cfg.num_attention_heads = C, L, H
         cfg.num_transformer_submodules = 1
         n = cfg.num_virtual_tokens
@@ -250,6 +253,10 @@ class PeftModel:
                 self.peft_config.modules_to_save = list(TASK_HEADS.get(self._task_type(), []))
         prefix = {"LORA": "base_model.model.", "IA3": "base_model.model.", "adapterhub": ""}.get(
             "adapterhub" if self.library == "adapterhub" else self.kind, "base_model.")
+        found = {h for path, _ in model.modules() for h in names if path and (path == h or path.endswith("." + h))}
+        asked = [] if self.library == "adapterhub" else self.peft_config.modules_to_save or []
+        if missing := [h for h in asked if h not in found and h not in TASK_HEADS.get(self._task_type(), [])]:
+            raise ValueError(f"modules_to_save {missing} match no module of {type(model).__name__}")
         for path, head in model.modules():
             if not path or not any(path == h or path.endswith("." + h) for h in names):
                 continue
@@ -590,7 +597,7 @@ class PeftModel:
         try:
             state = pm._static_head(state, head, head_config, path)
             pm._load_file_state(state, path)
-        except ValueError:
+        except BaseException:
             pm._restore()
             raise
         if not is_trainable:
