@@ -1,0 +1,178 @@
+"""A failed call leaves the model and its files as they were, and an option is never accepted and
+ignored: the defects a fault pass found, each refused (or fixed) in one place."""
+import json
+
+import numpy as np
+import pytest
+
+import numlm
+from numlm import peft
+
+V = 24
+
+
+def gpt(dtype="float64", **kw):
+    c = dict(vocab_size=V, n_positions=32, n_embd=8, n_layer=1, n_head=2)
+    c.update(kw)
+    return numlm.GPT2LMHeadModel(numlm.GPT2Config(**c), seed=0, dtype=dtype)
+
+
+def bert(dtype="float64"):
+    c = numlm.BertConfig(vocab_size=V, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16, max_position_embeddings=32)
+    return numlm.BertForSequenceClassification(c, seed=0, dtype=dtype)
+
+
+def snapshot(model):
+    return sorted(model.grad_arrays()), {k: v.copy() for k, v in model.parameters().items()}
+
+
+def assert_unchanged(model, before):
+    keys, values = snapshot(model)
+    assert keys == before[0]
+    for k, v in before[1].items():
+        np.testing.assert_array_equal(values[k], v, err_msg=k)
+
+
+def test_a_lora_adapter_loaded_for_inference_drops_nothing(tmp_path):
+    """lora_dropout 0.3 (finetune saves 0.1): loaded into an eval model, the LoRA layers are in eval
+    too, so two forwards agree with each other and with the merged model, and greedy decoding repeats."""
+    pm = peft.get_peft_model(gpt().eval(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, task_type="CAUSAL_LM",
+                                                           init_lora_weights=False), seed=3)
+    pm.save_pretrained(tmp_path)
+    ids = np.array([[1, 2, 3, 4, 5]])
+    back = peft.PeftModel.from_pretrained(gpt().eval(), tmp_path)
+    merged = peft.PeftModel.from_pretrained(gpt().eval(), tmp_path).merge_and_unload().eval()
+    first = back(ids).logits
+    np.testing.assert_array_equal(back(ids).logits, first)
+    np.testing.assert_allclose(first, merged(ids).logits, rtol=0, atol=1e-12)
+    assert not np.allclose(first, gpt().eval()(ids).logits)  # the adapter does act
+    np.testing.assert_array_equal(numlm.generate(back, ids, max_new_tokens=8, pad_token_id=0),
+                                  numlm.generate(merged, ids, max_new_tokens=8, pad_token_id=0))
+
+
+@pytest.mark.parametrize("first, second", [(None, 2000), (2000, None), (2000, 3000)])
+def test_a_save_in_another_layout_replaces_the_earlier_files(tmp_path, first, second):
+    """A sharded save over a single-file one (and back, and shards of another count): the folder loads
+    the new weights, and holds no file of the earlier save's layout."""
+    g = gpt(dtype="float32")
+    g.save_pretrained(tmp_path, max_shard_bytes=first)
+    g.transformer.wte.params["weight"] += 1
+    g.save_pretrained(tmp_path, max_shard_bytes=second)
+    np.testing.assert_array_equal(numlm.from_pretrained(tmp_path).transformer.wte.params["weight"],
+                                  g.transformer.wte.params["weight"])
+    files = {f.name for f in tmp_path.iterdir()}
+    shards = {f for f in files if f.startswith("model-")}
+    if second is None:
+        assert files == {"config.json", "model.safetensors"}
+    else:
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert "model.safetensors" not in files and shards == set(index["weight_map"].values())
+
+
+def test_a_save_refused_leaves_the_earlier_folder(tmp_path):
+    gpt(n_layer=2, dtype="float32").save_pretrained(tmp_path)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    odd = gpt(dtype="float32", layer_norm_epsilon=np.float32(1e-5))  # a value JSON cannot hold
+    with pytest.raises(ValueError, match="the config cannot be written as JSON"):
+        odd.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="max_shard_bytes must be a positive int"):
+        gpt(dtype="float32").save_pretrained(tmp_path / "new", max_shard_bytes="1GB")
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+    assert numlm.from_pretrained(tmp_path).config.n_layer == 2
+
+
+def test_load_state_dict_checks_every_shape_before_copying():
+    g = gpt()
+    before = snapshot(g)
+    state = {k: v + 1 for k, v in g.state_dict().items()}
+    state["transformer.ln_f.bias"] = np.zeros(3)
+    with pytest.raises(ValueError, match=r"transformer.ln_f.bias: expected \(8,\), got \(3,\)"):
+        g.load_state_dict(state)
+    assert_unchanged(g, before)
+
+
+def test_a_refused_labelled_forward_does_not_set_the_problem_type():
+    m = bert()
+    ids = np.array([[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(ValueError, match="labels must be numeric"):
+        m(ids, labels=np.array(["a", "b"]))
+    assert m.config.problem_type is None
+    assert np.isfinite(m(ids, labels=np.array([0, 1])).loss)
+    assert m.config.problem_type == "single_label_classification"
+
+
+@pytest.mark.parametrize("config, match", [
+    (lambda: peft.LoraConfig(target_modules="(query|value", task_type="SEQ_CLS"), "not a regular expression"),
+    (lambda: peft.LoraConfig(target_modules=["query", 1], task_type="SEQ_CLS"), r"must hold module names \(str\)"),
+    (lambda: peft.LoraConfig(target_modules=["query"], modules_to_save=[1], task_type="SEQ_CLS"),
+     "modules_to_save must be a list of module names"),
+    (lambda: peft.IA3Config(target_modules=r".*query", feedforward_modules="(", task_type="SEQ_CLS"),
+     "feedforward_modules '\\(' is not a regular expression"),
+])
+def test_bad_module_names_are_refused_in_the_config(config, match):
+    with pytest.raises(ValueError, match=match):
+        config()
+
+
+def test_a_modules_to_save_typo_is_refused_and_the_model_kept():
+    m = bert()
+    before = snapshot(m)
+    with pytest.raises(ValueError, match=r"modules_to_save \['classifer'\] match no module"):
+        peft.get_peft_model(m, peft.LoraConfig(target_modules=["query"], modules_to_save=["classifer"],
+                                               task_type="SEQ_CLS"))
+    assert_unchanged(m, before)
+    assert type(m.bert.encoder.layer[0].attention.self.query).__name__ == "Linear"
+
+
+def test_an_adapter_file_with_a_bad_regex_leaves_the_model_as_it_was(tmp_path):
+    peft.get_peft_model(bert(), peft.LoraConfig(target_modules=["query"], task_type="SEQ_CLS")).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(cfg, target_modules=".*(query")))
+    m = bert()
+    before = snapshot(m)
+    with pytest.raises(ValueError, match="is not a regular expression"):
+        peft.PeftModel.from_pretrained(m, tmp_path)
+    assert_unchanged(m, before)
+
+
+def test_nan_logits_and_an_overflowing_temperature_are_errors():
+    g = gpt(dtype="float32").eval()
+    with pytest.raises(ValueError, match="temperature=1e-40 overflows the scores"):
+        numlm.generate(g, [[1, 2, 3]], max_new_tokens=4, do_sample=True, temperature=1e-40, seed=0)
+    g.transformer.ln_f.params["weight"][0] = np.nan
+    with pytest.raises(ValueError, match="next-token logits hold NaN"):
+        numlm.generate(g, [[1, 2, 3]], max_new_tokens=4)
+
+
+def test_search_options_accepted_are_honoured():
+    g = gpt(dtype="float32").eval()
+    with pytest.raises(ValueError, match="early_stopping must be True, False or 'never', got 1"):
+        numlm.generate(g, [[1, 2, 3]], max_new_tokens=4, num_beams=2, early_stopping=1)
+    with pytest.raises(ValueError, match="streamer must be a callable or have put"):
+        numlm.generate(g, [[1, 2, 3]], max_new_tokens=4, streamer=True)
+    kw = dict(max_new_tokens=6, num_beams=3, eos_token_id=3, seed=1)
+    np.testing.assert_array_equal(numlm.generate(g, [[1, 2]], early_stopping=np.True_, **kw),
+                                  numlm.generate(g, [[1, 2]], early_stopping=True, **kw))
+
+
+def test_gradcheck_of_one_array_passed_as_q_k_and_v():
+    """gradcheck perturbs each input alone: the same array given three times is checked as three copies"""
+    q = np.random.default_rng(2).standard_normal((1, 2, 3, 4))
+    errors = numlm.gradcheck(numlm.ops.attention_forward, (q, q, q), numlm.ops.attention_backward)
+    assert set(errors) == {"q", "k", "v"} and max(errors.values()) < 1e-6
+    x = np.random.default_rng(1).standard_normal((3, 4))
+    errors = numlm.gradcheck(lambda a, b: (a * b, (a, b)), (x, x), lambda dy, c: (dy * c[1], dy * c[0]))
+    assert max(errors.values()) < 1e-6
+
+
+def test_unknown_from_pretrained_arguments_and_dtypes_are_refused(tmp_path):
+    bert(dtype="float32").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['torch_dtype'\].*numlm's is dtype="):
+        numlm.from_pretrained(tmp_path, torch_dtype="float64")
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['num_label'\]"):
+        numlm.BertForSequenceClassification.from_pretrained(tmp_path, num_label=5)
+    for dtype in (None, "auto", "bfloat16"):
+        with pytest.raises(ValueError, match="dtype must be float32 or float64"):
+            numlm.from_pretrained(tmp_path, dtype=dtype)
+    assert numlm.from_pretrained(tmp_path, hidden_dropout_prob=0.25).config.hidden_dropout_prob == 0.25  # a field
