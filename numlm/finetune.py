@@ -195,6 +195,8 @@ def check_args(a):
     num_labels = _check_labels(a, data, cfg)
     lr = a.lr if a.lr is not None else DEFAULT_LR.get(a.method, 5e-5)
     limit = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 512)
+    if cfg.get("model_type") == "roberta":  # positions start after the padding row: pad_token_id + 1
+        limit -= int(cfg.get("pad_token_id", 1)) + 1
     n = a.num_virtual_tokens if a.method in ("prompt", "prefix") else 0  # the virtual tokens take n positions
     max_length = a.max_length or min(DEFAULT_MAX_LENGTH[a.task], limit - n)
     if max_length + n > limit:
@@ -402,7 +404,7 @@ def encode(task, kind, tok, examples, max_length, lm=False):
             for c in e["choices"]:
                 ans = tok.encode(c, add_special_tokens=False)[:max_length // 2 - 1]
                 room = max_length - len(ans) - 2
-                seqs.append(ctx[-room:] + [sep] + ans + [sep])
+                seqs.append((ctx[-room:] if room > 0 else []) + [sep] + ans + [sep])  # ctx[-0:] is all of it
             rows.append({"choices": seqs, "label": e["label"]})
     if kind == "distilbert":  # no token-type table
         for r in rows:
@@ -758,7 +760,20 @@ def _encode_splits(a, kind, tok, data, max_length, lm):
             e.rows = e.rows[:a.max_examples] if a.max_examples else e.rows
             if not e.rows:
                 raise ValueError(f"{data.name}: the {s} split holds no text (a block needs 2 tokens or more)")
+    _check_encoded(a, enc, max_length)
     return split, enc
+
+
+def _check_encoded(a, enc, max_length):
+    """What encoding gives fits --max-length (a choice's context or a token row cut to fit), and a
+    token-classification run has labelled tokens to learn from"""
+    longest = max((max(map(len, r["choices"])) if "choices" in r else np.shape(r["input_ids"])[-1]
+                   for e in enc.values() for r in e.rows), default=0)
+    if longest > max_length:
+        raise ValueError(f"--max-length {max_length} is too short for --task {a.task}: its examples "
+                         f"encode to {longest} tokens at the least cut")
+    if a.task == "tokcls" and not any((np.asarray(r["labels"]) != -100).any() for r in enc["train"].rows):
+        raise ValueError(f"--max-length {max_length} leaves no labelled token in the training examples")
 
 
 def _check_resume(a, state, run, steps):

@@ -221,13 +221,36 @@ class BertData:
 
 
 # ---- the recipe --------------------------------------------------------------------------------
-RUN_FILES = ("metrics.jsonl", "checkpoints", "model", "tokenizer.json", "data", "loss.png")
+RUN_FILES = ("metrics.jsonl", "checkpoints", "model", "tokenizer.json", "data", "loss.png", "lr.png",
+             "grad_norm.png", "update_ratio.png")
+# a folder counts as the run's by what the run writes in it; only those files of data/ are removed
+RUN_MARKS = {"model": "config.json", "data": "tokens.bin"}
+RUN_DATA = ("tokens.bin", "tokens.json", "tokens.docs.npy")
 
 
 def run_files(out_dir):
-    """The files and folders a pretrain run leaves in out_dir that are present."""
+    """The files and folders a pretrain run leaves in out_dir that are present (a folder named data or
+    model counts only when it holds the run's token file or a model)."""
     out = Path(out_dir)
-    return [n for n in RUN_FILES if (out / n).exists()] if out.is_dir() else []
+    return [n for n in RUN_FILES if (out / n / RUN_MARKS[n] if n in RUN_MARKS else out / n).exists()
+            ] if out.is_dir() else []
+
+
+def clear_run(out, keep=()):
+    """Remove an earlier run's files from out: not the paths in keep (the new run's inputs), nor a
+    file of the user's own in data/"""
+    keep = {Path(k).resolve() for k in keep if isinstance(k, (str, os.PathLike))}
+    for n in run_files(out):
+        p = out / n
+        if p.resolve() in keep:
+            continue
+        if n == "data":
+            for f in RUN_DATA:
+                (p / f).unlink(missing_ok=True)
+            if not any(p.iterdir()):
+                p.rmdir()
+        else:
+            (shutil.rmtree if p.is_dir() else os.unlink)(p)
 
 
 def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, out, block_size, batch_size,
@@ -329,7 +352,7 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     cfg = make_config(arch, size, tokenizer.vocab_size, block_size, config_path, tokenizer)
     check_fit(arch, cfg, tokenizer, block_size)
     model, data_ = _build_run(arch, cfg, docs, tokenizer, out, block_size, batch_size, seed, dtype,
-                              overwrite and not resume, new_tokenizer, log)
+                              overwrite and not resume, new_tokenizer, log, keep=(data, tokenizer_path))
     log(f"model: {type(model).__name__}, {model.num_parameters() / 1e6:.2f} M parameters, {dtype}")
     if saved is not None and time_budget is not None:  # the resumed run keeps its planned length
         steps = int(saved.get("train_config", {}).get("max_steps", steps))
@@ -367,7 +390,8 @@ def _run_tokenizer(arch, out, tokenizer_path, resume, docs, vocab_size):
     return train_tokenizer(arch, docs, vocab_size), True
 
 
-def _build_run(arch, cfg, docs, tokenizer, out, block_size, batch_size, seed, dtype, clear, new_tokenizer, log):
+def _build_run(arch, cfg, docs, tokenizer, out, block_size, batch_size, seed, dtype, clear, new_tokenizer, log,
+               keep=()):
     """(model, data): the data prepared in a scratch folder and the model built; only then is an
     earlier run removed (clear) and the tokenizer and token file moved into out."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -382,8 +406,7 @@ def _build_run(arch, cfg, docs, tokenizer, out, block_size, batch_size, seed, dt
         model.astype(dtype)
         # every check passed: the run starts here, and only now is an earlier run removed
         if clear:
-            for n in run_files(out):
-                (shutil.rmtree if (out / n).is_dir() else os.unlink)(out / n)
+            clear_run(out, keep)
         out.mkdir(parents=True, exist_ok=True)
         if new_tokenizer:
             tokenizer.save(out / "tokenizer.json")

@@ -168,11 +168,79 @@ def test_gradcheck_of_one_array_passed_as_q_k_and_v():
 
 def test_unknown_from_pretrained_arguments_and_dtypes_are_refused(tmp_path):
     bert(dtype="float32").save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['torch_dtype'\].*numlm's is dtype="):
+    with pytest.raises(ValueError, match=r"unknown argument 'torch_dtype'.*did you mean 'dtype'\?"):
         numlm.from_pretrained(tmp_path, torch_dtype="float64")
-    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['num_label'\]"):
+    with pytest.raises(ValueError, match=r"unknown argument 'num_label'.*did you mean 'num_labels'\?"):
         numlm.BertForSequenceClassification.from_pretrained(tmp_path, num_label=5)
     for dtype in (None, "auto", "bfloat16"):
         with pytest.raises(ValueError, match="dtype must be float32 or float64"):
             numlm.from_pretrained(tmp_path, dtype=dtype)
     assert numlm.from_pretrained(tmp_path, hidden_dropout_prob=0.25).config.hidden_dropout_prob == 0.25  # a field
+    assert numlm.from_pretrained(tmp_path, label2id={"a": 0}).config.extra["label2id"] == {"a": 0}  # transformers'
+
+
+# ---- the command line: a refusal deletes nothing, an input inside --out stays ---------------------
+from numlm.cli import main  # noqa: E402
+from test_finetune import bert_dir, data_csv, gpt_dir, run, sentences  # noqa: E402,F401  (fixtures)
+
+
+def test_prepare_never_writes_over_its_input_or_itself(tmp_path, corpus, gpt_dir):
+    tok = tmp_path / "tok.json"
+    tok.write_bytes((gpt_dir / "tokenizer.json").read_bytes())
+    for out, match in ((tmp_path / "tokens.json", "would be one file"), (tmp_path / "tok.bin", "would overwrite the input")):
+        assert main(["prepare", "--tokenizer", str(tok), "--data", str(corpus), "--out", str(out)]) == 2
+    assert tok.read_bytes() == (gpt_dir / "tokenizer.json").read_bytes() and sorted(tmp_path.iterdir()) == [tok]
+
+
+def test_pretrain_overwrite_keeps_a_corpus_and_a_tokenizer_under_out(tmp_path, corpus, monkeypatch):
+    """The run's data/ and tokenizer.json share their names with a project's own: --overwrite removes
+    the token files it wrote, not the corpus beside them, nor the tokenizer given as an input."""
+    (tmp_path / "data").mkdir()
+    for f in corpus.iterdir():
+        (tmp_path / "data" / f.name).write_bytes(f.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
+            "--batch-size", "4", "--steps", "2", "--data", "data", "--out", "."]
+    assert main(args) == 0  # a corpus folder named data is not a run
+    assert main(args) == 2  # the run is
+    tok = (tmp_path / "tokenizer.json").read_bytes()
+    assert main(args + ["--overwrite", "--tokenizer", "tokenizer.json"]) == 0
+    assert len(list((tmp_path / "data").glob("*.txt"))) == len(list(corpus.iterdir()))
+    assert (tmp_path / "tokenizer.json").read_bytes() == tok and (tmp_path / "data" / "tokens.bin").is_file()
+
+
+def test_demo_starts_again_only_over_its_own_folder(tmp_path, corpus):
+    out = tmp_path / "run"
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
+            "--batch-size", "4", "--steps", "2", "--data", str(corpus), "--out", str(out)]
+    assert main(args) == 0
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["demo", "--out", str(out), "--data", str(corpus), "--minutes", "0.01", "--vocab-size", "300"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--task", "tokcls", "--max-length", "2"], "leaves no labelled token"),
+    (["--task", "tokcls", "--max-length", "1"], "--max-length 1 is too short for --task tokcls"),
+])
+def test_finetune_refusals_after_encoding_delete_nothing(bert_dir, tmp_path, extra, match, capsys):
+    """Checks that need the encoded examples still come before --overwrite removes the earlier run."""
+    out = tmp_path / "run"
+    common = [str(bert_dir), "--data", "shakespeare-ner", "--task", "tokcls", "--out", str(out), "--no-progress",
+              "--max-steps", "1", "--max-examples", "8", "--batch-size", "4"]
+    assert main(["finetune", *common]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    assert main(["finetune", *common, "--overwrite", *extra]) == 2
+    assert match in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == before
+
+
+def test_multiple_choice_cut_to_max_length(gpt_dir, tmp_path):
+    """--max-length 2 leaves a choice's context no room: it is cut away (it used to be kept whole)"""
+    import numlm.finetune as F
+    from numlm.data.tokenizer import Tokenizer
+    tok = Tokenizer.from_file(gpt_dir / "tokenizer.json")
+    ex = [{"context": "the film was good and fine", "choices": ["good", "bad film"], "label": 0}]
+    for m in (2, 3, 6):
+        rows = F.encode("multiple-choice", "gpt2", tok, ex, m).rows
+        assert max(len(c) for r in rows for c in r["choices"]) <= m

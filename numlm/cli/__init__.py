@@ -30,13 +30,16 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+DEMO_OUT = "runs/demo"
+
+
 def cmd_demo(a):
     """Train a byte-level BPE tokenizer and a small GPT-2 on Shakespeare (or Python's docs), then sample."""
     from ..recipes import pretrain
     t0 = time.perf_counter()
     model, tok, res = pretrain("gpt2", size="mini", data=a.data, vocab_size=a.vocab_size, out_dir=a.out,
                                block_size=128, batch_size=16, seed=a.seed, time_budget=a.minutes * 60,
-                               lr=1e-3, overwrite=True, encoding=a.encoding)  # the demo's folder is its own
+                               lr=1e-3, overwrite=a.overwrite or a.out == DEMO_OUT, encoding=a.encoding)
     if res.get("interrupted"):
         print(f"{a._prog}: interrupted", file=sys.stderr)
         return 130
@@ -93,7 +96,9 @@ def cmd_tokenizer_train(a):
 
 def cmd_prepare(a):
     from ..data import Tokenizer, prepare
+    from ..data.pretrain import check_prepared_files
     from ..recipes import load_corpus
+    check_prepared_files(a.out, [a.tokenizer])
     tok = Tokenizer.from_file(a.tokenizer)
     if a.data is not None:  # streamed file by file: the corpus need not fit in memory
         name, meta = a.data, prepare(a.data, tok, a.out, encoding=a.encoding)
@@ -151,7 +156,9 @@ ENCODING = dict(default="utf-8", help="the corpus files' text encoding (default 
 def _add_demo_and_data(sub):
     d = sub.add_parser("demo", help="train a tokenizer and a small GPT-2 on Shakespeare, then print samples")
     d.add_argument("--data", help="a text file or folder instead of the default corpus")
-    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--out", default=DEMO_OUT)
+    d.add_argument("--overwrite", action="store_true",
+                   help=f"start again over a run in --out (the default, {DEMO_OUT}, is the demo's own: always)")
     d.add_argument("--minutes", type=positive, default=4.25, help="time budget from start to the end of training")
     d.add_argument("--vocab-size", type=count(1), default=4096)
     d.add_argument("--encoding", **ENCODING)

@@ -318,9 +318,8 @@ def prepare(texts_or_paths, tokenizer, out_path, separator="auto", batch_docs=25
         separator = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id
     V = tokenizer.vocab_size
     dtype = np.dtype(np.uint16) if V < 2 ** 16 else np.dtype(np.uint32)
-    out_path = Path(out_path)
-    if out_path.is_dir():
-        raise ValueError(f"out_path: {str(out_path)!r} is a folder; give the token file's name (e.g. tokens.bin)")
+    out_path = check_prepared_files(out_path, [texts_or_paths] if isinstance(texts_or_paths, (str, os.PathLike))
+                                    else [t for t in texts_or_paths if isinstance(t, os.PathLike)])
     from ..io import check_folder_path
     check_folder_path(out_path.parent, "out_path").mkdir(parents=True, exist_ok=True)
     starts, n = [], 0
@@ -345,6 +344,21 @@ def prepare(texts_or_paths, tokenizer, out_path, separator="auto", batch_docs=25
     _sidecar(out_path).write_text(json.dumps(meta, indent=2) + "\n")
     np.save(_docs_path(out_path), np.asarray(starts, np.int64))
     return meta
+
+
+def check_prepared_files(out_path, inputs=()):
+    """out_path as a Path, refused when it is a folder, or when the files prepare writes (it, its .json
+    sidecar and .docs.npy) are one file twice or one of the input files (a corpus, a tokenizer)"""
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise ValueError(f"out_path: {str(out_path)!r} is a folder; give the token file's name (e.g. tokens.bin)")
+    written = [out_path.resolve(), _sidecar(out_path).resolve(), _docs_path(out_path).resolve()]
+    if len(set(written)) < 3:
+        raise ValueError(f"out_path {str(out_path)!r}: the token file and its sidecar {_sidecar(out_path).name} "
+                         "would be one file; give a name such as tokens.bin")
+    if clash := [str(i) for i in inputs if Path(i).resolve() in written]:
+        raise ValueError(f"out_path {str(out_path)!r} would overwrite the input {clash[0]!r}")
+    return out_path
 
 
 def load_meta(path):

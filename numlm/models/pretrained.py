@@ -3,6 +3,7 @@ the input checks every forward runs once at its entry, transformers' loss select
 classification, state dicts and gradients under transformers' keys and layouts (tied aliases
 included), loading and saving checkpoints, transformers' initialisation, and the dropout generator."""
 import dataclasses
+import difflib
 import re
 import warnings
 from pathlib import Path
@@ -187,11 +188,14 @@ class PreTrainedModel(Module):
     # ---- checkpoints --------------------------------------------------------------------------
     @classmethod
     def from_config_dict(cls, cfg, **overrides):
-        """The config of a config.json's dict, overrides naming its fields or the file's own keys"""
-        fields = {f.name for f in dataclasses.fields(cls.config_class)} - {"extra"}
-        if unknown := sorted(k for k in overrides if k not in fields and k not in cfg):
-            raise ValueError(f"unknown argument(s) {unknown}: neither a {cls.config_class.__name__} field nor "
-                             "a key of config.json" + (" (numlm's is dtype=)" if "torch_dtype" in unknown else ""))
+        """The config of a config.json's dict and overrides; one that is not a field, nor a key of the file,
+        is kept as transformers keeps it (id2label ...), but refused when it misspells a field"""
+        fields = sorted({f.name for f in dataclasses.fields(cls.config_class)} - {"extra"})
+        for k in sorted(set(overrides) - set(fields) - set(cfg)):
+            near = ["dtype"] if k == "torch_dtype" else difflib.get_close_matches(k, fields, n=1, cutoff=0.85)
+            if near:
+                raise ValueError(f"unknown argument {k!r}: {cls.config_class.__name__} has no such field; "
+                                 f"did you mean {near[0]!r}?")
         return cls.config_class.from_dict({**cfg, **overrides})
 
     @classmethod
