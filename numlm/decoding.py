@@ -150,6 +150,8 @@ def has_lm_head(model):
     """Causal LMs: transformers' *LMHeadModel classes, or a model with an `lm_head` (module or tied key);
     a PeftModel on one."""
     model = getattr(model, "base_model", model)
+    if type(model).__name__.endswith("ForMaskedLM"):  # RoBERTa's and DistilBERT's MLM heads are lm_head too
+        return False
     return (type(model).__name__.endswith("LMHeadModel") or getattr(model, "lm_head", None) is not None
             or "lm_head.weight" in (getattr(model, "tied", None) or {}))
 

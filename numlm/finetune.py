@@ -14,6 +14,7 @@ each epoch, and the best model saved in transformers' format with its tokenizer.
 Every argument is checked before anything is written in the output folder.
 """
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -615,6 +616,8 @@ def apply_method(model, kind, a):
         model.freeze([n for n in names if not _is_head(model, n)])
     if a.unfreeze != "gradual":
         return None
+    # what --method freeze (or --freeze-layers) fixes stays frozen; head only is where gradual starts
+    fixed = set(names) - set(model.trainable_parameters()) if a.method in ("full", "freeze") else set()
     # groups top down: the head first, then the last layer (with a final LayerNorm), ..., layer 0, embeddings
     head = [n for n in names if _is_head(model, n)]
     groups = [head]
@@ -626,7 +629,7 @@ def apply_method(model, kind, a):
 
     def on_batch(step):
         k = 1 + (step * len(groups)) // max(total[0], 1)  # groups trainable at this step
-        want = {n for g in groups[:k] for n in g}
+        want = {n for g in groups[:k] for n in g} - fixed
         cur = set(model.trainable_parameters())
         if want != cur:
             model.freeze(sorted(cur - want))
@@ -708,7 +711,8 @@ def finetune(a, data=None, out=None, log=print, **options):
     steps = min(a.epochs * steps_per_epoch, a.max_steps or math.inf)
     run = {"task": a.task, "method": a.method, "batch_size": a.batch_size, "max_length": max_length,
            "tokenizer_sha256": fingerprint(sorted(tok.backend.get_vocab().items())),
-           "data_sha256": fingerprint([split["train"], split["validation"]])}  # what --resume must share
+           "data_sha256": fingerprint([split["train"], split["validation"]]),  # what --resume must share
+           "model_sha256": _files_sha256(Path(a.model_dir))}  # an adapter's checkpoint holds no base weights
     out = Path(a.out)
     if a.resume:
         _check_resume(a, read_checkpoint_state(latest_checkpoint(out)), run, steps)
@@ -774,6 +778,16 @@ def _check_encoded(a, enc, max_length):
                          f"encode to {longest} tokens at the least cut")
     if a.task == "tokcls" and not any((np.asarray(r["labels"]) != -100).any() for r in enc["train"].rows):
         raise ValueError(f"--max-length {max_length} leaves no labelled token in the training examples")
+
+
+def _files_sha256(d):
+    """sha256 over a model folder's config and weight files"""
+    h = hashlib.sha256()
+    for f in sorted([d / "config.json", *d.glob("*.safetensors"), *d.glob("*.safetensors.index.json")]):
+        with open(f, "rb") as r:
+            while chunk := r.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _check_resume(a, state, run, steps):

@@ -35,7 +35,7 @@ def _encoder_call(model, ids, attention_mask, token_type_ids):
 def _mlm_logits(model, input_ids, attention_mask, token_type_ids):
     """Masked-LM logits (B, T, V) of a masked-LM model (logits) or BertForPreTraining (prediction_logits)."""
     name = type(model).__name__
-    if name not in MLM_CLASSES and not hasattr(model, "cls"):
+    if name not in MLM_CLASSES and not (hasattr(model, "cls") and hasattr(model.cls, "predictions")):  # not NSP's
         raise ValueError(f"model: {name} has no masked-LM head; fill-mask needs one of {', '.join(MLM_CLASSES)}")
     out = _encoder_call(model, input_ids, attention_mask, token_type_ids)
     logits = out.prediction_logits if out.prediction_logits is not None else out.logits

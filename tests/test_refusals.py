@@ -126,7 +126,8 @@ def test_a_modules_to_save_typo_is_refused_and_the_model_kept():
 
 
 def test_an_adapter_file_with_a_bad_regex_leaves_the_model_as_it_was(tmp_path):
-    peft.get_peft_model(bert(), peft.LoraConfig(target_modules=["query"], task_type="SEQ_CLS")).save_pretrained(tmp_path)
+    pm = peft.get_peft_model(bert(), peft.LoraConfig(target_modules=["query"], task_type="SEQ_CLS"))
+    pm.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps(dict(cfg, target_modules=".*(query")))
     m = bert()
@@ -184,11 +185,12 @@ from numlm.cli import main  # noqa: E402
 from test_finetune import bert_dir, data_csv, gpt_dir, run, sentences  # noqa: E402,F401  (fixtures)
 
 
-def test_prepare_never_writes_over_its_input_or_itself(tmp_path, corpus, gpt_dir):
+def test_prepare_never_writes_over_its_input_or_itself(tmp_path, corpus, gpt_dir, capsys):
     tok = tmp_path / "tok.json"
     tok.write_bytes((gpt_dir / "tokenizer.json").read_bytes())
-    for out, match in ((tmp_path / "tokens.json", "would be one file"), (tmp_path / "tok.bin", "would overwrite the input")):
-        assert main(["prepare", "--tokenizer", str(tok), "--data", str(corpus), "--out", str(out)]) == 2
+    for out, match in (("tokens.json", "would be one file"), ("tok.bin", "would overwrite the input")):
+        assert main(["prepare", "--tokenizer", str(tok), "--data", str(corpus), "--out", str(tmp_path / out)]) == 2
+        assert match in capsys.readouterr().err
     assert tok.read_bytes() == (gpt_dir / "tokenizer.json").read_bytes() and sorted(tmp_path.iterdir()) == [tok]
 
 
@@ -244,3 +246,66 @@ def test_multiple_choice_cut_to_max_length(gpt_dir, tmp_path):
     for m in (2, 3, 6):
         rows = F.encode("multiple-choice", "gpt2", tok, ex, m).rows
         assert max(len(c) for r in rows for c in r["choices"]) <= m
+
+
+def test_fill_mask_command_takes_robertas_mask(tmp_path, capsys):
+    import shutil
+    from conftest import FIXTURES
+    from numlm.inference import fill_mask
+    from test_roberta_distilbert import roberta_word_tokenizer
+    shutil.copytree(FIXTURES / "hf" / "roberta-tiny-mlm", tmp_path / "m")
+    tok = roberta_word_tokenizer()
+    tok.save(tmp_path / "m")
+    assert main(["fill-mask", str(tmp_path / "m"), "w5 w6 <mask> w8", "--top-k", "2"]) == 0
+    tokens = [line.split()[1] for line in capsys.readouterr().out.strip().splitlines()]
+    assert tokens == [r["token"] for r in fill_mask(numlm.from_pretrained(tmp_path / "m"), tok, "w5 w6 <mask> w8",
+                                                     top_k=2)[0]]
+
+
+def test_a_model_without_the_head_a_call_needs_is_refused(tmp_path):
+    from conftest import FIXTURES
+    from numlm.inference import fill_mask_ids
+    with pytest.raises(ValueError, match="has no language-modeling head"):
+        numlm.generate(numlm.from_pretrained(FIXTURES / "hf" / "roberta-tiny-mlm"), [[0, 5, 6]], max_new_tokens=2)
+    nsp = numlm.BertForNextSentencePrediction(numlm.BertConfig(vocab_size=V, hidden_size=8, num_hidden_layers=1,
+                                                               num_attention_heads=2, intermediate_size=16))
+    with pytest.raises(ValueError, match="has no masked-LM head"):
+        fill_mask_ids(nsp, [[1, 3, 2]], mask_token_id=3)
+
+
+def test_eval_refuses_a_model_that_is_not_a_language_model(bert_dir, corpus, capsys):
+    assert main(["eval", str(bert_dir), "--data", str(corpus)]) == 2  # a BertForMaskedLM: no NSP, no shift
+    assert "eval scores BertForPreTraining (MLM + NSP) or a causal LM, not BertForMaskedLM" in capsys.readouterr().err
+
+
+def test_gradual_unfreezing_keeps_what_freeze_fixes(bert_dir, data_csv, tmp_path):
+    out = tmp_path / "run"
+    assert run(bert_dir, data_csv, out, "--method", "freeze", "--freeze-layers", "1", "--unfreeze", "gradual",
+               "--epochs", "1", "--lr", "1e-2") == 0
+    from numlm.io import load_safetensors
+    init = numlm.BertForSequenceClassification.from_pretrained(bert_dir, num_labels=2).state_dict()
+    got = load_safetensors(out / "best")
+    for k in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attention.self.query.weight"):
+        np.testing.assert_array_equal(got[k], init[k], err_msg=k)
+    assert not np.array_equal(got["bert.encoder.layer.1.attention.self.query.weight"],
+                              init["bert.encoder.layer.1.attention.self.query.weight"])
+
+
+def test_gradcheck_tol_applies_to_the_op_table(capsys):
+    assert main(["gradcheck", "--tol", "1e-30"]) == 1  # no op's float64 check is that close
+    assert main(["gradcheck"]) == 0
+
+
+def test_resume_onto_another_base_model_is_refused(bert_dir, data_csv, tmp_path, capsys):
+    """An adapter's checkpoint holds no base weights: the base folder's files are fingerprinted"""
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(bert_dir, other)
+    m = numlm.from_pretrained(other)
+    m.bert.embeddings.word_embeddings.params["weight"] += 0.5
+    m.save_pretrained(other)
+    out = tmp_path / "run"
+    assert run(bert_dir, data_csv, out, "--method", "lora", "--epochs", "1") == 0
+    capsys.readouterr()
+    assert run(other, data_csv, out, "--method", "lora", "--epochs", "2", "--resume") == 2
+    assert "the model differs from the checkpoint's" in capsys.readouterr().err

@@ -117,6 +117,10 @@ def cmd_eval(a):
     tok = Tokenizer.from_pretrained(a.model)  # a folder, or a Hub name through the Hugging Face cache
     if tok.vocab_size != model.config.vocab_size:
         raise ValueError(f"the tokenizer in {a.model} has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
+    from ..decoding import has_lm_head
+    if type(model).__name__ != "BertForPreTraining" and not has_lm_head(model):  # the causal path shifts labels
+        raise ValueError(f"{a.model}: eval scores BertForPreTraining (MLM + NSP) or a causal LM, not "
+                         f"{type(model).__name__}")
     name, docs = load_corpus(a.data, a.encoding)
     if type(model).__name__ == "BertForPreTraining":
         data = BertData(docs, tok, a.block_size, a.batch_size, a.seed, val_batches=a.batches)

@@ -93,7 +93,8 @@ def cmd_generate(a):
 def cmd_fill_mask(a):
     from ..inference import fill_mask
     model, tok = _load(a.model, a.dtype)
-    text = a.text.replace("<mask>", "[MASK]")
+    mask = tok.backend.id_to_token(tok.mask_id) if tok.mask_id is not None else "[MASK]"
+    text = a.text.replace("<mask>", mask).replace("[MASK]", mask)  # either spelling, as the model's tokenizer has it
     for i, row in enumerate(fill_mask(model, tok, text, top_k=a.top_k)):
         if i:
             print()

@@ -546,7 +546,8 @@ def problem_type_loss(config, logits, labels):
         y, shapes = labels.astype(logits.dtype), ((B,), (B, 1)) if K == 1 else ((B, K),)
         if y.shape not in shapes:
             raise ValueError(f"labels must have shape {' or '.join(map(str, shapes))} for regression, got {y.shape}")
-        (loss, c), back = mse_forward(logits.reshape(B), y.reshape(B)) if K == 1 else mse_forward(logits, y), mse_backward
+        (loss, c), back = (mse_forward(logits.reshape(B), y.reshape(B)) if K == 1 else mse_forward(logits, y),
+                           mse_backward)
     else:
         y = labels.astype(logits.dtype)
         if y.shape != (B, K):
