@@ -309,3 +309,42 @@ def test_resume_onto_another_base_model_is_refused(bert_dir, data_csv, tmp_path,
     capsys.readouterr()
     assert run(other, data_csv, out, "--method", "lora", "--epochs", "2", "--resume") == 2
     assert "the model differs from the checkpoint's" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("first, second", [("lora", "bottleneck"), ("bottleneck", "lora"), ("head", "bottleneck")])
+def test_an_adapter_saved_over_another_loads_as_saved(tmp_path, first, second):
+    """peft's and AdapterHub's files side by side made the folder load as the other library's (or with
+    another adapter's head): a save removes the adapter files it did not write"""
+    def make(kind, seed):
+        model = bert()
+        if kind == "lora":
+            return peft.get_peft_model(model, peft.LoraConfig(target_modules=["query"], task_type="SEQ_CLS"))
+        cfg = peft.SeqBnConfig(reduction_factor=2)
+        pm = peft.get_peft_model(model if kind == "head" else numlm.BertModel(model.config, seed=seed), cfg)
+        return pm
+    make(first, 1).save_pretrained(tmp_path)
+    pm = make(second, 2)
+    rng = np.random.default_rng(0)
+    for v in pm.parameters().values():
+        v[...] = rng.normal(0, 0.3, v.shape)
+    pm.save_pretrained(tmp_path)
+    base = bert() if second != "bottleneck" else numlm.BertModel(bert().config, seed=2)
+    back = peft.PeftModel.from_pretrained(base, tmp_path)
+    for k, v in pm.state_dict().items():
+        np.testing.assert_array_equal(back.state_dict()[k], v, err_msg=k)
+
+
+def test_adapter_configs_and_bases_of_the_wrong_type_are_refused(tmp_path):
+    from conftest import FIXTURES
+    for bad in ("0.1", None):
+        with pytest.raises(ValueError, match="lora_dropout must lie in"):
+            peft.LoraConfig(lora_dropout=bad)
+    with pytest.raises(ValueError, match="non_linearity None is not supported"):
+        peft.SeqBnConfig(non_linearity=None)
+    with pytest.raises(ValueError, match="model must be a numlm model"):
+        peft.PeftModel.from_pretrained(str(FIXTURES / "hf" / "bert-tiny-seqcls"),
+                                       FIXTURES / "peft" / "adapter-bert-tiny-seqcls" / "adapter")
+    (tmp_path / "f").write_text("x")
+    pm = peft.get_peft_model(bert(), peft.LoraConfig(target_modules=["query"], task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        pm.save_pretrained(tmp_path / "f")

@@ -62,7 +62,7 @@ class LoraConfig:
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
                 or not 0 < self.lora_alpha < float("inf"):
             raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
+        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
         self.target_modules = _module_names("target_modules", self.target_modules)
         if isinstance(self.target_modules, list) and not self.target_modules:
@@ -230,7 +230,7 @@ class BnConfig:
             raise ValueError(f"reduction_factor must be a positive number, got {r!r}")
         if isinstance(r, dict):
             raise ValueError("a per-layer reduction_factor dict is not supported")
-        if self.non_linearity.lower() not in ACTIVATIONS:
+        if not isinstance(self.non_linearity, str) or self.non_linearity.lower() not in ACTIVATIONS:
             raise ValueError(f"adapter non_linearity {self.non_linearity!r} is not supported; numlm supports "
                              f"{ACTIVATIONS}")
         if self.residual_before_ln not in (True, False):

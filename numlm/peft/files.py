@@ -150,6 +150,15 @@ def save_tensors(tensors, f):
     _atomic(f, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp))
 
 
+def drop_other_adapter_files(path, written):
+    """Remove what an earlier save left in path that this one did not write (another library's weights,
+    which folder_kind would read, or a head the new adapter has not); returns path"""
+    for name in (PEFT_WEIGHTS, PEFT_PICKLE, HUB_WEIGHTS, HUB_PICKLE, HUB_HEAD, HUB_HEAD_PICKLE, HUB_HEAD_CONFIG):
+        if name not in written and (path / name).is_file():
+            (path / name).unlink()
+    return path
+
+
 def write_json(d, f):
     def w(tmp):
         with open(tmp, "w") as fh:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import check_folder_path
 from ..models.pretrained import PreTrainedModel, as_ids
 from ..nn import Linear
 from .config import (LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, BnConfig, TASK_HEADS,
@@ -527,7 +528,7 @@ class PeftModel:
         """The library's own files: peft's adapter_config.json + adapter_model.safetensors, or
         AdapterHub's adapter_config.json + adapter.safetensors (+ head_config.json + model_head.safetensors).
         float32 unless the model is float64."""
-        path = Path(path)
+        path = check_folder_path(path, "save_pretrained")
         path.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
         model = self.base_model
@@ -537,7 +538,7 @@ class PeftModel:
             d["base_model_name_or_path"] = self.peft_config.base_model_name_or_path
             files.write_json(d, path / files.CONFIG)
             files.save_tensors(state, path / files.PEFT_WEIGHTS)
-            return path
+            return files.drop_other_adapter_files(path, {files.PEFT_WEIGHTS})
         c = model.config
         head = {k: v for k, v in state.items() if k in self._head_keys}
         body = {k: v for k, v in state.items() if k not in self._head_keys}
@@ -557,12 +558,15 @@ class PeftModel:
                 "model_class": type(model).__name__, "model_name": None, "model_type": _model_type(model),
                 "name": None, "num_labels": n, "version": files.ADAPTERS_VERSION}, path / files.HUB_HEAD_CONFIG)
             files.save_tensors(head, path / files.HUB_HEAD)
-        return path
+        return files.drop_other_adapter_files(path, {files.HUB_WEIGHTS} | ({files.HUB_HEAD, files.HUB_HEAD_CONFIG}
+                                                                             if head else set()))
 
     @classmethod
     def from_pretrained(cls, model, path, is_trainable=False, adapter_name=None):
         """Load a peft or an AdapterHub adapter folder onto `model` (a numlm model, changed in place).
         As peft: frozen for inference unless is_trainable=True."""
+        if not isinstance(model, PreTrainedModel):  # before the files are read against its config
+            raise ValueError(f"model must be a numlm model (numlm.from_pretrained(folder)), got {type(model).__name__}")
         kind = files.folder_kind(path)
         path, head, head_config = Path(path), {}, None
         where = str(path / files.CONFIG)
