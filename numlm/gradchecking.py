@@ -287,10 +287,12 @@ def central_differences(f, flat, idx, eps):
     numeric = np.empty(len(idx))
     for n, i in enumerate(idx):
         old = flat[i]
-        flat[i] = old + eps
-        fp = f()
-        flat[i] = old - eps
-        fm = f()
-        flat[i] = old
+        try:
+            flat[i] = old + eps
+            fp = f()
+            flat[i] = old - eps
+            fm = f()
+        finally:  # an exception or Ctrl-C leaves the weight as it was
+            flat[i] = old
         numeric[n] = (fp - fm) / (2 * eps)
     return numeric

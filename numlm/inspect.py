@@ -152,7 +152,8 @@ def check_model(model, input_ids, params=3, seed=0, eps=1e-6, tol=1e-5, break_=N
     on a random projection R of its outputs, drawn from a stream of gradcheck's own (see
     gradchecking.stream); a row whose gradients are tiny against those of an independent
     projection is Uninformative. Both compare as inf: the check does not pass.
-    `break_` names an entry of BREAKS to corrupt while the analytic gradient is taken.
+    `break_` names an entry of BREAKS to corrupt while the analytic gradient is taken. The model's
+    train/eval modes and accumulated gradients are as they were afterwards, whether the check passes or raises.
     Each checked entry costs two forwards: keep the text short."""
     if model.dtype != np.float64:
         raise ValueError(f"a gradient check needs a float64 model, got {model.dtype} (load with dtype='float64')")
@@ -163,8 +164,16 @@ def check_model(model, input_ids, params=3, seed=0, eps=1e-6, tol=1e-5, break_=N
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or ids.shape[0] != 1:
         raise ValueError(f"input_ids must have shape (1, T), got {ids.shape}")
-    with one_blas_thread():
-        return _check_model(model, ids, params, seed, eps, tol, break_, progress)
+    modes = [(m, m.training) for _, m in model.modules()]
+    grads = {k: g.copy() for k, g in model.grad_arrays().items()}
+    try:
+        with one_blas_thread():
+            return _check_model(model, ids, params, seed, eps, tol, break_, progress)
+    finally:  # the model as it was: its train/eval modes and the gradients it had accumulated
+        for m, training in modes:
+            m.training = training
+        for k, g in model.grad_arrays().items():
+            g[...] = grads[k]
 
 
 def _check_model(model, ids, params, seed, eps, tol, break_, progress):
@@ -194,7 +203,6 @@ def _check_model(model, ids, params, seed, eps, tol, break_, progress):
         rows.append(_row(name, shape, grads[key], numeric, idx, ref, floor))
         if progress is not None:
             progress(i + 1, len(targets))
-    model.zero_grad()
     return ModelCheck(rows, what, int(ids.shape[1]), time.perf_counter() - t0, tol)
 
 

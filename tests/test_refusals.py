@@ -348,3 +348,25 @@ def test_adapter_configs_and_bases_of_the_wrong_type_are_refused(tmp_path):
     pm = peft.get_peft_model(bert(), peft.LoraConfig(target_modules=["query"], task_type="SEQ_CLS"))
     with pytest.raises(ValueError, match="is a file, not a folder"):
         pm.save_pretrained(tmp_path / "f")
+
+
+@pytest.mark.parametrize("break_", [None, "gelu"])
+def test_check_model_leaves_modes_and_gradients_as_they_were(break_):
+    """a ReLU BERT: breaking GELU's backward is refused; either way the model keeps its training mode
+    and the gradients it had accumulated"""
+    from numlm.inspect import check_model
+    m = numlm.BertForSequenceClassification(numlm.BertConfig(vocab_size=V, hidden_size=8, num_hidden_layers=1,
+                                                             num_attention_heads=2, intermediate_size=16,
+                                                             hidden_act="relu"), seed=0, dtype="float64")
+    m.train()
+    m(np.array([[1, 2, 3]]), labels=np.array([1]))
+    m.backward()
+    grads = {k: g.copy() for k, g in m.grad_arrays().items()}
+    if break_ is None:
+        assert check_model(m, [[1, 2, 3, 4]], params=1).rows
+    else:
+        with pytest.raises(ValueError, match="did not change"):
+            check_model(m, [[1, 2, 3, 4]], params=1, break_=break_)
+    assert all(mod.training for _, mod in m.modules())
+    for k, g in m.grad_arrays().items():
+        np.testing.assert_array_equal(g, grads[k], err_msg=k)
