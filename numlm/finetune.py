@@ -708,6 +708,8 @@ def finetune(a, data=None, out=None, log=print, **options):
     lm_coef = (0.5 if a.lm_coef is None else a.lm_coef) if kind not in ENCODERS else None
     split, enc = _encode_splits(a, kind, tok, data, max_length, lm)
     steps_per_epoch = math.ceil(len(enc["train"]) / a.batch_size)
+    if not enc["train"].rows:  # QA keeps the answerable examples only
+        raise ValueError(f"{data.name}: no training example left to learn from (QA trains on answerable ones)")
     steps = min(a.epochs * steps_per_epoch, a.max_steps or math.inf)
     run = {"task": a.task, "method": a.method, "batch_size": a.batch_size, "max_length": max_length,
            "tokenizer_sha256": fingerprint(sorted(tok.backend.get_vocab().items())),

