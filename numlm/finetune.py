@@ -648,15 +648,20 @@ def _peak_mb():
 
 
 def _save_best(model, tok, out):
-    final = Path(out) / "best"
-    tmp = Path(out) / f".tmp-best-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tok.save(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    """out/best replaced by the model and tokenizer, written aside first: an error or Ctrl-C on the way
+    leaves the earlier best (or the new one) and no partial folder"""
+    final, tmp, old = Path(out) / "best", Path(out) / f".tmp-best-{os.getpid()}", Path(out) / f".old-best-{os.getpid()}"
+    try:
+        model.save_pretrained(tmp)
+        tok.save(tmp)
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+    finally:
+        if old.exists() and not final.exists():
+            os.rename(old, final)
+        for p in (tmp, old):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def plot(out_dir, task):

@@ -386,3 +386,27 @@ def test_qa_without_an_answerable_training_example_says_so(tmp_path, capsys):
                  "--max-length", "24", "--max-examples", "1", "--max-steps", "1", "--no-progress"]) == 2
     assert "no training example left to learn from" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_best_model_save_that_fails_keeps_the_earlier_best(tmp_path):
+    from pathlib import Path
+    import numlm.finetune as F
+
+    class Tok:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def save(self, d):
+            if self.fail:
+                raise KeyboardInterrupt
+            (Path(d) / "tokenizer.json").write_text("{}")
+
+    F._save_best(gpt(n_layer=2, dtype="float32"), Tok(False), tmp_path)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "best").iterdir()}
+    with pytest.raises(KeyboardInterrupt):
+        F._save_best(gpt(dtype="float32"), Tok(True), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+    assert {f.name: f.read_bytes() for f in (tmp_path / "best").iterdir()} == before
+    F._save_best(gpt(dtype="float32"), Tok(False), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+    assert numlm.from_pretrained(tmp_path / "best").config.n_layer == 1
