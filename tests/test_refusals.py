@@ -410,3 +410,13 @@ def test_a_best_model_save_that_fails_keeps_the_earlier_best(tmp_path):
     F._save_best(gpt(dtype="float32"), Tok(False), tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["best"]
     assert numlm.from_pretrained(tmp_path / "best").config.n_layer == 1
+
+
+def test_get_peft_model_inference_mode_freezes_the_adapter_and_checks_its_seed():
+    pm = peft.get_peft_model(bert(), peft.LoraConfig(target_modules=["query"], task_type="SEQ_CLS",
+                                                     inference_mode=True))
+    assert not pm.base_model.grad_arrays() and not pm.trainable_parameters()
+    assert len(peft.get_peft_model(bert(), peft.LoraConfig(target_modules=["query"], task_type="SEQ_CLS"))
+               .base_model.grad_arrays())
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got 'x'"):
+        peft.get_peft_model(bert(), peft.LoraConfig(target_modules=["query"], task_type="SEQ_CLS"), seed="x")

@@ -652,8 +652,15 @@ class PeftModel:
 def get_peft_model(model, config, adapter_name="default", seed=0):
     """Put the adapter `config` describes into `model` (changed in place) and freeze everything
     else but the task head; returns the PeftModel. The adapter is initialised as its library
-    does (seeded): LoRA B = 0 and bottleneck adapters near zero start from the base model."""
-    return PeftModel(model, config, adapter_name=adapter_name, seed=seed)
+    does (seeded): LoRA B = 0 and bottleneck adapters near zero start from the base model. A config
+    with inference_mode=True gives a frozen adapter, as peft's does."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    pm = PeftModel(model, config, adapter_name=adapter_name, seed=seed)
+    if getattr(config, "inference_mode", False):
+        for m, n in pm._slots.values():
+            m.grads.pop(n, None)
+    return pm
 
 
 TASK_CLASSES = {"SEQ_CLS": "ForSequenceClassification", "TOKEN_CLS": "ForTokenClassification",
