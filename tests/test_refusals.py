@@ -211,13 +211,14 @@ def test_pretrain_overwrite_keeps_a_corpus_and_a_tokenizer_under_out(tmp_path, c
     assert (tmp_path / "tokenizer.json").read_bytes() == tok and (tmp_path / "data" / "tokens.bin").is_file()
 
 
-def test_demo_starts_again_only_over_its_own_folder(tmp_path, corpus):
+def test_demo_starts_again_only_over_its_own_folder(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
             "--batch-size", "4", "--steps", "2", "--data", str(corpus), "--out", str(out)]
     assert main(args) == 0
     before = sorted(p.name for p in out.iterdir())
     assert main(["demo", "--out", str(out), "--data", str(corpus), "--minutes", "0.01", "--vocab-size", "300"]) == 2
+    assert "pass --overwrite to start the demo there" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
 
 

@@ -35,11 +35,15 @@ DEMO_OUT = "runs/demo"
 
 def cmd_demo(a):
     """Train a byte-level BPE tokenizer and a small GPT-2 on Shakespeare (or Python's docs), then sample."""
-    from ..recipes import pretrain
+    from ..recipes import pretrain, run_files
+    overwrite = a.overwrite or a.out == DEMO_OUT
+    if not overwrite and (earlier := run_files(a.out)):  # pretrain's refusal would offer --resume
+        raise ValueError(f"{a.out!r} already holds a run ({', '.join(earlier)}); pass --overwrite to start "
+                         f"the demo there, or another --out")
     t0 = time.perf_counter()
     model, tok, res = pretrain("gpt2", size="mini", data=a.data, vocab_size=a.vocab_size, out_dir=a.out,
                                block_size=128, batch_size=16, seed=a.seed, time_budget=a.minutes * 60,
-                               lr=1e-3, overwrite=a.overwrite or a.out == DEMO_OUT, encoding=a.encoding)
+                               lr=1e-3, overwrite=overwrite, encoding=a.encoding)
     if res.get("interrupted"):
         print(f"{a._prog}: interrupted", file=sys.stderr)
         return 130
