@@ -652,6 +652,8 @@ def _save_best(model, tok, out):
     leaves the earlier best (or the new one) and no partial folder"""
     final, tmp, old = Path(out) / "best", Path(out) / f".tmp-best-{os.getpid()}", Path(out) / f".old-best-{os.getpid()}"
     try:
+        for p in (tmp, old):  # left by a process killed while saving (a container reuses its pid)
+            shutil.rmtree(p, ignore_errors=True)
         model.save_pretrained(tmp)
         tok.save(tmp)
         if final.exists():
@@ -745,7 +747,7 @@ def finetune(a, data=None, out=None, log=print, **options):
                      warmup=int(a.warmup * steps), clip=a.clip, eval_every=steps_per_epoch,
                      save_every=steps_per_epoch, keep_last=1, log_every=10, progress=a.progress)
     ctx["trainer"] = trainer = Trainer(model, stream, tc, evaluate=validate, run=run)  # checks tc
-    _clear_out(out, a.overwrite)
+    _clear_out(out, a.overwrite, [a.model_dir] + ([a.data] if os.path.exists(a.data) else []))
     if a.resume:
         trainer.resume()
         log(f"resumed from step {trainer.step}")
@@ -871,9 +873,15 @@ def _validate(model, a, enc, label_names, tok, out, ctx, steps_per_epoch, log):
     return res
 
 
-def _clear_out(out, overwrite):
-    """--overwrite: the earlier run's outputs removed (every check has passed); out created."""
+def _clear_out(out, overwrite, inputs=()):
+    """--overwrite: the earlier run's outputs removed (every check has passed), unless an input lies
+    in one (a base model in out/best); out created."""
     if overwrite and out.is_dir():
+        inside = [str(i) for i in inputs for name in OUTPUTS
+                  if Path(i).resolve().is_relative_to((out / name).resolve())]
+        if inside:
+            raise ValueError(f"--overwrite would delete {inside[0]!r}, an input of this run, with the earlier run "
+                             f"in {str(out)!r}; copy it elsewhere or use another --out")
         for name in OUTPUTS:
             p = out / name
             if p.is_dir():

@@ -242,7 +242,7 @@ def clear_run(out, keep=()):
     keep = {Path(k).resolve() for k in keep if isinstance(k, (str, os.PathLike))}
     for n in run_files(out):
         p = out / n
-        if p.resolve() in keep:
+        if any(k.is_relative_to(p.resolve()) for k in keep):  # an input is, or lies in, this entry
             continue
         if n == "data":
             for f in RUN_DATA:
@@ -352,7 +352,7 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     cfg = make_config(arch, size, tokenizer.vocab_size, block_size, config_path, tokenizer)
     check_fit(arch, cfg, tokenizer, block_size)
     model, data_ = _build_run(arch, cfg, docs, tokenizer, out, block_size, batch_size, seed, dtype,
-                              overwrite and not resume, new_tokenizer, log, keep=(data, tokenizer_path))
+                              overwrite and not resume, new_tokenizer, log, keep=(data, tokenizer_path, config_path))
     log(f"model: {type(model).__name__}, {model.num_parameters() / 1e6:.2f} M parameters, {dtype}")
     if saved is not None and time_budget is not None:  # the resumed run keeps its planned length
         steps = int(saved.get("train_config", {}).get("max_steps", steps))

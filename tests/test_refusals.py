@@ -421,3 +421,40 @@ def test_get_peft_model_inference_mode_freezes_the_adapter_and_checks_its_seed()
                .base_model.grad_arrays())
     with pytest.raises(ValueError, match="seed must be an integer >= 0, got 'x'"):
         peft.get_peft_model(bert(), peft.LoraConfig(target_modules=["query"], task_type="SEQ_CLS"), seed="x")
+
+
+def test_overwrite_keeps_an_input_inside_an_earlier_runs_folder(bert_dir, data_csv, tmp_path, capsys):
+    """A second fine-tuning from one's own best (out/best as the base) or a pretraining reusing its own
+    model/tokenizer.json: --overwrite refuses, or keeps the input, rather than delete it"""
+    import shutil
+    out = tmp_path / "ft"
+    assert run(bert_dir, data_csv, out, "--max-steps", "2") == 0
+    capsys.readouterr()
+    assert run(out / "best", data_csv, out, "--max-steps", "2", "--overwrite") == 2
+    assert "--overwrite would delete" in capsys.readouterr().err and (out / "best" / "config.json").is_file()
+    from numlm.recipes import clear_run
+    run_dir = tmp_path / "pt"
+    shutil.copytree(out / "best", run_dir / "model")
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    clear_run(run_dir, keep=[run_dir / "model" / "tokenizer.json"])
+    assert (run_dir / "model" / "tokenizer.json").is_file() and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_a_stale_folder_of_a_killed_best_save_is_not_mixed_in(tmp_path):
+    import os
+    import numlm.finetune as F
+    from numlm.data.tokenizer import Tokenizer
+    stale = tmp_path / f".tmp-best-{os.getpid()}"
+    stale.mkdir()
+    (stale / "adapter_config.json").write_text("{}")
+    (tmp_path / f".old-best-{os.getpid()}").mkdir()
+    (tmp_path / f".old-best-{os.getpid()}" / "x").write_text("x")
+    tok = Tokenizer.train_bpe_from_iterator(["a b c"] * 3, vocab_size=260, min_frequency=1)
+    F._save_best(gpt(dtype="float32"), tok, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+    assert not (tmp_path / "best" / "adapter_config.json").exists()
+    (tmp_path / f".old-best-{os.getpid()}").mkdir()
+    (tmp_path / f".old-best-{os.getpid()}" / "x").write_text("x")
+    F._save_best(gpt(n_layer=2, dtype="float32"), tok, tmp_path)  # a stale .old-best no longer stops it
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+    assert numlm.from_pretrained(tmp_path / "best").config.n_layer == 2
