@@ -225,7 +225,6 @@ RUN_FILES = ("metrics.jsonl", "checkpoints", "model", "tokenizer.json", "data", 
              "grad_norm.png", "update_ratio.png")
 # a folder counts as the run's by what the run writes in it; only those files of data/ are removed
 RUN_MARKS = {"model": "config.json", "data": "tokens.bin"}
-RUN_DATA = ("tokens.bin", "tokens.json", "tokens.docs.npy")
 
 
 def run_files(out_dir):
@@ -244,9 +243,10 @@ def clear_run(out, keep=()):
         p = out / n
         if any(k.is_relative_to(p.resolve()) for k in keep):  # an input is, or lies in, this entry
             continue
-        if n == "data":
-            for f in RUN_DATA:
-                (p / f).unlink(missing_ok=True)
+        if n == "data":  # the token file and what prepare writes beside it
+            tokens = p / RUN_MARKS["data"]
+            for f in (tokens, _sidecar(tokens), _docs_path(tokens)):
+                f.unlink(missing_ok=True)
             if not any(p.iterdir()):
                 p.rmdir()
         else:

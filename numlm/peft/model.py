@@ -605,9 +605,13 @@ class PeftModel:
             pm._restore()
             raise
         if not is_trainable:
-            for m, n in pm._slots.values():
-                m.grads.pop(n, None)
+            pm._freeze_adapter()
         return pm
+
+    def _freeze_adapter(self):
+        """For inference: every tensor the adapter trains (its own and the head's) without a gradient"""
+        for m, n in self._slots.values():
+            m.grads.pop(n, None)
 
     def _static_head(self, state, head, head_config, path):
         """AdapterHub's model_head.safetensors holds the model's own head when it is a static transformers
@@ -658,8 +662,7 @@ def get_peft_model(model, config, adapter_name="default", seed=0):
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     pm = PeftModel(model, config, adapter_name=adapter_name, seed=seed)
     if getattr(config, "inference_mode", False):
-        for m, n in pm._slots.values():
-            m.grads.pop(n, None)
+        pm._freeze_adapter()
     return pm
 
 
