@@ -97,7 +97,7 @@ def test_generate_from_an_adapter_folder(gpt_dir, tmp_path, capsys, method):
                  "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out == want
     assert main(["generate", str(tmp_path / "adapter"), "--base", str(tmp_path / "nowhere"), "--prompt", "x"]) == 2
-    assert "give its base model folder with --base" in capsys.readouterr().err
+    assert "give its base model folder or Hub name with --base" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])

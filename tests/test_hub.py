@@ -122,3 +122,59 @@ def test_commands_take_names_offline(hub, capsys):
     assert main(["generate", "numlm-test/not-cached", "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "not in the Hugging Face cache" in err and str(hub / "hub") in err
+
+
+def test_unreachable_hub_falls_back_to_the_cache(hub):
+    """HF_HUB_OFFLINE unset and the Hub unreachable (a refused port): a cached name loads from the cache
+    at once, one that is not cached is one line naming the cache; no retries, no httpx traceback."""
+    import os
+    import subprocess
+    import sys
+    import time
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # huggingface_hub reads it at import: a fresh process
+    code = ("import numlm\nm = numlm.from_pretrained('numlm-test/roberta-tiny')\nprint(type(m).__name__)\n"
+            "try:\n    numlm.from_pretrained('numlm-test/never-downloaded')\nexcept ValueError as e:\n    print(e)\n")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "RobertaForMaskedLM" and len(lines) == 2
+    assert "not in the Hugging Face cache" in lines[1] and "could not be reached" in lines[1]
+    assert str(hub / "hub") in lines[1]
+    assert time.perf_counter() - start < 20  # list_repo_files' five retries took ~25 s
+
+
+def test_profile_and_adapter_bases_take_names(hub, tmp_path, capsys):
+    """numlm profile with a Hub name; an adapter whose base is a Hub name (in adapter_config.json, or
+    with --base) generates as the adapter on the cached model does."""
+    from numlm import peft
+    from numlm.cli import main
+    from numlm.decoding import generate
+    tok = Tokenizer.train_bpe_from_iterator(TEXTS, vocab_size=270, min_frequency=1)
+    cfg = numlm.GPT2Config(vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=2, n_head=2,
+                           eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
+    gpt = snapshot(hub, "numlm-test/gpt-words", REV, "main")
+    numlm.GPT2LMHeadModel(cfg, seed=2).save_pretrained(gpt)
+    tok.save(gpt)
+    assert main(["profile", "numlm-test/gpt-words", "--steps", "1", "--batch", "2", "--seq", "6"]) == 0
+    assert "transformer.h.1" in capsys.readouterr().out
+    assert main(["profile", "numlm-test/gpt-wrods"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a workload" in err and "not in the Hugging Face cache" in err
+    pm = peft.get_peft_model(numlm.from_pretrained(gpt), peft.LoraConfig(r=2, target_modules=["c_attn"],
+                             task_type="CAUSAL_LM", init_lora_weights=False), seed=1)
+    pm.peft_config.base_model_name_or_path = "numlm-test/gpt-words"
+    pm.save_pretrained(tmp_path / "adapter")
+    ids = tok.encode("the cat", add_special_tokens=False)
+    new = generate(pm.eval(), [ids], max_new_tokens=4, eos_token_id=[])[0, len(ids):]
+    want = "the cat" + tok.decode(new) + "\n"
+    args = ["--prompt", "the cat", "--max-new-tokens", "4"]
+    assert main(["generate", str(tmp_path / "adapter")] + args) == 0
+    assert capsys.readouterr().out == want
+    pm.peft_config.base_model_name_or_path = None
+    pm.save_pretrained(tmp_path / "unnamed")
+    assert main(["generate", str(tmp_path / "unnamed"), "--base", "numlm-test/gpt-words"] + args) == 0
+    assert capsys.readouterr().out == want
+    assert main(["generate", str(tmp_path / "unnamed")] + args) == 2
+    assert "names no base model" in capsys.readouterr().err

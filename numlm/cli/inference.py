@@ -7,27 +7,34 @@ import numpy as np
 
 def _load(model_dir, dtype, base=None):
     """(model, tokenizer) of a model directory, or of an adapter folder (adapter_config.json) on its
-    base: `base`, else the folder adapter_config.json's base_model_name_or_path names."""
+    base: `base`, else what adapter_config.json's base_model_name_or_path names (folders and Hub names both)."""
     from pathlib import Path
     from ..data.tokenizer import Tokenizer
     from ..io import nonfinite_tensors
+    from ..io.hub import resolve
     from ..models import from_pretrained
-    adapter = Path(model_dir) / "adapter_config.json"
+    model_dir = resolve(model_dir)  # a folder, or a Hub name through the Hugging Face cache
+    adapter = model_dir / "adapter_config.json"
     if not adapter.is_file():
         if base is not None:
             raise ValueError(f"--base goes with an adapter folder; {model_dir} has no adapter_config.json")
         model = from_pretrained(model_dir, dtype=dtype).eval()
-        tok = Tokenizer.from_pretrained(model_dir)  # a folder, or a Hub name through the Hugging Face cache
+        tok = Tokenizer.from_pretrained(model_dir)
     else:
         from ..peft import PeftModel
         from ..peft.files import read_json
         d = read_json(adapter)
         named = d.get("base_model_name_or_path") or d.get("model_name")  # peft's, else AdapterHub's
-        if base is None and named:  # as the working directory or the adapter folder sees it
-            base = named if Path(named).is_dir() else Path(model_dir) / named
-        if base is None or not Path(base).is_dir():
-            raise ValueError(f"{model_dir} is an adapter: give its base model folder with --base "
-                             f"(adapter_config.json names {named!r}, not a folder)")
+        if base is None and not named:
+            raise ValueError(f"{model_dir} is an adapter whose adapter_config.json names no base model: give "
+                             "its base model folder or Hub name with --base")
+        if base is None:  # as the working directory or the adapter folder sees it, else a Hub name
+            base = next((p for p in (Path(named), model_dir / named) if p.is_dir()), named)
+        try:
+            base = resolve(base)
+        except ValueError as e:
+            raise ValueError(f"{model_dir} is an adapter on {str(base)!r}, which does not load ({e}): give its "
+                             "base model folder or Hub name with --base") from None
         model = PeftModel.from_pretrained(from_pretrained(base, dtype=dtype).eval(), model_dir).eval()
         tok = Tokenizer.from_dir(model_dir if (Path(model_dir) / "tokenizer.json").is_file() else base)
     bad = nonfinite_tensors(model.parameters())
@@ -108,7 +115,7 @@ def add_parsers(sub):
     g = sub.add_parser("generate", help="generate text with a GPT model (KV cache), streaming it as it comes")
     g.add_argument("model", help="model directory (config.json, model.safetensors, tokenizer), or an adapter "
                                  "folder (peft / AdapterHub) on a GPT")
-    g.add_argument("--base", help="the adapter's base model directory (default: the folder its "
+    g.add_argument("--base", help="the adapter's base model directory or Hub name (default: the one its "
                                   "adapter_config.json names)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=count(1), default=50)

@@ -1,5 +1,4 @@
 """`numlm profile`: where a training step's (or a generation's) time goes, per op and per layer."""
-import os
 
 import numpy as np
 
@@ -12,12 +11,15 @@ def cmd_profile(a):
         raise ValueError("--generate profiles one prompt (--seq sets its length); --batch sizes training batches")
     if a.target in WORKLOADS:
         model, batch = build_workload(a.target, dtype=a.dtype)
-    elif os.path.isdir(a.target):
-        from ..models import from_pretrained
-        model = from_pretrained(a.target, dtype=a.dtype).train()
-        batch = None
     else:
-        raise ValueError(f"{a.target!r} is neither a workload ({', '.join(WORKLOADS)}) nor a model directory")
+        from ..io.hub import resolve
+        from ..models import from_pretrained
+        try:
+            folder = resolve(a.target)  # a folder, or a Hub name through the Hugging Face cache
+        except ValueError as e:
+            raise ValueError(f"{a.target!r} is neither a workload ({', '.join(WORKLOADS)}) nor a model: {e}") from None
+        model = from_pretrained(folder, dtype=a.dtype).train()
+        batch = None
     cfg = model.config
     V = cfg.vocab_size
     if a.generate:
@@ -64,7 +66,7 @@ def _random_batch(model, B, T):
 def add_parser(sub):
     from .args import count
     p = sub.add_parser("profile", help="time per op and per layer of a training step (or of generation)")
-    p.add_argument("target", help="a workload (gpt-mini, gpt-small, bert-mini) or a model directory")
+    p.add_argument("target", help="a workload (gpt-mini, gpt-small, bert-mini), a model directory or a Hub name")
     p.add_argument("--steps", type=count(1), default=3, help="timed steps (default 3)")
     p.add_argument("--warmup", type=count(0), default=1, help="untimed steps first (default 1: compiles kernels)")
     p.add_argument("--batch", type=count(1), help="batch size for a model directory (default 8)")

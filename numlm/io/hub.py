@@ -50,21 +50,36 @@ def resolve(name_or_path, revision=None):
     except ImportError:
         raise ValueError(f"{name!r} is not a folder; to load it by name from the Hugging Face Hub install "
                          "huggingface_hub: pip install \"numlm[hub]\"") from None
-    cache, local = cache_dir(), offline()
+    cache, local, files = cache_dir(), offline(), None
+    not_found = (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.HFValidationError)
     try:
         if not local:
-            _refuse_pickles_only(name, revision, hf.list_repo_files(name, revision=revision))
+            files = _remote_files(hf, name, revision)
+            _refuse_pickles_only(name, revision, files or [])
         folder = Path(hf.snapshot_download(name, revision=revision, cache_dir=cache, allow_patterns=ALLOW,
-                                           local_files_only=local))
+                                           local_files_only=local or files is None))
     except errors.LocalEntryNotFoundError:
         where = f"revision {revision!r} of " if revision else ""
-        raise ValueError(f"{where}{name!r} is not in the Hugging Face cache {str(cache)!r} and HF_HUB_OFFLINE is set: "
+        why = "HF_HUB_OFFLINE is set" if local else "the Hugging Face Hub could not be reached"
+        raise ValueError(f"{where}{name!r} is not in the Hugging Face cache {str(cache)!r} and {why}: "
                          "run once with a network (HF_HUB_OFFLINE=0) to download it") from None
-    except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.HFValidationError) as e:
+    except not_found as e:
         raise ValueError(f"{name!r}{f' revision {revision!r}' if revision else ''}: not found on the Hugging Face "
                          f"Hub ({type(e).__name__})") from None
     _refuse_pickles_only(name, revision, [str(p.relative_to(folder)) for p in folder.rglob("*")])
     return folder
+
+
+def _remote_files(hf, name, revision):
+    """The repository's file names, or None when the Hub cannot be reached (no network, a proxy, a server
+    error): then the cache is used. model_info asks once, where list_repo_files retries for ~25 s."""
+    from huggingface_hub import errors
+    try:
+        return [s.rfilename for s in hf.model_info(name, revision=revision).siblings or []]
+    except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.HFValidationError):
+        raise
+    except Exception:
+        return None
 
 
 def _refuse_pickles_only(name, revision, files):
