@@ -215,6 +215,8 @@ def _check_args(V, do_sample, temperature, top_k, top_p, repetition_penalty, len
         raise ValueError(f"seed must be an integer >= 0 (or None), got {seed!r}")
     if rng is not None and not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng must be a numpy Generator (np.random.default_rng(...)), got {type(rng).__name__}")
+    if rng is not None and seed is not None:
+        raise ValueError("give seed or rng, not both: seed starts a new generator, rng is one already running")
     if attention_mask is not None:
         m = np.asarray(attention_mask)
         if m.dtype != np.bool_ and (m.dtype.kind not in "iuf" or not np.isin(m, (0, 1)).all()):
@@ -255,6 +257,9 @@ def _max_length(max_new_tokens, max_length, T0, config, virtual=0):
     if max_new_tokens is not None:
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if max_length is not None:
+            warnings.warn(f"both max_new_tokens={max_new_tokens} and max_length={max_length!r} are set: "
+                          "max_new_tokens wins, as in transformers", UserWarning, stacklevel=3)
         max_length = T0 + int(max_new_tokens)
     elif max_length is None:
         max_length = 20  # transformers' GenerationConfig default
@@ -349,6 +354,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
     if do_sample and rng is None:
         rng = np.random.default_rng(seed)
     if num_beams > 1:
+        _check_length_penalty(length_penalty, max_length - T0)
         seqs, seq_scores, scores = _beam_search(
             model, ids, mask, max_length, num_beams, num_return_sequences, length_penalty, early_stopping,
             eos, pad_token_id, use_cache, do_sample, temperature, top_k, top_p, repetition_penalty, rng)
@@ -482,6 +488,15 @@ def _beam_candidates(bm, acc, cur, T0, n_keep, eos_arr, max_length, do_sample, r
     if cur + 1 >= max_length:
         hits = np.ones_like(hits)
     return topk_logp, topk_seqs, topk_idx, hits
+
+
+def _check_length_penalty(length_penalty, n):
+    """Beam scores divide by generated_length ** length_penalty in float32: refused where that power
+    leaves float32's range within n new tokens (every score would be 0 or infinite)."""
+    if abs(length_penalty) * np.log(n) > np.log(np.finfo(np.float32).max):
+        raise ValueError(f"length_penalty={length_penalty!r}: generated_length ** length_penalty leaves float32's "
+                         f"range within {n} new tokens; use |length_penalty| <= "
+                         f"{np.log(np.finfo(np.float32).max) / np.log(n):.4g}")
 
 
 def _beam_advance(bm, cand, cur, T0, length_penalty, early_stopping):

@@ -338,7 +338,8 @@ def test_lengths_and_defaults():
     model = TableLM(V=9, seed=8, eos_token_id=None)
     assert generate(model, [[1, 2, 3]]).shape == (1, 20)               # transformers' max_length=20
     assert generate(model, [[1, 2, 3]], max_length=7).shape == (1, 7)
-    assert generate(model, [[1, 2, 3]], max_length=30, max_new_tokens=2).shape == (1, 5)  # new wins
+    with pytest.warns(UserWarning, match="max_new_tokens wins"):
+        assert generate(model, [[1, 2, 3]], max_length=30, max_new_tokens=2).shape == (1, 5)
 
 
 def test_eos_stops_and_pad_defaults_to_eos():

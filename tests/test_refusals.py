@@ -157,6 +157,21 @@ def test_search_options_accepted_are_honoured():
                                   numlm.generate(g, [[1, 2]], early_stopping=True, **kw))
 
 
+def test_length_penalty_seed_and_length_options_are_never_silently_dropped():
+    """A length penalty whose power leaves float32 is refused (it was an OverflowError, or all scores
+    0); seed beside rng, and max_length beside max_new_tokens, are no longer silently ignored."""
+    g = gpt(dtype="float32").eval()
+    for lp in (2000.0, -2000.0):
+        with pytest.raises(ValueError, match=rf"length_penalty={lp}: .* float32's range within 5 new tokens"):
+            numlm.generate(g, [[1, 2]], max_new_tokens=5, num_beams=2, length_penalty=lp)
+    limit = np.log(np.finfo(np.float32).max) / np.log(5)
+    assert numlm.generate(g, [[1, 2]], max_new_tokens=5, num_beams=2, length_penalty=limit * 0.99).shape[1] <= 7
+    with pytest.raises(ValueError, match="give seed or rng, not both"):
+        numlm.generate(g, [[1, 2]], max_new_tokens=2, do_sample=True, seed=1, rng=np.random.default_rng(1))
+    with pytest.warns(UserWarning, match="both max_new_tokens=2 and max_length=30 are set: max_new_tokens wins"):
+        assert numlm.generate(g, [[1, 2]], max_new_tokens=2, max_length=30).shape == (1, 4)
+
+
 def test_gradcheck_of_one_array_passed_as_q_k_and_v():
     """gradcheck perturbs each input alone: the same array given three times is checked as three copies"""
     q = np.random.default_rng(2).standard_normal((1, 2, 3, 4))
