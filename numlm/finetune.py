@@ -209,7 +209,7 @@ def check_args(a):
 
 def _check_causal_lm(a):
     """What a causal LM has no use for: a task head (its head is the token table), GPT-1's auxiliary
-    LM loss (the LM loss is the task)."""
+    LM loss (the LM loss is the task); and its blocks need two tokens."""
     if a.method == "head":
         raise ValueError("--method head trains the task head alone; a causal LM's head is its token table: "
                          "use full, freeze, lora, adapter, prompt or prefix")
@@ -218,6 +218,9 @@ def _check_causal_lm(a):
     if a.lm_coef is not None:
         raise ValueError("--lm-coef weighs GPT-1's auxiliary LM loss beside a task; --task causal-lm "
                          "trains the LM loss itself")
+    if a.max_length is not None and a.max_length < 2:
+        raise ValueError(f"--max-length {a.max_length}: a causal LM's block needs 2 tokens or more (one to read, "
+                         "the next to predict)")
 
 
 def _check_method(a, kind, cfg, cls):
@@ -262,7 +265,10 @@ def _check_labels(a, data, cfg):
         from_model = None  # a pretrained backbone: the head is new
     K = a.num_labels or from_model or data.num_labels
     if K < 2 and a.task == "seqcls":
-        raise ValueError(f"{data.name}: the labels hold a single class; classification needs 2 or more")
+        who = ("--num-labels 1" if a.num_labels else "the model's config has num_labels=1" if from_model
+               else f"{data.name}: the labels hold a single class")
+        raise ValueError(f"{who}; classification needs 2 or more classes (one label is regression, which "
+                         "numlm finetune does not train)")
     for split in ("train", "validation", "test"):
         for i, ex in enumerate(data.split(split)):
             labels = [ex["label"]] if a.task == "seqcls" else ex["labels"]

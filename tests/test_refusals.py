@@ -473,3 +473,14 @@ def test_a_stale_folder_of_a_killed_best_save_is_not_mixed_in(tmp_path):
     F._save_best(gpt(n_layer=2, dtype="float32"), tok, tmp_path)  # a stale .old-best no longer stops it
     assert [p.name for p in tmp_path.iterdir()] == ["best"]
     assert numlm.from_pretrained(tmp_path / "best").config.n_layer == 2
+
+
+def test_num_labels_and_a_causal_block_too_small_name_the_option(bert_dir, gpt_dir, data_csv, tmp_path, capsys):
+    """--num-labels 1 and a causal-lm --max-length 1 were reported as faults of the data."""
+    assert run(bert_dir, data_csv, tmp_path / "one", "--num-labels", "1") == 2
+    assert "--num-labels 1; classification needs 2 or more classes" in capsys.readouterr().err
+    text = tmp_path / "docs.jsonl"
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t, _ in sentences(40, 3)))
+    assert run(gpt_dir, text, tmp_path / "lm", "--task", "causal-lm", "--max-length", "1") == 2
+    assert "--max-length 1: a causal LM's block needs 2 tokens or more" in capsys.readouterr().err
+    assert not (tmp_path / "one").exists() and not (tmp_path / "lm").exists()
