@@ -351,21 +351,22 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
         check_resume(saved, run, None if time_budget is not None else steps, allow_changes)
     cfg = make_config(arch, size, tokenizer.vocab_size, block_size, config_path, tokenizer)
     check_fit(arch, cfg, tokenizer, block_size)
-    model, data_ = _build_run(arch, cfg, docs, tokenizer, out, block_size, batch_size, seed, dtype,
-                              overwrite and not resume, new_tokenizer, log, keep=(data, tokenizer_path, config_path))
-    log(f"model: {type(model).__name__}, {model.num_parameters() / 1e6:.2f} M parameters, {dtype}")
-    if saved is not None and time_budget is not None:  # the resumed run keeps its planned length
-        steps = int(saved.get("train_config", {}).get("max_steps", steps))
-    elif time_budget is not None:
-        steps = calibrate_steps(model, data_.stream, t0 + time_budget, log)
-    if lr is None:  # post-LN BERT stalls at the unigram solution at GPT's small-model rate
-        lr = 3e-4 if arch == "bert" else (1e-3 if size in ("tiny", "mini") else 5e-4)
-    tc = TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, schedule="cosine",
-                     warmup=warmup if warmup is not None else max(1, min(100, steps // 10)),
-                     eval_every=eval_every or max(1, steps // 5), save_every=save_every or max(1, steps // 2),
-                     progress=progress, grad_accum=grad_accum)
-    trainer = Trainer(model, data_.stream, tc, evaluate=data_.evaluate, run=run)
-    result = _train(trainer, data_, resume, log)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-prepare-", dir=out.parent) as scratch:
+        model, data_, meta = _build_run(arch, cfg, docs, tokenizer, Path(scratch), block_size, batch_size, seed, dtype)
+        log(f"model: {type(model).__name__}, {model.num_parameters() / 1e6:.2f} M parameters, {dtype}")
+        if saved is not None and time_budget is not None:  # the resumed run keeps its planned length
+            steps = int(saved.get("train_config", {}).get("max_steps", steps))
+        elif time_budget is not None:
+            steps = calibrate_steps(model, data_.stream, t0 + time_budget, log)
+        tc = _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum)
+        trainer = Trainer(model, data_.stream, tc, evaluate=data_.evaluate, run=run)
+        if resume:  # the checkpoint loads before anything in out changes
+            trainer.resume()
+            log(f"resumed from step {trainer.step}")
+        _start_run(out, arch, Path(scratch), meta, data_, tokenizer if new_tokenizer else None,
+                   overwrite and not resume, (data, tokenizer_path, config_path), log)
+    result = _train(trainer, data_, log)
     if not result.get("interrupted"):
         final = out / "model"
         model.save_pretrained(final)
@@ -390,39 +391,46 @@ def _run_tokenizer(arch, out, tokenizer_path, resume, docs, vocab_size):
     return train_tokenizer(arch, docs, vocab_size), True
 
 
-def _build_run(arch, cfg, docs, tokenizer, out, block_size, batch_size, seed, dtype, clear, new_tokenizer, log,
-               keep=()):
-    """(model, data): the data prepared in a scratch folder and the model built; only then is an
-    earlier run removed (clear) and the tokenizer and token file moved into out."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}-prepare-", dir=out.parent) as scratch:
-        if arch == "bert":
-            data_ = BertData(docs, tokenizer, block_size, batch_size, seed)
-        else:
-            tokens_tmp = Path(scratch) / "tokens.bin"
-            meta = prepare(docs, tokenizer, tokens_tmp)
-            data_ = GPTData(load_tokens(tokens_tmp), load_document_starts(tokens_tmp), block_size, batch_size, seed)
-        model = model_class(arch)(cfg, seed=seed)
-        model.astype(dtype)
-        # every check passed: the run starts here, and only now is an earlier run removed
-        if clear:
-            clear_run(out, keep)
-        out.mkdir(parents=True, exist_ok=True)
-        if new_tokenizer:
-            tokenizer.save(out / "tokenizer.json")
-            log(f"tokenizer: trained {'WordPiece' if arch == 'bert' else 'byte-level BPE'}, "
-                f"{tokenizer.vocab_size} tokens, saved to {out / 'tokenizer.json'}")
-        if arch != "bert":
-            _move_token_file(tokens_tmp, out / "data" / "tokens.bin")
-            log(f"data: {meta['length']:,} tokens ({data_.train_tokens:,} train, {data_.val_tokens:,} validation); "
-                f"unigram baseline {data_.unigram_loss:.3f} nats")
-    return model, data_
+def _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum):
+    if lr is None:  # post-LN BERT stalls at the unigram solution at GPT's small-model rate
+        lr = 3e-4 if arch == "bert" else (1e-3 if size in ("tiny", "mini") else 5e-4)
+    return TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, schedule="cosine",
+                       warmup=warmup if warmup is not None else max(1, min(100, steps // 10)),
+                       eval_every=eval_every or max(1, steps // 5), save_every=save_every or max(1, steps // 2),
+                       progress=progress, grad_accum=grad_accum)
 
 
-def _train(trainer, data_, resume, log):
-    if resume:
-        trainer.resume()
-        log(f"resumed from step {trainer.step}")
+def _build_run(arch, cfg, docs, tokenizer, scratch, block_size, batch_size, seed, dtype):
+    """(model, data, token file metadata): a GPT's token file is prepared in the scratch folder."""
+    meta = None
+    if arch == "bert":
+        data_ = BertData(docs, tokenizer, block_size, batch_size, seed)
+    else:
+        meta = prepare(docs, tokenizer, scratch / "tokens.bin")
+        data_ = GPTData(load_tokens(scratch / "tokens.bin"), load_document_starts(scratch / "tokens.bin"),
+                        block_size, batch_size, seed)
+    model = model_class(arch)(cfg, seed=seed)
+    model.astype(dtype)
+    return model, data_, meta
+
+
+def _start_run(out, arch, scratch, meta, data_, new_tokenizer, clear, keep, log):
+    """Every check passed (and a resumed checkpoint loaded): only now is an earlier run removed (clear)
+    and a newly trained tokenizer and the token file moved into out."""
+    if clear:
+        clear_run(out, keep)
+    out.mkdir(parents=True, exist_ok=True)
+    if new_tokenizer is not None:
+        new_tokenizer.save(out / "tokenizer.json")
+        log(f"tokenizer: trained {'WordPiece' if arch == 'bert' else 'byte-level BPE'}, "
+            f"{new_tokenizer.vocab_size} tokens, saved to {out / 'tokenizer.json'}")
+    if arch != "bert":
+        _move_token_file(scratch / "tokens.bin", out / "data" / "tokens.bin")
+        log(f"data: {meta['length']:,} tokens ({data_.train_tokens:,} train, {data_.val_tokens:,} validation); "
+            f"unigram baseline {data_.unigram_loss:.3f} nats")
+
+
+def _train(trainer, data_, log):
     before = data_.evaluate(trainer.model)
     log("before training: " + _fmt(before))
     result = trainer.run()

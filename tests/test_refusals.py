@@ -484,3 +484,22 @@ def test_num_labels_and_a_causal_block_too_small_name_the_option(bert_dir, gpt_d
     assert run(gpt_dir, text, tmp_path / "lm", "--task", "causal-lm", "--max-length", "1") == 2
     assert "--max-length 1: a causal LM's block needs 2 tokens or more" in capsys.readouterr().err
     assert not (tmp_path / "one").exists() and not (tmp_path / "lm").exists()
+
+
+def test_a_resume_that_cannot_load_leaves_the_runs_token_file(tmp_path, corpus, capsys):
+    """--resume --allow-changes onto another corpus, with every checkpoint's weights damaged: the resume
+    fails, and the run's token file is the one it trained on (it was replaced before the load)."""
+    out = tmp_path / "run"
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
+            "--batch-size", "4", "--steps", "2", "--out", str(out)]
+    assert main(args + ["--data", str(corpus)]) == 0
+    tokens = (out / "data" / "tokens.bin").read_bytes()
+    for f in (out / "checkpoints").rglob("*.safetensors"):
+        f.write_bytes(b"damaged")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.txt").write_text("another corpus, with other words in it\n" * 50)
+    capsys.readouterr()
+    assert main(args + ["--data", str(other), "--resume", "--allow-changes", "--steps", "4"]) == 2
+    assert "no readable checkpoint" in capsys.readouterr().err
+    assert (out / "data" / "tokens.bin").read_bytes() == tokens
