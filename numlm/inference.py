@@ -85,12 +85,11 @@ def fill_mask(model, tokenizer, text, top_k=5):
 # ---- sequence classification -------------------------------------------------------------------------
 def predict(model, input_ids, attention_mask=None, token_type_ids=None):
     """Sequence classification: probs = softmax(logits) (single-label), sigmoid(logits) (multi-label), or
-    the raw value (regression, num_labels == 1). -> ModelOutput(logits, probs, labels (B,), label_names)."""
-    if not hasattr(model, "classifier") or "SequenceClassification" not in type(model).__name__:
-        raise ValueError(f"model: {type(model).__name__} is not a sequence-classification model")
+    the raw value (regression, num_labels == 1). -> ModelOutput(logits, probs, labels (B,), label_names).
+    model: any *ForSequenceClassification (BERT, RoBERTa, DistilBERT, GPT-2), or a PeftModel on one."""
+    cfg = _classifier_config(model)
     ids = _ids("input_ids", input_ids)
     logits = np.asarray(_encoder_call(model, ids, attention_mask, token_type_ids).logits)
-    cfg = model.config
     kind = getattr(cfg, "problem_type", None)
     if logits.shape[-1] == 1 and kind in (None, "regression"):
         probs = logits.copy()
@@ -106,15 +105,34 @@ def predict(model, input_ids, attention_mask=None, token_type_ids=None):
     return ModelOutput(logits=logits, probs=probs, labels=labels, label_names=names)
 
 
+def _classifier_config(model):
+    """The config of a sequence classifier (a PeftModel's base model's)."""
+    base = getattr(model, "base_model", model)
+    if not type(base).__name__.endswith("ForSequenceClassification"):
+        raise ValueError(f"model: {type(base).__name__} is not a sequence-classification model")
+    return base.config
+
+
 def classify(model, tokenizer, texts, pairs=None, max_length=None):
-    """texts (and optional pairs) -> per text {label, score, probs} (transformers' text-classification)."""
+    """texts (and optional pairs) -> per text {label, score, probs} (transformers' text-classification).
+    Encoders run the texts as one padded batch; a GPT runs each text alone, as the pipeline does (its
+    pooled token is the last real one, which padding and prompt tuning would move)."""
     single = isinstance(texts, str)
     texts = [texts] if single else list(texts)
     if pairs is not None:
         pairs = [pairs] if isinstance(pairs, str) else list(pairs)
-    enc = tokenizer.encode_batch(texts, pairs, max_length=max_length)
-    out = predict(model, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
-    res = [{"label": n, "score": float(p[i]), "probs": p} for n, i, p in zip(out.label_names, out.labels, out.probs)]
+    cfg = _classifier_config(model)
+    if getattr(cfg, "model_type", None) in ("gpt2", "openai-gpt"):
+        enc = tokenizer.encode_batch(texts, pairs, max_length=max_length, padding=False)
+        outs = [predict(model, [ids]) for ids in enc["input_ids"]]
+        out = {k: np.concatenate([o[k] for o in outs]) for k in ("labels", "probs")}
+        out["label_names"] = [n for o in outs for n in o.label_names]
+    else:  # token types for BERT and RoBERTa only (DistilBERT has none)
+        enc = tokenizer.encode_batch(texts, pairs, max_length=max_length)
+        types = enc["token_type_ids"] if getattr(cfg, "type_vocab_size", None) else None
+        out = predict(model, enc["input_ids"], enc["attention_mask"], types)
+    res = [{"label": n, "score": float(p[i]), "probs": p}
+           for n, i, p in zip(out["label_names"], out["labels"], out["probs"])]
     return res[0] if single else res
 
 

@@ -102,6 +102,32 @@ def test_classify_text_level():
         assert r["score"] == pytest.approx(p.max()) and r["label"] == f"LABEL_{int(np.argmax(p))}"
 
 
+def test_classify_takes_gpt2_distilbert_and_adapted_classifiers():
+    """GPT-2's classifier (each text alone: its pooled token is the last real one), DistilBERT's (no token
+    types), and a PeftModel on either: the probabilities are the softmax of the model's own logits on
+    the text by itself; prompt tuning changes them."""
+    from numlm import peft
+    tok = Tokenizer.train_bpe_from_iterator(TEXTS, vocab_size=280, min_frequency=1)
+    texts = ["the cat sat", "a dog and a log on the mat"]
+    gpt = numlm.GPT2ForSequenceClassification(numlm.GPT2Config(
+        vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=1, n_head=2, num_labels=3), seed=1,
+        dtype="float64").eval()
+    distil = numlm.DistilBertForSequenceClassification(numlm.DistilBertConfig(
+        vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2, hidden_dim=24, max_position_embeddings=32),
+        seed=1, dtype="float64").eval()
+    prompt = peft.get_peft_model(numlm.GPT2ForSequenceClassification(gpt.config, seed=1, dtype="float64"),
+                                 peft.PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"), seed=2).eval()
+    lora = peft.get_peft_model(numlm.DistilBertForSequenceClassification(distil.config, seed=1, dtype="float64"),
+                               peft.LoraConfig(r=2, task_type="SEQ_CLS", init_lora_weights=False), seed=2).eval()
+    for model in (gpt, distil, prompt, lora):
+        res = classify(model, tok, texts)
+        for text, r in zip(texts, res):
+            p = hand_softmax(model(np.array([tok.encode(text)])).logits[0])
+            np.testing.assert_allclose(r["probs"], p, rtol=1e-12)
+            assert r["label"] == f"LABEL_{int(np.argmax(p))}"
+    assert not np.allclose(classify(prompt, tok, texts[0])["probs"], classify(gpt, tok, texts[0])["probs"])
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000), lengths=st.lists(st.integers(1, 6), min_size=1, max_size=4),
        normalize=st.booleans())
