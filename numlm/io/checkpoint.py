@@ -105,9 +105,9 @@ def config_text(cfg):
         raise ValueError(f"the config cannot be written as JSON: {e}") from None
 
 
-def write_config(cfg, path):
+def write_config(text, path):
+    """config.json in folder `path`, from config_text's text (checked before any weights were written)"""
     path = Path(path)
-    text = config_text(cfg)
     path.mkdir(parents=True, exist_ok=True)
     _atomic_write(path / CONFIG, lambda t: Path(t).write_text(text))
 

@@ -255,9 +255,9 @@ class PreTrainedModel(Module):
         cfg = self.config.to_dict()
         cfg["architectures"] = [type(self).__name__]
         cfg["dtype"] = str(self.dtype)
-        config_text(cfg)  # a config JSON cannot hold is refused before the weights are written
+        text = config_text(cfg)  # a config JSON cannot hold is refused before the weights are written
         save_safetensors(state, path, max_shard_bytes)
-        write_config(cfg, path)
+        write_config(text, path)
 
     # ---- the forward/backward contract --------------------------------------------------------
     def objective(self, out):
