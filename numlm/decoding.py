@@ -16,7 +16,7 @@ import inspect
 import numpy as np
 
 from .models.pretrained import ModelOutput
-from .nn import no_grad
+from .nn import eval_mode, no_grad
 from .ops import softmax, log_softmax
 
 NEG = np.float32(-1.0e9)  # transformers' "very large negative" for beams that must not be chosen
@@ -82,10 +82,14 @@ def _nucleus(s, p, top_p, least):
 
 
 def process_logits(scores, input_ids, do_sample, temperature=1.0, top_k=None, top_p=1.0,
-                   repetition_penalty_=1.0, min_tokens_to_keep=1):
-    """transformers' LogitsProcessorList for these options, in its order. scores: (B, V) float32."""
+                   repetition_penalty_=1.0, min_tokens_to_keep=1, suppress=None):
+    """transformers' LogitsProcessorList for these options, in its order. scores: (B, V) float32.
+    suppress: token ids never chosen (score -inf), transformers' suppress_tokens."""
     if repetition_penalty_ != 1.0:
         scores = repetition_penalty(scores, input_ids, repetition_penalty_)
+    if suppress is not None:
+        scores = scores.copy()
+        scores[:, suppress] = -np.inf
     if do_sample:
         if temperature != 1.0:
             scores = temperature_scale(scores, temperature)
@@ -231,6 +235,18 @@ def _check_args(V, do_sample, temperature, top_k, top_p, repetition_penalty, len
 
 
 # ---- generate ---------------------------------------------------------------------------------------
+def _suppressed(tokens, V):
+    """suppress_tokens as an index array (None for none), each a token id of the vocabulary."""
+    if tokens is None:
+        return None
+    ids = np.asarray(list(tokens) if not isinstance(tokens, np.ndarray) else tokens)
+    if ids.ndim != 1 or (ids.size and (ids.dtype.kind not in "iu" or ids.min() < 0 or (V and ids.max() >= V))):
+        raise ValueError(f"suppress_tokens must be token ids in [0, {V}), got {tokens!r}")
+    if V and np.unique(ids).size >= V:
+        raise ValueError("suppress_tokens leaves no token to generate")
+    return ids.astype(np.int64) if ids.size else None
+
+
 def _check_options(num_beams, num_return_sequences, do_sample, early_stopping, streamer):
     """The search options, checked as transformers' GenerationConfig.validate does (the numbers are
     _check_args')."""
@@ -317,7 +333,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
              do_sample=False, num_beams=1, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0,
              length_penalty=1.0, early_stopping=False, num_return_sequences=1, eos_token_id=None,
              pad_token_id=None, use_cache=True, rng=None, seed=None, streamer=None, output_scores=False,
-             return_dict_in_generate=False):
+             return_dict_in_generate=False, suppress_tokens=None):
     """transformers' `generate` for decoder-only LMs: greedy (default), sampling (`do_sample=True`) or beam
     search (`num_beams > 1`). input_ids: (B, T) or (T,) int; attention_mask (B, T) 0/1, left padding.
 
@@ -329,7 +345,9 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
     top_k=None disables top-k (transformers' default is 50 when sampling); eos_token_id (one id or a list)
     and pad_token_id default to the model config's (pad falls back to the first eos). Sampling draws from
     `rng` (a numpy Generator) or default_rng(seed). `streamer`: a callable given each step's new tokens
-    (B,) as they are produced (or an object with put(tokens) / end(), like transformers' streamers)."""
+    (B,) as they are produced (or an object with put(tokens) / end(), like transformers' streamers).
+    suppress_tokens: ids never generated (transformers' suppress_tokens; e.g. the rows of a padded
+    vocabulary no tokenizer decodes). Runs in eval mode (no dropout), the model's modes kept."""
     if not has_lm_head(model):
         raise ValueError(f"model: {type(getattr(model, 'base_model', model)).__name__} has no language-modeling "
                          "head; generate needs a causal LM such as GPT2LMHeadModel or OpenAIGPTLMHeadModel")
@@ -343,6 +361,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
         raise ValueError(f"input_ids must lie in [0, {V}), got range [{ids.min()}, {ids.max()}]")
 
     _check_options(num_beams, num_return_sequences, do_sample, early_stopping, streamer)
+    suppress = _suppressed(suppress_tokens, V)
     early_stopping = early_stopping if isinstance(early_stopping, str) else bool(early_stopping)  # np.True_ too
     virtual = getattr(getattr(model, "peft_config", None), "num_virtual_tokens", None) or 0
     max_length = _max_length(max_new_tokens, max_length, T0, config, virtual)
@@ -355,16 +374,22 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
         rng = np.random.default_rng(seed)
     if num_beams > 1:
         _check_length_penalty(length_penalty, max_length - T0)
-        seqs, seq_scores, scores = _beam_search(
-            model, ids, mask, max_length, num_beams, num_return_sequences, length_penalty, early_stopping,
-            eos, pad_token_id, use_cache, do_sample, temperature, top_k, top_p, repetition_penalty, rng)
-    else:
-        if num_return_sequences > 1:  # transformers repeats every prompt row
-            ids = np.repeat(ids, num_return_sequences, axis=0)
-            mask = np.repeat(mask, num_return_sequences, axis=0)
-        seqs, scores = _sample(model, ids, mask, max_length, eos, pad_token_id, use_cache, do_sample,
-                               temperature, top_k, top_p, repetition_penalty, rng, streamer)
-        seq_scores = None
+    elif num_return_sequences > 1:  # transformers repeats every prompt row
+        ids, mask = np.repeat(ids, num_return_sequences, axis=0), np.repeat(mask, num_return_sequences, axis=0)
+    with eval_mode(model):  # dropout off, the model's modes kept (transformers leaves a training model's on)
+        if num_beams > 1:
+            seqs, seq_scores, scores = _beam_search(
+                model, ids, mask, max_length, num_beams, num_return_sequences, length_penalty, early_stopping,
+                eos, pad_token_id, use_cache, do_sample, temperature, top_k, top_p, repetition_penalty, suppress, rng)
+        else:
+            seqs, scores = _sample(model, ids, mask, max_length, eos, pad_token_id, use_cache, do_sample,
+                                   temperature, top_k, top_p, repetition_penalty, suppress, rng, streamer)
+            seq_scores = None
+    return _result(seqs, scores, seq_scores, output_scores, return_dict_in_generate)
+
+
+def _result(seqs, scores, seq_scores, output_scores, return_dict_in_generate):
+    """generate's return: the sequences, or a ModelOutput with the scores asked for"""
     if not return_dict_in_generate:
         return seqs
     out = ModelOutput(sequences=seqs)
@@ -393,7 +418,7 @@ def _model_inputs(seqs, mask, pos, cur, past):
 
 
 def _sample(model, ids, mask, max_length, eos, pad, use_cache, do_sample, temperature, top_k, top_p,
-            penalty, rng, streamer):
+            penalty, suppress, rng, streamer):
     """transformers' _sample: one token per row per step; greedy when do_sample is False."""
     B, T0 = ids.shape
     seqs = np.full((B, max_length), pad, dtype=np.int64)            # (B, T_max)
@@ -408,7 +433,7 @@ def _sample(model, ids, mask, max_length, eos, pad, use_cache, do_sample, temper
     while cur < max_length:
         x, m, p = _model_inputs(seqs, full_mask, pos, cur, past if use_cache else None)
         logits, past = _step(model, x, m, p, past, use_cache, keep)  # (B, V)
-        s = process_logits(logits, seqs[:, :cur], do_sample, temperature, top_k, top_p, penalty)
+        s = process_logits(logits, seqs[:, :cur], do_sample, temperature, top_k, top_p, penalty, suppress=suppress)
         scores.append(s)
         if do_sample:
             probs = softmax(s)
@@ -532,7 +557,7 @@ def _beam_going_on(bm, cur, T0, max_length, length_penalty, early_stopping, hits
 
 
 def _beam_search(model, ids, mask, max_length, K, n_return, length_penalty, early_stopping, eos, pad,
-                 use_cache, do_sample, temperature, top_k, top_p, penalty, rng):
+                 use_cache, do_sample, temperature, top_k, top_p, penalty, suppress, rng):
     """transformers 5's vectorized _beam_search: keep the K best running beams; every step take the
     top (2 or 1 + n_eos) * K continuations, move the ones that hit EOS / max length into the K finished
     hypotheses scored sum(log p) / generated_length ** length_penalty. All scores float32."""
@@ -554,7 +579,7 @@ def _beam_search(model, ids, mask, max_length, K, n_return, length_penalty, earl
             logits, past = _step(model, x, m, p, past, use_cache, keep)  # (B*K, V)
         V = logits.shape[-1]
         logp = process_logits(log_softmax(logits), flat[:, :cur], do_sample, temperature, top_k, top_p, penalty,
-                              min_tokens_to_keep=2)
+                              min_tokens_to_keep=2, suppress=suppress)
         scores.append(logp)
         acc = (logp.reshape(B, K, V) + bm.running_scores[:, :, None]).reshape(B, K * V)   # (B, K*V)
         cand = _beam_candidates(bm, acc, cur, T0, n_keep, eos_arr, max_length, do_sample, rng)

@@ -6,7 +6,7 @@ Each task has an array-level function (ids in, numbers out) and a text-level one
 import numpy as np
 
 from .models.pretrained import ModelOutput
-from .nn import no_grad  # inference keeps no caches for a backward
+from .nn import eval_mode, no_grad  # inference: dropout off, no caches for a backward
 from .ops import softmax, sigmoid
 
 
@@ -23,30 +23,44 @@ MLM_CLASSES = ("BertForMaskedLM", "BertForPreTraining", "RobertaForMaskedLM", "D
 ENCODERS = ("BertModel", "RobertaModel", "DistilBertModel")
 
 
-def _encoder_call(model, ids, attention_mask, token_type_ids):
-    """model(ids, ...) under no_grad; DistilBERT takes no token types (given ones are refused)."""
-    kw = {"attention_mask": attention_mask}
-    if token_type_ids is not None or not type(model).__name__.startswith("DistilBert"):
+def _encoder_call(model, ids, attention_mask, token_type_ids, **kw):
+    """model(ids, ...) in eval mode under no_grad (the model's modes kept). Token types go to models
+    that have them; a model without (DistilBERT, GPT) takes all-zero ones as none and refuses others."""
+    base = getattr(model, "base_model", model)  # a PeftModel runs its base model
+    if token_type_ids is not None and not getattr(base.config, "type_vocab_size", None):
+        if np.any(np.asarray(token_type_ids)):
+            raise ValueError(f"token_type_ids: {type(base).__name__} has no token types")
+        token_type_ids = None
+    if token_type_ids is not None:
         kw["token_type_ids"] = token_type_ids
-    with no_grad():
-        return model(ids, **kw)
+    with no_grad(), eval_mode(model):
+        return model(ids, attention_mask=attention_mask, **kw)
+
+
+def _virtual(model):
+    """How many positions a prompt-tuned PeftModel puts before the text in its outputs (0 otherwise)."""
+    return model.peft_config.num_virtual_tokens if getattr(model, "kind", None) == "PROMPT_TUNING" else 0
 
 
 def _mlm_logits(model, input_ids, attention_mask, token_type_ids):
-    """Masked-LM logits (B, T, V) of a masked-LM model (logits) or BertForPreTraining (prediction_logits)."""
-    name = type(model).__name__
-    if name not in MLM_CLASSES and not (hasattr(model, "cls") and hasattr(model.cls, "predictions")):  # not NSP's
+    """Masked-LM logits (B, T, V) of a masked-LM model (logits) or BertForPreTraining (prediction_logits),
+    or a PeftModel on one."""
+    base = getattr(model, "base_model", model)
+    name = type(base).__name__
+    if name not in MLM_CLASSES and not (hasattr(base, "cls") and hasattr(base.cls, "predictions")):  # not NSP's
         raise ValueError(f"model: {name} has no masked-LM head; fill-mask needs one of {', '.join(MLM_CLASSES)}")
     out = _encoder_call(model, input_ids, attention_mask, token_type_ids)
     logits = out.prediction_logits if out.prediction_logits is not None else out.logits
-    return np.asarray(logits)
+    return np.asarray(logits)[:, _virtual(model):]
 
 
 # ---- fill-mask ---------------------------------------------------------------------------------------
-def fill_mask_ids(model, input_ids, mask_token_id, attention_mask=None, token_type_ids=None, top_k=5):
+def fill_mask_ids(model, input_ids, mask_token_id, attention_mask=None, token_type_ids=None, top_k=5,
+                  vocab_size=None):
     """The top_k tokens at every [MASK]: p = softmax(logits[b, t]) over the vocabulary.
     input_ids: (B, T) -> ModelOutput(positions (N, 2) of (b, t) per mask, token_ids (N, top_k),
-    probs (N, top_k) best first)."""
+    probs (N, top_k) best first). vocab_size: candidates only below it (a tokenizer smaller than the
+    model's padded table); the probabilities stay those of the whole softmax."""
     ids = _ids("input_ids", input_ids)
     if not isinstance(top_k, (int, np.integer)) or top_k < 1:
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
@@ -55,21 +69,23 @@ def fill_mask_ids(model, input_ids, mask_token_id, attention_mask=None, token_ty
         raise ValueError(f"input_ids hold no mask token (id {mask_token_id})")
     logits = _mlm_logits(model, ids, attention_mask, token_type_ids)   # (B, T, V)
     p = softmax(logits[positions[:, 0], positions[:, 1]])             # (N, V)
-    k = min(int(top_k), p.shape[-1])
-    top = np.argsort(-p, axis=-1, kind="stable")[:, :k]               # (N, k)
+    cand = p if vocab_size is None else p[:, :vocab_size]
+    k = min(int(top_k), cand.shape[-1])
+    top = np.argsort(-cand, axis=-1, kind="stable")[:, :k]            # (N, k)
     return ModelOutput(positions=positions, token_ids=top, probs=np.take_along_axis(p, top, axis=-1))
 
 
 def fill_mask(model, tokenizer, text, top_k=5):
     """Text with one or more mask tokens ([MASK], RoBERTa's <mask>) -> per mask a list of {token_id, token,
     score, sequence}, best first (transformers' fill-mask pipeline; `sequence` is the text with that mask
-    filled)."""
+    filled, and with several masks the others shown, special tokens kept, as the pipeline does)."""
     if tokenizer.mask_id is None:
         raise ValueError("tokenizer has no mask token ([MASK] or <mask>)")
     ids = np.array([tokenizer.encode(text)], dtype=np.int64)
     if not (ids == tokenizer.mask_id).any():
         raise ValueError(f"text holds no mask token: {text!r}")
-    out = fill_mask_ids(model, ids, tokenizer.mask_id, top_k=top_k)
+    out = fill_mask_ids(model, ids, tokenizer.mask_id, top_k=top_k, vocab_size=tokenizer.vocab_size)
+    single = len(out.positions) == 1
     result = []
     for (_, t), toks, probs in zip(out.positions, out.token_ids, out.probs):
         row = []
@@ -77,7 +93,7 @@ def fill_mask(model, tokenizer, text, top_k=5):
             filled = ids[0].copy()
             filled[t] = tok
             row.append({"token_id": int(tok), "token": tokenizer.id_to_token(int(tok)), "score": float(p),
-                        "sequence": tokenizer.decode(filled)})
+                        "sequence": tokenizer.decode(filled, skip_special_tokens=single)})
         result.append(row)
     return result
 
@@ -105,6 +121,14 @@ def predict(model, input_ids, attention_mask=None, token_type_ids=None):
     return ModelOutput(logits=logits, probs=probs, labels=labels, label_names=names)
 
 
+def _texts(name, texts):
+    """a str or a list of str as a list"""
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"{name} must be a str or a list of str, got {type(texts).__name__}")
+    return list(texts)
+
+
 def _classifier_config(model):
     """The config of a sequence classifier (a PeftModel's base model's)."""
     base = getattr(model, "base_model", model)
@@ -118,19 +142,18 @@ def classify(model, tokenizer, texts, pairs=None, max_length=None):
     Encoders run the texts as one padded batch; a GPT runs each text alone, as the pipeline does (its
     pooled token is the last real one, which padding and prompt tuning would move)."""
     single = isinstance(texts, str)
-    texts = [texts] if single else list(texts)
-    if pairs is not None:
-        pairs = [pairs] if isinstance(pairs, str) else list(pairs)
+    texts, pairs = _texts("texts", texts), None if pairs is None else _texts("pairs", pairs)
     cfg = _classifier_config(model)
+    if not texts:
+        return []
     if getattr(cfg, "model_type", None) in ("gpt2", "openai-gpt"):
         enc = tokenizer.encode_batch(texts, pairs, max_length=max_length, padding=False)
         outs = [predict(model, [ids]) for ids in enc["input_ids"]]
         out = {k: np.concatenate([o[k] for o in outs]) for k in ("labels", "probs")}
         out["label_names"] = [n for o in outs for n in o.label_names]
-    else:  # token types for BERT and RoBERTa only (DistilBERT has none)
+    else:
         enc = tokenizer.encode_batch(texts, pairs, max_length=max_length)
-        types = enc["token_type_ids"] if getattr(cfg, "type_vocab_size", None) else None
-        out = predict(model, enc["input_ids"], enc["attention_mask"], types)
+        out = predict(model, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
     res = [{"label": n, "score": float(p[i]), "probs": p}
            for n, i, p in zip(out["label_names"], out["labels"], out["probs"])]
     return res[0] if single else res
@@ -146,8 +169,10 @@ def pool(hidden, attention_mask=None, pooling="mean", normalize=False):
         mean_sqrt_len: e = sum_t m_t h_t / sqrt(max(sum_t m_t, 1e-9));   several modes: concatenated in that order;
         normalize: e / max(||e||_2, 1e-12).    hidden: (B, T, C)  attention_mask: (B, T) -> (B, C * modes)"""
     hidden = np.asarray(hidden)
-    if hidden.ndim != 3:
-        raise ValueError(f"hidden must have shape (B, T, C), got {hidden.shape}")
+    if hidden.ndim != 3 or hidden.shape[1] == 0:
+        raise ValueError(f"hidden must have shape (B, T, C) with T >= 1, got {hidden.shape}")
+    if not isinstance(normalize, (bool, np.bool_)):
+        raise ValueError(f"normalize must be True or False, got {normalize!r}")
     modes = (pooling,) if isinstance(pooling, str) else tuple(pooling)
     if not modes or any(p not in POOLING_MODES for p in modes):
         raise ValueError(f"pooling must be one of {POOLING_MODES} or a tuple of them, got {pooling!r}")
@@ -178,6 +203,8 @@ def sentence_transformer(folder, dtype="float32"):
     from .io import read_json
     from .models import from_pretrained
     folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"model: {str(folder)!r} is neither a numlm model nor a sentence-transformers folder")
     modules = read_json(folder / "modules.json", kind=list)
     encoder, pooling, normalize = None, None, False
     for mod in modules:
@@ -207,7 +234,14 @@ def sentence_transformer(folder, dtype="float32"):
 
 
 def _encoder(model):
-    """The encoder of a model: itself (BertModel, RobertaModel, DistilBertModel) or a task model's backbone."""
+    """The encoder of a model: itself (BertModel, RobertaModel, DistilBertModel) or a task model's backbone;
+    a PeftModel's base model's, whose LoRA, IA3 or bottleneck layers sit in it (prompt and prefix tuning
+    run through the PeftModel itself, so they are refused)."""
+    if hasattr(model, "peft_config"):
+        if model.kind in ("PROMPT_TUNING", "PREFIX_TUNING"):
+            raise ValueError(f"model: sentence embeddings of a {model.kind.lower().replace('_', ' ')} PeftModel are "
+                             "not supported (its virtual tokens are not the text's); use LoRA, IA3 or an adapter")
+        model = model.base_model
     if type(model).__name__ in ENCODERS:
         return model
     backbone = getattr(model, getattr(model, "base_model_prefix", "") or "-", None)
@@ -228,7 +262,7 @@ def sentence_embeddings(model, input_ids, attention_mask=None, token_type_ids=No
         normalize = st.normalize if normalize is None else normalize
     ids = _ids("input_ids", input_ids)
     h = _encoder_call(_encoder(model), ids, attention_mask, token_type_ids).last_hidden_state
-    return pool(h, attention_mask, "mean" if pooling is None else pooling, bool(normalize))
+    return pool(h, attention_mask, "mean" if pooling is None else pooling, False if normalize is None else normalize)
 
 
 def embed(model, tokenizer=None, texts=(), pooling=None, normalize=None, max_length=None):
@@ -243,7 +277,6 @@ def embed(model, tokenizer=None, texts=(), pooling=None, normalize=None, max_len
         max_length = st.max_length if max_length is None else max_length
     if tokenizer is None:
         raise ValueError("embed needs the model's tokenizer (or a sentence-transformers folder as model)")
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    enc = tokenizer.encode_batch(texts, max_length=max_length)
+    enc = tokenizer.encode_batch(_texts("texts", texts), max_length=max_length)
     return sentence_embeddings(model, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"],
                                "mean" if pooling is None else pooling, True if normalize is None else normalize)

@@ -63,7 +63,11 @@ def test_fill_mask_text_level():
         assert all(r["token"] == tok.id_to_token(r["token_id"]) for r in row)
         filled = ids[0].copy()
         filled[t] = row[0]["token_id"]
-        assert row[0]["sequence"] == tok.decode(filled)
+        # several masks: the other one stays in the sequence, special tokens kept (the pipeline's rule)
+        assert row[0]["sequence"] == tok.decode(filled, skip_special_tokens=False)
+        assert "[MASK]" in row[0]["sequence"]
+    one = fill_mask(model, tok, "the [MASK] sat on the mat", top_k=1)[0][0]
+    assert one["sequence"] == f"the {one['token']} sat on the mat"
 
 
 def test_fill_mask_errors():

@@ -86,6 +86,8 @@ def cmd_generate(a):
     eos = tok.eos_id if tok.eos_id is not None else getattr(model.config, "eos_token_id", None)
     kw = dict(max_new_tokens=a.max_new_tokens, num_beams=a.num_beams, eos_token_id=eos,
               pad_token_id=tok.pad_id if tok.pad_id is not None else eos, repetition_penalty=a.repetition_penalty)
+    if model.config.vocab_size > tok.vocab_size:  # a padded table: its extra rows decode to nothing
+        kw["suppress_tokens"] = np.arange(tok.vocab_size, model.config.vocab_size)
     if a.temperature is not None or a.top_k is not None or a.top_p is not None or a.sample:
         kw.update(do_sample=True, temperature=1.0 if a.temperature is None else a.temperature,
                   top_k=a.top_k, top_p=1.0 if a.top_p is None else a.top_p, seed=a.seed)

@@ -70,6 +70,21 @@ def no_grad():
         _grad[0] = prev
 
 
+@contextmanager
+def eval_mode(model):
+    """The model (or PeftModel) in eval mode inside, dropout off; on exit every module's own mode as it
+    was: inference on a training model gives its eval answer and leaves it training. An object that
+    is not a numlm module (a callable generate() is given) runs as it is."""
+    modes = [(m, m.training) for _, m in model.modules()] if hasattr(model, "modules") else []
+    if modes:
+        model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def grad_enabled():
     """False inside numlm.no_grad()."""
     return _grad[0]
