@@ -2,9 +2,12 @@
 config.json, and checked when they are built (directly or from a dict)."""
 import dataclasses
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 from ..ops import ACTIVATIONS
 
@@ -73,13 +76,26 @@ class Config:
     # ---- checks ------------------------------------------------------------------------------
     def validate(self):
         """Refuse values numlm does not implement, with a clear error (subclasses extend)."""
+        self._typed()
         self._positive("vocab_size", "num_labels")
+        if getattr(self, "initializer_range", 0.0) < 0:
+            raise ValueError(f"config initializer_range must be >= 0, got {self.initializer_range!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(self, name, None)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < self.vocab_size):
                 raise ValueError(f"config {name} {v!r} must lie in [0, {self.vocab_size}) (vocab_size), or be None")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"config problem_type {self.problem_type!r} must be one of {PROBLEM_TYPES} or None")
+
+    def _typed(self):
+        """A field whose default is a bool takes True or False; one whose default is a float, a finite number."""
+        for f in dataclasses.fields(self):
+            v, d = getattr(self, f.name), f.default
+            if isinstance(d, bool) and not isinstance(v, (bool, np.bool_)):
+                raise ValueError(f"config {f.name} must be true or false, got {v!r}")
+            if isinstance(d, float) and (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
+                                         or not math.isfinite(v)):
+                raise ValueError(f"config {f.name} must be a finite number, got {v!r}")
 
     def _positive(self, *names):
         for n in names:

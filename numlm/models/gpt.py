@@ -29,6 +29,7 @@ Hooks for parameter-efficient fine-tuning (numlm.peft), each None unless set:
   - any Linear (c_attn, c_proj, c_fc) may be replaced by a module with the same forward/backward.
 """
 import math
+import warnings
 
 import numpy as np
 
@@ -624,6 +625,9 @@ class GPT2ForSequenceClassification(PreTrainedModel):
         hs = self.transformer.decode(x)
         h = hs[-1]  # (B, T, C)
         idx = last_real_index(x.ids, self.config.pad_token_id) if x.ids is not None else np.full(x.B, x.T - 1)
+        if x.ids is None and x.mask is not None and not x.mask[:, -1].all():
+            warnings.warn("inputs_embeds (prompt tuning) pools the last position of every row, as transformers "
+                          "does, and some rows end in padding there: run such rows alone (numlm.classify does)")
         pooled, gather = gather_forward(h, idx)
         logits = self.score(pooled)  # (B, num_labels); the pooled rows only
         loss, loss_cache = problem_type_loss(self.config, logits, labels) if labels is not None else (None, None)
@@ -659,7 +663,7 @@ class GPT2ForSequenceClassification(PreTrainedModel):
 def lm_labels_masked(labels, x, V):
     """L1's labels for the classifier's L3: input_ids' shape, in [0, V) or -100, and -100 where the
     attention mask is 0 (padding predicts nothing)."""
-    labels = lm_labels(labels, x.shape, V)
+    labels = lm_labels(labels, x.shape, V, "lm_labels")
     return labels if x.mask is None else np.where(x.mask[:, x.past_len:], labels, IGNORE_INDEX)
 
 

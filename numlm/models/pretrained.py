@@ -77,6 +77,8 @@ class PreTrainedModel(Module):
             config = self.config_class.from_dict(config)
         if not isinstance(config, self.config_class):
             raise ValueError(f"config must be a {self.config_class.__name__} or a dict, got {type(config).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         self.config = config
         self.tied = {}          # alias key -> source key (transformers' tied weights)
         self.rng = None
@@ -191,6 +193,11 @@ class PreTrainedModel(Module):
         """The config of a config.json's dict and overrides; one that is not a field, nor a key of the file,
         is kept as transformers keeps it (id2label ...), but refused when it misspells a field"""
         fields = sorted({f.name for f in dataclasses.fields(cls.config_class)} - {"extra"})
+        names = overrides.get("id2label")
+        if isinstance(names, dict) and overrides.get("num_labels", len(names)) != len(names):
+            raise ValueError(f"num_labels={overrides['num_labels']} but id2label names {len(names)} labels")
+        if isinstance(names, dict):  # transformers: the labels named are the labels
+            overrides = {"num_labels": len(names), "label2id": {v: int(k) for k, v in names.items()}, **overrides}
         for k in sorted(set(overrides) - set(fields) - set(cfg)):
             near = ["dtype"] if k == "torch_dtype" else difflib.get_close_matches(k, fields, n=1, cutoff=0.85)
             if near:
@@ -321,12 +328,12 @@ def labels_like(name, labels, shape, n, allow=IGNORE_INDEX):
     return ids_in_range(name, labels, n, allow=allow).astype(np.int64, copy=False)
 
 
-def lm_labels(labels, shape, V):
+def lm_labels(labels, shape, V, name="labels"):
     """Language-model labels: the shape of input_ids, ids in [0, V) or -100 (ignored)."""
     labels = np.asarray(labels)
     if labels.dtype.kind in "iu" and labels.shape != tuple(shape):
-        raise ValueError(f"labels must have the shape of input_ids {tuple(shape)}, got {labels.shape}")
-    return ids_in_range("labels", labels, V, allow=IGNORE_INDEX).astype(np.int64, copy=False)
+        raise ValueError(f"{name} must have the shape of input_ids {tuple(shape)}, got {labels.shape}")
+    return ids_in_range(name, labels, V, allow=IGNORE_INDEX).astype(np.int64, copy=False)
 
 
 def padding_mask(attention_mask, want, note):
@@ -403,7 +410,8 @@ def gpt_inputs(core, input_ids, attention_mask, token_type_ids, position_ids, pa
         raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
     if logits_to_keep and labels is not None:
         raise ValueError("logits_to_keep needs labels=None: the loss uses the logits of every position")
-    if not np.isfinite(lm_coef):
+    if isinstance(lm_coef, bool) or not isinstance(lm_coef, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(lm_coef):
         raise ValueError(f"lm_coef must be a finite number, got {lm_coef!r}")
     shape, ids, embeds = token_inputs(input_ids, inputs_embeds, core.wpe.params["weight"].dtype, cfg.n_embd,
                                       (3,) if choices else (2,) if flat else (2, 3))
@@ -542,6 +550,8 @@ def problem_type_loss(config, logits, labels):
             cross_entropy_backward
     elif labels.dtype.kind not in "iuf":
         raise ValueError(f"labels must be numeric for {kind}, got dtype {labels.dtype}")
+    elif not np.isfinite(labels).all():
+        raise ValueError(f"labels for {kind} must be finite, got NaN or inf")
     elif kind == "regression":
         y, shapes = labels.astype(logits.dtype), ((B,), (B, 1)) if K == 1 else ((B, K),)
         if y.shape not in shapes:

@@ -243,8 +243,11 @@ class BnConfig:
         if unknown:
             raise ValueError(f"adapter config options {unknown} are not supported; numlm implements "
                              "sequential bottleneck adapters (seq_bn, double_seq_bn)")
-        if isinstance(self.scaling, str) or isinstance(self.scaling, bool):
-            raise ValueError(f"adapter scaling={self.scaling!r} is not supported; give a number")
+        if isinstance(self.scaling, (str, bool)) or not isinstance(self.scaling, (int, float)) \
+                or not math.isfinite(self.scaling):
+            raise ValueError(f"adapter scaling={self.scaling!r} is not supported; give a finite number")
+        if not isinstance(self.leave_out, (list, tuple)):
+            raise ValueError(f"adapter leave_out must be a list of layer indices, got {self.leave_out!r}")
         if self.dropout != 0.0:
             raise ValueError(f"adapter dropout={self.dropout!r} is not supported; numlm's adapters use 0.0")
         if self.init_weights not in ("bert", "mam_adapter"):

@@ -5,6 +5,7 @@ AdapterHub would, keyed as in their files.
     out = pm(input_ids=ids, attention_mask=mask, labels=y); pm.backward()
     pm.gradients()   # {key in adapter_model.safetensors: gradient}, trainable tensors only
 """
+import copy
 import re
 import warnings
 from pathlib import Path
@@ -93,11 +94,14 @@ class PeftModel:
         self._hub_head = {"config": None, "kept": []}  # AdapterHub: head_config.json, base tensors kept as equal
         self._last = None
         _check_task(model, self._task_type())
-        self._before = [(m, dict(m.grads)) for _, m in model.modules()]  # what trained before
+        self._before = {path: dict(m.grads) for path, m in model.modules()}  # what trained before
+        given = copy.deepcopy(vars(config))  # installing fills in the model's sizes and default targets
         try:
             self._install(np.random.default_rng(seed), model.dtype)
-        except BaseException:  # a refused target or config, or an interrupt: the model as it was
+        except BaseException:  # a refused target or config, or an interrupt: the model and config as they were
             self._restore()
+            vars(config).clear()
+            vars(config).update(given)
             raise
         model._peft = self
 
@@ -496,30 +500,32 @@ class PeftModel:
     def merge_and_unload(self):
         """LoRA and IA3: the adapter merged into every adapted linear (LoRA W += s B A; DoRA
         W = (m / n) (W + s B A); IA3 W and b rescaled); returns the plain numlm model (the same object,
-        its adapted linears replaced by ordinary Linears) with the base model's freezing undone."""
+        its adapted linears replaced by ordinary Linears), trainable where it was before get_peft_model."""
         if self.kind not in ("LORA", "IA3"):
             raise ValueError(f"merge_and_unload needs a LoRA or IA3 adapter; this one is {self.kind} "
                              "(prompts, prefixes and bottleneck adapters have no weights to merge)")
         return self._unload(merge=True)
 
     def unload(self):
-        """The base model without the adapter (LoRA not merged)."""
+        """The base model without the adapter (LoRA not merged), trainable where it was before."""
         return self._unload(merge=False)
 
     def _restore(self):
         """Undo a failed install or load: the adapter out, the model's own freezing back."""
         self._unload(merge=False)
-        for m, grads in self._before:
-            m.grads.clear()
-            m.grads.update(grads)
 
     def _unload(self, merge):
+        """The adapter out; each module (by its path: IA3's unwrapped Linear is a new object) trains
+        what it trained before get_peft_model, the model's own freezing kept."""
         model = self.base_model
         for path, m in list(model.modules()):
             if isinstance(m, (LoraLinear, IA3Linear)):
                 set_child(model, path, m.unwrap(merge))
         remove_adapters(model)
-        model.unfreeze()
+        for path, m in model.modules():
+            if path in self._before:
+                m.grads.clear()
+                m.grads.update(self._before[path])
         model._peft = None
         return model
 

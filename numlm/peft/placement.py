@@ -67,6 +67,9 @@ def install_adapters(model, name, config, C, rng, dtype):
     sites = adapter_sites(model)
     if not sites:
         raise ValueError(f"{type(model).__name__} has no transformer layers to put adapters in")
+    layers = sorted({i for i, _, _ in sites})
+    if any(isinstance(i, bool) or not isinstance(i, int) or i not in layers for i in config.leave_out):
+        raise ValueError(f"adapter leave_out {config.leave_out!r} must name layers of the model, {layers[0]} .. {layers[-1]}")
 
     def new_adapter():
         ad = Adapter(C, m, config, dtype=dtype)
