@@ -123,13 +123,17 @@ def _output_value(out, module=None):
                      "a scalar or a model output with .loss")
 
 
+def check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) or not 0 < eps < np.inf:
+        raise ValueError(f"eps must be a finite number > 0 (the central-difference step), got {eps!r}")
+
+
 def _check_arguments(fn, backward, eps, max_entries, seed, kwargs):
     if not callable(fn):
         raise ValueError(f"fn must be an op's forward or a Module, got {type(fn).__name__}")
     if backward is not None and not callable(backward):
         raise ValueError(f"backward must be callable, got {type(backward).__name__}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not 0 < eps < np.inf:
-        raise ValueError(f"eps must be a finite number > 0 (the central-difference step), got {eps!r}")
+    check_eps(eps)
     if max_entries is not None and (isinstance(max_entries, bool) or not isinstance(max_entries, (int, np.integer))
                                     or max_entries < 1):
         raise ValueError(f"max_entries must be an integer >= 1 (or None for every entry), got {max_entries!r}")

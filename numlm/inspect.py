@@ -16,9 +16,9 @@ from typing import NamedTuple
 import numpy as np
 
 from .gradchecking import (ENTRIES, PROJECTION, REFERENCE, REF_RATIO, NonFinite, Uninformative, Verdict,
-                           central_differences, largest, stream)
+                           central_differences, check_eps, largest, stream)
 from .kernels.matmul import one_blas_thread  # thousands of forwards of a few tokens gain nothing from threads
-from .nn import OPS
+from .nn import OPS, eval_mode
 from .optim import sum_squares
 
 __all__ = ["check_model", "check_checkpoint", "ModelCheck", "ParamCheck", "BREAKS", "broken_backward",
@@ -155,30 +155,39 @@ def check_model(model, input_ids, params=3, seed=0, eps=1e-6, tol=1e-5, break_=N
     `break_` names an entry of BREAKS to corrupt while the analytic gradient is taken. The model's
     train/eval modes and accumulated gradients are as they were afterwards, whether the check passes or raises.
     Each checked entry costs two forwards: keep the text short."""
-    if model.dtype != np.float64:
-        raise ValueError(f"a gradient check needs a float64 model, got {model.dtype} (load with dtype='float64')")
-    if not isinstance(params, int) or params < 1:
-        raise ValueError(f"params must be a positive integer, got {params!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2 or ids.shape[0] != 1:
-        raise ValueError(f"input_ids must have shape (1, T), got {ids.shape}")
-    modes = [(m, m.training) for _, m in model.modules()]
+    ids = _check_model_args(model, input_ids, params, seed, eps, tol, progress)
     grads = {k: g.copy() for k, g in model.grad_arrays().items()}
     try:
-        with one_blas_thread():
+        with one_blas_thread(), eval_mode(model):
             return _check_model(model, ids, params, seed, eps, tol, break_, progress)
-    finally:  # the model as it was: its train/eval modes and the gradients it had accumulated
-        for m, training in modes:
-            m.training = training
+    finally:  # the model as it was: (its modes by eval_mode) the gradients it had accumulated
         for k, g in model.grad_arrays().items():
             g[...] = grads[k]
 
 
+def _check_model_args(model, input_ids, params, seed, eps, tol, progress):
+    """check_model's arguments, each refused by name; -> the ids (1, T)"""
+    if model.dtype != np.float64:
+        raise ValueError(f"a gradient check needs a float64 model, got {model.dtype} (load with dtype='float64')")
+    if isinstance(params, bool) or not isinstance(params, (int, np.integer)) or params < 1:
+        raise ValueError(f"params must be a positive integer, got {params!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_eps(eps)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not 0 < tol < np.inf:
+        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress must be a callable or None, got {type(progress).__name__}")
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or ids.shape[0] != 1 or ids.dtype.kind not in "iu":
+        raise ValueError(f"input_ids must be integer token ids of shape (1, T), got shape {ids.shape} dtype {ids.dtype}")
+    if not model.trainable_parameters():
+        raise ValueError("nothing to check: every parameter of the model is frozen")
+    return ids
+
+
 def _check_model(model, ids, params, seed, eps, tol, break_, progress):
     t0 = time.perf_counter()
-    model.eval()
     kw = objective_inputs(model, ids)
     value, grads, what, projected = _analytic(model, kw, stream(seed, PROJECTION))
     # a projection's gradients against an independent one's tell a degenerate draw
@@ -339,11 +348,14 @@ def attention_maps(model, tokenizer, text):
     AttentionMaps(tokens, maps (L, H, T, T)), exactly the model's output_attentions."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("text must be a non-empty string")
+    if getattr(model, "kind", None) in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        raise ValueError(f"attention maps of a {model.kind.lower().replace('_', ' ')} model are not drawn: its "
+                         "virtual tokens are keys no text token names (LoRA, IA3 and adapters are)")
     ids = np.array([tokenizer.encode(text)], dtype=np.int64)
     if ids.shape[1] == 0:
         raise ValueError(f"the tokenizer turned {text!r} into no tokens")
-    model.eval()
-    out = model(input_ids=ids, output_attentions=True)
+    with eval_mode(model):
+        out = model(input_ids=ids, output_attentions=True)
     if out.get("attentions") is None:
         raise ValueError(f"{type(model).__name__} returned no attentions")
     maps = np.stack([np.asarray(a)[0] for a in out.attentions])  # (L, H, T, T)

@@ -88,9 +88,10 @@ def cmd_attention(a):
     check_folder_path(out.parent, "--out")
     model, tok = _load(a.model, "float32")
     tokens, maps = attention_maps(model, tok, a.text)
-    kind = "causal" if maps[..., 0, 1:].max(initial=0.0) == 0 and maps.shape[-1] > 1 else "bidirectional"
+    base = getattr(model, "base_model", model)
+    kind = "causal" if base.config.model_type in ("gpt2", "openai-gpt") else "bidirectional"
     path = draw_attention(tokens, maps, out, layer=a.layer, head=a.head,
-                          title=f"{type(model).__name__} attention ({kind}): {' '.join(tokens)}")
+                          title=f"{type(base).__name__} attention ({kind}): {' '.join(tokens)}")
     L, H, T, _ = maps.shape
     print(f"{L} layers x {H} heads over {T} tokens -> {path}")
     return 0
