@@ -96,6 +96,28 @@ def _bpe_trainer(vocab_size, min_frequency):
                                show_progress=False)
 
 
+def save_paths(path):
+    """(tokenizer.json, tokenizer_config.json or None) that Tokenizer.save(path) writes: a folder's
+    tokenizer_config.json belongs to its tokenizer.json, so a save under another name leaves it alone."""
+    path = Path(path)
+    file = path if path.suffix == ".json" else path / "tokenizer.json"
+    return file, (file.parent / "tokenizer_config.json" if file.name == "tokenizer.json" else None)
+
+
+def _write_whole(file, write):
+    from ..io.checkpoint import _atomic_write
+
+    def write_readable(tmp):  # the temporary file is owner-only; the tokenizer is as readable as any file
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+    try:
+        _atomic_write(file, write_readable)
+    except Exception as e:  # OSError, or the Rust side's own type (a full disk among them)
+        raise ValueError(f"cannot write {str(file)!r}: {e}; the earlier file, if any, is intact") from None
+
+
 class Tokenizer:
     """Wraps a ``tokenizers.Tokenizer`` (kept without its own padding/truncation in ``.backend``)."""
 
@@ -182,24 +204,20 @@ class Tokenizer:
         raise ValueError(f"model_dir: {str(d)!r} has no tokenizer.json, vocab.txt or vocab.json")
 
     def save(self, path):
-        """Write tokenizer.json (+ tokenizer_config.json beside it); `path` is a directory or a .json file."""
+        """Write tokenizer.json (+ tokenizer_config.json beside it); `path` is a directory or a .json file.
+        Each file is written whole or not at all: a failed save leaves the earlier files intact."""
         from ..io import check_folder_path
-        path = Path(path)
-        check_folder_path(path.parent if path.suffix == ".json" else path, "path")
-        if path.suffix == ".json":
-            path.parent.mkdir(parents=True, exist_ok=True)
-            file, folder = path, path.parent
-        else:
-            path.mkdir(parents=True, exist_ok=True)
-            file, folder = path / "tokenizer.json", path
-        self.backend.save(str(file))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        for key in ("pad", "unk", "cls", "sep", "mask"):
-            if self._ids[key] is not None:
-                config[f"{key}_token"] = self._names[key]
-        if self.eos_id is not None:
-            config.update(bos_token=GPT_EOS, eos_token=GPT_EOS)
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        file, config_file = save_paths(path)
+        check_folder_path(file.parent, "path").mkdir(parents=True, exist_ok=True)
+        _write_whole(file, lambda t: self.backend.save(str(t)))
+        if config_file is not None:
+            config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+            for key in ("pad", "unk", "cls", "sep", "mask"):
+                if self._ids[key] is not None:
+                    config[f"{key}_token"] = self._names[key]
+            if self.eos_id is not None:
+                config.update(bos_token=GPT_EOS, eos_token=GPT_EOS)
+            _write_whole(config_file, lambda t: Path(t).write_text(json.dumps(config, indent=2) + "\n"))
         return file
 
     # ---- vocabulary -----------------------------------------------------------------------

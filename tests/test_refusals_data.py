@@ -1,0 +1,89 @@
+"""The data and tokenizer defects a fault pass found: a call that fails refuses in one line naming the
+problem and leaves every file as it was; none silently writes over a file it was not asked to write."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from numlm.cli import main
+from numlm.data import Tokenizer, prepare, load_tokens, load_document_starts
+
+LINES = ["the cat sat on the mat", "a dog ran in the park", "the sun is warm today", "birds sing in the trees"]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return Tokenizer.train_bpe_from_iterator(LINES * 3, vocab_size=300, min_frequency=1)
+
+
+@pytest.fixture(scope="module")
+def wordpiece():
+    return Tokenizer.train_wordpiece_from_iterator(LINES * 3, vocab_size=60, min_frequency=1)
+
+
+def refused(capsys, argv):
+    """main(argv)'s exit code and its one line of stderr"""
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return code, err
+
+
+# ---- tokenizer train / save --------------------------------------------------------------------
+@pytest.mark.parametrize("out", ["corpus.json", "."])
+def test_tokenizer_train_refuses_an_out_that_is_its_corpus(tmp_path, capsys, out):
+    """--out naming the --data file (or a folder whose tokenizer.json is the --data file) would replace
+    the corpus with the tokenizer: refused, the corpus unchanged."""
+    name = "corpus.json" if out == "corpus.json" else "tokenizer.json"
+    data = tmp_path / name
+    data.write_text("\n".join(LINES * 20) + "\n")
+    before = data.read_bytes()
+    code, err = refused(capsys, ["tokenizer", "train", "--vocab-size", "300", "--data", str(data),
+                                 "--out", str(tmp_path / out)])
+    assert code == 2 and "would overwrite the input" in err and name in err
+    assert data.read_bytes() == before
+
+
+SAVE_WITH_SMALL_FILE_LIMIT = """
+import resource, signal, sys
+from numlm.data import Tokenizer
+lines = [" ".join(f"w{i}x{j}" for j in range(40)) for i in range(200)]
+big = Tokenizer.train_bpe_from_iterator(lines, vocab_size=2000, min_frequency=1)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # a write past the limit fails (EFBIG), as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+try:
+    big.save(sys.argv[1])
+except ValueError as e:
+    print(e)
+"""
+
+
+def test_a_failed_tokenizer_save_leaves_the_earlier_file_intact(tmp_path, bpe):
+    """A save that cannot write the whole file (a size limit stands in for a full disk) is a ValueError
+    naming the file, and the tokenizer.json it was to replace still loads as before."""
+    path = tmp_path / "tok.json"
+    bpe.save(path)
+    before = path.read_bytes()
+    r = subprocess.run([sys.executable, "-c", SAVE_WITH_SMALL_FILE_LIMIT, str(path), str(len(before))],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "cannot write" in r.stdout and str(path) in r.stdout
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["tok.json"]   # no temporary file left
+    assert Tokenizer.from_file(path).encode(LINES[0]) == bpe.encode(LINES[0])
+
+
+def test_a_save_under_another_name_leaves_the_folders_tokenizer_config_alone(tmp_path, bpe, wordpiece):
+    """A folder's tokenizer_config.json describes its tokenizer.json (transformers reads the specials
+    from it): saving another tokenizer as folder/other.json does not replace it."""
+    wordpiece.save(tmp_path)
+    config = (tmp_path / "tokenizer_config.json").read_text()
+    assert json.loads(config)["mask_token"] == "[MASK]"
+    bpe.save(tmp_path / "other.json")
+    assert (tmp_path / "tokenizer_config.json").read_text() == config
+    assert Tokenizer.from_file(tmp_path / "other.json").vocab_size == bpe.vocab_size
+    bpe.save(tmp_path / "tokenizer.json")   # the folder's own tokenizer.json does bring its config
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
