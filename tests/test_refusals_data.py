@@ -87,3 +87,53 @@ def test_a_save_under_another_name_leaves_the_folders_tokenizer_config_alone(tmp
     assert Tokenizer.from_file(tmp_path / "other.json").vocab_size == bpe.vocab_size
     bpe.save(tmp_path / "tokenizer.json")   # the folder's own tokenizer.json does bring its config
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
+
+
+# ---- prepare's companion files -------------------------------------------------------------------
+def test_prepare_refuses_to_replace_a_users_json_beside_the_token_file(tmp_path, capsys, bpe):
+    """train.bin's sidecar is train.json: a user's own train.json there is not replaced, by prepare or
+    by numlm prepare, and nothing is written."""
+    user = tmp_path / "train.json"
+    user.write_text('{"text": "my labelled example", "label": 1}\n')
+    with pytest.raises(ValueError, match="is not a token file's sidecar"):
+        prepare(LINES, bpe, tmp_path / "train.bin")
+    tok = tmp_path / "tok" / "tokenizer.json"
+    bpe.save(tok)
+    (tmp_path / "corpus.txt").write_text("\n".join(LINES) + "\n")
+    code, err = refused(capsys, ["prepare", "--tokenizer", str(tok), "--data", str(tmp_path / "corpus.txt"),
+                                 "--out", str(tmp_path / "train.bin")])
+    assert code == 2 and str(user) in err
+    assert user.read_text() == '{"text": "my labelled example", "label": 1}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "tok", "train.json"]
+
+
+def test_two_token_files_of_one_stem_do_not_share_a_sidecar(tmp_path, bpe):
+    """shak.train and shak.val would share shak.json and shak.docs.npy: the second is refused and the
+    first still loads with its own documents; a token file prepared again replaces its own sidecar."""
+    train_docs = [f"alpha document {i} " * 5 for i in range(30)]
+    prepare(train_docs, bpe, tmp_path / "shak.train")
+    tokens, starts = np.array(load_tokens(tmp_path / "shak.train")), load_document_starts(tmp_path / "shak.train")
+    with pytest.raises(ValueError, match="'shak.train'"):
+        prepare(LINES, bpe, tmp_path / "shak.val")
+    assert not (tmp_path / "shak.val").exists()
+    np.testing.assert_array_equal(load_tokens(tmp_path / "shak.train"), tokens)
+    np.testing.assert_array_equal(load_document_starts(tmp_path / "shak.train"), starts)
+    assert len(starts) == len(train_docs)
+    meta = prepare(LINES, bpe, tmp_path / "shak.train")   # its own: replaced
+    assert meta["num_documents"] == len(LINES) == len(load_document_starts(tmp_path / "shak.train"))
+
+
+def test_a_sidecar_without_a_recorded_name_is_the_existing_token_files(tmp_path, bpe):
+    """A sidecar written before prepare recorded the token file's name belongs to the token file beside
+    it when that exists; without one it may be another's, and is not replaced."""
+    prepare(LINES, bpe, tmp_path / "a.bin")
+    side = tmp_path / "a.json"
+    meta = json.loads(side.read_text())
+    del meta["token_file"]
+    side.write_text(json.dumps(meta))
+    assert prepare(LINES[:2], bpe, tmp_path / "a.bin")["num_documents"] == 2
+    side.write_text(json.dumps(meta))
+    (tmp_path / "a.bin").unlink()
+    with pytest.raises(ValueError, match="another token file"):
+        prepare(LINES, bpe, tmp_path / "a.bin")
+    assert json.loads(side.read_text()) == meta
