@@ -137,3 +137,62 @@ def test_a_sidecar_without_a_recorded_name_is_the_existing_token_files(tmp_path,
     with pytest.raises(ValueError, match="another token file"):
         prepare(LINES, bpe, tmp_path / "a.bin")
     assert json.loads(side.read_text()) == meta
+
+
+# ---- a user's labelled file ----------------------------------------------------------------------
+def write_rows(path, rows):
+    """rows of (text, label) as a .csv (header text,label) or a .jsonl"""
+    if path.suffix == ".csv":
+        path.write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in rows))
+    else:
+        path.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_a_repeated_column_or_key_is_refused(tmp_path, kind):
+    """text,label,label (or {"label": 0, ..., "label": 7}) kept only the last label, silently."""
+    from numlm.data.datasets import from_file
+    rows = [(f"example {i}", i % 2, 7 + i % 3) for i in range(20)]
+    path = tmp_path / f"dup.{kind}"
+    if kind == "csv":
+        path.write_text("text,label,label\n" + "".join(f"{t},{a},{b}\n" for t, a, b in rows))
+        want = "line 1: the column 'label' appears twice"
+    else:
+        path.write_text("".join(f'{{"text": "{t}", "label": {a}, "label": {b}}}\n' for t, a, b in rows))
+        want = "line 1: the key 'label' appears twice"
+    with pytest.raises(ValueError, match=want):
+        from_file(path)
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_a_mistyped_huge_integer_label_is_refused_naming_its_line(tmp_path, kind):
+    """One label 100000000 among 0 and 1 made 100000001 classes (or a MemoryError)."""
+    from numlm.data.datasets import from_file
+    rows = [(f"example {i}", i % 2) for i in range(20)] + [("oops", 10 ** 8)]
+    path = write_rows(tmp_path / f"labels.{kind}", rows)
+    line = len(rows) + (kind == "csv")      # the header is line 1 of a csv
+    with pytest.raises(ValueError, match=f"line {line}: label {10 ** 8} cannot be a class id"):
+        from_file(path)
+
+
+def test_integer_labels_with_a_few_ids_missing_are_still_classes(tmp_path):
+    """Labels 0, 1, 2 and 4 (3 absent from a small file) stay ids: 5 classes."""
+    from numlm.data.datasets import from_file
+    labels = [0, 1, 2, 4]
+    rows = [(f"example {i}", labels[i % 4]) for i in range(20)]
+    data = from_file(write_rows(tmp_path / "labels.csv", rows))
+    assert data.label_names == [str(i) for i in range(max(labels) + 1)]
+
+
+def test_a_csv_field_longer_than_pythons_default_limit_is_read(tmp_path):
+    """A long article in one field is valid CSV; csv's default field limit (131072) refused it."""
+    import csv
+    from numlm.data.datasets import from_file
+    limit = csv.field_size_limit()
+    long_text = "word " * (limit // 5 + 1000)
+    rows = [(f"example {i}", i % 2) for i in range(20)] + [(long_text.strip(), 1)]
+    data = from_file(write_rows(tmp_path / "long.csv", rows))
+    texts = [e["text"] for split in ("train", "validation", "test") for e in data.split(split)]
+    assert long_text.strip() in texts and len(texts) == len(rows)
+    assert csv.field_size_limit() == limit   # the process's csv setting is left as it was
