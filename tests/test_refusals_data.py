@@ -196,3 +196,34 @@ def test_a_csv_field_longer_than_pythons_default_limit_is_read(tmp_path):
     texts = [e["text"] for split in ("train", "validation", "test") for e in data.split(split)]
     assert long_text.strip() in texts and len(texts) == len(rows)
     assert csv.field_size_limit() == limit   # the process's csv setting is left as it was
+
+
+# ---- tokenizer training arguments ----------------------------------------------------------------
+@pytest.mark.parametrize("train, kw, want", [
+    ("bpe", {"vocab_size": 10 ** 30}, "vocab_size must be an int in"),
+    ("bpe", {"vocab_size": 300, "min_frequency": -1}, "min_frequency must be an int >= 0"),
+    ("bpe", {"vocab_size": 300, "min_frequency": 0.5}, "min_frequency must be an int >= 0"),
+    ("wordpiece", {"vocab_size": 60, "min_frequency": "x"}, "min_frequency must be an int >= 0"),
+    ("wordpiece", {"vocab_size": 60, "lowercase": "no"}, "lowercase must be True or False")])
+def test_tokenizer_training_arguments_are_checked(train, kw, want):
+    """An overflow, a silently truncated min_frequency and a TypeError became one ValueError each."""
+    fn = Tokenizer.train_bpe_from_iterator if train == "bpe" else Tokenizer.train_wordpiece_from_iterator
+    with pytest.raises(ValueError, match=want):
+        fn(LINES, **kw)
+
+
+def test_tokenizer_train_cli_refuses_a_huge_vocab_size_in_one_line(tmp_path, capsys):
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n".join(LINES) + "\n")
+    code, err = refused(capsys, ["tokenizer", "train", "--vocab-size", str(10 ** 20), "--data", str(data),
+                                 "--out", str(tmp_path / "tok.json")])
+    assert code == 2 and "vocab_size must be an int in" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt"]
+
+
+def test_a_white_space_only_training_file_is_empty(tmp_path):
+    """The iterator refused a corpus of white space; the file path trained an alphabet-only tokenizer."""
+    f = tmp_path / "blank.txt"
+    f.write_text(" \n\t\n\n")
+    with pytest.raises(ValueError, match="no text other than white space"):
+        Tokenizer.train_bpe(f, vocab_size=300)
