@@ -227,3 +227,37 @@ def test_a_white_space_only_training_file_is_empty(tmp_path):
     f.write_text(" \n\t\n\n")
     with pytest.raises(ValueError, match="no text other than white space"):
         Tokenizer.train_bpe(f, vocab_size=300)
+
+
+# ---- prepare's arguments and reading its files back --------------------------------------------------
+@pytest.mark.parametrize("kw, want", [
+    ({"separator": "big"}, "separator must be"), ({"separator": -1}, "separator must be"),
+    ({"batch_docs": 0}, "batch_docs must be a positive int"), ({"batch_docs": 1.5}, "batch_docs must be a positive int")])
+def test_prepare_arguments_are_checked_before_anything_is_written(tmp_path, bpe, kw, want):
+    with pytest.raises(ValueError, match=want):
+        prepare(LINES, bpe, tmp_path / "t.bin", **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_refuses_a_separator_outside_the_vocabulary(tmp_path, bpe):
+    """A separator id >= vocab_size was written into the token file (or overflowed its dtype)."""
+    for sep in (bpe.vocab_size, 70000):
+        with pytest.raises(ValueError, match=f"token id in \\[0, {bpe.vocab_size}\\), got {sep}"):
+            prepare(LINES, bpe, tmp_path / "t.bin", separator=sep)
+    assert list(tmp_path.iterdir()) == []
+    last = bpe.vocab_size - 1
+    prepare(LINES, bpe, tmp_path / "t.bin", separator=last)
+    starts = load_document_starts(tmp_path / "t.bin")
+    np.testing.assert_array_equal(np.asarray(load_tokens(tmp_path / "t.bin"))[starts[1:] - 1], last)
+
+
+@pytest.mark.parametrize("damage, want", [
+    (lambda d: (d / "t.json").write_text('{"dtype": "bogus", "length": 3, "num_documents": 1}'), "t.json' is not a token file's sidecar"),
+    (lambda d: (d / "t.json").write_text('{"length": 3}'), "t.json' is not a token file's sidecar"),
+    (lambda d: (d / "t.docs.npy").unlink(), "no document starts"),
+    (lambda d: (d / "t.docs.npy").write_bytes(b"garbage"), "t.docs.npy' is damaged")])
+def test_a_damaged_sidecar_or_document_starts_file_is_named(tmp_path, bpe, damage, want):
+    prepare(LINES, bpe, tmp_path / "t.bin")
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=want):
+        load_document_starts(tmp_path / "t.bin")

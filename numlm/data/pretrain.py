@@ -321,9 +321,8 @@ def prepare(texts_or_paths, tokenizer, out_path, separator="auto", batch_docs=25
     paths = ([texts_or_paths] if isinstance(texts_or_paths, (str, os.PathLike))
              else [t for t in texts_or_paths if isinstance(t, os.PathLike)])
     out_path = check_prepared_files(out_path, paths)
+    separator, batch_docs = _check_prepare_args(tokenizer, separator, batch_docs)
     docs = _documents(texts_or_paths, encoding)
-    if separator == "auto":
-        separator = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id
     V = tokenizer.vocab_size
     dtype = np.dtype(np.uint16) if V < 2 ** 16 else np.dtype(np.uint32)
     from ..io import check_folder_path
@@ -353,6 +352,18 @@ def prepare(texts_or_paths, tokenizer, out_path, separator="auto", batch_docs=25
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
     return meta
+
+
+def _check_prepare_args(tokenizer, separator, batch_docs):
+    """(separator id or None, batch_docs): the separator is a token of the tokenizer."""
+    if separator == "auto":
+        return (tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id), \
+            _positive_int("batch_docs", batch_docs)
+    V = tokenizer.vocab_size
+    if separator is not None and (not isinstance(separator, (int, np.integer)) or isinstance(separator, bool)
+                                  or not 0 <= separator < V):
+        raise ValueError(f"separator must be 'auto', None or a token id in [0, {V}), got {separator!r}")
+    return (None if separator is None else int(separator)), _positive_int("batch_docs", batch_docs)
 
 
 def check_prepared_files(out_path, inputs=()):
@@ -402,11 +413,19 @@ def _check_companions(out_path):
 
 
 def load_meta(path):
+    """The token file's sidecar, checked: a garbled one is a ValueError naming it."""
     side = _sidecar(path)
     if not side.is_file():
         raise ValueError(f"path: no sidecar {str(side)!r} next to the token file")
     from ..io import read_json
-    return read_json(side)
+    meta = read_json(side)
+    ok = isinstance(meta, dict) and meta.get("dtype") in ("uint16", "uint32")
+    for key in ("length", "num_documents"):
+        ok = ok and isinstance(meta.get(key), int) and not isinstance(meta[key], bool) and meta[key] >= 0
+    if not ok:
+        raise ValueError(f"{str(side)!r} is not a token file's sidecar (it needs dtype uint16 or uint32, "
+                         "and length and num_documents as non-negative ints)")
+    return meta
 
 
 def load_tokens(path):
@@ -423,7 +442,18 @@ def load_tokens(path):
 
 
 def load_document_starts(path):
-    return np.load(_docs_path(path))
+    """The (num_documents,) int64 start offsets prepare wrote beside the token file."""
+    docs, meta = _docs_path(path), load_meta(path)
+    if not docs.is_file():
+        raise ValueError(f"path: no document starts {str(docs)!r} next to the token file")
+    try:
+        starts = np.load(docs, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{str(docs)!r} is damaged: {e}") from None
+    if starts.shape != (meta["num_documents"],) or starts.dtype.kind not in "iu":
+        raise ValueError(f"{str(docs)!r} holds {starts.shape} {starts.dtype}, the sidecar says "
+                         f"{meta['num_documents']} document starts")
+    return starts
 
 
 def split_tokens(tokens, val_fraction=0.1, doc_starts=None):
