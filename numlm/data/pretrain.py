@@ -356,14 +356,14 @@ def prepare(texts_or_paths, tokenizer, out_path, separator="auto", batch_docs=25
 
 def _check_prepare_args(tokenizer, separator, batch_docs):
     """(separator id or None, batch_docs): the separator is a token of the tokenizer."""
-    if separator == "auto":
-        return (tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id), \
-            _positive_int("batch_docs", batch_docs)
+    batch_docs = _positive_int("batch_docs", batch_docs)
+    if isinstance(separator, str) and separator == "auto":
+        return (tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id), batch_docs
     V = tokenizer.vocab_size
     if separator is not None and (not isinstance(separator, (int, np.integer)) or isinstance(separator, bool)
                                   or not 0 <= separator < V):
         raise ValueError(f"separator must be 'auto', None or a token id in [0, {V}), got {separator!r}")
-    return (None if separator is None else int(separator)), _positive_int("batch_docs", batch_docs)
+    return (None if separator is None else int(separator)), batch_docs
 
 
 def check_prepared_files(out_path, inputs=()):
