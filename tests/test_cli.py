@@ -253,4 +253,4 @@ def test_paths_under_a_file_and_folders_are_named_for_what_they_are(corpus, tmp_
     for args, cmd, want in cases:
         assert main(args) == 2
         assert want in one_error_line(capsys.readouterr().err, cmd)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "tok.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "tok.json"]

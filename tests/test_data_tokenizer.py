@@ -104,8 +104,10 @@ def test_save_writes_config(tmp_path, bert, gpt):
     bert.save(tmp_path / "b")
     cfg = json.loads((tmp_path / "b" / "tokenizer_config.json").read_text())
     assert {cfg[k] for k in ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")} == set(BERT_SPECIALS)
-    path = gpt.save(tmp_path / "g" / "my.json")
+    path = gpt.save(tmp_path / "g" / "my.json")   # another name: the folder's config is its tokenizer.json's
     assert path.name == "my.json" and Tokenizer.from_file(path).encode("hello") == gpt.encode("hello")
+    assert not (tmp_path / "g" / "tokenizer_config.json").exists()
+    gpt.save(tmp_path / "g" / "tokenizer.json")
     cfg = json.loads((tmp_path / "g" / "tokenizer_config.json").read_text())
     assert cfg["eos_token"] == GPT_EOS
 

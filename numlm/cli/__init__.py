@@ -90,7 +90,12 @@ def cmd_pretrain(a):
 
 
 def cmd_tokenizer_train(a):
+    from pathlib import Path
+    from ..data.tokenizer import save_paths
     from ..recipes import load_corpus, train_tokenizer
+    written = {Path(p).resolve() for p in (a.out, *save_paths(a.out)) if p is not None}
+    if a.data is not None and Path(a.data).resolve() in written:
+        raise ValueError(f"--out {a.out!r} would overwrite the input --data {a.data!r}")
     name, docs = load_corpus(a.data, a.encoding)
     tok = train_tokenizer("bert" if a.kind == "wordpiece" else "gpt2", docs, a.vocab_size)
     path = tok.save(a.out)

@@ -19,6 +19,7 @@ import dataclasses
 import io
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +205,14 @@ def shakespeare_mc(n_choices=4, max_words=40):
 
 # ---- a user's file -----------------------------------------------------------------------------
 def _rows_csv(path):
+    limit = csv.field_size_limit(sys.maxsize)  # a long review or article in one field is valid CSV
+    try:
+        return _read_csv(path)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _read_csv(path):
     with open(path, newline="", encoding="utf-8-sig") as f:  # a byte-order mark (Excel's) is not the header
         reader = csv.DictReader(f)
         try:
@@ -212,6 +221,7 @@ def _rows_csv(path):
             raise ValueError(f"{path}: line 1: not valid CSV ({e})") from e
         if not header:
             raise ValueError(f"{path}: the file is empty")
+        _no_repeats(path, 1, header, "column")
         rows = []
         try:
             for r in reader:
@@ -225,6 +235,23 @@ def _rows_csv(path):
     return header, rows
 
 
+def _no_repeats(path, line, names, what):
+    """A repeated column or key would silently keep only its last value."""
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{path}: line {line}: the {what} {name!r} appears twice")
+        seen.add(name)
+
+
+def _unique_object(path, line):
+    """json.loads' object_pairs_hook: a dict, refusing a repeated key (json.loads keeps the last)."""
+    def hook(pairs):
+        _no_repeats(path, line, [k for k, _ in pairs], "key")
+        return dict(pairs)
+    return hook
+
+
 def _rows_jsonl(path):
     rows, header = [], None
     with open(path, encoding="utf-8-sig") as f:
@@ -232,7 +259,7 @@ def _rows_jsonl(path):
             if not s.strip():
                 continue
             try:
-                r = json.loads(s)
+                r = json.loads(s, object_pairs_hook=_unique_object(path, line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {line}: not valid JSON ({e.msg})") from e
             if not isinstance(r, dict):
@@ -309,6 +336,7 @@ def _label_ids(path, out):
             e["label"] = int(e["label"])
             if e["label"] < 0:
                 raise ValueError(f"{path}: line {e['line']}: label {e['label']} is negative")
+        _check_class_ids(path, out)
         names = [str(i) for i in range(max(e["label"] for e in out) + 1)]
     else:
         names = sorted({str(e["label"]).strip() for e in out})
@@ -319,6 +347,17 @@ def _label_ids(path, out):
         raise ValueError(f"{path}: every example has the label {names[present.pop()]!r}; classification "
                          f"needs examples of two or more classes")
     return names
+
+
+def _check_class_ids(path, out):
+    """Integer labels are class ids 0..K-1, a few of which a small file may lack; one far above the
+    others (a typo: 100000000 among 0 and 1) would make a class of every integer up to it."""
+    distinct = len({e["label"] for e in out})
+    top = max(out, key=lambda e: e["label"])
+    most = max(2 * distinct, distinct + 16)
+    if top["label"] >= most:
+        raise ValueError(f"{path}: line {top['line']}: label {top['label']} cannot be a class id: the file has "
+                         f"{distinct} distinct labels, and integer labels are ids 0..K-1 (here below {most})")
 
 
 def from_text_file(path):

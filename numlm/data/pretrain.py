@@ -290,42 +290,48 @@ def _docs_path(path):
     return Path(path).with_suffix(".docs.npy")
 
 
+def _documents(texts_or_paths, encoding):
+    """An iterator over prepare's document texts (a path is read one file at a time)."""
+    from .corpus import read_texts, iter_texts
+    if isinstance(texts_or_paths, (str, os.PathLike)):
+        return iter_texts(texts_or_paths, encoding=encoding)
+    docs = []
+    for item in texts_or_paths:
+        if isinstance(item, os.PathLike):
+            docs.extend(read_texts(item, encoding=encoding))
+        elif isinstance(item, str):
+            if item.strip():
+                docs.append(item)
+        else:
+            raise ValueError(f"texts_or_paths items must be str or Path, got {type(item).__name__}")
+    if not docs:
+        raise ValueError("texts_or_paths holds no text (empty corpus)")
+    return iter(docs)
+
+
 def prepare(texts_or_paths, tokenizer, out_path, separator="auto", batch_docs=256, encoding="utf-8"):
     """Tokenize once into a flat token file: out_path (.bin, uint16 if vocab < 65536 else uint32),
-    a JSON sidecar (dtype, length, num_documents, vocab_size, separator_id) and <name>.docs.npy
-    (int64 start offset of every document). Documents are written in chunks, so the corpus never
-    has to fit in memory as ids. separator: "auto" (eos, else [SEP], else none), an id or None.
+    a JSON sidecar (token_file, dtype, length, num_documents, vocab_size, separator_id) and
+    <name>.docs.npy (int64 start offset of every document). Documents are written in chunks, so the
+    corpus never has to fit in memory as ids. separator: "auto" (eos, else [SEP], else none), an id or None.
+    A .json or .docs.npy beside out_path that is not its own (check_prepared_files) is refused.
 
     texts_or_paths: a path (file or folder, via read_texts), or a list whose str items are
     document texts and whose Path items are files or folders (decoded strictly in `encoding`)."""
-    from .corpus import read_texts, iter_texts
-    if isinstance(texts_or_paths, (str, os.PathLike)):
-        docs = iter_texts(texts_or_paths, encoding=encoding)  # one file in memory at a time
-    else:
-        docs = []
-        for item in texts_or_paths:
-            if isinstance(item, os.PathLike):
-                docs.extend(read_texts(item, encoding=encoding))
-            elif isinstance(item, str):
-                if item.strip():
-                    docs.append(item)
-            else:
-                raise ValueError(f"texts_or_paths items must be str or Path, got {type(item).__name__}")
-        if not docs:
-            raise ValueError("texts_or_paths holds no text (empty corpus)")
-        docs = iter(docs)
-    if separator == "auto":
-        separator = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id
+    paths = ([texts_or_paths] if isinstance(texts_or_paths, (str, os.PathLike))
+             else [t for t in texts_or_paths if isinstance(t, os.PathLike)])
+    out_path = check_prepared_files(out_path, paths)
+    separator, batch_docs = _check_prepare_args(tokenizer, separator, batch_docs)
+    docs = _documents(texts_or_paths, encoding)
     V = tokenizer.vocab_size
     dtype = np.dtype(np.uint16) if V < 2 ** 16 else np.dtype(np.uint32)
-    out_path = check_prepared_files(out_path, [texts_or_paths] if isinstance(texts_or_paths, (str, os.PathLike))
-                                    else [t for t in texts_or_paths if isinstance(t, os.PathLike)])
     from ..io import check_folder_path
     check_folder_path(out_path.parent, "out_path").mkdir(parents=True, exist_ok=True)
     starts, n = [], 0
-    tmp = out_path.with_name(out_path.name + ".tmp")  # renamed into place once complete
+    final = [out_path, _sidecar(out_path), _docs_path(out_path)]
+    tmps = [p.with_name(p.name + ".tmp") for p in final]  # renamed into place once all three are complete
     try:
-        with open(tmp, "wb") as f:
+        with open(tmps[0], "wb") as f:
             while chunk := list(itertools.islice(docs, batch_docs)):
                 for ids in tokenizer.encode_many(chunk, add_special_tokens=False):
                     if separator is not None:
@@ -335,20 +341,35 @@ def prepare(texts_or_paths, tokenizer, out_path, separator="auto", batch_docs=25
                     n += len(ids)
         if n == 0:
             raise ValueError("texts_or_paths tokenized to zero tokens")
-        os.replace(tmp, out_path)
+        meta = {"token_file": out_path.name, "dtype": dtype.name, "length": n, "num_documents": len(starts),
+                "vocab_size": V, "separator_id": separator}
+        tmps[1].write_text(json.dumps(meta, indent=2) + "\n")
+        with open(tmps[2], "wb") as f:
+            np.save(f, np.asarray(starts, np.int64))
+        for tmp, path in zip(tmps, final):
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    meta = {"dtype": dtype.name, "length": n, "num_documents": len(starts), "vocab_size": V,
-            "separator_id": separator}
-    _sidecar(out_path).write_text(json.dumps(meta, indent=2) + "\n")
-    np.save(_docs_path(out_path), np.asarray(starts, np.int64))
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
     return meta
 
 
+def _check_prepare_args(tokenizer, separator, batch_docs):
+    """(separator id or None, batch_docs): the separator is a token of the tokenizer."""
+    batch_docs = _positive_int("batch_docs", batch_docs)
+    if isinstance(separator, str) and separator == "auto":
+        return (tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id), batch_docs
+    V = tokenizer.vocab_size
+    if separator is not None and (not isinstance(separator, (int, np.integer)) or isinstance(separator, bool)
+                                  or not 0 <= separator < V):
+        raise ValueError(f"separator must be 'auto', None or a token id in [0, {V}), got {separator!r}")
+    return (None if separator is None else int(separator)), batch_docs
+
+
 def check_prepared_files(out_path, inputs=()):
-    """out_path as a Path, refused when it is a folder, or when the files prepare writes (it, its .json
-    sidecar and .docs.npy) are one file twice or one of the input files (a corpus, a tokenizer)"""
+    """out_path as a Path, refused when it is a folder, when the files prepare writes (it, its .json
+    sidecar and .docs.npy) are one file twice or one of the input files (a corpus, a tokenizer), or
+    when the sidecar or .docs.npy already there is not out_path's own (_check_companions)"""
     out_path = Path(out_path)
     if out_path.is_dir():
         raise ValueError(f"out_path: {str(out_path)!r} is a folder; give the token file's name (e.g. tokens.bin)")
@@ -358,15 +379,53 @@ def check_prepared_files(out_path, inputs=()):
                          "would be one file; give a name such as tokens.bin")
     if clash := [str(i) for i in inputs if Path(i).resolve() in written]:
         raise ValueError(f"out_path {str(out_path)!r} would overwrite the input {clash[0]!r}")
+    _check_companions(out_path)
     return out_path
 
 
+def _sidecar_owner(side):
+    """The token file name a sidecar records ("" for one written before names were recorded), or
+    None when the file is not a sidecar at all."""
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(meta, dict) or not {"dtype", "length", "num_documents"} <= meta.keys():
+        return None
+    return meta.get("token_file", "")
+
+
+def _check_companions(out_path):
+    """The sidecar and .docs.npy are named from out_path's stem, so tokens.bin and tokens, or a.train
+    and a.val, would share them, and a user's train.json beside train.bin would be replaced."""
+    side, docs = _sidecar(out_path), _docs_path(out_path)
+    hint = "move it, or give out_path another stem"
+    if side.exists():
+        owner = _sidecar_owner(side)
+        if owner is None:
+            raise ValueError(f"out_path {str(out_path)!r}: {str(side)!r} exists and is not a token file's sidecar; "
+                             f"prepare would replace it: {hint}")
+        if owner != out_path.name and (owner or not out_path.is_file()):
+            whose = f"the token file {owner!r}" if owner else "another token file"
+            raise ValueError(f"out_path {str(out_path)!r}: {str(side)!r} is the sidecar of {whose}; {hint}")
+    elif docs.exists() and not out_path.is_file():
+        raise ValueError(f"out_path {str(out_path)!r}: {str(docs)!r} exists and is not this token file's; {hint}")
+
+
 def load_meta(path):
+    """The token file's sidecar, checked: a garbled one is a ValueError naming it."""
     side = _sidecar(path)
     if not side.is_file():
         raise ValueError(f"path: no sidecar {str(side)!r} next to the token file")
     from ..io import read_json
-    return read_json(side)
+    meta = read_json(side)
+    ok = isinstance(meta, dict) and meta.get("dtype") in ("uint16", "uint32")
+    for key in ("length", "num_documents"):
+        ok = ok and isinstance(meta.get(key), int) and not isinstance(meta[key], bool) and meta[key] >= 0
+    if not ok:
+        raise ValueError(f"{str(side)!r} is not a token file's sidecar (it needs dtype uint16 or uint32, "
+                         "and length and num_documents as non-negative ints)")
+    return meta
 
 
 def load_tokens(path):
@@ -383,7 +442,18 @@ def load_tokens(path):
 
 
 def load_document_starts(path):
-    return np.load(_docs_path(path))
+    """The (num_documents,) int64 start offsets prepare wrote beside the token file."""
+    docs, meta = _docs_path(path), load_meta(path)
+    if not docs.is_file():
+        raise ValueError(f"path: no document starts {str(docs)!r} next to the token file")
+    try:
+        starts = np.load(docs, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{str(docs)!r} is damaged: {e}") from None
+    if starts.shape != (meta["num_documents"],) or starts.dtype.kind not in "iu":
+        raise ValueError(f"{str(docs)!r} holds {starts.shape} {starts.dtype}, the sidecar says "
+                         f"{meta['num_documents']} document starts")
+    return starts
 
 
 def split_tokens(tokens, val_fraction=0.1, doc_starts=None):

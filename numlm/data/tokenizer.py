@@ -21,6 +21,7 @@ GPT_EOS = "<|endoftext|>"
 _NAMES = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]",
           "eos": GPT_EOS}
 # RoBERTa's byte-level BPE names the same roles differently (<s> ... </s>, <mask>)
+MAX_VOCAB = 2 ** 32   # token files hold ids as uint32
 ROBERTA_NAMES = {"pad": "<pad>", "unk": "<unk>", "cls": "<s>", "sep": "</s>", "mask": "<mask>"}
 
 
@@ -30,21 +31,30 @@ def _files(files):
     files = [str(f) for f in files]
     if not files:
         raise ValueError("files must name at least one file, got an empty list")
+    blank = True
     for f in files:
         if not os.path.isfile(f):
             raise ValueError(f"files: {f!r} does not exist or is not a file")
-        read_text_file(f, strip_md=False)  # strict UTF-8, no binary files: the trainer reads them as text
-    if all(os.path.getsize(f) == 0 for f in files):
-        raise ValueError(f"files {files!r} are empty: nothing to train the tokenizer on")
+        # strict UTF-8, no binary files: the trainer reads them as text
+        blank = blank and not read_text_file(f, strip_md=False).strip()
+    if blank:
+        raise ValueError(f"files {files!r} are empty (no text other than white space): nothing to train "
+                         "the tokenizer on")
     return files
 
 
-def _check_vocab_size(vocab_size, minimum):
-    if not isinstance(vocab_size, (int, np.integer)) or vocab_size < minimum:
-        raise ValueError(f"vocab_size must be an int >= {minimum}, got {vocab_size!r}")
+def _check_training_args(vocab_size, minimum, min_frequency):
+    """The trainer's own checks are overflow errors or silent truncation (min_frequency=0.5 -> 0)."""
+    if (not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool)
+            or not minimum <= vocab_size <= MAX_VOCAB):
+        raise ValueError(f"vocab_size must be an int in [{minimum}, {MAX_VOCAB}], got {vocab_size!r}")
+    if not isinstance(min_frequency, (int, np.integer)) or isinstance(min_frequency, bool) or min_frequency < 0:
+        raise ValueError(f"min_frequency must be an int >= 0, got {min_frequency!r}")
 
 
 def _wordpiece_pipeline(lowercase):
+    if not isinstance(lowercase, bool):
+        raise ValueError(f"lowercase must be True or False, got {lowercase!r}")
     tk = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
     tk.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                                strip_accents=None, lowercase=lowercase)
@@ -82,7 +92,7 @@ def _roberta_finish(tk):
 
 
 def _wordpiece_trainer(vocab_size, min_frequency):
-    _check_vocab_size(vocab_size, len(BERT_SPECIALS) + 1)
+    _check_training_args(vocab_size, len(BERT_SPECIALS) + 1, min_frequency)
     return trainers.WordPieceTrainer(vocab_size=int(vocab_size), min_frequency=int(min_frequency),
                                      special_tokens=list(BERT_SPECIALS),
                                      continuing_subword_prefix="##", show_progress=False)
@@ -90,10 +100,32 @@ def _wordpiece_trainer(vocab_size, min_frequency):
 
 def _bpe_trainer(vocab_size, min_frequency):
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    _check_vocab_size(vocab_size, len(alphabet) + 1)
+    _check_training_args(vocab_size, len(alphabet) + 1, min_frequency)
     return trainers.BpeTrainer(vocab_size=int(vocab_size), min_frequency=int(min_frequency),
                                special_tokens=[GPT_EOS], initial_alphabet=alphabet,
                                show_progress=False)
+
+
+def save_paths(path):
+    """(tokenizer.json, tokenizer_config.json or None) that Tokenizer.save(path) writes: a folder's
+    tokenizer_config.json belongs to its tokenizer.json, so a save under another name leaves it alone."""
+    path = Path(path)
+    file = path if path.suffix == ".json" else path / "tokenizer.json"
+    return file, (file.parent / "tokenizer_config.json" if file.name == "tokenizer.json" else None)
+
+
+def _write_whole(file, write):
+    from ..io.checkpoint import _atomic_write
+
+    def write_readable(tmp):  # the temporary file is owner-only; the tokenizer is as readable as any file
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+    try:
+        _atomic_write(file, write_readable)
+    except Exception as e:  # OSError, or the Rust side's own type (a full disk among them)
+        raise ValueError(f"cannot write {str(file)!r}: {e}; the earlier file, if any, is intact") from None
 
 
 class Tokenizer:
@@ -182,24 +214,20 @@ class Tokenizer:
         raise ValueError(f"model_dir: {str(d)!r} has no tokenizer.json, vocab.txt or vocab.json")
 
     def save(self, path):
-        """Write tokenizer.json (+ tokenizer_config.json beside it); `path` is a directory or a .json file."""
+        """Write tokenizer.json (+ tokenizer_config.json beside it); `path` is a directory or a .json file.
+        Each file is written whole or not at all: a failed save leaves the earlier files intact."""
         from ..io import check_folder_path
-        path = Path(path)
-        check_folder_path(path.parent if path.suffix == ".json" else path, "path")
-        if path.suffix == ".json":
-            path.parent.mkdir(parents=True, exist_ok=True)
-            file, folder = path, path.parent
-        else:
-            path.mkdir(parents=True, exist_ok=True)
-            file, folder = path / "tokenizer.json", path
-        self.backend.save(str(file))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        for key in ("pad", "unk", "cls", "sep", "mask"):
-            if self._ids[key] is not None:
-                config[f"{key}_token"] = self._names[key]
-        if self.eos_id is not None:
-            config.update(bos_token=GPT_EOS, eos_token=GPT_EOS)
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        file, config_file = save_paths(path)
+        check_folder_path(file.parent, "path").mkdir(parents=True, exist_ok=True)
+        _write_whole(file, lambda t: self.backend.save(str(t)))
+        if config_file is not None:
+            config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+            for key in ("pad", "unk", "cls", "sep", "mask"):
+                if self._ids[key] is not None:
+                    config[f"{key}_token"] = self._names[key]
+            if self.eos_id is not None:
+                config.update(bos_token=GPT_EOS, eos_token=GPT_EOS)
+            _write_whole(config_file, lambda t: Path(t).write_text(json.dumps(config, indent=2) + "\n"))
         return file
 
     # ---- vocabulary -----------------------------------------------------------------------
