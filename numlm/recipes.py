@@ -152,12 +152,7 @@ class GPTData:
 
     def __init__(self, tokens, doc_starts, block_size, batch_size, seed, val_fraction=0.1, val_batches=8):
         _int("val_batches", val_batches, 1)
-        try:
-            train, val = split_tokens(tokens, val_fraction, doc_starts)
-        except ValueError:  # too few documents to cut between them: cut inside one
-            train, val = split_tokens(tokens, val_fraction)
-        if len(val) < block_size + 1:
-            raise ValueError(f"the validation split has {len(val)} tokens, fewer than block_size={block_size}")
+        train, val = split_gpt(tokens, doc_starts, block_size, val_fraction)
         self.stream = TokenStream(train, block_size, batch_size, rng=np.random.default_rng(seed))
         self.val = list(sequential_blocks(val, block_size, batch_size))[:val_batches]
         self.train_tokens, self.val_tokens = len(train), len(val)
@@ -167,16 +162,41 @@ class GPTData:
         self.unigram_loss = float(-logp[np.asarray(val)].mean())
 
     def evaluate(self, model):
-        model.eval()
-        tot, n = 0.0, 0
-        for b in self.val:
-            out = model(**b)
-            k = b["labels"][:, 1:].size
-            tot += float(out.loss) * k
-            n += k
-        model.train()
-        loss = tot / n
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700))}
+        return gpt_metrics(model, self.val)
+
+
+def split_gpt(tokens, doc_starts, block_size, val_fraction=0.1):
+    """(train, val): val the last val_fraction of the tokens, the cut moved to the next document start
+    unless that leaves val shorter than a block or off val_fraction by more than a factor 2 (a short
+    or a long last document); then the cut falls inside a document."""
+    n = len(tokens)
+    cut = int(round(n * (1.0 - val_fraction)))  # split_tokens' cut inside a document
+    if n - cut < block_size + 1:
+        raise ValueError(f"the corpus has {n:,} tokens: its last {val_fraction:.0%} ({n - cut} tokens) is too "
+                         f"short to validate on one block of block_size={block_size}; give more text or a "
+                         f"smaller block size")
+    if doc_starts is not None:
+        try:
+            train, val = split_tokens(tokens, val_fraction, doc_starts)
+            if len(val) > block_size and 0.5 <= len(val) / (n * val_fraction) <= 2.0:
+                return train, val
+        except ValueError:  # no document start after the cut
+            pass
+    return split_tokens(tokens, val_fraction)
+
+
+def gpt_metrics(model, batches):
+    """Mean next-token loss over the predicted tokens of batches, and its perplexity."""
+    model.eval()
+    tot, n = 0.0, 0
+    for b in batches:
+        out = model(**b)
+        k = b["labels"][:, 1:].size
+        tot += float(out.loss) * k
+        n += k
+    model.train()
+    loss = tot / n
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700))}
 
 
 class BertData:
