@@ -199,45 +199,97 @@ def gpt_metrics(model, batches):
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700))}
 
 
+def check_bert_tokenizer(tokenizer):
+    missing = [t for t, i in (("[CLS]", tokenizer.cls_id), ("[SEP]", tokenizer.sep_id),
+                              ("[MASK]", tokenizer.mask_id), ("[PAD]", tokenizer.pad_id)) if i is None]
+    if missing:
+        raise ValueError(f"the tokenizer has no {'/'.join(missing)} token{'s' * (len(missing) > 1)} (a GPT's "
+                         f"byte-level BPE?); BERT needs a WordPiece tokenizer: numlm tokenizer train --kind "
+                         f"wordpiece, or no --tokenizer to train one")
+
+
+MIN_BERT_DOCS = 10  # fewer documents are cut into runs of lines, so validation is not half the corpus
+
+
+def split_bert(documents, val_fraction, rng):
+    """(train, val) documents for NSP, each side at least 2 (NSP draws its B from another document):
+    val_fraction of the documents, at least 2 of them; a corpus of fewer than MIN_BERT_DOCS documents
+    is first cut into about 2 / val_fraction runs of consecutive lines."""
+    if round(len(documents) * val_fraction) >= 2:
+        return split_documents(documents, val_fraction, rng)
+    docs = [d for d in documents if d.strip()]
+    n = len(docs)
+    if n < MIN_BERT_DOCS:
+        docs = line_runs(docs, math.ceil(2 / val_fraction))
+    if len(docs) < 4:
+        raise ValueError(f"BERT holds out 2 documents for validation and trains on at least 2: the corpus has "
+                         f"{n} document{'s' * (n != 1)} with {len(docs)} non-empty line{'s' * (len(docs) != 1)}; "
+                         f"give at least 4 lines (sentences), or {MIN_BERT_DOCS} files")
+    docs = [docs[i] for i in np.random.default_rng(rng).permutation(len(docs))]
+    k = max(2, round(len(docs) * val_fraction))
+    return docs[:-k], docs[-k:]
+
+
+def line_runs(documents, pieces):
+    """Each document cut into runs of its non-empty lines, about `pieces` runs in all."""
+    out = []
+    for d in documents:
+        lines = [l for l in d.split("\n") if l.strip()]
+        k = min(len(lines), max(1, math.ceil(pieces / len(documents))))
+        out += ["\n".join(run) for run in np.array_split(np.array(lines, dtype=object), k) if len(run)]
+    return out
+
+
 class BertData:
     def __init__(self, documents, tokenizer, max_length, batch_size, seed, val_fraction=0.05, val_batches=8):
         _int("val_batches", val_batches, 1)
+        check_bert_tokenizer(tokenizer)
         rng = np.random.default_rng(seed)
-        train_docs, val_docs = split_documents(documents, val_fraction, rng)
+        train_docs, val_docs = split_bert(documents, val_fraction, rng)
         self.pairs = nsp_pairs(tokenize_documents(train_docs, tokenizer), max_length, rng)
-        val_pairs = nsp_pairs(tokenize_documents(val_docs, tokenizer), max_length, np.random.default_rng(seed + 1)) \
-            if len(val_docs) >= 2 else self.pairs[:batch_size * val_batches]
-        vr = np.random.default_rng(seed + 2)
-        self.val = [make_bert_batch(val_pairs[i:i + batch_size], tokenizer, max_length, vr)
-                    for i in range(0, min(len(val_pairs), batch_size * val_batches), batch_size)]
+        val_pairs = nsp_pairs(tokenize_documents(val_docs, tokenizer), max_length, np.random.default_rng(seed + 1))
+        self.val = bert_batches(val_pairs[:batch_size * val_batches], tokenizer, max_length, batch_size,
+                                np.random.default_rng(seed + 2))
         self.stream = PairStream(self.pairs, tokenizer, batch_size, max_length, np.random.default_rng(seed + 3))
         self.train_tokens = sum(len(p.a) + len(p.b) + 3 for p in self.pairs)
-        # most-frequent-token baseline for MLM accuracy, from the training pairs
-        counts = np.bincount(np.concatenate([np.r_[p.a, p.b] for p in self.pairs]).astype(np.int64),
-                             minlength=tokenizer.vocab_size)
-        self.most_frequent = int(np.argmax(counts))
+        self.most_frequent = most_frequent(self.pairs, tokenizer.vocab_size)  # the MLM accuracy baseline
 
     def evaluate(self, model):
-        model.eval()
-        mlm_tot = nsp_tot = 0.0
-        n_mlm = n_nsp = hit = base = nsp_hit = 0
-        for b in self.val:
-            out = model(**b)
-            m = b["labels"] != IGNORE_INDEX
-            k = int(m.sum())
-            mlm_tot += float(out.mlm_loss if out.mlm_loss is not None else out.loss) * k
-            n_mlm += k
-            pred = out.prediction_logits.argmax(-1)
-            hit += int((pred[m] == b["labels"][m]).sum())
-            base += int((b["labels"][m] == self.most_frequent).sum())
-            nb = len(b["next_sentence_label"])
-            if out.nsp_loss is not None:
-                nsp_tot += float(out.nsp_loss) * nb
-            nsp_hit += int((out.seq_relationship_logits.argmax(-1) == b["next_sentence_label"]).sum())
-            n_nsp += nb
-        model.train()
-        return {"val_mlm_loss": mlm_tot / n_mlm, "val_mlm_acc": hit / n_mlm, "val_mlm_baseline_acc": base / n_mlm,
-                "val_nsp_loss": nsp_tot / n_nsp, "val_nsp_acc": nsp_hit / n_nsp, "val_loss": mlm_tot / n_mlm + nsp_tot / n_nsp}
+        return bert_metrics(model, self.val, self.most_frequent)
+
+
+def bert_batches(pairs, tokenizer, max_length, batch_size, rng):
+    return [make_bert_batch(pairs[i:i + batch_size], tokenizer, max_length, rng)
+            for i in range(0, len(pairs), batch_size)]
+
+
+def most_frequent(pairs, vocab_size):
+    counts = np.bincount(np.concatenate([np.r_[p.a, p.b] for p in pairs]).astype(np.int64), minlength=vocab_size)
+    return int(np.argmax(counts))
+
+
+def bert_metrics(model, batches, most_frequent):
+    """MLM loss and accuracy (and the accuracy of always guessing most_frequent), NSP loss and accuracy."""
+    model.eval()
+    mlm_tot = nsp_tot = 0.0
+    n_mlm = n_nsp = hit = base = nsp_hit = 0
+    for b in batches:
+        out = model(**b)
+        m = b["labels"] != IGNORE_INDEX
+        k = int(m.sum())
+        mlm_tot += float(out.mlm_loss if out.mlm_loss is not None else out.loss) * k
+        n_mlm += k
+        pred = out.prediction_logits.argmax(-1)
+        hit += int((pred[m] == b["labels"][m]).sum())
+        base += int((b["labels"][m] == most_frequent).sum())
+        nb = len(b["next_sentence_label"])
+        if out.nsp_loss is not None:
+            nsp_tot += float(out.nsp_loss) * nb
+        nsp_hit += int((out.seq_relationship_logits.argmax(-1) == b["next_sentence_label"]).sum())
+        n_nsp += nb
+    model.train()
+    return {"val_mlm_loss": mlm_tot / n_mlm, "val_mlm_acc": hit / n_mlm, "val_mlm_baseline_acc": base / n_mlm,
+            "val_nsp_loss": nsp_tot / n_nsp, "val_nsp_acc": nsp_hit / n_nsp, "val_loss": mlm_tot / n_mlm + nsp_tot / n_nsp}
 
 
 # ---- the recipe --------------------------------------------------------------------------------

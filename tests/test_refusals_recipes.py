@@ -37,6 +37,57 @@ def bert_rows(batches, tok):
     return rows
 
 
+@pytest.mark.parametrize("n", [12, 29])
+def test_bert_validation_of_few_documents_holds_no_training_pair(n, wordpiece):
+    tok = Tokenizer.from_file(wordpiece)
+    d = BertData(documents(n), tok, 32, 4, 0, val_batches=2)
+    train = {tuple([tok.cls_id, *p.a, tok.sep_id, *p.b, tok.sep_id]) for p in d.pairs}
+    val = bert_rows(d.val, tok)
+    assert val and not train & set(val)
+
+
+@pytest.mark.parametrize("texts", [[documents(1, 40)[0]], documents(3, 4)], ids=["one file", "three files"])
+def test_bert_trains_on_a_small_corpus_with_a_held_out_split(texts, wordpiece):
+    tok = Tokenizer.from_file(wordpiece)
+    d = BertData(texts, tok, 32, 4, 0)
+    train = {tuple([tok.cls_id, *p.a, tok.sep_id, *p.b, tok.sep_id]) for p in d.pairs}
+    assert d.pairs and d.val and not train & set(bert_rows(d.val, tok))
+
+
+def test_bert_on_one_file_from_the_command_line(tmp_path, capsys):
+    f = tmp_path / "one.txt"
+    f.write_text(documents(1, 60)[0] + "\n")
+    run = tmp_path / "run"
+    assert main(["pretrain", "--arch", "bert", "--size", "tiny", "--data", str(f), "--vocab-size", "300",
+                 "--out", str(run), "--steps", "2", "--batch-size", "2", "--block-size", "16"]) == 0
+    assert "after training" in capsys.readouterr().out
+
+
+def test_bert_on_too_few_lines_says_what_to_give(tmp_path, capsys):
+    f = tmp_path / "three.txt"
+    f.write_text("one line here\nand a second\nand a third\n")
+    assert main(["pretrain", "--arch", "bert", "--size", "tiny", "--data", str(f), "--vocab-size", "300",
+                 "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2", "--block-size", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "3 non-empty lines" in err and "at least 4 lines" in err
+    assert "val_fraction" not in err and not (tmp_path / "run").exists()
+
+
+def test_bert_with_a_byte_level_bpe_names_the_missing_tokens(tmp_path, capsys):
+    bpe = tmp_path / "bpe.json"
+    Tokenizer.train_bpe_from_iterator(documents(12), 300).save(bpe)
+    with pytest.raises(ValueError, match=r"no \[CLS\]/\[SEP\]/\[MASK\]/\[PAD\] tokens.*WordPiece"):
+        BertData(documents(12), Tokenizer.from_file(bpe), 32, 4, 0)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i, t in enumerate(documents(12)):
+        (folder / f"d{i}.txt").write_text(t)
+    assert main(["pretrain", "--arch", "bert", "--size", "tiny", "--data", str(folder), "--tokenizer", str(bpe),
+                 "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2", "--block-size", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "[CLS]" in err and "--kind wordpiece" in err
+
+
 def test_gpt_short_last_document_falls_back_to_a_cut_inside_a_document():
     tokens = np.arange(1000) % 50
     cut = int(round(len(tokens) * 0.9))  # the intended 10%
