@@ -292,6 +292,39 @@ def bert_metrics(model, batches, most_frequent):
             "val_nsp_loss": nsp_tot / n_nsp, "val_nsp_acc": nsp_hit / n_nsp, "val_loss": mlm_tot / n_mlm + nsp_tot / n_nsp}
 
 
+def eval_gpt(model, documents, tokenizer, block_size, batch_size, max_batches=None):
+    """gpt_metrics on every non-overlapping block of the documents (the first max_batches batches),
+    laid out as prepare lays out training data: each document followed by its "auto" separator."""
+    sep = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id
+    ids = [x + [sep] * (sep is not None) for x in tokenizer.encode_many(documents, add_special_tokens=False)]
+    tokens = np.fromiter((t for x in ids for t in x), np.int64)
+    if len(tokens) < block_size:
+        raise ValueError(f"the data holds {len(tokens):,} tokens, fewer than one block of {block_size}")
+    batches = list(sequential_blocks(tokens, block_size, batch_size))[:max_batches]
+    blocks = sum(len(b["input_ids"]) for b in batches)
+    out = gpt_metrics(model, batches)
+    out.update(blocks=blocks, tokens=blocks * block_size, data_tokens=len(tokens),
+               scored=f"{blocks:,} blocks of {block_size}: {blocks * block_size:,} of the {len(tokens):,} tokens")
+    return out
+
+
+def eval_bert(model, documents, tokenizer, max_length, batch_size, seed, max_batches=None):
+    """bert_metrics on every NSP pair of the documents (the first max_batches batches); a single
+    document is cut in two (NSP draws B from another document)."""
+    check_bert_tokenizer(tokenizer)
+    docs = [d for d in documents if d.strip()]
+    if len(docs) < 2:
+        docs = line_runs(docs, 2)
+    if len(docs) < 2:
+        raise ValueError("the data holds fewer than 2 non-empty lines: NSP needs two sentences")
+    pairs = nsp_pairs(tokenize_documents(docs, tokenizer), max_length, np.random.default_rng(seed))
+    use = pairs[:None if max_batches is None else max_batches * batch_size]
+    out = bert_metrics(model, bert_batches(use, tokenizer, max_length, batch_size, np.random.default_rng(seed + 2)),
+                       most_frequent(pairs, tokenizer.vocab_size))
+    out.update(pairs=len(use), data_pairs=len(pairs), scored=f"{len(use):,} of the {len(pairs):,} NSP pairs")
+    return out
+
+
 # ---- the recipe --------------------------------------------------------------------------------
 RUN_FILES = ("metrics.jsonl", "checkpoints", "model", "tokenizer.json", "data", "loss.png", "lr.png",
              "grad_norm.png", "update_ratio.png")

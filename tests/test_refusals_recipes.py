@@ -60,7 +60,10 @@ def test_bert_on_one_file_from_the_command_line(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["pretrain", "--arch", "bert", "--size", "tiny", "--data", str(f), "--vocab-size", "300",
                  "--out", str(run), "--steps", "2", "--batch-size", "2", "--block-size", "16"]) == 0
-    assert "after training" in capsys.readouterr().out
+    capsys.readouterr()
+    assert main(["eval", str(run / "model"), "--data", str(f), "--block-size", "16", "--batch-size", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert np.isfinite(out["val_mlm_loss"]) and out["pairs"] == out["data_pairs"] > 0
 
 
 def test_bert_on_too_few_lines_says_what_to_give(tmp_path, capsys):
@@ -105,3 +108,41 @@ def test_gpt_aligned_split_is_kept_when_near_the_fraction():
 def test_gpt_corpus_too_small_for_a_block_says_so():
     with pytest.raises(ValueError, match=r"has 100 tokens.*block_size=16"):
         GPTData(np.arange(100) % 50, [0], 16, 2, 0)
+
+
+@pytest.fixture(scope="module")
+def gpt_runs(corpus, wordpiece, tmp_path_factory):
+    """Tiny GPT-2 runs: one with its own byte-level BPE (eos separator), one with a WordPiece ([SEP])."""
+    runs = {}
+    for name, tok in (("bpe", None), ("wordpiece", wordpiece)):
+        out = tmp_path_factory.mktemp(name)
+        pretrain("gpt2", size="tiny", data=corpus, tokenizer_path=tok, vocab_size=300, out_dir=out, block_size=16,
+                 batch_size=2, steps=2, log=quiet, progress=False)
+        runs[name] = out / "model"
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
+def test_eval_scores_every_block_of_the_data_as_prepare_lays_it_out(kind, gpt_runs, corpus, tmp_path, capsys):
+    model_dir, T = gpt_runs[kind], 16
+    data = tmp_path / "eval"  # junk first, then documents, each followed by prepare's separator
+    data.mkdir()
+    (data / "a.txt").write_text("junk qq zz xx " * 60)
+    for i in range(5):
+        (data / f"doc{i}.txt").write_text((corpus / f"doc{i}.txt").read_text())
+    prepare(data, Tokenizer.from_file(model_dir / "tokenizer.json"), tmp_path / "eval.bin")
+    tokens = np.asarray(load_tokens(tmp_path / "eval.bin"), np.int64)
+    blocks = tokens[:len(tokens) // T * T].reshape(-1, T)
+    want = float(from_pretrained(model_dir, dtype="float64").eval()(input_ids=blocks, labels=blocks).loss)
+    assert main(["eval", str(model_dir), "--data", str(data), "--block-size", str(T), "--dtype", "float64"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == blocks.size and out["data_tokens"] == len(tokens)
+    assert abs(out["val_loss"] - want) < 1e-9 * want
+
+
+def test_eval_batches_caps_and_says_how_much_it_scored(gpt_runs, corpus, capsys):
+    assert main(["eval", str(gpt_runs["bpe"]), "--data", str(corpus), "--block-size", "16", "--batch-size", "2",
+                 "--batches", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["blocks"] == 6 and out["tokens"] == 96 < out["data_tokens"]
+    assert f"96 of the {out['data_tokens']:,} tokens" in out["scored"]
