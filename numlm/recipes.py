@@ -152,12 +152,7 @@ class GPTData:
 
     def __init__(self, tokens, doc_starts, block_size, batch_size, seed, val_fraction=0.1, val_batches=8):
         _int("val_batches", val_batches, 1)
-        try:
-            train, val = split_tokens(tokens, val_fraction, doc_starts)
-        except ValueError:  # too few documents to cut between them: cut inside one
-            train, val = split_tokens(tokens, val_fraction)
-        if len(val) < block_size + 1:
-            raise ValueError(f"the validation split has {len(val)} tokens, fewer than block_size={block_size}")
+        train, val = split_gpt(tokens, doc_starts, block_size, val_fraction)
         self.stream = TokenStream(train, block_size, batch_size, rng=np.random.default_rng(seed))
         self.val = list(sequential_blocks(val, block_size, batch_size))[:val_batches]
         self.train_tokens, self.val_tokens = len(train), len(val)
@@ -167,57 +162,167 @@ class GPTData:
         self.unigram_loss = float(-logp[np.asarray(val)].mean())
 
     def evaluate(self, model):
-        model.eval()
-        tot, n = 0.0, 0
-        for b in self.val:
-            out = model(**b)
-            k = b["labels"][:, 1:].size
-            tot += float(out.loss) * k
-            n += k
-        model.train()
-        loss = tot / n
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700))}
+        return gpt_metrics(model, self.val)
+
+
+def split_gpt(tokens, doc_starts, block_size, val_fraction=0.1):
+    """(train, val): val the last val_fraction of the tokens, the cut moved to the next document start
+    unless that leaves val shorter than a block or off val_fraction by more than a factor 2 (a short
+    or a long last document); then the cut falls inside a document."""
+    n = len(tokens)
+    cut = int(round(n * (1.0 - val_fraction)))  # split_tokens' cut inside a document
+    if n - cut < block_size + 1:
+        raise ValueError(f"the corpus has {n:,} tokens: its last {val_fraction:.0%} ({n - cut} tokens) is too "
+                         f"short to validate on one block of block_size={block_size}; give more text or a "
+                         f"smaller block size")
+    if doc_starts is not None:
+        try:
+            train, val = split_tokens(tokens, val_fraction, doc_starts)
+            if len(val) > block_size and 0.5 <= len(val) / (n * val_fraction) <= 2.0:
+                return train, val
+        except ValueError:  # no document start after the cut
+            pass
+    return split_tokens(tokens, val_fraction)
+
+
+def gpt_metrics(model, batches):
+    """Mean next-token loss over the predicted tokens of batches, and its perplexity."""
+    model.eval()
+    tot, n = 0.0, 0
+    for b in batches:
+        out = model(**b)
+        k = b["labels"][:, 1:].size
+        tot += float(out.loss) * k
+        n += k
+    model.train()
+    loss = tot / n
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700))}
+
+
+def check_bert_tokenizer(tokenizer):
+    missing = [t for t, i in (("[CLS]", tokenizer.cls_id), ("[SEP]", tokenizer.sep_id),
+                              ("[MASK]", tokenizer.mask_id), ("[PAD]", tokenizer.pad_id)) if i is None]
+    if missing:
+        raise ValueError(f"the tokenizer has no {'/'.join(missing)} token{'s' * (len(missing) > 1)} (a GPT's "
+                         f"byte-level BPE?); BERT needs a WordPiece tokenizer: numlm tokenizer train --kind "
+                         f"wordpiece, or no --tokenizer to train one")
+
+
+MIN_BERT_DOCS = 10  # fewer documents are cut into runs of lines, so validation is not half the corpus
+
+
+def split_bert(documents, val_fraction, rng):
+    """(train, val) documents for NSP, each side at least 2 (NSP draws its B from another document):
+    val_fraction of the documents, at least 2 of them; a corpus of fewer than MIN_BERT_DOCS documents
+    is first cut into about 2 / val_fraction runs of consecutive lines."""
+    if round(len(documents) * val_fraction) >= 2:
+        return split_documents(documents, val_fraction, rng)
+    docs = [d for d in documents if d.strip()]
+    n = len(docs)
+    if n < MIN_BERT_DOCS:
+        docs = line_runs(docs, math.ceil(2 / val_fraction))
+    if len(docs) < 4:
+        raise ValueError(f"BERT holds out 2 documents for validation and trains on at least 2: the corpus has "
+                         f"{n} document{'s' * (n != 1)} with {len(docs)} non-empty line{'s' * (len(docs) != 1)}; "
+                         f"give at least 4 lines (sentences), or {MIN_BERT_DOCS} files")
+    docs = [docs[i] for i in np.random.default_rng(rng).permutation(len(docs))]
+    k = max(2, round(len(docs) * val_fraction))
+    return docs[:-k], docs[-k:]
+
+
+def line_runs(documents, pieces):
+    """Each document cut into runs of its non-empty lines, about `pieces` runs in all."""
+    out = []
+    for d in documents:
+        lines = [l for l in d.split("\n") if l.strip()]
+        k = min(len(lines), max(1, math.ceil(pieces / len(documents))))
+        out += ["\n".join(run) for run in np.array_split(np.array(lines, dtype=object), k) if len(run)]
+    return out
 
 
 class BertData:
     def __init__(self, documents, tokenizer, max_length, batch_size, seed, val_fraction=0.05, val_batches=8):
         _int("val_batches", val_batches, 1)
+        check_bert_tokenizer(tokenizer)
         rng = np.random.default_rng(seed)
-        train_docs, val_docs = split_documents(documents, val_fraction, rng)
+        train_docs, val_docs = split_bert(documents, val_fraction, rng)
         self.pairs = nsp_pairs(tokenize_documents(train_docs, tokenizer), max_length, rng)
-        val_pairs = nsp_pairs(tokenize_documents(val_docs, tokenizer), max_length, np.random.default_rng(seed + 1)) \
-            if len(val_docs) >= 2 else self.pairs[:batch_size * val_batches]
-        vr = np.random.default_rng(seed + 2)
-        self.val = [make_bert_batch(val_pairs[i:i + batch_size], tokenizer, max_length, vr)
-                    for i in range(0, min(len(val_pairs), batch_size * val_batches), batch_size)]
+        val_pairs = nsp_pairs(tokenize_documents(val_docs, tokenizer), max_length, np.random.default_rng(seed + 1))
+        self.val = bert_batches(val_pairs[:batch_size * val_batches], tokenizer, max_length, batch_size,
+                                np.random.default_rng(seed + 2))
         self.stream = PairStream(self.pairs, tokenizer, batch_size, max_length, np.random.default_rng(seed + 3))
         self.train_tokens = sum(len(p.a) + len(p.b) + 3 for p in self.pairs)
-        # most-frequent-token baseline for MLM accuracy, from the training pairs
-        counts = np.bincount(np.concatenate([np.r_[p.a, p.b] for p in self.pairs]).astype(np.int64),
-                             minlength=tokenizer.vocab_size)
-        self.most_frequent = int(np.argmax(counts))
+        self.most_frequent = most_frequent(self.pairs, tokenizer.vocab_size)  # the MLM accuracy baseline
 
     def evaluate(self, model):
-        model.eval()
-        mlm_tot = nsp_tot = 0.0
-        n_mlm = n_nsp = hit = base = nsp_hit = 0
-        for b in self.val:
-            out = model(**b)
-            m = b["labels"] != IGNORE_INDEX
-            k = int(m.sum())
-            mlm_tot += float(out.mlm_loss if out.mlm_loss is not None else out.loss) * k
-            n_mlm += k
-            pred = out.prediction_logits.argmax(-1)
-            hit += int((pred[m] == b["labels"][m]).sum())
-            base += int((b["labels"][m] == self.most_frequent).sum())
-            nb = len(b["next_sentence_label"])
-            if out.nsp_loss is not None:
-                nsp_tot += float(out.nsp_loss) * nb
-            nsp_hit += int((out.seq_relationship_logits.argmax(-1) == b["next_sentence_label"]).sum())
-            n_nsp += nb
-        model.train()
-        return {"val_mlm_loss": mlm_tot / n_mlm, "val_mlm_acc": hit / n_mlm, "val_mlm_baseline_acc": base / n_mlm,
-                "val_nsp_loss": nsp_tot / n_nsp, "val_nsp_acc": nsp_hit / n_nsp, "val_loss": mlm_tot / n_mlm + nsp_tot / n_nsp}
+        return bert_metrics(model, self.val, self.most_frequent)
+
+
+def bert_batches(pairs, tokenizer, max_length, batch_size, rng):
+    return [make_bert_batch(pairs[i:i + batch_size], tokenizer, max_length, rng)
+            for i in range(0, len(pairs), batch_size)]
+
+
+def most_frequent(pairs, vocab_size):
+    counts = np.bincount(np.concatenate([np.r_[p.a, p.b] for p in pairs]).astype(np.int64), minlength=vocab_size)
+    return int(np.argmax(counts))
+
+
+def bert_metrics(model, batches, most_frequent):
+    """MLM loss and accuracy (and the accuracy of always guessing most_frequent), NSP loss and accuracy."""
+    model.eval()
+    mlm_tot = nsp_tot = 0.0
+    n_mlm = n_nsp = hit = base = nsp_hit = 0
+    for b in batches:
+        out = model(**b)
+        m = b["labels"] != IGNORE_INDEX
+        k = int(m.sum())
+        mlm_tot += float(out.mlm_loss if out.mlm_loss is not None else out.loss) * k
+        n_mlm += k
+        pred = out.prediction_logits.argmax(-1)
+        hit += int((pred[m] == b["labels"][m]).sum())
+        base += int((b["labels"][m] == most_frequent).sum())
+        nb = len(b["next_sentence_label"])
+        if out.nsp_loss is not None:
+            nsp_tot += float(out.nsp_loss) * nb
+        nsp_hit += int((out.seq_relationship_logits.argmax(-1) == b["next_sentence_label"]).sum())
+        n_nsp += nb
+    model.train()
+    return {"val_mlm_loss": mlm_tot / n_mlm, "val_mlm_acc": hit / n_mlm, "val_mlm_baseline_acc": base / n_mlm,
+            "val_nsp_loss": nsp_tot / n_nsp, "val_nsp_acc": nsp_hit / n_nsp, "val_loss": mlm_tot / n_mlm + nsp_tot / n_nsp}
+
+
+def eval_gpt(model, documents, tokenizer, block_size, batch_size, max_batches=None):
+    """gpt_metrics on every non-overlapping block of the documents (the first max_batches batches),
+    laid out as prepare lays out training data: each document followed by its "auto" separator."""
+    sep = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id
+    ids = [x + [sep] * (sep is not None) for x in tokenizer.encode_many(documents, add_special_tokens=False)]
+    tokens = np.fromiter((t for x in ids for t in x), np.int64)
+    if len(tokens) < block_size:
+        raise ValueError(f"the data holds {len(tokens):,} tokens, fewer than one block of {block_size}")
+    batches = list(sequential_blocks(tokens, block_size, batch_size))[:max_batches]
+    blocks = sum(len(b["input_ids"]) for b in batches)
+    out = gpt_metrics(model, batches)
+    out.update(blocks=blocks, tokens=blocks * block_size, data_tokens=len(tokens),
+               scored=f"{blocks:,} blocks of {block_size}: {blocks * block_size:,} of the {len(tokens):,} tokens")
+    return out
+
+
+def eval_bert(model, documents, tokenizer, max_length, batch_size, seed, max_batches=None):
+    """bert_metrics on every NSP pair of the documents (the first max_batches batches); a single
+    document is cut in two (NSP draws B from another document)."""
+    check_bert_tokenizer(tokenizer)
+    docs = [d for d in documents if d.strip()]
+    if len(docs) < 2:
+        docs = line_runs(docs, 2)
+    if len(docs) < 2:
+        raise ValueError("the data holds fewer than 2 non-empty lines: NSP needs two sentences")
+    pairs = nsp_pairs(tokenize_documents(docs, tokenizer), max_length, np.random.default_rng(seed))
+    use = pairs[:None if max_batches is None else max_batches * batch_size]
+    out = bert_metrics(model, bert_batches(use, tokenizer, max_length, batch_size, np.random.default_rng(seed + 2)),
+                       most_frequent(pairs, tokenizer.vocab_size))
+    out.update(pairs=len(use), data_pairs=len(pairs), scored=f"{len(use):,} of the {len(pairs):,} NSP pairs")
+    return out
 
 
 # ---- the recipe --------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def cmd_prepare(a):
 def cmd_eval(a):
     from ..data import Tokenizer
     from ..models import from_pretrained
-    from ..recipes import load_corpus, GPTData, BertData
+    from ..recipes import load_corpus, eval_gpt, eval_bert
     model = from_pretrained(a.model, dtype=a.dtype)
     tok = Tokenizer.from_pretrained(a.model)  # a folder, or a Hub name through the Hugging Face cache
     if tok.vocab_size != model.config.vocab_size:
@@ -132,12 +132,11 @@ def cmd_eval(a):
                          f"{type(model).__name__}")
     name, docs = load_corpus(a.data, a.encoding)
     if type(model).__name__ == "BertForPreTraining":
-        data = BertData(docs, tok, a.block_size, a.batch_size, a.seed, val_batches=a.batches)
+        out = eval_bert(model, docs, tok, a.block_size, a.batch_size, a.seed, a.batches)
     else:
-        from ..data import pack_documents
-        toks = pack_documents([tok.encode(d, add_special_tokens=False) for d in docs], tok.eos_id or 0)
-        data = GPTData(toks, None, a.block_size, a.batch_size, a.seed, val_batches=a.batches)
-    print(json.dumps(data.evaluate(model), indent=1))
+        out = eval_gpt(model, docs, tok, a.block_size, a.batch_size, a.batches)
+    out["scored"] += f" of {name}"
+    print(json.dumps(out, indent=1))
     return 0
 
 
@@ -221,13 +220,13 @@ def _add_pretrain_and_eval(sub):
     pt.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run")
     pt.set_defaults(fn=cmd_pretrain)
 
-    e = sub.add_parser("eval", help="validation loss and perplexity of a saved model")
+    e = sub.add_parser("eval", help="loss and perplexity of a saved model on all of --data")
     e.add_argument("model", help="model directory (config.json, model.safetensors, tokenizer.json)")
     e.add_argument("--data")
     e.add_argument("--encoding", **ENCODING)
     e.add_argument("--block-size", type=count(2), default=128)
     e.add_argument("--batch-size", type=count(1), default=8)
-    e.add_argument("--batches", type=count(1), default=16)
+    e.add_argument("--batches", type=count(1), help="score only this many batches (default: all of --data)")
     e.add_argument("--seed", type=count(0), default=0)
     e.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     e.set_defaults(fn=cmd_eval)

@@ -1,0 +1,148 @@
+"""The pre-training recipes' data splits and `numlm eval` on small or odd corpora: validation is held
+out, eval scores what it says, and a corpus too small for a split is refused in one line."""
+import json
+
+import numpy as np
+import pytest
+
+from numlm import from_pretrained
+from numlm.cli import main
+from numlm.data import Tokenizer, prepare, load_tokens
+from numlm.recipes import BertData, GPTData, pretrain
+
+
+def quiet(*a, **k):
+    pass
+
+
+def documents(n, lines=12):
+    return ["\n".join(f"sentence {d} {i} tells of the {d * i % 7} kings and {i % 5} queens" for i in range(lines))
+            for d in range(n)]
+
+
+@pytest.fixture(scope="module")
+def wordpiece(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wp") / "wordpiece.json"
+    Tokenizer.train_wordpiece_from_iterator(documents(12), 300).save(path)
+    return path
+
+
+def bert_rows(batches, tok):
+    """Each row of the batches with its masked tokens put back, as a tuple of ids."""
+    rows = []
+    for b in batches:
+        for ids, lab, m in zip(b["input_ids"], b["labels"], b["attention_mask"]):
+            row = np.where(lab != -100, lab, ids)[:int(m.sum())]
+            rows.append(tuple(int(x) for x in row))
+    return rows
+
+
+@pytest.mark.parametrize("n", [12, 29])
+def test_bert_validation_of_few_documents_holds_no_training_pair(n, wordpiece):
+    tok = Tokenizer.from_file(wordpiece)
+    d = BertData(documents(n), tok, 32, 4, 0, val_batches=2)
+    train = {tuple([tok.cls_id, *p.a, tok.sep_id, *p.b, tok.sep_id]) for p in d.pairs}
+    val = bert_rows(d.val, tok)
+    assert val and not train & set(val)
+
+
+@pytest.mark.parametrize("texts", [[documents(1, 40)[0]], documents(3, 4)], ids=["one file", "three files"])
+def test_bert_trains_on_a_small_corpus_with_a_held_out_split(texts, wordpiece):
+    tok = Tokenizer.from_file(wordpiece)
+    d = BertData(texts, tok, 32, 4, 0)
+    train = {tuple([tok.cls_id, *p.a, tok.sep_id, *p.b, tok.sep_id]) for p in d.pairs}
+    assert d.pairs and d.val and not train & set(bert_rows(d.val, tok))
+
+
+def test_bert_on_one_file_from_the_command_line(tmp_path, capsys):
+    f = tmp_path / "one.txt"
+    f.write_text(documents(1, 60)[0] + "\n")
+    run = tmp_path / "run"
+    assert main(["pretrain", "--arch", "bert", "--size", "tiny", "--data", str(f), "--vocab-size", "300",
+                 "--out", str(run), "--steps", "2", "--batch-size", "2", "--block-size", "16"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run / "model"), "--data", str(f), "--block-size", "16", "--batch-size", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert np.isfinite(out["val_mlm_loss"]) and out["pairs"] == out["data_pairs"] > 0
+
+
+def test_bert_on_too_few_lines_says_what_to_give(tmp_path, capsys):
+    f = tmp_path / "three.txt"
+    f.write_text("one line here\nand a second\nand a third\n")
+    assert main(["pretrain", "--arch", "bert", "--size", "tiny", "--data", str(f), "--vocab-size", "300",
+                 "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2", "--block-size", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "3 non-empty lines" in err and "at least 4 lines" in err
+    assert "val_fraction" not in err and not (tmp_path / "run").exists()
+
+
+def test_bert_with_a_byte_level_bpe_names_the_missing_tokens(tmp_path, capsys):
+    bpe = tmp_path / "bpe.json"
+    Tokenizer.train_bpe_from_iterator(documents(12), 300).save(bpe)
+    with pytest.raises(ValueError, match=r"no \[CLS\]/\[SEP\]/\[MASK\]/\[PAD\] tokens.*WordPiece"):
+        BertData(documents(12), Tokenizer.from_file(bpe), 32, 4, 0)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i, t in enumerate(documents(12)):
+        (folder / f"d{i}.txt").write_text(t)
+    assert main(["pretrain", "--arch", "bert", "--size", "tiny", "--data", str(folder), "--tokenizer", str(bpe),
+                 "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2", "--block-size", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "[CLS]" in err and "--kind wordpiece" in err
+
+
+def test_gpt_short_last_document_falls_back_to_a_cut_inside_a_document():
+    tokens = np.arange(1000) % 50
+    cut = int(round(len(tokens) * 0.9))  # the intended 10%
+    for last in (980, 990):  # a last document of one block, and of less than a block
+        d = GPTData(tokens, [0, last], 16, 2, 0)
+        assert d.val_tokens == len(tokens) - cut and d.train_tokens == cut
+
+
+def test_gpt_aligned_split_is_kept_when_near_the_fraction():
+    tokens = np.arange(1000) % 50
+    d = GPTData(tokens, [0, 400, 920], 16, 2, 0)
+    assert d.val_tokens == 1000 - 920
+
+
+def test_gpt_corpus_too_small_for_a_block_says_so():
+    with pytest.raises(ValueError, match=r"has 100 tokens.*block_size=16"):
+        GPTData(np.arange(100) % 50, [0], 16, 2, 0)
+
+
+@pytest.fixture(scope="module")
+def gpt_runs(corpus, wordpiece, tmp_path_factory):
+    """Tiny GPT-2 runs: one with its own byte-level BPE (eos separator), one with a WordPiece ([SEP])."""
+    runs = {}
+    for name, tok in (("bpe", None), ("wordpiece", wordpiece)):
+        out = tmp_path_factory.mktemp(name)
+        pretrain("gpt2", size="tiny", data=corpus, tokenizer_path=tok, vocab_size=300, out_dir=out, block_size=16,
+                 batch_size=2, steps=2, log=quiet, progress=False)
+        runs[name] = out / "model"
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
+def test_eval_scores_every_block_of_the_data_as_prepare_lays_it_out(kind, gpt_runs, corpus, tmp_path, capsys):
+    model_dir, T = gpt_runs[kind], 16
+    data = tmp_path / "eval"  # junk first, then documents, each followed by prepare's separator
+    data.mkdir()
+    (data / "a.txt").write_text("junk qq zz xx " * 60)
+    for i in range(5):
+        (data / f"doc{i}.txt").write_text((corpus / f"doc{i}.txt").read_text())
+    prepare(data, Tokenizer.from_file(model_dir / "tokenizer.json"), tmp_path / "eval.bin")
+    tokens = np.asarray(load_tokens(tmp_path / "eval.bin"), np.int64)
+    blocks = tokens[:len(tokens) // T * T].reshape(-1, T)
+    want = float(from_pretrained(model_dir, dtype="float64").eval()(input_ids=blocks, labels=blocks).loss)
+    assert main(["eval", str(model_dir), "--data", str(data), "--block-size", str(T), "--dtype", "float64"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == blocks.size and out["data_tokens"] == len(tokens)
+    assert abs(out["val_loss"] - want) < 1e-9 * want
+
+
+def test_eval_batches_caps_and_says_how_much_it_scored(gpt_runs, corpus, capsys):
+    assert main(["eval", str(gpt_runs["bpe"]), "--data", str(corpus), "--block-size", "16", "--batch-size", "2",
+                 "--batches", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["blocks"] == 6 and out["tokens"] == 96 < out["data_tokens"]
+    assert f"96 of the {out['data_tokens']:,} tokens" in out["scored"]
