@@ -14,6 +14,7 @@ from .data import (Tokenizer, default_corpus, read_texts, prepare, load_tokens, 
                    TokenStream, sequential_blocks)
 from .data.pretrain import _sidecar, _docs_path
 from .inspect import plots_line
+from .nn import eval_mode
 from .ops import IGNORE_INDEX
 from .io import check_folder_path
 from .train import (Trainer, TrainConfig, list_checkpoints, read_checkpoint_state, model_generators, check_resume,
@@ -187,14 +188,13 @@ def split_gpt(tokens, doc_starts, block_size, val_fraction=0.1):
 
 def gpt_metrics(model, batches):
     """Mean next-token loss over the predicted tokens of batches, and its perplexity."""
-    model.eval()
     tot, n = 0.0, 0
-    for b in batches:
-        out = model(**b)
-        k = b["labels"][:, 1:].size
-        tot += float(out.loss) * k
-        n += k
-    model.train()
+    with eval_mode(model):
+        for b in batches:
+            out = model(**b)
+            k = b["labels"][:, 1:].size
+            tot += float(out.loss) * k
+            n += k
     loss = tot / n
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700))}
 
@@ -270,24 +270,23 @@ def most_frequent(pairs, vocab_size):
 
 def bert_metrics(model, batches, most_frequent):
     """MLM loss and accuracy (and the accuracy of always guessing most_frequent), NSP loss and accuracy."""
-    model.eval()
     mlm_tot = nsp_tot = 0.0
     n_mlm = n_nsp = hit = base = nsp_hit = 0
-    for b in batches:
-        out = model(**b)
-        m = b["labels"] != IGNORE_INDEX
-        k = int(m.sum())
-        mlm_tot += float(out.mlm_loss if out.mlm_loss is not None else out.loss) * k
-        n_mlm += k
-        pred = out.prediction_logits.argmax(-1)
-        hit += int((pred[m] == b["labels"][m]).sum())
-        base += int((b["labels"][m] == most_frequent).sum())
-        nb = len(b["next_sentence_label"])
-        if out.nsp_loss is not None:
-            nsp_tot += float(out.nsp_loss) * nb
-        nsp_hit += int((out.seq_relationship_logits.argmax(-1) == b["next_sentence_label"]).sum())
-        n_nsp += nb
-    model.train()
+    with eval_mode(model):
+        for b in batches:
+            out = model(**b)
+            m = b["labels"] != IGNORE_INDEX
+            k = int(m.sum())
+            mlm_tot += float(out.mlm_loss if out.mlm_loss is not None else out.loss) * k
+            n_mlm += k
+            pred = out.prediction_logits.argmax(-1)
+            hit += int((pred[m] == b["labels"][m]).sum())
+            base += int((b["labels"][m] == most_frequent).sum())
+            nb = len(b["next_sentence_label"])
+            if out.nsp_loss is not None:
+                nsp_tot += float(out.nsp_loss) * nb
+            nsp_hit += int((out.seq_relationship_logits.argmax(-1) == b["next_sentence_label"]).sum())
+            n_nsp += nb
     return {"val_mlm_loss": mlm_tot / n_mlm, "val_mlm_acc": hit / n_mlm, "val_mlm_baseline_acc": base / n_mlm,
             "val_nsp_loss": nsp_tot / n_nsp, "val_nsp_acc": nsp_hit / n_nsp, "val_loss": mlm_tot / n_mlm + nsp_tot / n_nsp}
 

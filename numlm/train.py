@@ -24,6 +24,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from .inspect import GradientFlow
+from .nn import eval_mode
 from .optim import AdamW, clip_grad_norm, get_schedule
 
 CKPT_PREFIX = "step-"
@@ -527,12 +528,10 @@ class Trainer:
         gens = {k: g.bit_generator.state for k, g in self._generators.items()}
         self._allow_interrupt()
         try:
-            self.model.eval()
-            with np.errstate(over="ignore", invalid="ignore"):  # a diverging run is reported by the next step
+            with np.errstate(over="ignore", invalid="ignore"), eval_mode(self.model):  # a diverging run: the next step says so
                 row = self.evaluate(self.model)
         finally:
             self._interruptible = False
-            self.model.train()
             for k, s in gens.items():
                 self._generators[k].bit_generator.state = s
         return row
