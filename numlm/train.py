@@ -298,24 +298,34 @@ def load_checkpoint(path, model, optimizer, stream=None):
     where = str(path / "trainer_state.json")
     if not isinstance(saved, dict) or set(saved) - set(gens):
         raise CheckpointError(f"{where} is damaged: its generators do not match the model's")
-    try:  # each of these checks everything before it changes anything
-        optimizer.load_state_dict(opt)
-        for name, s in saved.items():
-            _set_generator(np.random.default_rng(), s, where)
-        if stream is not None:
-            if not isinstance(state.get("data"), dict):
-                raise CheckpointError(f"{where} is damaged: no data position")
-            stream.load_state_dict(state["data"])
-        model.load_state_dict(weights, strict=True)
-    except CheckpointError:
-        raise
-    except ValueError as e:  # sound files that belong to another model or data setting
-        raise ValueError(f"checkpoint {str(path)!r} does not fit this run: {e}") from None
-    except (KeyError, TypeError, IndexError, AttributeError) as e:
-        raise CheckpointError(f"{where} is damaged: {type(e).__name__} {e}") from None
+    for name, s in saved.items():
+        _set_generator(np.random.default_rng(), s, where)
+    if stream is not None and not isinstance(state.get("data"), dict):
+        raise CheckpointError(f"{where} is damaged: no data position")
+    _load_or_undo(path, where, weights, opt, state.get("data"), model, optimizer, stream)
     for name, s in saved.items():
         gens[name].bit_generator.state = s
     return state
+
+
+def _load_or_undo(path, where, weights, opt, data, model, optimizer, stream):
+    """Load the optimizer, the stream and the model; each checks everything before it changes
+    anything, so when a later one refuses, the earlier ones are put back as they were."""
+    undo = [(optimizer, optimizer.state_dict())]
+    try:
+        optimizer.load_state_dict(opt)
+        if stream is not None:
+            undo.append((stream, stream.state_dict()))
+            stream.load_state_dict(data)
+        model.load_state_dict(weights, strict=True)
+    except BaseException as e:
+        for obj, before in undo:
+            obj.load_state_dict(before)
+        if isinstance(e, ValueError) and not isinstance(e, CheckpointError):  # another model or data setting
+            raise ValueError(f"checkpoint {str(path)!r} does not fit this run: {e}") from None
+        if isinstance(e, (KeyError, TypeError, IndexError, AttributeError)):
+            raise CheckpointError(f"{where} is damaged: {type(e).__name__} {e}") from None
+        raise
 
 
 # ---- the loop ----------------------------------------------------------------------------------
