@@ -17,7 +17,7 @@ from .inspect import plots_line
 from .ops import IGNORE_INDEX
 from .io import check_folder_path
 from .train import (Trainer, TrainConfig, list_checkpoints, read_checkpoint_state, model_generators, check_resume,
-                    fingerprint, _int, _real)
+                    resume_settings, fingerprint, _int, _real)
 
 ARCHS = ("gpt2", "openai-gpt", "bert")
 # (layers, hidden, heads); intermediate = 4 * hidden
@@ -348,18 +348,19 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     run = {"tokenizer_sha256": fingerprint(sorted(tokenizer.backend.get_vocab().items())),
            "data_sha256": fingerprint(docs), "batch_size": batch_size, "block_size": block_size}
     if saved is not None:
-        check_resume(saved, run, None if time_budget is not None else steps, allow_changes)
+        tc = _resumed_config(saved, out, arch, size, steps, lr, warmup, eval_every, save_every, progress,
+                             grad_accum, time_budget)
+        check_resume(saved, run, None if time_budget is not None else steps, allow_changes, resume_settings(tc))
     cfg = make_config(arch, size, tokenizer.vocab_size, block_size, config_path, tokenizer)
     check_fit(arch, cfg, tokenizer, block_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}-prepare-", dir=out.parent) as scratch:
         model, data_, meta = _build_run(arch, cfg, docs, tokenizer, Path(scratch), block_size, batch_size, seed, dtype)
         log(f"model: {type(model).__name__}, {model.num_parameters() / 1e6:.2f} M parameters, {dtype}")
-        if saved is not None and time_budget is not None:  # the resumed run keeps its planned length
-            steps = int(saved.get("train_config", {}).get("max_steps", steps))
-        elif time_budget is not None:
-            steps = calibrate_steps(model, data_.stream, t0 + time_budget, log)
-        tc = _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum)
+        if saved is None:
+            if time_budget is not None:
+                steps = calibrate_steps(model, data_.stream, t0 + time_budget, log)
+            tc = _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum)
         trainer = Trainer(model, data_.stream, tc, evaluate=data_.evaluate, run=run)
         if resume:  # the checkpoint loads before anything in out changes
             trainer.resume()
@@ -398,6 +399,18 @@ def _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, pr
                        warmup=warmup if warmup is not None else max(1, min(100, steps // 10)),
                        eval_every=eval_every or max(1, steps // 5), save_every=save_every or max(1, steps // 2),
                        progress=progress, grad_accum=grad_accum)
+
+
+def _resumed_config(saved, out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum,
+                    time_budget):
+    """The TrainConfig a resumed run trains with: a --time-budget run keeps its planned length, and an
+    omitted --warmup the run's own (its default follows --steps, which a resume may extend)."""
+    planned = saved.get("train_config") if isinstance(saved.get("train_config"), dict) else {}
+    if time_budget is not None:
+        steps = int(planned.get("max_steps", steps))
+    if warmup is None:
+        warmup = planned.get("warmup")
+    return _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum)
 
 
 def _build_run(arch, cfg, docs, tokenizer, scratch, block_size, batch_size, seed, dtype):

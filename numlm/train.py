@@ -227,10 +227,21 @@ def read_checkpoint_state(path):
     return state
 
 
-def check_resume(state, run, steps=None, allow_changes=False):
+# what a resumed run trains with: its TrainConfig's, which check_resume compares with the checkpoint's
+RESUME_SETTINGS = ("lr", "warmup", "grad_accum", "weight_decay", "betas", "eps", "schedule")
+SETTING_FLAGS = {"lr": "--lr", "warmup": "--warmup", "grad_accum": "--grad-accum", "weight_decay": "--weight-decay"}
+
+
+def resume_settings(config):
+    """{setting: value} of a TrainConfig, for check_resume(train=...)"""
+    return {k: getattr(config, k) for k in RESUME_SETTINGS}
+
+
+def check_resume(state, run, steps=None, allow_changes=False, train=None):
     """Refuse (ValueError naming the first difference) to resume a checkpoint whose run differs from
-    this one: each key of `run` the checkpoint recorded, and `steps` below the checkpoint's step.
-    allow_changes=True (--allow-changes) accepts the changes."""
+    this one: each key of `run` the checkpoint recorded, each optimisation setting of `train`
+    (resume_settings) its train_config recorded, and `steps` below the checkpoint's step.
+    allow_changes=True (--allow-changes) accepts the changes; the run then trains with its own settings."""
     if allow_changes:
         return
     saved = state.get("run") if isinstance(state.get("run"), dict) else {}
@@ -243,9 +254,21 @@ def check_resume(state, run, steps=None, allow_changes=False):
                                  f"there, {str(v)[:12]} now){hint}")
             flag = "--" + k.replace("_", "-")
             raise ValueError(f"--resume: the checkpoint was trained with {flag} {saved[k]}, not {v}{hint}")
+    _check_settings(state.get("train_config"), train or {}, hint)
     if steps is not None and steps < state["step"]:
         raise ValueError(f"--resume: the checkpoint is at step {state['step']}, beyond the {steps} steps "
                          f"asked for{hint}")
+
+
+def _check_settings(saved, train, hint):
+    saved = saved if isinstance(saved, dict) else {}
+    for k, v in train.items():
+        was = saved.get(k)
+        if isinstance(was, list):  # JSON's form of the betas pair
+            was, v = tuple(was), tuple(v)
+        if k in saved and was != v:
+            raise ValueError(f"--resume: the checkpoint was trained with {SETTING_FLAGS.get(k, k)} {was}, "
+                             f"not {v}{hint}")
 
 
 def fingerprint(value):
@@ -411,6 +434,8 @@ class Trainer:
         if not candidates:
             raise ValueError(f"nothing to resume: no checkpoint in {str(self.out / 'checkpoints')!r}")
         damaged = []
+        o = self.optimizer  # trains with this run's settings, not the checkpoint's (check_resume compares them)
+        settings = (o.lr, o.betas, o.eps, o.weight_decay)
         for ck in candidates:
             try:
                 state = load_checkpoint(ck, self.model, self.optimizer, stream=self.stream)
@@ -425,6 +450,7 @@ class Trainer:
             break
         else:
             raise CheckpointError("no readable checkpoint: " + "; ".join(damaged))
+        o._set_hyperparams(*settings)
         self.step, self.tokens = step, tokens
         self._truncate_metrics()
         self._started = True

@@ -3,10 +3,12 @@ optimisation settings, and a failed or killed checkpoint write leaves a clear er
 import numpy as np
 import pytest
 
+from numlm.cli import main
 from numlm.data import TokenStream
 from numlm.models import GPT2LMHeadModel
 from numlm.models.gpt import GPT2Config
-from numlm.train import Trainer, TrainConfig
+from numlm.train import (Trainer, TrainConfig, check_resume, latest_checkpoint, read_checkpoint_state,
+                         resume_settings)
 
 V, T, B = 30, 8, 2
 
@@ -53,3 +55,74 @@ def test_a_resume_refused_by_the_stream_leaves_the_optimizer_and_stream_as_they_
     assert t.optimizer.step_count == 0 and not t.optimizer.exp_avg
     assert repr(t.stream.state_dict()) == repr(data)
 
+
+
+# ---- A7, A8: a resume trains with this run's settings, and the CLI refuses a changed one ----------------
+def test_a_resumed_trainer_keeps_its_own_optimizer_settings_and_records_them(tmp_path):
+    trainer(tmp_path, steps=2).run()
+    new = dict(weight_decay=0.5, betas=(0.5, 0.6), eps=1e-3)
+    t = trainer(tmp_path, steps=4, **new)
+    t.resume()
+    assert (t.optimizer.weight_decay, t.optimizer.betas, t.optimizer.eps) == tuple(new.values())
+    t.run()
+    saved = read_checkpoint_state(latest_checkpoint(tmp_path))
+    assert saved["optimizer"]["weight_decay"] == saved["train_config"]["weight_decay"] == new["weight_decay"]
+    assert tuple(saved["optimizer"]["betas"]) == tuple(saved["train_config"]["betas"]) == new["betas"]
+    assert saved["optimizer"]["eps"] == saved["train_config"]["eps"] == new["eps"]
+
+
+def test_check_resume_names_a_changed_optimisation_setting(tmp_path):
+    trainer(tmp_path, steps=2).run()
+    state = read_checkpoint_state(latest_checkpoint(tmp_path))
+    was = state["train_config"]
+    for field, value, flag in [("lr", was["lr"] * 2, "--lr"), ("warmup", was["warmup"] + 1, "--warmup"),
+                               ("grad_accum", was["grad_accum"] + 1, "--grad-accum"),
+                               ("weight_decay", was["weight_decay"] * 3, "--weight-decay"),
+                               ("betas", (0.5, 0.6), "betas"), ("eps", was["eps"] * 10, "eps"),
+                               ("schedule", "linear", "schedule")]:
+        cfg = TrainConfig(**{**was, field: value})
+        with pytest.raises(ValueError) as e:
+            check_resume(state, {}, 4, train=resume_settings(cfg))
+        shown = tuple(was[field]) if field == "betas" else was[field]
+        assert f"trained with {flag} {shown}, not {value};" in str(e.value) and "\n" not in str(e.value)
+        check_resume(state, {}, 4, allow_changes=True, train=resume_settings(cfg))
+    check_resume(state, {}, 4, train=resume_settings(TrainConfig(**was)))  # nothing changed
+
+
+@pytest.fixture(scope="module")
+def pretrained(corpus, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run") / "r"
+    base = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--data", str(corpus), "--vocab-size", "300",
+            "--out", str(run), "--block-size", "16", "--batch-size", "2"]
+    assert main(base + ["--steps", "4", "--lr", "0.002", "--grad-accum", "2"]) == 0
+    return run, base, read_checkpoint_state(latest_checkpoint(run))["train_config"]
+
+
+def files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("flags, flag, field, now", [
+    (["--lr", "5", "--grad-accum", "2"], "--lr", "lr", 5.0),
+    (["--grad-accum", "2"], "--lr", "lr", 1e-3),  # omitted: the default lr
+    (["--lr", "0.002"], "--grad-accum", "grad_accum", 1),
+    (["--lr", "0.002", "--grad-accum", "2", "--warmup", "3"], "--warmup", "warmup", 3)])
+def test_pretrain_resume_refuses_a_changed_or_omitted_lr_warmup_or_grad_accum(pretrained, capsys, flags, flag,
+                                                                              field, now):
+    run, base, was = pretrained
+    before = files(run)
+    capsys.readouterr()
+    assert main(base + ["--steps", "6", "--resume"] + flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"trained with {flag} {was[field]}, not {now};" in err, err
+    assert files(run) == before
+
+
+def test_pretrain_resume_with_the_same_settings_or_allow_changes_trains_with_them(pretrained, capsys):
+    run, base, was = pretrained
+    assert main(base + ["--steps", "6", "--resume", "--lr", "0.002", "--grad-accum", "2"]) == 0
+    assert read_checkpoint_state(latest_checkpoint(run))["train_config"]["lr"] == was["lr"]
+    assert main(base + ["--steps", "8", "--resume", "--lr", "0.003", "--allow-changes"]) == 0
+    now = read_checkpoint_state(latest_checkpoint(run))
+    assert now["step"] == 8 and now["train_config"]["lr"] == now["optimizer"]["lr"] == 0.003
+    assert now["train_config"]["grad_accum"] == 1
