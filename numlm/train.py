@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .inspect import GradientFlow
@@ -165,11 +166,11 @@ def save_checkpoint(out_dir, step, model, optimizer, extra_state, keep_last=2):
             os.rename(tmp, final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
+        if isinstance(e, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error
             prev = latest_checkpoint(out_dir)
             kept = f"; {prev.name} is intact" if prev is not None else ""
             raise CheckpointError(f"cannot write checkpoint {str(final)!r}: "
-                                  f"{e.strerror or e}{kept}") from e
+                                  f"{getattr(e, 'strerror', None) or e}{kept}") from e
         raise
     _fsync_dir(root)
     for p in list_checkpoints(out_dir)[:-keep_last]:

@@ -1,5 +1,8 @@
 """Training and checkpoints: a refused resume changes nothing, a resume never silently changes the
 optimisation settings, and a failed or killed checkpoint write leaves a clear error and no clutter."""
+import resource
+import signal
+
 import numpy as np
 import pytest
 
@@ -7,7 +10,7 @@ from numlm.cli import main
 from numlm.data import TokenStream
 from numlm.models import GPT2LMHeadModel
 from numlm.models.gpt import GPT2Config
-from numlm.train import (Trainer, TrainConfig, check_resume, latest_checkpoint, read_checkpoint_state,
+from numlm.train import (CheckpointError, Trainer, TrainConfig, check_resume, latest_checkpoint, read_checkpoint_state,
                          resume_settings)
 
 V, T, B = 30, 8, 2
@@ -126,3 +129,30 @@ def test_pretrain_resume_with_the_same_settings_or_allow_changes_trains_with_the
     now = read_checkpoint_state(latest_checkpoint(run))
     assert now["step"] == 8 and now["train_config"]["lr"] == now["optimizer"]["lr"] == 0.003
     assert now["train_config"]["grad_accum"] == 1
+
+
+# ---- B4: a write that fails inside safetensors is a CheckpointError -------------------------------------
+@pytest.fixture
+def file_size_limit():
+    """Files written while set may grow to `limit` bytes; a longer write fails (EFBIG), as on a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    yield lambda limit: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, old)
+
+
+def test_a_checkpoint_write_failing_in_safetensors_names_the_checkpoint_and_the_intact_one(tmp_path,
+                                                                                            file_size_limit):
+    t = trainer(tmp_path, steps=4)
+    t.run(max_time=0)  # one step, and its checkpoint
+    first = latest_checkpoint(tmp_path)
+    model_bytes = (first / "model.safetensors").stat().st_size
+    assert (first / "optimizer.safetensors").stat().st_size > model_bytes + 1000  # two moments per parameter
+    before = files(tmp_path / "checkpoints")
+    t.train_step()
+    file_size_limit(model_bytes + 1000)  # the model fits, the optimizer's moments do not
+    with pytest.raises(CheckpointError) as e:
+        t.save()
+    assert f"step-{t.step:07d}" in str(e.value) and f"{first.name} is intact" in str(e.value)
+    assert files(tmp_path / "checkpoints") == before
