@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import threading
@@ -118,6 +119,35 @@ def _fsync_dir(path):
         pass
 
 
+def remove_stale_saves(out_dir):
+    """A save killed between writing and renaming leaves its .tmp-step-N-<pid> folder (and, killed
+    between its two renames, .old-step-N-<pid>, then the only copy of step N). Once that process is
+    gone, remove the first and put the second back; a live process's folders are its own."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return
+    for p in list(root.iterdir()):
+        m = re.fullmatch(r"\.(tmp|old)-(step-\d+)-(\d+)", p.name)
+        if m is None or not p.is_dir() or _alive(int(m[3])):
+            continue
+        if m[1] == "old" and not (root / m[2]).exists():
+            os.rename(p, root / m[2])
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def model_generators(model):
     """{dotted name: numpy Generator} of every distinct generator the model's modules hold (dropout)."""
     gens, seen = {}, set()
@@ -138,6 +168,7 @@ def save_checkpoint(out_dir, step, model, optimizer, extra_state, keep_last=2):
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
+        remove_stale_saves(out_dir)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -431,6 +462,7 @@ class Trainer:
         """Continue from `path` or the run's latest checkpoint; returns the step reached. A damaged
         latest checkpoint falls back to the one before it, with a warning. metrics.jsonl keeps only
         the rows up to the checkpoint's step, so the history never repeats a step."""
+        remove_stale_saves(self.out)
         candidates = [Path(path)] if path else list_checkpoints(self.out, complete=False)[::-1]
         if not candidates:
             raise ValueError(f"nothing to resume: no checkpoint in {str(self.out / 'checkpoints')!r}")

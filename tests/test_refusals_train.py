@@ -1,7 +1,10 @@
 """Training and checkpoints: a refused resume changes nothing, a resume never silently changes the
 optimisation settings, and a failed or killed checkpoint write leaves a clear error and no clutter."""
 import resource
+import shutil
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -156,3 +159,43 @@ def test_a_checkpoint_write_failing_in_safetensors_names_the_checkpoint_and_the_
         t.save()
     assert f"step-{t.step:07d}" in str(e.value) and f"{first.name} is intact" in str(e.value)
     assert files(tmp_path / "checkpoints") == before
+
+
+# ---- B8: what a killed save left is cleared on the next save or resume ---------------------------------
+@pytest.fixture
+def pids():
+    """(the pid of a finished process, the pid of a running one)"""
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield done.pid, live.pid
+    live.kill()
+    live.wait()
+
+
+def test_a_resume_removes_a_dead_saves_temporary_folder_and_puts_back_its_old_copy(tmp_path, pids):
+    dead, live = pids
+    trainer(tmp_path, steps=4).run()
+    root = tmp_path / "checkpoints"
+    last = root / "step-0000004"
+    want = files(last)
+    shutil.copytree(last, root / f".tmp-step-0000006-{dead}")   # killed before its rename
+    shutil.copytree(last, root / f".tmp-step-0000004-{dead}")   # killed between the two renames of a re-save:
+    last.rename(root / f".old-step-0000004-{dead}")             # step 4 exists only under its .old- name
+    shutil.copytree(root / "step-0000002", root / f".tmp-step-0000008-{live}")  # a running save
+    t = trainer(tmp_path, steps=6)
+    assert t.resume() == 4
+    assert sorted(p.name for p in root.iterdir()) == [f".tmp-step-0000008-{live}", "step-0000002", "step-0000004"]
+    assert files(last) == want
+
+
+def test_a_save_removes_a_dead_saves_temporary_folder(tmp_path, pids):
+    dead, live = pids
+    t = trainer(tmp_path, steps=4)
+    t.run(max_time=0)
+    root = tmp_path / "checkpoints"
+    shutil.copytree(root / "step-0000001", root / f".tmp-step-0000002-{dead}")
+    shutil.copytree(root / "step-0000001", root / f".tmp-step-0000003-{live}")
+    t.train_step()
+    t.save()
+    assert sorted(p.name for p in root.iterdir()) == [f".tmp-step-0000003-{live}", "step-0000001", "step-0000002"]
