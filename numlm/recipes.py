@@ -348,9 +348,9 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     run = {"tokenizer_sha256": fingerprint(sorted(tokenizer.backend.get_vocab().items())),
            "data_sha256": fingerprint(docs), "batch_size": batch_size, "block_size": block_size}
     if saved is not None:
-        tc = _resumed_config(saved, out, arch, size, steps, lr, warmup, eval_every, save_every, progress,
-                             grad_accum, time_budget)
-        check_resume(saved, run, None if time_budget is not None else steps, allow_changes, resume_settings(tc))
+        tc, settings = _resumed_config(saved, out, arch, size, steps, lr, warmup, eval_every, save_every, progress,
+                                       grad_accum, time_budget)
+        check_resume(saved, run, None if time_budget is not None else steps, allow_changes, settings)
     cfg = make_config(arch, size, tokenizer.vocab_size, block_size, config_path, tokenizer)
     check_fit(arch, cfg, tokenizer, block_size)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -396,21 +396,27 @@ def _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, pr
     if lr is None:  # post-LN BERT stalls at the unigram solution at GPT's small-model rate
         lr = 3e-4 if arch == "bert" else (1e-3 if size in ("tiny", "mini") else 5e-4)
     return TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, schedule="cosine",
-                       warmup=warmup if warmup is not None else max(1, min(100, steps // 10)),
+                       warmup=warmup if warmup is not None else min(100, steps // 10),  # 0 below 10 steps
                        eval_every=eval_every or max(1, steps // 5), save_every=save_every or max(1, steps // 2),
                        progress=progress, grad_accum=grad_accum)
 
 
 def _resumed_config(saved, out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum,
                     time_budget):
-    """The TrainConfig a resumed run trains with: a --time-budget run keeps its planned length, and an
-    omitted --warmup the run's own (its default follows --steps, which a resume may extend)."""
+    """(the TrainConfig a resumed run trains with, the settings check_resume compares): a --time-budget
+    run keeps its planned length; an omitted --warmup keeps the run's (its default follows --steps,
+    which a resume may change), unless --steps is now shorter than it: then the default, not compared."""
     planned = saved.get("train_config") if isinstance(saved.get("train_config"), dict) else {}
     if time_budget is not None:
         steps = int(planned.get("max_steps", steps))
-    if warmup is None:
-        warmup = planned.get("warmup")
-    return _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum)
+    derived = warmup is None and not (isinstance(planned.get("warmup"), int) and planned["warmup"] <= steps)
+    if warmup is None and not derived:
+        warmup = planned["warmup"]
+    tc = _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum)
+    settings = resume_settings(tc)
+    if derived:
+        del settings["warmup"]
+    return tc, settings
 
 
 def _build_run(arch, cfg, docs, tokenizer, scratch, block_size, batch_size, seed, dtype):

@@ -75,6 +75,9 @@ class TrainConfig:
             _real(f"betas[{i}]", b, "in [0, 1)", lambda v: 0 <= v < 1)
         if not isinstance(self.progress, bool):
             raise ValueError(f"progress must be True or False, got {self.progress!r}")
+        if self.warmup > self.max_steps:
+            raise ValueError(f"warmup must be at most max_steps ({self.max_steps}), got {self.warmup}: the learning "
+                             f"rate would stay below lr for the whole run")
         get_schedule(self.schedule, self.warmup, self.max_steps)
 
 

@@ -1,5 +1,6 @@
 """Training and checkpoints: a refused resume changes nothing, a resume never silently changes the
 optimisation settings, and a failed or killed checkpoint write leaves a clear error and no clutter."""
+import json
 import resource
 import shutil
 import signal
@@ -13,6 +14,7 @@ from numlm.cli import main
 from numlm.data import TokenStream
 from numlm.models import GPT2LMHeadModel
 from numlm.models.gpt import GPT2Config
+from numlm.recipes import pretrain
 from numlm.train import (CheckpointError, Trainer, TrainConfig, check_resume, latest_checkpoint, read_checkpoint_state,
                          resume_settings)
 
@@ -134,6 +136,15 @@ def test_pretrain_resume_with_the_same_settings_or_allow_changes_trains_with_the
     assert now["train_config"]["grad_accum"] == 1
 
 
+def test_pretrain_resume_without_warmup_keeps_the_runs_own(corpus, tmp_path):
+    """its default follows --steps: a resume that extends the run keeps the warmup it trained with"""
+    kw = dict(arch="gpt2", size="tiny", data=corpus, vocab_size=300, out_dir=tmp_path, block_size=16, batch_size=2,
+              log=lambda *a: None, progress=False)
+    pretrain(steps=4, warmup=3, **kw)
+    pretrain(steps=20, resume=True, **kw)
+    assert read_checkpoint_state(latest_checkpoint(tmp_path))["train_config"]["warmup"] == 3
+
+
 # ---- B4: a write that fails inside safetensors is a CheckpointError -------------------------------------
 @pytest.fixture
 def file_size_limit():
@@ -199,3 +210,26 @@ def test_a_save_removes_a_dead_saves_temporary_folder(tmp_path, pids):
     t.train_step()
     t.save()
     assert sorted(p.name for p in root.iterdir()) == [f".tmp-step-0000003-{live}", "step-0000001", "step-0000002"]
+
+
+# ---- B3: a short run trains, and a warmup longer than the run is refused --------------------------------
+def test_a_warmup_longer_than_the_run_is_refused():
+    TrainConfig(max_steps=4, warmup=4).validate()
+    with pytest.raises(ValueError) as e:
+        TrainConfig(max_steps=4, warmup=5).validate()
+    assert str(e.value).startswith("warmup must be at most max_steps (4), got 5") and "\n" not in str(e.value)
+
+
+def test_pretrain_one_step_trains_at_the_full_rate_and_a_longer_warmup_is_one_line(corpus, tmp_path, capsys):
+    base = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--data", str(corpus), "--vocab-size", "300",
+            "--block-size", "16", "--batch-size", "2"]
+    assert main(base + ["--out", str(tmp_path / "one"), "--steps", "1"]) == 0
+    state = read_checkpoint_state(latest_checkpoint(tmp_path / "one"))
+    row = next(json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+               if "lr" in json.loads(line))
+    assert state["train_config"]["warmup"] == 0 and row["lr"] == state["train_config"]["lr"] > 0
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "long"), "--steps", "2", "--warmup", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warmup must be at most max_steps (2), got 3" in err, err
+    assert not (tmp_path / "long").exists()
