@@ -448,6 +448,7 @@ class Trainer:
         self._pending = False       # a Ctrl-C that arrived while not interruptible
         self._updating = False      # inside the optimizer update (parameters partly written)
         self._evaluated = None      # the step whose evaluation metrics.jsonl already holds
+        self._saved = None          # the step whose checkpoint is on disk
 
     # -- state
     def state(self):
@@ -459,7 +460,9 @@ class Trainer:
         bad = next((k for k, v in self.model.parameters().items() if not np.isfinite(v).all()), None)
         if bad is not None:
             self._diverged(f"parameter {bad} is not finite after the update", self.step)
-        return save_checkpoint(self.out, self.step, self.model, self.optimizer, self.state(), self.cfg.keep_last)
+        path = save_checkpoint(self.out, self.step, self.model, self.optimizer, self.state(), self.cfg.keep_last)
+        self._saved = self.step
+        return path
 
     def resume(self, path=None):
         """Continue from `path` or the run's latest checkpoint; returns the step reached. A damaged
@@ -488,6 +491,7 @@ class Trainer:
             raise CheckpointError("no readable checkpoint: " + "; ".join(damaged))
         o._set_hyperparams(*settings)
         self.step, self.tokens = step, tokens
+        self._saved = step
         self._truncate_metrics()
         self._started = True
         return self.step
@@ -668,7 +672,8 @@ class Trainer:
             if self._evaluated != self.step:  # a run resumed at its end has logged it already
                 self._log({"step": self.step, **final})
             result.update(final)
-        self.save()
+        if self._saved != self.step:  # a run ending on a save_every step has saved it already
+            self.save()
         self._allow_interrupt()  # a Ctrl-C during the last save is still reported
         return result
 

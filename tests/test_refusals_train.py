@@ -233,3 +233,14 @@ def test_pretrain_one_step_trains_at_the_full_rate_and_a_longer_warmup_is_one_li
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "warmup must be at most max_steps (2), got 3" in err, err
     assert not (tmp_path / "long").exists()
+
+
+# ---- C6: the last step is saved once ---------------------------------------------------------------
+@pytest.mark.parametrize("steps, save_every", [(4, 2), (5, 2)])
+def test_the_final_checkpoint_is_written_once(tmp_path, steps, save_every):
+    t = trainer(tmp_path, steps=steps, save_every=save_every)
+    saved, save = [], t.save
+    t.save = lambda: saved.append(t.step) or save()
+    t.run()
+    assert saved == sorted(set(range(save_every, steps + 1, save_every)) | {steps})
+    assert latest_checkpoint(tmp_path).name == f"step-{steps:07d}"
