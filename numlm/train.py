@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .inspect import GradientFlow
+from .io.checkpoint import file_mode
 from .optim import AdamW, clip_grad_norm, get_schedule
 
 CKPT_PREFIX = "step-"
@@ -180,6 +181,7 @@ def save_checkpoint(out_dir, step, model, optimizer, extra_state, keep_last=2):
         tensors = {f"exp_avg/{k}": v for k, v in opt.pop("exp_avg").items()}
         tensors.update({f"exp_avg_sq/{k}": v for k, v in opt.pop("exp_avg_sq").items()})
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
+        os.chmod(tmp / "optimizer.safetensors", file_mode())
         gens = {k: g.bit_generator.state for k, g in model_generators(model).items()}
         state = {"step": step, "architecture": type(model).__name__, "optimizer": opt, "generators": gens,
                  "model_rng": model.rng.bit_generator.state if getattr(model, "rng", None) is not None else None,

@@ -3,7 +3,9 @@ optimisation settings, and a failed or killed checkpoint write leaves a clear er
 import json
 import resource
 import shutil
+import os
 import signal
+import stat
 import subprocess
 import sys
 
@@ -244,3 +246,20 @@ def test_the_final_checkpoint_is_written_once(tmp_path, steps, save_every):
     t.run()
     assert saved == sorted(set(range(save_every, steps + 1, save_every)) | {steps})
     assert latest_checkpoint(tmp_path).name == f"step-{steps:07d}"
+
+
+# ---- C7: written files get the mode the umask gives --------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_models_and_checkpoints_are_written_with_the_umasks_mode(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        trainer(tmp_path / "run", steps=2).run()
+        gpt().save_pretrained(tmp_path / "model")
+        (tmp_path / "reference").write_text("")  # what open() gives under this umask
+    finally:
+        os.umask(old)
+    want = stat.S_IMODE((tmp_path / "reference").stat().st_mode)
+    written = [*(tmp_path / "run" / "checkpoints").rglob("*"), *(tmp_path / "model").iterdir()]
+    assert {f.name for f in written} >= {"config.json", "model.safetensors", "optimizer.safetensors"}
+    modes = {str(f): oct(stat.S_IMODE(f.stat().st_mode)) for f in written if f.is_file()}
+    assert modes == dict.fromkeys(modes, oct(want))
