@@ -33,7 +33,7 @@ from .io import read_config, load_safetensors, check_folder_path
 from .models.bert import BertModel
 from .nn import no_grad
 from .train import (Trainer, TrainConfig, latest_checkpoint, read_checkpoint_state, check_resume, fingerprint,
-                    _int, _real)
+                    resume_settings, _int, _real)
 
 TASKS = ("seqcls", "tokcls", "qa", "multiple-choice", "causal-lm")
 METHODS = ("full", "freeze", "head", "lora", "adapter", "prompt", "prefix")
@@ -729,8 +729,11 @@ def finetune(a, data=None, out=None, log=print, **options):
            "data_sha256": fingerprint([split["train"], split["validation"]]),  # what --resume must share
            "model_sha256": _files_sha256(Path(a.model_dir))}  # an adapter's checkpoint holds no base weights
     out = Path(a.out)
+    tc = TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, weight_decay=a.weight_decay, schedule="linear",
+                     warmup=int(a.warmup * steps), clip=a.clip, eval_every=steps_per_epoch,
+                     save_every=steps_per_epoch, keep_last=1, log_every=10, progress=a.progress)
     if a.resume:
-        _check_resume(a, read_checkpoint_state(latest_checkpoint(out)), run, steps)
+        _check_resume(a, read_checkpoint_state(latest_checkpoint(out)), run, steps, tc)
     model = _build_model(a, kind, cfg, tok, data, num_labels)
     if a.method in PEFT_METHODS:
         model = _apply_peft(model, kind, a)
@@ -749,9 +752,6 @@ def finetune(a, data=None, out=None, log=print, **options):
 
     prepare = _l3_objective(a.task, lm_coef if lm else None)
     stream = EpochStream(enc["train"], a.batch_size, a.seed, prepare=prepare, on_batch=on_batch)
-    tc = TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, weight_decay=a.weight_decay, schedule="linear",
-                     warmup=int(a.warmup * steps), clip=a.clip, eval_every=steps_per_epoch,
-                     save_every=steps_per_epoch, keep_last=1, log_every=10, progress=a.progress)
     ctx["trainer"] = trainer = Trainer(model, stream, tc, evaluate=validate, run=run)  # checks tc
     _clear_out(out, a.overwrite, [a.model_dir] + ([a.data] if os.path.exists(a.data) else []))
     if a.resume:
@@ -805,15 +805,19 @@ def _files_sha256(d):
     return h.hexdigest()
 
 
-def _check_resume(a, state, run, steps):
+def _check_resume(a, state, run, steps, tc):
     """The checkpoint's task and method always (its files fit no other model); its data, tokenizer,
-    batch size, max length and step unless --allow-changes."""
+    batch size, max length, optimisation settings and step unless --allow-changes."""
     saved = state.get("run") if isinstance(state.get("run"), dict) else {}
     for k in ("task", "method"):
         if k in saved and saved[k] != run[k]:
             raise ValueError(f"--resume: the checkpoint holds a --{k} {saved[k]} run, not {run[k]}; resume with "
                              f"--{k} {saved[k]}, or start a new run (--overwrite, or another --out)")
-    check_resume(state, run, steps, a.allow_changes)
+    train = resume_settings(tc)
+    saved = state.get("train_config") if isinstance(state.get("train_config"), dict) else {}
+    if saved.get("max_steps") != tc.max_steps:  # --warmup is a fraction: other steps, other warmup steps
+        del train["warmup"]
+    check_resume(state, run, steps, a.allow_changes, train)
 
 
 def _l3_objective(task, lm_coef):

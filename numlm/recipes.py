@@ -18,7 +18,7 @@ from .nn import eval_mode
 from .ops import IGNORE_INDEX
 from .io import check_folder_path
 from .train import (Trainer, TrainConfig, list_checkpoints, read_checkpoint_state, model_generators, check_resume,
-                    fingerprint, _int, _real)
+                    resume_settings, fingerprint, _int, _real)
 
 ARCHS = ("gpt2", "openai-gpt", "bert")
 # (layers, hidden, heads); intermediate = 4 * hidden
@@ -452,18 +452,19 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     run = {"tokenizer_sha256": fingerprint(sorted(tokenizer.backend.get_vocab().items())),
            "data_sha256": fingerprint(docs), "batch_size": batch_size, "block_size": block_size}
     if saved is not None:
-        check_resume(saved, run, None if time_budget is not None else steps, allow_changes)
+        tc, settings = _resumed_config(saved, out, arch, size, steps, lr, warmup, eval_every, save_every, progress,
+                                       grad_accum, time_budget)
+        check_resume(saved, run, None if time_budget is not None else steps, allow_changes, settings)
     cfg = make_config(arch, size, tokenizer.vocab_size, block_size, config_path, tokenizer)
     check_fit(arch, cfg, tokenizer, block_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}-prepare-", dir=out.parent) as scratch:
         model, data_, meta = _build_run(arch, cfg, docs, tokenizer, Path(scratch), block_size, batch_size, seed, dtype)
         log(f"model: {type(model).__name__}, {model.num_parameters() / 1e6:.2f} M parameters, {dtype}")
-        if saved is not None and time_budget is not None:  # the resumed run keeps its planned length
-            steps = int(saved.get("train_config", {}).get("max_steps", steps))
-        elif time_budget is not None:
-            steps = calibrate_steps(model, data_.stream, t0 + time_budget, log)
-        tc = _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum)
+        if saved is None:
+            if time_budget is not None:
+                steps = calibrate_steps(model, data_.stream, t0 + time_budget, log)
+            tc = _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum)
         trainer = Trainer(model, data_.stream, tc, evaluate=data_.evaluate, run=run)
         if resume:  # the checkpoint loads before anything in out changes
             trainer.resume()
@@ -499,9 +500,27 @@ def _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, pr
     if lr is None:  # post-LN BERT stalls at the unigram solution at GPT's small-model rate
         lr = 3e-4 if arch == "bert" else (1e-3 if size in ("tiny", "mini") else 5e-4)
     return TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, schedule="cosine",
-                       warmup=warmup if warmup is not None else max(1, min(100, steps // 10)),
+                       warmup=warmup if warmup is not None else min(100, steps // 10),  # 0 below 10 steps
                        eval_every=eval_every or max(1, steps // 5), save_every=save_every or max(1, steps // 2),
                        progress=progress, grad_accum=grad_accum)
+
+
+def _resumed_config(saved, out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum,
+                    time_budget):
+    """(the TrainConfig a resumed run trains with, the settings check_resume compares): a --time-budget
+    run keeps its planned length; an omitted --warmup keeps the run's (its default follows --steps,
+    which a resume may change), unless --steps is now shorter than it: then the default, not compared."""
+    planned = saved.get("train_config") if isinstance(saved.get("train_config"), dict) else {}
+    if time_budget is not None:
+        steps = int(planned.get("max_steps", steps))
+    derived = warmup is None and not (isinstance(planned.get("warmup"), int) and planned["warmup"] <= steps)
+    if warmup is None and not derived:
+        warmup = planned["warmup"]
+    tc = _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum)
+    settings = resume_settings(tc)
+    if derived:
+        del settings["warmup"]
+    return tc, settings
 
 
 def _build_run(arch, cfg, docs, tokenizer, scratch, block_size, batch_size, seed, dtype):

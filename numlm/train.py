@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import threading
@@ -21,9 +22,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .inspect import GradientFlow
+from .io.checkpoint import file_mode
 from .nn import eval_mode
 from .optim import AdamW, clip_grad_norm, get_schedule
 
@@ -49,13 +52,17 @@ class TrainConfig:
     betas: tuple = (0.9, 0.999)
     eps: float = 1e-8
     schedule: str = "cosine"        # constant | constant_with_warmup | linear | cosine
-    warmup: int = 100
+    warmup: int = None              # None: min(100, max_steps // 10)
     clip: float = 1.0               # global-norm clipping; 0 disables
     eval_every: int = 100
     save_every: int = 200
     keep_last: int = 2
     log_every: int = 10
     progress: bool = True
+
+    def __post_init__(self):
+        if self.warmup is None and isinstance(self.max_steps, (int, np.integer)):
+            self.warmup = min(100, int(self.max_steps) // 10)
 
     def validate(self):
         """Every field checked, NaN and infinity included; a ValueError names the field."""
@@ -74,6 +81,9 @@ class TrainConfig:
             _real(f"betas[{i}]", b, "in [0, 1)", lambda v: 0 <= v < 1)
         if not isinstance(self.progress, bool):
             raise ValueError(f"progress must be True or False, got {self.progress!r}")
+        if self.warmup > self.max_steps:
+            raise ValueError(f"warmup must be at most max_steps ({self.max_steps}), got {self.warmup}: the learning "
+                             f"rate would stay below lr for the whole run")
         get_schedule(self.schedule, self.warmup, self.max_steps)
 
 
@@ -118,6 +128,35 @@ def _fsync_dir(path):
         pass
 
 
+def remove_stale_saves(out_dir):
+    """A save killed between writing and renaming leaves its .tmp-step-N-<pid> folder (and, killed
+    between its two renames, .old-step-N-<pid>, then the only copy of step N). Once that process is
+    gone, remove the first and put the second back; a live process's folders are its own."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return
+    for p in list(root.iterdir()):
+        m = re.fullmatch(r"\.(tmp|old)-(step-\d+)-(\d+)", p.name)
+        if m is None or not p.is_dir() or _alive(int(m[3])):
+            continue
+        if m[1] == "old" and not (root / m[2]).exists():
+            os.rename(p, root / m[2])
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def model_generators(model):
     """{dotted name: numpy Generator} of every distinct generator the model's modules hold (dropout)."""
     gens, seen = {}, set()
@@ -138,6 +177,7 @@ def save_checkpoint(out_dir, step, model, optimizer, extra_state, keep_last=2):
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
+        remove_stale_saves(out_dir)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -146,6 +186,7 @@ def save_checkpoint(out_dir, step, model, optimizer, extra_state, keep_last=2):
         tensors = {f"exp_avg/{k}": v for k, v in opt.pop("exp_avg").items()}
         tensors.update({f"exp_avg_sq/{k}": v for k, v in opt.pop("exp_avg_sq").items()})
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
+        os.chmod(tmp / "optimizer.safetensors", file_mode())
         gens = {k: g.bit_generator.state for k, g in model_generators(model).items()}
         state = {"step": step, "architecture": type(model).__name__, "optimizer": opt, "generators": gens,
                  "model_rng": model.rng.bit_generator.state if getattr(model, "rng", None) is not None else None,
@@ -166,11 +207,11 @@ def save_checkpoint(out_dir, step, model, optimizer, extra_state, keep_last=2):
             os.rename(tmp, final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
+        if isinstance(e, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error
             prev = latest_checkpoint(out_dir)
             kept = f"; {prev.name} is intact" if prev is not None else ""
             raise CheckpointError(f"cannot write checkpoint {str(final)!r}: "
-                                  f"{e.strerror or e}{kept}") from e
+                                  f"{getattr(e, 'strerror', None) or e}{kept}") from e
         raise
     _fsync_dir(root)
     for p in list_checkpoints(out_dir)[:-keep_last]:
@@ -228,10 +269,21 @@ def read_checkpoint_state(path):
     return state
 
 
-def check_resume(state, run, steps=None, allow_changes=False):
+# what a resumed run trains with: its TrainConfig's, which check_resume compares with the checkpoint's
+RESUME_SETTINGS = ("lr", "warmup", "grad_accum", "weight_decay", "betas", "eps", "schedule")
+SETTING_FLAGS = {"lr": "--lr", "warmup": "--warmup", "grad_accum": "--grad-accum", "weight_decay": "--weight-decay"}
+
+
+def resume_settings(config):
+    """{setting: value} of a TrainConfig, for check_resume(train=...)"""
+    return {k: getattr(config, k) for k in RESUME_SETTINGS}
+
+
+def check_resume(state, run, steps=None, allow_changes=False, train=None):
     """Refuse (ValueError naming the first difference) to resume a checkpoint whose run differs from
-    this one: each key of `run` the checkpoint recorded, and `steps` below the checkpoint's step.
-    allow_changes=True (--allow-changes) accepts the changes."""
+    this one: each key of `run` the checkpoint recorded, each optimisation setting of `train`
+    (resume_settings) its train_config recorded, and `steps` below the checkpoint's step.
+    allow_changes=True (--allow-changes) accepts the changes; the run then trains with its own settings."""
     if allow_changes:
         return
     saved = state.get("run") if isinstance(state.get("run"), dict) else {}
@@ -244,9 +296,21 @@ def check_resume(state, run, steps=None, allow_changes=False):
                                  f"there, {str(v)[:12]} now){hint}")
             flag = "--" + k.replace("_", "-")
             raise ValueError(f"--resume: the checkpoint was trained with {flag} {saved[k]}, not {v}{hint}")
+    _check_settings(state.get("train_config"), train or {}, hint)
     if steps is not None and steps < state["step"]:
         raise ValueError(f"--resume: the checkpoint is at step {state['step']}, beyond the {steps} steps "
                          f"asked for{hint}")
+
+
+def _check_settings(saved, train, hint):
+    saved = saved if isinstance(saved, dict) else {}
+    for k, v in train.items():
+        was = saved.get(k)
+        if isinstance(was, list):  # JSON's form of the betas pair
+            was, v = tuple(was), tuple(v)
+        if k in saved and was != v:
+            raise ValueError(f"--resume: the checkpoint was trained with {SETTING_FLAGS.get(k, k)} {was}, "
+                             f"not {v}{hint}")
 
 
 def fingerprint(value):
@@ -299,24 +363,34 @@ def load_checkpoint(path, model, optimizer, stream=None):
     where = str(path / "trainer_state.json")
     if not isinstance(saved, dict) or set(saved) - set(gens):
         raise CheckpointError(f"{where} is damaged: its generators do not match the model's")
-    try:  # each of these checks everything before it changes anything
-        optimizer.load_state_dict(opt)
-        for name, s in saved.items():
-            _set_generator(np.random.default_rng(), s, where)
-        if stream is not None:
-            if not isinstance(state.get("data"), dict):
-                raise CheckpointError(f"{where} is damaged: no data position")
-            stream.load_state_dict(state["data"])
-        model.load_state_dict(weights, strict=True)
-    except CheckpointError:
-        raise
-    except ValueError as e:  # sound files that belong to another model or data setting
-        raise ValueError(f"checkpoint {str(path)!r} does not fit this run: {e}") from None
-    except (KeyError, TypeError, IndexError, AttributeError) as e:
-        raise CheckpointError(f"{where} is damaged: {type(e).__name__} {e}") from None
+    for name, s in saved.items():
+        _set_generator(np.random.default_rng(), s, where)
+    if stream is not None and not isinstance(state.get("data"), dict):
+        raise CheckpointError(f"{where} is damaged: no data position")
+    _load_or_undo(path, where, weights, opt, state.get("data"), model, optimizer, stream)
     for name, s in saved.items():
         gens[name].bit_generator.state = s
     return state
+
+
+def _load_or_undo(path, where, weights, opt, data, model, optimizer, stream):
+    """Load the optimizer, the stream and the model; each checks everything before it changes
+    anything, so when a later one refuses, the earlier ones are put back as they were."""
+    undo = [(optimizer, optimizer.state_dict())]
+    try:
+        optimizer.load_state_dict(opt)
+        if stream is not None:
+            undo.append((stream, stream.state_dict()))
+            stream.load_state_dict(data)
+        model.load_state_dict(weights, strict=True)
+    except BaseException as e:
+        for obj, before in undo:
+            obj.load_state_dict(before)
+        if isinstance(e, ValueError) and not isinstance(e, CheckpointError):  # another model or data setting
+            raise ValueError(f"checkpoint {str(path)!r} does not fit this run: {e}") from None
+        if isinstance(e, (KeyError, TypeError, IndexError, AttributeError)):
+            raise CheckpointError(f"{where} is damaged: {type(e).__name__} {e}") from None
+        raise
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -381,6 +455,7 @@ class Trainer:
         self._pending = False       # a Ctrl-C that arrived while not interruptible
         self._updating = False      # inside the optimizer update (parameters partly written)
         self._evaluated = None      # the step whose evaluation metrics.jsonl already holds
+        self._saved = None          # the step whose checkpoint is on disk
 
     # -- state
     def state(self):
@@ -392,16 +467,21 @@ class Trainer:
         bad = next((k for k, v in self.model.parameters().items() if not np.isfinite(v).all()), None)
         if bad is not None:
             self._diverged(f"parameter {bad} is not finite after the update", self.step)
-        return save_checkpoint(self.out, self.step, self.model, self.optimizer, self.state(), self.cfg.keep_last)
+        path = save_checkpoint(self.out, self.step, self.model, self.optimizer, self.state(), self.cfg.keep_last)
+        self._saved = self.step
+        return path
 
     def resume(self, path=None):
         """Continue from `path` or the run's latest checkpoint; returns the step reached. A damaged
         latest checkpoint falls back to the one before it, with a warning. metrics.jsonl keeps only
         the rows up to the checkpoint's step, so the history never repeats a step."""
+        remove_stale_saves(self.out)
         candidates = [Path(path)] if path else list_checkpoints(self.out, complete=False)[::-1]
         if not candidates:
             raise ValueError(f"nothing to resume: no checkpoint in {str(self.out / 'checkpoints')!r}")
         damaged = []
+        o = self.optimizer  # trains with this run's settings, not the checkpoint's (check_resume compares them)
+        settings = (o.lr, o.betas, o.eps, o.weight_decay)
         for ck in candidates:
             try:
                 state = load_checkpoint(ck, self.model, self.optimizer, stream=self.stream)
@@ -416,7 +496,9 @@ class Trainer:
             break
         else:
             raise CheckpointError("no readable checkpoint: " + "; ".join(damaged))
+        o._set_hyperparams(*settings)
         self.step, self.tokens = step, tokens
+        self._saved = step
         self._truncate_metrics()
         self._started = True
         return self.step
@@ -595,7 +677,8 @@ class Trainer:
             if self._evaluated != self.step:  # a run resumed at its end has logged it already
                 self._log({"step": self.step, **final})
             result.update(final)
-        self.save()
+        if self._saved != self.step:  # a run ending on a save_every step has saved it already
+            self.save()
         self._allow_interrupt()  # a Ctrl-C during the last save is still reported
         return result
 

@@ -191,9 +191,10 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
             return {}
 
     halves = [{k: v[:B] for k, v in batch.items()}, {k: v[B:] for k, v in batch.items()}]
-    a = Trainer(tiny_gpt(dtype="float64", dropout=0.0), Fixed([batch]), config(tmp_path / "a", max_steps=1, clip=0))
+    a = Trainer(tiny_gpt(dtype="float64", dropout=0.0), Fixed([batch]),
+                config(tmp_path / "a", max_steps=1, warmup=1, clip=0))
     b = Trainer(tiny_gpt(dtype="float64", dropout=0.0), Fixed(halves),
-                config(tmp_path / "b", max_steps=1, clip=0, grad_accum=2))
+                config(tmp_path / "b", max_steps=1, warmup=1, clip=0, grad_accum=2))
     a.train_step()
     b.train_step()
     for k, v in a.model.parameters().items():

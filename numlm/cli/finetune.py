@@ -59,7 +59,7 @@ def add_parsers(sub):
     f.add_argument("--eval-batch-size", type=count(1), default=64)
     f.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     f.add_argument("--allow-changes", action="store_true", help="--resume although the data, tokenizer, batch "
-                   "size or step count differ from the checkpoint's")
+                   "size, step count, --lr, --warmup or --weight-decay differ from the checkpoint's")
     f.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run")
     f.add_argument("--no-progress", dest="progress", action="store_false")
     f.set_defaults(fn=cmd_finetune, clip=1.0)

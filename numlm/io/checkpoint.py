@@ -83,6 +83,13 @@ def read_config(path):
     return read_json(f)
 
 
+def file_mode():
+    """The mode open() gives a new file (0644 under umask 022); mkstemp and safetensors give 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path, write):
     """Write through a temporary file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
@@ -90,6 +97,7 @@ def _atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
