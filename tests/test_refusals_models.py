@@ -214,3 +214,16 @@ def test_a_prompt_tuned_gpt_classifier_warns_of_a_pooled_pad():
     batch = np.array([[5, 6, 7, 0, 0], [1, 2, 3, 4, 5]])
     with pytest.warns(UserWarning, match="some rows end in padding there"):
         numlm.predict(pm, batch, attention_mask=(batch != 0).astype(int))
+
+
+def test_adapter_files_take_the_umasks_mode(tmp_path):
+    """peft's files were written 0600 through mkstemp: an adapter folder shared with a group could not be read."""
+    import os
+    pm = peft.get_peft_model(numlm.GPT2LMHeadModel(gpt_cfg(), seed=0), peft.LoraConfig(r=2, target_modules=["c_attn"]))
+    old = os.umask(0o022)
+    try:
+        pm.save_pretrained(tmp_path / "a")
+    finally:
+        os.umask(old)
+    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "a").iterdir()} == {
+        "adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}

@@ -5,13 +5,12 @@
 """
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from ..io.checkpoint import _atomic_write
 from .config import LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, bn_config_from_dict
 
 PEFT_WEIGHTS, PEFT_PICKLE = "adapter_model.safetensors", "adapter_model.bin"
@@ -167,13 +166,7 @@ def write_json(d, f):
 
 
 def _atomic(f, write):
+    """numlm.io's atomic write (a whole file or none, the umask's mode), its folder made first"""
     f = Path(f)
     f.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=f".{f.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, f)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _atomic_write(f, write)
