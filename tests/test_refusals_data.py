@@ -261,3 +261,16 @@ def test_a_damaged_sidecar_or_document_starts_file_is_named(tmp_path, bpe, damag
     damage(tmp_path)
     with pytest.raises(ValueError, match=want):
         load_document_starts(tmp_path / "t.bin")
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"a\nb\n", r"vocab.txt' has no \[CLS\] or \[SEP\] token"),
+    (b"", r"vocab.txt' has no \[CLS\] or \[SEP\] token"),
+    (b"\xff\xfe\x00a\n", "holds a vocabulary the tokenizer cannot read .*UTF-8"),
+])
+def test_a_vocab_txt_the_tokenizer_cannot_read_is_one_line(tmp_path, content, match):
+    """Tokenizer.from_dir raised the tokenizers package's TypeError or bare Exception."""
+    (tmp_path / "vocab.txt").write_bytes(content)
+    with pytest.raises(ValueError, match=match) as e:
+        Tokenizer.from_dir(tmp_path)
+    assert "\n" not in str(e.value)

@@ -201,16 +201,25 @@ class Tokenizer:
         if (d / "tokenizer_config.json").is_file():
             from ..io import read_json
             config = read_json(d / "tokenizer_config.json")
-        if (d / "vocab.txt").is_file():
-            tk = _wordpiece_pipeline(bool(config.get("do_lower_case", True)))
-            tk.model = models.WordPiece.from_file(str(d / "vocab.txt"), unk_token="[UNK]")
-            return cls(_wordpiece_finish(tk))
-        if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
-            tk = _bpe_pipeline()
-            tk.model = models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt"))
-            if tk.token_to_id("<s>") is not None and tk.token_to_id("</s>") is not None:
-                _roberta_finish(tk)
-            return cls(tk)
+        try:  # the tokenizers package raises bare Exceptions
+            if (d / "vocab.txt").is_file():
+                tk = _wordpiece_pipeline(bool(config.get("do_lower_case", True)))
+                tk.model = models.WordPiece.from_file(str(d / "vocab.txt"), unk_token="[UNK]")
+                missing = [t for t in ("[CLS]", "[SEP]") if tk.token_to_id(t) is None]
+                if missing:
+                    raise ValueError(f"model_dir: {str(d / 'vocab.txt')!r} has no {' or '.join(missing)} token")
+                return cls(_wordpiece_finish(tk))
+            if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+                tk = _bpe_pipeline()
+                tk.model = models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt"))
+                if tk.token_to_id("<s>") is not None and tk.token_to_id("</s>") is not None:
+                    _roberta_finish(tk)
+                return cls(tk)
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f"model_dir: {str(d)!r} holds a vocabulary the tokenizer cannot read "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         raise ValueError(f"model_dir: {str(d)!r} has no tokenizer.json, vocab.txt or vocab.json")
 
     def save(self, path):
