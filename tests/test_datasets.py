@@ -99,6 +99,9 @@ def test_jsonl(tmp_path):
     ("t.csv", "text,label\n,1\n", "line 2: text must be a non-empty string"),
     ("j.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0\n', "line 2: not valid JSON"),
     ("k.jsonl", '{"text": "a", "label": 1}\n[1, 2]\n', "line 2: expected a JSON object"),
+    # a pretty-printed JSON array is not JSON Lines: the message says what the file must hold
+    ("pretty.json", '[\n  {"text": "a", "label": 1},\n  {"text": "b", "label": 0}\n]\n',
+     "line 1: not valid JSON .*one JSON object per line"),
     ("l.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n', "line 2: missing label"),
     ("f.csv", "text,label\na,1\nb,0\n", "needs at least 10"),
     ("x.md", "hello", "must end in .csv, .jsonl or .json"),

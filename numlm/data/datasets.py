@@ -261,9 +261,11 @@ def _rows_jsonl(path):
             try:
                 r = json.loads(s, object_pairs_hook=_unique_object(path, line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {line}: not valid JSON ({e.msg})") from e
+                raise ValueError(f"{path}: line {line}: not valid JSON ({e.msg}); the file must hold one JSON "
+                                 "object per line (JSON Lines)") from e
             if not isinstance(r, dict):
-                raise ValueError(f"{path}: line {line}: expected a JSON object, got {type(r).__name__}")
+                raise ValueError(f"{path}: line {line}: expected a JSON object, got {type(r).__name__}; the file "
+                                 "must hold one JSON object per line (JSON Lines)")
             header = header or list(r)
             rows.append((line, r))
     return header, rows
