@@ -274,3 +274,21 @@ def test_a_vocab_txt_the_tokenizer_cannot_read_is_one_line(tmp_path, content, ma
     with pytest.raises(ValueError, match=match) as e:
         Tokenizer.from_dir(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_batch_helpers_refuse_arguments_by_name():
+    """They raised TypeErrors (None as an id, an int as the special ids, a str probability) or yielded
+    nothing for a negative count."""
+    from numlm.data import NSPPair, causal_lm_batches, mask_tokens, nsp_batch, nsp_pairs
+    pairs = [NSPPair(np.array([5, 6]), np.array([7]), 0)]
+    for kw, match in [(dict(cls_id=None, sep_id=2), "cls_id must be a token id"),
+                      (dict(cls_id=1, sep_id=2, pad_id=None), "pad_id must be a token id")]:
+        with pytest.raises(ValueError, match=match):
+            nsp_batch(pairs, **kw)
+    with pytest.raises(ValueError, match="special_mask_or_ids must be a bool mask or a collection"):
+        mask_tokens(np.array([[5, 6, 7]]), 3, 4, 10, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="short_seq_prob must lie in"):
+        nsp_pairs([[[1, 2, 3]], [[4, 5, 6]]], 16, np.random.default_rng(0), short_seq_prob="0.1")
+    for n in (-1, 1.5, "x"):
+        with pytest.raises(ValueError, match="num_batches must be a positive int"):
+            next(causal_lm_batches(np.arange(100), 8, 2, 0, num_batches=n))

@@ -80,6 +80,8 @@ def _special_mask(ids, special_mask_or_ids):
         return s
     if s is None:
         return np.zeros(ids.shape, bool)
+    if isinstance(s, (int, np.integer, str, bytes)):
+        raise ValueError(f"special_mask_or_ids must be a bool mask or a collection of ids, got {s!r}")
     special_ids = _int_ids("special ids", np.fromiter((int(i) for i in s), np.int64))
     return np.isin(ids, special_ids)
 
@@ -117,7 +119,8 @@ def nsp_pairs(documents, max_length, rng, short_seq_prob=0.1, dupe_factor=1):
     max_length = _positive_int("max_length", max_length)
     if max_length < 5:
         raise ValueError(f"max_length must be >= 5 for [CLS] A [SEP] B [SEP], got {max_length}")
-    if not (0.0 <= short_seq_prob <= 1.0):
+    if isinstance(short_seq_prob, bool) or not isinstance(short_seq_prob, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= short_seq_prob <= 1.0:
         raise ValueError(f"short_seq_prob must lie in [0, 1], got {short_seq_prob!r}")
     docs = [[list(map(int, s)) for s in d if len(s)] for d in documents]
     docs = [d for d in docs if d]
@@ -184,6 +187,9 @@ def nsp_batch(pairs, cls_id, sep_id, pad_id=0, max_length=None):
     max_length); token types 0 for [CLS] A [SEP] and padding, 1 for B [SEP]."""
     if not pairs:
         raise ValueError("pairs is empty")
+    for name, v in (("cls_id", cls_id), ("sep_id", sep_id), ("pad_id", pad_id)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{name} must be a token id (an int >= 0), got {v!r}")
     lengths = [len(p.a) + len(p.b) + 3 for p in pairs]
     T = max(lengths) if max_length is None else _positive_int("max_length", max_length)
     if max(lengths) > T:
@@ -264,6 +270,8 @@ def sample_blocks(tokens, block_size, batch_size, rng):
 
 def causal_lm_batches(tokens, block_size, batch_size, rng, num_batches=None):
     """Endless (or num_batches) random batches of sample_blocks."""
+    if num_batches is not None:
+        num_batches = _positive_int("num_batches", num_batches)
     rng = as_rng(rng)
     n = 0
     while num_batches is None or n < num_batches:
