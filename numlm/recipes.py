@@ -1,5 +1,6 @@
 """Pre-training recipes: corpus -> tokenizer -> token data -> model -> Trainer, for GPT-2, GPT-1
 and BERT. The `numlm` command is a thin layer over these functions."""
+import dataclasses
 import math
 import os
 import shutil
@@ -72,6 +73,10 @@ def make_config(arch, size="mini", vocab_size=8192, block_size=128, config_path=
     if config_path is not None:
         from .io import read_json
         d = read_json(config_path)
+        fields = {f.name for f in dataclasses.fields(cls.config_class)} - {"extra"}
+        if isinstance(d, dict) and "model_type" not in d and not fields & set(d):
+            raise ValueError(f"config {str(config_path)!r} is not a model config: no model_type and no field of "
+                             f"{cls.config_class.__name__} (a tokenizer.json?)")
         if isinstance(d, dict) and tokenizer is not None and d.get("vocab_size") == tokenizer.vocab_size:
             d = {**d, **ids}  # the tokenizer's special ids
         try:

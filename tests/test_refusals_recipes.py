@@ -146,3 +146,13 @@ def test_eval_batches_caps_and_says_how_much_it_scored(gpt_runs, corpus, capsys)
     out = json.loads(capsys.readouterr().out)
     assert out["blocks"] == 6 and out["tokens"] == 96 < out["data_tokens"]
     assert f"96 of the {out['data_tokens']:,} tokens" in out["scored"]
+
+
+def test_a_json_that_is_not_a_model_config_is_refused(tmp_path, corpus, capsys):
+    """--config tokenizer.json built a default GPT-2 (every key an extra) and failed on its vocabulary."""
+    Tokenizer.train_bpe_from_iterator(["a tiny corpus for a tiny tokenizer"] * 5, 300).save(tmp_path / "tok.json")
+    args = ["pretrain", "--arch", "gpt2", "--config", str(tmp_path / "tok.json"), "--vocab-size", "300",
+            "--block-size", "16", "--batch-size", "4", "--steps", "2", "--data", str(corpus), "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    assert "is not a model config: no model_type and no field of GPT2Config" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
