@@ -98,15 +98,21 @@ def test_local_folders_win_and_bad_paths(hub, tmp_path):
 TEXTS = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog"] * 4
 
 
-def test_commands_take_names_offline(hub, capsys):
-    """generate, fill-mask and gradcheck with a Hub name: the folder comes from the cache, offline."""
-    from numlm.cli import main
+def cached_gpt(hub):
+    """(tokenizer, folder) of a tiny GPT-2 with its tokenizer cached as numlm-test/gpt-words"""
     tok = Tokenizer.train_bpe_from_iterator(TEXTS, vocab_size=270, min_frequency=1)
     cfg = numlm.GPT2Config(vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=2, n_head=2,
                            eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
     gpt = snapshot(hub, "numlm-test/gpt-words", REV, "main")
     numlm.GPT2LMHeadModel(cfg, seed=2).save_pretrained(gpt)
     tok.save(gpt)
+    return tok, gpt
+
+
+def test_commands_take_names_offline(hub, capsys):
+    """generate, fill-mask and gradcheck with a Hub name: the folder comes from the cache, offline."""
+    from numlm.cli import main
+    cached_gpt(hub)
     assert main(["generate", "numlm-test/gpt-words", "--prompt", "the cat", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("the cat")
     wp = Tokenizer.train_wordpiece_from_iterator(TEXTS, vocab_size=60, min_frequency=1)
@@ -151,12 +157,7 @@ def test_profile_and_adapter_bases_take_names(hub, tmp_path, capsys):
     from numlm import peft
     from numlm.cli import main
     from numlm.decoding import generate
-    tok = Tokenizer.train_bpe_from_iterator(TEXTS, vocab_size=270, min_frequency=1)
-    cfg = numlm.GPT2Config(vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=2, n_head=2,
-                           eos_token_id=tok.eos_id, bos_token_id=tok.eos_id)
-    gpt = snapshot(hub, "numlm-test/gpt-words", REV, "main")
-    numlm.GPT2LMHeadModel(cfg, seed=2).save_pretrained(gpt)
-    tok.save(gpt)
+    tok, gpt = cached_gpt(hub)
     assert main(["profile", "numlm-test/gpt-words", "--steps", "1", "--batch", "2", "--seq", "6"]) == 0
     assert "transformer.h.1" in capsys.readouterr().out
     assert main(["profile", "numlm-test/gpt-wrods"]) == 2
