@@ -123,10 +123,15 @@ def predict(model, input_ids, attention_mask=None, token_type_ids=None):
 
 def _texts(name, texts):
     """a str or a list of str as a list"""
-    texts = [texts] if isinstance(texts, str) else texts
-    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
-        raise ValueError(f"{name} must be a str or a list of str, got {type(texts).__name__}")
-    return list(texts)
+    if isinstance(texts, str):
+        return [texts]
+    try:
+        texts = list(texts)  # a list, an array or a Series of str, a generator
+    except TypeError:
+        texts = None
+    if texts is None or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"{name} must be a str or a sequence of str")
+    return texts
 
 
 def _classifier_config(model):
@@ -171,7 +176,7 @@ def pool(hidden, attention_mask=None, pooling="mean", normalize=False):
     hidden = np.asarray(hidden)
     if hidden.ndim != 3 or hidden.shape[1] == 0:
         raise ValueError(f"hidden must have shape (B, T, C) with T >= 1, got {hidden.shape}")
-    if not isinstance(normalize, (bool, np.bool_)):
+    if isinstance(normalize, (str, bytes)) or normalize not in (True, False):
         raise ValueError(f"normalize must be True or False, got {normalize!r}")
     modes = (pooling,) if isinstance(pooling, str) else tuple(pooling)
     if not modes or any(p not in POOLING_MODES for p in modes):

@@ -1,6 +1,7 @@
 """Pre-training recipes: corpus -> tokenizer -> token data -> model -> Trainer, for GPT-2, GPT-1
 and BERT. The `numlm` command is a thin layer over these functions."""
 import dataclasses
+import itertools
 import math
 import os
 import shutil
@@ -304,7 +305,7 @@ def eval_gpt(model, documents, tokenizer, block_size, batch_size, max_batches=No
     tokens = np.fromiter((t for x in ids for t in x), np.int64)
     if len(tokens) < block_size:
         raise ValueError(f"the data holds {len(tokens):,} tokens, fewer than one block of {block_size}")
-    batches = list(sequential_blocks(tokens, block_size, batch_size))[:max_batches]
+    batches = list(itertools.islice(sequential_blocks(tokens, block_size, batch_size), max_batches))
     blocks = sum(len(b["input_ids"]) for b in batches)
     out = gpt_metrics(model, batches)
     out.update(blocks=blocks, tokens=blocks * block_size, data_tokens=len(tokens),
@@ -466,6 +467,7 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     with tempfile.TemporaryDirectory(prefix=f".{out.name}-prepare-", dir=out.parent) as scratch:
         model, data_, meta = _build_run(arch, cfg, docs, tokenizer, Path(scratch), block_size, batch_size, seed, dtype)
         log(f"model: {type(model).__name__}, {model.num_parameters() / 1e6:.2f} M parameters, {dtype}")
+        _check_split(saved, run, data_, allow_changes)
         if saved is None:
             if time_budget is not None:
                 steps = calibrate_steps(model, data_.stream, t0 + time_budget, log)
@@ -513,11 +515,14 @@ def _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, pr
 def _resumed_config(saved, out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum,
                     time_budget):
     """(the TrainConfig a resumed run trains with, the settings check_resume compares): a --time-budget
-    run keeps its planned length; an omitted --warmup keeps the run's (its default follows --steps,
-    which a resume may change), unless --steps is now shorter than it: then the default, not compared."""
+    run keeps its planned length; an omitted --lr keeps the run's, and an omitted --warmup too (its
+    default follows --steps, which a resume may change) unless --steps is now shorter than it: then
+    the default, not compared."""
     planned = saved.get("train_config") if isinstance(saved.get("train_config"), dict) else {}
     if time_budget is not None:
         steps = int(planned.get("max_steps", steps))
+    if lr is None and isinstance(planned.get("lr"), (int, float)):
+        lr = planned["lr"]
     derived = warmup is None and not (isinstance(planned.get("warmup"), int) and planned["warmup"] <= steps)
     if warmup is None and not derived:
         warmup = planned["warmup"]
@@ -526,6 +531,18 @@ def _resumed_config(saved, out, arch, size, steps, lr, warmup, eval_every, save_
     if derived:
         del settings["warmup"]
     return tc, settings
+
+
+def _check_split(saved, run, data_, allow_changes):
+    """The run records the size of its training split; a resume onto another split (the corpus cut
+    elsewhere, as numlm's split rule may change) is refused unless allow_changes. A checkpoint
+    written before this record cannot tell and passes."""
+    run["train_tokens"] = data_.train_tokens
+    recorded = saved.get("run") if isinstance(saved, dict) else None
+    was = recorded.get("train_tokens") if isinstance(recorded, dict) else None
+    if was is not None and was != data_.train_tokens and not allow_changes:
+        raise ValueError(f"--resume: the run trained on a split of {was:,} tokens of this corpus, this one has "
+                         f"{data_.train_tokens:,}; pass --allow-changes if the change is meant, or start a new run")
 
 
 def _build_run(arch, cfg, docs, tokenizer, scratch, block_size, batch_size, seed, dtype):

@@ -52,17 +52,13 @@ class TrainConfig:
     betas: tuple = (0.9, 0.999)
     eps: float = 1e-8
     schedule: str = "cosine"        # constant | constant_with_warmup | linear | cosine
-    warmup: int = None              # None: min(100, max_steps // 10)
+    warmup: int = 100
     clip: float = 1.0               # global-norm clipping; 0 disables
     eval_every: int = 100
     save_every: int = 200
     keep_last: int = 2
     log_every: int = 10
     progress: bool = True
-
-    def __post_init__(self):
-        if self.warmup is None and isinstance(self.max_steps, (int, np.integer)):
-            self.warmup = min(100, int(self.max_steps) // 10)
 
     def validate(self):
         """Every field checked, NaN and infinity included; a ValueError names the field."""

@@ -177,12 +177,13 @@ def test_a_mistyped_huge_integer_label_is_refused_naming_its_line(tmp_path, kind
 
 
 def test_integer_labels_with_a_few_ids_missing_are_still_classes(tmp_path):
-    """Labels 0, 1, 2 and 4 (3 absent from a small file) stay ids: 5 classes."""
+    """Labels 0, 1, 2 and 4 (3 absent from a small file) stay ids: 5 classes; sparse ids (0, 17, 23,
+    31), which loaded before the typo check, still do."""
     from numlm.data.datasets import from_file
-    labels = [0, 1, 2, 4]
-    rows = [(f"example {i}", labels[i % 4]) for i in range(20)]
-    data = from_file(write_rows(tmp_path / "labels.csv", rows))
-    assert data.label_names == [str(i) for i in range(max(labels) + 1)]
+    for labels in ([0, 1, 2, 4], [0, 17, 23, 31]):
+        rows = [(f"example {i}", labels[i % 4]) for i in range(20)]
+        data = from_file(write_rows(tmp_path / "labels.csv", rows))
+        assert data.label_names == [str(i) for i in range(max(labels) + 1)]
 
 
 def test_a_csv_field_longer_than_pythons_default_limit_is_read(tmp_path):
@@ -292,3 +293,37 @@ def test_batch_helpers_refuse_arguments_by_name():
     for n in (-1, 1.5, "x"):
         with pytest.raises(ValueError, match="num_batches must be a positive int"):
             next(causal_lm_batches(np.arange(100), 8, 2, 0, num_batches=n))
+
+
+def test_a_failed_folder_save_keeps_the_tokenizer_and_its_config_together(tmp_path, wordpiece):
+    """Saved into a folder, tokenizer.json and tokenizer_config.json are both new or both as they were
+    (the config is written aside first, so a full disk there changes nothing either; a size limit can
+    only fail the larger tokenizer.json, which this checks)."""
+    wordpiece.save(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    r = subprocess.run([sys.executable, "-c", SAVE_WITH_SMALL_FILE_LIMIT, str(tmp_path),
+                        str(len(before["tokenizer.json"]))], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "cannot write" in r.stdout
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_inputs_that_loaded_before_the_checks_still_load():
+    """The new checks kept what transformers' files and numpy callers give: bool fields as 0/1/null, a
+    seed None, texts as an array or a generator, normalize as 0/1."""
+    import numlm
+    from numlm.models import GPT2Config
+    cfg = GPT2Config.from_dict({"vocab_size": 50, "n_positions": 32, "n_embd": 16, "n_layer": 1, "n_head": 2,
+                                "scale_attn_weights": 1, "use_cache": None, "tie_word_embeddings": 0})
+    assert not cfg.tie_word_embeddings and cfg.scale_attn_weights
+    numlm.GPT2LMHeadModel(cfg, seed=None)
+    tok = Tokenizer.train_wordpiece_from_iterator(LINES * 3, vocab_size=60, min_frequency=1)
+    bert = numlm.BertForSequenceClassification(numlm.BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=64), seed=1).eval()
+    texts = np.array(LINES[:2])
+    want = numlm.classify(bert, tok, list(texts))
+    assert [r["label"] for r in numlm.classify(bert, tok, texts)] == [r["label"] for r in want]
+    assert len(numlm.classify(bert, tok, (t for t in LINES[:2]))) == 2
+    np.testing.assert_array_equal(numlm.embed(bert.bert, tok, LINES[:2], normalize=1),
+                                  numlm.embed(bert.bert, tok, LINES[:2], normalize=True))

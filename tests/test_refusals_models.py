@@ -194,7 +194,7 @@ def test_check_model_refuses_its_arguments_by_name():
 def test_text_helpers_refuse_what_they_cannot_read(wp, tmp_path):
     cls = numlm.BertForSequenceClassification(bert_cfg(wp.vocab_size), seed=1).eval()
     for texts in (None, 5, ["a", 3]):
-        with pytest.raises(ValueError, match="texts must be a str or a list of str"):
+        with pytest.raises(ValueError, match="texts must be a str or a sequence of str"):
             numlm.classify(cls, wp, texts)
     assert numlm.classify(cls, wp, []) == []
     with pytest.raises(ValueError, match=r"hidden must have shape \(B, T, C\) with T >= 1"):

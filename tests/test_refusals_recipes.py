@@ -156,3 +156,24 @@ def test_a_json_that_is_not_a_model_config_is_refused(tmp_path, corpus, capsys):
     assert main(args) == 2
     assert "is not a model config: no model_type and no field of GPT2Config" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_resume_onto_another_split_of_the_corpus_is_refused(tmp_path, corpus, capsys):
+    """The split rule changed today: a run records its training split's size, and a resume whose split
+    differs is refused (a run before the record cannot tell); --allow-changes takes the new split."""
+    import json as js
+    from numlm.train import _state_hash
+    out = tmp_path / "r"
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
+            "--batch-size", "4", "--data", str(corpus), "--out", str(out)]
+    assert main(args + ["--steps", "2"]) == 0
+    for state_file in (out / "checkpoints").glob("step-*/trainer_state.json"):
+        state = js.loads(state_file.read_text())
+        n = state["run"]["train_tokens"]
+        state["run"]["train_tokens"] = n + 1  # as if the run had trained on another cut of the corpus
+        state["state_sha256"] = _state_hash(state)
+        state_file.write_text(js.dumps(state))
+    capsys.readouterr()
+    assert main(args + ["--steps", "4", "--resume"]) == 2
+    assert f"trained on a split of {n + 1:,} tokens of this corpus, this one has {n:,}" in capsys.readouterr().err
+    assert main(args + ["--steps", "4", "--resume", "--allow-changes"]) == 0

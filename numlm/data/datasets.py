@@ -352,11 +352,11 @@ def _label_ids(path, out):
 
 
 def _check_class_ids(path, out):
-    """Integer labels are class ids 0..K-1, a few of which a small file may lack; one far above the
-    others (a typo: 100000000 among 0 and 1) would make a class of every integer up to it."""
+    """Integer labels are class ids 0..K-1, which a file may use sparsely (0, 17, 23, 31); one far above
+    the others (a typo: 100000000 among 0 and 1) would make a class of every integer up to it."""
     distinct = len({e["label"] for e in out})
     top = max(out, key=lambda e: e["label"])
-    most = max(2 * distinct, distinct + 16)
+    most = max(1024, 16 * distinct)
     if top["label"] >= most:
         raise ValueError(f"{path}: line {top['line']}: label {top['label']} cannot be a class id: the file has "
                          f"{distinct} distinct labels, and integer labels are ids 0..K-1 (here below {most})")

@@ -114,18 +114,27 @@ def save_paths(path):
     return file, (file.parent / "tokenizer_config.json" if file.name == "tokenizer.json" else None)
 
 
-def _write_whole(file, write):
-    from ..io.checkpoint import _atomic_write
-
-    def write_readable(tmp):  # the temporary file is owner-only; the tokenizer is as readable as any file
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+def _write_whole(file, write, config_file=None, config_text=None):
+    """tokenizer.json (and its tokenizer_config.json): the config is written aside first and renamed in
+    after the tokenizer, so a failure leaves both files as they were"""
+    import tempfile
+    from ..io.checkpoint import _atomic_write, file_mode
+    tmp = None
     try:
-        _atomic_write(file, write_readable)
+        if config_file is not None:
+            fd, tmp = tempfile.mkstemp(dir=config_file.parent, prefix=f".{config_file.name}.", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(config_text)
+            os.chmod(tmp, file_mode())
+        _atomic_write(file, write)  # the umask's mode, not the temporary file's owner-only one
+        if tmp is not None:
+            os.replace(tmp, config_file)
+            tmp = None
     except Exception as e:  # OSError, or the Rust side's own type (a full disk among them)
-        raise ValueError(f"cannot write {str(file)!r}: {e}; the earlier file, if any, is intact") from None
+        raise ValueError(f"cannot write {str(file)!r}: {e}; the earlier files, if any, are intact") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 class Tokenizer:
@@ -228,15 +237,13 @@ class Tokenizer:
         from ..io import check_folder_path
         file, config_file = save_paths(path)
         check_folder_path(file.parent, "path").mkdir(parents=True, exist_ok=True)
-        _write_whole(file, lambda t: self.backend.save(str(t)))
-        if config_file is not None:
-            config = {"tokenizer_class": "PreTrainedTokenizerFast"}
-            for key in ("pad", "unk", "cls", "sep", "mask"):
-                if self._ids[key] is not None:
-                    config[f"{key}_token"] = self._names[key]
-            if self.eos_id is not None:
-                config.update(bos_token=GPT_EOS, eos_token=GPT_EOS)
-            _write_whole(config_file, lambda t: Path(t).write_text(json.dumps(config, indent=2) + "\n"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        for key in ("pad", "unk", "cls", "sep", "mask"):
+            if self._ids[key] is not None:
+                config[f"{key}_token"] = self._names[key]
+        if self.eos_id is not None:
+            config.update(bos_token=GPT_EOS, eos_token=GPT_EOS)
+        _write_whole(file, lambda t: self.backend.save(str(t)), config_file, json.dumps(config, indent=2) + "\n")
         return file
 
     # ---- vocabulary -----------------------------------------------------------------------

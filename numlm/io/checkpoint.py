@@ -84,9 +84,14 @@ def read_config(path):
 
 
 def file_mode():
-    """The mode open() gives a new file (0644 under umask 022); mkstemp and safetensors give 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """The mode open() gives a new file (0644 under umask 022); mkstemp and safetensors give 0600.
+    Linux tells the umask in /proc; elsewhere reading it means setting it for a moment."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0)
+        os.umask(umask)
     return 0o666 & ~umask
 
 

@@ -91,7 +91,7 @@ class Config:
         """A field whose default is a bool takes True or False; one whose default is a float, a finite number."""
         for f in dataclasses.fields(self):
             v, d = getattr(self, f.name), f.default
-            if isinstance(d, bool) and not isinstance(v, (bool, np.bool_)):
+            if isinstance(d, bool) and v is not None and (isinstance(v, (str, bytes)) or v not in (True, False)):
                 raise ValueError(f"config {f.name} must be true or false, got {v!r}")
             if isinstance(d, float) and (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
                                          or not math.isfinite(v)):

@@ -77,8 +77,9 @@ class PreTrainedModel(Module):
             config = self.config_class.from_dict(config)
         if not isinstance(config, self.config_class):
             raise ValueError(f"config must be a {self.config_class.__name__} or a dict, got {type(config).__name__}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        if not (seed is None or isinstance(seed, np.random.SeedSequence)
+                or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0)):
+            raise ValueError(f"seed must be an integer >= 0 (or None, or a numpy SeedSequence), got {seed!r}")
         self.config = config
         self.tied = {}          # alias key -> source key (transformers' tied weights)
         self.rng = None
