@@ -1,5 +1,6 @@
 """Training and checkpoints: a refused resume changes nothing, a resume never silently changes the
 optimisation settings, and a failed or killed checkpoint write leaves a clear error and no clutter."""
+import contextlib
 import json
 import resource
 import shutil
@@ -146,18 +147,21 @@ def test_pretrain_resume_without_warmup_keeps_the_runs_own(corpus, tmp_path):
 
 
 # ---- B4: a write that fails inside safetensors is a CheckpointError -------------------------------------
-@pytest.fixture
-def file_size_limit():
-    """Files written while set may grow to `limit` bytes; a longer write fails (EFBIG), as on a full disk."""
+@contextlib.contextmanager
+def file_size_limit(limit):
+    """Files written inside may grow to `limit` bytes; a longer write fails (EFBIG), as on a full disk.
+    Only around the call: pytest's own output (a log file larger than limit) must not meet it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    yield lambda limit: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, old)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
 
 
-def test_a_checkpoint_write_failing_in_safetensors_names_the_checkpoint_and_the_intact_one(tmp_path,
-                                                                                            file_size_limit):
+def test_a_checkpoint_write_failing_in_safetensors_names_the_checkpoint_and_the_intact_one(tmp_path):
     t = trainer(tmp_path, steps=4)
     t.run(max_time=0)  # one step, and its checkpoint
     first = latest_checkpoint(tmp_path)
@@ -165,9 +169,9 @@ def test_a_checkpoint_write_failing_in_safetensors_names_the_checkpoint_and_the_
     assert (first / "optimizer.safetensors").stat().st_size > model_bytes + 1000  # two moments per parameter
     before = files(tmp_path / "checkpoints")
     t.train_step()
-    file_size_limit(model_bytes + 1000)  # the model fits, the optimizer's moments do not
     with pytest.raises(CheckpointError) as e:
-        t.save()
+        with file_size_limit(model_bytes + 1000):  # the model fits, the optimizer's moments do not
+            t.save()
     assert f"step-{t.step:07d}" in str(e.value) and f"{first.name} is intact" in str(e.value)
     assert files(tmp_path / "checkpoints") == before
 
