@@ -318,6 +318,8 @@ def as_ids(name, x):
     x = np.asarray(x)
     if x.dtype.kind not in "iu":
         raise ValueError(f"{name} must hold integers, got dtype {x.dtype}")
+    if x.dtype.kind == "u" and x.size and x.max() > np.iinfo(np.int64).max:  # int64 would wrap it negative
+        raise ValueError(f"{name} must lie below 2**63, got {int(x.max())}")
     return x.astype(np.int64, copy=False)
 
 
@@ -367,7 +369,7 @@ def token_inputs(input_ids, inputs_embeds, dtype, C, ndims):
     if ids.ndim not in ndims or ids.shape[-1] == 0 or ids.size == 0:
         want = " or ".join({2: "(B, T)", 3: "(B, num_choices, T)"}[n] for n in ndims)
         raise ValueError(f"input_ids must have shape {want} with T >= 1, got {ids.shape}")
-    return ids.shape, ids.astype(np.int64, copy=False), None
+    return ids.shape, as_ids("input_ids", ids), None
 
 
 def past_like(past, L, B, H, D, dtype):
@@ -396,7 +398,7 @@ def positions(position_ids, B, T, limit, note, per_row=True):
     """Given positions ((B, T), (1, T) or (T,)) checked in [0, limit): (B, T), or (1, T) when not per_row
     and shared. (Without them a model counts T_past .. T_past + T - 1 for every row.)"""
     pos = np.asarray(position_ids)
-    if pos.dtype.kind in "iu" and (pos.shape[-1:] != (T,) or pos.size not in (T, B * T)):
+    if pos.dtype.kind in "iu" and (pos.shape[-1:] != (T,) or pos.size not in (T, B * T) or pos.ndim > 2):
         raise ValueError(f"position_ids must have shape {note}, {(1, T)} or {(T,)}, got {pos.shape}")
     pos = ids_in_range("position_ids", pos, limit).astype(np.int64, copy=False).reshape(-1, T)
     return np.broadcast_to(pos, (B, T)) if per_row else pos
@@ -407,7 +409,7 @@ def gpt_inputs(core, input_ids, attention_mask, token_type_ids, position_ids, pa
     """GPT-1 / GPT-2 inputs -> Inputs. input_ids (B, T), or (B, N, T) for multiple choice (choices=True
     requires it, flat=True refuses it), run flattened to (B*N, T) as transformers."""
     cfg = core.config
-    if not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
         raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
     if logits_to_keep and labels is not None:
         raise ValueError("logits_to_keep needs labels=None: the loss uses the logits of every position")
@@ -507,6 +509,9 @@ def output_grads(grads, names, outputs):
                          f"got {len(grads)} arrays")
     out = []
     for name, g, ref in zip(names, grads + (None,) * (len(names) - len(grads)), outputs):
+        if isinstance(g, (tuple, list)):
+            raise ValueError(f"gradient of {name} must be one array, got a {type(g).__name__}: each output's "
+                             "gradient is its own argument (backward(grad, mc_grad))")
         if g is not None:
             g = np.asarray(g)
             if ref is None or g.shape != ref.shape:
