@@ -369,7 +369,9 @@ def token_inputs(input_ids, inputs_embeds, dtype, C, ndims):
     if ids.ndim not in ndims or ids.shape[-1] == 0 or ids.size == 0:
         want = " or ".join({2: "(B, T)", 3: "(B, num_choices, T)"}[n] for n in ndims)
         raise ValueError(f"input_ids must have shape {want} with T >= 1, got {ids.shape}")
-    return ids.shape, as_ids("input_ids", ids), None
+    if ids.dtype.kind == "u" and ids.max() > np.iinfo(np.int64).max:  # int64 would wrap it negative
+        raise ValueError(f"input_ids must lie below 2**63, got {int(ids.max())}")
+    return ids.shape, ids.astype(np.int64, copy=False), None
 
 
 def past_like(past, L, B, H, D, dtype):
@@ -398,7 +400,7 @@ def positions(position_ids, B, T, limit, note, per_row=True):
     """Given positions ((B, T), (1, T) or (T,)) checked in [0, limit): (B, T), or (1, T) when not per_row
     and shared. (Without them a model counts T_past .. T_past + T - 1 for every row.)"""
     pos = np.asarray(position_ids)
-    if pos.dtype.kind in "iu" and (pos.shape[-1:] != (T,) or pos.size not in (T, B * T) or pos.ndim > 2):
+    if pos.dtype.kind in "iu" and (pos.shape[-1:] != (T,) or pos.size not in (T, B * T)):
         raise ValueError(f"position_ids must have shape {note}, {(1, T)} or {(T,)}, got {pos.shape}")
     pos = ids_in_range("position_ids", pos, limit).astype(np.int64, copy=False).reshape(-1, T)
     return np.broadcast_to(pos, (B, T)) if per_row else pos
