@@ -297,12 +297,16 @@ def bert_metrics(model, batches, most_frequent):
             "val_nsp_loss": nsp_tot / n_nsp, "val_nsp_acc": nsp_hit / n_nsp, "val_loss": mlm_tot / n_mlm + nsp_tot / n_nsp}
 
 
-def eval_gpt(model, documents, tokenizer, block_size, batch_size, max_batches=None):
+def eval_gpt(model, documents, tokenizer, block_size, batch_size, max_batches=None, held_out=False):
     """gpt_metrics on every non-overlapping block of the documents (the first max_batches batches),
-    laid out as prepare lays out training data: each document followed by its "auto" separator."""
+    laid out as prepare lays out training data: each document followed by its "auto" separator.
+    held_out: only the validation part pretrain's split_gpt holds out (a model pre-trained on these
+    documents trained on the rest)."""
     sep = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id
     ids = [x + [sep] * (sep is not None) for x in tokenizer.encode_many(documents, add_special_tokens=False)]
     tokens = np.fromiter((t for x in ids for t in x), np.int64)
+    if held_out:
+        tokens = split_gpt(tokens, np.cumsum([0] + [len(x) for x in ids[:-1]]), block_size)[1]
     if len(tokens) < block_size:
         raise ValueError(f"the data holds {len(tokens):,} tokens, fewer than one block of {block_size}")
     batches = list(itertools.islice(sequential_blocks(tokens, block_size, batch_size), max_batches))
@@ -313,10 +317,13 @@ def eval_gpt(model, documents, tokenizer, block_size, batch_size, max_batches=No
     return out
 
 
-def eval_bert(model, documents, tokenizer, max_length, batch_size, seed, max_batches=None):
+def eval_bert(model, documents, tokenizer, max_length, batch_size, seed, max_batches=None, held_out=False):
     """bert_metrics on every NSP pair of the documents (the first max_batches batches); a single
-    document is cut in two (NSP draws B from another document)."""
+    document is cut in two (NSP draws B from another document). held_out: only the documents
+    pretrain's split_bert holds out with this seed."""
     check_bert_tokenizer(tokenizer)
+    if held_out:
+        documents = split_bert(documents, 0.05, np.random.default_rng(seed))[1]
     docs = [d for d in documents if d.strip()]
     if len(docs) < 2:
         docs = line_runs(docs, 2)

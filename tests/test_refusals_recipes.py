@@ -177,3 +177,21 @@ def test_a_resume_onto_another_split_of_the_corpus_is_refused(tmp_path, corpus, 
     assert main(args + ["--steps", "4", "--resume"]) == 2
     assert f"trained on a split of {n + 1:,} tokens of this corpus, this one has {n:,}" in capsys.readouterr().err
     assert main(args + ["--steps", "4", "--resume", "--allow-changes"]) == 0
+
+
+def test_eval_without_data_scores_the_part_pretrain_held_out(tmp_path, corpus):
+    """numlm eval with no --data scored all of the default corpus, the text a demo model trained on:
+    held_out scores the validation part, the very tokens GPTData holds out of the token file."""
+    from numlm.data import load_document_starts
+    from numlm.models import GPT2Config, GPT2LMHeadModel
+    from numlm.recipes import eval_gpt, load_corpus
+    _, docs = load_corpus(str(corpus))
+    tok = Tokenizer.train_bpe_from_iterator(docs, 300)
+    prepare(docs, tok, tmp_path / "t.bin")
+    data = GPTData(load_tokens(tmp_path / "t.bin"), load_document_starts(tmp_path / "t.bin"), 16, 4, 0,
+                   val_batches=10 ** 6)  # every validation block
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                       eos_token_id=tok.eos_id, bos_token_id=tok.eos_id), seed=0)
+    held = eval_gpt(model, docs, tok, 16, 4, held_out=True)
+    assert held["data_tokens"] == data.val_tokens < eval_gpt(model, docs, tok, 16, 4, max_batches=1)["data_tokens"]
+    assert held["val_loss"] == pytest.approx(data.evaluate(model)["val_loss"], rel=1e-6)  # the token file's blocks

@@ -131,11 +131,12 @@ def cmd_eval(a):
         raise ValueError(f"{a.model}: eval scores BertForPreTraining (MLM + NSP) or a causal LM, not "
                          f"{type(model).__name__}")
     name, docs = load_corpus(a.data, a.encoding)
+    held_out = a.data is None  # the default corpus: the part pretrain holds out, not the text it trains on
     if type(model).__name__ == "BertForPreTraining":
-        out = eval_bert(model, docs, tok, a.block_size, a.batch_size, a.seed, a.batches)
+        out = eval_bert(model, docs, tok, a.block_size, a.batch_size, a.seed, a.batches, held_out)
     else:
-        out = eval_gpt(model, docs, tok, a.block_size, a.batch_size, a.batches)
-    out["scored"] += f" of {name}"
+        out = eval_gpt(model, docs, tok, a.block_size, a.batch_size, a.batches, held_out)
+    out["scored"] += f" of {name}" + (" (the part pretrain holds out for validation)" if held_out else "")
     print(json.dumps(out, indent=1))
     return 0
 
