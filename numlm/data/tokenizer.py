@@ -115,26 +115,14 @@ def save_paths(path):
 
 
 def _write_whole(file, write, config_file=None, config_text=None):
-    """tokenizer.json (and its tokenizer_config.json): the config is written aside first and renamed in
-    after the tokenizer, so a failure leaves both files as they were"""
-    import tempfile
-    from ..io.checkpoint import _atomic_write, file_mode
-    tmp = None
+    """tokenizer.json (and its tokenizer_config.json), both written aside before either is renamed
+    in, so a failure leaves both files as they were"""
+    from ..io.checkpoint import write_together
+    files = [(file, write)] + ([(config_file, lambda t: Path(t).write_text(config_text))] if config_file else [])
     try:
-        if config_file is not None:
-            fd, tmp = tempfile.mkstemp(dir=config_file.parent, prefix=f".{config_file.name}.", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(config_text)
-            os.chmod(tmp, file_mode())
-        _atomic_write(file, write)  # the umask's mode, not the temporary file's owner-only one
-        if tmp is not None:
-            os.replace(tmp, config_file)
-            tmp = None
+        write_together(files)
     except Exception as e:  # OSError, or the Rust side's own type (a full disk among them)
         raise ValueError(f"cannot write {str(file)!r}: {e}; the earlier files, if any, are intact") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class Tokenizer:

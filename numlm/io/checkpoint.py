@@ -97,16 +97,27 @@ def file_mode():
 
 def _atomic_write(path, write):
     """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    write_together([(path, write)])
+
+
+def write_together(files):
+    """[(path, write(tmp))]: each written through a temporary file beside it (the umask's mode), then
+    all renamed in, so a failure before the renames leaves every file as it was."""
+    tmps = []
     try:
-        write(tmp)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
+        for path, write in files:
+            path = Path(path)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            tmps.append(tmp)
+            write(tmp)
+            os.chmod(tmp, file_mode())
+        for (path, _), tmp in zip(files, tmps):
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
 
 
