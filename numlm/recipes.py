@@ -14,7 +14,7 @@ import numpy as np
 from .data import (Tokenizer, default_corpus, read_texts, prepare, load_tokens, load_document_starts,
                    split_tokens, split_documents, tokenize_documents, nsp_pairs, nsp_batch, mask_tokens,
                    TokenStream, sequential_blocks)
-from .data.pretrain import _sidecar, _docs_path
+from .data.pretrain import _sidecar, _docs_path, auto_separator
 from .inspect import plots_line
 from .nn import eval_mode
 from .ops import IGNORE_INDEX
@@ -154,10 +154,15 @@ def make_bert_batch(pairs, tok, max_length, rng):
     return b
 
 
+# the share of a corpus pretrain holds out for validation (numlm eval scores it again)
+GPT_VAL_FRACTION = 0.1  # of the tokens, the last
+BERT_VAL_FRACTION = 0.05  # of the documents, drawn with the run's seed
+
+
 class GPTData:
     """Token stream for causal-LM training and fixed validation blocks."""
 
-    def __init__(self, tokens, doc_starts, block_size, batch_size, seed, val_fraction=0.1, val_batches=8):
+    def __init__(self, tokens, doc_starts, block_size, batch_size, seed, val_fraction=GPT_VAL_FRACTION, val_batches=8):
         _int("val_batches", val_batches, 1)
         train, val = split_gpt(tokens, doc_starts, block_size, val_fraction)
         self.stream = TokenStream(train, block_size, batch_size, rng=np.random.default_rng(seed))
@@ -172,7 +177,7 @@ class GPTData:
         return gpt_metrics(model, self.val)
 
 
-def split_gpt(tokens, doc_starts, block_size, val_fraction=0.1):
+def split_gpt(tokens, doc_starts, block_size, val_fraction=GPT_VAL_FRACTION):
     """(train, val): val the last val_fraction of the tokens, the cut moved to the next document start
     unless that leaves val shorter than a block or off val_fraction by more than a factor 2 (a short
     or a long last document); then the cut falls inside a document."""
@@ -247,7 +252,8 @@ def line_runs(documents, pieces):
 
 
 class BertData:
-    def __init__(self, documents, tokenizer, max_length, batch_size, seed, val_fraction=0.05, val_batches=8):
+    def __init__(self, documents, tokenizer, max_length, batch_size, seed, val_fraction=BERT_VAL_FRACTION,
+                 val_batches=8):
         _int("val_batches", val_batches, 1)
         check_bert_tokenizer(tokenizer)
         rng = np.random.default_rng(seed)
@@ -302,7 +308,7 @@ def eval_gpt(model, documents, tokenizer, block_size, batch_size, max_batches=No
     laid out as prepare lays out training data: each document followed by its "auto" separator.
     held_out: only the validation part pretrain's split_gpt holds out (a model pre-trained on these
     documents trained on the rest)."""
-    sep = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id
+    sep = auto_separator(tokenizer)
     ids = [x + [sep] * (sep is not None) for x in tokenizer.encode_many(documents, add_special_tokens=False)]
     tokens = np.fromiter((t for x in ids for t in x), np.int64)
     if held_out:
@@ -323,7 +329,7 @@ def eval_bert(model, documents, tokenizer, max_length, batch_size, seed, max_bat
     pretrain's split_bert holds out with this seed."""
     check_bert_tokenizer(tokenizer)
     if held_out:
-        documents = split_bert(documents, 0.05, np.random.default_rng(seed))[1]
+        documents = split_bert(documents, BERT_VAL_FRACTION, np.random.default_rng(seed))[1]
     docs = [d for d in documents if d.strip()]
     if len(docs) < 2:
         docs = line_runs(docs, 2)

@@ -334,39 +334,54 @@ def prepare(texts_or_paths, tokenizer, out_path, separator="auto", batch_docs=25
     V = tokenizer.vocab_size
     dtype = np.dtype(np.uint16) if V < 2 ** 16 else np.dtype(np.uint32)
     from ..io import check_folder_path
+    from ..io.checkpoint import write_together
     check_folder_path(out_path.parent, "out_path").mkdir(parents=True, exist_ok=True)
-    starts, n = [], 0
-    final = [out_path, _sidecar(out_path), _docs_path(out_path)]
-    tmps = [p.with_name(p.name + ".tmp") for p in final]  # renamed into place once all three are complete
-    try:
-        with open(tmps[0], "wb") as f:
-            while chunk := list(itertools.islice(docs, batch_docs)):
-                for ids in tokenizer.encode_many(chunk, add_special_tokens=False):
-                    if separator is not None:
-                        ids = ids + [separator]
-                    starts.append(n)
-                    np.asarray(ids, dtype).tofile(f)
-                    n += len(ids)
-        if n == 0:
+    written = {}
+
+    def token_file(tmp):
+        with open(tmp, "wb") as f:
+            written["starts"], written["n"] = _write_tokens(f, docs, tokenizer, separator, batch_docs, dtype)
+        if written["n"] == 0:
             raise ValueError("texts_or_paths tokenized to zero tokens")
-        meta = {"token_file": out_path.name, "dtype": dtype.name, "length": n, "num_documents": len(starts),
-                "vocab_size": V, "separator_id": separator}
-        tmps[1].write_text(json.dumps(meta, indent=2) + "\n")
-        with open(tmps[2], "wb") as f:
-            np.save(f, np.asarray(starts, np.int64))
-        for tmp, path in zip(tmps, final):
-            os.replace(tmp, path)
-    finally:
-        for tmp in tmps:
-            tmp.unlink(missing_ok=True)
-    return meta
+        written["meta"] = {"token_file": out_path.name, "dtype": dtype.name, "length": written["n"],
+                           "num_documents": len(written["starts"]), "vocab_size": V, "separator_id": separator}
+
+    def sidecar(tmp):
+        Path(tmp).write_text(json.dumps(written["meta"], indent=2) + "\n")
+
+    def starts_file(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(written["starts"], np.int64))
+
+    # the token file streams first and sizes the other two; all three are renamed in once complete
+    write_together([(out_path, token_file), (_sidecar(out_path), sidecar), (_docs_path(out_path), starts_file)])
+    return written["meta"]
+
+
+def _write_tokens(f, docs, tokenizer, separator, batch_docs, dtype):
+    """each document's ids (and the separator after it) into the open file f, batch_docs documents at a
+    time: (the start offset of every document, the number of tokens)"""
+    starts, n = [], 0
+    while chunk := list(itertools.islice(docs, batch_docs)):
+        for ids in tokenizer.encode_many(chunk, add_special_tokens=False):
+            if separator is not None:
+                ids = ids + [separator]
+            starts.append(n)
+            np.asarray(ids, dtype).tofile(f)
+            n += len(ids)
+    return starts, n
+
+
+def auto_separator(tokenizer):
+    """the token prepare's separator "auto" puts after each document: eos, else [SEP], else None"""
+    return tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id
 
 
 def _check_prepare_args(tokenizer, separator, batch_docs):
     """(separator id or None, batch_docs): the separator is a token of the tokenizer."""
     batch_docs = _positive_int("batch_docs", batch_docs)
     if isinstance(separator, str) and separator == "auto":
-        return (tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id), batch_docs
+        return auto_separator(tokenizer), batch_docs
     V = tokenizer.vocab_size
     if separator is not None and (not isinstance(separator, (int, np.integer)) or isinstance(separator, bool)
                                   or not 0 <= separator < V):
