@@ -23,14 +23,19 @@ NEG = np.float32(-1.0e9)  # transformers' "very large negative" for beams that m
 
 
 # ---- logits processors (transformers' order: repetition penalty, temperature, top-k, top-p) --------------
-def repetition_penalty(scores, input_ids, penalty):
-    """s[b, t] = s / penalty if s > 0 else s * penalty,  for every token t in input_ids[b] (pads too).
-    scores: (B, V)  input_ids: (B, T) -> (B, V)"""
-    rows = np.arange(scores.shape[0])[:, None]
+def repetition_penalty(scores, input_ids, penalty, pads=None):
+    """s[b, t] = s / penalty if s > 0 else s * penalty,  for every token t in input_ids[b] after its first
+    pads[b] (the prompt's left padding: transformers' prompt_ignore_length).
+    scores: (B, V)  input_ids: (B, T)  pads: (B,) or None -> (B, V)"""
+    B, V = scores.shape
+    rows = np.arange(B)[:, None]
+    if pads is not None and pads.any():  # a skipped position points at an extra column, dropped after
+        input_ids = np.where(np.arange(input_ids.shape[1]) < pads[:, None], V, input_ids)
+        scores = np.concatenate([scores, np.zeros((B, 1), scores.dtype)], axis=1)
     s = scores[rows, input_ids]                                     # (B, T)
     out = scores.copy()
     out[rows, input_ids] = np.where(s < 0, s * penalty, s / penalty).astype(scores.dtype)
-    return out
+    return out[:, :V]
 
 
 def temperature_scale(scores, temperature):
@@ -82,11 +87,12 @@ def _nucleus(s, p, top_p, least):
 
 
 def process_logits(scores, input_ids, do_sample, temperature=1.0, top_k=None, top_p=1.0,
-                   repetition_penalty_=1.0, min_tokens_to_keep=1, suppress=None):
+                   repetition_penalty_=1.0, min_tokens_to_keep=1, suppress=None, pads=None):
     """transformers' LogitsProcessorList for these options, in its order. scores: (B, V) float32.
-    suppress: token ids never chosen (score -inf), transformers' suppress_tokens."""
+    suppress: token ids never chosen (score -inf), transformers' suppress_tokens. pads: (B,) each row's
+    left padding, which the repetition penalty skips."""
     if repetition_penalty_ != 1.0:
-        scores = repetition_penalty(scores, input_ids, repetition_penalty_)
+        scores = repetition_penalty(scores, input_ids, repetition_penalty_, pads)
     if suppress is not None:
         scores = scores.copy()
         scores[:, suppress] = -np.inf
@@ -127,6 +133,9 @@ def _keep_last_logits(model):
     return {"logits_to_keep": 1} if keeps else {}
 
 
+CHOICE_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
+
+
 def _step(model, ids, mask, pos, past, use_cache, keep):
     """Next-token logits as float32 (as transformers casts them) and the new cache. A PeftModel says
     what its base model is fed (numlm.peft: virtual tokens before the prompt). keep: _keep_last_logits.
@@ -134,11 +143,17 @@ def _step(model, ids, mask, pos, past, use_cache, keep):
     kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past)
     if hasattr(model, "generation_inputs"):
         kw, model = model.generation_inputs(ids, mask, pos, past), model.base_model
+    choices = getattr(model, "multiple_choice_head", None) is not None  # double heads: (B, choices, T) inputs
+    if choices:  # one choice a row
+        kw = {k: v[:, None] if k in CHOICE_INPUTS and v is not None else v for k, v in kw.items()}
     with no_grad():  # no caches for a backward: one layer's activations at a time
         out = model(**kw, use_cache=use_cache, **keep)
-    logits = np.asarray(out.logits)[:, -1, :].astype(np.float32, copy=False)  # (B, V)
-    if np.isnan(logits).any():  # argmax and sampling would read NaN as token 0
-        raise ValueError("the model's next-token logits hold NaN (NaN or inf weights?): nothing to choose from")
+    logits = np.asarray(out.logits)[:, 0] if choices else np.asarray(out.logits)  # (B, T, V)
+    logits = logits[:, -1, :].astype(np.float32, copy=False)  # (B, V)
+    if not np.isfinite(logits).all():  # argmax would read NaN as token 0; beams die on log_softmax(inf)
+        what = "NaN" if np.isnan(logits).any() else "inf"
+        raise ValueError(f"the model's next-token logits hold {what} (NaN or inf weights, or float32 overflow): "
+                         f"nothing to choose from")
     return logits, (out.past_key_values if use_cache else None)
 
 
@@ -173,6 +188,8 @@ def _as_ids(input_ids):
         raise ValueError(f"input_ids: empty prompt (shape {ids.shape}); give at least one token per row")
     if ids.dtype.kind not in "iu":
         raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
+    if ids.dtype.kind == "u" and ids.max() > np.iinfo(np.int64).max:  # would wrap to a negative id
+        raise ValueError(f"input_ids must be token ids below 2**63, got {ids.max()}")
     return ids.astype(np.int64)
 
 
@@ -181,7 +198,7 @@ def _eos_list(eos):
         return []
     if isinstance(eos, (int, np.integer)):
         return [int(eos)]
-    return [int(e) for e in eos]
+    return [int(e) for e in eos if e is not None]
 
 
 def _check_args(V, do_sample, temperature, top_k, top_p, repetition_penalty, length_penalty, eos_token_id,
@@ -222,7 +239,10 @@ def _check_args(V, do_sample, temperature, top_k, top_p, repetition_penalty, len
     if rng is not None and seed is not None:
         raise ValueError("give seed or rng, not both: seed starts a new generator, rng is one already running")
     if attention_mask is not None:
-        m = np.asarray(attention_mask)
+        try:
+            m = np.asarray(attention_mask)
+        except ValueError as e:
+            raise ValueError(f"attention_mask must be a rectangular (B, T) array of 0 and 1 ({e})") from None
         if m.dtype != np.bool_ and (m.dtype.kind not in "iuf" or not np.isin(m, (0, 1)).all()):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
     if not do_sample:
@@ -239,7 +259,7 @@ def _suppressed(tokens, V):
     """suppress_tokens as an index array (None for none), each a token id of the vocabulary."""
     if tokens is None:
         return None
-    ids = np.asarray(list(tokens) if not isinstance(tokens, np.ndarray) else tokens)
+    ids = np.asarray(tokens if isinstance(tokens, np.ndarray) or np.ndim(tokens) == 0 else list(tokens)).reshape(-1)
     if ids.ndim != 1 or (ids.size and (ids.dtype.kind not in "iu" or ids.min() < 0 or (V and ids.max() >= V))):
         raise ValueError(f"suppress_tokens must be token ids in [0, {V}), got {tokens!r}")
     if V and np.unique(ids).size >= V:
@@ -295,14 +315,14 @@ def _max_length(max_new_tokens, max_length, T0, config, virtual=0):
     return max_length
 
 
-def _special_tokens_and_mask(ids, attention_mask, eos_token_id, pad_token_id, config):
+def _special_tokens_and_mask(ids, attention_mask, eos_token_id, pad_token_id, config, gen):
     """eos ids (a list), the pad id and the prompt's (B, T) 0/1 attention mask. eos and pad default to the
-    config's (pad falls back to the first eos)."""
+    generation config's (gen: generation_config.json's), else the config's (pad falls back to the first eos)."""
     if eos_token_id is None:
-        eos_token_id = getattr(config, "eos_token_id", None)
+        eos_token_id = gen.get("eos_token_id", getattr(config, "eos_token_id", None))
     eos = _eos_list(eos_token_id)
     if pad_token_id is None:
-        pad_token_id = getattr(config, "pad_token_id", None)
+        pad_token_id = gen.get("pad_token_id", getattr(config, "pad_token_id", None))
     if pad_token_id is None and eos:
         pad_token_id = eos[0]
     known_pad = pad_token_id is not None
@@ -343,7 +363,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
     search, `sequences_scores` (float32 sum of generated log-probs / generated length ** length_penalty).
 
     top_k=None disables top-k (transformers' default is 50 when sampling); eos_token_id (one id or a list)
-    and pad_token_id default to the model config's (pad falls back to the first eos). Sampling draws from
+    and pad_token_id default to the model's generation_config.json's, else its config's (pad falls back to
+    the first eos). Sampling draws from
     `rng` (a numpy Generator) or default_rng(seed). `streamer`: a callable given each step's new tokens
     (B,) as they are produced (or an object with put(tokens) / end(), like transformers' streamers).
     suppress_tokens: ids never generated (transformers' suppress_tokens; e.g. the rows of a padded
@@ -368,7 +389,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
     if max_length <= T0:
         warnings.warn(f"the prompt ({T0} tokens) is already max_length={max_length} long; nothing generated")
         return ModelOutput(sequences=ids) if return_dict_in_generate else ids
-    eos, pad_token_id, mask = _special_tokens_and_mask(ids, attention_mask, eos_token_id, pad_token_id, config)
+    gen = getattr(getattr(model, "base_model", model), "generation_config", None) or {}
+    eos, pad_token_id, mask = _special_tokens_and_mask(ids, attention_mask, eos_token_id, pad_token_id, config, gen)
 
     if do_sample and rng is None:
         rng = np.random.default_rng(seed)
@@ -428,12 +450,14 @@ def _sample(model, ids, mask, max_length, eos, pad, use_cache, do_sample, temper
     pos = _positions(full_mask)                                     # (B, T_max)
     unfinished = np.ones(B, dtype=bool)
     eos_arr = np.array(eos, dtype=np.int64)
+    pads = np.argmax(mask != 0, axis=1)                             # (B,) the left padding
     scores, past, cur, keep = [], None, T0, _keep_last_logits(model)
     put = getattr(streamer, "put", streamer)
     while cur < max_length:
         x, m, p = _model_inputs(seqs, full_mask, pos, cur, past if use_cache else None)
         logits, past = _step(model, x, m, p, past, use_cache, keep)  # (B, V)
-        s = process_logits(logits, seqs[:, :cur], do_sample, temperature, top_k, top_p, penalty, suppress=suppress)
+        s = process_logits(logits, seqs[:, :cur], do_sample, temperature, top_k, top_p, penalty, suppress=suppress,
+                           pads=pads)
         scores.append(s)
         if do_sample:
             probs = softmax(s)
@@ -567,6 +591,7 @@ def _beam_search(model, ids, mask, max_length, K, n_return, length_penalty, earl
     full_mask = np.ones((B * K, max_length), dtype=np.int64)
     full_mask[:, :T0] = np.repeat(mask, K, axis=0)
     pos = _positions(full_mask)
+    pads = np.argmax(full_mask[:, :T0] != 0, axis=1)                # (B*K,) the left padding
     scores, past, cur, keep = [], None, T0, _keep_last_logits(model)
     while cur < max_length:
         flat = bm.running_seqs.reshape(B * K, max_length)
@@ -579,7 +604,7 @@ def _beam_search(model, ids, mask, max_length, K, n_return, length_penalty, earl
             logits, past = _step(model, x, m, p, past, use_cache, keep)  # (B*K, V)
         V = logits.shape[-1]
         logp = process_logits(log_softmax(logits), flat[:, :cur], do_sample, temperature, top_k, top_p, penalty,
-                              min_tokens_to_keep=2, suppress=suppress)
+                              min_tokens_to_keep=2, suppress=suppress, pads=pads)
         scores.append(logp)
         acc = (logp.reshape(B, K, V) + bm.running_scores[:, :, None]).reshape(B, K * V)   # (B, K*V)
         cand = _beam_candidates(bm, acc, cur, T0, n_keep, eos_arr, max_length, do_sample, rng)

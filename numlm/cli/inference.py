@@ -83,9 +83,12 @@ def cmd_generate(a):
     ids = tok.encode(a.prompt, add_special_tokens=False)
     if not ids:
         raise ValueError("--prompt: the prompt encodes to no tokens")
-    eos = tok.eos_id if tok.eos_id is not None else getattr(model.config, "eos_token_id", None)
+    gen = getattr(getattr(model, "base_model", model), "generation_config", None) or {}
+    eos = next((e for e in (gen.get("eos_token_id"), tok.eos_id, getattr(model.config, "eos_token_id", None))
+                if e is not None), None)
     kw = dict(max_new_tokens=a.max_new_tokens, num_beams=a.num_beams, eos_token_id=eos,
-              pad_token_id=tok.pad_id if tok.pad_id is not None else eos, repetition_penalty=a.repetition_penalty)
+              pad_token_id=next((p for p in (gen.get("pad_token_id"), tok.pad_id) if p is not None), None),
+              repetition_penalty=a.repetition_penalty)
     if model.config.vocab_size > tok.vocab_size:  # a padded table: its extra rows decode to nothing
         kw["suppress_tokens"] = np.arange(tok.vocab_size, model.config.vocab_size)
     if a.temperature is not None or a.top_k is not None or a.top_p is not None or a.sample:

@@ -83,6 +83,45 @@ def read_config(path):
     return read_json(f)
 
 
+GENERATION_CONFIG = "generation_config.json"
+# the settings of a generation_config.json generate() takes from it: the token ids; the file's other
+# settings are transformers' GenerationConfig defaults, or a warning names them (numlm's generate
+# takes them as its arguments)
+GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+GENERATION_DEFAULTS = {"transformers_version": None, "_from_model_config": None, "max_length": 20, "min_length": 0,
+                       "do_sample": False, "early_stopping": False, "num_beams": 1, "temperature": 1.0,
+                       "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0,
+                       "no_repeat_ngram_size": 0, "num_return_sequences": 1, "use_cache": True,
+                       "output_attentions": False, "output_hidden_states": False, "output_scores": False,
+                       "return_dict_in_generate": False}
+
+
+def read_generation_config(path):
+    """generation_config.json of a model directory as a dict, or None; a setting numlm's generate does not
+    take from it (not a token id, not transformers' default) is named in a warning"""
+    f = _dir(path) / GENERATION_CONFIG
+    if not f.is_file():
+        return None
+    gen = read_json(f)
+    other = {k: v for k, v in gen.items()
+             if k not in GENERATION_IDS and v is not None and (k not in GENERATION_DEFAULTS or
+                                                              (GENERATION_DEFAULTS[k] is not None and v != GENERATION_DEFAULTS[k]))}
+    if other:
+        warnings.warn(f"{str(f)!r} sets {', '.join(f'{k}={v!r}' for k, v in other.items())}: numlm's generate takes "
+                      f"only the token ids from it; pass the others to generate (numlm generate: its options)",
+                      UserWarning, stacklevel=3)
+    return gen
+
+
+def write_generation_config(gen, path):
+    """generation_config.json in folder `path` (a model saved with one keeps it)"""
+    try:
+        text = json.dumps(gen, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the generation config cannot be written as JSON: {e}") from None
+    _atomic_write(Path(path) / GENERATION_CONFIG, lambda t: Path(t).write_text(text))
+
+
 def file_mode():
     """The mode open() gives a new file (0644 under umask 022); mkstemp and safetensors give 0600.
     Linux tells the umask in /proc; elsewhere reading it means setting it for a moment."""

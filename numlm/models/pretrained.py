@@ -11,7 +11,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..io import read_config, config_text, write_config, load_safetensors, save_safetensors
+from ..io import (read_config, config_text, write_config, load_safetensors, save_safetensors, read_generation_config,
+                  write_generation_config)
 from ..io.hub import resolve as resolve_model  # a folder, or a Hub name through the Hugging Face cache
 from ..nn import Module, Linear, Embedding, LayerNorm
 from ..ops import (cross_entropy_forward, cross_entropy_backward, mse_forward, mse_backward,
@@ -68,6 +69,7 @@ class PreTrainedModel(Module):
     base_model_prefix = ""
     ignore_on_load = ()     # regexes of checkpoint keys dropped silently (old buffers)
     unused_on_load = ()     # regexes of checkpoint keys this class does not use (warned, not an error)
+    generation_config = None  # generation_config.json's dict, read and saved with the folder
 
     def __init__(self, config, seed=0, dtype="float32", init=True):
         """Checks the config, builds the modules (build()), then, unless a containing model will, draws
@@ -217,6 +219,7 @@ class PreTrainedModel(Module):
         config = cls.from_config_dict(read_config(path), **config_overrides)
         model = cls(config, seed=seed, dtype=dtype)  # built in dtype: a float64 file loads bit for bit
         model._load_checkpoint(load_safetensors(path), path)
+        model.generation_config = read_generation_config(path)  # generate's default token ids, when given
         return model.eval()
 
     def _is_head_key(self, key):
@@ -265,6 +268,8 @@ class PreTrainedModel(Module):
         cfg["dtype"] = str(self.dtype)
         text = config_text(cfg)  # a config JSON cannot hold is refused before the weights are written
         save_safetensors(state, path, max_shard_bytes)
+        if self.generation_config is not None:
+            write_generation_config(self.generation_config, path)
         write_config(text, path)
 
     # ---- the forward/backward contract --------------------------------------------------------
