@@ -179,6 +179,29 @@ def _load_file(f):
     try:
         return load_file(str(f))
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        if "bfloat16" in str(e):  # numpy has no bfloat16: read the file ourselves
+            return _load_bfloat16(f)
+        raise ValueError(f"cannot read safetensors file {str(f)!r}: {e}") from None
+
+
+def _load_bfloat16(f):
+    """a safetensors file holding bfloat16 tensors (as float32: a bfloat16 is a float32's upper 16 bits, so
+    the values are exact) beside the dtypes numpy has"""
+    kinds = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+             "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_, "BF16": np.uint16}
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header, data = json.loads(fh.read(n)), fh.read()
+        state = {}
+        for key, t in header.items():
+            if key == "__metadata__":
+                continue
+            lo, hi = t["data_offsets"]
+            a = np.frombuffer(data[lo:hi], dtype=np.dtype(kinds[t["dtype"]]).newbyteorder("<")).reshape(t["shape"])
+            state[key] = (a.astype(np.uint32) << 16).view(np.float32) if t["dtype"] == "BF16" else a.copy()
+        return state
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"cannot read safetensors file {str(f)!r}: {e}") from None
 
 
@@ -203,7 +226,21 @@ def load_safetensors(path):
         if missing:
             raise ValueError(f"keys listed in {INDEX} but absent from the shards: {missing}")
         return _warn_nonfinite(state, str(d))
+    pickles = sorted(f.name for f in d.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    if pickles:
+        raise ValueError(f"{str(path)!r} holds its weights only as pickles ({', '.join(pickles[:3])}); " + _convert(d))
     raise ValueError(f"no {WEIGHTS} or {INDEX} in {str(path)!r}")
+
+
+def _convert(d):
+    """how to write a pickled folder's weights as safetensors, with transformers and the folder's own class"""
+    try:
+        arch = (read_config(d).get("architectures") or ["AutoModel"])[0]
+    except ValueError:
+        arch = "AutoModel"
+    return (f"numlm never unpickles; convert it once where torch and transformers are installed:\n"
+            f"  python -c \"from transformers import {arch}; "
+            f"{arch}.from_pretrained('{d}').save_pretrained('{d}', safe_serialization=True)\"")
 
 
 def save_safetensors(state, path, max_shard_bytes=None):

@@ -165,6 +165,7 @@ class PreTrainedModel(Module):
         if strict and (missing or unexpected):
             raise ValueError(f"state dict does not match {type(self).__name__}: missing keys {missing}, "
                              f"unexpected keys {unexpected}")
+        self._check_tied_pairs(state)
         given, bad = [], []
         for key, (m, k, t) in slots.items():
             a = state.get(key)
@@ -182,6 +183,17 @@ class PreTrainedModel(Module):
         for m, k, a in given:
             m.params[k][...] = a
         return missing, unexpected
+
+    def _check_tied_pairs(self, state):
+        """A tied pair stored under both its keys holds one array: numlm keeps one of them, and two different
+        ones (transformers then unties the pair) are refused by name."""
+        for alias, source in self.tied.items():
+            if alias in state and source in state and not np.array_equal(np.asarray(state[alias]),
+                                                                         np.asarray(state[source])):
+                untie = (": from_pretrained(..., tie_word_embeddings=False) gives the head its own"
+                         if alias == "lm_head.weight" else "")
+                raise ValueError(f"the checkpoint stores the tied pair {source} and {alias} with different "
+                                 f"values; {type(self).__name__} ties them{untie}")
 
     def _alias_for(self, key, state):
         """The array the checkpoint stores under an alias of `key` (either key of a tied pair loads), or None."""
