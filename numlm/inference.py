@@ -270,11 +270,11 @@ def _bio(label):
 
 def _group(entities, decode):
     """Adjacent entities of one tag joined, a B- label starting a new group: entity_group is the first
-    label after its first "-", score the mean of the scores, word the decoded words."""
+    entity's label from its first "-" on, score the mean of the scores, word the decoded words."""
     runs = []
     for e in entities:
-        bi, tag = _bio(e["entity"])
-        if runs and tag == _bio(runs[-1][-1]["entity"])[1] and bi != "B":
+        bi, kind = _bio(e["entity"])
+        if runs and kind == _bio(runs[-1][-1]["entity"])[1] and bi != "B":
             runs[-1].append(e)
         else:
             runs.append([e])
@@ -297,12 +297,13 @@ def _entities(tokens, strategy, names, decode):
 
 
 def _tag_options(tokenizer, aggregation_strategy, ignore_labels):
+    """The strategy in lower case (the pipeline takes any case) and the labels to leave out (None: O)."""
     if not hasattr(tokenizer, "backend"):
         raise ValueError(f"tokenizer must be a numlm.data.Tokenizer, got {type(tokenizer).__name__}")
     if not isinstance(aggregation_strategy, str) or aggregation_strategy.lower() not in AGGREGATIONS:
         raise ValueError(f"aggregation_strategy must be one of {AGGREGATIONS}, got {aggregation_strategy!r}")
     ignore = ("O",) if ignore_labels is None else ignore_labels
-    if isinstance(ignore, str) or not all(isinstance(n, str) for n in ignore):
+    if not isinstance(ignore, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in ignore):
         raise ValueError(f"ignore_labels must be a list of label names, got {ignore_labels!r}")
     return aggregation_strategy.lower(), set(ignore)
 

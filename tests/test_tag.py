@@ -201,6 +201,8 @@ def test_refusals():
              ((model, tok, ["John", 3]), {}, "texts must be a str or a sequence of str"),
              ((model, tok, 3), {}, "texts must be a str or a sequence of str"),
              ((model, tok, "John"), {"ignore_labels": "O"}, "ignore_labels must be a list of label names"),
+             ((model, tok, "John"), {"ignore_labels": 0}, "ignore_labels must be a list of label names"),
+             ((model, tok, "John"), {"ignore_labels": ["O", None]}, "ignore_labels must be a list of label names"),
              ((model, tok.backend, "John"), {}, "tokenizer must be a numlm.data.Tokenizer")]
     for args, kw, match in cases:
         with pytest.raises(ValueError, match=match) as e:
