@@ -147,12 +147,15 @@ def test_a_lora_model_tags_as_its_merged_weights():
         assert tag(zero, tok, texts, strategy) == tag(base, tok, texts, strategy)
 
 
-def test_prompt_tuning_drops_its_virtual_positions():
-    """Prompt tuning: the outputs are the text's tokens only, and its virtual tokens take positions, so a
-    long text is cut shorter (the position table would overflow otherwise)."""
-    base, tok, ref = load("bert", "float64")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("config", [peft.PromptTuningConfig, peft.PrefixTuningConfig])
+def test_virtual_tokens_take_positions(config, family):
+    """Prompt and prefix tuning: the outputs are the text's tokens only (prompt tuning's virtual outputs
+    dropped), and the virtual tokens take positions, so a long text is cut shorter (the position table
+    would overflow otherwise)."""
+    base, tok, ref = load(family, "float64")
     n = 3
-    prompt = peft.get_peft_model(base, peft.PromptTuningConfig(num_virtual_tokens=n, task_type="TOKEN_CLS"), seed=1)
+    prompt = peft.get_peft_model(base, config(num_virtual_tokens=n, task_type="TOKEN_CLS"), seed=1)
     ids = np.array([tok.encode("John Smith lives in New York.")])
     out = predict_tokens(prompt, ids)
     assert out.probs.shape == (1, ids.shape[1], len(ref["labels"]))
