@@ -164,6 +164,188 @@ def classify(model, tokenizer, texts, pairs=None, max_length=None):
     return res[0] if single else res
 
 
+# ---- token classification ----------------------------------------------------------------------------
+AGGREGATIONS = ("none", "simple", "first", "average", "max")  # transformers' AggregationStrategy
+
+
+def _token_classifier(model):
+    """The token classifier itself, or a PeftModel's base model; any other model is refused."""
+    base = getattr(model, "base_model", model)
+    if not type(base).__name__.endswith("ForTokenClassification"):
+        raise ValueError(f"model: {type(base).__name__} is not a token-classification model")
+    return base
+
+
+def _label_names(cfg, n):
+    """Label i's name: config id2label (int or str keys, as a config.json holds them), else LABEL_i."""
+    id2label = getattr(cfg, "id2label", None) or (getattr(cfg, "extra", {}) or {}).get("id2label") or {}
+    return [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(n)]
+
+
+def predict_tokens(model, input_ids, attention_mask=None, token_type_ids=None):
+    """Token classification: probs[b, t] = softmax(logits[b, t]) over the labels, for every token.
+    input_ids: (B, T) -> ModelOutput(logits (B, T, L), probs (B, T, L), labels (B, T), label_names (B lists of
+    T)). model: any *ForTokenClassification (BERT, RoBERTa, DistilBERT), or a PeftModel on one (prompt
+    tuning's virtual positions dropped from the outputs)."""
+    cfg = _token_classifier(model).config
+    ids = _ids("input_ids", input_ids)
+    logits = np.asarray(_encoder_call(model, ids, attention_mask, token_type_ids).logits)[:, _virtual(model):]
+    probs = softmax(logits)                                              # (B, T, L)
+    labels = np.argmax(probs, axis=-1)                                   # (B, T)
+    names = _label_names(cfg, logits.shape[-1])
+    return ModelOutput(logits=logits, probs=probs, labels=labels,
+                       label_names=[[names[i] for i in row] for row in labels])
+
+
+def _text_positions(model):
+    """How many tokens, specials included, a text may have: the position table, less RoBERTa's first
+    pad_token_id + 1 positions (its tokens count from there) and prompt or prefix tuning's virtual tokens."""
+    cfg = _token_classifier(model).config
+    n = getattr(cfg, "max_position_embeddings", None) or cfg.n_positions
+    if getattr(cfg, "model_type", None) == "roberta":
+        n -= cfg.pad_token_id + 1
+    if getattr(model, "kind", None) in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        n -= model.peft_config.num_virtual_tokens
+    return n
+
+
+def _encodings(tokenizer, texts, max_length):
+    """The tokenizers Encodings (ids, character offsets, special-tokens mask) of texts, each cut to
+    max_length tokens with its specials, as transformers' truncation=True cuts them."""
+    backend = tokenizer.backend
+    if max_length <= backend.num_special_tokens_to_add(False):
+        raise ValueError(f"the model takes {max_length} tokens per text: no room beside the special tokens")
+    backend.enable_truncation(int(max_length))
+    try:
+        return backend.encode_batch(texts)
+    finally:
+        backend.no_truncation()
+
+
+def _pre_entities(tokenizer, text, enc, probs, subword_prefix):
+    """Per token but the specials: its token string, probs, start, end, index, and whether it continues the
+    word before it. With a subword prefix ("##") a token continues a word when its string is longer than
+    its text; without one, when no space touches its start. An unknown token takes its text."""
+    tokens = []
+    for t, (i, (start, end), special) in enumerate(zip(enc.ids, enc.offsets, enc.special_tokens_mask)):
+        if special:
+            continue
+        word, ref = tokenizer.id_to_token(i), text[start:end]
+        subword = len(word) != len(ref) if subword_prefix else start > 0 and " " not in text[start - 1:start + 1]
+        if i == tokenizer.unk_id:
+            word, subword = ref, False
+        tokens.append(dict(word=word, probs=probs[t], start=start, end=end, index=t, subword=subword))
+    return tokens
+
+
+def _word_entity(tokens, strategy, names, decode):
+    """One word's tokens as one entity: the label of the first token's probs ("first"), of the token with
+    the largest probability ("max"), or of the mean probs over the tokens ("average")."""
+    if strategy == "first":
+        p = tokens[0]["probs"]
+    elif strategy == "max":
+        p = max(tokens, key=lambda tok: tok["probs"].max())["probs"]
+    else:
+        p = np.mean([tok["probs"] for tok in tokens], axis=0)
+    k = int(np.argmax(p))
+    return dict(entity=names[k], score=p[k], word=decode([tok["word"] for tok in tokens]),
+                start=tokens[0]["start"], end=tokens[-1]["end"])
+
+
+def _words(tokens):
+    """Tokens in runs of one word: a run starts at the first token and at every token not a subword."""
+    runs = []
+    for tok in tokens:
+        if runs and tok["subword"]:
+            runs[-1].append(tok)
+        else:
+            runs.append([tok])
+    return runs
+
+
+def _bio(label):
+    """("B" or "I", tag) of a label; one without a B-/I- prefix continues ("I")."""
+    return (label[0], label[2:]) if label[:2] in ("B-", "I-") else ("I", label)
+
+
+def _group(entities, decode):
+    """Adjacent entities of one tag joined, a B- label starting a new group: entity_group is the first
+    entity's label from its first "-" on, score the mean of the scores, word the decoded words."""
+    runs = []
+    for e in entities:
+        bi, kind = _bio(e["entity"])
+        if runs and kind == _bio(runs[-1][-1]["entity"])[1] and bi != "B":
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    return [dict(entity_group=run[0]["entity"].split("-", 1)[-1], score=np.mean([e["score"] for e in run]),
+                 word=decode([e["word"] for e in run]), start=run[0]["start"], end=run[-1]["end"]) for run in runs]
+
+
+def _entities(tokens, strategy, names, decode):
+    """transformers' aggregate: per token its most probable label ("none", "simple") or per word
+    ("first", "average", "max"); all but "none" then grouped."""
+    if strategy in ("none", "simple"):
+        ents = []
+        for tok in tokens:
+            k = int(np.argmax(tok["probs"]))
+            ents.append(dict(entity=names[k], score=tok["probs"][k], index=tok["index"], word=tok["word"],
+                             start=tok["start"], end=tok["end"]))
+    else:
+        ents = [_word_entity(run, strategy, names, decode) for run in _words(tokens)]
+    return ents if strategy == "none" else _group(ents, decode)
+
+
+def _tag_options(tokenizer, aggregation_strategy, ignore_labels):
+    """The strategy in lower case (the pipeline takes any case) and the labels to leave out (None: O)."""
+    if not hasattr(tokenizer, "backend"):
+        raise ValueError(f"tokenizer must be a numlm.data.Tokenizer, got {type(tokenizer).__name__}")
+    if not isinstance(aggregation_strategy, str) or aggregation_strategy.lower() not in AGGREGATIONS:
+        raise ValueError(f"aggregation_strategy must be one of {AGGREGATIONS}, got {aggregation_strategy!r}")
+    ignore = ("O",) if ignore_labels is None else ignore_labels
+    if not isinstance(ignore, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in ignore):
+        raise ValueError(f"ignore_labels must be a list of label names, got {ignore_labels!r}")
+    return aggregation_strategy.lower(), set(ignore)
+
+
+def tag(model, tokenizer, texts, aggregation_strategy="none", ignore_labels=("O",)):
+    """texts -> per text its entities, as transformers' token-classification ("ner") pipeline gives them:
+    "none": per token {entity, score, index, word, start, end}; "simple", "first", "average", "max": per
+    group of tokens {entity_group, score, word, start, end} (see _entities). Entities whose label is in
+    ignore_labels are left out. A text longer than the model's positions is cut to them, as the pipeline
+    cuts it to the tokenizer's model_max_length. start and end index the text's characters."""
+    single = isinstance(texts, str)
+    texts = _texts("texts", texts)
+    strategy, ignore = _tag_options(tokenizer, aggregation_strategy, ignore_labels)
+    cfg = _token_classifier(model).config
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise ValueError(f"texts[{i}] is empty (no text other than white space)")
+    if not texts:
+        return []
+    subword_prefix = getattr(tokenizer.backend.model, "continuing_subword_prefix", None)
+    if not subword_prefix and strategy in ("first", "average", "max"):
+        import warnings
+        warnings.warn("the tokenizer marks no subwords (no continuing_subword_prefix): a word is guessed as the "
+                      "tokens no space separates, as transformers' pipeline guesses", UserWarning, stacklevel=2)
+    encs = _encodings(tokenizer, texts, _text_positions(model))
+    ids = np.full((len(encs), max(len(e.ids) for e in encs)), tokenizer.pad_id or 0, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for b, e in enumerate(encs):
+        ids[b, :len(e.ids)], mask[b, :len(e.ids)] = e.ids, 1
+    out = predict_tokens(model, ids, mask)
+    names = _label_names(cfg, out.probs.shape[-1])
+    dec = tokenizer.backend.decoder
+    decode = dec.decode if dec is not None else " ".join
+    res = []
+    for text, enc, probs in zip(texts, encs, out.probs):
+        tokens = _pre_entities(tokenizer, text, enc, probs, subword_prefix)
+        res.append([{k: float(v) if k == "score" else v for k, v in e.items()}
+                    for e in _entities(tokens, strategy, names, decode)
+                    if e.get("entity", e.get("entity_group")) not in ignore])
+    return res[0] if single else res
+
+
 # ---- sentence embeddings -----------------------------------------------------------------------------
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len")  # sentence-transformers' order when several are on
 
