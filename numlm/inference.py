@@ -361,7 +361,8 @@ def answer_spans(model, input_ids, context_mask, attention_mask=None, token_type
 def qa_windows(tokenizer, question, context, max_seq_len=384, doc_stride=128):
     """The pipeline's inputs: [CLS] question [SEP] part [SEP] windows of at most max_seq_len tokens, the
     context cut into parts of the room the question leaves, each part overlapping the one before by
-    doc_stride tokens (a context that fits is one window). -> list of tokenizers.Encoding"""
+    doc_stride tokens (a context that fits is one window; a doc_stride not below the room is refused where
+    the tokenizers library would panic). -> list of tokenizers.Encoding"""
     tk = tokenizer.backend
     n_question = len(tk.encode(question, add_special_tokens=False).ids)
     room = max_seq_len - n_question - tk.num_special_tokens_to_add(True)
