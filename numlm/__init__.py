@@ -14,10 +14,10 @@ from .models import (from_pretrained, ModelOutput, BertConfig, BertModel, BertFo
                      DistilBertForTokenClassification, DistilBertForQuestionAnswering)
 
 from .decoding import generate  # the function; the module is numlm.decoding
-from .inference import fill_mask, predict, classify, tag, sentence_embeddings, embed
+from .inference import fill_mask, predict, classify, tag, answer, sentence_embeddings, embed
 
 __version__ = "0.1.0"
-__all__ = ["ops", "nn", "no_grad", "datasets", "gradcheck", "generate", "fill_mask", "predict", "classify", "tag", "sentence_embeddings", "embed", "numba_enabled", "set_numba", "from_pretrained", "ModelOutput",
+__all__ = ["ops", "nn", "no_grad", "datasets", "gradcheck", "generate", "fill_mask", "predict", "classify", "tag", "answer", "sentence_embeddings", "embed", "numba_enabled", "set_numba", "from_pretrained", "ModelOutput",
            "BertConfig", "BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForNextSentencePrediction",
            "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering",
            "GPT2Config", "OpenAIGPTConfig", "GPT2Model", "GPT2LMHeadModel", "GPT2ForSequenceClassification",

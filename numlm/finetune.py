@@ -28,6 +28,7 @@ import numpy as np
 
 from .data import datasets
 from .data.tokenizer import Tokenizer
+from .inference import best_spans
 from .inspect import read_metrics
 from .io import read_config, load_safetensors, check_folder_path
 from .models.bert import BertModel
@@ -440,20 +441,6 @@ def f1(pred_spans, gold_spans):
     return 2 * p * r / (p + r) if p + r else 0.0
 
 
-def _best_span(start, end, seq, max_answer=16):
-    ctx = [i for i, q in enumerate(seq) if q == 1]
-    if not ctx:
-        return 0, 0
-    lo, hi = ctx[0], ctx[-1] + 1
-    s, e = start[lo:hi], end[lo:hi]
-    n = hi - lo
-    score = s[:, None] + e[None, :]
-    i, j = np.indices((n, n))
-    score = np.where((j >= i) & (j < i + max_answer), score, -np.inf)
-    a, b = np.unravel_index(np.argmax(score), score.shape)
-    return lo + a, lo + b
-
-
 def evaluate(model, task, enc, label_names=None, batch_size=64, prefix="val"):
     """Loss and accuracy (seqcls, multiple-choice), token accuracy and entity F1 (tokcls), exact match
     (qa) of `enc`, in eval mode; a causal LM's loss and perplexity (evaluate_lm)."""
@@ -496,7 +483,11 @@ def evaluate(model, task, enc, label_names=None, batch_size=64, prefix="val"):
             s, e = np.asarray(out.start_logits), np.asarray(out.end_logits)
             for k, j in enumerate(idx):
                 r = enc.rows[j]
-                a, z = _best_span(s[k], e[k], r["seq"])
+                ctx = np.array([q == 1 for q in r["seq"]])
+                # the pipeline's span search; answers of up to 16 tokens, finetune's rule since its first
+                # release (the pipeline's default is 15), so the exact-match scores keep their meaning
+                starts, ends, _, _ = best_spans(s[k][:len(ctx)], e[k][:len(ctx)], ctx, max_answer_len=16)
+                a, z = int(starts[0]), int(ends[0])
                 text = r["context"][r["offsets"][a][0]:r["offsets"][z][1]] if r["seq"][a] == 1 else ""
                 correct += int(text.strip() == r["answer_text"].strip())
                 total += 1

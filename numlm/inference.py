@@ -1,4 +1,5 @@
-"""Encoder inference (BERT, RoBERTa, DistilBERT): fill-mask, sequence-classification prediction, sentence
+"""Encoder inference (BERT, RoBERTa, DistilBERT): fill-mask, sequence classification, token classification
+(transformers' ner pipeline), extractive question answering (transformers 4's pipeline), sentence
 embeddings (sentence-transformers' folders read as it reads them).
 
 Each task has an array-level function (ids in, numbers out) and a text-level one that runs the tokenizer
@@ -467,3 +468,166 @@ def embed(model, tokenizer=None, texts=(), pooling=None, normalize=None, max_len
     enc = tokenizer.encode_batch(_texts("texts", texts), max_length=max_length)
     return sentence_embeddings(model, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"],
                                "mean" if pooling is None else pooling, True if normalize is None else normalize)
+
+
+# ---- question answering ------------------------------------------------------------------------------
+def best_spans(start_logits, end_logits, context_mask, top_k=1, max_answer_len=15):
+    """The answer spans of one row, as transformers' question-answering pipeline scores them. The
+    candidates c are the context tokens (context_mask) and position 0, the [CLS] token:
+        p_start = softmax(start_logits over c),   p_end = softmax(end_logits over c)
+        null = p_start[0] p_end[0]                       (the no-answer score), then p_start[0] = p_end[0] = 0
+        score(s, e) = p_start[s] p_end[e]   for s <= e <= s + max_answer_len - 1, else 0
+    The top_k (s, e) by score, best first, of which those with s and e both in c are kept: fewer than top_k
+    when spans of score 0 (touching the question) were among them, as in the pipeline.
+    start_logits, end_logits, context_mask: (T,) -> starts, ends, scores (n,), null (a 0-d array)"""
+    c = np.asarray(context_mask).astype(bool)  # a copy: position 0 joins it
+    c[0] = True
+    p_start = softmax(np.where(c, start_logits, -np.inf))
+    p_end = softmax(np.where(c, end_logits, -np.inf))
+    null = p_start[0] * p_end[0]
+    p_start[0] = p_end[0] = 0
+    score = np.tril(np.triu(np.outer(p_start, p_end)), max_answer_len - 1)   # (T, T)
+    flat = score.ravel()
+    if top_k == 1:
+        best = np.array([np.argmax(flat)])
+    elif flat.size <= top_k:
+        best = np.argsort(-flat)
+    else:  # the pipeline's calls, so that spans of equal score (zeros) come in its order
+        part = np.argpartition(-flat, top_k)[:top_k]
+        best = part[np.argsort(-flat[part])]
+    starts, ends = np.unravel_index(best, score.shape)
+    keep = c[starts] & c[ends]
+    return starts[keep], ends[keep], score[starts[keep], ends[keep]], null
+
+
+def _qa_config(model):
+    base = getattr(model, "base_model", model)
+    if not type(base).__name__.endswith("ForQuestionAnswering"):
+        raise ValueError(f"model: {type(base).__name__} is not a question-answering model")
+    return base.config
+
+
+def _positive(name, v):
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    return int(v)
+
+
+def answer_spans(model, input_ids, context_mask, attention_mask=None, token_type_ids=None, top_k=1,
+                 max_answer_len=15):
+    """Extractive QA on rows [CLS] question [SEP] context [SEP] (right-padded): the model's start and end
+    logits, then best_spans on each row's real tokens. context_mask (B, T): 1 on the tokens an answer may
+    cover. model: any *ForQuestionAnswering (BERT, RoBERTa, DistilBERT), or a PeftModel on one.
+    -> ModelOutput(starts, ends, scores: per row an array, best first; null_scores (B,))"""
+    _qa_config(model)
+    ids = _ids("input_ids", input_ids)
+    top_k, max_answer_len = _positive("top_k", top_k), _positive("max_answer_len", max_answer_len)
+    ctx = np.asarray(context_mask)
+    real = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if ctx.shape != ids.shape or real.shape != ids.shape:
+        raise ValueError(f"context_mask and attention_mask must have input_ids' shape {ids.shape}, "
+                         f"got {ctx.shape} and {real.shape}")
+    if not real[:, 0].all():
+        raise ValueError("every row must start with a real token, its [CLS] (pad on the right)")
+    out = _encoder_call(model, ids, attention_mask, token_type_ids)
+    v = _virtual(model)
+    start, end = np.asarray(out.start_logits)[:, v:], np.asarray(out.end_logits)[:, v:]   # (B, T) each
+    rows = []
+    for b in range(len(ids)):
+        n = int(np.flatnonzero(real[b])[-1]) + 1  # a row's own length, as the pipeline runs it alone
+        rows.append(best_spans(start[b, :n], end[b, :n], ctx[b, :n].astype(bool) & real[b, :n], top_k,
+                               max_answer_len))
+    starts, ends, scores, null = zip(*rows)
+    return ModelOutput(starts=list(starts), ends=list(ends), scores=list(scores), null_scores=np.array(null))
+
+
+def qa_windows(tokenizer, question, context, max_seq_len=384, doc_stride=128):
+    """The pipeline's inputs: [CLS] question [SEP] part [SEP] windows of at most max_seq_len tokens, the
+    context cut into parts of the room the question leaves, each part overlapping the one before by
+    doc_stride tokens (a context that fits is one window; a doc_stride not below the room is refused where
+    the tokenizers library would panic). -> list of tokenizers.Encoding"""
+    tk = tokenizer.backend
+    n_question = len(tk.encode(question, add_special_tokens=False).ids)
+    room = max_seq_len - n_question - tk.num_special_tokens_to_add(True)
+    if room < 1:
+        raise ValueError(f"the question's {n_question} tokens leave its context no room in max_seq_len="
+                         f"{max_seq_len}; raise max_seq_len")
+    if len(tk.encode(context, add_special_tokens=False).ids) <= room:
+        return [tk.encode(question, context)]
+    if doc_stride >= room:
+        raise ValueError(f"doc_stride={doc_stride} must be below the {room} context tokens a window holds "
+                         f"(max_seq_len={max_seq_len} less the question and special tokens)")
+    tk.enable_truncation(max_seq_len, stride=doc_stride, strategy="only_second")
+    try:
+        first = tk.encode(question, context)
+    finally:
+        tk.no_truncation()
+    return [first] + first.overflowing
+
+
+def _char_span(window, s, e):
+    """Context characters of tokens s..e, widened to whole words (the pipeline's align_to_words); by the
+    tokens' own offsets when one is in no word (the [CLS] token)."""
+    first, last = window.token_to_word(s), window.token_to_word(e)
+    if first is None or last is None:
+        return window.offsets[s][0], window.offsets[e][1]
+    return window.word_to_chars(first, sequence_index=1)[0], window.word_to_chars(last, sequence_index=1)[1]
+
+
+def _answer_one(model, tokenizer, question, context, top_k, max_answer_len, max_seq_len, doc_stride,
+                handle_impossible_answer):
+    windows = qa_windows(tokenizer, question, context, max_seq_len, doc_stride)
+    T = max(len(w.ids) for w in windows)
+    ids = np.full((len(windows), T), tokenizer.pad_id or 0, np.int64)             # (W, T)
+    mask, types, ctx = (np.zeros((len(windows), T), np.int64) for _ in range(3))
+    for i, w in enumerate(windows):
+        n = len(w.ids)
+        ids[i, :n], mask[i, :n], types[i, :n] = w.ids, 1, w.type_ids
+        ctx[i, :n] = [q == 1 for q in w.sequence_ids]
+    if tokenizer.cls_id is not None:
+        ctx |= ids == tokenizer.cls_id  # the pipeline keeps every [CLS] a candidate
+    has_types = getattr(_qa_config(model), "type_vocab_size", None)
+    # 2 top_k + 10 per window, the pipeline's margin for spans that name the same words
+    out = answer_spans(model, ids, ctx, mask, types if has_types else None, 2 * top_k + 10, max_answer_len)
+    answers = []
+    for w, starts, ends, scores in zip(windows, out.starts, out.ends, out.scores):
+        for s, e, p in zip(starts, ends, scores):
+            a, z = _char_span(w, int(s), int(e))
+            same = next((x for x in answers if x["answer"].lower() == context[a:z].lower()), None)
+            if same is not None:  # one answer text, from several spans or windows: scores add
+                same["score"] += float(p)
+            else:
+                answers.append({"score": float(p), "start": a, "end": z, "answer": context[a:z]})
+    if handle_impossible_answer:  # the smallest of the windows' no-answer scores
+        answers.append({"score": min(1e6, float(out.null_scores.min())), "start": 0, "end": 0, "answer": ""})
+    answers = sorted(answers, key=lambda x: x["score"], reverse=True)[:top_k]
+    return answers if top_k > 1 else answers[0]
+
+
+def answer(model, tokenizer, question, context, top_k=1, max_answer_len=15, max_seq_len=384, doc_stride=None,
+           handle_impossible_answer=False):
+    """Extractive question answering, transformers 4's question-answering pipeline: the context read in
+    windows (qa_windows), spans scored in each (best_spans), mapped to whole words of the context; equal
+    answer texts (any case) add their scores across spans and windows; with handle_impossible_answer the
+    empty answer competes with the smallest no-answer score of the windows.
+    -> {score, start, end, answer} (start/end: characters of the context), a list of top_k of them best first
+    when top_k > 1 (the pipeline gives a lone answer as a dict even then); a list of those for a list of
+    questions (one context for all, or one each). doc_stride: the pipeline's default, min(max_seq_len // 2,
+    128), when None. The pipeline's max_question_len applies to slow tokenizers only; numlm's are fast."""
+    _qa_config(model)
+    single = isinstance(question, str)
+    questions = _texts("question", question)
+    contexts = [context] * len(questions) if isinstance(context, str) else _texts("context", context)
+    if len(contexts) != len(questions):
+        raise ValueError(f"{len(questions)} questions and {len(contexts)} contexts: give one context, or one each")
+    for name, t in [("question", q) for q in questions] + [("context", c) for c in contexts]:
+        if not t.strip():
+            raise ValueError(f"{name} is empty (or only white space)")
+    top_k, max_answer_len = _positive("top_k", top_k), _positive("max_answer_len", max_answer_len)
+    max_seq_len = _positive("max_seq_len", max_seq_len)
+    doc_stride = min(max_seq_len // 2, 128) if doc_stride is None else doc_stride
+    if not isinstance(doc_stride, (int, np.integer)) or isinstance(doc_stride, bool) or doc_stride < 0:
+        raise ValueError(f"doc_stride must be an integer >= 0, got {doc_stride!r}")
+    res = [_answer_one(model, tokenizer, q, c, top_k, max_answer_len, max_seq_len, int(doc_stride),
+                       handle_impossible_answer) for q, c in zip(questions, contexts)]
+    return res[0] if single else res

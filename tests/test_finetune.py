@@ -11,6 +11,7 @@ import numlm.finetune as F
 from numlm import gradcheck
 from numlm.cli import main
 from numlm.data.tokenizer import Tokenizer
+from numlm.inference import best_spans
 from numlm.io import load_safetensors
 from numlm.models import (BertConfig, BertForMaskedLM, BertForSequenceClassification, GPT2Config,
                           GPT2LMHeadModel, from_pretrained)
@@ -238,7 +239,9 @@ def test_token_classification_and_qa_metrics():
     seq = [None, 0, 0, None, 1, 1, 1, None]
     start = np.array([9, 9, 9, 9, 0.0, 3.0, 1.0, 9])
     end = np.array([9, 9, 9, 9, 0.0, 1.0, 2.5, 9])
-    assert F._best_span(start, end, seq) == (5, 6)  # the best start <= end inside the context
+    ctx = np.array([q == 1 for q in seq])
+    starts, ends, _, _ = best_spans(start, end, ctx, max_answer_len=16)  # evaluate's call
+    assert (starts[0], ends[0]) == (5, 6)  # the best start <= end inside the context
 
 
 @pytest.fixture
