@@ -4,6 +4,8 @@ embeddings (sentence-transformers' folders read as it reads them).
 
 Each task has an array-level function (ids in, numbers out) and a text-level one that runs the tokenizer
 (numlm.data.Tokenizer) first. Probabilities are the softmax of the model's logits in the model's dtype."""
+import warnings
+
 import numpy as np
 
 from .models.pretrained import ModelOutput
@@ -326,7 +328,6 @@ def tag(model, tokenizer, texts, aggregation_strategy="none", ignore_labels=("O"
         return []
     subword_prefix = getattr(tokenizer.backend.model, "continuing_subword_prefix", None)
     if not subword_prefix and strategy in ("first", "average", "max"):
-        import warnings
         warnings.warn("the tokenizer marks no subwords (no continuing_subword_prefix): a word is guessed as the "
                       "tokens no space separates, as transformers' pipeline guesses", UserWarning, stacklevel=2)
     encs = _encodings(tokenizer, texts, _text_positions(model))
