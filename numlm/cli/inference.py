@@ -1,5 +1,6 @@
-"""`numlm generate` and `numlm fill-mask`: registered on the main parser by add_parsers(subparsers).
-Both read a model directory (numlm's own checkpoints or transformers directories with a tokenizer)."""
+"""`numlm generate`, `fill-mask`, `classify`, `tag` and `answer`: registered on the main parser by
+add_parsers(subparsers). Each reads a model directory (numlm's own checkpoints or transformers directories
+with a tokenizer), or an adapter folder on one."""
 import sys
 
 import numpy as np
@@ -115,6 +116,66 @@ def cmd_fill_mask(a):
     return 0
 
 
+def cmd_classify(a):
+    from ..inference import classify
+    model, tok = _load(a.model, a.dtype, a.base)
+    for text, r in zip(a.texts, classify(model, tok, a.texts, pairs=a.pair)):
+        print(f"{r['score']:.4f}  {r['label']:<15s} {text}")
+    return 0
+
+
+def cmd_tag(a):
+    from ..inference import tag
+    model, tok = _load(a.model, a.dtype, a.base)
+    for e in tag(model, tok, a.text, aggregation_strategy=a.aggregation):
+        label = e.get("entity_group", e.get("entity"))
+        print(f"{e['score']:.4f}  {label:<10s} {e['start']:>4d}:{e['end']:<4d} {a.text[e['start']:e['end']]}")
+    return 0
+
+
+def cmd_answer(a):
+    from ..inference import answer
+    model, tok = _load(a.model, a.dtype, a.base)
+    found = answer(model, tok, a.question, a.context, top_k=a.top_k, max_answer_len=a.max_answer_len,
+                   handle_impossible_answer=a.allow_no_answer)
+    for r in found if isinstance(found, list) else [found]:
+        print(f"{r['score']:.4f}  {r['start']:>4d}:{r['end']:<4d} {r['answer']}")
+    return 0
+
+
+def _encoder_command(sub, name, help, model_help):
+    """a subcommand's parser with what every encoder task takes: the model, --base, --dtype"""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("model", help=model_help + " with its tokenizer, or an adapter folder on one")
+    p.add_argument("--base", help="the adapter's base model directory or Hub name (default: the one its "
+                                  "adapter_config.json names)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    return p
+
+
+def add_task_parsers(sub):
+    from .args import count
+    c = _encoder_command(sub, "classify", "the label of each text (a sequence classifier)",
+                         "a *ForSequenceClassification directory")
+    c.add_argument("texts", nargs="+", help="one or more texts")
+    c.add_argument("--pair", nargs="+", help="the second text of each pair (as many as texts)")
+    c.set_defaults(fn=cmd_classify)
+    t = _encoder_command(sub, "tag", "the entities of a text (a token classifier, transformers' ner pipeline)",
+                         "a *ForTokenClassification directory")
+    t.add_argument("text")
+    t.add_argument("--aggregation", choices=["none", "simple", "first", "average", "max"], default="simple",
+                   help="per token (none), or tokens grouped into entities (default: simple)")
+    t.set_defaults(fn=cmd_tag)
+    q = _encoder_command(sub, "answer", "the answer to a question in a context (extractive QA)",
+                         "a *ForQuestionAnswering directory")
+    q.add_argument("--question", required=True)
+    q.add_argument("--context", required=True)
+    q.add_argument("--top-k", type=count(1), default=1)
+    q.add_argument("--max-answer-len", type=count(1), default=15, help="in tokens")
+    q.add_argument("--allow-no-answer", action="store_true", help="let the empty answer compete")
+    q.set_defaults(fn=cmd_answer)
+
+
 def add_parsers(sub):
     from .args import count, number, positive
     g = sub.add_parser("generate", help="generate text with a GPT model (KV cache), streaming it as it comes")
@@ -140,3 +201,4 @@ def add_parsers(sub):
     f.add_argument("--top-k", type=count(1), default=5)
     f.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     f.set_defaults(fn=cmd_fill_mask)
+    add_task_parsers(sub)
