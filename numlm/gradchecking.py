@@ -149,8 +149,8 @@ def _check_arguments(fn, backward, eps, max_entries, seed, kwargs):
 
 def _bind(fn, inputs):
     """(names, values, as_dict): the inputs' names from the function's signature (or the dict's keys),
-    their values with floating-point arrays made contiguous (they are perturbed through a flat view,
-    which must not be a copy), and whether fn takes them by keyword."""
+    their values with floating-point arrays copied (writable, contiguous, of their own shape: each is
+    perturbed alone through a flat view), and whether fn takes them by keyword."""
     if isinstance(inputs, dict):
         names, values = list(inputs), list(inputs.values())
     else:
@@ -165,9 +165,7 @@ def _bind(fn, inputs):
         if isinstance(v, np.ndarray) and v.dtype.kind == "f":
             if v.dtype != np.float64:
                 raise ValueError(f"gradcheck needs float64 inputs; {names[i]} is {v.dtype}")
-            values[i] = np.ascontiguousarray(v)
-            if any(isinstance(u, np.ndarray) and np.may_share_memory(values[i], u) for u in values[:i]):
-                values[i] = values[i].copy()  # x passed as q, k and v: each input perturbed alone
+            values[i] = np.array(v, order="C")  # a copy: a read-only input, x passed as q, k and v, a 0-d scale
     return names, values, isinstance(inputs, dict)
 
 

@@ -1,0 +1,45 @@
+"""How strong the gradient checks are: what a wrong backward may not hide behind (a gradient left at
+zero, an absurd entry, the model's last forward), the inputs they must not skip or mangle, and the
+arguments that would make a check meaningless. Each test failed before its fix."""
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import numlm
+from numlm.cli import main
+from numlm.gradchecking import gradcheck
+from numlm.inspect import broken_backward, check_checkpoint, check_model
+from numlm.nn import OPS
+
+from conftest import FIXTURES
+from test_inspect import TEXT, word_tokenizer
+
+IDS = np.array([[5, 9, 13, 7, 21, 3, 11, 2]])
+
+
+def tiny_lm(cls=numlm.GPT2LMHeadModel):
+    cfg = numlm.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=4, n_positions=20)
+    return cls(cfg, seed=0, dtype="float64")
+
+
+def square(x):
+    return x * x, x
+
+
+def square_backward_times(k):
+    """d(x^2)/dx as k x: right for k = 2, off by |k - 2| / max(k, 2) on every entry otherwise."""
+    return lambda dy, x: k * x * dy
+
+
+# ---- 6. inputs copied into writable arrays of their own shape -----------------------------------
+def test_zero_dimensional_and_read_only_inputs():
+    x = np.random.default_rng(0).standard_normal(5)
+    scale = np.array(1.5)
+    errors = gradcheck(lambda s, x: (s * x, (s, x)), (scale, x), lambda dy, c: (np.sum(dy * c[1]), dy * c[0]))
+    assert max(errors.values()) < 1e-8, errors
+    frozen = x.copy()
+    frozen.setflags(write=False)
+    assert gradcheck(square, (frozen,), square_backward_times(2.0))["x"] < 1e-8
+    assert np.array_equal(frozen, x) and scale.shape == ()
