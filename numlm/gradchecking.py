@@ -19,6 +19,8 @@ import numpy as np
 
 __all__ = ["gradcheck", "Verdict", "Uninformative", "NonFinite"]
 
+EPS_RANGE = (1e-10, 1.0)  # central-difference steps: below, float64 round-off swamps f(x + eps) - f(x - eps)
+
 STREAM = 0x67726164  # spawn key of gradcheck's random streams ("grad")
 UPSTREAM, REFERENCE, ENTRIES, PROJECTION = range(4)  # what each stream draws (PROJECTION: numlm.inspect)
 REF_RATIO = 1e-3    # gradients this much smaller than under an independent dout: a degenerate dout
@@ -123,9 +125,21 @@ def _output_value(out, module=None):
                      "a scalar or a model output with .loss")
 
 
+def _real(v):
+    return not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
+
+
 def check_eps(eps):
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) or not 0 < eps < np.inf:
-        raise ValueError(f"eps must be a finite number > 0 (the central-difference step), got {eps!r}")
+    lo, hi = EPS_RANGE
+    if not _real(eps) or not lo <= eps <= hi:
+        raise ValueError(f"eps must be a number in [{lo:g}, {hi:g}] (the central-difference step; a smaller one "
+                         f"compares float64 round-off), got {eps!r}")
+
+
+def check_tol(tol):
+    """A relative error is at most 2, and 1 when one gradient is zero: a tol of 1 or more passes anything."""
+    if not _real(tol) or not 0 < tol < 1:
+        raise ValueError(f"tol must be a number in (0, 1) (the largest relative error that passes), got {tol!r}")
 
 
 def _check_arguments(fn, backward, eps, max_entries, seed, kwargs):

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .gradchecking import (ENTRIES, PROJECTION, REFERENCE, REF_RATIO, NonFinite, Uninformative, Verdict,
-                           central_differences, check_eps, largest, stream)
+                           central_differences, check_eps, check_tol, largest, stream)
 from .kernels.matmul import one_blas_thread  # thousands of forwards of a few tokens gain nothing from threads
 from .nn import OPS, eval_mode
 from .optim import sum_squares
@@ -174,8 +174,7 @@ def _check_model_args(model, input_ids, params, seed, eps, tol, progress):
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     check_eps(eps)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not 0 < tol < np.inf:
-        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    check_tol(tol)
     if progress is not None and not callable(progress):
         raise ValueError(f"progress must be a callable or None, got {type(progress).__name__}")
     ids = np.asarray(input_ids)

@@ -33,6 +33,40 @@ def square_backward_times(k):
     return lambda dy, x: k * x * dy
 
 
+# ---- 5. tol and eps within meaningful ranges -----------------------------------------------------
+@pytest.mark.parametrize("tol", [1, 2.0, 1e9, 0.0, -1e-5])
+def test_a_tolerance_that_passes_anything_is_refused(tol):
+    with pytest.raises(ValueError, match=r"tol must be a number in \(0, 1\)"):
+        check_model(tiny_lm(), IDS, tol=tol)
+
+
+@pytest.mark.parametrize("eps", [1e-20, 1e-11, 2.0, 0.0])
+def test_a_step_out_of_range_is_refused(eps):
+    x = np.random.default_rng(0).standard_normal(4)
+    with pytest.raises(ValueError, match=r"eps must be a number in \[1e-10, 1\]"):
+        gradcheck(square, (x,), square_backward_times(2.0), eps=eps)
+    with pytest.raises(ValueError, match=r"eps must be a number"):
+        check_model(tiny_lm(), IDS, eps=eps)
+
+
+@settings(max_examples=20, deadline=None)
+@given(log_eps=st.floats(-10, -4))
+def test_every_accepted_step_measures_a_correct_backward(log_eps):
+    """sin's central difference is off by eps^2 / 6 (truncation) and ~1e-16 / eps (round-off)."""
+    x = np.random.default_rng(2).standard_normal(8)
+    err = gradcheck(lambda x: (np.sin(x), x), (x,), lambda dy, x: np.cos(x) * dy, eps=10.0 ** log_eps)["x"]
+    assert err < 1e-4
+    wrong = gradcheck(lambda x: (np.sin(x), x), (x,), lambda dy, x: 1.01 * np.cos(x) * dy, eps=10.0 ** log_eps)["x"]
+    assert wrong > 100 * err
+
+
+def test_the_cli_refuses_a_tolerance_that_passes_anything(capsys):
+    assert main(["gradcheck", "--break", "linear", "--tol", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--tol" in err
+    assert main(["gradcheck", "--break", "linear", "--tol", "0.5"]) == 1  # a missing bias gradient: error 1
+
+
 # ---- 6. inputs copied into writable arrays of their own shape -----------------------------------
 def test_zero_dimensional_and_read_only_inputs():
     x = np.random.default_rng(0).standard_normal(5)

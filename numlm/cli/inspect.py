@@ -111,7 +111,7 @@ def cmd_plot(a):
 
 
 def add_parsers(sub):
-    from .args import count, positive
+    from .args import count, number
     from ..inspect import BREAKS
     g = sub.add_parser("gradcheck", help="check every op's backward, or a whole checkpoint's gradients, "
                        "against numerical gradients")
@@ -119,8 +119,8 @@ def add_parsers(sub):
     g.add_argument("--text", help="the text the model is checked on (keep it short: each entry costs two forwards)")
     g.add_argument("--params", type=count(1), help="random entries checked per parameter (default 3)")
     g.add_argument("--seed", type=count(0), default=0)
-    g.add_argument("--tol", type=positive, default=None,
-                   help="largest relative error that passes (default 1e-5 for a model, 1e-6 for the op table)")
+    g.add_argument("--tol", type=number(0.0, 1.0), default=None,  # a relative error of 1 is a zero gradient
+                   help="largest relative error that passes, below 1 (default 1e-5 for a model, 1e-6 for the op table)")
     g.add_argument("--break", dest="break_", choices=sorted(BREAKS),
                    help="corrupt one op's backward on purpose, to see the check catch it")
     g.set_defaults(fn=cmd_gradcheck)
