@@ -82,6 +82,8 @@ def objective_inputs(model, input_ids):
     B, T = ids.shape
     name = type(model).__name__
     cfg = model.config
+    if T < 2 and ("LMHead" in name or "DoubleHeads" in name):  # numlm's are causal: labels shift by one
+        raise ValueError(f"{name}'s LM objective needs at least 2 tokens (each predicts the next), got {T}")
     zeros = np.zeros(B, dtype=np.int64)
     if "DoubleHeads" in name:  # one choice per row, summarised at its last token
         return {"input_ids": ids[:, None], "labels": ids[:, None], "mc_token_ids": np.full((B, 1), T - 1),

@@ -77,3 +77,17 @@ def test_zero_dimensional_and_read_only_inputs():
     frozen.setflags(write=False)
     assert gradcheck(square, (frozen,), square_backward_times(2.0))["x"] < 1e-8
     assert np.array_equal(frozen, x) and scale.shape == ()
+
+
+# ---- 7. a causal LM needs two tokens ------------------------------------------------------------
+def test_one_token_on_a_causal_lm_is_bad_input(tmp_path, capsys):
+    d = tmp_path / "gpt2-tiny"
+    shutil.copytree(FIXTURES / "hf" / "gpt2-tiny", d)
+    word_tokenizer().save(d)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        check_checkpoint(d, text="the")
+    capsys.readouterr()
+    assert main(["gradcheck", str(d), "--text", "the"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "at least 2 tokens" in err[0]
+    assert check_checkpoint(d, text="the cat", params=1).passed

@@ -62,18 +62,20 @@ def cmd_gradcheck(a):
     from tqdm.auto import tqdm
     if a.break_ is not None:
         print(f"broken on purpose: {BREAKS[a.break_][0]}")
-    bar = tqdm(total=None, unit="param", file=sys.stderr, dynamic_ncols=True, leave=False)
+    bars = []  # made at the first entry checked: a refused input prints its one line alone
 
     def progress(i, n):
-        bar.total = n
-        bar.update(1)
+        if not bars:
+            bars.append(tqdm(total=n, unit="param", file=sys.stderr, dynamic_ncols=True, leave=False))
+        bars[0].update(1)
     try:
         res = check_checkpoint(a.model, text=DEFAULT_TEXT if a.text is None else a.text,
                                params=3 if a.params is None else a.params, seed=a.seed,
                                tol=1e-5 if a.tol is None else a.tol,
                                break_=a.break_, progress=progress)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     print(res.table())
     return 0 if res.passed else 1
 
