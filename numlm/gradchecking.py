@@ -6,8 +6,10 @@ gradients vanish identically, e.g. softmax's) is compared with the float64 centr
 gradcheck's own (a spawn key no integer seed has), so it never equals an input the user drew
 from default_rng(seed) with the same seed.
 
-The error reported per input is  max_i |analytic_i - numeric_i| / max(max_i |analytic_i|, max_i |numeric_i|),
-relative to the largest gradient entry of that input, so near-zero entries do not blow it up.
+The error reported per input is  max_i |analytic_i - numeric_i| / max(max_i |analytic_i|, max_i |numeric_i|)
+over the compared entries i, relative to the largest of them, so near-zero entries do not blow it up. The
+compared entries always include the largest |analytic| entry: an absurd entry a backward wrote (an
+np.empty row it forgot) is compared, and fails, instead of swamping the scale of the others.
 Two results are not numbers (see Verdict): non-finite, when either gradient holds NaN or inf, and
 uninformative, when both gradients are so small that they compare rounding noise.
 """
@@ -72,10 +74,21 @@ def _generators(module):
     return list(gens.values())
 
 
-def _entries(size, max_entries, rng):
+def largest_at(g):
+    """The flat index of g's largest |entry| (a NaN or inf first: it is the most wrong)."""
+    a = np.abs(np.asarray(g, dtype=np.float64)).reshape(-1)
+    return int(np.argmax(np.where(np.isfinite(a), a, np.inf)))
+
+
+def _entries(g, max_entries, rng):
+    """The flat entries of g to compare: all, or max_entries of them, the largest |g| among them and
+    the others drawn among all."""
+    size = g.size
     if max_entries is None or size <= max_entries:
         return np.arange(size)
-    return np.sort(rng.choice(size, max_entries, replace=False))
+    top = largest_at(g)
+    rest = rng.choice(size - 1, max_entries - 1, replace=False)
+    return np.sort(np.append(rest + (rest >= top), top))  # every entry but top, then top
 
 
 def largest(g):
@@ -92,15 +105,17 @@ def _degenerate(gmax, ref, floor):
 
 
 def _error(analytic, numeric, idx, ref, floor):
-    """max |analytic - numeric| over the entries idx / the largest entry of either; NonFinite or
-    Uninformative (see _degenerate) instead when it is not a measure of the backward."""
+    """max |analytic - numeric| over the entries idx / the largest of those entries of either; NonFinite
+    (a NaN or inf anywhere in analytic, compared or not) or Uninformative (see _degenerate) instead
+    when it is not a measure of the backward."""
     analytic = np.asarray(analytic, dtype=np.float64)
     if not (np.isfinite(analytic).all() and np.isfinite(numeric).all()):
         return NonFinite()
-    gmax = max(largest(analytic), largest(numeric))
+    compared = analytic.reshape(-1)[idx]
+    gmax = max(largest(compared), largest(numeric))
     if _degenerate(gmax, ref, floor):
         return Uninformative()
-    return float(np.abs(analytic.reshape(-1)[idx] - numeric).max(initial=0.0) / gmax)
+    return float(np.abs(compared - numeric).max(initial=0.0) / gmax)
 
 
 def _loss(out, module):
@@ -290,7 +305,7 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
     rng = stream(seed, ENTRIES)
     errors = {}
     for name, g in grads.items():
-        idx = _entries(g.size, max_entries, rng)
+        idx = _entries(g, max_entries, rng)
         numeric = central_differences(f, arrays[name].reshape(-1), idx, eps)
         ref = largest(reference[name]) if ref_dout is not None else None
         errors[name] = _error(g, numeric, idx, ref, floor)

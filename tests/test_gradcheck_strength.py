@@ -33,6 +33,68 @@ def square_backward_times(k):
     return lambda dy, x: k * x * dy
 
 
+# ---- 1. a gradient a backward left at zero -----------------------------------------------------
+def test_check_model_probes_where_the_analytic_gradient_is_zero(monkeypatch):
+    forward, backward = OPS["linear"]
+
+    def drops_half(dy, cache, *more, **kw):
+        dx, dw, db = backward(dy, cache, *more, **kw)
+        if dw is not None:
+            dw = dw.copy()
+            dw[:, dw.shape[1] // 2:] = 0  # the second half of every weight's columns lost
+        return dx, dw, db
+
+    model = tiny_lm()
+    assert check_model(model, IDS).passed
+    monkeypatch.setitem(OPS, "linear", (forward, drops_half))
+    res = check_model(model, IDS)
+    assert not res.passed
+    failed = {r.name for r in res.rows if r.error > res.tol}
+    assert failed and all(n.endswith(".weight") and ("attn" in n or "mlp" in n) for n in failed), res.table()
+    every = check_model(model, IDS, params=10 ** 6, tol=0.5)  # every entry: half of each weight is off by 100%
+    assert {r.name: r.checked for r in every.rows}["transformer.h.0.attn.c_attn.weight"] == 16 * 48
+    assert not every.passed
+
+
+# ---- 2. an absurd entry does not shrink the others' errors --------------------------------------
+@settings(max_examples=15, deadline=None)
+@given(at=st.integers(0, 99), absurd=st.floats(1e3, 1e12), max_entries=st.integers(2, 30))
+def test_an_absurd_entry_does_not_hide_a_wrong_gradient(at, absurd, max_entries):
+    x = np.random.default_rng(0).standard_normal(100)
+    wrong = square_backward_times(3.0)
+    alone = gradcheck(square, (x,), wrong)["x"]  # every entry compared, no absurd one
+    assert abs(alone - 1 / 3) < 1e-6
+
+    def wrong_and_absurd(dy, x):
+        g = wrong(dy, x)
+        g[at] = absurd  # a row a backward never wrote
+        return g
+
+    assert gradcheck(square, (x,), wrong_and_absurd, max_entries=max_entries)["x"] >= alone
+
+
+def test_an_absurd_unchecked_entry_does_not_pass_a_broken_model(monkeypatch):
+    """Junk in a position row no token uses (its true gradient is 0) made every row's error negligible."""
+    forward, backward = OPS["embedding"]
+
+    def junk_in_the_last_position(dout, cache, *more, **kw):
+        g = backward(dout, cache, *more, **kw)
+        if g.shape[0] == 20:  # wpe, not wte (40 rows)
+            g[-1, 0] += 1e8
+        return g
+
+    model = tiny_lm()
+    with broken_backward("layernorm"):
+        alone = check_model(model, IDS)
+    monkeypatch.setitem(OPS, "embedding", (forward, junk_in_the_last_position))
+    with broken_backward("layernorm"):
+        res = check_model(model, IDS)
+    rows = {r.name: r.error for r in res.rows}
+    assert not res.passed and rows["transformer.wpe.weight"] > 0.5, res.table()
+    broken = [r.name for r in alone.rows if r.error > alone.tol and "ln_" in r.name]
+    assert broken and all(rows[n] > res.tol for n in broken), res.table()  # still caught beside the junk
+
+
 # ---- 5. tol and eps within meaningful ranges -----------------------------------------------------
 @pytest.mark.parametrize("tol", [1, 2.0, 1e9, 0.0, -1e-5])
 def test_a_tolerance_that_passes_anything_is_refused(tol):
