@@ -13,6 +13,7 @@ np.empty row it forgot) is compared, and fails, instead of swamping the scale of
 Two results are not numbers (see Verdict): non-finite, when either gradient holds NaN or inf, and
 uninformative, when both gradients are so small that they compare rounding noise.
 """
+import contextlib
 import inspect
 import math
 import re
@@ -224,18 +225,41 @@ class _Run:
         return _output_value(self.forward()[0], self.module)
 
 
+TARGETS = ("labels", "label")  # a floating-point input so named is a loss's target (regression labels)
+
+
+def _left_gradient(module, name):
+    """The gradient of input `name` a numlm model's backward leaves on a submodule instead of returning
+    it (inputs_embeds: transformer.inputs_embeds_grad, embeddings.inputs_embeds_grad); None without."""
+    for _, m in module.modules():
+        g = getattr(m, f"{name}_grad", None)
+        if isinstance(g, np.ndarray):
+            return g.copy()
+    return None
+
+
 def _input_gradients(run, grads):
     """{input name: gradient} from what a backward returned: one gradient per floating-point input,
-    in order (None for an input it does not differentiate)."""
+    in order (None for an input it does not differentiate). A module's input it returns nothing for
+    (all of them when backward() differentiates a loss) is read from `<name>_grad` (see _left_gradient);
+    without one, a floating-point target passes through and any other input is refused by name."""
     grads = () if grads is None else grads if isinstance(grads, tuple) else (grads,)
     floating = run.floating
-    if (run.module is None or floating) and (len(grads) < len(floating)
-                                             or any(g is not None for g in grads[len(floating):])):
+    extra = any(g is not None for g in grads[len(floating):])  # a module with no float input may return its dx
+    if (run.module is None and len(grads) < len(floating)) or (extra and (run.module is None or floating)):
         raise ValueError(f"backward returned {len(grads)} gradient(s) for {len(floating)} floating-point "
                          f"input(s) ({', '.join(run.names[i] for i in floating) or 'none'}): it must return one "
                          f"per floating-point input, in order")
-    return {run.names[i]: np.asarray(grads[j], dtype=np.float64)
-            for j, i in enumerate(floating) if j < len(grads) and grads[j] is not None}
+    out = {}
+    for j, i in enumerate(floating):
+        name = run.names[i]
+        g = grads[j] if j < len(grads) else None if run.module is None else _left_gradient(run.module, name)
+        if g is not None:
+            out[name] = np.asarray(g, dtype=np.float64)
+        elif j >= len(grads) and not name.endswith(TARGETS):
+            raise ValueError(f"{type(run.module).__name__}.backward gives no gradient for the floating-point input "
+                             f"{name} (it neither returns one nor leaves {name}_grad): pass a mask or ids as integers")
+    return out
 
 
 def _backward_pass(run, rng, params):
@@ -250,10 +274,25 @@ def _backward_pass(run, rng, params):
         return dout, _input_gradients(run, run.backward(dout, cache))
     run.fn.zero_grad()
     grads = run.fn.backward() if has_loss else run.fn.backward(dout)
-    grads = {} if has_loss else _input_gradients(run, grads)
+    grads = _input_gradients(run, None if has_loss else grads)
     arrays = run.fn.grad_arrays()
     grads.update({f"param:{k}": arrays[k].copy() for k in params if k in arrays})
     return dout, grads
+
+
+@contextlib.contextmanager
+def last_forward_kept(module):
+    """Every module's attributes as they were before the block: its last forward's cache (a model's
+    _last, attention's present), so a backward() after a check differentiates the caller's forward, not
+    the check's last probe with a perturbed weight. Forwards only ever replace these, never write
+    into them, so the references kept are the caller's caches unchanged; gradients are left alone."""
+    saved = [(m, dict(vars(m))) for _, m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs in saved:
+            vars(m).clear()
+            vars(m).update(attrs)
 
 
 def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_entries=None,
@@ -266,12 +305,16 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
       * a Module (a layer or a whole model): ``out = fn(*inputs, **kwargs)`` then
         ``fn.backward(dout)`` returning the input gradient(s), or ``fn.backward()`` when the output
         has a ``.loss`` (for models, the scalar their ``objective(out)`` names); every parameter
-        of the module is checked too (``check_params``).
+        of the module is checked too (``check_params``). A floating-point input whose gradient the
+        backward does not return is read where numlm's models leave it (inputs_embeds:
+        ``inputs_embeds_grad``); a floating-point target (``labels``) passes through; any other is refused.
+        The module keeps the checked pass's gradients, and its last forward is the caller's again.
     ``inputs`` is a tuple of positional arguments or a dict of keyword arguments; integer arrays
-    (token ids, labels, masks) pass through unchecked. Floating-point inputs and module parameters
-    must be float64. ``max_entries`` checks that many random entries per array instead of all
-    (two forwards per entry). Dropout stays deterministic: numpy Generators passed as inputs or
-    found on the module are rewound to their state before the first forward on every call.
+    (token ids, labels, masks) pass through unchecked. Floating-point inputs (copied, never written)
+    and module parameters must be float64. ``max_entries`` checks that many entries per array
+    instead of all (two forwards per entry): the largest analytic one and random others. Dropout
+    stays deterministic: numpy Generators passed as inputs or found on the module are rewound to
+    their state before the first forward on every call.
     ``seed`` picks dout and the entries, from streams of gradcheck's own (see `stream`).
 
     Returns ``{name: error}`` with names from the function's signature (or the dict's keys) and
@@ -287,12 +330,18 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
         if p.dtype != np.float64:
             raise ValueError(f"gradcheck needs a float64 model; parameter {k} is {p.dtype} (use .astype('float64'))")
     run = _Run(fn, backward, names, values, as_dict, dict(kwargs or {}), is_module)
+    with last_forward_kept(fn) if is_module else contextlib.nullcontext():
+        return _compare(run, {**dict(zip(names, values)), **{f"param:{k}": p for k, p in params.items()}},
+                        params, seed, eps, max_entries)
+
+
+def _compare(run, arrays, params, seed, eps, max_entries):
+    """gradcheck's errors: the analytic gradients of two passes, then central differences of `arrays`."""
     # the reference pass first, so that a module keeps the checked pass's gradients
     ref_dout, reference = _backward_pass(run, stream(seed, REFERENCE), params)
     dout, grads = _backward_pass(run, stream(seed, UPSTREAM), params)
     if not grads:
         raise ValueError("nothing to check: no floating-point input has a gradient and there are no parameters")
-    arrays = {**dict(zip(names, values)), **{f"param:{k}": p for k, p in params.items()}}
     for name, g in grads.items():
         if g.shape != arrays[name].shape:
             raise ValueError(f"analytic gradient for {name} has shape {g.shape}, expected {arrays[name].shape}")

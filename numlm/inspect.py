@@ -16,7 +16,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .gradchecking import (ENTRIES, PROJECTION, REFERENCE, REF_RATIO, NonFinite, Uninformative, Verdict,
-                           central_differences, check_eps, check_tol, largest, largest_at, stream)
+                           central_differences, check_eps, check_tol, largest, largest_at, last_forward_kept,
+                           stream)
 from .kernels.matmul import one_blas_thread  # thousands of forwards of a few tokens gain nothing from threads
 from .nn import OPS, eval_mode
 from .optim import sum_squares
@@ -158,12 +159,13 @@ def check_model(model, input_ids, params=3, seed=0, eps=1e-6, tol=1e-5, break_=N
     gradchecking.stream); a row whose gradients are tiny against those of an independent
     projection is Uninformative. Both compare as inf: the check does not pass.
     `break_` names an entry of BREAKS to corrupt while the analytic gradient is taken. The model's
-    train/eval modes and accumulated gradients are as they were afterwards, whether the check passes or raises.
+    train/eval modes, accumulated gradients and last forward (what a backward() differentiates) are
+    as they were afterwards, whether the check passes or raises.
     Each checked entry costs two forwards: keep the text short."""
     ids = _check_model_args(model, input_ids, params, seed, eps, tol, progress)
     grads = {k: g.copy() for k, g in model.grad_arrays().items()}
     try:
-        with one_blas_thread(), eval_mode(model):
+        with one_blas_thread(), eval_mode(model), last_forward_kept(model):
             return _check_model(model, ids, params, seed, eps, tol, break_, progress)
     finally:  # the model as it was: (its modes by eval_mode) the gradients it had accumulated
         for k, g in model.grad_arrays().items():

@@ -95,6 +95,61 @@ def test_an_absurd_unchecked_entry_does_not_pass_a_broken_model(monkeypatch):
     assert broken and all(rows[n] > res.tol for n in broken), res.table()  # still caught beside the junk
 
 
+# ---- 3. the caller's last forward survives a check ----------------------------------------------
+def caller_gradients(model, batch):
+    model.zero_grad()
+    model(batch, labels=batch)
+    model.backward()
+    return {k: g.copy() for k, g in model.grad_arrays().items()}
+
+
+@pytest.mark.parametrize("check", [lambda m, p: check_model(m, p, params=1),
+                                   lambda m, p: gradcheck(m, {"input_ids": p, "labels": p}, max_entries=1)])
+def test_a_check_leaves_the_callers_last_forward(check):
+    model = tiny_lm().eval()
+    batch, probe = np.array([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]), np.array([[30, 31, 32]])
+    want = caller_gradients(model, batch)
+    model(batch, labels=batch)
+    check(model, probe)
+    model.zero_grad()
+    model.backward()  # the caller's forward's
+    got = model.grad_arrays()
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    fresh = tiny_lm()
+    check(fresh, probe)
+    with pytest.raises(ValueError, match="needs a forward pass first"):
+        fresh.backward()
+
+
+# ---- 4. a floating-point input of a model is checked, or refused by name -----------------------
+@pytest.mark.parametrize("labels", [True, False])
+def test_inputs_embeds_of_a_model_is_checked(labels):
+    model = tiny_lm(numlm.GPT2LMHeadModel if labels else numlm.GPT2Model)
+    embeds = np.random.default_rng(0).standard_normal((1, 6, 16))
+    inputs = {"inputs_embeds": embeds, **({"labels": np.array([[1, 2, 3, 4, 5, 6]])} if labels else {})}
+    errors = gradcheck(model, inputs, max_entries=4)
+    assert errors["inputs_embeds"] < 1e-6, errors
+    assert len(errors) == 1 + len(model.trainable_parameters())
+
+
+def test_bert_inputs_embeds_and_float_targets():
+    bert = numlm.from_pretrained(FIXTURES / "hf" / "bert-tiny-seqcls", dtype="float64")
+    embeds = np.random.default_rng(1).standard_normal((2, 4, bert.config.hidden_size))
+    labels = np.zeros(2, dtype=np.int64)
+    errors = gradcheck(bert, {"inputs_embeds": embeds, "labels": labels}, max_entries=2, check_params=False)
+    assert set(errors) == {"inputs_embeds"} and errors["inputs_embeds"] < 1e-6
+    regression = numlm.BertForSequenceClassification(dict(bert.config.to_dict(), num_labels=1, problem_type="regression"), dtype="float64")
+    errors = gradcheck(regression, {"input_ids": np.array([[2, 3, 4]]), "labels": np.array([0.5])}, max_entries=2)
+    assert "labels" not in errors  # a float target passes through, like integer labels
+
+
+def test_a_float_input_without_a_gradient_is_refused_by_name():
+    model = tiny_lm()
+    ids = np.array([[1, 2, 3, 4]])
+    with pytest.raises(ValueError, match=r"no gradient for the floating-point input attention_mask"):
+        gradcheck(model, {"input_ids": ids, "attention_mask": np.ones((1, 4)), "labels": ids}, max_entries=1)
+
+
 # ---- 5. tol and eps within meaningful ranges -----------------------------------------------------
 @pytest.mark.parametrize("tol", [1, 2.0, 1e9, 0.0, -1e-5])
 def test_a_tolerance_that_passes_anything_is_refused(tol):
