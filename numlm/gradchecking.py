@@ -245,7 +245,7 @@ def _input_gradients(run, grads):
     without one, a floating-point target passes through and any other input is refused by name."""
     grads = () if grads is None else grads if isinstance(grads, tuple) else (grads,)
     floating = run.floating
-    extra = any(g is not None for g in grads[len(floating):])  # a module with no float input may return its dx
+    extra = any(g is not None for g in grads[len(floating):])  # allowed from a module taking only integer inputs
     if (run.module is None and len(grads) < len(floating)) or (extra and (run.module is None or floating)):
         raise ValueError(f"backward returned {len(grads)} gradient(s) for {len(floating)} floating-point "
                          f"input(s) ({', '.join(run.names[i] for i in floating) or 'none'}): it must return one "
