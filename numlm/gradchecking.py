@@ -6,11 +6,14 @@ gradients vanish identically, e.g. softmax's) is compared with the float64 centr
 gradcheck's own (a spawn key no integer seed has), so it never equals an input the user drew
 from default_rng(seed) with the same seed.
 
-The error reported per input is  max_i |analytic_i - numeric_i| / max(max_i |analytic_i|, max_i |numeric_i|),
-relative to the largest gradient entry of that input, so near-zero entries do not blow it up.
+The error reported per input is  max_i |analytic_i - numeric_i| / max(max_i |analytic_i|, max_i |numeric_i|)
+over the compared entries i, relative to the largest of them, so near-zero entries do not blow it up. The
+compared entries always include the largest |analytic| entry: an absurd entry a backward wrote (an
+np.empty row it forgot) is compared, and fails, instead of swamping the scale of the others.
 Two results are not numbers (see Verdict): non-finite, when either gradient holds NaN or inf, and
 uninformative, when both gradients are so small that they compare rounding noise.
 """
+import contextlib
 import inspect
 import math
 import re
@@ -18,6 +21,8 @@ import re
 import numpy as np
 
 __all__ = ["gradcheck", "Verdict", "Uninformative", "NonFinite"]
+
+EPS_RANGE = (1e-10, 1.0)  # central-difference steps: below, float64 round-off swamps f(x + eps) - f(x - eps)
 
 STREAM = 0x67726164  # spawn key of gradcheck's random streams ("grad")
 UPSTREAM, REFERENCE, ENTRIES, PROJECTION = range(4)  # what each stream draws (PROJECTION: numlm.inspect)
@@ -70,10 +75,21 @@ def _generators(module):
     return list(gens.values())
 
 
-def _entries(size, max_entries, rng):
+def largest_at(g):
+    """The flat index of g's largest |entry| (a NaN or inf first: it is the most wrong)."""
+    a = np.abs(np.asarray(g, dtype=np.float64)).reshape(-1)
+    return int(np.argmax(np.where(np.isfinite(a), a, np.inf)))
+
+
+def _entries(g, max_entries, rng):
+    """The flat entries of g to compare: all, or max_entries of them, the largest |g| among them and
+    the others drawn among all."""
+    size = g.size
     if max_entries is None or size <= max_entries:
         return np.arange(size)
-    return np.sort(rng.choice(size, max_entries, replace=False))
+    top = largest_at(g)
+    rest = rng.choice(size - 1, max_entries - 1, replace=False)
+    return np.sort(np.append(rest + (rest >= top), top))  # every entry but top, then top
 
 
 def largest(g):
@@ -90,15 +106,17 @@ def _degenerate(gmax, ref, floor):
 
 
 def _error(analytic, numeric, idx, ref, floor):
-    """max |analytic - numeric| over the entries idx / the largest entry of either; NonFinite or
-    Uninformative (see _degenerate) instead when it is not a measure of the backward."""
+    """max |analytic - numeric| over the entries idx / the largest of those entries of either; NonFinite
+    (a NaN or inf anywhere in analytic, compared or not) or Uninformative (see _degenerate) instead
+    when it is not a measure of the backward."""
     analytic = np.asarray(analytic, dtype=np.float64)
     if not (np.isfinite(analytic).all() and np.isfinite(numeric).all()):
         return NonFinite()
-    gmax = max(largest(analytic), largest(numeric))
+    compared = analytic.reshape(-1)[idx]
+    gmax = max(largest(compared), largest(numeric))
     if _degenerate(gmax, ref, floor):
         return Uninformative()
-    return float(np.abs(analytic.reshape(-1)[idx] - numeric).max(initial=0.0) / gmax)
+    return float(np.abs(compared - numeric).max(initial=0.0) / gmax)
 
 
 def _loss(out, module):
@@ -123,9 +141,21 @@ def _output_value(out, module=None):
                      "a scalar or a model output with .loss")
 
 
+def _real(v):
+    return not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
+
+
 def check_eps(eps):
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) or not 0 < eps < np.inf:
-        raise ValueError(f"eps must be a finite number > 0 (the central-difference step), got {eps!r}")
+    lo, hi = EPS_RANGE
+    if not _real(eps) or not lo <= eps <= hi:
+        raise ValueError(f"eps must be a number in [{lo:g}, {hi:g}] (the central-difference step; a smaller one "
+                         f"compares float64 round-off), got {eps!r}")
+
+
+def check_tol(tol):
+    """A relative error is at most 2, and 1 when one gradient is zero: a tol of 1 or more passes anything."""
+    if not _real(tol) or not 0 < tol < 1:
+        raise ValueError(f"tol must be a number in (0, 1) (the largest relative error that passes), got {tol!r}")
 
 
 def _check_arguments(fn, backward, eps, max_entries, seed, kwargs):
@@ -149,8 +179,8 @@ def _check_arguments(fn, backward, eps, max_entries, seed, kwargs):
 
 def _bind(fn, inputs):
     """(names, values, as_dict): the inputs' names from the function's signature (or the dict's keys),
-    their values with floating-point arrays made contiguous (they are perturbed through a flat view,
-    which must not be a copy), and whether fn takes them by keyword."""
+    their values with floating-point arrays copied (writable, contiguous, of their own shape: each is
+    perturbed alone through a flat view), and whether fn takes them by keyword."""
     if isinstance(inputs, dict):
         names, values = list(inputs), list(inputs.values())
     else:
@@ -165,9 +195,7 @@ def _bind(fn, inputs):
         if isinstance(v, np.ndarray) and v.dtype.kind == "f":
             if v.dtype != np.float64:
                 raise ValueError(f"gradcheck needs float64 inputs; {names[i]} is {v.dtype}")
-            values[i] = np.ascontiguousarray(v)
-            if any(isinstance(u, np.ndarray) and np.may_share_memory(values[i], u) for u in values[:i]):
-                values[i] = values[i].copy()  # x passed as q, k and v: each input perturbed alone
+            values[i] = np.array(v, order="C")  # a copy: a read-only input, x passed as q, k and v, a 0-d scale
     return names, values, isinstance(inputs, dict)
 
 
@@ -197,18 +225,41 @@ class _Run:
         return _output_value(self.forward()[0], self.module)
 
 
+TARGETS = ("labels", "label")  # a floating-point input so named is a loss's target (regression labels)
+
+
+def _left_gradient(module, name):
+    """The gradient of input `name` a numlm model's backward leaves on a submodule instead of returning
+    it (inputs_embeds: transformer.inputs_embeds_grad, embeddings.inputs_embeds_grad); None without."""
+    for _, m in module.modules():
+        g = getattr(m, f"{name}_grad", None)
+        if isinstance(g, np.ndarray):
+            return g.copy()
+    return None
+
+
 def _input_gradients(run, grads):
     """{input name: gradient} from what a backward returned: one gradient per floating-point input,
-    in order (None for an input it does not differentiate)."""
+    in order (None for an input it does not differentiate). A module's input it returns nothing for
+    (all of them when backward() differentiates a loss) is read from `<name>_grad` (see _left_gradient);
+    without one, a floating-point target passes through and any other input is refused by name."""
     grads = () if grads is None else grads if isinstance(grads, tuple) else (grads,)
     floating = run.floating
-    if (run.module is None or floating) and (len(grads) < len(floating)
-                                             or any(g is not None for g in grads[len(floating):])):
+    extra = any(g is not None for g in grads[len(floating):])  # allowed from a module taking only integer inputs
+    if (run.module is None and len(grads) < len(floating)) or (extra and (run.module is None or floating)):
         raise ValueError(f"backward returned {len(grads)} gradient(s) for {len(floating)} floating-point "
                          f"input(s) ({', '.join(run.names[i] for i in floating) or 'none'}): it must return one "
                          f"per floating-point input, in order")
-    return {run.names[i]: np.asarray(grads[j], dtype=np.float64)
-            for j, i in enumerate(floating) if j < len(grads) and grads[j] is not None}
+    out = {}
+    for j, i in enumerate(floating):
+        name = run.names[i]
+        g = grads[j] if j < len(grads) else None if run.module is None else _left_gradient(run.module, name)
+        if g is not None:
+            out[name] = np.asarray(g, dtype=np.float64)
+        elif j >= len(grads) and not name.endswith(TARGETS):
+            raise ValueError(f"{type(run.module).__name__}.backward gives no gradient for the floating-point input "
+                             f"{name} (it neither returns one nor leaves {name}_grad): pass a mask or ids as integers")
+    return out
 
 
 def _backward_pass(run, rng, params):
@@ -223,10 +274,25 @@ def _backward_pass(run, rng, params):
         return dout, _input_gradients(run, run.backward(dout, cache))
     run.fn.zero_grad()
     grads = run.fn.backward() if has_loss else run.fn.backward(dout)
-    grads = {} if has_loss else _input_gradients(run, grads)
+    grads = _input_gradients(run, None if has_loss else grads)
     arrays = run.fn.grad_arrays()
     grads.update({f"param:{k}": arrays[k].copy() for k in params if k in arrays})
     return dout, grads
+
+
+@contextlib.contextmanager
+def last_forward_kept(module):
+    """Every module's attributes as they were before the block: its last forward's cache (a model's
+    _last, attention's present), so a backward() after a check differentiates the caller's forward, not
+    the check's last probe with a perturbed weight. Forwards only ever replace these, never write
+    into them, so the references kept are the caller's caches unchanged; gradients are left alone."""
+    saved = [(m, dict(vars(m))) for _, m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs in saved:
+            vars(m).clear()
+            vars(m).update(attrs)
 
 
 def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_entries=None,
@@ -239,12 +305,16 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
       * a Module (a layer or a whole model): ``out = fn(*inputs, **kwargs)`` then
         ``fn.backward(dout)`` returning the input gradient(s), or ``fn.backward()`` when the output
         has a ``.loss`` (for models, the scalar their ``objective(out)`` names); every parameter
-        of the module is checked too (``check_params``).
+        of the module is checked too (``check_params``). A floating-point input whose gradient the
+        backward does not return is read where numlm's models leave it (inputs_embeds:
+        ``inputs_embeds_grad``); a floating-point target (``labels``) passes through; any other is refused.
+        The module keeps the checked pass's gradients, and its last forward is the caller's again.
     ``inputs`` is a tuple of positional arguments or a dict of keyword arguments; integer arrays
-    (token ids, labels, masks) pass through unchecked. Floating-point inputs and module parameters
-    must be float64. ``max_entries`` checks that many random entries per array instead of all
-    (two forwards per entry). Dropout stays deterministic: numpy Generators passed as inputs or
-    found on the module are rewound to their state before the first forward on every call.
+    (token ids, labels, masks) pass through unchecked. Floating-point inputs (copied, never written)
+    and module parameters must be float64. ``max_entries`` checks that many entries per array
+    instead of all (two forwards per entry): the largest analytic one and random others. Dropout
+    stays deterministic: numpy Generators passed as inputs or found on the module are rewound to
+    their state before the first forward on every call.
     ``seed`` picks dout and the entries, from streams of gradcheck's own (see `stream`).
 
     Returns ``{name: error}`` with names from the function's signature (or the dict's keys) and
@@ -260,12 +330,18 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
         if p.dtype != np.float64:
             raise ValueError(f"gradcheck needs a float64 model; parameter {k} is {p.dtype} (use .astype('float64'))")
     run = _Run(fn, backward, names, values, as_dict, dict(kwargs or {}), is_module)
+    with last_forward_kept(fn) if is_module else contextlib.nullcontext():
+        return _compare(run, {**dict(zip(names, values)), **{f"param:{k}": p for k, p in params.items()}},
+                        params, seed, eps, max_entries)
+
+
+def _compare(run, arrays, params, seed, eps, max_entries):
+    """gradcheck's errors: the analytic gradients of two passes, then central differences of `arrays`."""
     # the reference pass first, so that a module keeps the checked pass's gradients
     ref_dout, reference = _backward_pass(run, stream(seed, REFERENCE), params)
     dout, grads = _backward_pass(run, stream(seed, UPSTREAM), params)
     if not grads:
         raise ValueError("nothing to check: no floating-point input has a gradient and there are no parameters")
-    arrays = {**dict(zip(names, values)), **{f"param:{k}": p for k, p in params.items()}}
     for name, g in grads.items():
         if g.shape != arrays[name].shape:
             raise ValueError(f"analytic gradient for {name} has shape {g.shape}, expected {arrays[name].shape}")
@@ -278,7 +354,7 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
     rng = stream(seed, ENTRIES)
     errors = {}
     for name, g in grads.items():
-        idx = _entries(g.size, max_entries, rng)
+        idx = _entries(g, max_entries, rng)
         numeric = central_differences(f, arrays[name].reshape(-1), idx, eps)
         ref = largest(reference[name]) if ref_dout is not None else None
         errors[name] = _error(g, numeric, idx, ref, floor)

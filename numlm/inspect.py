@@ -16,7 +16,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .gradchecking import (ENTRIES, PROJECTION, REFERENCE, REF_RATIO, NonFinite, Uninformative, Verdict,
-                           central_differences, check_eps, largest, stream)
+                           central_differences, check_eps, check_tol, largest, largest_at, last_forward_kept,
+                           stream)
 from .kernels.matmul import one_blas_thread  # thousands of forwards of a few tokens gain nothing from threads
 from .nn import OPS, eval_mode
 from .optim import sum_squares
@@ -34,7 +35,7 @@ class ParamCheck(NamedTuple):
     shape: tuple
     checked: int
     error: float       # max |analytic - numeric| / scale over the checked entries, or a Verdict
-    scale: float       # the largest |gradient| entry of the parameter
+    scale: float       # the largest |gradient| entry checked (the parameter's largest analytic one among them)
 
 
 class ModelCheck(NamedTuple):
@@ -82,6 +83,8 @@ def objective_inputs(model, input_ids):
     B, T = ids.shape
     name = type(model).__name__
     cfg = model.config
+    if T < 2 and ("LMHead" in name or "DoubleHeads" in name):  # numlm's are causal: labels shift by one
+        raise ValueError(f"{name}'s LM objective needs at least 2 tokens (each predicts the next), got {T}")
     zeros = np.zeros(B, dtype=np.int64)
     if "DoubleHeads" in name:  # one choice per row, summarised at its last token
         return {"input_ids": ids[:, None], "labels": ids[:, None], "mc_token_ids": np.full((B, 1), T - 1),
@@ -139,26 +142,30 @@ def _analytic(model, kw, rng):
 def check_model(model, input_ids, params=3, seed=0, eps=1e-6, tol=1e-5, break_=None, progress=None):
     """Float64 numerical gradient check of a whole model on `input_ids` (1, T).
 
-    For every parameter, `params` random entries (drawn among those with a non-zero analytic
-    gradient, so an embedding table is not checked only where it is zero) are compared with
+    For every parameter, `params` entries (see _targets: its largest analytic entry, one drawn
+    among all, the others among the non-zero ones, so an embedding table is not checked only where
+    it is zero, nor a gradient a backward left at zero only where it is not) are compared with
     central differences  (f(w + eps) - f(w - eps)) / (2 eps)  of the scalar backward() differentiates;
     then `params` entries of the input tokens' embedding rows (the input embeddings' gradient).
-    A row's error is  max |analytic - numeric| / max(largest |analytic| entry of the parameter,
-    largest |numeric|, floor),  with floor = 1e-3 times the largest gradient entry of the whole
-    model: a parameter whose gradient is zero in exact arithmetic (a key bias: softmax ignores a
+    A row's error is  max |analytic - numeric| / max(largest |analytic|, largest |numeric|, floor)
+    over its checked entries, with floor = 1e-3 times the largest numerical entry of the whole
+    model (which no backward can inflate): a parameter whose gradient is zero in exact arithmetic (a key bias: softmax ignores a
     constant added to a row) then compares rounding noise with the model's gradient scale, and a
-    wrong gradient still shows unless it is below tol * 1e-3 of the model's largest.
+    wrong gradient still shows unless it is below tol * 1e-3 of the model's largest. Each
+    parameter's largest analytic entry is checked, so an absurd one fails its row instead of
+    shrinking the others' errors.
     A NaN or inf in either gradient makes the row NonFinite. A bare backbone (no loss) is checked
     on a random projection R of its outputs, drawn from a stream of gradcheck's own (see
     gradchecking.stream); a row whose gradients are tiny against those of an independent
     projection is Uninformative. Both compare as inf: the check does not pass.
     `break_` names an entry of BREAKS to corrupt while the analytic gradient is taken. The model's
-    train/eval modes and accumulated gradients are as they were afterwards, whether the check passes or raises.
+    train/eval modes, accumulated gradients and last forward (what a backward() differentiates) are
+    as they were afterwards, whether the check passes or raises.
     Each checked entry costs two forwards: keep the text short."""
     ids = _check_model_args(model, input_ids, params, seed, eps, tol, progress)
     grads = {k: g.copy() for k, g in model.grad_arrays().items()}
     try:
-        with one_blas_thread(), eval_mode(model):
+        with one_blas_thread(), eval_mode(model), last_forward_kept(model):
             return _check_model(model, ids, params, seed, eps, tol, break_, progress)
     finally:  # the model as it was: (its modes by eval_mode) the gradients it had accumulated
         for k, g in model.grad_arrays().items():
@@ -174,8 +181,7 @@ def _check_model_args(model, input_ids, params, seed, eps, tol, progress):
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     check_eps(eps)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)) or not 0 < tol < np.inf:
-        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    check_tol(tol)
     if progress is not None and not callable(progress):
         raise ValueError(f"progress must be a callable or None, got {type(progress).__name__}")
     ids = np.asarray(input_ids)
@@ -203,15 +209,16 @@ def _check_model(model, ids, params, seed, eps, tol, break_, progress):
     def f():
         return float(value(model(**kw)))
 
-    floor = 1e-3 * max(largest(g) for g in grads.values())
     targets = _targets(model.parameters(), grads, ids, params, stream(seed, ENTRIES))
-    rows = []
-    for i, (name, key, shape, w, idx) in enumerate(targets):
-        numeric = central_differences(f, w.reshape(-1), idx, eps)
-        ref = None if reference is None else largest(reference[key])
-        rows.append(_row(name, shape, grads[key], numeric, idx, ref, floor))
+    numerics = []
+    for i, (_, _, _, w, idx) in enumerate(targets):
+        numerics.append(central_differences(f, w.reshape(-1), idx, eps))
         if progress is not None:
             progress(i + 1, len(targets))
+    # the floor from the numerical gradients: no backward, however wrong, raises it
+    floor = 1e-3 * max(largest(n) for n in numerics)
+    rows = [_row(name, shape, grads[key], numeric, idx, None if reference is None else largest(reference[key]), floor)
+            for (name, key, shape, _, idx), numeric in zip(targets, numerics)]
     return ModelCheck(rows, what, int(ids.shape[1]), time.perf_counter() - t0, tol)
 
 
@@ -222,9 +229,7 @@ def _targets(weights, grads, ids, params, rng):
     for name, w in weights.items():
         if name not in grads:  # frozen: no gradient to check
             continue
-        nz = np.flatnonzero(grads[name])
-        pool = nz if len(nz) else np.arange(w.size)
-        targets.append((name, name, w.shape, w, rng.choice(pool, min(params, len(pool)), replace=False)))
+        targets.append((name, name, w.shape, w, _entries(grads[name], params, rng)))
     emb = _input_embedding_name(weights)
     if emb is not None and emb in grads:
         w = weights[emb]
@@ -235,18 +240,41 @@ def _targets(weights, grads, ids, params, rng):
     return targets
 
 
+def _entries(g, params, rng):
+    """min(params, g.size) flat entries of one parameter's gradient g: its largest |entry| (an absurd
+    one fails there), one drawn among all (a region a backward left at zero), the rest among the
+    non-zero ones (where a sparse gradient, an embedding table's, says something), then among all."""
+    if params >= g.size:
+        return np.arange(g.size)
+    top = largest_at(g)
+    chosen = [top]
+    if params > 1:
+        other = int(rng.integers(g.size - 1))
+        chosen.append(other + (other >= top))  # any entry but top
+    nonzero = np.flatnonzero(g)
+    pool = nonzero[~np.isin(nonzero, chosen)]
+    picked = rng.choice(pool, min(params - len(chosen), len(pool)), replace=False)
+    chosen += picked.tolist()
+    if len(chosen) < params:  # fewer non-zero entries than asked for
+        rest = np.setdiff1d(np.arange(g.size), chosen)
+        chosen += rng.choice(rest, params - len(chosen), replace=False).tolist()
+    return np.array(chosen)
+
+
 def _row(name, shape, g, numeric, idx, ref, floor):
-    """One parameter's check: its error against max(its largest gradient entry, floor); NonFinite when
-    either gradient holds NaN or inf; Uninformative when the projection's gradient is tiny against
-    the one an independent projection gives (ref), or when every gradient of the model is zero."""
-    gmax = max(largest(g), largest(numeric))
+    """One parameter's check over its compared entries idx: the error against max(their largest
+    analytic or numeric entry, floor); NonFinite when a NaN or inf is in either gradient (anywhere
+    in the analytic one); Uninformative when the projection's gradient is tiny against the one an
+    independent projection gives (ref), or when every gradient of the model is zero."""
+    compared = g.reshape(-1)[idx]
+    gmax = max(largest(compared), largest(numeric))
     scale = max(gmax, floor)
     if not (np.isfinite(g).all() and np.isfinite(numeric).all()):
         err = NonFinite()
     elif scale == 0 or (ref is not None and ref > floor and gmax <= REF_RATIO * ref):
         err = Uninformative()
     else:
-        err = float(np.abs(g.reshape(-1)[idx] - numeric).max(initial=0.0)) / scale
+        err = float(np.abs(compared - numeric).max(initial=0.0)) / scale
     return ParamCheck(name, tuple(shape), len(idx), err, gmax)
 
 

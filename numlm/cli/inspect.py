@@ -62,18 +62,20 @@ def cmd_gradcheck(a):
     from tqdm.auto import tqdm
     if a.break_ is not None:
         print(f"broken on purpose: {BREAKS[a.break_][0]}")
-    bar = tqdm(total=None, unit="param", file=sys.stderr, dynamic_ncols=True, leave=False)
+    bars = []  # made at the first entry checked: a refused input prints its one line alone
 
     def progress(i, n):
-        bar.total = n
-        bar.update(1)
+        if not bars:
+            bars.append(tqdm(total=n, unit="param", file=sys.stderr, dynamic_ncols=True, leave=False))
+        bars[0].update(1)
     try:
         res = check_checkpoint(a.model, text=DEFAULT_TEXT if a.text is None else a.text,
                                params=3 if a.params is None else a.params, seed=a.seed,
                                tol=1e-5 if a.tol is None else a.tol,
                                break_=a.break_, progress=progress)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     print(res.table())
     return 0 if res.passed else 1
 
@@ -111,7 +113,7 @@ def cmd_plot(a):
 
 
 def add_parsers(sub):
-    from .args import count, positive
+    from .args import count, number
     from ..inspect import BREAKS
     g = sub.add_parser("gradcheck", help="check every op's backward, or a whole checkpoint's gradients, "
                        "against numerical gradients")
@@ -119,8 +121,8 @@ def add_parsers(sub):
     g.add_argument("--text", help="the text the model is checked on (keep it short: each entry costs two forwards)")
     g.add_argument("--params", type=count(1), help="random entries checked per parameter (default 3)")
     g.add_argument("--seed", type=count(0), default=0)
-    g.add_argument("--tol", type=positive, default=None,
-                   help="largest relative error that passes (default 1e-5 for a model, 1e-6 for the op table)")
+    g.add_argument("--tol", type=number(0.0, 1.0), default=None,  # a relative error of 1 is a zero gradient
+                   help="largest relative error that passes, below 1 (default 1e-5 for a model, 1e-6 for the op table)")
     g.add_argument("--break", dest="break_", choices=sorted(BREAKS),
                    help="corrupt one op's backward on purpose, to see the check catch it")
     g.set_defaults(fn=cmd_gradcheck)
