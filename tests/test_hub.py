@@ -85,6 +85,8 @@ def test_pickle_only_repository_is_refused_with_the_conversion(hub):
     with pytest.raises(ValueError, match="(?s)only as pickles.*pytorch_model.bin.*save_pretrained") as e:
         numlm.from_pretrained("numlm-test/pickled")
     assert "safe_serialization=True" in str(e.value)
+    # the repository's own class (AutoModel would drop a task head), and its tokenizer beside it
+    assert "architectures[0]" in str(e.value) and "AutoTokenizer" in str(e.value) and "AutoModel." not in str(e.value)
 
 
 def test_local_folders_win_and_bad_paths(hub, tmp_path):

@@ -10,9 +10,12 @@ from pathlib import Path
 # sentence-transformers model's module configs (1_Pooling/config.json)
 ALLOW = ["*.json", "*.safetensors", "vocab.txt", "merges.txt", "*/config.json"]
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# the repository's own class (AutoModel would drop a task head) and its tokenizer, which numlm reads too
 CONVERT = ("numlm never unpickles; convert it once where torch and transformers are installed:\n"
-           "  python -c \"from transformers import AutoModel; "
-           "AutoModel.from_pretrained('{name}').save_pretrained('{name_dir}', safe_serialization=True)\"\n"
+           "  python -c \"import transformers as t; n = '{name}'; "
+           "m = getattr(t, t.AutoConfig.from_pretrained(n).architectures[0]).from_pretrained(n); "
+           "m.save_pretrained('{name_dir}', safe_serialization=True); "
+           "t.AutoTokenizer.from_pretrained(n).save_pretrained('{name_dir}')\"\n"
            "then load the folder {name_dir!r} (or upload its model.safetensors to the repository)")
 
 
