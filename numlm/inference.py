@@ -200,16 +200,22 @@ def predict_tokens(model, input_ids, attention_mask=None, token_type_ids=None):
                        label_names=[[names[i] for i in row] for row in labels])
 
 
-def _text_positions(model):
-    """How many tokens, specials included, a text may have: the position table, less RoBERTa's first
-    pad_token_id + 1 positions (its tokens count from there) and prompt or prefix tuning's virtual tokens."""
-    cfg = _token_classifier(model).config
+def _text_positions(model, tokenizer):
+    """How many tokens, specials included, a text may have: the tokenizer's model_max_length (the pipelines
+    cut there), and at most the position table, less RoBERTa's first pad_token_id + 1 positions (its
+    tokens count from there) and prompt or prefix tuning's virtual tokens."""
+    cfg = getattr(model, "base_model", model).config
     n = getattr(cfg, "max_position_embeddings", None) or cfg.n_positions
     if getattr(cfg, "model_type", None) == "roberta":
         n -= cfg.pad_token_id + 1
     if getattr(model, "kind", None) in ("PROMPT_TUNING", "PREFIX_TUNING"):
         n -= model.peft_config.num_virtual_tokens
-    return n
+    return min(n, getattr(tokenizer, "model_max_length", None) or n)
+
+
+def _check_tokenizer(tokenizer):
+    if not hasattr(tokenizer, "backend"):
+        raise ValueError(f"tokenizer must be a numlm.data.Tokenizer, got {type(tokenizer).__name__}")
 
 
 def _encodings(tokenizer, texts, max_length):
@@ -301,8 +307,7 @@ def _entities(tokens, strategy, names, decode):
 
 def _tag_options(tokenizer, aggregation_strategy, ignore_labels):
     """The strategy in lower case (the pipeline takes any case) and the labels to leave out (None: O)."""
-    if not hasattr(tokenizer, "backend"):
-        raise ValueError(f"tokenizer must be a numlm.data.Tokenizer, got {type(tokenizer).__name__}")
+    _check_tokenizer(tokenizer)
     if not isinstance(aggregation_strategy, str) or aggregation_strategy.lower() not in AGGREGATIONS:
         raise ValueError(f"aggregation_strategy must be one of {AGGREGATIONS}, got {aggregation_strategy!r}")
     ignore = ("O",) if ignore_labels is None else ignore_labels
@@ -330,7 +335,7 @@ def tag(model, tokenizer, texts, aggregation_strategy="none", ignore_labels=("O"
     if not subword_prefix and strategy in ("first", "average", "max"):
         warnings.warn("the tokenizer marks no subwords (no continuing_subword_prefix): a word is guessed as the "
                       "tokens no space separates, as transformers' pipeline guesses", UserWarning, stacklevel=2)
-    encs = _encodings(tokenizer, texts, _text_positions(model))
+    encs = _encodings(tokenizer, texts, _text_positions(model, tokenizer))
     ids = np.full((len(encs), max(len(e.ids) for e in encs)), tokenizer.pad_id or 0, dtype=np.int64)
     mask = np.zeros_like(ids)
     for b, e in enumerate(encs):
@@ -481,7 +486,12 @@ def best_spans(start_logits, end_logits, context_mask, top_k=1, max_answer_len=1
     The top_k (s, e) by score, best first, of which those with s and e both in c are kept: fewer than top_k
     when spans of score 0 (touching the question) were among them, as in the pipeline.
     start_logits, end_logits, context_mask: (T,) -> starts, ends, scores (n,), null (a 0-d array)"""
+    start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
     c = np.asarray(context_mask).astype(bool)  # a copy: position 0 joins it
+    if not start_logits.ndim == 1 or not start_logits.shape == end_logits.shape == c.shape or c.size == 0:
+        raise ValueError(f"start_logits, end_logits and context_mask must be one row each, of one length (T,), "
+                         f"got {start_logits.shape}, {end_logits.shape} and {c.shape}")
+    top_k, max_answer_len = _positive("top_k", top_k), _positive("max_answer_len", max_answer_len)
     c[0] = True
     p_start = softmax(np.where(c, start_logits, -np.inf))
     p_end = softmax(np.where(c, end_logits, -np.inf))
@@ -547,6 +557,10 @@ def qa_windows(tokenizer, question, context, max_seq_len=384, doc_stride=128):
     context cut into parts of the room the question leaves, each part overlapping the one before by
     doc_stride tokens (a context that fits is one window; a doc_stride not below the room is refused where
     the tokenizers library would panic). -> list of tokenizers.Encoding"""
+    _check_tokenizer(tokenizer)
+    max_seq_len = _positive("max_seq_len", max_seq_len)
+    if not isinstance(doc_stride, (int, np.integer)) or isinstance(doc_stride, bool) or doc_stride < 0:
+        raise ValueError(f"doc_stride must be an integer >= 0, got {doc_stride!r}")
     tk = tokenizer.backend
     n_question = len(tk.encode(question, add_special_tokens=False).ids)
     room = max_seq_len - n_question - tk.num_special_tokens_to_add(True)
@@ -605,7 +619,7 @@ def _answer_one(model, tokenizer, question, context, top_k, max_answer_len, max_
     return answers if top_k > 1 else answers[0]
 
 
-def answer(model, tokenizer, question, context, top_k=1, max_answer_len=15, max_seq_len=384, doc_stride=None,
+def answer(model, tokenizer, question, context, top_k=1, max_answer_len=15, max_seq_len=None, doc_stride=None,
            handle_impossible_answer=False):
     """Extractive question answering, transformers 4's question-answering pipeline: the context read in
     windows (qa_windows), spans scored in each (best_spans), mapped to whole words of the context; equal
@@ -613,9 +627,11 @@ def answer(model, tokenizer, question, context, top_k=1, max_answer_len=15, max_
     empty answer competes with the smallest no-answer score of the windows.
     -> {score, start, end, answer} (start/end: characters of the context), a list of top_k of them best first
     when top_k > 1 (the pipeline gives a lone answer as a dict even then); a list of those for a list of
-    questions (one context for all, or one each). doc_stride: the pipeline's default, min(max_seq_len // 2,
-    128), when None. The pipeline's max_question_len applies to slow tokenizers only; numlm's are fast."""
+    questions (one context for all, or one each). max_seq_len: the pipeline's default, min(384, the tokenizer's
+    model_max_length), when None, and at most the model's positions; doc_stride: the pipeline's default,
+    min(max_seq_len // 2, 128), when None. The pipeline's max_question_len applies to slow tokenizers only."""
     _qa_config(model)
+    _check_tokenizer(tokenizer)
     single = isinstance(question, str)
     questions = _texts("question", question)
     contexts = [context] * len(questions) if isinstance(context, str) else _texts("context", context)
@@ -625,10 +641,9 @@ def answer(model, tokenizer, question, context, top_k=1, max_answer_len=15, max_
         if not t.strip():
             raise ValueError(f"{name} is empty (or only white space)")
     top_k, max_answer_len = _positive("top_k", top_k), _positive("max_answer_len", max_answer_len)
+    max_seq_len = min(384, _text_positions(model, tokenizer)) if max_seq_len is None else max_seq_len
     max_seq_len = _positive("max_seq_len", max_seq_len)
     doc_stride = min(max_seq_len // 2, 128) if doc_stride is None else doc_stride
-    if not isinstance(doc_stride, (int, np.integer)) or isinstance(doc_stride, bool) or doc_stride < 0:
-        raise ValueError(f"doc_stride must be an integer >= 0, got {doc_stride!r}")
-    res = [_answer_one(model, tokenizer, q, c, top_k, max_answer_len, max_seq_len, int(doc_stride),
+    res = [_answer_one(model, tokenizer, q, c, top_k, max_answer_len, max_seq_len, doc_stride,
                        handle_impossible_answer) for q, c in zip(questions, contexts)]
     return res[0] if single else res

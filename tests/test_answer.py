@@ -225,3 +225,29 @@ def test_refuses_other_models_and_left_padding(models, tok):
     ids = np.array([[0, 2, 10, 3, 11, 3]])
     with pytest.raises(ValueError, match="start with a real token"):
         answer_spans(models["float32"], ids, ids > 5, attention_mask=np.array([[0, 1, 1, 1, 1, 1]]))
+
+
+def test_windows_fit_the_tokenizer_and_the_model():
+    """max_seq_len defaults to the pipeline's min(384, model_max_length), and never past the model's
+    positions: a long context runs in windows on the 128-position fixture model"""
+    model, tok = numlm.from_pretrained(QA), Tokenizer.from_dir(QA)
+    context = "The module reads files and writes them back to the disk. " * 30
+    assert numlm.answer(model, tok, "What does it read?", context) == \
+        numlm.answer(model, tok, "What does it read?", context, max_seq_len=128)
+    tok.model_max_length = 100
+    assert numlm.answer(model, tok, "What does it read?", context, top_k=3) == \
+        numlm.answer(model, tok, "What does it read?", context, top_k=3, max_seq_len=100)
+
+
+@pytest.mark.parametrize("call, says", [
+    (lambda m, t: numlm.answer(m, None, "q?", "c."), "tokenizer must be a numlm.data.Tokenizer"),
+    (lambda m, t: best_spans(np.zeros((2, 3)), np.zeros((2, 3)), np.ones((2, 3))), "one row each"),
+    (lambda m, t: best_spans(np.zeros(5), np.zeros(4), np.ones(5)), "one row each"),
+    (lambda m, t: best_spans(np.zeros(5), np.zeros(5), np.ones(5), top_k=0), "top_k must be an integer >= 1"),
+    (lambda m, t: qa_windows(t, "q?", "c.", doc_stride=None), "doc_stride must be an integer"),
+    (lambda m, t: qa_windows(t, "q?", "c.", max_seq_len=None), "max_seq_len must be an integer"),
+])
+def test_helpers_refuse_bad_arguments(call, says):
+    model, tok = numlm.from_pretrained(QA), Tokenizer.from_dir(QA)
+    with pytest.raises(ValueError, match=says):
+        call(model, tok)

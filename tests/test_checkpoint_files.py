@@ -96,3 +96,33 @@ def test_a_folder_of_pickles_gets_the_conversion(tmp_path):
     with pytest.raises(ValueError, match=r"only as pickles \(pytorch_model.bin\).*\n.*from transformers import "
                                          r"BertForMaskedLM; BertForMaskedLM.from_pretrained"):
         numlm.from_pretrained(tmp_path)
+
+
+def test_a_tied_pair_stored_twice_with_one_nan_loads_with_the_warning(tmp_path):
+    """one array under both keys, NaN included, is one value: it loads, and the NaN is named"""
+    model = numlm.GPT2LMHeadModel(numlm.GPT2Config(**CFG), seed=1)
+    model.transformer.wte.params["weight"][3, 2] = np.nan
+    _with_alias(tmp_path, model, "lm_head.weight", "transformer.wte.weight", 0.0)
+    with pytest.warns(numlm.io.NonFiniteWeightsWarning, match="transformer.wte.weight"):
+        numlm.from_pretrained(tmp_path)
+
+
+def test_bfloat16_beside_unsigned_and_unknown_types(tmp_path):
+    """a bfloat16 file's other tensors keep their types (uint32 too); a type numpy has no kind for is named"""
+    f = tmp_path / "model.safetensors"
+    _write_bfloat16({"w": np.array([1.5, -2.0], np.float32)}, f)
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    for dtype, want in (("U32", np.array([7, 2 ** 32 - 1], np.uint32)), ("F8_E4M3", None)):
+        extra = want.tobytes() if want is not None else b"\x01\x02"
+        h = dict(header, u={"dtype": dtype, "shape": [2], "data_offsets": [len(data), len(data) + len(extra)]})
+        text = json.dumps(h).encode()
+        f.write_bytes(len(text).to_bytes(8, "little") + text + data + extra)
+        if want is None:
+            with pytest.raises(ValueError, match="tensor 'u' is F8_E4M3, a type numlm does not read"):
+                load_safetensors(tmp_path)
+        else:
+            got = load_safetensors(tmp_path)
+            np.testing.assert_array_equal(got["u"], want)
+            np.testing.assert_array_equal(got["w"], [1.5, -2.0])

@@ -82,3 +82,18 @@ def test_bad_input_is_one_line_and_exit_2(args, says, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_results_stay_on_their_lines_and_long_contexts_window(capsys):
+    """a context longer than the model's 128 positions is read in windows by default; an answer or
+    entity that crosses a line break is printed on its one line"""
+    context = "The module reads files.\nIt writes them back. " * 40
+    assert main(["answer", str(QA), "--question", "What?", "--context", context, "--top-k", "3"]) == 0
+    lines = _lines(capsys)
+    found = numlm.answer(numlm.from_pretrained(QA), Tokenizer.from_dir(QA), "What?", context, top_k=3)
+    assert len(lines) == 3 and any("\n" in r["answer"] for r in found)
+    assert [line.split(None, 2)[2] for line in lines] == [r["answer"].replace("\n", "\\n") for r in found]
+    text = "Ada Lovelace\nlived in London"
+    assert main(["tag", str(TOKCLS), text, "--aggregation", "simple"]) == 0
+    ents = numlm.tag(numlm.from_pretrained(TOKCLS), Tokenizer.from_dir(TOKCLS), text, aggregation_strategy="simple")
+    assert len(_lines(capsys)) == len(ents)

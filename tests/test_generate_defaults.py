@@ -155,3 +155,34 @@ def test_cli_generate_reads_generation_config(tmp_path, capsys):
     tok.save(tmp_path)
     assert main(["generate", str(tmp_path), "--prompt", "the cat", "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out == "the cat" + tok.decode(free[:k + 1]) + "\n"
+
+
+@pytest.mark.parametrize("gen", [{"eos_token_id": "49"}, {"eos_token_id": 49.0}, {"eos_token_id": -5},
+                                 {"eos_token_id": [3, "x"]}, {"pad_token_id": "x"}, {"bos_token_id": True}])
+def test_generation_config_ids_are_token_ids(gpt, tmp_path, gen):
+    """a token id in generation_config.json that is not one is refused on load, naming the file ("49" had
+    been read as the ids 4 and 9)"""
+    with pytest.raises(ValueError, match=r"generation_config.json'?: \w+_token_id must be a token id"):
+        numlm.from_pretrained(_saved(gpt, tmp_path, gen))
+
+
+def test_a_model_without_one_removes_the_folders_generation_config(gpt, tmp_path):
+    """saving a model with no generation config over a folder that has one leaves none: the earlier
+    model's eos would have become this one's"""
+    _saved(gpt, tmp_path, {"eos_token_id": 98})
+    fresh = numlm.GPT2LMHeadModel(gpt.config, seed=5, dtype="float64")
+    fresh.save_pretrained(tmp_path)
+    assert not (tmp_path / "generation_config.json").exists()
+    assert numlm.from_pretrained(tmp_path).generation_config is None
+
+
+def test_encoders_never_read_a_generation_config(tmp_path):
+    """only models that generate read generation_config.json: a BERT folder with a malformed one, or one
+    with sampling settings, loads without a word, as in transformers"""
+    cfg = numlm.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    numlm.BertForMaskedLM(cfg, seed=0).save_pretrained(tmp_path)
+    for text in ("{not json", json.dumps({"do_sample": True, "eos_token_id": "x"})):
+        (tmp_path / "generation_config.json").write_text(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert numlm.from_pretrained(tmp_path).generation_config is None

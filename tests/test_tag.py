@@ -174,6 +174,7 @@ def test_distilbert_by_hand():
     """DistilBERT (no token types): each token's label and score are those of the softmax of the
     model's own logits on the text alone."""
     _, tok, ref = load("bert")
+    tok.model_max_length = None  # the fixture's 40 lifted: the texts run whole in the model's 64 positions
     cfg = numlm.DistilBertConfig(vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2, hidden_dim=24,
                                  max_position_embeddings=64, num_labels=3)
     model = numlm.DistilBertForTokenClassification(cfg, seed=4, dtype="float64")
@@ -213,3 +214,18 @@ def test_refusals():
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="not a token-classification model"):
         predict_tokens(seqcls, [[2, 7, 3]])
+
+
+def test_texts_are_cut_to_the_tokenizers_model_max_length():
+    """as the pipeline cuts them (truncation to model_max_length, 16 here, below the model's 40 positions):
+    the entities are those of the first 16 tokens' forward, [CLS] and [SEP] among them"""
+    model, tok, ref = load("bert")
+    tok.model_max_length = 16
+    text = max(ref["texts"], key=len)
+    got = tag(model, tok, text, "none", [])
+    ids = tok.encode(text)[:15] + [tok.sep_id]
+    probs = predict_tokens(model, np.array([ids])).probs[0]
+    assert [e["index"] for e in got] == list(range(1, 15))
+    np.testing.assert_allclose([e["score"] for e in got], probs[1:15].max(-1), rtol=1e-6)
+    tok.model_max_length = None
+    assert len(tag(model, tok, text, "none", [])) > 14

@@ -116,11 +116,14 @@ def cmd_fill_mask(a):
     return 0
 
 
+LINE_BREAKS = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})  # a result's text kept on its line
+
+
 def cmd_classify(a):
     from ..inference import classify
     model, tok = _load(a.model, a.dtype, a.base)
     for text, r in zip(a.texts, classify(model, tok, a.texts, pairs=a.pair)):
-        print(f"{r['score']:.4f}  {r['label']:<15s} {text}")
+        print(f"{r['score']:.4f}  {r['label']:<15s} {text.translate(LINE_BREAKS)}")
     return 0
 
 
@@ -129,7 +132,8 @@ def cmd_tag(a):
     model, tok = _load(a.model, a.dtype, a.base)
     for e in tag(model, tok, a.text, aggregation_strategy=a.aggregation):
         label = e.get("entity_group", e.get("entity"))
-        print(f"{e['score']:.4f}  {label:<10s} {e['start']:>4d}:{e['end']:<4d} {a.text[e['start']:e['end']]}")
+        words = a.text[e["start"]:e["end"]].translate(LINE_BREAKS)
+        print(f"{e['score']:.4f}  {label:<10s} {e['start']:>4d}:{e['end']:<4d} {words}")
     return 0
 
 
@@ -137,9 +141,9 @@ def cmd_answer(a):
     from ..inference import answer
     model, tok = _load(a.model, a.dtype, a.base)
     found = answer(model, tok, a.question, a.context, top_k=a.top_k, max_answer_len=a.max_answer_len,
-                   handle_impossible_answer=a.allow_no_answer)
+                   max_seq_len=a.max_seq_len, doc_stride=a.doc_stride, handle_impossible_answer=a.allow_no_answer)
     for r in found if isinstance(found, list) else [found]:
-        print(f"{r['score']:.4f}  {r['start']:>4d}:{r['end']:<4d} {r['answer']}")
+        print(f"{r['score']:.4f}  {r['start']:>4d}:{r['end']:<4d} {r['answer'].translate(LINE_BREAKS)}")
     return 0
 
 
@@ -172,6 +176,10 @@ def add_task_parsers(sub):
     q.add_argument("--context", required=True)
     q.add_argument("--top-k", type=count(1), default=1)
     q.add_argument("--max-answer-len", type=count(1), default=15, help="in tokens")
+    q.add_argument("--max-seq-len", type=count(1), help="tokens a window holds (default: 384, at most the "
+                                                        "tokenizer's model_max_length and the model's positions)")
+    q.add_argument("--doc-stride", type=count(0), help="tokens a window overlaps the one before by "
+                                                        "(default: half a window, at most 128)")
     q.add_argument("--allow-no-answer", action="store_true", help="let the empty answer compete")
     q.set_defaults(fn=cmd_answer)
 

@@ -137,6 +137,7 @@ class Tokenizer:
         self._names = {k: name if backend.token_to_id(name) is not None or k not in ROBERTA_NAMES
                        else ROBERTA_NAMES[k] for k, name in _NAMES.items()}
         self._ids = {k: backend.token_to_id(name) for k, name in self._names.items()}
+        self.model_max_length = None  # tokens a text may have, specials included (tokenizer_config.json's)
 
     # ---- training -------------------------------------------------------------------------
     @classmethod
@@ -192,12 +193,21 @@ class Tokenizer:
         d = Path(model_dir)
         if not d.is_dir():
             raise ValueError(f"model_dir: {str(d)!r} is not a directory")
-        if (d / "tokenizer.json").is_file():
-            return cls.from_file(d / "tokenizer.json")
         config = {}
         if (d / "tokenizer_config.json").is_file():
             from ..io import read_json
             config = read_json(d / "tokenizer_config.json")
+        tok = cls._from_files(d, config)
+        n = config.get("model_max_length")  # transformers writes 1e30 for "no limit"
+        if isinstance(n, int) and not isinstance(n, bool) and 0 < n < 10 ** 29:
+            tok.model_max_length = n
+        return tok
+
+    @classmethod
+    def _from_files(cls, d, config):
+        """tokenizer.json, else vocab.txt or vocab.json + merges.txt, of folder d"""
+        if (d / "tokenizer.json").is_file():
+            return cls.from_file(d / "tokenizer.json")
         try:  # the tokenizers package raises bare Exceptions
             if (d / "vocab.txt").is_file():
                 tk = _wordpiece_pipeline(bool(config.get("do_lower_case", True)))
@@ -231,6 +241,8 @@ class Tokenizer:
                 config[f"{key}_token"] = self._names[key]
         if self.eos_id is not None:
             config.update(bos_token=GPT_EOS, eos_token=GPT_EOS)
+        if self.model_max_length is not None:
+            config["model_max_length"] = self.model_max_length
         _write_whole(file, lambda t: self.backend.save(str(t)), config_file, json.dumps(config, indent=2) + "\n")
         return file
 

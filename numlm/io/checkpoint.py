@@ -103,6 +103,12 @@ def read_generation_config(path):
     if not f.is_file():
         return None
     gen = read_json(f)
+    for k in GENERATION_IDS:
+        v = gen.get(k)
+        ids = v if isinstance(v, list) and k == "eos_token_id" else [v]
+        if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ValueError(f"{str(f)!r}: {k} must be a token id{' or a list of them' * (k == 'eos_token_id')} "
+                             f"(an integer >= 0), got {v!r}")
     other = {k: v for k, v in gen.items()
              if k not in GENERATION_IDS and v is not None and (k not in GENERATION_DEFAULTS or
                                                               (GENERATION_DEFAULTS[k] is not None and v != GENERATION_DEFAULTS[k]))}
@@ -113,13 +119,23 @@ def read_generation_config(path):
     return gen
 
 
-def write_generation_config(gen, path):
-    """generation_config.json in folder `path` (a model saved with one keeps it)"""
+def generation_config_text(gen):
+    """generation_config.json's text, or None for no generation config; checked before anything is written"""
+    if gen is None:
+        return None
     try:
-        text = json.dumps(gen, indent=2, sort_keys=True) + "\n"
+        return json.dumps(gen, indent=2, sort_keys=True) + "\n"
     except (TypeError, ValueError) as e:
         raise ValueError(f"the generation config cannot be written as JSON: {e}") from None
-    _atomic_write(Path(path) / GENERATION_CONFIG, lambda t: Path(t).write_text(text))
+
+
+def write_generation_config(text, path):
+    """generation_config.json in folder `path` (a model saved with one keeps it); None removes the file a
+    model saved there before left, which would give this one its token ids"""
+    if text is None:
+        (Path(path) / GENERATION_CONFIG).unlink(missing_ok=True)
+    else:
+        _atomic_write(Path(path) / GENERATION_CONFIG, lambda t: Path(t).write_text(text))
 
 
 def file_mode():
@@ -188,7 +204,8 @@ def _load_bfloat16(f):
     """a safetensors file holding bfloat16 tensors (as float32: a bfloat16 is a float32's upper 16 bits, so
     the values are exact) beside the dtypes numpy has"""
     kinds = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-             "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_, "BF16": np.uint16}
+             "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
+             "BOOL": np.bool_, "BF16": np.uint16}
     try:
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
@@ -198,6 +215,8 @@ def _load_bfloat16(f):
             if key == "__metadata__":
                 continue
             lo, hi = t["data_offsets"]
+            if t["dtype"] not in kinds:
+                raise ValueError(f"tensor {key!r} is {t['dtype']}, a type numlm does not read")
             a = np.frombuffer(data[lo:hi], dtype=np.dtype(kinds[t["dtype"]]).newbyteorder("<")).reshape(t["shape"])
             state[key] = (a.astype(np.uint32) << 16).view(np.float32) if t["dtype"] == "BF16" else a.copy()
         return state

@@ -392,6 +392,7 @@ class GPT2LMHeadModel(PreTrainedModel):
     """logits = h We^T (tied by default);  loss = causal-LM cross-entropy of labels (unshifted: shifted inside).
     backward(): d loss;  backward(grad): grad = d logits."""
 
+    can_generate = True
     config_class = GPT2Config
     backbone = GPT2Model
     base_model_prefix = "transformer"
@@ -516,6 +517,7 @@ class GPT2DoubleHeadsModel(PreTrainedModel):
     out.loss = L1 (LM), out.mc_loss = L2 = CE(mc_logits (B, N), mc_labels (B,)); backward() takes the
     gradient of L3 = lm_coef * loss + mc_loss; backward(grad, mc_grad): d logits and/or d mc_logits."""
 
+    can_generate = True
     config_class = GPT2Config
     backbone = GPT2Model
     base_model_prefix = "transformer"

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..io import (read_config, config_text, write_config, load_safetensors, save_safetensors, read_generation_config,
-                  write_generation_config)
+                  generation_config_text, write_generation_config)
 from ..io.hub import resolve as resolve_model  # a folder, or a Hub name through the Hugging Face cache
 from ..nn import Module, Linear, Embedding, LayerNorm
 from ..ops import (cross_entropy_forward, cross_entropy_backward, mse_forward, mse_backward,
@@ -70,6 +70,7 @@ class PreTrainedModel(Module):
     ignore_on_load = ()     # regexes of checkpoint keys dropped silently (old buffers)
     unused_on_load = ()     # regexes of checkpoint keys this class does not use (warned, not an error)
     generation_config = None  # generation_config.json's dict, read and saved with the folder
+    can_generate = False      # a causal LM head: generate() runs it, generation_config.json is read
 
     def __init__(self, config, seed=0, dtype="float32", init=True):
         """Checks the config, builds the modules (build()), then, unless a containing model will, draws
@@ -189,7 +190,7 @@ class PreTrainedModel(Module):
         ones (transformers then unties the pair) are refused by name."""
         for alias, source in self.tied.items():
             if alias in state and source in state and not np.array_equal(np.asarray(state[alias]),
-                                                                         np.asarray(state[source])):
+                                                                         np.asarray(state[source]), equal_nan=True):
                 untie = (": from_pretrained(..., tie_word_embeddings=False) gives the head its own"
                          if alias == "lm_head.weight" else "")
                 raise ValueError(f"the checkpoint stores the tied pair {source} and {alias} with different "
@@ -231,7 +232,8 @@ class PreTrainedModel(Module):
         config = cls.from_config_dict(read_config(path), **config_overrides)
         model = cls(config, seed=seed, dtype=dtype)  # built in dtype: a float64 file loads bit for bit
         model._load_checkpoint(load_safetensors(path), path)
-        model.generation_config = read_generation_config(path)  # generate's default token ids, when given
+        if cls.can_generate:  # generate's default token ids, when given
+            model.generation_config = read_generation_config(path)
         return model.eval()
 
     def _is_head_key(self, key):
@@ -279,9 +281,9 @@ class PreTrainedModel(Module):
         cfg["architectures"] = [type(self).__name__]
         cfg["dtype"] = str(self.dtype)
         text = config_text(cfg)  # a config JSON cannot hold is refused before the weights are written
+        gen = generation_config_text(self.generation_config)
         save_safetensors(state, path, max_shard_bytes)
-        if self.generation_config is not None:
-            write_generation_config(self.generation_config, path)
+        write_generation_config(gen, path)  # None: another model's file there removed
         write_config(text, path)
 
     # ---- the forward/backward contract --------------------------------------------------------
