@@ -532,19 +532,17 @@ class PeftModel:
     # ---- files ----------------------------------------------------------------------------------
     def save_pretrained(self, path):
         """The library's own files: peft's adapter_config.json + adapter_model.safetensors, or
-        AdapterHub's adapter_config.json + adapter.safetensors (+ head_config.json + model_head.safetensors).
-        float32 unless the model is float64."""
+        AdapterHub's adapter_config.json + adapter.safetensors (+ head_config.json + model_head.safetensors),
+        renamed in together: a save that fails leaves the folder as it was. float32 unless the model is float64."""
         path = check_folder_path(path, "save_pretrained")
-        path.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
         model = self.base_model
         if self.library == "peft":
             d = files.peft_config_to_dict(self.peft_config)
             d["inference_mode"] = True
             d["base_model_name_or_path"] = self.peft_config.base_model_name_or_path
-            files.write_json(d, path / files.CONFIG)
-            files.save_tensors(state, path / files.PEFT_WEIGHTS)
-            return files.drop_other_adapter_files(path, {files.PEFT_WEIGHTS})
+            return files.write_files(path, {files.CONFIG: files.json_writer(d),
+                                            files.PEFT_WEIGHTS: files.tensors_writer(state)})
         c = model.config
         head = {k: v for k, v in state.items() if k in self._head_keys}
         body = {k: v for k, v in state.items() if k not in self._head_keys}
@@ -552,20 +550,19 @@ class PeftModel:
         if hub_head["kept"]:
             sd = model.state_dict()
             head.update({k: sd[k] for k in hub_head["kept"]})
-        files.write_json({"config": files.hub_config_to_dict(self.peft_config), "hidden_size": c.hidden_size,
-                          "model_class": type(model).__name__, "model_name": getattr(c, "_name_or_path", None),
-                          "model_type": _model_type(model), "name": self.adapter_name,
-                          "version": files.ADAPTERS_VERSION}, path / files.CONFIG)
-        files.save_tensors(body, path / files.HUB_WEIGHTS)
+        named = {files.CONFIG: files.json_writer({
+            "config": files.hub_config_to_dict(self.peft_config), "hidden_size": c.hidden_size,
+            "model_class": type(model).__name__, "model_name": getattr(c, "_name_or_path", None),
+            "model_type": _model_type(model), "name": self.adapter_name, "version": files.ADAPTERS_VERSION}),
+            files.HUB_WEIGHTS: files.tensors_writer(body)}
         if head:
             n = getattr(c, "num_labels", None)
-            files.write_json(hub_head["config"] or {
+            named[files.HUB_HEAD_CONFIG] = files.json_writer(hub_head["config"] or {
                 "config": None, "hidden_size": c.hidden_size, "label2id": {f"LABEL_{i}": i for i in range(n or 0)},
                 "model_class": type(model).__name__, "model_name": None, "model_type": _model_type(model),
-                "name": None, "num_labels": n, "version": files.ADAPTERS_VERSION}, path / files.HUB_HEAD_CONFIG)
-            files.save_tensors(head, path / files.HUB_HEAD)
-        return files.drop_other_adapter_files(path, {files.HUB_WEIGHTS} | ({files.HUB_HEAD, files.HUB_HEAD_CONFIG}
-                                                                             if head else set()))
+                "name": None, "num_labels": n, "version": files.ADAPTERS_VERSION})
+            named[files.HUB_HEAD] = files.tensors_writer(head)
+        return files.write_files(path, named)
 
     @classmethod
     def from_pretrained(cls, model, path, is_trainable=False, adapter_name=None):

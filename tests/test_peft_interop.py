@@ -1,0 +1,59 @@
+"""numlm.peft against peft 0.21.2 and AdapterHub where a fault pass found them apart: saves that fail
+part-way, missing head tensors, modules_to_save matching, targets inside the head, prompt folders made
+with a text init, the base model's path and AdapterHub names (fixtures: tests/fixtures/peft/interop-*,
+made by tests/fixtures/make/peft_interop.py)."""
+import json
+import resource
+import signal
+import warnings
+
+import numpy as np
+import pytest
+
+import numlm
+from numlm import peft
+from numlm.peft import LoraConfig, get_peft_model
+
+from conftest import FIXTURES
+
+HF = FIXTURES / "hf"
+INTEROP = FIXTURES / "peft"
+
+
+def base(name, dtype="float64"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a head newly initialised
+        return numlm.from_pretrained(HF / name, dtype=dtype)
+
+
+def randomized(pm, seed):
+    rng = np.random.default_rng(seed)
+    for v in pm.parameters().values():
+        v[...] = rng.standard_normal(v.shape)
+    return pm
+
+
+def folder_bytes(d):
+    return {f.name: f.read_bytes() for f in sorted(d.iterdir())}
+
+
+# ---------------------------------------------------------------------------------------- 1. saving together
+@pytest.mark.parametrize("cfg", [LoraConfig(r=2, lora_alpha=32, target_modules=["query"], task_type="SEQ_CLS"),
+                                 peft.SeqBnConfig(reduction_factor=4)])
+def test_save_that_fails_part_way_leaves_the_folder_as_it_was(tmp_path, cfg):
+    """config and tensors are renamed in together: a full disk while writing the tensors keeps the old adapter"""
+    a = randomized(get_peft_model(base("bert-tiny-seqcls"), LoraConfig(r=2, lora_alpha=8, target_modules=["query"],
+                                                                       task_type="SEQ_CLS")), 0)
+    a.save_pretrained(tmp_path)
+    before = folder_bytes(tmp_path)
+    b = randomized(get_peft_model(base("bert-tiny-seqcls"), cfg), 1)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1500, old_limit[1]))  # room for a config, not for the tensors
+    try:
+        with pytest.raises(Exception):
+            b.save_pretrained(tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert folder_bytes(tmp_path) == before
