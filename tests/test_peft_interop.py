@@ -57,3 +57,18 @@ def test_save_that_fails_part_way_leaves_the_folder_as_it_was(tmp_path, cfg):
         resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
         signal.signal(signal.SIGXFSZ, old_handler)
     assert folder_bytes(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------------- 2. a missing head
+def test_peft_folder_without_its_modules_to_save_tensors_is_refused(tmp_path):
+    """peft raises KeyError for a missing classifier; numlm loaded the base model's untrained one silently"""
+    from safetensors.numpy import load_file, save_file
+    src = INTEROP / "lora-bert-tiny-seqcls" / "adapter"
+    (tmp_path / "adapter_config.json").write_bytes((src / "adapter_config.json").read_bytes())
+    state = load_file(str(src / "adapter_model.safetensors"))
+    save_file({k: v for k, v in state.items() if "classifier" not in k}, str(tmp_path / "adapter_model.safetensors"))
+    m = base("bert-tiny-seqcls")
+    before = {k: v.copy() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="lacks 'base_model.model.classifier"):
+        peft.PeftModel.from_pretrained(m, tmp_path)
+    assert m._peft is None and all(np.array_equal(v, before[k]) for k, v in m.state_dict().items())

@@ -649,7 +649,8 @@ class PeftModel:
         if unknown:
             raise ValueError(f"adapter {str(path)!r}: key {unknown[0]!r} does not fit {type(self.base_model).__name__} "
                              f"(no such module or parameter{'; also ' + str(unknown[1:]) if unknown[1:] else ''})")
-        missing = sorted(k for k in self._slots if k not in state and k not in self._head_keys)
+        optional = self._head_keys if self.library == "adapterhub" else set()  # peft needs its modules_to_save
+        missing = sorted(k for k in self._slots if k not in state and k not in optional)
         if missing:
             raise ValueError(f"adapter {str(path)!r} lacks {missing[0]!r}, which {type(self.base_model).__name__} "
                              f"with this config needs ({len(missing)} missing)")
