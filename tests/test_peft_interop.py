@@ -72,3 +72,36 @@ def test_peft_folder_without_its_modules_to_save_tensors_is_refused(tmp_path):
     with pytest.raises(ValueError, match="lacks 'base_model.model.classifier"):
         peft.PeftModel.from_pretrained(m, tmp_path)
     assert m._peft is None and all(np.array_equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def check_logits(name, hf, pm):
+    r = np.load(INTEROP / name / "reference.npz")
+    got = pm.eval()(r["input_ids"], attention_mask=r["attention_mask"]).logits
+    keep = r["attention_mask"].astype(bool) if got.ndim == 3 else slice(None)
+    np.testing.assert_allclose(got[keep], r["logits"][keep], rtol=1e-9, atol=1e-9)
+
+
+def refused_unchanged(m, call, match):
+    """call(m) raises a ValueError matching `match` and leaves the model as it was"""
+    before = {k: v.copy() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        call(m)
+    assert getattr(m, "_peft", None) is None
+    assert all(np.array_equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------- 3, 4. tied modules
+@pytest.mark.parametrize("name, module, why", [("interop-wte-gpt2-tiny", "wte", "ties to lm_head.weight"),
+                                               ("interop-lmhead-gpt2-tiny", "lm_head", "ties to transformer.wte")])
+def test_modules_to_save_naming_one_of_a_tied_pair_is_refused_by_name(name, module, why):
+    """peft trains an untied copy (the other side stays on the original table); numlm's tied tensor would
+    move both (wte) or nothing (lm_head, no parameters of its own): refused, with the reason, both ways"""
+    refused_unchanged(base("gpt2-tiny"), lambda m: peft.PeftModel.from_pretrained(m, INTEROP / name / "adapter"),
+                      f"modules_to_save names .*{module}.*{why}.*untied copy")
+    cfg = LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=[module], task_type="CAUSAL_LM")
+    refused_unchanged(base("gpt2-tiny"), lambda m: get_peft_model(m, cfg), f"{module}.*{why}")
+
+
+def test_bert_mlm_word_embeddings_in_modules_to_save_is_refused():
+    cfg = LoraConfig(r=2, target_modules=["query"], modules_to_save=["word_embeddings"])
+    refused_unchanged(base("bert-tiny"), lambda m: get_peft_model(m, cfg), "ties to cls.predictions.decoder")

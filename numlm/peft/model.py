@@ -262,6 +262,7 @@ class PeftModel:
         asked = [] if self.library == "adapterhub" else self.peft_config.modules_to_save or []
         if missing := [h for h in asked if h not in found and h not in TASK_HEADS.get(self._task_type(), [])]:
             raise ValueError(f"modules_to_save {missing} match no module of {type(model).__name__}")
+        _refuse_tied(model, [p for p, _ in model.modules() if p and any(p == h or p.endswith("." + h) for h in names)])
         for path, head in model.modules():
             if not path or not any(path == h or path.endswith("." + h) for h in names):
                 continue
@@ -655,6 +656,20 @@ class PeftModel:
             raise ValueError(f"adapter {str(path)!r} lacks {missing[0]!r}, which {type(self.base_model).__name__} "
                              f"with this config needs ({len(missing)} missing)")
         _import_params(self._slots, state)
+
+
+def _refuse_tied(model, paths):
+    """A trained module holding one of a tied pair (GPT-2's wte and lm_head, BERT's word_embeddings and MLM
+    decoder) is refused: peft trains an untied copy of it and keeps the other on the original table, which
+    numlm's tied tensors cannot do."""
+    for p in paths:
+        for alias, source in model.tied.items():
+            here, other = (alias, source) if alias.startswith(p + ".") else (source, alias)
+            if here.startswith(p + "."):
+                raise ValueError(
+                    f"modules_to_save names {p}, whose {here.rsplit('.', 1)[-1]} numlm ties to {other}: peft trains "
+                    f"an untied copy of {p} and leaves {other.rsplit('.', 1)[0]} on the original; numlm cannot train "
+                    f"or load such an adapter (leave {p.rsplit('.', 1)[-1]} out of modules_to_save)")
 
 
 def get_peft_model(model, config, adapter_name="default", seed=0):
