@@ -105,3 +105,18 @@ def test_modules_to_save_naming_one_of_a_tied_pair_is_refused_by_name(name, modu
 def test_bert_mlm_word_embeddings_in_modules_to_save_is_refused():
     cfg = LoraConfig(r=2, target_modules=["query"], modules_to_save=["word_embeddings"])
     refused_unchanged(base("bert-tiny"), lambda m: get_peft_model(m, cfg), "ties to cls.predictions.decoder")
+
+
+# ---------------------------------------------------------------------------------------- 5. peft's suffix match
+def test_distilbert_seqcls_trains_and_saves_pre_classifier_as_peft(tmp_path):
+    """peft matches modules_to_save by key.endswith(name), no dot: "classifier" takes pre_classifier too"""
+    from safetensors.numpy import load_file
+    name = "interop-distilbert-tiny-seqcls"
+    check_logits(name, "distilbert-tiny-seqcls",
+                 peft.PeftModel.from_pretrained(base("distilbert-tiny-seqcls"), INTEROP / name / "adapter"))
+    pm = get_peft_model(base("distilbert-tiny-seqcls"), LoraConfig(r=2, lora_alpha=4, target_modules=["q_lin", "v_lin"],
+                                                                   task_type="SEQ_CLS"))
+    assert "base_model.model.pre_classifier.weight" in pm.parameters()
+    pm.save_pretrained(tmp_path)
+    assert sorted(load_file(str(tmp_path / "adapter_model.safetensors"))) == sorted(
+        load_file(str(INTEROP / name / "adapter" / "adapter_model.safetensors")))

@@ -258,13 +258,16 @@ class PeftModel:
                 self.peft_config.modules_to_save = list(TASK_HEADS.get(self._task_type(), []))
         prefix = {"LORA": "base_model.model.", "IA3": "base_model.model.", "adapterhub": ""}.get(
             "adapterhub" if self.library == "adapterhub" else self.kind, "base_model.")
-        found = {h for path, _ in model.modules() for h in names if path and (path == h or path.endswith("." + h))}
+        # peft's rule is key.endswith(name), no dot: DistilBERT's pre_classifier is a "classifier" too
+        sep = "." if self.library == "adapterhub" else ""
+        hit = [(p, m, [h for h in names if p == h or p.endswith(sep + h)]) for p, m in model.modules() if p]
+        found = {h for _, _, hs in hit for h in hs}
         asked = [] if self.library == "adapterhub" else self.peft_config.modules_to_save or []
         if missing := [h for h in asked if h not in found and h not in TASK_HEADS.get(self._task_type(), [])]:
             raise ValueError(f"modules_to_save {missing} match no module of {type(model).__name__}")
-        _refuse_tied(model, [p for p, _ in model.modules() if p and any(p == h or p.endswith("." + h) for h in names)])
-        for path, head in model.modules():
-            if not path or not any(path == h or path.endswith("." + h) for h in names):
+        _refuse_tied(model, [p for p, _, hs in hit if hs])
+        for path, head, hs in hit:
+            if not hs:
                 continue
             for sub, m in head.modules(f"{path}."):  # a head may be a module of modules (RoBERTa's classifier)
                 m.unfreeze([k for k in m.params])
