@@ -120,3 +120,16 @@ def test_distilbert_seqcls_trains_and_saves_pre_classifier_as_peft(tmp_path):
     pm.save_pretrained(tmp_path)
     assert sorted(load_file(str(tmp_path / "adapter_model.safetensors"))) == sorted(
         load_file(str(INTEROP / name / "adapter" / "adapter_model.safetensors")))
+
+
+# ---------------------------------------------------------------------------------------- 6. targets in the head
+@pytest.mark.parametrize("hf, targets", [("bert-tiny-seqcls", ["query", "classifier"]),
+                                         ("roberta-tiny-seqcls", ["query", "out_proj"])])
+def test_a_target_inside_the_task_head_is_skipped_as_peft_skips_it(tmp_path, hf, targets):
+    from safetensors.numpy import load_file
+    name = f"interop-headtarget-{hf}"
+    check_logits(name, hf, peft.PeftModel.from_pretrained(base(hf), INTEROP / name / "adapter"))
+    pm = get_peft_model(base(hf), LoraConfig(r=2, lora_alpha=4, target_modules=targets, task_type="SEQ_CLS"))
+    pm.save_pretrained(tmp_path)
+    assert sorted(load_file(str(tmp_path / "adapter_model.safetensors"))) == sorted(
+        load_file(str(INTEROP / name / "adapter" / "adapter_model.safetensors")))

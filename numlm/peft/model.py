@@ -149,7 +149,8 @@ class PeftModel:
             raise ValueError(f"target_modules {targets!r} match no Linear module of {type(model).__name__}; "
                              f"its Linear modules are named {names}")
         if isinstance(targets, list):
-            missing = [t for t in targets if not any(p == t or p.endswith("." + t) for p, _ in named)]
+            # a target inside a trained head is skipped, as peft skips it, but it is no typo
+            missing = [t for t in targets if not any(p == t or p.endswith("." + t) for p, _ in model.modules() if p)]
             if missing:  # as `numlm finetune --target` does: a name that matches nothing is a typo, not a no-op
                 raise ValueError(f"target_modules {missing} match no module of {type(model).__name__}")
         for path, lin in named:  # peft's fan_in_fan_out follows the layer (one value for all)
