@@ -77,7 +77,9 @@ def test_peft_folder_without_its_modules_to_save_tensors_is_refused(tmp_path):
 def check_logits(name, hf, pm):
     r = np.load(INTEROP / name / "reference.npz")
     got = pm.eval()(r["input_ids"], attention_mask=r["attention_mask"]).logits
-    keep = r["attention_mask"].astype(bool) if got.ndim == 3 else slice(None)
+    mask = r["attention_mask"].astype(bool)  # padded positions: anything (prompt tuning's n first are kept)
+    keep = np.concatenate([np.ones((len(mask), got.shape[1] - mask.shape[1]), bool), mask], 1) if got.ndim == 3 \
+        else slice(None)
     np.testing.assert_allclose(got[keep], r["logits"][keep], rtol=1e-9, atol=1e-9)
 
 
@@ -133,3 +135,23 @@ def test_a_target_inside_the_task_head_is_skipped_as_peft_skips_it(tmp_path, hf,
     pm.save_pretrained(tmp_path)
     assert sorted(load_file(str(tmp_path / "adapter_model.safetensors"))) == sorted(
         load_file(str(INTEROP / name / "adapter" / "adapter_model.safetensors")))
+
+
+# ---------------------------------------------------------------------------------------- 7. TEXT-initialised prompts
+def test_prompt_folder_made_with_text_init_loads_and_saves_back_as_peft_reads_it(tmp_path):
+    """the prompt is in the file: loading needs no initialisation; a save keeps peft's TEXT fields"""
+    name = "interop-prompt-text-gpt2-tiny"
+    pm = peft.PeftModel.from_pretrained(base("gpt2-tiny"), INTEROP / name / "adapter")
+    check_logits(name, "gpt2-tiny", pm)
+    pm.save_pretrained(tmp_path)
+    d = json.loads((tmp_path / "adapter_config.json").read_text())
+    want = json.loads((INTEROP / name / "adapter" / "adapter_config.json").read_text())
+    assert {k: d[k] for k in ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path")} == \
+        {k: want[k] for k in ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path")}
+    check_logits(name, "gpt2-tiny", peft.PeftModel.from_pretrained(base("gpt2-tiny"), tmp_path))
+
+
+def test_get_peft_model_refuses_text_init_by_name():
+    cfg = peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM", prompt_tuning_init="TEXT",
+                                  prompt_tuning_init_text="the cat", tokenizer_name_or_path="x")
+    refused_unchanged(base("gpt2-tiny"), lambda m: get_peft_model(m, cfg), "prompt_tuning_init='TEXT' is not supported")

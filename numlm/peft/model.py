@@ -683,6 +683,10 @@ def get_peft_model(model, config, adapter_name="default", seed=0):
     with inference_mode=True gives a frozen adapter, as peft's does."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if getattr(config, "prompt_tuning_init", "RANDOM") != "RANDOM":
+        raise ValueError(f"prompt_tuning_init={config.prompt_tuning_init!r} is not supported by get_peft_model; numlm "
+                         "initialises soft prompts at random ('RANDOM'); a folder made with it loads (the prompt is in "
+                         "its file)")
     pm = PeftModel(model, config, adapter_name=adapter_name, seed=seed)
     if getattr(config, "inference_mode", False):
         pm._freeze_adapter()
