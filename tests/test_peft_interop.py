@@ -155,3 +155,15 @@ def test_get_peft_model_refuses_text_init_by_name():
     cfg = peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM", prompt_tuning_init="TEXT",
                                   prompt_tuning_init_text="the cat", tokenizer_name_or_path="x")
     refused_unchanged(base("gpt2-tiny"), lambda m: get_peft_model(m, cfg), "prompt_tuning_init='TEXT' is not supported")
+
+
+# ---------------------------------------------------------------------------------------- 8. the base model's path
+def test_saved_adapter_records_the_folder_its_base_was_loaded_from(tmp_path):
+    """peft writes base_model_name_or_path (the folder or Hub name as given); numlm wrote null"""
+    folder = str(HF / "gpt2-tiny")
+    for load in (numlm.from_pretrained, numlm.GPT2LMHeadModel.from_pretrained):
+        pm = get_peft_model(load(folder), LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM"))
+        pm.save_pretrained(tmp_path)
+        assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == folder
+    given = LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM", base_model_name_or_path="org/name")
+    assert get_peft_model(numlm.from_pretrained(folder), given).peft_config.base_model_name_or_path == "org/name"

@@ -688,6 +688,8 @@ def get_peft_model(model, config, adapter_name="default", seed=0):
                          "initialises soft prompts at random ('RANDOM'); a folder made with it loads (the prompt is in "
                          "its file)")
     pm = PeftModel(model, config, adapter_name=adapter_name, seed=seed)
+    if getattr(config, "base_model_name_or_path", "") is None:  # as peft: the folder the model was loaded from
+        config.base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
     if getattr(config, "inference_mode", False):
         pm._freeze_adapter()
     return pm
