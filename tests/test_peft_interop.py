@@ -167,3 +167,30 @@ def test_saved_adapter_records_the_folder_its_base_was_loaded_from(tmp_path):
         assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == folder
     given = LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM", base_model_name_or_path="org/name")
     assert get_peft_model(numlm.from_pretrained(folder), given).peft_config.base_model_name_or_path == "org/name"
+
+
+# ---------------------------------------------------------------------------------------- 9. AdapterHub names
+def test_adapterhub_name_with_a_hyphen_loads_and_adapter_name_renames_it(tmp_path):
+    """AdapterHub's adapters live in a torch ModuleDict: any name without a dot ("sst-2") is a key part"""
+    from safetensors.numpy import load_file, save_file
+    src = INTEROP / "adapter-bert-tiny-seqcls"
+    cfg = json.loads((src / "adapter" / "adapter_config.json").read_text())
+    old, cfg["name"] = cfg["name"], "sst-2"
+    d = tmp_path / "hub"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    state = load_file(str(src / "adapter" / "adapter.safetensors"))
+    save_file({k.replace(f".adapters.{old}.", ".adapters.sst-2."): v for k, v in state.items()},
+              str(d / "adapter.safetensors"))
+    for f in ("head_config.json", "model_head.safetensors"):
+        if (src / "adapter" / f).is_file():
+            (d / f).write_bytes((src / "adapter" / f).read_bytes())
+    r = np.load(src / "reference.npz")
+    for name in (None, "sst2"):
+        pm = peft.PeftModel.from_pretrained(base("bert-tiny-seqcls"), d, adapter_name=name)
+        got = pm.eval()(r["input_ids"], attention_mask=r["attention_mask"]).logits
+        np.testing.assert_allclose(got, r["logits"], rtol=1e-9, atol=1e-9)
+    pm.save_pretrained(tmp_path / "again")
+    assert all(".adapters.sst2." in k for k in load_file(str(tmp_path / "again" / "adapter.safetensors")))
+    with pytest.raises(ValueError, match="without dots"):
+        get_peft_model(base("bert-tiny-seqcls"), peft.SeqBnConfig(), adapter_name="a.b")

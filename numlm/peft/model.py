@@ -79,8 +79,8 @@ class PeftModel:
         if not isinstance(config, (LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, BnConfig)):
             raise ValueError(f"config must be a LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, "
                              f"SeqBnConfig or DoubleSeqBnConfig, got {type(config).__name__}")
-        if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", adapter_name):
-            raise ValueError(f"adapter_name must be an identifier, got {adapter_name!r}")
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string without dots (a key part), got {adapter_name!r}")
         self.base_model = model
         self.peft_config = config
         self.adapter_name = adapter_name
@@ -594,6 +594,8 @@ class PeftModel:
                                  f"{model.config.hidden_size}")
             name = adapter_name or d.get("name") or "default"
             state = files.load_tensors(path / files.HUB_WEIGHTS)
+            if d.get("name") and name != d["name"]:  # adapter_name renames the keys' adapters.<name>.
+                state = {k.replace(f".adapters.{d['name']}.", f".adapters.{name}."): v for k, v in state.items()}
             if (path / files.HUB_HEAD).is_file():
                 head = files.load_tensors(path / files.HUB_HEAD)
                 state.update(head)
