@@ -151,10 +151,20 @@ def test_prompt_folder_made_with_text_init_loads_and_saves_back_as_peft_reads_it
     check_logits(name, "gpt2-tiny", peft.PeftModel.from_pretrained(base("gpt2-tiny"), tmp_path))
 
 
-def test_get_peft_model_refuses_text_init_by_name():
-    cfg = peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM", prompt_tuning_init="TEXT",
-                                  prompt_tuning_init_text="the cat", tokenizer_name_or_path="x")
-    refused_unchanged(base("gpt2-tiny"), lambda m: get_peft_model(m, cfg), "prompt_tuning_init='TEXT' is not supported")
+def test_text_init_is_peft_s_and_sample_vocab_is_refused_by_name():
+    """TEXT: the init text's word embeddings, repeated to num_virtual_tokens (peft's own prompt in the folder)"""
+    from safetensors.numpy import load_file
+    name = "interop-prompt-text-gpt2-tiny"
+    d = json.loads((INTEROP / name / "adapter" / "adapter_config.json").read_text())
+    cfg = peft.PromptTuningConfig(num_virtual_tokens=d["num_virtual_tokens"], task_type="CAUSAL_LM",
+                                  prompt_tuning_init="TEXT", prompt_tuning_init_text=d["prompt_tuning_init_text"],
+                                  tokenizer_name_or_path=str(INTEROP / name / "tokenizer"))
+    pm = get_peft_model(base("gpt2-tiny"), cfg)
+    want = load_file(str(INTEROP / name / "adapter" / "adapter_model.safetensors"))["prompt_embeddings"]
+    np.testing.assert_array_equal(pm.parameters()["prompt_embeddings"], want)
+    cfg = peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM", prompt_tuning_init="SAMPLE_VOCAB")
+    refused_unchanged(base("gpt2-tiny"), lambda m: get_peft_model(m, cfg),
+                      "prompt_tuning_init='SAMPLE_VOCAB' is not supported")
 
 
 # ---------------------------------------------------------------------------------------- 8. the base model's path

@@ -685,16 +685,39 @@ def get_peft_model(model, config, adapter_name="default", seed=0):
     with inference_mode=True gives a frozen adapter, as peft's does."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    if getattr(config, "prompt_tuning_init", "RANDOM") != "RANDOM":
-        raise ValueError(f"prompt_tuning_init={config.prompt_tuning_init!r} is not supported by get_peft_model; numlm "
-                         "initialises soft prompts at random ('RANDOM'); a folder made with it loads (the prompt is in "
-                         "its file)")
+    rows = _text_init(model, config)  # before the model changes
     pm = PeftModel(model, config, adapter_name=adapter_name, seed=seed)
+    if rows is not None:
+        pm.prompt.params["prompt_embeddings"][...] = rows
     if getattr(config, "base_model_name_or_path", "") is None:  # as peft: the folder the model was loaded from
         config.base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
     if getattr(config, "inference_mode", False):
         pm._freeze_adapter()
     return pm
+
+
+def _text_init(model, config):
+    """peft's prompt_tuning_init="TEXT": the word embeddings of the init text's tokens (the tokenizer's
+    special tokens included), repeated and cut to num_virtual_tokens, through float32 as peft casts them.
+    None for a random init; SAMPLE_VOCAB (torch's random draw) is refused."""
+    init = getattr(config, "prompt_tuning_init", "RANDOM")
+    if init == "RANDOM" or not isinstance(model, PreTrainedModel):  # PeftModel refuses the latter
+        return None
+    if init != "TEXT":
+        raise ValueError(f"prompt_tuning_init={init!r} is not supported by get_peft_model (numlm initialises "
+                         "'RANDOM' or 'TEXT'); a folder made with it loads (the prompt is in its file)")
+    if not config.tokenizer_name_or_path or not config.prompt_tuning_init_text or config.tokenizer_kwargs:
+        raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text and tokenizer_name_or_path "
+                         "(numlm takes no tokenizer_kwargs)")
+    from ..data.tokenizer import Tokenizer
+    ids = Tokenizer.from_pretrained(config.tokenizer_name_or_path).encode(config.prompt_tuning_init_text)
+    table = word_embeddings(model).params["weight"]
+    if not ids or max(ids) >= len(table):
+        raise ValueError(f"prompt_tuning_init_text tokenizes to ids {ids}, which the model's "
+                         f"{len(table)}-row token table does not hold")
+    n = config.num_virtual_tokens
+    ids = (ids * -(-n // len(ids)))[:n]
+    return table[ids].astype(np.float32)
 
 
 TASK_CLASSES = {"SEQ_CLS": "ForSequenceClassification", "TOKEN_CLS": "ForTokenClassification",
