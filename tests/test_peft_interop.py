@@ -53,10 +53,12 @@ def test_save_that_fails_part_way_leaves_the_folder_as_it_was(tmp_path, cfg):
     try:
         with pytest.raises(Exception):
             b.save_pretrained(tmp_path)
+        with pytest.raises(Exception):  # a folder it makes goes too
+            b.save_pretrained(tmp_path / "new")
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
         signal.signal(signal.SIGXFSZ, old_handler)
-    assert folder_bytes(tmp_path) == before
+    assert not (tmp_path / "new").exists() and folder_bytes(tmp_path) == before
 
 
 # ---------------------------------------------------------------------------------------- 2. a missing head

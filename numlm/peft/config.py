@@ -140,7 +140,7 @@ class IA3Config:
         _task(self.task_type)
 
 
-# peft's; numlm's get_peft_model initialises RANDOM only, a folder made with any of them loads
+# peft's; get_peft_model initialises RANDOM and TEXT, a folder made with any of them loads
 PROMPT_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 
 

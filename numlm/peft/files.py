@@ -162,7 +162,10 @@ def drop_other_adapter_files(path, written):
 def json_writer(d):
     """write(tmp) for write_together: d as JSON, its text made now (a value JSON cannot hold fails before
     anything is written)"""
-    text = json.dumps(d, indent=2, sort_keys=True) + "\n"
+    try:
+        text = json.dumps(d, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the adapter config cannot be written as JSON: {e}") from None
 
     def w(tmp):
         with open(tmp, "w") as fh:
@@ -173,6 +176,12 @@ def json_writer(d):
 def write_files(path, named):
     """{file name: write(tmp)} into folder path, all renamed in together (a failure leaves every file as it
     was); then what an earlier save left that this one did not write is removed. Returns path."""
+    made = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
-    write_together([(path / name, w) for name, w in named.items()])
+    try:
+        write_together([(path / name, w) for name, w in named.items()])
+    except BaseException:
+        if made:  # the folder this save made goes too (parents it made stay: rare, and harmless)
+            path.rmdir()
+        raise
     return drop_other_adapter_files(path, set(named))
