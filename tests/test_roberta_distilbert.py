@@ -206,7 +206,8 @@ def test_distilgpt2_config_loads_as_gpt2():
                                           ("distilbert-tiny-seqcls", ["q_lin", "v_lin"])])
 def test_lora_default_targets_are_peft(name, targets):
     """LoraConfig(target_modules=None) adapts peft's defaults for the model type; SEQ_CLS trains the whole
-    `classifier` (RoBERTa's is dense + out_proj) and nothing else of the base model."""
+    `classifier` (RoBERTa's is dense + out_proj; DistilBERT's pre_classifier too, by peft's suffix match) and
+    nothing else of the base model."""
     from numlm import peft
     model = numlm.from_pretrained(HF / name, dtype="float64")
     pm = peft.get_peft_model(model, peft.LoraConfig(r=2, task_type="SEQ_CLS"))
@@ -216,7 +217,8 @@ def test_lora_default_targets_are_peft(name, targets):
     heads = sorted(k for k in pm.parameters() if "lora_" not in k)
     want = {"roberta-tiny-seqcls": ["classifier.dense.bias", "classifier.dense.weight", "classifier.out_proj.bias",
                                     "classifier.out_proj.weight"],
-            "distilbert-tiny-seqcls": ["classifier.bias", "classifier.weight"]}[name]
+            "distilbert-tiny-seqcls": ["classifier.bias", "classifier.weight", "pre_classifier.bias",
+                                       "pre_classifier.weight"]}[name]  # peft's suffix match takes pre_classifier
     assert heads == ["base_model.model." + k for k in want]
     # B = 0 at the start: the adapted model is the base model, exactly transformers' logits
     ref = np.load(HF / name / "reference.npz", allow_pickle=False)

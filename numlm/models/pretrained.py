@@ -228,12 +228,13 @@ class PreTrainedModel(Module):
         are initialised (seeded) with a warning naming them; any other missing, unexpected or wrongly
         shaped tensor is an error listing them."""
         dtype = parse_dtype(dtype)
-        path = resolve_model(path, revision)
+        given, path = str(path), resolve_model(path, revision)
         config = cls.from_config_dict(read_config(path), **config_overrides)
         model = cls(config, seed=seed, dtype=dtype)  # built in dtype: a float64 file loads bit for bit
         model._load_checkpoint(load_safetensors(path), path)
         if cls.can_generate:  # generate's default token ids, when given
             model.generation_config = read_generation_config(path)
+        model.config._name_or_path = given  # transformers' name_or_path: an adapter's base_model_name_or_path
         return model.eval()
 
     def _is_head_key(self, key):
@@ -305,12 +306,14 @@ def from_pretrained(path, dtype="float32", revision=None, **kwargs):
     """Load any supported transformers checkpoint, choosing the class from config.json's `architectures`.
     `path`: a model folder, or a Hugging Face Hub name ("org/name") resolved through its cache
     (numlm.io.hub: huggingface_hub, HF_HOME, HF_HUB_OFFLINE; `revision` a branch, tag or commit)."""
-    path = resolve_model(path, revision)
+    given, path = str(path), resolve_model(path, revision)
     cfg = read_config(path)
     archs = cfg.get("architectures") or []
     for a in archs:
         if a in ARCHITECTURES:
-            return ARCHITECTURES[a].from_pretrained(path, dtype=dtype, **kwargs)
+            model = ARCHITECTURES[a].from_pretrained(path, dtype=dtype, **kwargs)
+            model.config._name_or_path = given  # the folder or Hub name as given
+            return model
     raise ValueError(f"config.json of {str(path)!r} names architectures {archs}; numlm supports "
                      f"{sorted(ARCHITECTURES)}")
 

@@ -140,6 +140,10 @@ class IA3Config:
         _task(self.task_type)
 
 
+# peft's; get_peft_model initialises RANDOM and TEXT, a folder made with any of them loads
+PROMPT_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
+
+
 @dataclasses.dataclass
 class PromptTuningConfig:
     """num_virtual_tokens learned embeddings (n, C) prepended to the word embeddings."""
@@ -148,6 +152,9 @@ class PromptTuningConfig:
     num_virtual_tokens: int = 20
     task_type: Optional[str] = None
     prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: Optional[str] = None  # TEXT's, kept so a loaded folder is saved as peft reads it
+    tokenizer_name_or_path: Optional[str] = None
+    tokenizer_kwargs: Optional[dict] = None
     token_dim: Optional[int] = None
     num_transformer_submodules: Optional[int] = None
     num_attention_heads: Optional[int] = None
@@ -158,9 +165,8 @@ class PromptTuningConfig:
 
     def __post_init__(self):
         _positive_int("num_virtual_tokens", self.num_virtual_tokens)
-        if self.prompt_tuning_init != "RANDOM":
-            raise ValueError(f"prompt_tuning_init={self.prompt_tuning_init!r} is not supported; numlm "
-                             "initialises soft prompts at random ('RANDOM')")
+        if self.prompt_tuning_init not in PROMPT_INITS:
+            raise ValueError(f"prompt_tuning_init must be one of {list(PROMPT_INITS)}, got {self.prompt_tuning_init!r}")
         if self.num_transformer_submodules not in (None, 1):
             raise ValueError("num_transformer_submodules must be 1 (encoder-only or decoder-only models)")
         _save_names(self.modules_to_save)

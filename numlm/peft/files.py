@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from ..io.checkpoint import _atomic_write
+from ..io.checkpoint import write_together
 from .config import LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, bn_config_from_dict
 
 PEFT_WEIGHTS, PEFT_PICKLE = "adapter_model.safetensors", "adapter_model.bin"
@@ -145,8 +145,9 @@ def load_tensors(f):
         raise ValueError(f"{str(f)!r} is not a readable safetensors file: {e}") from None
 
 
-def save_tensors(tensors, f):
-    _atomic(f, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp))
+def tensors_writer(tensors):
+    """write(tmp) for write_together: the tensors as a safetensors file"""
+    return lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
 
 
 def drop_other_adapter_files(path, written):
@@ -158,15 +159,29 @@ def drop_other_adapter_files(path, written):
     return path
 
 
-def write_json(d, f):
+def json_writer(d):
+    """write(tmp) for write_together: d as JSON, its text made now (a value JSON cannot hold fails before
+    anything is written)"""
+    try:
+        text = json.dumps(d, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the adapter config cannot be written as JSON: {e}") from None
+
     def w(tmp):
         with open(tmp, "w") as fh:
-            fh.write(json.dumps(d, indent=2, sort_keys=True) + "\n")
-    _atomic(f, w)
+            fh.write(text)
+    return w
 
 
-def _atomic(f, write):
-    """numlm.io's atomic write (a whole file or none, the umask's mode), its folder made first"""
-    f = Path(f)
-    f.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(f, write)
+def write_files(path, named):
+    """{file name: write(tmp)} into folder path, all renamed in together (a failure leaves every file as it
+    was); then what an earlier save left that this one did not write is removed. Returns path."""
+    made = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        write_together([(path / name, w) for name, w in named.items()])
+    except BaseException:
+        if made:  # the folder this save made goes too (parents it made stay: rare, and harmless)
+            path.rmdir()
+        raise
+    return drop_other_adapter_files(path, set(named))

@@ -241,12 +241,15 @@ class Adapters(Module):
 
     def __init__(self, name, adapter):
         super().__init__()
-        self.name = name
-        setattr(self, name, adapter)
+        self.name = name  # any string without a dot, as torch's ModuleDict takes ("sst-2")
+        self._held = (adapter,)  # a tuple: found only through children(), under `name`
 
     @property
     def adapter(self):
-        return getattr(self, self.name)
+        return self._held[0]
+
+    def children(self):
+        return [(self.name, self.adapter)]
 
     def forward(self, h, x, ln=None):  # h, x: (B, T, C) -> (B, T, C)
         ad = self.adapter

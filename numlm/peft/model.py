@@ -79,8 +79,8 @@ class PeftModel:
         if not isinstance(config, (LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, BnConfig)):
             raise ValueError(f"config must be a LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, "
                              f"SeqBnConfig or DoubleSeqBnConfig, got {type(config).__name__}")
-        if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", adapter_name):
-            raise ValueError(f"adapter_name must be an identifier, got {adapter_name!r}")
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string without dots (a key part), got {adapter_name!r}")
         self.base_model = model
         self.peft_config = config
         self.adapter_name = adapter_name
@@ -149,7 +149,8 @@ class PeftModel:
             raise ValueError(f"target_modules {targets!r} match no Linear module of {type(model).__name__}; "
                              f"its Linear modules are named {names}")
         if isinstance(targets, list):
-            missing = [t for t in targets if not any(p == t or p.endswith("." + t) for p, _ in named)]
+            # a target inside a trained head is skipped, as peft skips it, but it is no typo
+            missing = [t for t in targets if not any(p == t or p.endswith("." + t) for p, _ in model.modules() if p)]
             if missing:  # as `numlm finetune --target` does: a name that matches nothing is a typo, not a no-op
                 raise ValueError(f"target_modules {missing} match no module of {type(model).__name__}")
         for path, lin in named:  # peft's fan_in_fan_out follows the layer (one value for all)
@@ -258,12 +259,16 @@ class PeftModel:
                 self.peft_config.modules_to_save = list(TASK_HEADS.get(self._task_type(), []))
         prefix = {"LORA": "base_model.model.", "IA3": "base_model.model.", "adapterhub": ""}.get(
             "adapterhub" if self.library == "adapterhub" else self.kind, "base_model.")
-        found = {h for path, _ in model.modules() for h in names if path and (path == h or path.endswith("." + h))}
+        # peft's rule is key.endswith(name), no dot: DistilBERT's pre_classifier is a "classifier" too
+        sep = "." if self.library == "adapterhub" else ""
+        hit = [(p, m, [h for h in names if p == h or p.endswith(sep + h)]) for p, m in model.modules() if p]
+        found = {h for _, _, hs in hit for h in hs}
         asked = [] if self.library == "adapterhub" else self.peft_config.modules_to_save or []
         if missing := [h for h in asked if h not in found and h not in TASK_HEADS.get(self._task_type(), [])]:
             raise ValueError(f"modules_to_save {missing} match no module of {type(model).__name__}")
-        for path, head in model.modules():
-            if not path or not any(path == h or path.endswith("." + h) for h in names):
+        _refuse_tied(model, [p for p, _, hs in hit if hs])
+        for path, head, hs in hit:
+            if not hs:
                 continue
             for sub, m in head.modules(f"{path}."):  # a head may be a module of modules (RoBERTa's classifier)
                 m.unfreeze([k for k in m.params])
@@ -532,19 +537,17 @@ class PeftModel:
     # ---- files ----------------------------------------------------------------------------------
     def save_pretrained(self, path):
         """The library's own files: peft's adapter_config.json + adapter_model.safetensors, or
-        AdapterHub's adapter_config.json + adapter.safetensors (+ head_config.json + model_head.safetensors).
-        float32 unless the model is float64."""
+        AdapterHub's adapter_config.json + adapter.safetensors (+ head_config.json + model_head.safetensors),
+        renamed in together: a save that fails leaves the folder as it was. float32 unless the model is float64."""
         path = check_folder_path(path, "save_pretrained")
-        path.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()
         model = self.base_model
         if self.library == "peft":
             d = files.peft_config_to_dict(self.peft_config)
             d["inference_mode"] = True
             d["base_model_name_or_path"] = self.peft_config.base_model_name_or_path
-            files.write_json(d, path / files.CONFIG)
-            files.save_tensors(state, path / files.PEFT_WEIGHTS)
-            return files.drop_other_adapter_files(path, {files.PEFT_WEIGHTS})
+            return files.write_files(path, {files.CONFIG: files.json_writer(d),
+                                            files.PEFT_WEIGHTS: files.tensors_writer(state)})
         c = model.config
         head = {k: v for k, v in state.items() if k in self._head_keys}
         body = {k: v for k, v in state.items() if k not in self._head_keys}
@@ -552,20 +555,19 @@ class PeftModel:
         if hub_head["kept"]:
             sd = model.state_dict()
             head.update({k: sd[k] for k in hub_head["kept"]})
-        files.write_json({"config": files.hub_config_to_dict(self.peft_config), "hidden_size": c.hidden_size,
-                          "model_class": type(model).__name__, "model_name": getattr(c, "_name_or_path", None),
-                          "model_type": _model_type(model), "name": self.adapter_name,
-                          "version": files.ADAPTERS_VERSION}, path / files.CONFIG)
-        files.save_tensors(body, path / files.HUB_WEIGHTS)
+        named = {files.CONFIG: files.json_writer({
+            "config": files.hub_config_to_dict(self.peft_config), "hidden_size": c.hidden_size,
+            "model_class": type(model).__name__, "model_name": getattr(c, "_name_or_path", None),
+            "model_type": _model_type(model), "name": self.adapter_name, "version": files.ADAPTERS_VERSION}),
+            files.HUB_WEIGHTS: files.tensors_writer(body)}
         if head:
             n = getattr(c, "num_labels", None)
-            files.write_json(hub_head["config"] or {
+            named[files.HUB_HEAD_CONFIG] = files.json_writer(hub_head["config"] or {
                 "config": None, "hidden_size": c.hidden_size, "label2id": {f"LABEL_{i}": i for i in range(n or 0)},
                 "model_class": type(model).__name__, "model_name": None, "model_type": _model_type(model),
-                "name": None, "num_labels": n, "version": files.ADAPTERS_VERSION}, path / files.HUB_HEAD_CONFIG)
-            files.save_tensors(head, path / files.HUB_HEAD)
-        return files.drop_other_adapter_files(path, {files.HUB_WEIGHTS} | ({files.HUB_HEAD, files.HUB_HEAD_CONFIG}
-                                                                             if head else set()))
+                "name": None, "num_labels": n, "version": files.ADAPTERS_VERSION})
+            named[files.HUB_HEAD] = files.tensors_writer(head)
+        return files.write_files(path, named)
 
     @classmethod
     def from_pretrained(cls, model, path, is_trainable=False, adapter_name=None):
@@ -592,6 +594,8 @@ class PeftModel:
                                  f"{model.config.hidden_size}")
             name = adapter_name or d.get("name") or "default"
             state = files.load_tensors(path / files.HUB_WEIGHTS)
+            if d.get("name") and name != d["name"]:  # adapter_name renames the keys' adapters.<name>.
+                state = {k.replace(f".adapters.{d['name']}.", f".adapters.{name}."): v for k, v in state.items()}
             if (path / files.HUB_HEAD).is_file():
                 head = files.load_tensors(path / files.HUB_HEAD)
                 state.update(head)
@@ -652,11 +656,26 @@ class PeftModel:
         if unknown:
             raise ValueError(f"adapter {str(path)!r}: key {unknown[0]!r} does not fit {type(self.base_model).__name__} "
                              f"(no such module or parameter{'; also ' + str(unknown[1:]) if unknown[1:] else ''})")
-        missing = sorted(k for k in self._slots if k not in state and k not in self._head_keys)
+        optional = self._head_keys if self.library == "adapterhub" else set()  # peft needs its modules_to_save
+        missing = sorted(k for k in self._slots if k not in state and k not in optional)
         if missing:
             raise ValueError(f"adapter {str(path)!r} lacks {missing[0]!r}, which {type(self.base_model).__name__} "
                              f"with this config needs ({len(missing)} missing)")
         _import_params(self._slots, state)
+
+
+def _refuse_tied(model, paths):
+    """A trained module holding one of a tied pair (GPT-2's wte and lm_head, BERT's word_embeddings and MLM
+    decoder) is refused: peft trains an untied copy of it and keeps the other on the original table, which
+    numlm's tied tensors cannot do."""
+    for p in paths:
+        for alias, source in model.tied.items():
+            here, other = (alias, source) if alias.startswith(p + ".") else (source, alias)
+            if here.startswith(p + "."):
+                raise ValueError(
+                    f"modules_to_save names {p}, whose {here.rsplit('.', 1)[-1]} numlm ties to {other}: peft trains "
+                    f"an untied copy of {p} and leaves {other.rsplit('.', 1)[0]} on the original; numlm cannot train "
+                    f"or load such an adapter (leave {p.rsplit('.', 1)[-1]} out of modules_to_save)")
 
 
 def get_peft_model(model, config, adapter_name="default", seed=0):
@@ -666,10 +685,39 @@ def get_peft_model(model, config, adapter_name="default", seed=0):
     with inference_mode=True gives a frozen adapter, as peft's does."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    rows = _text_init(model, config)  # before the model changes
     pm = PeftModel(model, config, adapter_name=adapter_name, seed=seed)
+    if rows is not None:
+        pm.prompt.params["prompt_embeddings"][...] = rows
+    if getattr(config, "base_model_name_or_path", "") is None:  # as peft: the folder the model was loaded from
+        config.base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
     if getattr(config, "inference_mode", False):
         pm._freeze_adapter()
     return pm
+
+
+def _text_init(model, config):
+    """peft's prompt_tuning_init="TEXT": the word embeddings of the init text's tokens (the tokenizer's
+    special tokens included), repeated and cut to num_virtual_tokens, through float32 as peft casts them.
+    None for a random init; SAMPLE_VOCAB (torch's random draw) is refused."""
+    init = getattr(config, "prompt_tuning_init", "RANDOM")
+    if init == "RANDOM" or not isinstance(model, PreTrainedModel):  # PeftModel refuses the latter
+        return None
+    if init != "TEXT":
+        raise ValueError(f"prompt_tuning_init={init!r} is not supported by get_peft_model (numlm initialises "
+                         "'RANDOM' or 'TEXT'); a folder made with it loads (the prompt is in its file)")
+    if not config.tokenizer_name_or_path or not config.prompt_tuning_init_text or config.tokenizer_kwargs:
+        raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text and tokenizer_name_or_path "
+                         "(numlm takes no tokenizer_kwargs)")
+    from ..data.tokenizer import Tokenizer
+    ids = Tokenizer.from_pretrained(config.tokenizer_name_or_path).encode(config.prompt_tuning_init_text)
+    table = word_embeddings(model).params["weight"]
+    if not ids or max(ids) >= len(table):
+        raise ValueError(f"prompt_tuning_init_text tokenizes to ids {ids}, which the model's "
+                         f"{len(table)}-row token table does not hold")
+    n = config.num_virtual_tokens
+    ids = (ids * -(-n // len(ids)))[:n]
+    return table[ids].astype(np.float32)
 
 
 TASK_CLASSES = {"SEQ_CLS": "ForSequenceClassification", "TOKEN_CLS": "ForTokenClassification",
