@@ -315,6 +315,11 @@ def _max_length(max_new_tokens, max_length, T0, config, virtual=0):
     return max_length
 
 
+def generation_config(model):
+    """the settings of a model's generation_config.json (a PeftModel's base model's), {} without one"""
+    return getattr(getattr(model, "base_model", model), "generation_config", None) or {}
+
+
 def _special_tokens_and_mask(ids, attention_mask, eos_token_id, pad_token_id, config, gen):
     """eos ids (a list), the pad id and the prompt's (B, T) 0/1 attention mask. eos and pad default to the
     generation config's (gen: generation_config.json's), else the config's (pad falls back to the first eos)."""
@@ -389,7 +394,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
     if max_length <= T0:
         warnings.warn(f"the prompt ({T0} tokens) is already max_length={max_length} long; nothing generated")
         return ModelOutput(sequences=ids) if return_dict_in_generate else ids
-    gen = getattr(getattr(model, "base_model", model), "generation_config", None) or {}
+    gen = generation_config(model)
     eos, pad_token_id, mask = _special_tokens_and_mask(ids, attention_mask, eos_token_id, pad_token_id, config, gen)
 
     if do_sample and rng is None:

@@ -282,17 +282,24 @@ def _backward_pass(run, rng, params):
 
 @contextlib.contextmanager
 def last_forward_kept(module):
-    """Every module's attributes as they were before the block: its last forward's cache (a model's
-    _last, attention's present), so a backward() after a check differentiates the caller's forward, not
-    the check's last probe with a perturbed weight. Forwards only ever replace these, never write
-    into them, so the references kept are the caller's caches unchanged; gradients are left alone."""
-    saved = [(m, dict(vars(m))) for _, m in module.modules()]
+    """Every module's attributes as they were before the block (the module itself too, a PeftModel that
+    modules() does not list): its last forward's cache (a model's _last, attention's present), so a
+    backward() after a check differentiates the caller's forward, not the check's last probe with a
+    perturbed weight. Forwards only ever replace these, never write into them, so the references kept
+    are the caller's caches unchanged. Gradients stay the check's: the parameters' are written in
+    place, and the inputs' a backward leaves on a module (inputs_embeds_grad, past_grads, dpast) are kept."""
+    mods = [m for _, m in module.modules()]
+    saved = [(m, dict(vars(m))) for m in mods + [module] * all(m is not module for m in mods)]
     try:
         yield
     finally:
         for m, attrs in saved:
+            grads = {k: v for k, v in vars(m).items() if k.endswith(GRADIENTS_LEFT)}
             vars(m).clear()
-            vars(m).update(attrs)
+            vars(m).update(attrs, **grads)
+
+
+GRADIENTS_LEFT = ("_grad", "past_grads", "dpast")  # what a backward leaves on a module, by attribute name
 
 
 def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_entries=None,

@@ -119,9 +119,8 @@ def predict(model, input_ids, attention_mask=None, token_type_ids=None):
     else:
         probs = softmax(logits)
         labels = np.argmax(probs, axis=-1)
-    id2label = getattr(cfg, "id2label", None) or (getattr(cfg, "extra", {}) or {}).get("id2label") or {}
-    names = [str(id2label.get(int(i), id2label.get(str(int(i)), f"LABEL_{int(i)}"))) for i in labels]
-    return ModelOutput(logits=logits, probs=probs, labels=labels, label_names=names)
+    names = _label_names(cfg, logits.shape[-1])
+    return ModelOutput(logits=logits, probs=probs, labels=labels, label_names=[names[int(i)] for i in labels])
 
 
 def _texts(name, texts):
@@ -641,8 +640,11 @@ def answer(model, tokenizer, question, context, top_k=1, max_answer_len=15, max_
         if not t.strip():
             raise ValueError(f"{name} is empty (or only white space)")
     top_k, max_answer_len = _positive("top_k", top_k), _positive("max_answer_len", max_answer_len)
-    max_seq_len = min(384, _text_positions(model, tokenizer)) if max_seq_len is None else max_seq_len
-    max_seq_len = _positive("max_seq_len", max_seq_len)
+    room = _text_positions(model, tokenizer)
+    max_seq_len = _positive("max_seq_len", min(384, room) if max_seq_len is None else max_seq_len)
+    if max_seq_len > room:
+        raise ValueError(f"max_seq_len={max_seq_len}: a window holds at most {room} tokens here (the model's "
+                         f"positions and the tokenizer's model_max_length)")
     doc_stride = min(max_seq_len // 2, 128) if doc_stride is None else doc_stride
     res = [_answer_one(model, tokenizer, q, c, top_k, max_answer_len, max_seq_len, doc_stride,
                        handle_impossible_answer) for q, c in zip(questions, contexts)]

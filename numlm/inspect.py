@@ -148,7 +148,7 @@ def check_model(model, input_ids, params=3, seed=0, eps=1e-6, tol=1e-5, break_=N
     central differences  (f(w + eps) - f(w - eps)) / (2 eps)  of the scalar backward() differentiates;
     then `params` entries of the input tokens' embedding rows (the input embeddings' gradient).
     A row's error is  max |analytic - numeric| / max(largest |analytic|, largest |numeric|, floor)
-    over its checked entries, with floor = 1e-3 times the largest numerical entry of the whole
+    over its checked entries, with floor = 1e-3 times the largest numerical entry checked in the whole
     model (which no backward can inflate): a parameter whose gradient is zero in exact arithmetic (a key bias: softmax ignores a
     constant added to a row) then compares rounding noise with the model's gradient scale, and a
     wrong gradient still shows unless it is below tol * 1e-3 of the model's largest. Each
@@ -174,6 +174,9 @@ def check_model(model, input_ids, params=3, seed=0, eps=1e-6, tol=1e-5, break_=N
 
 def _check_model_args(model, input_ids, params, seed, eps, tol, progress):
     """check_model's arguments, each refused by name; -> the ids (1, T)"""
+    if hasattr(model, "base_model"):  # its objective is the base model's with the adapter's inputs
+        raise ValueError(f"check_model takes a numlm model, not a {type(model).__name__}: check an adapter with "
+                         f"numlm.gradcheck(peft_model, inputs)")
     if model.dtype != np.float64:
         raise ValueError(f"a gradient check needs a float64 model, got {model.dtype} (load with dtype='float64')")
     if isinstance(params, bool) or not isinstance(params, (int, np.integer)) or params < 1:

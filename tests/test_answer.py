@@ -251,3 +251,18 @@ def test_helpers_refuse_bad_arguments(call, says):
     model, tok = numlm.from_pretrained(QA), Tokenizer.from_dir(QA)
     with pytest.raises(ValueError, match=says):
         call(model, tok)
+
+
+def test_a_window_past_the_models_positions_is_refused_by_name(tmp_path):
+    """max_seq_len above what the model holds names the option (it had failed inside the model on
+    input_ids); the tokenizer's model_max_length is saved and read back"""
+    model, tok = numlm.from_pretrained(QA), Tokenizer.from_dir(QA)
+    with pytest.raises(ValueError, match=r"max_seq_len=300: a window holds at most 128 tokens"):
+        numlm.answer(model, tok, "What?", "The module reads files. " * 80, max_seq_len=300)
+    tok.model_max_length = 100
+    tok.save(tmp_path)
+    assert Tokenizer.from_dir(tmp_path).model_max_length == 100
+    for bad in ("16", 0, 2.5, True):
+        with pytest.raises(ValueError, match="model_max_length must be an integer >= 1 or None"):
+            tok.model_max_length = bad
+    assert tok.model_max_length == 100

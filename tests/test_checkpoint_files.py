@@ -89,13 +89,15 @@ def test_bert_decoder_bias_stored_twice_must_agree(tmp_path):
 
 
 def test_a_folder_of_pickles_gets_the_conversion(tmp_path):
-    """weights only as pytorch_model.bin: the error names it and converts with the folder's own class"""
+    """weights only as pytorch_model.bin: the error names it and converts in place with the model's own class
+    (its config's architectures)"""
     numlm.BertForMaskedLM(numlm.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
                                            intermediate_size=24), seed=1).save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")  # not a pickle: never opened
-    with pytest.raises(ValueError, match=r"only as pickles \(pytorch_model.bin\).*\n.*from transformers import "
-                                         r"BertForMaskedLM; BertForMaskedLM.from_pretrained"):
+    with pytest.raises(ValueError, match=r"only as pickles \(pytorch_model.bin\).*\n.*AutoConfig.from_pretrained\(n\)"
+                                         r".architectures") as e:
         numlm.from_pretrained(tmp_path)
+    assert f"n = '{tmp_path}'" in str(e.value) and f"save_pretrained('{tmp_path}', safe_serialization=True)" in str(e.value)
 
 
 def test_a_tied_pair_stored_twice_with_one_nan_loads_with_the_warning(tmp_path):
@@ -126,3 +128,14 @@ def test_bfloat16_beside_unsigned_and_unknown_types(tmp_path):
             got = load_safetensors(tmp_path)
             np.testing.assert_array_equal(got["u"], want)
             np.testing.assert_array_equal(got["w"], [1.5, -2.0])
+
+
+def test_a_tied_pair_of_two_shapes_is_named_as_such(tmp_path):
+    model = numlm.GPT2LMHeadModel(numlm.GPT2Config(**CFG), seed=1)
+    model.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    w = state["transformer.wte.weight"]
+    state["lm_head.weight"] = np.concatenate([w, w[:3]])
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"with different shapes \(40, 16\) and \(43, 16\)"):
+        numlm.from_pretrained(tmp_path)

@@ -208,3 +208,25 @@ def test_one_token_on_a_causal_lm_is_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "at least 2 tokens" in err[0]
     assert check_checkpoint(d, text="the cat", params=1).passed
+
+
+def test_a_check_keeps_the_input_gradients_it_computed():
+    """the caller's forward comes back, the check's gradients stay: inputs_embeds_grad is the checked pass's,
+    the one a backward of that pass alone leaves (in eval: no dropout draws to line up)"""
+    model = tiny_lm(numlm.GPT2LMHeadModel).eval()
+    embeds = np.random.default_rng(0).standard_normal((1, 6, 16))
+    labels = np.array([[1, 2, 3, 4, 5, 6]])
+    gradcheck(model, {"inputs_embeds": embeds, "labels": labels}, max_entries=2)
+    kept = model.transformer.inputs_embeds_grad
+    model.zero_grad()
+    model(inputs_embeds=embeds, labels=labels)
+    model.backward()
+    assert kept is not None
+    np.testing.assert_allclose(kept, model.transformer.inputs_embeds_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_check_model_refuses_a_peft_model_by_name():
+    from numlm.peft import LoraConfig, get_peft_model
+    peft = get_peft_model(tiny_lm(numlm.GPT2LMHeadModel), LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match="check_model takes a numlm model, not a PeftModel"):
+        check_model(peft, np.array([[1, 2, 3]]))

@@ -79,12 +79,12 @@ class TextStreamer:
 
 
 def cmd_generate(a):
-    from ..decoding import generate
+    from ..decoding import generate, generation_config
     model, tok = _load(a.model, a.dtype, a.base)
     ids = tok.encode(a.prompt, add_special_tokens=False)
     if not ids:
         raise ValueError("--prompt: the prompt encodes to no tokens")
-    gen = getattr(getattr(model, "base_model", model), "generation_config", None) or {}
+    gen = generation_config(model)  # its ids first, then the tokenizer's (generate itself: then the config's)
     eos = next((e for e in (gen.get("eos_token_id"), tok.eos_id, getattr(model.config, "eos_token_id", None))
                 if e is not None), None)
     kw = dict(max_new_tokens=a.max_new_tokens, num_beams=a.num_beams, eos_token_id=eos,
@@ -176,7 +176,7 @@ def add_task_parsers(sub):
     q.add_argument("--context", required=True)
     q.add_argument("--top-k", type=count(1), default=1)
     q.add_argument("--max-answer-len", type=count(1), default=15, help="in tokens")
-    q.add_argument("--max-seq-len", type=count(1), help="tokens a window holds (default: 384, at most the "
+    q.add_argument("--max-seq-len", type=count(1), help="tokens a window holds (default: 384 or fewer, the "
                                                         "tokenizer's model_max_length and the model's positions)")
     q.add_argument("--doc-stride", type=count(0), help="tokens a window overlaps the one before by "
                                                         "(default: half a window, at most 128)")

@@ -119,7 +119,8 @@ def add_parsers(sub):
                        "against numerical gradients")
     g.add_argument("model", nargs="?", help="model directory: check its gradients on real text (float64)")
     g.add_argument("--text", help="the text the model is checked on (keep it short: each entry costs two forwards)")
-    g.add_argument("--params", type=count(1), help="random entries checked per parameter (default 3)")
+    g.add_argument("--params", type=count(1), help="entries checked per parameter: its largest, one drawn among all, "
+                                                      "the rest among the non-zero ones (default 3)")
     g.add_argument("--seed", type=count(0), default=0)
     g.add_argument("--tol", type=number(0.0, 1.0), default=None,  # a relative error of 1 is a zero gradient
                    help="largest relative error that passes, below 1 (default 1e-5 for a model, 1e-6 for the op table)")

@@ -137,7 +137,19 @@ class Tokenizer:
         self._names = {k: name if backend.token_to_id(name) is not None or k not in ROBERTA_NAMES
                        else ROBERTA_NAMES[k] for k, name in _NAMES.items()}
         self._ids = {k: backend.token_to_id(name) for k, name in self._names.items()}
-        self.model_max_length = None  # tokens a text may have, specials included (tokenizer_config.json's)
+        self._max_length = None
+
+    @property
+    def model_max_length(self):
+        """The tokens a text may have, specials included (tokenizer_config.json's), or None for no limit:
+        the pipelines numlm.tag and numlm.answer follow cut there."""
+        return self._max_length
+
+    @model_max_length.setter
+    def model_max_length(self, n):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+            raise ValueError(f"model_max_length must be an integer >= 1 or None, got {n!r}")
+        self._max_length = None if n is None else int(n)
 
     # ---- training -------------------------------------------------------------------------
     @classmethod

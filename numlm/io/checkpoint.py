@@ -245,21 +245,24 @@ def load_safetensors(path):
         if missing:
             raise ValueError(f"keys listed in {INDEX} but absent from the shards: {missing}")
         return _warn_nonfinite(state, str(d))
-    pickles = sorted(f.name for f in d.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    pickles = sorted(f.name for f in d.iterdir() if f.suffix in PICKLES)
     if pickles:
-        raise ValueError(f"{str(path)!r} holds its weights only as pickles ({', '.join(pickles[:3])}); " + _convert(d))
+        raise ValueError(f"{str(path)!r} holds its weights only as pickles ({', '.join(pickles[:3])}); "
+                         + convert_command(d, d))
     raise ValueError(f"no {WEIGHTS} or {INDEX} in {str(path)!r}")
 
 
-def _convert(d):
-    """how to write a pickled folder's weights as safetensors, with transformers and the folder's own class"""
-    try:
-        arch = (read_config(d).get("architectures") or ["AutoModel"])[0]
-    except ValueError:
-        arch = "AutoModel"
-    return (f"numlm never unpickles; convert it once where torch and transformers are installed:\n"
-            f"  python -c \"from transformers import {arch}; "
-            f"{arch}.from_pretrained('{d}').save_pretrained('{d}', safe_serialization=True)\"")
+PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def convert_command(src, dst, tokenizer=False):
+    """how to write a pickled model's weights (a folder or a Hub name, src) as safetensors in folder dst:
+    transformers with the model's own class (AutoModel would drop a task head), and its tokenizer beside"""
+    return ("numlm never unpickles; convert it once where torch and transformers are installed:\n"
+            f"  python -c \"import transformers as t; n = '{src}'; "
+            "m = getattr(t, (t.AutoConfig.from_pretrained(n).architectures or ['AutoModel'])[0]).from_pretrained(n); "
+            f"m.save_pretrained('{dst}', safe_serialization=True)"
+            + (f"; t.AutoTokenizer.from_pretrained(n).save_pretrained('{dst}')" if tokenizer else "") + '"')
 
 
 def save_safetensors(state, path, max_shard_bytes=None):

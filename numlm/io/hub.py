@@ -6,17 +6,11 @@ weights is refused with the command that converts them."""
 import os
 from pathlib import Path
 
+from .checkpoint import PICKLES, convert_command
+
 # what a model folder needs: configs, safetensors weights (single or sharded), tokenizer files, and a
 # sentence-transformers model's module configs (1_Pooling/config.json)
 ALLOW = ["*.json", "*.safetensors", "vocab.txt", "merges.txt", "*/config.json"]
-PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# the repository's own class (AutoModel would drop a task head) and its tokenizer, which numlm reads too
-CONVERT = ("numlm never unpickles; convert it once where torch and transformers are installed:\n"
-           "  python -c \"import transformers as t; n = '{name}'; "
-           "m = getattr(t, t.AutoConfig.from_pretrained(n).architectures[0]).from_pretrained(n); "
-           "m.save_pretrained('{name_dir}', safe_serialization=True); "
-           "t.AutoTokenizer.from_pretrained(n).save_pretrained('{name_dir}')\"\n"
-           "then load the folder {name_dir!r} (or upload its model.safetensors to the repository)")
 
 
 def _truthy(v):
@@ -91,7 +85,9 @@ def _refuse_pickles_only(name, revision, files):
     if weights and not any(f.endswith(".safetensors") for f in files):
         raise ValueError(f"{name!r}{f' revision {revision!r}' if revision else ''} holds its weights only as "
                          f"pickles ({', '.join(sorted(weights)[:3])}). "
-                         + CONVERT.format(name=name, name_dir=name.replace("/", "--")))
+                         + convert_command(name, name.replace("/", "--"), tokenizer=True)
+                         + f"\nthen load the folder {name.replace('/', '--')!r} (or upload its model.safetensors to the "
+                           f"repository)")
 
 
 def folder(name_or_path, revision=None):

@@ -189,6 +189,9 @@ class PreTrainedModel(Module):
         """A tied pair stored under both its keys holds one array: numlm keeps one of them, and two different
         ones (transformers then unties the pair) are refused by name."""
         for alias, source in self.tied.items():
+            if alias in state and source in state and np.shape(state[alias]) != np.shape(state[source]):
+                raise ValueError(f"the checkpoint stores the tied pair {source} and {alias} with different shapes "
+                                 f"{np.shape(state[source])} and {np.shape(state[alias])}")
             if alias in state and source in state and not np.array_equal(np.asarray(state[alias]),
                                                                          np.asarray(state[source]), equal_nan=True):
                 untie = (": from_pretrained(..., tie_word_embeddings=False) gives the head its own"

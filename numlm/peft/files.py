@@ -3,6 +3,7 @@
   `prompt_embeddings`, heads `base_model.model.classifier.weight` / `base_model.classifier.weight`);
 - AdapterHub: adapter_config.json + adapter.safetensors (+ head_config.json + model_head.safetensors).
 """
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -174,14 +175,15 @@ def json_writer(d):
 
 
 def write_files(path, named):
-    """{file name: write(tmp)} into folder path, all renamed in together (a failure leaves every file as it
-    was); then what an earlier save left that this one did not write is removed. Returns path."""
+    """{file name: write(tmp)} into folder path, all renamed in together (a failure before the renames leaves
+    every file as it was); then what an earlier save left that this one did not write is removed. Returns path."""
     made = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     try:
         write_together([(path / name, w) for name, w in named.items()])
     except BaseException:
         if made:  # the folder this save made goes too (parents it made stay: rare, and harmless)
-            path.rmdir()
+            with contextlib.suppress(OSError):  # not empty: a rename got in; the first error is the one to see
+                path.rmdir()
         raise
     return drop_other_adapter_files(path, set(named))
