@@ -338,11 +338,8 @@ class Encoded:
 
 
 def _truncating(tok, max_length, fn, strategy="longest_first"):
-    tok.backend.enable_truncation(int(max_length), strategy=strategy)
-    try:
+    with tok.truncating(max_length, strategy=strategy):
         return fn()
-    finally:
-        tok.backend.no_truncation()
 
 
 def encode_lm(tok, examples, max_length):

@@ -223,11 +223,8 @@ def _encodings(tokenizer, texts, max_length):
     backend = tokenizer.backend
     if max_length <= backend.num_special_tokens_to_add(False):
         raise ValueError(f"the model takes {max_length} tokens per text: no room beside the special tokens")
-    backend.enable_truncation(int(max_length))
-    try:
-        return backend.encode_batch(texts)
-    finally:
-        backend.no_truncation()
+    with tokenizer.truncating(max_length) as tk:
+        return tk.encode_batch(texts)
 
 
 def _pre_entities(tokenizer, text, enc, probs, subword_prefix):
@@ -571,11 +568,8 @@ def qa_windows(tokenizer, question, context, max_seq_len=384, doc_stride=128):
     if doc_stride >= room:
         raise ValueError(f"doc_stride={doc_stride} must be below the {room} context tokens a window holds "
                          f"(max_seq_len={max_seq_len} less the question and special tokens)")
-    tk.enable_truncation(max_seq_len, stride=doc_stride, strategy="only_second")
-    try:
-        first = tk.encode(question, context)
-    finally:
-        tk.no_truncation()
+    with tokenizer.truncating(max_seq_len, stride=doc_stride, strategy="only_second") as cut:
+        first = cut.encode(question, context)
     return [first] + first.overflowing
 
 

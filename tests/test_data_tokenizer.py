@@ -317,3 +317,15 @@ def test_tokenize_documents(bert):
                     [bert.encode("king", add_special_tokens=False)]]
     with pytest.raises(ValueError, match="empty corpus"):
         tokenize_documents(["", "\n"], bert)
+
+
+def test_truncating_cuts_inside_the_block_only():
+    """the one place numlm sets the backend's truncation: on inside the block, off after it, an error too"""
+    tok = Tokenizer.train_wordpiece_from_iterator(["the cat sat on the mat"] * 5, vocab_size=60, min_frequency=1)
+    with tok.truncating(4) as tk:
+        assert tk.truncation["max_length"] == 4 and len(tk.encode("the cat sat on the mat").ids) == 4
+    assert tok.backend.truncation is None
+    with pytest.raises(KeyError):
+        with tok.truncating(3, stride=1, strategy="only_second"):
+            raise KeyError("inside")
+    assert tok.backend.truncation is None and len(tok.encode("the cat sat on the mat")) > 4

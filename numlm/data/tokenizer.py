@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,16 @@ class Tokenizer:
         if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
             raise ValueError(f"model_max_length must be an integer >= 1 or None, got {n!r}")
         self._max_length = None if n is None else int(n)
+
+    @contextmanager
+    def truncating(self, max_length, stride=0, strategy="longest_first"):
+        """The backend inside the block, cutting encodings at max_length tokens (the cut-off part in
+        Encoding.overflowing, windows overlapping by stride); after it, no cutting again."""
+        self.backend.enable_truncation(int(max_length), stride=stride, strategy=strategy)
+        try:
+            yield self.backend
+        finally:
+            self.backend.no_truncation()
 
     # ---- training -------------------------------------------------------------------------
     @classmethod
@@ -328,12 +339,9 @@ class Tokenizer:
                 raise ValueError(f"max_length={max_length} is too small: the special tokens alone "
                                  f"take {n_special}")
         inputs = texts if pairs is None else list(zip(texts, pairs))
-        if truncation and max_length is not None:
-            self.backend.enable_truncation(int(max_length), strategy="longest_first")
-        try:
-            encs = self.backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
-        finally:
-            self.backend.no_truncation()
+        cut = truncation and max_length is not None
+        with self.truncating(max_length) if cut else nullcontext(self.backend) as tk:
+            encs = tk.encode_batch(inputs, add_special_tokens=add_special_tokens)
         rows = [(e.ids, e.type_ids) for e in encs]
         if padding is False:
             return {"input_ids": [np.array(i, np.int64) for i, _ in rows],
