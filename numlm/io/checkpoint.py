@@ -129,13 +129,6 @@ def generation_config_text(gen):
         raise ValueError(f"the generation config cannot be written as JSON: {e}") from None
 
 
-def write_generation_config(text, path):
-    """generation_config.json in folder `path` (a model saved with one keeps it); None removes the file a
-    model saved there before left, which would give this one its token ids"""
-    if text is None:
-        (Path(path) / GENERATION_CONFIG).unlink(missing_ok=True)
-    else:
-        _atomic_write(Path(path) / GENERATION_CONFIG, lambda t: Path(t).write_text(text))
 
 
 def file_mode():
@@ -184,11 +177,18 @@ def config_text(cfg):
         raise ValueError(f"the config cannot be written as JSON: {e}") from None
 
 
-def write_config(text, path):
-    """config.json in folder `path`, from config_text's text (checked before any weights were written)"""
+def write_config(text, path, generation=None):
+    """config.json in folder `path`, from config_text's text (checked before any weights were written), and
+    generation_config.json's (generation_config_text's) renamed in with it; without one, the file a model
+    saved there before left goes, which would give this one its token ids"""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path / CONFIG, lambda t: Path(t).write_text(text))
+    files = [(path / CONFIG, lambda t: Path(t).write_text(text))]
+    if generation is not None:
+        files.insert(0, (path / GENERATION_CONFIG, lambda t: Path(t).write_text(generation)))
+    write_together(files)
+    if generation is None:
+        (path / GENERATION_CONFIG).unlink(missing_ok=True)
 
 
 def _load_file(f):

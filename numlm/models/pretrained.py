@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..io import (read_config, config_text, write_config, load_safetensors, save_safetensors, read_generation_config,
-                  generation_config_text, write_generation_config)
+                  generation_config_text)
 from ..io.hub import resolve as resolve_model  # a folder, or a Hub name through the Hugging Face cache
 from ..nn import Module, Linear, Embedding, LayerNorm
 from ..ops import (cross_entropy_forward, cross_entropy_backward, mse_forward, mse_backward,
@@ -287,8 +287,7 @@ class PreTrainedModel(Module):
         text = config_text(cfg)  # a config JSON cannot hold is refused before the weights are written
         gen = generation_config_text(self.generation_config)
         save_safetensors(state, path, max_shard_bytes)
-        write_generation_config(gen, path)  # None: another model's file there removed
-        write_config(text, path)
+        write_config(text, path, gen)
 
     # ---- the forward/backward contract --------------------------------------------------------
     def objective(self, out):
