@@ -15,7 +15,7 @@ import inspect
 
 import numpy as np
 
-from .models.pretrained import ModelOutput
+from .models.pretrained import ModelOutput, as_ids
 from .nn import eval_mode, no_grad
 from .ops import softmax, log_softmax
 
@@ -186,11 +186,7 @@ def _as_ids(input_ids):
         raise ValueError(f"input_ids must have shape (B, T) or (T,), got shape {ids.shape}")
     if ids.size == 0:
         raise ValueError(f"input_ids: empty prompt (shape {ids.shape}); give at least one token per row")
-    if ids.dtype.kind not in "iu":
-        raise ValueError(f"input_ids must be integers, got dtype {ids.dtype}")
-    if ids.dtype.kind == "u" and ids.max() > np.iinfo(np.int64).max:  # would wrap to a negative id
-        raise ValueError(f"input_ids must be token ids below 2**63, got {ids.max()}")
-    return ids.astype(np.int64)
+    return as_ids("input_ids", ids).copy()  # the caller's array is never returned as the result
 
 
 def _eos_list(eos):

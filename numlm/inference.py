@@ -136,12 +136,17 @@ def _texts(name, texts):
     return texts
 
 
-def _classifier_config(model):
-    """The config of a sequence classifier (a PeftModel's base model's)."""
+def _task_config(model, head, task):
+    """The config of a model of the task whose classes end in `head` (a PeftModel's base model's); any
+    other model is refused, named with `task`."""
     base = getattr(model, "base_model", model)
-    if not type(base).__name__.endswith("ForSequenceClassification"):
-        raise ValueError(f"model: {type(base).__name__} is not a sequence-classification model")
+    if not type(base).__name__.endswith(head):
+        raise ValueError(f"model: {type(base).__name__} is not a {task} model")
     return base.config
+
+
+def _classifier_config(model):
+    return _task_config(model, "ForSequenceClassification", "sequence-classification")
 
 
 def classify(model, tokenizer, texts, pairs=None, max_length=None):
@@ -170,12 +175,8 @@ def classify(model, tokenizer, texts, pairs=None, max_length=None):
 AGGREGATIONS = ("none", "simple", "first", "average", "max")  # transformers' AggregationStrategy
 
 
-def _token_classifier(model):
-    """The token classifier itself, or a PeftModel's base model; any other model is refused."""
-    base = getattr(model, "base_model", model)
-    if not type(base).__name__.endswith("ForTokenClassification"):
-        raise ValueError(f"model: {type(base).__name__} is not a token-classification model")
-    return base
+def _token_classifier_config(model):
+    return _task_config(model, "ForTokenClassification", "token-classification")
 
 
 def _label_names(cfg, n):
@@ -189,7 +190,7 @@ def predict_tokens(model, input_ids, attention_mask=None, token_type_ids=None):
     input_ids: (B, T) -> ModelOutput(logits (B, T, L), probs (B, T, L), labels (B, T), label_names (B lists of
     T)). model: any *ForTokenClassification (BERT, RoBERTa, DistilBERT), or a PeftModel on one (prompt
     tuning's virtual positions dropped from the outputs)."""
-    cfg = _token_classifier(model).config
+    cfg = _token_classifier_config(model)
     ids = _ids("input_ids", input_ids)
     logits = np.asarray(_encoder_call(model, ids, attention_mask, token_type_ids).logits)[:, _virtual(model):]
     probs = softmax(logits)                                              # (B, T, L)
@@ -321,7 +322,7 @@ def tag(model, tokenizer, texts, aggregation_strategy="none", ignore_labels=("O"
     single = isinstance(texts, str)
     texts = _texts("texts", texts)
     strategy, ignore = _tag_options(tokenizer, aggregation_strategy, ignore_labels)
-    cfg = _token_classifier(model).config
+    cfg = _token_classifier_config(model)
     for i, text in enumerate(texts):
         if not text.strip():
             raise ValueError(f"texts[{i}] is empty (no text other than white space)")
@@ -508,10 +509,7 @@ def best_spans(start_logits, end_logits, context_mask, top_k=1, max_answer_len=1
 
 
 def _qa_config(model):
-    base = getattr(model, "base_model", model)
-    if not type(base).__name__.endswith("ForQuestionAnswering"):
-        raise ValueError(f"model: {type(base).__name__} is not a question-answering model")
-    return base.config
+    return _task_config(model, "ForQuestionAnswering", "question-answering")
 
 
 def _positive(name, v):

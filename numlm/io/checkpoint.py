@@ -88,7 +88,8 @@ GENERATION_CONFIG = "generation_config.json"
 # settings are transformers' GenerationConfig defaults, or a warning names them (numlm's generate
 # takes them as its arguments)
 GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-GENERATION_DEFAULTS = {"transformers_version": None, "_from_model_config": None, "max_length": 20, "min_length": 0,
+GENERATION_NOTES = ("transformers_version", "_from_model_config")  # about the file, not generation
+GENERATION_DEFAULTS = {"max_length": 20, "min_length": 0,
                        "do_sample": False, "early_stopping": False, "num_beams": 1, "temperature": 1.0,
                        "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0, "length_penalty": 1.0,
                        "no_repeat_ngram_size": 0, "num_return_sequences": 1, "use_cache": True,
@@ -109,9 +110,8 @@ def read_generation_config(path):
         if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
             raise ValueError(f"{str(f)!r}: {k} must be a token id{' or a list of them' * (k == 'eos_token_id')} "
                              f"(an integer >= 0), got {v!r}")
-    other = {k: v for k, v in gen.items()
-             if k not in GENERATION_IDS and v is not None and (k not in GENERATION_DEFAULTS or
-                                                              (GENERATION_DEFAULTS[k] is not None and v != GENERATION_DEFAULTS[k]))}
+    other = {k: v for k, v in gen.items() if k not in GENERATION_IDS + GENERATION_NOTES and v is not None
+             and (k not in GENERATION_DEFAULTS or v != GENERATION_DEFAULTS[k])}
     if other:
         warnings.warn(f"{str(f)!r} sets {', '.join(f'{k}={v!r}' for k, v in other.items())}: numlm's generate takes "
                       f"only the token ids from it; pass the others to generate (numlm generate: its options)",
@@ -127,8 +127,6 @@ def generation_config_text(gen):
         return json.dumps(gen, indent=2, sort_keys=True) + "\n"
     except (TypeError, ValueError) as e:
         raise ValueError(f"the generation config cannot be written as JSON: {e}") from None
-
-
 
 
 def file_mode():
