@@ -7,22 +7,23 @@ from . import adaptive
 # reassociation only: lets LLVM vectorize the row sums (rounding moves by ulps, far inside the 1e-12
 # parity); no nnan/ninf (masked scores are finite but inputs may not be), no FMA contraction
 FAST = {"reassoc"}
+# Sums, counts and constants are cast to the array's dtype, as the NumPy lines compute them: a float
+# literal or an int count would turn float32 rows into float64 arithmetic (LayerNorm 3x slower).
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")
 def layernorm_row(x, gamma, beta, eps, y, xhat):
     """One row (C,): y, xhat written; -> rstd"""
-    C = x.size
-    m = 0.0
+    dt = x.dtype.type
+    C, m, v = x.size, dt(0), dt(0)
     for c in range(C):
         m += x[c]
-    m /= C
-    v = 0.0
+    m /= dt(C)
     for c in range(C):
         d = x[c] - m
         v += d * d
-    v /= C
-    r = 1.0 / np.sqrt(v + eps)
+    v /= dt(C)
+    r = dt(1) / np.sqrt(v + dt(eps))
     for c in range(C):
         h = (x[c] - m) * r
         xhat[c] = h
@@ -59,6 +60,7 @@ layernorm_forward_kernel = adaptive(_layernorm_forward_parallel, _layernorm_forw
 @njit(cache=True, parallel=True, fastmath=FAST, error_model="numpy")
 def layernorm_backward_kernel(dy, xhat, rstd, gamma):
     N, C = dy.shape
+    dt = dy.dtype.type
     dx = np.empty_like(dy)
     # per-chunk partial sums of dgamma/dbeta, reduced after the loop (no races)
     nchunk = min(N, 64)
@@ -66,14 +68,13 @@ def layernorm_backward_kernel(dy, xhat, rstd, gamma):
     pb = np.zeros((nchunk, C), dtype=dy.dtype)
     for k in prange(nchunk):
         for n in range(k, N, nchunk):
-            a = 0.0
-            b = 0.0
+            a, b = dt(0), dt(0)
             for c in range(C):
                 g = dy[n, c] * gamma[c]
                 a += g
                 b += g * xhat[n, c]
-            a /= C
-            b /= C
+            a /= dt(C)
+            b /= dt(C)
             r = rstd[n]
             for c in range(C):
                 dx[n, c] = r * (dy[n, c] * gamma[c] - a - xhat[n, c] * b)

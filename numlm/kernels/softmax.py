@@ -18,7 +18,7 @@ def softmax_backward_rows(dy, y):
     N, V = y.shape
     dx = np.empty_like(y)
     for n in prange(N):
-        s = 0.0
+        s = y.dtype.type(0)  # a float literal would make the row's arithmetic float64 (layernorm.py)
         for j in range(V):
             s += dy[n, j] * y[n, j]
         for j in range(V):
@@ -78,11 +78,11 @@ def masked_softmax_backward_kernel(dp, p, pd, dropped, scale, codes, ends):
         c, d, y = codes[b if Bc > 1 else 0, h if Hc > 1 else 0, i], dp[b, h, i], p[b, h, i]
         yd = pd[b, h, i]  # apart: with four views in the tuple above numba's parfors dropped d[n:] = 0
         n = ends[b if Be > 1 else 0, i]
-        t = 0.0
+        t = dp.dtype.type(0)
         for j in range(n):
             t += d[j] * yd[j]
         for j in range(n):
-            d[j] = yd[j] * d[j] - y[j] * t if dropped else y[j] * (d[j] - t)  # rounded to d's dtype, then scaled
+            d[j] = yd[j] * d[j] - y[j] * t if dropped else y[j] * (d[j] - t)
             d[j] = d[j] * scale if c[j] == 1 else 0
         d[n:] = 0
     return dp
