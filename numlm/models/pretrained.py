@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..io import (read_config, config_text, write_config, load_safetensors, save_safetensors, read_generation_config,
+from ..io import (read_config, config_text, load_safetensors, save_model_files, read_generation_config,
                   generation_config_text)
 from ..io.hub import resolve as resolve_model  # a folder, or a Hub name through the Hugging Face cache
 from ..nn import Module, Linear, Embedding, LayerNorm
@@ -284,10 +284,9 @@ class PreTrainedModel(Module):
         cfg = self.config.to_dict()
         cfg["architectures"] = [type(self).__name__]
         cfg["dtype"] = str(self.dtype)
-        text = config_text(cfg)  # a config JSON cannot hold is refused before the weights are written
+        text = config_text(cfg)  # a config JSON cannot hold is refused before anything is written
         gen = generation_config_text(self.generation_config)
-        save_safetensors(state, path, max_shard_bytes)
-        write_config(text, path, gen)
+        save_model_files(path, state, text, gen, max_shard_bytes)  # all renamed in together
 
     # ---- the forward/backward contract --------------------------------------------------------
     def objective(self, out):
