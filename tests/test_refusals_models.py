@@ -243,3 +243,91 @@ def test_arguments_that_were_taken_for_something_else_are_refused():
     with pytest.raises(ValueError, match="gradient of logits must be one array, got a tuple"):
         dh.backward((None, np.ones_like(out.mc_logits)))
     dh.backward(None, np.ones_like(out.mc_logits))  # the form the docstring gives
+
+
+def _refused_forward_cases():
+    """(model class, its config, a good forward's arguments, bad arguments each refused by name)"""
+    B, T, K = 2, 5, 3
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 50, (B, T))
+    bert = bert_cfg(num_labels=K)
+    roberta = numlm.RobertaConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=40, num_labels=K, pad_token_id=0)
+    distil = numlm.DistilBertConfig(vocab_size=60, dim=16, n_layers=1, n_heads=2, hidden_dim=24,
+                                    max_position_embeddings=32, num_labels=K)
+    mask, lab, tok = np.ones((B, T + 1)), np.array([0, 2]), rng.integers(0, K, (B, T))
+    seq = [dict(labels=np.array([0, 1, 2])), dict(labels=np.array([0, K])), dict(attention_mask=mask),
+           dict(input_ids=ids + 60)]
+    tokens = [dict(labels=tok[:, :-1]), dict(labels=tok + K), dict(attention_mask=mask)]
+    span = [dict(end_positions=None), dict(end_positions=np.array([[1, 2, 3]]))]
+    return [
+        (numlm.GPT2LMHeadModel, gpt_cfg(), dict(input_ids=ids, labels=ids),
+         [dict(input_ids=ids + 50), dict(attention_mask=mask), dict(labels=ids[:, :-1]), dict(position_ids=ids + 40)]),
+        (numlm.GPT2ForSequenceClassification, gpt_cfg(num_labels=K, pad_token_id=0),
+         dict(input_ids=ids, labels=lab, lm_labels=ids), [*seq[:3], dict(lm_labels=ids[:, :-1])]),
+        (numlm.GPT2DoubleHeadsModel, gpt_cfg(), dict(input_ids=ids[None], labels=ids[None], mc_labels=[1]),
+         [dict(mc_labels=[2]), dict(mc_token_ids=[[T, 0]]), dict(labels=ids)]),
+        (numlm.BertForSequenceClassification, bert, dict(input_ids=ids, labels=lab), seq),
+        (numlm.BertForTokenClassification, bert, dict(input_ids=ids, labels=tok), tokens),
+        (numlm.BertForMaskedLM, bert, dict(input_ids=ids, labels=ids), [dict(labels=ids[:1]), dict(labels=ids + 60)]),
+        (numlm.BertForPreTraining, bert, dict(input_ids=ids, labels=ids, next_sentence_label=[0, 1]),
+         [dict(next_sentence_label=[0, 2]), dict(labels=ids[:1])]),
+        (numlm.BertForNextSentencePrediction, bert, dict(input_ids=ids, labels=[0, 1]), [dict(labels=[0, 2])]),
+        (numlm.BertForQuestionAnswering, bert_cfg(), dict(input_ids=ids, start_positions=lab, end_positions=lab), span),
+        (numlm.RobertaForSequenceClassification, roberta, dict(input_ids=ids, labels=lab), seq),
+        (numlm.DistilBertForSequenceClassification, distil, dict(input_ids=ids, labels=lab), seq),
+        (numlm.DistilBertForTokenClassification, distil, dict(input_ids=ids, labels=tok), tokens),
+        (numlm.DistilBertForMaskedLM, distil, dict(input_ids=ids, labels=ids), [dict(labels=ids[:, :-1])]),
+        (numlm.DistilBertForQuestionAnswering, numlm.DistilBertConfig(vocab_size=60, dim=16, n_layers=1, n_heads=2,
+                                                                      hidden_dim=24, max_position_embeddings=32),
+         dict(input_ids=ids, start_positions=lab, end_positions=lab), span),
+    ]
+
+
+@pytest.mark.parametrize("cls, cfg, good, bads", _refused_forward_cases(), ids=lambda c: getattr(c, "__name__", ""))
+def test_a_refused_forward_leaves_the_last_forward_to_backward(cls, cfg, good, bads):
+    """A forward refused for a bad argument (ids, mask, labels of the wrong shape or range), in training
+    or under no_grad, changed nothing: backward() then differentiates the earlier forward exactly as a
+    model that never saw the refused calls, and the next forward draws the same dropout masks."""
+    seen, fresh = (cls(cfg, seed=0, dtype="float64").train() for _ in range(2))
+    out = seen(**good)
+    for bad in bads:
+        with pytest.raises(ValueError):
+            seen(**{**good, **bad})
+        with numlm.no_grad(), pytest.raises(ValueError):
+            seen(**{**good, **bad})
+    seen.backward()
+    want = fresh(**good)
+    fresh.backward()
+    assert out.loss == want.loss
+    got, expected = seen.gradients(), fresh.gradients()
+    assert got.keys() == expected.keys()
+    for k in expected:
+        np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+    assert seen(**good).loss == fresh(**good).loss  # the refused calls drew no dropout masks
+
+
+def test_a_refused_prompt_tuned_forward_leaves_the_last_forward_to_backward():
+    """Prompt tuning embeds the ids itself before the model checks the rest: a call refused there (labels
+    of the wrong shape, ids out of range) kept the refused ids in the token table's cache, so backward()
+    gave the trained token table the gradient of ids the model never ran."""
+    def tuned():
+        m = numlm.BertForSequenceClassification(bert_cfg(num_labels=3), seed=0, dtype="float64").train()
+        pm = peft.get_peft_model(m, peft.PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_CLS"), seed=1)
+        m.bert.embeddings.word_embeddings.unfreeze()
+        return pm
+    ids, labels = np.array([[5, 6, 7], [8, 9, 10]]), np.array([0, 2])
+    seen, fresh = tuned(), tuned()
+    seen(ids, labels=labels)
+    for bad in [dict(labels=np.array([0, 1, 2])), dict(input_ids=ids + 60), dict(attention_mask=np.ones((2, 4)))]:
+        with pytest.raises(ValueError, match="labels|input_ids|attention_mask"):
+            seen(**{"input_ids": ids[::-1] + 10, "labels": labels, **bad})
+    seen.backward()
+    fresh(ids, labels=labels)
+    fresh.backward()
+    word = "bert.embeddings.word_embeddings.weight"
+    assert np.abs(fresh.base_model.gradients()[word]).sum() > 0
+    np.testing.assert_array_equal(seen.base_model.gradients()[word], fresh.base_model.gradients()[word])
+    got, want = seen.gradients(), fresh.gradients()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)

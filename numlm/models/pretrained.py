@@ -64,7 +64,7 @@ class PreTrainedModel(Module):
     """Subclasses set `config_class`, `base_model_prefix` (the backbone attribute, "bert" or
     "transformer"; empty for a bare backbone), build their modules in __init__, then call post_init()."""
 
-    is_model = True  # Module.__call__: drops _last first; use_cache / output_attentions say what attention keeps
+    is_model = True  # Module.__call__: use_cache / output_attentions say what attention keeps
     config_class = None
     base_model_prefix = ""
     ignore_on_load = ()     # regexes of checkpoint keys dropped silently (old buffers)
@@ -563,38 +563,42 @@ def logits_grad(grad, logits, loss, needs="labels"):
     return backward(1.0, cache).reshape(logits.shape)
 
 
-def problem_type_loss(config, logits, labels):
-    """transformers' selection for sequence classification, by config.problem_type (set on the first
-    labelled forward: regression if K == 1, single-label for integer labels, else multi-label):
-        regression                  loss = MSE(logits, labels)            (K == 1: both squeezed)
+PROBLEM_LOSSES = {"single_label_classification": (cross_entropy_forward, cross_entropy_backward),
+                  "regression": (mse_forward, mse_backward),
+                  "multi_label_classification": (bce_with_logits_forward, bce_with_logits_backward)}
+
+
+def classification_labels(config, labels, B, dtype):
+    """Sequence classification's labels, checked before the forward runs, and transformers' loss for them by
+    config.problem_type (when unset: regression if K == 1, single-label for integer labels, else multi-label;
+    then set to it: by a forward whose labels fit it, not by one refused):
+        regression                  loss = MSE(logits, labels)            labels (B,) or (B, 1) if K == 1
         single_label_classification loss = CE(logits, labels)            labels (B,) in [0, K) or -100
         multi_label_classification  loss = BCE(sigmoid(logits), labels)  labels (B, K) in [0, 1]
-    logits: (B, K) -> loss, (its backward function, its cache): backward(dloss, cache) = d logits"""
-    B, K = logits.shape
+    -> (labels as the loss takes them with logits (B, K), the loss's forward, its backward): forward(logits,
+    labels) = loss, cache; backward(dloss, cache) = d logits"""
+    K = config.num_labels
     labels = np.asarray(labels)
     kind = config.problem_type or ("regression" if K == 1 else "single_label_classification"
                                    if labels.dtype.kind in "iu" else "multi_label_classification")
     if kind == "single_label_classification":
         if labels.dtype.kind in "iu" and labels.shape != (B,):
             raise ValueError(f"labels must have shape {(B,)}, got {labels.shape}")
-        (loss, c), back = cross_entropy_forward(logits, ids_in_range("labels", labels, K, allow=IGNORE_INDEX)), \
-            cross_entropy_backward
+        y = ids_in_range("labels", labels, K, allow=IGNORE_INDEX)
     elif labels.dtype.kind not in "iuf":
         raise ValueError(f"labels must be numeric for {kind}, got dtype {labels.dtype}")
     elif not np.isfinite(labels).all():
         raise ValueError(f"labels for {kind} must be finite, got NaN or inf")
     elif kind == "regression":
-        y, shapes = labels.astype(logits.dtype), ((B,), (B, 1)) if K == 1 else ((B, K),)
+        y, shapes = labels.astype(dtype), ((B,), (B, 1)) if K == 1 else ((B, K),)
         if y.shape not in shapes:
             raise ValueError(f"labels must have shape {' or '.join(map(str, shapes))} for regression, got {y.shape}")
-        (loss, c), back = (mse_forward(logits.reshape(B), y.reshape(B)) if K == 1 else mse_forward(logits, y),
-                           mse_backward)
+        y = y.reshape(B, K)  # K == 1: MSE of (B, 1) logits and labels, the mean of transformers' squeezed pair
     else:
-        y = labels.astype(logits.dtype)
+        y = labels.astype(dtype)
         if y.shape != (B, K):
             raise ValueError(f"labels must have shape {(B, K)} for multi_label_classification, got {y.shape}")
         if ((y < 0) | (y > 1)).any():
             raise ValueError("labels for multi_label_classification must lie in [0, 1]")
-        (loss, c), back = bce_with_logits_forward(logits, y), bce_with_logits_backward
-    config.problem_type = kind  # set by a forward whose labels fit it, not by one refused
-    return loss, (back, c)
+    config.problem_type = kind
+    return (y, *PROBLEM_LOSSES[kind])
