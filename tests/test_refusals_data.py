@@ -1,6 +1,7 @@
 """The data and tokenizer defects a fault pass found: a call that fails refuses in one line naming the
 problem and leaves every file as it was; none silently writes over a file it was not asked to write."""
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -8,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
+import numlm
 from numlm.cli import main
 from numlm.data import Tokenizer, prepare, load_tokens, load_document_starts
 
@@ -174,6 +176,29 @@ def test_a_mistyped_huge_integer_label_is_refused_naming_its_line(tmp_path, kind
     line = len(rows) + (kind == "csv")      # the header is line 1 of a csv
     with pytest.raises(ValueError, match=f"line {line}: label {10 ** 8} cannot be a class id"):
         from_file(path)
+
+
+@pytest.mark.parametrize("kind, as_text", [("csv", True), ("jsonl", True), ("jsonl", False)])
+def test_a_label_longer_than_python_converts_is_refused_naming_it(tmp_path, capsys, wordpiece, kind, as_text):
+    """A label of 5000 digits (a number, or its text) got Python's own error, 'Exceeds the limit (4300 digits)
+    for integer string conversion': from_file and numlm finetune name its line and the label, and the run
+    writes nothing."""
+    from numlm.data.datasets import from_file
+    huge = "1" * 5000
+    path = write_rows(tmp_path / f"labels.{kind}", [(f"example {i}", i % 2) for i in range(20)] + [("oops", huge)])
+    if not as_text:  # a JSON number, not a string
+        path.write_text(path.read_text().replace(f'"{huge}"', huge))
+    want = rf"line {21 + (kind == 'csv')}: .*'111111111111'\.\.\. \(5000 digits\)"
+    with pytest.raises(ValueError, match=want):
+        from_file(path)
+    model = tmp_path / "model"
+    numlm.BertForSequenceClassification(numlm.BertConfig(
+        vocab_size=wordpiece.vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=32), seed=0).save_pretrained(model)
+    wordpiece.save(model)
+    code, err = refused(capsys, ["finetune", "--data", str(path), "--out", str(tmp_path / "run"), str(model)])
+    assert code == 2 and re.search(want, err) and "Exceeds the limit" not in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_integer_labels_with_a_few_ids_missing_are_still_classes(tmp_path):

@@ -116,6 +116,19 @@ def test_id2label_sets_the_number_of_labels(tmp_path):
     assert saved["id2label"] == {"0": "neg", "1": "pos"} and saved["label2id"] == {"neg": 0, "pos": 1}
 
 
+@pytest.mark.parametrize("key, shown", [("1" * 5000, r"'111111111111'\.\.\. \(5000 characters\)"),
+                                        ("neg", "'neg'"), ("1.5", "'1.5'"), (-1, "-1")])
+def test_an_id2label_key_that_is_no_label_id_is_refused_naming_it(tmp_path, key, shown):
+    """id2label's keys become label ids with int(): a 5000-digit key got Python's 'Exceeds the limit (4300
+    digits)' error, a name its 'invalid literal for int()'; each is one line naming the key, and "1" still
+    reads as 1."""
+    numlm.BertForSequenceClassification(bert_cfg(), seed=1).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=f"^id2label key {shown} is not a label id"):
+        numlm.from_pretrained(tmp_path / "m", id2label={key: "pos", "0": "neg"})
+    m = numlm.from_pretrained(tmp_path / "m", id2label={"1": "pos", " 0": "neg"})
+    assert m.config.extra["label2id"] == {"pos": 1, "neg": 0}
+
+
 def test_labels_configs_and_seeds_that_cannot_train_are_refused():
     ids = np.array([[1, 2, 3], [4, 5, 6]])
     regress = numlm.BertForSequenceClassification(bert_cfg(num_labels=1), seed=0)

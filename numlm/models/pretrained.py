@@ -216,7 +216,7 @@ class PreTrainedModel(Module):
         if isinstance(names, dict) and overrides.get("num_labels", len(names)) != len(names):
             raise ValueError(f"num_labels={overrides['num_labels']} but id2label names {len(names)} labels")
         if isinstance(names, dict):  # transformers: the labels named are the labels
-            overrides = {"num_labels": len(names), "label2id": {v: int(k) for k, v in names.items()}, **overrides}
+            overrides = {"num_labels": len(names), "label2id": {v: label_id(k) for k, v in names.items()}, **overrides}
         for k in sorted(set(overrides) - set(fields) - set(cfg)):
             near = ["dtype"] if k == "torch_dtype" else difflib.get_close_matches(k, fields, n=1, cutoff=0.85)
             if near:
@@ -301,6 +301,18 @@ class PreTrainedModel(Module):
             raise ValueError(f"{type(self).__name__}.backward: the last forward ran under numlm.no_grad() "
                              "and kept no cache; run it again outside no_grad() to differentiate")
         return self._last
+
+
+def label_id(key):
+    """An id2label key as the label id transformers makes of it (int(key)): an integer >= 0, or its decimal
+    text; any other key (a name, a float, a number of more than 18 digits) is refused naming it"""
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool) and 0 <= key < 10 ** 18:
+        return int(key)
+    if isinstance(key, str) and re.fullmatch(r"\s*\d{1,18}\s*", key):
+        return int(key)
+    shown = (f"{key[:12]!r}... ({len(key)} characters)" if isinstance(key, str) and len(key) > 24
+             else "an integer of more than 18 digits" if isinstance(key, int) and abs(key) >= 10 ** 18 else repr(key))
+    raise ValueError(f"id2label key {shown} is not a label id (an integer 0..num_labels-1, or its text)")
 
 
 def from_pretrained(path, dtype="float32", revision=None, **kwargs):
