@@ -1,6 +1,7 @@
 """Models, inference and adapters under a fault pass: each defect it found, refused or fixed here,
 and each test failed on the code before its fix."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -344,3 +345,25 @@ def test_a_refused_prompt_tuned_forward_leaves_the_last_forward_to_backward():
     got, want = seen.gradients(), fresh.gradients()
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("cls, cfg, shape", [(numlm.GPT2LMHeadModel, gpt_cfg(), (2, 4)),
+                                             (numlm.BertModel, bert_cfg(), (2, 4)),
+                                             (numlm.GPT2DoubleHeadsModel, gpt_cfg(), (2, 3, 4))])
+def test_position_ids_of_another_shape_are_refused_not_reshaped(cls, cfg, shape):
+    """(B, 1, T) position_ids ran as (B, T) (so did any shape of B*T entries ending in T), where transformers 5
+    refuses them. input_ids' shape, the (B, T) it runs as, (1, T) and (T,) give what the per-row positions
+    give; any other shape is one ValueError naming position_ids and the shapes it takes."""
+    model = cls(cfg, seed=0, dtype="float64").eval()
+    T, rows = shape[-1], int(np.prod(shape[:-1]))
+    ids = np.random.default_rng(0).integers(0, 50, shape)
+    main = "last_hidden_state" if cls is numlm.BertModel else "logits"
+    p = np.arange(T) + 3  # not the positions a model counts itself
+    want = model(ids, position_ids=np.broadcast_to(p, shape))[main]
+    assert not np.allclose(model(ids)[main], want)
+    for pos in [p, p[None], np.broadcast_to(p, (rows, T))]:
+        np.testing.assert_array_equal(model(ids, position_ids=pos)[main], want)
+    accepted = r"position_ids must have shape .*\(1, 4\) or \(4,\), got "
+    for bad in [(shape[0], 1, T), (1, 1, T), (rows * T,), (rows, T, 1), (shape[0] + 1, T)]:
+        with pytest.raises(ValueError, match=accepted + re.escape(str(bad))):
+            model(ids, position_ids=np.zeros(bad, dtype=np.int64))

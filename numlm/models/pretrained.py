@@ -431,12 +431,14 @@ def past_like(past, L, B, H, D, dtype):
     return lengths.pop()
 
 
-def positions(position_ids, B, T, limit, note, per_row=True):
-    """Given positions ((B, T), (1, T) or (T,)) checked in [0, limit): (B, T), or (1, T) when not per_row
-    and shared. (Without them a model counts T_past .. T_past + T - 1 for every row.)"""
+def positions(position_ids, B, T, limit, shape, per_row=True):
+    """Given positions (input_ids' `shape`, the (B, T) it runs as, (1, T) or (T,), as transformers takes them;
+    any other shape, (B, 1, T) among them, is refused) checked in [0, limit): (B, T), or (1, T) when not
+    per_row and shared. (Without them a model counts T_past .. T_past + T - 1 for every row.)"""
     pos = np.asarray(position_ids)
-    if pos.dtype.kind in "iu" and (pos.shape[-1:] != (T,) or pos.size not in (T, B * T)):
-        raise ValueError(f"position_ids must have shape {note}, {(1, T)} or {(T,)}, got {pos.shape}")
+    accepted = list(dict.fromkeys([tuple(shape), (B, T), (1, T), (T,)]))
+    if pos.dtype.kind in "iu" and pos.shape not in accepted:
+        raise ValueError(f"position_ids must have shape {' or '.join(map(str, accepted))}, got {pos.shape}")
     pos = ids_in_range("position_ids", pos, limit).astype(np.int64, copy=False).reshape(-1, T)
     return np.broadcast_to(pos, (B, T)) if per_row else pos
 
