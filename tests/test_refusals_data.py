@@ -141,6 +141,31 @@ def test_a_sidecar_without_a_recorded_name_is_the_existing_token_files(tmp_path,
     assert json.loads(side.read_text()) == meta
 
 
+def test_a_token_file_renamed_with_its_sidecar_is_prepared_again(tmp_path, capsys, bpe):
+    """tokens.bin, .json and .docs.npy renamed together to other.*: other.json still records tokens.bin, so
+    preparing other.bin again was refused as 'the sidecar of the token file tokens.bin; move it', though no
+    tokens.bin is there. It now prepares; a sidecar whose token file is gone and that does not describe
+    out_path is refused in one line naming the file to remove, and nothing is written."""
+    prepare(LINES, bpe, tmp_path / "tokens.bin")
+    tokens = np.array(load_tokens(tmp_path / "tokens.bin"))
+    for f in list(tmp_path.glob("tokens.*")):
+        f.rename(tmp_path / ("other" + f.name[len("tokens"):]))
+    np.testing.assert_array_equal(load_tokens(tmp_path / "other.bin"), tokens)  # it loads as renamed
+    meta = prepare(LINES[:2], bpe, tmp_path / "other.bin")
+    assert meta["num_documents"] == 2 == len(load_document_starts(tmp_path / "other.bin"))
+    assert json.loads((tmp_path / "other.json").read_text())["token_file"] == "other.bin"
+    (tmp_path / "other.bin").rename(tmp_path / "kept.bin")  # other.json's token file is gone
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    tok = tmp_path / "tok" / "tokenizer.json"
+    bpe.save(tok)
+    (tmp_path / "corpus.txt").write_text("\n".join(LINES) + "\n")
+    code, err = refused(capsys, ["prepare", "--tokenizer", str(tok), "--data", str(tmp_path / "corpus.txt"),
+                                 "--out", str(tmp_path / "other.dat")])
+    assert code == 2 and "'other.bin', which is not beside it" in err and f"remove {str(tmp_path / 'other.json')!r}" in err
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.name in before} == before
+    assert not (tmp_path / "other.dat").exists()
+
+
 # ---- a user's labelled file ----------------------------------------------------------------------
 def write_rows(path, rows):
     """rows of (text, label) as a .csv (header text,label) or a .jsonl"""
