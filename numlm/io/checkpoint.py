@@ -143,11 +143,6 @@ def file_mode():
     return 0o666 & ~umask
 
 
-def _atomic_write(path, write):
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    write_together([(path, write)])
-
-
 def write_together(files, remove=()):
     """[(path, write(tmp))]: each written through a temporary file beside it (the umask's mode), then
     all renamed in and the files in `remove` deleted; a failure at any point leaves every file as it was."""

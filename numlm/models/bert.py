@@ -325,8 +325,7 @@ class BertModel(PreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
-        x = bert_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                                   past_key_values)
+        x = bert_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, past_key_values)
         self._last = None  # every input checked: only now do the last forward's outputs go
         hs, pooled = self.encode(x)
         self._last = (hs[-1], pooled)
