@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 import numlm
 from numlm.kernels import set_numba
 from numlm.models import (BertConfig, BertForPreTraining, BertForSequenceClassification, BertModel, GPT2Config,
-                          GPT2DoubleHeadsModel, GPT2LMHeadModel, OpenAIGPTConfig, OpenAIGPTLMHeadModel)
+                          GPT2DoubleHeadsModel, GPT2LMHeadModel, GPT2Model, OpenAIGPTConfig, OpenAIGPTLMHeadModel)
 from numlm.nn import Linear, grad_enabled, no_grad
 
 GPT = dict(vocab_size=29, n_positions=16, n_embd=8, n_layer=2, n_head=2, initializer_range=0.3)
@@ -190,16 +190,24 @@ def test_flags_given_by_position_count_as_by_keyword():
 
 
 def test_a_model_call_frees_the_last_forwards_outputs_first():
+    """The last forward's outputs go before the new forward's math makes its own (once its inputs are
+    checked: a refused call keeps them for backward())."""
     seen = []
 
+    class ProbeCore(GPT2Model):
+        def decode(self, x):  # where the new forward's math starts
+            seen.append(model._last)
+            return super().decode(x)
+
     class Probe(GPT2LMHeadModel):
-        def forward(self, *args, **kwargs):  # the state a new forward starts from
-            seen.append((self._last, self.cache))
-            return super().forward(*args, **kwargs)
+        backbone = ProbeCore
 
     model = Probe(GPT2Config(**GPT))
     ids = np.arange(6).reshape(1, 6)
     model(input_ids=ids, labels=ids)
+    with pytest.raises(ValueError, match="labels"):
+        model(input_ids=ids, labels=ids[:, 1:])
+    assert model._last is not None
     model(input_ids=ids, labels=ids)
-    assert seen == [(None, None)] * 2
+    assert seen == [None] * 2
     model.backward()  # the new forward's outputs serve the backward

@@ -1,6 +1,7 @@
 """A failed call leaves the model and its files as they were, and an option is never accepted and
 ignored: the defects a fault pass found, each refused (or fixed) in one place."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -503,3 +504,36 @@ def test_a_resume_that_cannot_load_leaves_the_runs_token_file(tmp_path, corpus, 
     assert main(args + ["--data", str(other), "--resume", "--allow-changes", "--steps", "4"]) == 2
     assert "no readable checkpoint" in capsys.readouterr().err
     assert (out / "data" / "tokens.bin").read_bytes() == tokens
+
+
+@pytest.mark.parametrize("first, second", [(None, None), (None, 600), (2000, 900), (3000, None)])
+@pytest.mark.parametrize("fails", ["config.json", "generation_config.json", "model.safetensors.index.json"])
+def test_a_save_that_fails_part_way_leaves_the_folder_as_it_was(tmp_path, monkeypatch, first, second, fails):
+    """The weights (single or sharded), their index, config.json and generation_config.json land
+    together: a rename that fails part way (a disk error) leaves every file of the earlier save as it
+    was, with no shard of the new save mixed in, and a folder the save made goes."""
+    g = gpt(n_layer=2, dtype="float32")
+    g.generation_config = {"eos_token_id": 1}
+    g.save_pretrained(tmp_path, max_shard_bytes=first)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    new = gpt(dtype="float32", n_embd=4)
+    new.generation_config = {"eos_token_id": 2}
+    replace, failed = os.replace, []
+
+    def failing(src, dst):  # the disk fails once, at the rename of one file, after others got in
+        if os.path.basename(dst) == fails and str(src).endswith(".tmp") and len(failed) < 2:
+            failed.append(dst)
+            raise OSError(28, "No space left on device")
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", failing)
+    if fails.endswith("index.json") and second is None:
+        fails = "config.json"  # a single-file save writes no index
+    with pytest.raises(OSError, match="No space left"):
+        new.save_pretrained(tmp_path, max_shard_bytes=second)
+    with pytest.raises(OSError, match="No space left"):
+        new.save_pretrained(tmp_path / "made", max_shard_bytes=second)
+    monkeypatch.undo()
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+    back = numlm.from_pretrained(tmp_path)
+    assert back.config.n_layer == 2 and back.generation_config["eos_token_id"] == 1
+    np.testing.assert_array_equal(back.transformer.wte.params["weight"], g.transformer.wte.params["weight"])

@@ -1,6 +1,7 @@
 """The data and tokenizer defects a fault pass found: a call that fails refuses in one line naming the
 problem and leaves every file as it was; none silently writes over a file it was not asked to write."""
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -8,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
+import numlm
 from numlm.cli import main
 from numlm.data import Tokenizer, prepare, load_tokens, load_document_starts
 
@@ -139,6 +141,31 @@ def test_a_sidecar_without_a_recorded_name_is_the_existing_token_files(tmp_path,
     assert json.loads(side.read_text()) == meta
 
 
+def test_a_token_file_renamed_with_its_sidecar_is_prepared_again(tmp_path, capsys, bpe):
+    """tokens.bin, .json and .docs.npy renamed together to other.*: other.json still records tokens.bin, so
+    preparing other.bin again was refused as 'the sidecar of the token file tokens.bin; move it', though no
+    tokens.bin is there. It now prepares; a sidecar whose token file is gone and that does not describe
+    out_path is refused in one line naming the file to remove, and nothing is written."""
+    prepare(LINES, bpe, tmp_path / "tokens.bin")
+    tokens = np.array(load_tokens(tmp_path / "tokens.bin"))
+    for f in list(tmp_path.glob("tokens.*")):
+        f.rename(tmp_path / ("other" + f.name[len("tokens"):]))
+    np.testing.assert_array_equal(load_tokens(tmp_path / "other.bin"), tokens)  # it loads as renamed
+    meta = prepare(LINES[:2], bpe, tmp_path / "other.bin")
+    assert meta["num_documents"] == 2 == len(load_document_starts(tmp_path / "other.bin"))
+    assert json.loads((tmp_path / "other.json").read_text())["token_file"] == "other.bin"
+    (tmp_path / "other.bin").rename(tmp_path / "kept.bin")  # other.json's token file is gone
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    tok = tmp_path / "tok" / "tokenizer.json"
+    bpe.save(tok)
+    (tmp_path / "corpus.txt").write_text("\n".join(LINES) + "\n")
+    code, err = refused(capsys, ["prepare", "--tokenizer", str(tok), "--data", str(tmp_path / "corpus.txt"),
+                                 "--out", str(tmp_path / "other.dat")])
+    assert code == 2 and "'other.bin', which is not beside it" in err and f"remove {str(tmp_path / 'other.json')!r}" in err
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.name in before} == before
+    assert not (tmp_path / "other.dat").exists()
+
+
 # ---- a user's labelled file ----------------------------------------------------------------------
 def write_rows(path, rows):
     """rows of (text, label) as a .csv (header text,label) or a .jsonl"""
@@ -174,6 +201,29 @@ def test_a_mistyped_huge_integer_label_is_refused_naming_its_line(tmp_path, kind
     line = len(rows) + (kind == "csv")      # the header is line 1 of a csv
     with pytest.raises(ValueError, match=f"line {line}: label {10 ** 8} cannot be a class id"):
         from_file(path)
+
+
+@pytest.mark.parametrize("kind, as_text", [("csv", True), ("jsonl", True), ("jsonl", False)])
+def test_a_label_longer_than_python_converts_is_refused_naming_it(tmp_path, capsys, wordpiece, kind, as_text):
+    """A label of 5000 digits (a number, or its text) got Python's own error, 'Exceeds the limit (4300 digits)
+    for integer string conversion': from_file and numlm finetune name its line and the label, and the run
+    writes nothing."""
+    from numlm.data.datasets import from_file
+    huge = "1" * 5000
+    path = write_rows(tmp_path / f"labels.{kind}", [(f"example {i}", i % 2) for i in range(20)] + [("oops", huge)])
+    if not as_text:  # a JSON number, not a string
+        path.write_text(path.read_text().replace(f'"{huge}"', huge))
+    want = rf"line {21 + (kind == 'csv')}: .*'111111111111'\.\.\. \(5000 digits\)"
+    with pytest.raises(ValueError, match=want):
+        from_file(path)
+    model = tmp_path / "model"
+    numlm.BertForSequenceClassification(numlm.BertConfig(
+        vocab_size=wordpiece.vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=32), seed=0).save_pretrained(model)
+    wordpiece.save(model)
+    code, err = refused(capsys, ["finetune", "--data", str(path), "--out", str(tmp_path / "run"), str(model)])
+    assert code == 2 and re.search(want, err) and "Exceeds the limit" not in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_integer_labels_with_a_few_ids_missing_are_still_classes(tmp_path):

@@ -1,6 +1,7 @@
 """Models, inference and adapters under a fault pass: each defect it found, refused or fixed here,
 and each test failed on the code before its fix."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -114,6 +115,19 @@ def test_id2label_sets_the_number_of_labels(tmp_path):
     m.save_pretrained(tmp_path / "named")
     saved = json.loads((tmp_path / "named" / "config.json").read_text())
     assert saved["id2label"] == {"0": "neg", "1": "pos"} and saved["label2id"] == {"neg": 0, "pos": 1}
+
+
+@pytest.mark.parametrize("key, shown", [("1" * 5000, r"'111111111111'\.\.\. \(5000 characters\)"),
+                                        ("neg", "'neg'"), ("1.5", "'1.5'"), (-1, "-1")])
+def test_an_id2label_key_that_is_no_label_id_is_refused_naming_it(tmp_path, key, shown):
+    """id2label's keys become label ids with int(): a 5000-digit key got Python's 'Exceeds the limit (4300
+    digits)' error, a name its 'invalid literal for int()'; each is one line naming the key, and "1" still
+    reads as 1."""
+    numlm.BertForSequenceClassification(bert_cfg(), seed=1).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=f"^id2label key {shown} is not a label id"):
+        numlm.from_pretrained(tmp_path / "m", id2label={key: "pos", "0": "neg"})
+    m = numlm.from_pretrained(tmp_path / "m", id2label={"1": "pos", " 0": "neg"})
+    assert m.config.extra["label2id"] == {"pos": 1, "neg": 0}
 
 
 def test_labels_configs_and_seeds_that_cannot_train_are_refused():
@@ -243,3 +257,113 @@ def test_arguments_that_were_taken_for_something_else_are_refused():
     with pytest.raises(ValueError, match="gradient of logits must be one array, got a tuple"):
         dh.backward((None, np.ones_like(out.mc_logits)))
     dh.backward(None, np.ones_like(out.mc_logits))  # the form the docstring gives
+
+
+def _refused_forward_cases():
+    """(model class, its config, a good forward's arguments, bad arguments each refused by name)"""
+    B, T, K = 2, 5, 3
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 50, (B, T))
+    bert = bert_cfg(num_labels=K)
+    roberta = numlm.RobertaConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=40, num_labels=K, pad_token_id=0)
+    distil = numlm.DistilBertConfig(vocab_size=60, dim=16, n_layers=1, n_heads=2, hidden_dim=24,
+                                    max_position_embeddings=32, num_labels=K)
+    mask, lab, tok = np.ones((B, T + 1)), np.array([0, 2]), rng.integers(0, K, (B, T))
+    seq = [dict(labels=np.array([0, 1, 2])), dict(labels=np.array([0, K])), dict(attention_mask=mask),
+           dict(input_ids=ids + 60)]
+    tokens = [dict(labels=tok[:, :-1]), dict(labels=tok + K), dict(attention_mask=mask)]
+    span = [dict(end_positions=None), dict(end_positions=np.array([[1, 2, 3]]))]
+    return [
+        (numlm.GPT2LMHeadModel, gpt_cfg(), dict(input_ids=ids, labels=ids),
+         [dict(input_ids=ids + 50), dict(attention_mask=mask), dict(labels=ids[:, :-1]), dict(position_ids=ids + 40)]),
+        (numlm.GPT2ForSequenceClassification, gpt_cfg(num_labels=K, pad_token_id=0),
+         dict(input_ids=ids, labels=lab, lm_labels=ids), [*seq[:3], dict(lm_labels=ids[:, :-1])]),
+        (numlm.GPT2DoubleHeadsModel, gpt_cfg(), dict(input_ids=ids[None], labels=ids[None], mc_labels=[1]),
+         [dict(mc_labels=[2]), dict(mc_token_ids=[[T, 0]]), dict(labels=ids)]),
+        (numlm.BertForSequenceClassification, bert, dict(input_ids=ids, labels=lab), seq),
+        (numlm.BertForTokenClassification, bert, dict(input_ids=ids, labels=tok), tokens),
+        (numlm.BertForMaskedLM, bert, dict(input_ids=ids, labels=ids), [dict(labels=ids[:1]), dict(labels=ids + 60)]),
+        (numlm.BertForPreTraining, bert, dict(input_ids=ids, labels=ids, next_sentence_label=[0, 1]),
+         [dict(next_sentence_label=[0, 2]), dict(labels=ids[:1])]),
+        (numlm.BertForNextSentencePrediction, bert, dict(input_ids=ids, labels=[0, 1]), [dict(labels=[0, 2])]),
+        (numlm.BertForQuestionAnswering, bert_cfg(), dict(input_ids=ids, start_positions=lab, end_positions=lab), span),
+        (numlm.RobertaForSequenceClassification, roberta, dict(input_ids=ids, labels=lab), seq),
+        (numlm.DistilBertForSequenceClassification, distil, dict(input_ids=ids, labels=lab), seq),
+        (numlm.DistilBertForTokenClassification, distil, dict(input_ids=ids, labels=tok), tokens),
+        (numlm.DistilBertForMaskedLM, distil, dict(input_ids=ids, labels=ids), [dict(labels=ids[:, :-1])]),
+        (numlm.DistilBertForQuestionAnswering, numlm.DistilBertConfig(vocab_size=60, dim=16, n_layers=1, n_heads=2,
+                                                                      hidden_dim=24, max_position_embeddings=32),
+         dict(input_ids=ids, start_positions=lab, end_positions=lab), span),
+    ]
+
+
+@pytest.mark.parametrize("cls, cfg, good, bads", _refused_forward_cases(), ids=lambda c: getattr(c, "__name__", ""))
+def test_a_refused_forward_leaves_the_last_forward_to_backward(cls, cfg, good, bads):
+    """A forward refused for a bad argument (ids, mask, labels of the wrong shape or range), in training
+    or under no_grad, changed nothing: backward() then differentiates the earlier forward exactly as a
+    model that never saw the refused calls, and the next forward draws the same dropout masks."""
+    seen, fresh = (cls(cfg, seed=0, dtype="float64").train() for _ in range(2))
+    out = seen(**good)
+    for bad in bads:
+        with pytest.raises(ValueError):
+            seen(**{**good, **bad})
+        with numlm.no_grad(), pytest.raises(ValueError):
+            seen(**{**good, **bad})
+    seen.backward()
+    want = fresh(**good)
+    fresh.backward()
+    assert out.loss == want.loss
+    got, expected = seen.gradients(), fresh.gradients()
+    assert got.keys() == expected.keys()
+    for k in expected:
+        np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+    assert seen(**good).loss == fresh(**good).loss  # the refused calls drew no dropout masks
+
+
+def test_a_refused_prompt_tuned_forward_leaves_the_last_forward_to_backward():
+    """Prompt tuning embeds the ids itself before the model checks the rest: a call refused there (labels
+    of the wrong shape, ids out of range) kept the refused ids in the token table's cache, so backward()
+    gave the trained token table the gradient of ids the model never ran."""
+    def tuned():
+        m = numlm.BertForSequenceClassification(bert_cfg(num_labels=3), seed=0, dtype="float64").train()
+        pm = peft.get_peft_model(m, peft.PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_CLS"), seed=1)
+        m.bert.embeddings.word_embeddings.unfreeze()
+        return pm
+    ids, labels = np.array([[5, 6, 7], [8, 9, 10]]), np.array([0, 2])
+    seen, fresh = tuned(), tuned()
+    seen(ids, labels=labels)
+    for bad in [dict(labels=np.array([0, 1, 2])), dict(input_ids=ids + 60), dict(attention_mask=np.ones((2, 4)))]:
+        with pytest.raises(ValueError, match="labels|input_ids|attention_mask"):
+            seen(**{"input_ids": ids[::-1] + 10, "labels": labels, **bad})
+    seen.backward()
+    fresh(ids, labels=labels)
+    fresh.backward()
+    word = "bert.embeddings.word_embeddings.weight"
+    assert np.abs(fresh.base_model.gradients()[word]).sum() > 0
+    np.testing.assert_array_equal(seen.base_model.gradients()[word], fresh.base_model.gradients()[word])
+    got, want = seen.gradients(), fresh.gradients()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("cls, cfg, shape", [(numlm.GPT2LMHeadModel, gpt_cfg(), (2, 4)),
+                                             (numlm.BertModel, bert_cfg(), (2, 4)),
+                                             (numlm.GPT2DoubleHeadsModel, gpt_cfg(), (2, 3, 4))])
+def test_position_ids_of_another_shape_are_refused_not_reshaped(cls, cfg, shape):
+    """(B, 1, T) position_ids ran as (B, T) (so did any shape of B*T entries ending in T), where transformers 5
+    refuses them. input_ids' shape, the (B, T) it runs as, (1, T) and (T,) give what the per-row positions
+    give; any other shape is one ValueError naming position_ids and the shapes it takes."""
+    model = cls(cfg, seed=0, dtype="float64").eval()
+    T, rows = shape[-1], int(np.prod(shape[:-1]))
+    ids = np.random.default_rng(0).integers(0, 50, shape)
+    main = "last_hidden_state" if cls is numlm.BertModel else "logits"
+    p = np.arange(T) + 3  # not the positions a model counts itself
+    want = model(ids, position_ids=np.broadcast_to(p, shape))[main]
+    assert not np.allclose(model(ids)[main], want)
+    for pos in [p, p[None], np.broadcast_to(p, (rows, T))]:
+        np.testing.assert_array_equal(model(ids, position_ids=pos)[main], want)
+    accepted = r"position_ids must have shape .*\(1, 4\) or \(4,\), got "
+    for bad in [(shape[0], 1, T), (1, 1, T), (rows * T,), (rows, T, 1), (shape[0] + 1, T)]:
+        with pytest.raises(ValueError, match=accepted + re.escape(str(bad))):
+            model(ids, position_ids=np.zeros(bad, dtype=np.int64))

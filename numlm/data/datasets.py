@@ -252,6 +252,23 @@ def _unique_object(path, line):
     return hook
 
 
+def _json_int(path, line):
+    """json.loads' parse_int: a number of more digits than Python converts (4300) is refused naming the
+    line, not with Python's int() error"""
+    def parse(s):
+        limit = sys.get_int_max_str_digits()
+        if limit and len(s.lstrip("-")) > limit:
+            raise ValueError(f"{path}: line {line}: the number {_cut(s)} is longer than Python reads ({limit} "
+                             "digits); a label is a class id 0..K-1 or a name")
+        return int(s)
+    return parse
+
+
+def _cut(s):
+    """a label of many digits, shortened for a message: its first digits and how many there are"""
+    return repr(s) if len(s) <= 24 else f"{s[:12]!r}... ({len(s)} digits)"
+
+
 def _rows_jsonl(path):
     rows, header = [], None
     with open(path, encoding="utf-8-sig") as f:
@@ -259,7 +276,7 @@ def _rows_jsonl(path):
             if not s.strip():
                 continue
             try:
-                r = json.loads(s, object_pairs_hook=_unique_object(path, line))
+                r = json.loads(s, object_pairs_hook=_unique_object(path, line), parse_int=_json_int(path, line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {line}: not valid JSON ({e.msg}); the file must hold one JSON "
                                  "object per line (JSON Lines)") from e
@@ -320,6 +337,9 @@ def _examples(path, header, rows):
     return out
 
 
+CLASS_ID_DIGITS = 18  # an integer label of more digits is no class id (nor an int64); int() stops at 4300
+
+
 def _is_int(label):
     return isinstance(label, int) or re.fullmatch(r"-?\d+", label.strip()) is not None
 
@@ -335,7 +355,11 @@ def _label_ids(path, out):
                          f"({len(ints)} of {len(out)} labels are integers): labels are all integers or all names")
     if ints:
         for e in out:
-            e["label"] = int(e["label"])
+            text = str(e["label"]).strip()
+            if len(text.lstrip("-")) > CLASS_ID_DIGITS:
+                raise ValueError(f"{path}: line {e['line']}: label {_cut(text)} cannot be a class id: integer "
+                                 "labels are ids 0..K-1")
+            e["label"] = int(text)
             if e["label"] < 0:
                 raise ValueError(f"{path}: line {e['line']}: label {e['label']} is negative")
         _check_class_ids(path, out)

@@ -406,31 +406,50 @@ def check_prepared_files(out_path, inputs=()):
     return out_path
 
 
-def _sidecar_owner(side):
-    """The token file name a sidecar records ("" for one written before names were recorded), or
-    None when the file is not a sidecar at all."""
+def _sidecar_meta(side):
+    """A sidecar's content, or None when the file is not a token file's sidecar at all."""
     try:
         meta = json.loads(side.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     if not isinstance(meta, dict) or not {"dtype", "length", "num_documents"} <= meta.keys():
         return None
-    return meta.get("token_file", "")
+    return meta
+
+
+def _describes(meta, path):
+    """Whether a sidecar's length and dtype fit the file at path (it went with that file when renamed)."""
+    try:
+        size = meta["length"] * np.dtype(meta["dtype"]).itemsize
+    except (TypeError, ValueError):
+        return False
+    return path.is_file() and path.stat().st_size == size
 
 
 def _check_companions(out_path):
     """The sidecar and .docs.npy are named from out_path's stem, so tokens.bin and tokens, or a.train
-    and a.val, would share them, and a user's train.json beside train.bin would be replaced."""
+    and a.val, would share them, and a user's train.json beside train.bin would be replaced. A sidecar
+    records its token file's name ("" before names were recorded): one whose token file is gone (renamed
+    with its sidecar) is out_path's when out_path is the file it describes."""
     side, docs = _sidecar(out_path), _docs_path(out_path)
     hint = "move it, or give out_path another stem"
     if side.exists():
-        owner = _sidecar_owner(side)
-        if owner is None:
+        meta = _sidecar_meta(side)
+        if meta is None:
             raise ValueError(f"out_path {str(out_path)!r}: {str(side)!r} exists and is not a token file's sidecar; "
                              f"prepare would replace it: {hint}")
-        if owner != out_path.name and (owner or not out_path.is_file()):
-            whose = f"the token file {owner!r}" if owner else "another token file"
-            raise ValueError(f"out_path {str(out_path)!r}: {str(side)!r} is the sidecar of {whose}; {hint}")
+        owner = meta.get("token_file", "")
+        if owner == out_path.name or (not owner and out_path.is_file()):
+            return
+        if owner and (side.parent / owner).is_file():
+            raise ValueError(f"out_path {str(out_path)!r}: {str(side)!r} is the sidecar of the token file {owner!r}; "
+                             f"{hint}")
+        if owner and _describes(meta, out_path):
+            return  # renamed together with out_path
+        whose = f"the token file {owner!r}, which is not beside it (renamed or removed)" if owner else \
+            "another token file"
+        raise ValueError(f"out_path {str(out_path)!r}: {str(side)!r} is the sidecar of {whose}; if no token file "
+                         f"uses it, remove {str(side)!r}, else give out_path another stem")
     elif docs.exists() and not out_path.is_file():
         raise ValueError(f"out_path {str(out_path)!r}: {str(docs)!r} exists and is not this token file's; {hint}")
 

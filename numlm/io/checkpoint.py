@@ -1,6 +1,8 @@
 """Read and write transformers' checkpoint files. Errors name the file and what is wrong with it."""
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -141,14 +143,9 @@ def file_mode():
     return 0o666 & ~umask
 
 
-def _atomic_write(path, write):
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    write_together([(path, write)])
-
-
-def write_together(files):
+def write_together(files, remove=()):
     """[(path, write(tmp))]: each written through a temporary file beside it (the umask's mode), then
-    all renamed in, so a failure before the renames leaves every file as it was."""
+    all renamed in and the files in `remove` deleted; a failure at any point leaves every file as it was."""
     tmps = []
     try:
         for path, write in files:
@@ -158,13 +155,55 @@ def write_together(files):
             tmps.append(tmp)
             write(tmp)
             os.chmod(tmp, file_mode())
-        for (path, _), tmp in zip(files, tmps):
-            os.replace(tmp, path)
+        _swap_in([(Path(path), tmp) for (path, _), tmp in zip(files, tmps)], [Path(p) for p in remove])
     except BaseException:
         for tmp in tmps:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         raise
+
+
+def _swap_in(renames, remove):
+    """Rename each (path, tmp) in and delete `remove`, keeping every file replaced or deleted under a
+    temporary name until all are done: a failure part way puts each one back."""
+    done = []  # (path, its earlier file kept aside, or None when there was none)
+    try:
+        for path, tmp in [*renames, *((p, None) for p in remove if p.is_file())]:
+            done.append((path, _keep_aside(path)))
+            if tmp is None:
+                path.unlink()
+            else:
+                os.replace(tmp, path)
+    except BaseException:
+        for path, kept in reversed(done):
+            if kept is not None and path.is_file() and os.path.samefile(kept, path):
+                os.unlink(kept)  # not replaced: rename() between two links of one file does nothing
+            elif kept is not None:
+                os.replace(kept, path)
+            elif path.is_file():
+                path.unlink()
+        raise
+    for _, kept in done:
+        if kept is not None:
+            os.unlink(kept)
+
+
+def _keep_aside(path):
+    """A second name (a hard link, else a copy) for the file at path, or None when there is none"""
+    if not path.is_file():
+        return None
+    fd, kept = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old")
+    os.close(fd)
+    os.unlink(kept)
+    try:
+        os.link(path, kept)
+    except OSError:  # a file system without hard links
+        try:
+            shutil.copy2(path, kept)
+        except BaseException:
+            Path(kept).unlink(missing_ok=True)
+            raise
+    return kept
 
 
 def config_text(cfg):
@@ -173,20 +212,6 @@ def config_text(cfg):
         return json.dumps(cfg, indent=2, sort_keys=True) + "\n"
     except (TypeError, ValueError) as e:
         raise ValueError(f"the config cannot be written as JSON: {e}") from None
-
-
-def write_config(text, path, generation=None):
-    """config.json in folder `path`, from config_text's text (checked before any weights were written), and
-    generation_config.json's (generation_config_text's) renamed in with it; without one, the file a model
-    saved there before left goes, which would give this one its token ids"""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    files = [(path / CONFIG, lambda t: Path(t).write_text(text))]
-    if generation is not None:
-        files.insert(0, (path / GENERATION_CONFIG, lambda t: Path(t).write_text(generation)))
-    write_together(files)
-    if generation is None:
-        (path / GENERATION_CONFIG).unlink(missing_ok=True)
 
 
 def _load_file(f):
@@ -265,17 +290,45 @@ def convert_command(src, dst, tokenizer=False):
 
 def save_safetensors(state, path, max_shard_bytes=None):
     """Write {key: array} as model.safetensors, or as shards plus an index when larger than max_shard_bytes."""
+    save_model_files(path, state, max_shard_bytes=max_shard_bytes)
+
+
+def save_model_files(path, state, config=None, generation=None, max_shard_bytes=None):
+    """Folder `path`'s weights ({key: array} as model.safetensors, or as shards plus an index when larger than
+    max_shard_bytes) and, when given, config.json and generation_config.json (config_text's and
+    generation_config_text's text), all renamed in together with an earlier save's files this one does not
+    replace (the other layout's weights, extra shards; generation_config.json when config is given without
+    one) removed: a failure at any point leaves the folder as it was, and a folder this call made goes."""
     if max_shard_bytes is not None and (not isinstance(max_shard_bytes, (int, np.integer))
                                         or isinstance(max_shard_bytes, bool) or max_shard_bytes < 1):
         raise ValueError(f"max_shard_bytes must be a positive int (bytes) or None, got {max_shard_bytes!r}")
     d = check_folder_path(path, "save")
+    files = _weight_files(state, max_shard_bytes)
+    if config is not None:
+        files[CONFIG] = lambda t: Path(t).write_text(config)
+    if generation is not None:
+        files[GENERATION_CONFIG] = lambda t: Path(t).write_text(generation)
+    made = not d.exists()
     d.mkdir(parents=True, exist_ok=True)
+    stale = [f for f in [d / WEIGHTS, d / INDEX, *d.glob("model-*-of-*.safetensors")] if f.name not in files]
+    if config is not None and generation is None:  # an earlier model's would give this one its token ids
+        stale.append(d / GENERATION_CONFIG)
+    try:
+        write_together([(d / name, w) for name, w in files.items()], remove=stale)
+    except BaseException:
+        if made:  # the folder this save made goes too (parents it made stay)
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+
+
+def _weight_files(state, max_shard_bytes):
+    """{file name: write(tmp)}: model.safetensors, or shards of at most max_shard_bytes and their index"""
     state = {k: np.ascontiguousarray(v) for k, v in state.items()}
     meta = {"format": "pt"}  # transformers expects this marker
     total = sum(v.nbytes for v in state.values())
     if max_shard_bytes is None or total <= max_shard_bytes:
-        _atomic_write(d / WEIGHTS, lambda t: save_file(state, t, metadata=meta))
-        return _drop_other_weights(d, {WEIGHTS})
+        return {WEIGHTS: lambda t: save_file(state, t, metadata=meta)}
     shards, cur, size = [], {}, 0
     for k, v in state.items():
         if cur and size + v.nbytes > max_shard_bytes:
@@ -284,19 +337,11 @@ def save_safetensors(state, path, max_shard_bytes=None):
         cur[k] = v
         size += v.nbytes
     shards.append(cur)
-    weight_map = {}
+    files, weight_map = {}, {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _atomic_write(d / name, lambda t, s=shard: save_file(s, t, metadata=meta))
+        files[name] = lambda t, s=shard: save_file(s, t, metadata=meta)
         weight_map.update({k: name for k in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    _atomic_write(d / INDEX, lambda t: Path(t).write_text(json.dumps(index, indent=2) + "\n"))
-    _drop_other_weights(d, {INDEX, *weight_map.values()})
-
-
-def _drop_other_weights(d, written):
-    """Remove an earlier save's weights in the other layout (the loader would read model.safetensors
-    before an index) or its shards the new save does not list, once the new files are in place."""
-    for f in [d / WEIGHTS, d / INDEX, *d.glob("model-*-of-*.safetensors")]:
-        if f.name not in written and f.is_file():
-            f.unlink()
+    files[INDEX] = lambda t: Path(t).write_text(json.dumps(index, indent=2) + "\n")
+    return files

@@ -39,7 +39,7 @@ from ..ops.attention import MASKED  # a mask code: the key is hidden from the qu
 from ..kernels.matmul import mm_pair  # (a @ b, c @ d), one core each unless NUMLM_NUMBA=0
 from .config import BertConfig
 from .pretrained import (ModelOutput, PreTrainedModel, register, bert_inputs, labels_like, as_ids, no_loss,
-                         output_grads, logits_grad, problem_type_loss)
+                         output_grads, logits_grad, classification_labels)
 
 TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
         "cls.predictions.decoder.bias": "cls.predictions.bias"}
@@ -326,6 +326,7 @@ class BertModel(PreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
         x = bert_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, past_key_values)
+        self._last = None  # every input checked: only now do the last forward's outputs go
         hs, pooled = self.encode(x)
         self._last = (hs[-1], pooled)
         out = ModelOutput(last_hidden_state=hs[-1]) if pooled is None else \
@@ -487,12 +488,14 @@ class BertForPreTraining(BertTask):
                 next_sentence_label=None, output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
         x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                         past_key_values)
-        hs, pooled = self.bert.encode(x)
-        h, (B, T) = hs[-1], x.shape
+        B, T = x.shape
         if labels is not None:
             labels = labels_like("labels", labels, (B, T), self.config.vocab_size)
         if next_sentence_label is not None:
             next_sentence_label = labels_like("next_sentence_label", next_sentence_label, (B,), 2)
+        self._last = None  # every input checked: only now do the last forward's outputs go
+        hs, pooled = self.bert.encode(x)
+        h = hs[-1]
         rows = None
         if self.training and labels is not None and self.mlm_on_labelled_only:
             # the original BERT's MLM: the head only where a label is (15% of positions); the others'
@@ -535,12 +538,11 @@ class BertForPreTraining(BertTask):
 
 def token_loss_forward(logits, labels):
     """loss = CE(logits, labels) over the labelled tokens (ignore_index -100), one mean: masked LM and token
-    classification (DistilBERT's too). logits (B, T, n), labels (B, T) or None -> loss, (its backward, its
-    cache); None, None without labels"""
+    classification (DistilBERT's too). logits (B, T, n), labels (B, T) checked (labels_like) or None -> loss,
+    (its backward, its cache); None, None without labels"""
     if labels is None:
         return None, None
     n = logits.shape[-1]
-    labels = labels_like("labels", labels, logits.shape[:-1], n)
     loss, c = cross_entropy_forward(logits.reshape(-1, n), labels.reshape(-1))
     return loss, (cross_entropy_backward, c)
 
@@ -561,6 +563,8 @@ class BertForMaskedLM(BertTask):
                 output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
         bert = getattr(self, self.base_model_prefix)  # self.bert (RoBERTa's: self.roberta)
         x = bert_inputs(bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, past_key_values)
+        labels = None if labels is None else labels_like("labels", labels, x.shape, self.config.vocab_size)
+        self._last = None  # every input checked: only now do the last forward's outputs go
         hs, pooled = bert.encode(x)
         logits = self._mlm_head()(hs[-1])  # (B, T, V)
         loss, loss_cache = token_loss_forward(logits, labels)  # loss = CE(logits, labels)
@@ -589,11 +593,13 @@ class BertForNextSentencePrediction(BertTask):
         labels = next_sentence_label if labels is None else labels  # transformers' old keyword
         x = bert_inputs(self.bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                         past_key_values)
+        labels = None if labels is None else labels_like("labels", labels, (x.B,), 2)
+        self._last = None  # every input checked: only now do the last forward's outputs go
         hs, pooled = self.bert.encode(x)
         logits = self.cls.seq_relationship(pooled)  # (B, 2)
         loss = ce = None
         if labels is not None:  # loss = CE(logits, labels)
-            loss, ce = cross_entropy_forward(logits, labels_like("labels", labels, (x.B,), 2))
+            loss, ce = cross_entropy_forward(logits, labels)
         self._last = (logits, None if ce is None else (cross_entropy_backward, ce))
         return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, logits=logits)
 
@@ -622,13 +628,19 @@ class BertForSequenceClassification(BertTask):
                 output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
         bert = getattr(self, self.base_model_prefix)  # self.bert (RoBERTa's token classification: self.roberta)
         x = bert_inputs(bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, past_key_values)
+        if labels is not None:
+            labels = (labels_like("labels", labels, x.shape, self.num_labels) if self.per_token
+                      else classification_labels(self.config, labels, x.B, self.classifier.params["weight"].dtype))
+        self._last = None  # every input checked: only now do the last forward's outputs go
         hs, pooled = bert.encode(x)
         logits = self.classifier(self.dropout(hs[-1] if self.per_token else pooled))  # (B, T, K) or (B, K)
         loss = loss_cache = None
         if labels is not None and self.per_token:  # loss = CE(logits, labels) over the labelled tokens
             loss, loss_cache = token_loss_forward(logits, labels)
         elif labels is not None:
-            loss, loss_cache = problem_type_loss(self.config, logits, labels)
+            y, loss_forward, loss_backward = labels  # loss = MSE, CE or BCE with logits (classification_labels)
+            loss, cache = loss_forward(logits, y)
+            loss_cache = (loss_backward, cache)
         self._last = (logits, loss_cache)
         return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, logits=logits)
 
@@ -703,8 +715,9 @@ class BertForQuestionAnswering(BertTask):
                 inputs_embeds=None, past_key_values=None):
         bert = getattr(self, self.base_model_prefix)  # self.bert (RoBERTa's: self.roberta)
         x = bert_inputs(bert, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, past_key_values)
-        hs, pooled = bert.encode(x)
         positions = span_positions(start_positions, end_positions, x.B)
+        self._last = None  # every input checked: only now do the last forward's outputs go
+        hs, pooled = bert.encode(x)
         logits = self.qa_outputs(hs[-1])  # (B, T, 2)
         start, end = logits[..., 0].copy(), logits[..., 1].copy()  # (B, T) each
         loss, caches = span_loss_forward(start, end, positions)

@@ -32,7 +32,7 @@ from .bert import (BertEmbeddings, TiedDecoder, token_loss_forward, span_positio
                    span_loss_backward)
 from .config import DistilBertConfig
 from .pretrained import (ModelOutput, PreTrainedModel, register, distilbert_inputs, output_grads, logits_grad,
-                         problem_type_loss)
+                         labels_like, classification_labels)
 
 TIED = {"vocab_projector.weight": "distilbert.embeddings.word_embeddings.weight"}
 
@@ -187,6 +187,7 @@ class DistilBertModel(PreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, output_hidden_states=False, output_attentions=False,
                 inputs_embeds=None, past_key_values=None):
         x = distilbert_inputs(self, input_ids, attention_mask, inputs_embeds, past_key_values)
+        self._last = None  # every input checked: only now do the last forward's outputs go
         hs = self.encode(x)
         self._last = hs[-1]
         out = ModelOutput(last_hidden_state=hs[-1])
@@ -242,6 +243,8 @@ class DistilBertForMaskedLM(DistilBertTask):
     def forward(self, input_ids=None, attention_mask=None, labels=None, output_hidden_states=False,
                 output_attentions=False, inputs_embeds=None, past_key_values=None):
         x = distilbert_inputs(self.distilbert, input_ids, attention_mask, inputs_embeds, past_key_values)
+        labels = None if labels is None else labels_like("labels", labels, x.shape, self.config.vocab_size)
+        self._last = None  # every input checked: only now do the last forward's outputs go
         hs = self.distilbert.encode(x)
         # logits = t We^T + b,  t = LN(act(h Wt + bt))
         t = self.vocab_layer_norm(self.activation(self.vocab_transform(hs[-1])))
@@ -278,12 +281,17 @@ class DistilBertForSequenceClassification(DistilBertTask):
     def forward(self, input_ids=None, attention_mask=None, labels=None, output_hidden_states=False,
                 output_attentions=False, inputs_embeds=None, past_key_values=None):
         x = distilbert_inputs(self.distilbert, input_ids, attention_mask, inputs_embeds, past_key_values)
+        labels = None if labels is None else classification_labels(self.config, labels, x.B,
+                                                                    self.classifier.params["weight"].dtype)
+        self._last = None  # every input checked: only now do the last forward's outputs go
         hs = self.distilbert.encode(x)
         # logits = Dropout(relu(h_L[:, 0] Wp + bp)) Wc + bc
         logits = self.classifier(self.dropout(self.relu(self.pre_classifier(hs[-1][:, 0]))))  # (B, K)
         loss = loss_cache = None
         if labels is not None:
-            loss, loss_cache = problem_type_loss(self.config, logits, labels)
+            y, loss_forward, loss_backward = labels  # loss = MSE, CE or BCE with logits (classification_labels)
+            loss, cache = loss_forward(logits, y)
+            loss_cache = (loss_backward, cache)
         self._last = (logits, loss_cache, hs[-1].shape)
         return self._output(hs, output_hidden_states, output_attentions, loss=loss, logits=logits)
 
@@ -311,6 +319,8 @@ class DistilBertForTokenClassification(DistilBertTask):
     def forward(self, input_ids=None, attention_mask=None, labels=None, output_hidden_states=False,
                 output_attentions=False, inputs_embeds=None, past_key_values=None):
         x = distilbert_inputs(self.distilbert, input_ids, attention_mask, inputs_embeds, past_key_values)
+        labels = None if labels is None else labels_like("labels", labels, x.shape, self.num_labels)
+        self._last = None  # every input checked: only now do the last forward's outputs go
         hs = self.distilbert.encode(x)
         logits = self.classifier(self.dropout(hs[-1]))  # (B, T, K)
         loss, loss_cache = token_loss_forward(logits, labels)  # loss = CE(logits, labels) over the labelled tokens
@@ -341,8 +351,9 @@ class DistilBertForQuestionAnswering(DistilBertTask):
     def forward(self, input_ids=None, attention_mask=None, start_positions=None, end_positions=None,
                 output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
         x = distilbert_inputs(self.distilbert, input_ids, attention_mask, inputs_embeds, past_key_values)
-        hs = self.distilbert.encode(x)
         positions = span_positions(start_positions, end_positions, x.B)
+        self._last = None  # every input checked: only now do the last forward's outputs go
+        hs = self.distilbert.encode(x)
         logits = self.qa_outputs(self.dropout(hs[-1]))  # (B, T, 2)
         start, end = logits[..., 0].copy(), logits[..., 1].copy()  # (B, T) each
         loss, caches = span_loss_forward(start, end, positions)  # (CE(start) + CE(end)) / 2

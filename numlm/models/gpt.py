@@ -44,7 +44,7 @@ from ..ops.activations import gelu_tanh_constants
 from ..ops.attention import mask_codes
 from .config import GPT2Config, OpenAIGPTConfig
 from .pretrained import (ModelOutput, PreTrainedModel, register, gpt_inputs, labels_like, lm_labels, no_loss,
-                         output_grads, logits_grad, problem_type_loss)
+                         output_grads, logits_grad, classification_labels)
 
 IGNORE_ON_LOAD = (r"(^|\.)attn\.bias$", r"(^|\.)attn\.masked_bias$")  # old causal-mask buffers
 
@@ -314,6 +314,7 @@ class GPT2Model(PreTrainedModel):
                 past_key_values=None, use_cache=False, output_hidden_states=False, output_attentions=False,
                 inputs_embeds=None):
         x = gpt_inputs(self, input_ids, attention_mask, token_type_ids, position_ids, past_key_values, inputs_embeds)
+        self._last = None  # every input checked: only now do the last forward's outputs go
         hs = self.decode(x)
         h = hs[-1].reshape(x.shape + hs[-1].shape[-1:])
         self._last = (h,)
@@ -410,6 +411,7 @@ class GPT2LMHeadModel(PreTrainedModel):
         last k (generation needs the last one; the LM head is the largest matmul of a decoding step)."""
         x = gpt_inputs(self.transformer, input_ids, attention_mask, token_type_ids, position_ids, past_key_values,
                        inputs_embeds, labels=labels, logits_to_keep=logits_to_keep)
+        self._last = None  # every input checked: only now do the last forward's outputs go
         hs = self.transformer.decode(x)
         h = hs[-1].reshape(x.shape + hs[-1].shape[-1:])  # (B, T, C) or (B, N, T, C)
         logits = self.lm_head(h[..., -logits_to_keep:, :] if logits_to_keep else h)  # (B, T or k, V)
@@ -449,10 +451,10 @@ class SequenceSummary(Module):
         super().__init__()
         self.summary_type = config.summary_type
         C = config.n_embd
-        self.summary = None
+        self.summary, self.width = None, C  # width: the scores per choice
         if config.summary_use_proj:
-            K = config.num_labels if config.summary_proj_to_labels and config.num_labels > 0 else C
-            self.summary = Linear(C, K)
+            self.width = config.num_labels if config.summary_proj_to_labels and config.num_labels > 0 else C
+            self.summary = Linear(C, self.width)
         self.activation = Activation(config.summary_activation) if config.summary_activation else None
         self.first_dropout = Dropout(config.summary_first_dropout)
         self.last_dropout = Dropout(config.extra.get("summary_last_dropout", 0.0) or 0.0)
@@ -540,12 +542,14 @@ class GPT2DoubleHeadsModel(PreTrainedModel):
             mc_token_ids = labels_like("mc_token_ids", mc_token_ids, (B, N), T, allow=None)
         if mc_labels is not None:
             mc_labels = labels_like("mc_labels", mc_labels, (B,), N)
+        if mc_labels is not None and self.multiple_choice_head.width != 1:
+            raise ValueError(f"mc_loss needs one score per choice; the summary head gives "
+                             f"{(B, N, self.multiple_choice_head.width)}")
+        self._last = None  # every input checked: only now do the last forward's outputs go
         hs = self.transformer.decode(x)
         h = hs[-1].reshape(x.shape + hs[-1].shape[-1:])  # (B, N, T, C)
         logits = self.lm_head(h)  # (B, N, T, V)
         s = self.multiple_choice_head(h, mc_token_ids)  # (B, N, K)
-        if mc_labels is not None and s.shape[-1] != 1:
-            raise ValueError(f"mc_loss needs one score per choice; the summary head gives {s.shape}")
         mc_logits = s[..., 0] if s.shape[-1] == 1 else s  # squeeze(-1)
         # L1 = CE(logits[t], labels[t+1]);  L2 = CE(mc_logits, mc_labels)
         loss, ce = lm_loss_forward(logits, x.labels) if x.labels is not None else (None, None)
@@ -624,19 +628,27 @@ class GPT2ForSequenceClassification(PreTrainedModel):
                 inputs_embeds=None, lm_labels=None, lm_coef=0.5):
         x = gpt_inputs(self.transformer, input_ids, attention_mask, token_type_ids, position_ids, past_key_values,
                        inputs_embeds, lm_coef=lm_coef, flat=True)
+        lm_labels = None if lm_labels is None else lm_labels_masked(lm_labels, x, self.config.vocab_size)
+        idx = last_real_index(x.ids, self.config.pad_token_id) if x.ids is not None else np.full(x.B, x.T - 1)
+        labels = None if labels is None else classification_labels(self.config, labels, x.B,
+                                                                    self.score.params["weight"].dtype)
+        self._last = None  # every input checked: only now do the last forward's outputs go
         hs = self.transformer.decode(x)
         h = hs[-1]  # (B, T, C)
-        idx = last_real_index(x.ids, self.config.pad_token_id) if x.ids is not None else np.full(x.B, x.T - 1)
         if x.ids is None and x.mask is not None and not x.mask[:, -1].all():
             warnings.warn("inputs_embeds (prompt tuning) pools the last position of every row, as transformers "
                           "does, and some rows end in padding there: run such rows alone (numlm.classify does)")
         pooled, gather = gather_forward(h, idx)
         logits = self.score(pooled)  # (B, num_labels); the pooled rows only
-        loss, loss_cache = problem_type_loss(self.config, logits, labels) if labels is not None else (None, None)
+        loss = loss_cache = None
+        if labels is not None:
+            y, loss_forward, loss_backward = labels  # loss = MSE, CE or BCE with logits (classification_labels)
+            loss, cache = loss_forward(logits, y)
+            loss_cache = (loss_backward, cache)
         lm = None
         if lm_labels is not None:  # L1 through the tied table, masked where the attention mask is 0
             lm_logits = self.lm_aux(h)
-            lm_loss, ce = lm_loss_forward(lm_logits, lm_labels_masked(lm_labels, x, self.config.vocab_size))
+            lm_loss, ce = lm_loss_forward(lm_logits, lm_labels)
             lm = (lm_logits, ce, float(lm_coef))
         self._last = (h, gather, logits, loss_cache, lm)
         fields = dict(loss=loss, logits=logits, lm_loss=lm_loss if lm is not None else None)
@@ -655,7 +667,7 @@ class GPT2ForSequenceClassification(PreTrainedModel):
     def backward(self, grad=None):
         """d objective (grad None), or grad = d logits"""
         h, gather, logits, loss, lm = self._need_last()
-        dlogits = logits_grad(grad, logits, loss)  # loss = problem_type_loss(logits, labels)
+        dlogits = logits_grad(grad, logits, loss)  # loss = by problem type (classification_labels)
         lm = lm if grad is None else None
         # logits = score(h[b, i_b])
         dh = gather_backward(self.score.backward(dlogits), gather)

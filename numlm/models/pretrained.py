@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..io import (read_config, config_text, write_config, load_safetensors, save_safetensors, read_generation_config,
+from ..io import (read_config, config_text, load_safetensors, save_model_files, read_generation_config,
                   generation_config_text)
 from ..io.hub import resolve as resolve_model  # a folder, or a Hub name through the Hugging Face cache
 from ..nn import Module, Linear, Embedding, LayerNorm
@@ -64,7 +64,7 @@ class PreTrainedModel(Module):
     """Subclasses set `config_class`, `base_model_prefix` (the backbone attribute, "bert" or
     "transformer"; empty for a bare backbone), build their modules in __init__, then call post_init()."""
 
-    is_model = True  # Module.__call__: drops _last first; use_cache / output_attentions say what attention keeps
+    is_model = True  # Module.__call__: use_cache / output_attentions say what attention keeps
     config_class = None
     base_model_prefix = ""
     ignore_on_load = ()     # regexes of checkpoint keys dropped silently (old buffers)
@@ -216,7 +216,7 @@ class PreTrainedModel(Module):
         if isinstance(names, dict) and overrides.get("num_labels", len(names)) != len(names):
             raise ValueError(f"num_labels={overrides['num_labels']} but id2label names {len(names)} labels")
         if isinstance(names, dict):  # transformers: the labels named are the labels
-            overrides = {"num_labels": len(names), "label2id": {v: int(k) for k, v in names.items()}, **overrides}
+            overrides = {"num_labels": len(names), "label2id": {v: label_id(k) for k, v in names.items()}, **overrides}
         for k in sorted(set(overrides) - set(fields) - set(cfg)):
             near = ["dtype"] if k == "torch_dtype" else difflib.get_close_matches(k, fields, n=1, cutoff=0.85)
             if near:
@@ -284,10 +284,9 @@ class PreTrainedModel(Module):
         cfg = self.config.to_dict()
         cfg["architectures"] = [type(self).__name__]
         cfg["dtype"] = str(self.dtype)
-        text = config_text(cfg)  # a config JSON cannot hold is refused before the weights are written
+        text = config_text(cfg)  # a config JSON cannot hold is refused before anything is written
         gen = generation_config_text(self.generation_config)
-        save_safetensors(state, path, max_shard_bytes)
-        write_config(text, path, gen)
+        save_model_files(path, state, text, gen, max_shard_bytes)  # all renamed in together
 
     # ---- the forward/backward contract --------------------------------------------------------
     def objective(self, out):
@@ -302,6 +301,18 @@ class PreTrainedModel(Module):
             raise ValueError(f"{type(self).__name__}.backward: the last forward ran under numlm.no_grad() "
                              "and kept no cache; run it again outside no_grad() to differentiate")
         return self._last
+
+
+def label_id(key):
+    """An id2label key as the label id transformers makes of it (int(key)): an integer >= 0, or its decimal
+    text; any other key (a name, a float, a number of more than 18 digits) is refused naming it"""
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool) and 0 <= key < 10 ** 18:
+        return int(key)
+    if isinstance(key, str) and re.fullmatch(r"\s*\d{1,18}\s*", key):
+        return int(key)
+    shown = (f"{key[:12]!r}... ({len(key)} characters)" if isinstance(key, str) and len(key) > 24
+             else "an integer of more than 18 digits" if isinstance(key, int) and abs(key) >= 10 ** 18 else repr(key))
+    raise ValueError(f"id2label key {shown} is not a label id (an integer 0..num_labels-1, or its text)")
 
 
 def from_pretrained(path, dtype="float32", revision=None, **kwargs):
@@ -420,12 +431,14 @@ def past_like(past, L, B, H, D, dtype):
     return lengths.pop()
 
 
-def positions(position_ids, B, T, limit, note, per_row=True):
-    """Given positions ((B, T), (1, T) or (T,)) checked in [0, limit): (B, T), or (1, T) when not per_row
-    and shared. (Without them a model counts T_past .. T_past + T - 1 for every row.)"""
+def positions(position_ids, B, T, limit, shape, per_row=True):
+    """Given positions (input_ids' `shape`, the (B, T) it runs as, (1, T) or (T,), as transformers takes them;
+    any other shape, (B, 1, T) among them, is refused) checked in [0, limit): (B, T), or (1, T) when not
+    per_row and shared. (Without them a model counts T_past .. T_past + T - 1 for every row.)"""
     pos = np.asarray(position_ids)
-    if pos.dtype.kind in "iu" and (pos.shape[-1:] != (T,) or pos.size not in (T, B * T)):
-        raise ValueError(f"position_ids must have shape {note}, {(1, T)} or {(T,)}, got {pos.shape}")
+    accepted = list(dict.fromkeys([tuple(shape), (B, T), (1, T), (T,)]))
+    if pos.dtype.kind in "iu" and pos.shape not in accepted:
+        raise ValueError(f"position_ids must have shape {' or '.join(map(str, accepted))}, got {pos.shape}")
     pos = ids_in_range("position_ids", pos, limit).astype(np.int64, copy=False).reshape(-1, T)
     return np.broadcast_to(pos, (B, T)) if per_row else pos
 
@@ -564,38 +577,42 @@ def logits_grad(grad, logits, loss, needs="labels"):
     return backward(1.0, cache).reshape(logits.shape)
 
 
-def problem_type_loss(config, logits, labels):
-    """transformers' selection for sequence classification, by config.problem_type (set on the first
-    labelled forward: regression if K == 1, single-label for integer labels, else multi-label):
-        regression                  loss = MSE(logits, labels)            (K == 1: both squeezed)
+PROBLEM_LOSSES = {"single_label_classification": (cross_entropy_forward, cross_entropy_backward),
+                  "regression": (mse_forward, mse_backward),
+                  "multi_label_classification": (bce_with_logits_forward, bce_with_logits_backward)}
+
+
+def classification_labels(config, labels, B, dtype):
+    """Sequence classification's labels, checked before the forward runs, and transformers' loss for them by
+    config.problem_type (when unset: regression if K == 1, single-label for integer labels, else multi-label;
+    then set to it: by a forward whose labels fit it, not by one refused):
+        regression                  loss = MSE(logits, labels)            labels (B,) or (B, 1) if K == 1
         single_label_classification loss = CE(logits, labels)            labels (B,) in [0, K) or -100
         multi_label_classification  loss = BCE(sigmoid(logits), labels)  labels (B, K) in [0, 1]
-    logits: (B, K) -> loss, (its backward function, its cache): backward(dloss, cache) = d logits"""
-    B, K = logits.shape
+    -> (labels as the loss takes them with logits (B, K), the loss's forward, its backward): forward(logits,
+    labels) = loss, cache; backward(dloss, cache) = d logits"""
+    K = config.num_labels
     labels = np.asarray(labels)
     kind = config.problem_type or ("regression" if K == 1 else "single_label_classification"
                                    if labels.dtype.kind in "iu" else "multi_label_classification")
     if kind == "single_label_classification":
         if labels.dtype.kind in "iu" and labels.shape != (B,):
             raise ValueError(f"labels must have shape {(B,)}, got {labels.shape}")
-        (loss, c), back = cross_entropy_forward(logits, ids_in_range("labels", labels, K, allow=IGNORE_INDEX)), \
-            cross_entropy_backward
+        y = ids_in_range("labels", labels, K, allow=IGNORE_INDEX)
     elif labels.dtype.kind not in "iuf":
         raise ValueError(f"labels must be numeric for {kind}, got dtype {labels.dtype}")
     elif not np.isfinite(labels).all():
         raise ValueError(f"labels for {kind} must be finite, got NaN or inf")
     elif kind == "regression":
-        y, shapes = labels.astype(logits.dtype), ((B,), (B, 1)) if K == 1 else ((B, K),)
+        y, shapes = labels.astype(dtype), ((B,), (B, 1)) if K == 1 else ((B, K),)
         if y.shape not in shapes:
             raise ValueError(f"labels must have shape {' or '.join(map(str, shapes))} for regression, got {y.shape}")
-        (loss, c), back = (mse_forward(logits.reshape(B), y.reshape(B)) if K == 1 else mse_forward(logits, y),
-                           mse_backward)
+        y = y.reshape(B, K)  # K == 1: MSE of (B, 1) logits and labels, the mean of transformers' squeezed pair
     else:
-        y = labels.astype(logits.dtype)
+        y = labels.astype(dtype)
         if y.shape != (B, K):
             raise ValueError(f"labels must have shape {(B, K)} for multi_label_classification, got {y.shape}")
         if ((y < 0) | (y > 1)).any():
             raise ValueError("labels for multi_label_classification must lie in [0, 1]")
-        (loss, c), back = bce_with_logits_forward(logits, y), bce_with_logits_backward
-    config.problem_type = kind  # set by a forward whose labels fit it, not by one refused
-    return loss, (back, c)
+    config.problem_type = kind
+    return (y, *PROBLEM_LOSSES[kind])

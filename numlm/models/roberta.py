@@ -27,7 +27,7 @@ from ..nn import Module, Linear, Embedding, LayerNorm, Dropout, Activation
 from .bert import (BertEmbeddings, BertEncoder, BertPooler, BertModel, BertTask, TiedDecoder, BertForMaskedLM,
                    BertForTokenClassification, BertForQuestionAnswering)
 from .config import RobertaConfig
-from .pretrained import register, bert_inputs, logits_grad, problem_type_loss
+from .pretrained import register, bert_inputs, logits_grad, classification_labels
 
 TIED = {"lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight",
         "lm_head.decoder.bias": "lm_head.bias"}
@@ -138,13 +138,18 @@ class RobertaForSequenceClassification(RobertaTask):
                 output_hidden_states=False, output_attentions=False, inputs_embeds=None, past_key_values=None):
         x = bert_inputs(self.roberta, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                         past_key_values)
-        hs, pooled = self.roberta.encode(x)
         c = self.classifier
+        labels = None if labels is None else classification_labels(self.config, labels, x.B,
+                                                                    c.out_proj.params["weight"].dtype)
+        self._last = None  # every input checked: only now do the last forward's outputs go
+        hs, pooled = self.roberta.encode(x)
         # logits = Dropout(tanh(Dropout(h_L[:, 0]) Wd + bd)) Wo + bo
         logits = c.out_proj(c.dropout_out(c.tanh(c.dense(c.dropout(hs[-1][:, 0])))))  # (B, K)
         loss = loss_cache = None
         if labels is not None:
-            loss, loss_cache = problem_type_loss(self.config, logits, labels)
+            y, loss_forward, loss_backward = labels  # loss = MSE, CE or BCE with logits (classification_labels)
+            loss, cache = loss_forward(logits, y)
+            loss_cache = (loss_backward, cache)
         self._last = (logits, loss_cache, hs[-1].shape)
         return self._output(hs, pooled, output_hidden_states, output_attentions, loss=loss, logits=logits)
 

@@ -219,13 +219,11 @@ class Module:
         return sum(v.size for v in self.parameters().values())
 
     def __call__(self, *args, **kwargs):
-        self.called_under_no_grad = not _grad[0]  # a model's backward() checks its last call
-        # the last forward's cache (a model's: its _last) is freed before this one makes its own, in that memory
-        self.cache = None
         if not self.is_model:
+            self.cache = None  # the last forward's cache is freed before this one makes its own, in that memory
             out = self.forward(*args, **kwargs)
-        else:  # its attention cores keep what its caller asked for, during its forward only
-            self._last = None
+        else:  # its attention cores keep what its caller asked for, during its forward only (its forward frees
+            # _last once every input passed its checks: a refused call leaves the last forward to backward())
             names, defaults = _FORWARD_FLAGS.get(type(self)) or forward_flags(type(self))
             given = {**defaults, **dict(zip(names, args)), **kwargs}  # the flags by keyword or position
             before, attention_keeps[0] = attention_keeps[0], tuple(kept for kept, flag in ASKED_BY if given[flag])
@@ -233,6 +231,7 @@ class Module:
                 out = self.forward(*args, **kwargs)
             finally:
                 attention_keeps[0] = before
+        self.called_under_no_grad = not _grad[0]  # a model's backward() checks its last call
         if not _grad[0]:  # drop what only a backward reads: one layer's activations at a time
             kind = type(self)
             self.cache = _NO_CACHE[kind] if kind in _NO_CACHE else _NO_CACHE.setdefault(kind, NoCache(self))

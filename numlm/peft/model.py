@@ -15,6 +15,7 @@ import numpy as np
 from ..io import check_folder_path
 from ..models.pretrained import PreTrainedModel, as_ids
 from ..nn import Linear
+from ..ops._check import ids_in_range
 from .config import (LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, BnConfig, TASK_HEADS,
                      LORA_TARGETS, IA3_TARGETS, IA3_FEEDFORWARD)
 from .layers import LoraLinear, DoraLinear, IA3Linear, PromptEmbedding
@@ -304,6 +305,7 @@ class PeftModel:
         ids = as_ids("input_ids", input_ids)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (B, T) with prompt or prefix tuning, got {ids.shape}")
+        ids_in_range("input_ids", ids, self._word.params["weight"].shape[0])
         n, P = self.peft_config.num_virtual_tokens, _positions(self.base_model.config)
         if n + ids.shape[1] > P:
             raise ValueError(f"num_virtual_tokens {n} + {ids.shape[1]} tokens = {n + ids.shape[1]} exceed the "
@@ -327,9 +329,15 @@ class PeftModel:
             kw["labels"] = labels
         if kw.get("lm_labels") is not None:  # GPT-1's L3 for classification: the virtual tokens predict nothing
             kw["lm_labels"] = np.concatenate([np.full((B, n), -100, dtype=np.int64), as_ids("lm_labels", kw["lm_labels"])], 1)
-        # e = [prompt; word(ids)]  (B, n + T, C)
-        embeds, _ = prompt_forward(self._word(ids), self.prompt.params["prompt_embeddings"])
-        out = self.base_model(inputs_embeds=embeds, **kw)
+        word = self._word  # the token table: its cache (the ids) is the last forward's until the model takes these
+        kept = word.cache, getattr(word, "called_under_no_grad", False)
+        try:
+            # e = [prompt; word(ids)]  (B, n + T, C)
+            embeds, _ = prompt_forward(word(ids), self.prompt.params["prompt_embeddings"])
+            out = self.base_model(inputs_embeds=embeds, **kw)
+        except ValueError:  # refused: backward() still differentiates the last forward
+            word.cache, word.called_under_no_grad = kept
+            raise
         self._last = ("prompt", n)
         return out
 
