@@ -23,6 +23,7 @@ from .train import (Trainer, TrainConfig, list_checkpoints, read_checkpoint_stat
                     resume_settings, fingerprint, _int, _real)
 
 ARCHS = ("gpt2", "openai-gpt", "bert")
+DEFAULT_STEPS = 300  # a new run's; a resumed one keeps its own
 # (layers, hidden, heads); intermediate = 4 * hidden
 SIZES = {"tiny": (2, 64, 2), "mini": (4, 256, 4), "small": (6, 384, 6), "base": (12, 768, 12)}
 
@@ -387,9 +388,10 @@ def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, ou
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{name}: {str(path)!r} is not a file")
     for name, v, lo in (("vocab_size", vocab_size, 1), ("block_size", block_size, 2), ("batch_size", batch_size, 1),
-                        ("steps", steps, 1), ("seed", seed, 0), ("grad_accum", grad_accum, 1)):
+                        ("seed", seed, 0), ("grad_accum", grad_accum, 1)):
         _int(name, v, lo)
-    for name, v, lo in (("warmup", warmup, 0), ("eval_every", eval_every, 1), ("save_every", save_every, 1)):
+    for name, v, lo in (("steps", steps, 1), ("warmup", warmup, 0), ("eval_every", eval_every, 1),
+                        ("save_every", save_every, 1)):
         if v is not None:
             _int(name, v, lo)
     if lr is not None:
@@ -443,12 +445,13 @@ def _move_token_file(src, dst):
 
 
 def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_path=None, vocab_size=8192,
-             out_dir="runs/numlm", block_size=128, batch_size=16, steps=300, lr=None, warmup=None,
+             out_dir="runs/numlm", block_size=128, batch_size=16, steps=None, lr=None, warmup=None,
              seed=0, dtype="float32", resume=False, time_budget=None, log=print, progress=True,
              eval_every=None, save_every=None, grad_accum=1, overwrite=False, encoding="utf-8",
              allow_changes=False):
-    """Pre-train a model from scratch; returns (model, tokenizer, result dict). `time_budget`
-    (seconds) sizes the number of steps from a measured step time instead of `steps`.
+    """Pre-train a model from scratch; returns (model, tokenizer, result dict). `steps` defaults to
+    DEFAULT_STEPS, and on resume to the run's own; `time_budget` (seconds) sizes the number of steps
+    from a measured step time instead.
     A folder that already holds run files (metrics, checkpoints, a model) is continued with
     resume=True, started again with overwrite=True, and otherwise refused. Every argument, the
     corpus, the tokenizer and the model are checked before anything in the folder is deleted.
@@ -484,7 +487,8 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
         if saved is None:
             if time_budget is not None:
                 steps = calibrate_steps(model, data_.stream, t0 + time_budget, log)
-            tc = _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum)
+            tc = _train_config(out, arch, size, steps or DEFAULT_STEPS, lr, warmup, eval_every, save_every,
+                               progress, grad_accum)
         trainer = Trainer(model, data_.stream, tc, evaluate=data_.evaluate, run=run)
         if resume:  # the checkpoint loads before anything in out changes
             trainer.resume()
@@ -528,12 +532,13 @@ def _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, pr
 def _resumed_config(saved, out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum,
                     time_budget):
     """(the TrainConfig a resumed run trains with, the settings check_resume compares): a --time-budget
-    run keeps its planned length; an omitted --lr keeps the run's, and an omitted --warmup too (its
-    default follows --steps, which a resume may change) unless --steps is now shorter than it: then
-    the default, not compared."""
+    run, or one resumed without --steps, keeps its planned length; an omitted --lr keeps the run's, and
+    an omitted --warmup too (its default follows --steps, which a resume may change) unless --steps is
+    now shorter than it: then the default, not compared."""
     planned = saved.get("train_config") if isinstance(saved.get("train_config"), dict) else {}
-    if time_budget is not None:
-        steps = int(planned.get("max_steps", steps))
+    if time_budget is not None or steps is None:
+        was = planned.get("max_steps")
+        steps = was if isinstance(was, int) and not isinstance(was, bool) and was >= 1 else steps or DEFAULT_STEPS
     if lr is None and isinstance(planned.get("lr"), (int, float)):
         lr = planned["lr"]
     derived = warmup is None and not (isinstance(planned.get("warmup"), int) and planned["warmup"] <= steps)

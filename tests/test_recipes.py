@@ -238,3 +238,21 @@ def test_pretrain_out_under_a_file_and_bad_flags_before_anything(corpus, tmp_pat
         with pytest.raises(ValueError, match=message):
             pretrain("gpt2", size="tiny", data=corpus, out_dir=tmp_path / "r", log=quiet, **kw)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_resume_without_steps_keeps_the_runs_own_length(corpus, tmp_path, capsys):
+    """`--resume` without --steps continued to the default 300 steps under another cosine schedule; it
+    now ends where the run it continues ends, bit for bit (the run is cut back to its step-3
+    checkpoint, as an interrupt after step 3 leaves it)."""
+    import shutil
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--data", str(corpus), "--vocab-size", "300",
+            "--out", str(tmp_path), "--block-size", "16", "--batch-size", "4"]
+    assert main(args + ["--steps", "6"]) == 0
+    whole = (tmp_path / "model" / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "model")
+    shutil.rmtree(tmp_path / "checkpoints" / "step-0000006")
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from step 3" in out and last_json(out)["step"] == 6
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == whole

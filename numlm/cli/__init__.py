@@ -206,7 +206,7 @@ def _add_pretrain_and_eval(sub):
     pt.add_argument("--vocab-size", type=count(1), default=8192)
     pt.add_argument("--encoding", **ENCODING)
     pt.add_argument("--out", default="runs/pretrain")
-    pt.add_argument("--steps", type=count(1), default=300)
+    pt.add_argument("--steps", type=count(1), help="optimizer steps (default 300; with --resume, the run's own)")
     pt.add_argument("--minutes", type=positive, help="size the run to this time budget instead of --steps")
     pt.add_argument("--batch-size", type=count(1), default=16)
     pt.add_argument("--block-size", type=count(2), default=128)
