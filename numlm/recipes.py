@@ -263,6 +263,7 @@ class BertData:
         val_pairs = nsp_pairs(tokenize_documents(val_docs, tokenizer), max_length, np.random.default_rng(seed + 1))
         self.val = bert_batches(val_pairs[:batch_size * val_batches], tokenizer, max_length, batch_size,
                                 np.random.default_rng(seed + 2))
+        check_masked(self.val, "the validation split's")
         self.stream = PairStream(self.pairs, tokenizer, batch_size, max_length, np.random.default_rng(seed + 3))
         self.train_tokens = sum(len(p.a) + len(p.b) + 3 for p in self.pairs)
         self.most_frequent = most_frequent(self.pairs, tokenizer.vocab_size)  # the MLM accuracy baseline
@@ -281,8 +282,18 @@ def most_frequent(pairs, vocab_size):
     return int(np.argmax(counts))
 
 
+def check_masked(batches, whose, hint=""):
+    """A ValueError when no token of the batches is an MLM target: there is no masked-LM loss to score."""
+    if not any((b["labels"] != IGNORE_INDEX).any() for b in batches):
+        n = sum(len(b["next_sentence_label"]) for b in batches)
+        raise ValueError(f"{whose} {n} NSP pair{'s' * (n != 1)} drew no masked token (each token but [UNK] and the "
+                         f"other specials is masked with probability 0.15): nothing to score the masked LM on; give "
+                         f"more text{hint}")
+
+
 def bert_metrics(model, batches, most_frequent):
     """MLM loss and accuracy (and the accuracy of always guessing most_frequent), NSP loss and accuracy."""
+    check_masked(batches, "the")
     mlm_tot = nsp_tot = 0.0
     n_mlm = n_nsp = hit = base = nsp_hit = 0
     with eval_mode(model):
@@ -338,8 +349,10 @@ def eval_bert(model, documents, tokenizer, max_length, batch_size, seed, max_bat
         raise ValueError("the data holds fewer than 2 non-empty lines: NSP needs two sentences")
     pairs = nsp_pairs(tokenize_documents(docs, tokenizer), max_length, np.random.default_rng(seed))
     use = pairs[:None if max_batches is None else max_batches * batch_size]
-    out = bert_metrics(model, bert_batches(use, tokenizer, max_length, batch_size, np.random.default_rng(seed + 2)),
-                       most_frequent(pairs, tokenizer.vocab_size))
+    batches = bert_batches(use, tokenizer, max_length, batch_size, np.random.default_rng(seed + 2))
+    more = f", or a larger --batches (the data holds {len(pairs):,} pairs)" if len(use) < len(pairs) else ""
+    check_masked(batches, "the", more)
+    out = bert_metrics(model, batches, most_frequent(pairs, tokenizer.vocab_size))
     out.update(pairs=len(use), data_pairs=len(pairs), scored=f"{len(use):,} of the {len(pairs):,} NSP pairs")
     return out
 

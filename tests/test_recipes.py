@@ -256,3 +256,29 @@ def test_resume_without_steps_keeps_the_runs_own_length(corpus, tmp_path, capsys
     out = capsys.readouterr().out
     assert "resumed from step 3" in out and last_json(out)["step"] == 6
     assert (tmp_path / "model" / "model.safetensors").read_bytes() == whole
+
+
+def test_bert_data_with_no_masked_token_is_one_line_and_writes_nothing(corpus, tmp_path, capsys):
+    """Text the tokenizer reads as [UNK] only (never masked) gives no masked-LM target: eval failed
+    with 'ZeroDivisionError: float division by zero', and pretrain too, after it had written its folder."""
+    import numlm
+    from numlm.data import Tokenizer
+    from numlm.recipes import eval_bert
+    tok_path = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", "--kind", "wordpiece", "--vocab-size", "300", "--data", str(corpus),
+                 "--out", str(tok_path)]) == 0
+    tok = Tokenizer.from_file(tok_path)
+    docs = ["日本\n語", "中文\n字", "漢\n字"]
+    assert {i for d in docs for i in tok.encode(d, add_special_tokens=False)} == {tok.unk_id}
+    model = numlm.BertForPreTraining(numlm.BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1,
+                                                      num_attention_heads=2, intermediate_size=32), seed=0)
+    with pytest.raises(ValueError, match="drew no masked token"):
+        eval_bert(model, docs, tok, 16, 2, seed=0)
+    data = tmp_path / "cjk.txt"
+    data.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["pretrain", "--arch", "bert", "--size", "tiny", "--data", str(data), "--tokenizer", str(tok_path),
+                 "--out", str(tmp_path / "run"), "--block-size", "16", "--batch-size", "2", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "drew no masked token" in err, err
+    assert not (tmp_path / "run").exists()
