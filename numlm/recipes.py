@@ -468,7 +468,7 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     A folder that already holds run files (metrics, checkpoints, a model) is continued with
     resume=True, started again with overwrite=True, and otherwise refused. Every argument, the
     corpus, the tokenizer and the model are checked before anything in the folder is deleted.
-    A resumed run must have the checkpoint's tokenizer, corpus, batch and block size and at least
+    A resumed run must have the checkpoint's tokenizer, corpus, batch and block size, seed and at least
     its steps, unless allow_changes=True. Interrupted (Ctrl-C, SIGTERM): the result holds
     "interrupted" and no model/ is written; the checkpoint resumes."""
     out = Path(out_dir)
@@ -485,7 +485,7 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     log(f"corpus: {name}, {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} M characters")
     tokenizer, new_tokenizer = _run_tokenizer(arch, out, tokenizer_path, resume, docs, vocab_size)
     run = {"tokenizer_sha256": fingerprint(sorted(tokenizer.backend.get_vocab().items())),
-           "data_sha256": fingerprint(docs), "batch_size": batch_size, "block_size": block_size}
+           "data_sha256": fingerprint(docs), "batch_size": batch_size, "block_size": block_size, "seed": seed}
     if saved is not None:
         tc, settings = _resumed_config(saved, out, arch, size, steps, lr, warmup, eval_every, save_every, progress,
                                        grad_accum, time_budget)
