@@ -298,3 +298,19 @@ def test_resume_with_another_seed_is_refused_by_name(corpus, tmp_path, capsys):
     assert err.count("\n") == 1 and "trained with --seed 0, not 5" in err, err
     assert snapshot(tmp_path) == before
     assert main(args[:-1] + ["4", "--resume", "--seed", "5", "--allow-changes"]) == 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_eval_block_size_beyond_the_models_positions_is_named(arch, corpus, tmp_path, capsys):
+    """eval's default --block-size 128 on a model of 64 positions failed inside the model ('sequence
+    length 128 ... exceeds n_positions 64'), naming no flag."""
+    pretrain(arch, size="tiny", data=corpus, vocab_size=300, out_dir=tmp_path, block_size=16, batch_size=4,
+             steps=1, log=quiet, progress=False)
+    from numlm import from_pretrained
+    cfg = from_pretrained(tmp_path / "model").config
+    positions = cfg.max_position_embeddings if arch == "bert" else cfg.n_positions
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "model"), "--data", str(corpus), "--block-size", str(positions + 1)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--block-size {positions + 1} is above the model's {positions} positions" in err
+    assert main(["eval", str(tmp_path / "model"), "--data", str(corpus), "--block-size", str(positions)]) == 0
