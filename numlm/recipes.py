@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -259,7 +260,8 @@ class BertData:
         check_bert_tokenizer(tokenizer)
         rng = np.random.default_rng(seed)
         train_docs, val_docs = split_bert(documents, val_fraction, rng)
-        self.pairs = nsp_pairs(tokenize_documents(train_docs, tokenizer), max_length, rng)
+        self.pairs = nsp_pairs(one_sentence_warned(tokenize_documents(train_docs, tokenizer), "the training split's"),
+                               max_length, rng)
         val_pairs = nsp_pairs(tokenize_documents(val_docs, tokenizer), max_length, np.random.default_rng(seed + 1))
         self.val = bert_batches(val_pairs[:batch_size * val_batches], tokenizer, max_length, batch_size,
                                 np.random.default_rng(seed + 2))
@@ -270,6 +272,20 @@ class BertData:
 
     def evaluate(self, model):
         return bert_metrics(model, self.val, self.most_frequent)
+
+
+class NSPWarning(UserWarning):
+    """Every NSP pair has one label: next-sentence prediction has nothing to learn or to score."""
+
+
+def one_sentence_warned(docs, whose):
+    """The tokenized documents; a warning when none holds two sentences, so every NSP pair's B is a
+    random sentence (label 1)."""
+    if all(len(d) == 1 for d in docs):
+        warnings.warn(f"{whose} {len(docs)} documents (or runs of lines) are one sentence (non-empty line) each: "
+                      f"every NSP pair's B is a random sentence (label 1), so NSP accuracy says nothing; give "
+                      f"more text, in documents of several lines each", NSPWarning, stacklevel=3)
+    return docs
 
 
 def bert_batches(pairs, tokenizer, max_length, batch_size, rng):
@@ -347,7 +363,8 @@ def eval_bert(model, documents, tokenizer, max_length, batch_size, seed, max_bat
         docs = line_runs(docs, 2)
     if len(docs) < 2:
         raise ValueError("the data holds fewer than 2 non-empty lines: NSP needs two sentences")
-    pairs = nsp_pairs(tokenize_documents(docs, tokenizer), max_length, np.random.default_rng(seed))
+    pairs = nsp_pairs(one_sentence_warned(tokenize_documents(docs, tokenizer), "the data's"), max_length,
+                      np.random.default_rng(seed))
     use = pairs[:None if max_batches is None else max_batches * batch_size]
     batches = bert_batches(use, tokenizer, max_length, batch_size, np.random.default_rng(seed + 2))
     more = f", or a larger --batches (the data holds {len(pairs):,} pairs)" if len(use) < len(pairs) else ""

@@ -314,3 +314,21 @@ def test_eval_block_size_beyond_the_models_positions_is_named(arch, corpus, tmp_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--block-size {positions + 1} is above the model's {positions} positions" in err
     assert main(["eval", str(tmp_path / "model"), "--data", str(corpus), "--block-size", str(positions)]) == 0
+
+
+def test_documents_of_one_sentence_each_warn_that_nsp_has_one_label(corpus, tmp_path):
+    """Documents (or the runs of lines a small corpus is cut into) of one line each give NSP pairs
+    that are all label 1: training reported an NSP accuracy of 1 and said nothing."""
+    import warnings
+    from numlm.data import Tokenizer, read_texts
+    from numlm.recipes import BertData, NSPWarning
+    docs = read_texts(corpus)
+    tok = Tokenizer.train_wordpiece_from_iterator(docs, 300)
+    single = [line for d in docs[:12] for line in d.splitlines()[:1]]
+    with pytest.warns(NSPWarning, match="one sentence .* each: every NSP pair's B is a random sentence"):
+        data = BertData(single, tok, 32, 4, seed=0)
+    assert {p.label for p in data.pairs} == {1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NSPWarning)
+        data = BertData(docs, tok, 32, 4, seed=0)
+    assert {p.label for p in data.pairs} == {0, 1}
