@@ -625,7 +625,7 @@ def _start_run(out, arch, scratch, meta, data_, new_tokenizer, clear, keep, log)
 
 def _train(trainer, data_, log):
     before = data_.evaluate(trainer.model)
-    log("before training: " + _fmt(before))
+    log(("before training: " if trainer.step == 0 else f"at step {trainer.step} (resumed): ") + _fmt(before))
     result = trainer.run()
     result["initial"] = before
     if not result.get("interrupted"):

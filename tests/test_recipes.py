@@ -332,3 +332,14 @@ def test_documents_of_one_sentence_each_warn_that_nsp_has_one_label(corpus, tmp_
         warnings.simplefilter("error", NSPWarning)
         data = BertData(docs, tok, 32, 4, seed=0)
     assert {p.label for p in data.pairs} == {0, 1}
+
+
+def test_a_resumed_run_labels_its_first_evaluation_with_its_step(corpus, tmp_path, capsys):
+    """A resumed run printed its model's validation at the checkpoint as 'before training'."""
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--data", str(corpus), "--vocab-size", "300",
+            "--out", str(tmp_path), "--block-size", "16", "--batch-size", "4", "--steps", "2"]
+    assert main(args) == 0
+    assert "before training: val_loss" in capsys.readouterr().out
+    assert main(args[:-1] + ["3", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "at step 2 (resumed): val_loss" in out and "before training" not in out
