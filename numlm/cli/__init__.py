@@ -233,7 +233,8 @@ def _add_pretrain_and_eval(sub):
     e.add_argument("--block-size", type=count(2), default=128)
     e.add_argument("--batch-size", type=count(1), default=8)
     e.add_argument("--batches", type=count(1), help="score only this many batches (default: all of --data)")
-    e.add_argument("--seed", type=count(0), default=0)
+    e.add_argument("--seed", type=count(0), default=0, help="BERT's masking and NSP draws; without --data also the "
+                   "documents held out, which are those of pretrain's --seed only when it is the same")
     e.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     e.set_defaults(fn=cmd_eval)
 
