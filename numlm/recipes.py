@@ -100,6 +100,11 @@ def make_config(arch, size="mini", vocab_size=8192, block_size=128, config_path=
     return cfg
 
 
+def config_fields(cfg):
+    """The config's own fields (what the model computes with), not the extra keys a config.json carries."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "extra"}
+
+
 def check_fit(arch, cfg, tokenizer, block_size):
     V = cfg.vocab_size
     if tokenizer.vocab_size != V:
@@ -439,7 +444,7 @@ def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, ou
     check_folder_path(out, "out")
 
 
-def _resume_state(arch, out, block_size, batch_size):
+def _resume_state(arch, out, block_size, batch_size, dtype):
     """The trainer state of the newest readable checkpoint in out, checked against this run."""
     candidates = list_checkpoints(out)[::-1]
     if not candidates:
@@ -460,7 +465,9 @@ def _resume_state(arch, out, block_size, batch_size):
         raise ValueError(f"--resume: checkpoint {str(ck)!r} holds a {state.get('architecture')}, "
                          f"not a {want} (--arch {arch})")
     data = state.get("data") if isinstance(state.get("data"), dict) else {}
-    for name, v in (("block_size", block_size), ("batch_size", batch_size)):
+    if isinstance(state.get("run"), dict) and "dtype" in state["run"]:  # the optimizer's moments have it
+        data = {**data, "dtype": state["run"]["dtype"]}
+    for name, v in (("block_size", block_size), ("batch_size", batch_size), ("dtype", dtype)):
         if name in data and data[name] != v:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"--resume: the run in {str(out)!r} was trained with {flag} {data[name]}, not {v}; "
@@ -485,8 +492,8 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     A folder that already holds run files (metrics, checkpoints, a model) is continued with
     resume=True, started again with overwrite=True, and otherwise refused. Every argument, the
     corpus, the tokenizer and the model are checked before anything in the folder is deleted.
-    A resumed run must have the checkpoint's tokenizer, corpus, batch and block size, seed and at least
-    its steps, unless allow_changes=True. Interrupted (Ctrl-C, SIGTERM): the result holds
+    A resumed run must have the checkpoint's tokenizer, corpus, model config, seed and at least its steps,
+    unless allow_changes=True, and always its batch and block size and dtype. Interrupted (Ctrl-C, SIGTERM): the result holds
     "interrupted" and no model/ is written; the checkpoint resumes."""
     out = Path(out_dir)
     _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, out, block_size, batch_size,
@@ -496,19 +503,20 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     if earlier and not resume and not overwrite:
         raise ValueError(f"{str(out)!r} already holds a run ({', '.join(earlier)}); pass --resume to continue "
                          f"it, --overwrite to start again, or another --out")
-    saved = _resume_state(arch, out, block_size, batch_size) if resume else None
+    saved = _resume_state(arch, out, block_size, batch_size, dtype) if resume else None
     t0 = time.perf_counter()
     name, docs = load_corpus(data, encoding)
     log(f"corpus: {name}, {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} M characters")
     tokenizer, new_tokenizer = _run_tokenizer(arch, out, tokenizer_path, resume, docs, vocab_size)
+    cfg = make_config(arch, size, tokenizer.vocab_size, block_size, config_path, tokenizer)
+    check_fit(arch, cfg, tokenizer, block_size)
     run = {"tokenizer_sha256": fingerprint(sorted(tokenizer.backend.get_vocab().items())),
-           "data_sha256": fingerprint(docs), "batch_size": batch_size, "block_size": block_size, "seed": seed}
+           "data_sha256": fingerprint(docs), "model_config_sha256": fingerprint(config_fields(cfg)),
+           "batch_size": batch_size, "block_size": block_size, "seed": seed, "dtype": dtype}
     if saved is not None:
         tc, settings = _resumed_config(saved, out, arch, size, steps, lr, warmup, eval_every, save_every, progress,
                                        grad_accum, time_budget)
         check_resume(saved, run, None if time_budget is not None else steps, allow_changes, settings)
-    cfg = make_config(arch, size, tokenizer.vocab_size, block_size, config_path, tokenizer)
-    check_fit(arch, cfg, tokenizer, block_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}-prepare-", dir=out.parent) as scratch:
         model, data_, meta = _build_run(arch, cfg, docs, tokenizer, Path(scratch), block_size, batch_size, seed, dtype)

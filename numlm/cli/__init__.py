@@ -221,8 +221,8 @@ def _add_pretrain_and_eval(sub):
     pt.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     pt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     pt.add_argument("--allow-changes", action="store_true", help="--resume although the corpus, tokenizer, "
-                    "--seed, --lr, --warmup or --grad-accum differ from the checkpoint's, or --steps is below its step "
-                    "(its batch and block size cannot)")
+                    "model config, --seed, --lr, --warmup or --grad-accum differ from the checkpoint's, or --steps is "
+                    "below its step (its batch and block size and --dtype cannot)")
     pt.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run")
     pt.set_defaults(fn=cmd_pretrain)
 
