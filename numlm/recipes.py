@@ -508,11 +508,7 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     name, docs = load_corpus(data, encoding)
     log(f"corpus: {name}, {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} M characters")
     tokenizer, new_tokenizer = _run_tokenizer(arch, out, tokenizer_path, resume, docs, vocab_size)
-    cfg = make_config(arch, size, tokenizer.vocab_size, block_size, config_path, tokenizer)
-    check_fit(arch, cfg, tokenizer, block_size)
-    run = {"tokenizer_sha256": fingerprint(sorted(tokenizer.backend.get_vocab().items())),
-           "data_sha256": fingerprint(docs), "model_config_sha256": fingerprint(config_fields(cfg)),
-           "batch_size": batch_size, "block_size": block_size, "seed": seed, "dtype": dtype}
+    cfg, run = _model_config(arch, size, config_path, tokenizer, docs, block_size, batch_size, seed, dtype)
     if saved is not None:
         tc, settings = _resumed_config(saved, out, arch, size, steps, lr, warmup, eval_every, save_every, progress,
                                        grad_accum, time_budget)
@@ -543,6 +539,16 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     if hasattr(data_, "unigram_loss"):
         result["unigram_loss"] = data_.unigram_loss
     return model, tokenizer, result
+
+
+def _model_config(arch, size, config_path, tokenizer, docs, block_size, batch_size, seed, dtype):
+    """(the model's config, checked against the tokenizer and block size; what a resumed run must share
+    with its checkpoint: check_resume's `run`)"""
+    cfg = make_config(arch, size, tokenizer.vocab_size, block_size, config_path, tokenizer)
+    check_fit(arch, cfg, tokenizer, block_size)
+    return cfg, {"tokenizer_sha256": fingerprint(sorted(tokenizer.backend.get_vocab().items())),
+                 "data_sha256": fingerprint(docs), "model_config_sha256": fingerprint(config_fields(cfg)),
+                 "batch_size": batch_size, "block_size": block_size, "seed": seed, "dtype": dtype}
 
 
 def _run_tokenizer(arch, out, tokenizer_path, resume, docs, vocab_size):
