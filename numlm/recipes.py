@@ -509,6 +509,8 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     log(f"corpus: {name}, {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} M characters")
     tokenizer, new_tokenizer = _run_tokenizer(arch, out, tokenizer_path, resume, docs, vocab_size)
     cfg, run = _model_config(arch, size, config_path, tokenizer, docs, block_size, batch_size, seed, dtype)
+    if tokenizer_path is None:  # the run trains its own tokenizer, to --vocab-size
+        run["vocab_size"] = vocab_size
     if saved is not None:
         tc, settings = _resumed_config(saved, out, arch, size, steps, lr, warmup, eval_every, save_every, progress,
                                        grad_accum, time_budget)

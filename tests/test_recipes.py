@@ -284,20 +284,22 @@ def test_bert_data_with_no_masked_token_is_one_line_and_writes_nothing(corpus, t
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_with_another_seed_is_refused_by_name(corpus, tmp_path, capsys):
+@pytest.mark.parametrize("flag, was, now", [("--seed", "0", "5"), ("--vocab-size", "300", "280")])
+def test_resume_with_another_seed_or_vocab_size_is_refused_by_name(flag, was, now, corpus, tmp_path, capsys):
     """--seed picks BERT's validation documents and NSP pairs and a model's first weights: a resume
     under another seed went on silently with the checkpoint's draws (GPT), or was refused for a
-    'split of N tokens' the user never set (BERT)."""
+    'split of N tokens' the user never set (BERT). Another --vocab-size went on silently with the
+    run's tokenizer."""
     args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--data", str(corpus), "--vocab-size", "300",
             "--out", str(tmp_path), "--block-size", "16", "--batch-size", "4", "--steps", "2"]
     assert main(args) == 0
     before = snapshot(tmp_path)
     capsys.readouterr()
-    assert main(args[:-1] + ["4", "--resume", "--seed", "5"]) == 2
+    assert main(args[:-1] + ["4", "--resume", flag, now]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "trained with --seed 0, not 5" in err, err
+    assert err.count("\n") == 1 and f"trained with {flag} {was}, not {now}" in err, err
     assert snapshot(tmp_path) == before
-    assert main(args[:-1] + ["4", "--resume", "--seed", "5", "--allow-changes"]) == 0
+    assert main(args[:-1] + ["4", "--resume", flag, now, "--allow-changes"]) == 0
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])
