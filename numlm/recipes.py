@@ -492,9 +492,9 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     A folder that already holds run files (metrics, checkpoints, a model) is continued with
     resume=True, started again with overwrite=True, and otherwise refused. Every argument, the
     corpus, the tokenizer and the model are checked before anything in the folder is deleted.
-    A resumed run must have the checkpoint's tokenizer, corpus, model config, seed and at least its steps,
-    unless allow_changes=True, and always its batch and block size and dtype. Interrupted (Ctrl-C, SIGTERM): the result holds
-    "interrupted" and no model/ is written; the checkpoint resumes."""
+    A resumed run must have the checkpoint's tokenizer, corpus, model config, seed and at least its
+    steps, unless allow_changes=True, and always its batch and block size and dtype. Interrupted
+    (Ctrl-C, SIGTERM): the result holds "interrupted" and no model/ is written; the checkpoint resumes."""
     out = Path(out_dir)
     _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, out, block_size, batch_size,
                          steps, lr, warmup, seed, dtype, time_budget, eval_every, save_every, grad_accum,
