@@ -25,6 +25,7 @@ from .train import (Trainer, TrainConfig, list_checkpoints, read_checkpoint_stat
 
 ARCHS = ("gpt2", "openai-gpt", "bert")
 DEFAULT_STEPS = 300  # a new run's; a resumed one keeps its own
+SAVE_EVERY = 200  # steps between checkpoints at most (halfway in a shorter run)
 # (layers, hidden, heads); intermediate = 4 * hidden
 SIZES = {"tiny": (2, 64, 2), "mini": (4, 256, 4), "small": (6, 384, 6), "base": (12, 768, 12)}
 
@@ -571,7 +572,8 @@ def _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, pr
         lr = 3e-4 if arch == "bert" else (1e-3 if size in ("tiny", "mini") else 5e-4)
     return TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, schedule="cosine",
                        warmup=warmup if warmup is not None else min(100, steps // 10),  # 0 below 10 steps
-                       eval_every=eval_every or max(1, steps // 5), save_every=save_every or max(1, steps // 2),
+                       eval_every=eval_every or max(1, steps // 5),
+                       save_every=save_every or max(1, min(SAVE_EVERY, steps // 2)),  # a crash loses few steps
                        progress=progress, grad_accum=grad_accum)
 
 

@@ -367,3 +367,13 @@ def test_resume_refuses_another_model_config_or_dtype_by_name(corpus, tmp_path, 
         assert err.count("\n") == 1 and message in err, err
         assert snapshot(tmp_path / "run") == before
     assert main(args + ["--config", str(tmp_path / "run" / "model" / "config.json"), "--steps", "3", "--resume"]) == 0
+
+
+def test_a_long_run_checkpoints_every_few_hundred_steps(tmp_path):
+    """As the README says; a run of 10,000 steps saved its first checkpoint at step 5,000 (half of
+    --steps), so a process killed outright (out of memory, a lost machine) lost up to 5,000 steps."""
+    from numlm.recipes import _train_config
+    for steps in (300, 10_000, 1_000_000):
+        cfg = _train_config(tmp_path, "gpt2", "tiny", steps, None, None, None, None, False, 1)
+        assert 1 <= cfg.save_every <= 200 and cfg.save_every <= steps // 2
+    assert _train_config(tmp_path, "gpt2", "tiny", 10_000, None, None, None, 50, False, 1).save_every == 50
