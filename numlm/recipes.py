@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ from .train import (Trainer, TrainConfig, list_checkpoints, read_checkpoint_stat
                     resume_settings, fingerprint, _int, _real)
 
 ARCHS = ("gpt2", "openai-gpt", "bert")
+DEFAULT_STEPS = 300  # a new run's; a resumed one keeps its own
+SAVE_EVERY = 200  # steps between checkpoints at most (halfway in a shorter run)
 # (layers, hidden, heads); intermediate = 4 * hidden
 SIZES = {"tiny": (2, 64, 2), "mini": (4, 256, 4), "small": (6, 384, 6), "base": (12, 768, 12)}
 
@@ -96,6 +99,11 @@ def make_config(arch, size="mini", vocab_size=8192, block_size=128, config_path=
             cfg = cls.config_class(vocab_size=vocab_size, n_embd=C, n_layer=L, n_head=H,
                                    n_positions=max(block_size, 64), **ids)
     return cfg
+
+
+def config_fields(cfg):
+    """The config's own fields (what the model computes with), not the extra keys a config.json carries."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "extra"}
 
 
 def check_fit(arch, cfg, tokenizer, block_size):
@@ -258,16 +266,32 @@ class BertData:
         check_bert_tokenizer(tokenizer)
         rng = np.random.default_rng(seed)
         train_docs, val_docs = split_bert(documents, val_fraction, rng)
-        self.pairs = nsp_pairs(tokenize_documents(train_docs, tokenizer), max_length, rng)
+        self.pairs = nsp_pairs(one_sentence_warned(tokenize_documents(train_docs, tokenizer), "the training split's"),
+                               max_length, rng)
         val_pairs = nsp_pairs(tokenize_documents(val_docs, tokenizer), max_length, np.random.default_rng(seed + 1))
         self.val = bert_batches(val_pairs[:batch_size * val_batches], tokenizer, max_length, batch_size,
                                 np.random.default_rng(seed + 2))
+        check_masked(self.val, "the validation split's")
         self.stream = PairStream(self.pairs, tokenizer, batch_size, max_length, np.random.default_rng(seed + 3))
         self.train_tokens = sum(len(p.a) + len(p.b) + 3 for p in self.pairs)
         self.most_frequent = most_frequent(self.pairs, tokenizer.vocab_size)  # the MLM accuracy baseline
 
     def evaluate(self, model):
         return bert_metrics(model, self.val, self.most_frequent)
+
+
+class NSPWarning(UserWarning):
+    """Every NSP pair has one label: next-sentence prediction has nothing to learn or to score."""
+
+
+def one_sentence_warned(docs, whose):
+    """The tokenized documents; a warning when none holds two sentences, so every NSP pair's B is a
+    random sentence (label 1)."""
+    if all(len(d) == 1 for d in docs):
+        warnings.warn(f"{whose} {len(docs)} documents (or runs of lines) are one sentence (non-empty line) each: "
+                      f"every NSP pair's B is a random sentence (label 1), so NSP accuracy says nothing; give "
+                      f"more text, in documents of several lines each", NSPWarning, stacklevel=3)
+    return docs
 
 
 def bert_batches(pairs, tokenizer, max_length, batch_size, rng):
@@ -280,8 +304,18 @@ def most_frequent(pairs, vocab_size):
     return int(np.argmax(counts))
 
 
+def check_masked(batches, whose, hint=""):
+    """A ValueError when no token of the batches is an MLM target: there is no masked-LM loss to score."""
+    if not any((b["labels"] != IGNORE_INDEX).any() for b in batches):
+        n = sum(len(b["next_sentence_label"]) for b in batches)
+        raise ValueError(f"{whose} {n} NSP pair{'s' * (n != 1)} drew no masked token (each token but [UNK] and the "
+                         f"other specials is masked with probability 0.15): nothing to score the masked LM on; give "
+                         f"more text{hint}")
+
+
 def bert_metrics(model, batches, most_frequent):
     """MLM loss and accuracy (and the accuracy of always guessing most_frequent), NSP loss and accuracy."""
+    check_masked(batches, "the")
     mlm_tot = nsp_tot = 0.0
     n_mlm = n_nsp = hit = base = nsp_hit = 0
     with eval_mode(model):
@@ -335,10 +369,13 @@ def eval_bert(model, documents, tokenizer, max_length, batch_size, seed, max_bat
         docs = line_runs(docs, 2)
     if len(docs) < 2:
         raise ValueError("the data holds fewer than 2 non-empty lines: NSP needs two sentences")
-    pairs = nsp_pairs(tokenize_documents(docs, tokenizer), max_length, np.random.default_rng(seed))
+    pairs = nsp_pairs(one_sentence_warned(tokenize_documents(docs, tokenizer), "the data's"), max_length,
+                      np.random.default_rng(seed))
     use = pairs[:None if max_batches is None else max_batches * batch_size]
-    out = bert_metrics(model, bert_batches(use, tokenizer, max_length, batch_size, np.random.default_rng(seed + 2)),
-                       most_frequent(pairs, tokenizer.vocab_size))
+    batches = bert_batches(use, tokenizer, max_length, batch_size, np.random.default_rng(seed + 2))
+    more = f", or a larger --batches (the data holds {len(pairs):,} pairs)" if len(use) < len(pairs) else ""
+    check_masked(batches, "the", more)
+    out = bert_metrics(model, batches, most_frequent(pairs, tokenizer.vocab_size))
     out.update(pairs=len(use), data_pairs=len(pairs), scored=f"{len(use):,} of the {len(pairs):,} NSP pairs")
     return out
 
@@ -387,9 +424,10 @@ def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, ou
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{name}: {str(path)!r} is not a file")
     for name, v, lo in (("vocab_size", vocab_size, 1), ("block_size", block_size, 2), ("batch_size", batch_size, 1),
-                        ("steps", steps, 1), ("seed", seed, 0), ("grad_accum", grad_accum, 1)):
+                        ("seed", seed, 0), ("grad_accum", grad_accum, 1)):
         _int(name, v, lo)
-    for name, v, lo in (("warmup", warmup, 0), ("eval_every", eval_every, 1), ("save_every", save_every, 1)):
+    for name, v, lo in (("steps", steps, 1), ("warmup", warmup, 0), ("eval_every", eval_every, 1),
+                        ("save_every", save_every, 1)):
         if v is not None:
             _int(name, v, lo)
     if lr is not None:
@@ -407,7 +445,7 @@ def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, ou
     check_folder_path(out, "out")
 
 
-def _resume_state(arch, out, block_size, batch_size):
+def _resume_state(arch, out, block_size, batch_size, dtype):
     """The trainer state of the newest readable checkpoint in out, checked against this run."""
     candidates = list_checkpoints(out)[::-1]
     if not candidates:
@@ -428,7 +466,9 @@ def _resume_state(arch, out, block_size, batch_size):
         raise ValueError(f"--resume: checkpoint {str(ck)!r} holds a {state.get('architecture')}, "
                          f"not a {want} (--arch {arch})")
     data = state.get("data") if isinstance(state.get("data"), dict) else {}
-    for name, v in (("block_size", block_size), ("batch_size", batch_size)):
+    if isinstance(state.get("run"), dict) and "dtype" in state["run"]:  # the optimizer's moments have it
+        data = {**data, "dtype": state["run"]["dtype"]}
+    for name, v in (("block_size", block_size), ("batch_size", batch_size), ("dtype", dtype)):
         if name in data and data[name] != v:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"--resume: the run in {str(out)!r} was trained with {flag} {data[name]}, not {v}; "
@@ -443,18 +483,19 @@ def _move_token_file(src, dst):
 
 
 def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_path=None, vocab_size=8192,
-             out_dir="runs/numlm", block_size=128, batch_size=16, steps=300, lr=None, warmup=None,
+             out_dir="runs/numlm", block_size=128, batch_size=16, steps=None, lr=None, warmup=None,
              seed=0, dtype="float32", resume=False, time_budget=None, log=print, progress=True,
              eval_every=None, save_every=None, grad_accum=1, overwrite=False, encoding="utf-8",
              allow_changes=False):
-    """Pre-train a model from scratch; returns (model, tokenizer, result dict). `time_budget`
-    (seconds) sizes the number of steps from a measured step time instead of `steps`.
+    """Pre-train a model from scratch; returns (model, tokenizer, result dict). `steps` defaults to
+    DEFAULT_STEPS, and on resume to the run's own; `time_budget` (seconds) sizes the number of steps
+    from a measured step time instead.
     A folder that already holds run files (metrics, checkpoints, a model) is continued with
     resume=True, started again with overwrite=True, and otherwise refused. Every argument, the
     corpus, the tokenizer and the model are checked before anything in the folder is deleted.
-    A resumed run must have the checkpoint's tokenizer, corpus, batch and block size and at least
-    its steps, unless allow_changes=True. Interrupted (Ctrl-C, SIGTERM): the result holds
-    "interrupted" and no model/ is written; the checkpoint resumes."""
+    A resumed run must have the checkpoint's tokenizer, corpus, model config, seed and at least its
+    steps, unless allow_changes=True, and always its batch and block size and dtype. Interrupted
+    (Ctrl-C, SIGTERM): the result holds "interrupted" and no model/ is written; the checkpoint resumes."""
     out = Path(out_dir)
     _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, out, block_size, batch_size,
                          steps, lr, warmup, seed, dtype, time_budget, eval_every, save_every, grad_accum,
@@ -463,19 +504,18 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     if earlier and not resume and not overwrite:
         raise ValueError(f"{str(out)!r} already holds a run ({', '.join(earlier)}); pass --resume to continue "
                          f"it, --overwrite to start again, or another --out")
-    saved = _resume_state(arch, out, block_size, batch_size) if resume else None
+    saved = _resume_state(arch, out, block_size, batch_size, dtype) if resume else None
     t0 = time.perf_counter()
     name, docs = load_corpus(data, encoding)
     log(f"corpus: {name}, {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} M characters")
     tokenizer, new_tokenizer = _run_tokenizer(arch, out, tokenizer_path, resume, docs, vocab_size)
-    run = {"tokenizer_sha256": fingerprint(sorted(tokenizer.backend.get_vocab().items())),
-           "data_sha256": fingerprint(docs), "batch_size": batch_size, "block_size": block_size}
+    cfg, run = _model_config(arch, size, config_path, tokenizer, docs, block_size, batch_size, seed, dtype)
+    if tokenizer_path is None:  # the run trains its own tokenizer, to --vocab-size
+        run["vocab_size"] = vocab_size
     if saved is not None:
         tc, settings = _resumed_config(saved, out, arch, size, steps, lr, warmup, eval_every, save_every, progress,
                                        grad_accum, time_budget)
         check_resume(saved, run, None if time_budget is not None else steps, allow_changes, settings)
-    cfg = make_config(arch, size, tokenizer.vocab_size, block_size, config_path, tokenizer)
-    check_fit(arch, cfg, tokenizer, block_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}-prepare-", dir=out.parent) as scratch:
         model, data_, meta = _build_run(arch, cfg, docs, tokenizer, Path(scratch), block_size, batch_size, seed, dtype)
@@ -484,7 +524,8 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
         if saved is None:
             if time_budget is not None:
                 steps = calibrate_steps(model, data_.stream, t0 + time_budget, log)
-            tc = _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum)
+            tc = _train_config(out, arch, size, steps or DEFAULT_STEPS, lr, warmup, eval_every, save_every,
+                               progress, grad_accum)
         trainer = Trainer(model, data_.stream, tc, evaluate=data_.evaluate, run=run)
         if resume:  # the checkpoint loads before anything in out changes
             trainer.resume()
@@ -501,6 +542,16 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     if hasattr(data_, "unigram_loss"):
         result["unigram_loss"] = data_.unigram_loss
     return model, tokenizer, result
+
+
+def _model_config(arch, size, config_path, tokenizer, docs, block_size, batch_size, seed, dtype):
+    """(the model's config, checked against the tokenizer and block size; what a resumed run must share
+    with its checkpoint: check_resume's `run`)"""
+    cfg = make_config(arch, size, tokenizer.vocab_size, block_size, config_path, tokenizer)
+    check_fit(arch, cfg, tokenizer, block_size)
+    return cfg, {"tokenizer_sha256": fingerprint(sorted(tokenizer.backend.get_vocab().items())),
+                 "data_sha256": fingerprint(docs), "model_config_sha256": fingerprint(config_fields(cfg)),
+                 "batch_size": batch_size, "block_size": block_size, "seed": seed, "dtype": dtype}
 
 
 def _run_tokenizer(arch, out, tokenizer_path, resume, docs, vocab_size):
@@ -521,19 +572,21 @@ def _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, pr
         lr = 3e-4 if arch == "bert" else (1e-3 if size in ("tiny", "mini") else 5e-4)
     return TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, schedule="cosine",
                        warmup=warmup if warmup is not None else min(100, steps // 10),  # 0 below 10 steps
-                       eval_every=eval_every or max(1, steps // 5), save_every=save_every or max(1, steps // 2),
+                       eval_every=eval_every or max(1, steps // 5),
+                       save_every=save_every or max(1, min(SAVE_EVERY, steps // 2)),  # a crash loses few steps
                        progress=progress, grad_accum=grad_accum)
 
 
 def _resumed_config(saved, out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum,
                     time_budget):
     """(the TrainConfig a resumed run trains with, the settings check_resume compares): a --time-budget
-    run keeps its planned length; an omitted --lr keeps the run's, and an omitted --warmup too (its
-    default follows --steps, which a resume may change) unless --steps is now shorter than it: then
-    the default, not compared."""
+    run, or one resumed without --steps, keeps its planned length; an omitted --lr keeps the run's, and
+    an omitted --warmup too (its default follows --steps, which a resume may change) unless --steps is
+    now shorter than it: then the default, not compared."""
     planned = saved.get("train_config") if isinstance(saved.get("train_config"), dict) else {}
-    if time_budget is not None:
-        steps = int(planned.get("max_steps", steps))
+    if time_budget is not None or steps is None:
+        was = planned.get("max_steps")
+        steps = was if isinstance(was, int) and not isinstance(was, bool) and was >= 1 else steps or DEFAULT_STEPS
     if lr is None and isinstance(planned.get("lr"), (int, float)):
         lr = planned["lr"]
     derived = warmup is None and not (isinstance(planned.get("warmup"), int) and planned["warmup"] <= steps)
@@ -590,7 +643,7 @@ def _start_run(out, arch, scratch, meta, data_, new_tokenizer, clear, keep, log)
 
 def _train(trainer, data_, log):
     before = data_.evaluate(trainer.model)
-    log("before training: " + _fmt(before))
+    log(("before training: " if trainer.step == 0 else f"at step {trainer.step} (resumed): ") + _fmt(before))
     result = trainer.run()
     result["initial"] = before
     if not result.get("interrupted"):

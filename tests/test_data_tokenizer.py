@@ -329,3 +329,18 @@ def test_truncating_cuts_inside_the_block_only():
         with tok.truncating(3, stride=1, strategy="only_second"):
             raise KeyError("inside")
     assert tok.backend.truncation is None and len(tok.encode("the cat sat on the mat")) > 4
+
+
+@pytest.mark.parametrize("eol", ["\r\n", "\r"])
+def test_a_windows_or_old_mac_file_reads_as_the_same_text(tmp_path, eol):
+    """A corpus saved with CRLF (or CR) line ends and a UTF-8 byte-order mark kept both: GPT data got
+    '\\r' tokens and a BOM at the document's start, BERT took a CR-only file for one sentence; Python's
+    text mode, and finetune's .txt reader, give the plain text."""
+    from numlm.data import tokenize_documents
+    text = "ROMEO: But soft.\nWhat light?\n\nJULIET: O Romeo.\n"
+    (tmp_path / "unix.txt").write_text(text, encoding="utf-8", newline="\n")
+    (tmp_path / "windows.txt").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", eol).encode())
+    assert (tmp_path / "windows.txt").read_text(encoding="utf-8-sig") == text  # Python's own reading
+    assert read_texts(tmp_path / "windows.txt") == read_texts(tmp_path / "unix.txt") == [text]
+    tok = Tokenizer.train_wordpiece_from_iterator([text] * 3, 100, min_frequency=1)
+    assert len(tokenize_documents(read_texts(tmp_path / "windows.txt"), tok)[0]) == 3

@@ -169,8 +169,9 @@ def test_tokenizer_trainer_refuses_a_corpus_without_text(texts, kind):
 @settings(max_examples=40, deadline=None)
 @given(data=st.binary(max_size=64), suffix=st.sampled_from([".txt", ".md"]))
 def test_corpus_file_is_read_strictly(data, suffix):
-    """A named file: valid UTF-8 without NUL bytes is read exactly; anything else is refused, naming
-    the file (and the byte offset of a bad byte). Nothing is ever replaced by U+FFFD."""
+    """A named file: valid UTF-8 without NUL bytes is read exactly, as Python's text mode reads it (line
+    ends as LF, no byte-order mark); anything else is refused, naming the file (and the byte offset of a
+    bad byte). Nothing is ever replaced by U+FFFD."""
     with tempfile.TemporaryDirectory() as d:
         f = Path(d) / f"doc{suffix}"
         f.write_bytes(data)
@@ -179,6 +180,8 @@ def test_corpus_file_is_read_strictly(data, suffix):
             ok = "\0" not in text
         except UnicodeDecodeError as e:
             ok, offset = False, e.start
+        if ok:
+            text = f.read_text(encoding="utf-8-sig")  # Python's text mode: universal newlines
         if ok and text.strip():
             got = read_texts(f, strip_md=False)
             assert got == [text]

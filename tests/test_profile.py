@@ -147,3 +147,16 @@ def test_cli_profile_refuses_a_size_it_would_replace(tmp_path, capsys, flag, val
     assert err.count("\n") == 1 and err.startswith(f"numlm profile: error: argument {flag}: must be an integer")
     assert main(["profile", "gpt-mini", "--batch", "2"]) == 2
     assert "the workload gpt-mini has its own" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("maker", [tiny_gpt, tiny_bert])
+@pytest.mark.parametrize("extra, said", [([], "--seq 128 (the default)"), (["--seq", "17"], "--seq 17")])
+def test_cli_profile_names_a_seq_beyond_the_models_positions(maker, extra, said, tmp_path, capsys):
+    """A model of 16 positions failed inside its forward ('sequence length 128 ... exceeds n_positions'),
+    naming no flag; the default --seq is 128."""
+    model, _ = maker()
+    model.save_pretrained(tmp_path / "m")
+    assert main(["profile", str(tmp_path / "m"), "--steps", "1", "--batch", "1"] + extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{said} is above the model's 16 positions; pass --seq 16 or less" in err, err
+    assert main(["profile", str(tmp_path / "m"), "--steps", "1", "--warmup", "0", "--batch", "1", "--seq", "16"]) == 0

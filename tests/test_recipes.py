@@ -238,3 +238,142 @@ def test_pretrain_out_under_a_file_and_bad_flags_before_anything(corpus, tmp_pat
         with pytest.raises(ValueError, match=message):
             pretrain("gpt2", size="tiny", data=corpus, out_dir=tmp_path / "r", log=quiet, **kw)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_resume_without_steps_keeps_the_runs_own_length(corpus, tmp_path, capsys):
+    """`--resume` without --steps continued to the default 300 steps under another cosine schedule; it
+    now ends where the run it continues ends, bit for bit (the run is cut back to its step-3
+    checkpoint, as an interrupt after step 3 leaves it)."""
+    import shutil
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--data", str(corpus), "--vocab-size", "300",
+            "--out", str(tmp_path), "--block-size", "16", "--batch-size", "4"]
+    assert main(args + ["--steps", "6"]) == 0
+    whole = (tmp_path / "model" / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "model")
+    shutil.rmtree(tmp_path / "checkpoints" / "step-0000006")
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from step 3" in out and last_json(out)["step"] == 6
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == whole
+
+
+def test_bert_data_with_no_masked_token_is_one_line_and_writes_nothing(corpus, tmp_path, capsys):
+    """Text the tokenizer reads as [UNK] only (never masked) gives no masked-LM target: eval failed
+    with 'ZeroDivisionError: float division by zero', and pretrain too, after it had written its folder."""
+    import numlm
+    from numlm.data import Tokenizer
+    from numlm.recipes import eval_bert
+    tok_path = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", "--kind", "wordpiece", "--vocab-size", "300", "--data", str(corpus),
+                 "--out", str(tok_path)]) == 0
+    tok = Tokenizer.from_file(tok_path)
+    docs = ["日本\n語", "中文\n字", "漢\n字"]
+    assert {i for d in docs for i in tok.encode(d, add_special_tokens=False)} == {tok.unk_id}
+    model = numlm.BertForPreTraining(numlm.BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1,
+                                                      num_attention_heads=2, intermediate_size=32), seed=0)
+    with pytest.raises(ValueError, match="drew no masked token"):
+        eval_bert(model, docs, tok, 16, 2, seed=0)
+    data = tmp_path / "cjk.txt"
+    data.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["pretrain", "--arch", "bert", "--size", "tiny", "--data", str(data), "--tokenizer", str(tok_path),
+                 "--out", str(tmp_path / "run"), "--block-size", "16", "--batch-size", "2", "--steps", "2"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if ": warning: " not in line]
+    assert len(err) == 1 and "drew no masked token" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, was, now", [("--seed", "0", "5"), ("--vocab-size", "300", "280")])
+def test_resume_with_another_seed_or_vocab_size_is_refused_by_name(flag, was, now, corpus, tmp_path, capsys):
+    """--seed picks BERT's validation documents and NSP pairs and a model's first weights: a resume
+    under another seed went on silently with the checkpoint's draws (GPT), or was refused for a
+    'split of N tokens' the user never set (BERT). Another --vocab-size went on silently with the
+    run's tokenizer."""
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--data", str(corpus), "--vocab-size", "300",
+            "--out", str(tmp_path), "--block-size", "16", "--batch-size", "4", "--steps", "2"]
+    assert main(args) == 0
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert main(args[:-1] + ["4", "--resume", flag, now]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"trained with {flag} {was}, not {now}" in err, err
+    assert snapshot(tmp_path) == before
+    assert main(args[:-1] + ["4", "--resume", flag, now, "--allow-changes"]) == 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_eval_block_size_beyond_the_models_positions_is_named(arch, corpus, tmp_path, capsys):
+    """eval's default --block-size 128 on a model of 64 positions failed inside the model ('sequence
+    length 128 ... exceeds n_positions 64'), naming no flag."""
+    pretrain(arch, size="tiny", data=corpus, vocab_size=300, out_dir=tmp_path, block_size=16, batch_size=4,
+             steps=1, log=quiet, progress=False)
+    from numlm import from_pretrained
+    cfg = from_pretrained(tmp_path / "model").config
+    positions = cfg.max_position_embeddings if arch == "bert" else cfg.n_positions
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "model"), "--data", str(corpus), "--block-size", str(positions + 1)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--block-size {positions + 1} is above the model's {positions} positions" in err
+    assert main(["eval", str(tmp_path / "model"), "--data", str(corpus), "--block-size", str(positions)]) == 0
+
+
+def test_documents_of_one_sentence_each_warn_that_nsp_has_one_label(corpus, tmp_path):
+    """Documents (or the runs of lines a small corpus is cut into) of one line each give NSP pairs
+    that are all label 1: training reported an NSP accuracy of 1 and said nothing."""
+    import warnings
+    from numlm.data import Tokenizer, read_texts
+    from numlm.recipes import BertData, NSPWarning
+    docs = read_texts(corpus)
+    tok = Tokenizer.train_wordpiece_from_iterator(docs, 300)
+    single = [line for d in docs[:12] for line in d.splitlines()[:1]]
+    with pytest.warns(NSPWarning, match="one sentence .* each: every NSP pair's B is a random sentence"):
+        data = BertData(single, tok, 32, 4, seed=0)
+    assert {p.label for p in data.pairs} == {1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NSPWarning)
+        data = BertData(docs, tok, 32, 4, seed=0)
+    assert {p.label for p in data.pairs} == {0, 1}
+
+
+def test_a_resumed_run_labels_its_first_evaluation_with_its_step(corpus, tmp_path, capsys):
+    """A resumed run printed its model's validation at the checkpoint as 'before training'."""
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--data", str(corpus), "--vocab-size", "300",
+            "--out", str(tmp_path), "--block-size", "16", "--batch-size", "4", "--steps", "2"]
+    assert main(args) == 0
+    assert "before training: val_loss" in capsys.readouterr().out
+    assert main(args[:-1] + ["3", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "at step 2 (resumed): val_loss" in out and "before training" not in out
+
+
+def test_resume_refuses_another_model_config_or_dtype_by_name(corpus, tmp_path, capsys):
+    """A --config of the same shapes but another activation and dropout resumed silently, the model
+    changed under the checkpoint's optimizer; another --dtype failed on an optimizer moment's dtype.
+    The saved model's own config.json (extra keys and all) is the same config."""
+    import json as json_
+    args = ["pretrain", "--arch", "gpt2", "--data", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "run"),
+            "--block-size", "16", "--batch-size", "4"]
+    assert main(args + ["--size", "tiny", "--steps", "2"]) == 0
+    cfg = json_.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    other = tmp_path / "relu.json"
+    other.write_text(json_.dumps({**cfg, "activation_function": "relu", "resid_pdrop": 0.5}))
+    before = snapshot(tmp_path / "run")
+    capsys.readouterr()
+    for extra, message in ((["--config", str(other)], "the model config differs from the checkpoint's"),
+                           (["--size", "tiny", "--dtype", "float64"], "trained with --dtype float32, not float64")):
+        assert main(args + extra + ["--steps", "3", "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert snapshot(tmp_path / "run") == before
+    assert main(args + ["--config", str(tmp_path / "run" / "model" / "config.json"), "--steps", "3", "--resume"]) == 0
+
+
+def test_a_long_run_checkpoints_every_few_hundred_steps(tmp_path):
+    """As the README says; a run of 10,000 steps saved its first checkpoint at step 5,000 (half of
+    --steps), so a process killed outright (out of memory, a lost machine) lost up to 5,000 steps."""
+    from numlm.recipes import _train_config
+    for steps in (300, 10_000, 1_000_000):
+        cfg = _train_config(tmp_path, "gpt2", "tiny", steps, None, None, None, None, False, 1)
+        assert 1 <= cfg.save_every <= 200 and cfg.save_every <= steps // 2
+    assert _train_config(tmp_path, "gpt2", "tiny", 10_000, None, None, None, 50, False, 1).save_every == 50

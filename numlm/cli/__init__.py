@@ -130,6 +130,10 @@ def cmd_eval(a):
     if type(model).__name__ != "BertForPreTraining" and not has_lm_head(model):  # the causal path shifts labels
         raise ValueError(f"{a.model}: eval scores BertForPreTraining (MLM + NSP) or a causal LM, not "
                          f"{type(model).__name__}")
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if positions is not None and a.block_size > positions:
+        raise ValueError(f"--block-size {a.block_size} is above the model's {positions} positions; pass "
+                         f"--block-size {positions} or less")
     name, docs = load_corpus(a.data, a.encoding)
     held_out = a.data is None  # the default corpus: the part pretrain holds out, not the text it trains on
     if type(model).__name__ == "BertForPreTraining":
@@ -206,7 +210,7 @@ def _add_pretrain_and_eval(sub):
     pt.add_argument("--vocab-size", type=count(1), default=8192)
     pt.add_argument("--encoding", **ENCODING)
     pt.add_argument("--out", default="runs/pretrain")
-    pt.add_argument("--steps", type=count(1), default=300)
+    pt.add_argument("--steps", type=count(1), help="optimizer steps (default 300; with --resume, the run's own)")
     pt.add_argument("--minutes", type=positive, help="size the run to this time budget instead of --steps")
     pt.add_argument("--batch-size", type=count(1), default=16)
     pt.add_argument("--block-size", type=count(2), default=128)
@@ -217,8 +221,8 @@ def _add_pretrain_and_eval(sub):
     pt.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     pt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     pt.add_argument("--allow-changes", action="store_true", help="--resume although the corpus, tokenizer, "
-                    "--lr, --warmup or --grad-accum differ from the checkpoint's, or --steps is below its step "
-                    "(its batch and block size cannot)")
+                    "model config, --seed, --lr, --warmup or --grad-accum differ from the checkpoint's, or --steps is "
+                    "below its step (its batch and block size and --dtype cannot)")
     pt.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run")
     pt.set_defaults(fn=cmd_pretrain)
 
@@ -229,7 +233,8 @@ def _add_pretrain_and_eval(sub):
     e.add_argument("--block-size", type=count(2), default=128)
     e.add_argument("--batch-size", type=count(1), default=8)
     e.add_argument("--batches", type=count(1), help="score only this many batches (default: all of --data)")
-    e.add_argument("--seed", type=count(0), default=0)
+    e.add_argument("--seed", type=count(0), default=0, help="BERT's masking and NSP draws; without --data also the "
+                   "documents held out, which are those of pretrain's --seed only when it is the same")
     e.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     e.set_defaults(fn=cmd_eval)
 

@@ -22,6 +22,11 @@ def cmd_profile(a):
         batch = None
     cfg = model.config
     V = cfg.vocab_size
+    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    T = a.seq or (32 if a.generate else 128)
+    if (batch is None or a.generate) and positions is not None and T > positions:
+        raise ValueError(f"--seq {T}{' (the default)' if a.seq is None else ''} is above the model's {positions} "
+                         f"positions; pass --seq {positions} or less")
     if a.generate:
         from ..decoding import generate
         ids = np.random.default_rng(0).integers(0, V, (1, a.seq or 32))

@@ -92,7 +92,8 @@ def _binary_offset(data: bytes):
 
 
 def read_text_file(path, encoding="utf-8", strip_md=True) -> str:
-    """One text file, strictly decoded; a binary file (a NUL byte) is refused."""
+    """One text file, strictly decoded, as Python's text mode reads it (and finetune a .txt): CRLF and CR
+    line ends become LF, a leading byte-order mark goes. A binary file (a NUL byte) is refused."""
     path = Path(path)
     data = path.read_bytes()
     if encoding.replace("-", "").replace("_", "").lower().startswith(("utf16", "utf32")):
@@ -101,7 +102,7 @@ def read_text_file(path, encoding="utf-8", strip_md=True) -> str:
         off = _binary_offset(data)
     if off is not None:
         raise ValueError(f"{str(path)!r} is a binary file (NUL byte at offset {off}), not text")
-    text = decode_text(data, path, encoding)
+    text = decode_text(data, path, encoding).removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     return strip_markdown(text) if strip_md and path.suffix.lower() == ".md" else text
 
 
