@@ -254,3 +254,19 @@ def test_paths_under_a_file_and_folders_are_named_for_what_they_are(corpus, tmp_
         assert main(args) == 2
         assert want in one_error_line(capsys.readouterr().err, cmd)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "tok.json"]
+
+
+def test_tokenizer_train_replaces_a_tokenizer_only_with_overwrite(corpus, tmp_path, capsys):
+    """Was: --out naming a model's folder replaced its tokenizer.json (and its config) silently."""
+    model = tmp_path / "model"
+    assert main(["tokenizer", "train", "--vocab-size", "300", "--data", str(corpus), "--out", str(model)]) == 0
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    assert set(before) == {"tokenizer.json", "tokenizer_config.json"}
+    capsys.readouterr()
+    assert main(["tokenizer", "train", "--vocab-size", "280", "--data", str(corpus), "--out", str(model)]) == 2
+    line = one_error_line(capsys.readouterr().err, "tokenizer train")
+    assert "already holds tokenizer.json and tokenizer_config.json" in line and "--overwrite" in line
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert main(["tokenizer", "train", "--vocab-size", "280", "--data", str(corpus), "--out", str(model),
+                 "--overwrite"]) == 0
+    assert (model / "tokenizer.json").read_bytes() != before["tokenizer.json"]

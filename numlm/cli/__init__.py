@@ -96,6 +96,9 @@ def cmd_tokenizer_train(a):
     written = {Path(p).resolve() for p in (a.out, *save_paths(a.out)) if p is not None}
     if a.data is not None and Path(a.data).resolve() in written:
         raise ValueError(f"--out {a.out!r} would overwrite the input --data {a.data!r}")
+    if not a.overwrite and (held := [p.name for p in save_paths(a.out) if p is not None and p.is_file()]):
+        raise ValueError(f"--out {a.out!r} already holds {' and '.join(held)} (a model's or a run's tokenizer "
+                         "goes with its weights); pass --overwrite to replace it")
     name, docs = load_corpus(a.data, a.encoding)
     tok = train_tokenizer("bert" if a.kind == "wordpiece" else "gpt2", docs, a.vocab_size)
     path = tok.save(a.out)
@@ -190,6 +193,7 @@ def _add_demo_and_data(sub):
     tt.add_argument("--encoding", **ENCODING)
     tt.add_argument("--data", help="text file or folder (default: the default corpus)")
     tt.add_argument("--out", required=True, help="tokenizer.json path or folder")
+    tt.add_argument("--overwrite", action="store_true", help="replace a tokenizer already at --out")
     tt.set_defaults(fn=cmd_tokenizer_train)
 
     pr = sub.add_parser("prepare", help="tokenize a corpus once into a memory-mapped token file")
