@@ -530,6 +530,24 @@ def read_metrics(run_dir):
     return [r for r in rows if isinstance(r, dict)]
 
 
+def _check_plotted(rows, run_dir):
+    """plot_run's fields are numbers (a step an int, the per-layer fields {name: number}), or one line
+    naming the first that is not: matplotlib would draw strings as categories."""
+    def number(v, whole=False):
+        return isinstance(v, int if whole else (int, float)) and not isinstance(v, bool)
+    for r in rows:
+        bad = [k for k in ("loss", "val_loss", "lr") if k in r and not number(r[k])]
+        bad += [k for k in ("layer_grad_norm", "layer_update_ratio") if k in r and not (
+            isinstance(r[k], dict) and all(number(v) for v in r[k].values()))]
+        if bad or (r.keys() & PLOTTED and not number(r.get("step"), whole=True)):
+            k = bad[0] if bad else "step"
+            raise ValueError(f"{str(Path(run_dir) / 'metrics.jsonl')!r} is damaged: a record's {k} is "
+                             f"{r.get(k)!r}, not {'a step number' if k == 'step' else 'a number'}")
+
+
+PLOTTED = {"loss", "val_loss", "lr", "layer_grad_norm", "layer_update_ratio"}
+
+
 def _layer_order(names):
     """Embeddings first, then blocks by index, then the rest (final norm, heads)."""
     def key(g):
@@ -570,6 +588,7 @@ def plot_run(run_dir):
     except ImportError:
         return None
     rows = read_metrics(run_dir)
+    _check_plotted(rows, run_dir)
     out = Path(run_dir)
     train = [r for r in rows if "loss" in r]
     val = [r for r in rows if "val_loss" in r]

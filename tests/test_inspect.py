@@ -391,6 +391,20 @@ def test_plot_refuses_a_metrics_file_without_rows(tmp_path, capsys, content):
     assert not list(tmp_path.glob("*.png"))
 
 
+@pytest.mark.parametrize("row, key", [('{"step": 1, "loss": "9.0"}', "loss"), ('{"step": "1", "loss": 9.0}', "step"),
+                                      ('{"step": 2, "lr": true}', "lr"), ('{"loss": 9.0}', "step"),
+                                      ('{"step": 2, "layer_grad_norm": {"h.0": "x"}}', "layer_grad_norm")])
+def test_plot_refuses_a_damaged_metrics_row_by_name(tmp_path, capsys, row, key):
+    """A string loss was drawn as a category axis (and a string step as categories too)."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 9.5, "lr": 0.001}\n' + row + "\n")
+    assert main(["plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    line = err.strip()
+    assert err.count("\n") == 1 and line.startswith("numlm plot: error:")
+    assert "metrics.jsonl" in line and f"is damaged: a record's {key} is" in line
+    assert not list(tmp_path.glob("*.png"))
+
+
 def test_attention_writes_the_file_it_prints(tmp_path, capsys):
     """--out without .png made matplotlib write x.png while the command printed x."""
     d = tmp_path / "bert"
