@@ -290,6 +290,10 @@ def _check_out(a):
     if out.is_dir() and any(out.iterdir()) and not a.overwrite:
         raise ValueError(f"--out {str(out)!r} is not empty; pass --resume to continue its run, --overwrite "
                          f"to start again, or another folder")
+    from .recipes import run_files  # --overwrite removes OUTPUTS only: a pre-training run's others would stay
+    if other := [n for n in run_files(out) if n not in OUTPUTS]:
+        raise ValueError(f"--out {str(out)!r} holds a pre-training run ({', '.join(other)}), not a fine-tuning "
+                         "run; use another folder")
 
 
 # ---- encoding ----------------------------------------------------------------------------------

@@ -385,6 +385,7 @@ RUN_FILES = ("metrics.jsonl", "checkpoints", "model", "tokenizer.json", "data", 
              "grad_norm.png", "update_ratio.png")
 # a folder counts as the run's by what the run writes in it; only those files of data/ are removed
 RUN_MARKS = {"model": "config.json", "data": "tokens.bin"}
+FINETUNE_MARKS = ("results.json", "best")  # what only numlm finetune writes
 
 
 def run_files(out_dir):
@@ -504,6 +505,9 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     if earlier and not resume and not overwrite:
         raise ValueError(f"{str(out)!r} already holds a run ({', '.join(earlier)}); pass --resume to continue "
                          f"it, --overwrite to start again, or another --out")
+    if other := [n for n in FINETUNE_MARKS if (out / n).exists()]:  # --overwrite would leave them in a mixed folder
+        raise ValueError(f"{str(out)!r} holds a fine-tuning run ({', '.join(other)}), not a pre-training run; "
+                         "use another --out")
     saved = _resume_state(arch, out, block_size, batch_size, dtype) if resume else None
     t0 = time.perf_counter()
     name, docs = load_corpus(data, encoding)

@@ -448,6 +448,23 @@ def test_overwrite_checks_every_argument_before_deleting_anything(bert_dir, data
     assert snapshot(finished) == before
 
 
+def test_overwrite_refuses_the_other_commands_run(bert_dir, data_csv, finished, tmp_path, capsys):
+    """pretrain --overwrite over a fine-tuning run removed its metrics and checkpoints and kept results.json
+    and best/; finetune --overwrite over a pre-training run kept its model/, data/ and tokenizer.json."""
+    before = snapshot(finished)
+    assert main(["pretrain", "--size", "tiny", "--out", str(finished), "--overwrite"]) == 2
+    assert "holds a fine-tuning run (results.json, best)" in capsys.readouterr().err
+    assert snapshot(finished) == before
+    run_dir = tmp_path / "pretrained"
+    for f in ("model/config.json", "data/tokens.bin", "tokenizer.json", "metrics.jsonl"):
+        (run_dir / f).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / f).write_text("{}")
+    before = snapshot(run_dir)
+    with pytest.raises(ValueError, match=r"holds a pre-training run \(model, tokenizer.json, data\)"):
+        F.finetune(bert_dir, data=data_csv, out=run_dir, overwrite=True, progress=False)
+    assert snapshot(run_dir) == before
+
+
 def test_gpt_lm_coef_inf_and_cli_inf_are_refused_up_front(gpt_dir, bert_dir, data_csv, finished, tmp_path, capsys):
     with pytest.raises(ValueError, match="--lm-coef must be a finite number >= 0, got inf"):
         F.finetune(gpt_dir, data=data_csv, out=tmp_path / "g", lm_coef=math.inf)
