@@ -46,7 +46,8 @@ ENCODERS = ("bert", "roberta", "distilbert")  # the BERT family: no LM objective
 DEFAULT_MAX_LENGTH = {"seqcls": 64, "tokcls": 64, "qa": 256, "multiple-choice": 128, "causal-lm": 128}
 DATA_TASK = {"causal-lm": "lm"}  # the datasets' name of a task where it differs
 IGNORE = -100
-OUTPUTS = ("results.json", "metrics.jsonl", "training.png", "loss.png", "best", "checkpoints")
+OUTPUTS = ("results.json", "metrics.jsonl", "training.png", "loss.png", "lr.png", "grad_norm.png", "update_ratio.png",
+           "best", "checkpoints")
 
 
 @dataclasses.dataclass

@@ -444,6 +444,9 @@ def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, ou
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or start it again")
     check_folder_path(out, "out")
+    if other := [n for n in FINETUNE_MARKS if (Path(out) / n).exists()]:  # overwrite would leave a mixed folder
+        raise ValueError(f"{str(out)!r} holds a fine-tuning run ({', '.join(other)}), not a pre-training run; "
+                         "use another --out")
 
 
 def _resume_state(arch, out, block_size, batch_size, dtype):
@@ -505,9 +508,6 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     if earlier and not resume and not overwrite:
         raise ValueError(f"{str(out)!r} already holds a run ({', '.join(earlier)}); pass --resume to continue "
                          f"it, --overwrite to start again, or another --out")
-    if other := [n for n in FINETUNE_MARKS if (out / n).exists()]:  # --overwrite would leave them in a mixed folder
-        raise ValueError(f"{str(out)!r} holds a fine-tuning run ({', '.join(other)}), not a pre-training run; "
-                         "use another --out")
     saved = _resume_state(arch, out, block_size, batch_size, dtype) if resume else None
     t0 = time.perf_counter()
     name, docs = load_corpus(data, encoding)

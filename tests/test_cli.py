@@ -112,7 +112,8 @@ def test_binary_file_skipped_in_a_folder_refused_by_name(corpus, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"numlm tokenizer train: warning: {str(d / 'program.txt')!r} is a binary file "
                    "(NUL byte at offset 7), not text; skipped"]
-    assert main(["tokenizer", "train", "--vocab-size", "300", "--out", str(tok), "--data", str(d / "program.txt")]) == 2
+    assert main(["tokenizer", "train", "--vocab-size", "300", "--out", str(tmp_path / "tok2.json"), "--data",
+                 str(d / "program.txt")]) == 2
     line = one_error_line(capsys.readouterr().err, "tokenizer train")
     assert "is a binary file (NUL byte at offset 7)" in line
 
