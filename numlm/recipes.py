@@ -386,6 +386,7 @@ RUN_FILES = ("metrics.jsonl", "checkpoints", "model", "tokenizer.json", "data", 
 # a folder counts as the run's by what the run writes in it; only those files of data/ are removed
 RUN_MARKS = {"model": "config.json", "data": "tokens.bin"}
 FINETUNE_MARKS = ("results.json", "best")  # what only numlm finetune writes
+DEFAULT_VOCAB_SIZE = 8192  # a tokenizer pretrain trains
 
 
 def run_files(out_dir):
@@ -424,11 +425,11 @@ def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, ou
     for name, path in (("config", config_path), ("tokenizer", tokenizer_path)):
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{name}: {str(path)!r} is not a file")
-    for name, v, lo in (("vocab_size", vocab_size, 1), ("block_size", block_size, 2), ("batch_size", batch_size, 1),
-                        ("seed", seed, 0), ("grad_accum", grad_accum, 1)):
+    for name, v, lo in (("block_size", block_size, 2), ("batch_size", batch_size, 1), ("seed", seed, 0),
+                        ("grad_accum", grad_accum, 1)):
         _int(name, v, lo)
-    for name, v, lo in (("steps", steps, 1), ("warmup", warmup, 0), ("eval_every", eval_every, 1),
-                        ("save_every", save_every, 1)):
+    for name, v, lo in (("vocab_size", vocab_size, 1), ("steps", steps, 1), ("warmup", warmup, 0),
+                        ("eval_every", eval_every, 1), ("save_every", save_every, 1)):
         if v is not None:
             _int(name, v, lo)
     if lr is not None:
@@ -486,14 +487,14 @@ def _move_token_file(src, dst):
         os.replace(a, b)
 
 
-def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_path=None, vocab_size=8192,
+def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_path=None, vocab_size=None,
              out_dir="runs/numlm", block_size=128, batch_size=16, steps=None, lr=None, warmup=None,
              seed=0, dtype="float32", resume=False, time_budget=None, log=print, progress=True,
              eval_every=None, save_every=None, grad_accum=1, overwrite=False, encoding="utf-8",
              allow_changes=False):
-    """Pre-train a model from scratch; returns (model, tokenizer, result dict). `steps` defaults to
-    DEFAULT_STEPS, and on resume to the run's own; `time_budget` (seconds) sizes the number of steps
-    from a measured step time instead.
+    """Pre-train a model from scratch; returns (model, tokenizer, result dict). `steps` and `vocab_size` (a
+    tokenizer trained here) default to DEFAULT_STEPS and DEFAULT_VOCAB_SIZE, on resume to the run's own;
+    `time_budget` (seconds) sizes the number of steps from a measured step time instead.
     A folder that already holds run files (metrics, checkpoints, a model) is continued with
     resume=True, started again with overwrite=True, and otherwise refused. Every argument, the
     corpus, the tokenizer and the model are checked before anything in the folder is deleted.
@@ -514,8 +515,8 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     log(f"corpus: {name}, {len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} M characters")
     tokenizer, new_tokenizer = _run_tokenizer(arch, out, tokenizer_path, resume, docs, vocab_size)
     cfg, run = _model_config(arch, size, config_path, tokenizer, docs, block_size, batch_size, seed, dtype)
-    if tokenizer_path is None:  # the run trains its own tokenizer, to --vocab-size
-        run["vocab_size"] = vocab_size
+    if tokenizer_path is None and not (resume and vocab_size is None):  # its own tokenizer, of --vocab-size
+        run["vocab_size"] = vocab_size or DEFAULT_VOCAB_SIZE
     if saved is not None:
         tc, settings = _resumed_config(saved, out, arch, size, steps, lr, warmup, eval_every, save_every, progress,
                                        grad_accum, time_budget)
@@ -568,7 +569,7 @@ def _run_tokenizer(arch, out, tokenizer_path, resume, docs, vocab_size):
             raise ValueError(f"--resume: the run in {str(out)!r} was trained with a --tokenizer of its own "
                              f"(no tokenizer.json in it); pass that --tokenizer again")
         return Tokenizer.from_file(tok_file), False
-    return train_tokenizer(arch, docs, vocab_size), True
+    return train_tokenizer(arch, docs, vocab_size or DEFAULT_VOCAB_SIZE), True
 
 
 def _train_config(out, arch, size, steps, lr, warmup, eval_every, save_every, progress, grad_accum):

@@ -302,6 +302,19 @@ def test_resume_with_another_seed_or_vocab_size_is_refused_by_name(flag, was, no
     assert main(args[:-1] + ["4", "--resume", flag, now, "--allow-changes"]) == 0
 
 
+def test_resume_without_vocab_size_keeps_the_runs_own(corpus, tmp_path):
+    """--vocab-size defaulted to 8192, so a run trained with --vocab-size 300 and resumed without the
+    flag was refused as 'trained with --vocab-size 300, not 8192'."""
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--data", str(corpus), "--out", str(tmp_path),
+            "--block-size", "16", "--batch-size", "4", "--steps"]
+    assert main(args + ["2", "--vocab-size", "300"]) == 0
+    assert main(args + ["4", "--resume"]) == 0
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows if "step" in r) == 4
+    from numlm.data import Tokenizer
+    assert Tokenizer.from_file(tmp_path / "tokenizer.json").vocab_size == 300
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])
 def test_eval_block_size_beyond_the_models_positions_is_named(arch, corpus, tmp_path, capsys):
     """eval's default --block-size 128 on a model of 64 positions failed inside the model ('sequence

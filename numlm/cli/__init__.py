@@ -211,7 +211,8 @@ def _add_pretrain_and_eval(sub):
     pt.add_argument("--config", help="a transformers config.json instead of --size")
     pt.add_argument("--data", help="text file or folder (default: the default corpus)")
     pt.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one)")
-    pt.add_argument("--vocab-size", type=count(1), default=8192)
+    pt.add_argument("--vocab-size", type=count(1),
+                    help="the size of the tokenizer a run trains (default 8192; on --resume the run's own)")
     pt.add_argument("--encoding", **ENCODING)
     pt.add_argument("--out", default="runs/pretrain")
     pt.add_argument("--steps", type=count(1), help="optimizer steps (default 300; with --resume, the run's own)")
