@@ -252,16 +252,14 @@ def _unique_object(path, line):
     return hook
 
 
-def _json_int(path, line):
-    """json.loads' parse_int: a number of more digits than Python converts (4300) is refused naming the
-    line, not with Python's int() error"""
-    def parse(s):
-        limit = sys.get_int_max_str_digits()
-        if limit and len(s.lstrip("-")) > limit:
-            raise ValueError(f"{path}: line {line}: the number {_cut(s)} is longer than Python reads ({limit} "
-                             "digits); a label is a class id 0..K-1 or a name")
-        return int(s)
-    return parse
+def _long_number(path, line, s):
+    """The ValueError naming the line for json.loads' refusal of a number of more digits than Python
+    converts (4300), or None when s holds no such number (another ValueError)"""
+    limit = sys.get_int_max_str_digits()
+    m = re.search(r"-?\d{%d,}" % (limit + 1), s) if limit else None
+    return None if m is None else ValueError(
+        f"{path}: line {line}: the number {_cut(m.group())} is longer than Python reads ({limit} digits); a label "
+        "is a class id 0..K-1 or a name")
 
 
 def _cut(s):
@@ -276,10 +274,12 @@ def _rows_jsonl(path):
             if not s.strip():
                 continue
             try:
-                r = json.loads(s, object_pairs_hook=_unique_object(path, line), parse_int=_json_int(path, line))
+                r = json.loads(s, object_pairs_hook=_unique_object(path, line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {line}: not valid JSON ({e.msg}); the file must hold one JSON "
                                  "object per line (JSON Lines)") from e
+            except ValueError as e:  # json's int(): a number of more digits than Python converts
+                raise _long_number(path, line, s) or e from None
             if not isinstance(r, dict):
                 raise ValueError(f"{path}: line {line}: expected a JSON object, got {type(r).__name__}; the file "
                                  "must hold one JSON object per line (JSON Lines)")
