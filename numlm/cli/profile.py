@@ -29,7 +29,7 @@ def cmd_profile(a):
                          f"positions; pass --seq {positions} or less")
     if a.generate:
         from ..decoding import generate
-        ids = np.random.default_rng(0).integers(0, V, (1, a.seq or 32))
+        ids = np.random.default_rng(0).integers(0, V, (1, T))
         model.eval()
         run = lambda: generate(model, ids, max_new_tokens=a.generate, eos_token_id=[])  # noqa: E731
         run()  # warm-up (compiles the kernels)
@@ -40,7 +40,7 @@ def cmd_profile(a):
         print(f"{type(model).__name__}: {ids.shape[1]}-token prompt + {a.generate} new tokens, greedy, KV cache")
     else:
         if batch is None:
-            batch = _random_batch(model, a.batch or 8, a.seq or 128)
+            batch = _random_batch(model, a.batch or 8, T)
         from ..train import reuse_freed_memory
         reuse_freed_memory()  # as the Trainer: each step's activations are not page-faulted in again
         prof = profile_training(model, batch, steps=a.steps, warmup=a.warmup, clock=a.clock)
