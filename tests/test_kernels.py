@@ -977,7 +977,7 @@ def test_a_gemv_of_mismatched_shapes_raises_and_an_aliased_out_gets_the_product(
 @given(seed=seeds, M=st.integers(1, 4), K=st.integers(1, 40), N=st.integers(1, 9), P=st.integers(1, 5),
        dtype=dtypes)
 def test_cols_gemv_is_the_product_for_any_slicing_of_k(seed, M, K, N, P, dtype):
-    """parts slices K in P (some empty when K < P; each slice four rows a pass, then the rest); out is
+    """parts slices K in P (some empty when K < P; each slice eight rows a pass, then the rest); out is
     x @ W whatever the slicing, and each of x's rows gets the very sums it gets alone"""
     from numlm.kernels.matmul import cols_gemv
     rng = np.random.default_rng(seed)

@@ -380,9 +380,10 @@ def rows_gemv(W, x, out):
 # decoding ran ~44-49 tokens/s on BLAS's threads, ~53-59 on this loop (Numba's threads spin ~0.1 ms
 # after a kernel, kernels/__init__.py, so the next layer's GEMV finds them awake). Four slices of K
 # (two a thread) measured faster than two, 40-45 against 38-39 GB/s over GPT-2's layer weights.
-# Four rows of W a pass load and store the sums once for four FMAs, not once for one: on a 2-core
-# Zen 1 EPYC (AVX2) GPT-2's layer GEMVs streamed 11-13 GB/s one row a pass, 14-19 four (beam search
-# +20-27% by round of a side-by-side run; greedy decoding -2 to +11%, its Python and small ops a third).
+# Several rows of W a pass load and store the sums once for several FMAs, not once for one: on a
+# 2-core Zen 1 EPYC (AVX2) GPT-2's layer GEMVs streamed 11-13 GB/s one row a pass, 14-19 four; on a
+# 2-core Zen 4 EPYC (AVX-512) eight rows streamed the 48 layer weights of a token 7-10% faster than
+# four (24-25 against 22-23 GB/s, alternately in one process), sixteen no faster than four.
 COLS_GEMV_BYTES = 1 << 20
 COLS_PARTS = 4
 
@@ -390,20 +391,22 @@ COLS_PARTS = 4
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
 def cols_gemv(x, W, parts, out):
     """out = x @ W for x (M, K): parts[p] = sum over slice p of K of x[:, k] W[k], W's rows read in order
-    and once for all M rows; out = sum of parts. A row's sums are those it has alone."""
+    and once for all M rows, eight a pass; out = sum of parts. A row's sums are those it has alone."""
     K, N = W.shape
     P = parts.shape[0]
     for p in prange(P):
         acc = parts[p]
         acc[:] = 0
         k, end = p * K // P, (p + 1) * K // P
-        while k + 4 <= end:  # four rows a pass
+        while k + 8 <= end:
             for m in range(x.shape[0]):
-                x0, x1, x2, x3, a = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3], acc[m]
+                x0, x1, x2, x3, x4, x5, x6, x7 = x[m, k:k + 8]
+                a = acc[m]
                 for n in range(N):
-                    a[n] += x0 * W[k, n] + x1 * W[k + 1, n] + x2 * W[k + 2, n] + x3 * W[k + 3, n]
-            k += 4
-        for j in range(k, end):  # the slice's last 0-3 rows
+                    a[n] += (x0 * W[k, n] + x1 * W[k + 1, n] + x2 * W[k + 2, n] + x3 * W[k + 3, n]
+                             + x4 * W[k + 4, n] + x5 * W[k + 5, n] + x6 * W[k + 6, n] + x7 * W[k + 7, n])
+            k += 8
+        for j in range(k, end):  # the slice's last 0-7 rows
             for m in range(x.shape[0]):
                 xj, a = x[m, j], acc[m]
                 for n in range(N):
