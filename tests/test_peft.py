@@ -173,6 +173,29 @@ def test_float32_model_saves_float32(tmp_path):
     assert {v.dtype for v in load_file(str(tmp_path / "adapter_model.safetensors")).values()} == {np.dtype("float32")}
 
 
+@pytest.mark.parametrize("fails", ["adapter.safetensors", "model_head.safetensors"])
+def test_an_adapter_save_that_fails_part_way_leaves_the_folder_as_it_was(tmp_path, monkeypatch, fails):
+    """A peft save over an AdapterHub folder removes the other library's files in the step that renames
+    the new ones in: a removal that fails (a permission error) puts every file back. Before, the peft
+    files were in and the AdapterHub files partly left: a folder of both libraries."""
+    from pathlib import Path
+    load("adapter-bert-tiny-seqcls").save_pretrained(tmp_path)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    lora, unlink = load("lora-bert-tiny-seqcls"), Path.unlink
+
+    def failing(self, *args, **kw):
+        if self.name == fails:
+            raise PermissionError(13, "Permission denied")
+        return unlink(self, *args, **kw)
+    monkeypatch.setattr(Path, "unlink", failing)
+    with pytest.raises(PermissionError):
+        lora.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+    lora.save_pretrained(tmp_path)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def test_pickle_only_folders_refused_with_how_to_convert(tmp_path):
     for pickle in ("adapter_model.bin", "pytorch_adapter.bin"):
         d = tmp_path / pickle.split(".")[0]

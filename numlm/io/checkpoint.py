@@ -308,15 +308,22 @@ def save_model_files(path, state, config=None, generation=None, max_shard_bytes=
         files[CONFIG] = lambda t: Path(t).write_text(config)
     if generation is not None:
         files[GENERATION_CONFIG] = lambda t: Path(t).write_text(generation)
-    made = not d.exists()
-    d.mkdir(parents=True, exist_ok=True)
     stale = [f for f in [d / WEIGHTS, d / INDEX, *d.glob("model-*-of-*.safetensors")] if f.name not in files]
     if config is not None and generation is None:  # an earlier model's would give this one its token ids
         stale.append(d / GENERATION_CONFIG)
+    write_folder(d, files, remove=stale)
+
+
+def write_folder(d, files, remove=()):
+    """{file name: write(tmp)} into folder d (made if missing), renamed in together with the files in
+    `remove` deleted (write_together): a failure at any point leaves the folder as it was, and a folder
+    this call made goes (parents it made stay)."""
+    made = not d.exists()
+    d.mkdir(parents=True, exist_ok=True)
     try:
-        write_together([(d / name, w) for name, w in files.items()], remove=stale)
+        write_together([(d / name, w) for name, w in files.items()], remove=remove)
     except BaseException:
-        if made:  # the folder this save made goes too (parents it made stay)
+        if made:  # not empty: a rename got in and was put back; the first error is the one to see
             with contextlib.suppress(OSError):
                 d.rmdir()
         raise

@@ -3,7 +3,6 @@
   `prompt_embeddings`, heads `base_model.model.classifier.weight` / `base_model.classifier.weight`);
 - AdapterHub: adapter_config.json + adapter.safetensors (+ head_config.json + model_head.safetensors).
 """
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from ..io.checkpoint import write_together
+from ..io.checkpoint import write_folder
 from .config import LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, bn_config_from_dict
 
 PEFT_WEIGHTS, PEFT_PICKLE = "adapter_model.safetensors", "adapter_model.bin"
@@ -147,21 +146,12 @@ def load_tensors(f):
 
 
 def tensors_writer(tensors):
-    """write(tmp) for write_together: the tensors as a safetensors file"""
+    """write(tmp) for write_folder: the tensors as a safetensors file"""
     return lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
 
 
-def drop_other_adapter_files(path, written):
-    """Remove what an earlier save left in path that this one did not write (another library's weights,
-    which folder_kind would read, or a head the new adapter has not); returns path"""
-    for name in (PEFT_WEIGHTS, PEFT_PICKLE, HUB_WEIGHTS, HUB_PICKLE, HUB_HEAD, HUB_HEAD_PICKLE, HUB_HEAD_CONFIG):
-        if name not in written and (path / name).is_file():
-            (path / name).unlink()
-    return path
-
-
 def json_writer(d):
-    """write(tmp) for write_together: d as JSON, its text made now (a value JSON cannot hold fails before
+    """write(tmp) for write_folder: d as JSON, its text made now (a value JSON cannot hold fails before
     anything is written)"""
     try:
         text = json.dumps(d, indent=2, sort_keys=True) + "\n"
@@ -175,15 +165,9 @@ def json_writer(d):
 
 
 def write_files(path, named):
-    """{file name: write(tmp)} into folder path, all renamed in together (a failure before the renames leaves
-    every file as it was); then what an earlier save left that this one did not write is removed. Returns path."""
-    made = not path.exists()
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        write_together([(path / name, w) for name, w in named.items()])
-    except BaseException:
-        if made:  # the folder this save made goes too (parents it made stay: rare, and harmless)
-            with contextlib.suppress(OSError):  # not empty: a rename got in; the first error is the one to see
-                path.rmdir()
-        raise
-    return drop_other_adapter_files(path, set(named))
+    """{file name: write(tmp)} into folder path, renamed in together with what an earlier save left that
+    this one does not write (another library's weights, which folder_kind would read, or a head the new
+    adapter has not) removed: a failure at any point leaves the folder as it was. Returns path."""
+    others = (PEFT_WEIGHTS, PEFT_PICKLE, HUB_WEIGHTS, HUB_PICKLE, HUB_HEAD, HUB_HEAD_PICKLE, HUB_HEAD_CONFIG)
+    write_folder(path, named, remove=[path / name for name in others if name not in named])
+    return path
