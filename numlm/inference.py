@@ -84,7 +84,7 @@ def fill_mask(model, tokenizer, text, top_k=5):
     filled, and with several masks the others shown, special tokens kept, as the pipeline does)."""
     if tokenizer.mask_id is None:
         raise ValueError("tokenizer has no mask token ([MASK] or <mask>)")
-    ids = np.array([tokenizer.encode(text)], dtype=np.int64)
+    ids = text_ids(model, tokenizer, text)
     if not (ids == tokenizer.mask_id).any():
         raise ValueError(f"text holds no mask token: {text!r}")
     out = fill_mask_ids(model, ids, tokenizer.mask_id, top_k=top_k, vocab_size=tokenizer.vocab_size)
@@ -204,13 +204,23 @@ def _text_positions(model, tokenizer):
     """How many tokens, specials included, a text may have: the tokenizer's model_max_length (the pipelines
     cut there), and at most the position table, less RoBERTa's first pad_token_id + 1 positions (its
     tokens count from there) and prompt or prefix tuning's virtual tokens."""
-    cfg = getattr(model, "base_model", model).config
-    n = getattr(cfg, "max_position_embeddings", None) or cfg.n_positions
-    if getattr(cfg, "model_type", None) == "roberta":
-        n -= cfg.pad_token_id + 1
+    n = getattr(model, "base_model", model).config.max_tokens
     if getattr(model, "kind", None) in ("PROMPT_TUNING", "PREFIX_TUNING"):
         n -= model.peft_config.num_virtual_tokens
     return min(n, getattr(tokenizer, "model_max_length", None) or n)
+
+
+def text_ids(model, tokenizer, text):
+    """One text's ids (1, T), special tokens included, refused when longer than the model's positions
+    (less a prompt or prefix's virtual tokens): fill-mask, attention maps and gradient checks take a text
+    whole, as transformers' fill-mask pipeline does, and do not cut it."""
+    ids = np.array([tokenizer.encode(text)], dtype=np.int64)
+    n = getattr(model, "base_model", model).config.max_tokens
+    if getattr(model, "kind", None) in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        n -= model.peft_config.num_virtual_tokens
+    if ids.shape[1] > n:
+        raise ValueError(f"the text has {ids.shape[1]} tokens, more than the model's {n} positions: shorten it")
+    return ids
 
 
 def _check_tokenizer(tokenizer):

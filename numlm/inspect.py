@@ -18,6 +18,7 @@ import numpy as np
 from .gradchecking import (ENTRIES, PROJECTION, REFERENCE, REF_RATIO, NonFinite, Uninformative, Verdict,
                            central_differences, check_eps, check_tol, largest, largest_at, last_forward_kept,
                            stream)
+from .inference import text_ids
 from .kernels.matmul import one_blas_thread  # thousands of forwards of a few tokens gain nothing from threads
 from .nn import OPS, eval_mode
 from .optim import sum_squares
@@ -289,11 +290,8 @@ def check_checkpoint(model_dir, text=DEFAULT_TEXT, params=3, seed=0, tol=1e-5, b
         raise ValueError("text must be a non-empty string")
     model = from_pretrained(model_dir, dtype="float64")
     tok = Tokenizer.from_pretrained(model_dir)  # a folder, or a Hub name through the Hugging Face cache
-    ids = np.array([tok.encode(text)], dtype=np.int64)
-    n_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if n_pos is not None and ids.shape[1] > n_pos:
-        raise ValueError(f"the text has {ids.shape[1]} tokens, more than the model's {n_pos} positions")
-    return check_model(model, ids, params=params, seed=seed, tol=tol, break_=break_, progress=progress)
+    return check_model(model, text_ids(model, tok, text), params=params, seed=seed, tol=tol, break_=break_,
+                       progress=progress)
 
 
 # ---- deliberately broken backwards -------------------------------------------------------------
@@ -382,7 +380,7 @@ def attention_maps(model, tokenizer, text):
     if getattr(model, "kind", None) in ("PROMPT_TUNING", "PREFIX_TUNING"):
         raise ValueError(f"attention maps of a {model.kind.lower().replace('_', ' ')} model are not drawn: its "
                          "virtual tokens are keys no text token names (LoRA, IA3 and adapters are)")
-    ids = np.array([tokenizer.encode(text)], dtype=np.int64)
+    ids = text_ids(model, tokenizer, text)
     if ids.shape[1] == 0:
         raise ValueError(f"the tokenizer turned {text!r} into no tokens")
     with eval_mode(model):

@@ -80,6 +80,17 @@ def test_fill_mask_errors():
         fill_mask_ids(numlm.from_pretrained(HF / "bert-tiny-seqcls"), [[1, 4, 3]], 4)
 
 
+def test_fill_mask_names_a_text_longer_than_the_models_positions():
+    """fill-mask takes a text whole (the mask could fall past a cut, and the pipeline does not cut): a text
+    of more tokens than the 32 positions got the model's own error, naming input_ids, not the text."""
+    tok = Tokenizer.train_wordpiece_from_iterator(TEXTS, vocab_size=60, min_frequency=1)
+    model = tiny_mlm(tok.vocab_size)
+    fits = "the [MASK] sat on the mat " + "the cat sat on the mat " * 4  # 30 words and [CLS], [SEP]
+    assert len(tok.encode(fits)) == 32 and len(fill_mask(model, tok, fits, top_k=1)) == 1
+    with pytest.raises(ValueError, match=r"^the text has 38 tokens, more than the model's 32 positions"):
+        fill_mask(model, tok, fits + "the cat sat on the mat")
+
+
 def test_predict_matches_transformers_logits():
     ref = np.load(HF / "bert-tiny-seqcls" / "reference.npz")
     model = numlm.from_pretrained(HF / "bert-tiny-seqcls", dtype="float64")

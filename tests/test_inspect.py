@@ -222,6 +222,17 @@ def test_attention_maps_are_the_models_probabilities():
     assert maps[:, :, 0, 1:].max() > 0.01          # BERT looks both ways
 
 
+def test_attention_maps_name_a_text_longer_than_the_models_positions():
+    """RoBERTa's positions count from pad_token_id + 1: of 10 rows, 9 hold tokens. A text of 10 tokens got
+    the model's own error, naming input_ids and the position table, not the text."""
+    cfg = numlm.RobertaConfig(vocab_size=len(WORDS), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=16, max_position_embeddings=10, pad_token_id=0)
+    model, tok = numlm.RobertaModel(cfg, seed=0, dtype="float64"), word_tokenizer()
+    assert attention_maps(model, tok, TEXT).maps.shape == (1, 2, 9, 9)
+    with pytest.raises(ValueError, match=r"^the text has 10 tokens, more than the model's 9 positions"):
+        attention_maps(model, tok, TEXT + " .")
+
+
 @pytest.mark.parametrize("name", ["gpt2-tiny", "openai-gpt-tiny"])
 def test_gpt_attention_is_causal(name):
     model = numlm.from_pretrained(HF / name, dtype="float64")

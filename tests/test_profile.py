@@ -160,3 +160,24 @@ def test_cli_profile_names_a_seq_beyond_the_models_positions(maker, extra, said,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{said} is above the model's 16 positions; pass --seq 16 or less" in err, err
     assert main(["profile", str(tmp_path / "m"), "--steps", "1", "--warmup", "0", "--batch", "1", "--seq", "16"]) == 0
+
+
+@pytest.mark.parametrize("kind", ["roberta", "distilbert"])
+def test_cli_profile_counts_the_positions_a_roberta_or_distilbert_sequence_may_use(kind, tmp_path, capsys):
+    """RoBERTa's positions count from pad_token_id + 1: of 18 rows, 16 hold tokens. profile compared --seq
+    with all 18 and refused these MLM models by class name after the check."""
+    if kind == "roberta":
+        cfg = numlm.RobertaConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=16, max_position_embeddings=18, pad_token_id=1)
+        model = numlm.RobertaForMaskedLM(cfg, seed=0)
+    else:
+        cfg = numlm.DistilBertConfig(vocab_size=50, dim=8, n_layers=1, n_heads=2, hidden_dim=16,
+                                     max_position_embeddings=16)
+        model = numlm.DistilBertForMaskedLM(cfg, seed=0)
+    assert cfg.max_tokens == 16
+    model.save_pretrained(tmp_path / "m")
+    assert main(["profile", str(tmp_path / "m"), "--steps", "1", "--batch", "1", "--seq", "17"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--seq 17 is above the model's 16 positions; pass --seq 16 or less" in err, err
+    assert main(["profile", str(tmp_path / "m"), "--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "16"]) == 0
+    assert f"{type(model).__name__} training step, batch 2 x 16" in capsys.readouterr().out

@@ -133,8 +133,8 @@ def cmd_eval(a):
     if type(model).__name__ != "BertForPreTraining" and not has_lm_head(model):  # the causal path shifts labels
         raise ValueError(f"{a.model}: eval scores BertForPreTraining (MLM + NSP) or a causal LM, not "
                          f"{type(model).__name__}")
-    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if positions is not None and a.block_size > positions:
+    positions = model.config.max_tokens
+    if a.block_size > positions:
         raise ValueError(f"--block-size {a.block_size} is above the model's {positions} positions; pass "
                          f"--block-size {positions} or less")
     name, docs = load_corpus(a.data, a.encoding)

@@ -22,9 +22,9 @@ def cmd_profile(a):
         batch = None
     cfg = model.config
     V = cfg.vocab_size
-    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    positions = cfg.max_tokens
     T = a.seq or (32 if a.generate else 128)
-    if (batch is None or a.generate) and positions is not None and T > positions:
+    if (batch is None or a.generate) and T > positions:
         raise ValueError(f"--seq {T}{' (the default)' if a.seq is None else ''} is above the model's {positions} "
                          f"positions; pass --seq {positions} or less")
     if a.generate:
@@ -56,7 +56,7 @@ def _random_batch(model, B, T):
     V = model.config.vocab_size
     ids = rng.integers(0, V, (B, T))
     name = type(model).__name__
-    if name in ("BertForPreTraining", "BertForMaskedLM"):
+    if name == "BertForPreTraining" or name.endswith("ForMaskedLM"):
         labels = np.where(rng.random((B, T)) < 0.15, ids, -100)
         batch = dict(input_ids=ids, labels=labels)
         if name == "BertForPreTraining":
@@ -64,7 +64,7 @@ def _random_batch(model, B, T):
         return batch
     if name.endswith("LMHeadModel"):
         return dict(input_ids=ids, labels=ids)
-    raise ValueError(f"numlm profile trains LM models (BertForPreTraining, BertForMaskedLM, *LMHeadModel); "
+    raise ValueError(f"numlm profile trains LM models (BertForPreTraining, *ForMaskedLM, *LMHeadModel); "
                      f"got {name}")
 
 

@@ -73,6 +73,11 @@ class Config:
             d["label2id"] = {f"LABEL_{i}": i for i in range(n)}
         return d
 
+    @property
+    def max_tokens(self):
+        """How many tokens a sequence may hold: the rows of the position table (RobertaConfig: fewer)"""
+        return getattr(self, "max_position_embeddings", None) or self.n_positions
+
     # ---- checks ------------------------------------------------------------------------------
     def validate(self):
         """Refuse values numlm does not implement, with a clear error (subclasses extend)."""
@@ -248,6 +253,11 @@ class RobertaConfig(BertConfig):
     model_type = "roberta"
     vocab_size: int = 50265; pad_token_id: Optional[int] = 1
     extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def max_tokens(self):
+        """the position table's rows after RoBERTa's first pad_token_id + 1, where its positions start"""
+        return self.max_position_embeddings - self.pad_token_id - 1
 
     def validate(self):
         super().validate()

@@ -227,9 +227,9 @@ class PeftModel:
         cfg.token_dim, cfg.num_layers, cfg.num_attention_heads = C, L, H
         cfg.num_transformer_submodules = 1
         n = cfg.num_virtual_tokens
-        if n >= _positions(c):
+        if n >= c.max_tokens:
             raise ValueError(f"num_virtual_tokens {n} leaves no room in the position table "
-                             f"({_positions(c)} positions)")
+                             f"({c.max_tokens} positions)")
         width = C if self.kind == "PROMPT_TUNING" else L * 2 * C
         if self.kind == "PREFIX_TUNING":
             cfg.encoder_hidden_size = C
@@ -306,7 +306,7 @@ class PeftModel:
         if ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (B, T) with prompt or prefix tuning, got {ids.shape}")
         ids_in_range("input_ids", ids, self._word.params["weight"].shape[0])
-        n, P = self.peft_config.num_virtual_tokens, _positions(self.base_model.config)
+        n, P = self.peft_config.num_virtual_tokens, self.base_model.config.max_tokens
         if n + ids.shape[1] > P:
             raise ValueError(f"num_virtual_tokens {n} + {ids.shape[1]} tokens = {n + ids.shape[1]} exceed the "
                              f"position table ({P} positions)")
@@ -744,10 +744,6 @@ def _layers(c):
 
 def _heads(c):
     return getattr(c, "num_attention_heads", None) or c.n_head
-
-
-def _positions(c):
-    return getattr(c, "max_position_embeddings", None) or c.n_positions
 
 
 def prefixed_mask(attention_mask, B, T, n):
