@@ -413,6 +413,8 @@ def clear_run(out, keep=()):
                 p.rmdir()
         else:
             (shutil.rmtree if p.is_dir() else os.unlink)(p)
+        if n == "tokenizer.json":  # and the tokenizer_config.json Tokenizer.save wrote beside it
+            (out / "tokenizer_config.json").unlink(missing_ok=True)
 
 
 def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, out, block_size, batch_size,

@@ -179,6 +179,22 @@ def test_fresh_run_into_an_earlier_run_is_refused_unless_overwrite(corpus, tmp_p
     assert max(r["step"] for r in rows) == 2
 
 
+def test_overwrite_with_a_tokenizer_of_ones_own_leaves_no_earlier_tokenizer_config(corpus, tmp_path):
+    """A run that trained its tokenizer wrote tokenizer.json and tokenizer_config.json; --overwrite with
+    --tokenizer removed the first and left the second, the earlier tokenizer's settings with no tokenizer."""
+    run, tok = tmp_path / "run", tmp_path / "tok.json"
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--data", str(corpus), "--out", str(run),
+            "--block-size", "16", "--batch-size", "4", "--steps", "1"]
+    assert main(args + ["--vocab-size", "300"]) == 0
+    assert (run / "tokenizer.json").is_file() and (run / "tokenizer_config.json").is_file()
+    assert main(["tokenizer", "train", "--kind", "bpe", "--vocab-size", "280", "--data", str(corpus),
+                 "--out", str(tok)]) == 0
+    assert main(args + ["--tokenizer", str(tok), "--overwrite"]) == 0
+    assert not (run / "tokenizer.json").exists() and not (run / "tokenizer_config.json").exists()
+    assert main(args + ["--tokenizer", str(run / "model" / "tokenizer.json"), "--overwrite"]) == 0
+    assert (run / "model" / "tokenizer_config.json").is_file()  # the input's own pair is kept
+
+
 def test_special_ids_come_from_the_tokenizer():
     """A 300-token GPT-2 takes bos/eos from its tokenizer, not GPT-2's 50256; BERT takes its pad."""
     from types import SimpleNamespace
