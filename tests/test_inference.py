@@ -91,6 +91,20 @@ def test_fill_mask_names_a_text_longer_than_the_models_positions():
         fill_mask(model, tok, fits + "the cat sat on the mat")
 
 
+def test_fill_mask_names_a_model_without_a_masked_lm_head_before_the_texts_length():
+    """fill_mask measured the text against model.config before asking whether the model fills masks: a
+    folder's path given for the model was an AttributeError, and a too-long text on a classifier named the
+    length (shortened, the head was refused next)."""
+    tok = Tokenizer.train_wordpiece_from_iterator(TEXTS, vocab_size=60, min_frequency=1)
+    long = "the [MASK] sat on the mat " + "the cat sat on the mat " * 6
+    cls = numlm.BertForSequenceClassification(numlm.BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=32))
+    for model, name in (("models/bert", "str"), (None, "NoneType"), (cls, "BertForSequenceClassification")):
+        with pytest.raises(ValueError, match=rf"^model: {name} has no masked-LM head"):
+            fill_mask(model, tok, long)
+
+
 def test_predict_matches_transformers_logits():
     ref = np.load(HF / "bert-tiny-seqcls" / "reference.npz")
     model = numlm.from_pretrained(HF / "bert-tiny-seqcls", dtype="float64")
