@@ -221,11 +221,13 @@ def text_ids(model, tokenizer, text):
     (less a prompt or prefix's virtual tokens): fill-mask, attention maps and gradient checks take a text
     whole, as transformers' fill-mask pipeline does, and do not cut it."""
     ids = np.array([tokenizer.encode(text)], dtype=np.int64)
-    n = getattr(model, "base_model", model).config.max_tokens
-    if getattr(model, "kind", None) in ("PROMPT_TUNING", "PREFIX_TUNING"):
-        n -= model.peft_config.num_virtual_tokens
-    if ids.shape[1] > n:
-        raise ValueError(f"the text has {ids.shape[1]} tokens, more than the model's {n} positions: shorten it")
+    P = getattr(model, "base_model", model).config.max_tokens
+    virtual = getattr(model, "kind", None) in ("PROMPT_TUNING", "PREFIX_TUNING")
+    v = model.peft_config.num_virtual_tokens if virtual else 0
+    if ids.shape[1] > P - v:
+        room = f"the {P - v} positions the model's {P} leave beside its {v} virtual tokens" if v else \
+            f"the model's {P} positions"
+        raise ValueError(f"the text has {ids.shape[1]} tokens, more than {room}: shorten it")
     return ids
 
 
