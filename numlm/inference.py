@@ -45,13 +45,18 @@ def _virtual(model):
     return model.peft_config.num_virtual_tokens if getattr(model, "kind", None) == "PROMPT_TUNING" else 0
 
 
-def _mlm_logits(model, input_ids, attention_mask, token_type_ids):
-    """Masked-LM logits (B, T, V) of a masked-LM model (logits) or BertForPreTraining (prediction_logits),
-    or a PeftModel on one."""
+def _check_mlm(model):
+    """Refuse a model that is not a masked-LM model, BertForPreTraining or a PeftModel on one."""
     base = getattr(model, "base_model", model)
     name = type(base).__name__
     if name not in MLM_CLASSES and not (hasattr(base, "cls") and hasattr(base.cls, "predictions")):  # not NSP's
         raise ValueError(f"model: {name} has no masked-LM head; fill-mask needs one of {', '.join(MLM_CLASSES)}")
+
+
+def _mlm_logits(model, input_ids, attention_mask, token_type_ids):
+    """Masked-LM logits (B, T, V) of a masked-LM model (logits) or BertForPreTraining (prediction_logits),
+    or a PeftModel on one."""
+    _check_mlm(model)
     out = _encoder_call(model, input_ids, attention_mask, token_type_ids)
     logits = out.prediction_logits if out.prediction_logits is not None else out.logits
     return np.asarray(logits)[:, _virtual(model):]
@@ -84,6 +89,7 @@ def fill_mask(model, tokenizer, text, top_k=5):
     filled, and with several masks the others shown, special tokens kept, as the pipeline does)."""
     if tokenizer.mask_id is None:
         raise ValueError("tokenizer has no mask token ([MASK] or <mask>)")
+    _check_mlm(model)  # before text_ids reads its config
     ids = text_ids(model, tokenizer, text)
     if not (ids == tokenizer.mask_id).any():
         raise ValueError(f"text holds no mask token: {text!r}")
@@ -215,11 +221,13 @@ def text_ids(model, tokenizer, text):
     (less a prompt or prefix's virtual tokens): fill-mask, attention maps and gradient checks take a text
     whole, as transformers' fill-mask pipeline does, and do not cut it."""
     ids = np.array([tokenizer.encode(text)], dtype=np.int64)
-    n = getattr(model, "base_model", model).config.max_tokens
-    if getattr(model, "kind", None) in ("PROMPT_TUNING", "PREFIX_TUNING"):
-        n -= model.peft_config.num_virtual_tokens
-    if ids.shape[1] > n:
-        raise ValueError(f"the text has {ids.shape[1]} tokens, more than the model's {n} positions: shorten it")
+    P = getattr(model, "base_model", model).config.max_tokens
+    virtual = getattr(model, "kind", None) in ("PROMPT_TUNING", "PREFIX_TUNING")
+    v = model.peft_config.num_virtual_tokens if virtual else 0
+    if ids.shape[1] > P - v:
+        room = f"the {P - v} positions the model's {P} leave beside its {v} virtual tokens" if v else \
+            f"the model's {P} positions"
+        raise ValueError(f"the text has {ids.shape[1]} tokens, more than {room}: shorten it")
     return ids
 
 

@@ -91,6 +91,20 @@ def test_fill_mask_names_a_text_longer_than_the_models_positions():
         fill_mask(model, tok, fits + "the cat sat on the mat")
 
 
+def test_fill_mask_names_a_model_without_a_masked_lm_head_before_the_texts_length():
+    """fill_mask measured the text against model.config before asking whether the model fills masks: a
+    folder's path given for the model was an AttributeError, and a too-long text on a classifier named the
+    length (shortened, the head was refused next)."""
+    tok = Tokenizer.train_wordpiece_from_iterator(TEXTS, vocab_size=60, min_frequency=1)
+    long = "the [MASK] sat on the mat " + "the cat sat on the mat " * 6
+    cls = numlm.BertForSequenceClassification(numlm.BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=32))
+    for model, name in (("models/bert", "str"), (None, "NoneType"), (cls, "BertForSequenceClassification")):
+        with pytest.raises(ValueError, match=rf"^model: {name} has no masked-LM head"):
+            fill_mask(model, tok, long)
+
+
 def test_predict_matches_transformers_logits():
     ref = np.load(HF / "bert-tiny-seqcls" / "reference.npz")
     model = numlm.from_pretrained(HF / "bert-tiny-seqcls", dtype="float64")
@@ -204,3 +218,18 @@ def test_pool_refuses_a_mask_that_is_not_0_and_1():
         pool(h, np.array([[1, 1, 5], [1, 0, 0]]))
     np.testing.assert_allclose(pool(h, np.array([[True, True, False], [True, False, False]])),
                                np.stack([h[0, :2].mean(0), h[1, 0]]))
+
+
+@pytest.mark.parametrize("config", ["prompt", "prefix"])
+def test_fill_mask_of_a_virtual_token_model_names_the_positions_its_tokens_leave(config):
+    """A prompt or prefix's virtual tokens take positions: of the 32, a text may have 28. The refusal
+    called 28 the model's positions, where the model's own refusal says 32."""
+    from numlm import peft
+    tok = Tokenizer.train_wordpiece_from_iterator(TEXTS, vocab_size=60, min_frequency=1)
+    cfg = peft.PromptTuningConfig if config == "prompt" else peft.PrefixTuningConfig
+    model = peft.get_peft_model(tiny_mlm(tok.vocab_size), cfg(num_virtual_tokens=4), seed=0).eval()
+    fits = "the [MASK] sat on the mat " + "the cat sat on the mat " * 3 + "the cat"  # 26 words, [CLS], [SEP]
+    assert len(tok.encode(fits)) == 28 and len(fill_mask(model, tok, fits, top_k=1)) == 1
+    with pytest.raises(ValueError, match=r"^the text has 29 tokens, more than the 28 positions the model's 32 "
+                                         r"leave beside its 4 virtual tokens: shorten it$"):
+        fill_mask(model, tok, fits + " sat")
