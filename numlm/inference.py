@@ -210,10 +210,15 @@ def _text_positions(model, tokenizer):
     """How many tokens, specials included, a text may have: the tokenizer's model_max_length (the pipelines
     cut there), and at most the position table, less RoBERTa's first pad_token_id + 1 positions (its
     tokens count from there) and prompt or prefix tuning's virtual tokens."""
-    n = getattr(model, "base_model", model).config.max_tokens
-    if getattr(model, "kind", None) in ("PROMPT_TUNING", "PREFIX_TUNING"):
-        n -= model.peft_config.num_virtual_tokens
-    return min(n, getattr(tokenizer, "model_max_length", None) or n)
+    P, v = _positions(model)
+    return min(P - v, getattr(tokenizer, "model_max_length", None) or P - v)
+
+
+def _positions(model):
+    """(the tokens the model's position table holds, the virtual tokens a prompt or prefix takes of them)"""
+    virtual = getattr(model, "kind", None) in ("PROMPT_TUNING", "PREFIX_TUNING")
+    return (getattr(model, "base_model", model).config.max_tokens,
+            model.peft_config.num_virtual_tokens if virtual else 0)
 
 
 def text_ids(model, tokenizer, text):
@@ -221,9 +226,7 @@ def text_ids(model, tokenizer, text):
     (less a prompt or prefix's virtual tokens): fill-mask, attention maps and gradient checks take a text
     whole, as transformers' fill-mask pipeline does, and do not cut it."""
     ids = np.array([tokenizer.encode(text)], dtype=np.int64)
-    P = getattr(model, "base_model", model).config.max_tokens
-    virtual = getattr(model, "kind", None) in ("PROMPT_TUNING", "PREFIX_TUNING")
-    v = model.peft_config.num_virtual_tokens if virtual else 0
+    P, v = _positions(model)
     if ids.shape[1] > P - v:
         room = f"the {P - v} positions the model's {P} leave beside its {v} virtual tokens" if v else \
             f"the model's {P} positions"

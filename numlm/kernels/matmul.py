@@ -382,8 +382,8 @@ def rows_gemv(W, x, out):
 # (two a thread) measured faster than two, 40-45 against 38-39 GB/s over GPT-2's layer weights.
 # Several rows of W a pass load and store the sums once for several FMAs, not once for one: on a
 # 2-core Zen 1 EPYC (AVX2) GPT-2's layer GEMVs streamed 11-13 GB/s one row a pass, 14-19 four; on a
-# 2-core Zen 4 EPYC (AVX-512) eight rows streamed the 48 layer weights of a token 7-10% faster than
-# four (24-25 against 22-23 GB/s, alternately in one process), sixteen no faster than four.
+# 2-core Zen 4 EPYC (AVX-512) eight rows streamed the 48 layer weights of a token 1.19x faster than
+# four (median of 150 alternating pairs in one process, quartiles 1.16-1.22), sixteen no faster.
 COLS_GEMV_BYTES = 1 << 20
 COLS_PARTS = 4
 
