@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 import numlm
 from numlm.decoding import (generate, repetition_penalty, temperature_scale, top_k_filter, top_p_filter)
+from numlm.kernels import matmul as mm
 from numlm.models import ModelOutput
 
 from conftest import FIXTURES
@@ -524,6 +525,9 @@ def test_block_step_gives_the_modules_numbers(dtype, B, T, pads, steps, seed):
     cores = [block.attn.core for block in model.transformer.h]
     with numlm.no_grad(), pytest.MonkeyPatch.context() as mp:
         calls = count_steps(mp)
+        # the LM head's few-row product rounds otherwise on BLAS's threads while they spin after an earlier
+        # test's one-row GEMV (matmul.BLAS_SPINS_FOR): the reference and the step must not straddle its end
+        mp.setattr(mm, "_blas_spins_until", [0.0])
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
         for _ in range(steps):
             kw = dict(input_ids=out.logits[:, -1].argmax(-1)[:, None], position_ids=mask.sum(-1, keepdims=True),
@@ -581,7 +585,6 @@ class OwnReLU(numlm.nn.Module):
 def _make_case(case, monkeypatch):
     """the model of a case of test_block_step_runs_only_where_it_gives_the_modules_numbers, the case's
     change made (restored by monkeypatch)"""
-    from numlm.kernels import matmul as mm
     from numlm.nn import OPS
     model = {"weights under 1 MB": lambda: step_model("float32", n_embd=256, n_head=4), "GPT-1": openai_gpt,
              "LoRA on c_attn": lora_c_attn}.get(case, lambda: step_model("float32", cached=False))()
