@@ -16,6 +16,7 @@ from .data import (Tokenizer, default_corpus, read_texts, prepare, load_tokens, 
                    split_tokens, split_documents, tokenize_documents, nsp_pairs, nsp_batch, mask_tokens,
                    TokenStream, sequential_blocks)
 from .data.pretrain import _sidecar, _docs_path, auto_separator
+from .data.tokenizer import save_paths
 from .inspect import plots_line
 from .nn import eval_mode
 from .ops import IGNORE_INDEX
@@ -414,7 +415,7 @@ def clear_run(out, keep=()):
         else:
             (shutil.rmtree if p.is_dir() else os.unlink)(p)
         if n == "tokenizer.json":  # and the tokenizer_config.json Tokenizer.save wrote beside it
-            (out / "tokenizer_config.json").unlink(missing_ok=True)
+            save_paths(p)[1].unlink(missing_ok=True)
 
 
 def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, out, block_size, batch_size,

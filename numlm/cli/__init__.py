@@ -93,10 +93,10 @@ def cmd_tokenizer_train(a):
     from pathlib import Path
     from ..data.tokenizer import save_paths
     from ..recipes import load_corpus, train_tokenizer
-    written = {Path(p).resolve() for p in (a.out, *save_paths(a.out)) if p is not None}
-    if a.data is not None and Path(a.data).resolve() in written:
+    files = [p for p in save_paths(a.out) if p is not None]  # tokenizer.json and its tokenizer_config.json
+    if a.data is not None and Path(a.data).resolve() in {Path(p).resolve() for p in (a.out, *files)}:
         raise ValueError(f"--out {a.out!r} would overwrite the input --data {a.data!r}")
-    if not a.overwrite and (held := [p.name for p in save_paths(a.out) if p is not None and p.is_file()]):
+    if not a.overwrite and (held := [p.name for p in files if p.is_file()]):
         raise ValueError(f"--out {a.out!r} already holds {' and '.join(held)} (a model's or a run's tokenizer "
                          "goes with its weights); pass --overwrite to replace it")
     name, docs = load_corpus(a.data, a.encoding)
