@@ -358,6 +358,29 @@ def eval_gpt(model, documents, tokenizer, block_size, batch_size, max_batches=No
     return out
 
 
+def eval_seed(model_dir, seed=None):
+    """The seed eval_bert holds documents out with: that of the pre-training run model_dir comes from
+    (its latest checkpoint's record; model_dir is the run's model/ folder or one of its checkpoints),
+    which pretrain's split drew with. seed (--seed) given: checked against it, as another seed holds out
+    other documents, some of them the run's training text. No run found: seed, else 0."""
+    d = Path(model_dir)
+    steps = [d] if (d / "trainer_state.json").is_file() else list_checkpoints(d.parent) if d.name == "model" else []
+    recorded = None
+    for ckpt in steps[::-1]:  # newest first; a damaged one is skipped
+        try:
+            run = read_checkpoint_state(ckpt).get("run")
+        except ValueError:
+            continue
+        recorded = run.get("seed") if isinstance(run, dict) else None
+        break
+    if not isinstance(recorded, int) or isinstance(recorded, bool):
+        return 0 if seed is None else seed
+    if seed is not None and seed != recorded:
+        raise ValueError(f"--seed {seed} is not the seed {recorded} the run of {str(model_dir)!r} was pre-trained "
+                         f"with: the documents it holds out would include training text; drop --seed, or give --data")
+    return recorded
+
+
 def eval_bert(model, documents, tokenizer, max_length, batch_size, seed, max_batches=None, held_out=False):
     """bert_metrics on every NSP pair of the documents (the first max_batches batches); a single
     document is cut in two (NSP draws B from another document). held_out: only the documents

@@ -195,3 +195,30 @@ def test_eval_without_data_scores_the_part_pretrain_held_out(tmp_path, corpus):
     held = eval_gpt(model, docs, tok, 16, 4, held_out=True)
     assert held["data_tokens"] == data.val_tokens < eval_gpt(model, docs, tok, 16, 4, max_batches=1)["data_tokens"]
     assert held["val_loss"] == pytest.approx(data.evaluate(model)["val_loss"], rel=1e-6)  # the token file's blocks
+
+
+def test_eval_holds_out_a_bert_runs_documents_with_the_runs_own_seed(tmp_path, capsys):
+    """Without --data, eval scores the documents pretrain held out, which its --seed drew: eval took its own
+    --seed (default 0), so a run of --seed 3 was scored partly on its training text, silently. The seed now
+    comes from the run's record; another --seed is refused by name."""
+    from numlm.recipes import eval_seed
+    f = tmp_path / "one.txt"
+    f.write_text(documents(1, 60)[0] + "\n")
+    run = tmp_path / "run"
+    assert main(["pretrain", "--arch", "bert", "--size", "tiny", "--data", str(f), "--vocab-size", "300",
+                 "--out", str(run), "--steps", "2", "--batch-size", "2", "--block-size", "16", "--seed", "3"]) == 0
+    capsys.readouterr()
+    ckpt = max((run / "checkpoints").iterdir())
+    for model_dir in (run / "model", ckpt):
+        assert eval_seed(model_dir) == eval_seed(model_dir, 3) == 3
+        with pytest.raises(ValueError, match="--seed 0 is not the seed 3 the run of .* was pre-trained with"):
+            eval_seed(model_dir, 0)
+    assert eval_seed(tmp_path, None) == 0 and eval_seed(tmp_path, 5) == 5  # no run: the seed given, else 0
+    assert main(["eval", str(run / "model"), "--seed", "0", "--block-size", "16"]) == 2
+    assert "--seed 0 is not the seed 3" in capsys.readouterr().err
+    ckpts = sorted((run / "checkpoints").iterdir())
+    assert len(ckpts) == 2
+    ckpts[1].joinpath("trainer_state.json").write_text("{")  # damaged: the older checkpoint's record
+    assert eval_seed(run / "model") == 3
+    ckpts[0].joinpath("trainer_state.json").write_text("{")  # no record left: the default
+    assert eval_seed(run / "model") == 0

@@ -124,7 +124,7 @@ def cmd_prepare(a):
 def cmd_eval(a):
     from ..data import Tokenizer
     from ..models import from_pretrained
-    from ..recipes import load_corpus, eval_gpt, eval_bert
+    from ..recipes import load_corpus, eval_gpt, eval_bert, eval_seed
     model = from_pretrained(a.model, dtype=a.dtype)
     tok = Tokenizer.from_pretrained(a.model)  # a folder, or a Hub name through the Hugging Face cache
     if tok.vocab_size != model.config.vocab_size:
@@ -137,13 +137,16 @@ def cmd_eval(a):
     if a.block_size > positions:
         raise ValueError(f"--block-size {a.block_size} is above the model's {positions} positions; pass "
                          f"--block-size {positions} or less")
-    name, docs = load_corpus(a.data, a.encoding)
     held_out = a.data is None  # the default corpus: the part pretrain holds out, not the text it trains on
-    if type(model).__name__ == "BertForPreTraining":
-        out = eval_bert(model, docs, tok, a.block_size, a.batch_size, a.seed, a.batches, held_out)
+    bert = type(model).__name__ == "BertForPreTraining"
+    seed = eval_seed(a.model, a.seed) if bert and held_out else 0 if a.seed is None else a.seed
+    name, docs = load_corpus(a.data, a.encoding)
+    if bert:
+        out = eval_bert(model, docs, tok, a.block_size, a.batch_size, seed, a.batches, held_out)
     else:
         out = eval_gpt(model, docs, tok, a.block_size, a.batch_size, a.batches, held_out)
-    out["scored"] += f" of {name}" + (" (the part pretrain holds out for validation)" if held_out else "")
+    held = f" (the part pretrain holds out for validation{f' with seed {seed}' if bert else ''})"
+    out["scored"] += f" of {name}" + (held if held_out else "")
     print(json.dumps(out, indent=1))
     return 0
 
@@ -238,8 +241,8 @@ def _add_pretrain_and_eval(sub):
     e.add_argument("--block-size", type=count(2), default=128)
     e.add_argument("--batch-size", type=count(1), default=8)
     e.add_argument("--batches", type=count(1), help="score only this many batches (default: all of --data)")
-    e.add_argument("--seed", type=count(0), default=0, help="BERT's masking and NSP draws; without --data also the "
-                   "documents held out, which are those of pretrain's --seed only when it is the same")
+    e.add_argument("--seed", type=count(0), help="BERT's masking and NSP draws (default 0); without --data also "
+                   "the documents held out: default and required the seed the model's pre-training run recorded")
     e.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     e.set_defaults(fn=cmd_eval)
 
