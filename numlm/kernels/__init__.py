@@ -3,9 +3,9 @@
 Every kernel here has a NumPy definition in ``numlm.ops`` and must give the same numbers.
 ``NUMLM_NUMBA=0`` in the environment, or ``set_numba(False)``, runs everything on the NumPy path.
 Kernels are cached on disk (``cache=True``); Numba compiles a kernel again when its own file changes,
-not when a function it calls from another file does (softmax.py's exp_nonpositive, row_max and
-softmax_row, called from losses.py and activations.py): after editing those, delete
-numlm/kernels/__pycache__.
+not when a function it calls from another file does (softmax.py's exp_nonpositive, row_max,
+softmax_row and attention_rows_kernel, called from losses.py, activations.py and decode.py): after
+editing those, delete numlm/kernels/__pycache__.
 """
 import os
 

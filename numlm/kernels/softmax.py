@@ -165,11 +165,15 @@ def softmax_row(x, y):
     """y = exp(x - m) / s, written into y;  -> m = max(x), s = sum(exp(x - m))   (one row: softmax_rows'
     and cross-entropy's)"""
     m = row_max(x, y[:ROW_MAX_LANES])  # y is scratch until written
+    for j in range(x.size):
+        y[j] = exp_nonpositive(x[j] - m)
+    # the sum in a loop of its own, one that stores nothing: summed in the loop above, LLVM ran its
+    # vector form only when y did not start within 256 bytes after x (a runtime check), else a scalar
+    # loop that adds in another order; so where malloc had put y (attention_rows_kernel's p, after its
+    # s) moved the last bit, and a decoding step and the modules' forward differed by an ulp
     s = x.dtype.type(0)
     for j in range(x.size):
-        e = exp_nonpositive(x[j] - m)
-        y[j] = e
-        s += e
+        s += y[j]
     for j in range(x.size):
         y[j] /= s
     return m, s
