@@ -525,8 +525,8 @@ def test_block_step_gives_the_modules_numbers(dtype, B, T, pads, steps, seed):
     cores = [block.attn.core for block in model.transformer.h]
     with numlm.no_grad(), pytest.MonkeyPatch.context() as mp:
         calls = count_steps(mp)
-        # the LM head's few-row product rounds otherwise on BLAS's threads while they spin after an earlier
-        # test's one-row GEMV (matmul.BLAS_SPINS_FOR): the reference and the step must not straddle its end
+        # the LM head's few-row product goes to BLAS's own threads while they spin after an earlier test's
+        # one-row GEMV (matmul.BLAS_SPINS_FOR): both forwards take the same path, not one each side of its end
         mp.setattr(mm, "_blas_spins_until", [0.0])
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
         for _ in range(steps):
