@@ -22,7 +22,7 @@ from .nn import eval_mode
 from .ops import IGNORE_INDEX
 from .io import check_folder_path
 from .train import (Trainer, TrainConfig, list_checkpoints, read_checkpoint_state, model_generators, check_resume,
-                    resume_settings, fingerprint, _int, _real)
+                    resume_settings, fingerprint, _int, _real, _sha256)
 
 ARCHS = ("gpt2", "openai-gpt", "bert")
 DEFAULT_STEPS = 300  # a new run's; a resumed one keeps its own
@@ -359,26 +359,46 @@ def eval_gpt(model, documents, tokenizer, block_size, batch_size, max_batches=No
 
 
 def eval_seed(model_dir, seed=None):
-    """The seed eval_bert holds documents out with: that of the pre-training run model_dir comes from
-    (its latest checkpoint's record; model_dir is the run's model/ folder or one of its checkpoints),
-    which pretrain's split drew with. seed (--seed) given: checked against it, as another seed holds out
-    other documents, some of them the run's training text. No run found: seed, else 0."""
+    """The seed eval_bert holds documents out with: that of the pre-training run model_dir comes from,
+    which pretrain's split drew with: a checkpoint's own record, or for a run's model/ folder that of the
+    newest readable checkpoint holding the same weights (a resumed run, even with another --seed, may
+    have saved later ones). seed (--seed) given: checked against it, as another seed holds out other
+    documents, some of them the run's training text. A run with no such record: seed, required.
+    Not a run's model (a Hub name, another folder): seed, else 0."""
     d = Path(model_dir)
-    steps = [d] if (d / "trainer_state.json").is_file() else list_checkpoints(d.parent) if d.name == "model" else []
-    recorded = None
-    for ckpt in steps[::-1]:  # newest first; a damaged one is skipped
-        try:
-            run = read_checkpoint_state(ckpt).get("run")
-        except ValueError:
-            continue
-        recorded = run.get("seed") if isinstance(run, dict) else None
-        break
-    if not isinstance(recorded, int) or isinstance(recorded, bool):
-        return 0 if seed is None else seed
-    if seed is not None and seed != recorded:
+    if (d / "trainer_state.json").is_file():  # a checkpoint given as the model
+        recorded = _recorded_seed([d])
+    else:
+        d = d.resolve()  # "." inside model/, or a link to it
+        if d.name != "model" or not any((d.parent / n).exists() for n in ("checkpoints", "metrics.jsonl")):
+            return 0 if seed is None else seed
+        recorded = _recorded_seed(list_checkpoints(d.parent), d / "model.safetensors")
+    if recorded is None and seed is None:
+        raise ValueError(f"no readable checkpoint of the run of {str(model_dir)!r} records the seed its "
+                         f"pre-training held documents out with (removed, damaged, or all saved after this "
+                         f"model by a resumed run); pass that --seed, or give --data")
+    if seed is not None and recorded is not None and seed != recorded:
         raise ValueError(f"--seed {seed} is not the seed {recorded} the run of {str(model_dir)!r} was pre-trained "
                          f"with: the documents it holds out would include training text; drop --seed, or give --data")
-    return recorded
+    return recorded if recorded is not None else seed
+
+
+def _recorded_seed(checkpoints, weights=None):
+    """The run's seed in the newest readable checkpoint's record (None: none), of those whose
+    model.safetensors is `weights` (by the sha256 the record holds) when given."""
+    digest = _sha256(weights) if weights is not None and Path(weights).is_file() else None
+    for ckpt in checkpoints[::-1]:
+        try:
+            state = read_checkpoint_state(ckpt)
+        except ValueError:  # damaged: an older one may still tell
+            continue
+        files = state.get("files")
+        if digest is not None and isinstance(files, dict) and files.get("model.safetensors", digest) != digest:
+            continue  # another model's: a later resume's
+        run = state.get("run")
+        seed = run.get("seed") if isinstance(run, dict) else None
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else None
+    return None
 
 
 def eval_bert(model, documents, tokenizer, max_length, batch_size, seed, max_batches=None, held_out=False):

@@ -218,7 +218,43 @@ def test_eval_holds_out_a_bert_runs_documents_with_the_runs_own_seed(tmp_path, c
     assert "--seed 0 is not the seed 3" in capsys.readouterr().err
     ckpts = sorted((run / "checkpoints").iterdir())
     assert len(ckpts) == 2
-    ckpts[1].joinpath("trainer_state.json").write_text("{")  # damaged: the older checkpoint's record
-    assert eval_seed(run / "model") == 3
-    ckpts[0].joinpath("trainer_state.json").write_text("{")  # no record left: the default
-    assert eval_seed(run / "model") == 0
+    ckpts[1].joinpath("trainer_state.json").write_text("{")  # damaged: the older one holds other weights
+    for model_dir in (run / "model", ckpts[1]):
+        with pytest.raises(ValueError, match="no readable checkpoint of the run of .* records the seed"):
+            eval_seed(model_dir)
+        assert eval_seed(model_dir, 3) == 3
+    assert eval_seed(ckpts[0]) == 3
+    assert main(["eval", str(run / "model"), "--block-size", "16"]) == 2
+    assert "pass that --seed, or give --data" in capsys.readouterr().err
+
+
+def test_eval_seed_is_that_of_the_run_that_saved_the_model(tmp_path, monkeypatch):
+    """A run resumed with --allow-changes and another --seed saves checkpoints of its own seed; stopped
+    before its end (a crash, Ctrl-C) it leaves model/ of the earlier run: eval took the newest
+    checkpoint's seed, and refused model/'s own. Also "." inside model/ and a link to it found no run
+    (seed 0, silently), as did a run whose checkpoints were removed."""
+    import shutil
+    from numlm.recipes import eval_seed
+    f = tmp_path / "one.txt"
+    f.write_text(documents(1, 60)[0] + "\n")
+    run = tmp_path / "run"
+    args = ["pretrain", "--arch", "bert", "--size", "tiny", "--data", str(f), "--vocab-size", "300",
+            "--out", str(run), "--batch-size", "2", "--block-size", "16"]
+    assert main(args + ["--steps", "2", "--seed", "3"]) == 0
+    shutil.copytree(run / "model", tmp_path / "kept")
+    assert main(args + ["--steps", "4", "--seed", "5", "--resume", "--allow-changes"]) == 0
+    assert eval_seed(run / "model") == 5  # written by the resumed run
+    shutil.rmtree(run / "model")
+    shutil.copytree(tmp_path / "kept", run / "model")  # as a resumed run stopped early leaves it
+    assert eval_seed(run / "model") == eval_seed(run / "model", 3) == 3
+    (tmp_path / "link").symlink_to(run / "model")
+    assert eval_seed(tmp_path / "link") == 3
+    monkeypatch.chdir(run / "model")
+    assert eval_seed(".") == 3
+    shutil.rmtree(run / "checkpoints" / "step-0000002")  # as keep_last removes it after two later saves
+    with pytest.raises(ValueError, match="no readable checkpoint of the run of '.' records the seed"):
+        eval_seed(".")
+    assert eval_seed(".", 3) == 3
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(ValueError, match="records the seed"):
+        eval_seed(run / "model")

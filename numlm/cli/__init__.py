@@ -242,7 +242,8 @@ def _add_pretrain_and_eval(sub):
     e.add_argument("--batch-size", type=count(1), default=8)
     e.add_argument("--batches", type=count(1), help="score only this many batches (default: all of --data)")
     e.add_argument("--seed", type=count(0), help="BERT's masking and NSP draws (default 0); without --data also "
-                   "the documents held out: default and required the seed the model's pre-training run recorded")
+                   "the documents held out: by default the seed the model's pre-training run recorded, and only it; "
+                   "required when no checkpoint records it")
     e.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     e.set_defaults(fn=cmd_eval)
 
