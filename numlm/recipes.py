@@ -358,21 +358,27 @@ def eval_gpt(model, documents, tokenizer, block_size, batch_size, max_batches=No
     return out
 
 
-def eval_seed(model_dir, seed=None):
+def eval_seed(model_dir, seed=None, documents=None):
     """The seed eval_bert holds documents out with: that of the pre-training run model_dir comes from,
     which pretrain's split drew with: a checkpoint's own record, or for a run's model/ folder that of the
     newest readable checkpoint holding the same weights (a resumed run, even with another --seed, may
     have saved later ones). seed (--seed) given: checked against it, as another seed holds out other
     documents, some of them the run's training text. A run with no such record: seed, required.
-    Not a run's model (a Hub name, another folder): seed, else 0."""
+    Not a run's model (a Hub name, another folder), or a run recorded on other documents than
+    `documents`: seed, else 0 (none of them is its training text)."""
     d = Path(model_dir)
     if (d / "trainer_state.json").is_file():  # a checkpoint given as the model
-        recorded = _recorded_seed([d])
+        run = _recorded_run([d])
     else:
         d = d.resolve()  # "." inside model/, or a link to it
         if d.name != "model" or not any((d.parent / n).exists() for n in ("checkpoints", "metrics.jsonl")):
             return 0 if seed is None else seed
-        recorded = _recorded_seed(list_checkpoints(d.parent), d / "model.safetensors")
+        run = _recorded_run(list_checkpoints(d.parent), d / "model.safetensors")
+    recorded = run.get("seed") if run is not None else None
+    if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 0:
+        recorded = None
+    if run is not None and documents is not None and run.get("data_sha256") not in (None, fingerprint(documents)):
+        return 0 if seed is None else seed  # trained on another corpus
     if recorded is None and seed is None:
         raise ValueError(f"no readable checkpoint of the run of {str(model_dir)!r} records the seed its "
                          f"pre-training held documents out with (removed, damaged, or all saved after this "
@@ -383,9 +389,9 @@ def eval_seed(model_dir, seed=None):
     return recorded if recorded is not None else seed
 
 
-def _recorded_seed(checkpoints, weights=None):
-    """The run's seed in the newest readable checkpoint's record (None: none), of those whose
-    model.safetensors is `weights` (by the sha256 the record holds) when given."""
+def _recorded_run(checkpoints, weights=None):
+    """The run record (a dict: its seed, data_sha256 ..) of the newest readable checkpoint, or None; of
+    those whose model.safetensors is `weights` (by the sha256 the record holds) when given."""
     digest = _sha256(weights) if weights is not None and Path(weights).is_file() else None
     for ckpt in checkpoints[::-1]:
         try:
@@ -396,8 +402,7 @@ def _recorded_seed(checkpoints, weights=None):
         if digest is not None and isinstance(files, dict) and files.get("model.safetensors", digest) != digest:
             continue  # another model's: a later resume's
         run = state.get("run")
-        seed = run.get("seed") if isinstance(run, dict) else None
-        return seed if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else None
+        return run if isinstance(run, dict) else None
     return None
 
 

@@ -197,25 +197,38 @@ def test_eval_without_data_scores_the_part_pretrain_held_out(tmp_path, corpus):
     assert held["val_loss"] == pytest.approx(data.evaluate(model)["val_loss"], rel=1e-6)  # the token file's blocks
 
 
-def test_eval_holds_out_a_bert_runs_documents_with_the_runs_own_seed(tmp_path, capsys):
+def test_eval_holds_out_a_bert_runs_documents_with_the_runs_own_seed(tmp_path, capsys, monkeypatch):
     """Without --data, eval scores the documents pretrain held out, which its --seed drew: eval took its own
     --seed (default 0), so a run of --seed 3 was scored partly on its training text, silently. The seed now
-    comes from the run's record; another --seed is refused by name."""
+    comes from the run's record; another --seed is refused by name. A run of another corpus holds none of
+    the default one out, and is scored with any --seed. (The default corpus here: a few small documents.)"""
+    import numlm.recipes
     from numlm.recipes import eval_seed
-    f = tmp_path / "one.txt"
-    f.write_text(documents(1, 60)[0] + "\n")
+    corpus = documents(6)
+    monkeypatch.setattr(numlm.recipes, "default_corpus", lambda: ("the default corpus", corpus))
     run = tmp_path / "run"
-    assert main(["pretrain", "--arch", "bert", "--size", "tiny", "--data", str(f), "--vocab-size", "300",
-                 "--out", str(run), "--steps", "2", "--batch-size", "2", "--block-size", "16", "--seed", "3"]) == 0
+    args = ["--arch", "bert", "--size", "tiny", "--vocab-size", "300", "--steps", "2", "--batch-size", "2",
+            "--block-size", "16"]
+    assert main(["pretrain", *args, "--out", str(run), "--seed", "3"]) == 0
     capsys.readouterr()
     ckpt = max((run / "checkpoints").iterdir())
     for model_dir in (run / "model", ckpt):
-        assert eval_seed(model_dir) == eval_seed(model_dir, 3) == 3
+        assert eval_seed(model_dir) == eval_seed(model_dir, 3) == eval_seed(model_dir, 3, corpus) == 3
         with pytest.raises(ValueError, match="--seed 0 is not the seed 3 the run of .* was pre-trained with"):
-            eval_seed(model_dir, 0)
+            eval_seed(model_dir, 0, corpus)
+        assert eval_seed(model_dir, 0, documents(7)) == 0  # trained on other documents: none held out of these
     assert eval_seed(tmp_path, None) == 0 and eval_seed(tmp_path, 5) == 5  # no run: the seed given, else 0
     assert main(["eval", str(run / "model"), "--seed", "0", "--block-size", "16"]) == 2
     assert "--seed 0 is not the seed 3" in capsys.readouterr().err
+    assert main(["eval", str(run / "model"), "--block-size", "16", "--batch-size", "2", "--batches", "1"]) == 0
+    assert "with seed 3" in json.loads(capsys.readouterr().out)["scored"]
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(documents(7)) + "\n")
+    assert main(["pretrain", *args, "--data", str(other), "--out", str(tmp_path / "o"), "--seed", "3"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "o" / "model"), "--seed", "0", "--block-size", "16", "--batch-size", "2",
+                 "--batches", "1"]) == 0
+    assert "with seed 0" in json.loads(capsys.readouterr().out)["scored"]
     ckpts = sorted((run / "checkpoints").iterdir())
     assert len(ckpts) == 2
     ckpts[1].joinpath("trainer_state.json").write_text("{")  # damaged: the older one holds other weights

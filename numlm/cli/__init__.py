@@ -139,8 +139,8 @@ def cmd_eval(a):
                          f"--block-size {positions} or less")
     held_out = a.data is None  # the default corpus: the part pretrain holds out, not the text it trains on
     bert = type(model).__name__ == "BertForPreTraining"
-    seed = eval_seed(a.model, a.seed) if bert and held_out else 0 if a.seed is None else a.seed
     name, docs = load_corpus(a.data, a.encoding)
+    seed = eval_seed(a.model, a.seed, docs) if bert and held_out else 0 if a.seed is None else a.seed
     if bert:
         out = eval_bert(model, docs, tok, a.block_size, a.batch_size, seed, a.batches, held_out)
     else:
