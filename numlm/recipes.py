@@ -358,27 +358,39 @@ def eval_gpt(model, documents, tokenizer, block_size, batch_size, max_batches=No
     return out
 
 
-def eval_seed(model_dir, seed=None, documents=None):
-    """The seed eval_bert holds documents out with: that of the pre-training run model_dir comes from,
-    which pretrain's split drew with: a checkpoint's own record, or for a run's model/ folder that of the
-    newest readable checkpoint holding the same weights (a resumed run, even with another --seed, may
-    have saved later ones). seed (--seed) given: checked against it, as another seed holds out other
-    documents, some of them the run's training text. A run with no such record: seed, required.
-    Not a run's model (a Hub name, another folder), or a run recorded on other documents than
-    `documents`: seed, else 0 (none of them is its training text)."""
+def pretraining_run(model_dir):
+    """(whether model_dir is a pre-training run's model: one of its checkpoints, or its model/ folder; the
+    record (a dict: seed, data_sha256 ..) of the run its weights come from: a checkpoint's own, or for
+    model/ that of the newest readable checkpoint holding the same weights (a resumed run, even with
+    another --seed, may have saved later ones); None when no readable checkpoint tells)"""
     d = Path(model_dir)
     if (d / "trainer_state.json").is_file():  # a checkpoint given as the model
-        run = _recorded_run([d])
-    else:
-        d = d.resolve()  # "." inside model/, or a link to it
-        if d.name != "model" or not any((d.parent / n).exists() for n in ("checkpoints", "metrics.jsonl")):
-            return 0 if seed is None else seed
-        run = _recorded_run(list_checkpoints(d.parent), d / "model.safetensors")
+        return True, _recorded_run([d])
+    d = d.resolve()  # "." inside model/, or a link to it
+    if d.name != "model" or not any((d.parent / n).exists() for n in ("checkpoints", "metrics.jsonl")):
+        return False, None
+    return True, _recorded_run(list_checkpoints(d.parent), d / "model.safetensors")
+
+
+def trained_on_other_documents(found, documents):
+    """whether pretraining_run's record `found` names other documents than these (none of them held out)"""
+    run = found[1]
+    return run is not None and run.get("data_sha256") not in (None, fingerprint(documents))
+
+
+def eval_seed(model_dir, seed=None, documents=None, found=None):
+    """The seed eval_bert holds documents out with: that of the pre-training run model_dir comes from
+    (pretraining_run; `found`, its result when the caller has it), which pretrain's split drew with.
+    seed (--seed) given: checked against it, as another seed holds out other documents, some of them
+    the run's training text. A run with no such record: seed, required. Not a run's model (a Hub name,
+    another folder), or a run recorded on other documents than `documents`: seed, else 0 (none of
+    them is its training text)."""
+    is_run, run = pretraining_run(model_dir) if found is None else found
+    if not is_run or (documents is not None and trained_on_other_documents((is_run, run), documents)):
+        return 0 if seed is None else seed
     recorded = run.get("seed") if run is not None else None
     if not isinstance(recorded, int) or isinstance(recorded, bool) or recorded < 0:
         recorded = None
-    if run is not None and documents is not None and run.get("data_sha256") not in (None, fingerprint(documents)):
-        return 0 if seed is None else seed  # trained on another corpus
     if recorded is None and seed is None:
         raise ValueError(f"no readable checkpoint of the run of {str(model_dir)!r} records the seed its "
                          f"pre-training held documents out with (removed, damaged, or all saved after this "

@@ -221,14 +221,16 @@ def test_eval_holds_out_a_bert_runs_documents_with_the_runs_own_seed(tmp_path, c
     assert main(["eval", str(run / "model"), "--seed", "0", "--block-size", "16"]) == 2
     assert "--seed 0 is not the seed 3" in capsys.readouterr().err
     assert main(["eval", str(run / "model"), "--block-size", "16", "--batch-size", "2", "--batches", "1"]) == 0
-    assert "with seed 3" in json.loads(capsys.readouterr().out)["scored"]
+    scored = json.loads(capsys.readouterr().out)["scored"]
+    assert "with seed 3" in scored and "other documents" not in scored
     other = tmp_path / "other.txt"
     other.write_text("\n\n".join(documents(7)) + "\n")
     assert main(["pretrain", *args, "--data", str(other), "--out", str(tmp_path / "o"), "--seed", "3"]) == 0
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "o" / "model"), "--seed", "0", "--block-size", "16", "--batch-size", "2",
                  "--batches", "1"]) == 0
-    assert "with seed 0" in json.loads(capsys.readouterr().out)["scored"]
+    scored = json.loads(capsys.readouterr().out)["scored"]
+    assert "would hold out for validation with seed 0; the model was pre-trained on other documents" in scored
     ckpts = sorted((run / "checkpoints").iterdir())
     assert len(ckpts) == 2
     ckpts[1].joinpath("trainer_state.json").write_text("{")  # damaged: the older one holds other weights
@@ -239,6 +241,25 @@ def test_eval_holds_out_a_bert_runs_documents_with_the_runs_own_seed(tmp_path, c
     assert eval_seed(ckpts[0]) == 3
     assert main(["eval", str(run / "model"), "--block-size", "16"]) == 2
     assert "pass that --seed, or give --data" in capsys.readouterr().err
+
+
+def test_eval_says_when_a_gpt_was_pre_trained_on_other_documents(tmp_path, capsys, monkeypatch):
+    """Without --data, eval scores the part of the default corpus pretrain holds out, and said so as if
+    the model's run had held it out: of a GPT pre-trained on --data X, which never read the default
+    corpus, the label now says the model was pre-trained on other documents."""
+    import numlm.recipes
+    monkeypatch.setattr(numlm.recipes, "default_corpus", lambda: ("the default corpus", documents(6)))
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(documents(7)) + "\n")
+    args = ["--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--steps", "2", "--batch-size", "2",
+            "--block-size", "16"]
+    for name, data in (("own", []), ("other", ["--data", str(other)])):
+        assert main(["pretrain", *args, *data, "--out", str(tmp_path / name)]) == 0
+        capsys.readouterr()
+        assert main(["eval", str(tmp_path / name / "model"), "--block-size", "16", "--batch-size", "2"]) == 0
+        scored = json.loads(capsys.readouterr().out)["scored"]
+        assert "the part pretrain" in scored
+        assert ("pre-trained on other documents" in scored) == (name == "other")
 
 
 def test_eval_seed_is_that_of_the_run_that_saved_the_model(tmp_path, monkeypatch):

@@ -124,7 +124,7 @@ def cmd_prepare(a):
 def cmd_eval(a):
     from ..data import Tokenizer
     from ..models import from_pretrained
-    from ..recipes import load_corpus, eval_gpt, eval_bert, eval_seed
+    from ..recipes import load_corpus, eval_gpt, eval_bert, eval_seed, pretraining_run, trained_on_other_documents
     model = from_pretrained(a.model, dtype=a.dtype)
     tok = Tokenizer.from_pretrained(a.model)  # a folder, or a Hub name through the Hugging Face cache
     if tok.vocab_size != model.config.vocab_size:
@@ -140,12 +140,16 @@ def cmd_eval(a):
     held_out = a.data is None  # the default corpus: the part pretrain holds out, not the text it trains on
     bert = type(model).__name__ == "BertForPreTraining"
     name, docs = load_corpus(a.data, a.encoding)
-    seed = eval_seed(a.model, a.seed, docs) if bert and held_out else 0 if a.seed is None else a.seed
+    found = pretraining_run(a.model) if held_out else (False, None)
+    seed = eval_seed(a.model, a.seed, docs, found) if bert and held_out else 0 if a.seed is None else a.seed
     if bert:
         out = eval_bert(model, docs, tok, a.block_size, a.batch_size, seed, a.batches, held_out)
     else:
         out = eval_gpt(model, docs, tok, a.block_size, a.batch_size, a.batches, held_out)
     held = f" (the part pretrain holds out for validation{f' with seed {seed}' if bert else ''})"
+    if held_out and trained_on_other_documents(found, docs):  # true of the part, not of this model's run
+        held = f" (the part pretrain would hold out for validation{f' with seed {seed}' if bert else ''}; " \
+               f"the model was pre-trained on other documents)"
     out["scored"] += f" of {name}" + (held if held_out else "")
     print(json.dumps(out, indent=1))
     return 0
