@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from ..io.checkpoint import write_folder
+from ..io.checkpoint import write_folder, _load_file
 from .config import LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, bn_config_from_dict
 
 PEFT_WEIGHTS, PEFT_PICKLE = "adapter_model.safetensors", "adapter_model.bin"
@@ -139,10 +139,8 @@ def hub_config_from_dict(d, where="adapter_config.json"):
 
 
 def load_tensors(f):
-    try:
-        return load_file(str(f))
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{str(f)!r} is not a readable safetensors file: {e}") from None
+    """{key: array}; bfloat16 tensors (peft's file of a bfloat16 model) as float32, as a model's are read"""
+    return _load_file(f)
 
 
 def tensors_writer(tensors):
