@@ -35,3 +35,18 @@ def test_a_bfloat16_adapter_file_loads_the_values_it_holds(tmp_path, fixture, we
     got = pm.state_dict()
     for k, v in want.items():
         np.testing.assert_array_equal(got[k], v)
+
+
+def test_an_adapterhub_head_saved_for_another_model_class_is_refused():
+    """head_config.json names the class the head was saved from (AdapterHub refuses a head of another
+    class): a sequence classifier's head is not loaded into a token classifier's classifier of the same
+    shape, and the refused load leaves the model as it was."""
+    model = base("bert-tiny", numlm.BertForTokenClassification, num_labels=3)
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="BertForSequenceClassification.*BertForTokenClassification"):
+        peft.PeftModel.from_pretrained(model, PEFT / "adapter-bert-tiny-seqcls" / "adapter")
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        np.testing.assert_array_equal(after[k], v)
+    assert getattr(model, "_peft", None) is None

@@ -169,3 +169,12 @@ def write_files(path, named):
     others = (PEFT_WEIGHTS, PEFT_PICKLE, HUB_WEIGHTS, HUB_PICKLE, HUB_HEAD, HUB_HEAD_PICKLE, HUB_HEAD_CONFIG)
     write_folder(path, named, remove=[path / name for name in others if name not in named])
     return path
+
+
+def check_head_class(head_config, model_class, where):
+    """AdapterHub's rule: a head loads only onto the model class it was saved from (a sequence
+    classifier's classifier is no token classifier's, whatever their shapes)."""
+    saved = head_config.get("model_class")
+    if saved is not None and saved != model_class:
+        raise ValueError(f"{str(where)!r}: the head was saved from a {saved}, the model is a {model_class}; "
+                         "load the adapter onto that class")

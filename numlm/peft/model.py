@@ -609,6 +609,7 @@ class PeftModel:
                 state.update(head)
                 if (path / files.HUB_HEAD_CONFIG).is_file():
                     head_config = files.read_json(path / files.HUB_HEAD_CONFIG)
+                    files.check_head_class(head_config, type(model).__name__, path / files.HUB_HEAD_CONFIG)
             elif (path / files.HUB_HEAD_PICKLE).is_file():
                 raise ValueError(f"adapter folder {str(path)!r} holds its head only as a pickle "
                                  f"({files.HUB_HEAD_PICKLE}). " + files.CONVERT.format(
