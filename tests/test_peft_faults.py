@@ -50,3 +50,28 @@ def test_an_adapterhub_head_saved_for_another_model_class_is_refused():
     for k, v in before.items():
         np.testing.assert_array_equal(after[k], v)
     assert getattr(model, "_peft", None) is None
+
+
+def test_an_adapter_folder_with_nan_weights_is_refused_by_the_commands(tmp_path, capsys):
+    """`numlm classify ADAPTER_DIR` checks the weights it would run, as it does a model folder's: a NaN in
+    the adapter file (a diverged run) is an error naming the tensor, not a 'nan' score with exit 0."""
+    from safetensors.numpy import save_file
+    from numlm.cli import main
+    from numlm.data.tokenizer import Tokenizer
+    tok = Tokenizer.train_wordpiece_from_iterator(["the cat sat on the mat", "dogs sit on mats"] * 4, vocab_size=60,
+                                                 min_frequency=1)
+    cfg = numlm.BertConfig(vocab_size=tok.vocab_size, hidden_size=12, num_hidden_layers=2, num_attention_heads=3,
+                           intermediate_size=20, max_position_embeddings=24, num_labels=2)
+    numlm.BertForSequenceClassification(cfg, seed=2, dtype="float32").save_pretrained(tmp_path / "base")
+    tok.save(tmp_path / "base")
+    pm = peft.get_peft_model(numlm.from_pretrained(tmp_path / "base"), peft.LoraConfig(r=2, task_type="SEQ_CLS"))
+    pm.peft_config.base_model_name_or_path = str(tmp_path / "base")
+    pm.save_pretrained(tmp_path / "adapter")
+    key = "base_model.model.bert.encoder.layer.1.attention.self.value.lora_A.weight"
+    state = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    state[key][1, 2] = np.nan
+    save_file(state, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert main(["classify", str(tmp_path / "adapter"), "the cat sat"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[-1] == (
+        f"numlm classify: error: the weights in {tmp_path / 'adapter'} hold NaN or inf ({key}); they cannot run")
