@@ -75,3 +75,21 @@ def test_an_adapter_folder_with_nan_weights_is_refused_by_the_commands(tmp_path,
     out, err = capsys.readouterr()
     assert out == "" and err.splitlines()[-1] == (
         f"numlm classify: error: the weights in {tmp_path / 'adapter'} hold NaN or inf ({key}); they cannot run")
+
+
+def test_mam_adapter_init_is_adapterhubs():
+    """AdapterHub's init_weights="mam_adapter": adapter_down.0.weight kaiming-uniform (a = sqrt(5): bound
+    1 / sqrt(C)), every bias and adapter_up.weight zero (numlm had drawn the down bias at random)."""
+    cfg = numlm.BertConfig(vocab_size=40, hidden_size=12, num_hidden_layers=2, num_attention_heads=3,
+                           intermediate_size=20, max_position_embeddings=24, num_labels=2)
+    pm = peft.get_peft_model(numlm.BertForSequenceClassification(cfg, seed=1),
+                             peft.DoubleSeqBnConfig(reduction_factor=2, init_weights="mam_adapter"))
+    state = pm.state_dict()
+    downs = [k for k in state if k.endswith("adapter_down.0.weight")]
+    assert len(downs) == 4
+    for k in downs:
+        w = state[k]
+        assert np.abs(w).max() <= 1 / np.sqrt(12) and np.abs(w).max() > 0.5 / np.sqrt(12)
+        at = k[:-len("adapter_down.0.weight")]
+        for zero in ("adapter_down.0.bias", "adapter_up.weight", "adapter_up.bias"):
+            assert not state[at + zero].any(), at + zero

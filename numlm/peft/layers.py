@@ -208,12 +208,12 @@ class Adapter(Module):
 
     def reset(self, rng):
         """AdapterHub's init: "bert" = N(0, 0.02) weights, zero biases; "mam_adapter" = kaiming
-        uniform down (a=sqrt(5)), zero up."""
+        uniform down weight (a=sqrt(5)), zero up weight and zero biases."""
         d, u = self.adapter_down[0], self.adapter_up
         if self.config.init_weights == "mam_adapter":
             c_in = d.params["weight"].shape[0]
             d.params["weight"][...] = rng.uniform(-1 / math.sqrt(c_in), 1 / math.sqrt(c_in), d.params["weight"].shape)
-            d.params["bias"][...] = rng.uniform(-1 / math.sqrt(c_in), 1 / math.sqrt(c_in), d.params["bias"].shape)
+            d.params["bias"][...] = 0
             u.params["weight"][...] = 0
             u.params["bias"][...] = 0
         else:
