@@ -93,3 +93,20 @@ def test_mam_adapter_init_is_adapterhubs():
         at = k[:-len("adapter_down.0.weight")]
         for zero in ("adapter_down.0.bias", "adapter_up.weight", "adapter_up.bias"):
             assert not state[at + zero].any(), at + zero
+
+
+@pytest.mark.parametrize("bad", [lambda shape: np.full(shape, "x"), lambda shape: np.full(shape, None, dtype=object)])
+def test_load_state_dict_refuses_a_non_numeric_tensor_before_copying_anything(bad):
+    """A tensor of text (or Nones) is refused by name, and the refused call copies nothing: every other
+    tensor keeps its value (they had been copied up to the bad one; Nones became NaN silently)."""
+    cfg = numlm.GPT2Config(vocab_size=40, n_embd=12, n_layer=2, n_head=3, n_positions=24)
+    pm = peft.get_peft_model(numlm.GPT2LMHeadModel(cfg, seed=1), peft.LoraConfig(r=2, task_type="CAUSAL_LM",
+                                                                               init_lora_weights=False))
+    before = pm.state_dict()
+    last = list(before)[-1]
+    state = {k: v + 1 for k, v in before.items()}
+    state[last] = bad(before[last].shape)
+    with pytest.raises(ValueError, match=f"adapter tensor {last!r}"):
+        pm.load_state_dict(state)
+    for k, v in pm.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])

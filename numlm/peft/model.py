@@ -45,6 +45,8 @@ def _import_params(slots, state):
         t = isinstance(module, Linear) and module.torch_layout and name == "weight"
         want = p.shape[::-1] if t else p.shape
         value = np.asarray(value)
+        if value.dtype.kind not in "biuf":  # text or objects would fail (or turn NaN) part-way through the copy
+            raise ValueError(f"adapter tensor {key!r} holds {value.dtype} values, not numbers")
         if value.shape != want:
             raise ValueError(f"adapter tensor {key!r} has shape {value.shape}, but the base model needs {want}")
         todo.append((p, value.T if t else value))
