@@ -110,3 +110,23 @@ def test_load_state_dict_refuses_a_non_numeric_tensor_before_copying_anything(ba
         pm.load_state_dict(state)
     for k, v in pm.state_dict().items():
         np.testing.assert_array_equal(v, before[k])
+
+
+def test_bias_all_copies_of_a_nested_head_are_keyed_under_the_head_as_peft():
+    """peft wraps the whole head (RoBERTa's classifier: dense, out_proj) in one ModulesToSaveWrapper, so
+    bias="all" saves its biases again as classifier.modules_to_save.<sub>.bias and
+    classifier.original_module.<sub>.bias (numlm wrote classifier.<sub>.modules_to_save.bias, and refused
+    peft's own file as not fitting the model)."""
+    cfg = numlm.RobertaConfig(vocab_size=40, hidden_size=12, num_hidden_layers=1, num_attention_heads=3,
+                              intermediate_size=20, max_position_embeddings=24, num_labels=2)
+    pm = peft.get_peft_model(numlm.RobertaForSequenceClassification(cfg, seed=1),
+                             peft.LoraConfig(r=2, task_type="SEQ_CLS", bias="all"))
+    at = "base_model.model.classifier."
+    want = {at + f"{copy}{sub}.{k}" for copy in ("", "modules_to_save.", "original_module.")
+            for sub in ("dense", "out_proj") for k in ("bias",) + (("weight",) if not copy else ())}
+    sd = pm.state_dict()
+    assert {k for k in sd if k.startswith(at)} == want
+    state = {k: v + 1 for k, v in sd.items()}
+    state[at + "modules_to_save.dense.bias"] = state[at + "dense.bias"]
+    pm.load_state_dict(state)  # peft's file, every tensor changed: it loads
+    np.testing.assert_array_equal(pm.state_dict()[at + "dense.bias"], sd[at + "dense.bias"] + 1)

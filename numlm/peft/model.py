@@ -92,6 +92,7 @@ class PeftModel:
         self.prompt = None
         self._slots = {}      # file key -> (module, parameter name); the trainable tensors
         self._head_keys = set()
+        self._head_root = {}  # head key -> the key prefix of the module peft wraps (a head's root)
         self._aliases = {}    # file key -> the file key of the same tensor (peft saves some twice)
         self._originals = {}  # file key -> an untrained tensor peft saves too (a head's original_module)
         self._hub_head = {"config": None, "kept": []}  # AdapterHub: head_config.json, base tensors kept as equal
@@ -205,8 +206,9 @@ class PeftModel:
 
     def _install_biases(self):
         """LoRA's bias="all": every parameter named *bias* trains (peft: `"bias" in name`), under its own
-        key; a trained head's bias is saved twice more, as peft does: `<head>.modules_to_save.bias` (the
-        same tensor) and `<head>.original_module.bias` (the base model's, untrained; read back by nobody)."""
+        key; a trained head's bias is saved twice more, as peft does: `<head>.modules_to_save.<sub>.bias` (the
+        same tensor) and `<head>.original_module.<sub>.bias` (the base model's, untrained; read back by
+        nobody), <sub> the module within the head peft wraps (none for a Linear head)."""
         taken = {id(m) for m, k in self._slots.values() if k == "bias"}
         for path, m in self.base_model.modules():
             for k in m.params:
@@ -214,10 +216,12 @@ class PeftModel:
                     continue
                 self._slots[f"base_model.model.{path}.{k}"] = (m, k)
         for key in sorted(self._head_keys):
-            head, _, k = key.rpartition(".")
-            if "bias" in k:
-                self._aliases[f"{head}.modules_to_save.{k}"] = key
-                self._originals[f"{head}.original_module.{k}"] = self._slots[key][0].params[k].copy()
+            m, k = self._slots[key]
+            if "bias" in k:  # peft wraps the whole head: <head>.modules_to_save.<sub-module>.bias
+                root = self._head_root[key]
+                rest = key[len(root) + 1:]
+                self._aliases[f"{root}.modules_to_save.{rest}"] = key
+                self._originals[f"{root}.original_module.{rest}"] = m.params[k].copy()
 
     def _install_prompt(self, rng, dtype):
         cfg, model = self.peft_config, self.base_model
@@ -279,6 +283,7 @@ class PeftModel:
                     key = f"{prefix}{sub}.{k}"
                     self._slots[key] = (m, k)
                     self._head_keys.add(key)
+                    self._head_root.setdefault(key, f"{prefix}{path}")
 
     # ---- the forward/backward contract ----------------------------------------------------------
     def __call__(self, *args, **kwargs):
