@@ -130,3 +130,26 @@ def test_bias_all_copies_of_a_nested_head_are_keyed_under_the_head_as_peft():
     state[at + "modules_to_save.dense.bias"] = state[at + "dense.bias"]
     pm.load_state_dict(state)  # peft's file, every tensor changed: it loads
     np.testing.assert_array_equal(pm.state_dict()[at + "dense.bias"], sd[at + "dense.bias"] + 1)
+
+
+def test_adapterhub_head_config_carries_the_models_label_names_both_ways(tmp_path):
+    """AdapterHub saves a static head's label2id from the model's config and, loading it, sets the model's
+    labels from it: numlm wrote LABEL_0 .. whatever the model's labels, and ignored the file's."""
+    import json
+    from numlm.inference import predict
+    names = ["neg", "pos", "mixed"]
+    cfg = numlm.BertConfig.from_dict(dict(vocab_size=40, hidden_size=12, num_hidden_layers=2, num_attention_heads=3,
+                                          intermediate_size=20, max_position_embeddings=24,
+                                          id2label={str(i): n for i, n in enumerate(names)}))
+    pm = peft.get_peft_model(numlm.BertForSequenceClassification(cfg, seed=1), peft.SeqBnConfig(reduction_factor=2))
+    pm.save_pretrained(tmp_path / "adapter")
+    head = json.loads((tmp_path / "adapter" / "head_config.json").read_text())
+    assert head["label2id"] == {n: i for i, n in enumerate(names)}
+    head["label2id"] = {"b": 1, "a": 0, "c": 2}
+    (tmp_path / "adapter" / "head_config.json").write_text(json.dumps(head))
+    plain = numlm.BertForSequenceClassification(numlm.BertConfig(**{k: getattr(cfg, k) for k in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+        "max_position_embeddings", "num_labels")}), seed=1)
+    loaded = peft.PeftModel.from_pretrained(plain, tmp_path / "adapter")
+    out = predict(loaded, np.array([[1, 5, 7, 2]]))
+    assert out.label_names == [["a", "b", "c"][out.labels[0]]]

@@ -178,3 +178,18 @@ def check_head_class(head_config, model_class, where):
     if saved is not None and saved != model_class:
         raise ValueError(f"{str(where)!r}: the head was saved from a {saved}, the model is a {model_class}; "
                          "load the adapter onto that class")
+
+
+def hub_label2id(model_config):
+    """head_config.json's label2id, {name: id}: the model's labels as AdapterHub saves them (LABEL_i by default)"""
+    id2label = model_config.to_dict().get("id2label") or {}
+    return {str(name): int(i) for i, name in sorted(id2label.items(), key=lambda t: int(t[0]))}
+
+
+def set_hub_labels(model_config, head_config):
+    """The model's label names from a loaded head's label2id, as AdapterHub sets them (one name per label)"""
+    l2i, n = head_config.get("label2id"), getattr(model_config, "num_labels", None)
+    ids = sorted(l2i.values(), key=str) if isinstance(l2i, dict) else None
+    if n and ids is not None and all(type(i) is int for i in ids) and sorted(ids) == list(range(n)):
+        model_config.extra["id2label"] = {str(i): name for name, i in l2i.items()}
+        model_config.extra["label2id"] = dict(l2i)

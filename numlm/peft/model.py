@@ -578,7 +578,7 @@ class PeftModel:
         if head:
             n = getattr(c, "num_labels", None)
             named[files.HUB_HEAD_CONFIG] = files.json_writer(hub_head["config"] or {
-                "config": None, "hidden_size": c.hidden_size, "label2id": {f"LABEL_{i}": i for i in range(n or 0)},
+                "config": None, "hidden_size": c.hidden_size, "label2id": files.hub_label2id(c),
                 "model_class": type(model).__name__, "model_name": None, "model_type": _model_type(model),
                 "name": None, "num_labels": n, "version": files.ADAPTERS_VERSION})
             named[files.HUB_HEAD] = files.tensors_writer(head)
@@ -630,6 +630,8 @@ class PeftModel:
         except BaseException:
             pm._restore()
             raise
+        if head and head_config is not None:  # AdapterHub names the model's labels from the head's
+            files.set_hub_labels(model.config, head_config)
         if not is_trainable:
             pm._freeze_adapter()
         return pm
