@@ -153,3 +153,22 @@ def test_adapterhub_head_config_carries_the_models_label_names_both_ways(tmp_pat
     loaded = peft.PeftModel.from_pretrained(plain, tmp_path / "adapter")
     out = predict(loaded, np.array([[1, 5, 7, 2]]))
     assert out.label_names == [["a", "b", "c"][out.labels[0]]]
+
+
+@pytest.mark.parametrize("kind, arg", [("gpt2", "labels"), ("bert", "token_type_ids"), ("bert-tokens", "labels")])
+def test_prompt_tuning_per_token_inputs_of_the_wrong_shape_are_named_with_the_shapes_given(kind, arg):
+    """Prompt tuning prefixes token types and per-token labels with n entries; a (B, T) input of another
+    shape is refused naming the shapes the caller gave (numlm raised numpy's concatenate error, or named
+    the shapes after n virtual tokens were put in front)."""
+    ids = np.array([[1, 5, 7, 2], [3, 4, 6, 8]])
+    if kind == "gpt2":
+        cfg = numlm.GPT2Config(vocab_size=40, n_embd=12, n_layer=1, n_head=3, n_positions=24)
+        model, task = numlm.GPT2LMHeadModel(cfg, seed=1), "CAUSAL_LM"
+    else:
+        cfg = numlm.BertConfig(vocab_size=40, hidden_size=12, num_hidden_layers=1, num_attention_heads=3,
+                               intermediate_size=20, max_position_embeddings=24, num_labels=2)
+        cls = numlm.BertForTokenClassification if kind == "bert-tokens" else numlm.BertForSequenceClassification
+        model, task = cls(cfg, seed=1), "TOKEN_CLS" if kind == "bert-tokens" else "SEQ_CLS"
+    pm = peft.get_peft_model(model, peft.PromptTuningConfig(num_virtual_tokens=3, task_type=task))
+    with pytest.raises(ValueError, match=rf"^{arg} must have shape \(2, 4\) like input_ids, got \(1, 4\)$"):
+        pm(input_ids=ids, **{arg: ids[:1] % 2})

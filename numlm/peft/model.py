@@ -327,15 +327,15 @@ class PeftModel:
         if attention_mask is not None:
             kw["attention_mask"] = prefixed_mask(attention_mask, B, ids.shape[1], n)
         if token_type_ids is not None:
-            kw["token_type_ids"] = np.concatenate([np.zeros((B, n), dtype=np.int64), as_ids("token_type_ids", token_type_ids)], 1)
+            kw["token_type_ids"] = prefixed("token_type_ids", token_type_ids, ids.shape, n, 0)
         if position_ids is not None:
             warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
         if labels is not None:
             if type(self.base_model).__name__ in TOKEN_LABEL_CLASSES:
-                labels = np.concatenate([np.full((B, n), -100, dtype=np.int64), as_ids("labels", labels)], 1)
+                labels = prefixed("labels", labels, ids.shape, n, -100)
             kw["labels"] = labels
         if kw.get("lm_labels") is not None:  # GPT-1's L3 for classification: the virtual tokens predict nothing
-            kw["lm_labels"] = np.concatenate([np.full((B, n), -100, dtype=np.int64), as_ids("lm_labels", kw["lm_labels"])], 1)
+            kw["lm_labels"] = prefixed("lm_labels", kw["lm_labels"], ids.shape, n, -100)
         word = self._word  # the token table: its cache (the ids) is the last forward's until the model takes these
         kept = word.cache, getattr(word, "called_under_no_grad", False)
         try:
@@ -764,6 +764,14 @@ def prefixed_mask(attention_mask, B, T, n):
     if m.shape != (B, T):
         raise ValueError(f"attention_mask must have shape {(B, T)} like input_ids, got {m.shape}")
     return np.concatenate([np.ones((B, n), dtype=m.dtype), m], axis=1)
+
+
+def prefixed(name, a, shape, n, fill):
+    """[fill (n times); a] per row: a per-token input (B, T) with the virtual tokens' entries in front."""
+    a = as_ids(name, a)
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} like input_ids, got {a.shape}")
+    return np.concatenate([np.full((shape[0], n), fill, dtype=np.int64), a], axis=1)
 
 
 def core_embeds_grad(core):
