@@ -172,3 +172,31 @@ def test_prompt_tuning_per_token_inputs_of_the_wrong_shape_are_named_with_the_sh
     pm = peft.get_peft_model(model, peft.PromptTuningConfig(num_virtual_tokens=3, task_type=task))
     with pytest.raises(ValueError, match=rf"^{arg} must have shape \(2, 4\) like input_ids, got \(1, 4\)$"):
         pm(input_ids=ids, **{arg: ids[:1] % 2})
+
+
+def _prompt_learning(kind, method):
+    if kind == "gpt2":
+        cfg = numlm.GPT2Config(vocab_size=40, n_embd=12, n_layer=2, n_head=3, n_positions=24)
+        model, task = numlm.GPT2LMHeadModel(cfg, seed=1, dtype="float64"), "CAUSAL_LM"
+    else:
+        cfg = numlm.BertConfig(vocab_size=40, hidden_size=12, num_hidden_layers=2, num_attention_heads=3,
+                               intermediate_size=20, max_position_embeddings=24, num_labels=2)
+        model, task = numlm.BertForSequenceClassification(cfg, seed=1, dtype="float64"), "SEQ_CLS"
+    config = {"prompt": peft.PromptTuningConfig, "prefix": peft.PrefixTuningConfig}[method]
+    return peft.get_peft_model(model, config(num_virtual_tokens=3, task_type=task)).eval()  # no dropout
+
+
+@pytest.mark.parametrize("kind, method, arg", [("gpt2", "prompt", "token_type_ids"), ("gpt2", "prefix", "token_type_ids"),
+                                               ("gpt2", "prefix", "position_ids"), ("bert", "prefix", "position_ids")])
+def test_inputs_peft_ignores_for_prompt_learning_are_ignored_with_its_warning(kind, method, arg):
+    """peft's prompt learning drops position_ids (every task) and a causal LM's token_type_ids, warning:
+    the logits are those without them (numlm shifted a prefix model's position ids by n and used them,
+    and embedded a causal LM's token types)."""
+    pm = _prompt_learning(kind, method)
+    ids = np.array([[1, 5, 7, 2, 9], [3, 4, 6, 8, 9]])
+    given = {"token_type_ids": np.array([[0, 3, 1, 2, 5]] * 2), "position_ids": np.array([[4, 2, 0, 1, 3]] * 2)}[arg]
+    want = pm(input_ids=ids).logits
+    which = {"token_type_ids": "Token type ids", "position_ids": "Position ids"}[arg]
+    with pytest.warns(UserWarning, match=f"{which} are not supported for parameter efficient tuning"):
+        got = pm(input_ids=ids, **{arg: given}).logits
+    np.testing.assert_array_equal(got, want)
