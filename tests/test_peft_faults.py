@@ -181,22 +181,26 @@ def _prompt_learning(kind, method):
     else:
         cfg = numlm.BertConfig(vocab_size=40, hidden_size=12, num_hidden_layers=2, num_attention_heads=3,
                                intermediate_size=20, max_position_embeddings=24, num_labels=2)
-        model, task = numlm.BertForSequenceClassification(cfg, seed=1, dtype="float64"), "SEQ_CLS"
+        cls, task = {"bert": (numlm.BertForSequenceClassification, "SEQ_CLS"),
+                     "bert-features": (numlm.BertModel, "FEATURE_EXTRACTION")}[kind]
+        model = cls(cfg, seed=1, dtype="float64")
     config = {"prompt": peft.PromptTuningConfig, "prefix": peft.PrefixTuningConfig}[method]
     return peft.get_peft_model(model, config(num_virtual_tokens=3, task_type=task)).eval()  # no dropout
 
 
 @pytest.mark.parametrize("kind, method, arg", [("gpt2", "prompt", "token_type_ids"), ("gpt2", "prefix", "token_type_ids"),
-                                               ("gpt2", "prefix", "position_ids"), ("bert", "prefix", "position_ids")])
+                                               ("gpt2", "prefix", "position_ids"), ("bert", "prefix", "position_ids"),
+                                               ("bert-features", "prompt", "token_type_ids")])
 def test_inputs_peft_ignores_for_prompt_learning_are_ignored_with_its_warning(kind, method, arg):
-    """peft's prompt learning drops position_ids (every task) and a causal LM's token_type_ids, warning:
-    the logits are those without them (numlm shifted a prefix model's position ids by n and used them,
+    """peft's prompt learning drops position_ids (every task) and token_type_ids (causal LM, features), warning:
+    the outputs are those without them (numlm shifted a prefix model's position ids by n and used them,
     and embedded a causal LM's token types)."""
     pm = _prompt_learning(kind, method)
     ids = np.array([[1, 5, 7, 2, 9], [3, 4, 6, 8, 9]])
-    given = {"token_type_ids": np.array([[0, 3, 1, 2, 5]] * 2), "position_ids": np.array([[4, 2, 0, 1, 3]] * 2)}[arg]
-    want = pm(input_ids=ids).logits
+    given = {"token_type_ids": np.array([[0, 3, 1, 2, 5]] * 2) % (2 if "bert" in kind else 40), "position_ids": np.array([[4, 2, 0, 1, 3]] * 2)}[arg]
+    out = "last_hidden_state" if kind == "bert-features" else "logits"
+    want = getattr(pm(input_ids=ids), out)
     which = {"token_type_ids": "Token type ids", "position_ids": "Position ids"}[arg]
     with pytest.warns(UserWarning, match=f"{which} are not supported for parameter efficient tuning"):
-        got = pm(input_ids=ids, **{arg: given}).logits
+        got = getattr(pm(input_ids=ids, **{arg: given}), out)
     np.testing.assert_array_equal(got, want)

@@ -366,11 +366,11 @@ class PeftModel:
         return out
 
     def _ignored(self, token_type_ids, position_ids):
-        """peft's prompt learning drops position ids, and a causal LM's token types, warning as it does;
-        returns the token types kept."""
+        """peft's prompt learning drops position ids, and token types for a causal LM or feature extraction,
+        warning as it does; returns the token types kept."""
         if position_ids is not None:
             warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
-        if token_type_ids is not None and self._task_type() == "CAUSAL_LM":
+        if token_type_ids is not None and self._task_type() in ("CAUSAL_LM", "FEATURE_EXTRACTION"):
             warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids")
             return None
         return token_type_ids
