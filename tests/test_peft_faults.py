@@ -204,3 +204,15 @@ def test_inputs_peft_ignores_for_prompt_learning_are_ignored_with_its_warning(ki
     with pytest.warns(UserWarning, match=f"{which} are not supported for parameter efficient tuning"):
         got = getattr(pm(input_ids=ids, **{arg: given}), out)
     np.testing.assert_array_equal(got, want)
+
+
+def test_init_lora_weights_false_draws_b_as_torchs_linear_default():
+    """peft's init_lora_weights=False leaves lora_A and lora_B at nn.Linear's default, kaiming-uniform with
+    a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = r for B (numlm drew B from U(-1, 1))."""
+    cfg = numlm.GPT2Config(vocab_size=40, n_embd=12, n_layer=2, n_head=3, n_positions=24)
+    r = 4
+    pm = peft.get_peft_model(numlm.GPT2LMHeadModel(cfg, seed=1), peft.LoraConfig(r=r, task_type="CAUSAL_LM",
+                                                                               init_lora_weights=False))
+    for k, v in pm.state_dict().items():
+        bound = 1 / np.sqrt(r if "lora_B" in k else v.shape[1])
+        assert np.abs(v).max() <= bound and np.abs(v).max() > bound / 2, k

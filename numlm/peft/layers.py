@@ -47,8 +47,9 @@ class LoraLinear(Linear):
             bound = 1.0 / math.sqrt(c_in)
             a[...] = rng.uniform(-bound, bound, a.shape)
         self.lora_B.params["weight"][...] = 0
-        if init is False:  # peft: B random too, so the adapter is not a no-op (for tests)
-            self.lora_B.params["weight"][...] = rng.uniform(-1, 1, self.lora_B.params["weight"].shape)
+        if init is False:  # peft: B at nn.Linear's default too (fan_in r), so the adapter is not a no-op
+            bound = 1.0 / math.sqrt(self.r)
+            self.lora_B.params["weight"][...] = rng.uniform(-bound, bound, self.lora_B.params["weight"].shape)
 
     def forward(self, x):  # (..., C_in) -> (..., C_out)
         xd = self.lora_dropout(x)  # x itself in eval mode or with p = 0
