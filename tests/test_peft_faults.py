@@ -216,3 +216,20 @@ def test_init_lora_weights_false_draws_b_as_torchs_linear_default():
     for k, v in pm.state_dict().items():
         bound = 1 / np.sqrt(r if "lora_B" in k else v.shape[1])
         assert np.abs(v).max() <= bound and np.abs(v).max() > bound / 2, k
+
+
+def test_an_adapterhub_config_without_original_ln_before_takes_adapterhubs_default(tmp_path):
+    """adapters' BnConfig defaults original_ln_before to False (only SeqBnConfig, Pfeiffer, sets it True): a
+    config.json without the field is the Houlsby fixture's, and gives its reference logits (numlm defaulted
+    to True, applying the block's LayerNorm before the adapter too)."""
+    import json
+    d = tmp_path / "adapter"
+    shutil.copytree(PEFT / "adapter-bert-tiny-seqcls" / "adapter", d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    assert cfg["config"].pop("original_ln_before") is False
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    ref = np.load(PEFT / "adapter-bert-tiny-seqcls" / "reference.npz")
+    pm = peft.PeftModel.from_pretrained(base("bert-tiny-seqcls", numlm.BertForSequenceClassification, "float64"), d)
+    out = pm(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"])
+    np.testing.assert_allclose(out.logits, ref["logits"], rtol=1e-10, atol=0)
+    assert peft.SeqBnConfig().original_ln_before and not peft.DoubleSeqBnConfig().original_ln_before

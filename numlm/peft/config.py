@@ -213,7 +213,7 @@ class BnConfig:
     output_adapter: bool = True
     reduction_factor: Union[float, int] = 16
     non_linearity: str = "relu"
-    original_ln_before: bool = True
+    original_ln_before: bool = False  # adapters' BnConfig default; SeqBnConfig (Pfeiffer) sets True
     original_ln_after: bool = True
     residual_before_ln: Union[bool, str] = True
     ln_before: bool = False
@@ -286,6 +286,7 @@ class SeqBnConfig(BnConfig):
 
     reduction_factor: Union[float, int] = 16
     non_linearity: str = "relu"
+    original_ln_before: bool = True
 
 
 @dataclasses.dataclass
