@@ -188,21 +188,18 @@ def _prompt_learning(kind, method):
     return peft.get_peft_model(model, config(num_virtual_tokens=3, task_type=task)).eval()  # no dropout
 
 
-@pytest.mark.parametrize("kind, method, arg", [("gpt2", "prompt", "token_type_ids"), ("gpt2", "prefix", "token_type_ids"),
-                                               ("gpt2", "prefix", "position_ids"), ("bert", "prefix", "position_ids"),
-                                               ("bert-features", "prompt", "token_type_ids")])
-def test_inputs_peft_ignores_for_prompt_learning_are_ignored_with_its_warning(kind, method, arg):
-    """peft's prompt learning drops position_ids (every task) and token_type_ids (causal LM, features), warning:
-    the outputs are those without them (numlm shifted a prefix model's position ids by n and used them,
-    and embedded a causal LM's token types)."""
+@pytest.mark.parametrize("kind, method", [("gpt2", "prompt"), ("gpt2", "prefix"), ("bert-features", "prompt"),
+                                          ("bert-features", "prefix")])
+def test_token_types_peft_drops_for_prompt_learning_are_dropped_with_its_warning(kind, method):
+    """peft's prompt learning drops token_type_ids for a causal LM and feature extraction, warning
+    (_adjust_prompt_learning_kwargs): the outputs are those without them (numlm embedded them)."""
     pm = _prompt_learning(kind, method)
     ids = np.array([[1, 5, 7, 2, 9], [3, 4, 6, 8, 9]])
-    given = {"token_type_ids": np.array([[0, 3, 1, 2, 5]] * 2) % (2 if "bert" in kind else 40), "position_ids": np.array([[4, 2, 0, 1, 3]] * 2)}[arg]
+    given = np.array([[0, 3, 1, 2, 5]] * 2) % (2 if "bert" in kind else 40)
     out = "last_hidden_state" if kind == "bert-features" else "logits"
     want = getattr(pm(input_ids=ids), out)
-    which = {"token_type_ids": "Token type ids", "position_ids": "Position ids"}[arg]
-    with pytest.warns(UserWarning, match=f"{which} are not supported for parameter efficient tuning"):
-        got = getattr(pm(input_ids=ids, **{arg: given}), out)
+    with pytest.warns(UserWarning, match="Token type ids are not supported for parameter efficient tuning"):
+        got = getattr(pm(input_ids=ids, token_type_ids=given), out)
     np.testing.assert_array_equal(got, want)
 
 

@@ -326,9 +326,11 @@ class PeftModel:
         B = ids.shape[0]
         if attention_mask is not None:
             kw["attention_mask"] = prefixed_mask(attention_mask, B, ids.shape[1], n)
-        token_type_ids = self._ignored(token_type_ids, position_ids)
+        token_type_ids = self._ignored(token_type_ids)
         if token_type_ids is not None:
             kw["token_type_ids"] = prefixed("token_type_ids", token_type_ids, ids.shape, n, 0)
+        if position_ids is not None:
+            warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
         if labels is not None:
             if type(self.base_model).__name__ in TOKEN_LABEL_CLASSES:
                 labels = prefixed("labels", labels, ids.shape, n, -100)
@@ -349,27 +351,26 @@ class PeftModel:
 
     def _prefix_forward(self, input_ids, attention_mask, labels, token_type_ids, position_ids, kw):
         """peft: past_key_values from the prefix table, mask prefixed with n ones; the model counts the
-        positions after the n prefix positions (position ids are ignored, a warning)."""
+        positions after the n prefix positions (given position ids are shifted by n)."""
         ids, n = self._ids(input_ids)
         B, T = ids.shape
         c = self.base_model.config
         past, pc = prefix_forward(self.prompt.params["prompt_embeddings"], B, _layers(c), _heads(c))
         mask = prefixed_mask(attention_mask, B, T, n)
-        # the model counts positions after the past, as transformers (BERT, GPT: n .. n+T-1; RoBERTa: its
-        # own count shifted by n)
-        token_type_ids = self._ignored(token_type_ids, position_ids)
-        for k, v in (("labels", labels), ("token_type_ids", token_type_ids)):
+        # without position_ids the model counts them after the past, as transformers (BERT, GPT: n .. n+T-1;
+        # RoBERTa: its own count shifted by n)
+        pos = None if position_ids is None else as_ids("position_ids", position_ids) + n
+        token_type_ids = self._ignored(token_type_ids)
+        for k, v in (("labels", labels), ("token_type_ids", token_type_ids), ("position_ids", pos)):
             if v is not None:
                 kw[k] = v
         out = self.base_model(ids, attention_mask=mask, past_key_values=tuple(past), **kw)
         self._last = ("prefix", pc)
         return out
 
-    def _ignored(self, token_type_ids, position_ids):
-        """peft's prompt learning drops position ids, and token types for a causal LM or feature extraction,
-        warning as it does; returns the token types kept."""
-        if position_ids is not None:
-            warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
+    def _ignored(self, token_type_ids):
+        """peft's prompt learning drops token types for a causal LM or feature extraction, warning as it
+        does (_adjust_prompt_learning_kwargs); returns the token types kept."""
         if token_type_ids is not None and self._task_type() in ("CAUSAL_LM", "FEATURE_EXTRACTION"):
             warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids")
             return None
