@@ -230,3 +230,22 @@ def test_an_adapterhub_config_without_original_ln_before_takes_adapterhubs_defau
     out = pm(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"])
     np.testing.assert_allclose(out.logits, ref["logits"], rtol=1e-10, atol=0)
     assert peft.SeqBnConfig().original_ln_before and not peft.DoubleSeqBnConfig().original_ln_before
+
+
+def test_bias_all_nested_head_copy_under_the_adapter_name_loads():
+    """peft since its state-dict refactor removes the adapter name only before a key's last part, so a
+    nested head's copy stays classifier.modules_to_save.default.dense.bias in its file: numlm reads it
+    as the copy it is (equal to classifier.dense.bias, else refused by name), not as an unknown key."""
+    cfg = numlm.RobertaConfig(vocab_size=40, hidden_size=12, num_hidden_layers=1, num_attention_heads=3,
+                              intermediate_size=20, max_position_embeddings=24, num_labels=2)
+    pm = peft.get_peft_model(numlm.RobertaForSequenceClassification(cfg, seed=1),
+                             peft.LoraConfig(r=2, task_type="SEQ_CLS", bias="all"))
+    at = "base_model.model.classifier."
+    state = {k: v + 1 for k, v in pm.state_dict().items()}
+    for sub in ("dense", "out_proj"):
+        state[at + f"modules_to_save.default.{sub}.bias"] = state.pop(at + f"modules_to_save.{sub}.bias")
+    pm.load_state_dict(state)
+    np.testing.assert_array_equal(pm.state_dict()[at + "dense.bias"], state[at + "dense.bias"])
+    state[at + "modules_to_save.default.dense.bias"] = state[at + "dense.bias"] + 1
+    with pytest.raises(ValueError, match="'base_model.model.classifier.modules_to_save.default.dense.bias' differs"):
+        pm.load_state_dict(state)

@@ -94,6 +94,7 @@ class PeftModel:
         self._head_keys = set()
         self._head_root = {}  # head key -> the key prefix of the module peft wraps (a head's root)
         self._aliases = {}    # file key -> the file key of the same tensor (peft saves some twice)
+        self._read_aliases = {}  # the same, as other peft versions spell them: read, never written
         self._originals = {}  # file key -> an untrained tensor peft saves too (a head's original_module)
         self._hub_head = {"config": None, "kept": []}  # AdapterHub: head_config.json, base tensors kept as equal
         self._last = None
@@ -221,6 +222,9 @@ class PeftModel:
                 root = self._head_root[key]
                 rest = key[len(root) + 1:]
                 self._aliases[f"{root}.modules_to_save.{rest}"] = key
+                if "." in rest:  # peft keeps the adapter name there since its state-dict refactor
+                    for name in {"default", self.adapter_name}:
+                        self._read_aliases[f"{root}.modules_to_save.{name}.{rest}"] = key
                 self._originals[f"{root}.original_module.{rest}"] = m.params[k].copy()
 
     def _install_prompt(self, rng, dtype):
@@ -452,7 +456,7 @@ class PeftModel:
         """Drop from `state` the keys peft writes but reads back nowhere: an alias must equal its source
         (else a ValueError naming it), an original is the base model's own tensor."""
         state = dict(state)
-        for alias, source in self._aliases.items():
+        for alias, source in {**self._aliases, **self._read_aliases}.items():
             if alias in state and source in state and not np.array_equal(state[alias], state[source]):
                 raise ValueError(f"adapter tensor {alias!r} differs from {source!r}, the same tensor in peft's files")
             state.pop(alias, None)
