@@ -249,3 +249,18 @@ def test_bias_all_nested_head_copy_under_the_adapter_name_loads():
     state[at + "modules_to_save.default.dense.bias"] = state[at + "dense.bias"] + 1
     with pytest.raises(ValueError, match="'base_model.model.classifier.modules_to_save.default.dense.bias' differs"):
         pm.load_state_dict(state)
+
+
+def test_an_adapterhub_config_with_architecture_null_is_a_bottleneck_adapter(tmp_path):
+    """adapters maps "architecture": null to BnConfig (its AdapterConfig.architecture default): such a
+    config loads as the bottleneck adapter it is (numlm refused it as an unsupported architecture)."""
+    import json
+    d = tmp_path / "adapter"
+    shutil.copytree(PEFT / "adapter-bert-tiny-seqcls" / "adapter", d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["config"]["architecture"] = None
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    ref = np.load(PEFT / "adapter-bert-tiny-seqcls" / "reference.npz")
+    pm = peft.PeftModel.from_pretrained(base("bert-tiny-seqcls", numlm.BertForSequenceClassification, "float64"), d)
+    out = pm(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"])
+    np.testing.assert_allclose(out.logits, ref["logits"], rtol=1e-10, atol=0)
