@@ -189,7 +189,7 @@ def hub_label2id(model_config):
 def set_hub_labels(model_config, head_config):
     """The model's label names from a loaded head's label2id, as AdapterHub sets them (one name per label)"""
     l2i, n = head_config.get("label2id"), getattr(model_config, "num_labels", None)
-    ids = sorted(l2i.values(), key=str) if isinstance(l2i, dict) else None
-    if n and ids is not None and all(type(i) is int for i in ids) and sorted(ids) == list(range(n)):
+    ids = list(l2i.values()) if isinstance(l2i, dict) else []
+    if n and all(type(i) is int for i in ids) and sorted(ids) == list(range(n)):
         model_config.extra["id2label"] = {str(i): name for name, i in l2i.items()}
         model_config.extra["label2id"] = dict(l2i)
