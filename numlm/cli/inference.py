@@ -38,7 +38,9 @@ def _load(model_dir, dtype, base=None):
                              "base model folder or Hub name with --base") from None
         model = PeftModel.from_pretrained(from_pretrained(base, dtype=dtype).eval(), model_dir).eval()
         tok = Tokenizer.from_dir(model_dir if (Path(model_dir) / "tokenizer.json").is_file() else base)
-    bad = nonfinite_tensors(model.parameters())
+    # a PeftModel's parameters() are its trainable tensors only: check its file's, then its base's
+    bad = nonfinite_tensors(model.parameters()) if not hasattr(model, "base_model") else \
+        nonfinite_tensors(model.state_dict()) or nonfinite_tensors(model.base_model.parameters())
     if bad:  # every output would be NaN: no text, no scores
         raise ValueError(f"the weights in {model_dir} hold NaN or inf ({', '.join(bad[:3])}"
                          f"{', ...' if len(bad) > 3 else ''}); they cannot run")

@@ -213,7 +213,7 @@ class BnConfig:
     output_adapter: bool = True
     reduction_factor: Union[float, int] = 16
     non_linearity: str = "relu"
-    original_ln_before: bool = True
+    original_ln_before: bool = False  # adapters' BnConfig default; SeqBnConfig (Pfeiffer) sets True
     original_ln_after: bool = True
     residual_before_ln: Union[bool, str] = True
     ln_before: bool = False
@@ -286,6 +286,7 @@ class SeqBnConfig(BnConfig):
 
     reduction_factor: Union[float, int] = 16
     non_linearity: str = "relu"
+    original_ln_before: bool = True
 
 
 @dataclasses.dataclass
@@ -301,7 +302,7 @@ def bn_config_from_dict(d):
     """A BnConfig from AdapterHub's adapter_config.json "config" dict (unknown options refused)."""
     if not isinstance(d, dict):
         raise ValueError(f"adapter config must be a dict, got {type(d).__name__}")
-    if d.get("architecture", "bottleneck") != "bottleneck":
+    if d.get("architecture") not in (None, "bottleneck"):  # adapters: None is BnConfig's
         raise ValueError(f"adapter architecture {d.get('architecture')!r} is not supported; numlm supports "
                          "bottleneck adapters (seq_bn, double_seq_bn)")
     names = {f.name for f in dataclasses.fields(BnConfig)} - {"extra"}

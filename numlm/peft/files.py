@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from ..io.checkpoint import write_folder
+from ..io.checkpoint import write_folder, _load_file
 from .config import LoraConfig, IA3Config, PromptTuningConfig, PrefixTuningConfig, bn_config_from_dict
 
 PEFT_WEIGHTS, PEFT_PICKLE = "adapter_model.safetensors", "adapter_model.bin"
@@ -139,10 +139,8 @@ def hub_config_from_dict(d, where="adapter_config.json"):
 
 
 def load_tensors(f):
-    try:
-        return load_file(str(f))
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{str(f)!r} is not a readable safetensors file: {e}") from None
+    """{key: array}; bfloat16 tensors (peft's file of a bfloat16 model) as float32, as a model's are read"""
+    return _load_file(f)
 
 
 def tensors_writer(tensors):
@@ -171,3 +169,27 @@ def write_files(path, named):
     others = (PEFT_WEIGHTS, PEFT_PICKLE, HUB_WEIGHTS, HUB_PICKLE, HUB_HEAD, HUB_HEAD_PICKLE, HUB_HEAD_CONFIG)
     write_folder(path, named, remove=[path / name for name in others if name not in named])
     return path
+
+
+def check_head_class(head_config, model_class, where):
+    """AdapterHub's rule: a head loads only onto the model class it was saved from (a sequence
+    classifier's classifier is no token classifier's, whatever their shapes)."""
+    saved = head_config.get("model_class")
+    if saved is not None and saved != model_class:
+        raise ValueError(f"{str(where)!r}: the head was saved from a {saved}, the model is a {model_class}; "
+                         "load the adapter onto that class")
+
+
+def hub_label2id(model_config):
+    """head_config.json's label2id, {name: id}: the model's labels as AdapterHub saves them (LABEL_i by default)"""
+    id2label = model_config.to_dict().get("id2label") or {}
+    return {str(name): int(i) for i, name in sorted(id2label.items(), key=lambda t: int(t[0]))}
+
+
+def set_hub_labels(model_config, head_config):
+    """The model's label names from a loaded head's label2id, as AdapterHub sets them (one name per label)"""
+    l2i, n = head_config.get("label2id"), getattr(model_config, "num_labels", None)
+    ids = list(l2i.values()) if isinstance(l2i, dict) else []
+    if n and all(type(i) is int for i in ids) and sorted(ids) == list(range(n)):
+        model_config.extra["id2label"] = {str(i): name for name, i in l2i.items()}
+        model_config.extra["label2id"] = dict(l2i)

@@ -47,8 +47,9 @@ class LoraLinear(Linear):
             bound = 1.0 / math.sqrt(c_in)
             a[...] = rng.uniform(-bound, bound, a.shape)
         self.lora_B.params["weight"][...] = 0
-        if init is False:  # peft: B random too, so the adapter is not a no-op (for tests)
-            self.lora_B.params["weight"][...] = rng.uniform(-1, 1, self.lora_B.params["weight"].shape)
+        if init is False:  # peft: B at nn.Linear's default too (fan_in r), so the adapter is not a no-op
+            bound = 1.0 / math.sqrt(self.r)
+            self.lora_B.params["weight"][...] = rng.uniform(-bound, bound, self.lora_B.params["weight"].shape)
 
     def forward(self, x):  # (..., C_in) -> (..., C_out)
         xd = self.lora_dropout(x)  # x itself in eval mode or with p = 0
@@ -208,12 +209,12 @@ class Adapter(Module):
 
     def reset(self, rng):
         """AdapterHub's init: "bert" = N(0, 0.02) weights, zero biases; "mam_adapter" = kaiming
-        uniform down (a=sqrt(5)), zero up."""
+        uniform down weight (a=sqrt(5)), zero up weight and zero biases."""
         d, u = self.adapter_down[0], self.adapter_up
         if self.config.init_weights == "mam_adapter":
             c_in = d.params["weight"].shape[0]
             d.params["weight"][...] = rng.uniform(-1 / math.sqrt(c_in), 1 / math.sqrt(c_in), d.params["weight"].shape)
-            d.params["bias"][...] = rng.uniform(-1 / math.sqrt(c_in), 1 / math.sqrt(c_in), d.params["bias"].shape)
+            d.params["bias"][...] = 0
             u.params["weight"][...] = 0
             u.params["bias"][...] = 0
         else:

@@ -45,6 +45,8 @@ def _import_params(slots, state):
         t = isinstance(module, Linear) and module.torch_layout and name == "weight"
         want = p.shape[::-1] if t else p.shape
         value = np.asarray(value)
+        if value.dtype.kind not in "biuf":  # text or objects would fail (or turn NaN) part-way through the copy
+            raise ValueError(f"adapter tensor {key!r} holds {value.dtype} values, not numbers")
         if value.shape != want:
             raise ValueError(f"adapter tensor {key!r} has shape {value.shape}, but the base model needs {want}")
         todo.append((p, value.T if t else value))
@@ -90,7 +92,9 @@ class PeftModel:
         self.prompt = None
         self._slots = {}      # file key -> (module, parameter name); the trainable tensors
         self._head_keys = set()
+        self._head_root = {}  # head key -> the key prefix of the module peft wraps (a head's root)
         self._aliases = {}    # file key -> the file key of the same tensor (peft saves some twice)
+        self._read_aliases = {}  # the same, as other peft versions spell them: read, never written
         self._originals = {}  # file key -> an untrained tensor peft saves too (a head's original_module)
         self._hub_head = {"config": None, "kept": []}  # AdapterHub: head_config.json, base tensors kept as equal
         self._last = None
@@ -203,8 +207,9 @@ class PeftModel:
 
     def _install_biases(self):
         """LoRA's bias="all": every parameter named *bias* trains (peft: `"bias" in name`), under its own
-        key; a trained head's bias is saved twice more, as peft does: `<head>.modules_to_save.bias` (the
-        same tensor) and `<head>.original_module.bias` (the base model's, untrained; read back by nobody)."""
+        key; a trained head's bias is saved twice more, as peft does: `<head>.modules_to_save.<sub>.bias` (the
+        same tensor) and `<head>.original_module.<sub>.bias` (the base model's, untrained; read back by
+        nobody), <sub> the module within the head peft wraps (none for a Linear head)."""
         taken = {id(m) for m, k in self._slots.values() if k == "bias"}
         for path, m in self.base_model.modules():
             for k in m.params:
@@ -212,10 +217,15 @@ class PeftModel:
                     continue
                 self._slots[f"base_model.model.{path}.{k}"] = (m, k)
         for key in sorted(self._head_keys):
-            head, _, k = key.rpartition(".")
-            if "bias" in k:
-                self._aliases[f"{head}.modules_to_save.{k}"] = key
-                self._originals[f"{head}.original_module.{k}"] = self._slots[key][0].params[k].copy()
+            m, k = self._slots[key]
+            if "bias" in k:  # peft wraps the whole head: <head>.modules_to_save.<sub-module>.bias
+                root = self._head_root[key]
+                rest = key[len(root) + 1:]
+                self._aliases[f"{root}.modules_to_save.{rest}"] = key
+                if "." in rest:  # peft keeps the adapter name there since its state-dict refactor
+                    for name in {"default", self.adapter_name}:
+                        self._read_aliases[f"{root}.modules_to_save.{name}.{rest}"] = key
+                self._originals[f"{root}.original_module.{rest}"] = m.params[k].copy()
 
     def _install_prompt(self, rng, dtype):
         cfg, model = self.peft_config, self.base_model
@@ -277,6 +287,7 @@ class PeftModel:
                     key = f"{prefix}{sub}.{k}"
                     self._slots[key] = (m, k)
                     self._head_keys.add(key)
+                    self._head_root.setdefault(key, f"{prefix}{path}")
 
     # ---- the forward/backward contract ----------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -319,16 +330,17 @@ class PeftModel:
         B = ids.shape[0]
         if attention_mask is not None:
             kw["attention_mask"] = prefixed_mask(attention_mask, B, ids.shape[1], n)
+        token_type_ids = self._ignored(token_type_ids)
         if token_type_ids is not None:
-            kw["token_type_ids"] = np.concatenate([np.zeros((B, n), dtype=np.int64), as_ids("token_type_ids", token_type_ids)], 1)
+            kw["token_type_ids"] = prefixed("token_type_ids", token_type_ids, ids.shape, n, 0)
         if position_ids is not None:
             warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
         if labels is not None:
             if type(self.base_model).__name__ in TOKEN_LABEL_CLASSES:
-                labels = np.concatenate([np.full((B, n), -100, dtype=np.int64), as_ids("labels", labels)], 1)
+                labels = prefixed("labels", labels, ids.shape, n, -100)
             kw["labels"] = labels
         if kw.get("lm_labels") is not None:  # GPT-1's L3 for classification: the virtual tokens predict nothing
-            kw["lm_labels"] = np.concatenate([np.full((B, n), -100, dtype=np.int64), as_ids("lm_labels", kw["lm_labels"])], 1)
+            kw["lm_labels"] = prefixed("lm_labels", kw["lm_labels"], ids.shape, n, -100)
         word = self._word  # the token table: its cache (the ids) is the last forward's until the model takes these
         kept = word.cache, getattr(word, "called_under_no_grad", False)
         try:
@@ -352,12 +364,21 @@ class PeftModel:
         # without position_ids the model counts them after the past, as transformers (BERT, GPT: n .. n+T-1;
         # RoBERTa: its own count shifted by n)
         pos = None if position_ids is None else as_ids("position_ids", position_ids) + n
+        token_type_ids = self._ignored(token_type_ids)
         for k, v in (("labels", labels), ("token_type_ids", token_type_ids), ("position_ids", pos)):
             if v is not None:
                 kw[k] = v
         out = self.base_model(ids, attention_mask=mask, past_key_values=tuple(past), **kw)
         self._last = ("prefix", pc)
         return out
+
+    def _ignored(self, token_type_ids):
+        """peft's prompt learning drops token types for a causal LM or feature extraction, warning as it
+        does (_adjust_prompt_learning_kwargs); returns the token types kept."""
+        if token_type_ids is not None and self._task_type() in ("CAUSAL_LM", "FEATURE_EXTRACTION"):
+            warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids")
+            return None
+        return token_type_ids
 
     def objective(self, out):
         return self.base_model.objective(out)
@@ -435,7 +456,7 @@ class PeftModel:
         """Drop from `state` the keys peft writes but reads back nowhere: an alias must equal its source
         (else a ValueError naming it), an original is the base model's own tensor."""
         state = dict(state)
-        for alias, source in self._aliases.items():
+        for alias, source in {**self._aliases, **self._read_aliases}.items():
             if alias in state and source in state and not np.array_equal(state[alias], state[source]):
                 raise ValueError(f"adapter tensor {alias!r} differs from {source!r}, the same tensor in peft's files")
             state.pop(alias, None)
@@ -571,7 +592,7 @@ class PeftModel:
         if head:
             n = getattr(c, "num_labels", None)
             named[files.HUB_HEAD_CONFIG] = files.json_writer(hub_head["config"] or {
-                "config": None, "hidden_size": c.hidden_size, "label2id": {f"LABEL_{i}": i for i in range(n or 0)},
+                "config": None, "hidden_size": c.hidden_size, "label2id": files.hub_label2id(c),
                 "model_class": type(model).__name__, "model_name": None, "model_type": _model_type(model),
                 "name": None, "num_labels": n, "version": files.ADAPTERS_VERSION})
             named[files.HUB_HEAD] = files.tensors_writer(head)
@@ -609,6 +630,7 @@ class PeftModel:
                 state.update(head)
                 if (path / files.HUB_HEAD_CONFIG).is_file():
                     head_config = files.read_json(path / files.HUB_HEAD_CONFIG)
+                    files.check_head_class(head_config, type(model).__name__, path / files.HUB_HEAD_CONFIG)
             elif (path / files.HUB_HEAD_PICKLE).is_file():
                 raise ValueError(f"adapter folder {str(path)!r} holds its head only as a pickle "
                                  f"({files.HUB_HEAD_PICKLE}). " + files.CONVERT.format(
@@ -622,6 +644,8 @@ class PeftModel:
         except BaseException:
             pm._restore()
             raise
+        if head and head_config is not None:  # AdapterHub names the model's labels from the head's
+            files.set_hub_labels(model.config, head_config)
         if not is_trainable:
             pm._freeze_adapter()
         return pm
@@ -754,6 +778,14 @@ def prefixed_mask(attention_mask, B, T, n):
     if m.shape != (B, T):
         raise ValueError(f"attention_mask must have shape {(B, T)} like input_ids, got {m.shape}")
     return np.concatenate([np.ones((B, n), dtype=m.dtype), m], axis=1)
+
+
+def prefixed(name, a, shape, n, fill):
+    """[fill (n times); a] per row: a per-token input (B, T) with the virtual tokens' entries in front."""
+    a = as_ids(name, a)
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} like input_ids, got {a.shape}")
+    return np.concatenate([np.full((shape[0], n), fill, dtype=np.int64), a], axis=1)
 
 
 def core_embeds_grad(core):
