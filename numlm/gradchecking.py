@@ -321,7 +321,8 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
     and module parameters must be float64. ``max_entries`` checks that many entries per array
     instead of all (two forwards per entry): the largest analytic one and random others. Dropout
     stays deterministic: numpy Generators passed as inputs or found on the module are rewound to
-    their state before the first forward on every call.
+    their state before the first forward on every call. What a module's backward treats as a constant
+    (DoRA's weight norm, detached as peft does) is held at its value (Module.detached).
     ``seed`` picks dout and the entries, from streams of gradcheck's own (see `stream`).
 
     Returns ``{name: error}`` with names from the function's signature (or the dict's keys) and
@@ -338,6 +339,8 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
             raise ValueError(f"gradcheck needs a float64 model; parameter {k} is {p.dtype} (use .astype('float64'))")
     run = _Run(fn, backward, names, values, as_dict, dict(kwargs or {}), is_module)
     with last_forward_kept(fn) if is_module else contextlib.nullcontext():
+        for _, m in fn.modules() if is_module else ():  # put back by last_forward_kept
+            vars(m).update(m.detached())
         return _compare(run, {**dict(zip(names, values)), **{f"param:{k}": p for k, p in params.items()}},
                         params, seed, eps, max_entries)
 

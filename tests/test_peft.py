@@ -372,6 +372,20 @@ def test_whole_model_gradcheck(kind, method, r, n, B, T, pad, seed):
     assert numeric_check(pm, ids, mask, labels) < 1e-6
 
 
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert", "gpt2", "openai-gpt"])
+def test_numlm_gradcheck_holds_doras_norm_as_its_backward_does(kind):
+    """numlm.gradcheck of a DoRA model failed (errors ~1 on lora_A and lora_B): its central differences
+    moved the weight norm n the backward holds constant (peft detaches it). The check now holds n
+    (Module.detached), and the model is as before after it: n recomputed by the next forward."""
+    pm = make(kind, "dora")
+    ids, mask, labels = inputs(kind, 2, 4, 1, 0)
+    errors = numlm.gradcheck(pm, {"input_ids": ids, "attention_mask": mask, "labels": labels}, max_entries=4, eps=1e-5)
+    assert max(errors.values()) < 1e-5, errors
+    assert any(".lora_A." in k for k in errors) and any("lora_magnitude_vector" in k for k in errors)
+    dora = [m for _, m in pm.base_model.modules() if isinstance(m, DoraLinear)]
+    assert dora and all(m.fixed_norm is None for m in dora)
+
+
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "openai-gpt"])
 @pytest.mark.parametrize("method", METHODS)
 def test_no_grad_forward_equals_the_forward_and_training_goes_on(kind, method):

@@ -243,6 +243,11 @@ class Module:
     def backward(self, *args, **kwargs):
         raise NotImplementedError
 
+    def detached(self):
+        """{attribute: value} that holds constant, while a gradient check perturbs the parameters, what
+        this module's forward computes from them but its backward treats as a constant (none here)"""
+        return {}
+
 
 def zeros_untouched(a):
     """Zeros like `a` from calloc: the pages cost no memory until a backward writes them

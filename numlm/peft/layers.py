@@ -113,12 +113,16 @@ class DoraLinear(LoraLinear):
     """y = (m / n) (x W + s x a b) + b in place of a Linear (DoRA, Liu et al. 2024, as peft): LoRA plus a
     magnitude m per output feature (`lora_magnitude_vector`, (C_out,)), n = ||W + s a b|| per output
     feature, recomputed each forward and held constant by the backward. `fixed_norm`, when set, is
-    used instead (a gradient check holds n fixed, as the backward does)."""
+    used instead (numlm.gradcheck sets it through detached(): the check holds n as the backward does)."""
 
     def __init__(self, base, r, alpha, dropout=0.0, use_rslora=False):
         super().__init__(base, r, alpha, dropout, use_rslora)
         self.lora_magnitude_vector = Vector(base.params["weight"].shape[1], base.params["weight"].dtype)
         self.fixed_norm = None
+
+    def detached(self):
+        """n, held at its value for a gradient check, as the backward holds it (peft detaches it)"""
+        return {"fixed_norm": self.norm()}
 
     def norm(self):
         return dora_norm(self.params["weight"], self.lora_A.params["weight"], self.lora_B.params["weight"], self.scaling)
