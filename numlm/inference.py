@@ -109,22 +109,21 @@ def fill_mask(model, tokenizer, text, top_k=5):
 
 # ---- sequence classification -------------------------------------------------------------------------
 def predict(model, input_ids, attention_mask=None, token_type_ids=None):
-    """Sequence classification: probs = softmax(logits) (single-label), sigmoid(logits) (multi-label), or
-    the raw value (regression, num_labels == 1). -> ModelOutput(logits, probs, labels (B,), label_names).
+    """Sequence classification, scored as transformers' text-classification pipeline: the raw value
+    (problem_type regression), sigmoid(logits) (multi-label, or a single label), else softmax(logits);
+    the label is the top score's. -> ModelOutput(logits, probs, labels (B,), label_names).
     model: any *ForSequenceClassification (BERT, RoBERTa, DistilBERT, GPT-2), or a PeftModel on one."""
     cfg = _classifier_config(model)
     ids = _ids("input_ids", input_ids)
     logits = np.asarray(_encoder_call(model, ids, attention_mask, token_type_ids).logits)
     kind = getattr(cfg, "problem_type", None)
-    if logits.shape[-1] == 1 and kind in (None, "regression"):
+    if kind == "regression":
         probs = logits.copy()
-        labels = np.zeros(len(logits), dtype=np.int64)
-    elif kind == "multi_label_classification":
+    elif kind == "multi_label_classification" or logits.shape[-1] == 1:
         probs = sigmoid(logits)
-        labels = np.argmax(probs, axis=-1)
     else:
         probs = softmax(logits)
-        labels = np.argmax(probs, axis=-1)
+    labels = np.argmax(probs, axis=-1)
     names = _label_names(cfg, logits.shape[-1])
     return ModelOutput(logits=logits, probs=probs, labels=labels, label_names=[names[int(i)] for i in labels])
 

@@ -131,6 +131,23 @@ def test_classify_text_level():
         assert r["score"] == pytest.approx(p.max()) and r["label"] == f"LABEL_{int(np.argmax(p))}"
 
 
+@pytest.mark.parametrize("num_labels, problem_type, scores", [
+    (1, None, "sigmoid"), (1, "single_label_classification", "sigmoid"), (1, "regression", "raw"),
+    (3, "regression", "raw"), (3, "multi_label_classification", "sigmoid"), (3, None, "softmax")])
+def test_classify_scores_as_the_pipeline(num_labels, problem_type, scores):
+    """transformers' text-classification pipeline: no function for regression; sigmoid for multi-label and
+    for a single label (a cross-encoder's relevance); softmax otherwise. The label is the top score's."""
+    tok = Tokenizer.train_wordpiece_from_iterator(TEXTS, vocab_size=60, min_frequency=1)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=32, num_labels=num_labels,
+                     problem_type=problem_type)
+    model = numlm.BertForSequenceClassification(cfg, seed=3, dtype="float64").eval()
+    for text, r in zip(["the cat sat", "a dog"], classify(model, tok, ["the cat sat", "a dog"])):
+        logits = np.asarray(model(np.array([tok.encode(text)])).logits[0], dtype=np.float64)
+        want = {"raw": logits, "sigmoid": 1 / (1 + np.exp(-logits)), "softmax": hand_softmax(logits)}[scores]
+        np.testing.assert_allclose(r["probs"], want, rtol=1e-9, atol=1e-12)
+        assert r["score"] == pytest.approx(want.max()) and r["label"] == f"LABEL_{int(np.argmax(want))}"
+
 def test_classify_takes_gpt2_distilbert_and_adapted_classifiers():
     """GPT-2's classifier (each text alone: its pooled token is the last real one), DistilBERT's (no token
     types), and a PeftModel on either: the probabilities are the softmax of the model's own logits on
