@@ -39,8 +39,10 @@ def repetition_penalty(scores, input_ids, penalty, pads=None):
 
 
 def temperature_scale(scores, temperature):
-    """s / temperature.    scores: (B, V) -> (B, V)"""
-    return scores / scores.dtype.type(temperature)
+    """s / temperature.    scores: (B, V) -> (B, V)
+    Overflow is quiet: generate refuses the scores it leaves (NaN, or every beam at -inf)."""
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        return scores / scores.dtype.type(temperature)
 
 
 def top_k_filter(scores, top_k, min_tokens_to_keep=1):
