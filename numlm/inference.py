@@ -87,6 +87,7 @@ def fill_mask(model, tokenizer, text, top_k=5):
     """Text with one or more mask tokens ([MASK], RoBERTa's <mask>) -> per mask a list of {token_id, token,
     score, sequence}, best first (transformers' fill-mask pipeline; `sequence` is the text with that mask
     filled, and with several masks the others shown, special tokens kept, as the pipeline does)."""
+    _check_tokenizer(tokenizer)
     if tokenizer.mask_id is None:
         raise ValueError("tokenizer has no mask token ([MASK] or <mask>)")
     _check_mlm(model)  # before text_ids reads its config
@@ -161,6 +162,7 @@ def classify(model, tokenizer, texts, pairs=None, max_length=None):
     single = isinstance(texts, str)
     texts, pairs = _texts("texts", texts), None if pairs is None else _texts("pairs", pairs)
     cfg = _classifier_config(model)
+    _check_tokenizer(tokenizer)
     if not texts:
         return []
     if getattr(cfg, "model_type", None) in ("gpt2", "openai-gpt"):
@@ -488,6 +490,7 @@ def embed(model, tokenizer=None, texts=(), pooling=None, normalize=None, max_len
         max_length = st.max_length if max_length is None else max_length
     if tokenizer is None:
         raise ValueError("embed needs the model's tokenizer (or a sentence-transformers folder as model)")
+    _check_tokenizer(tokenizer)
     enc = tokenizer.encode_batch(_texts("texts", texts), max_length=max_length)
     return sentence_embeddings(model, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"],
                                "mean" if pooling is None else pooling, True if normalize is None else normalize)

@@ -80,6 +80,20 @@ def test_fill_mask_errors():
         fill_mask_ids(numlm.from_pretrained(HF / "bert-tiny-seqcls"), [[1, 4, 3]], 4)
 
 
+@pytest.mark.parametrize("tokenizer", [None, "bert-base-uncased", {"mask_id": 4}])
+def test_text_level_calls_name_a_tokenizer_that_is_not_one(tokenizer):
+    """fill_mask, classify and embed took any object as the tokenizer and failed on its first attribute
+    (AttributeError: 'NoneType' object has no attribute 'mask_id'), as tag and answer did not"""
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=32)
+    calls = [lambda: fill_mask(tiny_mlm(50), tokenizer, "the [MASK] sat"),
+             lambda: classify(numlm.BertForSequenceClassification(cfg, seed=0), tokenizer, ["the cat"]),
+             lambda: embed(BertModel(cfg, seed=0), tokenizer, ["the cat"])]
+    for call in calls:
+        with pytest.raises(ValueError, match="tokenizer must be a numlm.data.Tokenizer|embed needs the model's "
+                                             "tokenizer"):
+            call()
+
 def test_fill_mask_names_a_text_longer_than_the_models_positions():
     """fill-mask takes a text whole (the mask could fall past a cut, and the pipeline does not cut): a text
     of more tokens than the 32 positions got the model's own error, naming input_ids, not the text."""
