@@ -481,7 +481,8 @@ def sentence_embeddings(model, input_ids, attention_mask=None, token_type_ids=No
 def embed(model, tokenizer=None, texts=(), pooling=None, normalize=None, max_length=None):
     """texts -> (B, C) sentence embeddings. model: a sentence-transformers folder (its tokenizer, pooling,
     normalisation and max_seq_length, as SentenceTransformer(folder).encode) or a numlm encoder with its
-    tokenizer (masked mean, L2-normalised unless told otherwise)."""
+    tokenizer (masked mean, L2-normalised unless told otherwise). A text is cut at max_length, else at the
+    model's positions and the tokenizer's model_max_length, as sentence-transformers cuts it."""
     if not hasattr(model, "forward"):
         st = sentence_transformer(model)
         model, tokenizer = st.model, tokenizer or st.tokenizer
@@ -491,6 +492,8 @@ def embed(model, tokenizer=None, texts=(), pooling=None, normalize=None, max_len
     if tokenizer is None:
         raise ValueError("embed needs the model's tokenizer (or a sentence-transformers folder as model)")
     _check_tokenizer(tokenizer)
+    if max_length is None:  # sentence-transformers' max_seq_length when none is set
+        max_length = _text_positions(_encoder(model), tokenizer)
     enc = tokenizer.encode_batch(_texts("texts", texts), max_length=max_length)
     return sentence_embeddings(model, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"],
                                "mean" if pooling is None else pooling, True if normalize is None else normalize)

@@ -243,6 +243,19 @@ def test_minilm_paraphrase_beats_unrelated():
     assert sim[0, 1] > sim[0, 2] + 0.3 and sim[0, 1] > sim[1, 2] + 0.3
 
 
+def test_embed_cuts_a_long_text_to_the_models_positions():
+    """sentence-transformers cuts a text at max_seq_length, min(the model's positions, the tokenizer's
+    model_max_length) when its folder sets none: embed refused a text past the positions instead"""
+    tok = Tokenizer.train_wordpiece_from_iterator(TEXTS, vocab_size=60, min_frequency=1)
+    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=24, max_position_embeddings=32), seed=0)
+    long = "the cat sat on the mat " * 10
+    got = embed(model, tok, [long, "a dog"])
+    np.testing.assert_allclose(got, embed(model, tok, [long, "a dog"], max_length=32), rtol=1e-6)
+    tok.model_max_length = 12
+    np.testing.assert_allclose(embed(model, tok, [long]), embed(model, tok, [long], max_length=12), rtol=1e-6)
+    assert not np.allclose(embed(model, tok, [long]), got[:1])
+
 def test_pool_refuses_a_mask_that_is_not_0_and_1():
     h = np.random.default_rng(0).standard_normal((2, 3, 4))
     with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):
