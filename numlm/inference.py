@@ -70,8 +70,9 @@ def fill_mask_ids(model, input_ids, mask_token_id, attention_mask=None, token_ty
     probs (N, top_k) best first). vocab_size: candidates only below it (a tokenizer smaller than the
     model's padded table); the probabilities stay those of the whole softmax."""
     ids = _ids("input_ids", input_ids)
-    if not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+    top_k = _positive("top_k", top_k)
+    if vocab_size is not None:
+        vocab_size = _positive("vocab_size", vocab_size)
     positions = np.argwhere(ids == mask_token_id)                      # (N, 2)
     if len(positions) == 0:
         raise ValueError(f"input_ids hold no mask token (id {mask_token_id})")

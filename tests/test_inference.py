@@ -78,6 +78,11 @@ def test_fill_mask_errors():
         fill_mask_ids(model, [[1, 4, 3]], 4, top_k=0)
     with pytest.raises(ValueError, match="masked-LM head"):
         fill_mask_ids(numlm.from_pretrained(HF / "bert-tiny-seqcls"), [[1, 4, 3]], 4)
+    # a vocab_size of 0 gave no candidates, a negative one all but the last few, top_k=True one: no error
+    for kw, name in ((dict(vocab_size=0), "vocab_size"), (dict(vocab_size=-3), "vocab_size"),
+                     (dict(vocab_size=2.5), "vocab_size"), (dict(top_k=True), "top_k")):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+            fill_mask_ids(model, [[1, 4, 3]], 4, **kw)
 
 
 @pytest.mark.parametrize("tokenizer", [None, "bert-base-uncased", {"mask_id": 4}])
