@@ -268,9 +268,10 @@ def _suppressed(tokens, V):
 def _check_options(num_beams, num_return_sequences, do_sample, early_stopping, streamer):
     """The search options, checked as transformers' GenerationConfig.validate does (the numbers are
     _check_args')."""
-    if not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
+    if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
         raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
-    if not isinstance(num_return_sequences, (int, np.integer)) or num_return_sequences < 1:
+    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, (int, np.integer)) \
+            or num_return_sequences < 1:
         raise ValueError(f"num_return_sequences must be an integer >= 1, got {num_return_sequences!r}")
     if num_beams > 1 and num_return_sequences > num_beams:
         raise ValueError(f"num_return_sequences={num_return_sequences} must be <= num_beams={num_beams}")
@@ -289,7 +290,7 @@ def _max_length(max_new_tokens, max_length, T0, config, virtual=0):
     """The total length to generate to (prompt included), checked against the position table (less the
     `virtual` tokens prompt or prefix tuning puts before the prompt)."""
     if max_new_tokens is not None:
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if max_length is not None:
             warnings.warn(f"both max_new_tokens={max_new_tokens} and max_length={max_length!r} are set: "

@@ -374,6 +374,10 @@ def test_eos_stops_and_pad_defaults_to_eos():
     (dict(input_ids=[[1, 2, 99]]), "input_ids"),
     (dict(attention_mask=[[1, 1]]), "attention_mask"),
     (dict(streamer=print, num_beams=2), "streamer"),
+    # True is an int: it meant 1 beam, 1 sequence, 1 new token
+    (dict(num_beams=True), "num_beams"),
+    (dict(num_beams=2, num_return_sequences=True), "num_return_sequences"),
+    (dict(max_new_tokens=True), "max_new_tokens"),
 ])
 def test_bad_input(kwargs, match):
     model = TableLM(V=9, n_positions=32)
