@@ -173,7 +173,8 @@ def classify(model, tokenizer, texts, pairs=None, max_length=None):
         out["label_names"] = [n for o in outs for n in o.label_names]
     else:
         enc = tokenizer.encode_batch(texts, pairs, max_length=max_length)
-        out = predict(model, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+        types = enc["token_type_ids"] if getattr(cfg, "type_vocab_size", None) else None  # DistilBERT: none
+        out = predict(model, enc["input_ids"], enc["attention_mask"], types)
     res = [{"label": n, "score": float(p[i]), "probs": p}
            for n, i, p in zip(out["label_names"], out["labels"], out["probs"])]
     return res[0] if single else res

@@ -150,6 +150,18 @@ def test_classify_text_level():
         assert r["score"] == pytest.approx(p.max()) and r["label"] == f"LABEL_{int(np.argmax(p))}"
 
 
+def test_classify_pairs_on_a_model_without_token_types():
+    """DistilBERT has no token types (its tokenizer in transformers gives none): the pair's type ids of a
+    BERT tokenizer were passed on and refused, so no pair could be classified"""
+    tok = Tokenizer.train_wordpiece_from_iterator(TEXTS, vocab_size=60, min_frequency=1)
+    distil = numlm.DistilBertForSequenceClassification(numlm.DistilBertConfig(
+        vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2, hidden_dim=24, max_position_embeddings=32),
+        seed=1, dtype="float64").eval()
+    texts, pairs = ["the cat sat", "a dog"], ["on the mat", "and a log on the floor"]
+    for text, pair, r in zip(texts, pairs, classify(distil, tok, texts, pairs=pairs)):
+        ids = tok.encode_batch([text], [pair])["input_ids"]
+        np.testing.assert_allclose(r["probs"], hand_softmax(distil(ids).logits[0]), rtol=1e-9)
+
 @pytest.mark.parametrize("num_labels, problem_type, scores", [
     (1, None, "sigmoid"), (1, "single_label_classification", "sigmoid"), (1, "regression", "raw"),
     (3, "regression", "raw"), (3, "multi_label_classification", "sigmoid"), (3, None, "softmax")])
