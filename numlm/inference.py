@@ -168,6 +168,9 @@ def classify(model, tokenizer, texts, pairs=None, max_length=None):
         return []
     if getattr(cfg, "model_type", None) in ("gpt2", "openai-gpt"):
         enc = tokenizer.encode_batch(texts, pairs, max_length=max_length, padding=False)
+        empty = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) == 0]
+        if empty:
+            raise ValueError(f"texts[{empty[0]}] encodes to no tokens: a GPT classifier reads its last token")
         outs = [predict(model, [ids]) for ids in enc["input_ids"]]
         out = {k: np.concatenate([o[k] for o in outs]) for k in ("labels", "probs")}
         out["label_names"] = [n for o in outs for n in o.label_names]

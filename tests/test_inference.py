@@ -150,6 +150,15 @@ def test_classify_text_level():
         assert r["score"] == pytest.approx(p.max()) and r["label"] == f"LABEL_{int(np.argmax(p))}"
 
 
+def test_classify_names_a_text_a_gpt_gets_no_tokens_of():
+    """a GPT's tokenizer adds no special tokens, so an empty text is no input: the error named input_ids
+    of shape (1, 0), not the text"""
+    tok = Tokenizer.train_bpe_from_iterator(TEXTS, vocab_size=280, min_frequency=1)
+    gpt = numlm.GPT2ForSequenceClassification(numlm.GPT2Config(
+        vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=1, n_head=2, num_labels=3), seed=1)
+    with pytest.raises(ValueError, match=r"texts\[1\] encodes to no tokens"):
+        classify(gpt, tok, ["the cat", ""])
+
 def test_classify_pairs_on_a_model_without_token_types():
     """DistilBERT has no token types (its tokenizer in transformers gives none): the pair's type ids of a
     BERT tokenizer were passed on and refused, so no pair could be classified"""
