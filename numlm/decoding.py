@@ -392,6 +392,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
     max_length = _max_length(max_new_tokens, max_length, T0, config, virtual)
     if max_length <= T0:
         warnings.warn(f"the prompt ({T0} tokens) is already max_length={max_length} long; nothing generated")
+        ids = np.repeat(ids, num_return_sequences, axis=0)  # the rows every search returns
         return ModelOutput(sequences=ids) if return_dict_in_generate else ids
     gen = generation_config(model)
     eos, pad_token_id, mask = _special_tokens_and_mask(ids, attention_mask, eos_token_id, pad_token_id, config, gen)
