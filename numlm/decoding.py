@@ -39,8 +39,10 @@ def repetition_penalty(scores, input_ids, penalty, pads=None):
 
 
 def temperature_scale(scores, temperature):
-    """s / temperature.    scores: (B, V) -> (B, V)"""
-    return scores / scores.dtype.type(temperature)
+    """s / temperature.    scores: (B, V) -> (B, V)
+    Overflow is quiet: generate refuses the scores it leaves (NaN, or every beam at -inf)."""
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        return scores / scores.dtype.type(temperature)
 
 
 def top_k_filter(scores, top_k, min_tokens_to_keep=1):
@@ -266,9 +268,10 @@ def _suppressed(tokens, V):
 def _check_options(num_beams, num_return_sequences, do_sample, early_stopping, streamer):
     """The search options, checked as transformers' GenerationConfig.validate does (the numbers are
     _check_args')."""
-    if not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
+    if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
         raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
-    if not isinstance(num_return_sequences, (int, np.integer)) or num_return_sequences < 1:
+    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, (int, np.integer)) \
+            or num_return_sequences < 1:
         raise ValueError(f"num_return_sequences must be an integer >= 1, got {num_return_sequences!r}")
     if num_beams > 1 and num_return_sequences > num_beams:
         raise ValueError(f"num_return_sequences={num_return_sequences} must be <= num_beams={num_beams}")
@@ -287,7 +290,7 @@ def _max_length(max_new_tokens, max_length, T0, config, virtual=0):
     """The total length to generate to (prompt included), checked against the position table (less the
     `virtual` tokens prompt or prefix tuning puts before the prompt)."""
     if max_new_tokens is not None:
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if max_length is not None:
             warnings.warn(f"both max_new_tokens={max_new_tokens} and max_length={max_length!r} are set: "
@@ -389,6 +392,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
     max_length = _max_length(max_new_tokens, max_length, T0, config, virtual)
     if max_length <= T0:
         warnings.warn(f"the prompt ({T0} tokens) is already max_length={max_length} long; nothing generated")
+        ids = np.repeat(ids, num_return_sequences, axis=0)  # the rows every search returns
         return ModelOutput(sequences=ids) if return_dict_in_generate else ids
     gen = generation_config(model)
     eos, pad_token_id, mask = _special_tokens_and_mask(ids, attention_mask, eos_token_id, pad_token_id, config, gen)
@@ -581,6 +585,18 @@ def _beam_going_on(bm, cur, T0, max_length, length_penalty, early_stopping, hits
     return bool(bm.improvable.any() and not (bm.finished.all() and early_stopping is True) and not hits.all())
 
 
+def _check_found(seq_scores, temperature, length_penalty, penalty):
+    """Refuse a search whose returned hypotheses score -1e9 or less, the score of the empty ones it starts
+    from: sum(log p) / length ** length_penalty fell there (a tiny temperature, a negative length penalty,
+    a repetition penalty leaving -inf), and the bare prompt would come back."""
+    if not (seq_scores > NEG).all():
+        given = [f"{n}={v!r}" for n, v in (("temperature", temperature), ("length_penalty", length_penalty),
+                                           ("repetition_penalty", penalty)) if v != 1.0]
+        given = f" with {', '.join(given)}" if given else ""
+        raise ValueError(f"beam search found no hypothesis scored above -1e9, the score of an empty one: "
+                         f"sum(log p) / length ** length_penalty falls below it{given}")
+
+
 def _beam_search(model, ids, mask, max_length, K, n_return, length_penalty, early_stopping, eos, pad,
                  use_cache, do_sample, temperature, top_k, top_p, penalty, suppress, rng):
     """transformers 5's vectorized _beam_search: keep the K best running beams; every step take the
@@ -618,6 +634,7 @@ def _beam_search(model, ids, mask, max_length, K, n_return, length_penalty, earl
             break
     sequences = bm.sequences[:, :n_return].reshape(B * n_return, max_length)
     seq_scores = bm.beam_scores[:, :n_return].reshape(B * n_return)
+    _check_found(seq_scores, temperature if do_sample else 1.0, length_penalty, penalty)
     beam_idx = bm.beam_idx[:, :n_return].reshape(B * n_return, -1)
     out_len = T0 + int((beam_idx != -1).sum(axis=1).max())
     return sequences[:, :out_len], seq_scores, tuple(scores)

@@ -70,8 +70,9 @@ def fill_mask_ids(model, input_ids, mask_token_id, attention_mask=None, token_ty
     probs (N, top_k) best first). vocab_size: candidates only below it (a tokenizer smaller than the
     model's padded table); the probabilities stay those of the whole softmax."""
     ids = _ids("input_ids", input_ids)
-    if not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+    top_k = _positive("top_k", top_k)
+    if vocab_size is not None:
+        vocab_size = _positive("vocab_size", vocab_size)
     positions = np.argwhere(ids == mask_token_id)                      # (N, 2)
     if len(positions) == 0:
         raise ValueError(f"input_ids hold no mask token (id {mask_token_id})")
@@ -87,6 +88,7 @@ def fill_mask(model, tokenizer, text, top_k=5):
     """Text with one or more mask tokens ([MASK], RoBERTa's <mask>) -> per mask a list of {token_id, token,
     score, sequence}, best first (transformers' fill-mask pipeline; `sequence` is the text with that mask
     filled, and with several masks the others shown, special tokens kept, as the pipeline does)."""
+    _check_tokenizer(tokenizer)
     if tokenizer.mask_id is None:
         raise ValueError("tokenizer has no mask token ([MASK] or <mask>)")
     _check_mlm(model)  # before text_ids reads its config
@@ -109,22 +111,21 @@ def fill_mask(model, tokenizer, text, top_k=5):
 
 # ---- sequence classification -------------------------------------------------------------------------
 def predict(model, input_ids, attention_mask=None, token_type_ids=None):
-    """Sequence classification: probs = softmax(logits) (single-label), sigmoid(logits) (multi-label), or
-    the raw value (regression, num_labels == 1). -> ModelOutput(logits, probs, labels (B,), label_names).
+    """Sequence classification, scored as transformers' text-classification pipeline: the raw value
+    (problem_type regression), sigmoid(logits) (multi-label, or a single label), else softmax(logits);
+    the label is the top score's. -> ModelOutput(logits, probs, labels (B,), label_names).
     model: any *ForSequenceClassification (BERT, RoBERTa, DistilBERT, GPT-2), or a PeftModel on one."""
     cfg = _classifier_config(model)
     ids = _ids("input_ids", input_ids)
     logits = np.asarray(_encoder_call(model, ids, attention_mask, token_type_ids).logits)
     kind = getattr(cfg, "problem_type", None)
-    if logits.shape[-1] == 1 and kind in (None, "regression"):
+    if kind == "regression":
         probs = logits.copy()
-        labels = np.zeros(len(logits), dtype=np.int64)
-    elif kind == "multi_label_classification":
+    elif kind == "multi_label_classification" or logits.shape[-1] == 1:
         probs = sigmoid(logits)
-        labels = np.argmax(probs, axis=-1)
     else:
         probs = softmax(logits)
-        labels = np.argmax(probs, axis=-1)
+    labels = np.argmax(probs, axis=-1)
     names = _label_names(cfg, logits.shape[-1])
     return ModelOutput(logits=logits, probs=probs, labels=labels, label_names=[names[int(i)] for i in labels])
 
@@ -162,16 +163,21 @@ def classify(model, tokenizer, texts, pairs=None, max_length=None):
     single = isinstance(texts, str)
     texts, pairs = _texts("texts", texts), None if pairs is None else _texts("pairs", pairs)
     cfg = _classifier_config(model)
+    _check_tokenizer(tokenizer)
     if not texts:
         return []
     if getattr(cfg, "model_type", None) in ("gpt2", "openai-gpt"):
         enc = tokenizer.encode_batch(texts, pairs, max_length=max_length, padding=False)
+        empty = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) == 0]
+        if empty:
+            raise ValueError(f"texts[{empty[0]}] encodes to no tokens: a GPT classifier reads its last token")
         outs = [predict(model, [ids]) for ids in enc["input_ids"]]
         out = {k: np.concatenate([o[k] for o in outs]) for k in ("labels", "probs")}
         out["label_names"] = [n for o in outs for n in o.label_names]
     else:
         enc = tokenizer.encode_batch(texts, pairs, max_length=max_length)
-        out = predict(model, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+        types = enc["token_type_ids"] if getattr(cfg, "type_vocab_size", None) else None  # DistilBERT: none
+        out = predict(model, enc["input_ids"], enc["attention_mask"], types)
     res = [{"label": n, "score": float(p[i]), "probs": p}
            for n, i, p in zip(out["label_names"], out["labels"], out["probs"])]
     return res[0] if single else res
@@ -480,7 +486,8 @@ def sentence_embeddings(model, input_ids, attention_mask=None, token_type_ids=No
 def embed(model, tokenizer=None, texts=(), pooling=None, normalize=None, max_length=None):
     """texts -> (B, C) sentence embeddings. model: a sentence-transformers folder (its tokenizer, pooling,
     normalisation and max_seq_length, as SentenceTransformer(folder).encode) or a numlm encoder with its
-    tokenizer (masked mean, L2-normalised unless told otherwise)."""
+    tokenizer (masked mean, L2-normalised unless told otherwise). A text is cut at max_length, else at the
+    model's positions and the tokenizer's model_max_length, as sentence-transformers cuts it."""
     if not hasattr(model, "forward"):
         st = sentence_transformer(model)
         model, tokenizer = st.model, tokenizer or st.tokenizer
@@ -489,6 +496,9 @@ def embed(model, tokenizer=None, texts=(), pooling=None, normalize=None, max_len
         max_length = st.max_length if max_length is None else max_length
     if tokenizer is None:
         raise ValueError("embed needs the model's tokenizer (or a sentence-transformers folder as model)")
+    _check_tokenizer(tokenizer)
+    if max_length is None:  # sentence-transformers' max_seq_length when none is set
+        max_length = _text_positions(_encoder(model), tokenizer)
     enc = tokenizer.encode_batch(_texts("texts", texts), max_length=max_length)
     return sentence_embeddings(model, enc["input_ids"], enc["attention_mask"], enc["token_type_ids"],
                                "mean" if pooling is None else pooling, True if normalize is None else normalize)

@@ -341,6 +341,11 @@ def test_lengths_and_defaults():
     assert generate(model, [[1, 2, 3]], max_length=7).shape == (1, 7)
     with pytest.warns(UserWarning, match="max_new_tokens wins"):
         assert generate(model, [[1, 2, 3]], max_length=30, max_new_tokens=2).shape == (1, 5)
+    # a prompt already at the default max_length: the prompt, once per sequence asked for (it came once)
+    long = [list(range(1, 9)) * 3]
+    for kw in (dict(do_sample=True, num_return_sequences=3, seed=0), dict(num_beams=3, num_return_sequences=3)):
+        with pytest.warns(UserWarning, match="nothing generated"):
+            np.testing.assert_array_equal(generate(model, long, **kw), np.repeat(long, 3, axis=0))
 
 
 def test_eos_stops_and_pad_defaults_to_eos():
@@ -374,6 +379,10 @@ def test_eos_stops_and_pad_defaults_to_eos():
     (dict(input_ids=[[1, 2, 99]]), "input_ids"),
     (dict(attention_mask=[[1, 1]]), "attention_mask"),
     (dict(streamer=print, num_beams=2), "streamer"),
+    # True is an int: it meant 1 beam, 1 sequence, 1 new token
+    (dict(num_beams=True), "num_beams"),
+    (dict(num_beams=2, num_return_sequences=True), "num_return_sequences"),
+    (dict(max_new_tokens=True), "max_new_tokens"),
 ])
 def test_bad_input(kwargs, match):
     model = TableLM(V=9, n_positions=32)

@@ -55,6 +55,14 @@ def test_generate_bad_input_is_a_clear_error(gpt_dir, capsys):
     assert "--top-p" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra", [[], ["--num-beams", "2"]])
+def test_a_temperature_that_overflows_is_one_error_line(gpt_dir, capsys, extra):
+    """numpy's overflow warning of scores / temperature came out as a line before the error"""
+    args = ["generate", str(gpt_dir), "--prompt", "the cat", "--max-new-tokens", "3", "--temperature", "1e-40"]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "temperature=1e-40" in err[0]
+
 def test_fill_mask_command(tmp_path, capsys):
     tok = Tokenizer.train_wordpiece_from_iterator(TEXTS, vocab_size=60, min_frequency=1)
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,

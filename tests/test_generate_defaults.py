@@ -119,6 +119,22 @@ def test_infinite_logits_are_refused(gpt):
             generate(model, np.array([[5, 7, 9, 11]]), max_new_tokens=3, **kw)
 
 
+@pytest.mark.parametrize("kw, match", [(dict(do_sample=True, temperature=1e-40), "temperature=1e-40"),
+                                      (dict(do_sample=True, temperature=1e-10), "temperature=1e-10"),
+                                      (dict(length_penalty=-10.0), "length_penalty=-10.0")])
+def test_beam_scores_at_the_empty_hypotheses_score_are_refused(gpt, kw, match):
+    """sum(log p) / length ** length_penalty at or below -1e9, the score beam search gives the empty
+    hypotheses it starts from: the bare prompt came back, scored -1e9, with no error. Above it, scores of
+    that size still search (a temperature of 1e-8 gives the beams of greedy beam search)."""
+    prompt, args = np.array([[5, 7, 9, 11]]), dict(max_new_tokens=20, num_beams=3, eos_token_id=98,
+                                                   return_dict_in_generate=True)
+    with pytest.raises(ValueError, match=match):
+        generate(gpt, prompt, **args, **kw)
+    cold = generate(gpt, prompt, **args, do_sample=True, temperature=1e-8, seed=0)
+    np.testing.assert_array_equal(cold.sequences, generate(gpt, prompt, **args).sequences)
+    assert cold.sequences.shape == (1, 24) and -1e9 < cold.sequences_scores[0] < -1e6
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(eos_token_id=[3, None]), None),
     (dict(suppress_tokens=3), None),

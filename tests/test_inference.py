@@ -78,7 +78,26 @@ def test_fill_mask_errors():
         fill_mask_ids(model, [[1, 4, 3]], 4, top_k=0)
     with pytest.raises(ValueError, match="masked-LM head"):
         fill_mask_ids(numlm.from_pretrained(HF / "bert-tiny-seqcls"), [[1, 4, 3]], 4)
+    # a vocab_size of 0 gave no candidates, a negative one all but the last few, top_k=True one: no error
+    for kw, name in ((dict(vocab_size=0), "vocab_size"), (dict(vocab_size=-3), "vocab_size"),
+                     (dict(vocab_size=2.5), "vocab_size"), (dict(top_k=True), "top_k")):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+            fill_mask_ids(model, [[1, 4, 3]], 4, **kw)
 
+
+@pytest.mark.parametrize("tokenizer", [None, "bert-base-uncased", {"mask_id": 4}])
+def test_text_level_calls_name_a_tokenizer_that_is_not_one(tokenizer):
+    """fill_mask, classify and embed took any object as the tokenizer and failed on its first attribute
+    (AttributeError: 'NoneType' object has no attribute 'mask_id'), as tag and answer did not"""
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=32)
+    calls = [lambda: fill_mask(tiny_mlm(50), tokenizer, "the [MASK] sat"),
+             lambda: classify(numlm.BertForSequenceClassification(cfg, seed=0), tokenizer, ["the cat"]),
+             lambda: embed(BertModel(cfg, seed=0), tokenizer, ["the cat"])]
+    for call in calls:
+        with pytest.raises(ValueError, match="tokenizer must be a numlm.data.Tokenizer|embed needs the model's "
+                                             "tokenizer"):
+            call()
 
 def test_fill_mask_names_a_text_longer_than_the_models_positions():
     """fill-mask takes a text whole (the mask could fall past a cut, and the pipeline does not cut): a text
@@ -130,6 +149,44 @@ def test_classify_text_level():
         np.testing.assert_allclose(r["probs"], p, rtol=1e-9, atol=1e-12)  # padding does not change a row
         assert r["score"] == pytest.approx(p.max()) and r["label"] == f"LABEL_{int(np.argmax(p))}"
 
+
+def test_classify_names_a_text_a_gpt_gets_no_tokens_of():
+    """a GPT's tokenizer adds no special tokens, so an empty text is no input: the error named input_ids
+    of shape (1, 0), not the text"""
+    tok = Tokenizer.train_bpe_from_iterator(TEXTS, vocab_size=280, min_frequency=1)
+    gpt = numlm.GPT2ForSequenceClassification(numlm.GPT2Config(
+        vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=1, n_head=2, num_labels=3), seed=1)
+    with pytest.raises(ValueError, match=r"texts\[1\] encodes to no tokens"):
+        classify(gpt, tok, ["the cat", ""])
+
+def test_classify_pairs_on_a_model_without_token_types():
+    """DistilBERT has no token types (its tokenizer in transformers gives none): the pair's type ids of a
+    BERT tokenizer were passed on and refused, so no pair could be classified"""
+    tok = Tokenizer.train_wordpiece_from_iterator(TEXTS, vocab_size=60, min_frequency=1)
+    distil = numlm.DistilBertForSequenceClassification(numlm.DistilBertConfig(
+        vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2, hidden_dim=24, max_position_embeddings=32),
+        seed=1, dtype="float64").eval()
+    texts, pairs = ["the cat sat", "a dog"], ["on the mat", "and a log on the floor"]
+    for text, pair, r in zip(texts, pairs, classify(distil, tok, texts, pairs=pairs)):
+        ids = tok.encode_batch([text], [pair])["input_ids"]
+        np.testing.assert_allclose(r["probs"], hand_softmax(distil(ids).logits[0]), rtol=1e-9)
+
+@pytest.mark.parametrize("num_labels, problem_type, scores", [
+    (1, None, "sigmoid"), (1, "single_label_classification", "sigmoid"), (1, "regression", "raw"),
+    (3, "regression", "raw"), (3, "multi_label_classification", "sigmoid"), (3, None, "softmax")])
+def test_classify_scores_as_the_pipeline(num_labels, problem_type, scores):
+    """transformers' text-classification pipeline: no function for regression; sigmoid for multi-label and
+    for a single label (a cross-encoder's relevance); softmax otherwise. The label is the top score's."""
+    tok = Tokenizer.train_wordpiece_from_iterator(TEXTS, vocab_size=60, min_frequency=1)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=32, num_labels=num_labels,
+                     problem_type=problem_type)
+    model = numlm.BertForSequenceClassification(cfg, seed=3, dtype="float64").eval()
+    for text, r in zip(["the cat sat", "a dog"], classify(model, tok, ["the cat sat", "a dog"])):
+        logits = np.asarray(model(np.array([tok.encode(text)])).logits[0], dtype=np.float64)
+        want = {"raw": logits, "sigmoid": 1 / (1 + np.exp(-logits)), "softmax": hand_softmax(logits)}[scores]
+        np.testing.assert_allclose(r["probs"], want, rtol=1e-9, atol=1e-12)
+        assert r["score"] == pytest.approx(want.max()) and r["label"] == f"LABEL_{int(np.argmax(want))}"
 
 def test_classify_takes_gpt2_distilbert_and_adapted_classifiers():
     """GPT-2's classifier (each text alone: its pooled token is the last real one), DistilBERT's (no token
@@ -211,6 +268,19 @@ def test_minilm_paraphrase_beats_unrelated():
     sim = e @ e.T
     assert sim[0, 1] > sim[0, 2] + 0.3 and sim[0, 1] > sim[1, 2] + 0.3
 
+
+def test_embed_cuts_a_long_text_to_the_models_positions():
+    """sentence-transformers cuts a text at max_seq_length, min(the model's positions, the tokenizer's
+    model_max_length) when its folder sets none: embed refused a text past the positions instead"""
+    tok = Tokenizer.train_wordpiece_from_iterator(TEXTS, vocab_size=60, min_frequency=1)
+    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=24, max_position_embeddings=32), seed=0)
+    long = "the cat sat on the mat " * 10
+    got = embed(model, tok, [long, "a dog"])
+    np.testing.assert_allclose(got, embed(model, tok, [long, "a dog"], max_length=32), rtol=1e-6)
+    tok.model_max_length = 12
+    np.testing.assert_allclose(embed(model, tok, [long]), embed(model, tok, [long], max_length=12), rtol=1e-6)
+    assert not np.allclose(embed(model, tok, [long]), got[:1])
 
 def test_pool_refuses_a_mask_that_is_not_0_and_1():
     h = np.random.default_rng(0).standard_normal((2, 3, 4))

@@ -140,6 +140,33 @@ def test_kv_cache_fed_back_grows_in_place_and_earlier_caches_stay():
         np.testing.assert_array_equal(k, kv[:, :, :t + 1])
 
 
+def test_a_kv_buffer_no_present_views_is_let_go():
+    """The buffer a fed-back cache grows in stayed on the layer once no cache grew in it (a forward without
+    a past, another past, a generate() ended): up to twice the longest cache per layer, held for good"""
+    import numlm
+    from conftest import FIXTURES
+    rng = np.random.default_rng(0)
+    attn = Attention(2, causal=True).eval()
+    x = [rng.standard_normal((1, 1, 8)) for _ in range(4)]
+
+    def grown():
+        attn(x[0], x[0], x[0])
+        for t in (1, 2):
+            attn(x[t], x[t], x[t], past=attn.present)
+        assert attn.room is not None and attn.present[0].base is attn.room[0]
+        return attn.present
+    grown()
+    attn(x[3], x[3], x[3])  # no past
+    assert attn.room is None
+    kept = grown()
+    attn(x[3], x[3], x[3], past=tuple(a.copy() for a in kept))  # a past that is not the last present
+    assert attn.room is None
+    np.testing.assert_array_equal(kept[0], split_heads(np.concatenate(x[:3], axis=1), 2))  # still whole
+    model = numlm.from_pretrained(FIXTURES / "hf" / "gpt2-tiny")
+    numlm.generate(model, [[1, 2, 3]], max_new_tokens=20, eos_token_id=[])
+    model(np.array([[1, 2, 3]]))
+    assert all(block.attn.core.room is None for block in model.transformer.h.items)
+
 def test_split_merge_heads_roundtrip():
     x = np.arange(2 * 3 * 6.0).reshape(2, 3, 6)
     h = split_heads(x, 2)

@@ -439,6 +439,8 @@ class Attention(Module):
             k, v = self.after_past(past, k, v)  # (B, H, T_past + T, D)
         kept = attention_keeps[0]
         self.present = (k, v) if "present" in kept else None
+        if self.room is not None and (self.present is None or k.base is not self.room[0]):
+            self.room = None  # no present views the buffer: nothing grows in it again
         p = self.dropout_p if self.training else 0.0
         # merge heads: (B, H, T, D) -> (B, T, C), the op writing into the per-head view of (B, T, H, D)
         merged = np.empty((B, T, H, D), dtype=np.result_type(q, k, v))
