@@ -25,8 +25,8 @@ NEG = np.float32(-1.0e9)  # transformers' "very large negative" for beams that m
 # ---- logits processors (transformers' order: repetition penalty, temperature, top-k, top-p) --------------
 def repetition_penalty(scores, input_ids, penalty, pads=None):
     """s[b, t] = s / penalty if s > 0 else s * penalty,  for every token t in input_ids[b] after its first
-    pads[b] (the prompt's left padding: transformers' prompt_ignore_length).
-    scores: (B, V)  input_ids: (B, T)  pads: (B,) or None -> (B, V)"""
+    pads[b] (the prompt's left padding: transformers' prompt_ignore_length). Overflow is quiet, as in
+    temperature_scale.    scores: (B, V)  input_ids: (B, T)  pads: (B,) or None -> (B, V)"""
     B, V = scores.shape
     rows = np.arange(B)[:, None]
     if pads is not None and pads.any():  # a skipped position points at an extra column, dropped after
@@ -34,7 +34,8 @@ def repetition_penalty(scores, input_ids, penalty, pads=None):
         scores = np.concatenate([scores, np.zeros((B, 1), scores.dtype)], axis=1)
     s = scores[rows, input_ids]                                     # (B, T)
     out = scores.copy()
-    out[rows, input_ids] = np.where(s < 0, s * penalty, s / penalty).astype(scores.dtype)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        out[rows, input_ids] = np.where(s < 0, s * penalty, s / penalty).astype(scores.dtype)
     return out[:, :V]
 
 

@@ -515,7 +515,7 @@ def best_spans(start_logits, end_logits, context_mask, top_k=1, max_answer_len=1
     when spans of score 0 (touching the question) were among them, as in the pipeline.
     start_logits, end_logits, context_mask: (T,) -> starts, ends, scores (n,), null (a 0-d array)"""
     start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
-    c = np.asarray(context_mask).astype(bool)  # a copy: position 0 joins it
+    c = _zero_one("context_mask", context_mask)  # a copy: position 0 joins it
     if not start_logits.ndim == 1 or not start_logits.shape == end_logits.shape == c.shape or c.size == 0:
         raise ValueError(f"start_logits, end_logits and context_mask must be one row each, of one length (T,), "
                          f"got {start_logits.shape}, {end_logits.shape} and {c.shape}")
@@ -543,6 +543,14 @@ def _qa_config(model):
     return _task_config(model, "ForQuestionAnswering", "question-answering")
 
 
+def _zero_one(name, m):
+    """a mask of 0 and 1 (or bool), as a bool copy"""
+    m = np.asarray(m)
+    if m.dtype != np.bool_ and not (m.dtype.kind in "iuf" and ((m == 0) | (m == 1)).all()):
+        raise ValueError(f"{name} must hold only 0 and 1 (or True and False)")
+    return m.astype(bool)
+
+
 def _positive(name, v):
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -558,7 +566,7 @@ def answer_spans(model, input_ids, context_mask, attention_mask=None, token_type
     _qa_config(model)
     ids = _ids("input_ids", input_ids)
     top_k, max_answer_len = _positive("top_k", top_k), _positive("max_answer_len", max_answer_len)
-    ctx = np.asarray(context_mask)
+    ctx = _zero_one("context_mask", context_mask)
     real = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     if ctx.shape != ids.shape or real.shape != ids.shape:
         raise ValueError(f"context_mask and attention_mask must have input_ids' shape {ids.shape}, "
@@ -571,7 +579,7 @@ def answer_spans(model, input_ids, context_mask, attention_mask=None, token_type
     rows = []
     for b in range(len(ids)):
         n = int(np.flatnonzero(real[b])[-1]) + 1  # a row's own length, as the pipeline runs it alone
-        rows.append(best_spans(start[b, :n], end[b, :n], ctx[b, :n].astype(bool) & real[b, :n], top_k,
+        rows.append(best_spans(start[b, :n], end[b, :n], ctx[b, :n] & real[b, :n], top_k,
                                max_answer_len))
     starts, ends, scores, null = zip(*rows)
     return ModelOutput(starts=list(starts), ends=list(ends), scores=list(scores), null_scores=np.array(null))
@@ -663,6 +671,8 @@ def answer(model, tokenizer, question, context, top_k=1, max_answer_len=15, max_
         if not t.strip():
             raise ValueError(f"{name} is empty (or only white space)")
     top_k, max_answer_len = _positive("top_k", top_k), _positive("max_answer_len", max_answer_len)
+    if not isinstance(handle_impossible_answer, (bool, np.bool_)):
+        raise ValueError(f"handle_impossible_answer must be True or False, got {handle_impossible_answer!r}")
     room = _text_positions(model, tokenizer)
     max_seq_len = _positive("max_seq_len", min(384, room) if max_seq_len is None else max_seq_len)
     if max_seq_len > room:

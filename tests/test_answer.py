@@ -210,6 +210,7 @@ def test_best_spans_of_equal_logits():
     ({"question": "what " * 40, "max_seq_len": 32}, "leave its context no room"),
     ({"question": ["a?", "b?"], "context": ["x"]}, "2 questions and 1 contexts"),
     ({"doc_stride": -1}, "doc_stride must be an integer >= 0"),
+    ({"handle_impossible_answer": "no"}, "handle_impossible_answer must be True or False"),
 ])
 def test_refusals(models, tok, kwargs, match):
     args = {"question": "What is a module?", "context": LONG, **kwargs}
@@ -244,6 +245,10 @@ def test_windows_fit_the_tokenizer_and_the_model():
     (lambda m, t: best_spans(np.zeros((2, 3)), np.zeros((2, 3)), np.ones((2, 3))), "one row each"),
     (lambda m, t: best_spans(np.zeros(5), np.zeros(4), np.ones(5)), "one row each"),
     (lambda m, t: best_spans(np.zeros(5), np.zeros(5), np.ones(5), top_k=0), "top_k must be an integer >= 1"),
+    # a mask of 2s or of strings counted as all context
+    (lambda m, t: best_spans(np.zeros(5), np.zeros(5), np.full(5, 2)), "context_mask must hold only 0 and 1"),
+    (lambda m, t: best_spans(np.zeros(5), np.zeros(5), np.array(list("01010"))), "context_mask must hold only 0"),
+    (lambda m, t: answer_spans(m, np.array([[2, 5, 3, 7, 3]]), np.full((1, 5), 2)), "context_mask must hold only"),
     (lambda m, t: qa_windows(t, "q?", "c.", doc_stride=None), "doc_stride must be an integer"),
     (lambda m, t: qa_windows(t, "q?", "c.", max_seq_len=None), "max_seq_len must be an integer"),
 ])

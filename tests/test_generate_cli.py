@@ -63,6 +63,16 @@ def test_a_temperature_that_overflows_is_one_error_line(gpt_dir, capsys, extra):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "temperature=1e-40" in err[0]
 
+@pytest.mark.parametrize("penalty", ["1e300", "1e-300"])
+def test_an_extreme_repetition_penalty_prints_no_numpy_warning(gpt_dir, capsys, penalty):
+    """numpy's overflow warnings of s * penalty, s / penalty and their cast came out on stderr"""
+    args = ["generate", str(gpt_dir), "--prompt", "the cat", "--max-new-tokens", "3", "--repetition-penalty", penalty]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert "Warning" not in err and "overflow" not in err
+    assert code == 0 or len(err.splitlines()) == 1
+
+
 def test_fill_mask_command(tmp_path, capsys):
     tok = Tokenizer.train_wordpiece_from_iterator(TEXTS, vocab_size=60, min_frequency=1)
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
