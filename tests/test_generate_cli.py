@@ -63,6 +63,17 @@ def test_a_temperature_that_overflows_is_one_error_line(gpt_dir, capsys, extra):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "temperature=1e-40" in err[0]
 
+def test_a_reader_that_goes_away_ends_generate_quietly(gpt_dir):
+    """numlm generate ... | head printed 'error: Broken pipe' (exit 2) once head had its lines"""
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-m", "numlm", "generate", str(gpt_dir), "--prompt", "the cat",
+                          "--max-new-tokens", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # before the command's first line: its first write finds no reader
+    assert p.wait(timeout=120) == 141
+    assert p.stderr.read() == b""
+
+
 @pytest.mark.parametrize("penalty", ["1e300", "1e-300"])
 def test_an_extreme_repetition_penalty_prints_no_numpy_warning(gpt_dir, capsys, penalty):
     """numpy's overflow warnings of s * penalty, s / penalty and their cast came out on stderr"""

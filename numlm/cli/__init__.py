@@ -4,6 +4,7 @@ Every error, in any subcommand, reaches the user as one line `numlm <command>: e
 exit code 2 (`--debug` adds the traceback); an interrupt (Ctrl-C or SIGTERM) exits 130."""
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -272,7 +273,8 @@ def _stop(signum, frame):
 
 def main(argv=None):
     """Run one command; the exit code: 0 finished, 1 a check failed (gradcheck), 2 bad input or an
-    error, 130 interrupted (Ctrl-C or SIGTERM; a training run has saved its checkpoint)."""
+    error, 130 interrupted (Ctrl-C or SIGTERM; a training run has saved its checkpoint), 141 the reader
+    of the output went away (numlm ... | head), quietly, as a command SIGPIPE ends."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -295,6 +297,9 @@ def main(argv=None):
                 traceback.print_exc()
             print(f"{prog}: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # what is left to print goes nowhere, the exit's flush included
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         except Exception as e:
             if debug:
                 traceback.print_exc()
