@@ -225,12 +225,13 @@ def test_sigint_at_a_given_step_then_resume_equals_an_uninterrupted_run(step, wh
 
 def test_the_readme_documents_the_exit_codes_the_command_returns(capsys):
     """0 finished, 1 a check failed, 2 bad input, 130 interrupted (tests/test_recipes.py sends the
-    signals): the README's table lists exactly these, and the command returns them."""
+    signals), 141 the reader went away (tests/test_generate_cli.py): the README's table lists exactly
+    these, and the command returns them."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     table = "\n".join(readme[readme.index("**Exit codes**"):].split("\n\n")[:2])  # the item and its table
     codes = {int(row.split("|")[1]) for row in table.splitlines() if row.strip().startswith("| ") and
              row.split("|")[1].strip().isdigit()}
-    assert codes == {0, 1, 2, 130}
+    assert codes == {0, 1, 2, 130, 141}
     assert "Ctrl-C or SIGTERM" in table
     assert main(["gradcheck"]) == 0
     assert main(["gradcheck", "--break", "linear"]) == 1
