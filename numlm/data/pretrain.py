@@ -400,7 +400,9 @@ def check_prepared_files(out_path, inputs=()):
     if len(set(written)) < 3:
         raise ValueError(f"out_path {str(out_path)!r}: the token file and its sidecar {_sidecar(out_path).name} "
                          "would be one file; give a name such as tokens.bin")
-    if clash := [str(i) for i in inputs if Path(i).resolve() in written]:
+    from .corpus import corpus_files  # a folder's inputs are the text files in it
+    files = [f for i in inputs for f in (corpus_files(i) if Path(i).is_dir() else [Path(i)])]
+    if clash := [str(f) for f in files if f.resolve() in written]:
         raise ValueError(f"out_path {str(out_path)!r} would overwrite the input {clash[0]!r}")
     _check_companions(out_path)
     return out_path
