@@ -446,6 +446,23 @@ def run_files(out_dir):
             ] if out.is_dir() else []
 
 
+def foreign_files(out, arch, new_tokenizer):
+    """The files at paths a run writes in out that are no run's (their mark is missing): a user's
+    tokenizer_config.json with no tokenizer.json, data/tokens.json with no tokens.bin, a model/ file
+    with no config.json. The run would replace them, and clear_run (--overwrite) leaves them."""
+    out = Path(out)
+    owned = {"tokenizer_config.json": "tokenizer.json", "data/tokens.json": "data/tokens.bin",
+             "data/tokens.docs.npy": "data/tokens.bin"}
+    owned.update({f"model/{n}": "model/config.json" for n in ("model.safetensors", "model.safetensors.index.json",
+                                                             "generation_config.json", "tokenizer.json",
+                                                             "tokenizer_config.json")})
+    if not new_tokenizer:
+        del owned["tokenizer_config.json"]
+    if arch == "bert":
+        owned = {k: v for k, v in owned.items() if not k.startswith("data/")}
+    return [n for n, mark in owned.items() if (out / n).exists() and not (out / mark).exists()]
+
+
 def clear_run(out, keep=()):
     """Remove an earlier run's files from out: not the paths in keep (the new run's inputs), nor a
     file of the user's own in data/"""
@@ -456,14 +473,14 @@ def clear_run(out, keep=()):
             continue
         if n == "data":  # the token file and what prepare writes beside it
             tokens = p / RUN_MARKS["data"]
-            for f in (tokens, _sidecar(tokens), _docs_path(tokens)):
+            for f in (_docs_path(tokens), _sidecar(tokens), tokens):  # the mark last (foreign_files)
                 f.unlink(missing_ok=True)
             if not any(p.iterdir()):
                 p.rmdir()
-        else:
-            (shutil.rmtree if p.is_dir() else os.unlink)(p)
-        if n == "tokenizer.json":  # and the tokenizer_config.json Tokenizer.save wrote beside it
+            continue
+        if n == "tokenizer.json":  # and the tokenizer_config.json Tokenizer.save wrote beside it, first
             save_paths(p)[1].unlink(missing_ok=True)
+        (shutil.rmtree if p.is_dir() else os.unlink)(p)
 
 
 def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, out, block_size, batch_size,
@@ -496,6 +513,9 @@ def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, ou
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or start it again")
     check_folder_path(out, "out")
+    if theirs := foreign_files(out, arch, tokenizer_path is None and not resume):
+        raise ValueError(f"{str(out)!r} holds {', '.join(theirs)}, which the run would replace and which no run "
+                         "wrote (--overwrite removes only a run's files); move it away, or use another --out")
     if other := [n for n in FINETUNE_MARKS if (Path(out) / n).exists()]:  # overwrite would leave a mixed folder
         raise ValueError(f"{str(out)!r} holds a fine-tuning run ({', '.join(other)}), not a pre-training run; "
                          "use another --out")

@@ -227,6 +227,23 @@ def test_pretrain_overwrite_keeps_a_corpus_and_a_tokenizer_under_out(tmp_path, c
     assert (tmp_path / "tokenizer.json").read_bytes() == tok and (tmp_path / "data" / "tokens.bin").is_file()
 
 
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "data/tokens.json", "data/tokens.docs.npy",
+                                  "model/model.safetensors"])
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
+def test_pretrain_refuses_an_out_whose_files_it_would_replace(tmp_path, corpus, name, flags, capsys):
+    """A user's file at a path the run writes (a model folder's tokenizer_config.json with no tokenizer.json,
+    a data/tokens.json with no tokens.bin, a model/ without config.json) is no run's: it was replaced."""
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text('{"mine": 1}\n')
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
+            "--batch-size", "4", "--steps", "1", "--data", str(corpus), "--out", str(tmp_path), *flags]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "would replace" in err and name in err
+    assert (tmp_path / name).read_text() == '{"mine": 1}\n' and sorted(tmp_path.rglob("*")) == sorted(
+        [tmp_path / name, (tmp_path / name).parent][:1 + ("/" in name)])
+
+
 def test_demo_starts_again_only_over_its_own_folder(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
