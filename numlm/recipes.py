@@ -512,6 +512,9 @@ def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, ou
             raise ValueError(f"{name} must be True or False, got {v!r}")
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or start it again")
+    if steps is not None and time_budget is not None:  # one of them was ignored
+        raise ValueError("--steps and --minutes exclude each other (steps, time_budget): --minutes sizes the run's "
+                         "steps itself; give one")
     check_folder_path(out, "out")
     if theirs := foreign_files(out, arch, tokenizer_path is None and not resume):
         raise ValueError(f"{str(out)!r} holds {', '.join(theirs)}, which the run would replace and which no run "

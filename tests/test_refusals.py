@@ -244,6 +244,23 @@ def test_pretrain_refuses_an_out_whose_files_it_would_replace(tmp_path, corpus, 
         [tmp_path / name, (tmp_path / name).parent][:1 + ("/" in name)])
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_pretrain_refuses_steps_and_minutes_together(tmp_path, corpus, resume, capsys):
+    """--minutes sizes the run instead of --steps: given both, one was silently ignored (a fresh run
+    trained the calibrated steps, a resumed one its planned steps)."""
+    out = tmp_path / "run"
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
+            "--batch-size", "4", "--data", str(corpus), "--out", str(out)]
+    if resume:
+        assert main(args + ["--steps", "2"]) == 0
+        capsys.readouterr()
+    before = sorted((p, p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*"))
+    assert main(args + ["--steps", "3", "--minutes", "0.05"] + ["--resume"] * resume) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--steps and --minutes exclude each other" in err
+    assert sorted((p, p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*")) == before
+
+
 def test_demo_starts_again_only_over_its_own_folder(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
