@@ -717,8 +717,8 @@ def finetune(a, data=None, out=None, log=print, **options):
     if not enc["train"].rows:  # QA keeps the answerable examples only
         raise ValueError(f"{data.name}: no training example left to learn from (QA trains on answerable ones)")
     steps = min(a.epochs * steps_per_epoch, a.max_steps or math.inf)
-    run = {"task": a.task, "method": a.method, "batch_size": a.batch_size, "max_length": max_length,
-           "tokenizer_sha256": fingerprint(sorted(tok.backend.get_vocab().items())),
+    run = {"task": a.task, "method": a.method, **method_settings(a, kind, cfg), "batch_size": a.batch_size,
+           "max_length": max_length, "tokenizer_sha256": fingerprint(sorted(tok.backend.get_vocab().items())),
            "data_sha256": fingerprint([split["train"], split["validation"]]),  # what --resume must share
            "model_sha256": _files_sha256(Path(a.model_dir))}  # an adapter's checkpoint holds no base weights
     out = Path(a.out)
@@ -811,6 +811,20 @@ def _check_resume(a, state, run, steps, tc):
     if saved.get("max_steps") != tc.max_steps:  # --warmup is a fraction: other steps, other warmup steps
         del train["warmup"]
     check_resume(state, run, steps, a.allow_changes, train)
+
+
+def method_settings(a, kind, cfg):
+    """What the method trains with besides its name, as the run records it for --resume: the layers
+    frozen and the unfreezing (full, freeze, head), LoRA's r, alpha and targets, an adapter's
+    reduction factor, a prompt's or prefix's virtual tokens."""
+    if a.method in ("full", "freeze", "head"):
+        K = a.freeze_layers if a.freeze_layers is not None else _layers(kind, cfg) // 2 if a.method == "freeze" else 0
+        return {**({"freeze_layers": K} if a.method != "head" else {}), "unfreeze": a.unfreeze or "none"}
+    if a.method == "lora":
+        return {"r": a.r, "alpha": float(a.alpha), "target": ",".join(targets(a, kind))}
+    if a.method == "adapter":
+        return {"reduction_factor": a.reduction_factor}
+    return {"num_virtual_tokens": a.num_virtual_tokens}
 
 
 def _l3_objective(task, lm_coef):

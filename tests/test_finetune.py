@@ -491,6 +491,8 @@ def test_an_out_path_under_a_file_is_named(bert_dir, data_csv, tmp_path):
     (["--max-steps", "10"], "the checkpoint is at step 16, beyond the 10 steps asked for"),
     (["--data", "half"], "the data differs from the checkpoint's"),
     (["--method", "head"], "the checkpoint holds a --method full run, not head; resume with --method full"),
+    (["--freeze-layers", "1"], "was trained with --freeze-layers 0, not 1"),  # these continued silently
+    (["--unfreeze", "gradual"], "was trained with --unfreeze none, not gradual"),
 ])
 def test_resume_refuses_a_different_run_unless_allowed(bert_dir, data_csv, finished, tmp_path, capsys, change,
                                                        message):
@@ -516,6 +518,20 @@ def test_resume_refuses_a_different_run_unless_allowed(bert_dir, data_csv, finis
     if "--data" in change:  # the change meant: a smaller data set continues with a new epoch (was an IndexError)
         assert run(bert_dir, data, out, "--resume", "--allow-changes", *extra) == 0
         assert json.loads((out / "results.json").read_text())["steps"] == 3 * math.ceil(int(0.8 * 80) / 8)
+
+
+def test_resume_refuses_another_lora_alpha_unless_allowed(bert_dir, data_csv, tmp_path, capsys):
+    """--alpha scales LoRA's update: a resume with another one continued silently as another model."""
+    out = tmp_path / "run"
+    assert run(bert_dir, data_csv, out, "--method", "lora", "--max-steps", "2") == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    assert run(bert_dir, data_csv, out, "--method", "lora", "--max-steps", "3", "--resume", "--alpha", "64") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was trained with --alpha 16.0, not 64.0" in err and "--allow-changes" in err
+    assert snapshot(out) == before
+    assert run(bert_dir, data_csv, out, "--method", "lora", "--max-steps", "3", "--resume", "--alpha", "64",
+               "--allow-changes") == 0
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_130(bert_dir, data_csv, tmp_path):
