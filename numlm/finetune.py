@@ -717,10 +717,7 @@ def finetune(a, data=None, out=None, log=print, **options):
     if not enc["train"].rows:  # QA keeps the answerable examples only
         raise ValueError(f"{data.name}: no training example left to learn from (QA trains on answerable ones)")
     steps = min(a.epochs * steps_per_epoch, a.max_steps or math.inf)
-    run = {"task": a.task, "method": a.method, **method_settings(a, kind, cfg), "batch_size": a.batch_size,
-           "max_length": max_length, "tokenizer_sha256": fingerprint(sorted(tok.backend.get_vocab().items())),
-           "data_sha256": fingerprint([split["train"], split["validation"]]),  # what --resume must share
-           "model_sha256": _files_sha256(Path(a.model_dir))}  # an adapter's checkpoint holds no base weights
+    run = _run_record(a, kind, cfg, tok, split, max_length, lm_coef)
     out = Path(a.out)
     tc = TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, weight_decay=a.weight_decay, schedule="linear",
                      warmup=int(a.warmup * steps), clip=a.clip, eval_every=steps_per_epoch,
@@ -811,6 +808,15 @@ def _check_resume(a, state, run, steps, tc):
     if saved.get("max_steps") != tc.max_steps:  # --warmup is a fraction: other steps, other warmup steps
         del train["warmup"]
     check_resume(state, run, steps, a.allow_changes, train)
+
+
+def _run_record(a, kind, cfg, tok, split, max_length, lm_coef):
+    """What --resume must share with the checkpoint (check_resume's `run`)."""
+    return {"task": a.task, "method": a.method, **method_settings(a, kind, cfg), "lm_coef": lm_coef,
+            "batch_size": a.batch_size, "max_length": max_length,
+            "tokenizer_sha256": fingerprint(sorted(tok.backend.get_vocab().items())),
+            "data_sha256": fingerprint([split["train"], split["validation"]]),
+            "model_sha256": _files_sha256(Path(a.model_dir))}  # an adapter's checkpoint holds no base weights
 
 
 def method_settings(a, kind, cfg):

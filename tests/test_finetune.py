@@ -534,6 +534,19 @@ def test_resume_refuses_another_lora_alpha_unless_allowed(bert_dir, data_csv, tm
                "--allow-changes") == 0
 
 
+def test_resume_refuses_another_lm_coef_unless_allowed(gpt_dir, data_csv, tmp_path, capsys):
+    """--lm-coef weighs GPT-1's L1 in the objective: a resume with another one continued silently."""
+    out = tmp_path / "run"
+    assert run(gpt_dir, data_csv, out, "--max-steps", "2") == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    assert run(gpt_dir, data_csv, out, "--max-steps", "3", "--resume", "--lm-coef", "0") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was trained with --lm-coef 0.5, not 0.0" in err and "--allow-changes" in err
+    assert snapshot(out) == before
+    assert run(gpt_dir, data_csv, out, "--max-steps", "3", "--resume", "--lm-coef", "0", "--allow-changes") == 0
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_130(bert_dir, data_csv, tmp_path):
     """SIGTERM (timeout, schedulers, container stops) is Ctrl-C: the checkpoint written, exit 130."""
     import os
