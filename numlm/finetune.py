@@ -33,8 +33,8 @@ from .inspect import read_metrics
 from .io import read_config, load_safetensors, check_folder_path
 from .models.bert import BertModel
 from .nn import no_grad
-from .train import (Trainer, TrainConfig, latest_checkpoint, read_checkpoint_state, check_resume, fingerprint,
-                    resume_settings, _int, _real)
+from .train import (Trainer, TrainConfig, latest_checkpoint, clear_checkpoints, read_checkpoint_state, check_resume,
+                    fingerprint, resume_settings, _int, _real)
 
 TASKS = ("seqcls", "tokcls", "qa", "multiple-choice", "causal-lm")
 METHODS = ("full", "freeze", "head", "lora", "adapter", "prompt", "prefix")
@@ -291,6 +291,9 @@ def _check_out(a):
     if out.is_dir() and any(out.iterdir()) and not a.overwrite:
         raise ValueError(f"--out {str(out)!r} is not empty; pass --resume to continue its run, --overwrite "
                          f"to start again, or another folder")
+    if (out / "best").is_dir() and not (out / "best" / "tokenizer.json").is_file():  # _save_best writes one
+        raise ValueError(f"--out {str(out)!r} holds best/, no model numlm saved (no tokenizer.json in it), which "
+                         "--overwrite would delete; move it away, or use another folder")
     from .recipes import run_files  # --overwrite removes OUTPUTS only: a pre-training run's others would stay
     if other := [n for n in run_files(out) if n not in OUTPUTS]:
         raise ValueError(f"--out {str(out)!r} holds a pre-training run ({', '.join(other)}), not a fine-tuning "
@@ -907,7 +910,9 @@ def _clear_out(out, overwrite, inputs=()):
                              f"in {str(out)!r}; copy it elsewhere or use another --out")
         for name in OUTPUTS:
             p = out / name
-            if p.is_dir():
+            if name == "checkpoints":  # its step folders, not a user's files there
+                clear_checkpoints(out)
+            elif p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()

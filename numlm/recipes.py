@@ -21,8 +21,8 @@ from .inspect import plots_line
 from .nn import eval_mode
 from .ops import IGNORE_INDEX
 from .io import check_folder_path
-from .train import (Trainer, TrainConfig, list_checkpoints, read_checkpoint_state, model_generators, check_resume,
-                    resume_settings, fingerprint, _int, _real, _sha256)
+from .train import (Trainer, TrainConfig, list_checkpoints, checkpoint_entries, clear_checkpoints, model_generators,
+                    read_checkpoint_state, check_resume, resume_settings, fingerprint, _int, _real, _sha256)
 
 ARCHS = ("gpt2", "openai-gpt", "bert")
 DEFAULT_STEPS = 300  # a new run's; a resumed one keeps its own
@@ -439,11 +439,13 @@ DEFAULT_VOCAB_SIZE = 8192  # a tokenizer pretrain trains
 
 
 def run_files(out_dir):
-    """The files and folders a pretrain run leaves in out_dir that are present (a folder named data or
-    model counts only when it holds the run's token file or a model)."""
+    """The files and folders a pretrain run leaves in out_dir that are present (a folder named data,
+    model or checkpoints counts only when it holds the run's token file, a model or a checkpoint)."""
     out = Path(out_dir)
-    return [n for n in RUN_FILES if (out / n / RUN_MARKS[n] if n in RUN_MARKS else out / n).exists()
-            ] if out.is_dir() else []
+    if not out.is_dir():
+        return []
+    return [n for n in RUN_FILES if (checkpoint_entries(out) if n == "checkpoints" else
+                                     (out / n / RUN_MARKS[n] if n in RUN_MARKS else out / n).exists())]
 
 
 def foreign_files(out, arch, new_tokenizer):
@@ -477,6 +479,9 @@ def clear_run(out, keep=()):
                 f.unlink(missing_ok=True)
             if not any(p.iterdir()):
                 p.rmdir()
+            continue
+        if n == "checkpoints":  # its step folders, not a user's files there
+            clear_checkpoints(out)
             continue
         if n == "tokenizer.json":  # and the tokenizer_config.json Tokenizer.save wrote beside it, first
             save_paths(p)[1].unlink(missing_ok=True)

@@ -261,6 +261,34 @@ def test_pretrain_refuses_steps_and_minutes_together(tmp_path, corpus, resume, c
     assert sorted((p, p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*")) == before
 
 
+def test_overwrite_removes_only_numlms_checkpoints(tmp_path, corpus, bert_dir, data_csv):
+    """A folder's own checkpoints/ (a user's files, no step-N folder) is no run: pretrain's --overwrite
+    deleted it whole, and finetune's too; only the run's step folders go."""
+    mine = tmp_path / "p" / "checkpoints" / "my_model.ckpt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("weights")
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
+            "--batch-size", "4", "--steps", "1", "--data", str(corpus), "--out", str(tmp_path / "p")]
+    assert main(args) == 0  # not a run
+    assert main(args + ["--overwrite"]) == 0
+    assert mine.read_text() == "weights" and (mine.parent / "step-0000001" / "trainer_state.json").is_file()
+    theirs = tmp_path / "f" / "checkpoints" / "my_model.ckpt"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text("weights")
+    assert run(bert_dir, data_csv, tmp_path / "f", "--max-steps", "1", "--overwrite") == 0
+    assert theirs.read_text() == "weights" and (theirs.parent / "step-0000001").is_dir()
+
+
+def test_finetune_overwrite_refuses_a_best_folder_it_did_not_write(tmp_path, bert_dir, data_csv, capsys):
+    notes = tmp_path / "best" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("my best ideas")
+    assert run(bert_dir, data_csv, tmp_path, "--max-steps", "1", "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "best" in err and "no model numlm saved" in err
+    assert sorted(tmp_path.rglob("*")) == [notes.parent, notes] and notes.read_text() == "my best ideas"
+
+
 def test_demo_starts_again_only_over_its_own_folder(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
