@@ -524,6 +524,10 @@ def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, ou
     if theirs := foreign_files(out, arch, tokenizer_path is None and not resume):
         raise ValueError(f"{str(out)!r} holds {', '.join(theirs)}, which the run would replace and which no run "
                          "wrote (--overwrite removes only a run's files); move it away, or use another --out")
+    model = [n for n in ("config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json")
+             if (Path(out) / n).is_file()]
+    if model[:1] == ["config.json"] and len(model) > 1:  # overwrite took its tokenizer.json for a run's
+        raise ValueError(f"{str(out)!r} holds a model ({', '.join(model)}), not a pre-training run; use another --out")
     if other := [n for n in FINETUNE_MARKS if (Path(out) / n).exists()]:  # overwrite would leave a mixed folder
         raise ValueError(f"{str(out)!r} holds a fine-tuning run ({', '.join(other)}), not a pre-training run; "
                          "use another --out")

@@ -261,6 +261,24 @@ def test_pretrain_refuses_steps_and_minutes_together(tmp_path, corpus, resume, c
     assert sorted((p, p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("flags", [[], ["--overwrite"], ["--overwrite", "--tokenizer", "TOK"]])
+def test_pretrain_refuses_a_model_folder_as_out(tmp_path, corpus, gpt_dir, flags, capsys):
+    """A model folder's tokenizer.json (config.json beside it) counted as a run's: --overwrite deleted the
+    model's tokenizer files and left its weights orphaned among the new run's files."""
+    import shutil
+    out = tmp_path / "model"
+    shutil.copytree(gpt_dir, out)
+    before = {p: p.read_bytes() for p in out.rglob("*")}
+    tok = tmp_path / "tok.json"
+    tok.write_bytes((gpt_dir / "tokenizer.json").read_bytes())
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
+            "--batch-size", "4", "--steps", "1", "--data", str(corpus), "--out", str(out)]
+    assert main(args + [str(tok) if f == "TOK" else f for f in flags]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "holds a model (config.json, model.safetensors, tokenizer.json)" in err
+    assert {p: p.read_bytes() for p in out.rglob("*")} == before
+
+
 def test_overwrite_removes_only_numlms_checkpoints(tmp_path, corpus, bert_dir, data_csv):
     """A folder's own checkpoints/ (a user's files, no step-N folder) is no run: pretrain's --overwrite
     deleted it whole, and finetune's too; only the run's step folders go."""
