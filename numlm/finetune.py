@@ -67,11 +67,11 @@ class FinetuneArgs:
     seed: int = 0
     freeze_layers: int = None       # freeze: default half the layers
     unfreeze: str = None            # "gradual"
-    r: int = 8
-    alpha: float = 16.0
+    r: int = None                   # LoRA's (8); each method's options go with it alone (METHOD_OPTIONS)
+    alpha: float = None             # LoRA's (16)
     target: str = None              # LoRA's modules: query,value (BERT), c_attn (GPT), as peft's defaults
-    num_virtual_tokens: int = 20
-    reduction_factor: int = 16
+    num_virtual_tokens: int = None  # prompt's and prefix's (20)
+    reduction_factor: int = None    # adapter's (16)
     lm_coef: float = None           # GPT: 0.5 (GPT-1's lambda); BERT: not allowed
     num_labels: int = None
     max_examples: int = None        # at most this many examples (causal-lm: blocks) per split (quick runs)
@@ -81,6 +81,11 @@ class FinetuneArgs:
     overwrite: bool = False
     progress: bool = True
     allow_changes: bool = False     # --resume despite another data, tokenizer, batch size or fewer steps
+
+
+METHOD_OPTIONS = {"r": ("lora",), "alpha": ("lora",), "target": ("lora",), "num_virtual_tokens": ("prompt", "prefix"),
+                  "reduction_factor": ("adapter",)}
+METHOD_DEFAULTS = {"r": 8, "alpha": 16.0, "num_virtual_tokens": 20, "reduction_factor": 16}
 
 
 def _flag(name):
@@ -106,7 +111,7 @@ def _check_numbers(a):
     for name, want, ok, none in (("lr", "> 0", lambda v: v > 0, True),
                                  ("warmup", "in [0, 1) (a fraction of the steps)", lambda v: 0 <= v < 1, False),
                                  ("weight_decay", ">= 0", lambda v: v >= 0, False),
-                                 ("alpha", "> 0", lambda v: v > 0, False),
+                                 ("alpha", "> 0", lambda v: v > 0, True),
                                  ("lm_coef", ">= 0", lambda v: v >= 0, True),
                                  ("clip", ">= 0 (0 disables clipping)", lambda v: v >= 0, False)):
         if not (none and getattr(a, name) is None):
@@ -951,14 +956,25 @@ def make_args(a, data=None, out=None, **options):
     if isinstance(a, FinetuneArgs):
         if data is not None or out is not None or options:
             raise ValueError("pass either FinetuneArgs or a model folder with data=, out= and options, not both")
-        return a
+        return _method_defaults(a)
     if data is None or out is None:
         raise ValueError("finetune(model_dir, data=..., out=...): data and out are required")
     fields = {f.name for f in dataclasses.fields(FinetuneArgs)} - {"model_dir", "data", "out"}
     bad = sorted(set(options) - fields)
     if bad:
         raise ValueError(f"finetune: unknown option {bad[0]!r} (options: {', '.join(sorted(fields))})")
-    return FinetuneArgs(model_dir=str(a), data=str(data), out=str(out), **options)
+    return _method_defaults(FinetuneArgs(model_dir=str(a), data=str(data), out=str(out), **options))
+
+
+def _method_defaults(a):
+    """a with its method's own options defaulted; an option of another method is refused (it did nothing)."""
+    if not isinstance(a.method, str) or a.method not in METHODS:
+        return a  # _check_numbers names it
+    for name, methods in METHOD_OPTIONS.items():
+        if getattr(a, name) is not None and a.method not in methods:
+            raise ValueError(f"{_flag(name)} goes with --method {' or '.join(methods)}, not {a.method}")
+    return dataclasses.replace(a, **{k: v for k, v in METHOD_DEFAULTS.items()
+                                     if getattr(a, k) is None and a.method in METHOD_OPTIONS[k]})
 
 
 def _apply_peft(model, kind, a):

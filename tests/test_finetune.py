@@ -351,10 +351,10 @@ def test_peft_methods_train_only_the_adapter_and_the_head(bert_dir, gpt_dir, dat
             "adapter": L * (H * 4 + 4 + 4 * H + H) + (H * K + K),  # Pfeiffer, m = H / 4 per layer; classifier
             "prompt": 4 * H + (H * K + K)}                               # 4 virtual tokens, classifier
     files = {"lora": "adapter_model.safetensors", "adapter": "adapter.safetensors", "prompt": "adapter_model.safetensors"}
+    options = {"lora": [], "adapter": ["--reduction-factor", "4"], "prompt": ["--num-virtual-tokens", "4"]}
     for method, n in want.items():
         out = tmp_path / method
-        assert run(bert_dir, data_csv, out, "--method", method, "--epochs", "1", "--reduction-factor", "4",
-                   "--num-virtual-tokens", "4") == 0
+        assert run(bert_dir, data_csv, out, "--method", method, "--epochs", "1", *options[method]) == 0
         res = json.loads((out / "results.json").read_text())
         assert res["trainable_params"] == n, (method, res["trainable_params"], n)
         assert (out / "best" / files[method]).is_file() and (out / "best" / "tokenizer.json").is_file()
@@ -547,6 +547,27 @@ def test_resume_refuses_another_lm_coef_unless_allowed(gpt_dir, data_csv, tmp_pa
     assert run(gpt_dir, data_csv, out, "--max-steps", "3", "--resume", "--lm-coef", "0", "--allow-changes") == 0
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--r", "4"], "--r goes with --method lora, not full"),
+    (["--alpha", "32"], "--alpha goes with --method lora, not full"),
+    (["--method", "adapter", "--target", "query"], "--target goes with --method lora, not adapter"),
+    (["--method", "lora", "--num-virtual-tokens", "5"],
+     "--num-virtual-tokens goes with --method prompt or prefix, not lora"),
+    (["--method", "head", "--reduction-factor", "4"], "--reduction-factor goes with --method adapter, not head"),
+])
+def test_another_methods_option_is_refused(bert_dir, data_csv, tmp_path, capsys, flags, message):
+    """An option of a method not run did nothing: --method full --r 4 trained every weight, silently."""
+    assert run(bert_dir, data_csv, tmp_path / "run", "--max-steps", "1", *flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not (tmp_path / "run").exists()
+
+
+def test_a_methods_own_options_default_and_are_recorded(bert_dir, data_csv, tmp_path):
+    res = F.finetune(bert_dir, data=data_csv, out=tmp_path / "a", method="lora", max_steps=1, progress=False,
+                     log=lambda *a: None)
+    assert (res["args"]["r"], res["args"]["alpha"], res["args"]["num_virtual_tokens"]) == (8, 16.0, None)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_130(bert_dir, data_csv, tmp_path):
     """SIGTERM (timeout, schedulers, container stops) is Ctrl-C: the checkpoint written, exit 130."""
     import os
@@ -679,9 +700,11 @@ def lm_runs(lm_gpt_dir, lm_txt, tmp_path_factory):
     """One short causal-LM run per method: {method: out folder}."""
     root = tmp_path_factory.mktemp("lm_runs")
     lr = {"full": "3e-3", "freeze": "3e-3", "lora": "5e-2", "adapter": "3e-2", "prompt": "0.3", "prefix": "0.1"}
+    options = {"adapter": ["--reduction-factor", "4"], "prompt": ["--num-virtual-tokens", "4"],
+               "prefix": ["--num-virtual-tokens", "4"]}
     for method, rate in lr.items():
         assert lm_run(lm_gpt_dir, lm_txt, root / method, "--method", method, "--lr", rate, "--epochs", "6",
-                      "--num-virtual-tokens", "4", "--reduction-factor", "4") == 0, method
+                      *options.get(method, [])) == 0, method
     return {m: root / m for m in lr}
 
 
@@ -760,7 +783,7 @@ def test_causal_lm_bad_input(case, message, bert_dir, gpt_dir, lm_txt, data_csv,
 def test_causal_lm_resume_continues_bit_exactly(gpt_dir, lm_txt, tmp_path, method):
     """Interrupted during its first validation (the log line raises Ctrl-C), resumed: the same run."""
     opts = dict(data=lm_txt, task="causal-lm", method=method, max_length=32, batch_size=8, epochs=2, lr=1e-2,
-                num_virtual_tokens=4, progress=False)
+                progress=False, **({"num_virtual_tokens": 4} if method == "prefix" else {}))
     whole = F.finetune(gpt_dir, out=tmp_path / "whole", log=lambda *a: None, **opts)
 
     def interrupt(line):

@@ -46,12 +46,12 @@ def add_parsers(sub):
     f.add_argument("--seed", type=count(0), default=0)
     f.add_argument("--freeze-layers", type=count(0), help="freeze the embeddings and the first K layers")
     f.add_argument("--unfreeze", choices=["gradual"], help="unfreeze one layer more, top down, at equal intervals")
-    f.add_argument("--r", type=count(1), default=8, help="LoRA rank")
-    f.add_argument("--alpha", type=positive, default=16.0, help="LoRA alpha")
+    f.add_argument("--r", type=count(1), help="LoRA rank (default 8)")
+    f.add_argument("--alpha", type=positive, help="LoRA alpha (default 16)")
     f.add_argument("--target", help="LoRA target modules, comma-separated (default query,value for BERT, "
                    "c_attn for GPT)")
-    f.add_argument("--num-virtual-tokens", type=count(1), default=20, help="prompt / prefix length")
-    f.add_argument("--reduction-factor", type=count(1), default=16, help="adapter bottleneck C / m")
+    f.add_argument("--num-virtual-tokens", type=count(1), help="prompt / prefix length (default 20)")
+    f.add_argument("--reduction-factor", type=count(1), help="adapter bottleneck C / m (default 16)")
     f.add_argument("--lm-coef", type=number(0, low_open=False),
                    help="GPT: L3 = L2 + lm_coef * L1 (default 0.5; 0 turns it off)")
     f.add_argument("--num-labels", type=count(1))
