@@ -584,7 +584,7 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     A resumed run must have the checkpoint's tokenizer, corpus, model config, seed and at least its
     steps, unless allow_changes=True, and always its batch and block size and dtype. Interrupted
     (Ctrl-C, SIGTERM): the result holds "interrupted" and no model/ is written; the checkpoint resumes."""
-    out = Path(out_dir)
+    out = check_folder_path(out_dir, "out")  # Path("") would be the current folder
     _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, out, block_size, batch_size,
                          steps, lr, warmup, seed, dtype, time_budget, eval_every, save_every, grad_accum,
                          resume, overwrite, progress, allow_changes)

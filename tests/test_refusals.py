@@ -307,6 +307,25 @@ def test_finetune_overwrite_refuses_a_best_folder_it_did_not_write(tmp_path, ber
     assert sorted(tmp_path.rglob("*")) == [notes.parent, notes] and notes.read_text() == "my best ideas"
 
 
+@pytest.mark.parametrize("argv", [
+    ["pretrain", "--out", ""], ["pretrain", "--data", "", "--out", "run"], ["demo", "--out", ""],
+    ["tokenizer", "train", "--out", ""], ["tokenizer", "train", "--data", "", "--out", "t.json"],
+    ["prepare", "--tokenizer", "tok.json", "--data", "", "--out", "t.bin"], ["eval", "", "--data", "c.txt"]])
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, monkeypatch, capsys, argv):
+    """--out "" (an unset variable) wrote the run into the current folder; --data "" read it as the corpus."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.txt").write_text("\n".join(["the cat sat on the mat", "a dog ran in the park"] * 50) + "\n")
+    numlm.data.Tokenizer.train_bpe_from_iterator(["the cat sat"] * 5, vocab_size=260).save(tmp_path / "tok.json")
+    before = sorted(tmp_path.rglob("*"))
+    extra = ["--size", "tiny", "--vocab-size", "300", "--block-size", "16", "--steps", "1"] if argv[0] == "pretrain" else []
+    assert main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "an empty path" in err
+    assert sorted(tmp_path.rglob("*")) == before
+    with pytest.raises(ValueError, match="an empty path"):
+        numlm.data.read_texts("")
+
+
 def test_demo_starts_again_only_over_its_own_folder(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",

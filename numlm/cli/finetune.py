@@ -2,7 +2,7 @@
 import json
 import sys
 
-from .args import count, number, positive
+from .args import count, number, path, positive
 from ..finetune import FinetuneArgs, METHODS, TASKS
 from ..io.hub import folder as resolve_model_dir
 
@@ -28,13 +28,13 @@ def add_parsers(sub):
                        description="Fine-tune MODEL_DIR (config.json, model.safetensors, tokenizer.json). "
                        "Defaults: AdamW, lr 5e-5 (1e-3 head, 5e-4 LoRA), 10%% linear warmup then linear "
                        "decay, clipping 1.0, batch 32, 2 epochs.")
-    f.add_argument("model_dir")
-    f.add_argument("--data", required=True, help="rotten-tomatoes, shakespeare-ner, shakespeare-qa, "
+    f.add_argument("model_dir", type=path)
+    f.add_argument("--data", type=path, required=True, help="rotten-tomatoes, shakespeare-ner, shakespeare-qa, "
                    "shakespeare-mc, shakespeare (causal-lm), a .csv / .jsonl file (text,label or "
                    "text_a,text_b,label), or a .txt file (causal-lm: documents separated by blank lines)")
     f.add_argument("--task", choices=TASKS, default="seqcls")
     f.add_argument("--method", choices=METHODS, default="full")
-    f.add_argument("--out", required=True)
+    f.add_argument("--out", type=path, required=True)
     f.add_argument("--epochs", type=count(1), default=2)
     f.add_argument("--max-steps", type=count(1))
     f.add_argument("--batch-size", type=count(1), default=32)

@@ -108,6 +108,8 @@ def read_text_file(path, encoding="utf-8", strip_md=True) -> str:
 
 def corpus_files(path, suffixes=TEXT_SUFFIXES):
     """The files read_texts reads: the file itself, or a folder's *.txt / *.md files (sorted)."""
+    if isinstance(path, str) and not path:  # Path("") is the current folder
+        raise ValueError("path: an empty path; give a file or folder (. for the current folder)")
     p = Path(path)
     if not p.exists():
         raise ValueError(f"path {str(p)!r} does not exist")
@@ -123,7 +125,7 @@ def iter_texts(path, suffixes=TEXT_SUFFIXES, strip_md=True, encoding="utf-8"):
     (numlm.data.prepare does). Raises when the path does not exist or holds no text."""
     encoding = check_encoding(encoding)
     p = Path(path)
-    files = corpus_files(p, suffixes)
+    files = corpus_files(path, suffixes)
     n = 0
     for f in files:
         try:

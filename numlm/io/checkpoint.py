@@ -35,7 +35,10 @@ def _warn_nonfinite(state, where):
 
 
 def check_folder_path(path, what):
-    """A folder to be written at `path`: refused (ValueError) when it, or any parent of it, is a file."""
+    """A folder to be written at `path`: refused (ValueError) when it, or any parent of it, is a file,
+    or when it is an empty string (Path("") is the current folder)."""
+    if isinstance(path, str) and not path:
+        raise ValueError(f"{what}: an empty path; give a folder (. for the current folder)")
     path = Path(path)
     for p in [path, *path.parents]:
         if p.exists():
