@@ -144,7 +144,7 @@ def targets(a, kind):
 def _model_kind(model_dir):
     d = Path(model_dir)
     if not d.is_dir():
-        raise ValueError(f"model folder {str(d)!r} does not exist")
+        raise ValueError(f"model folder {str(d)!r} {'is a file, not a folder' if d.exists() else 'does not exist'}")
     if not (d / "config.json").is_file():
         raise ValueError(f"model folder {str(d)!r} has no config.json")
     if not (d / "tokenizer.json").is_file():

@@ -568,6 +568,13 @@ def test_a_methods_own_options_default_and_are_recorded(bert_dir, data_csv, tmp_
     assert (res["args"]["r"], res["args"]["alpha"], res["args"]["num_virtual_tokens"]) == (8, 16.0, None)
 
 
+def test_a_model_dir_that_is_a_file_is_named_as_such(data_csv, tmp_path, capsys):
+    """It was 'does not exist', of a file that exists."""
+    assert run(data_csv, data_csv, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file, not a folder" in err and not (tmp_path / "run").exists()
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_130(bert_dir, data_csv, tmp_path):
     """SIGTERM (timeout, schedulers, container stops) is Ctrl-C: the checkpoint written, exit 130."""
     import os
