@@ -289,6 +289,10 @@ def _check_labels(a, data, cfg):
 
 def _check_out(a):
     out = check_folder_path(a.out, "--out")
+    from .recipes import run_files  # --overwrite removes OUTPUTS only: a pre-training run's others would stay
+    if other := [n for n in run_files(out) if n not in OUTPUTS]:  # --resume would take its checkpoints
+        raise ValueError(f"--out {str(out)!r} holds a pre-training run ({', '.join(other)}), not a fine-tuning "
+                         "run; use another folder")
     if a.resume:
         if latest_checkpoint(out) is None:
             raise ValueError(f"--resume: no checkpoint in {str(out / 'checkpoints')!r}")
@@ -299,10 +303,6 @@ def _check_out(a):
     if (out / "best").is_dir() and not (out / "best" / "tokenizer.json").is_file():  # _save_best writes one
         raise ValueError(f"--out {str(out)!r} holds best/, no model numlm saved (no tokenizer.json in it), which "
                          "--overwrite would delete; move it away, or use another folder")
-    from .recipes import run_files  # --overwrite removes OUTPUTS only: a pre-training run's others would stay
-    if other := [n for n in run_files(out) if n not in OUTPUTS]:
-        raise ValueError(f"--out {str(out)!r} holds a pre-training run ({', '.join(other)}), not a fine-tuning "
-                         "run; use another folder")
 
 
 # ---- encoding ----------------------------------------------------------------------------------

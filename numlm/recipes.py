@@ -549,6 +549,9 @@ def _resume_state(arch, out, block_size, batch_size, dtype):
             errors.append(str(e))
     else:
         raise ValueError("--resume: no readable checkpoint: " + "; ".join(errors))
+    if isinstance(state.get("run"), dict) and "task" in state["run"]:  # finetune records its task
+        raise ValueError(f"--resume: checkpoint {str(ck)!r} is a fine-tuning run's (--task {state['run']['task']}), "
+                         "not a pre-training run's; use another --out")
     want = model_class(arch).__name__
     if state.get("architecture") != want:
         raise ValueError(f"--resume: checkpoint {str(ck)!r} holds a {state.get('architecture')}, "

@@ -2,6 +2,7 @@
 ignored: the defects a fault pass found, each refused (or fixed) in one place."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -324,6 +325,32 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, mon
     assert sorted(tmp_path.rglob("*")) == before
     with pytest.raises(ValueError, match="an empty path"):
         numlm.data.read_texts("")
+
+
+def test_resume_refuses_the_other_commands_run_by_name(tmp_path, corpus, gpt_dir, capsys):
+    """finetune --resume on a pre-training run's folder (and pretrain --resume on a fine-tuning run's
+    checkpoints) called the other run's checkpoints damaged ("KeyError 'pos'")."""
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    assert main(["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
+                 "--batch-size", "4", "--steps", "2", "--data", str(corpus), "--out", str(pre)]) == 0
+    lm = tmp_path / "lm.txt"
+    lm.write_text("\n\n".join(f"line {i} of the text, and more of it" for i in range(40)) + "\n")
+    assert main(["finetune", str(gpt_dir), "--task", "causal-lm", "--data", str(lm), "--out", str(ft),
+                 "--max-steps", "1", "--batch-size", "4", "--no-progress"]) == 0
+    for p in (ft / "best", ft / "results.json"):  # the checkpoints alone say whose they are
+        (shutil.rmtree if p.is_dir() else os.unlink)(p)
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert main(["finetune", str(pre / "model"), "--task", "causal-lm", "--data", str(lm), "--out", str(pre),
+                 "--resume", "--allow-changes", "--batch-size", "4", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "holds a pre-training run" in err and "damaged" not in err
+    assert main(["pretrain", "--arch", "gpt2", "--size", "tiny", "--block-size", "16", "--batch-size", "4",
+                 "--data", str(corpus), "--out", str(ft), "--resume", "--allow-changes",
+                 "--tokenizer", str(gpt_dir / "tokenizer.json")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "a fine-tuning run's" in err and "damaged" not in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_demo_starts_again_only_over_its_own_folder(tmp_path, corpus, capsys):
