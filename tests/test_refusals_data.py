@@ -107,6 +107,23 @@ def test_prepare_refuses_an_out_that_is_a_file_of_its_corpus_folder(tmp_path, ca
     assert {f: f.read_bytes() for f in corpus.rglob("*") if f.is_file()} == before
 
 
+def test_prepare_refuses_to_replace_a_file_that_is_no_token_file(tmp_path, capsys, bpe):
+    """--out naming a user's file (no sidecar beside it: not a token file) replaced it with tokens."""
+    corpus, notes = tmp_path / "corpus.txt", tmp_path / "notes.md"
+    corpus.write_text("\n".join(LINES) + "\n")
+    notes.write_text("my notes\n")
+    bpe.save(tmp_path / "tokenizer.json")
+    before = sorted(tmp_path.iterdir())
+    code, err = refused(capsys, ["prepare", "--tokenizer", str(tmp_path / "tokenizer.json"), "--data", str(corpus),
+                                 "--out", str(notes)])
+    assert code == 2 and "is not a token file" in err and notes.read_text() == "my notes\n"
+    assert sorted(tmp_path.iterdir()) == before
+    assert main(["prepare", "--tokenizer", str(tmp_path / "tokenizer.json"), "--data", str(corpus), "--out",
+                 str(tmp_path / "t.bin")]) == 0
+    assert main(["prepare", "--tokenizer", str(tmp_path / "tokenizer.json"), "--data", str(corpus), "--out",
+                 str(tmp_path / "t.bin")]) == 0  # its own token file is prepared again
+
+
 # ---- prepare's companion files -------------------------------------------------------------------
 def test_prepare_refuses_to_replace_a_users_json_beside_the_token_file(tmp_path, capsys, bpe):
     """train.bin's sidecar is train.json: a user's own train.json there is not replaced, by prepare or

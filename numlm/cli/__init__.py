@@ -110,7 +110,7 @@ def cmd_prepare(a):
     from ..data import Tokenizer, prepare
     from ..data.pretrain import check_prepared_files
     from ..recipes import load_corpus
-    check_prepared_files(a.out, [a.tokenizer])
+    check_prepared_files(a.out, [a.tokenizer] + [a.data] * (a.data is not None))
     tok = Tokenizer.from_file(a.tokenizer)
     if a.data is not None:  # streamed file by file: the corpus need not fit in memory
         name, meta = a.data, prepare(a.data, tok, a.out, encoding=a.encoding)

@@ -454,6 +454,9 @@ def _check_companions(out_path):
                          f"uses it, remove {str(side)!r}, else give out_path another stem")
     elif docs.exists() and not out_path.is_file():
         raise ValueError(f"out_path {str(out_path)!r}: {str(docs)!r} exists and is not this token file's; {hint}")
+    elif out_path.exists():  # no sidecar: a user's file, which prepare would replace
+        raise ValueError(f"out_path {str(out_path)!r} exists and is not a token file (no sidecar {side.name} beside "
+                         "it); prepare would replace it: move it, or give another name")
 
 
 def load_meta(path):
