@@ -353,6 +353,20 @@ def test_resume_refuses_the_other_commands_run_by_name(tmp_path, corpus, gpt_dir
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "tokenizer"])
+def test_an_out_that_is_a_broken_link_is_named(tmp_path, corpus, bert_dir, data_csv, command, capsys):
+    """It was "File exists: 'run'" (mkdir on the link)."""
+    (tmp_path / "run").symlink_to(tmp_path / "gone")
+    argv = {"pretrain": ["pretrain", "--size", "tiny", "--vocab-size", "300", "--block-size", "16", "--steps", "1",
+                         "--data", str(corpus)],
+            "finetune": ["finetune", str(bert_dir), "--data", str(data_csv), "--max-steps", "1"],
+            "tokenizer": ["tokenizer", "train", "--vocab-size", "300", "--data", str(corpus)]}[command]
+    assert main(argv + ["--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "is a link to" in err and "which does not exist" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and (tmp_path / "run").is_symlink()
+
+
 def test_demo_starts_again_only_over_its_own_folder(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",

@@ -41,6 +41,8 @@ def check_folder_path(path, what):
         raise ValueError(f"{what}: an empty path; give a folder (. for the current folder)")
     path = Path(path)
     for p in [path, *path.parents]:
+        if p.is_symlink() and not p.exists():  # mkdir would say "File exists"
+            raise ValueError(f"{what}: {str(p)!r} is a link to {os.readlink(p)!r}, which does not exist")
         if p.exists():
             if not p.is_dir():
                 name = "is a file, not a folder" if p == path else f"is a file, so {str(path)!r} cannot be a folder"
