@@ -517,6 +517,9 @@ def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, ou
             raise ValueError(f"{name} must be True or False, got {v!r}")
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or start it again")
+    if vocab_size is not None and tokenizer_path is not None:  # the tokenizer's size was used
+        raise ValueError("--vocab-size and --tokenizer exclude each other (vocab_size, tokenizer_path): --vocab-size "
+                         "sizes the tokenizer a run trains; give one")
     if steps is not None and time_budget is not None:  # one of them was ignored
         raise ValueError("--steps and --minutes exclude each other (steps, time_budget): --minutes sizes the run's "
                          "steps itself; give one")

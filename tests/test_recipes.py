@@ -213,8 +213,7 @@ def snapshot(folder):
 def test_resume_refuses_another_tokenizer_corpus_batch_or_fewer_steps(corpus, tmp_path, capsys):
     """Each of these continued silently (another tokenizer was trained, the data re-tokenized)."""
     run = tmp_path / "run"
-    base = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--out", str(run),
-            "--block-size", "16"]
+    base = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--out", str(run), "--block-size", "16"]
     tok = tmp_path / "tok.json"
     assert main(["tokenizer", "train", "--vocab-size", "300", "--data", str(corpus), "--out", str(tok)]) == 0
     other_tok = tmp_path / "other.json"

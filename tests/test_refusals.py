@@ -223,7 +223,8 @@ def test_pretrain_overwrite_keeps_a_corpus_and_a_tokenizer_under_out(tmp_path, c
     assert main(args) == 0  # a corpus folder named data is not a run
     assert main(args) == 2  # the run is
     tok = (tmp_path / "tokenizer.json").read_bytes()
-    assert main(args + ["--overwrite", "--tokenizer", "tokenizer.json"]) == 0
+    assert main([a for a in args if a not in ("--vocab-size", "300")] + ["--overwrite", "--tokenizer",
+                                                                         "tokenizer.json"]) == 0
     assert len(list((tmp_path / "data").glob("*.txt"))) == len(list(corpus.iterdir()))
     assert (tmp_path / "tokenizer.json").read_bytes() == tok and (tmp_path / "data" / "tokens.bin").is_file()
 
@@ -272,8 +273,8 @@ def test_pretrain_refuses_a_model_folder_as_out(tmp_path, corpus, gpt_dir, flags
     before = {p: p.read_bytes() for p in out.rglob("*")}
     tok = tmp_path / "tok.json"
     tok.write_bytes((gpt_dir / "tokenizer.json").read_bytes())
-    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
-            "--batch-size", "4", "--steps", "1", "--data", str(corpus), "--out", str(out)]
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--block-size", "16", "--batch-size", "4", "--steps",
+            "1", "--data", str(corpus), "--out", str(out)] + ["--vocab-size", "300"] * ("TOK" not in flags)
     assert main(args + [str(tok) if f == "TOK" else f for f in flags]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "holds a model (config.json, model.safetensors, tokenizer.json)" in err
@@ -365,6 +366,17 @@ def test_an_out_that_is_a_broken_link_is_named(tmp_path, corpus, bert_dir, data_
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "is a link to" in err and "which does not exist" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and (tmp_path / "run").is_symlink()
+
+
+def test_pretrain_refuses_vocab_size_with_a_tokenizer(tmp_path, corpus, gpt_dir, capsys):
+    """--vocab-size sizes the tokenizer a run trains: with --tokenizer it was silently ignored (the model
+    took the given tokenizer's size)."""
+    out = tmp_path / "run"
+    assert main(["pretrain", "--size", "tiny", "--block-size", "16", "--steps", "1", "--data", str(corpus),
+                 "--tokenizer", str(gpt_dir / "tokenizer.json"), "--vocab-size", "5000", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--vocab-size and --tokenizer exclude each other" in err
+    assert not out.exists()
 
 
 def test_demo_starts_again_only_over_its_own_folder(tmp_path, corpus, capsys):
