@@ -741,7 +741,7 @@ def finetune(a, data=None, out=None, log=print, **options):
     on_batch = apply_method(model, kind, a) if a.method not in PEFT_METHODS else None
     if on_batch is not None:
         on_batch.total[0] = steps
-    best = _best_so_far(out, a.task) if a.resume else {"score": (-math.inf,), "step": None}
+    best = _best_so_far(out, a, model) if a.resume else {"score": (-math.inf,), "step": None}
     ctx = {"best": best, "eval_seconds": 0.0, "before": before if a.task == "causal-lm" else {},
            "trainable": sum(v.size for v in model.trainable_parameters().values())}  # before any unfreezing
 
@@ -876,8 +876,10 @@ def _build_model(a, kind, cfg, tok, data, num_labels):
     return model
 
 
-def _best_so_far(out, task):
-    """The best validation row up to the checkpoint a resumed run continues from."""
+def _best_so_far(out, a, model):
+    """The best validation row up to the checkpoint a resumed run continues from; its weights in
+    best/ read now, as _finish loads them back after training."""
+    task = a.task
     best = {"score": (-math.inf,), "step": None}
     rows = read_metrics(out) if (out / "metrics.jsonl").is_file() else []  # a torn or damaged line is skipped
     done = read_checkpoint_state(latest_checkpoint(out))["step"]
@@ -887,7 +889,17 @@ def _best_so_far(out, task):
     if vals and (out / "best").is_dir():
         top = max(vals, key=lambda r: score(task, r))
         best.update(score=score(task, top), step=top["step"], res=top)
+        try:
+            _best_weights(model, out, a.method in PEFT_METHODS)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--resume: {str(out / 'best')!r}, the best model (step {top['step']}), cannot be read "
+                             f"({e}); put it back, or start again with --overwrite") from None
     return best
+
+
+def _best_weights(model, out, peft_run):
+    """out/best's weights: an adapter's its own files (peft's or AdapterHub's), keyed as its state_dict."""
+    return model.read_checkpoint(out / "best") if peft_run else load_safetensors(out / "best")
 
 
 def _validate(model, a, enc, label_names, tok, out, ctx, steps_per_epoch, log):
@@ -929,9 +941,7 @@ def _finish(a, model, trainer, enc, split, data, ctx, lr, max_length, lm_coef, n
     out, best = Path(a.out), ctx["best"]
     peft_run = a.method in PEFT_METHODS
     if best["step"] is not None and best["step"] != trainer.step:  # at the last step the model is the best
-        # an adapter's best holds its own files (peft's or AdapterHub's), keyed as its state_dict
-        model.load_state_dict(model.read_checkpoint(out / "best") if peft_run
-                              else load_safetensors(out / "best"), strict=False)
+        model.load_state_dict(_best_weights(model, out, peft_run), strict=False)
     test = evaluate(model, a.task, enc["test"], data.label_names, a.eval_batch_size, prefix="test")
     total = model.get_nb_trainable_parameters()[1] if peft_run else model.num_parameters()
     test_data = data if not a.max_examples else dataclasses.replace(data, test=split["test"])

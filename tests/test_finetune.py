@@ -575,6 +575,22 @@ def test_a_model_dir_that_is_a_file_is_named_as_such(data_csv, tmp_path, capsys)
     assert err.count("\n") == 1 and "is a file, not a folder" in err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_resume_with_a_damaged_best_fails_before_training(bert_dir, data_csv, tmp_path, capsys, method):
+    """best/ is loaded back at the end: damaged, a resume trained every step, wrote its checkpoints and
+    metrics, then failed, and failed so again on every resume."""
+    out = tmp_path / "run"
+    assert run(bert_dir, data_csv, out, "--method", method, "--epochs", "1") == 0
+    weights = next(p for p in (out / "best").iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])
+    before = snapshot(out)
+    capsys.readouterr()
+    assert run(bert_dir, data_csv, out, "--method", method, "--epochs", "3", "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "the best model (step" in err and "cannot be read" in err, err
+    assert snapshot(out) == before
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_130(bert_dir, data_csv, tmp_path):
     """SIGTERM (timeout, schedulers, container stops) is Ctrl-C: the checkpoint written, exit 130."""
     import os
