@@ -617,7 +617,7 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
         _check_split(saved, run, data_, allow_changes)
         if saved is None:
             if time_budget is not None:
-                steps = calibrate_steps(model, data_.stream, t0 + time_budget, log)
+                steps = calibrate_steps(model, data_.stream, t0 + time_budget, log, grad_accum)
             tc = _train_config(out, arch, size, steps or DEFAULT_STEPS, lr, warmup, eval_every, save_every,
                                progress, grad_accum)
         trainer = Trainer(model, data_.stream, tc, evaluate=data_.evaluate, run=run)
@@ -750,10 +750,11 @@ def _fmt(d):
     return ", ".join(f"{k} {v:.4f}" for k, v in d.items() if isinstance(v, float))
 
 
-def calibrate_steps(model, stream, deadline, log=print):
+def calibrate_steps(model, stream, deadline, log=print, grad_accum=1):
     """How many optimizer steps fit before `deadline` (a time.perf_counter() value), from the time
-    of a few real steps (the first, which may compile the kernels, excluded); evaluation and saving
-    get a tenth of the time. The stream and model are restored afterwards."""
+    of a few real steps (the first, which may compile the kernels, excluded), each of grad_accum
+    micro-batches; evaluation and saving get a tenth of the time. The stream and model are restored
+    afterwards."""
     from .optim import AdamW
     state = stream.state_dict()
     params = {k: v.copy() for k, v in model.parameters().items()}
@@ -774,8 +775,9 @@ def calibrate_steps(model, stream, deadline, log=print):
     for k, g in model_generators(model).items():
         g.bit_generator.state = gens[k]
     stream.load_state_dict(state)
-    per_step = float(np.median(times[1:]))
+    per_step = float(np.median(times[1:])) * grad_accum  # the timed steps are one micro-batch each
     seconds = deadline - time.perf_counter()
     steps = max(10, int(seconds * 0.9 / per_step))
-    log(f"calibration: {per_step:.3f} s per step -> {steps} steps in the {seconds:.0f} s left")
+    log(f"calibration: {per_step:.3f} s per step ({grad_accum} micro-batch{'es' * (grad_accum > 1)}) -> {steps} "
+        f"steps in the {seconds:.0f} s left")
     return steps
