@@ -469,6 +469,10 @@ def clear_run(out, keep=()):
     """Remove an earlier run's files from out: not the paths in keep (the new run's inputs), nor a
     file of the user's own in data/"""
     keep = {Path(k).resolve() for k in keep if isinstance(k, (str, os.PathLike))}
+    for n in ("metrics.jsonl", "checkpoints"):  # kept, they would stop the new run (Trainer._claim_folder)
+        if n in run_files(out) and (inside := [k for k in keep if k.is_relative_to((out / n).resolve())]):
+            raise ValueError(f"--overwrite would delete {str(inside[0])!r}, an input of this run, with the earlier "
+                             f"run's {n} in {str(out)!r}; copy it elsewhere, or use another --out")
     for n in run_files(out):
         p = out / n
         if any(k.is_relative_to(p.resolve()) for k in keep):  # an input is, or lies in, this entry

@@ -379,6 +379,23 @@ def test_pretrain_refuses_vocab_size_with_a_tokenizer(tmp_path, corpus, gpt_dir,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flag, name", [("--data", "metrics.jsonl"), ("--config", "checkpoints/step-0000002/config.json")])
+def test_pretrain_overwrite_refuses_an_input_in_the_runs_metrics_or_checkpoints(tmp_path, corpus, flag, name, capsys):
+    """Kept as an input, the earlier run's metrics or checkpoint made the new run refuse to start, after
+    --overwrite had deleted the rest of the earlier run (its model, tokenizer, plots)."""
+    out = tmp_path / "run"
+    args = ["pretrain", "--size", "tiny", "--block-size", "16", "--batch-size", "4", "--steps", "2", "--out", str(out),
+            "--vocab-size", "300"]
+    assert main(args + ["--data", str(corpus)]) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    extra = [flag, str(out / name)] + (["--data", str(corpus)] if flag != "--data" else [])
+    assert main(args + extra + ["--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--overwrite would delete" in err and "an input of this run" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_demo_starts_again_only_over_its_own_folder(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
