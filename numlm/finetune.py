@@ -33,8 +33,8 @@ from .inspect import read_metrics
 from .io import read_config, load_safetensors, check_folder_path
 from .models.bert import BertModel
 from .nn import no_grad
-from .train import (Trainer, TrainConfig, latest_checkpoint, read_checkpoint_state, check_resume, fingerprint,
-                    resume_settings, _int, _real)
+from .train import (Trainer, TrainConfig, latest_checkpoint, clear_checkpoints, read_checkpoint_state, check_resume,
+                    fingerprint, resume_settings, _int, _real)
 
 TASKS = ("seqcls", "tokcls", "qa", "multiple-choice", "causal-lm")
 METHODS = ("full", "freeze", "head", "lora", "adapter", "prompt", "prefix")
@@ -67,11 +67,11 @@ class FinetuneArgs:
     seed: int = 0
     freeze_layers: int = None       # freeze: default half the layers
     unfreeze: str = None            # "gradual"
-    r: int = 8
-    alpha: float = 16.0
+    r: int = None                   # LoRA's (8); each method's options go with it alone (METHOD_OPTIONS)
+    alpha: float = None             # LoRA's (16)
     target: str = None              # LoRA's modules: query,value (BERT), c_attn (GPT), as peft's defaults
-    num_virtual_tokens: int = 20
-    reduction_factor: int = 16
+    num_virtual_tokens: int = None  # prompt's and prefix's (20)
+    reduction_factor: int = None    # adapter's (16)
     lm_coef: float = None           # GPT: 0.5 (GPT-1's lambda); BERT: not allowed
     num_labels: int = None
     max_examples: int = None        # at most this many examples (causal-lm: blocks) per split (quick runs)
@@ -81,6 +81,11 @@ class FinetuneArgs:
     overwrite: bool = False
     progress: bool = True
     allow_changes: bool = False     # --resume despite another data, tokenizer, batch size or fewer steps
+
+
+METHOD_OPTIONS = {"r": ("lora",), "alpha": ("lora",), "target": ("lora",), "num_virtual_tokens": ("prompt", "prefix"),
+                  "reduction_factor": ("adapter",)}
+METHOD_DEFAULTS = {"r": 8, "alpha": 16.0, "num_virtual_tokens": 20, "reduction_factor": 16}
 
 
 def _flag(name):
@@ -106,7 +111,7 @@ def _check_numbers(a):
     for name, want, ok, none in (("lr", "> 0", lambda v: v > 0, True),
                                  ("warmup", "in [0, 1) (a fraction of the steps)", lambda v: 0 <= v < 1, False),
                                  ("weight_decay", ">= 0", lambda v: v >= 0, False),
-                                 ("alpha", "> 0", lambda v: v > 0, False),
+                                 ("alpha", "> 0", lambda v: v > 0, True),
                                  ("lm_coef", ">= 0", lambda v: v >= 0, True),
                                  ("clip", ">= 0 (0 disables clipping)", lambda v: v >= 0, False)):
         if not (none and getattr(a, name) is None):
@@ -139,7 +144,7 @@ def targets(a, kind):
 def _model_kind(model_dir):
     d = Path(model_dir)
     if not d.is_dir():
-        raise ValueError(f"model folder {str(d)!r} does not exist")
+        raise ValueError(f"model folder {str(d)!r} {'is a file, not a folder' if d.exists() else 'does not exist'}")
     if not (d / "config.json").is_file():
         raise ValueError(f"model folder {str(d)!r} has no config.json")
     if not (d / "tokenizer.json").is_file():
@@ -284,6 +289,10 @@ def _check_labels(a, data, cfg):
 
 def _check_out(a):
     out = check_folder_path(a.out, "--out")
+    from .recipes import run_files  # --overwrite removes OUTPUTS only: a pre-training run's others would stay
+    if other := [n for n in run_files(out) if n not in OUTPUTS]:  # --resume would take its checkpoints
+        raise ValueError(f"--out {str(out)!r} holds a pre-training run ({', '.join(other)}), not a fine-tuning "
+                         "run; use another folder")
     if a.resume:
         if latest_checkpoint(out) is None:
             raise ValueError(f"--resume: no checkpoint in {str(out / 'checkpoints')!r}")
@@ -291,10 +300,9 @@ def _check_out(a):
     if out.is_dir() and any(out.iterdir()) and not a.overwrite:
         raise ValueError(f"--out {str(out)!r} is not empty; pass --resume to continue its run, --overwrite "
                          f"to start again, or another folder")
-    from .recipes import run_files  # --overwrite removes OUTPUTS only: a pre-training run's others would stay
-    if other := [n for n in run_files(out) if n not in OUTPUTS]:
-        raise ValueError(f"--out {str(out)!r} holds a pre-training run ({', '.join(other)}), not a fine-tuning "
-                         "run; use another folder")
+    if (out / "best").is_dir() and not (out / "best" / "tokenizer.json").is_file():  # _save_best writes one
+        raise ValueError(f"--out {str(out)!r} holds best/, no model numlm saved (no tokenizer.json in it), which "
+                         "--overwrite would delete; move it away, or use another folder")
 
 
 # ---- encoding ----------------------------------------------------------------------------------
@@ -717,10 +725,7 @@ def finetune(a, data=None, out=None, log=print, **options):
     if not enc["train"].rows:  # QA keeps the answerable examples only
         raise ValueError(f"{data.name}: no training example left to learn from (QA trains on answerable ones)")
     steps = min(a.epochs * steps_per_epoch, a.max_steps or math.inf)
-    run = {"task": a.task, "method": a.method, "batch_size": a.batch_size, "max_length": max_length,
-           "tokenizer_sha256": fingerprint(sorted(tok.backend.get_vocab().items())),
-           "data_sha256": fingerprint([split["train"], split["validation"]]),  # what --resume must share
-           "model_sha256": _files_sha256(Path(a.model_dir))}  # an adapter's checkpoint holds no base weights
+    run = _run_record(a, kind, cfg, tok, split, max_length, lm_coef)
     out = Path(a.out)
     tc = TrainConfig(out_dir=str(out), max_steps=steps, lr=lr, weight_decay=a.weight_decay, schedule="linear",
                      warmup=int(a.warmup * steps), clip=a.clip, eval_every=steps_per_epoch,
@@ -736,7 +741,7 @@ def finetune(a, data=None, out=None, log=print, **options):
     on_batch = apply_method(model, kind, a) if a.method not in PEFT_METHODS else None
     if on_batch is not None:
         on_batch.total[0] = steps
-    best = _best_so_far(out, a.task) if a.resume else {"score": (-math.inf,), "step": None}
+    best = _best_so_far(out, a, model) if a.resume else {"score": (-math.inf,), "step": None}
     ctx = {"best": best, "eval_seconds": 0.0, "before": before if a.task == "causal-lm" else {},
            "trainable": sum(v.size for v in model.trainable_parameters().values())}  # before any unfreezing
 
@@ -813,6 +818,29 @@ def _check_resume(a, state, run, steps, tc):
     check_resume(state, run, steps, a.allow_changes, train)
 
 
+def _run_record(a, kind, cfg, tok, split, max_length, lm_coef):
+    """What --resume must share with the checkpoint (check_resume's `run`)."""
+    return {"task": a.task, "method": a.method, **method_settings(a, kind, cfg), "lm_coef": lm_coef,
+            "batch_size": a.batch_size, "max_length": max_length,
+            "tokenizer_sha256": fingerprint(sorted(tok.backend.get_vocab().items())),
+            "data_sha256": fingerprint([split["train"], split["validation"]]),
+            "model_sha256": _files_sha256(Path(a.model_dir))}  # an adapter's checkpoint holds no base weights
+
+
+def method_settings(a, kind, cfg):
+    """What the method trains with besides its name, as the run records it for --resume: the layers
+    frozen and the unfreezing (full, freeze, head), LoRA's r, alpha and targets, an adapter's
+    reduction factor, a prompt's or prefix's virtual tokens."""
+    if a.method in ("full", "freeze", "head"):
+        K = a.freeze_layers if a.freeze_layers is not None else _layers(kind, cfg) // 2 if a.method == "freeze" else 0
+        return {**({"freeze_layers": K} if a.method != "head" else {}), "unfreeze": a.unfreeze or "none"}
+    if a.method == "lora":
+        return {"r": a.r, "alpha": float(a.alpha), "target": ",".join(targets(a, kind))}
+    if a.method == "adapter":
+        return {"reduction_factor": a.reduction_factor}
+    return {"num_virtual_tokens": a.num_virtual_tokens}
+
+
 def _l3_objective(task, lm_coef):
     """GPT-1's L3 = L2 + lm_coef * L1 when on: the batches give the models lm_coef with the LM labels
     (multiple choice's `labels`, classification's `lm_labels`); off, multiple choice has no LM labels."""
@@ -848,8 +876,10 @@ def _build_model(a, kind, cfg, tok, data, num_labels):
     return model
 
 
-def _best_so_far(out, task):
-    """The best validation row up to the checkpoint a resumed run continues from."""
+def _best_so_far(out, a, model):
+    """The best validation row up to the checkpoint a resumed run continues from; its weights in
+    best/ read now, as _finish loads them back after training."""
+    task = a.task
     best = {"score": (-math.inf,), "step": None}
     rows = read_metrics(out) if (out / "metrics.jsonl").is_file() else []  # a torn or damaged line is skipped
     done = read_checkpoint_state(latest_checkpoint(out))["step"]
@@ -859,7 +889,17 @@ def _best_so_far(out, task):
     if vals and (out / "best").is_dir():
         top = max(vals, key=lambda r: score(task, r))
         best.update(score=score(task, top), step=top["step"], res=top)
+        try:
+            _best_weights(model, out, a.method in PEFT_METHODS)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--resume: {str(out / 'best')!r}, the best model (step {top['step']}), cannot be read "
+                             f"({e}); put it back, or start again with --overwrite") from None
     return best
+
+
+def _best_weights(model, out, peft_run):
+    """out/best's weights: an adapter's its own files (peft's or AdapterHub's), keyed as its state_dict."""
+    return model.read_checkpoint(out / "best") if peft_run else load_safetensors(out / "best")
 
 
 def _validate(model, a, enc, label_names, tok, out, ctx, steps_per_epoch, log):
@@ -887,7 +927,9 @@ def _clear_out(out, overwrite, inputs=()):
                              f"in {str(out)!r}; copy it elsewhere or use another --out")
         for name in OUTPUTS:
             p = out / name
-            if p.is_dir():
+            if name == "checkpoints":  # its step folders, not a user's files there
+                clear_checkpoints(out)
+            elif p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
@@ -899,9 +941,7 @@ def _finish(a, model, trainer, enc, split, data, ctx, lr, max_length, lm_coef, n
     out, best = Path(a.out), ctx["best"]
     peft_run = a.method in PEFT_METHODS
     if best["step"] is not None and best["step"] != trainer.step:  # at the last step the model is the best
-        # an adapter's best holds its own files (peft's or AdapterHub's), keyed as its state_dict
-        model.load_state_dict(model.read_checkpoint(out / "best") if peft_run
-                              else load_safetensors(out / "best"), strict=False)
+        model.load_state_dict(_best_weights(model, out, peft_run), strict=False)
     test = evaluate(model, a.task, enc["test"], data.label_names, a.eval_batch_size, prefix="test")
     total = model.get_nb_trainable_parameters()[1] if peft_run else model.num_parameters()
     test_data = data if not a.max_examples else dataclasses.replace(data, test=split["test"])
@@ -926,14 +966,25 @@ def make_args(a, data=None, out=None, **options):
     if isinstance(a, FinetuneArgs):
         if data is not None or out is not None or options:
             raise ValueError("pass either FinetuneArgs or a model folder with data=, out= and options, not both")
-        return a
+        return _method_defaults(a)
     if data is None or out is None:
         raise ValueError("finetune(model_dir, data=..., out=...): data and out are required")
     fields = {f.name for f in dataclasses.fields(FinetuneArgs)} - {"model_dir", "data", "out"}
     bad = sorted(set(options) - fields)
     if bad:
         raise ValueError(f"finetune: unknown option {bad[0]!r} (options: {', '.join(sorted(fields))})")
-    return FinetuneArgs(model_dir=str(a), data=str(data), out=str(out), **options)
+    return _method_defaults(FinetuneArgs(model_dir=str(a), data=str(data), out=str(out), **options))
+
+
+def _method_defaults(a):
+    """a with its method's own options defaulted; an option of another method is refused (it did nothing)."""
+    if not isinstance(a.method, str) or a.method not in METHODS:
+        return a  # _check_numbers names it
+    for name, methods in METHOD_OPTIONS.items():
+        if getattr(a, name) is not None and a.method not in methods:
+            raise ValueError(f"{_flag(name)} goes with --method {' or '.join(methods)}, not {a.method}")
+    return dataclasses.replace(a, **{k: v for k, v in METHOD_DEFAULTS.items()
+                                     if getattr(a, k) is None and a.method in METHOD_OPTIONS[k]})
 
 
 def _apply_peft(model, kind, a):

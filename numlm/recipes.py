@@ -21,8 +21,8 @@ from .inspect import plots_line
 from .nn import eval_mode
 from .ops import IGNORE_INDEX
 from .io import check_folder_path
-from .train import (Trainer, TrainConfig, list_checkpoints, read_checkpoint_state, model_generators, check_resume,
-                    resume_settings, fingerprint, _int, _real, _sha256)
+from .train import (Trainer, TrainConfig, list_checkpoints, checkpoint_entries, clear_checkpoints, model_generators,
+                    read_checkpoint_state, check_resume, resume_settings, fingerprint, _int, _real, _sha256)
 
 ARCHS = ("gpt2", "openai-gpt", "bert")
 DEFAULT_STEPS = 300  # a new run's; a resumed one keeps its own
@@ -451,31 +451,57 @@ DEFAULT_VOCAB_SIZE = 8192  # a tokenizer pretrain trains
 
 
 def run_files(out_dir):
-    """The files and folders a pretrain run leaves in out_dir that are present (a folder named data or
-    model counts only when it holds the run's token file or a model)."""
+    """The files and folders a pretrain run leaves in out_dir that are present (a folder named data,
+    model or checkpoints counts only when it holds the run's token file, a model or a checkpoint)."""
     out = Path(out_dir)
-    return [n for n in RUN_FILES if (out / n / RUN_MARKS[n] if n in RUN_MARKS else out / n).exists()
-            ] if out.is_dir() else []
+    if not out.is_dir():
+        return []
+    return [n for n in RUN_FILES if (checkpoint_entries(out) if n == "checkpoints" else
+                                     (out / n / RUN_MARKS[n] if n in RUN_MARKS else out / n).exists())]
+
+
+def foreign_files(out, arch, new_tokenizer):
+    """The files at paths a run writes in out that are no run's (their mark is missing): a user's
+    tokenizer_config.json with no tokenizer.json, data/tokens.json with no tokens.bin, a model/ file
+    with no config.json. The run would replace them, and clear_run (--overwrite) leaves them."""
+    out = Path(out)
+    owned = {"tokenizer_config.json": "tokenizer.json", "data/tokens.json": "data/tokens.bin",
+             "data/tokens.docs.npy": "data/tokens.bin"}
+    owned.update({f"model/{n}": "model/config.json" for n in ("model.safetensors", "model.safetensors.index.json",
+                                                             "generation_config.json", "tokenizer.json",
+                                                             "tokenizer_config.json")})
+    if not new_tokenizer:
+        del owned["tokenizer_config.json"]
+    if arch == "bert":
+        owned = {k: v for k, v in owned.items() if not k.startswith("data/")}
+    return [n for n, mark in owned.items() if (out / n).exists() and not (out / mark).exists()]
 
 
 def clear_run(out, keep=()):
     """Remove an earlier run's files from out: not the paths in keep (the new run's inputs), nor a
     file of the user's own in data/"""
     keep = {Path(k).resolve() for k in keep if isinstance(k, (str, os.PathLike))}
+    for n in ("metrics.jsonl", "checkpoints"):  # kept, they would stop the new run (Trainer._claim_folder)
+        if n in run_files(out) and (inside := [k for k in keep if k.is_relative_to((out / n).resolve())]):
+            raise ValueError(f"--overwrite would delete {str(inside[0])!r}, an input of this run, with the earlier "
+                             f"run's {n} in {str(out)!r}; copy it elsewhere, or use another --out")
     for n in run_files(out):
         p = out / n
         if any(k.is_relative_to(p.resolve()) for k in keep):  # an input is, or lies in, this entry
             continue
         if n == "data":  # the token file and what prepare writes beside it
             tokens = p / RUN_MARKS["data"]
-            for f in (tokens, _sidecar(tokens), _docs_path(tokens)):
+            for f in (_docs_path(tokens), _sidecar(tokens), tokens):  # the mark last (foreign_files)
                 f.unlink(missing_ok=True)
             if not any(p.iterdir()):
                 p.rmdir()
-        else:
-            (shutil.rmtree if p.is_dir() else os.unlink)(p)
-        if n == "tokenizer.json":  # and the tokenizer_config.json Tokenizer.save wrote beside it
+            continue
+        if n == "checkpoints":  # its step folders, not a user's files there
+            clear_checkpoints(out)
+            continue
+        if n == "tokenizer.json":  # and the tokenizer_config.json Tokenizer.save wrote beside it, first
             save_paths(p)[1].unlink(missing_ok=True)
+        (shutil.rmtree if p.is_dir() else os.unlink)(p)
 
 
 def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, out, block_size, batch_size,
@@ -507,7 +533,20 @@ def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, ou
             raise ValueError(f"{name} must be True or False, got {v!r}")
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or start it again")
+    if vocab_size is not None and tokenizer_path is not None:  # the tokenizer's size was used
+        raise ValueError("--vocab-size and --tokenizer exclude each other (vocab_size, tokenizer_path): --vocab-size "
+                         "sizes the tokenizer a run trains; give one")
+    if steps is not None and time_budget is not None:  # one of them was ignored
+        raise ValueError("--steps and --minutes exclude each other (steps, time_budget): --minutes sizes the run's "
+                         "steps itself; give one")
     check_folder_path(out, "out")
+    if theirs := foreign_files(out, arch, tokenizer_path is None and not resume):
+        raise ValueError(f"{str(out)!r} holds {', '.join(theirs)}, which the run would replace and which no run "
+                         "wrote (--overwrite removes only a run's files); move it away, or use another --out")
+    model = [n for n in ("config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json")
+             if (Path(out) / n).is_file()]
+    if model[:1] == ["config.json"] and len(model) > 1:  # overwrite took its tokenizer.json for a run's
+        raise ValueError(f"{str(out)!r} holds a model ({', '.join(model)}), not a pre-training run; use another --out")
     if other := [n for n in FINETUNE_MARKS if (Path(out) / n).exists()]:  # overwrite would leave a mixed folder
         raise ValueError(f"{str(out)!r} holds a fine-tuning run ({', '.join(other)}), not a pre-training run; "
                          "use another --out")
@@ -529,6 +568,9 @@ def _resume_state(arch, out, block_size, batch_size, dtype):
             errors.append(str(e))
     else:
         raise ValueError("--resume: no readable checkpoint: " + "; ".join(errors))
+    if isinstance(state.get("run"), dict) and "task" in state["run"]:  # finetune records its task
+        raise ValueError(f"--resume: checkpoint {str(ck)!r} is a fine-tuning run's (--task {state['run']['task']}), "
+                         "not a pre-training run's; use another --out")
     want = model_class(arch).__name__
     if state.get("architecture") != want:
         raise ValueError(f"--resume: checkpoint {str(ck)!r} holds a {state.get('architecture')}, "
@@ -564,7 +606,7 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     A resumed run must have the checkpoint's tokenizer, corpus, model config, seed and at least its
     steps, unless allow_changes=True, and always its batch and block size and dtype. Interrupted
     (Ctrl-C, SIGTERM): the result holds "interrupted" and no model/ is written; the checkpoint resumes."""
-    out = Path(out_dir)
+    out = check_folder_path(out_dir, "out")  # Path("") would be the current folder
     _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, out, block_size, batch_size,
                          steps, lr, warmup, seed, dtype, time_budget, eval_every, save_every, grad_accum,
                          resume, overwrite, progress, allow_changes)
@@ -591,7 +633,7 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
         _check_split(saved, run, data_, allow_changes)
         if saved is None:
             if time_budget is not None:
-                steps = calibrate_steps(model, data_.stream, t0 + time_budget, log)
+                steps = calibrate_steps(model, data_.stream, t0 + time_budget, log, grad_accum)
             tc = _train_config(out, arch, size, steps or DEFAULT_STEPS, lr, warmup, eval_every, save_every,
                                progress, grad_accum)
         trainer = Trainer(model, data_.stream, tc, evaluate=data_.evaluate, run=run)
@@ -724,10 +766,11 @@ def _fmt(d):
     return ", ".join(f"{k} {v:.4f}" for k, v in d.items() if isinstance(v, float))
 
 
-def calibrate_steps(model, stream, deadline, log=print):
+def calibrate_steps(model, stream, deadline, log=print, grad_accum=1):
     """How many optimizer steps fit before `deadline` (a time.perf_counter() value), from the time
-    of a few real steps (the first, which may compile the kernels, excluded); evaluation and saving
-    get a tenth of the time. The stream and model are restored afterwards."""
+    of a few real steps (the first, which may compile the kernels, excluded), each of grad_accum
+    micro-batches; evaluation and saving get a tenth of the time. The stream and model are restored
+    afterwards."""
     from .optim import AdamW
     state = stream.state_dict()
     params = {k: v.copy() for k, v in model.parameters().items()}
@@ -748,8 +791,9 @@ def calibrate_steps(model, stream, deadline, log=print):
     for k, g in model_generators(model).items():
         g.bit_generator.state = gens[k]
     stream.load_state_dict(state)
-    per_step = float(np.median(times[1:]))
+    per_step = float(np.median(times[1:])) * grad_accum  # the timed steps are one micro-batch each
     seconds = deadline - time.perf_counter()
     steps = max(10, int(seconds * 0.9 / per_step))
-    log(f"calibration: {per_step:.3f} s per step -> {steps} steps in the {seconds:.0f} s left")
+    log(f"calibration: {per_step:.3f} s per step ({grad_accum} micro-batch{'es' * (grad_accum > 1)}) -> {steps} "
+        f"steps in the {seconds:.0f} s left")
     return steps

@@ -110,6 +110,25 @@ def list_checkpoints(out_dir, complete=True):
     return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 
 
+CHECKPOINT_ENTRY = re.compile(r"step-\d+|\.(tmp|old)-step-\d+-\d+")  # a checkpoint, a save's folders
+
+
+def checkpoint_entries(out_dir):
+    """What numlm wrote in out_dir/checkpoints: its step folders and interrupted saves' folders."""
+    root = Path(out_dir) / "checkpoints"
+    return [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_ENTRY.fullmatch(p.name)] if root.is_dir() else []
+
+
+def clear_checkpoints(out_dir):
+    """Remove a run's checkpoints (checkpoint_entries), not a file of the user's own in checkpoints/;
+    the folder goes when nothing is left in it."""
+    for p in checkpoint_entries(out_dir):
+        shutil.rmtree(p)
+    root = Path(out_dir) / "checkpoints"
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+
+
 def latest_checkpoint(out_dir):
     found = list_checkpoints(out_dir)
     return found[-1] if found else None

@@ -351,10 +351,10 @@ def test_peft_methods_train_only_the_adapter_and_the_head(bert_dir, gpt_dir, dat
             "adapter": L * (H * 4 + 4 + 4 * H + H) + (H * K + K),  # Pfeiffer, m = H / 4 per layer; classifier
             "prompt": 4 * H + (H * K + K)}                               # 4 virtual tokens, classifier
     files = {"lora": "adapter_model.safetensors", "adapter": "adapter.safetensors", "prompt": "adapter_model.safetensors"}
+    options = {"lora": [], "adapter": ["--reduction-factor", "4"], "prompt": ["--num-virtual-tokens", "4"]}
     for method, n in want.items():
         out = tmp_path / method
-        assert run(bert_dir, data_csv, out, "--method", method, "--epochs", "1", "--reduction-factor", "4",
-                   "--num-virtual-tokens", "4") == 0
+        assert run(bert_dir, data_csv, out, "--method", method, "--epochs", "1", *options[method]) == 0
         res = json.loads((out / "results.json").read_text())
         assert res["trainable_params"] == n, (method, res["trainable_params"], n)
         assert (out / "best" / files[method]).is_file() and (out / "best" / "tokenizer.json").is_file()
@@ -491,6 +491,8 @@ def test_an_out_path_under_a_file_is_named(bert_dir, data_csv, tmp_path):
     (["--max-steps", "10"], "the checkpoint is at step 16, beyond the 10 steps asked for"),
     (["--data", "half"], "the data differs from the checkpoint's"),
     (["--method", "head"], "the checkpoint holds a --method full run, not head; resume with --method full"),
+    (["--freeze-layers", "1"], "was trained with --freeze-layers 0, not 1"),  # these continued silently
+    (["--unfreeze", "gradual"], "was trained with --unfreeze none, not gradual"),
 ])
 def test_resume_refuses_a_different_run_unless_allowed(bert_dir, data_csv, finished, tmp_path, capsys, change,
                                                        message):
@@ -516,6 +518,77 @@ def test_resume_refuses_a_different_run_unless_allowed(bert_dir, data_csv, finis
     if "--data" in change:  # the change meant: a smaller data set continues with a new epoch (was an IndexError)
         assert run(bert_dir, data, out, "--resume", "--allow-changes", *extra) == 0
         assert json.loads((out / "results.json").read_text())["steps"] == 3 * math.ceil(int(0.8 * 80) / 8)
+
+
+def test_resume_refuses_another_lora_alpha_unless_allowed(bert_dir, data_csv, tmp_path, capsys):
+    """--alpha scales LoRA's update: a resume with another one continued silently as another model."""
+    out = tmp_path / "run"
+    assert run(bert_dir, data_csv, out, "--method", "lora", "--max-steps", "2") == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    assert run(bert_dir, data_csv, out, "--method", "lora", "--max-steps", "3", "--resume", "--alpha", "64") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was trained with --alpha 16.0, not 64.0" in err and "--allow-changes" in err
+    assert snapshot(out) == before
+    assert run(bert_dir, data_csv, out, "--method", "lora", "--max-steps", "3", "--resume", "--alpha", "64",
+               "--allow-changes") == 0
+
+
+def test_resume_refuses_another_lm_coef_unless_allowed(gpt_dir, data_csv, tmp_path, capsys):
+    """--lm-coef weighs GPT-1's L1 in the objective: a resume with another one continued silently."""
+    out = tmp_path / "run"
+    assert run(gpt_dir, data_csv, out, "--max-steps", "2") == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    assert run(gpt_dir, data_csv, out, "--max-steps", "3", "--resume", "--lm-coef", "0") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was trained with --lm-coef 0.5, not 0.0" in err and "--allow-changes" in err
+    assert snapshot(out) == before
+    assert run(gpt_dir, data_csv, out, "--max-steps", "3", "--resume", "--lm-coef", "0", "--allow-changes") == 0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--r", "4"], "--r goes with --method lora, not full"),
+    (["--alpha", "32"], "--alpha goes with --method lora, not full"),
+    (["--method", "adapter", "--target", "query"], "--target goes with --method lora, not adapter"),
+    (["--method", "lora", "--num-virtual-tokens", "5"],
+     "--num-virtual-tokens goes with --method prompt or prefix, not lora"),
+    (["--method", "head", "--reduction-factor", "4"], "--reduction-factor goes with --method adapter, not head"),
+])
+def test_another_methods_option_is_refused(bert_dir, data_csv, tmp_path, capsys, flags, message):
+    """An option of a method not run did nothing: --method full --r 4 trained every weight, silently."""
+    assert run(bert_dir, data_csv, tmp_path / "run", "--max-steps", "1", *flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not (tmp_path / "run").exists()
+
+
+def test_a_methods_own_options_default_and_are_recorded(bert_dir, data_csv, tmp_path):
+    res = F.finetune(bert_dir, data=data_csv, out=tmp_path / "a", method="lora", max_steps=1, progress=False,
+                     log=lambda *a: None)
+    assert (res["args"]["r"], res["args"]["alpha"], res["args"]["num_virtual_tokens"]) == (8, 16.0, None)
+
+
+def test_a_model_dir_that_is_a_file_is_named_as_such(data_csv, tmp_path, capsys):
+    """It was 'does not exist', of a file that exists."""
+    assert run(data_csv, data_csv, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file, not a folder" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_resume_with_a_damaged_best_fails_before_training(bert_dir, data_csv, tmp_path, capsys, method):
+    """best/ is loaded back at the end: damaged, a resume trained every step, wrote its checkpoints and
+    metrics, then failed, and failed so again on every resume."""
+    out = tmp_path / "run"
+    assert run(bert_dir, data_csv, out, "--method", method, "--epochs", "1") == 0
+    weights = next(p for p in (out / "best").iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])
+    before = snapshot(out)
+    capsys.readouterr()
+    assert run(bert_dir, data_csv, out, "--method", method, "--epochs", "3", "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "the best model (step" in err and "cannot be read" in err, err
+    assert snapshot(out) == before
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_130(bert_dir, data_csv, tmp_path):
@@ -650,9 +723,11 @@ def lm_runs(lm_gpt_dir, lm_txt, tmp_path_factory):
     """One short causal-LM run per method: {method: out folder}."""
     root = tmp_path_factory.mktemp("lm_runs")
     lr = {"full": "3e-3", "freeze": "3e-3", "lora": "5e-2", "adapter": "3e-2", "prompt": "0.3", "prefix": "0.1"}
+    options = {"adapter": ["--reduction-factor", "4"], "prompt": ["--num-virtual-tokens", "4"],
+               "prefix": ["--num-virtual-tokens", "4"]}
     for method, rate in lr.items():
         assert lm_run(lm_gpt_dir, lm_txt, root / method, "--method", method, "--lr", rate, "--epochs", "6",
-                      "--num-virtual-tokens", "4", "--reduction-factor", "4") == 0, method
+                      *options.get(method, [])) == 0, method
     return {m: root / m for m in lr}
 
 
@@ -731,7 +806,7 @@ def test_causal_lm_bad_input(case, message, bert_dir, gpt_dir, lm_txt, data_csv,
 def test_causal_lm_resume_continues_bit_exactly(gpt_dir, lm_txt, tmp_path, method):
     """Interrupted during its first validation (the log line raises Ctrl-C), resumed: the same run."""
     opts = dict(data=lm_txt, task="causal-lm", method=method, max_length=32, batch_size=8, epochs=2, lr=1e-2,
-                num_virtual_tokens=4, progress=False)
+                progress=False, **({"num_virtual_tokens": 4} if method == "prefix" else {}))
     whole = F.finetune(gpt_dir, out=tmp_path / "whole", log=lambda *a: None, **opts)
 
     def interrupt(line):

@@ -213,8 +213,7 @@ def snapshot(folder):
 def test_resume_refuses_another_tokenizer_corpus_batch_or_fewer_steps(corpus, tmp_path, capsys):
     """Each of these continued silently (another tokenizer was trained, the data re-tokenized)."""
     run = tmp_path / "run"
-    base = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--out", str(run),
-            "--block-size", "16"]
+    base = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--out", str(run), "--block-size", "16"]
     tok = tmp_path / "tok.json"
     assert main(["tokenizer", "train", "--vocab-size", "300", "--data", str(corpus), "--out", str(tok)]) == 0
     other_tok = tmp_path / "other.json"
@@ -406,3 +405,19 @@ def test_a_long_run_checkpoints_every_few_hundred_steps(tmp_path):
         cfg = _train_config(tmp_path, "gpt2", "tiny", steps, None, None, None, None, False, 1)
         assert 1 <= cfg.save_every <= 200 and cfg.save_every <= steps // 2
     assert _train_config(tmp_path, "gpt2", "tiny", 10_000, None, None, None, 50, False, 1).save_every == 50
+
+
+def test_calibrated_steps_count_every_micro_batch(monkeypatch):
+    """calibrate_steps timed one micro-batch per step: with --grad-accum 4 a --minutes run took four
+    times its budget. A clock that moves 1 s per reading makes the count deterministic."""
+    import itertools
+    from numlm import recipes
+    from numlm.data import TokenStream
+    from numlm.models import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=1, n_head=2), seed=0)
+    stream = TokenStream(np.arange(400) % 50, 8, 2, rng=np.random.default_rng(0))
+    clock = itertools.count()
+    monkeypatch.setattr(recipes.time, "perf_counter", lambda: float(next(clock)))
+    steps = {k: recipes.calibrate_steps(model, stream, next(clock) + 10_000, log=lambda *a: None, grad_accum=k)
+             for k in (1, 4)}
+    assert steps[1] > 100 and abs(4 * steps[4] - steps[1]) <= 8, steps

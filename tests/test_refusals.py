@@ -2,6 +2,7 @@
 ignored: the defects a fault pass found, each refused (or fixed) in one place."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -222,9 +223,177 @@ def test_pretrain_overwrite_keeps_a_corpus_and_a_tokenizer_under_out(tmp_path, c
     assert main(args) == 0  # a corpus folder named data is not a run
     assert main(args) == 2  # the run is
     tok = (tmp_path / "tokenizer.json").read_bytes()
-    assert main(args + ["--overwrite", "--tokenizer", "tokenizer.json"]) == 0
+    assert main([a for a in args if a not in ("--vocab-size", "300")] + ["--overwrite", "--tokenizer",
+                                                                         "tokenizer.json"]) == 0
     assert len(list((tmp_path / "data").glob("*.txt"))) == len(list(corpus.iterdir()))
     assert (tmp_path / "tokenizer.json").read_bytes() == tok and (tmp_path / "data" / "tokens.bin").is_file()
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "data/tokens.json", "data/tokens.docs.npy",
+                                  "model/model.safetensors"])
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
+def test_pretrain_refuses_an_out_whose_files_it_would_replace(tmp_path, corpus, name, flags, capsys):
+    """A user's file at a path the run writes (a model folder's tokenizer_config.json with no tokenizer.json,
+    a data/tokens.json with no tokens.bin, a model/ without config.json) is no run's: it was replaced."""
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text('{"mine": 1}\n')
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
+            "--batch-size", "4", "--steps", "1", "--data", str(corpus), "--out", str(tmp_path), *flags]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "would replace" in err and name in err
+    assert (tmp_path / name).read_text() == '{"mine": 1}\n' and sorted(tmp_path.rglob("*")) == sorted(
+        [tmp_path / name, (tmp_path / name).parent][:1 + ("/" in name)])
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_pretrain_refuses_steps_and_minutes_together(tmp_path, corpus, resume, capsys):
+    """--minutes sizes the run instead of --steps: given both, one was silently ignored (a fresh run
+    trained the calibrated steps, a resumed one its planned steps)."""
+    out = tmp_path / "run"
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
+            "--batch-size", "4", "--data", str(corpus), "--out", str(out)]
+    if resume:
+        assert main(args + ["--steps", "2"]) == 0
+        capsys.readouterr()
+    before = sorted((p, p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*"))
+    assert main(args + ["--steps", "3", "--minutes", "0.05"] + ["--resume"] * resume) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--steps and --minutes exclude each other" in err
+    assert sorted((p, p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"], ["--overwrite", "--tokenizer", "TOK"]])
+def test_pretrain_refuses_a_model_folder_as_out(tmp_path, corpus, gpt_dir, flags, capsys):
+    """A model folder's tokenizer.json (config.json beside it) counted as a run's: --overwrite deleted the
+    model's tokenizer files and left its weights orphaned among the new run's files."""
+    import shutil
+    out = tmp_path / "model"
+    shutil.copytree(gpt_dir, out)
+    before = {p: p.read_bytes() for p in out.rglob("*")}
+    tok = tmp_path / "tok.json"
+    tok.write_bytes((gpt_dir / "tokenizer.json").read_bytes())
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--block-size", "16", "--batch-size", "4", "--steps",
+            "1", "--data", str(corpus), "--out", str(out)] + ["--vocab-size", "300"] * ("TOK" not in flags)
+    assert main(args + [str(tok) if f == "TOK" else f for f in flags]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "holds a model (config.json, model.safetensors, tokenizer.json)" in err
+    assert {p: p.read_bytes() for p in out.rglob("*")} == before
+
+
+def test_overwrite_removes_only_numlms_checkpoints(tmp_path, corpus, bert_dir, data_csv):
+    """A folder's own checkpoints/ (a user's files, no step-N folder) is no run: pretrain's --overwrite
+    deleted it whole, and finetune's too; only the run's step folders go."""
+    mine = tmp_path / "p" / "checkpoints" / "my_model.ckpt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("weights")
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
+            "--batch-size", "4", "--steps", "1", "--data", str(corpus), "--out", str(tmp_path / "p")]
+    assert main(args) == 0  # not a run
+    assert main(args + ["--overwrite"]) == 0
+    assert mine.read_text() == "weights" and (mine.parent / "step-0000001" / "trainer_state.json").is_file()
+    theirs = tmp_path / "f" / "checkpoints" / "my_model.ckpt"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text("weights")
+    assert run(bert_dir, data_csv, tmp_path / "f", "--max-steps", "1", "--overwrite") == 0
+    assert theirs.read_text() == "weights" and (theirs.parent / "step-0000001").is_dir()
+
+
+def test_finetune_overwrite_refuses_a_best_folder_it_did_not_write(tmp_path, bert_dir, data_csv, capsys):
+    notes = tmp_path / "best" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("my best ideas")
+    assert run(bert_dir, data_csv, tmp_path, "--max-steps", "1", "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "best" in err and "no model numlm saved" in err
+    assert sorted(tmp_path.rglob("*")) == [notes.parent, notes] and notes.read_text() == "my best ideas"
+
+
+@pytest.mark.parametrize("argv", [
+    ["pretrain", "--out", ""], ["pretrain", "--data", "", "--out", "run"], ["demo", "--out", ""],
+    ["tokenizer", "train", "--out", ""], ["tokenizer", "train", "--data", "", "--out", "t.json"],
+    ["prepare", "--tokenizer", "tok.json", "--data", "", "--out", "t.bin"], ["eval", "", "--data", "c.txt"]])
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, monkeypatch, capsys, argv):
+    """--out "" (an unset variable) wrote the run into the current folder; --data "" read it as the corpus."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.txt").write_text("\n".join(["the cat sat on the mat", "a dog ran in the park"] * 50) + "\n")
+    numlm.data.Tokenizer.train_bpe_from_iterator(["the cat sat"] * 5, vocab_size=260).save(tmp_path / "tok.json")
+    before = sorted(tmp_path.rglob("*"))
+    extra = ["--size", "tiny", "--vocab-size", "300", "--block-size", "16", "--steps", "1"] if argv[0] == "pretrain" else []
+    assert main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "an empty path" in err
+    assert sorted(tmp_path.rglob("*")) == before
+    with pytest.raises(ValueError, match="an empty path"):
+        numlm.data.read_texts("")
+
+
+def test_resume_refuses_the_other_commands_run_by_name(tmp_path, corpus, gpt_dir, capsys):
+    """finetune --resume on a pre-training run's folder (and pretrain --resume on a fine-tuning run's
+    checkpoints) called the other run's checkpoints damaged ("KeyError 'pos'")."""
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    assert main(["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
+                 "--batch-size", "4", "--steps", "2", "--data", str(corpus), "--out", str(pre)]) == 0
+    lm = tmp_path / "lm.txt"
+    lm.write_text("\n\n".join(f"line {i} of the text, and more of it" for i in range(40)) + "\n")
+    assert main(["finetune", str(gpt_dir), "--task", "causal-lm", "--data", str(lm), "--out", str(ft),
+                 "--max-steps", "1", "--batch-size", "4", "--no-progress"]) == 0
+    for p in (ft / "best", ft / "results.json"):  # the checkpoints alone say whose they are
+        (shutil.rmtree if p.is_dir() else os.unlink)(p)
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert main(["finetune", str(pre / "model"), "--task", "causal-lm", "--data", str(lm), "--out", str(pre),
+                 "--resume", "--allow-changes", "--batch-size", "4", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "holds a pre-training run" in err and "damaged" not in err
+    assert main(["pretrain", "--arch", "gpt2", "--size", "tiny", "--block-size", "16", "--batch-size", "4",
+                 "--data", str(corpus), "--out", str(ft), "--resume", "--allow-changes",
+                 "--tokenizer", str(gpt_dir / "tokenizer.json")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "a fine-tuning run's" in err and "damaged" not in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "tokenizer"])
+def test_an_out_that_is_a_broken_link_is_named(tmp_path, corpus, bert_dir, data_csv, command, capsys):
+    """It was "File exists: 'run'" (mkdir on the link)."""
+    (tmp_path / "run").symlink_to(tmp_path / "gone")
+    argv = {"pretrain": ["pretrain", "--size", "tiny", "--vocab-size", "300", "--block-size", "16", "--steps", "1",
+                         "--data", str(corpus)],
+            "finetune": ["finetune", str(bert_dir), "--data", str(data_csv), "--max-steps", "1"],
+            "tokenizer": ["tokenizer", "train", "--vocab-size", "300", "--data", str(corpus)]}[command]
+    assert main(argv + ["--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "is a link to" in err and "which does not exist" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and (tmp_path / "run").is_symlink()
+
+
+def test_pretrain_refuses_vocab_size_with_a_tokenizer(tmp_path, corpus, gpt_dir, capsys):
+    """--vocab-size sizes the tokenizer a run trains: with --tokenizer it was silently ignored (the model
+    took the given tokenizer's size)."""
+    out = tmp_path / "run"
+    assert main(["pretrain", "--size", "tiny", "--block-size", "16", "--steps", "1", "--data", str(corpus),
+                 "--tokenizer", str(gpt_dir / "tokenizer.json"), "--vocab-size", "5000", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--vocab-size and --tokenizer exclude each other" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, name", [("--data", "metrics.jsonl"), ("--config", "checkpoints/step-0000002/config.json")])
+def test_pretrain_overwrite_refuses_an_input_in_the_runs_metrics_or_checkpoints(tmp_path, corpus, flag, name, capsys):
+    """Kept as an input, the earlier run's metrics or checkpoint made the new run refuse to start, after
+    --overwrite had deleted the rest of the earlier run (its model, tokenizer, plots)."""
+    out = tmp_path / "run"
+    args = ["pretrain", "--size", "tiny", "--block-size", "16", "--batch-size", "4", "--steps", "2", "--out", str(out),
+            "--vocab-size", "300"]
+    assert main(args + ["--data", str(corpus)]) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    extra = [flag, str(out / name)] + (["--data", str(corpus)] if flag != "--data" else [])
+    assert main(args + extra + ["--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--overwrite would delete" in err and "an input of this run" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_demo_starts_again_only_over_its_own_folder(tmp_path, corpus, capsys):

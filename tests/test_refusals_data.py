@@ -91,6 +91,39 @@ def test_a_save_under_another_name_leaves_the_folders_tokenizer_config_alone(tmp
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
 
 
+@pytest.mark.parametrize("name", ["b.txt", "sub/c.md"])
+def test_prepare_refuses_an_out_that_is_a_file_of_its_corpus_folder(tmp_path, capsys, bpe, name):
+    """--out naming a text file inside the --data folder would replace that document with tokens after
+    reading it: refused, the folder unchanged."""
+    corpus = tmp_path / "corpus"
+    for f in ("a.txt", "b.txt", "sub/c.md"):
+        (corpus / f).parent.mkdir(parents=True, exist_ok=True)
+        (corpus / f).write_text("\n".join(LINES) + "\n")
+    bpe.save(tmp_path / "tokenizer.json")
+    before = {f: f.read_bytes() for f in corpus.rglob("*") if f.is_file()}
+    code, err = refused(capsys, ["prepare", "--tokenizer", str(tmp_path / "tokenizer.json"), "--data", str(corpus),
+                                 "--out", str(corpus / name)])
+    assert code == 2 and "would overwrite the input" in err and name.split("/")[-1] in err
+    assert {f: f.read_bytes() for f in corpus.rglob("*") if f.is_file()} == before
+
+
+def test_prepare_refuses_to_replace_a_file_that_is_no_token_file(tmp_path, capsys, bpe):
+    """--out naming a user's file (no sidecar beside it: not a token file) replaced it with tokens."""
+    corpus, notes = tmp_path / "corpus.txt", tmp_path / "notes.md"
+    corpus.write_text("\n".join(LINES) + "\n")
+    notes.write_text("my notes\n")
+    bpe.save(tmp_path / "tokenizer.json")
+    before = sorted(tmp_path.iterdir())
+    code, err = refused(capsys, ["prepare", "--tokenizer", str(tmp_path / "tokenizer.json"), "--data", str(corpus),
+                                 "--out", str(notes)])
+    assert code == 2 and "is not a token file" in err and notes.read_text() == "my notes\n"
+    assert sorted(tmp_path.iterdir()) == before
+    assert main(["prepare", "--tokenizer", str(tmp_path / "tokenizer.json"), "--data", str(corpus), "--out",
+                 str(tmp_path / "t.bin")]) == 0
+    assert main(["prepare", "--tokenizer", str(tmp_path / "tokenizer.json"), "--data", str(corpus), "--out",
+                 str(tmp_path / "t.bin")]) == 0  # its own token file is prepared again
+
+
 # ---- prepare's companion files -------------------------------------------------------------------
 def test_prepare_refuses_to_replace_a_users_json_beside_the_token_file(tmp_path, capsys, bpe):
     """train.bin's sidecar is train.json: a user's own train.json there is not replaced, by prepare or

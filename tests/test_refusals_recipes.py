@@ -116,8 +116,8 @@ def gpt_runs(corpus, wordpiece, tmp_path_factory):
     runs = {}
     for name, tok in (("bpe", None), ("wordpiece", wordpiece)):
         out = tmp_path_factory.mktemp(name)
-        pretrain("gpt2", size="tiny", data=corpus, tokenizer_path=tok, vocab_size=300, out_dir=out, block_size=16,
-                 batch_size=2, steps=2, log=quiet, progress=False)
+        pretrain("gpt2", size="tiny", data=corpus, tokenizer_path=tok, vocab_size=None if tok else 300, out_dir=out,
+                 block_size=16, batch_size=2, steps=2, log=quiet, progress=False)
         runs[name] = out / "model"
     return runs
 

@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-from .args import count, number, positive  # noqa: F401  (subcommand modules import them from cli.args)
+from .args import count, number, path, positive  # noqa: F401  (subcommand modules import them from cli.args)
 
 
 class Parser(argparse.ArgumentParser):
@@ -111,7 +111,7 @@ def cmd_prepare(a):
     from ..data import Tokenizer, prepare
     from ..data.pretrain import check_prepared_files
     from ..recipes import load_corpus
-    check_prepared_files(a.out, [a.tokenizer])
+    check_prepared_files(a.out, [a.tokenizer] + [a.data] * (a.data is not None))
     tok = Tokenizer.from_file(a.tokenizer)
     if a.data is not None:  # streamed file by file: the corpus need not fit in memory
         name, meta = a.data, prepare(a.data, tok, a.out, encoding=a.encoding)
@@ -183,8 +183,8 @@ ENCODING = dict(default="utf-8", help="the corpus files' text encoding (default 
 
 def _add_demo_and_data(sub):
     d = sub.add_parser("demo", help="train a tokenizer and a small GPT-2 on Shakespeare, then print samples")
-    d.add_argument("--data", help="a text file or folder instead of the default corpus")
-    d.add_argument("--out", default=DEMO_OUT)
+    d.add_argument("--data", type=path, help="a text file or folder instead of the default corpus")
+    d.add_argument("--out", type=path, default=DEMO_OUT)
     d.add_argument("--overwrite", action="store_true",
                    help=f"start again over a run in --out (the default, {DEMO_OUT}, is the demo's own: always)")
     d.add_argument("--minutes", type=positive, default=4.25, help="time budget from start to the end of training")
@@ -199,16 +199,16 @@ def _add_demo_and_data(sub):
     tt.add_argument("--kind", choices=["bpe", "wordpiece"], default="bpe")
     tt.add_argument("--vocab-size", type=count(1), default=8192)
     tt.add_argument("--encoding", **ENCODING)
-    tt.add_argument("--data", help="text file or folder (default: the default corpus)")
-    tt.add_argument("--out", required=True, help="tokenizer.json path or folder")
+    tt.add_argument("--data", type=path, help="text file or folder (default: the default corpus)")
+    tt.add_argument("--out", type=path, required=True, help="tokenizer.json path or folder")
     tt.add_argument("--overwrite", action="store_true", help="replace a tokenizer already at --out")
     tt.set_defaults(fn=cmd_tokenizer_train)
 
     pr = sub.add_parser("prepare", help="tokenize a corpus once into a memory-mapped token file")
-    pr.add_argument("--tokenizer", required=True)
-    pr.add_argument("--data")
+    pr.add_argument("--tokenizer", type=path, required=True)
+    pr.add_argument("--data", type=path)
     pr.add_argument("--encoding", **ENCODING)
-    pr.add_argument("--out", required=True, help="token file (.bin)")
+    pr.add_argument("--out", type=path, required=True, help="token file (.bin)")
     pr.set_defaults(fn=cmd_prepare)
 
 
@@ -216,13 +216,13 @@ def _add_pretrain_and_eval(sub):
     pt = sub.add_parser("pretrain", help="pre-train BERT (MLM + NSP) or GPT (causal LM) from scratch")
     pt.add_argument("--arch", choices=["bert", "gpt2", "openai-gpt"], default="gpt2")
     pt.add_argument("--size", choices=["tiny", "mini", "small", "base"], default="mini")
-    pt.add_argument("--config", help="a transformers config.json instead of --size")
-    pt.add_argument("--data", help="text file or folder (default: the default corpus)")
-    pt.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one)")
+    pt.add_argument("--config", type=path, help="a transformers config.json instead of --size")
+    pt.add_argument("--data", type=path, help="text file or folder (default: the default corpus)")
+    pt.add_argument("--tokenizer", type=path, help="an existing tokenizer.json (default: train one)")
     pt.add_argument("--vocab-size", type=count(1),
                     help="the size of the tokenizer a run trains (default 8192; on --resume the run's own)")
     pt.add_argument("--encoding", **ENCODING)
-    pt.add_argument("--out", default="runs/pretrain")
+    pt.add_argument("--out", type=path, default="runs/pretrain")
     pt.add_argument("--steps", type=count(1), help="optimizer steps (default 300; with --resume, the run's own)")
     pt.add_argument("--minutes", type=positive, help="size the run to this time budget instead of --steps")
     pt.add_argument("--batch-size", type=count(1), default=16)
@@ -240,8 +240,8 @@ def _add_pretrain_and_eval(sub):
     pt.set_defaults(fn=cmd_pretrain)
 
     e = sub.add_parser("eval", help="loss and perplexity of a saved model on all of --data")
-    e.add_argument("model", help="model directory (config.json, model.safetensors, tokenizer.json)")
-    e.add_argument("--data")
+    e.add_argument("model", type=path, help="model directory (config.json, model.safetensors, tokenizer.json)")
+    e.add_argument("--data", type=path)
     e.add_argument("--encoding", **ENCODING)
     e.add_argument("--block-size", type=count(2), default=128)
     e.add_argument("--batch-size", type=count(1), default=8)

@@ -36,3 +36,10 @@ def number(low=0.0, high=math.inf, low_open=True, high_open=True):
 
 
 positive = number()
+
+
+def path(text):
+    """A file or folder path: an empty one (an unset variable) is refused, not taken for the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder (. for the current folder)")
+    return text

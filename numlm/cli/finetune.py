@@ -2,7 +2,7 @@
 import json
 import sys
 
-from .args import count, number, positive
+from .args import count, number, path, positive
 from ..finetune import FinetuneArgs, METHODS, TASKS
 from ..io.hub import folder as resolve_model_dir
 
@@ -28,13 +28,13 @@ def add_parsers(sub):
                        description="Fine-tune MODEL_DIR (config.json, model.safetensors, tokenizer.json). "
                        "Defaults: AdamW, lr 5e-5 (1e-3 head, 5e-4 LoRA), 10%% linear warmup then linear "
                        "decay, clipping 1.0, batch 32, 2 epochs.")
-    f.add_argument("model_dir")
-    f.add_argument("--data", required=True, help="rotten-tomatoes, shakespeare-ner, shakespeare-qa, "
+    f.add_argument("model_dir", type=path)
+    f.add_argument("--data", type=path, required=True, help="rotten-tomatoes, shakespeare-ner, shakespeare-qa, "
                    "shakespeare-mc, shakespeare (causal-lm), a .csv / .jsonl file (text,label or "
                    "text_a,text_b,label), or a .txt file (causal-lm: documents separated by blank lines)")
     f.add_argument("--task", choices=TASKS, default="seqcls")
     f.add_argument("--method", choices=METHODS, default="full")
-    f.add_argument("--out", required=True)
+    f.add_argument("--out", type=path, required=True)
     f.add_argument("--epochs", type=count(1), default=2)
     f.add_argument("--max-steps", type=count(1))
     f.add_argument("--batch-size", type=count(1), default=32)
@@ -46,12 +46,12 @@ def add_parsers(sub):
     f.add_argument("--seed", type=count(0), default=0)
     f.add_argument("--freeze-layers", type=count(0), help="freeze the embeddings and the first K layers")
     f.add_argument("--unfreeze", choices=["gradual"], help="unfreeze one layer more, top down, at equal intervals")
-    f.add_argument("--r", type=count(1), default=8, help="LoRA rank")
-    f.add_argument("--alpha", type=positive, default=16.0, help="LoRA alpha")
+    f.add_argument("--r", type=count(1), help="LoRA rank (default 8)")
+    f.add_argument("--alpha", type=positive, help="LoRA alpha (default 16)")
     f.add_argument("--target", help="LoRA target modules, comma-separated (default query,value for BERT, "
                    "c_attn for GPT)")
-    f.add_argument("--num-virtual-tokens", type=count(1), default=20, help="prompt / prefix length")
-    f.add_argument("--reduction-factor", type=count(1), default=16, help="adapter bottleneck C / m")
+    f.add_argument("--num-virtual-tokens", type=count(1), help="prompt / prefix length (default 20)")
+    f.add_argument("--reduction-factor", type=count(1), help="adapter bottleneck C / m (default 16)")
     f.add_argument("--lm-coef", type=number(0, low_open=False),
                    help="GPT: L3 = L2 + lm_coef * L1 (default 0.5; 0 turns it off)")
     f.add_argument("--num-labels", type=count(1))

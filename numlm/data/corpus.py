@@ -106,25 +106,32 @@ def read_text_file(path, encoding="utf-8", strip_md=True) -> str:
     return strip_markdown(text) if strip_md and path.suffix.lower() == ".md" else text
 
 
+def corpus_files(path, suffixes=TEXT_SUFFIXES):
+    """The files read_texts reads: the file itself, or a folder's *.txt / *.md files (sorted)."""
+    if isinstance(path, str) and not path:  # Path("") is the current folder
+        raise ValueError("path: an empty path; give a file or folder (. for the current folder)")
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"path {str(p)!r} does not exist")
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+    raise ValueError(f"path {str(p)!r} is neither a file nor a folder")
+
+
 def iter_texts(path, suffixes=TEXT_SUFFIXES, strip_md=True, encoding="utf-8"):
     """The documents of read_texts one at a time, so a corpus larger than memory can be streamed
     (numlm.data.prepare does). Raises when the path does not exist or holds no text."""
     encoding = check_encoding(encoding)
     p = Path(path)
-    if not p.exists():
-        raise ValueError(f"path {str(p)!r} does not exist")
-    if p.is_file():
-        files = [p]
-    elif p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
-    else:
-        raise ValueError(f"path {str(p)!r} is neither a file nor a folder")
+    files = corpus_files(path, suffixes)
     n = 0
     for f in files:
         try:
             text = read_text_file(f, encoding, strip_md)
         except ValueError as e:
-            if f is p or "binary file" not in str(e):
+            if p.is_file() or "binary file" not in str(e):  # a file named directly is refused
                 raise
             warnings.warn(f"{e}; skipped", CorpusWarning, stacklevel=2)
             continue

@@ -400,7 +400,9 @@ def check_prepared_files(out_path, inputs=()):
     if len(set(written)) < 3:
         raise ValueError(f"out_path {str(out_path)!r}: the token file and its sidecar {_sidecar(out_path).name} "
                          "would be one file; give a name such as tokens.bin")
-    if clash := [str(i) for i in inputs if Path(i).resolve() in written]:
+    from .corpus import corpus_files  # a folder's inputs are the text files in it
+    files = [f for i in inputs for f in (corpus_files(i) if Path(i).is_dir() else [Path(i)])]
+    if clash := [str(f) for f in files if f.resolve() in written]:
         raise ValueError(f"out_path {str(out_path)!r} would overwrite the input {clash[0]!r}")
     _check_companions(out_path)
     return out_path
@@ -452,6 +454,9 @@ def _check_companions(out_path):
                          f"uses it, remove {str(side)!r}, else give out_path another stem")
     elif docs.exists() and not out_path.is_file():
         raise ValueError(f"out_path {str(out_path)!r}: {str(docs)!r} exists and is not this token file's; {hint}")
+    elif out_path.exists():  # no sidecar: a user's file, which prepare would replace
+        raise ValueError(f"out_path {str(out_path)!r} exists and is not a token file (no sidecar {side.name} beside "
+                         "it); prepare would replace it: move it, or give another name")
 
 
 def load_meta(path):

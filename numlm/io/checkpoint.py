@@ -35,9 +35,14 @@ def _warn_nonfinite(state, where):
 
 
 def check_folder_path(path, what):
-    """A folder to be written at `path`: refused (ValueError) when it, or any parent of it, is a file."""
+    """A folder to be written at `path`: refused (ValueError) when it, or any parent of it, is a file,
+    or when it is an empty string (Path("") is the current folder)."""
+    if isinstance(path, str) and not path:
+        raise ValueError(f"{what}: an empty path; give a folder (. for the current folder)")
     path = Path(path)
     for p in [path, *path.parents]:
+        if p.is_symlink() and not p.exists():  # mkdir would say "File exists"
+            raise ValueError(f"{what}: {str(p)!r} is a link to {os.readlink(p)!r}, which does not exist")
         if p.exists():
             if not p.is_dir():
                 name = "is a file, not a folder" if p == path else f"is a file, so {str(path)!r} cannot be a folder"
