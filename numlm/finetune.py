@@ -881,6 +881,7 @@ def _best_so_far(out, a, model):
     best/ read now, as _finish loads them back after training."""
     task = a.task
     best = {"score": (-math.inf,), "step": None}
+    _put_back_best(out)
     rows = read_metrics(out) if (out / "metrics.jsonl").is_file() else []  # a torn or damaged line is skipped
     done = read_checkpoint_state(latest_checkpoint(out))["step"]
     keys = ["val_loss"] + ([] if task == "causal-lm" else ["val_accuracy"])
@@ -895,6 +896,18 @@ def _best_so_far(out, a, model):
             raise ValueError(f"--resume: {str(out / 'best')!r}, the best model (step {top['step']}), cannot be read "
                              f"({e}); put it back, or start again with --overwrite") from None
     return best
+
+
+def _put_back_best(out):
+    """best/ put back from the .old-best-<pid> _save_best leaves when killed between its two renames: the
+    best before it, whose validation row and checkpoint were written (the new one's come after the save);
+    the other leftovers of a killed save removed"""
+    final = Path(out) / "best"
+    for old in sorted(Path(out).glob(".old-best-*")):
+        if not final.exists() and (old / "tokenizer.json").is_file():  # _save_best writes one
+            os.rename(old, final)
+    for p in list(Path(out).glob(".old-best-*")) + list(Path(out).glob(".tmp-best-*")):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _best_weights(model, out, peft_run):

@@ -1,6 +1,7 @@
 """`numlm finetune` on tiny saved models: what each method trains, the files a run writes, resume,
 GPT-1's L3 objective, and every bad input refused with one line, exit 2 and nothing written."""
 import json
+import os
 import math
 from pathlib import Path
 
@@ -147,6 +148,33 @@ def test_gradual_unfreezing_schedule(bert_dir):
         k for k in model.parameters() if ".layer.1." in k}
     on_batch(39)
     assert set(model.trainable_parameters()) == set(model.parameters())
+
+
+def test_resume_puts_back_the_best_a_killed_save_left_aside(bert_dir, data_csv, tmp_path, monkeypatch):
+    """A finetune killed between _save_best's two renames leaves best/ moved to .old-best-<pid>: a resume
+    then went on without it (the next validation taken for the best, whatever its score) and left the
+    folder there for good. The resume puts it back and ends as an uninterrupted run."""
+    import shutil
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert run(bert_dir, data_csv, whole, "--epochs", "2") == 0
+    real = F.EpochStream.next_batch
+
+    def interrupt(self):
+        if self.step == 21:  # during the second epoch, after the first epoch's checkpoint and best
+            raise KeyboardInterrupt
+        return real(self)
+    monkeypatch.setattr(F.EpochStream, "next_batch", interrupt)
+    assert run(bert_dir, data_csv, cut, "--epochs", "2") == 130
+    monkeypatch.setattr(F.EpochStream, "next_batch", real)
+    os.rename(cut / "best", cut / ".old-best-4242")  # as the kill leaves them
+    shutil.copytree(cut / ".old-best-4242", cut / ".tmp-best-4242")
+    assert run(bert_dir, data_csv, cut, "--epochs", "2", "--resume") == 0
+    a, b = (json.loads((d / "results.json").read_text()) for d in (whole, cut))
+    for k in ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "best_step"):
+        assert a[k] == b[k], k
+    wa, wb = _best_tensors(whole / "best"), _best_tensors(cut / "best")
+    assert len(wa) > 0 and wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert not list(cut.glob(".old-best-*")) and not list(cut.glob(".tmp-best-*"))
 
 
 def _best_tensors(d):
