@@ -246,6 +246,16 @@ def test_pretrain_refuses_an_out_whose_files_it_would_replace(tmp_path, corpus, 
         [tmp_path / name, (tmp_path / name).parent][:1 + ("/" in name)])
 
 
+@pytest.mark.parametrize("command", ["pretrain", "demo"])
+def test_minutes_whose_seconds_overflow_are_refused_by_the_flags_name(tmp_path, command, capsys):
+    """--minutes 1e307 was refused as 'time_budget must be a finite number > 0 (seconds), got inf': the
+    seconds it makes, under a name the command line does not have"""
+    assert main([command, "--minutes", "1e307", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "argument --minutes: must be a finite number in (0, 1e+09)" in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_pretrain_refuses_steps_and_minutes_together(tmp_path, corpus, resume, capsys):
     """--minutes sizes the run instead of --steps: given both, one was silently ignored (a fresh run

@@ -156,6 +156,9 @@ def cmd_eval(a):
     return 0
 
 
+MINUTES = number(0, 1e9)  # a budget in seconds stays finite
+
+
 def build_parser():
     p = Parser(prog="numlm", description="BERT and GPT in plain NumPy: pre-train, evaluate, "
                "generate and check gradients.")
@@ -187,7 +190,7 @@ def _add_demo_and_data(sub):
     d.add_argument("--out", type=path, default=DEMO_OUT)
     d.add_argument("--overwrite", action="store_true",
                    help=f"start again over a run in --out (the default, {DEMO_OUT}, is the demo's own: always)")
-    d.add_argument("--minutes", type=positive, default=4.25, help="time budget from start to the end of training")
+    d.add_argument("--minutes", type=MINUTES, default=4.25, help="time budget from start to the end of training")
     d.add_argument("--vocab-size", type=count(1), default=4096)
     d.add_argument("--encoding", **ENCODING)
     d.add_argument("--seed", type=count(0), default=0)
@@ -224,7 +227,7 @@ def _add_pretrain_and_eval(sub):
     pt.add_argument("--encoding", **ENCODING)
     pt.add_argument("--out", type=path, default="runs/pretrain")
     pt.add_argument("--steps", type=count(1), help="optimizer steps (default 300; with --resume, the run's own)")
-    pt.add_argument("--minutes", type=positive, help="size the run to this time budget instead of --steps")
+    pt.add_argument("--minutes", type=MINUTES, help="size the run to this time budget instead of --steps")
     pt.add_argument("--batch-size", type=count(1), default=16)
     pt.add_argument("--block-size", type=count(2), default=128)
     pt.add_argument("--grad-accum", type=count(1), default=1)
