@@ -372,6 +372,17 @@ def pretraining_run(model_dir):
     return True, _recorded_run(list_checkpoints(d.parent), d / "model.safetensors")
 
 
+def tokenizer_dir(model_dir):
+    """model_dir, or for a pre-training run's checkpoint (which holds no tokenizer) the run's folder: the
+    tokenizer it trained with"""
+    d = Path(model_dir)
+    if (d / "trainer_state.json").is_file() and d.parent.name == "checkpoints" and \
+            not any((d / n).is_file() for n in ("tokenizer.json", "vocab.txt", "vocab.json")) and \
+            (d.parent.parent / "tokenizer.json").is_file():
+        return d.parent.parent
+    return model_dir
+
+
 def trained_on_other_documents(found, documents):
     """whether pretraining_run's record `found` names other documents than these (none of them held out)"""
     run = found[1]

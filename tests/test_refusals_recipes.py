@@ -262,6 +262,23 @@ def test_eval_says_when_a_gpt_was_pre_trained_on_other_documents(tmp_path, capsy
         assert ("pre-trained on other documents" in scored) == (name == "other")
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_eval_scores_a_checkpoint_with_its_runs_tokenizer(tmp_path, capsys, monkeypatch, arch):
+    """A pre-training checkpoint holds no tokenizer: eval refused it ('has no tokenizer.json'). It reads
+    the run's, and the last checkpoint (model/'s weights) scores as model/ does."""
+    import numlm.recipes
+    monkeypatch.setattr(numlm.recipes, "default_corpus", lambda: ("the default corpus", documents(6)))
+    run = tmp_path / "run"
+    assert main(["pretrain", "--arch", arch, "--size", "tiny", "--vocab-size", "300", "--steps", "2",
+                 "--batch-size", "2", "--block-size", "16", "--out", str(run)]) == 0
+    capsys.readouterr()
+    scores = []
+    for model_dir in (run / "model", max((run / "checkpoints").iterdir())):
+        assert main(["eval", str(model_dir), "--block-size", "16", "--batch-size", "2"]) == 0
+        scores.append(json.loads(capsys.readouterr().out))
+    assert scores[0] == scores[1] and "val_loss" in scores[0]
+
+
 def test_eval_seed_is_that_of_the_run_that_saved_the_model(tmp_path, monkeypatch):
     """A run resumed with --allow-changes and another --seed saves checkpoints of its own seed; stopped
     before its end (a crash, Ctrl-C) it leaves model/ of the earlier run: eval took the newest

@@ -125,9 +125,9 @@ def cmd_prepare(a):
 def cmd_eval(a):
     from ..data import Tokenizer
     from ..models import from_pretrained
-    from ..recipes import load_corpus, eval_gpt, eval_bert, eval_seed, pretraining_run, trained_on_other_documents
+    from ..recipes import load_corpus, eval_gpt, eval_bert, eval_seed, pretraining_run, tokenizer_dir, trained_on_other_documents
     model = from_pretrained(a.model, dtype=a.dtype)
-    tok = Tokenizer.from_pretrained(a.model)  # a folder, or a Hub name through the Hugging Face cache
+    tok = Tokenizer.from_pretrained(tokenizer_dir(a.model))  # a folder, or a Hub name through the Hugging Face cache
     if tok.vocab_size != model.config.vocab_size:
         raise ValueError(f"the tokenizer in {a.model} has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
     from ..decoding import has_lm_head
