@@ -125,6 +125,8 @@ def _check_numbers(a):
             raise ValueError(f"{_flag(name)} must be one of {shown}, got {getattr(a, name)!r}")
     if a.resume and a.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
+    if a.allow_changes and not a.resume:  # it would do nothing
+        raise ValueError("--allow-changes applies to --resume: a new run has nothing to change")
 
 
 def targets(a, kind):

@@ -544,6 +544,8 @@ def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, ou
             raise ValueError(f"{name} must be True or False, got {v!r}")
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or start it again")
+    if allow_changes and not resume:  # it would do nothing
+        raise ValueError("--allow-changes applies to --resume (allow_changes, resume): a new run has nothing to change")
     if vocab_size is not None and tokenizer_path is not None:  # the tokenizer's size was used
         raise ValueError("--vocab-size and --tokenizer exclude each other (vocab_size, tokenizer_path): --vocab-size "
                          "sizes the tokenizer a run trains; give one")

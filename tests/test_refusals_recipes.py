@@ -262,6 +262,21 @@ def test_eval_says_when_a_gpt_was_pre_trained_on_other_documents(tmp_path, capsy
         assert ("pre-trained on other documents" in scored) == (name == "other")
 
 
+def test_flags_that_would_do_nothing_are_refused(tmp_path, capsys, corpus):
+    """eval --seed on a causal LM (it draws nothing) and --allow-changes without --resume (a new run has
+    nothing to change) were accepted and ignored"""
+    run = tmp_path / "run"
+    args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--steps", "2", "--batch-size", "2",
+            "--block-size", "16", "--data", str(corpus), "--out", str(run)]
+    assert main(args + ["--allow-changes"]) == 2
+    assert "--allow-changes applies to --resume" in capsys.readouterr().err and not run.exists()
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run / "model"), "--block-size", "16", "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "a causal LM's eval draws nothing" in err
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])
 def test_eval_scores_a_checkpoint_with_its_runs_tokenizer(tmp_path, capsys, monkeypatch, arch):
     """A pre-training checkpoint holds no tokenizer: eval refused it ('has no tokenizer.json'). It reads

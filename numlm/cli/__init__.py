@@ -125,9 +125,10 @@ def cmd_prepare(a):
 def cmd_eval(a):
     from ..data import Tokenizer
     from ..models import from_pretrained
-    from ..recipes import load_corpus, eval_gpt, eval_bert, eval_seed, pretraining_run, tokenizer_dir, trained_on_other_documents
+    from ..recipes import (load_corpus, eval_gpt, eval_bert, eval_seed, pretraining_run, tokenizer_dir,
+                           trained_on_other_documents)
     model = from_pretrained(a.model, dtype=a.dtype)
-    tok = Tokenizer.from_pretrained(tokenizer_dir(a.model))  # a folder, or a Hub name through the Hugging Face cache
+    tok = Tokenizer.from_pretrained(tokenizer_dir(a.model))  # a folder, or a Hub name through the HF cache
     if tok.vocab_size != model.config.vocab_size:
         raise ValueError(f"the tokenizer in {a.model} has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
     from ..decoding import has_lm_head
@@ -140,6 +141,9 @@ def cmd_eval(a):
                          f"--block-size {positions} or less")
     held_out = a.data is None  # the default corpus: the part pretrain holds out, not the text it trains on
     bert = type(model).__name__ == "BertForPreTraining"
+    if not bert and a.seed is not None:  # it would do nothing
+        raise ValueError("--seed draws a BERT's sentence pairs and held-out documents; a causal LM's eval draws "
+                         "nothing: drop --seed")
     name, docs = load_corpus(a.data, a.encoding)
     found = pretraining_run(a.model) if held_out else (False, None)
     seed = eval_seed(a.model, a.seed, docs, found) if bert and held_out else 0 if a.seed is None else a.seed
