@@ -203,6 +203,24 @@ def test_token_types_peft_drops_for_prompt_learning_are_dropped_with_its_warning
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_position_ids_prefix_tuning_shifts_and_prompt_tuning_drops(kind):
+    """peft's _adjust_prompt_learning_kwargs: prefix tuning shifts given position ids by n (the prefix is the
+    past), prompt tuning drops them with a warning. 240ee06 took the position-id cases out of the test
+    above and left none: 8e16fc9's dropping them for prefix tuning passed every test."""
+    ids, pos = np.array([[1, 5, 7, 2, 9], [3, 4, 6, 8, 9]]), np.arange(5)[None].repeat(2, axis=0)
+    pm = _prompt_learning(kind, "prefix")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same, moved = pm(input_ids=ids, position_ids=pos).logits, pm(input_ids=ids, position_ids=pos + 1).logits
+    np.testing.assert_array_equal(same, pm(input_ids=ids).logits)  # 0.. shifted is the default n..
+    assert not np.allclose(moved, same)
+    pm = _prompt_learning(kind, "prompt")
+    with pytest.warns(UserWarning, match="Position ids are not supported for parameter efficient tuning"):
+        got = pm(input_ids=ids, position_ids=pos + 1).logits
+    np.testing.assert_array_equal(got, pm(input_ids=ids).logits)
+
+
 def test_init_lora_weights_false_draws_b_as_torchs_linear_default():
     """peft's init_lora_weights=False leaves lora_A and lora_B at nn.Linear's default, kaiming-uniform with
     a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = r for B (numlm drew B from U(-1, 1))."""
