@@ -586,16 +586,23 @@ def _beam_going_on(bm, cur, T0, max_length, length_penalty, early_stopping, hits
     return bool(bm.improvable.any() and not (bm.finished.all() and early_stopping is True) and not hits.all())
 
 
-def _check_found(seq_scores, temperature, length_penalty, penalty):
-    """Refuse a search whose returned hypotheses score -1e9 or less, the score of the empty ones it starts
-    from: sum(log p) / length ** length_penalty fell there (a tiny temperature, a negative length penalty,
-    a repetition penalty leaving -inf), and the bare prompt would come back."""
-    if not (seq_scores > NEG).all():
-        given = [f"{n}={v!r}" for n, v in (("temperature", temperature), ("length_penalty", length_penalty),
-                                           ("repetition_penalty", penalty)) if v != 1.0]
-        given = f" with {', '.join(given)}" if given else ""
+def _check_found(scores, temperature, length_penalty, penalty):
+    """Refuse a search that returns hypotheses scored -1e9 or less, the score of the empty ones it starts
+    from (the bare prompt would come back): sum(log p) / length ** length_penalty fell there (a tiny
+    temperature, a negative length penalty, a repetition penalty leaving -inf), or fewer continuations
+    than num_return_sequences got through (top_k, top_p, suppress_tokens).    scores: (B, n_return)"""
+    found = (scores > NEG).sum(axis=1)                              # (B,)
+    if (found == scores.shape[1]).all():
+        return
+    given = [f"{n}={v!r}" for n, v in (("temperature", temperature), ("length_penalty", length_penalty),
+                                       ("repetition_penalty", penalty)) if v != 1.0]
+    given = f" with {', '.join(given)}" if given else ""
+    if found.min() == 0:
         raise ValueError(f"beam search found no hypothesis scored above -1e9, the score of an empty one: "
                          f"sum(log p) / length ** length_penalty falls below it{given}")
+    raise ValueError(f"beam search found only {found.min()} hypotheses scored above -1e9 (the score of an empty "
+                     f"one) for a prompt, fewer than num_return_sequences={scores.shape[1]}: too few tokens pass "
+                     f"top_k / top_p / suppress_tokens, or sum(log p) / length ** length_penalty falls below it{given}")
 
 
 def _beam_search(model, ids, mask, max_length, K, n_return, length_penalty, early_stopping, eos, pad,
@@ -634,8 +641,8 @@ def _beam_search(model, ids, mask, max_length, K, n_return, length_penalty, earl
         if not _beam_going_on(bm, cur, T0, max_length, length_penalty, early_stopping, cand[3]):
             break
     sequences = bm.sequences[:, :n_return].reshape(B * n_return, max_length)
+    _check_found(bm.beam_scores[:, :n_return], temperature if do_sample else 1.0, length_penalty, penalty)
     seq_scores = bm.beam_scores[:, :n_return].reshape(B * n_return)
-    _check_found(seq_scores, temperature if do_sample else 1.0, length_penalty, penalty)
     beam_idx = bm.beam_idx[:, :n_return].reshape(B * n_return, -1)
     out_len = T0 + int((beam_idx != -1).sum(axis=1).max())
     return sequences[:, :out_len], seq_scores, tuple(scores)

@@ -287,10 +287,14 @@ def last_forward_kept(module):
     backward() after a check differentiates the caller's forward, not the check's last probe with a
     perturbed weight. Forwards only ever replace these, never write into them, so the references kept
     are the caller's caches unchanged. Gradients stay the check's: the parameters' are written in
-    place, and the inputs' a backward leaves on a module (inputs_embeds_grad, past_grads, dpast) are kept."""
+    place, and the inputs' a backward leaves on a module (inputs_embeds_grad, past_grads, dpast) are kept.
+    Inside the block, what a module's backward treats as a constant (Module.detached: DoRA's weight norm)
+    is held at its value, so central differences do not move it (gradcheck and inspect.check_model)."""
     mods = [m for _, m in module.modules()]
     saved = [(m, dict(vars(m))) for m in mods + [module] * all(m is not module for m in mods)]
     try:
+        for m in mods:
+            vars(m).update(m.detached())
         yield
     finally:
         for m, attrs in saved:
@@ -339,8 +343,6 @@ def gradcheck(fn, inputs, backward=None, *, kwargs=None, eps=1e-6, seed=0, max_e
             raise ValueError(f"gradcheck needs a float64 model; parameter {k} is {p.dtype} (use .astype('float64'))")
     run = _Run(fn, backward, names, values, as_dict, dict(kwargs or {}), is_module)
     with last_forward_kept(fn) if is_module else contextlib.nullcontext():
-        for _, m in fn.modules() if is_module else ():  # put back by last_forward_kept
-            vars(m).update(m.detached())
         return _compare(run, {**dict(zip(names, values)), **{f"param:{k}": p for k, p in params.items()}},
                         params, seed, eps, max_entries)
 

@@ -135,6 +135,18 @@ def test_beam_scores_at_the_empty_hypotheses_score_are_refused(gpt, kw, match):
     assert cold.sequences.shape == (1, 24) and -1e9 < cold.sequences_scores[0] < -1e6
 
 
+@pytest.mark.parametrize("kw", [dict(do_sample=True, top_k=2, seed=0), dict(suppress_tokens=list(range(2, 99)))])
+def test_fewer_hypotheses_than_asked_are_named_as_such(gpt, kw):
+    """Two tokens pass a step, so one new token gives two hypotheses: asked for four, the search was refused
+    as if it had found none ("no hypothesis scored above -1e9 ... length_penalty"); it names
+    num_return_sequences, and two are returned"""
+    args = dict(max_new_tokens=1, num_beams=4, eos_token_id=[], return_dict_in_generate=True, **kw)
+    with pytest.raises(ValueError, match="only 2 hypotheses .* fewer than num_return_sequences=4"):
+        generate(gpt, np.array([[5, 7, 9]]), num_return_sequences=4, **args)
+    two = generate(gpt, np.array([[5, 7, 9]]), num_return_sequences=2, **args)
+    assert two.sequences.shape == (2, 4) and (two.sequences_scores > -1e9).all()
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(eos_token_id=[3, None]), None),
     (dict(suppress_tokens=3), None),

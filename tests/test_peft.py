@@ -386,6 +386,16 @@ def test_numlm_gradcheck_holds_doras_norm_as_its_backward_does(kind):
     assert dora and all(m.fixed_norm is None for m in dora)
 
 
+def test_check_model_holds_doras_norm_as_gradcheck_does():
+    """inspect.check_model of a DoRA-adapted model (a PeftModel's base_model) failed with errors ~1 on
+    lora_A and lora_B: the norm was held by numlm.gradcheck only, not by the check both share."""
+    from numlm.inspect import check_model
+    pm = make("gpt2", "dora")
+    res = check_model(pm.base_model, np.array([[3, 7, 11, 5]]), params=2)
+    assert res.passed and any(".lora_B." in r.name for r in res.rows), res.table()
+    assert all(m.fixed_norm is None for _, m in pm.base_model.modules() if isinstance(m, DoraLinear))
+
+
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "openai-gpt"])
 @pytest.mark.parametrize("method", METHODS)
 def test_no_grad_forward_equals_the_forward_and_training_goes_on(kind, method):

@@ -5,6 +5,7 @@
 """
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -171,13 +172,16 @@ def write_files(path, named):
     return path
 
 
-def check_head_class(head_config, model_class, where):
+def head_fits_class(head_config, model_class, where):
     """AdapterHub's rule: a head loads only onto the model class it was saved from (a sequence
-    classifier's classifier is no token classifier's, whatever their shapes)."""
+    classifier's classifier is no token classifier's, whatever their shapes). As its load_adapter
+    does, another class's head is left out with a warning and the adapter still loads."""
     saved = head_config.get("model_class")
-    if saved is not None and saved != model_class:
-        raise ValueError(f"{str(where)!r}: the head was saved from a {saved}, the model is a {model_class}; "
-                         "load the adapter onto that class")
+    if saved is None or saved == model_class:
+        return True
+    warnings.warn(f"{str(where)!r}: Model class '{saved}' of found prediction head does not match current "
+                  f"model class ({model_class}); the head is not loaded, the adapter is")
+    return False
 
 
 def hub_label2id(model_config):

@@ -113,7 +113,7 @@ class DoraLinear(LoraLinear):
     """y = (m / n) (x W + s x a b) + b in place of a Linear (DoRA, Liu et al. 2024, as peft): LoRA plus a
     magnitude m per output feature (`lora_magnitude_vector`, (C_out,)), n = ||W + s a b|| per output
     feature, recomputed each forward and held constant by the backward. `fixed_norm`, when set, is
-    used instead (numlm.gradcheck sets it through detached(): the check holds n as the backward does)."""
+    used instead (the gradient checks set it through detached(): they hold n as the backward does)."""
 
     def __init__(self, base, r, alpha, dropout=0.0, use_rslora=False):
         super().__init__(base, r, alpha, dropout, use_rslora)

@@ -627,10 +627,11 @@ class PeftModel:
                 state = {k.replace(f".adapters.{d['name']}.", f".adapters.{name}."): v for k, v in state.items()}
             if (path / files.HUB_HEAD).is_file():
                 head = files.load_tensors(path / files.HUB_HEAD)
-                state.update(head)
                 if (path / files.HUB_HEAD_CONFIG).is_file():
                     head_config = files.read_json(path / files.HUB_HEAD_CONFIG)
-                    files.check_head_class(head_config, type(model).__name__, path / files.HUB_HEAD_CONFIG)
+                    if not files.head_fits_class(head_config, type(model).__name__, path / files.HUB_HEAD_CONFIG):
+                        head, head_config = {}, None
+                state.update(head)
             elif (path / files.HUB_HEAD_PICKLE).is_file():
                 raise ValueError(f"adapter folder {str(path)!r} holds its head only as a pickle "
                                  f"({files.HUB_HEAD_PICKLE}). " + files.CONVERT.format(
