@@ -18,6 +18,7 @@ import numpy as np
 from .models.pretrained import ModelOutput, as_ids
 from .nn import eval_mode, no_grad
 from .ops import softmax, log_softmax
+from .ops._check import zero_one
 
 NEG = np.float32(-1.0e9)  # transformers' "very large negative" for beams that must not be chosen
 
@@ -242,8 +243,7 @@ def _check_args(V, do_sample, temperature, top_k, top_p, repetition_penalty, len
             m = np.asarray(attention_mask)
         except ValueError as e:
             raise ValueError(f"attention_mask must be a rectangular (B, T) array of 0 and 1 ({e})") from None
-        if m.dtype != np.bool_ and (m.dtype.kind not in "iuf" or not np.isin(m, (0, 1)).all()):
-            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+        zero_one("attention_mask", m, "0 (padding) and 1 (real token)")
     if not do_sample:
         given = [f"{n}={v!r}" for n, v, default in (("temperature", temperature, 1.0), ("top_p", top_p, 1.0),
                                                     ("top_k", top_k, 50)) if v is not None and v != default]

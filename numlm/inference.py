@@ -11,6 +11,7 @@ import numpy as np
 from .models.pretrained import ModelOutput
 from .nn import eval_mode, no_grad  # inference: dropout off, no caches for a backward
 from .ops import softmax, sigmoid
+from .ops._check import zero_one
 
 
 def _ids(name, a):
@@ -397,9 +398,7 @@ def pool(hidden, attention_mask=None, pooling="mean", normalize=False):
     m = np.ones(hidden.shape[:2]) if attention_mask is None else np.asarray(attention_mask)
     if m.shape != hidden.shape[:2]:
         raise ValueError(f"attention_mask must have shape {hidden.shape[:2]}, got {m.shape}")
-    if m.dtype != np.bool_ and not np.isin(m, (0, 1)).all():
-        raise ValueError("attention_mask must hold only 0 and 1 (1 = a real token)")
-    m = m.astype(hidden.dtype)[:, :, None]                              # (B, T, 1)
+    m = zero_one("attention_mask", m, "0 and 1 (1 = a real token)").astype(hidden.dtype)[:, :, None]  # (B, T, 1)
     n = np.maximum(m.sum(axis=1), 1e-9)                                  # (B, 1)
     parts = {"cls": lambda: hidden[:, 0],
              "max": lambda: np.where(m > 0, hidden, -1e9).max(axis=1),
@@ -515,7 +514,7 @@ def best_spans(start_logits, end_logits, context_mask, top_k=1, max_answer_len=1
     when spans of score 0 (touching the question) were among them, as in the pipeline.
     start_logits, end_logits, context_mask: (T,) -> starts, ends, scores (n,), null (a 0-d array)"""
     start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
-    c = _zero_one("context_mask", context_mask)  # a copy: position 0 joins it
+    c = zero_one("context_mask", context_mask, "0 and 1 (or True and False)")  # a copy: position 0 joins it
     if not start_logits.ndim == 1 or not start_logits.shape == end_logits.shape == c.shape or c.size == 0:
         raise ValueError(f"start_logits, end_logits and context_mask must be one row each, of one length (T,), "
                          f"got {start_logits.shape}, {end_logits.shape} and {c.shape}")
@@ -543,14 +542,6 @@ def _qa_config(model):
     return _task_config(model, "ForQuestionAnswering", "question-answering")
 
 
-def _zero_one(name, m):
-    """a mask of 0 and 1 (or bool), as a bool copy"""
-    m = np.asarray(m)
-    if m.dtype != np.bool_ and not (m.dtype.kind in "iuf" and ((m == 0) | (m == 1)).all()):
-        raise ValueError(f"{name} must hold only 0 and 1 (or True and False)")
-    return m.astype(bool)
-
-
 def _positive(name, v):
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -566,7 +557,7 @@ def answer_spans(model, input_ids, context_mask, attention_mask=None, token_type
     _qa_config(model)
     ids = _ids("input_ids", input_ids)
     top_k, max_answer_len = _positive("top_k", top_k), _positive("max_answer_len", max_answer_len)
-    ctx = _zero_one("context_mask", context_mask)
+    ctx = zero_one("context_mask", context_mask, "0 and 1 (or True and False)")
     real = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     if ctx.shape != ids.shape or real.shape != ids.shape:
         raise ValueError(f"context_mask and attention_mask must have input_ids' shape {ids.shape}, "

@@ -23,6 +23,15 @@ def float_array(name, x, min_ndim=1, **same):
     return x
 
 
+def zero_one(name, m, what="0 and 1"):
+    """m (array-like) as a bool array, when it is bool or holds only the numbers 0 and 1 (`what` says
+    what they mean in the error)"""
+    m = np.asarray(m)
+    if m.dtype != np.bool_ and (m.dtype.kind not in "iuf" or not np.isin(m, (0, 1)).all()):
+        raise ValueError(f"{name} must hold only {what}")
+    return m.astype(bool)
+
+
 def same_dtype(**arrays):
     items = [(k, v) for k, v in arrays.items() if v is not None]
     dtypes = {v.dtype for _, v in items}
