@@ -291,6 +291,21 @@ def test_pretrain_refuses_a_model_folder_as_out(tmp_path, corpus, gpt_dir, flags
     assert {p: p.read_bytes() for p in out.rglob("*")} == before
 
 
+def test_a_run_with_its_config_in_its_out_resumes(tmp_path, corpus, gpt_dir, capsys):
+    """A run whose --config lies in its --out wrote tokenizer.json beside it, and was then taken for a
+    model folder: refused on --resume and --overwrite, though the fresh run had started there."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_bytes((gpt_dir / "config.json").read_bytes())
+    args = ["pretrain", "--config", str(out / "config.json"), "--block-size", "16", "--batch-size", "2",
+            "--data", str(corpus), "--out", str(out)]
+    assert main(args + ["--vocab-size", "300", "--steps", "2"]) == 0
+    assert main(args + ["--steps", "3", "--resume"]) == 0
+    assert main(args + ["--vocab-size", "300", "--steps", "1", "--overwrite"]) == 0
+    assert (out / "config.json").read_bytes() == (gpt_dir / "config.json").read_bytes()
+    capsys.readouterr()
+
+
 def test_overwrite_removes_only_numlms_checkpoints(tmp_path, corpus, bert_dir, data_csv):
     """A folder's own checkpoints/ (a user's files, no step-N folder) is no run: pretrain's --overwrite
     deleted it whole, and finetune's too; only the run's step folders go."""
