@@ -383,6 +383,26 @@ def tokenizer_dir(model_dir):
     return model_dir
 
 
+def eval_tokenizer(model_dir):
+    """(the tokenizer eval reads text with, the folder or name it comes from): model_dir's own, or for a
+    pre-training checkpoint (tokenizer_dir) the run's, refused when it is not the one the checkpoint
+    records (a run resumed with another --tokenizer, a tokenizer.json replaced since)"""
+    where = tokenizer_dir(model_dir)
+    tok = Tokenizer.from_pretrained(where)
+    if where is model_dir:
+        return tok, where
+    try:
+        run = read_checkpoint_state(model_dir).get("run")
+    except ValueError:  # cannot tell
+        run = None
+    recorded = run.get("tokenizer_sha256") if isinstance(run, dict) else None
+    if recorded is not None and recorded != fingerprint(sorted(tok.backend.get_vocab().items())):
+        raise ValueError(f"{str(model_dir)!r} was trained with another tokenizer than {str(where / 'tokenizer.json')!r} "
+                         "(its run resumed with another --tokenizer, or the file replaced since); copy the "
+                         "tokenizer.json it trained with into the checkpoint")
+    return tok, where
+
+
 def trained_on_other_documents(found, documents):
     """whether pretraining_run's record `found` names other documents than these (none of them held out)"""
     run = found[1]
