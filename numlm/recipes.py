@@ -512,12 +512,18 @@ def clear_run(out, keep=()):
     """Remove an earlier run's files from out: not the paths in keep (the new run's inputs), nor a
     file of the user's own in data/"""
     keep = {Path(k).resolve() for k in keep if isinstance(k, (str, os.PathLike))}
-    for n in ("metrics.jsonl", "checkpoints"):  # kept, they would stop the new run (Trainer._claim_folder)
-        if n in run_files(out) and (inside := [k for k in keep if k.is_relative_to((out / n).resolve())]):
-            raise ValueError(f"--overwrite would delete {str(inside[0])!r}, an input of this run, with the earlier "
-                             f"run's {n} in {str(out)!r}; copy it elsewhere, or use another --out")
+    # kept, the metrics or a step folder would stop the new run (Trainer._claim_folder); a user's file
+    # in checkpoints/ stays anyway
+    held = [out / "metrics.jsonl"] * (out / "metrics.jsonl").is_file() + checkpoint_entries(out)
+    if inside := [(k, h) for h in held for k in keep if k.is_relative_to(h.resolve())]:
+        raise ValueError(f"--overwrite would delete {str(inside[0][0])!r}, an input of this run, with the earlier "
+                         f"run's {str(inside[0][1].relative_to(out))} in {str(out)!r}; copy it elsewhere, or use "
+                         "another --out")
     for n in run_files(out):
         p = out / n
+        if n == "checkpoints":  # its step folders (no input in them), not a user's files there
+            clear_checkpoints(out)
+            continue
         if any(k.is_relative_to(p.resolve()) for k in keep):  # an input is, or lies in, this entry
             continue
         if n == "data":  # the token file and what prepare writes beside it
@@ -526,9 +532,6 @@ def clear_run(out, keep=()):
                 f.unlink(missing_ok=True)
             if not any(p.iterdir()):
                 p.rmdir()
-            continue
-        if n == "checkpoints":  # its step folders, not a user's files there
-            clear_checkpoints(out)
             continue
         if n == "tokenizer.json":  # and the tokenizer_config.json Tokenizer.save wrote beside it, first
             save_paths(p)[1].unlink(missing_ok=True)

@@ -421,6 +421,26 @@ def test_pretrain_overwrite_refuses_an_input_in_the_runs_metrics_or_checkpoints(
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_overwrite_keeps_an_input_among_a_users_files_in_checkpoints(tmp_path, corpus, bert_dir, data_csv, capsys):
+    """--overwrite deletes only the step folders of checkpoints/, yet refused an input anywhere in it as one
+    it 'would delete' (pretrain's corpus, finetune's base model kept there): it is kept, the run starts."""
+    import shutil
+    out = tmp_path / "p"
+    args = ["pretrain", "--size", "tiny", "--block-size", "16", "--batch-size", "4", "--steps", "1", "--out", str(out),
+            "--vocab-size", "300"]
+    assert main(args + ["--data", str(corpus)]) == 0
+    mine = out / "checkpoints" / "corpus"
+    shutil.copytree(corpus, mine)
+    assert main(args + ["--data", str(mine), "--overwrite"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["corpus", "step-0000001"]
+    ft = tmp_path / "f"
+    assert run(bert_dir, data_csv, ft, "--max-steps", "1") == 0
+    shutil.copytree(bert_dir, ft / "checkpoints" / "base")
+    assert run(ft / "checkpoints" / "base", data_csv, ft, "--max-steps", "1", "--overwrite") == 0
+    assert (ft / "checkpoints" / "base" / "config.json").is_file() and (ft / "results.json").is_file()
+    capsys.readouterr()
+
+
 def test_demo_starts_again_only_over_its_own_folder(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
