@@ -575,7 +575,6 @@ def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, ou
     if steps is not None and time_budget is not None:  # one of them was ignored
         raise ValueError("--steps and --minutes exclude each other (steps, time_budget): --minutes sizes the run's "
                          "steps itself; give one")
-    check_folder_path(out, "out")
     if theirs := foreign_files(out, arch, tokenizer_path is None and not resume):
         raise ValueError(f"{str(out)!r} holds {', '.join(theirs)}, which the run would replace and which no run "
                          "wrote (--overwrite removes only a run's files); move it away, or use another --out")
@@ -645,7 +644,7 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     A resumed run must have the checkpoint's tokenizer, corpus, model config, seed and at least its
     steps, unless allow_changes=True, and always its batch and block size and dtype. Interrupted
     (Ctrl-C, SIGTERM): the result holds "interrupted" and no model/ is written; the checkpoint resumes."""
-    out = check_folder_path(out_dir, "out")  # Path("") would be the current folder
+    out = check_folder_path(out_dir, "out")  # once, here: Path("") would be the current folder
     _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, out, block_size, batch_size,
                          steps, lr, warmup, seed, dtype, time_budget, eval_every, save_every, grad_accum,
                          resume, overwrite, progress, allow_changes)

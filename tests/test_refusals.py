@@ -441,6 +441,18 @@ def test_overwrite_keeps_an_input_among_a_users_files_in_checkpoints(tmp_path, c
     capsys.readouterr()
 
 
+def test_pretrain_checks_its_out_folder_once(tmp_path, monkeypatch):
+    """fc09c82 checked --out in pretrain (an empty path) and again in _check_pretrain_args."""
+    import numlm.recipes
+    calls, real = [], numlm.recipes.check_folder_path
+    monkeypatch.setattr(numlm.recipes, "check_folder_path", lambda *a: calls.append(a) or real(*a))
+    with pytest.raises(ValueError, match="does not exist"):
+        numlm.recipes.pretrain(size="tiny", data=tmp_path / "none.txt", out_dir=tmp_path / "run", steps=1)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="out: an empty path"):
+        numlm.recipes.pretrain(size="tiny", out_dir="", steps=1)
+
+
 def test_demo_starts_again_only_over_its_own_folder(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
