@@ -535,6 +535,9 @@ def clear_run(out, keep=()):
             continue
         if n == "tokenizer.json":  # and the tokenizer_config.json Tokenizer.save wrote beside it, first
             save_paths(p)[1].unlink(missing_ok=True)
+        if n == "model":  # its config.json last, as rmtree's order is the directory's (foreign_files)
+            for f in sorted(p.iterdir(), key=lambda f: f.name == RUN_MARKS["model"]):
+                (shutil.rmtree if f.is_dir() and not f.is_symlink() else os.unlink)(f)
         (shutil.rmtree if p.is_dir() else os.unlink)(p)
 
 

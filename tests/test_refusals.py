@@ -453,6 +453,44 @@ def test_pretrain_checks_its_out_folder_once(tmp_path, monkeypatch):
         numlm.recipes.pretrain(size="tiny", out_dir="", steps=1)
 
 
+def test_a_clear_cut_short_leaves_no_file_taken_for_a_users(tmp_path, corpus, monkeypatch):
+    """clear_run removes each mark last (5d69b9c), so --overwrite cut short leaves nothing foreign_files
+    refuses for good; model/ went by rmtree in directory order, its config.json perhaps before its weights."""
+    import shutil
+    from numlm.recipes import clear_run, foreign_files
+    done = tmp_path / "done"
+    assert main(["pretrain", "--size", "tiny", "--vocab-size", "300", "--block-size", "16", "--batch-size", "4",
+                 "--steps", "1", "--data", str(corpus), "--out", str(done)]) == 0
+    real, left, scandir = os.unlink, [0], os.scandir
+
+    class Reversed:  # another file system's directory order
+        def __init__(self, *a):
+            self.entries = list(scandir(*a))[::-1]
+
+        def __enter__(self):
+            return iter(self.entries)
+
+        def __exit__(self, *a):
+            return False
+
+        def __iter__(self):
+            return iter(self.entries)
+    monkeypatch.setattr(os, "scandir", Reversed)
+
+    def unlink(*a, **k):  # the first deletions go through, then the interrupt
+        if left[0] == 0:
+            raise KeyboardInterrupt
+        left[0] -= 1
+        return real(*a, **k)
+    monkeypatch.setattr(os, "unlink", unlink)
+    for k in range(sum(1 for p in done.rglob("*") if p.is_file())):
+        out, left[0] = tmp_path / f"cut{k}", k
+        shutil.copytree(done, out)
+        with pytest.raises(KeyboardInterrupt):
+            clear_run(out)
+        assert foreign_files(out, "gpt2", True) == [], k
+
+
 def test_demo_starts_again_only_over_its_own_folder(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     args = ["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--block-size", "16",
