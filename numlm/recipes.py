@@ -583,10 +583,11 @@ def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, ou
                          "wrote (--overwrite removes only a run's files); move it away, or use another --out")
     model = [n for n in ("config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json")
              if (Path(out) / n).is_file()]
-    # overwrite took a model's tokenizer.json for a run's; beside a run's other files it is the run's
-    # (its --config kept in --out), and weights alone make the folder a model's
+    # overwrite took a model's tokenizer.json for a run's; beside a run's metrics, checkpoints, model/ or
+    # data/ it is the run's (its --config kept in --out), and weights alone make the folder a model's
     weights = {"model.safetensors", "model.safetensors.index.json"} & set(model)
-    if model[:1] == ["config.json"] and (weights or run_files(out) == ["tokenizer.json"]):
+    ran = {"metrics.jsonl", "checkpoints", "model", "data"} & set(run_files(out))
+    if model[:1] == ["config.json"] and (weights or (len(model) > 1 and not ran)):
         raise ValueError(f"{str(out)!r} holds a model ({', '.join(model)}), not a pre-training run; use another --out")
     if other := [n for n in FINETUNE_MARKS if (Path(out) / n).exists()]:  # overwrite would leave a mixed folder
         raise ValueError(f"{str(out)!r} holds a fine-tuning run ({', '.join(other)}), not a pre-training run; "
