@@ -33,8 +33,8 @@ from .inspect import read_metrics
 from .io import read_config, load_safetensors, check_folder_path
 from .models.bert import BertModel
 from .nn import no_grad
-from .train import (Trainer, TrainConfig, latest_checkpoint, checkpoint_entries, clear_checkpoints, read_checkpoint_state,
-                    check_resume, fingerprint, resume_settings, _int, _real)
+from .train import (Trainer, TrainConfig, latest_checkpoint, checkpoint_entries, clear_checkpoints,
+                    read_checkpoint_state, check_resume, fingerprint, resume_settings, _int, _real)
 
 TASKS = ("seqcls", "tokcls", "qa", "multiple-choice", "causal-lm")
 METHODS = ("full", "freeze", "head", "lora", "adapter", "prompt", "prefix")

@@ -397,9 +397,9 @@ def eval_tokenizer(model_dir):
         run = None
     recorded = run.get("tokenizer_sha256") if isinstance(run, dict) else None
     if recorded is not None and recorded != fingerprint(sorted(tok.backend.get_vocab().items())):
-        raise ValueError(f"{str(model_dir)!r} was trained with another tokenizer than {str(where / 'tokenizer.json')!r} "
-                         "(its run resumed with another --tokenizer, or the file replaced since); copy the "
-                         "tokenizer.json it trained with into the checkpoint")
+        raise ValueError(f"{str(model_dir)!r} was trained with another tokenizer than "
+                         f"{str(where / 'tokenizer.json')!r} (its run resumed with another --tokenizer, or the file "
+                         "replaced since); copy the tokenizer.json it trained with into the checkpoint")
     return tok, where
 
 
