@@ -33,8 +33,8 @@ from .inspect import read_metrics
 from .io import read_config, load_safetensors, check_folder_path
 from .models.bert import BertModel
 from .nn import no_grad
-from .train import (Trainer, TrainConfig, latest_checkpoint, clear_checkpoints, read_checkpoint_state, check_resume,
-                    fingerprint, resume_settings, _int, _real)
+from .train import (Trainer, TrainConfig, latest_checkpoint, checkpoint_entries, clear_checkpoints,
+                    read_checkpoint_state, check_resume, fingerprint, resume_settings, _int, _real)
 
 TASKS = ("seqcls", "tokcls", "qa", "multiple-choice", "causal-lm")
 METHODS = ("full", "freeze", "head", "lora", "adapter", "prompt", "prefix")
@@ -935,8 +935,8 @@ def _clear_out(out, overwrite, inputs=()):
     """--overwrite: the earlier run's outputs removed (every check has passed), unless an input lies
     in one (a base model in out/best); out created."""
     if overwrite and out.is_dir():
-        inside = [str(i) for i in inputs for name in OUTPUTS
-                  if Path(i).resolve().is_relative_to((out / name).resolve())]
+        held = [out / n for n in OUTPUTS if n != "checkpoints"] + checkpoint_entries(out)  # what goes
+        inside = [str(i) for i in inputs for h in held if Path(i).resolve().is_relative_to(h.resolve())]
         if inside:
             raise ValueError(f"--overwrite would delete {inside[0]!r}, an input of this run, with the earlier run "
                              f"in {str(out)!r}; copy it elsewhere or use another --out")

@@ -383,6 +383,26 @@ def tokenizer_dir(model_dir):
     return model_dir
 
 
+def eval_tokenizer(model_dir):
+    """(the tokenizer eval reads text with, the folder or name it comes from): model_dir's own, or for a
+    pre-training checkpoint (tokenizer_dir) the run's, refused when it is not the one the checkpoint
+    records (a run resumed with another --tokenizer, a tokenizer.json replaced since)"""
+    where = tokenizer_dir(model_dir)
+    tok = Tokenizer.from_pretrained(where)
+    if where is model_dir:
+        return tok, where
+    try:
+        run = read_checkpoint_state(model_dir).get("run")
+    except ValueError:  # cannot tell
+        run = None
+    recorded = run.get("tokenizer_sha256") if isinstance(run, dict) else None
+    if recorded is not None and recorded != fingerprint(sorted(tok.backend.get_vocab().items())):
+        raise ValueError(f"{str(model_dir)!r} was trained with another tokenizer than "
+                         f"{str(where / 'tokenizer.json')!r} (its run resumed with another --tokenizer, or the file "
+                         "replaced since); copy the tokenizer.json it trained with into the checkpoint")
+    return tok, where
+
+
 def trained_on_other_documents(found, documents):
     """whether pretraining_run's record `found` names other documents than these (none of them held out)"""
     run = found[1]
@@ -492,12 +512,18 @@ def clear_run(out, keep=()):
     """Remove an earlier run's files from out: not the paths in keep (the new run's inputs), nor a
     file of the user's own in data/"""
     keep = {Path(k).resolve() for k in keep if isinstance(k, (str, os.PathLike))}
-    for n in ("metrics.jsonl", "checkpoints"):  # kept, they would stop the new run (Trainer._claim_folder)
-        if n in run_files(out) and (inside := [k for k in keep if k.is_relative_to((out / n).resolve())]):
-            raise ValueError(f"--overwrite would delete {str(inside[0])!r}, an input of this run, with the earlier "
-                             f"run's {n} in {str(out)!r}; copy it elsewhere, or use another --out")
+    # kept, the metrics or a step folder would stop the new run (Trainer._claim_folder); a user's file
+    # in checkpoints/ stays anyway
+    held = [out / "metrics.jsonl"] * (out / "metrics.jsonl").is_file() + checkpoint_entries(out)
+    if inside := [(k, h) for h in held for k in keep if k.is_relative_to(h.resolve())]:
+        raise ValueError(f"--overwrite would delete {str(inside[0][0])!r}, an input of this run, with the earlier "
+                         f"run's {str(inside[0][1].relative_to(out))} in {str(out)!r}; copy it elsewhere, or use "
+                         "another --out")
     for n in run_files(out):
         p = out / n
+        if n == "checkpoints":  # its step folders (no input in them), not a user's files there
+            clear_checkpoints(out)
+            continue
         if any(k.is_relative_to(p.resolve()) for k in keep):  # an input is, or lies in, this entry
             continue
         if n == "data":  # the token file and what prepare writes beside it
@@ -507,11 +533,11 @@ def clear_run(out, keep=()):
             if not any(p.iterdir()):
                 p.rmdir()
             continue
-        if n == "checkpoints":  # its step folders, not a user's files there
-            clear_checkpoints(out)
-            continue
         if n == "tokenizer.json":  # and the tokenizer_config.json Tokenizer.save wrote beside it, first
             save_paths(p)[1].unlink(missing_ok=True)
+        if n == "model":  # its config.json last, as rmtree's order is the directory's (foreign_files)
+            for f in sorted(p.iterdir(), key=lambda f: f.name == RUN_MARKS["model"]):
+                (shutil.rmtree if f.is_dir() and not f.is_symlink() else os.unlink)(f)
         (shutil.rmtree if p.is_dir() else os.unlink)(p)
 
 
@@ -552,13 +578,16 @@ def _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, ou
     if steps is not None and time_budget is not None:  # one of them was ignored
         raise ValueError("--steps and --minutes exclude each other (steps, time_budget): --minutes sizes the run's "
                          "steps itself; give one")
-    check_folder_path(out, "out")
     if theirs := foreign_files(out, arch, tokenizer_path is None and not resume):
         raise ValueError(f"{str(out)!r} holds {', '.join(theirs)}, which the run would replace and which no run "
                          "wrote (--overwrite removes only a run's files); move it away, or use another --out")
     model = [n for n in ("config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json")
              if (Path(out) / n).is_file()]
-    if model[:1] == ["config.json"] and len(model) > 1:  # overwrite took its tokenizer.json for a run's
+    # overwrite took a model's tokenizer.json for a run's; beside a run's metrics, checkpoints, model/ or
+    # data/ it is the run's (its --config kept in --out), and weights alone make the folder a model's
+    weights = {"model.safetensors", "model.safetensors.index.json"} & set(model)
+    ran = {"metrics.jsonl", "checkpoints", "model", "data"} & set(run_files(out))
+    if model[:1] == ["config.json"] and (weights or (len(model) > 1 and not ran)):
         raise ValueError(f"{str(out)!r} holds a model ({', '.join(model)}), not a pre-training run; use another --out")
     if other := [n for n in FINETUNE_MARKS if (Path(out) / n).exists()]:  # overwrite would leave a mixed folder
         raise ValueError(f"{str(out)!r} holds a fine-tuning run ({', '.join(other)}), not a pre-training run; "
@@ -619,7 +648,7 @@ def pretrain(arch="gpt2", size="mini", config_path=None, data=None, tokenizer_pa
     A resumed run must have the checkpoint's tokenizer, corpus, model config, seed and at least its
     steps, unless allow_changes=True, and always its batch and block size and dtype. Interrupted
     (Ctrl-C, SIGTERM): the result holds "interrupted" and no model/ is written; the checkpoint resumes."""
-    out = check_folder_path(out_dir, "out")  # Path("") would be the current folder
+    out = check_folder_path(out_dir, "out")  # once, here: Path("") would be the current folder
     _check_pretrain_args(arch, size, config_path, tokenizer_path, vocab_size, out, block_size, batch_size,
                          steps, lr, warmup, seed, dtype, time_budget, eval_every, save_every, grad_accum,
                          resume, overwrite, progress, allow_changes)

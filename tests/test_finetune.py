@@ -165,9 +165,17 @@ def test_resume_puts_back_the_best_a_killed_save_left_aside(bert_dir, data_csv, 
         return real(self)
     monkeypatch.setattr(F.EpochStream, "next_batch", interrupt)
     assert run(bert_dir, data_csv, cut, "--epochs", "2") == 130
-    monkeypatch.setattr(F.EpochStream, "next_batch", real)
     os.rename(cut / "best", cut / ".old-best-4242")  # as the kill leaves them
     shutil.copytree(cut / ".old-best-4242", cut / ".tmp-best-4242")
+    aside = _best_tensors(cut / ".old-best-4242")
+
+    def stop(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(F.EpochStream, "next_batch", stop)
+    assert run(bert_dir, data_csv, cut, "--epochs", "2", "--resume") == 130  # stopped before its first step
+    back = _best_tensors(cut / "best")  # a later best could hide its absence: it is there now
+    assert len(aside) > 0 and back.keys() == aside.keys() and all(np.array_equal(back[k], aside[k]) for k in aside)
+    monkeypatch.setattr(F.EpochStream, "next_batch", real)
     assert run(bert_dir, data_csv, cut, "--epochs", "2", "--resume") == 0
     a, b = (json.loads((d / "results.json").read_text()) for d in (whole, cut))
     for k in ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "best_step"):

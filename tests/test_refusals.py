@@ -291,6 +291,21 @@ def test_pretrain_refuses_a_model_folder_as_out(tmp_path, corpus, gpt_dir, flags
     assert {p: p.read_bytes() for p in out.rglob("*")} == before
 
 
+def test_a_run_with_its_config_in_its_out_resumes(tmp_path, corpus, gpt_dir, capsys):
+    """A run whose --config lies in its --out wrote tokenizer.json beside it, and was then taken for a
+    model folder: refused on --resume and --overwrite, though the fresh run had started there."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_bytes((gpt_dir / "config.json").read_bytes())
+    args = ["pretrain", "--config", str(out / "config.json"), "--block-size", "16", "--batch-size", "2",
+            "--data", str(corpus), "--out", str(out)]
+    assert main(args + ["--vocab-size", "300", "--steps", "2"]) == 0
+    assert main(args + ["--steps", "3", "--resume"]) == 0
+    assert main(args + ["--vocab-size", "300", "--steps", "1", "--overwrite"]) == 0
+    assert (out / "config.json").read_bytes() == (gpt_dir / "config.json").read_bytes()
+    capsys.readouterr()
+
+
 def test_overwrite_removes_only_numlms_checkpoints(tmp_path, corpus, bert_dir, data_csv):
     """A folder's own checkpoints/ (a user's files, no step-N folder) is no run: pretrain's --overwrite
     deleted it whole, and finetune's too; only the run's step folders go."""
@@ -404,6 +419,76 @@ def test_pretrain_overwrite_refuses_an_input_in_the_runs_metrics_or_checkpoints(
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "--overwrite would delete" in err and "an input of this run" in err, err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_keeps_an_input_among_a_users_files_in_checkpoints(tmp_path, corpus, bert_dir, data_csv, capsys):
+    """--overwrite deletes only the step folders of checkpoints/, yet refused an input anywhere in it as one
+    it 'would delete' (pretrain's corpus, finetune's base model kept there): it is kept, the run starts."""
+    import shutil
+    out = tmp_path / "p"
+    args = ["pretrain", "--size", "tiny", "--block-size", "16", "--batch-size", "4", "--steps", "1", "--out", str(out),
+            "--vocab-size", "300"]
+    assert main(args + ["--data", str(corpus)]) == 0
+    mine = out / "checkpoints" / "corpus"
+    shutil.copytree(corpus, mine)
+    assert main(args + ["--data", str(mine), "--overwrite"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["corpus", "step-0000001"]
+    ft = tmp_path / "f"
+    assert run(bert_dir, data_csv, ft, "--max-steps", "1") == 0
+    shutil.copytree(bert_dir, ft / "checkpoints" / "base")
+    assert run(ft / "checkpoints" / "base", data_csv, ft, "--max-steps", "1", "--overwrite") == 0
+    assert (ft / "checkpoints" / "base" / "config.json").is_file() and (ft / "results.json").is_file()
+    capsys.readouterr()
+
+
+def test_pretrain_checks_its_out_folder_once(tmp_path, monkeypatch):
+    """fc09c82 checked --out in pretrain (an empty path) and again in _check_pretrain_args."""
+    import numlm.recipes
+    calls, real = [], numlm.recipes.check_folder_path
+    monkeypatch.setattr(numlm.recipes, "check_folder_path", lambda *a: calls.append(a) or real(*a))
+    with pytest.raises(ValueError, match="does not exist"):
+        numlm.recipes.pretrain(size="tiny", data=tmp_path / "none.txt", out_dir=tmp_path / "run", steps=1)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="out: an empty path"):
+        numlm.recipes.pretrain(size="tiny", out_dir="", steps=1)
+
+
+def test_a_clear_cut_short_leaves_no_file_taken_for_a_users(tmp_path, corpus, monkeypatch):
+    """clear_run removes each mark last (5d69b9c), so --overwrite cut short leaves nothing foreign_files
+    refuses for good; model/ went by rmtree in directory order, its config.json perhaps before its weights."""
+    import shutil
+    from numlm.recipes import clear_run, foreign_files
+    done = tmp_path / "done"
+    assert main(["pretrain", "--size", "tiny", "--vocab-size", "300", "--block-size", "16", "--batch-size", "4",
+                 "--steps", "1", "--data", str(corpus), "--out", str(done)]) == 0
+    real, left, scandir = os.unlink, [0], os.scandir
+
+    class Reversed:  # another file system's directory order
+        def __init__(self, *a):
+            self.entries = list(scandir(*a))[::-1]
+
+        def __enter__(self):
+            return iter(self.entries)
+
+        def __exit__(self, *a):
+            return False
+
+        def __iter__(self):
+            return iter(self.entries)
+    monkeypatch.setattr(os, "scandir", Reversed)
+
+    def unlink(*a, **k):  # the first deletions go through, then the interrupt
+        if left[0] == 0:
+            raise KeyboardInterrupt
+        left[0] -= 1
+        return real(*a, **k)
+    monkeypatch.setattr(os, "unlink", unlink)
+    for k in range(sum(1 for p in done.rglob("*") if p.is_file())):
+        out, left[0] = tmp_path / f"cut{k}", k
+        shutil.copytree(done, out)
+        with pytest.raises(KeyboardInterrupt):
+            clear_run(out)
+        assert foreign_files(out, "gpt2", True) == [], k
 
 
 def test_demo_starts_again_only_over_its_own_folder(tmp_path, corpus, capsys):

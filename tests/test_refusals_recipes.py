@@ -294,6 +294,28 @@ def test_eval_scores_a_checkpoint_with_its_runs_tokenizer(tmp_path, capsys, monk
     assert scores[0] == scores[1] and "val_loss" in scores[0]
 
 
+def test_eval_refuses_a_checkpoint_whose_run_tokenizer_is_another(tmp_path, capsys, monkeypatch):
+    """The run's tokenizer.json, which a checkpoint is scored with, may not be the one it trained with (a
+    run resumed with another --tokenizer, the file replaced): it was used silently. The checkpoint records
+    its tokenizer's fingerprint; model/ holds its own tokenizer and still scores."""
+    import numlm.recipes
+    monkeypatch.setattr(numlm.recipes, "default_corpus", lambda: ("the default corpus", documents(6)))
+    run, other = tmp_path / "run", tmp_path / "other.txt"
+    other.write_text("\n\n".join(documents(7)[::-1]).upper() + "\n")
+    assert main(["pretrain", "--arch", "gpt2", "--size", "tiny", "--vocab-size", "300", "--steps", "2",
+                 "--batch-size", "2", "--block-size", "16", "--out", str(run)]) == 0
+    assert main(["tokenizer", "train", "--vocab-size", "300", "--data", str(other), "--out",
+                 str(run / "tokenizer.json"), "--overwrite"]) == 0
+    capsys.readouterr()
+    step = max((run / "checkpoints").iterdir())
+    assert main(["eval", str(step), "--block-size", "16", "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "was trained with another tokenizer than" in err
+    assert main(["eval", str(run / "model"), "--block-size", "16", "--batch-size", "2"]) == 0
+    (step / "tokenizer.json").write_bytes((run / "model" / "tokenizer.json").read_bytes())
+    assert main(["eval", str(step), "--block-size", "16", "--batch-size", "2"]) == 0
+
+
 def test_eval_seed_is_that_of_the_run_that_saved_the_model(tmp_path, monkeypatch):
     """A run resumed with --allow-changes and another --seed saves checkpoints of its own seed; stopped
     before its end (a crash, Ctrl-C) it leaves model/ of the earlier run: eval took the newest

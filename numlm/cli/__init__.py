@@ -123,14 +123,13 @@ def cmd_prepare(a):
 
 
 def cmd_eval(a):
-    from ..data import Tokenizer
     from ..models import from_pretrained
-    from ..recipes import (load_corpus, eval_gpt, eval_bert, eval_seed, pretraining_run, tokenizer_dir,
+    from ..recipes import (load_corpus, eval_gpt, eval_bert, eval_seed, pretraining_run, eval_tokenizer,
                            trained_on_other_documents)
     model = from_pretrained(a.model, dtype=a.dtype)
-    tok = Tokenizer.from_pretrained(tokenizer_dir(a.model))  # a folder, or a Hub name through the HF cache
+    tok, where = eval_tokenizer(a.model)  # a folder, or a Hub name through the HF cache
     if tok.vocab_size != model.config.vocab_size:
-        raise ValueError(f"the tokenizer in {a.model} has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
+        raise ValueError(f"the tokenizer in {where} has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
     from ..decoding import has_lm_head
     if type(model).__name__ != "BertForPreTraining" and not has_lm_head(model):  # the causal path shifts labels
         raise ValueError(f"{a.model}: eval scores BertForPreTraining (MLM + NSP) or a causal LM, not "
