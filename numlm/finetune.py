@@ -33,7 +33,7 @@ from .inspect import read_metrics
 from .io import read_config, load_safetensors, check_folder_path
 from .models.bert import BertModel
 from .nn import no_grad
-from .train import (Trainer, TrainConfig, latest_checkpoint, checkpoint_entries, clear_checkpoints,
+from .train import (Trainer, TrainConfig, latest_checkpoint, checkpoint_entries, clear_checkpoints, remove_stale_saves,
                     read_checkpoint_state, check_resume, fingerprint, resume_settings, _int, _real)
 
 TASKS = ("seqcls", "tokcls", "qa", "multiple-choice", "causal-lm")
@@ -883,7 +883,7 @@ def _best_so_far(out, a, model):
     best/ read now, as _finish loads them back after training."""
     task = a.task
     best = {"score": (-math.inf,), "step": None}
-    _put_back_best(out)
+    remove_stale_saves(out, out, "best")  # killed mid-swap: the best/ set aside is the one of the rows read below
     rows = read_metrics(out) if (out / "metrics.jsonl").is_file() else []  # a torn or damaged line is skipped
     done = read_checkpoint_state(latest_checkpoint(out))["step"]
     keys = ["val_loss"] + ([] if task == "causal-lm" else ["val_accuracy"])
@@ -898,18 +898,6 @@ def _best_so_far(out, a, model):
             raise ValueError(f"--resume: {str(out / 'best')!r}, the best model (step {top['step']}), cannot be read "
                              f"({e}); put it back, or start again with --overwrite") from None
     return best
-
-
-def _put_back_best(out):
-    """best/ put back from the .old-best-<pid> _save_best leaves when killed between its two renames: the
-    best before it, whose validation row and checkpoint were written (the new one's come after the save);
-    the other leftovers of a killed save removed"""
-    final = Path(out) / "best"
-    for old in sorted(Path(out).glob(".old-best-*")):
-        if not final.exists() and (old / "tokenizer.json").is_file():  # _save_best writes one
-            os.rename(old, final)
-    for p in list(Path(out).glob(".old-best-*")) + list(Path(out).glob(".tmp-best-*")):
-        shutil.rmtree(p, ignore_errors=True)
 
 
 def _best_weights(model, out, peft_run):
@@ -948,6 +936,7 @@ def _clear_out(out, overwrite, inputs=()):
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
+        remove_stale_saves(out, out, "best", put_back=False)  # else a resume of the new run took one for its best
     out.mkdir(parents=True, exist_ok=True)
 
 

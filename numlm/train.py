@@ -110,13 +110,20 @@ def list_checkpoints(out_dir, complete=True):
     return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 
 
-CHECKPOINT_ENTRY = re.compile(r"step-\d+|\.(tmp|old)-step-\d+-\d+")  # a checkpoint, a save's folders
+STEP = r"step-\d+"  # a checkpoint's folder name
+
+
+def stale_save(name, saved=STEP):
+    """re.fullmatch of the folder a save of `saved` (a pattern) leaves when killed: .tmp-<saved>-<pid>, or
+    .old-<saved>-<pid> between its two renames; groups: tmp or old, the saved name, the pid"""
+    return re.fullmatch(rf"\.(tmp|old)-({saved})-(\d+)", name)
 
 
 def checkpoint_entries(out_dir):
     """What numlm wrote in out_dir/checkpoints: its step folders and interrupted saves' folders."""
     root = Path(out_dir) / "checkpoints"
-    return [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_ENTRY.fullmatch(p.name)] if root.is_dir() else []
+    return [p for p in root.iterdir() if p.is_dir() and (re.fullmatch(STEP, p.name) or stale_save(p.name))] \
+        if root.is_dir() else []
 
 
 def clear_checkpoints(out_dir):
@@ -143,18 +150,19 @@ def _fsync_dir(path):
         pass
 
 
-def remove_stale_saves(out_dir):
+def remove_stale_saves(out_dir, root=None, saved=STEP, put_back=True):
     """A save killed between writing and renaming leaves its .tmp-step-N-<pid> folder (and, killed
     between its two renames, .old-step-N-<pid>, then the only copy of step N). Once that process is
-    gone, remove the first and put the second back; a live process's folders are its own."""
-    root = Path(out_dir) / "checkpoints"
+    gone, remove the first and put the second back (put_back); a live process's folders are its own.
+    root, saved: another folder and the pattern of what is saved in it (finetune's best/)."""
+    root = Path(out_dir) / "checkpoints" if root is None else Path(root)
     if not root.is_dir():
         return
     for p in list(root.iterdir()):
-        m = re.fullmatch(r"\.(tmp|old)-(step-\d+)-(\d+)", p.name)
+        m = stale_save(p.name, saved)
         if m is None or not p.is_dir() or _alive(int(m[3])):
             continue
-        if m[1] == "old" and not (root / m[2]).exists():
+        if put_back and m[1] == "old" and not (root / m[2]).exists():
             os.rename(p, root / m[2])
         else:
             shutil.rmtree(p, ignore_errors=True)

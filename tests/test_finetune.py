@@ -153,8 +153,11 @@ def test_gradual_unfreezing_schedule(bert_dir):
 def test_resume_puts_back_the_best_a_killed_save_left_aside(bert_dir, data_csv, tmp_path, monkeypatch):
     """A finetune killed between _save_best's two renames leaves best/ moved to .old-best-<pid>: a resume
     then went on without it (the next validation taken for the best, whatever its score) and left the
-    folder there for good. The resume puts it back and ends as an uninterrupted run."""
+    folder there for good. The resume puts it back and ends as an uninterrupted run; --overwrite removes
+    such leftovers with the run (a resume of the new run would have taken one for its best)."""
     import shutil
+    import subprocess
+    import sys
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run(bert_dir, data_csv, whole, "--epochs", "2") == 0
     real = F.EpochStream.next_batch
@@ -165,9 +168,11 @@ def test_resume_puts_back_the_best_a_killed_save_left_aside(bert_dir, data_csv, 
         return real(self)
     monkeypatch.setattr(F.EpochStream, "next_batch", interrupt)
     assert run(bert_dir, data_csv, cut, "--epochs", "2") == 130
-    os.rename(cut / "best", cut / ".old-best-4242")  # as the kill leaves them
-    shutil.copytree(cut / ".old-best-4242", cut / ".tmp-best-4242")
-    aside = _best_tensors(cut / ".old-best-4242")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    os.rename(cut / "best", cut / f".old-best-{dead.pid}")  # as the kill leaves them
+    shutil.copytree(cut / f".old-best-{dead.pid}", cut / f".tmp-best-{dead.pid}")
+    aside = _best_tensors(cut / f".old-best-{dead.pid}")
 
     def stop(self):
         raise KeyboardInterrupt
@@ -182,6 +187,11 @@ def test_resume_puts_back_the_best_a_killed_save_left_aside(bert_dir, data_csv, 
         assert a[k] == b[k], k
     wa, wb = _best_tensors(whole / "best"), _best_tensors(cut / "best")
     assert len(wa) > 0 and wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert not list(cut.glob(".old-best-*")) and not list(cut.glob(".tmp-best-*"))
+    shutil.copytree(cut / "best", cut / f".old-best-{dead.pid}")
+    shutil.copytree(cut / "best", cut / f".tmp-best-{dead.pid}")
+    monkeypatch.setattr(F.EpochStream, "next_batch", stop)
+    assert run(bert_dir, data_csv, cut, "--epochs", "2", "--overwrite") == 130
     assert not list(cut.glob(".old-best-*")) and not list(cut.glob(".tmp-best-*"))
 
 
