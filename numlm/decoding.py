@@ -287,9 +287,15 @@ def _check_options(num_beams, num_return_sequences, do_sample, early_stopping, s
         raise ValueError("streamer is not supported with beam search (num_beams > 1): beams change until the end")
 
 
+DEFAULT_NEW_TOKENS = 20  # transformers 5's generate with no length given: 20 new, within the position table
+
+
 def _max_length(max_new_tokens, max_length, T0, config, virtual=0):
     """The total length to generate to (prompt included), checked against the position table (less the
-    `virtual` tokens prompt or prefix tuning puts before the prompt)."""
+    `virtual` tokens prompt or prefix tuning puts before the prompt). Neither length given: the prompt
+    and DEFAULT_NEW_TOKENS, fewer where the position table ends (transformers 5)."""
+    limit = _position_limit(config)
+    limit = None if limit is None else limit - virtual
     if max_new_tokens is not None:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -298,17 +304,13 @@ def _max_length(max_new_tokens, max_length, T0, config, virtual=0):
                           "max_new_tokens wins, as in transformers", UserWarning, stacklevel=3)
         max_length = T0 + int(max_new_tokens)
     elif max_length is None:
-        max_length = 20  # transformers' GenerationConfig default
+        max_length = T0 + DEFAULT_NEW_TOKENS if limit is None else min(T0 + DEFAULT_NEW_TOKENS, limit)
     elif not isinstance(max_length, (int, np.integer)) or max_length <= T0:
         raise ValueError(f"max_length={max_length!r} must exceed the prompt length {T0} "
                          "(or pass max_new_tokens)")
-    if max_length <= T0:
-        return max_length  # the caller warns and returns the prompt
-    limit = _position_limit(config)
-    limit = None if limit is None else limit - virtual
-    if limit is not None and T0 > limit:
-        raise ValueError(f"input_ids: prompt of {T0} tokens is longer than the model's position table "
-                         f"({limit} positions)")
+    if limit is not None and T0 >= limit:
+        raise ValueError(f"input_ids: a prompt of {T0} tokens leaves no room in the model's position table "
+                         f"({limit} positions) for a new token")
     if limit is not None and max_length > limit:
         raise ValueError(f"max_new_tokens/max_length: generating up to {max_length} tokens would overflow the "
                          f"model's position table ({limit} positions); at most {limit - T0} new tokens fit")
@@ -367,9 +369,10 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
     `scores` (with output_scores: per step the processed float32 next-token scores (B, V)) and, for beam
     search, `sequences_scores` (float32 sum of generated log-probs / generated length ** length_penalty).
 
-    top_k=None disables top-k (transformers' default is 50 when sampling); eos_token_id (one id or a list)
-    and pad_token_id default to the model's generation_config.json's, else its config's (pad falls back to
-    the first eos). Sampling draws from
+    max_new_tokens, or max_length (prompt included); neither: 20 new tokens, fewer where the position table
+    ends (transformers 5). top_k=None disables top-k (transformers' default is 50 when sampling);
+    eos_token_id (one id or a list) and pad_token_id default to the model's generation_config.json's, else
+    its config's (pad falls back to the first eos). Sampling draws from
     `rng` (a numpy Generator) or default_rng(seed). `streamer`: a callable given each step's new tokens
     (B,) as they are produced (or an object with put(tokens) / end(), like transformers' streamers).
     suppress_tokens: ids never generated (transformers' suppress_tokens; e.g. the rows of a padded
@@ -391,10 +394,6 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=None, max_
     early_stopping = early_stopping if isinstance(early_stopping, str) else bool(early_stopping)  # np.True_ too
     virtual = getattr(getattr(model, "peft_config", None), "num_virtual_tokens", None) or 0
     max_length = _max_length(max_new_tokens, max_length, T0, config, virtual)
-    if max_length <= T0:
-        warnings.warn(f"the prompt ({T0} tokens) is already max_length={max_length} long; nothing generated")
-        ids = np.repeat(ids, num_return_sequences, axis=0)  # the rows every search returns
-        return ModelOutput(sequences=ids) if return_dict_in_generate else ids
     gen = generation_config(model)
     eos, pad_token_id, mask = _special_tokens_and_mask(ids, attention_mask, eos_token_id, pad_token_id, config, gen)
 

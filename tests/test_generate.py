@@ -337,15 +337,17 @@ def test_streamer_gets_tokens_as_produced():
 
 def test_lengths_and_defaults():
     model = TableLM(V=9, seed=8, eos_token_id=None)
-    assert generate(model, [[1, 2, 3]]).shape == (1, 20)               # transformers' max_length=20
+    # no length given: 20 new tokens, fewer where the 32 positions end (transformers 5; 4 generated up to a
+    # total of 20, so a prompt of 20 tokens or more came back alone)
+    assert generate(model, [[1, 2, 3]]).shape == (1, 23)
+    long = [list(range(1, 9)) * 3]
+    for kw in (dict(do_sample=True, num_return_sequences=3, seed=0), dict(num_beams=3, num_return_sequences=3)):
+        assert generate(model, long, **kw).shape == (3, 32)
+    with pytest.raises(ValueError, match="a prompt of 32 tokens leaves no room in the model's position table"):
+        generate(model, [list(range(1, 9)) * 4])
     assert generate(model, [[1, 2, 3]], max_length=7).shape == (1, 7)
     with pytest.warns(UserWarning, match="max_new_tokens wins"):
         assert generate(model, [[1, 2, 3]], max_length=30, max_new_tokens=2).shape == (1, 5)
-    # a prompt already at the default max_length: the prompt, once per sequence asked for (it came once)
-    long = [list(range(1, 9)) * 3]
-    for kw in (dict(do_sample=True, num_return_sequences=3, seed=0), dict(num_beams=3, num_return_sequences=3)):
-        with pytest.warns(UserWarning, match="nothing generated"):
-            np.testing.assert_array_equal(generate(model, long, **kw), np.repeat(long, 3, axis=0))
 
 
 def test_eos_stops_and_pad_defaults_to_eos():
