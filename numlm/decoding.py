@@ -464,6 +464,10 @@ def _sample(model, ids, mask, max_length, eos, pad, use_cache, do_sample, temper
         s = process_logits(logits, seqs[:, :cur], do_sample, temperature, top_k, top_p, penalty, suppress=suppress,
                            pads=pads)
         scores.append(s)
+        dead = unfinished & ~(s > -np.inf).any(axis=-1)  # argmax would pick token 0, sampling divide 0 by 0
+        if dead.any():
+            raise ValueError(f"every token scores -inf in row {np.flatnonzero(dead)[0]} at new token {cur - T0 + 1}: "
+                             f"repetition_penalty={penalty} or suppress_tokens left nothing to pick")
         if do_sample:
             probs = softmax(s)
             if np.isnan(probs).any():

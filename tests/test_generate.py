@@ -335,6 +335,17 @@ def test_streamer_gets_tokens_as_produced():
     assert s.ended and np.concatenate(s.toks).tolist() == out[0, 2:].tolist()
 
 
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_a_step_with_no_token_left_to_pick_is_refused(do_sample):
+    """Every score at -inf (a repetition penalty over a prompt holding every token, all scores negative):
+    greedy picked token 0 silently, and sampling blamed the temperature."""
+    model = TableLM(V=5, seed=2)
+    model.A, model.P, model.S = (-np.abs(t) - 1 for t in (model.A, model.P, model.S))
+    with pytest.raises(ValueError, match="every token scores -inf in row 0 at new token 1: repetition_penalty=1e"):
+        generate(model, [[0, 1, 2, 3, 4]], max_new_tokens=2, repetition_penalty=1e300, do_sample=do_sample, seed=0)
+    assert generate(model, [[0, 1, 2, 3, 4]], max_new_tokens=2, repetition_penalty=2.0).shape == (1, 7)
+
+
 def test_lengths_and_defaults():
     model = TableLM(V=9, seed=8, eos_token_id=None)
     # no length given: 20 new tokens, fewer where the 32 positions end (transformers 5; 4 generated up to a
