@@ -34,7 +34,8 @@ from .io import read_config, load_safetensors, check_folder_path
 from .models.bert import BertModel
 from .nn import no_grad
 from .train import (Trainer, TrainConfig, latest_checkpoint, checkpoint_entries, clear_checkpoints, remove_stale_saves,
-                    read_checkpoint_state, check_resume, fingerprint, resume_settings, _int, _real)
+                    read_checkpoint_state, check_resume, fingerprint, tokenizer_fingerprint, resume_settings, _int,
+                    _real)
 
 TASKS = ("seqcls", "tokcls", "qa", "multiple-choice", "causal-lm")
 METHODS = ("full", "freeze", "head", "lora", "adapter", "prompt", "prefix")
@@ -824,7 +825,7 @@ def _run_record(a, kind, cfg, tok, split, max_length, lm_coef):
     """What --resume must share with the checkpoint (check_resume's `run`)."""
     return {"task": a.task, "method": a.method, **method_settings(a, kind, cfg), "lm_coef": lm_coef,
             "batch_size": a.batch_size, "max_length": max_length,
-            "tokenizer_sha256": fingerprint(sorted(tok.backend.get_vocab().items())),
+            "tokenizer_sha256": tokenizer_fingerprint(tok),
             "data_sha256": fingerprint([split["train"], split["validation"]]),
             "model_sha256": _files_sha256(Path(a.model_dir))}  # an adapter's checkpoint holds no base weights
 
@@ -883,7 +884,7 @@ def _best_so_far(out, a, model):
     best/ read now, as _finish loads them back after training."""
     task = a.task
     best = {"score": (-math.inf,), "step": None}
-    remove_stale_saves(out, out, "best")  # killed mid-swap: the best/ set aside is the one of the rows read below
+    remove_stale_saves(out, "best")  # killed mid-swap: the best/ set aside is the one of the rows read below
     rows = read_metrics(out) if (out / "metrics.jsonl").is_file() else []  # a torn or damaged line is skipped
     done = read_checkpoint_state(latest_checkpoint(out))["step"]
     keys = ["val_loss"] + ([] if task == "causal-lm" else ["val_accuracy"])
@@ -936,7 +937,7 @@ def _clear_out(out, overwrite, inputs=()):
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-        remove_stale_saves(out, out, "best", put_back=False)  # else a resume of the new run took one for its best
+        remove_stale_saves(out, "best", put_back=False)  # else a resume of the new run took one for its best
     out.mkdir(parents=True, exist_ok=True)
 
 

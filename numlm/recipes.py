@@ -22,7 +22,8 @@ from .nn import eval_mode
 from .ops import IGNORE_INDEX
 from .io import check_folder_path
 from .train import (Trainer, TrainConfig, list_checkpoints, checkpoint_entries, clear_checkpoints, model_generators,
-                    read_checkpoint_state, check_resume, resume_settings, fingerprint, _int, _real, _sha256)
+                    read_checkpoint_state, check_resume, resume_settings, fingerprint, tokenizer_fingerprint, _int,
+                    _real, _sha256)
 
 ARCHS = ("gpt2", "openai-gpt", "bert")
 DEFAULT_STEPS = 300  # a new run's; a resumed one keeps its own
@@ -396,7 +397,7 @@ def eval_tokenizer(model_dir):
     except ValueError:  # cannot tell
         run = None
     recorded = run.get("tokenizer_sha256") if isinstance(run, dict) else None
-    if recorded is not None and recorded != fingerprint(sorted(tok.backend.get_vocab().items())):
+    if recorded is not None and recorded != tokenizer_fingerprint(tok):
         raise ValueError(f"{str(model_dir)!r} was trained with another tokenizer than "
                          f"{str(where / 'tokenizer.json')!r} (its run resumed with another --tokenizer, or the file "
                          "replaced since); copy the tokenizer.json it trained with into the checkpoint")
@@ -701,7 +702,7 @@ def _model_config(arch, size, config_path, tokenizer, docs, block_size, batch_si
     with its checkpoint: check_resume's `run`)"""
     cfg = make_config(arch, size, tokenizer.vocab_size, block_size, config_path, tokenizer)
     check_fit(arch, cfg, tokenizer, block_size)
-    return cfg, {"tokenizer_sha256": fingerprint(sorted(tokenizer.backend.get_vocab().items())),
+    return cfg, {"tokenizer_sha256": tokenizer_fingerprint(tokenizer),
                  "data_sha256": fingerprint(docs), "model_config_sha256": fingerprint(config_fields(cfg)),
                  "batch_size": batch_size, "block_size": block_size, "seed": seed, "dtype": dtype}
 

@@ -110,7 +110,7 @@ def list_checkpoints(out_dir, complete=True):
     return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 
 
-STEP = r"step-\d+"  # a checkpoint's folder name
+STEP = rf"{CKPT_PREFIX}\d+"  # a checkpoint's folder name, as a pattern
 
 
 def stale_save(name, saved=STEP):
@@ -122,8 +122,8 @@ def stale_save(name, saved=STEP):
 def checkpoint_entries(out_dir):
     """What numlm wrote in out_dir/checkpoints: its step folders and interrupted saves' folders."""
     root = Path(out_dir) / "checkpoints"
-    return [p for p in root.iterdir() if p.is_dir() and (re.fullmatch(STEP, p.name) or stale_save(p.name))] \
-        if root.is_dir() else []
+    stale = [p for p in root.iterdir() if p.is_dir() and stale_save(p.name)] if root.is_dir() else []
+    return list_checkpoints(out_dir, complete=False) + stale
 
 
 def clear_checkpoints(out_dir):
@@ -150,12 +150,12 @@ def _fsync_dir(path):
         pass
 
 
-def remove_stale_saves(out_dir, root=None, saved=STEP, put_back=True):
-    """A save killed between writing and renaming leaves its .tmp-step-N-<pid> folder (and, killed
-    between its two renames, .old-step-N-<pid>, then the only copy of step N). Once that process is
-    gone, remove the first and put the second back (put_back); a live process's folders are its own.
-    root, saved: another folder and the pattern of what is saved in it (finetune's best/)."""
-    root = Path(out_dir) / "checkpoints" if root is None else Path(root)
+def remove_stale_saves(root, saved=STEP, put_back=True):
+    """A save into root killed between writing and renaming leaves its .tmp-step-N-<pid> folder (and,
+    killed between its two renames, .old-step-N-<pid>, then the only copy of step N). Once that process
+    is gone, remove the first and put the second back (put_back); a live process's folders are its own.
+    root: a run's checkpoints/, or finetune's folder with `saved` "best"."""
+    root = Path(root)
     if not root.is_dir():
         return
     for p in list(root.iterdir()):
@@ -200,7 +200,7 @@ def save_checkpoint(out_dir, step, model, optimizer, extra_state, keep_last=2):
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        remove_stale_saves(out_dir)
+        remove_stale_saves(root)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -339,6 +339,11 @@ def _check_settings(saved, train, hint):
 def fingerprint(value):
     """sha256 of a JSON-able value (documents, examples, a vocabulary), for check_resume."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer):
+    """fingerprint of a tokenizer's vocabulary: a run's tokenizer_sha256"""
+    return fingerprint(sorted(tokenizer.backend.get_vocab().items()))
 
 
 def _set_generator(g, state, where):
@@ -498,7 +503,7 @@ class Trainer:
         """Continue from `path` or the run's latest checkpoint; returns the step reached. A damaged
         latest checkpoint falls back to the one before it, with a warning. metrics.jsonl keeps only
         the rows up to the checkpoint's step, so the history never repeats a step."""
-        remove_stale_saves(self.out)
+        remove_stale_saves(self.out / "checkpoints")
         candidates = [Path(path)] if path else list_checkpoints(self.out, complete=False)[::-1]
         if not candidates:
             raise ValueError(f"nothing to resume: no checkpoint in {str(self.out / 'checkpoints')!r}")
