@@ -613,12 +613,18 @@ def _is_head(model, name):
     return not name.startswith(_backbone_prefix(model)) or ".pooler." in name
 
 
+def frozen_layers(a, L):
+    """K, the first layers full or freeze fine-tuning fixes (with the embeddings) of L: --freeze-layers,
+    else half of them for freeze, none for full"""
+    return a.freeze_layers if a.freeze_layers is not None else L // 2 if a.method == "freeze" else 0
+
+
 def apply_method(model, kind, a):
     """Freeze what the method leaves fixed; returns a function(step) for gradual unfreezing or None."""
     names = list(model.parameters())
     layers = _layer_prefixes(model, kind)
     if a.method in ("full", "freeze"):
-        K = a.freeze_layers if a.freeze_layers is not None else (len(layers) // 2 if a.method == "freeze" else 0)
+        K = frozen_layers(a, len(layers))
         if K > 0:  # the embeddings and the first K layers
             model.freeze([n for n in names if not _is_head(model, n)
                           and not any(n.startswith(lp) for lp in layers[K:]) and not _is_final_norm(model, n)])
@@ -835,7 +841,7 @@ def method_settings(a, kind, cfg):
     frozen and the unfreezing (full, freeze, head), LoRA's r, alpha and targets, an adapter's
     reduction factor, a prompt's or prefix's virtual tokens."""
     if a.method in ("full", "freeze", "head"):
-        K = a.freeze_layers if a.freeze_layers is not None else _layers(kind, cfg) // 2 if a.method == "freeze" else 0
+        K = frozen_layers(a, _layers(kind, cfg))
         return {**({"freeze_layers": K} if a.method != "head" else {}), "unfreeze": a.unfreeze or "none"}
     if a.method == "lora":
         return {"r": a.r, "alpha": float(a.alpha), "target": ",".join(targets(a, kind))}
