@@ -18,7 +18,7 @@ import numpy as np
 from .models.pretrained import ModelOutput, as_ids
 from .nn import eval_mode, no_grad
 from .ops import softmax, log_softmax
-from .ops._check import zero_one
+from .ops._check import positive_int, zero_one
 
 NEG = np.float32(-1.0e9)  # transformers' "very large negative" for beams that must not be chosen
 
@@ -269,11 +269,8 @@ def _suppressed(tokens, V):
 def _check_options(num_beams, num_return_sequences, do_sample, early_stopping, streamer):
     """The search options, checked as transformers' GenerationConfig.validate does (the numbers are
     _check_args')."""
-    if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
-        raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
-    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, (int, np.integer)) \
-            or num_return_sequences < 1:
-        raise ValueError(f"num_return_sequences must be an integer >= 1, got {num_return_sequences!r}")
+    positive_int("num_beams", num_beams)
+    positive_int("num_return_sequences", num_return_sequences)
     if num_beams > 1 and num_return_sequences > num_beams:
         raise ValueError(f"num_return_sequences={num_return_sequences} must be <= num_beams={num_beams}")
     if num_beams == 1 and not do_sample and num_return_sequences > 1:
@@ -297,8 +294,7 @@ def _max_length(max_new_tokens, max_length, T0, config, virtual=0):
     limit = _position_limit(config)
     limit = None if limit is None else limit - virtual
     if max_new_tokens is not None:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        positive_int("max_new_tokens", max_new_tokens)
         if max_length is not None:
             warnings.warn(f"both max_new_tokens={max_new_tokens} and max_length={max_length!r} are set: "
                           "max_new_tokens wins, as in transformers", UserWarning, stacklevel=3)

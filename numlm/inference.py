@@ -11,7 +11,7 @@ import numpy as np
 from .models.pretrained import ModelOutput
 from .nn import eval_mode, no_grad  # inference: dropout off, no caches for a backward
 from .ops import softmax, sigmoid
-from .ops._check import zero_one
+from .ops._check import positive_int, zero_one
 
 
 def _ids(name, a):
@@ -71,9 +71,9 @@ def fill_mask_ids(model, input_ids, mask_token_id, attention_mask=None, token_ty
     probs (N, top_k) best first). vocab_size: candidates only below it (a tokenizer smaller than the
     model's padded table); the probabilities stay those of the whole softmax."""
     ids = _ids("input_ids", input_ids)
-    top_k = _positive("top_k", top_k)
+    top_k = positive_int("top_k", top_k)
     if vocab_size is not None:
-        vocab_size = _positive("vocab_size", vocab_size)
+        vocab_size = positive_int("vocab_size", vocab_size)
     positions = np.argwhere(ids == mask_token_id)                      # (N, 2)
     if len(positions) == 0:
         raise ValueError(f"input_ids hold no mask token (id {mask_token_id})")
@@ -518,7 +518,7 @@ def best_spans(start_logits, end_logits, context_mask, top_k=1, max_answer_len=1
     if not start_logits.ndim == 1 or not start_logits.shape == end_logits.shape == c.shape or c.size == 0:
         raise ValueError(f"start_logits, end_logits and context_mask must be one row each, of one length (T,), "
                          f"got {start_logits.shape}, {end_logits.shape} and {c.shape}")
-    top_k, max_answer_len = _positive("top_k", top_k), _positive("max_answer_len", max_answer_len)
+    top_k, max_answer_len = positive_int("top_k", top_k), positive_int("max_answer_len", max_answer_len)
     c[0] = True
     p_start = softmax(np.where(c, start_logits, -np.inf))
     p_end = softmax(np.where(c, end_logits, -np.inf))
@@ -542,12 +542,6 @@ def _qa_config(model):
     return _task_config(model, "ForQuestionAnswering", "question-answering")
 
 
-def _positive(name, v):
-    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    return int(v)
-
-
 def answer_spans(model, input_ids, context_mask, attention_mask=None, token_type_ids=None, top_k=1,
                  max_answer_len=15):
     """Extractive QA on rows [CLS] question [SEP] context [SEP] (right-padded): the model's start and end
@@ -556,7 +550,7 @@ def answer_spans(model, input_ids, context_mask, attention_mask=None, token_type
     -> ModelOutput(starts, ends, scores: per row an array, best first; null_scores (B,))"""
     _qa_config(model)
     ids = _ids("input_ids", input_ids)
-    top_k, max_answer_len = _positive("top_k", top_k), _positive("max_answer_len", max_answer_len)
+    top_k, max_answer_len = positive_int("top_k", top_k), positive_int("max_answer_len", max_answer_len)
     ctx = zero_one("context_mask", context_mask, "0 and 1 (or True and False)")
     real = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     if ctx.shape != ids.shape or real.shape != ids.shape:
@@ -582,7 +576,7 @@ def qa_windows(tokenizer, question, context, max_seq_len=384, doc_stride=128):
     doc_stride tokens (a context that fits is one window; a doc_stride not below the room is refused where
     the tokenizers library would panic). -> list of tokenizers.Encoding"""
     _check_tokenizer(tokenizer)
-    max_seq_len = _positive("max_seq_len", max_seq_len)
+    max_seq_len = positive_int("max_seq_len", max_seq_len)
     if not isinstance(doc_stride, (int, np.integer)) or isinstance(doc_stride, bool) or doc_stride < 0:
         raise ValueError(f"doc_stride must be an integer >= 0, got {doc_stride!r}")
     tk = tokenizer.backend
@@ -661,11 +655,11 @@ def answer(model, tokenizer, question, context, top_k=1, max_answer_len=15, max_
     for name, t in [("question", q) for q in questions] + [("context", c) for c in contexts]:
         if not t.strip():
             raise ValueError(f"{name} is empty (or only white space)")
-    top_k, max_answer_len = _positive("top_k", top_k), _positive("max_answer_len", max_answer_len)
+    top_k, max_answer_len = positive_int("top_k", top_k), positive_int("max_answer_len", max_answer_len)
     if not isinstance(handle_impossible_answer, (bool, np.bool_)):
         raise ValueError(f"handle_impossible_answer must be True or False, got {handle_impossible_answer!r}")
     room = _text_positions(model, tokenizer)
-    max_seq_len = _positive("max_seq_len", min(384, room) if max_seq_len is None else max_seq_len)
+    max_seq_len = positive_int("max_seq_len", min(384, room) if max_seq_len is None else max_seq_len)
     if max_seq_len > room:
         raise ValueError(f"max_seq_len={max_seq_len}: a window holds at most {room} tokens here (the model's "
                          f"positions and the tokenizer's model_max_length)")

@@ -23,6 +23,13 @@ def float_array(name, x, min_ndim=1, **same):
     return x
 
 
+def positive_int(name, v):
+    """v as an int when it is an integer >= 1 (not a bool)"""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    return int(v)
+
+
 def zero_one(name, m, what="0 and 1"):
     """m (array-like) as a bool array, when it is bool or holds only the numbers 0 and 1 (`what` says
     what they mean in the error)"""
